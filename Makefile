@@ -1,0 +1,24 @@
+# Two commands on a fresh clone:
+#   make demo   # set up .venv/, export SmolLM2-135M at 80% ActTail, perplexity table, ORT generation
+#   make test   # set up .venv/ and run the test suite
+PY := .venv/bin/python
+SHELL := /bin/bash
+
+.PHONY: setup demo test ops clean
+setup: .venv/.setup-done ops
+
+.venv/.setup-done: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+ops: .venv/.setup-done
+	bash scripts/build_ops.sh
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build acttail_export/lib/*.so

@@ -1,0 +1,45 @@
+"""``acttail-export`` command line: ``analyze``, ``evaluate``, ``export``.
+
+Each subcommand lives in ``acttail_export.commands.<name>`` and exposes ``register(subparsers)``
+which adds its parser and sets ``func``. Heavy imports happen inside the subcommand's run function.
+User errors (:class:`ActTailError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import ActTailError
+
+SUBCOMMANDS = ("analyze", "evaluate", "export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acttail-export", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"acttail_export.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except ActTailError as exc:
+        print(f"acttail-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("acttail-export: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``acttail-export`` CLI: each module defines ``register(subparsers)``."""

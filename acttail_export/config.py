@@ -1,0 +1,188 @@
+"""Typed ActTail configuration, serialized as ``acttail_config.json`` next to an export.
+
+The config is the single contract between the pipeline steps: spectral analysis fills ``alpha``,
+allocation fills ``sparsity``, calibration fills ``threshold`` / ``k``, the graph rewrite reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ActTailError
+
+CONFIG_NAME = "acttail_config.json"
+CONFIG_VERSION = 1
+
+#: Projection kinds in layer order, and the sub-module that holds each.
+PROJECTION_KINDS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTION_PARENT: dict[str, str] = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+#: Projections that read the same input tensor (captured once during calibration).
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+ALLOCATIONS = ("uniform", "acttail")
+MODES = ("topk", "threshold")
+KERNELS = ("mask", "fused")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def projection_name(layer: int, kind: str) -> str:
+    """Module path of a projection, e.g. ``model.layers.3.mlp.down_proj``."""
+    return f"model.layers.{layer}.{PROJECTION_PARENT[kind]}.{kind}"
+
+
+def check_sparsity(value: float, what: str = "sparsity") -> float:
+    """Validate a sparsity in [0, 1) and return it as float."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ActTailError(f"{what} must be a number in [0, 1), got {value!r}") from None
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise ActTailError(f"{what} must be in [0, 1), got {value}")
+    return value
+
+
+def check_epsilon(value: float) -> float:
+    """Validate the allocation spread epsilon in [0, 1)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ActTailError(f"epsilon must be a number in [0, 1), got {value!r}") from None
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise ActTailError(f"epsilon must be in [0, 1), got {value}")
+    return value
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise ActTailError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+@dataclass
+class ProjectionConfig:
+    """Budget and calibration result of one projection."""
+
+    name: str
+    layer: int
+    kind: str
+    in_features: int
+    out_features: int
+    sparsity: float
+    alpha: float | None = None
+    threshold: float | None = None
+    k: int | None = None
+    effective_sparsity: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.kind, PROJECTION_KINDS, "projection kind")
+        check_sparsity(self.sparsity, f"sparsity of {self.name}")
+        if self.k is not None and not 0 <= self.k <= self.in_features:
+            raise ActTailError(f"k of {self.name} must be in [0, {self.in_features}], got {self.k}")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise ActTailError(f"threshold of {self.name} must be >= 0, got {self.threshold}")
+
+    @property
+    def parameters(self) -> int:
+        return self.in_features * self.out_features
+
+    def keep_k(self) -> int:
+        """Channels kept per token in top-k mode: ceil((1 - s) * d)."""
+        return self.k if self.k is not None else topk_keep(self.sparsity, self.in_features)
+
+
+def topk_keep(sparsity: float, in_features: int) -> int:
+    """Number of channels kept per token in top-k mode, ``ceil((1 - s) * d)``."""
+    return min(in_features, max(0, math.ceil((1.0 - sparsity) * in_features - 1e-9)))
+
+
+@dataclass
+class CalibrationInfo:
+    data: str | None = None
+    samples: int = 0
+    sequence_length: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class ActTailConfig:
+    """Method configuration; validated on construction and round-trips through JSON."""
+
+    target_sparsity: float
+    allocation: str = "acttail"
+    mode: str = "topk"
+    kernel: str = "mask"
+    epsilon: float = 0.0
+    mapping: str = "default"
+    s_max: float = 0.99
+    projections: list[ProjectionConfig] = field(default_factory=list)
+    calibration: CalibrationInfo = field(default_factory=CalibrationInfo)
+    effective_sparsity: float | None = None
+    model: str | None = None
+    architecture: str | None = None
+    perplexity: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    method: str = "acttail"
+    config_version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.target_sparsity, "target sparsity")
+        _check_choice(self.allocation, ALLOCATIONS, "allocation")
+        _check_choice(self.mode, MODES, "mode")
+        _check_choice(self.kernel, KERNELS, "kernel")
+        check_epsilon(self.epsilon)
+        if not 0.0 < self.s_max < 1.0:
+            raise ActTailError(f"s_max must be in (0, 1), got {self.s_max}")
+        self.projections = [p if isinstance(p, ProjectionConfig) else ProjectionConfig(**p) for p in self.projections]
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationInfo(**self.calibration)
+
+    # --- queries -----------------------------------------------------------------------------
+    def by_name(self) -> dict[str, ProjectionConfig]:
+        return {p.name: p for p in self.projections}
+
+    def weighted_sparsity(self) -> float:
+        """Parameter-weighted mean of the per-projection budgets."""
+        total = sum(p.parameters for p in self.projections)
+        return sum(p.sparsity * p.parameters for p in self.projections) / total if total else 0.0
+
+    # --- serialization -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ActTailConfig":
+        if data.get("method", "acttail") != "acttail":
+            raise ActTailError(f"not an ActTail config (method={data.get('method')!r})")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ActTailError(f"unknown keys in {CONFIG_NAME}: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ActTailError(f"invalid {CONFIG_NAME}: {exc}") from None
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory_or_file: str | Path) -> "ActTailConfig":
+        path = Path(directory_or_file)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ActTailError(f"{path} not found: is this an acttail-export output folder?") from None
+        except json.JSONDecodeError as exc:
+            raise ActTailError(f"{path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
