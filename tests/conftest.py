@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random Llama / Mistral checkpoints (fast) and the real SmolLM2-135M (slow).
+
+The tiny models use SmolLM2's real tokenizer (with the GGUF fixes) so that exports carry a real
+tokenizer and generation can be checked end to end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+def _tiny_config(architecture: str):
+    from transformers import LlamaConfig, MistralConfig
+
+    common = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+    )
+    if architecture == "llama":
+        return LlamaConfig(**common, architectures=["LlamaForCausalLM"])
+    return MistralConfig(**common, sliding_window=None, architectures=["MistralForCausalLM"])
+
+
+def _save_tiny(architecture: str, folder: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from acttail_export.modeling import default_model_path, load_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(architecture))
+    model.eval()
+    model.save_pretrained(folder)
+    load_tokenizer(default_model_path()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory) -> Path:
+    return _save_tiny("mistral", tmp_path_factory.mktemp("tiny-mistral"))
+
+
+@pytest.fixture(scope="session")
+def wikitext_valid() -> Path:
+    return WIKITEXT / "wiki.valid.raw"
+
+
+@pytest.fixture(scope="session")
+def wikitext_test() -> Path:
+    return WIKITEXT / "wiki.test.raw"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, loaded once per test session."""
+    from acttail_export.modeling import default_model_path, load_model
+
+    return load_model(default_model_path())
