@@ -1,0 +1,93 @@
+"""data.py: reading text files and cutting token windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acttail_export.data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, read_text, token_windows
+from acttail_export.errors import ActTailError
+
+
+class WordTokenizer:
+    """Deterministic stand-in tokenizer: one id per whitespace-separated word (id = word length)."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [len(w) for w in text.split()]}
+
+
+def test_defaults_point_at_wikitext():
+    assert DEFAULT_CALIBRATION_DATA.name == "wiki.valid.raw"
+    assert DEFAULT_EVAL_DATA.name == "wiki.test.raw"
+    assert DEFAULT_CALIBRATION_DATA.exists()
+
+
+def test_read_text_roundtrip(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("héllo wörld\n", encoding="utf-8")
+    assert read_text(path) == "héllo wörld\n"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty"),
+        (b"  \n\t\n", "empty"),
+        (b"abc\x00def", "binary"),
+        (b"\xff\xfe\xfa bad", "not UTF-8"),
+    ],
+)
+def test_read_text_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(ActTailError, match=message):
+        read_text(path)
+
+
+def test_read_text_missing(tmp_path):
+    with pytest.raises(ActTailError, match="not found"):
+        read_text(tmp_path / "nope.txt")
+    with pytest.raises(ActTailError, match="directory"):
+        read_text(tmp_path)
+
+
+def test_windows_are_consecutive_non_overlapping():
+    text = " ".join("x" * (1 + i % 9) for i in range(103))
+    ids = WordTokenizer()(text)["input_ids"]
+    windows = token_windows(WordTokenizer(), text, sequence_length=10)
+    assert windows.dtype == torch.long and windows.shape == (10, 10)
+    assert windows.flatten().tolist() == ids[:100]
+
+
+def test_windows_samples_and_max_tokens():
+    text = " ".join("y" * (1 + i % 7) for i in range(1000))
+    ids = WordTokenizer()(text)["input_ids"]
+    w = token_windows(WordTokenizer(), text, sequence_length=16, samples=5)
+    assert w.shape == (5, 16) and w.flatten().tolist() == ids[:80]
+    w = token_windows(WordTokenizer(), text, sequence_length=16, max_tokens=100)
+    assert w.shape == (6, 16) and w.flatten().tolist() == ids[:96]
+    w = token_windows(WordTokenizer(), text, sequence_length=16, max_tokens=100, samples=3)
+    assert w.shape == (3, 16)
+
+
+def test_windows_too_short():
+    text = "a b c d e f g"
+    with pytest.raises(ActTailError, match="too short for 2 samples"):
+        token_windows(WordTokenizer(), text, sequence_length=4, samples=2)
+    with pytest.raises(ActTailError, match="fewer than one window"):
+        token_windows(WordTokenizer(), text, sequence_length=8)
+    with pytest.raises(ActTailError, match="sequence length must be a positive integer"):
+        token_windows(WordTokenizer(), text, sequence_length=0)
+    with pytest.raises(ActTailError, match="smaller than the sequence length"):
+        token_windows(WordTokenizer(), text, sequence_length=4, max_tokens=2)
+
+
+def test_prefix_tokenization_matches_full(tiny_llama_dir, wikitext_valid):
+    """Tokenizing only a prefix for a few windows gives the same ids as tokenizing the whole text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    text = read_text(wikitext_valid)[:200_000]
+    full = tok(text, add_special_tokens=False)["input_ids"]
+    w = token_windows(tok, text, sequence_length=128, samples=7)
+    assert w.flatten().tolist() == full[: 7 * 128]
