@@ -1,0 +1,234 @@
+"""Rewrite an exported decoder graph so every projection sees a sparsified input.
+
+The 7 projection MatMuls of each layer (``/model/layers.{i}/self_attn/{q,k,v,o}_proj/MatMul``,
+``/model/layers.{i}/mlp/{gate,up,down}_proj/MatMul``) get, with ``kernel="mask"``, a masking
+subgraph of standard ONNX ops on their activation input:
+
+* threshold mode: ``Where(Abs(x) > t, x, 0)`` (keep ``|x| > t``)
+* top-k mode: ``Where(Abs(x) >= kth_largest(Abs(x)), x, 0)`` with ``TopK`` on the last axis
+  (ties with the k-th value are all kept; ``k = 0`` zeroes the input, ``k = d`` leaves it alone)
+
+With ``kernel="fused"`` the MatMul is replaced by ``com.acttail::SparseMatMul(x, W[, t])``.
+Projections that share an input (q/k/v, gate/up) get one mask each. Attention MatMuls are never
+touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .config import PROJECTION_KINDS, PROJECTION_PARENT, ActTailConfig, ProjectionConfig, projection_name
+from .errors import ActTailError
+
+logger = logging.getLogger(__name__)
+
+CUSTOM_DOMAIN = "com.acttail"
+CUSTOM_OP = "SparseMatMul"
+CUSTOM_OPSET = 1
+MIN_OPSET = 13  # TopK with K as input, Where, GreaterOrEqual (12+)
+
+_NODE_RE = re.compile(r"^/model/layers\.(\d+)/(self_attn|mlp)/(\w+_proj)/MatMul$")
+
+
+def onnx_node_name(layer: int, kind: str) -> str:
+    """ONNX node name of a projection MatMul as written by the PyTorch exporter."""
+    return f"/model/layers.{layer}/{PROJECTION_PARENT[kind]}/{kind}/MatMul"
+
+
+@dataclass
+class RewriteSummary:
+    """What :func:`rewrite` changed."""
+
+    projections: int
+    layers: int
+    mode: str
+    kernel: str
+    skipped_dense: int  # top-k projections with k = d (left untouched)
+
+
+def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Map projection names (``model.layers.3.mlp.down_proj``) to their MatMul nodes.
+
+    Raises ActTailError when any layer that appears in the graph lacks one of its 7 projections.
+    """
+    found: dict[str, onnx.NodeProto] = {}
+    layers: set[int] = set()
+    layer_re = re.compile(r"^/model/layers\.(\d+)/")
+    for node in model.graph.node:
+        m = layer_re.match(node.name)
+        if m:
+            layers.add(int(m.group(1)))
+        m = _NODE_RE.match(node.name)
+        if m and node.op_type in ("MatMul", CUSTOM_OP) and m.group(3) in PROJECTION_KINDS:
+            layer, parent, kind = int(m.group(1)), m.group(2), m.group(3)
+            if PROJECTION_PARENT[kind] == parent:
+                found[projection_name(layer, kind)] = node
+    if not layers:
+        raise ActTailError("no /model/layers.N/ nodes in the ONNX graph: not a LLaMA/Mistral decoder export")
+    missing = [projection_name(i, k) for i in sorted(layers) for k in PROJECTION_KINDS
+               if projection_name(i, k) not in found]
+    if missing:
+        raise ActTailError(f"ONNX graph lacks {len(missing)} projection MatMul(s), e.g. {onnx_node_name(*_split(missing[0]))}; "
+                           "the export is not a LLaMA/Mistral decoder graph (re-export with optimum-onnx)")
+    if sorted(layers) != list(range(len(layers))):
+        raise ActTailError(f"ONNX graph layers are not contiguous: {sorted(layers)}")
+    return found
+
+
+def _split(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return int(parts[2]), parts[-1]
+
+
+def _float_type(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
+    inits = {i.name: i for i in model.graph.initializer}
+    weight = inits.get(node.input[1])
+    if weight is None:
+        raise ActTailError(f"{node.name}: weight {node.input[1]!r} is not an initializer; re-export without weight sharing tricks")
+    return weight.data_type
+
+
+def check_against_config(model: onnx.ModelProto, config: ActTailConfig) -> dict[str, onnx.NodeProto]:
+    """Projections of the graph, checked to match ``config`` one to one (names and shapes)."""
+    found = find_projections(model)
+    names = [p.name for p in config.projections]
+    if set(names) != set(found):
+        raise ActTailError(f"acttail config has {len(names)} projections but the ONNX graph has {len(found)}; "
+                           "the config does not belong to this model (re-run the export)")
+    inits = {i.name: i for i in model.graph.initializer}
+    for p in config.projections:
+        w = inits.get(found[p.name].input[1])
+        if w is not None and list(w.dims) != [p.in_features, p.out_features]:
+            raise ActTailError(f"{p.name}: ONNX weight is {list(w.dims)} but the config says "
+                               f"[{p.in_features}, {p.out_features}]; the config does not belong to this model")
+    return found
+
+
+class _Builder:
+    """Adds uniquely named nodes and initializers to a graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.new_nodes: dict[str, list[onnx.NodeProto]] = {}
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+
+def _np_dtype(elem_type: int):
+    return helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def _mask_nodes(b: _Builder, p: ProjectionConfig, x: str, elem_type: int, mode: str) -> tuple[list[onnx.NodeProto], str]:
+    """Masking subgraph for one projection; returns (nodes, name of the masked tensor)."""
+    base = f"/acttail/{p.name}"
+    dt = _np_dtype(elem_type)
+    zero = b.const(f"{base}/zero", np.zeros((), dtype=dt))
+    out = f"{base}/masked_input"
+    absx = f"{base}/abs"
+    cond = f"{base}/keep"
+    if mode == "threshold":
+        if p.threshold is None:
+            raise ActTailError(f"{p.name} has no calibrated threshold; calibrate before exporting in threshold mode")
+        thr = b.const(f"{base}/threshold", np.array(p.threshold, dtype=dt))
+        nodes = [
+            helper.make_node("Abs", [x], [absx], name=f"{base}/Abs"),
+            helper.make_node("Greater", [absx, thr], [cond], name=f"{base}/Greater"),
+        ]
+    else:
+        k = p.keep_k()
+        if k == 0:
+            never = b.const(f"{base}/never", np.zeros((), dtype=np.bool_))
+            return [helper.make_node("Where", [never, x, zero], [out], name=f"{base}/Where")], out
+        kk = b.const(f"{base}/k", np.array([k], dtype=np.int64))
+        start = b.const(f"{base}/k_minus_1", np.array([k - 1], dtype=np.int64))
+        end = b.const(f"{base}/k_end", np.array([k], dtype=np.int64))
+        axis = b.const(f"{base}/axis", np.array([-1], dtype=np.int64))
+        nodes = [
+            helper.make_node("Abs", [x], [absx], name=f"{base}/Abs"),
+            helper.make_node("TopK", [absx, kk], [f"{base}/topk_values", f"{base}/topk_indices"],
+                             name=f"{base}/TopK", axis=-1, largest=1, sorted=1),
+            helper.make_node("Slice", [f"{base}/topk_values", start, end, axis], [f"{base}/kth"], name=f"{base}/Slice"),
+            helper.make_node("GreaterOrEqual", [absx, f"{base}/kth"], [cond], name=f"{base}/GreaterOrEqual"),
+        ]
+    nodes.append(helper.make_node("Where", [cond, x, zero], [out], name=f"{base}/Where"))
+    return nodes, out
+
+
+def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = None, kernel: str | None = None) -> RewriteSummary:
+    """Insert ActTail sparsification before every projection of ``model`` (in place)."""
+    mode = mode or config.mode
+    kernel = kernel or config.kernel
+    if mode not in ("topk", "threshold"):
+        raise ActTailError(f"mode must be topk or threshold; got {mode!r}")
+    if kernel not in ("mask", "fused"):
+        raise ActTailError(f"kernel must be mask or fused; got {kernel!r}")
+    found = check_against_config(model, config)
+    if any(n.op_type != "MatMul" for n in found.values()):
+        raise ActTailError("the ONNX graph was already rewritten; start from the base export")
+    b = _Builder(model)
+    before: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to insert before it
+    replace: dict[int, onnx.NodeProto] = {}
+    skipped = 0
+    for p in config.projections:
+        node = found[p.name]
+        elem_type = _float_type(model, node)
+        if kernel == "fused":
+            attrs: dict = {"mode": mode}
+            inputs = [node.input[0], node.input[1]]
+            if mode == "threshold":
+                if p.threshold is None:
+                    raise ActTailError(f"{p.name} has no calibrated threshold; calibrate before exporting in threshold mode")
+                inputs.append(b.const(f"/acttail/{p.name}/threshold", np.array(p.threshold, dtype=np.float32)))
+            else:
+                attrs["k"] = int(p.keep_k())
+            replace[id(node)] = helper.make_node(CUSTOM_OP, inputs, list(node.output), name=node.name,
+                                                 domain=CUSTOM_DOMAIN, **attrs)
+            continue
+        if mode == "topk" and p.keep_k() >= p.in_features:
+            skipped += 1
+            continue
+        nodes, masked = _mask_nodes(b, p, node.input[0], elem_type, mode)
+        before[id(node)] = nodes
+        node.input[0] = masked
+    new_nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        new_nodes.extend(before.get(id(node), ()))
+        new_nodes.append(replace.get(id(node), node))
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    model.graph.initializer.extend(b.inits)
+    _ensure_opsets(model, fused=kernel == "fused")
+    layers = len({p.layer for p in config.projections})
+    logger.info("rewrote %d projections in %d layers (%s, %s kernel)", len(config.projections), layers, mode, kernel)
+    return RewriteSummary(len(config.projections), layers, mode, kernel, skipped)
+
+
+def _ensure_opsets(model: onnx.ModelProto, fused: bool) -> None:
+    default = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not default:
+        model.opset_import.append(helper.make_opsetid("", MIN_OPSET))
+    elif default[0].version < MIN_OPSET:
+        raise ActTailError(f"ONNX opset {default[0].version} is too old for the masking ops; export with opset >= {MIN_OPSET}")
+    if fused and not any(o.domain == CUSTOM_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPSET))
+
+
+def count_projections(model: onnx.ModelProto) -> dict[str, int]:
+    """Number of masked / fused projections in a rewritten graph (for loader consistency checks)."""
+    fused = sum(1 for n in model.graph.node if n.domain == CUSTOM_DOMAIN and n.op_type == CUSTOM_OP)
+    masked = len({n.name.rsplit("/", 1)[0] for n in model.graph.node
+                  if n.name.startswith("/acttail/") and n.op_type == "Where"})
+    return {"fused": fused, "masked": masked}
+
+
+def elem_type_name(elem_type: int) -> str:
+    return TensorProto.DataType.Name(elem_type)
