@@ -49,7 +49,14 @@ class RewriteSummary:
     layers: int
     mode: str
     kernel: str
-    skipped_dense: int  # top-k projections with k = d (left untouched)
+    skipped_dense: int  # projections left untouched: top-k with k = d, or uncalibrated threshold at sparsity 0
+
+
+def _is_identity(p: ProjectionConfig, mode: str) -> bool:
+    """True when the projection's mask keeps everything (same rule as the PyTorch reference)."""
+    if mode == "topk":
+        return p.keep_k() >= p.in_features
+    return p.threshold is None and p.sparsity == 0
 
 
 def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -181,6 +188,9 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
     for p in config.projections:
         node = found[p.name]
         elem_type = _float_type(model, node)
+        if _is_identity(p, mode):
+            skipped += 1
+            continue
         if kernel == "fused":
             attrs: dict = {"mode": mode}
             inputs = [node.input[0], node.input[1]]
@@ -192,9 +202,6 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
                 attrs["k"] = int(p.keep_k())
             replace[id(node)] = helper.make_node(CUSTOM_OP, inputs, list(node.output), name=node.name,
                                                  domain=CUSTOM_DOMAIN, **attrs)
-            continue
-        if mode == "topk" and p.keep_k() >= p.in_features:
-            skipped += 1
             continue
         nodes, masked = _mask_nodes(b, p, node.input[0], elem_type, mode)
         before[id(node)] = nodes
