@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import PROJECTION_KINDS, SHARED_INPUT_GROUPS, ActTailConfig, CalibrationInfo, ProjectionConfig, topk_keep
+from .config import SHARED_INPUT_GROUPS, ActTailConfig, CalibrationInfo, ProjectionConfig, topk_keep
 from .data import DEFAULT_CALIBRATION_DATA, load_windows
 from .errors import ActTailError
 
@@ -198,19 +198,43 @@ def calibrate(
     samples: int = 64,
     sequence_length: int = 512,
     progress: bool = True,
+    **options,
+) -> ActTailConfig:
+    """Fill ``threshold`` and ``k`` of every projection of ``config`` and ``config.calibration``; returns ``config``.
+
+    ``options`` are those of :func:`calibrate_many`.
+    """
+    return calibrate_many(model, tokenizer, [config], data, samples, sequence_length, progress, **options)[0]
+
+
+def calibrate_many(
+    model: torch.nn.Module,
+    tokenizer,
+    configs: list[ActTailConfig],
+    data: str | Path | None = None,
+    samples: int = 64,
+    sequence_length: int = 512,
+    progress: bool = True,
     *,
     batch_size: int = 4,
     sequential: bool = False,
     exact_limit: int = DEFAULT_EXACT_LIMIT,
     mantissa_bits: int = DEFAULT_MANTISSA_BITS,
     windows: torch.Tensor | None = None,
-) -> ActTailConfig:
-    """Fill ``threshold`` and ``k`` of every projection of ``config`` and ``config.calibration``; returns ``config``.
+) -> list[ActTailConfig]:
+    """Calibrate several configs of the same model (e.g. a sparsity sweep) from one dense pass.
 
-    ``windows`` (``[n, L]`` token ids) replaces reading ``data`` when given.
+    ``windows`` (``[n, L]`` token ids) replaces reading ``data`` when given. With ``sequential=True``
+    each config gets its own layer-wise pass (its thresholds change the later inputs).
     """
-    if not config.projections:
-        raise ActTailError("the sparsity config has no projections: build it with allocation.build_config first")
+    if not configs:
+        raise ActTailError("no configs to calibrate")
+    names = [p.name for p in configs[0].projections]
+    for config in configs:
+        if not config.projections:
+            raise ActTailError("the sparsity config has no projections: build it with allocation.build_config first")
+        if [p.name for p in config.projections] != names:
+            raise ActTailError("configs calibrated together must cover the same projections: calibrate them separately")
     if not 1 <= mantissa_bits <= 16:
         raise ActTailError(f"mantissa bits must be in [1, 16], got {mantissa_bits}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -223,33 +247,38 @@ def calibrate(
         source = "<token windows>"
     n, length = windows.shape
     tokens = n * length
-    for p in config.projections:
-        p.k = topk_keep(p.sparsity, p.in_features)
-    groups = _groups(config)
-    for group in groups:
-        for p in group:
-            try:
-                module = model.get_submodule(p.name)
-            except AttributeError:
-                raise ActTailError(
-                    f"model has no projection {p.name}: the config was built for another model; rebuild it for this one"
-                ) from None
-            if not isinstance(module, torch.nn.Linear) or module.in_features != p.in_features:
-                raise ActTailError(f"{p.name} is not a Linear with {p.in_features} inputs: the config does not match this model")
-    accs, exact = _make_accumulators(groups, tokens, exact_limit, mantissa_bits)
+    groups_per_config = [_groups(config) for config in configs]
+    for p in configs[0].projections:
+        try:
+            module = model.get_submodule(p.name)
+        except AttributeError:
+            raise ActTailError(
+                f"model has no projection {p.name}: the config was built for another model; rebuild it for this one"
+            ) from None
+        if not isinstance(module, torch.nn.Linear) or module.in_features != p.in_features:
+            raise ActTailError(f"{p.name} is not a Linear with {p.in_features} inputs: the config does not match this model")
+    for config in configs:
+        for p in config.projections:
+            p.k = topk_keep(p.sparsity, p.in_features)
     device = next(model.parameters()).device
     batches = _batches(windows, batch_size, device)
+    max_mass, exact = 0.0, True
     if sequential:
-        max_mass = _calibrate_sequential(model, groups, accs, batches, progress)
+        for config, groups in zip(configs, groups_per_config):
+            accs, exact = _make_accumulators(groups, tokens, exact_limit, mantissa_bits)
+            max_mass = max(max_mass, _calibrate_sequential(model, groups, accs, batches, progress))
     else:
-        max_mass = _calibrate_dense(model, groups, accs, batches, progress)
-    config.calibration = CalibrationInfo(data=source, samples=n, sequence_length=length, tokens=tokens)
+        accs, exact = _make_accumulators(groups_per_config[0], tokens, exact_limit, mantissa_bits)
+        max_mass = _calibrate_dense(model, groups_per_config, accs, batches, progress)
+    for config in configs:
+        config.calibration = CalibrationInfo(data=source, samples=n, sequence_length=length, tokens=tokens)
     if not exact:
         logger.info("streamed quantiles: max bin mass %.4f%% (bound on |effective - target| sparsity on calibration data)", 100 * max_mass)
-    return config
+    return configs
 
 
-def _calibrate_dense(model, groups, accs, batches, progress: bool) -> float:
+def _calibrate_dense(model, groups_per_config, accs, batches, progress: bool) -> float:
+    groups = groups_per_config[0]
     handles = [model.get_submodule(g[0].name).register_forward_pre_hook(_capture_hook(acc)) for g, acc in zip(groups, accs)]
     try:
         with torch.inference_mode():
@@ -259,8 +288,9 @@ def _calibrate_dense(model, groups, accs, batches, progress: bool) -> float:
         for h in handles:
             h.remove()
     max_mass = 0.0
-    for group, acc in zip(groups, accs):
-        max_mass = max(max_mass, _fill_thresholds(group, acc))
+    for index, acc in enumerate(accs):
+        for groups in groups_per_config:
+            max_mass = max(max_mass, _fill_thresholds(groups[index], acc))
         if isinstance(acc, _Exact):
             acc.chunks = []
     return max_mass

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from acttail_export.calibration import calibrate, histogram_edges, histogram_quantile, linear_quantile
+from acttail_export.calibration import calibrate, calibrate_many, histogram_edges, histogram_quantile, linear_quantile
 from acttail_export.config import SHARED_INPUT_GROUPS, ActTailConfig, topk_keep
 from acttail_export.data import token_windows, read_text
 from acttail_export.errors import ActTailError
@@ -110,6 +110,17 @@ def test_sequential_matches_effective_sparsity(tiny, windows):
     dense = calibrate(model, tok, hand_config(model, budgets, "threshold"), windows=windows, progress=False)
     assert dense.projections[0].threshold == pytest.approx(config.projections[0].threshold, rel=1e-6)
     assert dense.projections[-1].threshold != pytest.approx(config.projections[-1].threshold, rel=1e-6)
+
+
+@pytest.mark.parametrize("exact_limit", [2**27, 0], ids=["exact", "streamed"])
+def test_calibrate_many_equals_one_by_one(tiny, windows, exact_limit):
+    model, tok = tiny
+    configs = [hand_config(model, random_budgets(model, seed=s), "threshold") for s in (7, 8, 9)]
+    calibrate_many(model, tok, configs, windows=windows, progress=False, exact_limit=exact_limit)
+    for seed, config in zip((7, 8, 9), configs):
+        alone = calibrate(model, tok, hand_config(model, random_budgets(model, seed=seed), "threshold"), windows=windows,
+                          progress=False, exact_limit=exact_limit)
+        assert [p.threshold for p in config.projections] == pytest.approx([p.threshold for p in alone.projections], rel=1e-6)
 
 
 def test_calibrate_reads_file_and_groups(tiny, wikitext_valid):
