@@ -1,0 +1,140 @@
+"""evaluation.py and ``acttail-export evaluate``: perplexity vs the model's own loss, JSON schema, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from acttail_export.config import ActTailConfig, topk_keep
+from acttail_export.data import read_text, token_windows
+from acttail_export.evaluation import perplexity, perplexity_windows
+from acttail_export.sparsify import apply_sparsity
+
+from test_sparsify import hand_config, random_budgets
+
+RECORD_KEYS = {"allocation", "sparsity", "mode", "backend", "perplexity", "tokens", "effective_sparsity"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def windows(tiny, wikitext_test):
+    return token_windows(tiny[1], read_text(wikitext_test)[:20_000], sequence_length=48, max_tokens=5 * 48)
+
+
+def reference_ppl(model, windows) -> float:
+    """exp(mean NLL) from the model's own shifted-label loss, one window at a time."""
+    with torch.inference_mode():
+        losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in windows]
+    return math.exp(sum(losses) / len(losses))
+
+
+def test_dense_perplexity_equals_model_loss(tiny, windows):
+    model, _ = tiny
+    result = perplexity_windows(model, windows, progress=False, batch_size=2)
+    assert result["perplexity"] == pytest.approx(reference_ppl(model, windows), rel=1e-5)
+    assert result["tokens"] == windows.numel() and result["effective_sparsity"] == 0.0
+
+
+def test_sparse_perplexity_equals_model_loss(tiny, windows):
+    model, _ = tiny
+    config = hand_config(model, random_budgets(model, seed=11), "topk")
+    result = perplexity_windows(model, windows, config, progress=False, batch_size=3)
+    with apply_sparsity(model, config):
+        ref = reference_ppl(model, windows)
+    assert result["perplexity"] == pytest.approx(ref, rel=1e-5)
+    assert result["perplexity"] != pytest.approx(reference_ppl(model, windows), rel=1e-3)  # sparsity changes it
+    params = sum(p.parameters for p in config.projections)
+    expected = sum((p.in_features - topk_keep(p.sparsity, p.in_features)) / p.in_features * p.parameters
+                   for p in config.projections) / params
+    assert result["effective_sparsity"] == pytest.approx(expected, abs=1e-12)
+    assert config.effective_sparsity == pytest.approx(expected, abs=1e-12)
+
+
+def test_perplexity_from_file_batch_invariant(tiny, windows, wikitext_test, tmp_path):
+    model, tok = tiny
+    text = tmp_path / "t.txt"
+    text.write_text(read_text(wikitext_test)[:20_000])
+    a = perplexity(model, tok, text, sequence_length=48, max_tokens=5 * 48, progress=False, batch_size=1)
+    b = perplexity_windows(model, windows, progress=False, batch_size=5)
+    assert a["tokens"] == 240 and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6)
+
+
+def run_cli(argv, capsys):
+    from acttail_export.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_json_schema_and_values(tiny, tiny_llama_dir, wikitext_test, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    code, stdout, err = run_cli([
+        "evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test), "--sparsity", "0", "0.5", "0.7",
+        "--allocation", "uniform", "acttail", "--mode", "topk", "threshold", "--max-tokens", "96",
+        "--sequence-length", "48", "--calibration-samples", "2", "--calibration-sequence-length", "32",
+        "--json", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    records = json.loads(out.read_text())["results"]
+    assert all(set(r) == RECORD_KEYS for r in records)
+    assert [(r["allocation"], r["sparsity"], r["mode"]) for r in records] == [("dense", 0.0, "dense")] + [
+        (a, s, m) for a in ("uniform", "acttail") for m in ("topk", "threshold") for s in (0.5, 0.7)]
+    model, tok = tiny
+    dense = perplexity(model, tok, wikitext_test, sequence_length=48, max_tokens=96, progress=False)
+    assert records[0]["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-6)
+    assert all(r["tokens"] == 96 and r["backend"] == "torch" for r in records)
+    for r in records[1:]:
+        assert r["perplexity"] > 0 and 0 < r["effective_sparsity"] < 1
+        if r["mode"] == "topk":  # top-k hits the budget up to rounding of k
+            assert r["effective_sparsity"] == pytest.approx(r["sparsity"], abs=0.02)
+
+
+def test_cli_export_folder_torch_backend(tiny, tiny_llama_dir, wikitext_test, tmp_path, capsys):
+    """An export folder is evaluated with its recorded config, rebuilt on the base model in PyTorch."""
+    model, tok = tiny
+    config = hand_config(model, random_budgets(model, seed=12), "topk")
+    config.model = str(tiny_llama_dir)
+    export = tmp_path / "export"
+    export.mkdir()
+    config.save(export)
+    out = tmp_path / "r.json"
+    code, _, err = run_cli(["evaluate", "--model", str(export), "--data", str(wikitext_test), "--max-tokens", "96",
+                            "--sequence-length", "48", "--json", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    (record,) = json.loads(out.read_text())["results"]
+    expected = perplexity(model, tok, wikitext_test, 48, 96, config=ActTailConfig.load(export), progress=False)
+    assert record["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    assert (record["allocation"], record["mode"], record["backend"]) == ("acttail", "topk", "torch")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "/nonexistent/file.txt"], "not found"),
+    (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "abc"], "--sparsity must be a number"),
+    (["--max-tokens", "ten"], "--max-tokens must be a positive integer"),
+    (["--sequence-length", "0"], "--sequence-length must be a positive integer"),
+    (["--backend", "onnxruntime"], "needs an export folder"),
+    (["--json", "/nonexistent/dir/out.json"], "does not exist"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tiny_llama_dir, wikitext_test, capsys, extra, message):
+    argv = ["evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test), "--no-progress", *extra]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("acttail-export: error:")
+
+
+def test_cli_empty_data_file(tiny_llama_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = run_cli(["evaluate", "--model", str(tiny_llama_dir), "--data", str(empty)], capsys)
+    assert code == 2 and "empty" in err and len(err.strip().splitlines()) == 1
