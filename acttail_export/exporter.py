@@ -1,0 +1,354 @@
+"""The whole export pipeline: load -> alphas -> budgets -> calibrate -> ONNX -> rewrite -> validate -> folder.
+
+Everything is written into a temporary sibling of OUTPUT_DIR (``.NAME.acttail-tmp-PID-XXXX``, same
+filesystem) and renamed into place at the very end, so a failure or Ctrl-C leaves OUTPUT_DIR as it
+was. Temporary folders of killed runs (their PID is gone) are removed at the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ActTailConfig, check_epsilon, check_sparsity
+from .errors import ActTailError, ExportValidationError
+
+logger = logging.getLogger(__name__)
+
+MODEL_ALIASES = ("smollm2",)
+TMP_MARK = ".acttail-tmp-"
+OLD_MARK = ".acttail-old-"
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.acttail-(?:tmp|old)-(?P<pid>\d+)-\w+$")
+#: Validation tolerance on the median per-position relative logit error (see :func:`compare_logits`).
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+MIN_TOP1_AGREEMENT = 0.9
+VALIDATION_WINDOWS, VALIDATION_LENGTH = 2, 64
+EVAL_TOKENS, EVAL_LENGTH = 2048, 512
+
+
+# --------------------------------------------------------------------------------------------
+# input checks (cheap, before any model is loaded)
+# --------------------------------------------------------------------------------------------
+def resolve_model(model: str | Path) -> str:
+    """``smollm2`` -> the bundled SmolLM2 GGUF; anything else is checked by :func:`modeling.check_model_ref`."""
+    from .modeling import check_model_ref, default_model_path
+
+    if model is None or str(model).strip() == "":
+        raise ActTailError("no model given: pass --model PATH_OR_HUB_ID (or --model smollm2 for the bundled SmolLM2-135M)")
+    ref = default_model_path() if str(model).lower() in MODEL_ALIASES else str(model)
+    check_model_ref(ref)
+    return ref
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    """OUTPUT_DIR must be new, empty, or ``overwrite``; its parent must be writable."""
+    output_dir = Path(output_dir).expanduser().absolute()
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise ActTailError(f"output {output_dir} exists and is a file: choose a folder path")
+        if any(output_dir.iterdir()) and not overwrite:
+            raise ActTailError(f"output folder {output_dir} exists and is not empty: pass --overwrite or choose another folder")
+    parent = output_dir.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK) or (output_dir.exists() and not os.access(output_dir, os.W_OK)):
+        raise ActTailError(f"cannot write to {probe if not output_dir.exists() else output_dir}: choose a writable OUTPUT_DIR")
+    return output_dir
+
+
+def check_kernel(kernel: str) -> str | None:
+    """The op library path for ``kernel="fused"`` (ActTailError naming ``make ops`` if absent)."""
+    if kernel not in ("mask", "fused"):
+        raise ActTailError(f"kernel must be mask or fused; got {kernel!r}")
+    if kernel == "mask":
+        return None
+    from .ops import get_library_path
+
+    return get_library_path()
+
+
+def check_hub_token(token: str | None) -> str:
+    """A Hub token from the option, ``HF_TOKEN`` or the stored login (never logged)."""
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    found = get_token()
+    if not found:
+        raise ActTailError("--push-to-hub needs a Hugging Face token: pass --token, set HF_TOKEN or run `huggingface-cli login`")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# temporary folders
+# --------------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temp(output_dir: Path) -> list[Path]:
+    """Remove temp folders of ``output_dir`` left by killed runs (PID no longer alive)."""
+    removed = []
+    parent = output_dir.parent
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        m = _TMP_RE.match(entry.name)
+        if m and m.group("name") == output_dir.name and entry.is_dir() and not _pid_alive(int(m.group("pid"))):
+            shutil.rmtree(entry)
+            removed.append(entry)
+            logger.info("removed stale temporary folder %s", entry)
+    return removed
+
+
+def _make_temp(output_dir: Path, mark: str) -> Path:
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{mark}{os.getpid()}-", dir=output_dir.parent))
+
+
+def _move_into_place(tmp: Path, output_dir: Path) -> None:
+    """Atomically replace ``output_dir`` by ``tmp`` (an existing folder is moved aside, then deleted)."""
+    old = None
+    if output_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{OLD_MARK}{os.getpid()}-", dir=output_dir.parent))
+        os.replace(output_dir, old / "previous")
+    try:
+        os.replace(tmp, output_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "previous", output_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    """ONNX Runtime vs the PyTorch sparse reference on sample windows."""
+
+    max_abs_diff: float
+    median_rel_error: float
+    p90_rel_error: float
+    top1_agreement: float
+    cached_step_rel_error: float
+    tolerance: float
+    positions: int
+
+    @property
+    def passed(self) -> bool:
+        return (self.median_rel_error <= self.tolerance and self.top1_agreement >= MIN_TOP1_AGREEMENT
+                and self.cached_step_rel_error <= 10 * self.tolerance)
+
+
+def compare_logits(reference: np.ndarray, onnx_logits: np.ndarray) -> dict[str, float]:
+    """Robust logit comparison: per position ``e_t = max_v |Δ| / max |reference|``.
+
+    A threshold/top-k boundary flip (an entry within rounding of the threshold, kept by one backend
+    and zeroed by the other) perturbs the positions after it, so the maximum error is reported but
+    the decision uses the median ``e_t`` and the top-1 agreement; a wrong mask or weight moves every
+    position and fails both.
+    """
+    ref = reference.astype(np.float32).reshape(-1, reference.shape[-1])
+    got = onnx_logits.astype(np.float32).reshape(-1, reference.shape[-1])
+    scale = float(np.abs(ref).max()) or 1.0
+    diff = np.abs(got - ref)
+    err = diff.max(-1) / scale
+    return {"max_abs_diff": float(diff.max()), "median_rel_error": float(np.median(err)),
+            "p90_rel_error": float(np.quantile(err, 0.9)), "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+            "positions": int(len(err))}
+
+
+def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dtype: str) -> ValidationReport:
+    """Run the export with ONNX Runtime and the PyTorch sparse reference on ``windows``; compare logits.
+
+    Also runs the last token of the first window through the KV cache (prefix first, then one step).
+    """
+    import torch
+
+    from .runtime import create_session, decoder_feeds
+    from .sparsify import apply_sparsity
+
+    session = create_session(export_dir)
+    ids = windows.numpy()
+    got = session.run(["logits"], decoder_feeds(session, ids))[0]
+    device = next(model.parameters()).device
+    with apply_sparsity(model, config) as hooks, torch.no_grad():
+        ref = model(windows.to(device)).logits.float().cpu().numpy()
+        hooks.record(config)
+    stats = compare_logits(ref, got)
+    # one cached decode step: prefix through the graph, then the last token with the returned cache
+    first = ids[:1]
+    names = [o.name for o in session.get_outputs()]
+    outs = dict(zip(names, session.run(None, decoder_feeds(session, first[:, :-1]))))
+    step = {"input_ids": first[:, -1:].astype(np.int64), "attention_mask": np.ones_like(first, dtype=np.int64),
+            "position_ids": np.array([[first.shape[1] - 1]], dtype=np.int64)}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            step[inp.name] = outs[inp.name.replace("past_key_values.", "present.")]
+    step_logits = session.run(["logits"], step)[0][0, -1]
+    scale = float(np.abs(ref[0, -1]).max()) or 1.0
+    cached = float(np.abs(step_logits.astype(np.float32) - ref[0, -1]).max() / scale)
+    report = ValidationReport(stats["max_abs_diff"], stats["median_rel_error"], stats["p90_rel_error"],
+                              stats["top1_agreement"], cached, TOLERANCE[dtype], stats["positions"])
+    logger.info("validation: max |Δlogit| %.3g, median rel error %.3g (tolerance %.0e), top-1 agreement %.1f%%, cached step %.3g",
+                report.max_abs_diff, report.median_rel_error, report.tolerance, 100 * report.top1_agreement, cached)
+    if not report.passed:
+        raise ExportValidationError(
+            f"ONNX model disagrees with the PyTorch sparse reference: median relative logit error {report.median_rel_error:.3g} "
+            f"(tolerance {report.tolerance:.0e}), top-1 agreement {100 * report.top1_agreement:.1f}%, cached step {cached:.3g}; "
+            "report a bug or export with --dtype fp32 (use --no-validate to keep the output anyway)")
+    return report
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("acttail-export", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "huggingface_hub", "numpy"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------------
+def export(
+    model: str | Path,
+    output_dir: str | Path,
+    sparsity: float = 0.5,
+    allocation: str = "acttail",
+    mode: str = "topk",
+    kernel: str = "mask",
+    epsilon: float | None = None,
+    mapping: str | None = None,
+    calibration_data: str | Path | None = None,
+    calibration_samples: int = 64,
+    sequence_length: int = 512,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    validate: bool = True,
+    progress: bool = True,
+    eval_tokens: int = EVAL_TOKENS,
+) -> Path:
+    """Export ``model`` with ActTail sparsity to ``output_dir`` (see the module docstring); returns the folder."""
+    from .config import ALLOCATIONS, MODES
+    from .data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, read_text
+    from .onnx_export import DTYPES, check_device
+
+    # ---- 1. cheap checks: every bad input fails here, before minutes of work --------------------
+    sparsity = check_sparsity(sparsity)
+    if epsilon is not None:
+        epsilon = check_epsilon(epsilon)
+    for value, choices, what in ((allocation, ALLOCATIONS, "allocation"), (mode, MODES, "mode"), (dtype, DTYPES, "dtype")):
+        if value not in choices:
+            raise ActTailError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
+    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
+        raise ActTailError(f"calibration samples must be a positive integer, got {calibration_samples!r}")
+    if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 2:
+        raise ActTailError(f"sequence length must be an integer >= 2, got {sequence_length!r}")
+    library = check_kernel(kernel)
+    check_device(device)
+    output_dir = check_output_dir(output_dir, overwrite)
+    model_ref = resolve_model(model)
+    calibration_path = Path(calibration_data) if calibration_data is not None else DEFAULT_CALIBRATION_DATA
+    read_text(calibration_path)
+    hub_token = check_hub_token(token) if push_to_hub else None
+
+    clean_stale_temp(output_dir)
+    tmp = _make_temp(output_dir, TMP_MARK)
+    try:
+        config = _build(model_ref, tmp, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path,
+                        calibration_samples, sequence_length, dtype, device, library, validate, progress, eval_tokens,
+                        DEFAULT_EVAL_DATA)
+        _move_into_place(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("export written to %s (target sparsity %.2f, effective %s)", output_dir, config.target_sparsity,
+                f"{config.effective_sparsity:.3f}" if config.effective_sparsity is not None else "n/a")
+    if push_to_hub:
+        from .hub import push_to_hub as _push
+
+        _push(output_dir, push_to_hub, token=hub_token, private=private)
+    return output_dir
+
+
+def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path, samples,
+           sequence_length, dtype, device, library, validate, progress, eval_tokens, eval_data) -> ActTailConfig:
+    import torch
+
+    from . import allocation as alloc
+    from .calibration import calibrate
+    from .data import load_windows
+    from .graph_rewrite import rewrite
+    from .model_card import write_model_card
+    from .modeling import load_model
+    from .onnx_export import export_base_onnx, load_onnx, save_onnx
+    from .spectral import analyze_model
+
+    model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
+    fits = analyze_model(model, device=device, progress=progress)
+    config = alloc.build_config(model, sparsity, allocation=allocation, mode=mode, epsilon=epsilon, mapping=mapping, fits=fits)
+    config.kernel = kernel
+    config.model = str(model_ref)
+    config.architecture = type(model).__name__
+    with torch.no_grad():
+        calibrate(model, tokenizer, config, data=calibration_path, samples=samples, sequence_length=sequence_length, progress=progress)
+
+    base_dir = tmp / ".base"
+    base = export_base_onnx(model, base_dir, dtype=dtype, device=device)
+    graph = load_onnx(base)
+    rewrite(graph, config, mode=mode, kernel=kernel)
+    save_onnx(graph, tmp / "model.onnx")
+    del graph
+    for name in ("config.json", "generation_config.json"):
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, tmp / name)
+    shutil.rmtree(base_dir)
+    tokenizer.save_pretrained(tmp)
+    if library is not None:
+        shutil.copy2(library, tmp / Path(library).name)
+    config.versions = library_versions()
+    config.save(tmp)  # the runtime loader checks the graph against this file
+
+    if validate:
+        text_source = eval_data if Path(eval_data).is_file() else calibration_path
+        windows = load_windows(tokenizer, text_source, VALIDATION_LENGTH, samples=VALIDATION_WINDOWS)
+        report = validate_export(model, tmp, config, windows, dtype)
+        config.perplexity["validation"] = {"max_abs_logit_diff": report.max_abs_diff, "median_rel_error": report.median_rel_error,
+                                           "top1_agreement": report.top1_agreement, "positions": report.positions}
+        if eval_tokens and Path(eval_data).is_file():
+            from .runtime import perplexity_onnx
+
+            length = min(EVAL_LENGTH, eval_tokens)
+            config.perplexity.update(perplexity_onnx(tmp, eval_data, sequence_length=length, max_tokens=eval_tokens, progress=progress))
+        elif eval_tokens:
+            logger.warning("%s not found: the model card will not report a perplexity", eval_data)
+    config.save(tmp)
+    write_model_card(tmp, config)
+    return config
