@@ -1,0 +1,103 @@
+"""``acttail-export export`` (and ``optimum-cli export acttail``): one argument definition for both."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import ActTailError
+
+logger = logging.getLogger(__name__)
+
+HELP = "Export a LLaMA/Mistral model with ActTail activation sparsity to ONNX (KV cache)"
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Define the export flags on ``parser`` (shared by acttail-export and optimum-cli)."""
+    required = parser.add_argument_group("Required arguments")
+    required.add_argument("-m", "--model", default=None,
+                          help="HF model folder, .gguf file, Hub id, or 'smollm2' for the bundled SmolLM2-135M-Instruct")
+    required.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="folder to write the export to (created)")
+
+    sparsity = parser.add_argument_group("Sparsity")
+    sparsity.add_argument("--sparsity", default="0.5", help="target parameter-weighted activation sparsity in [0, 1) (default 0.5)")
+    sparsity.add_argument("--allocation", choices=("acttail", "uniform"), default="acttail",
+                          help="per-projection budgets from HT-SR alphas (acttail) or the same everywhere (uniform)")
+    sparsity.add_argument("--mode", choices=("topk", "threshold"), default="topk",
+                          help="keep the k largest |x| per token (topk) or |x| above a calibrated threshold")
+    sparsity.add_argument("--kernel", choices=("mask", "fused"), default="mask",
+                          help="standard ONNX masking ops (mask) or the com.acttail::SparseMatMul custom op (fused; needs `make ops`)")
+    sparsity.add_argument("--epsilon", default=None, help="allocation spread in [0, 1) (default: the allocation's)")
+    sparsity.add_argument("--mapping", default=None, help="alpha-to-budget mapping (default: the allocation's)")
+
+    calib = parser.add_argument_group("Calibration")
+    calib.add_argument("--calibration-data", type=Path, default=None, metavar="FILE",
+                       help="UTF-8 text file (default: WikiText-2 wiki.valid.raw)")
+    calib.add_argument("--calibration-samples", default="64", help="number of token windows (default 64)")
+    calib.add_argument("--sequence-length", default="512", help="tokens per calibration window (default 512)")
+
+    run = parser.add_argument_group("Export")
+    run.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations of the ONNX graph")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for analysis, calibration and tracing")
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    run.add_argument("--no-validate", action="store_true",
+                     help="skip the ONNX Runtime vs PyTorch check and the export-time perplexity")
+
+    hub = parser.add_argument_group("Hugging Face Hub")
+    hub.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the finished export to this Hub repo")
+    hub.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    hub.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+
+
+def _number(value: str, what: str, cast):
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise ActTailError(f"--{what} must be a {'number' if cast is float else 'integer'}, got {value!r}") from None
+
+
+def export_kwargs(args: argparse.Namespace) -> dict:
+    """Turn parsed flags into :func:`acttail_export.exporter.export` arguments, checking combinations."""
+    from ..config import check_epsilon, check_sparsity
+
+    if not args.model:
+        raise ActTailError("no model given: pass --model PATH_OR_HUB_ID (or --model smollm2)")
+    sparsity = check_sparsity(_number(args.sparsity, "sparsity", float), "--sparsity")
+    epsilon = None if args.epsilon is None else check_epsilon(_number(args.epsilon, "epsilon", float))
+    samples = _number(args.calibration_samples, "calibration-samples", int)
+    length = _number(args.sequence_length, "sequence-length", int)
+    if samples < 1:
+        raise ActTailError(f"--calibration-samples must be >= 1, got {samples}")
+    if length < 2:
+        raise ActTailError(f"--sequence-length must be >= 2, got {length}")
+    if args.allocation == "uniform" and (args.epsilon is not None or args.mapping is not None):
+        raise ActTailError("--epsilon/--mapping only apply to --allocation acttail: drop them or use --allocation acttail")
+    if (args.private or args.token) and not args.push_to_hub:
+        raise ActTailError("--private/--token only apply with --push-to-hub REPO_ID: add it or drop them")
+    if args.mapping is not None:
+        from ..allocation import MAPPINGS
+
+        if args.mapping not in MAPPINGS:
+            raise ActTailError(f"--mapping must be one of {', '.join(MAPPINGS)}; got {args.mapping!r}")
+    return dict(model=args.model, output_dir=args.output, sparsity=sparsity, allocation=args.allocation, mode=args.mode,
+                kernel=args.kernel, epsilon=epsilon, mapping=args.mapping, calibration_data=args.calibration_data,
+                calibration_samples=samples, sequence_length=length, dtype=args.dtype, device=args.device,
+                overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private, token=args.token,
+                validate=not args.no_validate, progress=sys.stderr.isatty())
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the export (heavy imports happen here)."""
+    from ..exporter import export
+
+    kwargs = export_kwargs(args)
+    out = export(**kwargs)
+    print(f"ActTail export written to {out}")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("export", help=HELP, description=HELP)
+    add_export_arguments(parser)
+    parser.set_defaults(func=run)
