@@ -9,8 +9,9 @@
 //    (monotone in |x|); NaN gets key 0, so NaN ranks with zeros and is never multiplied: when fewer
 //    than k entries are non-zero and non-NaN, only those are kept (zeros contribute nothing anyway).
 //    Ties at the k-th key are broken by channel index (lowest first), the same on every device.
-//  * Masked channels are skipped, not multiplied by zero, so Inf/NaN in a masked row of W never
-//    reaches Y. Kept Inf entries of X propagate as in an ordinary matmul (Inf * 0 = NaN).
+//  * Masked channels and zero entries of X are skipped, not multiplied, so Inf/NaN in such a row of
+//    W never reaches Y: Y[m, n] = sum over kept k with x[m, k] != 0 of x[m, k] * W[k, n].
+//    Kept Inf entries of X propagate as in an ordinary matmul (Inf * 0 = NaN).
 //  * Accumulation is float32 for float32 and float16.
 #pragma once
 

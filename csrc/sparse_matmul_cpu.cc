@@ -76,7 +76,7 @@ void SelectRow(void* data, size_t m) {
   if (j.mode == Mode::kThreshold) {
     for (int64_t c = 0; c < K; ++c) {
       float v = ToFloat(xr[c]);
-      if (std::fabs(v) > j.threshold) { idx[n] = (int32_t)c; val[n] = v; ++n; }
+      if (std::fabs(v) > j.threshold && v != 0.0f) { idx[n] = (int32_t)c; val[n] = v; ++n; }  // zeros never multiplied
     }
   } else if (j.k > 0) {
     std::vector<uint32_t> keys(K);

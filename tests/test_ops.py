@@ -80,7 +80,7 @@ def reference_mask(x: np.ndarray, mode: str, threshold: float | None = None, k: 
     mag = np.abs(x.astype(np.float64))
     if mode == "threshold":
         with np.errstate(invalid="ignore"):
-            return mag > np.float64(np.float32(threshold))
+            return (mag > np.float64(np.float32(threshold))) & (mag > 0)  # zeros are never multiplied
     mag = np.where(np.isnan(mag), 0.0, mag)  # NaN ranks with zeros
     mask = np.zeros(x.shape, bool)
     if k:
@@ -245,10 +245,13 @@ def test_topk_ties_lowest_index_and_nan_never_kept(dtype):
 
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 def test_masked_rows_of_w_are_skipped(mode):
-    """Inf/NaN in a masked row of W never reaches Y (the row is not read)."""
-    x = np.array([[1.0, 0.01, -2.0]], np.float32)
-    w = np.array([[1.0, 2.0], [np.nan, np.inf], [3.0, 4.0]], np.float32)
-    y = run_op(CPU, x, w, mode, threshold=0.1, k=2)
+    """Inf/NaN in a masked row of W, or in the row of a zero x, never reaches Y (the row is not read)."""
+    x = np.array([[1.0, 0.01, -2.0, 0.0]], np.float32)
+    w = np.array([[1.0, 2.0], [np.nan, np.inf], [3.0, 4.0], [np.inf, np.nan]], np.float32)
+    y = run_op(CPU, x, w, mode, threshold=-1.0 if mode == "threshold" else None, k=2)
+    if mode == "threshold":  # t < 0 keeps every non-NaN entry: row 1 (NaN, Inf) is multiplied, the zero row 3 is not
+        assert np.isnan(y[0, 0]) and y[0, 1] == np.inf
+        y = run_op(CPU, x, w, mode, threshold=0.1)
     np.testing.assert_allclose(y, [[1.0 - 6.0, 2.0 - 8.0]], rtol=1e-6)
 
 
