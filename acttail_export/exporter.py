@@ -78,14 +78,9 @@ def check_kernel(kernel: str) -> str | None:
 
 def check_hub_token(token: str | None) -> str:
     """A Hub token from the option, ``HF_TOKEN`` or the stored login (never logged)."""
-    if token:
-        return token
-    from huggingface_hub import get_token
+    from .hub import resolve_token
 
-    found = get_token()
-    if not found:
-        raise ActTailError("--push-to-hub needs a Hugging Face token: pass --token, set HF_TOKEN or run `huggingface-cli login`")
-    return found
+    return resolve_token(token)
 
 
 # --------------------------------------------------------------------------------------------
