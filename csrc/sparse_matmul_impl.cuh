@@ -1,0 +1,390 @@
+// CUDA kernels of com.acttail::SparseMatMul (included by sparse_matmul_impl.cu and the benchmark harness).
+//
+//  * TopKSelectKernel: one block per row; exact radix select (8-bit digits) of the k-th largest
+//    magnitude key, then the index cut for ties (lowest channel index first). Writes (kth, tie) per row.
+//  * SparseGemvKernel (decode, M <= 8 rows): each block owns TN output columns. Per K chunk it scans X
+//    (from L2), compacts the kept channels of all rows (union) into shared memory with warp ballots,
+//    then streams only those rows of W with 16-byte loads, U loads in flight per thread, and fp32
+//    accumulators; partial sums are reduced across warps in shared memory. No global atomics.
+//  * MaskedGemmKernel (prefill, M > 8): tiled fp32-accumulating GEMM that applies the mask while
+//    loading X tiles (correctness first; masked and zero entries contribute nothing).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace acttail {
+namespace cuda {
+
+template <typename T>
+struct Traits;
+
+template <>
+struct Traits<float> {
+  static constexpr int kVec = 4;  // elements per 16-byte load
+  static constexpr int kKeyBits = 32;
+  __device__ __forceinline__ static float ToFloat(float v) { return v; }
+  __device__ __forceinline__ static float FromFloat(float v) { return v; }
+  __device__ __forceinline__ static uint32_t Key(float v) {
+    uint32_t b = __float_as_uint(v) & 0x7fffffffu;
+    return b > 0x7f800000u ? 0u : b;  // NaN ranks with zeros
+  }
+};
+
+template <>
+struct Traits<__half> {
+  static constexpr int kVec = 8;
+  static constexpr int kKeyBits = 16;
+  __device__ __forceinline__ static float ToFloat(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static __half FromFloat(float v) { return __float2half_rn(v); }
+  __device__ __forceinline__ static uint32_t Key(__half v) {
+    uint32_t b = __half_as_ushort(v) & 0x7fffu;
+    return b > 0x7c00u ? 0u : b;
+  }
+};
+
+/// Per-row keep rule: topk keeps key > kth or (key == kth and index <= tie); threshold keeps |x| > t.
+struct Rule {
+  uint32_t kth;
+  int32_t tie;
+  float t;
+};
+
+template <typename T>
+__device__ __forceinline__ bool Keep(T v, int idx, const Rule& r, bool topk) {
+  const float f = Traits<T>::ToFloat(v);
+  if (topk) {
+    const uint32_t key = Traits<T>::Key(v);
+    return key > r.kth || (key == r.kth && idx <= r.tie);
+  }
+  return fabsf(f) > r.t && f != 0.0f;
+}
+
+__device__ __forceinline__ Rule LoadRule(int m, int M, bool topk, const float* thr, const uint2* sel) {
+  Rule r{0xffffffffu, -1, __int_as_float(0x7f800000)};  // keeps nothing
+  if (m < M) {
+    if (topk) {
+      const uint2 s = sel[m];
+      r.kth = s.x;
+      r.tie = (int32_t)s.y;
+    } else {
+      r.t = *thr;
+    }
+  }
+  return r;
+}
+
+/// Load 16 bytes (V elements) as float; p must be 16-byte aligned. W is streamed (evict-first).
+__device__ __forceinline__ void LoadW(const float* p, float (&out)[4]) {
+  const float4 v = __ldcs(reinterpret_cast<const float4*>(p));
+  out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+}
+__device__ __forceinline__ void LoadW(const __half* p, float (&out)[8]) {
+  const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// top-k selection: sel[row] = (k-th largest key, index of the last kept tie)
+// ------------------------------------------------------------------------------------------------
+constexpr int kSelectThreads = 1024;
+
+template <typename T>
+__global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __restrict__ x, int K, int k, uint2* __restrict__ sel) {
+  __shared__ unsigned hist[256];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_remaining, s_tie, s_total;
+  __shared__ int s_warp[32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const T* xr = x + (int64_t)blockIdx.x * K;
+  if (k <= 0) {
+    if (tid == 0) sel[blockIdx.x] = make_uint2(0xffffffffu, 0xffffffffu);
+    return;
+  }
+  uint32_t prefix = 0, mask = 0;
+  int remaining = k;  // rank (1-based, from the top) of the wanted key among keys matching prefix
+  for (int shift = Traits<T>::kKeyBits - 8; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int i = tid; i < K; i += blockDim.x) {
+      const uint32_t key = Traits<T>::Key(xr[i]);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (warp == 0) {  // lane owns bins 255-8*lane .. 248-8*lane (descending)
+      unsigned c[8], s = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) { c[j] = hist[255 - 8 * lane - j]; s += c[j]; }
+      unsigned incl = s;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned n = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += n;
+      }
+      unsigned cum = incl - s;
+      if (cum < (unsigned)remaining && (unsigned)remaining <= incl) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (cum + c[j] >= (unsigned)remaining) {
+            s_prefix = prefix | ((uint32_t)(255 - 8 * lane - j) << shift);
+            s_remaining = remaining - (int)cum;
+            break;
+          }
+          cum += c[j];
+        }
+      }
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    remaining = s_remaining;
+    mask |= 0xffu << shift;
+  }
+  // prefix = key of the k-th largest; `remaining` ties with that key are kept, lowest index first.
+  if (prefix == 0) {  // zeros / NaN: never multiplied, so no tie cut is needed
+    if (tid == 0) sel[blockIdx.x] = make_uint2(0u, 0xffffffffu);
+    return;
+  }
+  if (tid == 0) s_tie = -1;
+  int seen = 0;
+  for (int base = 0; base < K; base += blockDim.x) {
+    const int i = base + tid;
+    const bool flag = i < K && Traits<T>::Key(xr[i]) == prefix;
+    const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+    if (lane == 0) s_warp[warp] = __popc(ballot);
+    __syncthreads();
+    if (warp == 0) {
+      const int v = lane < nwarps ? s_warp[lane] : 0;
+      int incl = v;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += n;
+      }
+      if (lane < nwarps) s_warp[lane] = incl - v;
+      if (lane == 31) s_total = incl;
+    }
+    __syncthreads();
+    if (flag && seen + s_warp[warp] + __popc(ballot & ((1u << lane) - 1u)) + 1 == remaining) s_tie = i;
+    seen += s_total;
+    __syncthreads();
+    if (seen >= remaining) break;
+  }
+  if (tid == 0) sel[blockIdx.x] = make_uint2(prefix, (uint32_t)s_tie);
+}
+
+// ------------------------------------------------------------------------------------------------
+// decode GEMV: Y[M<=8, N] from the kept rows of W
+// ------------------------------------------------------------------------------------------------
+constexpr int kGemvThreads = 512;
+constexpr int kGemvWarps = kGemvThreads / 32;
+constexpr int kLanesPerRow = 4;  // lanes sharing one W row segment of 64 bytes
+
+template <typename T, int MR>
+__global__ void __launch_bounds__(kGemvThreads) SparseGemvKernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                                                                 int M, int K, int N, const float* __restrict__ thr,
+                                                                 const uint2* __restrict__ sel, bool topk, bool x_aligned,
+                                                                 bool w_aligned) {
+  constexpr int V = Traits<T>::kVec;
+  constexpr int TN = kLanesPerRow * V;                   // output columns per block
+  constexpr int G = kGemvThreads / kLanesPerRow;         // W rows read per step by the block
+  constexpr int CH = 4096 / MR;                          // K channels compacted per chunk
+  constexpr int XIT = (CH + kGemvThreads * V - 1) / (kGemvThreads * V);
+  constexpr int kUnroll = MR <= 2 ? 4 : (MR == 4 ? 2 : 1);  // independent 16-byte W loads in flight per thread
+  __shared__ int s_idx[CH];
+  __shared__ float s_val[MR][CH];
+  __shared__ float s_out[MR][TN];
+  __shared__ int s_count;
+
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int grp = tid / kLanesPerRow, sub = tid % kLanesPerRow;
+  const int col0 = blockIdx.x * TN + sub * V;
+  Rule rule[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) rule[m] = LoadRule(m, M, topk, thr, sel);
+  for (int i = tid; i < MR * TN; i += kGemvThreads) (&s_out[0][0])[i] = 0.0f;
+  __syncthreads();
+  float acc[MR][V];
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[m][e] = 0.0f;
+
+  for (int c0 = 0; c0 < K; c0 += CH) {
+    const int len = min(CH, K - c0);
+    if (tid == 0) s_count = 0;
+    __syncthreads();
+    // ---- compaction of the kept channels of this chunk (union over rows) ----
+#pragma unroll
+    for (int it = 0; it < XIT; ++it) {
+      const int base = (it * kGemvThreads + tid) * V;  // chunk-relative first element of this thread
+      float vals[MR][V];
+      unsigned bits = 0;
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        uint4 packed;
+        T* raw = reinterpret_cast<T*>(&packed);
+        const T* src = x + (int64_t)m * K + c0 + base;
+        if (m < M && x_aligned && base + V <= len) {
+          packed = *reinterpret_cast<const uint4*>(src);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) raw[e] = (m < M && base + e < len) ? src[e] : Traits<T>::FromFloat(0.0f);
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const bool keep = m < M && base + e < len && Keep(raw[e], c0 + base + e, rule[m], topk);
+          vals[m][e] = keep ? Traits<T>::ToFloat(raw[e]) : 0.0f;
+          bits |= (unsigned)keep << e;
+        }
+      }
+      const int cnt = __popc(bits);
+      int incl = cnt;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += n;
+      }
+      int wbase = 0;
+      if (lane == 31) wbase = atomicAdd(&s_count, incl);
+      wbase = __shfl_sync(0xffffffffu, wbase, 31);
+      int pos = wbase + incl - cnt;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (bits & (1u << e)) {
+          s_idx[pos] = c0 + base + e;
+#pragma unroll
+          for (int m = 0; m < MR; ++m) s_val[m][pos] = vals[m][e];
+          ++pos;
+        }
+      }
+    }
+    __syncthreads();
+    const int n = s_count;
+    // ---- stream the kept rows of W ----
+    for (int i0 = grp; i0 < n; i0 += G * kUnroll) {
+      float wv[kUnroll][V];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = i0 + u * G;
+        if (i < n) {
+          const T* src = w + (int64_t)s_idx[i] * N + col0;
+          if (w_aligned && col0 + V <= N) {
+            LoadW(src, wv[u]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) wv[u][e] = col0 + e < N ? Traits<T>::ToFloat(src[e]) : 0.0f;
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = i0 + u * G;
+        if (i < n) {
+#pragma unroll
+          for (int m = 0; m < MR; ++m) {
+            const float xv = s_val[m][i];
+            if (xv != 0.0f) {  // rows kept only for another row of X are skipped, not multiplied
+#pragma unroll
+              for (int e = 0; e < V; ++e) acc[m][e] = fmaf(xv, wv[u][e], acc[m][e]);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // s_idx / s_val are rewritten by the next chunk
+  }
+  // ---- reduce over the row groups: lanes with the same `sub` in a warp, then across warps ----
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      float v = acc[m][e];
+#pragma unroll
+      for (int off = kLanesPerRow; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      acc[m][e] = v;
+    }
+  if (lane < kLanesPerRow) {
+#pragma unroll
+    for (int m = 0; m < MR; ++m)
+#pragma unroll
+      for (int e = 0; e < V; ++e) atomicAdd(&s_out[m][sub * V + e], acc[m][e]);
+  }
+  __syncthreads();
+  for (int i = tid; i < MR * TN; i += kGemvThreads) {
+    const int m = i / TN, c = i % TN, col = blockIdx.x * TN + c;
+    if (m < M && col < N) y[(int64_t)m * N + col] = Traits<T>::FromFloat(s_out[m][c]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// prefill: masked tiled GEMM (64x64 tile, 16-deep K slices, 4x4 outputs per thread)
+// ------------------------------------------------------------------------------------------------
+constexpr int kBM = 64, kBN = 64, kBK = 16, kGemmThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kGemmThreads) MaskedGemmKernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                                                                 int M, int K, int N, const float* __restrict__ thr,
+                                                                 const uint2* __restrict__ sel, bool topk) {
+  __shared__ float As[kBK][kBM + 4];
+  __shared__ float Bs[kBK][kBN + 4];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int row0 = blockIdx.y * kBM, col0 = blockIdx.x * kBN;
+  // each thread loads 4 A elements (rows ar + 16*j, column ak) and 4 B elements
+  const int ak = tid % kBK, ar = tid / kBK;
+  const int bn = tid % kBN, bk = tid / kBN;
+  Rule rule[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) rule[j] = LoadRule(0, 1, topk, thr, sel ? sel + min(row0 + ar + 16 * j, M - 1) : nullptr);
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += kBK) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = row0 + ar + 16 * j, c = k0 + ak;
+      float v = 0.0f;
+      if (r < M && c < K) {
+        const T raw = x[(int64_t)r * K + c];
+        if (Keep(raw, c, rule[j], topk)) v = Traits<T>::ToFloat(raw);
+      }
+      As[ak][ar + 16 * j] = v;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = k0 + bk + 4 * j, c = col0 + bn;
+      Bs[bk + 4 * j][bn] = (r < K && c < N) ? Traits<T>::ToFloat(w[(int64_t)r * N + c]) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) { a[i] = As[kk][ty * 4 + i]; b[i] = Bs[kk][tx * 4 + i]; }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (a[i] != 0.0f) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);  // masked / zero x: row of W not used
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = row0 + ty * 4 + i;
+    if (r >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = col0 + tx * 4 + j;
+      if (c < N) y[(int64_t)r * N + c] = Traits<T>::FromFloat(acc[i][j]);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace acttail
