@@ -45,7 +45,28 @@ def resolve_model(model: str | Path) -> str:
         raise ActTailError("no model given: pass --model PATH_OR_HUB_ID (or --model smollm2 for the bundled SmolLM2-135M)")
     ref = default_model_path() if str(model).lower() in MODEL_ALIASES else str(model)
     check_model_ref(ref)
+    if Path(ref).expanduser().is_dir():
+        check_weights(Path(ref).expanduser())
     return ref
+
+
+def check_weights(folder: Path) -> None:
+    """A local HF folder must hold readable weights (safetensors headers and sizes are checked)."""
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not files:
+        raise ActTailError(f"{folder} has no model weights (*.safetensors or *.bin): save the model with save_pretrained or pass a .gguf file")
+    from safetensors import safe_open
+
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+                if names:
+                    handle.get_slice(names[-1])
+        except Exception as exc:  # safetensors raises its own error type for a bad header / short file
+            raise ActTailError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0][:80]}); re-download or re-save the model") from None
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
@@ -56,12 +77,15 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
             raise ActTailError(f"output {output_dir} exists and is a file: choose a folder path")
         if any(output_dir.iterdir()) and not overwrite:
             raise ActTailError(f"output folder {output_dir} exists and is not empty: pass --overwrite or choose another folder")
-    parent = output_dir.parent
-    probe = parent
+    probe = output_dir.parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK) or (output_dir.exists() and not os.access(output_dir, os.W_OK)):
-        raise ActTailError(f"cannot write to {probe if not output_dir.exists() else output_dir}: choose a writable OUTPUT_DIR")
+    if not probe.is_dir():
+        raise ActTailError(f"{probe} is a file, so {output_dir} cannot be created: choose another OUTPUT_DIR")
+    try:  # a real write probe: root ignores permission bits, read-only mounts do not show in os.access
+        Path(tempfile.mkdtemp(prefix=".acttail-write-probe-", dir=probe)).rmdir()
+    except OSError as exc:
+        raise ActTailError(f"cannot write to {probe} ({exc.strerror}): choose a writable OUTPUT_DIR") from None
     return output_dir
 
 

@@ -1,0 +1,158 @@
+"""End-to-end exports of tiny Llama / Mistral models: folder contents, validation, generation vs PyTorch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from acttail_export.config import CONFIG_NAME, PROJECTION_KINDS, ActTailConfig
+from acttail_export.errors import ExportValidationError
+
+FAST = dict(calibration_samples=2, sequence_length=32, eval_tokens=128, progress=False)
+PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived"]
+
+
+def _export(model_dir, out, **kw):
+    from acttail_export.exporter import export
+
+    return export(str(model_dir), out, **{**FAST, **kw})
+
+
+@pytest.fixture(scope="module")
+def llama_topk(tiny_llama_dir, tmp_path_factory):
+    return _export(tiny_llama_dir, tmp_path_factory.mktemp("exp") / "llama-topk", sparsity=0.5, mode="topk")
+
+
+@pytest.fixture(scope="module")
+def mistral_threshold(tiny_mistral_dir, tmp_path_factory):
+    return _export(tiny_mistral_dir, tmp_path_factory.mktemp("exp") / "mistral-thr", sparsity=0.6, mode="threshold",
+                   allocation="uniform")
+
+
+def test_output_folder_contents(llama_topk, tiny_llama_dir):
+    names = {p.name for p in llama_topk.iterdir()}
+    assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            CONFIG_NAME, "README.md"} <= names
+    assert not any(n.startswith(".") for n in names)  # no leftover base export
+    assert not [p for p in llama_topk.parent.iterdir() if ".acttail-" in p.name]  # temp folder renamed away
+    config = ActTailConfig.load(llama_topk)
+    raw = json.loads((llama_topk / CONFIG_NAME).read_text())
+    assert raw["model"] == str(tiny_llama_dir) and raw["architecture"] == "LlamaForCausalLM"
+    assert config.mode == "topk" and config.kernel == "mask" and config.target_sparsity == 0.5
+    assert len(config.projections) == 2 * len(PROJECTION_KINDS)
+    assert math.isclose(config.weighted_sparsity(), 0.5, abs_tol=1e-6)
+    for p in config.projections:
+        assert p.alpha is not None and math.isfinite(p.alpha)
+        assert p.threshold is not None and p.k == math.ceil((1 - p.sparsity) * p.in_features - 1e-9)
+    # top-k keeps exactly k per token, so the effective sparsity follows from k
+    expect = sum((1 - p.k / p.in_features) * p.parameters for p in config.projections) / sum(p.parameters for p in config.projections)
+    assert config.effective_sparsity == pytest.approx(expect, abs=1e-9)
+    assert config.calibration.samples == 2 and config.calibration.sequence_length == 32
+    assert config.calibration.data.endswith("wiki.valid.raw")
+    assert {"torch", "transformers", "onnx", "onnxruntime", "optimum"} <= set(config.versions)
+    assert config.perplexity["perplexity"] > 1 and config.perplexity["tokens"] == 128
+    assert config.perplexity["validation"]["median_rel_error"] < 1e-3
+    graph = onnx.load(str(llama_topk / "model.onnx"), load_external_data=False)
+    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [o.name for o in graph.graph.output] == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+
+
+def test_model_card(llama_topk):
+    card = (llama_topk / "README.md").read_text()
+    config = ActTailConfig.load(llama_topk)
+    assert f"{config.perplexity['perplexity']:.3f}" in card
+    assert "load_model(" in card and "generate(" in card
+    for p in config.projections:
+        assert f"| {p.name} | {p.alpha:.3f} | {p.sparsity:.3f} |" in card
+
+
+def _reference_generate(model_dir, config, prompts, max_new_tokens=8):
+    from acttail_export.modeling import load_model
+    from acttail_export.sparsify import apply_sparsity
+
+    model, tokenizer = load_model(str(model_dir))
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    with apply_sparsity(model, config), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return inputs, out
+
+
+def _onnx_generate(export_dir, inputs, max_new_tokens=8):
+    from acttail_export.runtime import load_model
+
+    ort_model = load_model(export_dir)
+    return ort_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=ort_model.generation_config.pad_token_id or 2)
+
+
+@pytest.mark.parametrize("which", ["llama_topk", "mistral_threshold"])
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["single", "left-padded-batch"])
+def test_greedy_generation_matches_pytorch_sparse_reference(which, prompts, request, tiny_llama_dir, tiny_mistral_dir):
+    export_dir = request.getfixturevalue(which)
+    model_dir = tiny_llama_dir if which == "llama_topk" else tiny_mistral_dir
+    config = ActTailConfig.load(export_dir)
+    inputs, want = _reference_generate(model_dir, config, prompts)
+    if len(prompts) > 1:
+        assert (inputs["attention_mask"] == 0).any()  # really left-padded
+    got = _onnx_generate(export_dir, inputs)
+    assert got.shape == want.shape
+    assert torch.equal(got, want)
+
+
+def test_mistral_threshold_export(mistral_threshold):
+    config = ActTailConfig.load(mistral_threshold)
+    assert config.architecture == "MistralForCausalLM" and config.allocation == "uniform"
+    assert all(p.sparsity == pytest.approx(0.6) for p in config.projections)
+    # measured on validation text: near the target, not exactly it
+    assert 0.4 < config.effective_sparsity < 0.8
+    graph = onnx.load(str(mistral_threshold / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "Greater" and n.name.startswith("/acttail/") for n in graph.graph.node) == 14
+
+
+def test_fused_kernel_export_runs_with_the_op_library(tiny_llama_dir, tmp_path):
+    out = _export(tiny_llama_dir, tmp_path / "fused", sparsity=0.5, mode="topk", kernel="fused")
+    assert (out / "libacttail_ops.so").is_file()
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert sum(n.domain == "com.acttail" for n in graph.graph.node) == 14
+    config = ActTailConfig.load(out)
+    inputs, want = _reference_generate(tiny_llama_dir, config, PROMPTS[:1])
+    assert torch.equal(_onnx_generate(out, inputs), want)
+
+
+def test_overwrite_replaces_and_validation_failure_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous export")
+    _export(tiny_llama_dir, out, sparsity=0.3, overwrite=True, validate=False)
+    assert not (out / "old.txt").exists() and (out / "model.onnx").is_file()
+    assert ActTailConfig.load(out).perplexity == {}  # --no-validate: nothing measured
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # a graph that disagrees with the reference (every mask dropped) must be refused, OUTPUT_DIR untouched
+    import acttail_export.graph_rewrite as gr
+
+    monkeypatch.setattr(gr, "_mask_nodes", lambda b, p, x, elem, mode: ([], x))
+    with pytest.raises(ExportValidationError, match="disagrees with the PyTorch sparse reference"):
+        _export(tiny_llama_dir, out, sparsity=0.5, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if ".acttail-" in p.name]
+
+
+def test_compare_logits_is_robust_to_one_flip():
+    from acttail_export.exporter import compare_logits
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 50, 100)).astype(np.float32)
+    flipped = ref.copy()
+    flipped[0, 40:] += 0.05 * rng.standard_normal((10, 100))  # a boundary flip perturbs the positions after it
+    stats = compare_logits(ref, flipped)
+    assert stats["median_rel_error"] == 0 and stats["max_abs_diff"] > 0.05
+    broken = ref + 0.05 * rng.standard_normal(ref.shape)  # a wrong mask moves every position
+    assert compare_logits(ref, broken)["median_rel_error"] > 1e-2
