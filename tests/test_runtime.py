@@ -1,0 +1,119 @@
+"""Runtime loader: damaged export folders fail with one-line ActTailErrors; ORT perplexity equals PyTorch's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from acttail_export.config import CONFIG_NAME
+from acttail_export.errors import ActTailError
+from acttail_export.runtime import check_export_dir, load_model, load_session_options, perplexity_onnx
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llama_dir, tmp_path_factory):
+    from acttail_export.exporter import export
+
+    out = tmp_path_factory.mktemp("rt") / "llama"
+    return export(str(tiny_llama_dir), out, sparsity=0.5, mode="topk", kernel="fused",
+                  calibration_samples=2, sequence_length=32, validate=False, progress=False)
+
+
+@pytest.fixture
+def copy(exported, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(exported, dst)
+    return dst
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def test_clean_export_loads(exported):
+    config, fused = check_export_dir(exported)
+    assert fused and config.kernel == "fused" and len(config.projections) == 14
+    model = load_model(exported)
+    assert model.can_use_cache
+
+
+def test_truncated_model_onnx(copy):
+    data = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ActTailError, match="truncated, re-run the export") as exc:
+        load_model(copy)
+    _one_line(exc)
+
+
+def test_missing_external_data(copy):
+    graph = onnx.load(str(copy / "model.onnx"))
+    onnx.save_model(graph, str(copy / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=1024)
+    check_export_dir(copy)  # complete external-data export is fine
+    size = (copy / "model.onnx_data").stat().st_size
+    with open(copy / "model.onnx_data", "r+b") as handle:
+        handle.truncate(size // 2)
+    with pytest.raises(ActTailError, match="model.onnx_data is truncated"):
+        load_model(copy)
+    (copy / "model.onnx_data").unlink()
+    with pytest.raises(ActTailError, match="model.onnx_data is missing") as exc:
+        load_model(copy)
+    assert "re-run the export" in _one_line(exc)
+
+
+def test_config_that_disagrees_with_the_graph(copy):
+    raw = json.loads((copy / CONFIG_NAME).read_text())
+    raw["projections"] = raw["projections"][:-1]
+    (copy / CONFIG_NAME).write_text(json.dumps(raw))
+    with pytest.raises(ActTailError, match="13 projections but the ONNX graph has 14") as exc:
+        load_model(copy)
+    _one_line(exc)
+    raw = json.loads((copy / CONFIG_NAME).read_text())
+    (copy / CONFIG_NAME).unlink()
+    with pytest.raises(ActTailError, match="acttail_config.json not found"):
+        load_model(copy)
+
+
+def test_kernel_mismatch(copy):
+    raw = json.loads((copy / CONFIG_NAME).read_text())
+    raw["kernel"] = "mask"
+    (copy / CONFIG_NAME).write_text(json.dumps(raw))
+    with pytest.raises(ActTailError, match="different exports"):
+        load_session_options(copy)
+
+
+def test_op_library_missing(copy, monkeypatch, tmp_path):
+    import acttail_export.ops as ops
+
+    (copy / "libacttail_ops.so").unlink()
+    monkeypatch.setattr(ops, "_PACKAGE_LIB", tmp_path / "nowhere" / "libacttail_ops.so")
+    monkeypatch.delenv("ACTTAIL_OPS_LIBRARY", raising=False)
+    with pytest.raises(ActTailError, match="make ops") as exc:
+        load_model(copy)
+    _one_line(exc)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ActTailError, match="does not exist: run `acttail-export export"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ActTailError, match="model.onnx not found"):
+        load_model(tmp_path / "empty")
+
+
+def test_perplexity_onnx_matches_pytorch_evaluation(exported, tiny_llama_dir, wikitext_test):
+    from acttail_export.config import ActTailConfig
+    from acttail_export.evaluation import perplexity
+    from acttail_export.modeling import load_model as load_torch
+
+    config = ActTailConfig.load(exported)
+    model, tokenizer = load_torch(str(tiny_llama_dir))
+    want = perplexity(model, tokenizer, wikitext_test, sequence_length=64, max_tokens=256, config=config, progress=False)
+    got = perplexity_onnx(exported, wikitext_test, sequence_length=64, max_tokens=256, progress=False)
+    assert got["tokens"] == want["tokens"] == 256 and got["windows"] == 4
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
