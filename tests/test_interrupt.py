@@ -1,0 +1,74 @@
+"""Ctrl-C and kill -9 in the middle of an export leave OUTPUT_DIR as it was; stale temp folders go away."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--calibration-samples", "2", "--sequence-length", "32"]
+
+
+def _temps(out: Path) -> list[Path]:
+    return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.acttail-")]
+
+
+def _start(model_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "acttail_export.cli", "export", "--model", str(model_dir), *FAST, *extra, str(out)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_mid_way(proc: subprocess.Popen, out: Path, timeout: float = 240) -> Path:
+    """Wait until the export is writing its temp folder (the base ONNX export has started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"export ended before it could be interrupted: {proc.stderr.read()}"
+        for tmp in _temps(out):
+            if (tmp / ".base").exists() or (tmp / "model.onnx").exists():
+                return tmp
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("export never reached the ONNX step")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-output", "existing-output"])
+def test_ctrl_c_leaves_nothing(tiny_llama_dir, tmp_path, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "previous.txt").write_text("earlier export")
+    proc = _start(tiny_llama_dir, out, "--overwrite")
+    _wait_mid_way(proc, out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "acttail-export: interrupted"
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["previous.txt"]
+    else:
+        assert not out.exists()
+    assert _temps(out) == []
+
+
+def test_kill_9_then_next_run_cleans_up(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _start(tiny_llama_dir, out)
+    stale = _wait_mid_way(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not out.exists()
+    assert stale.exists()  # a killed process cannot clean up; its PID is now gone
+    # a temp folder of a *running* export (this test's PID) must survive the cleanup
+    alive = out.parent / f".{out.name}.acttail-tmp-{os.getpid()}-keepme"
+    alive.mkdir()
+    rerun = subprocess.run([sys.executable, "-m", "acttail_export.cli", "export", "--model", str(tiny_llama_dir), *FAST,
+                            "--no-validate", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "model.onnx").is_file()
+    assert _temps(out) == [alive]
