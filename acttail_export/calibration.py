@@ -127,10 +127,13 @@ class _Histogram:
         self.counts: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        bits = x.detach().abs().float().contiguous().view(torch.int32)
-        key = (bits >> self.shift).sub_(self.base).clamp_(0, self.nbins - 1)
-        counts = torch.bincount(key.flatten(), minlength=self.nbins)
-        self.counts = counts if self.counts is None else self.counts + counts
+        key = x.detach().float().abs().view(torch.int32)  # fresh tensor: the shifts below are in place
+        key.bitwise_right_shift_(self.shift).sub_(self.base).clamp_(0, self.nbins - 1)
+        if self.counts is None:
+            self.counts = torch.zeros(self.nbins, dtype=torch.int64, device=key.device)
+            self._one = torch.ones(1, dtype=torch.int64, device=key.device)
+        key = key.flatten()
+        self.counts.index_add_(0, key, self._one.expand(key.numel()))
 
     def quantiles(self, qs: list[float]) -> list[QuantileEstimate]:
         if self.counts is None:
