@@ -141,10 +141,11 @@ def run(args: argparse.Namespace) -> None:
         if "threshold" in modes and any(s > 0 for s in sparsities):
             read_text(calibration_data)
         epsilon = None if args.epsilon is None else _float(args.epsilon, "--epsilon")
-        records = _evaluate_base(
-            model_ref, args.dtype, args.device, data, sequence_length, max_tokens, batch_size, progress,
-            sparsities, allocations, modes, epsilon, args.mapping,
-            calibration_data, calibration_samples, calibration_length, args.sequential_calibration,
+        records = evaluate_base(
+            model_ref, data, sparsities, allocations, modes, sequence_length=sequence_length, max_tokens=max_tokens,
+            dtype=args.dtype, device=args.device, batch_size=batch_size, progress=progress, epsilon=epsilon,
+            mapping=args.mapping, calibration_data=calibration_data, calibration_samples=calibration_samples,
+            calibration_sequence_length=calibration_length, sequential=args.sequential_calibration,
         )
     _print_table(records)
     if json_path is not None:
@@ -188,9 +189,27 @@ def _evaluate_export(args, export_dir: Path, data: Path, sequence_length: int, m
     return [_record(allocation, config.target_sparsity, mode, args.backend, result)]
 
 
-def _evaluate_base(model_ref, dtype, device, data, sequence_length, max_tokens, batch_size, progress,
-                   sparsities, allocations, modes, epsilon, mapping,
-                   calibration_data, calibration_samples, calibration_length, sequential) -> list[dict[str, Any]]:
+def evaluate_base(
+    model_ref: str | None,
+    data: str | Path,
+    sparsities: list[float],
+    allocations: list[str],
+    modes: list[str],
+    *,
+    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    batch_size: int | None = None,
+    progress: bool = True,
+    epsilon: float | None = None,
+    mapping: str | None = None,
+    calibration_data: str | Path | None = None,
+    calibration_samples: int = 64,
+    calibration_sequence_length: int = 512,
+    sequential: bool = False,
+) -> list[dict[str, Any]]:
+    """Records (see ``--json``) for dense (if 0 in ``sparsities``) and every (allocation, mode, sparsity > 0)."""
     from ..allocation import build_config
     from ..calibration import calibrate_many
     from ..data import load_windows
@@ -214,7 +233,7 @@ def _evaluate_base(model_ref, dtype, device, data, sequence_length, max_tokens, 
     ]
     thresholded = [c for _, _, mode, c in configs if mode == "threshold"]
     if thresholded:
-        calibrate_many(model, tokenizer, thresholded, calibration_data, calibration_samples, calibration_length,
+        calibrate_many(model, tokenizer, thresholded, calibration_data, calibration_samples, calibration_sequence_length,
                        progress, sequential=sequential)
     for allocation, s, mode, config in configs:
         config.model = str(model_ref)
