@@ -1,0 +1,136 @@
+"""HT-SR spectral analysis: power-law fit of the eigenvalues of WᵀW for every projection.
+
+The eigenvalues of WᵀW are the squared singular values of W. Their upper tail is fitted with a
+continuous power law p(λ) ∝ λ^-α (Clauset, Shalizi & Newman 2009, as in the ``powerlaw`` package,
+WeightWatcher and AlphaPruning): for every candidate x_min (each distinct eigenvalue but the
+largest) the maximum-likelihood exponent is
+
+    α(x_min) = 1 + n / Σ_{λ_i >= x_min} ln(λ_i / x_min),
+
+and the chosen x_min minimises the Kolmogorov–Smirnov distance between the empirical tail CDF
+(j / n at the j-th smallest tail eigenvalue) and the fitted CDF 1 − (λ / x_min)^(1−α).
+All candidates are evaluated at once with array operations (in chunks to bound memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import ActTailError
+
+logger = logging.getLogger(__name__)
+
+#: Eigenvalues below this fraction of the largest one are treated as numerical zeros.
+ZERO_EIGENVALUE_RTOL = 1e-10
+#: Elements of the (candidates × tail) KS matrix evaluated per chunk.
+_KS_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class PowerLawFit:
+    """Power-law fit of one eigenvalue spectrum.
+
+    ``alpha``: tail exponent; ``x_min``: start of the fitted tail; ``ks_distance``: KS distance of
+    the fit; ``n_tail``: eigenvalues in the tail; ``lambda_max``: largest eigenvalue;
+    ``alpha_hat``: WeightWatcher's weighted alpha, α·log10(λ_max).
+    """
+
+    alpha: float
+    x_min: float
+    ks_distance: float
+    n_tail: int
+    lambda_max: float
+    alpha_hat: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def eigenvalues(weight, device=None, dtype=None) -> np.ndarray:
+    """Ascending eigenvalues of WᵀW (squared singular values of ``weight``) as float64 numpy.
+
+    Computed with ``torch.linalg.svdvals`` on ``device`` (default: the weight's device, or CUDA
+    when available), in float64 on CPU and float32 on GPU unless ``dtype`` is given.
+    """
+    import torch
+
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or 0 in weight.shape:
+        raise ActTailError(f"eigenvalues need a non-empty 2-D weight tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    if device is None:
+        device = weight.device if weight.device.type != "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+    with torch.no_grad():
+        singular = torch.linalg.svdvals(weight.detach().to(device=device, dtype=dtype))
+    eigs = singular.double().cpu().numpy() ** 2
+    return np.sort(eigs)
+
+
+def fit_power_law(eigs: np.ndarray) -> PowerLawFit:
+    """Continuous power-law MLE with x_min chosen by minimum KS distance (vectorised)."""
+    x = np.sort(np.asarray(eigs, dtype=np.float64).ravel())
+    if x.size == 0 or not np.all(np.isfinite(x)):
+        raise ActTailError("fit_power_law needs a non-empty array of finite eigenvalues")
+    if x[0] < 0 and x[0] < -ZERO_EIGENVALUE_RTOL * max(x[-1], 0.0):
+        raise ActTailError(f"fit_power_law got a negative eigenvalue {x[0]:.3g}; eigenvalues of WᵀW are >= 0")
+    x = x[x > ZERO_EIGENVALUE_RTOL * x[-1]]
+    n = x.size
+    # candidate x_min: first occurrence of each distinct value, the largest value excluded
+    _, first = np.unique(x, return_index=True)
+    candidates = first[:-1]
+    if candidates.size < 1:
+        raise ActTailError(f"fit_power_law needs at least 2 distinct positive eigenvalues, got {np.unique(x).size}")
+
+    log_x = np.log(x)
+    suffix_log = np.cumsum(log_x[::-1])[::-1]  # Σ_{j>=i} ln x_j
+    n_tail = n - candidates
+    log_sum = suffix_log[candidates] - n_tail * log_x[candidates]  # Σ ln(x_j / x_i)
+    with np.errstate(divide="ignore"):
+        alphas = 1.0 + n_tail / log_sum
+
+    ks = np.empty(candidates.size)
+    chunk = max(1, _KS_CHUNK_ELEMENTS // n)
+    offsets = np.arange(n)
+    for start in range(0, candidates.size, chunk):
+        idx = candidates[start:start + chunk]  # (c,)
+        a = alphas[start:start + chunk, None]
+        j = offsets[None, :] - idx[:, None]  # position inside each tail, negative = outside
+        inside = j >= 0
+        log_ratio = np.where(inside, log_x[None, :] - log_x[idx][:, None], 0.0)
+        fitted = -np.expm1((1.0 - a) * log_ratio)  # 1 - (x / x_min)^(1 - α)
+        empirical = j / n_tail[start:start + chunk, None]
+        ks[start:start + chunk] = np.max(np.where(inside, np.abs(fitted - empirical), -np.inf), axis=1)
+
+    valid = np.isfinite(alphas) & np.isfinite(ks)
+    if not valid.any():
+        raise ActTailError("fit_power_law found no finite power-law fit (degenerate spectrum)")
+    best = int(np.argmin(np.where(valid, ks, np.inf)))
+    alpha = float(alphas[best])
+    lambda_max = float(x[-1])
+    return PowerLawFit(
+        alpha=alpha,
+        x_min=float(x[candidates[best]]),
+        ks_distance=float(ks[best]),
+        n_tail=int(n_tail[best]),
+        lambda_max=lambda_max,
+        alpha_hat=alpha * math.log10(lambda_max),
+    )
+
+
+def analyze_model(model, device=None, progress: bool = True) -> dict[str, PowerLawFit]:
+    """Power-law fit of every projection of a LLaMA / Mistral model, keyed by module name."""
+    from tqdm.auto import tqdm
+
+    from .modeling import iter_projections
+
+    projections = iter_projections(model)
+    fits: dict[str, PowerLawFit] = {}
+    for name, _, _, module in tqdm(projections, desc="HT-SR spectra", unit="matrix", disable=not progress):
+        fits[name] = fit_power_law(eigenvalues(module.weight, device=device))
+    logger.debug("fitted %d spectra", len(fits))
+    return fits
