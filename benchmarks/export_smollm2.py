@@ -1,0 +1,84 @@
+"""Benchmark the full SmolLM2-135M export and check ONNX Runtime perplexity against PyTorch.
+
+    .venv/bin/python benchmarks/export_smollm2.py [--work DIR] [--eval-tokens N] [--json FILE]
+
+Part 1: ``acttail-export export --model smollm2 --sparsity 0.8`` (defaults otherwise) in a child
+process: wall time and peak RSS (target: <= 5 min on CPU).
+Part 2: export at 50 % (top-k, mask kernel), then perplexity on WikiText-2 test through ONNX Runtime
+(CPU) and through the PyTorch sparse reference on the same windows (must agree within 1 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def timed_export(out: Path, *flags: str) -> dict:
+    """Run the CLI export in a child process; wall time and the child's peak RSS."""
+    cmd = [sys.executable, "-m", "acttail_export.cli", "export", "--model", "smollm2", "--overwrite", *flags, str(out)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"command": "acttail-export export --model smollm2 " + " ".join(flags) + f" {out.name}",
+            "wall_s": round(wall, 1), "peak_rss_mib": round(max(peak, before) / 1024, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/acttail-bench"), help="folder for the exports")
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="WikiText-2 test tokens for the perplexity check")
+    parser.add_argument("--sequence-length", type=int, default=1024)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    from acttail_export.config import ActTailConfig
+    from acttail_export.data import DEFAULT_EVAL_DATA
+    from acttail_export.evaluation import perplexity
+    from acttail_export.modeling import default_model_path, load_model
+    from acttail_export.runtime import perplexity_onnx
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    results["export_80"] = timed_export(args.work / "smollm2-acttail-80", "--sparsity", "0.8")
+    print(json.dumps(results["export_80"]), flush=True)
+
+    out50 = args.work / "smollm2-acttail-50"
+    results["export_50"] = timed_export(out50, "--sparsity", "0.5", "--mode", "topk", "--kernel", "mask")
+    config = ActTailConfig.load(out50)
+    start = time.perf_counter()
+    ort_ppl = perplexity_onnx(out50, DEFAULT_EVAL_DATA, sequence_length=args.sequence_length, max_tokens=args.eval_tokens)
+    ort_s = time.perf_counter() - start
+    model, tokenizer = load_model(default_model_path())
+    start = time.perf_counter()
+    pt_ppl = perplexity(model, tokenizer, DEFAULT_EVAL_DATA, sequence_length=args.sequence_length,
+                        max_tokens=args.eval_tokens, config=config)
+    pt_s = time.perf_counter() - start
+    rel = abs(ort_ppl["perplexity"] - pt_ppl["perplexity"]) / pt_ppl["perplexity"]
+    results["perplexity_50_topk_mask"] = {
+        "tokens": ort_ppl["tokens"], "sequence_length": args.sequence_length,
+        "onnxruntime_cpu": round(ort_ppl["perplexity"], 4), "pytorch_reference": round(pt_ppl["perplexity"], 4),
+        "relative_difference": rel, "within_1_percent": rel <= 0.01,
+        "onnxruntime_s": round(ort_s, 1), "pytorch_s": round(pt_s, 1),
+        "export_time_perplexity": config.perplexity.get("perplexity"),
+        "validation": config.perplexity.get("validation"),
+    }
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if rel > 0.01:
+        sys.exit("ONNX Runtime perplexity differs from the PyTorch reference by more than 1%")
+
+
+if __name__ == "__main__":
+    main()
