@@ -3,7 +3,8 @@
 //  * TopKSelectKernel: one block per row; exact radix select (8-bit digits) of the k-th largest
 //    magnitude key, then the index cut for ties (lowest channel index first). Writes (kth, tie) per row.
 //  * SparseGemvKernel (decode, M <= 8 rows): each block owns TN output columns. Per K chunk it scans X
-//    (from L2), compacts the kept channels of all rows (union) into shared memory with warp ballots,
+//    (from L2) and compacts the kept channels of all rows (union) into shared memory in channel order
+//    (block-wide scan, so concurrently running blocks stream the same rows of W at the same time),
 //    then streams only those rows of W with 16-byte loads, U loads in flight per thread, and fp32
 //    accumulators; partial sums are reduced across warps in shared memory. No global atomics.
 //  * MaskedGemmKernel (prefill, M > 8): tiled fp32-accumulating GEMM that applies the mask while
@@ -74,22 +75,6 @@ __device__ __forceinline__ Rule LoadRule(int m, int M, bool topk, const float* t
     }
   }
   return r;
-}
-
-/// Load 16 bytes (V elements) as float; p must be 16-byte aligned. W is streamed (evict-first).
-__device__ __forceinline__ void LoadW(const float* p, float (&out)[4]) {
-  const float4 v = __ldcs(reinterpret_cast<const float4*>(p));
-  out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
-}
-__device__ __forceinline__ void LoadW(const __half* p, float (&out)[8]) {
-  const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
-  const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -185,32 +170,50 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __re
 // ------------------------------------------------------------------------------------------------
 constexpr int kGemvThreads = 512;
 constexpr int kGemvWarps = kGemvThreads / 32;
-constexpr int kLanesPerRow = 4;  // lanes sharing one W row segment of 64 bytes
+#ifndef ACTTAIL_GEMV_UNROLL
+#define ACTTAIL_GEMV_UNROLL 8
+#endif
 
-template <typename T, int MR>
-__global__ void __launch_bounds__(kGemvThreads) SparseGemvKernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                                                                 int M, int K, int N, const float* __restrict__ thr,
-                                                                 const uint2* __restrict__ sel, bool topk, bool x_aligned,
-                                                                 bool w_aligned) {
+/// 16 raw bytes -> V floats.
+__device__ __forceinline__ void Unpack(const uint4& v, float (&out)[4], float) {
+  out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y); out[2] = __uint_as_float(v.z); out[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void Unpack(const uint4& v, float (&out)[8], __half) {
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+/// Block b owns output columns [b*TN, (b+1)*TN), TN = LPR lanes x 16 bytes; LPR lanes share one
+/// W row segment (LPR = 4: 64 bytes, 8: 128 bytes; the launcher picks by N).
+template <typename T, int MR, int LPR>
+__global__ void __launch_bounds__(kGemvThreads, MR == 1 ? 2 : 1) SparseGemvKernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                                                                    int M, int K, int N, const float* __restrict__ thr,
+                                                                    const uint2* __restrict__ sel, bool topk, bool x_aligned,
+                                                                    bool w_aligned) {
   constexpr int V = Traits<T>::kVec;
-  constexpr int TN = kLanesPerRow * V;                   // output columns per block
-  constexpr int G = kGemvThreads / kLanesPerRow;         // W rows read per step by the block
+  constexpr int TN = LPR * V;                            // output columns per block
+  constexpr int G = kGemvThreads / LPR;                  // W rows read per step by the block
   constexpr int CH = 4096 / MR;                          // K channels compacted per chunk
   constexpr int XIT = (CH + kGemvThreads * V - 1) / (kGemvThreads * V);
-  constexpr int kUnroll = MR <= 2 ? 4 : (MR == 4 ? 2 : 1);  // independent 16-byte W loads in flight per thread
+  constexpr int U = MR == 1 ? ACTTAIL_GEMV_UNROLL : (MR == 2 ? 4 : (MR == 4 ? 2 : 1));  // 16-byte W loads in flight per thread
   __shared__ int s_idx[CH];
   __shared__ float s_val[MR][CH];
   __shared__ float s_out[MR][TN];
-  __shared__ int s_count;
+  __shared__ int s_warp[kGemvWarps];
+  __shared__ int s_total;
 
-  const int tid = threadIdx.x, lane = tid & 31;
-  const int grp = tid / kLanesPerRow, sub = tid % kLanesPerRow;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int grp = tid / LPR, sub = tid % LPR;
   const int col0 = blockIdx.x * TN + sub * V;
+  for (int i = tid; i < MR * TN; i += kGemvThreads) (&s_out[0][0])[i] = 0.0f;
   Rule rule[MR];
 #pragma unroll
   for (int m = 0; m < MR; ++m) rule[m] = LoadRule(m, M, topk, thr, sel);
-  for (int i = tid; i < MR * TN; i += kGemvThreads) (&s_out[0][0])[i] = 0.0f;
-  __syncthreads();
   float acc[MR][V];
 #pragma unroll
   for (int m = 0; m < MR; ++m)
@@ -219,9 +222,9 @@ __global__ void __launch_bounds__(kGemvThreads) SparseGemvKernel(const T* __rest
 
   for (int c0 = 0; c0 < K; c0 += CH) {
     const int len = min(CH, K - c0);
-    if (tid == 0) s_count = 0;
-    __syncthreads();
-    // ---- compaction of the kept channels of this chunk (union over rows) ----
+    // ---- ordered compaction of the kept channels of this chunk (union over rows). The order is
+    // the channel order in every block, so concurrent blocks stream the same rows of W together.
+    int n = 0;
 #pragma unroll
     for (int it = 0; it < XIT; ++it) {
       const int base = (it * kGemvThreads + tid) * V;  // chunk-relative first element of this thread
@@ -249,13 +252,25 @@ __global__ void __launch_bounds__(kGemvThreads) SparseGemvKernel(const T* __rest
       int incl = cnt;
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += n;
+        const int v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += v;
       }
-      int wbase = 0;
-      if (lane == 31) wbase = atomicAdd(&s_count, incl);
-      wbase = __shfl_sync(0xffffffffu, wbase, 31);
-      int pos = wbase + incl - cnt;
+      if (lane == 31) s_warp[warp] = incl;
+      __syncthreads();
+      if (warp == 0) {
+        const int v = lane < kGemvWarps ? s_warp[lane] : 0;
+        int wincl = v;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const int u = __shfl_up_sync(0xffffffffu, wincl, off);
+          if (lane >= off) wincl += u;
+        }
+        if (lane < kGemvWarps) s_warp[lane] = wincl - v;
+        if (lane == kGemvWarps - 1) s_total = wincl;
+      }
+      __syncthreads();
+      int pos = n + s_warp[warp] + incl - cnt;
+      n += s_total;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         if (bits & (1u << e)) {
@@ -267,40 +282,43 @@ __global__ void __launch_bounds__(kGemvThreads) SparseGemvKernel(const T* __rest
       }
     }
     __syncthreads();
-    const int n = s_count;
-    // ---- stream the kept rows of W ----
-    for (int i0 = grp; i0 < n; i0 += G * kUnroll) {
-      float wv[kUnroll][V];
+    // ---- stream the kept rows of W: U independent 16-byte loads per thread, then the FMAs ----
+    for (int i0 = grp; i0 < n; i0 += G * U) {
+      uint4 raw[U];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int i = i0 + u * G;
         if (i < n) {
           const T* src = w + (int64_t)s_idx[i] * N + col0;
           if (w_aligned && col0 + V <= N) {
-            LoadW(src, wv[u]);
+            raw[u] = __ldcs(reinterpret_cast<const uint4*>(src));
           } else {
+            T* r = reinterpret_cast<T*>(&raw[u]);
 #pragma unroll
-            for (int e = 0; e < V; ++e) wv[u][e] = col0 + e < N ? Traits<T>::ToFloat(src[e]) : 0.0f;
+            for (int e = 0; e < V; ++e) r[e] = col0 + e < N ? src[e] : Traits<T>::FromFloat(0.0f);
           }
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int i = i0 + u * G;
         if (i < n) {
+          float wv[V];
+          Unpack(raw[u], wv, T());
 #pragma unroll
           for (int m = 0; m < MR; ++m) {
             const float xv = s_val[m][i];
             if (xv != 0.0f) {  // rows kept only for another row of X are skipped, not multiplied
 #pragma unroll
-              for (int e = 0; e < V; ++e) acc[m][e] = fmaf(xv, wv[u][e], acc[m][e]);
+              for (int e = 0; e < V; ++e) acc[m][e] = fmaf(xv, wv[e], acc[m][e]);
             }
           }
         }
       }
     }
-    __syncthreads();  // s_idx / s_val are rewritten by the next chunk
+    __syncthreads();  // s_idx / s_val / s_warp are rewritten by the next chunk
   }
+  __syncthreads();  // s_out zeroed (K == 0 runs no chunk)
   // ---- reduce over the row groups: lanes with the same `sub` in a warp, then across warps ----
 #pragma unroll
   for (int m = 0; m < MR; ++m)
@@ -308,10 +326,10 @@ __global__ void __launch_bounds__(kGemvThreads) SparseGemvKernel(const T* __rest
     for (int e = 0; e < V; ++e) {
       float v = acc[m][e];
 #pragma unroll
-      for (int off = kLanesPerRow; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      for (int off = LPR; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
       acc[m][e] = v;
     }
-  if (lane < kLanesPerRow) {
+  if (lane < LPR) {
 #pragma unroll
     for (int m = 0; m < MR; ++m)
 #pragma unroll

@@ -1,0 +1,298 @@
+"""Kernel benchmark of com.acttail::SparseMatMul on CUDA: y = mask(x) @ W, fp16, one row.
+
+LLaMA-2-7B projection shapes (4096->4096, 4096->11008, 11008->4096) at 0/50/80/90% sparsity, against
+dense cuBLAS (torch.matmul) and dense ONNX Runtime MatMul on the same inputs, in the same process.
+
+Two timings per method, both with L2 flushed between weights (the calls rotate over several copies
+of W whose total size is well above the 60 MB L2):
+  * graph_us: per-call time of a CUDA graph holding many calls, replayed (CUDA events) - includes
+    the gaps between dependent kernels in a graph;
+  * kernel_us: per-call sum of GPU kernel durations recorded by CUPTI (torch.profiler).
+The "harness" rows call the kernels directly from the standalone entry points (csrc/sparse_matmul_bench.cu,
+same sparse_matmul_impl.cu) so they can be captured in CUDA graphs; the "ort" rows run the op
+through ONNX Runtime's CUDA execution provider with IO binding (kernel_us from CUPTI, wall_us per run).
+
+Run on a CUDA machine (see docs/kernels.md for the exact command):
+    python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --out docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("kernel_bench")
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+SPARSITIES = (0.0, 0.5, 0.8, 0.9)
+L2_BYTES = 60 * 2**20
+
+
+def _cuda_kernel_us(fn, calls: int) -> float:
+    """Sum of CUDA kernel durations per call (CUPTI), over one run of fn() doing `calls` calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in ev.name.lower():
+            total += ev.time_range.elapsed_us()
+    return total / calls
+
+
+def _graph(calls, warmup: int = 2):
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
+def time_graph(calls, reps: int = 20) -> tuple[float, float]:
+    """(graph_us, kernel_us) per call for a list of launch callables captured in one CUDA graph."""
+    import torch
+
+    g = _graph(calls)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    trials = []
+    for _ in range(5):
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        end.synchronize()
+        trials.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    kernel = _cuda_kernel_us(lambda: [g.replay() for _ in range(3)], 3 * len(calls))
+    return statistics.median(trials), kernel
+
+
+class Harness:
+    """ctypes wrapper of libacttail_bench.so."""
+
+    def __init__(self, path: str):
+        self.lib = ctypes.CDLL(path)
+        self.err = ctypes.create_string_buffer(512)
+        f = self.lib.acttail_bench_sparse_matmul
+        f.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_longlong] * 3 + [ctypes.c_int, ctypes.c_longlong, ctypes.c_char_p, ctypes.c_int]
+        f.restype = ctypes.c_int
+        s = self.lib.acttail_bench_topk_select
+        s.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 3 + [ctypes.c_char_p, ctypes.c_int]
+        s.restype = ctypes.c_int
+
+    def matmul(self, x, w, y, thr, ws, topk: bool, k: int) -> None:
+        import torch
+
+        stream = torch.cuda.current_stream().cuda_stream
+        rc = self.lib.acttail_bench_sparse_matmul(1, x.data_ptr(), w.data_ptr(), y.data_ptr(), thr.data_ptr() if thr is not None else None,
+                                                  ws.data_ptr(), stream, x.shape[0], x.shape[1], w.shape[1], int(topk), k, self.err, 512)
+        if rc:
+            raise RuntimeError(self.err.value.decode())
+
+    def select(self, x, ws, k: int) -> None:
+        import torch
+
+        rc = self.lib.acttail_bench_topk_select(1, x.data_ptr(), ws.data_ptr(), torch.cuda.current_stream().cuda_stream, x.shape[0], x.shape[1], k,
+                                                self.err, 512)
+        if rc:
+            raise RuntimeError(self.err.value.decode())
+
+
+def reference(x, w, mode: str, thr: float | None, k: int):
+    import torch
+
+    xf = x.float()
+    if mode == "threshold":
+        keep = (xf.abs() > thr) & (xf != 0)
+    else:
+        keep = torch.zeros_like(xf, dtype=torch.bool)
+        if k:
+            keep.scatter_(1, xf.abs().topk(k, dim=1).indices, True)
+    return (torch.where(keep, xf, 0.0) @ w.float())
+
+
+def ort_sessions(K: int, N: int, library: str, ks: list[int]):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def model(node, extra_inputs=()):
+        inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT16, [1, K]), helper.make_tensor_value_info("W", TensorProto.FLOAT16, [K, N])]
+        inputs += list(extra_inputs)
+        g = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [1, N])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acttail", 1)])
+        m.ir_version = 8
+        return m.SerializeToString()
+
+    def session(blob):
+        opts = ort.SessionOptions()
+        opts.register_custom_ops_library(library)
+        opts.log_severity_level = 3
+        return ort.InferenceSession(blob, opts, providers=["CUDAExecutionProvider"])
+
+    sess = {"dense": session(model(helper.make_node("MatMul", ["X", "W"], ["Y"])))}
+    sess["threshold"] = session(model(helper.make_node("SparseMatMul", ["X", "W", "t"], ["Y"], domain="com.acttail", mode="threshold"),
+                                      [helper.make_tensor_value_info("t", TensorProto.FLOAT, [])]))
+    for k in ks:
+        sess[("topk", k)] = session(model(helper.make_node("SparseMatMul", ["X", "W"], ["Y"], domain="com.acttail", mode="topk", k=k)))
+    return sess
+
+
+def ort_time(sess, feeds_per_copy, y, runs: int = 60) -> tuple[float, float]:
+    """(wall_us per run with IO binding, kernel_us per run from CUPTI), rotating over W copies."""
+    import torch
+
+    bindings = []
+    for feeds in feeds_per_copy:
+        b = sess.io_binding()
+        for name, t in feeds.items():
+            b.bind_input(name, "cuda", 0, np.float16 if t.dtype == torch.float16 else np.float32, list(t.shape), t.data_ptr())
+        b.bind_output("Y", "cuda", 0, np.float16, list(y.shape), y.data_ptr())
+        bindings.append(b)
+
+    def loop(n):
+        for i in range(n):
+            sess.run_with_iobinding(bindings[i % len(bindings)])
+
+    loop(10)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loop(runs)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e6 / runs
+    kernel = _cuda_kernel_us(lambda: loop(runs), runs)
+    sess.run_with_iobinding(bindings[0])  # leave copy 0's result in y for the caller's check
+    torch.cuda.synchronize()
+    return wall, kernel
+
+
+def copy_bandwidth() -> float:
+    import torch
+
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * a.numel() * 10 / (start.elapsed_time(end) * 1e-3) / 1e12
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--harness", required=True, help="libacttail_bench.so built from csrc/sparse_matmul_bench.cu")
+    ap.add_argument("--library", default=None, help="libacttail_ops.so for the ORT rows (default: acttail_export.ops)")
+    ap.add_argument("--out", default="docs/results", help="folder for kernel_bench.json")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("kernel_bench: needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    h = Harness(args.harness)
+    lib = args.library
+    if lib is None and not args.no_ort:
+        from acttail_export.ops import get_library_path
+
+        lib = get_library_path()
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+           "l2_bytes_assumed": L2_BYTES, "copy_tb_s": round(copy_bandwidth(), 3)}
+    try:
+        import onnxruntime as ort
+
+        env["onnxruntime"] = ort.__version__
+    except ImportError:
+        pass
+    env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    logger.info("env %s", env)
+    rows = []
+    for K, N in SHAPES:
+        wbytes = K * N * 2
+        copies = max(3, math.ceil(3 * L2_BYTES / wbytes))
+        W = [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
+        X = [torch.randn(1, K, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        Y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+        ws = torch.zeros(64, device="cuda", dtype=torch.int64)
+        calls = [lambda c=c: torch.matmul(X[c], W[c], out=Y) for c in range(copies)] * max(1, 48 // copies)
+        dense_graph, dense_kernel = time_graph(calls, args.reps)
+        base = {"K": K, "N": N, "copies": copies, "w_bytes": wbytes}
+        rows.append(base | {"method": "cublas_dense", "sparsity": 0.0, "graph_us": dense_graph, "kernel_us": dense_kernel})
+        logger.info("%dx%d cuBLAS dense: graph %.2f us, kernels %.2f us", K, N, dense_graph, dense_kernel)
+        sess = ort_sessions(K, N, lib, [K - int(s * K) for s in SPARSITIES]) if not args.no_ort else None
+        if sess is not None:
+            wall, kern = ort_time(sess["dense"], [{"X": X[c], "W": W[c]} for c in range(copies)], Y)
+            rows.append(base | {"method": "ort_dense_matmul", "sparsity": 0.0, "wall_us": wall, "kernel_us": kern})
+            logger.info("%dx%d ORT dense MatMul: wall %.2f us, kernels %.2f us", K, N, wall, kern)
+        for s in SPARSITIES:
+            k = K - int(s * K)  # channels kept
+            thr = [torch.quantile(x.float().abs(), s).reshape(()) if s > 0 else torch.zeros((), device="cuda") for x in X]
+            for mode in ("threshold", "topk"):
+                # correctness of this configuration first
+                h.matmul(X[0], W[0], Y, thr[0], ws, mode == "topk", k)
+                ref = reference(X[0], W[0], mode, float(thr[0]), k)
+                err = float((Y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+                kept = float((((X[0].float().abs() > thr[0]) & (X[0] != 0)).sum()) if mode == "threshold" else k) / K
+                calls = [lambda c=c: h.matmul(X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * max(1, 48 // copies)
+                g_us, k_us = time_graph(calls, args.reps)
+                row = base | {"method": f"harness_{mode}", "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
+                              "max_rel_err": err, "speedup_graph": dense_graph / g_us, "speedup_kernel": dense_kernel / k_us,
+                              "ideal": 1 / (1 - s), "effective_tb_s": wbytes / (k_us * 1e-6) / 1e12,
+                              "actual_tb_s": kept * wbytes / (k_us * 1e-6) / 1e12}
+                if mode == "topk":
+                    sel_calls = [lambda c=c: h.select(X[c], ws, k) for c in range(copies)] * max(1, 48 // copies)
+                    row["select_graph_us"], row["select_kernel_us"] = time_graph(sel_calls, args.reps)
+                rows.append(row)
+                logger.info("%dx%d %s s=%.1f: graph %.2f us (%.2fx), kernels %.2f us (%.2fx, ideal %.1fx), %.2f TB/s actual, err %.1e",
+                            K, N, mode, s, g_us, row["speedup_graph"], k_us, row["speedup_kernel"], row["ideal"], row["actual_tb_s"], err)
+                if sess is not None:
+                    key = "threshold" if mode == "threshold" else ("topk", k)
+                    feeds = [{"X": X[c], "W": W[c]} | ({"t": thr[c].float()} if mode == "threshold" else {}) for c in range(copies)]
+                    wall, kern = ort_time(sess[key], feeds, Y)
+                    ort_err = float((Y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+                    rows.append(base | {"method": f"ort_{mode}", "sparsity": s, "wall_us": wall, "kernel_us": kern,
+                                        "speedup_kernel_vs_cublas": dense_kernel / kern, "max_rel_err": ort_err})
+                    logger.info("   ORT %s: wall %.2f us, kernels %.2f us (%.2fx vs cuBLAS kernels), err %.1e", mode, wall, kern,
+                                dense_kernel / kern, ort_err)
+        del W, X
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_bench.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out / 'kernel_bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""com.acttail::SparseMatMul on the CUDA execution provider: the CPU suite's properties, on CUDA.
+
+Skipped cleanly unless onnxruntime-gpu is installed and a CUDA device is usable (``ops.cuda_available``).
+``ACTTAIL_CUDA_CASES`` sets the number of random cases (default 300; the sanitizer runs use fewer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from acttail_export import ops
+from test_ops import CPU_SETTINGS, assert_matches, cached_session, cases, make_model, make_session, run_op
+
+CUDA = "CUDAExecutionProvider"
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not ops.cuda_available(), reason="needs onnxruntime-gpu and a usable CUDA device"),
+]
+N_CASES = int(os.environ.get("ACTTAIL_CUDA_CASES", "300"))
+
+
+@settings(CPU_SETTINGS, max_examples=N_CASES)
+@given(cases())
+def test_random_cases_match_numpy_cuda(case):
+    x, w, mode, threshold, k = case
+    assert_matches(run_op(CUDA, x, w, mode, threshold, k), x, w, mode, threshold, k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])  # decode GEMV (M <= 8) and masked GEMM paths
+def test_llm_like_shapes(dtype, mode, m):
+    """K beyond one 4096-channel chunk, odd N, ties spanning several scan tiles of the top-k kernel."""
+    rng = np.random.default_rng(m)
+    K, N = 5003, 257
+    x = rng.standard_normal((m, K)).astype(dtype)
+    x[:, ::7] = np.round(x[:, ::7])  # many equal magnitudes around the k-th
+    w = rng.uniform(-1, 1, size=(K, N)).astype(dtype)
+    threshold, k = (0.7, None) if mode == "threshold" else (None, 2001)
+    assert_matches(run_op(CUDA, x, w, mode, threshold, k), x, w, mode, threshold, k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_semantics_cuda(dtype):
+    eye = np.eye(8, dtype=dtype)
+    ones = np.ones((1, 8), dtype)
+    np.testing.assert_array_equal(run_op(CUDA, ones, eye, "topk", k=3), np.array([[1, 1, 1, 0, 0, 0, 0, 0]], dtype))
+    x = np.array([[np.nan, 3, -1, np.nan, 0, -4, 2, 0]], dtype)
+    np.testing.assert_array_equal(run_op(CUDA, x, eye, "topk", k=8), np.nan_to_num(x, nan=0.0))
+    np.testing.assert_array_equal(run_op(CUDA, x, eye, "topk", k=2), np.array([[0, 3, 0, 0, 0, -4, 0, 0]], dtype))
+    x = np.array([[0.5, -0.5, 0.75, np.nan, -2.0, 0.0, 1.0, 0.25]], dtype)
+    np.testing.assert_array_equal(run_op(CUDA, x, eye, "threshold", threshold=0.5), np.array([[0, 0, 0.75, 0, -2.0, 0, 1.0, 0]], dtype))
+    assert not run_op(CUDA, x, eye, "threshold", threshold=float("inf")).any()
+
+
+@pytest.mark.parametrize("m", [1, 12])
+def test_masked_rows_of_w_are_skipped_cuda(m):
+    x = np.tile(np.array([[1.0, 0.01, -2.0, 0.0]], np.float32), (m, 1))
+    w = np.array([[1.0, 2.0], [np.nan, np.inf], [3.0, 4.0], [np.inf, np.nan]], np.float32)
+    for mode in ("threshold", "topk"):
+        y = run_op(CUDA, x, w, mode, threshold=0.1, k=2)
+        np.testing.assert_allclose(y, np.tile([[1.0 - 6.0, 2.0 - 8.0]], (m, 1)), rtol=1e-6)
+
+
+def test_fp16_accumulates_in_fp32_cuda():
+    K = 4097  # also crosses the 4096-channel chunk of the decode kernel
+    y = run_op(CUDA, np.ones((1, K), np.float16), np.ones((K, 3), np.float16), "threshold", threshold=0.0)
+    assert (y == 4096.0).all()
+
+
+def test_errors_cuda():
+    with pytest.raises(Exception, match=r"attribute k=6 exceeds K=5"):
+        run_op(CUDA, np.ones((2, 5), np.float32), np.ones((5, 3), np.float32), "topk", k=6)
+    with pytest.raises(Exception, match=r"last dimension of X \(5\) must equal the first dimension of W \(4\)"):
+        run_op(CUDA, np.ones((2, 5), np.float16), np.ones((4, 3), np.float16), "threshold", threshold=0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_node_runs_on_cuda_provider(dtype, mode, tmp_path):
+    """ORT's profile must show the SparseMatMul node executed by the CUDA execution provider."""
+    options = ops.session_options()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "prof")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(make_model(dtype, mode, 3 if mode == "topk" else None, threshold_input=mode == "threshold"),
+                                options, providers=[CUDA, "CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(dtype)
+    w = np.random.default_rng(1).standard_normal((16, 8)).astype(dtype)
+    feeds = {"X": x, "W": w} | ({"t": np.array(0.5, np.float32)} if mode == "threshold" else {})
+    y = sess.run(None, feeds)[0]
+    assert_matches(y, x, w, mode, 0.5, 3)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "SparseMatMul"]
+    assert nodes, "no SparseMatMul node event in the profile"
+    assert {e["args"]["provider"] for e in nodes} == {CUDA}
+
+
+def test_session_reuse_many_shapes_cuda():
+    """One session, alternating shapes and M across the decode/prefill boundary, no stale state."""
+    sess = cached_session(CUDA, "float16", "topk", 4)
+    rng = np.random.default_rng(3)
+    for m, K, N in [(1, 64, 80), (9, 64, 80), (1, 4100, 16), (8, 33, 7), (0, 10, 5), (17, 9, 200)]:
+        x = rng.standard_normal((m, K)).astype(np.float16)
+        w = rng.standard_normal((K, N)).astype(np.float16)
+        assert_matches(sess.run(None, {"X": x, "W": w})[0], x, w, "topk", None, 4)
+
+
+def test_make_session_on_cuda_keeps_provider():
+    sess = make_session(make_model(np.float32, "topk", 2, threshold_input=False), CUDA)
+    assert sess.get_providers()[0] == CUDA
