@@ -1,0 +1,219 @@
+"""Sparsity allocation: property tests (hypothesis), reference formulas, build_config, analyze command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from acttail_export import allocation
+from acttail_export.allocation import MAPPINGS, MONOTONE_MAPPINGS, allocate, build_config, scores
+from acttail_export.config import PROJECTION_KINDS, ActTailConfig, topk_keep
+from acttail_export.errors import ActTailError
+
+
+@st.composite
+def problems(draw, min_size=2, max_size=40):
+    """Random (alphas, params, kinds, layers, target, epsilon, s_max)."""
+    n = draw(st.integers(min_size, max_size))
+    alphas = np.array(draw(st.lists(st.floats(1.05, 30.0), min_size=n, max_size=n)))
+    params = np.array(draw(st.lists(st.integers(16, 10_000_000), min_size=n, max_size=n)), dtype=np.float64)
+    kinds = [PROJECTION_KINDS[i % len(PROJECTION_KINDS)] for i in range(n)]
+    layers = [i // len(PROJECTION_KINDS) for i in range(n)]
+    s_max = draw(st.floats(0.5, 0.99))
+    target = draw(st.floats(0.0, s_max))
+    epsilon = draw(st.floats(0.0, 0.99))
+    return alphas, params, kinds, layers, target, epsilon, s_max
+
+
+def _weighted(s, params):
+    return float((s * params).sum() / params.sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(), st.sampled_from(MAPPINGS))
+def test_weighted_mean_exact_and_bounds(problem, mapping):
+    alphas, params, kinds, layers, target, epsilon, s_max = problem
+    s = allocate(alphas, params, target, epsilon, mapping, s_max, kinds=kinds, layers=layers)
+    assert s.shape == alphas.shape
+    assert abs(_weighted(s, params) - target) < 1e-6
+    assert np.all(s >= 0) and np.all(s <= s_max + 1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(), st.sampled_from(MONOTONE_MAPPINGS))
+def test_monotone_in_alpha(problem, mapping):
+    alphas, params, kinds, layers, target, epsilon, s_max = problem
+    order = np.argsort(alphas)
+    forward = allocate(alphas, params, target, epsilon, mapping, s_max)[order]
+    reverse = allocate(alphas, params, target, epsilon, mapping + "-rev", s_max)[order]
+    assert np.all(np.diff(forward) >= -1e-12)  # AlphaPruning direction: larger alpha, larger sparsity
+    assert np.all(np.diff(reverse) <= 1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(min_size=14), st.sampled_from(["per-type", "type-rank"]))
+def test_per_type_monotone_within_kind(problem, mapping):
+    alphas, params, kinds, layers, target, epsilon, s_max = problem
+    s = allocate(alphas, params, target, epsilon, mapping, s_max, kinds=kinds, layers=layers)
+    for kind in set(kinds):
+        mask = np.array(kinds) == kind
+        order = np.argsort(alphas[mask])
+        assert np.all(np.diff(s[mask][order]) >= -1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(min_size=14))
+def test_block_and_type_share_one_budget_per_group(problem):
+    alphas, params, kinds, layers, target, epsilon, s_max = problem
+    block = allocate(alphas, params, target, epsilon, "block", s_max, kinds=kinds, layers=layers)
+    kind = allocate(alphas, params, target, epsilon, "type-rev", s_max, kinds=kinds, layers=layers)
+    for layer in set(layers):
+        values = block[np.array(layers) == layer]
+        assert np.ptp(values) < 1e-12
+    for k in set(kinds):
+        assert np.ptp(kind[np.array(kinds) == k]) < 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from(MAPPINGS))
+def test_epsilon_zero_is_uniform(problem, mapping):
+    alphas, params, kinds, layers, target, _, s_max = problem
+    s = allocate(alphas, params, target, 0.0, mapping, s_max, kinds=kinds, layers=layers)
+    np.testing.assert_allclose(s, target, rtol=0, atol=1e-12)
+
+
+def test_alphapruning_linear_reference():
+    """Unclipped budgets equal the closed form s·r_i·ΣP/Σ(P r) with the AlphaPruning min-max ratio."""
+    alphas = np.array([2.0, 3.0, 4.5, 8.0, 5.0])
+    params = np.array([100.0, 300.0, 200.0, 50.0, 350.0])
+    eps, target = 0.2, 0.5
+    r = (alphas - alphas.min()) / (alphas.max() - alphas.min()) * 2 * eps + 1 - eps
+    expected = target * r * params.sum() / (params * r).sum()
+    np.testing.assert_allclose(allocate(alphas, params, target, eps, "linear"), expected, rtol=1e-12)
+    r_rev = 2 - r  # reversed: z -> 1 - z
+    np.testing.assert_allclose(allocate(alphas, params, target, eps, "linear-rev"), target * r_rev * params.sum() / (params * r_rev).sum(), rtol=1e-12)
+
+
+def test_clipping_redistributes_proportionally():
+    alphas = np.array([1.5, 2.0, 3.0, 10.0])
+    params = np.array([1.0, 1.0, 1.0, 1.0])
+    s = allocate(alphas, params, 0.9, 0.9, "linear", s_max=0.95)
+    assert s[-1] == pytest.approx(0.95) and abs(s.mean() - 0.9) < 1e-12
+    r = 1 - 0.9 + 1.8 * (alphas - 1.5) / 8.5
+    free = s < 0.95 - 1e-12
+    ratios = s[free] / r[free]
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-12)  # unclipped keep the r_i proportions
+
+
+def test_score_definitions():
+    alphas = np.array([2.0, 4.0, 4.0, 16.0])
+    np.testing.assert_allclose(scores(alphas, "log"), [0, 1 / 3, 1 / 3, 1])  # ln 2, ln 4, ln 16
+    np.testing.assert_allclose(scores(alphas, "rank"), [0, 0.5, 0.5, 1])  # ties share their mean rank
+    np.testing.assert_allclose(scores(alphas, "clip"), [0, 0.5, 0.5, 1])  # 16 clipped to 6
+    np.testing.assert_allclose(scores(alphas, "linear-rev"), 1 - (alphas - 2) / 14)
+    kinds, layers = ["q_proj", "q_proj", "v_proj", "v_proj"], [0, 1, 0, 1]
+    np.testing.assert_allclose(scores(alphas, "per-type", kinds), [0, 1, 0, 1])
+    np.testing.assert_allclose(scores(alphas, "block", layers=layers), [0, 1, 0, 1])  # layer means 3 and 10
+    np.testing.assert_allclose(scores(alphas, "type", kinds), [0, 0, 1, 1])
+    np.testing.assert_allclose(scores(alphas, "type-block", kinds, layers), [0, 0.5, 0.5, 1])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(target=0.995), "exceeds s_max"),
+    (dict(mapping="nope"), "mapping must be one of"),
+    (dict(alphas=np.array([1.0, -2.0])), "positive"),
+    (dict(params=np.array([1.0])), "equal length"),
+    (dict(epsilon=1.0), "epsilon"),
+    (dict(mapping="per-type"), "needs the projection kinds"),
+    (dict(mapping="block"), "needs the projection layers"),
+])
+def test_allocate_errors(kwargs, match):
+    args = dict(alphas=np.array([2.0, 3.0]), params=np.array([1.0, 2.0]), target=0.5, epsilon=0.3, mapping="linear")
+    args.update(kwargs)
+    with pytest.raises(ActTailError, match=match):
+        allocate(**args)
+
+
+# --- build_config on a real (tiny) model -------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from acttail_export.modeling import load_model
+    from acttail_export.spectral import analyze_model
+
+    model, _ = load_model(str(tiny_llama_dir))
+    return model, analyze_model(model, progress=False)
+
+
+@pytest.mark.parametrize("mapping", ["linear", "block-rev", allocation.DEFAULT_MAPPING])
+def test_build_config_acttail(tiny, mapping, tmp_path):
+    model, fits = tiny
+    config = build_config(model, 0.7, epsilon=0.4, mapping=mapping, fits=fits)
+    assert isinstance(config, ActTailConfig) and len(config.projections) == 14
+    assert abs(config.weighted_sparsity() - 0.7) < 1e-9
+    kinds = [p.kind for p in config.projections]
+    layers = [p.layer for p in config.projections]
+    params = np.array([p.parameters for p in config.projections], dtype=float)
+    expected = allocate(np.array([fits[p.name].alpha for p in config.projections]), params, 0.7, 0.4, mapping, kinds=kinds, layers=layers)
+    np.testing.assert_allclose([p.sparsity for p in config.projections], expected, rtol=0, atol=0)
+    for p in config.projections:
+        assert p.alpha == fits[p.name].alpha and p.k == topk_keep(p.sparsity, p.in_features)
+        assert p.in_features == model.get_submodule(p.name).in_features
+    assert ActTailConfig.load(config.save(tmp_path)).to_dict() == config.to_dict()
+
+
+def test_build_config_uniform_and_defaults(tiny):
+    model, fits = tiny
+    uniform = build_config(model, 0.5, allocation="uniform", mode="threshold")
+    assert {p.sparsity for p in uniform.projections} == {0.5} and all(p.k is None for p in uniform.projections)
+    default = build_config(model, 0.5, fits=fits)
+    assert (default.mapping, default.epsilon) == (allocation.DEFAULT_MAPPING, allocation.DEFAULT_EPSILON)
+
+
+def test_build_config_missing_fits(tiny):
+    model, fits = tiny
+    partial = dict(list(fits.items())[:3])
+    with pytest.raises(ActTailError, match="fits lack 11 projections"):
+        build_config(model, 0.5, fits=partial)
+
+
+# --- analyze command ---------------------------------------------------------------------------
+def test_analyze_command_json_and_plot(tiny_llama_dir, tmp_path):
+    from acttail_export.cli import main
+    from acttail_export.modeling import load_model
+    from acttail_export.spectral import analyze_model
+
+    json_path, png_path = tmp_path / "fits.json", tmp_path / "heat.png"
+    code = main(["analyze", "--model", str(tiny_llama_dir), "--json", str(json_path), "--plot", str(png_path),
+                 "--sparsity", "0.6", "--epsilon", "0.5", "--mapping", "linear"])
+    assert code == 0
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png_path.stat().st_size > 5000
+    data = json.loads(json_path.read_text())
+    model, _ = load_model(str(tiny_llama_dir))
+    fits = analyze_model(model, progress=False)
+    config = build_config(model, 0.6, epsilon=0.5, mapping="linear", fits=fits)
+    rows = {row["name"]: row for row in data["projections"]}
+    assert list(rows) == list(fits)
+    for p in config.projections:
+        assert rows[p.name]["alpha"] == fits[p.name].alpha
+        assert rows[p.name]["x_min"] == fits[p.name].x_min
+        assert rows[p.name]["sparsity"] == p.sparsity
+    assert data["weighted_sparsity"] == pytest.approx(0.6, abs=1e-9)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--sparsity", "1.5"], "sparsity"),
+    (["--mapping", "bogus"], "mapping must be one of"),
+    (["--epsilon", "x"], "epsilon"),
+    (["--plot", "/nonexistent-dir/x.png"], "folder"),
+])
+def test_analyze_command_errors(tiny_llama_dir, argv, match, capsys):
+    from acttail_export.cli import main
+
+    assert main(["analyze", "--model", str(tiny_llama_dir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and len(err.strip().splitlines()) == 1
+    assert match in err
