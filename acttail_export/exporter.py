@@ -11,7 +11,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,17 @@ def clean_stale_temp(output_dir: Path) -> list[Path]:
             removed.append(entry)
             logger.info("removed stale temporary folder %s", entry)
     return removed
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    """Treat SIGTERM like Ctrl-C during the export (so the temp folder is removed); returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _make_temp(output_dir: Path, mark: str) -> Path:
@@ -300,6 +313,7 @@ def export(
 
     clean_stale_temp(output_dir)
     tmp = _make_temp(output_dir, TMP_MARK)
+    previous = _sigterm_as_interrupt()
     try:
         config = _build(model_ref, tmp, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path,
                         calibration_samples, sequence_length, dtype, device, library, validate, progress, eval_tokens,
@@ -308,6 +322,9 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     logger.info("export written to %s (target sparsity %.2f, effective %s)", output_dir, config.target_sparsity,
                 f"{config.effective_sparsity:.3f}" if config.effective_sparsity is not None else "n/a")
     if push_to_hub:
@@ -368,6 +385,11 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
             config.perplexity.update(perplexity_onnx(tmp, eval_data, sequence_length=length, max_tokens=eval_tokens, progress=progress))
         elif eval_tokens:
             logger.warning("%s not found: the model card will not report a perplexity", eval_data)
+    if config.effective_sparsity is None and mode == "topk":  # exact without measuring: k per token
+        for p in config.projections:
+            p.effective_sparsity = 1.0 - p.keep_k() / p.in_features
+        config.effective_sparsity = sum(p.effective_sparsity * p.parameters for p in config.projections) / sum(
+            p.parameters for p in config.projections)
     config.save(tmp)
     write_model_card(tmp, config)
     return config

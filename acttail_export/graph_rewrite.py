@@ -5,8 +5,12 @@ The 7 projection MatMuls of each layer (``/model/layers.{i}/self_attn/{q,k,v,o}_
 subgraph of standard ONNX ops on their activation input:
 
 * threshold mode: ``Where(Abs(x) > t, x, 0)`` (keep ``|x| > t``)
-* top-k mode: ``Where(Abs(x) >= kth_largest(Abs(x)), x, 0)`` with ``TopK`` on the last axis
-  (ties with the k-th value are all kept; ``k = 0`` zeroes the input, ``k = d`` leaves it alone)
+* top-k mode: ``TopK(Abs(x), k)`` on the last axis, its indices scattered into a boolean mask,
+  ``Where(mask, x, 0)``: exactly k entries per row; among equal ``|x|`` the lower channel index
+  wins (ONNX TopK semantics). A k-th-value comparison would keep every tie, and ties are systematic
+  with grouped-query attention (at a position attending only to itself, each value of the
+  ``o_proj`` input appears once per query head of the group). ``k = 0`` zeroes the input,
+  ``k = d`` leaves it alone.
 
 With ``kernel="fused"`` the MatMul is replaced by ``com.acttail::SparseMatMul(x, W[, t])``.
 Projections that share an input (q/k/v, gate/up) get one mask each. Attention MatMuls are never
@@ -156,15 +160,19 @@ def _mask_nodes(b: _Builder, p: ProjectionConfig, x: str, elem_type: int, mode: 
             never = b.const(f"{base}/never", np.zeros((), dtype=np.bool_))
             return [helper.make_node("Where", [never, x, zero], [out], name=f"{base}/Where")], out
         kk = b.const(f"{base}/k", np.array([k], dtype=np.int64))
-        start = b.const(f"{base}/k_minus_1", np.array([k - 1], dtype=np.int64))
-        end = b.const(f"{base}/k_end", np.array([k], dtype=np.int64))
-        axis = b.const(f"{base}/axis", np.array([-1], dtype=np.int64))
+        false = b.const(f"{base}/false", np.zeros((1,), dtype=np.bool_))
+        true = b.const(f"{base}/true", np.ones((1,), dtype=np.bool_))
         nodes = [
             helper.make_node("Abs", [x], [absx], name=f"{base}/Abs"),
+            # ONNX TopK: among equal values the lower index comes first, so exactly k are selected
             helper.make_node("TopK", [absx, kk], [f"{base}/topk_values", f"{base}/topk_indices"],
                              name=f"{base}/TopK", axis=-1, largest=1, sorted=1),
-            helper.make_node("Slice", [f"{base}/topk_values", start, end, axis], [f"{base}/kth"], name=f"{base}/Slice"),
-            helper.make_node("GreaterOrEqual", [absx, f"{base}/kth"], [cond], name=f"{base}/GreaterOrEqual"),
+            helper.make_node("Shape", [x], [f"{base}/shape"], name=f"{base}/Shape"),
+            helper.make_node("Shape", [f"{base}/topk_indices"], [f"{base}/kept_shape"], name=f"{base}/KeptShape"),
+            helper.make_node("Expand", [false, f"{base}/shape"], [f"{base}/none"], name=f"{base}/None"),
+            helper.make_node("Expand", [true, f"{base}/kept_shape"], [f"{base}/ones"], name=f"{base}/Ones"),
+            helper.make_node("ScatterElements", [f"{base}/none", f"{base}/topk_indices", f"{base}/ones"], [cond],
+                             name=f"{base}/ScatterElements", axis=-1),
         ]
     nodes.append(helper.make_node("Where", [cond, x, zero], [out], name=f"{base}/Where"))
     return nodes, out

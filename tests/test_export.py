@@ -156,3 +156,19 @@ def test_compare_logits_is_robust_to_one_flip():
     assert stats["median_rel_error"] == 0 and stats["max_abs_diff"] > 0.05
     broken = ref + 0.05 * rng.standard_normal(ref.shape)  # a wrong mask moves every position
     assert compare_logits(ref, broken)["median_rel_error"] > 1e-2
+
+
+def test_fp16_export_validates(tiny_llama_dir, tmp_path):
+    out = _export(tiny_llama_dir, tmp_path / "fp16", sparsity=0.5, mode="topk", dtype="fp16", eval_tokens=0)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    validation = ActTailConfig.load(out).perplexity["validation"]
+    assert validation["median_rel_error"] < 2e-2 and validation["top1_agreement"] >= 0.9
+
+
+def test_smollm2_alias_resolves_to_the_bundled_gguf():
+    from acttail_export.exporter import resolve_model
+    from acttail_export.modeling import default_model_path
+
+    assert resolve_model("smollm2") == resolve_model("SmolLM2") == default_model_path()
+    assert resolve_model(default_model_path()).endswith(".gguf")

@@ -114,6 +114,37 @@ def test_mask_rewrite_matches_numpy_and_reference_evaluator(mode, dtype):
     np.testing.assert_allclose(got["att.0"].astype(np.float32), q @ q.transpose(0, 2, 1), **tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_topk_ties_keep_exactly_k_lowest_index_first(dtype):
+    """Grouped-query attention repeats values across heads: ties must not keep more than k entries."""
+    model = _projection_graph(1, dtype)
+    feeds = _feeds(dtype)
+    for name, x in feeds.items():  # every |value| three times (with signs flipped), like GQA at position 0
+        third = x[..., : x.shape[-1] // 3 + 1]
+        feeds[name] = np.concatenate([third, -third, third], axis=-1)[..., : x.shape[-1]].astype(dtype)
+    config = _config(1, "topk", feeds)
+    rewrite(model, config, kernel="mask")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in model.graph.output]
+    got = dict(zip(names, sess.run(None, feeds)))
+    expected = _numpy_reference(model, config, feeds, "topk")  # stable sort: lower index wins
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-2, atol=5e-2)
+    for name, want in expected.items():
+        np.testing.assert_allclose(got[name].astype(np.float32), want, **tol, err_msg=name)
+    masked = [n for n in model.graph.node if n.op_type == "Where"]
+    sess = ort.InferenceSession(_with_outputs(model, [n.output[0] for n in masked]), providers=["CPUExecutionProvider"])
+    for node, value in zip(masked, sess.run([n.output[0] for n in masked], feeds)):
+        p = next(p for p in config.projections if f"/{p.name}/" in node.name)
+        assert ((value != 0).sum(-1) == p.keep_k()).all(), p.name
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    extra = onnx.ModelProto()
+    extra.CopyFrom(model)
+    extra.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    return extra.SerializeToString()
+
+
 def test_shared_input_gets_one_mask_per_projection():
     model = _projection_graph(1, np.float32)
     feeds = _feeds(np.float32)

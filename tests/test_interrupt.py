@@ -37,15 +37,16 @@ def _wait_mid_way(proc: subprocess.Popen, out: Path, timeout: float = 240) -> Pa
     pytest.fail("export never reached the ONNX step")
 
 
-@pytest.mark.parametrize("existing", [False, True], ids=["new-output", "existing-output"])
-def test_ctrl_c_leaves_nothing(tiny_llama_dir, tmp_path, existing):
+@pytest.mark.parametrize("existing, sig", [(False, signal.SIGINT), (True, signal.SIGINT), (False, signal.SIGTERM)],
+                         ids=["ctrl-c-new-output", "ctrl-c-existing-output", "sigterm"])
+def test_ctrl_c_leaves_nothing(tiny_llama_dir, tmp_path, existing, sig):
     out = tmp_path / "out"
     if existing:
         out.mkdir()
         (out / "previous.txt").write_text("earlier export")
     proc = _start(tiny_llama_dir, out, "--overwrite")
     _wait_mid_way(proc, out)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "acttail-export: interrupted"
