@@ -13,7 +13,7 @@ echo "deb http://deb.debian.org/debian trixie main" > "$work/etc/sources.list"
 opts=(-o Dir::Etc::SourceList="$work/etc/sources.list" -o Dir::Etc::SourceParts="$work/etc/sources.list.d"
       -o Dir::Etc::Preferences="$work/etc/preferences" -o Dir::Etc::PreferencesParts="$work/etc/preferences.d"
       -o Dir::State::Lists="$work/lists" -o Dir::Cache="$work/cache" -o APT::Architecture=amd64
-      -o Debug::NoLocking=1 -qq)
+      -o Debug::NoLocking=1 -o APT::Sandbox::User=root -qq)
 apt-get "${opts[@]}" update >&2
 (cd "$work/debs" && apt-get "${opts[@]}" download libonnxruntime-dev >&2)
 deb=$(ls "$work/debs"/libonnxruntime-dev_*.deb | head -1)
