@@ -205,15 +205,54 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 10 / (start.elapsed_time(end) * 1e-3) / 1e12
 
 
+def markdown_tables(result: dict) -> str:
+    """Markdown tables (harness kernels vs cuBLAS, ORT rows, top-k selection cost) from kernel_bench.json."""
+    rows = result["rows"]
+    env = result["env"]
+    out = [f"GPU {env['gpu']}, driver {env['driver']}, torch {env['torch']}, onnxruntime {env.get('onnxruntime', '-')}, "
+           f"device copy {env['copy_tb_s']:.2f} TB/s (read+write)", ""]
+    dense = {(r["K"], r["N"]): r for r in rows if r["method"] == "cublas_dense"}
+    ort_dense = {(r["K"], r["N"]): r for r in rows if r["method"] == "ort_dense_matmul"}
+    out += ["| K→N | mode | sparsity | kept | kernel µs | graph µs | speedup (kernel) | speedup (graph) | ideal | effective TB/s | actual TB/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (K, N), d in dense.items():
+        out.append(f"| {K}→{N} | cuBLAS dense | 0 | 1.00 | {d['kernel_us']:.2f} | {d['graph_us']:.2f} | 1.00× | 1.00× | 1× | "
+                   f"{d['w_bytes'] / d['kernel_us'] / 1e6:.2f} | {d['w_bytes'] / d['kernel_us'] / 1e6:.2f} |")
+        for r in rows:
+            if r["K"] == K and r["N"] == N and r["method"].startswith("harness_"):
+                out.append(f"| {K}→{N} | {r['method'][8:]} | {r['sparsity']:.1f} | {r['kept_fraction']:.2f} | {r['kernel_us']:.2f} | "
+                           f"{r['graph_us']:.2f} | {r['speedup_kernel']:.2f}× | {r['speedup_graph']:.2f}× | {r['ideal']:.0f}× | "
+                           f"{r['effective_tb_s']:.2f} | {r['actual_tb_s']:.2f} |")
+    out += ["", "| K→N | top-k sparsity | selection kernel µs (CUPTI) | selection, graph µs | whole top-k call, kernel µs |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] == "harness_topk":
+            out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r['select_kernel_us']:.2f} | {r['select_graph_us']:.2f} | {r['kernel_us']:.2f} |")
+    if ort_dense:
+        out += ["", "| K→N | ORT node | sparsity | kernel µs (CUPTI) | speedup vs cuBLAS kernel | wall µs per run (IO binding) |", "|---|---|---|---|---|---|"]
+        for (K, N), d in ort_dense.items():
+            out.append(f"| {K}→{N} | MatMul (dense) | 0 | {d['kernel_us']:.2f} | {dense[(K, N)]['kernel_us'] / d['kernel_us']:.2f}× | {d['wall_us']:.1f} |")
+            for r in rows:
+                if r["K"] == K and r["N"] == N and r["method"].startswith("ort_") and r["method"] != "ort_dense_matmul":
+                    out.append(f"| {K}→{N} | SparseMatMul {r['method'][4:]} | {r['sparsity']:.1f} | {r['kernel_us']:.2f} | "
+                               f"{r['speedup_kernel_vs_cublas']:.2f}× | {r['wall_us']:.1f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--harness", required=True, help="libacttail_bench.so built from csrc/sparse_matmul_bench.cu")
+    ap.add_argument("--harness", help="libacttail_bench.so built from csrc/sparse_matmul_bench.cu (required to measure)")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown tables of docs/kernels.md from a kernel_bench.json and exit")
     ap.add_argument("--library", default=None, help="libacttail_ops.so for the ORT rows (default: acttail_export.ops)")
     ap.add_argument("--out", default="docs/results", help="folder for kernel_bench.json")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.table:
+        print(markdown_tables(json.loads(Path(args.table).read_text())))
+        return 0
+    if not args.harness:
+        ap.error("--harness is required to measure (or use --table)")
 
     import torch
 
