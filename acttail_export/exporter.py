@@ -317,7 +317,7 @@ def export(
     try:
         config = _build(model_ref, tmp, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path,
                         calibration_samples, sequence_length, dtype, device, library, validate, progress, eval_tokens,
-                        DEFAULT_EVAL_DATA)
+                        DEFAULT_EVAL_DATA, push_to_hub)
         _move_into_place(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -335,7 +335,8 @@ def export(
 
 
 def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path, samples,
-           sequence_length, dtype, device, library, validate, progress, eval_tokens, eval_data) -> ActTailConfig:
+           sequence_length, dtype, device, library, validate, progress, eval_tokens, eval_data,
+           repo_id: str | None = None) -> ActTailConfig:
     import torch
 
     from . import allocation as alloc
@@ -391,5 +392,5 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         config.effective_sparsity = sum(p.effective_sparsity * p.parameters for p in config.projections) / sum(
             p.parameters for p in config.projections)
     config.save(tmp)
-    write_model_card(tmp, config)
+    write_model_card(tmp, config, repo_id)
     return config

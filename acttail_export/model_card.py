@@ -15,7 +15,7 @@ def _fmt(value, spec: str) -> str:
 
 def render_model_card(config: ActTailConfig, repo_id: str | None = None) -> str:
     """Markdown model card for ``config`` (pure: no files read)."""
-    where = repo_id or "path/to/this/folder"
+    where = "path/to/this/folder"
     eff = "not measured" if config.effective_sparsity is None else f"{config.effective_sparsity:.3f}"
     lines = [
         "---",
@@ -26,8 +26,8 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None) -> str:
         "",
         f"# {Path(config.model or 'model').name} — ActTail activation sparsity (ONNX)",
         "",
-        f"Exported with [acttail-export](https://arxiv.org/abs/2603.12272) from `{config.model}` "
-        f"({config.architecture or 'decoder'}).",
+        f"[ActTail](https://arxiv.org/abs/2603.12272) activation sparsity applied by `acttail-export` to `{config.model}` "
+        f"({config.architecture or 'decoder'}), exported to ONNX with KV cache.",
         "",
         f"- target sparsity **{config.target_sparsity:.2f}**, effective sparsity **{eff}** (parameter-weighted, on validation text)",
         f"- allocation `{config.allocation}` (ε = {config.epsilon}, mapping `{config.mapping}`), mode `{config.mode}`, kernel `{config.kernel}`",
@@ -44,12 +44,14 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None) -> str:
         lines.append(f"- validation vs the PyTorch sparse reference: max |Δlogit| {v['max_abs_logit_diff']:.3g}, "
                      f"median relative error {v['median_rel_error']:.3g}, top-1 agreement {100 * v['top1_agreement']:.1f}%")
     lines += ["", "## Usage", "", "```python"]
+    lines += ["from transformers import AutoTokenizer", "from acttail_export.runtime import load_model", ""]
+    if repo_id:
+        lines += ["from huggingface_hub import snapshot_download", "", f'folder = snapshot_download("{repo_id}")']
+    else:
+        lines += [f'folder = "{where}"']
     lines += [
-        "from transformers import AutoTokenizer",
-        "from acttail_export.runtime import load_model",
-        "",
-        f'model = load_model("{where}")  # ORTModelForCausalLM; registers the custom op library if needed',
-        f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+        "model = load_model(folder)  # ORTModelForCausalLM; registers the custom op library if needed",
+        "tokenizer = AutoTokenizer.from_pretrained(folder)",
         'inputs = tokenizer("The capital of France is", return_tensors="pt")',
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
         "```",

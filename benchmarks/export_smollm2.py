@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -23,15 +23,18 @@ sys.path.insert(0, str(REPO))
 
 
 def timed_export(out: Path, *flags: str) -> dict:
-    """Run the CLI export in a child process; wall time and the child's peak RSS."""
+    """Run the CLI export in a child process (``/usr/bin/time``-style): wall time, peak RSS, exit status."""
     cmd = [sys.executable, "-m", "acttail_export.cli", "export", "--model", "smollm2", "--overwrite", *flags, str(out)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO)
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    sys.stderr.write(err)
+    lines = [line for line in err.splitlines() if line.strip()]
     return {"command": "acttail-export export --model smollm2 " + " ".join(flags) + f" {out.name}",
-            "wall_s": round(wall, 1), "peak_rss_mib": round(max(peak, before) / 1024, 1)}
+            "exit_code": os.waitstatus_to_exitcode(status), "wall_s": round(wall, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "last_line": lines[-1] if lines else ""}
 
 
 def main() -> None:
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384, help="WikiText-2 test tokens for the perplexity check")
     parser.add_argument("--sequence-length", type=int, default=1024)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--no-validate-80", action="store_true", help="time the 80%% export without export-time validation")
     args = parser.parse_args()
 
     from acttail_export.config import ActTailConfig
@@ -50,11 +54,14 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {}
-    results["export_80"] = timed_export(args.work / "smollm2-acttail-80", "--sparsity", "0.8")
+    flags80 = ["--sparsity", "0.8"] + (["--no-validate"] if args.no_validate_80 else [])
+    results["export_80"] = timed_export(args.work / "smollm2-acttail-80", *flags80)
     print(json.dumps(results["export_80"]), flush=True)
 
     out50 = args.work / "smollm2-acttail-50"
     results["export_50"] = timed_export(out50, "--sparsity", "0.5", "--mode", "topk", "--kernel", "mask")
+    if results["export_50"]["exit_code"] != 0:
+        sys.exit(f"50% export failed: {results['export_50']['last_line']}")
     config = ActTailConfig.load(out50)
     start = time.perf_counter()
     ort_ppl = perplexity_onnx(out50, DEFAULT_EVAL_DATA, sequence_length=args.sequence_length, max_tokens=args.eval_tokens)
