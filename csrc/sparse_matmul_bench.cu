@@ -34,13 +34,7 @@ extern "C" __attribute__((visibility("default"))) int acttail_bench_topk_select(
                                                                                long long M, long long K, long long k, char* err,
                                                                                int err_len) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (half) {
-    acttail::cuda::TopKSelectKernel<__half><<<(unsigned)M, acttail::cuda::kSelectThreads, 0, s>>>(
-        static_cast<const __half*>(x), (int)K, (int)k, static_cast<uint2*>(sel));
-  } else {
-    acttail::cuda::TopKSelectKernel<float><<<(unsigned)M, acttail::cuda::kSelectThreads, 0, s>>>(
-        static_cast<const float*>(x), (int)K, (int)k, static_cast<uint2*>(sel));
-  }
-  cudaError_t e = cudaGetLastError();
+  cudaError_t e = half ? acttail::cuda::LaunchTopKSelect(static_cast<const __half*>(x), M, K, k, static_cast<uint2*>(sel), s)
+                       : acttail::cuda::LaunchTopKSelect(static_cast<const float*>(x), M, K, k, static_cast<uint2*>(sel), s);
   return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
 }

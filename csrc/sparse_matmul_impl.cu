@@ -55,8 +55,7 @@ std::string Run(const CudaArgs& a) {
   if (a.mode == Mode::kTopK) {
     if (a.M > 65535 * 1024LL) return "too many rows for the top-k kernel";
     uint2* out = static_cast<uint2*>(a.workspace);
-    cuda::TopKSelectKernel<T><<<(unsigned)a.M, cuda::kSelectThreads, 0, stream>>>(static_cast<const T*>(a.x), (int)a.K, (int)a.k, out);
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = cuda::LaunchTopKSelect<T>(static_cast<const T*>(a.x), a.M, a.K, a.k, out, stream);
     if (err != cudaSuccess) return std::string("top-k selection kernel: ") + cudaGetErrorString(err);
     sel = out;
   }

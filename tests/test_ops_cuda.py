@@ -46,6 +46,16 @@ def test_llm_like_shapes(dtype, mode, m):
     assert_matches(run_op(CUDA, x, w, mode, threshold, k), x, w, mode, threshold, k)
 
 
+@pytest.mark.parametrize("K", [8192, 8193, 16384, 16385])  # both sides of each top-k selection kernel boundary
+def test_topk_selection_kernels_at_their_boundary(K):
+    rng = np.random.default_rng(K)
+    x = rng.standard_normal((2, K)).astype(np.float16)
+    x[:, ::5] = np.round(x[:, ::5])
+    w = rng.uniform(-1, 1, size=(K, 24)).astype(np.float16)
+    for k in (1, 999, K // 3, K):
+        assert_matches(run_op(CUDA, x, w, "topk", k=k), x, w, "topk", None, k)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_semantics_cuda(dtype):
     eye = np.eye(8, dtype=dtype)
