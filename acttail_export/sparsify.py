@@ -70,7 +70,7 @@ class _Rule:
             y = x
         else:
             keep = x.abs() > self.threshold
-            self.zeroed = self.zeroed + (keep.numel() - keep.sum())
+            self.zeroed = self.zeroed + (keep.numel() - torch.count_nonzero(keep))
             y = x * keep
         return (y, *args[1:])
 

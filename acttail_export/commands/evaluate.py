@@ -208,8 +208,12 @@ def evaluate_base(
     calibration_samples: int = 64,
     calibration_sequence_length: int = 512,
     sequential: bool = False,
+    fits: dict | None = None,
 ) -> list[dict[str, Any]]:
-    """Records (see ``--json``) for dense (if 0 in ``sparsities``) and every (allocation, mode, sparsity > 0)."""
+    """Records (see ``--json``) for dense (if 0 in ``sparsities``) and every (allocation, mode, sparsity > 0).
+
+    ``fits`` (from ``spectral.analyze_model``) skips the spectral analysis when already computed.
+    """
     from ..allocation import build_config
     from ..calibration import calibrate_many
     from ..data import load_windows
@@ -226,7 +230,8 @@ def evaluate_base(
     sparse = [s for s in sparsities if s > 0]
     if not sparse:
         return records
-    fits = analyze_model(model, progress=progress)  # once per run, shared by every config
+    if fits is None:
+        fits = analyze_model(model, progress=progress)  # once per run, shared by every config
     configs = [
         (allocation, s, mode, build_config(model, s, allocation, mode, epsilon=epsilon, mapping=mapping, fits=fits))
         for allocation in allocations for mode in modes for s in sparse
