@@ -230,7 +230,7 @@ def evaluate_base(
     sparse = [s for s in sparsities if s > 0]
     if not sparse:
         return records
-    if fits is None:
+    if fits is None and "acttail" in allocations:
         fits = analyze_model(model, progress=progress)  # once per run, shared by every config
     configs = [
         (allocation, s, mode, build_config(model, s, allocation, mode, epsilon=epsilon, mapping=mapping, fits=fits))
