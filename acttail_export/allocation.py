@@ -9,7 +9,7 @@ parameter-weighted mean budget equals the target ``s`` exactly. Budgets are clip
 [0, s_max] and the remainder redistributed over the unclipped projections (proportionally to
 r_i) until the weighted mean is exact again.
 
-Scores (``MAPPINGS``; every one also exists reversed as ``<name>-rev`` with z → 1 − z):
+Scores (``MAPPINGS`` = ``<score>[-rev][-kept]``; ``-rev`` reverses the direction, z → 1 − z):
 
 * ``linear``   — AlphaPruning: min-max of alpha over the whole model.
 * ``log``      — min-max of ln(alpha): compresses the large, out-of-HT-SR-range alphas.
@@ -22,6 +22,16 @@ Scores (``MAPPINGS``; every one also exists reversed as ``<name>-rev`` with z �
   AlphaPruning block-wise variant: one ratio per layer).
 * ``type``     — alpha averaged over each projection kind, min-max over kinds (one ratio per kind).
 * ``type-block`` — mean of the ``type`` and ``block`` scores (a per-kind and a per-layer term).
+
+Scale (suffix ``-kept``): by default ε spreads the *sparsity* as above (AlphaPruning). With
+``-kept`` it spreads the *kept fraction* instead, with the same direction (higher z, more sparsity):
+
+    1 − s_i = (1 − s) · k_i · ΣP / Σ_j P_j k_j,    k_i = 1 + ε − 2ε · z_i,
+
+so the kept channels of each projection vary by at most ±ε relative to uniform. At high targets
+this is the gentler, symmetric choice: at s = 0.8 and ε = 0.3 the sparsity scale sends budgets to
+0.99 (1 % of the channels kept, a 20× cut), the kept scale keeps between 14 % and 26 %.
+Bounds are then 1 − s_max <= 1 − s_i <= 1, solved the same way.
 
 AlphaPruning's direction (``linear``) gives heavier-tailed (smaller-alpha, better-trained)
 matrices lower sparsity. See docs/allocation.md for which direction wins for activation sparsity.
@@ -139,9 +149,12 @@ _SCORES: dict[str, ScoreFn] = {
     "type-block": _score_type_block,
 }
 REVERSED_SUFFIX = "-rev"
-MAPPINGS: tuple[str, ...] = tuple(name for base in _SCORES for name in (base, base + REVERSED_SUFFIX))
+KEPT_SUFFIX = "-kept"
+MAPPINGS: tuple[str, ...] = tuple(
+    base + rev + scale for base in _SCORES for rev in ("", REVERSED_SUFFIX) for scale in ("", KEPT_SUFFIX)
+)
 #: Mappings whose budget is a non-decreasing function of alpha alone (before reversal).
-MONOTONE_MAPPINGS: tuple[str, ...] = ("linear", "log", "clip", "rank")
+MONOTONE_MAPPINGS: tuple[str, ...] = ("linear", "log", "clip", "rank", "linear-kept", "log-kept", "clip-kept", "rank-kept")
 
 DEFAULT_MAPPING = "block-rev"
 DEFAULT_EPSILON = 0.3
@@ -153,32 +166,59 @@ def check_mapping(mapping: str) -> str:
     return mapping
 
 
-def scores(alphas: np.ndarray, mapping: str, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> np.ndarray:
-    """Score z_i in [0, 1] of every projection under ``mapping`` (reversal applied)."""
+def parse_mapping(mapping: str) -> tuple[str, bool, bool]:
+    """``<score>[-rev][-kept]`` -> (score name, reversed, kept-fraction scale)."""
     check_mapping(mapping)
+    kept = mapping.endswith(KEPT_SUFFIX)
+    if kept:
+        mapping = mapping[: -len(KEPT_SUFFIX)]
     reverse = mapping.endswith(REVERSED_SUFFIX)
-    base = mapping[: -len(REVERSED_SUFFIX)] if reverse else mapping
-    z = _SCORES[base](alphas, None if kinds is None else np.asarray(kinds), None if layers is None else np.asarray(layers))
+    if reverse:
+        mapping = mapping[: -len(REVERSED_SUFFIX)]
+    return mapping, reverse, kept
+
+
+def scores(alphas: np.ndarray, mapping: str, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> np.ndarray:
+    """Score z_i in [0, 1] of every projection under ``mapping`` (reversal applied); higher z, more sparsity."""
+    base, reverse, _ = parse_mapping(mapping)
+    z = _SCORES[base](np.asarray(alphas, dtype=np.float64), None if kinds is None else np.asarray(kinds),
+                      None if layers is None else np.asarray(layers))
     return 1.0 - z if reverse else z
 
 
-def _redistribute(ratios: np.ndarray, params: np.ndarray, target: float, s_max: float) -> np.ndarray:
-    """s_i = c · r_i with c set so Σ P s = target · ΣP, clipping at s_max and re-solving for the rest."""
-    budget = target * params.sum()
-    clipped = np.zeros(ratios.size, dtype=bool)
-    s = np.zeros(ratios.size)
-    for _ in range(ratios.size + 1):
-        free = ~clipped
-        if not free.any():  # target == s_max
-            return np.full(ratios.size, s_max)
-        remaining = budget - s_max * params[clipped].sum()
-        c = remaining / float((params[free] * ratios[free]).sum())
-        s = np.where(clipped, s_max, c * ratios)
-        over = free & (s > s_max)
-        if not over.any():
-            return s
-        clipped |= over
-    raise AssertionError("redistribution did not converge")  # pragma: no cover - at most n rounds
+def _solve_clipped(ratios: np.ndarray, params: np.ndarray, total: float, lo: float, hi: float) -> np.ndarray:
+    """v_i = clip(c · r_i, lo, hi) with Σ P_i v_i = total (requires lo·ΣP <= total <= hi·ΣP).
+
+    Σ P clip(c r, lo, hi) is continuous and non-decreasing in c; c is bracketed by bisection, then
+    the projections clipped at that c are fixed and c is re-solved exactly for the free ones.
+    """
+    def mass(c: float) -> float:
+        return float((params * np.clip(c * ratios, lo, hi)).sum())
+
+    a, b = 0.0, hi / float(ratios.min())  # mass(a) = lo·ΣP <= total <= hi·ΣP = mass(b)
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        if mass(mid) < total:
+            a = mid
+        else:
+            b = mid
+        if b - a <= 1e-15 * b:
+            break
+    c = 0.5 * (a + b)
+    for _ in range(ratios.size + 1):  # exact solve on the free set; repeat if it moves a boundary
+        raw = c * ratios
+        low, high = raw <= lo, raw >= hi
+        free = ~(low | high)
+        if not free.any():
+            break
+        rest = total - lo * params[low].sum() - hi * params[high].sum()
+        c_new = rest / float((params[free] * ratios[free]).sum())
+        v = c_new * ratios
+        if np.all((v[free] >= lo - 1e-15) & (v[free] <= hi + 1e-15)):
+            c = c_new
+            break
+        c = c_new
+    return np.clip(c * ratios, lo, hi)
 
 
 def allocate(
@@ -210,10 +250,12 @@ def allocate(
         if groups is not None and len(groups) != alphas.size:
             raise ActTailError(f"{name} must have one entry per alpha ({alphas.size}), got {len(groups)}")
     z = scores(alphas, mapping, kinds, layers)
-    ratios = 1.0 - epsilon + 2.0 * epsilon * z
     if target == 0.0:
         return np.zeros(alphas.size)
-    return _redistribute(ratios, params, target, s_max)
+    if parse_mapping(mapping)[2]:  # kept-fraction scale: more sparsity = fewer kept channels
+        kept = _solve_clipped(1.0 + epsilon - 2.0 * epsilon * z, params, (1.0 - target) * params.sum(), 1.0 - s_max, 1.0)
+        return 1.0 - kept
+    return _solve_clipped(1.0 - epsilon + 2.0 * epsilon * z, params, target * params.sum(), 0.0, s_max)
 
 
 def uniform(params: np.ndarray, target: float) -> np.ndarray:

@@ -49,7 +49,8 @@ def test_monotone_in_alpha(problem, mapping):
     alphas, params, kinds, layers, target, epsilon, s_max = problem
     order = np.argsort(alphas)
     forward = allocate(alphas, params, target, epsilon, mapping, s_max)[order]
-    reverse = allocate(alphas, params, target, epsilon, mapping + "-rev", s_max)[order]
+    reversed_name = mapping.replace("-kept", "") + "-rev" + ("-kept" if mapping.endswith("-kept") else "")
+    reverse = allocate(alphas, params, target, epsilon, reversed_name, s_max)[order]
     assert np.all(np.diff(forward) >= -1e-12)  # AlphaPruning direction: larger alpha, larger sparsity
     assert np.all(np.diff(reverse) <= 1e-12)
 
@@ -96,6 +97,18 @@ def test_alphapruning_linear_reference():
     np.testing.assert_allclose(allocate(alphas, params, target, eps, "linear"), expected, rtol=1e-12)
     r_rev = 2 - r  # reversed: z -> 1 - z
     np.testing.assert_allclose(allocate(alphas, params, target, eps, "linear-rev"), target * r_rev * params.sum() / (params * r_rev).sum(), rtol=1e-12)
+
+
+def test_kept_scale_reference():
+    """Unclipped kept-scale budgets: 1 − s_i = (1 − s)·k_i·ΣP/Σ(P k) with k_i = 1 + ε − 2ε z_i."""
+    alphas = np.array([2.0, 3.0, 4.5, 8.0, 5.0])
+    params = np.array([100.0, 300.0, 200.0, 50.0, 350.0])
+    eps, target = 0.3, 0.8
+    z = np.log(alphas / 2.0) / np.log(4.0)
+    for name, zz in (("log-kept", z), ("log-rev-kept", 1 - z)):
+        k = 1 + eps - 2 * eps * zz
+        expected = 1 - (1 - target) * k * params.sum() / (params * k).sum()
+        np.testing.assert_allclose(allocate(alphas, params, target, eps, name), expected, rtol=1e-12)
 
 
 def test_clipping_redistributes_proportionally():
