@@ -14,6 +14,8 @@ through ONNX Runtime's CUDA execution provider with IO binding (kernel_us from C
 
 Run on a CUDA machine (see docs/kernels.md for the exact command):
     python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --out docs/results
+CPU variant (fused op vs ONNX Runtime MatMul on the CPU execution provider, SmolLM2-135M shapes):
+    python benchmarks/kernel_bench.py --cpu --threads 2 --out docs/results
 """
 
 from __future__ import annotations
@@ -238,6 +240,56 @@ def markdown_tables(result: dict) -> str:
     return "\n".join(out)
 
 
+def cpu_bench(out: Path, threads: int, runs: int) -> dict:
+    """CPU execution provider: SparseMatMul (fused) vs ORT MatMul, SmolLM2-135M projection shapes, float32."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from acttail_export.ops import get_library_path
+
+    def session(node, extra=()):
+        inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, None), helper.make_tensor_value_info("W", TensorProto.FLOAT, None)]
+        g = helper.make_graph([node], "g", inputs + list(extra), [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acttail", 1)])
+        m.ir_version = 8
+        opts = ort.SessionOptions()
+        opts.register_custom_ops_library(get_library_path())
+        opts.intra_op_num_threads = threads
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    rng = np.random.default_rng(0)
+    dense = session(helper.make_node("MatMul", ["X", "W"], ["Y"]))
+    thr = session(helper.make_node("SparseMatMul", ["X", "W", "t"], ["Y"], domain="com.acttail", mode="threshold"),
+                  [helper.make_tensor_value_info("t", TensorProto.FLOAT, [])])
+    rows = []
+    for K, N in ((576, 576), (576, 1536), (1536, 576)):
+        W = (rng.standard_normal((K, N)) * 0.02).astype(np.float32)
+        for M in (1, 512):
+            X = rng.standard_normal((M, K)).astype(np.float32)
+            cases = {"dense MatMul": (dense, {"X": X, "W": W})}
+            for s in (0.5, 0.9):
+                cases[f"threshold {s:.0%}"] = (thr, {"X": X, "W": W, "t": np.array(np.quantile(np.abs(X), s), np.float32)})
+                k = K - int(s * K)
+                cases[f"topk {s:.0%}"] = (session(helper.make_node("SparseMatMul", ["X", "W"], ["Y"], domain="com.acttail", mode="topk", k=k)),
+                                          {"X": X, "W": W})
+            times = {name: [] for name in cases}
+            n = runs * (50 if M == 1 else 1)
+            for sess, feeds in cases.values():
+                sess.run(None, feeds)
+            for _ in range(n):  # interleaved, so that load from other processes hits every case alike
+                for name, (sess, feeds) in cases.items():
+                    t0 = time.perf_counter()
+                    sess.run(None, feeds)
+                    times[name].append(time.perf_counter() - t0)
+            for name, t in times.items():
+                rows.append({"K": K, "N": N, "M": M, "case": name, "ms": statistics.median(t) * 1e3})
+                logger.info("%d->%d M=%d %s: %.3f ms", K, N, M, name, rows[-1]["ms"])
+    result = {"env": {"cpu": platform.processor() or platform.machine(), "threads": threads, "runs": n}, "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_bench_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--harness", help="libacttail_bench.so built from csrc/sparse_matmul_bench.cu (required to measure)")
@@ -246,13 +298,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/results", help="folder for kernel_bench.json")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
+    ap.add_argument("--cpu", action="store_true", help="CPU benchmark instead: fused op vs ORT MatMul, SmolLM2 shapes")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the CPU benchmark")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.table:
         print(markdown_tables(json.loads(Path(args.table).read_text())))
         return 0
+    if args.cpu:
+        cpu_bench(Path(args.out), args.threads, runs=7)
+        print(f"wrote {Path(args.out) / 'kernel_bench_cpu.json'}")
+        return 0
     if not args.harness:
-        ap.error("--harness is required to measure (or use --table)")
+        ap.error("--harness is required to measure (or use --table / --cpu)")
 
     import torch
 

@@ -1,9 +1,11 @@
-// CPU kernel of com.acttail::SparseMatMul: per row, select the kept channels, then accumulate only
-// the kept rows of W into a float32 accumulator (column-chunked, parallel over rows x chunks).
+// CPU kernel of com.acttail::SparseMatMul: per row, select the kept channels (masked X as float32),
+// then, per block of 8 rows x 256 columns, accumulate only the kept rows of W into float32
+// accumulators; each W row chunk is read once per row block. Parallel over blocks x chunks.
 #include <algorithm>
 #include <cmath>
 #include <functional>
 #include <numeric>
+#include <type_traits>
 
 #include "sparse_matmul.h"
 
@@ -38,17 +40,33 @@ inline void FromFloat(float v, uint16_t* out) { *out = FloatToHalf(v); }
 inline uint32_t Key(float v) { return MagnitudeKey(v); }
 inline uint32_t Key(uint16_t v) { return MagnitudeKey16(v); }
 
-// acc[0:n] += a * w[0:n]; cloned for AVX2+FMA where the CPU has it.
-__attribute__((target_clones("arch=haswell", "default"))) void Axpy(float* __restrict acc, float a, const float* __restrict w,
-                                                                        int64_t n) {
+// SIMD dispatch: each hot loop is compiled twice, for AVX2+FMA and for baseline x86-64, and picked at
+// run time (GCC's target_clones("arch=haswell") would only match Haswell CPUs, not later ones).
+bool HasAvx2Fma() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+#define ACTTAIL_SIMD_VARIANTS(name, params, args)                                      \
+  __attribute__((target("avx2,fma"))) void name##Avx2 params { name##Impl args; }      \
+  void name##Base params { name##Impl args; }                                          \
+  inline void name params { HasAvx2Fma() ? name##Avx2 args : name##Base args; }
+
+// acc[0:n] += a * w[0:n]
+__attribute__((always_inline)) inline void AxpyImpl(float* __restrict acc, float a, const float* __restrict w, int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] += a * w[j];
 }
-__attribute__((target_clones("arch=haswell", "default"))) void AxpyHalf(float* __restrict acc, float a,
-                                                                            const uint16_t* __restrict w, int64_t n) {
+__attribute__((always_inline)) inline void AxpyHalfImpl(float* __restrict acc, float a, const uint16_t* __restrict w, int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] += a * HalfToFloat(w[j]);
 }
+ACTTAIL_SIMD_VARIANTS(Axpy, (float* acc, float a, const float* w, int64_t n), (acc, a, w, n))
+ACTTAIL_SIMD_VARIANTS(AxpyHalf, (float* acc, float a, const uint16_t* w, int64_t n), (acc, a, w, n))
 inline void AxpyT(float* acc, float a, const float* w, int64_t n) { Axpy(acc, a, w, n); }
 inline void AxpyT(float* acc, float a, const uint16_t* w, int64_t n) { AxpyHalf(acc, a, w, n); }
+
+constexpr int64_t kRowBlock = 8;  // rows sharing each W row chunk read (prefill)
 
 template <typename T>
 struct Job {
@@ -59,10 +77,9 @@ struct Job {
   Mode mode;
   float threshold;
   int64_t k;
-  std::vector<int32_t>* idx;     // [M, K] kept channel indices (first count[m] valid)
-  std::vector<float>* val;       // [M, K] kept values as float
-  std::vector<int64_t>* count;   // [M]
-  int64_t chunks;                // column chunks per row
+  float* xm;       // [M, K] kept values of X as float, 0 where masked (zeros are never multiplied)
+  int64_t chunks;  // column chunks per row block
+  int64_t* kept;   // [M] number of kept non-zero entries per row
 };
 
 template <typename T>
@@ -70,13 +87,12 @@ void SelectRow(void* data, size_t m) {
   auto& j = *static_cast<Job<T>*>(data);
   const int64_t K = j.p->K;
   const T* xr = j.x + m * K;
-  int32_t* idx = j.idx->data() + m * K;
-  float* val = j.val->data() + m * K;
-  int64_t n = 0;
+  float* xm = j.xm + m * K;
+  std::fill(xm, xm + K, 0.0f);
   if (j.mode == Mode::kThreshold) {
     for (int64_t c = 0; c < K; ++c) {
-      float v = ToFloat(xr[c]);
-      if (std::fabs(v) > j.threshold && v != 0.0f) { idx[n] = (int32_t)c; val[n] = v; ++n; }  // zeros never multiplied
+      const float v = ToFloat(xr[c]);
+      if (std::fabs(v) > j.threshold) xm[c] = v;  // NaN never passes; v == 0 stays 0 (not multiplied)
     }
   } else if (j.k > 0) {
     std::vector<uint32_t> keys(K);
@@ -88,27 +104,116 @@ void SelectRow(void* data, size_t m) {
     for (int64_t c = 0; c < K; ++c) greater += keys[c] > kth;
     int64_t ties = kth == 0 ? 0 : j.k - greater;  // key 0 = zero or NaN: never kept
     for (int64_t c = 0; c < K; ++c) {
-      bool keep = keys[c] > kth || (keys[c] == kth && ties > 0 && (--ties, true));
-      if (keep) { idx[n] = (int32_t)c; val[n] = ToFloat(xr[c]); ++n; }
+      const bool keep = keys[c] > kth || (keys[c] == kth && ties > 0 && (--ties, true));
+      if (keep) xm[c] = ToFloat(xr[c]);
     }
   }
-  (*j.count)[m] = n;
+  int64_t n = 0;
+  for (int64_t c = 0; c < K; ++c) n += xm[c] != 0.0f;
+  j.kept[m] = n;
 }
 
+/// One task: rows [r0, r0 + kRowBlock) x columns [c0, c0 + kChunk). Each W row chunk is read once
+/// from memory and reused from L1 by every row of the block that keeps that channel.
 template <typename T>
 void AccumulateTask(void* data, size_t task) {
   auto& j = *static_cast<Job<T>*>(data);
-  const int64_t K = j.p->K, N = j.p->N;
-  const int64_t m = (int64_t)task / j.chunks, c0 = ((int64_t)task % j.chunks) * kChunk;
-  const int64_t width = std::min(kChunk, N - c0);
-  float acc[kChunk];
-  std::fill(acc, acc + width, 0.0f);
-  const int32_t* idx = j.idx->data() + m * K;
-  const float* val = j.val->data() + m * K;
-  const int64_t n = (*j.count)[m];
-  for (int64_t i = 0; i < n; ++i) AxpyT(acc, val[i], j.w + (int64_t)idx[i] * N + c0, width);
-  T* yr = j.y + m * N + c0;
-  for (int64_t c = 0; c < width; ++c) FromFloat(acc[c], yr + c);
+  const int64_t M = j.p->M, K = j.p->K, N = j.p->N;
+  const int64_t r0 = ((int64_t)task / j.chunks) * kRowBlock, c0 = ((int64_t)task % j.chunks) * kChunk;
+  const int64_t rows = std::min(kRowBlock, M - r0), width = std::min(kChunk, N - c0);
+  float acc[kRowBlock][kChunk];
+  const float* xm = j.xm + r0 * K;
+  for (int64_t r = 0; r < rows; ++r) std::fill(acc[r], acc[r] + width, 0.0f);
+  for (int64_t c = 0; c < K; ++c) {
+    const T* wrow = j.w + c * N + c0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float a = xm[r * K + c];
+      if (a != 0.0f) AxpyT(acc[r], a, wrow, width);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* yr = j.y + (r0 + r) * N + c0;
+    for (int64_t c = 0; c < width; ++c) FromFloat(acc[r][c], yr + c);
+  }
+}
+
+// ---- prefill path: packed, register-blocked, used when W has no Inf/NaN -------------------------
+// With a finite W, multiplying a masked (zero) x by its row of W adds exactly 0, so the masked
+// product can be computed as a dense GEMM of mask(X) with W (same result as skipping the rows).
+constexpr int64_t kDenseRows = 256;  // rows per task (one packed W panel serves all of them)
+constexpr int64_t kDenseCols = 128;  // columns per task
+constexpr int64_t kDenseDepth = 256;  // K slice packed at a time (8 strips x 256 x 16 floats = 128 KB)
+constexpr int64_t kStrip = 16;       // columns per micro tile
+
+// acc[r][0:16] (row stride ld) += sum_k a_r[k] * panel[k][0:16], r = 0..3 (register-blocked)
+__attribute__((always_inline)) inline void MicroTileImpl(const float* __restrict a0, const float* __restrict a1,
+                                                         const float* __restrict a2, const float* __restrict a3,
+                                                         const float* __restrict panel, int64_t depth, float* __restrict acc,
+                                                         int64_t ld) {
+  float t[4][kStrip];
+  for (int c = 0; c < kStrip; ++c) { t[0][c] = acc[c]; t[1][c] = acc[ld + c]; t[2][c] = acc[2 * ld + c]; t[3][c] = acc[3 * ld + c]; }
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* wr = panel + k * kStrip;
+    const float x0 = a0[k], x1 = a1[k], x2 = a2[k], x3 = a3[k];
+    for (int c = 0; c < kStrip; ++c) {
+      t[0][c] += x0 * wr[c];
+      t[1][c] += x1 * wr[c];
+      t[2][c] += x2 * wr[c];
+      t[3][c] += x3 * wr[c];
+    }
+  }
+  for (int c = 0; c < kStrip; ++c) { acc[c] = t[0][c]; acc[ld + c] = t[1][c]; acc[2 * ld + c] = t[2][c]; acc[3 * ld + c] = t[3][c]; }
+}
+ACTTAIL_SIMD_VARIANTS(MicroTile,
+                      (const float* a0, const float* a1, const float* a2, const float* a3, const float* panel, int64_t depth,
+                       float* acc, int64_t ld),
+                      (a0, a1, a2, a3, panel, depth, acc, ld))
+
+inline bool Finite(float v) { uint32_t b; std::memcpy(&b, &v, 4); return (b & 0x7f800000u) != 0x7f800000u; }
+inline bool Finite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
+
+template <typename T>
+bool AllFinite(const T* w, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= Finite(w[i]);
+  return ok;
+}
+
+template <typename T>
+void DenseTask(void* data, size_t task) {
+  auto& j = *static_cast<Job<T>*>(data);
+  const int64_t M = j.p->M, K = j.p->K, N = j.p->N;
+  const int64_t chunks = (N + kDenseCols - 1) / kDenseCols;
+  const int64_t r0 = ((int64_t)task / chunks) * kDenseRows, c0 = ((int64_t)task % chunks) * kDenseCols;
+  const int64_t rows = std::min(kDenseRows, M - r0), width = std::min(kDenseCols, N - c0);
+  const int64_t strips = (width + kStrip - 1) / kStrip;
+  thread_local std::vector<float> acc, panel, zeros;
+  acc.assign((size_t)(kDenseRows * kDenseCols), 0.0f);
+  panel.resize((size_t)(kDenseCols * kDenseDepth));
+  if ((int64_t)zeros.size() < K) zeros.assign((size_t)K, 0.0f);
+  for (int64_t kb = 0; kb < K; kb += kDenseDepth) {
+    const int64_t depth = std::min(kDenseDepth, K - kb);
+    for (int64_t st = 0; st < strips; ++st) {  // pack W[kb:kb+depth, c0:c0+width] as [strip][k][16], zero padded
+      float* dst = panel.data() + st * depth * kStrip;
+      const int64_t cs = c0 + st * kStrip, n = std::min(kStrip, c0 + width - cs);
+      for (int64_t k = 0; k < depth; ++k) {
+        const T* src = j.w + (kb + k) * N + cs;
+        for (int64_t c = 0; c < n; ++c) dst[k * kStrip + c] = ToFloat(src[c]);
+        for (int64_t c = n; c < kStrip; ++c) dst[k * kStrip + c] = 0.0f;
+      }
+    }
+    for (int64_t r = 0; r < rows; r += 4) {
+      const float* a[4];
+      for (int q = 0; q < 4; ++q) a[q] = (r + q < rows ? j.xm + (r0 + r + q) * K : zeros.data()) + kb;
+      for (int64_t st = 0; st < strips; ++st)
+        MicroTile(a[0], a[1], a[2], a[3], panel.data() + st * depth * kStrip, depth, acc.data() + r * kDenseCols + st * kStrip,
+                  kDenseCols);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* yr = j.y + (r0 + r) * N + c0;
+    for (int64_t c = 0; c < width; ++c) FromFloat(acc[(size_t)(r * kDenseCols + c)], yr + c);
+  }
 }
 
 }  // namespace
@@ -117,11 +222,9 @@ template <typename T>
 void SparseMatMulCpu(const T* x, const T* w, T* y, const Problem& p, Mode mode, float threshold, int64_t k,
                      ParallelFn parallel, void* parallel_ctx) {
   if (p.M == 0 || p.N == 0) return;
-  std::vector<int32_t> idx((size_t)(p.M * p.K));
-  std::vector<float> val((size_t)(p.M * p.K));
-  std::vector<int64_t> count((size_t)p.M, 0);
-  Job<T> job{x, w, y, &p, mode, threshold, k, &idx, &val, &count, (p.N + kChunk - 1) / kChunk};
-  const size_t tasks = (size_t)(p.M * job.chunks);
+  std::vector<float> xm((size_t)(p.M * p.K));
+  std::vector<int64_t> kept((size_t)p.M, 0);
+  Job<T> job{x, w, y, &p, mode, threshold, k, xm.data(), (p.N + kChunk - 1) / kChunk, kept.data()};
   // Parallelism only pays when there is real work; small problems run inline.
   const bool par = parallel != nullptr && p.M * p.K * p.N >= (1 << 16);
   if (par && p.M > 1) {
@@ -129,10 +232,18 @@ void SparseMatMulCpu(const T* x, const T* w, T* y, const Problem& p, Mode mode, 
   } else {
     for (int64_t m = 0; m < p.M; ++m) SelectRow<T>(&job, (size_t)m);
   }
+  // Many rows with more than ~20% of the channels kept: a dense, register-blocked product of the
+  // masked X (valid only for a finite W, see DenseTask); otherwise skip the masked rows of W.
+  int64_t total = 0;
+  for (int64_t m = 0; m < p.M; ++m) total += kept[(size_t)m];
+  const bool dense = p.M >= 16 && total * 5 > p.M * p.K && AllFinite(w, p.K * p.N);
+  const size_t tasks = dense ? (size_t)(((p.M + kDenseRows - 1) / kDenseRows) * ((p.N + kDenseCols - 1) / kDenseCols))
+                             : (size_t)(((p.M + kRowBlock - 1) / kRowBlock) * job.chunks);
+  void (*task_fn)(void*, size_t) = dense ? &DenseTask<T> : &AccumulateTask<T>;
   if (par && tasks > 1) {
-    parallel(parallel_ctx, &AccumulateTask<T>, tasks, &job);
+    parallel(parallel_ctx, task_fn, tasks, &job);
   } else {
-    for (size_t t = 0; t < tasks; ++t) AccumulateTask<T>(&job, t);
+    for (size_t t = 0; t < tasks; ++t) task_fn(&job, t);
   }
 }
 

@@ -98,9 +98,13 @@ def reference(x: np.ndarray, w: np.ndarray, mode: str, threshold: float | None =
     mask = reference_mask(x2, mode, threshold, k)
     xm = np.where(mask, x2.astype(np.float64), 0.0)
     wf = w.astype(np.float64)
+    finite = np.isfinite(wf)
     with np.errstate(invalid="ignore", over="ignore"):
-        y = xm @ wf
-        scale = np.abs(xm) @ np.abs(wf)
+        y = xm @ np.where(finite, wf, 0.0)
+        scale = np.abs(xm) @ np.abs(np.where(finite, wf, 0.0))
+        for k, n in zip(*np.nonzero(~finite)):  # Inf/NaN weights count only for rows that keep channel k
+            y[:, n] += np.where(mask[:, k], xm[:, k] * wf[k, n], 0.0)
+            scale[:, n] += np.where(mask[:, k], np.abs(xm[:, k] * wf[k, n]), 0.0)
     shape = x.shape[:-1] + (w.shape[1],)
     return y.reshape(shape), scale.reshape(shape)
 
@@ -253,6 +257,20 @@ def test_masked_rows_of_w_are_skipped(mode):
         assert np.isnan(y[0, 0]) and y[0, 1] == np.inf
         y = run_op(CPU, x, w, mode, threshold=0.1)
     np.testing.assert_allclose(y, [[1.0 - 6.0, 2.0 - 8.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_prefill_rows_skip_nonfinite_w_rows(dtype):
+    """Many rows (the blocked prefill path) with Inf/NaN in rows of W that no row keeps."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((40, 24)).astype(dtype)
+    x[:, 3] = 0.01  # below the threshold everywhere
+    x[:, 7] = 0.0   # zero everywhere
+    w = rng.standard_normal((24, 33)).astype(dtype)
+    w[3, ::2], w[3, 1::2], w[7] = np.inf, np.nan, -np.inf
+    y = run_op(CPU, x, w, "threshold", threshold=0.1)
+    assert np.isfinite(y).all()
+    assert_matches(y, x, w, "threshold", 0.1)
 
 
 def test_fp16_accumulates_in_fp32():
