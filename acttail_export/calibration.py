@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .config import SHARED_INPUT_GROUPS, ActTailConfig, CalibrationInfo, ProjectionConfig, topk_keep
 from .data import DEFAULT_CALIBRATION_DATA, load_windows
 from .errors import ActTailError
+from .offload import input_device
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +264,7 @@ def calibrate_many(
     for config in configs:
         for p in config.projections:
             p.k = topk_keep(p.sparsity, p.in_features)
-    device = next(model.parameters()).device
-    batches = _batches(windows, batch_size, device)
+    batches = _batches(windows, batch_size, input_device(model))
     max_mass, exact = 0.0, True
     if sequential:
         for config, groups in zip(configs, groups_per_config):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .config import ActTailConfig
 from .data import load_windows
 from .errors import ActTailError
+from .offload import input_device
 from .sparsify import apply_sparsity
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def perplexity_windows(
     if length < 2:
         raise ActTailError(f"sequence length must be at least 2 to predict a token, got {length}")
     batch_size = batch_size or max(1, DEFAULT_BATCH_TOKENS // length)
-    device = next(model.parameters()).device
+    device = input_device(model)
     hooks = apply_sparsity(model, config, mode) if config is not None else None
     total, count = 0.0, 0
     try:

@@ -127,10 +127,13 @@ def analyze_model(model, device=None, progress: bool = True) -> dict[str, PowerL
     from tqdm.auto import tqdm
 
     from .modeling import iter_projections
+    from .offload import projection_weight
 
     projections = iter_projections(model)
     fits: dict[str, PowerLawFit] = {}
     for name, _, _, module in tqdm(projections, desc="HT-SR spectra", unit="matrix", disable=not progress):
-        fits[name] = fit_power_law(eigenvalues(module.weight, device=device))
+        # one matrix at a time: offloaded weights (accelerate) are loaded for this block only
+        with projection_weight(module) as weight:
+            fits[name] = fit_power_law(eigenvalues(weight, device=device))
     logger.debug("fitted %d spectra", len(fits))
     return fits
