@@ -14,6 +14,8 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,9 +247,19 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
     if not report.passed:
         raise ExportValidationError(
             f"ONNX model disagrees with the PyTorch sparse reference: median relative logit error {report.median_rel_error:.3g} "
-            f"(tolerance {report.tolerance:.0e}), top-1 agreement {100 * report.top1_agreement:.1f}%, cached step {cached:.3g}; "
-            "report a bug or export with --dtype fp32 (use --no-validate to keep the output anyway)")
+            f"(tolerance {report.tolerance:.0e}), top-1 agreement {100 * report.top1_agreement:.1f}%, cached step {cached:.3g}"
+            + ("; fp16 rounding flips many masks: try --dtype fp32" if dtype == "fp16" else
+               "; this is a bug, please report it with the command line")
+            + " (--no-validate keeps the output anyway)")
     return report
+
+
+@contextmanager
+def _stage(name: str):
+    """Log the wall time of one pipeline stage (``stage <name>: <seconds> s``)."""
+    start = time.perf_counter()
+    yield
+    logger.info("stage %s: %.1f s", name, time.perf_counter() - start)
 
 
 def library_versions() -> dict[str, str]:
@@ -348,21 +360,25 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     from .onnx_export import export_base_onnx, load_onnx, save_onnx
     from .spectral import analyze_model
 
-    model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
-    fits = analyze_model(model, device=device, progress=progress)
+    with _stage("load model"):
+        model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
+    with _stage("spectral analysis"):
+        fits = analyze_model(model, device=device, progress=progress)
     config = alloc.build_config(model, sparsity, allocation=allocation, mode=mode, epsilon=epsilon, mapping=mapping, fits=fits)
     config.kernel = kernel
     config.model = str(model_ref)
     config.architecture = type(model).__name__
-    with torch.no_grad():
+    with _stage("calibration"), torch.no_grad():
         calibrate(model, tokenizer, config, data=calibration_path, samples=samples, sequence_length=sequence_length, progress=progress)
 
     base_dir = tmp / ".base"
-    base = export_base_onnx(model, base_dir, dtype=dtype, device=device)
-    graph = load_onnx(base)
-    rewrite(graph, config, mode=mode, kernel=kernel)
-    save_onnx(graph, tmp / "model.onnx")
-    del graph
+    with _stage("base ONNX export"):
+        base = export_base_onnx(model, base_dir, dtype=dtype, device=device)
+    with _stage("graph rewrite"):
+        graph = load_onnx(base)
+        rewrite(graph, config, mode=mode, kernel=kernel)
+        save_onnx(graph, tmp / "model.onnx")
+        del graph
     for name in ("config.json", "generation_config.json"):
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, tmp / name)
@@ -376,14 +392,17 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     if validate:
         text_source = eval_data if Path(eval_data).is_file() else calibration_path
         windows = load_windows(tokenizer, text_source, VALIDATION_LENGTH, samples=VALIDATION_WINDOWS)
-        report = validate_export(model, tmp, config, windows, dtype)
+        with _stage("validation"):
+            report = validate_export(model, tmp, config, windows, dtype)
         config.perplexity["validation"] = {"max_abs_logit_diff": report.max_abs_diff, "median_rel_error": report.median_rel_error,
                                            "top1_agreement": report.top1_agreement, "positions": report.positions}
         if eval_tokens and Path(eval_data).is_file():
             from .runtime import perplexity_onnx
 
             length = min(EVAL_LENGTH, eval_tokens)
-            config.perplexity.update(perplexity_onnx(tmp, eval_data, sequence_length=length, max_tokens=eval_tokens, progress=progress))
+            with _stage("export-time perplexity"):
+                config.perplexity.update(perplexity_onnx(tmp, eval_data, sequence_length=length, max_tokens=eval_tokens,
+                                                         progress=progress))
         elif eval_tokens:
             logger.warning("%s not found: the model card will not report a perplexity", eval_data)
     if config.effective_sparsity is None and mode == "topk":  # exact without measuring: k per token
