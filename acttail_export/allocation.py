@@ -22,6 +22,7 @@ Scores (``MAPPINGS`` = ``<score>[-rev][-kept]``; ``-rev`` reverses the direction
   AlphaPruning block-wise variant: one ratio per layer).
 * ``type``     — alpha averaged over each projection kind, min-max over kinds (one ratio per kind).
 * ``type-block`` — mean of the ``type`` and ``block`` scores (a per-kind and a per-layer term).
+* ``type-linear`` — mean of the ``type`` and ``linear`` scores (a per-kind and a per-projection term).
 
 Scale (suffix ``-kept``): by default ε spreads the *sparsity* as above (AlphaPruning). With
 ``-kept`` it spreads the *kept fraction* instead, with the same direction (higher z, more sparsity):
@@ -137,6 +138,10 @@ def _score_type_block(a, kinds, layers):
     return 0.5 * (_score_type(a, kinds, layers) + _score_block(a, kinds, layers))
 
 
+def _score_type_linear(a, kinds, layers):
+    return 0.5 * (_score_type(a, kinds, layers) + _score_linear(a, kinds, layers))
+
+
 _SCORES: dict[str, ScoreFn] = {
     "linear": _score_linear,
     "log": _score_log,
@@ -147,6 +152,7 @@ _SCORES: dict[str, ScoreFn] = {
     "block": _score_block,
     "type": _score_type,
     "type-block": _score_type_block,
+    "type-linear": _score_type_linear,
 }
 REVERSED_SUFFIX = "-rev"
 KEPT_SUFFIX = "-kept"

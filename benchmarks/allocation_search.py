@@ -11,6 +11,14 @@ Hyperparameters are chosen on WikiText-2 *validation*; the chosen one is then co
         --sparsity 0.5 0.6 0.7 0.8 0.9 --mapping uniform type-block-rev --epsilon 0.5 \\
         --output docs/results/allocation_confirm_test.json
 
+    # markdown table of a results file (rows: mapping, ε; columns: sparsity; % change vs uniform)
+    .venv/bin/python benchmarks/allocation_search.py --table docs/results/allocation_search_valid_4k.json
+
+    # sensitivity probe: uniform except one projection kind kept at twice the channels (others
+    # raised to keep the weighted mean); mapping names "probe:<kind>"
+    .venv/bin/python benchmarks/allocation_search.py --split valid --max-tokens 4096 --sparsity 0.8 \
+        --mapping probe:q_proj probe:v_proj probe:up_proj --output docs/results/allocation_search_valid_4k.json
+
 ``uniform`` in ``--mapping`` means the uniform allocation (ε ignored). Rows are appended to the
 JSON file as they finish, so an interrupted sweep can be continued with the same command.
 """
@@ -29,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acttail_export import allocation  # noqa: E402
+from acttail_export.config import PROJECTION_KINDS, topk_keep  # noqa: E402
 from acttail_export.data import load_windows  # noqa: E402
 from acttail_export.evaluation import perplexity_windows  # noqa: E402
 from acttail_export.modeling import default_model_path, load_model  # noqa: E402
@@ -53,6 +62,48 @@ def row_key(row: dict) -> tuple:
     return (row["split"], row["tokens"], row["sequence_length"], row["mapping"], row["epsilon"], row["sparsity"])
 
 
+def print_table(path: Path) -> None:
+    """Markdown table: perplexity per (mapping, ε) and sparsity, with the change vs uniform."""
+    rows = json.loads(path.read_text())["results"]
+    for tokens in sorted({r["tokens"] for r in rows}):
+        subset = [r for r in rows if r["tokens"] == tokens]
+        sparsities = sorted({r["sparsity"] for r in subset if r["mapping"] != "dense"})
+        uniform = {r["sparsity"]: r["perplexity"] for r in subset if r["mapping"] == "uniform"}
+        dense = [r["perplexity"] for r in subset if r["mapping"] == "dense"]
+        print(f"\n{subset[0]['split']}, {tokens} tokens, windows of {subset[0]['sequence_length']}"
+              + (f", dense {dense[0]:.2f}" if dense else ""))
+        print("| mapping | ε | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
+        print("|---|---|" + "---|" * len(sparsities))
+        keys = sorted({(r["mapping"], r["epsilon"]) for r in subset if r["mapping"] not in ("dense",)},
+                      key=lambda k: (k[0] != "uniform", k[0], k[1]))
+        for mapping, eps in keys:
+            cells = []
+            for s in sparsities:
+                hit = [r for r in subset if (r["mapping"], r["epsilon"], r["sparsity"]) == (mapping, eps, s)]
+                if not hit:
+                    cells.append("")
+                    continue
+                ppl = hit[-1]["perplexity"]
+                change = f" ({(ppl / uniform[s] - 1):+.0%})" if mapping != "uniform" and s in uniform else ""
+                cells.append(f"{ppl:.4g}{change}")
+            print(f"| {mapping} | {'' if mapping == 'uniform' or mapping.startswith('probe:') else f'{eps:g}'} | " + " | ".join(cells) + " |")
+
+
+def probe_config(model, sparsity: float, kind: str):
+    """Uniform budgets except ``kind``, whose kept fraction is doubled; the rest share the remaining budget."""
+    config = allocation.build_config(model, sparsity, allocation="uniform", mode="topk")
+    if kind not in PROJECTION_KINDS:
+        raise SystemExit(f"unknown kind in probe:{kind}")
+    total = sum(p.parameters for p in config.projections)
+    probed = sum(p.parameters for p in config.projections if p.kind == kind)
+    low = max(0.0, 1.0 - 2.0 * (1.0 - sparsity))
+    high = (sparsity * total - low * probed) / (total - probed)
+    for p in config.projections:
+        p.sparsity = low if p.kind == kind else high
+        p.k = topk_keep(p.sparsity, p.in_features)
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M GGUF")
@@ -63,8 +114,14 @@ def main() -> None:
     parser.add_argument("--mapping", nargs="+", default=["uniform", allocation.DEFAULT_MAPPING])
     parser.add_argument("--epsilon", type=float, nargs="+", default=[allocation.DEFAULT_EPSILON])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path, default=None, help="results JSON (appended to, resumable)")
+    parser.add_argument("--table", type=Path, default=None, help="print a markdown table of this results file and exit")
     args = parser.parse_args()
+    if args.table:
+        print_table(args.table)
+        return
+    if args.output is None:
+        parser.error("--output is required (or --table)")
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,13 +150,15 @@ def main() -> None:
 
     for sparsity in args.sparsity:
         for mapping in args.mapping:
-            for epsilon in ([0.0] if mapping == "uniform" else args.epsilon):
+            for epsilon in ([0.0] if mapping == "uniform" or mapping.startswith("probe:") else args.epsilon):
                 row = {"split": args.split, "tokens": tokens, "sequence_length": args.sequence_length,
                        "mapping": mapping, "epsilon": epsilon, "sparsity": sparsity}
                 if row_key(row) in done:
                     continue
                 if mapping == "uniform":
                     config = allocation.build_config(model, sparsity, allocation="uniform", mode="topk")
+                elif mapping.startswith("probe:"):
+                    config = probe_config(model, sparsity, mapping.split(":", 1)[1])
                 else:
                     config = allocation.build_config(model, sparsity, mode="topk", epsilon=epsilon, mapping=mapping, fits=fits)
                 start = time.perf_counter()
