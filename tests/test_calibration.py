@@ -144,3 +144,21 @@ def test_calibrate_errors(tiny, tmp_path):
         calibrate(model, tok, hand_config(model, 0.5), data=short, samples=4, sequence_length=64, progress=False)
     with pytest.raises(ActTailError, match="no projections"):
         calibrate(model, tok, ActTailConfig(target_sparsity=0.5), data=short, progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_streamed_thresholds(smollm2, wikitext_valid):
+    """Streamed histogram quantiles on the real model agree with torch.quantile on the captured inputs."""
+    from acttail_export.allocation import build_config
+
+    model, tok = smollm2
+    windows = token_windows(tok, read_text(wikitext_valid)[:20_000], sequence_length=128, samples=2)
+    config = calibrate(model, tok, build_config(model, 0.7, "uniform", "threshold"), windows=windows,
+                       progress=False, exact_limit=0)
+    checked = [p for p in config.projections if p.layer in (0, 29)]
+    captured = dense_inputs(model, windows, [p.name for p in checked])
+    for p in checked:
+        absx = captured[p.name]
+        ref = float(torch.quantile(absx.double(), p.sparsity))
+        assert abs(p.threshold - ref) <= ref * 2.0**-MANTISSA_BITS * 1.01, p.name
+        assert abs(float((absx <= p.threshold).double().mean()) - p.sparsity) < 0.005, p.name

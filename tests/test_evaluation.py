@@ -138,3 +138,18 @@ def test_cli_empty_data_file(tiny_llama_dir, tmp_path, capsys):
     empty.write_text("")
     code, _, err = run_cli(["evaluate", "--model", str(tiny_llama_dir), "--data", str(empty)], capsys)
     assert code == 2 and "empty" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_matches_model_loss(smollm2, wikitext_test):
+    model, tok = smollm2
+    windows = token_windows(tok, read_text(wikitext_test)[:20_000], sequence_length=256, samples=2)
+    dense = perplexity_windows(model, windows, progress=False)
+    assert dense["perplexity"] == pytest.approx(reference_ppl(model, windows), rel=1e-4)
+    assert 5 < dense["perplexity"] < 100  # a working 135M model on WikiText
+    from acttail_export.allocation import build_config
+
+    config = build_config(model, 0.5, "uniform", "topk")
+    sparse = perplexity_windows(model, windows, config, progress=False)
+    assert sparse["perplexity"] > dense["perplexity"]
+    assert sparse["effective_sparsity"] == pytest.approx(0.5, abs=1e-3)
