@@ -56,7 +56,9 @@ def test_output_folder_contents(llama_topk, tiny_llama_dir):
     assert config.calibration.data.endswith("wiki.valid.raw")
     assert {"torch", "transformers", "onnx", "onnxruntime", "optimum"} <= set(config.versions)
     assert config.perplexity["perplexity"] > 1 and config.perplexity["tokens"] == 128
-    assert config.perplexity["validation"]["median_rel_error"] < 1e-3
+    validation = config.perplexity["validation"]
+    assert validation["median_rel_error"] < 1e-3  # tiny model: no boundary flips even free-running
+    assert max(validation["forced_mask_rel_error"], validation["projection_rel_error"], validation["cached_step_rel_error"]) < 1e-4
     graph = onnx.load(str(llama_topk / "model.onnx"), load_external_data=False)
     assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
@@ -139,7 +141,7 @@ def test_overwrite_replaces_and_validation_failure_leaves_nothing(tiny_llama_dir
     import acttail_export.graph_rewrite as gr
 
     monkeypatch.setattr(gr, "_mask_nodes", lambda b, p, x, elem, mode: ([], x))
-    with pytest.raises(ExportValidationError, match="disagrees with the PyTorch sparse reference"):
+    with pytest.raises(ExportValidationError, match="ONNX model disagrees with PyTorch: projection error"):
         _export(tiny_llama_dir, out, sparsity=0.5, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if ".acttail-" in p.name]
@@ -163,7 +165,8 @@ def test_fp16_export_validates(tiny_llama_dir, tmp_path):
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     validation = ActTailConfig.load(out).perplexity["validation"]
-    assert validation["median_rel_error"] < 2e-2 and validation["top1_agreement"] >= 0.9
+    assert validation["tolerance"] == 2e-2
+    assert max(validation["forced_mask_rel_error"], validation["projection_rel_error"], validation["cached_step_rel_error"]) <= 2e-2
 
 
 def test_smollm2_alias_resolves_to_the_bundled_gguf():
