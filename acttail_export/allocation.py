@@ -23,6 +23,10 @@ Scores (``MAPPINGS`` = ``<score>[-rev][-kept]``; ``-rev`` reverses the direction
 * ``type``     — alpha averaged over each projection kind, min-max over kinds (one ratio per kind).
 * ``type-block`` — mean of the ``type`` and ``block`` scores (a per-kind and a per-layer term).
 * ``type-linear`` — mean of the ``type`` and ``linear`` scores (a per-kind and a per-projection term).
+* ``group``    — alpha averaged over each *input group* (projections that read the same activation:
+  q/k/v, o, gate/up, down; ``config.SHARED_INPUT_GROUPS``), min-max over the four groups. Projections
+  of a group get the same budget, so q/k/v (and gate/up) keep the same channels of their shared input.
+* ``group-linear`` — mean of the ``group`` and ``linear`` scores.
 
 Scale (suffix ``-kept``): by default ε spreads the *sparsity* as above (AlphaPruning). With
 ``-kept`` it spreads the *kept fraction* instead, with the same direction (higher z, more sparsity):
@@ -46,6 +50,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import (
+    SHARED_INPUT_GROUPS,
     ActTailConfig,
     ProjectionConfig,
     check_epsilon,
@@ -138,6 +143,16 @@ def _score_type_block(a, kinds, layers):
     return 0.5 * (_score_type(a, kinds, layers) + _score_block(a, kinds, layers))
 
 
+def _score_group(a, kinds, layers):
+    kinds = _need(kinds, "kinds", "group")
+    group_of = {kind: index for index, group in enumerate(SHARED_INPUT_GROUPS) for kind in group}
+    return _group_mean_score(a, np.array([group_of[str(k)] for k in kinds]))
+
+
+def _score_group_linear(a, kinds, layers):
+    return 0.5 * (_score_group(a, kinds, layers) + _score_linear(a, kinds, layers))
+
+
 def _score_type_linear(a, kinds, layers):
     return 0.5 * (_score_type(a, kinds, layers) + _score_linear(a, kinds, layers))
 
@@ -153,6 +168,8 @@ _SCORES: dict[str, ScoreFn] = {
     "type": _score_type,
     "type-block": _score_type_block,
     "type-linear": _score_type_linear,
+    "group": _score_group,
+    "group-linear": _score_group_linear,
 }
 REVERSED_SUFFIX = "-rev"
 KEPT_SUFFIX = "-kept"

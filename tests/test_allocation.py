@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from acttail_export import allocation
 from acttail_export.allocation import MAPPINGS, MONOTONE_MAPPINGS, allocate, build_config, scores
-from acttail_export.config import PROJECTION_KINDS, ActTailConfig, topk_keep
+from acttail_export.config import PROJECTION_KINDS, SHARED_INPUT_GROUPS, ActTailConfig, topk_keep
 from acttail_export.errors import ActTailError
 
 
@@ -77,6 +77,9 @@ def test_block_and_type_share_one_budget_per_group(problem):
         assert np.ptp(values) < 1e-12
     for k in set(kinds):
         assert np.ptp(kind[np.array(kinds) == k]) < 1e-12
+    group = allocate(alphas, params, target, epsilon, "group-rev-kept", s_max, kinds=kinds, layers=layers)
+    for members in SHARED_INPUT_GROUPS:
+        assert np.ptp(group[np.isin(kinds, members)]) < 1e-12
 
 
 @settings(max_examples=40, deadline=None)
@@ -133,6 +136,9 @@ def test_score_definitions():
     np.testing.assert_allclose(scores(alphas, "block", layers=layers), [0, 1, 0, 1])  # layer means 3 and 10
     np.testing.assert_allclose(scores(alphas, "type", kinds), [0, 0, 1, 1])
     np.testing.assert_allclose(scores(alphas, "type-block", kinds, layers), [0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(scores(alphas, "type-linear", kinds, layers), [0, 1 / 14, 0.5 + 1 / 14, 1])
+    group_kinds = ["q_proj", "v_proj", "gate_proj", "down_proj"]  # groups qkv, qkv, gate/up, down
+    np.testing.assert_allclose(scores(alphas, "group", group_kinds), [0, 0, 1 / 13, 1])  # group means 3, 3, 4, 16
 
 
 @pytest.mark.parametrize("kwargs,match", [
