@@ -220,7 +220,7 @@ def render() -> None:
                "; the machine was shared with other jobs")
             + "). The token budget is kept small so that the whole sweep (21 evaluations, spectra and calibration) "
             "takes about 15 minutes on 2 cores; all columns use the same windows, so the comparison between columns "
-            "is paired, but absolute perplexities carry the noise of 4 windows.", "",
+            f"is paired, but absolute perplexities carry the noise of {m['max_tokens'] // m['sequence_length']} windows.", "",
             *_sweep_table(sweep), "", _sweep_summary(sweep), "",
             "Top-k mode keeps ceil((1 − s_i)·d) entries per token, so its effective sparsity equals the target up to "
             "the rounding of k. Threshold mode keeps |x| > t_i with t_i calibrated on dense activations; at inference "

@@ -124,6 +124,9 @@ def test_cli_export_folder_torch_backend(tiny, tiny_llama_dir, wikitext_test, tm
     (["--sequence-length", "0"], "--sequence-length must be a positive integer"),
     (["--backend", "onnxruntime"], "needs an export folder"),
     (["--json", "/nonexistent/dir/out.json"], "does not exist"),
+    (["--epsilon", "1.5"], "epsilon must be in [0, 1)"),
+    (["--mapping", "no-such-mapping"], "mapping"),
+    (["--calibration-samples", "-3"], "--calibration-samples must be a positive integer"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tiny_llama_dir, wikitext_test, capsys, extra, message):
     argv = ["evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test), "--no-progress", *extra]

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..config import ALLOCATIONS, CONFIG_NAME, MODES, check_sparsity
+from ..config import ALLOCATIONS, CONFIG_NAME, MODES, check_epsilon, check_sparsity
 from ..errors import ActTailError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="perplexity of the dense and sparsified model on a text file",
-        description=__doc__.splitlines()[0],
+        description="Perplexity of dense and sparsified models (PyTorch or ONNX Runtime) on non-overlapping token windows.",
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
@@ -140,7 +140,11 @@ def run(args: argparse.Namespace) -> None:
         calibration_length = _positive_int(args.calibration_sequence_length, "--calibration-sequence-length")
         if "threshold" in modes and any(s > 0 for s in sparsities):
             read_text(calibration_data)
-        epsilon = None if args.epsilon is None else _float(args.epsilon, "--epsilon")
+        epsilon = None if args.epsilon is None else check_epsilon(_float(args.epsilon, "--epsilon"))
+        if args.mapping is not None:
+            from ..allocation import check_mapping
+
+            check_mapping(args.mapping)
         records = evaluate_base(
             model_ref, data, sparsities, allocations, modes, sequence_length=sequence_length, max_tokens=max_tokens,
             dtype=args.dtype, device=args.device, batch_size=batch_size, progress=progress, epsilon=epsilon,
