@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 #: Float32 exponent range covered by the streamed histogram: |x| in [2**-64, 2**32); smaller values fall
 #: in the first bin, larger ones (and inf) in the last.
 _EXP_LO, _EXP_HI = 127 - 64, 127 + 32
-#: Default number of |x| values kept for exact quantiles (float32; 2**27 = 512 MiB).
-DEFAULT_EXACT_LIMIT = 2**27
+#: Default number of |x| values kept for exact quantiles (float32: 128 MiB, about 4x that at the peak of
+#: the sort that reads the quantiles off).
+DEFAULT_EXACT_LIMIT = 2**25
 DEFAULT_MANTISSA_BITS = 10
 
 

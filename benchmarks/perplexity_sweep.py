@@ -195,6 +195,8 @@ def _study_summary(data: dict) -> str:
 
 
 def render() -> None:
+    from acttail_export.calibration import DEFAULT_EXACT_LIMIT
+
     sweep = json.loads(SWEEP_JSON.read_text()) if SWEEP_JSON.exists() else None
     study = json.loads(CALIBRATION_JSON.read_text()) if CALIBRATION_JSON.exists() else None
     out = ["# Perplexity: dense vs uniform vs ActTail", "",
@@ -247,7 +249,7 @@ def render() -> None:
         "## Method notes", "",
         "* **Calibration quantiles.** t_i = quantile(|x|, s_i) over all calibration tokens of the projection's input "
         "(captured once per shared-input group: q/k/v, o, gate/up, down). When tokens × (sum of group widths) fits "
-        "2^27 floats the quantile is exact (torch.quantile's linear definition); otherwise a streamed histogram "
+        f"2^{DEFAULT_EXACT_LIMIT.bit_length() - 1} floats the quantile is exact (torch.quantile's linear definition); otherwise a streamed histogram "
         "per group keyed by the float32 bits of |x| (8 exponent + 10 mantissa bits: log-spaced bins of relative "
         "width 2^-10, 768 KiB per group whatever the token count) gives the threshold within 0.1 % of the exact "
         "quantile, and the calibration-set sparsity within the mass of one bin of s_i (the largest such mass is logged).",
