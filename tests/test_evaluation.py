@@ -156,3 +156,22 @@ def test_smollm2_perplexity_matches_model_loss(smollm2, wikitext_test):
     sparse = perplexity_windows(model, windows, config, progress=False)
     assert sparse["perplexity"] > dense["perplexity"]
     assert sparse["effective_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_cli_export_folder_onnxruntime_matches_torch(tiny_llama_dir, wikitext_test, tmp_path, capsys):
+    """The same export evaluated by ONNX Runtime and by the PyTorch reference gives the same perplexity."""
+    from acttail_export.exporter import export
+
+    folder = export(str(tiny_llama_dir), tmp_path / "thr", sparsity=0.6, allocation="uniform", mode="threshold",
+                    calibration_samples=2, sequence_length=32, eval_tokens=128, progress=False)
+    results = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.json"
+        code, _, err = run_cli(["evaluate", "--model", str(folder), "--backend", backend, "--data", str(wikitext_test),
+                                "--max-tokens", "96", "--sequence-length", "48", "--json", str(out), "--no-progress"], capsys)
+        assert code == 0, err
+        (results[backend],) = json.loads(out.read_text())["results"]
+        assert set(results[backend]) == RECORD_KEYS
+    assert results["onnxruntime"]["perplexity"] == pytest.approx(results["torch"]["perplexity"], rel=1e-3)
+    assert results["onnxruntime"]["tokens"] == results["torch"]["tokens"] == 96
+    assert (results["onnxruntime"]["mode"], results["onnxruntime"]["sparsity"]) == ("threshold", 0.6)
