@@ -266,70 +266,62 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
     """Check the export against PyTorch on ``windows``; raise :class:`ExportValidationError` beyond tolerance.
 
     Boundary-robust by construction ("compare where the masks agree"): a threshold / top-k decision
-    on an activation within rounding distance of the boundary can differ between two backends and
-    then changes everything downstream, so the free-running logit difference is reported but not
-    gated on. The gated checks use ONNX Runtime's own activations:
+    on an activation within rounding distance of the boundary can differ between two backends (or
+    between a full pass and a cached step) and then changes everything downstream, so the
+    free-running logit difference is reported but not gated on. The gated checks use ONNX Runtime's
+    own activations:
 
     1. every projection's mask is the ActTail rule applied to its ORT input (exact up to the choice
        among tied values, mask kernel);
-    2. every projection output equals ``rule_mask(x) * x @ W`` with PyTorch's weight;
+    2. every projection output equals ``masked_x @ W.T`` with PyTorch's weight;
     3. PyTorch run with those masked inputs forced into its projections reproduces ORT's logits;
-    4. the last token fed through the KV cache reproduces the full pass.
+    4. the same for one KV-cache step: prefix, then the last token with ORT's ``present.*`` versus
+       PyTorch's cache, masks forced per run.
     """
     import torch
 
+    from .runtime import decoder_feeds
     from .sparsify import apply_sparsity
 
     session, probes = _probe_session(export_dir, config)
-    ids = windows.numpy()
-    from .runtime import decoder_feeds
-
-    names = [o.name for o in session.get_outputs()]
-    outs = dict(zip(names, session.run(None, decoder_feeds(session, ids))))
-    got = outs["logits"]
     modules = dict(model.named_modules())
-    mode = config.mode
-    forced: dict[str, torch.Tensor] = {}
-    worst_proj, worst_name = 0.0, ""
-    for p in config.projections:
-        x_name, masked_name, y_name = probes[p.name]
-        x = outs[x_name]
-        keep = rule_mask(x, p, mode, config.kernel)
-        masked = np.where(keep, x, np.zeros((), dtype=x.dtype))
-        if masked_name is not None:
-            # equal multisets of kept |x| per row: any choice among tied values is a valid top-k
-            onnx_masked = outs[masked_name]
-            bad = int((np.sort(np.abs(onnx_masked), -1) != np.sort(np.abs(masked), -1)).any(-1).sum())
-            if bad or not np.array_equal(onnx_masked[onnx_masked != 0], x[onnx_masked != 0]):
-                raise ExportValidationError(f"{p.name}: the ONNX mask breaks the {mode} rule in {bad} rows; "
-                                            "this is a bug, please report it (--no-validate keeps the output anyway)")
-            masked = onnx_masked
-        weight = modules[p.name].weight.detach().double().cpu().numpy()
-        err = _rel(outs[y_name], masked.astype(np.float64) @ weight.T)
-        if err > worst_proj:
-            worst_proj, worst_name = err, p.name
-        forced[p.name] = torch.from_numpy(masked)
     device = next(model.parameters()).device
-    # (the fp16 graph may run a projection in fp32, e.g. o_proj after ORT's attention: cast to the module's dtype)
-    handles = [modules[name].register_forward_pre_hook(
-        lambda mod, args, t=t: (t.to(device=device, dtype=mod.weight.dtype), *args[1:])) for name, t in forced.items()]
-    try:
-        with torch.no_grad():
-            forced_logits = model(windows.to(device)).logits.float().cpu().numpy()
-    finally:
-        for handle in handles:
-            handle.remove()
-    forced_err = _rel(got, forced_logits)
+    names = [o.name for o in session.get_outputs()]
+    ids = windows.numpy()
+
+    outs = dict(zip(names, session.run(None, decoder_feeds(session, ids))))
+    forced, worst_proj, worst_name = _check_projections(outs, probes, config, modules)
+    got = outs["logits"]
+    forced_err = _rel(got, _forced_forward(model, forced, windows.to(device)).logits.float().cpu().numpy())
+
+    # one KV-cache step, ORT vs PyTorch's cache, masks of each run forced
+    first = ids[:1]
+    prefix = dict(zip(names, session.run(None, decoder_feeds(session, first[:, :-1]))))
+    step_feeds = {"input_ids": first[:, -1:].astype(np.int64), "attention_mask": np.ones_like(first, dtype=np.int64),
+                  "position_ids": np.array([[first.shape[1] - 1]], dtype=np.int64)}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            step_feeds[inp.name] = prefix[inp.name.replace("past_key_values.", "present.")]
+    step = dict(zip(names, session.run(None, step_feeds)))
+    forced_prefix, err_p, name_p = _check_projections(prefix, probes, config, modules)
+    forced_step, err_s, name_s = _check_projections(step, probes, config, modules)
+    for err, name in ((err_p, name_p), (err_s, name_s)):
+        if err > worst_proj:
+            worst_proj, worst_name = err, name
+    ids_t = torch.from_numpy(first).to(device)
+    past = _forced_forward(model, forced_prefix, ids_t[:, :-1], use_cache=True).past_key_values
+    step_ref = _forced_forward(model, forced_step, ids_t[:, -1:], past_key_values=past, use_cache=True).logits
+    cached = _rel(step["logits"][0, -1], step_ref[0, -1].double().cpu().numpy())
+
     with apply_sparsity(model, config) as hooks, torch.no_grad():
         ref = model(windows.to(device)).logits.float().cpu().numpy()
         hooks.record(config)
     stats = compare_logits(ref, got)
-    cached = _cached_step_error(session, ids[:1], got[0, -1])
     report = ValidationReport(stats["max_abs_diff"], stats["median_rel_error"], stats["p90_rel_error"], stats["top1_agreement"],
                               forced_err, worst_proj, cached, TOLERANCE[dtype], stats["positions"])
     logger.info("validation: masks follow the %s rule; projection error %.2g (%s), forced-mask logits %.2g, cached step %.2g "
                 "(tolerance %.0e); free-running vs PyTorch reference: max |Δlogit| %.3g, median %.2g, top-1 agreement %.1f%%",
-                mode, worst_proj, worst_name, forced_err, cached, report.tolerance, report.max_abs_diff,
+                config.mode, worst_proj, worst_name, forced_err, cached, report.tolerance, report.max_abs_diff,
                 report.median_rel_error, 100 * report.top1_agreement)
     if not report.passed:
         hint = "fp16 rounding: try --dtype fp32" if dtype == "fp16" else "this is a bug, please report it with the command line"
@@ -340,19 +332,47 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
     return report
 
 
-def _cached_step_error(session, first: np.ndarray, full_last: np.ndarray) -> float:
-    """Prefix through the graph, then the last token with the returned ``present.*``; vs the full pass."""
-    from .runtime import decoder_feeds
+def _check_projections(outs: dict, probes: dict, config: ActTailConfig, modules: dict) -> tuple[dict, float, str]:
+    """Checks 1-2 of :func:`validate_export` on one ORT run; returns (masked inputs, worst output error, its projection)."""
+    import torch
 
-    names = [o.name for o in session.get_outputs()]
-    outs = dict(zip(names, session.run(None, decoder_feeds(session, first[:, :-1]))))
-    step = {"input_ids": first[:, -1:].astype(np.int64), "attention_mask": np.ones_like(first, dtype=np.int64),
-            "position_ids": np.array([[first.shape[1] - 1]], dtype=np.int64)}
-    for inp in session.get_inputs():
-        if inp.name.startswith("past_key_values."):
-            step[inp.name] = outs[inp.name.replace("past_key_values.", "present.")]
-    step_logits = session.run(["logits"], step)[0][0, -1]
-    return _rel(step_logits, full_last.astype(np.float64))
+    forced: dict[str, torch.Tensor] = {}
+    worst, worst_name = 0.0, ""
+    for p in config.projections:
+        x_name, masked_name, y_name = probes[p.name]
+        x = outs[x_name]
+        masked = np.where(rule_mask(x, p, config.mode, config.kernel), x, np.zeros((), dtype=x.dtype))
+        if masked_name is not None:
+            # equal multisets of kept |x| per row: any choice among tied values is a valid top-k
+            onnx_masked = outs[masked_name]
+            bad = int((np.sort(np.abs(onnx_masked), -1) != np.sort(np.abs(masked), -1)).any(-1).sum())
+            if bad or not np.array_equal(onnx_masked[onnx_masked != 0], x[onnx_masked != 0]):
+                raise ExportValidationError(f"{p.name}: the ONNX mask breaks the {config.mode} rule in {bad} rows; "
+                                            "this is a bug, please report it (--no-validate keeps the output anyway)")
+            masked = onnx_masked
+        weight = modules[p.name].weight.detach().double().cpu().numpy()
+        err = _rel(outs[y_name], masked.astype(np.float64) @ weight.T)
+        if err > worst:
+            worst, worst_name = err, p.name
+        forced[p.name] = torch.from_numpy(masked)
+    return forced, worst, worst_name
+
+
+def _forced_forward(model, forced: dict, input_ids, **kwargs):
+    """PyTorch forward with each projection's input replaced by ``forced[name]`` (ORT's masked input)."""
+    import torch
+
+    modules = dict(model.named_modules())
+    device = input_ids.device
+    # (the fp16 graph may run a projection in fp32, e.g. o_proj after ORT's attention: cast to the module's dtype)
+    handles = [modules[name].register_forward_pre_hook(
+        lambda mod, args, t=t: (t.to(device=device, dtype=mod.weight.dtype), *args[1:])) for name, t in forced.items()]
+    try:
+        with torch.no_grad():
+            return model(input_ids, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
