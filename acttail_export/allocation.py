@@ -38,6 +38,12 @@ this is the gentler, symmetric choice: at s = 0.8 and ε = 0.3 the sparsity scal
 0.99 (1 % of the channels kept, a 20× cut), the kept scale keeps between 14 % and 26 %.
 Bounds are then 1 − s_max <= 1 − s_i <= 1, solved the same way.
 
+Scale (suffix ``-abs``): additive, ``s_i = s + ε(2 z_i − 1) + c`` with one shift c for the exact
+weighted mean (then clipped to [0, s_max], c re-solved). Every budget moves by at most ±ε
+*percentage points* from the target, whatever the target: the same ε stays sensible from 50 % to
+90 % (the validation sweep found the best kept-scale ε to be ≈ 0.1 / (1 − s), i.e. a constant
+absolute spread; docs/allocation.md).
+
 AlphaPruning's direction (``linear``) gives heavier-tailed (smaller-alpha, better-trained)
 matrices lower sparsity. See docs/allocation.md for which direction wins for activation sparsity.
 """
@@ -173,11 +179,13 @@ _SCORES: dict[str, ScoreFn] = {
 }
 REVERSED_SUFFIX = "-rev"
 KEPT_SUFFIX = "-kept"
+ABS_SUFFIX = "-abs"
+SCALES = ("", KEPT_SUFFIX, ABS_SUFFIX)
 MAPPINGS: tuple[str, ...] = tuple(
-    base + rev + scale for base in _SCORES for rev in ("", REVERSED_SUFFIX) for scale in ("", KEPT_SUFFIX)
+    base + rev + scale for base in _SCORES for rev in ("", REVERSED_SUFFIX) for scale in SCALES
 )
 #: Mappings whose budget is a non-decreasing function of alpha alone (before reversal).
-MONOTONE_MAPPINGS: tuple[str, ...] = ("linear", "log", "clip", "rank", "linear-kept", "log-kept", "clip-kept", "rank-kept")
+MONOTONE_MAPPINGS: tuple[str, ...] = tuple(base + scale for base in ("linear", "log", "clip", "rank") for scale in SCALES)
 
 DEFAULT_MAPPING = "block-rev"
 DEFAULT_EPSILON = 0.3
@@ -189,16 +197,17 @@ def check_mapping(mapping: str) -> str:
     return mapping
 
 
-def parse_mapping(mapping: str) -> tuple[str, bool, bool]:
-    """``<score>[-rev][-kept]`` -> (score name, reversed, kept-fraction scale)."""
+def parse_mapping(mapping: str) -> tuple[str, bool, str]:
+    """``<score>[-rev][-kept|-abs]`` -> (score name, reversed, scale: "sparsity" | "kept" | "abs")."""
     check_mapping(mapping)
-    kept = mapping.endswith(KEPT_SUFFIX)
-    if kept:
-        mapping = mapping[: -len(KEPT_SUFFIX)]
+    scale = "sparsity"
+    for suffix, name in ((KEPT_SUFFIX, "kept"), (ABS_SUFFIX, "abs")):
+        if mapping.endswith(suffix):
+            mapping, scale = mapping[: -len(suffix)], name
     reverse = mapping.endswith(REVERSED_SUFFIX)
     if reverse:
         mapping = mapping[: -len(REVERSED_SUFFIX)]
-    return mapping, reverse, kept
+    return mapping, reverse, scale
 
 
 def scores(alphas: np.ndarray, mapping: str, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> np.ndarray:
@@ -207,6 +216,31 @@ def scores(alphas: np.ndarray, mapping: str, kinds: Sequence[str] | None = None,
     z = _SCORES[base](np.asarray(alphas, dtype=np.float64), None if kinds is None else np.asarray(kinds),
                       None if layers is None else np.asarray(layers))
     return 1.0 - z if reverse else z
+
+
+def _solve_shifted(base: np.ndarray, params: np.ndarray, total: float, lo: float, hi: float) -> np.ndarray:
+    """v_i = clip(base_i + c, lo, hi) with Σ P_i v_i = total (bisection on c, then exact on the free set)."""
+    def mass(c: float) -> float:
+        return float((params * np.clip(base + c, lo, hi)).sum())
+
+    a, b = lo - float(base.max()), hi - float(base.min())  # mass(a) = lo·ΣP, mass(b) = hi·ΣP
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        if mass(mid) < total:
+            a = mid
+        else:
+            b = mid
+        if b - a <= 1e-15:
+            break
+    c = 0.5 * (a + b)
+    raw = base + c
+    free = (raw > lo) & (raw < hi)
+    if free.any():
+        fixed = (params[~free] * np.clip(raw[~free], lo, hi)).sum()
+        c_exact = (total - fixed - (params[free] * base[free]).sum()) / params[free].sum()
+        if np.all((base[free] + c_exact >= lo) & (base[free] + c_exact <= hi)):
+            c = c_exact
+    return np.clip(base + c, lo, hi)
 
 
 def _solve_clipped(ratios: np.ndarray, params: np.ndarray, total: float, lo: float, hi: float) -> np.ndarray:
@@ -275,7 +309,10 @@ def allocate(
     z = scores(alphas, mapping, kinds, layers)
     if target == 0.0:
         return np.zeros(alphas.size)
-    if parse_mapping(mapping)[2]:  # kept-fraction scale: more sparsity = fewer kept channels
+    scale = parse_mapping(mapping)[2]
+    if scale == "abs":  # additive: s_i = s + ε(2 z_i − 1) + c
+        return _solve_shifted(target + epsilon * (2.0 * z - 1.0), params, target * params.sum(), 0.0, s_max)
+    if scale == "kept":  # kept-fraction scale: more sparsity = fewer kept channels
         kept = _solve_clipped(1.0 + epsilon - 2.0 * epsilon * z, params, (1.0 - target) * params.sum(), 1.0 - s_max, 1.0)
         return 1.0 - kept
     return _solve_clipped(1.0 - epsilon + 2.0 * epsilon * z, params, target * params.sum(), 0.0, s_max)

@@ -49,7 +49,8 @@ def test_monotone_in_alpha(problem, mapping):
     alphas, params, kinds, layers, target, epsilon, s_max = problem
     order = np.argsort(alphas)
     forward = allocate(alphas, params, target, epsilon, mapping, s_max)[order]
-    reversed_name = mapping.replace("-kept", "") + "-rev" + ("-kept" if mapping.endswith("-kept") else "")
+    suffix = next((x for x in ("-kept", "-abs") if mapping.endswith(x)), "")
+    reversed_name = mapping[: len(mapping) - len(suffix)] + "-rev" + suffix
     reverse = allocate(alphas, params, target, epsilon, reversed_name, s_max)[order]
     assert np.all(np.diff(forward) >= -1e-12)  # AlphaPruning direction: larger alpha, larger sparsity
     assert np.all(np.diff(reverse) <= 1e-12)
@@ -112,6 +113,18 @@ def test_kept_scale_reference():
         k = 1 + eps - 2 * eps * zz
         expected = 1 - (1 - target) * k * params.sum() / (params * k).sum()
         np.testing.assert_allclose(allocate(alphas, params, target, eps, name), expected, rtol=1e-12)
+
+
+def test_abs_scale_reference():
+    """Unclipped additive budgets: s_i = s + ε(2 z_i − 1) − Σ P ε(2z − 1) / ΣP."""
+    alphas = np.array([2.0, 3.0, 4.5, 8.0, 5.0])
+    params = np.array([100.0, 300.0, 200.0, 50.0, 350.0])
+    eps, target = 0.1, 0.6
+    z = 1 - (alphas - 2.0) / 6.0  # linear-rev
+    offset = eps * (2 * z - 1)
+    expected = target + offset - (params * offset).sum() / params.sum()
+    np.testing.assert_allclose(allocate(alphas, params, target, eps, "linear-rev-abs"), expected, rtol=1e-12)
+    assert np.ptp(allocate(alphas, params, 0.9, eps, "linear-rev-abs", s_max=0.95)) <= 2 * eps + 1e-12
 
 
 def test_clipping_redistributes_proportionally():
