@@ -187,8 +187,8 @@ MAPPINGS: tuple[str, ...] = tuple(
 #: Mappings whose budget is a non-decreasing function of alpha alone (before reversal).
 MONOTONE_MAPPINGS: tuple[str, ...] = tuple(base + scale for base in ("linear", "log", "clip", "rank") for scale in SCALES)
 
-DEFAULT_MAPPING = "block-rev"
-DEFAULT_EPSILON = 0.3
+DEFAULT_MAPPING = "group-linear-rev-abs"
+DEFAULT_EPSILON = 0.1
 
 
 def check_mapping(mapping: str) -> str:
