@@ -38,11 +38,12 @@ this is the gentler, symmetric choice: at s = 0.8 and ε = 0.3 the sparsity scal
 0.99 (1 % of the channels kept, a 20× cut), the kept scale keeps between 14 % and 26 %.
 Bounds are then 1 − s_max <= 1 − s_i <= 1, solved the same way.
 
-Scale (suffix ``-abs``): additive, ``s_i = s + ε(2 z_i − 1) + c`` with one shift c for the exact
-weighted mean (then clipped to [0, s_max], c re-solved). Every budget moves by at most ±ε
-*percentage points* from the target, whatever the target: the same ε stays sensible from 50 % to
-90 % (the validation sweep found the best kept-scale ε to be ≈ 0.1 / (1 − s), i.e. a constant
-absolute spread; docs/allocation.md).
+Scale (suffix ``-abs``): additive, ``s_i = s + ε'(2 z_i − 1) + c`` with one shift c for the exact
+weighted mean (then clipped to [0, s_max], c re-solved), and ``ε' = min(ε, (1 − s) / 2)``. Every
+budget moves by about ±ε *percentage points* from the target whatever the target (the validation
+sweep found the best kept-scale ε ≈ 0.1 / (1 − s), a constant absolute spread), but never by more
+than half of the uniform kept fraction (at 90 % a ±10-point spread would keep 2 % of a
+projection's channels: the top-k cliff). docs/allocation.md has the evidence.
 
 AlphaPruning's direction (``linear``) gives heavier-tailed (smaller-alpha, better-trained)
 matrices lower sparsity. See docs/allocation.md for which direction wins for activation sparsity.
@@ -187,6 +188,9 @@ MAPPINGS: tuple[str, ...] = tuple(
 #: Mappings whose budget is a non-decreasing function of alpha alone (before reversal).
 MONOTONE_MAPPINGS: tuple[str, ...] = tuple(base + scale for base in ("linear", "log", "clip", "rank") for scale in SCALES)
 
+#: ``-abs`` scale: the spread never exceeds this fraction of the uniform kept fraction 1 − s.
+ABS_MAX_KEPT_CUT = 0.5
+
 DEFAULT_MAPPING = "group-linear-rev-abs"
 DEFAULT_EPSILON = 0.1
 
@@ -310,8 +314,9 @@ def allocate(
     if target == 0.0:
         return np.zeros(alphas.size)
     scale = parse_mapping(mapping)[2]
-    if scale == "abs":  # additive: s_i = s + ε(2 z_i − 1) + c
-        return _solve_shifted(target + epsilon * (2.0 * z - 1.0), params, target * params.sum(), 0.0, s_max)
+    if scale == "abs":  # additive: s_i = s + ε'(2 z_i − 1) + c, ε' = min(ε, ABS_MAX_KEPT_CUT·(1 − s))
+        spread = min(epsilon, ABS_MAX_KEPT_CUT * (1.0 - target))
+        return _solve_shifted(target + spread * (2.0 * z - 1.0), params, target * params.sum(), 0.0, s_max)
     if scale == "kept":  # kept-fraction scale: more sparsity = fewer kept channels
         kept = _solve_clipped(1.0 + epsilon - 2.0 * epsilon * z, params, (1.0 - target) * params.sum(), 1.0 - s_max, 1.0)
         return 1.0 - kept
