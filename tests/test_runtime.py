@@ -106,7 +106,18 @@ def test_missing_folder(tmp_path):
         load_model(tmp_path / "empty")
 
 
-def test_perplexity_onnx_matches_pytorch_evaluation(exported, tiny_llama_dir, wikitext_test):
+@pytest.fixture(scope="module")
+def exported_threshold(tiny_llama_dir, tmp_path_factory):
+    """Threshold mode: a deterministic rule (top-k ties may be broken differently by torch.topk)."""
+    from acttail_export.exporter import export
+
+    out = tmp_path_factory.mktemp("rt") / "llama-threshold"
+    return export(str(tiny_llama_dir), out, sparsity=0.5, mode="threshold", kernel="mask",
+                  calibration_samples=2, sequence_length=32, validate=False, progress=False)
+
+
+def test_perplexity_onnx_matches_pytorch_evaluation(exported_threshold, tiny_llama_dir, wikitext_test):
+    exported = exported_threshold
     from acttail_export.config import ActTailConfig
     from acttail_export.evaluation import perplexity
     from acttail_export.modeling import load_model as load_torch
