@@ -230,8 +230,6 @@ def _probe_session(export_dir: Path, config: ActTailConfig):
     """A session on ``model.onnx`` that also outputs every projection's input, masked input and output."""
     import onnx
     import onnxruntime as ort
-    from onnx.external_data_helper import uses_external_data
-
     from .graph_rewrite import find_projections
     from .runtime import load_session_options
 
@@ -247,18 +245,14 @@ def _probe_session(export_dir: Path, config: ActTailConfig):
     extra = sorted({t for x, m, y in probes.values() for t in (x, m, y) if t})
     graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
     options = load_session_options(export_dir)
-    if any(uses_external_data(t) for t in graph.graph.initializer):
-        path = export_dir / ".validation.onnx"  # next to model.onnx_data, which it references
-        onnx.save_model(graph, str(path))
-        source = str(path)
-    else:
-        source = graph.SerializeToString()
+    # a file next to model.onnx (and model.onnx_data, which it may reference): no second in-memory copy
+    path = export_dir / ".validation.onnx"
+    onnx.save_model(graph, str(path))
     del graph
     try:
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     finally:
-        if isinstance(source, str):
-            Path(source).unlink()
+        path.unlink()
     return session, probes
 
 
