@@ -221,7 +221,7 @@ def render() -> None:
             + (f"; 1-minute load average {m['load_average_1min']} at the end, the machine was shared" if "load_average_1min" in m else
                "; the machine was shared with other jobs")
             + "). The token budget is kept small so that the whole sweep (21 evaluations, spectra and calibration) "
-            "takes about 15 minutes on 2 cores; all columns use the same windows, so the comparison between columns "
+            "fits in 15 minutes on 2 cores; all columns use the same windows, so the comparison between columns "
             f"is paired, but absolute perplexities carry the noise of {m['max_tokens'] // m['sequence_length']} windows.", "",
             *_sweep_table(sweep), "", _sweep_summary(sweep), "",
             "Top-k mode keeps ceil((1 − s_i)·d) entries per token, so its effective sparsity equals the target up to "
