@@ -37,8 +37,8 @@ def projection_name(layer: int, kind: str) -> str:
     return f"model.layers.{layer}.{PROJECTION_PARENT[kind]}.{kind}"
 
 
-def check_sparsity(value: float, what: str = "sparsity") -> float:
-    """Validate a sparsity in [0, 1) and return it as float."""
+def _check_unit_interval(value: float, what: str) -> float:
+    """Validate a number in [0, 1) and return it as float."""
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -48,15 +48,14 @@ def check_sparsity(value: float, what: str = "sparsity") -> float:
     return value
 
 
+def check_sparsity(value: float, what: str = "sparsity") -> float:
+    """Validate a sparsity in [0, 1) and return it as float."""
+    return _check_unit_interval(value, what)
+
+
 def check_epsilon(value: float) -> float:
     """Validate the allocation spread epsilon in [0, 1)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ActTailError(f"epsilon must be a number in [0, 1), got {value!r}") from None
-    if not math.isfinite(value) or not 0.0 <= value < 1.0:
-        raise ActTailError(f"epsilon must be in [0, 1), got {value}")
-    return value
+    return _check_unit_interval(value, "epsilon")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:

@@ -1,0 +1,74 @@
+"""ActTailConfig: validators, JSON round trip, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from acttail_export.config import CONFIG_NAME, ActTailConfig, ProjectionConfig, check_epsilon, check_sparsity, topk_keep
+from acttail_export.errors import ActTailError
+
+
+def _config() -> ActTailConfig:
+    projections = [
+        ProjectionConfig(name="model.layers.0.self_attn.q_proj", layer=0, kind="q_proj", in_features=8, out_features=8,
+                         sparsity=0.25, alpha=3.5, threshold=0.125, k=6, effective_sparsity=0.25),
+        ProjectionConfig(name="model.layers.0.mlp.down_proj", layer=0, kind="down_proj", in_features=16, out_features=8,
+                         sparsity=0.625, alpha=5.25, threshold=0.5, k=6),
+    ]
+    return ActTailConfig(target_sparsity=0.5, allocation="acttail", mode="threshold", kernel="fused", epsilon=0.1,
+                         mapping="linear", projections=projections, calibration={"data": "v.raw", "samples": 4,
+                         "sequence_length": 32, "tokens": 128}, versions={"torch": "2.13.0"})
+
+
+def test_round_trip_through_json(tmp_path):
+    config = _config()
+    path = config.save(tmp_path)
+    assert path.name == CONFIG_NAME
+    loaded = ActTailConfig.load(tmp_path)
+    assert loaded == config and loaded.to_dict() == json.loads(path.read_text())
+    # parameter-weighted mean of the budgets: (0.25*64 + 0.625*128) / 192
+    assert math.isclose(loaded.weighted_sparsity(), (0.25 * 64 + 0.625 * 128) / 192)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), float("inf"), "abc", None])
+def test_sparsity_and_epsilon_outside_unit_interval_are_rejected(value):
+    with pytest.raises(ActTailError, match=r"\[0, 1\)"):
+        check_sparsity(value)
+    with pytest.raises(ActTailError, match=r"epsilon"):
+        check_epsilon(value)
+    assert check_sparsity("0.5") == 0.5 and check_epsilon(0) == 0.0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"allocation": "random"}, "allocation must be one of"),
+    ({"mode": "median"}, "mode must be one of"),
+    ({"kernel": "dense"}, "kernel must be one of"),
+    ({"s_max": 1.0}, "s_max"),
+    ({"target_sparsity": 1.0}, "target sparsity"),
+])
+def test_invalid_fields_are_rejected(change, message):
+    data = _config().to_dict() | change
+    with pytest.raises(ActTailError, match=message):
+        ActTailConfig.from_dict(data)
+
+
+def test_invalid_projection_and_files(tmp_path):
+    bad = _config().to_dict()
+    bad["projections"][0]["k"] = 9  # more than in_features
+    with pytest.raises(ActTailError, match="k of model.layers.0.self_attn.q_proj"):
+        ActTailConfig.from_dict(bad)
+    with pytest.raises(ActTailError, match="unknown keys"):
+        ActTailConfig.from_dict(_config().to_dict() | {"surprise": 1})
+    with pytest.raises(ActTailError, match="not found"):
+        ActTailConfig.load(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ActTailError, match="not valid JSON"):
+        ActTailConfig.load(tmp_path)
+
+
+@pytest.mark.parametrize("sparsity, d, expected", [(0.0, 10, 10), (0.5, 10, 5), (0.55, 10, 5), (0.8, 576, 116), (0.99, 100, 1)])
+def test_topk_keep_is_ceil_of_kept_fraction(sparsity, d, expected):
+    assert topk_keep(sparsity, d) == expected == math.ceil(round((1 - sparsity) * d, 9))
