@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/evaluate_uniform_vs_acttail.py [--max-tokens 8192]
 
-Same as ``acttail-export evaluate --model smollm2 --sparsity 0 0.5 0.8 --allocation uniform acttail
+Same as ``acttail-export evaluate --sparsity 0 0.5 0.8 --allocation uniform acttail
 --mode topk --max-tokens 8192``.
 """
 
