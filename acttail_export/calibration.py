@@ -33,6 +33,7 @@ from .config import SHARED_INPUT_GROUPS, ActTailConfig, CalibrationInfo, Project
 from .data import DEFAULT_CALIBRATION_DATA, load_windows
 from .errors import ActTailError
 from .offload import input_device
+from .sparsify import projection_module
 
 logger = logging.getLogger(__name__)
 
@@ -254,14 +255,7 @@ def calibrate_many(
     tokens = n * length
     groups_per_config = [_groups(config) for config in configs]
     for p in configs[0].projections:
-        try:
-            module = model.get_submodule(p.name)
-        except AttributeError:
-            raise ActTailError(
-                f"model has no projection {p.name}: the config was built for another model; rebuild it for this one"
-            ) from None
-        if not isinstance(module, torch.nn.Linear) or module.in_features != p.in_features:
-            raise ActTailError(f"{p.name} is not a Linear with {p.in_features} inputs: the config does not match this model")
+        projection_module(model, p)
     for config in configs:
         for p in config.projections:
             p.k = topk_keep(p.sparsity, p.in_features)

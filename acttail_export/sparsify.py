@@ -47,6 +47,19 @@ def mask_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return x * (x.abs() > threshold)
 
 
+def projection_module(model: torch.nn.Module, proj: ProjectionConfig) -> torch.nn.Linear:
+    """The ``nn.Linear`` of ``proj`` in ``model``; ActTailError when the config does not match the model."""
+    try:
+        module = model.get_submodule(proj.name)
+    except AttributeError:
+        raise ActTailError(
+            f"model has no projection {proj.name}: the config was built for another model; rebuild it for this one"
+        ) from None
+    if not isinstance(module, torch.nn.Linear) or module.in_features != proj.in_features:
+        raise ActTailError(f"{proj.name} is not a Linear with {proj.in_features} inputs: the config does not match this model")
+    return module
+
+
 @dataclass
 class _Rule:
     """Masking rule of one hooked projection and its running zero count."""
@@ -90,16 +103,7 @@ class SparsityHooks:
         self._handles: list = []
         modules: list[tuple[torch.nn.Module, _Rule]] = []
         for proj in config.projections:
-            try:
-                module = model.get_submodule(proj.name)
-            except AttributeError:
-                raise ActTailError(
-                    f"model has no projection {proj.name}: the config was built for another model; rebuild it for this one"
-                ) from None
-            if not isinstance(module, torch.nn.Linear) or module.in_features != proj.in_features:
-                raise ActTailError(
-                    f"{proj.name} is not a Linear with {proj.in_features} inputs: the config does not match this model"
-                )
+            module = projection_module(model, proj)
             if mode == "topk":
                 rule = _Rule(proj, mode, proj.keep_k(), None)
             else:
