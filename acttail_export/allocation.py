@@ -222,21 +222,26 @@ def scores(alphas: np.ndarray, mapping: str, kinds: Sequence[str] | None = None,
     return 1.0 - z if reverse else z
 
 
-def _solve_shifted(base: np.ndarray, params: np.ndarray, total: float, lo: float, hi: float) -> np.ndarray:
-    """v_i = clip(base_i + c, lo, hi) with Σ P_i v_i = total (bisection on c, then exact on the free set)."""
-    def mass(c: float) -> float:
-        return float((params * np.clip(base + c, lo, hi)).sum())
-
-    a, b = lo - float(base.max()), hi - float(base.min())  # mass(a) = lo·ΣP, mass(b) = hi·ΣP
+def _bisect(mass, total: float, a: float, b: float, relative: bool) -> float:
+    """Midpoint of the bracket [a, b] narrowed until mass(c) crosses total (mass non-decreasing in c)."""
     for _ in range(200):
         mid = 0.5 * (a + b)
         if mass(mid) < total:
             a = mid
         else:
             b = mid
-        if b - a <= 1e-15:
+        if b - a <= 1e-15 * (b if relative else 1.0):
             break
-    c = 0.5 * (a + b)
+    return 0.5 * (a + b)
+
+
+def _solve_shifted(base: np.ndarray, params: np.ndarray, total: float, lo: float, hi: float) -> np.ndarray:
+    """v_i = clip(base_i + c, lo, hi) with Σ P_i v_i = total (bisection on c, then exact on the free set)."""
+    def mass(c: float) -> float:
+        return float((params * np.clip(base + c, lo, hi)).sum())
+
+    # mass(a) = lo·ΣP, mass(b) = hi·ΣP
+    c = _bisect(mass, total, lo - float(base.max()), hi - float(base.min()), relative=False)
     raw = base + c
     free = (raw > lo) & (raw < hi)
     if free.any():
@@ -256,16 +261,8 @@ def _solve_clipped(ratios: np.ndarray, params: np.ndarray, total: float, lo: flo
     def mass(c: float) -> float:
         return float((params * np.clip(c * ratios, lo, hi)).sum())
 
-    a, b = 0.0, hi / float(ratios.min())  # mass(a) = lo·ΣP <= total <= hi·ΣP = mass(b)
-    for _ in range(200):
-        mid = 0.5 * (a + b)
-        if mass(mid) < total:
-            a = mid
-        else:
-            b = mid
-        if b - a <= 1e-15 * b:
-            break
-    c = 0.5 * (a + b)
+    # mass(a) = lo·ΣP <= total <= hi·ΣP = mass(b)
+    c = _bisect(mass, total, 0.0, hi / float(ratios.min()), relative=True)
     for _ in range(ratios.size + 1):  # exact solve on the free set; repeat if it moves a boundary
         raw = c * ratios
         low, high = raw <= lo, raw >= hi
