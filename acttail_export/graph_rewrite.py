@@ -37,7 +37,9 @@ CUSTOM_OP = "SparseMatMul"
 CUSTOM_OPSET = 1
 MIN_OPSET = 13  # TopK with K as input, Where, GreaterOrEqual (12+)
 
-_NODE_RE = re.compile(r"^/model/layers\.(\d+)/(self_attn|mlp)/(\w+_proj)/MatMul$")
+_NODE_RE = re.compile(r"^/model/layers\.(\d+)/(self_attn|attn|mlp)/(\w+_proj)/MatMul$")
+#: onnxruntime-genai's model builder names the attention block ``attn`` (``/model/layers.0/attn/q_proj/MatMul``).
+_PARENT_ALIASES = {"attn": "self_attn"}
 
 
 def onnx_node_name(layer: int, kind: str) -> str:
@@ -70,7 +72,8 @@ def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     """
     found: dict[str, onnx.NodeProto] = {}
     layers: set[int] = set()
-    layer_re = re.compile(r"^/model/layers\.(\d+)/")
+    # the genai builder puts the final norm under /model/layers.{num_layers}/final_norm_layernorm/
+    layer_re = re.compile(r"^/model/layers\.(\d+)/(?!final_norm_layernorm/)")
     for node in model.graph.node:
         m = layer_re.match(node.name)
         if m:
@@ -78,7 +81,7 @@ def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
         m = _NODE_RE.match(node.name)
         if m and node.op_type in ("MatMul", CUSTOM_OP) and m.group(3) in PROJECTION_KINDS:
             layer, parent, kind = int(m.group(1)), m.group(2), m.group(3)
-            if PROJECTION_PARENT[kind] == parent:
+            if PROJECTION_PARENT[kind] == _PARENT_ALIASES.get(parent, parent):
                 found[projection_name(layer, kind)] = node
     if not layers:
         raise ActTailError("no /model/layers.N/ nodes in the ONNX graph: not a LLaMA/Mistral decoder export")

@@ -1,0 +1,217 @@
+"""Optimized decoder base for GPU decoding: onnxruntime-genai's model builder, then the ActTail rewrite.
+
+The optimum export (:mod:`acttail_export.onnx_export`) is a straight trace of the PyTorch model: on a
+GPU it is launch-bound (RMSNorm as a dozen small kernels, rotary and KV concat as separate ops, shape
+arithmetic on the CPU provider). onnxruntime-genai's model builder emits the graph ONNX Runtime's
+LLM runtime is tuned for:
+
+* ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm in one kernel),
+* ``GroupQueryAttention`` with the rotary embedding inside and past/present KV buffers shared in place
+  (``past_present_share_buffer``), sequence lengths computed on the GPU from ``attention_mask``,
+* plain ``MatMul`` nodes for the 7 projections, named ``/model/layers.{i}/attn/{q,k,v,o}_proj/MatMul`` and
+  ``/model/layers.{i}/mlp/{gate,up,down}_proj/MatMul`` (built with ``fuse_qkv=false`` so that q, k and v keep
+  their own MatMul, and therefore their own ActTail budget),
+
+and a ``genai_config.json`` for its generator (``onnxruntime_genai.Model``), which can replay decode
+steps from a CUDA graph. :func:`acttail_export.graph_rewrite.rewrite` works on that graph unchanged
+(mask and fused kernels); :func:`write_variant` writes a rewritten graph next to the base so that every
+variant shares the base's ``model.onnx.data``.
+
+The builder of onnxruntime-genai 0.18 imports transformers >= 5, while optimum-onnx (the default export)
+pins transformers 4.x. The builder therefore runs in a subprocess; set ``ACTTAIL_GENAI_PYTHONPATH`` to a
+``PYTHONPATH`` for the builder (transformers >= 5 and onnxruntime_genai importable) when the current
+environment has transformers 4.
+
+Loading and generating from Python::
+
+    import onnxruntime_genai as og
+    model = og.Model(genai_config(out_dir, "model.fused-80.onnx", provider="cuda"))
+    params = og.GeneratorParams(model); params.set_search_options(max_length=256)
+    gen = og.Generator(model, params); gen.append_tokens(ids)
+    while not gen.is_done(): gen.generate_next_token()
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+
+from .config import ActTailConfig
+from .errors import ActTailError
+
+logger = logging.getLogger(__name__)
+
+GENAI_CONFIG = "genai_config.json"
+BASE_ONNX = "model.onnx"
+ENV_PYTHONPATH = "ACTTAIL_GENAI_PYTHONPATH"
+LIBRARY_FILE = "libacttail_ops.so"
+PRECISIONS = {"fp16": "fp16", "fp32": "fp32", "bf16": "bf16"}
+EXECUTION_PROVIDERS = ("cpu", "cuda")
+
+
+def genai_available() -> bool:
+    """True when ``onnxruntime_genai`` imports in this interpreter (the runtime, not the builder)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem means "not usable here"
+        return False
+    return True
+
+
+def builder_env() -> dict[str, str]:
+    """Environment for the builder subprocess: ``PYTHONPATH`` replaced by ``$ACTTAIL_GENAI_PYTHONPATH`` when set.
+
+    Replaced, not prepended: the current ``PYTHONPATH`` may hold the transformers 4.x that optimum needs.
+    """
+    env = dict(os.environ)
+    extra = os.environ.get(ENV_PYTHONPATH)
+    if extra:
+        env["PYTHONPATH"] = extra
+    return env
+
+
+def build_base(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    dtype: str = "fp16",
+    execution_provider: str = "cuda",
+    fuse_qkv: bool = False,
+    extra_options: dict[str, str] | None = None,
+    python: str | None = None,
+    timeout: float | None = None,
+) -> Path:
+    """Run onnxruntime-genai's model builder on a Hugging Face folder; returns ``output_dir``.
+
+    ``model_dir`` must hold ``config.json``, the weights and a tokenizer (the builder copies it).
+    ``fuse_qkv=True`` packs q/k/v into one MatMul (the builder's default; the ActTail rewrite then no
+    longer finds q/k/v separately, so it is only for dense baselines).
+    """
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    if dtype not in PRECISIONS:
+        raise ActTailError(f"dtype must be one of {', '.join(PRECISIONS)}; got {dtype!r}")
+    if execution_provider not in EXECUTION_PROVIDERS:
+        raise ActTailError(f"execution provider must be one of {', '.join(EXECUTION_PROVIDERS)}; got {execution_provider!r}")
+    if not (model_dir / "config.json").is_file():
+        raise ActTailError(f"{model_dir} has no config.json: pass a folder written by save_pretrained")
+    options = {"fuse_qkv": "true" if fuse_qkv else "false"}
+    options.update(extra_options or {})
+    cache = output_dir.parent / f".{output_dir.name}.genai-cache"
+    cmd = [python or sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(output_dir),
+           "-p", PRECISIONS[dtype], "-e", execution_provider, "-c", str(cache),
+           "--extra_options", *[f"{k}={v}" for k, v in options.items()]]
+    logger.info("building the genai base: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=builder_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    shutil.rmtree(cache, ignore_errors=True)
+    if proc.returncode != 0 or not (output_dir / BASE_ONNX).is_file():
+        tail = "\n".join(proc.stdout.splitlines()[-15:])
+        raise ActTailError(f"onnxruntime-genai's model builder failed (exit {proc.returncode}); set {ENV_PYTHONPATH} to a "
+                           f"transformers>=5 environment if it cannot import transformers. Last lines:\n{tail}")
+    return output_dir
+
+
+def load_graph(base_dir: str | Path, filename: str = BASE_ONNX) -> onnx.ModelProto:
+    """The builder's graph without its weights (initializers keep their external-data references)."""
+    path = Path(base_dir) / filename
+    if not path.is_file():
+        raise ActTailError(f"{path} not found: build the base with acttail_export.optimize.build_base first")
+    return onnx.load(str(path), load_external_data=False)
+
+
+def write_variant(base_dir: str | Path, config: ActTailConfig, filename: str, mode: str | None = None,
+                  kernel: str | None = None, library: str | Path | None = None) -> Path:
+    """Rewrite the base graph with ``config`` and save it as ``base_dir/filename`` (weights shared).
+
+    The rewritten graph references the base's ``model.onnx.data``; the few new initializers
+    (thresholds, constants) are stored inline. For the fused kernel the op library is copied into
+    ``base_dir`` (onnxruntime-genai only loads custom-op libraries from the model folder).
+    """
+    from .graph_rewrite import rewrite
+
+    base_dir = Path(base_dir)
+    if filename == BASE_ONNX or "/" in filename:
+        raise ActTailError(f"variant file name must be a plain name other than {BASE_ONNX}; got {filename!r}")
+    graph = load_graph(base_dir)
+    summary = rewrite(graph, config, mode=mode, kernel=kernel)
+    path = base_dir / filename
+    onnx.save_model(graph, str(path))
+    if summary.kernel == "fused":
+        copy_library(base_dir, library)
+    return path
+
+
+def copy_library(base_dir: str | Path, library: str | Path | None = None) -> Path:
+    """Copy ``libacttail_ops.so`` into ``base_dir`` (from ``library`` or :func:`acttail_export.ops.get_library_path`)."""
+    from .ops import get_library_path
+
+    src = Path(library) if library is not None else Path(get_library_path())
+    dst = Path(base_dir) / LIBRARY_FILE
+    if dst.exists() and filecmp.cmp(src, dst, shallow=False):
+        return dst
+    # never rewrite a library in place: a process that has it loaded would crash; rename a new file over it
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def uses_custom_op(base_dir: str | Path, filename: str) -> bool:
+    from .graph_rewrite import CUSTOM_DOMAIN
+
+    return any(n.domain == CUSTOM_DOMAIN for n in load_graph(base_dir, filename).graph.node)
+
+
+def genai_config(base_dir: str | Path, filename: str = BASE_ONNX, provider: str = "cpu", cuda_graph: bool = False,
+                 overlay: dict | None = None):
+    """``onnxruntime_genai.Config`` for one graph file of a builder folder.
+
+    Selects ``filename`` as the decoder, registers the op library when that graph uses the custom op,
+    sets the provider (``cpu`` / ``cuda``) and, for CUDA, ``enable_cuda_graph``.
+    """
+    import onnxruntime_genai as og
+
+    base_dir = Path(base_dir)
+    if not (base_dir / GENAI_CONFIG).is_file():
+        raise ActTailError(f"{base_dir} has no {GENAI_CONFIG}: build it with acttail_export.optimize.build_base")
+    decoder: dict = {"filename": filename}
+    if uses_custom_op(base_dir, filename):
+        if not (base_dir / LIBRARY_FILE).is_file():
+            copy_library(base_dir)
+        decoder["session_options"] = {"custom_ops_library": LIBRARY_FILE}
+    config = og.Config(str(base_dir))
+    config.overlay(json.dumps({"model": {"decoder": decoder}}))
+    if overlay:
+        config.overlay(json.dumps(overlay))
+    config.clear_providers()
+    if provider == "cuda":
+        config.append_provider("cuda")
+        config.set_provider_option("cuda", "enable_cuda_graph", "1" if cuda_graph else "0")
+    elif provider != "cpu":
+        raise ActTailError(f"provider must be cpu or cuda; got {provider!r}")
+    return config
+
+
+def generate(base_dir: str | Path, input_ids, max_new_tokens: int, filename: str = BASE_ONNX, provider: str = "cpu",
+             cuda_graph: bool = False) -> list[int]:
+    """Greedy generation of ``max_new_tokens`` tokens with the genai runtime (one sequence)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    ids = np.asarray(input_ids, dtype=np.int32).reshape(1, -1)
+    model = og.Model(genai_config(base_dir, filename, provider, cuda_graph))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + max_new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out: list[int] = []
+    while not gen.is_done() and len(out) < max_new_tokens:
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out

@@ -1,0 +1,796 @@
+"""End-to-end decode benchmark: PyTorch, the optimum ONNX export and the optimized (genai-builder) base,
+dense and with ActTail masks / the fused SparseMatMul op, batch 1.
+
+One command per model on a CUDA machine (fp16)::
+
+    python benchmarks/decode.py --model llama2-7b --layers 8 --output docs/results/decode_llama2-7b-8l_h200.json
+
+For each model it measures prefill of a ``--prompt-length`` token prompt and the per-token latency of
+``--decode-tokens`` greedy decode steps (median, p90; tokens/s = 1000 / median ms), and the GPU memory
+of the process, for
+
+* ``torch-eager``: PyTorch, DynamicCache;
+* ``torch-cuda-graph``: PyTorch, StaticCache, one decode step captured in a CUDA graph and replayed;
+* ``ort-optimum``: the optimum-onnx export as the exporter writes it, ONNX Runtime CUDA EP, IO binding
+  (KV cache stays on the GPU);
+* ``genai-dense``: onnxruntime-genai model-builder graph (fused norms, GroupQueryAttention with rotary and
+  a shared KV buffer), genai generator, with and without CUDA-graph capture;
+* ``genai-mask`` / ``genai-fused``: the same graph rewritten by :func:`acttail_export.graph_rewrite.rewrite`
+  (threshold mode, uniform budgets) at each ``--sparsity``;
+* optionally ``ort-optimum-fused`` at ``--optimum-fused-sparsity``.
+
+Thresholds are calibrated on the model's own activations (random token windows for random-weight
+models, WikiText-2 validation for SmolLM2) with the project's sequential calibration, so each
+projection's kept fraction matches the target given the earlier masks; the effective sparsity is then
+measured on the benchmark prompt and on the decoded tokens with the PyTorch reference.
+
+Each ONNX Runtime configuration runs in a fresh subprocess (``--child``), so its GPU memory is its
+own and a crash cannot end the run. Results are written to ``--output`` after every configuration.
+``--table FILE`` prints the markdown tables of a results file.
+On CPU (``--device cpu --dtype fp32``, tiny models) the same code paths run for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+#: model shapes (random weights unless noted)
+SHAPES = {
+    "llama2-7b": dict(arch="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                      num_key_value_heads=32, num_hidden_layers=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "mistral-7b": dict(arch="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, num_hidden_layers=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       rope_theta=1e6, sliding_window=None),
+    "tiny-llama": dict(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                       num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=1024, rms_norm_eps=1e-5),
+    "tiny-mistral": dict(arch="mistral", vocab_size=256, hidden_size=64, intermediate_size=192, num_attention_heads=4,
+                         num_key_value_heads=1, num_hidden_layers=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                         sliding_window=None),
+}
+DEFAULT_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9)
+BACKENDS = ("torch-eager", "torch-cuda-graph", "ort-optimum", "genai-dense", "genai-mask", "genai-fused", "ort-optimum-fused")
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers (no torch)
+# ----------------------------------------------------------------------------------------------
+def latency_stats(prefill_ms: float, decode_ms: list[float]) -> dict:
+    """Median / p90 / mean of per-token decode latencies and tokens/s (= 1000 / median)."""
+    arr = np.asarray(decode_ms, dtype=np.float64)
+    med = float(np.median(arr))
+    return {"prefill_ms": float(prefill_ms), "decode_ms_median": med, "decode_ms_p90": float(np.percentile(arr, 90)),
+            "decode_ms_mean": float(arr.mean()), "decode_ms_min": float(arr.min()), "tokens_per_s": 1000.0 / med,
+            "decode_tokens": int(arr.size)}
+
+
+def gpu_memory_mb(pid: int | None = None) -> float | None:
+    """GPU memory used by process ``pid`` (default: this one) from nvidia-smi; None without a GPU."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid):
+            try:
+                return float(parts[1])
+            except ValueError:
+                return None
+    return None
+
+
+def machine_info() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        info["gpu"] = out
+    except (OSError, subprocess.SubprocessError):
+        info["gpu"] = None
+    for mod in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime_genai", "optimum"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            info[mod] = None
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime children (run in a subprocess; import no torch)
+# ----------------------------------------------------------------------------------------------
+def _child_genai(spec: dict) -> dict:
+    import onnxruntime_genai as og
+
+    from acttail_export.optimize import genai_config
+
+    prompt = np.load(spec["prompt"]).astype(np.int32).reshape(1, -1)
+    n, warm = spec["decode_tokens"], spec["warmup_tokens"]
+    t0 = time.perf_counter()
+    model = og.Model(genai_config(spec["dir"], spec["filename"], spec["provider"], spec["cuda_graph"]))
+    load_s = time.perf_counter() - t0
+    max_length = prompt.shape[1] + warm + n + 2
+
+    def new_generator():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        return og.Generator(model, params)
+
+    # warm-up generator: prefill + a few tokens (kernel selection, CUDA-graph capture)
+    gen = new_generator()
+    gen.append_tokens(prompt)
+    for _ in range(min(8, n)):
+        gen.generate_next_token()
+        gen.get_next_tokens()
+    del gen
+    gen = new_generator()
+    t = time.perf_counter()
+    gen.append_tokens(prompt)
+    logits = gen.get_logits()  # copies the last logits to the host: the prefill has finished
+    prefill_ms = (time.perf_counter() - t) * 1e3
+    times, tokens = [], []
+    for _ in range(warm + n):
+        t = time.perf_counter()
+        gen.generate_next_token()
+        tok = int(gen.get_next_tokens()[0])
+        times.append((time.perf_counter() - t) * 1e3)
+        tokens.append(tok)
+    out = latency_stats(prefill_ms, times[warm:])
+    out.update(load_s=load_s, tokens=tokens[: spec.get("keep_tokens", 32)], first_logit_argmax=int(np.argmax(np.asarray(logits).reshape(-1))),
+               gpu_memory_mb=gpu_memory_mb())
+    return out
+
+
+def _ort_session(path: str, provider: str, library: str | None, profile: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if library:
+        options.register_custom_ops_library(library)
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(path, options, providers=providers)
+
+
+def _child_ort_optimum(spec: dict) -> dict:
+    """optimum's graph (inputs input_ids, attention_mask, position_ids, past_key_values.*), IO binding."""
+    import onnxruntime as ort
+
+    prompt = np.load(spec["prompt"]).astype(np.int64).reshape(1, -1)
+    n, warm = spec["decode_tokens"], spec["warmup_tokens"]
+    device = "cuda" if spec["provider"] == "cuda" else "cpu"
+    t0 = time.perf_counter()
+    sess = _ort_session(spec["path"], spec["provider"], spec.get("library"))
+    load_s = time.perf_counter() - t0
+    inputs = {i.name: i for i in sess.get_inputs()}
+    past_names = [name for name in inputs if name.startswith("past_key_values.")]
+    out_names = [o.name for o in sess.get_outputs()]
+    elem = np.float16 if inputs[past_names[0]].type == "tensor(float16)" else np.float32
+    kv_heads, head_dim = spec["kv_heads"], spec["head_dim"]
+
+    def empty_past():
+        z = np.zeros((1, kv_heads, 0, head_dim), dtype=elem)
+        return {name: ort.OrtValue.ortvalue_from_numpy(z, device, 0) for name in past_names}
+
+    def step(ids: np.ndarray, start: int, past: dict):
+        io = sess.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        if "attention_mask" in inputs:
+            io.bind_cpu_input("attention_mask", np.ones((1, start + ids.shape[1]), dtype=np.int64))
+        if "position_ids" in inputs:
+            io.bind_cpu_input("position_ids", np.arange(start, start + ids.shape[1], dtype=np.int64).reshape(1, -1))
+        for name, value in past.items():
+            io.bind_ortvalue_input(name, value)
+        for name in out_names:
+            io.bind_output(name, device)
+        sess.run_with_iobinding(io)
+        outs = dict(zip(out_names, io.get_outputs()))
+        logits = outs["logits"].numpy()
+        new_past = {name.replace("present.", "past_key_values."): v for name, v in outs.items() if name.startswith("present.")}
+        return int(np.argmax(logits[0, -1])), new_past
+
+    def run(count: int):
+        t = time.perf_counter()
+        tok, past = step(prompt, 0, empty_past())
+        prefill = (time.perf_counter() - t) * 1e3
+        pos, times, toks = prompt.shape[1], [], [tok]
+        for _ in range(count):
+            t = time.perf_counter()
+            tok, past = step(np.array([[tok]], dtype=np.int64), pos, past)
+            times.append((time.perf_counter() - t) * 1e3)
+            toks.append(tok)
+            pos += 1
+        return prefill, times, toks
+
+    run(min(8, n))  # warm-up
+    prefill_ms, times, toks = run(warm + n)
+    out = latency_stats(prefill_ms, times[warm:])
+    out.update(load_s=load_s, tokens=toks[: spec.get("keep_tokens", 32)], gpu_memory_mb=gpu_memory_mb())
+    return out
+
+
+def _child_profile(spec: dict) -> dict:
+    """Placement check on a genai-builder graph run by plain ORT: one prefill + one decode step with profiling."""
+    import onnxruntime as ort
+
+    prompt = np.load(spec["prompt"]).astype(np.int64).reshape(1, -1)[:, :16]
+    library = str(Path(spec["dir"]) / "libacttail_ops.so") if spec.get("fused") else None
+    sess = _ort_session(str(Path(spec["dir"]) / spec["filename"]), spec["provider"], library, profile=spec["profile_prefix"])
+    inputs = {i.name: i for i in sess.get_inputs()}
+    elem = np.float16 if "float16" in inputs["past_key_values.0.key"].type else np.float32
+    feeds = {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}
+    for name in inputs:
+        if name.startswith("past_key_values."):
+            feeds[name] = np.zeros((1, spec["kv_heads"], 0, spec["head_dim"]), dtype=elem)
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    feeds = {"input_ids": np.array([[int(np.argmax(outs["logits"][0, -1]))]], dtype=np.int64),
+             "attention_mask": np.ones((1, prompt.shape[1] + 1), dtype=np.int64)}
+    for name, value in outs.items():
+        if name.startswith("present."):
+            feeds[name.replace("present.", "past_key_values.")] = value
+    sess.run(None, feeds)
+    prof = sess.end_profiling()
+    events = json.loads(Path(prof).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    by_op: dict[str, dict[str, int]] = {}
+    projection_providers: dict[str, int] = {}
+    for e in nodes:
+        args = e.get("args", {})
+        op, prov = args.get("op_name", "?"), args.get("provider", "?")
+        by_op.setdefault(op, {}).setdefault(prov, 0)
+        by_op[op][prov] += 1
+        name = e["name"]
+        if "_proj/MatMul" in name:
+            projection_providers[prov] = projection_providers.get(prov, 0) + 1
+    memcpy = sum(c for op, provs in by_op.items() if "Memcpy" in op for c in provs.values())
+    return {"ops_by_provider": by_op, "projection_events_by_provider": projection_providers, "memcpy_events": memcpy,
+            "profile_file": Path(prof).name}
+
+
+def child_main(spec: dict) -> None:
+    kind = spec["kind"]
+    try:
+        result = {"genai": _child_genai, "ort-optimum": _child_ort_optimum, "profile": _child_profile}[kind](spec)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as a failed configuration
+        result = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+    print("@@RESULT@@" + json.dumps(result), flush=True)
+
+
+def run_child(spec: dict, timeout: float, env: dict | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - t
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("@@RESULT@@"):
+            result = json.loads(line[len("@@RESULT@@"):])
+            result["child_wall_s"] = wall
+            return result
+    tail = (proc.stdout + proc.stderr)[-1500:]
+    return {"error": f"child exited with {proc.returncode} without a result: {tail}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch side
+# ----------------------------------------------------------------------------------------------
+def make_random_model(shape: str, layers: int | None, dtype, device: str, seed: int = 0):
+    import torch
+    import transformers
+
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    if layers:
+        spec["num_hidden_layers"] = layers
+    cls_cfg = transformers.LlamaConfig if arch == "llama" else transformers.MistralConfig
+    cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.MistralForCausalLM
+    cfg = cls_cfg(tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **spec)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls(cfg).to(dtype)
+    return model.eval()
+
+
+def save_random_tokenizer(folder: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t1", eos_token="t2", unk_token="t0").save_pretrained(folder)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def torch_eager(model, prompt, n: int, warm: int, device: str) -> dict:
+    import torch
+
+    def run(count):
+        with torch.inference_mode():
+            sync(device)
+            t = time.perf_counter()
+            out = model(input_ids=prompt, use_cache=True)
+            tok = out.logits[0, -1].argmax()
+            toks = [int(tok)]
+            prefill = (time.perf_counter() - t) * 1e3
+            past, times = out.past_key_values, []
+            for _ in range(count):
+                t = time.perf_counter()
+                out = model(input_ids=tok.view(1, 1), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                tok = out.logits[0, -1].argmax()
+                toks.append(int(tok))  # host sync, as a generation loop needs the token
+                times.append((time.perf_counter() - t) * 1e3)
+        return prefill, times, toks
+
+    run(min(8, n))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    prefill, times, toks = run(warm + n)
+    out = latency_stats(prefill, times[warm:])
+    out["tokens"] = toks[:32]
+    if device.startswith("cuda"):
+        out["torch_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu_memory_mb"] = gpu_memory_mb()
+    return out
+
+
+class StaticDecoder:
+    """Greedy decoding with a StaticCache; one decode step (model + argmax) optionally replayed from a CUDA graph.
+
+    The decode step gets a prepared 4-D additive attention mask (transformers returns a 4-D mask as is),
+    so no mask is built from tensor values inside the step: it is capturable.
+    """
+
+    def __init__(self, model, max_len: int, device: str, cuda_graph: bool):
+        import torch
+        from transformers import StaticCache
+
+        self.model, self.max_len, self.device, self.cuda_graph = model, max_len, device, cuda_graph
+        dtype = next(model.parameters()).dtype
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len, max_batch_size=1, device=device, dtype=dtype)
+        self.ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.pos = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.cpos = torch.zeros((1,), dtype=torch.long, device=device)
+        self.mask = torch.full((1, 1, 1, max_len), torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.next = torch.zeros((), dtype=torch.long, device=device)
+        self.graph = None
+
+    def _step(self):
+        out = self.model(input_ids=self.ids, position_ids=self.pos, cache_position=self.cpos, attention_mask=self.mask,
+                         past_key_values=self.cache, use_cache=True)
+        self.next.copy_(out.logits[0, -1].argmax())
+
+    def prefill(self, prompt) -> int:
+        import torch
+
+        self.cache.reset()
+        length = prompt.shape[1]
+        self.mask.fill_(torch.finfo(self.mask.dtype).min)
+        self.mask[..., :length] = 0
+        with torch.inference_mode():
+            out = self.model(input_ids=prompt, cache_position=torch.arange(length, device=self.device),
+                             past_key_values=self.cache, use_cache=True)
+            self.next.copy_(out.logits[0, -1].argmax())
+        self.length = length
+        return int(self.next)
+
+    def capture(self) -> None:
+        """Capture the decode step (after a prefill: the cache is initialized)."""
+        import torch
+
+        if not self.cuda_graph:
+            return
+        self._set_position(self.length)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self._step()
+
+    def _set_position(self, p: int) -> None:
+        self.pos.fill_(p)
+        self.cpos.fill_(p)
+        self.mask[..., p] = 0
+
+    def decode(self) -> int:
+        import torch
+
+        if self.length >= self.max_len:
+            raise RuntimeError("static cache is full")
+        self.ids.copy_(self.next.view(1, 1))
+        self._set_position(self.length)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with torch.inference_mode():
+                self._step()
+        self.length += 1
+        return int(self.next)
+
+
+def torch_static(model, prompt, n: int, warm: int, device: str, cuda_graph: bool) -> dict:
+    import torch
+
+    dec = StaticDecoder(model, prompt.shape[1] + warm + n + 16, device, cuda_graph)
+
+    @torch.inference_mode()
+    def run(count, capture=False):
+        sync(device)
+        t = time.perf_counter()
+        toks = [dec.prefill(prompt)]
+        prefill = (time.perf_counter() - t) * 1e3
+        if capture:
+            dec.capture()
+            dec.prefill(prompt)  # capture wrote into the cache at the next position; start over
+        times = []
+        for _ in range(count):
+            t = time.perf_counter()
+            toks.append(dec.decode())
+            times.append((time.perf_counter() - t) * 1e3)
+        return prefill, times, toks
+
+    run(min(8, n), capture=True)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    prefill, times, toks = run(warm + n)
+    out = latency_stats(prefill, times[warm:])
+    out["tokens"] = toks[:32]
+    if device.startswith("cuda"):
+        out["torch_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu_memory_mb"] = gpu_memory_mb()
+    return out
+
+
+def calibrate_configs(model, sparsities, windows) -> dict:
+    """Uniform threshold configs per sparsity, calibrated sequentially on ``windows``; 0 -> threshold 0 (op kept)."""
+    from acttail_export.allocation import build_config
+    from acttail_export.calibration import calibrate_many
+
+    configs = {}
+    for s in sparsities:
+        config = build_config(model, float(s), allocation="uniform", mode="threshold")
+        if s > 0:
+            calibrate_many(model, None, [config], windows=windows, sequential=True, progress=False)
+        else:
+            for p in config.projections:
+                p.threshold = 0.0
+        configs[float(s)] = config
+    return configs
+
+
+def measure_sparsity(model, config, prompt, n: int) -> dict:
+    """Effective (parameter-weighted) sparsity of the PyTorch reference on the prompt and on n decoded tokens."""
+    import torch
+
+    from acttail_export.sparsify import apply_sparsity
+
+    with torch.inference_mode(), apply_sparsity(model, config, "threshold") as hooks:
+        out = model(input_ids=prompt, use_cache=True)
+        prefill = hooks.weighted_effective_sparsity()
+        hooks.reset()
+        past, tok = out.past_key_values, out.logits[0, -1].argmax()
+        for _ in range(n):
+            out = model(input_ids=tok.view(1, 1), past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[0, -1].argmax()
+        decode = hooks.weighted_effective_sparsity()
+    return {"prompt": prefill, "decode": decode}
+
+
+# ----------------------------------------------------------------------------------------------
+# orchestration
+# ----------------------------------------------------------------------------------------------
+class Results:
+    def __init__(self, path: Path | None, header: dict):
+        self.path, self.data = path, dict(header, runs=[])
+
+    def add(self, backend: str, variant: str, sparsity: float | None, result: dict, **extra) -> None:
+        row = {"backend": backend, "variant": variant, "sparsity": sparsity, **extra, **result}
+        self.data["runs"].append(row)
+        msg = result.get("error") or (f"prefill {result['prefill_ms']:.1f} ms, decode median {result['decode_ms_median']:.3f} ms "
+                                      f"p90 {result['decode_ms_p90']:.3f} ms, {result['tokens_per_s']:.1f} tok/s, "
+                                      f"mem {result.get('gpu_memory_mb')}")
+        print(f"[{time.strftime('%H:%M:%S')}] {backend:18s} {variant:28s} {msg}", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--table", help="print the markdown tables of a results JSON and exit")
+    ap.add_argument("--model", default="llama2-7b", help=f"one of {', '.join(SHAPES)} (random weights) or smollm2 / an HF folder")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of a random-weight shape (default: the shape's)")
+    ap.add_argument("--sparsity", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
+    ap.add_argument("--backends", nargs="+", default=[b for b in BACKENDS if b != "ort-optimum-fused"], choices=BACKENDS)
+    ap.add_argument("--topk-sparsity", type=float, nargs="*", default=[0.5, 0.8, 0.9], help="fused top-k variants")
+    ap.add_argument("--optimum-fused-sparsity", type=float, nargs="*", default=[0.8])
+    ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both", help="genai runs with / without CUDA graphs")
+    ap.add_argument("--prompt-length", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--warmup-tokens", type=int, default=4, help="decode steps dropped before the measured ones")
+    ap.add_argument("--calibration-windows", type=int, default=8)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
+    ap.add_argument("--workdir", default="/tmp/acttail-decode")
+    ap.add_argument("--output", help="results JSON (written after every configuration)")
+    ap.add_argument("--profile", action="store_true", help="ORT profiling placement check of the fused graph at the highest sparsity")
+    ap.add_argument("--deadline", type=float, default=0, help="skip the remaining configurations after this many seconds (0: none)")
+    ap.add_argument("--child-timeout", type=float, default=240)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.child:
+        child_main(json.loads(args.child))
+        return 0
+    if args.table:
+        print(tables(json.loads(Path(args.table).read_text())))
+        return 0
+    return run_benchmark(args)
+
+
+def run_benchmark(args) -> int:
+    import torch
+
+    from acttail_export import optimize
+
+    start = time.perf_counter()
+
+    def out_of_time() -> bool:
+        return bool(args.deadline) and time.perf_counter() - start > args.deadline
+
+    device, provider = args.device, ("cuda" if args.device.startswith("cuda") else "cpu")
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    work = Path(args.workdir) / f"{args.model}-{args.layers or 'all'}-{args.dtype}"
+    work.mkdir(parents=True, exist_ok=True)
+    hf_dir, optimum_dir, genai_dir = work / "hf", work / "optimum", work / "genai"
+
+    # --- model ------------------------------------------------------------------------------
+    t = time.perf_counter()
+    if args.model in SHAPES:
+        model = make_random_model(args.model, args.layers, dtype, device, args.seed)
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        prompt = torch.randint(3, vocab, (1, args.prompt_length), generator=gen)
+        windows = torch.randint(3, vocab, (args.calibration_windows, args.prompt_length), generator=gen)
+        tokenizer = None
+        weights = "random (transformers' init, std 0.02)"
+    else:
+        from acttail_export.data import load_windows
+        from acttail_export.modeling import load_model
+
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+        wins = load_windows(tokenizer, None, args.prompt_length, samples=args.calibration_windows + 1)
+        prompt, windows = wins[:1].clone(), wins[1:].clone()
+        weights = "pretrained"
+    prompt = prompt.to(device)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    header = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(),
+        "model": {"name": args.model, "weights": weights, "architecture": type(model).__name__, "layers": cfg.num_hidden_layers,
+                  "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+                  "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+                  "vocab_size": cfg.vocab_size, "parameters": sum(p.numel() for p in model.parameters()), "dtype": args.dtype},
+        "settings": {"prompt_length": args.prompt_length, "decode_tokens": args.decode_tokens, "warmup_tokens": args.warmup_tokens,
+                     "batch": 1, "mode": "threshold", "allocation": "uniform", "calibration_windows": args.calibration_windows,
+                     "device": device},
+        "timings_s": {},
+    }
+    results = Results(Path(args.output) if args.output else None, header)
+    timings = results.data["timings_s"]
+    timings["model"] = time.perf_counter() - t
+    print(f"model {args.model}: {header['model']['parameters'] / 1e9:.3f} B parameters, {cfg.num_hidden_layers} layers", flush=True)
+
+    # --- calibration ----------------------------------------------------------------------------
+    t = time.perf_counter()
+    sparsities = sorted(set(args.sparsity))
+    configs = calibrate_configs(model, sparsities, windows.to(device))
+    calib = {}
+    for s, config in configs.items():
+        entry = {"thresholds_mean": float(np.mean([p.threshold for p in config.projections]))}
+        if s > 0:
+            entry["effective_sparsity"] = measure_sparsity(model, config, prompt, min(args.decode_tokens, 64))
+        calib[str(s)] = entry
+        print(f"sparsity {s}: {entry}", flush=True)
+    results.data["calibration"] = calib
+    timings["calibration"] = time.perf_counter() - t
+    results.save()
+
+    n, warm = args.decode_tokens, args.warmup_tokens
+    # --- PyTorch ----------------------------------------------------------------------------------
+    if "torch-eager" in args.backends:
+        try:
+            results.add("torch-eager", "dense", 0.0, torch_eager(model, prompt, n, warm, device))
+        except Exception as exc:  # noqa: BLE001
+            results.add("torch-eager", "dense", 0.0, {"error": f"{type(exc).__name__}: {exc}"})
+    if "torch-cuda-graph" in args.backends:
+        graph = provider == "cuda"
+        try:
+            results.add("torch-cuda-graph" if graph else "torch-static", "dense", 0.0,
+                        torch_static(model, prompt, n, warm, device, cuda_graph=graph), cuda_graph=graph)
+        except Exception as exc:  # noqa: BLE001
+            results.add("torch-cuda-graph", "dense", 0.0, {"error": f"{type(exc).__name__}: {str(exc)[:1500]}"})
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    np.save(work / "prompt.npy", prompt.cpu().numpy())
+    common = {"prompt": str(work / "prompt.npy"), "decode_tokens": n, "warmup_tokens": warm, "provider": provider,
+              "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim}
+
+    # --- optimum export -----------------------------------------------------------------------------
+    want_optimum = {"ort-optimum", "ort-optimum-fused"} & set(args.backends)
+    if want_optimum and not out_of_time():
+        t = time.perf_counter()
+        try:
+            from acttail_export.onnx_export import export_base_onnx
+
+            if not (optimum_dir / "model.onnx").is_file():
+                export_base_onnx(model, optimum_dir, dtype=args.dtype, device="cuda" if provider == "cuda" else "cpu")
+            timings["optimum_export"] = time.perf_counter() - t
+            if "ort-optimum" in args.backends:
+                results.add("ort-optimum", "dense", 0.0, run_child(dict(common, kind="ort-optimum", path=str(optimum_dir / "model.onnx")),
+                                                                   args.child_timeout), io_binding=True)
+            if "ort-optimum-fused" in args.backends:
+                import onnx
+
+                from acttail_export.graph_rewrite import rewrite
+                from acttail_export.ops import get_library_path
+
+                for s in args.optimum_fused_sparsity:
+                    if float(s) not in configs or out_of_time():
+                        continue
+                    graph = onnx.load(str(optimum_dir / "model.onnx"), load_external_data=False)
+                    rewrite(graph, configs[float(s)], mode="threshold", kernel="fused")
+                    path = optimum_dir / f"model.fused-{int(round(s * 100))}.onnx"
+                    onnx.save_model(graph, str(path))
+                    results.add("ort-optimum-fused", f"fused {s:.0%}", float(s),
+                                run_child(dict(common, kind="ort-optimum", path=str(path), library=get_library_path()), args.child_timeout),
+                                io_binding=True)
+        except Exception as exc:  # noqa: BLE001
+            results.add("ort-optimum", "dense", 0.0, {"error": f"export: {type(exc).__name__}: {str(exc)[:1500]}"})
+
+    # --- genai base and variants ----------------------------------------------------------------------
+    want_genai = {"genai-dense", "genai-mask", "genai-fused"} & set(args.backends)
+    if want_genai and not out_of_time():
+        t = time.perf_counter()
+        try:
+            if not (genai_dir / "model.onnx").is_file():
+                model.save_pretrained(hf_dir, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(hf_dir)
+                else:
+                    save_random_tokenizer(hf_dir, cfg.vocab_size)
+                optimize.build_base(hf_dir, genai_dir, dtype=args.dtype, execution_provider=provider)
+            timings["genai_build"] = time.perf_counter() - t
+        except Exception as exc:  # noqa: BLE001
+            results.add("genai-dense", "dense", 0.0, {"error": f"build: {type(exc).__name__}: {str(exc)[:2000]}"})
+            want_genai = set()
+    graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graph] if provider == "cuda" else [False]
+    best_graph = graph_modes[-1]
+    if "genai-dense" in want_genai:
+        for cg in graph_modes:
+            if out_of_time():
+                break
+            r = run_child(dict(common, kind="genai", dir=str(genai_dir), filename="model.onnx", cuda_graph=cg), args.child_timeout)
+            results.add("genai-dense", "dense" + (" +cuda-graph" if cg else ""), 0.0, r, cuda_graph=cg)
+            if cg and "error" in r:
+                best_graph = False
+    variants = [(kernel, "threshold", s, configs[s]) for kernel in ("mask", "fused") if f"genai-{kernel}" in want_genai
+                for s in sparsities]
+    if "genai-fused" in want_genai:
+        from acttail_export.allocation import build_config
+
+        variants += [("fused", "topk", float(s), build_config(model, float(s), allocation="uniform", mode="topk"))
+                     for s in args.topk_sparsity]
+    for kernel, mode, s, config in variants:
+        if out_of_time():
+            print("deadline reached: skipping the remaining configurations", flush=True)
+            break
+        tag = f"{kernel}-{mode}-{int(round(s * 100))}"
+        name, label, backend = f"model.{tag}.onnx", f"{kernel} {mode} {s:.0%}", f"genai-{kernel}"
+        try:
+            optimize.write_variant(genai_dir, config, name, mode=mode, kernel=kernel)
+        except Exception as exc:  # noqa: BLE001
+            results.add(backend, label, s, {"error": f"rewrite: {type(exc).__name__}: {exc}"}, mode=mode)
+            continue
+        r = run_child(dict(common, kind="genai", dir=str(genai_dir), filename=name, cuda_graph=best_graph), args.child_timeout)
+        if best_graph and "error" in r:  # retry without graph capture
+            results.add(backend, label + " +cuda-graph", s, r, cuda_graph=True, mode=mode)
+            r = run_child(dict(common, kind="genai", dir=str(genai_dir), filename=name, cuda_graph=False), args.child_timeout)
+            results.add(backend, label, s, r, cuda_graph=False, mode=mode)
+        else:
+            results.add(backend, label + (" +cuda-graph" if best_graph else ""), s, r, cuda_graph=best_graph, mode=mode)
+    if args.profile and "genai-fused" in want_genai and not out_of_time():
+        s = max(sparsities)
+        name = f"model.fused-threshold-{int(round(s * 100))}.onnx"
+        prof = run_child(dict(common, kind="profile", dir=str(genai_dir), filename=name, fused=True,
+                              profile_prefix=str(work / "ort_profile")), args.child_timeout)
+        results.data["placement_check"] = dict(prof, graph=name)
+        print("placement:", json.dumps(prof)[:1500], flush=True)
+        results.save()
+    timings["total"] = time.perf_counter() - start
+    results.save()
+    print(tables(results.data))
+    return 0
+
+
+def tables(data: dict) -> str:
+    """Markdown tables: every configuration, then speedups against the dense baselines."""
+    runs = [r for r in data["runs"] if "error" not in r]
+    lines = [f"model {data['model']['name']} ({data['model']['layers']} layers, {data['model']['dtype']}), "
+             f"prompt {data['settings']['prompt_length']}, {data['settings']['decode_tokens']} decode tokens, batch 1; "
+             f"GPU {data['machine'].get('gpu')}", ""]
+    lines += ["| backend | configuration | sparsity (target → measured, decode) | prefill ms | decode ms median | p90 | tokens/s | GPU MiB |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    calib = data.get("calibration", {})
+    for r in data["runs"]:
+        s = r.get("sparsity")
+        eff = calib.get(str(s), {}).get("effective_sparsity", {}).get("decode") if s else None
+        if r["variant"].startswith("dense"):
+            sp = "dense"
+        elif r.get("mode") == "topk":
+            sp = f"{s:.2f} (top-k: exact)"
+        else:
+            sp = f"{s:.2f} → {eff:.3f}" if eff is not None else f"{s:.2f}"
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['variant']} | {sp} | failed: {r['error'][:120].replace('|', '/')} | | | | |")
+            continue
+        mem = r.get("gpu_memory_mb")
+        lines.append(f"| {r['backend']} | {r['variant']} | {sp} | {r['prefill_ms']:.1f} | {r['decode_ms_median']:.3f} | "
+                     f"{r['decode_ms_p90']:.3f} | {r['tokens_per_s']:.1f} | {'' if mem is None else f'{mem:.0f}'} |")
+
+    def best(pred):
+        cands = [r for r in runs if pred(r)]
+        return max(cands, key=lambda r: r["tokens_per_s"]) if cands else None
+
+    optimum = best(lambda r: r["backend"] == "ort-optimum")
+    dense_ort = best(lambda r: r["backend"] in ("ort-optimum", "genai-dense"))
+    torch_graph = best(lambda r: r["backend"] in ("torch-cuda-graph", "torch-static"))
+    lines += ["", "| configuration | tokens/s | × optimum export | × best dense ORT | × PyTorch CUDA graph |", "|---|---:|---:|---:|---:|"]
+    for r in sorted(runs, key=lambda r: (r["backend"], r.get("mode") or "", r.get("sparsity") or 0)):
+        def ratio(base):
+            return f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "–"
+        lines.append(f"| {r['backend']} {r['variant']} | {r['tokens_per_s']:.1f} | {ratio(optimum)} | {ratio(dense_ort)} | {ratio(torch_graph)} |")
+    if "placement_check" in data:
+        pc = data["placement_check"]
+        lines += ["", f"placement ({pc.get('graph')}): projection node events by provider {pc.get('projection_events_by_provider')}, "
+                      f"Memcpy events {pc.get('memcpy_events')}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
