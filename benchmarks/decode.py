@@ -95,6 +95,16 @@ def gpu_memory_mb(pid: int | None = None) -> float | None:
     return None
 
 
+def gpu_total_used_mb() -> float | None:
+    """Memory used on GPU 0 by every process (nvidia-smi); None without a GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return float(out.splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def machine_info() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform()}
     try:
@@ -152,7 +162,7 @@ def _child_genai(spec: dict) -> dict:
         tokens.append(tok)
     out = latency_stats(prefill_ms, times[warm:])
     out.update(load_s=load_s, tokens=tokens[: spec.get("keep_tokens", 32)], first_logit_argmax=int(np.argmax(np.asarray(logits).reshape(-1))),
-               gpu_memory_mb=gpu_memory_mb())
+               gpu_memory_mb=gpu_memory_mb(), gpu_total_used_mb=gpu_total_used_mb())
     return out
 
 
@@ -223,7 +233,8 @@ def _child_ort_optimum(spec: dict) -> dict:
     run(min(8, n))  # warm-up
     prefill_ms, times, toks = run(warm + n)
     out = latency_stats(prefill_ms, times[warm:])
-    out.update(load_s=load_s, tokens=toks[: spec.get("keep_tokens", 32)], gpu_memory_mb=gpu_memory_mb())
+    out.update(load_s=load_s, tokens=toks[: spec.get("keep_tokens", 32)], gpu_memory_mb=gpu_memory_mb(),
+               gpu_total_used_mb=gpu_total_used_mb())
     return out
 
 
@@ -265,10 +276,34 @@ def _child_profile(spec: dict) -> dict:
             "profile_file": Path(prof).name}
 
 
+def _child_perplexity(spec: dict) -> dict:
+    """Next-token perplexity of non-overlapping windows through a genai-builder graph run by plain ORT (empty past)."""
+    windows = np.load(spec["windows"]).astype(np.int64)
+    library = str(Path(spec["dir"]) / "libacttail_ops.so") if spec.get("fused") else None
+    sess = _ort_session(str(Path(spec["dir"]) / spec["filename"]), spec["provider"], library)
+    inputs = {i.name: i for i in sess.get_inputs()}
+    elem = np.float16 if "float16" in inputs["past_key_values.0.key"].type else np.float32
+    nll, count = 0.0, 0
+    t = time.perf_counter()
+    for w in windows:
+        feeds = {"input_ids": w[None, :], "attention_mask": np.ones((1, w.size), dtype=np.int64)}
+        for name in inputs:
+            if name.startswith("past_key_values."):
+                feeds[name] = np.zeros((1, spec["kv_heads"], 0, spec["head_dim"]), dtype=elem)
+        logits = sess.run(["logits"], feeds)[0][0, :-1].astype(np.float64)
+        m = logits.max(axis=-1, keepdims=True)
+        logz = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=-1)))
+        nll += float((logz - logits[np.arange(w.size - 1), w[1:]]).sum())
+        count += w.size - 1
+    return {"perplexity": float(np.exp(nll / count)), "tokens_scored": count, "windows": int(len(windows)),
+            "seconds": time.perf_counter() - t, "provider": spec["provider"], "graph": spec["filename"]}
+
+
 def child_main(spec: dict) -> None:
     kind = spec["kind"]
     try:
-        result = {"genai": _child_genai, "ort-optimum": _child_ort_optimum, "profile": _child_profile}[kind](spec)
+        result = {"genai": _child_genai, "ort-optimum": _child_ort_optimum, "profile": _child_profile,
+                  "perplexity": _child_perplexity}[kind](spec)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as a failed configuration
         result = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
     print("@@RESULT@@" + json.dumps(result), flush=True)
@@ -536,7 +571,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="llama2-7b", help=f"one of {', '.join(SHAPES)} (random weights) or smollm2 / an HF folder")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of a random-weight shape (default: the shape's)")
     ap.add_argument("--sparsity", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
-    ap.add_argument("--backends", nargs="+", default=[b for b in BACKENDS if b != "ort-optimum-fused"], choices=BACKENDS)
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     ap.add_argument("--topk-sparsity", type=float, nargs="*", default=[0.5, 0.8, 0.9], help="fused top-k variants")
     ap.add_argument("--optimum-fused-sparsity", type=float, nargs="*", default=[0.8])
     ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both", help="genai runs with / without CUDA graphs")
@@ -552,6 +587,13 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=0, help="skip the remaining configurations after this many seconds (0: none)")
     ap.add_argument("--child-timeout", type=float, default=240)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wikitext", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"),
+                    help="folder with wiki.valid.raw (calibration of pretrained models) and wiki.test.raw")
+    ap.add_argument("--perplexity", type=float, default=None, metavar="SPARSITY",
+                    help="quality check: WikiText-2 test perplexity of the fused threshold graph at SPARSITY, "
+                         "fp16 on ORT CUDA vs the same config in an fp32 base on ORT CPU (pretrained models)")
+    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--ppl-length", type=int, default=1024)
     args = ap.parse_args(argv)
     if args.child:
         child_main(json.loads(args.child))
@@ -568,6 +610,7 @@ def run_benchmark(args) -> int:
     from acttail_export import optimize
 
     start = time.perf_counter()
+    args._start = start
 
     def out_of_time() -> bool:
         return bool(args.deadline) and time.perf_counter() - start > args.deadline
@@ -592,9 +635,12 @@ def run_benchmark(args) -> int:
         from acttail_export.data import load_windows
         from acttail_export.modeling import load_model
 
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-        wins = load_windows(tokenizer, None, args.prompt_length, samples=args.calibration_windows + 1)
-        prompt, windows = wins[:1].clone(), wins[1:].clone()
+        from acttail_export.modeling import default_model_path
+
+        ref = default_model_path() if args.model == "smollm2" else args.model  # the bundled SmolLM2-135M GGUF
+        model, tokenizer = load_model(ref, dtype=args.dtype, device=device)
+        windows = load_windows(tokenizer, Path(args.wikitext) / "wiki.valid.raw", args.prompt_length, samples=args.calibration_windows)
+        prompt = load_windows(tokenizer, Path(args.wikitext) / "wiki.test.raw", args.prompt_length, samples=1)[:1].clone()
         weights = "pretrained"
     prompt = prompt.to(device)
     cfg = model.config
@@ -651,8 +697,9 @@ def run_benchmark(args) -> int:
     common = {"prompt": str(work / "prompt.npy"), "decode_tokens": n, "warmup_tokens": warm, "provider": provider,
               "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim}
 
-    # --- optimum export -----------------------------------------------------------------------------
+    # --- exports: optimum (as the exporter writes it) and the genai-builder base -----------------------
     want_optimum = {"ort-optimum", "ort-optimum-fused"} & set(args.backends)
+    optimum_ok = False
     if want_optimum and not out_of_time():
         t = time.perf_counter()
         try:
@@ -660,30 +707,10 @@ def run_benchmark(args) -> int:
 
             if not (optimum_dir / "model.onnx").is_file():
                 export_base_onnx(model, optimum_dir, dtype=args.dtype, device="cuda" if provider == "cuda" else "cpu")
-            timings["optimum_export"] = time.perf_counter() - t
-            if "ort-optimum" in args.backends:
-                results.add("ort-optimum", "dense", 0.0, run_child(dict(common, kind="ort-optimum", path=str(optimum_dir / "model.onnx")),
-                                                                   args.child_timeout), io_binding=True)
-            if "ort-optimum-fused" in args.backends:
-                import onnx
-
-                from acttail_export.graph_rewrite import rewrite
-                from acttail_export.ops import get_library_path
-
-                for s in args.optimum_fused_sparsity:
-                    if float(s) not in configs or out_of_time():
-                        continue
-                    graph = onnx.load(str(optimum_dir / "model.onnx"), load_external_data=False)
-                    rewrite(graph, configs[float(s)], mode="threshold", kernel="fused")
-                    path = optimum_dir / f"model.fused-{int(round(s * 100))}.onnx"
-                    onnx.save_model(graph, str(path))
-                    results.add("ort-optimum-fused", f"fused {s:.0%}", float(s),
-                                run_child(dict(common, kind="ort-optimum", path=str(path), library=get_library_path()), args.child_timeout),
-                                io_binding=True)
+            optimum_ok = True
         except Exception as exc:  # noqa: BLE001
             results.add("ort-optimum", "dense", 0.0, {"error": f"export: {type(exc).__name__}: {str(exc)[:1500]}"})
-
-    # --- genai base and variants ----------------------------------------------------------------------
+        timings["optimum_export"] = time.perf_counter() - t
     want_genai = {"genai-dense", "genai-mask", "genai-fused"} & set(args.backends)
     if want_genai and not out_of_time():
         t = time.perf_counter()
@@ -695,10 +722,35 @@ def run_benchmark(args) -> int:
                 else:
                     save_random_tokenizer(hf_dir, cfg.vocab_size)
                 optimize.build_base(hf_dir, genai_dir, dtype=args.dtype, execution_provider=provider)
-            timings["genai_build"] = time.perf_counter() - t
         except Exception as exc:  # noqa: BLE001
             results.add("genai-dense", "dense", 0.0, {"error": f"build: {type(exc).__name__}: {str(exc)[:2000]}"})
             want_genai = set()
+        timings["genai_build"] = time.perf_counter() - t
+    if provider == "cuda":  # the ORT children get the GPU to themselves (the model is only needed for shapes now)
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        results.data["gpu_baseline_used_mb"] = gpu_total_used_mb()
+    if optimum_ok and "ort-optimum" in args.backends and not out_of_time():
+        results.add("ort-optimum", "dense", 0.0, run_child(dict(common, kind="ort-optimum", path=str(optimum_dir / "model.onnx")),
+                                                           args.child_timeout), io_binding=True)
+    if optimum_ok and "ort-optimum-fused" in args.backends:
+        import onnx
+
+        from acttail_export.graph_rewrite import rewrite
+        from acttail_export.ops import get_library_path
+
+        for s in args.optimum_fused_sparsity:
+            if float(s) not in configs or out_of_time():
+                continue
+            try:
+                graph = onnx.load(str(optimum_dir / "model.onnx"), load_external_data=False)
+                rewrite(graph, configs[float(s)], mode="threshold", kernel="fused")
+                path = optimum_dir / f"model.fused-{int(round(s * 100))}.onnx"
+                onnx.save_model(graph, str(path))
+                r = run_child(dict(common, kind="ort-optimum", path=str(path), library=get_library_path()), args.child_timeout)
+            except Exception as exc:  # noqa: BLE001
+                r = {"error": f"rewrite: {type(exc).__name__}: {exc}"}
+            results.add("ort-optimum-fused", f"fused threshold {s:.0%}", float(s), r, io_binding=True, mode="threshold")
     graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graph] if provider == "cuda" else [False]
     best_graph = graph_modes[-1]
     if "genai-dense" in want_genai:
@@ -709,14 +761,29 @@ def run_benchmark(args) -> int:
             results.add("genai-dense", "dense" + (" +cuda-graph" if cg else ""), 0.0, r, cuda_graph=cg)
             if cg and "error" in r:
                 best_graph = False
-    variants = [(kernel, "threshold", s, configs[s]) for kernel in ("mask", "fused") if f"genai-{kernel}" in want_genai
-                for s in sparsities]
+    # most important first, in case --deadline cuts the run short: fused threshold, placement check, mask, fused top-k
+    order = sorted(sparsities, key=lambda s: (s != 0.8, s != 0.5, s != 0.9, -s))
+    variants: list = [("fused", "threshold", s, configs[s]) for s in order if "genai-fused" in want_genai]
+    if args.profile and "genai-fused" in want_genai:
+        variants.append(("profile", "threshold", max(sparsities), None))
+    variants += [("mask", "threshold", s, configs[s]) for s in order if "genai-mask" in want_genai]
     if "genai-fused" in want_genai:
         from acttail_export.allocation import build_config
 
         variants += [("fused", "topk", float(s), build_config(model, float(s), allocation="uniform", mode="topk"))
                      for s in args.topk_sparsity]
     for kernel, mode, s, config in variants:
+        if kernel == "profile":
+            if out_of_time():
+                continue
+            name = f"model.fused-threshold-{int(round(s * 100))}.onnx"
+            if (genai_dir / name).is_file():
+                prof = run_child(dict(common, kind="profile", dir=str(genai_dir), filename=name, fused=True,
+                                      profile_prefix=str(work / "ort_profile")), args.child_timeout)
+                results.data["placement_check"] = dict(prof, graph=name)
+                print("placement:", json.dumps(prof)[:1500], flush=True)
+                results.save()
+            continue
         if out_of_time():
             print("deadline reached: skipping the remaining configurations", flush=True)
             break
@@ -734,18 +801,57 @@ def run_benchmark(args) -> int:
             results.add(backend, label, s, r, cuda_graph=False, mode=mode)
         else:
             results.add(backend, label + (" +cuda-graph" if best_graph else ""), s, r, cuda_graph=best_graph, mode=mode)
-    if args.profile and "genai-fused" in want_genai and not out_of_time():
-        s = max(sparsities)
-        name = f"model.fused-threshold-{int(round(s * 100))}.onnx"
-        prof = run_child(dict(common, kind="profile", dir=str(genai_dir), filename=name, fused=True,
-                              profile_prefix=str(work / "ort_profile")), args.child_timeout)
-        results.data["placement_check"] = dict(prof, graph=name)
-        print("placement:", json.dumps(prof)[:1500], flush=True)
-        results.save()
+    if args.perplexity is not None and "genai-fused" in want_genai and not out_of_time():
+        t = time.perf_counter()
+        results.data["quality"] = quality_check(args, model, tokenizer, configs, hf_dir, genai_dir, work, common)
+        timings["quality"] = time.perf_counter() - t
+        print("quality:", json.dumps(results.data["quality"]), flush=True)
     timings["total"] = time.perf_counter() - start
     results.save()
     print(tables(results.data))
     return 0
+
+
+def quality_check(args, model, tokenizer, configs, hf_dir: Path, genai_dir: Path, work: Path, common: dict) -> dict:
+    """Perplexity of the fused threshold graph at ``args.perplexity``: fp16 base on ORT CUDA vs fp32 base on ORT CPU,
+    both rewritten with the same calibrated config; dense fp16/fp32 alongside."""
+    from acttail_export import optimize
+    from acttail_export.data import load_windows
+
+    s = float(args.perplexity)
+    if s not in configs:
+        return {"error": f"--perplexity {s} is not among --sparsity {sorted(configs)}"}
+    if tokenizer is None:
+        return {"error": "perplexity needs a pretrained model with a tokenizer"}
+    windows = load_windows(tokenizer, Path(args.wikitext) / "wiki.test.raw", args.ppl_length, max_tokens=args.ppl_tokens)
+    np.save(work / "ppl_windows.npy", windows.numpy())
+    cpu_dir = work / "genai-fp32-cpu"
+    try:
+        if not (cpu_dir / "model.onnx").is_file():
+            optimize.build_base(hf_dir, cpu_dir, dtype="fp32", execution_provider="cpu")
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"fp32 base: {type(exc).__name__}: {str(exc)[:1500]}"}
+    name = f"model.fused-threshold-{int(round(s * 100))}.onnx"
+    out: dict = {"sparsity": s, "windows": int(windows.shape[0]), "window_length": args.ppl_length}
+    key = f"{args.dtype}_{common['provider']}"
+    for folder in (genai_dir, cpu_dir):
+        optimize.write_variant(folder, configs[s], name, mode="threshold", kernel="fused")
+    runs = [("fused", name, True, genai_dir, common["provider"], key), ("fused", name, True, cpu_dir, "cpu", "fp32_cpu"),
+            ("dense", "model.onnx", False, genai_dir, common["provider"], key), ("dense", "model.onnx", False, cpu_dir, "cpu", "fp32_cpu")]
+    for tag, graph, fused, folder, provider, label in runs:
+        if args.deadline and time.perf_counter() - args._start > args.deadline:
+            out[f"{tag}_{label}"] = {"error": "skipped: --deadline reached"}
+            continue
+        spec = dict(common, kind="perplexity", dir=str(folder), filename=graph, fused=fused, provider=provider,
+                    windows=str(work / "ppl_windows.npy"))
+        out[f"{tag}_{label}"] = run_child(spec, max(args.child_timeout, 600))
+    for tag in ("fused", "dense"):
+        try:
+            a, b = out[f"{tag}_{key}"]["perplexity"], out[f"{tag}_fp32_cpu"]["perplexity"]
+            out[f"{tag}_relative_difference"] = abs(a - b) / b
+        except KeyError:
+            pass
+    return out
 
 
 def tables(data: dict) -> str:
@@ -770,6 +876,10 @@ def tables(data: dict) -> str:
             lines.append(f"| {r['backend']} | {r['variant']} | {sp} | failed: {r['error'][:120].replace('|', '/')} | | | | |")
             continue
         mem = r.get("gpu_memory_mb")
+        if mem is None and r.get("gpu_total_used_mb") is not None and data.get("gpu_baseline_used_mb") is not None:
+            mem = r["gpu_total_used_mb"] - data["gpu_baseline_used_mb"]
+        if mem is None:
+            mem = r.get("torch_max_allocated_mb")
         lines.append(f"| {r['backend']} | {r['variant']} | {sp} | {r['prefill_ms']:.1f} | {r['decode_ms_median']:.3f} | "
                      f"{r['decode_ms_p90']:.3f} | {r['tokens_per_s']:.1f} | {'' if mem is None else f'{mem:.0f}'} |")
 
