@@ -621,7 +621,8 @@ def run_benchmark(args) -> int:
 
     device, provider = args.device, ("cuda" if args.device.startswith("cuda") else "cpu")
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    work = Path(args.workdir) / f"{args.model}-{args.layers or 'all'}-{args.dtype}"
+    tag = Path(args.model).name.removesuffix(".gguf") if args.model not in SHAPES else args.model
+    work = Path(args.workdir) / f"{tag}-{args.layers or 'all'}-{args.dtype}"
     work.mkdir(parents=True, exist_ok=True)
     hf_dir, optimum_dir, genai_dir = work / "hf", work / "optimum", work / "genai"
 
