@@ -22,10 +22,11 @@ pins transformers 4.x. The builder therefore runs in a subprocess; set ``ACTTAIL
 ``PYTHONPATH`` for the builder (transformers >= 5 and onnxruntime_genai importable) when the current
 environment has transformers 4.
 
-Loading and generating from Python::
+A finished export (:func:`export_genai`, or :func:`finalize` on a built base) names the rewritten graph and
+the op library in its ``genai_config.json``, so loading and generating from Python is::
 
     import onnxruntime_genai as og
-    model = og.Model(genai_config(out_dir, "model.fused-80.onnx", provider="cuda"))
+    model = og.Model("out/model-acttail-80")              # or og.Model(genai_config(dir, "model.fused-80.onnx", "cuda", cuda_graph=True))
     params = og.GeneratorParams(model); params.set_search_options(max_length=256)
     gen = og.Generator(model, params); gen.append_tokens(ids)
     while not gen.is_done(): gen.generate_next_token()
@@ -215,3 +216,43 @@ def generate(base_dir: str | Path, input_ids, max_new_tokens: int, filename: str
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
     return out
+
+
+def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = None, kernel: str | None = None,
+             filename: str = "model.acttail.onnx", library: str | Path | None = None) -> Path:
+    """Make a builder folder an ActTail export that ``onnxruntime_genai.Model(folder)`` loads as is.
+
+    Writes the rewritten graph as ``filename`` (sharing ``model.onnx.data``), points ``genai_config.json``
+    at it (and at the op library for the fused kernel), and saves ``acttail_config.json``.
+    """
+    base_dir = Path(base_dir)
+    path = write_variant(base_dir, config, filename, mode=mode, kernel=kernel, library=library)
+    cfg_path = base_dir / GENAI_CONFIG
+    data = json.loads(cfg_path.read_text())
+    decoder = data["model"]["decoder"]
+    decoder["filename"] = filename
+    if uses_custom_op(base_dir, filename):
+        decoder.setdefault("session_options", {})["custom_ops_library"] = LIBRARY_FILE
+    cfg_path.write_text(json.dumps(data, indent=4) + "\n")
+    config.kernel = kernel or config.kernel
+    config.mode = mode or config.mode
+    config.save(base_dir)
+    return path
+
+
+def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig, mode: str | None = None,
+                 kernel: str | None = None, dtype: str = "fp16", execution_provider: str = "cuda") -> Path:
+    """ActTail export on the optimized base: builder graph + rewrite + genai config, in ``output_dir``.
+
+    ``model`` / ``tokenizer`` are the loaded Hugging Face objects (the config's thresholds come from them).
+    Load with ``onnxruntime_genai.Model(str(output_dir))``.
+    """
+    import tempfile
+
+    output_dir = Path(output_dir)
+    with tempfile.TemporaryDirectory(prefix="acttail-hf-") as hf:
+        model.save_pretrained(hf, safe_serialization=True)
+        tokenizer.save_pretrained(hf)
+        build_base(hf, output_dir, dtype=dtype, execution_provider=execution_provider)
+    finalize(output_dir, config, mode=mode, kernel=kernel)
+    return output_dir

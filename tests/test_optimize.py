@@ -331,3 +331,39 @@ def test_fused_fp16_base_on_cuda_matches_reference(tmp_path):
     for cuda_graph in (False, True):
         got = logits("cuda", cuda_graph)
         assert np.abs(got - want).max() / np.abs(want).max() < 3e-2  # fp16 graph, fp32 reference
+
+
+@needs_builder
+def test_export_genai_folder_loads_and_generates(tiny_llama_dir, tmp_path):
+    """The finished folder loads with onnxruntime_genai.Model(folder) alone and generates like the reference."""
+    import onnxruntime_genai as og
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from acttail_export.sparsify import apply_sparsity
+
+    try:
+        from acttail_export.ops import get_library_path
+
+        get_library_path()
+    except ActTailError:
+        pytest.skip("op library not built (make ops)")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config = _calibrated(model, 0.5, "threshold")
+    out = optimize.export_genai(model, tokenizer, tmp_path / "export", config, mode="threshold", kernel="fused",
+                                dtype="fp32", execution_provider="cpu")
+    assert ActTailConfig.load(out).kernel == "fused"
+    prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(9))
+    m = og.Model(str(out))  # no overlay: genai_config.json names the rewritten graph and the op library
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=26, do_sample=False)
+    gen = og.Generator(m, params)
+    gen.append_tokens(prompt.numpy().astype(np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    with torch.inference_mode(), apply_sparsity(model, config, "threshold"):
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                             pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
+    assert tokens == ref
