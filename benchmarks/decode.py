@@ -584,6 +584,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     ap.add_argument("--workdir", default="/tmp/acttail-decode")
     ap.add_argument("--output", help="results JSON (written after every configuration)")
+    ap.add_argument("--packed-qkv", action="store_true", help="also time the builder's default dense graph (q/k/v packed)")
     ap.add_argument("--profile", action="store_true", help="ORT profiling placement check of the fused graph at the highest sparsity")
     ap.add_argument("--deadline", type=float, default=0, help="skip the remaining configurations after this many seconds (0: none)")
     ap.add_argument("--child-timeout", type=float, default=240)
@@ -809,6 +810,18 @@ def run_benchmark(args) -> int:
             results.add(backend, label, s, r, cuda_graph=False, mode=mode)
         else:
             results.add(backend, label + (" +cuda-graph" if use_graph else ""), s, r, cuda_graph=use_graph, mode=mode)
+    if args.packed_qkv and "genai-dense" in want_genai and not out_of_time():
+        # the builder's default layout (q/k/v packed into one MatMul): a dense baseline only, the rewrite needs them apart
+        t = time.perf_counter()
+        packed = work / "genai-packed"
+        try:
+            if not (packed / "model.onnx").is_file():
+                optimize.build_base(hf_dir, packed, dtype=args.dtype, execution_provider=provider, fuse_qkv=True)
+            r = run_child(dict(common, kind="genai", dir=str(packed), filename="model.onnx", cuda_graph=best_graph), args.child_timeout)
+        except Exception as exc:  # noqa: BLE001
+            r = {"error": f"build: {type(exc).__name__}: {str(exc)[:1500]}"}
+        results.add("genai-dense", "dense packed-qkv" + (" +cuda-graph" if best_graph else ""), 0.0, r, cuda_graph=best_graph)
+        timings["genai_packed"] = time.perf_counter() - t
     if args.perplexity is not None and "genai-fused" in want_genai and not out_of_time():
         t = time.perf_counter()
         results.data["quality"] = quality_check(args, model, tokenizer, configs, hf_dir, genai_dir, work, common)
