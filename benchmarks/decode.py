@@ -272,7 +272,11 @@ def _child_profile(spec: dict) -> dict:
         if "_proj/MatMul" in name:
             projection_providers[prov] = projection_providers.get(prov, 0) + 1
     memcpy = sum(c for op, provs in by_op.items() if "Memcpy" in op for c in provs.values())
+    memcpy_nodes = sorted({e["name"].removesuffix("_kernel_time") for e in nodes if "Memcpy" in e.get("args", {}).get("op_name", "")})
+    cpu_nodes = sorted({e["name"].removesuffix("_kernel_time") for e in nodes
+                        if e.get("args", {}).get("provider") == "CPUExecutionProvider"})[:40]
     return {"ops_by_provider": by_op, "projection_events_by_provider": projection_providers, "memcpy_events": memcpy,
+            "memcpy_nodes": memcpy_nodes, "cpu_nodes": cpu_nodes,
             "profile_file": Path(prof).name}
 
 
