@@ -303,11 +303,52 @@ def _child_perplexity(spec: dict) -> dict:
             "seconds": time.perf_counter() - t, "provider": spec["provider"], "graph": spec["filename"]}
 
 
+def _child_cupti(spec: dict) -> dict:
+    """GPU kernel time per decode token (CUPTI through torch.profiler, which sees ORT's kernels), genai runtime, no CUDA graph."""
+    import onnxruntime_genai as og
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from acttail_export.optimize import genai_config
+
+    prompt = np.load(spec["prompt"]).astype(np.int32).reshape(1, -1)
+    steps = spec.get("steps", 32)
+    model = og.Model(genai_config(spec["dir"], spec["filename"], spec["provider"], False))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + steps + 16, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    for _ in range(8):
+        gen.generate_next_token()
+        gen.get_next_tokens()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU][: 1 if torch.cuda.is_available() else 2]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            gen.generate_next_token()
+            gen.get_next_tokens()
+        wall = (time.perf_counter() - t) * 1e3 / steps
+    kernels = []
+    for evt in prof.key_averages():
+        dev = getattr(evt, "device_time_total", None)
+        if dev is None:
+            dev = getattr(evt, "cuda_time_total", 0)
+        if dev:
+            kernels.append((evt.key, dev / 1e3 / steps, evt.count / steps))
+    kernels.sort(key=lambda k: -k[1])
+    total = sum(k[1] for k in kernels)
+    sparse = sum(k[1] for k in kernels if any(x in k[0] for x in ("SparseGemv", "MaskedGemm", "TopKSelect")))
+    return {"wall_ms_per_token": wall, "gpu_kernel_ms_per_token": total, "kernels_per_token": sum(k[2] for k in kernels),
+            "sparse_op_kernel_ms_per_token": sparse, "graph": spec["filename"],
+            "top_kernels": [{"name": k[0][:120], "ms_per_token": k[1], "calls_per_token": k[2]} for k in kernels[:12]]}
+
+
 def child_main(spec: dict) -> None:
     kind = spec["kind"]
     try:
         result = {"genai": _child_genai, "ort-optimum": _child_ort_optimum, "profile": _child_profile,
-                  "perplexity": _child_perplexity}[kind](spec)
+                  "perplexity": _child_perplexity, "cupti": _child_cupti}[kind](spec)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as a failed configuration
         result = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
     print("@@RESULT@@" + json.dumps(result), flush=True)
@@ -794,6 +835,14 @@ def run_benchmark(args) -> int:
                 results.data["placement_check"] = dict(prof, graph=name)
                 print("placement:", json.dumps(prof)[:1500], flush=True)
                 results.save()
+            if provider == "cuda":
+                cupti = {}
+                for graph in ("model.onnx", "model.fused-threshold-80.onnx"):
+                    if (genai_dir / graph).is_file() and not out_of_time():
+                        cupti[graph] = run_child(dict(common, kind="cupti", dir=str(genai_dir), filename=graph), args.child_timeout)
+                        print("cupti:", graph, json.dumps(cupti[graph])[:600], flush=True)
+                results.data["cupti"] = cupti
+                results.save()
             continue
         if out_of_time():
             print("deadline reached: skipping the remaining configurations", flush=True)
@@ -954,6 +1003,11 @@ def tables(data: dict) -> str:
         def ratio(base):
             return f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "–"
         lines.append(f"| {r['backend']} {r['variant']} | {r['tokens_per_s']:.1f} | {ratio(optimum)} | {ratio(dense_ort)} | {ratio(torch_graph)} |")
+    for graph, c in data.get("cupti", {}).items():
+        if "error" not in c:
+            lines.append(f"CUPTI ({graph}, genai, no CUDA graph): wall {c['wall_ms_per_token']:.3f} ms/token, GPU kernels "
+                         f"{c['gpu_kernel_ms_per_token']:.3f} ms/token in {c['kernels_per_token']:.0f} kernels, SparseMatMul kernels "
+                         f"{c['sparse_op_kernel_ms_per_token']:.3f} ms")
     if "placement_check" in data:
         pc = data["placement_check"]
         lines += ["", f"placement ({pc.get('graph')}): projection node events by provider {pc.get('projection_events_by_provider')}, "
