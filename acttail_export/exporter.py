@@ -371,10 +371,21 @@ def _forced_forward(model, forced: dict, input_ids, **kwargs):
 
 @contextmanager
 def _stage(name: str):
-    """Log the wall time of one pipeline stage (``stage <name>: <seconds> s``)."""
+    """Log the wall time and peak memory of one pipeline stage.
+
+    The log record carries them as ``record.acttail_stage`` (name, seconds, peak host RSS during
+    the stage, per-GPU peak allocated memory) for tools such as ``benchmarks/export_memory.py``.
+    """
+    from .offload import PeakMemory
+
     start = time.perf_counter()
-    yield
-    logger.info("stage %s: %.1f s", name, time.perf_counter() - start)
+    with PeakMemory.sampled() as peak:
+        yield
+    stats = {"stage": name, "seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak.host_rss_mib),
+             "gpu_peak_mib": {k: round(v) for k, v in peak.gpu_peak_mib.items()}}
+    gpu = "".join(f", {k} peak {v} MiB" for k, v in stats["gpu_peak_mib"].items())
+    logger.info("stage %s: %.1f s, peak RSS %d MiB%s", name, stats["seconds"], stats["peak_rss_mib"], gpu,
+                extra={"acttail_stage": stats})
 
 
 def library_versions() -> dict[str, str]:
@@ -472,7 +483,7 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     from .graph_rewrite import rewrite
     from .model_card import write_model_card
     from .modeling import load_model
-    from .onnx_export import export_base_onnx, load_onnx, save_onnx
+    from .onnx_export import export_base_onnx, rewrite_onnx
     from .spectral import analyze_model
 
     with _stage("load model"):
@@ -490,10 +501,7 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     with _stage("base ONNX export"):
         base = export_base_onnx(model, base_dir, dtype=dtype, device=device)
     with _stage("graph rewrite"):
-        graph = load_onnx(base)
-        rewrite(graph, config, mode=mode, kernel=kernel)
-        save_onnx(graph, tmp / "model.onnx")
-        del graph
+        rewrite_onnx(base, tmp / "model.onnx", lambda graph: rewrite(graph, config, mode=mode, kernel=kernel))
     for name in ("config.json", "generation_config.json"):
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, tmp / name)

@@ -103,3 +103,29 @@ class PeakMemory:
         yield result
         result.host_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result.gpu_peak_mib = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) / 2**20 for i in gpus}
+
+    @classmethod
+    @contextlib.contextmanager
+    def sampled(cls, interval: float = 0.02) -> Iterator["PeakMemory"]:
+        """Like :meth:`measure`, but the host figure is the peak RSS *during* the block (sampled
+        every ``interval`` seconds by a thread), so consecutive steps of one process each get their own."""
+        import threading
+
+        import psutil
+
+        process, stop = psutil.Process(), threading.Event()
+        peak = [process.memory_info().rss]
+
+        def sample() -> None:
+            while not stop.wait(interval):
+                peak[0] = max(peak[0], process.memory_info().rss)
+
+        thread = threading.Thread(target=sample, name="acttail-rss", daemon=True)
+        thread.start()
+        try:
+            with cls.measure() as result:
+                yield result
+        finally:
+            stop.set()
+            thread.join()
+        result.host_rss_mib = max(peak[0], process.memory_info().rss) / 2**20

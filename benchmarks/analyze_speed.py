@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="limit the random model to this many layers")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--method", choices=("svd", "gram"), default="svd", help="eigenvalues: svdvals of W or eigvalsh of the Gram matrix")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON result here")
     args = parser.parse_args()
     if args.threads:
@@ -73,15 +74,22 @@ def main() -> None:
     # split the time: SVD vs fit, on the first matrix, then the whole analysis end to end
     first = projections[0][3].weight
     t0 = time.perf_counter()
-    eigs = eigenvalues(first, device=args.device)
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    eigs = eigenvalues(first, device=args.device, method=args.method)
+    if cuda:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    fit_power_law(eigs)
+    fit_power_law(eigs, device=args.device if cuda else None)
     t2 = time.perf_counter()
+    # the other eigenvalue method on the first matrices: same alphas?
+    other = "gram" if args.method == "svd" else "svd"
+    alpha_diff = max(abs(fit_power_law(eigenvalues(m.weight, device=args.device, method=args.method)).alpha
+                         - fit_power_law(eigenvalues(m.weight, device=args.device, method=other)).alpha)
+                     / fit_power_law(eigenvalues(m.weight, device=args.device, method="svd")).alpha
+                     for *_, m in projections[:7])
 
     start = time.perf_counter()
-    fits = analyze_model(model, device=args.device, progress=False)
+    fits = analyze_model(model, device=args.device, progress=False, method=args.method)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     total = time.perf_counter() - start
@@ -94,8 +102,10 @@ def main() -> None:
         "matrices": len(fits),
         "seconds_total": round(total, 2),
         "seconds_per_matrix": round(total / len(fits), 4),
-        "first_matrix_svd_s": round(t1 - t0, 4),
+        "method": args.method,
+        "first_matrix_eigenvalues_s": round(t1 - t0, 4),
         "first_matrix_fit_s": round(t2 - t1, 4),
+        f"alpha_max_rel_diff_vs_{other}_first_7": float(f"{alpha_diff:.3g}"),
         "load_average_1min_after": round(os.getloadavg()[0], 2),
         "alpha_median": round(float(torch.tensor([f.alpha for f in fits.values()]).median()), 3),
     }

@@ -286,3 +286,62 @@ def test_exported_tiny_llama_matches_pytorch_sparse_reference(tiny_exports, mode
         return
     # and the masks matter: the sparse logits are far from the dense graph's
     assert np.abs(dense - want).max() > 10 * np.abs(got - want).max()
+
+
+# --- models over 2 GB: external weight files are merged and moved, never loaded --------------
+def _per_tensor_copy(base, folder):
+    """The tiny export re-saved the way torch writes graphs over 2 GB: one file per weight."""
+    folder.mkdir()
+    graph = onnx.load(str(base))
+    onnx.save_model(graph, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=64)
+    return folder / "model.onnx"
+
+
+def test_consolidate_and_streamed_rewrite_match_in_memory_rewrite(tiny_exports, tmp_path, monkeypatch):
+    import onnx.external_data_helper as edh
+
+    from acttail_export.onnx_export import ONNX_DATA_NAME, consolidate_external_data, external_data_files, load_onnx, rewrite_onnx
+
+    model, base = tiny_exports["fp32"]
+    split = _per_tensor_copy(base, tmp_path / "split")
+    files = external_data_files(load_onnx(split, load_external_data=False))
+    assert len(files) > 10  # one file per weight, as torch writes them
+
+    gen = torch.Generator().manual_seed(0)
+    config = tiny_config(model, 0.6, "threshold", torch.randint(3, 49000, (4, 16), generator=gen))
+    ids = torch.randint(3, 49000, (2, 12), generator=gen).numpy()
+
+    # reference: the whole graph in memory, rewritten, saved
+    graph = load_onnx(base)
+    rewrite(graph, config, kernel="mask")
+    from acttail_export.onnx_export import save_onnx
+    want = run_logits(save_onnx(graph, tmp_path / "ref.onnx"), ids, np.float32)
+
+    # the streamed path must not read a single weight through onnx's loader
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded into memory")
+    monkeypatch.setattr(edh, "load_external_data_for_tensor", no_loading)
+    monkeypatch.setattr(edh, "load_external_data_for_model", no_loading)
+    assert consolidate_external_data(split) is True
+    assert sorted(p.name for p in split.parent.iterdir()) == ["model.onnx", ONNX_DATA_NAME]
+    assert consolidate_external_data(split) is False  # already one file: nothing to do
+    out = tmp_path / "out"
+    out.mkdir()
+    rewrite_onnx(split, out / "model.onnx", lambda g: rewrite(g, config, kernel="mask"))
+    monkeypatch.undo()
+    assert not (split.parent / ONNX_DATA_NAME).exists() and (out / ONNX_DATA_NAME).is_file()  # moved, not copied
+    assert external_data_files(load_onnx(out / "model.onnx", load_external_data=False)) == [ONNX_DATA_NAME]
+    np.testing.assert_array_equal(run_logits(out / "model.onnx", ids, np.float32), want)
+
+
+def test_streamed_rewrite_rejects_missing_weight_file(tiny_exports, tmp_path):
+    from acttail_export.errors import ActTailError
+    from acttail_export.onnx_export import consolidate_external_data, rewrite_onnx
+
+    model, base = tiny_exports["fp32"]
+    split = _per_tensor_copy(base, tmp_path / "split")
+    consolidate_external_data(split)
+    (split.parent / "model.onnx_data").unlink()
+    with pytest.raises(ActTailError, match="external weight file"):
+        rewrite_onnx(split, tmp_path / "x.onnx", lambda g: None)

@@ -137,3 +137,44 @@ def test_smollm2_projections_match_powerlaw_package(smollm2):
         reference = _powerlaw_fit(eigs, parameter_ranges=WIDE)
         assert fit.alpha == pytest.approx(reference.alpha, rel=0.02), name
         assert fit.ks_distance == pytest.approx(reference.D, rel=1e-6), name
+
+
+@pytest.mark.parametrize("shape,seed", [((96, 160), 0), ((160, 96), 1), ((128, 128), 2)])
+def test_gram_method_equals_svd(shape, seed):
+    """eigvalsh of the smaller Gram matrix = squared singular values (both sides of the rectangle)."""
+    w = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape))
+    svd, gram = eigenvalues(w, device="cpu"), eigenvalues(w, device="cpu", method="gram")
+    assert gram.shape == (min(shape),) and np.all(gram >= 0)
+    np.testing.assert_allclose(gram, svd, rtol=1e-9, atol=1e-9 * svd[-1])
+    a, b = fit_power_law(svd), fit_power_law(gram)
+    assert a.x_min == pytest.approx(b.x_min, rel=1e-9) and a.alpha == pytest.approx(b.alpha, rel=1e-9)
+    with pytest.raises(ActTailError, match="eigenvalue method"):
+        eigenvalues(w, method="qr")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(1e-3, 1e3, allow_nan=False), min_size=3, max_size=80, unique=True),
+       st.sampled_from([1, 7, 1 << 22]))
+def test_torch_ks_scan_equals_numpy(values, chunk_elements):
+    """The torch KS scan (what runs on a GPU) gives the numpy fit, also across chunk boundaries."""
+    import acttail_export.spectral as spectral
+
+    eigs = np.asarray(values)
+    old = spectral._KS_CHUNK_ELEMENTS
+    spectral._KS_CHUNK_ELEMENTS = chunk_elements
+    try:
+        a, b = fit_power_law(eigs), fit_power_law(eigs, device="cpu")
+    finally:
+        spectral._KS_CHUNK_ELEMENTS = old
+    assert a.x_min == b.x_min and a.n_tail == b.n_tail
+    assert b.alpha == pytest.approx(a.alpha, rel=1e-12) and b.ks_distance == pytest.approx(a.ks_distance, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fit_equals_cpu_fit():
+    w = torch.from_numpy(np.random.default_rng(3).standard_normal((256, 384)))
+    eigs = eigenvalues(w, device="cpu")
+    a, b = fit_power_law(eigs), fit_power_law(eigs, device="cuda")
+    assert a.x_min == b.x_min and b.alpha == pytest.approx(a.alpha, rel=1e-12)
+    g = eigenvalues(w.cuda(), method="gram")
+    np.testing.assert_allclose(g, eigs, rtol=1e-9, atol=1e-9 * eigs[-1])

@@ -1,0 +1,214 @@
+"""Pipeline steps on GPU machines at 7B–13B scale: time, host peak RSS and per-GPU peak memory.
+
+Two tasks (run on a CUDA machine; random weights, built on the GPUs, never in host memory):
+
+    # LLaMA-2-13B-shaped model split over two GPUs by accelerate (max_memory per GPU):
+    # build, HT-SR analysis, allocation, threshold calibration, sparse perplexity
+    python benchmarks/scale_gpu.py sharded --shape llama2-13b --max-memory-gib 16 \
+        --tokenizer TOKENIZER_DIR --data wiki.valid.raw --output docs/results/scale_sharded_13b_2xh200.json
+
+    # LLaMA-2-7B-shaped model (N layers, fp16) through the whole exporter on cuda, with the
+    # peak RSS of every stage (the weights must never be held twice in host memory)
+    python benchmarks/scale_gpu.py export --shape llama2-7b --layers 8 \
+        --tokenizer TOKENIZER_DIR --data wiki.valid.raw --output docs/results/scale_export_7b_h200.json
+
+The tokenizer folder may be any LLaMA-style tokenizer (the runs in docs/scale.md used SmolLM2's,
+so the vocabulary is 49,152 tokens instead of 32,000; the projections, which are what is analysed,
+calibrated and exported, have exactly the named shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+}
+GIB = 2**30
+
+
+def model_config(shape: str, layers: int | None, vocab: int):
+    from transformers import LlamaConfig, MistralConfig
+
+    spec = dict(SHAPES[shape])
+    if layers:
+        spec["num_hidden_layers"] = layers
+    cls = MistralConfig if shape.startswith("mistral") else LlamaConfig
+    return cls(vocab_size=vocab, max_position_embeddings=4096, torch_dtype="float16", **spec)
+
+
+def build_sharded(config, max_memory_gib: float):
+    """Random fp16 model dispatched over every visible GPU, each parameter created on its GPU."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16)
+    gpus = torch.cuda.device_count()
+    max_memory = {i: f"{max_memory_gib}GiB" for i in range(gpus)}
+    layer_class = type(model.model.layers[0]).__name__
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=[layer_class], dtype=torch.float16)
+    if any(d in ("cpu", "disk") for d in device_map.values()):
+        raise SystemExit(f"the model does not fit {gpus} GPU(s) x {max_memory_gib} GiB: raise --max-memory-gib")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for name, param in model.named_parameters():
+        prefix = max((k for k in device_map if name == k or name.startswith(k + ".") or k == ""), key=len)
+        device = torch.device(f"cuda:{device_map[prefix]}" if isinstance(device_map[prefix], int) else device_map[prefix])
+        value = torch.empty(param.shape, dtype=torch.float16, device=device)
+        value.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(int(torch.randint(1 << 30, (1,), generator=gen))))
+        if name.endswith("norm.weight"):
+            value.fill_(1.0)
+        set_module_tensor_to_device(model, name, device, value=value)
+    model = dispatch_model(model, device_map=device_map)
+    return model.eval(), device_map
+
+
+def resident_gib(model) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for p in model.parameters():
+        out[str(p.device)] = out.get(str(p.device), 0.0) + p.numel() * p.element_size() / GIB
+    return {k: round(v, 2) for k, v in sorted(out.items())}
+
+
+def step(rows: list, name: str, fn):
+    from acttail_export.offload import PeakMemory
+
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+    start = time.perf_counter()
+    with PeakMemory.sampled() as peak:
+        result = fn()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
+    row = {"step": name, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(peak.host_rss_mib / 1024, 2),
+           "gpu_peak_gib": {k: round(v / 1024, 2) for k, v in peak.gpu_peak_mib.items()}}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return result
+
+
+def run_sharded(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from acttail_export import allocation, calibration, spectral
+    from acttail_export.data import load_windows
+    from acttail_export.evaluation import perplexity_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = model_config(args.shape, args.layers, len(tokenizer))
+    rows: list = []
+    model, device_map = step(rows, "build (random weights on the GPUs)", lambda: build_sharded(config, args.max_memory_gib))
+    fits = step(rows, f"HT-SR analysis ({args.method})", lambda: spectral.analyze_model(model, progress=False, method=args.method))
+    acttail = step(rows, "allocation", lambda: allocation.build_config(model, args.sparsity, allocation="acttail", mode="threshold", fits=fits))
+    step(rows, f"calibration ({args.samples} x {args.sequence_length} tokens)", lambda: calibration.calibrate(
+        model, tokenizer, acttail, data=args.data, samples=args.samples, sequence_length=args.sequence_length, progress=False))
+    windows = load_windows(tokenizer, args.data, args.sequence_length, max_tokens=4 * args.sequence_length)
+    ppl = step(rows, "sparse perplexity (4 windows)", lambda: perplexity_windows(model, windows, acttail, "threshold", progress=False))
+    layer = model.model.layers[0]
+    layer_gib = sum(p.numel() * p.element_size() for p in layer.parameters()) / GIB
+    return {"task": "sharded", "shape": args.shape, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
+            "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "max_memory_gib_per_gpu": args.max_memory_gib, "resident_weights_gib": resident_gib(model),
+            "one_layer_gib": round(layer_gib, 3), "device_map_layers": {str(d): sum(1 for k, v in device_map.items() if v == d and ".layers." in k)
+                                                                        for d in set(device_map.values())},
+            "matrices": len(fits), "alpha_median": round(float(torch.tensor([f.alpha for f in fits.values()]).median()), 3),
+            "effective_sparsity": round(ppl["effective_sparsity"], 4), "perplexity": round(ppl["perplexity"], 2),
+            "steps": rows}
+
+
+class _StageRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.stages: list[dict] = []
+
+    def emit(self, record):
+        if hasattr(record, "acttail_stage"):
+            self.stages.append(record.acttail_stage)
+            print(json.dumps(record.acttail_stage), flush=True)
+
+
+def run_export(args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from acttail_export.exporter import export
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = model_config(args.shape, args.layers, len(tokenizer))
+    work = Path(tempfile.mkdtemp(prefix="acttail-scale-"))
+    rows: list = []
+    folder = work / "model"
+
+    def save_random():  # written from the GPU, so the host holds one tensor at a time
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16)
+        model.save_pretrained(folder, max_shard_size="2GB")
+        tokenizer.save_pretrained(folder)
+        size = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+        del model
+        torch.cuda.empty_cache()
+        return size
+
+    weights_gib = step(rows, "write random checkpoint", save_random)
+    handler = _StageRecords()
+    logging.getLogger("acttail_export.exporter").addHandler(handler)
+    logging.getLogger("acttail_export.exporter").setLevel(logging.INFO)
+    out = work / "export"
+    step(rows, "export (all stages)", lambda: export(str(folder), out, sparsity=args.sparsity, mode="threshold", kernel=args.kernel,
+                                                     dtype="fp16", device="cuda", calibration_data=args.data,
+                                                     calibration_samples=args.samples, sequence_length=args.sequence_length,
+                                                     validate=False, eval_tokens=0, progress=False))
+    files = {p.name: round(p.stat().st_size / GIB, 3) for p in out.iterdir() if p.stat().st_size > 2**20}
+    shutil.rmtree(work, ignore_errors=True)
+    return {"task": "export", "shape": args.shape, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
+            "kernel": args.kernel, "weights_gib": round(weights_gib, 2), "gpu": torch.cuda.get_device_name(0),
+            "host_memory_gib": round(__import__("psutil").virtual_memory().total / GIB, 1),
+            "output_files_gib": files, "exporter_stages": handler.stages,
+            "peak_rss_over_weights": {s["stage"]: round(s["peak_rss_mib"] / 1024 / weights_gib, 2) for s in handler.stages},
+            "process_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "steps": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=("sharded", "export"))
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-13b")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (default: all)")
+    parser.add_argument("--max-memory-gib", type=float, default=16.0, help="sharded: max_memory per GPU")
+    parser.add_argument("--method", choices=("svd", "gram"), default="gram", help="eigenvalue method of the analysis")
+    parser.add_argument("--kernel", choices=("mask", "fused"), default="fused")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--sequence-length", type=int, default=512)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--data", required=True, help="calibration text (WikiText-2 validation)")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("scale_gpu.py needs a CUDA GPU")
+    logging.basicConfig(level=logging.WARNING)
+    result = run_sharded(args) if args.task == "sharded" else run_export(args)
+    line = json.dumps(result)
+    print(line)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
