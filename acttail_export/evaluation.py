@@ -38,7 +38,7 @@ def window_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
     for start in range(0, ids.shape[1] - 1, _LOGIT_CHUNK):
         stop = min(start + _LOGIT_CHUNK, ids.shape[1] - 1)
         logits = head(hidden[:, start:stop]).float()
-        target = ids[:, start + 1 : stop + 1]
+        target = ids[:, start + 1 : stop + 1].to(logits.device)  # the head may sit on another GPU (device_map)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
         total += nll.double().cpu()
     return float(total), ids.shape[0] * (ids.shape[1] - 1)

@@ -30,6 +30,8 @@ ZERO_EIGENVALUE_RTOL = 1e-10
 _KS_CHUNK_ELEMENTS = 1 << 22
 #: ``eigenvalues(method=...)``: singular values of W, or eigenvalues of the smaller Gram matrix.
 EIGEN_METHODS = ("svd", "gram")
+#: Columns of W converted to float64 at a time when accumulating the Gram matrix.
+_GRAM_BLOCK = 1024
 
 
 @dataclass
@@ -72,8 +74,15 @@ def eigenvalues(weight, device=None, dtype=None, method: str = "svd") -> np.ndar
     device = torch.device(device)
     with torch.no_grad():
         if method == "gram":
-            w = weight.detach().to(device=device, dtype=dtype or torch.float64)
-            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            # the smaller Gram matrix, accumulated over column blocks of W so that only one block
+            # is ever held in float64 next to it (W itself stays in its own dtype)
+            w = weight.detach().to(device=device)
+            w = w if w.shape[0] <= w.shape[1] else w.T
+            gram = torch.zeros(w.shape[0], w.shape[0], dtype=dtype or torch.float64, device=device)
+            for start in range(0, w.shape[1], _GRAM_BLOCK):
+                block = w[:, start:start + _GRAM_BLOCK].to(gram.dtype)
+                gram.addmm_(block, block.T)
+            del block
             eigs = torch.linalg.eigvalsh(gram).double().cpu().numpy()
             # Gram rounding can leave tiny negative values where the true eigenvalue is 0
             return np.sort(np.clip(eigs, 0.0, None))
@@ -154,7 +163,6 @@ def _ks_distances(log_x: np.ndarray, candidates: np.ndarray, alphas: np.ndarray,
     lx, cand, al, nt = t(log_x), torch.as_tensor(candidates, device=device), t(alphas), t(n_tail)
     offsets = torch.arange(n, device=device)
     ks = torch.empty(candidates.size, dtype=torch.float64, device=device)
-    chunk *= 8 if device.type == "cuda" else 1  # the GPU holds bigger chunks comfortably
     for start in range(0, candidates.size, chunk):
         idx = cand[start:start + chunk]
         j = offsets[None, :] - idx[:, None]

@@ -139,10 +139,13 @@ def test_smollm2_projections_match_powerlaw_package(smollm2):
         assert fit.ks_distance == pytest.approx(reference.D, rel=1e-6), name
 
 
+@pytest.mark.parametrize("block", [1024, 7])
 @pytest.mark.parametrize("shape,seed", [((96, 160), 0), ((160, 96), 1), ((128, 128), 2)])
-def test_gram_method_equals_svd(shape, seed):
-    """eigvalsh of the smaller Gram matrix = squared singular values (both sides of the rectangle)."""
-    w = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape))
+def test_gram_method_equals_svd(shape, seed, block, monkeypatch):
+    """eigvalsh of the smaller Gram matrix = squared singular values (both sides of the rectangle),
+    also when the Gram matrix is accumulated over many column blocks."""
+    monkeypatch.setattr("acttail_export.spectral._GRAM_BLOCK", block)
+    w = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape)).float()
     svd, gram = eigenvalues(w, device="cpu"), eigenvalues(w, device="cpu", method="gram")
     assert gram.shape == (min(shape),) and np.all(gram >= 0)
     np.testing.assert_allclose(gram, svd, rtol=1e-9, atol=1e-9 * svd[-1])

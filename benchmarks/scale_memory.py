@@ -1,16 +1,19 @@
-"""Pipeline steps on GPU machines at 7B–13B scale: time, host peak RSS and per-GPU peak memory.
+"""Pipeline steps at 7B–13B scale: time, host peak RSS and per-GPU peak memory of every step.
 
-Two tasks (run on a CUDA machine; random weights, built on the GPUs, never in host memory):
+Two tasks (random weights, built on the GPUs, never in host memory):
 
     # LLaMA-2-13B-shaped model split over two GPUs by accelerate (max_memory per GPU):
     # build, HT-SR analysis, allocation, threshold calibration, sparse perplexity
-    python benchmarks/scale_gpu.py sharded --shape llama2-13b --max-memory-gib 16 \
+    python benchmarks/scale_memory.py sharded --shape llama2-13b --max-memory-gib 16 \
         --tokenizer TOKENIZER_DIR --data wiki.valid.raw --output docs/results/scale_sharded_13b_2xh200.json
 
     # LLaMA-2-7B-shaped model (N layers, fp16) through the whole exporter on cuda, with the
     # peak RSS of every stage (the weights must never be held twice in host memory)
-    python benchmarks/scale_gpu.py export --shape llama2-7b --layers 8 \
+    python benchmarks/scale_memory.py export --shape llama2-7b --layers 8 \
         --tokenizer TOKENIZER_DIR --data wiki.valid.raw --output docs/results/scale_export_7b_h200.json
+
+    # the real SmolLM2-135M through the exporter on the CPU (this machine), same per-stage figures
+    python benchmarks/scale_memory.py export --model smollm2 --device cpu --output docs/results/scale_export_smollm2_cpu.json
 
 The tokenizer folder may be any LLaMA-style tokenizer (the runs in docs/scale.md used SmolLM2's,
 so the vocabulary is 49,152 tokens instead of 32,000; the projections, which are what is analysed,
@@ -89,12 +92,13 @@ def resident_gib(model) -> dict[str, float]:
 def step(rows: list, name: str, fn):
     from acttail_export.offload import PeakMemory
 
-    for i in range(torch.cuda.device_count()):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i in range(gpus):
         torch.cuda.synchronize(i)
     start = time.perf_counter()
     with PeakMemory.sampled() as peak:
         result = fn()
-        for i in range(torch.cuda.device_count()):
+        for i in range(gpus):
             torch.cuda.synchronize(i)
     row = {"step": name, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(peak.host_rss_mib / 1024, 2),
            "gpu_peak_gib": {k: round(v / 1024, 2) for k, v in peak.gpu_peak_mib.items()}}
@@ -149,10 +153,18 @@ def run_export(args) -> dict:
 
     from acttail_export.exporter import export
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = model_config(args.shape, args.layers, len(tokenizer))
     work = Path(tempfile.mkdtemp(prefix="acttail-scale-"))
     rows: list = []
+    if args.model:
+        from acttail_export.exporter import resolve_model
+        from acttail_export.modeling import resolve_model_ref
+
+        model_ref = resolve_model(args.model)
+        checkpoint = Path(resolve_model_ref(model_ref))  # GGUF: the dequantized fp32 checkpoint in the cache
+        weights_gib = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) / GIB
+        return _export_and_report(args, model_ref, weights_gib, work, rows, dtype="fp32", label=args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = model_config(args.shape, args.layers, len(tokenizer))
     folder = work / "model"
 
     def save_random():  # written from the GPU, so the host holds one tensor at a time
@@ -166,18 +178,25 @@ def run_export(args) -> dict:
         return size
 
     weights_gib = step(rows, "write random checkpoint", save_random)
+    return _export_and_report(args, folder, weights_gib, work, rows, dtype="fp16", label=f"{args.shape} random, {config.num_hidden_layers} layers")
+
+
+def _export_and_report(args, folder, weights_gib: float, work: Path, rows: list, dtype: str, label: str) -> dict:
+    from acttail_export.exporter import export
+
     handler = _StageRecords()
     logging.getLogger("acttail_export.exporter").addHandler(handler)
     logging.getLogger("acttail_export.exporter").setLevel(logging.INFO)
     out = work / "export"
     step(rows, "export (all stages)", lambda: export(str(folder), out, sparsity=args.sparsity, mode="threshold", kernel=args.kernel,
-                                                     dtype="fp16", device="cuda", calibration_data=args.data,
+                                                     dtype=dtype, device=args.device, calibration_data=args.data,
                                                      calibration_samples=args.samples, sequence_length=args.sequence_length,
                                                      validate=False, eval_tokens=0, progress=False))
     files = {p.name: round(p.stat().st_size / GIB, 3) for p in out.iterdir() if p.stat().st_size > 2**20}
     shutil.rmtree(work, ignore_errors=True)
-    return {"task": "export", "shape": args.shape, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
-            "kernel": args.kernel, "weights_gib": round(weights_gib, 2), "gpu": torch.cuda.get_device_name(0),
+    return {"task": "export", "model": label, "device": args.device,
+            "kernel": args.kernel, "weights_gib": round(weights_gib, 2),
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
             "host_memory_gib": round(__import__("psutil").virtual_memory().total / GIB, 1),
             "output_files_gib": files, "exporter_stages": handler.stages,
             "peak_rss_over_weights": {s["stage"]: round(s["peak_rss_mib"] / 1024 / weights_gib, 2) for s in handler.stages},
@@ -195,12 +214,20 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--sequence-length", type=int, default=512)
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--data", required=True, help="calibration text (WikiText-2 validation)")
+    parser.add_argument("--model", default=None, help="export: a real model (folder / .gguf / smollm2) instead of a random shape")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="export: where the model runs")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the random models")
+    parser.add_argument("--data", default=None, help="calibration text (default: WikiText-2 validation)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("scale_gpu.py needs a CUDA GPU")
+    if (args.task == "sharded" or args.device == "cuda") and not torch.cuda.is_available():
+        raise SystemExit("this task needs a CUDA GPU (export --model M --device cpu runs without one)")
+    if args.model is None and args.tokenizer is None:
+        raise SystemExit("random models need --tokenizer DIR")
+    if args.data is None:
+        from acttail_export.data import DEFAULT_CALIBRATION_DATA
+
+        args.data = str(DEFAULT_CALIBRATION_DATA)
     logging.basicConfig(level=logging.WARNING)
     result = run_sharded(args) if args.task == "sharded" else run_export(args)
     line = json.dumps(result)
