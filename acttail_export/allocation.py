@@ -9,7 +9,7 @@ parameter-weighted mean budget equals the target ``s`` exactly. Budgets are clip
 [0, s_max] and the remainder redistributed over the unclipped projections (proportionally to
 r_i) until the weighted mean is exact again.
 
-Scores (``MAPPINGS`` = ``<score>[-rev][-kept]``; ``-rev`` reverses the direction, z → 1 − z):
+Scores (``MAPPINGS`` = ``<score>[-rev][-kept|-abs]``; ``-rev`` reverses the direction, z → 1 − z):
 
 * ``linear``   — AlphaPruning: min-max of alpha over the whole model.
 * ``log``      — min-max of ln(alpha): compresses the large, out-of-HT-SR-range alphas.
@@ -27,6 +27,16 @@ Scores (``MAPPINGS`` = ``<score>[-rev][-kept]``; ``-rev`` reverses the direction
   q/k/v, o, gate/up, down; ``config.SHARED_INPUT_GROUPS``), min-max over the four groups. Projections
   of a group get the same budget, so q/k/v (and gate/up) keep the same channels of their shared input.
 * ``group-linear`` — mean of the ``group`` and ``linear`` scores.
+* ``group-max`` — per layer, the *largest* alpha among the projections reading one input (the reader
+  that passes input perturbations on most: q/k/v → usually v, gate/up → usually up), averaged over the
+  layers of each input group, min-max over the four groups. Reversed, it protects the q/k/v and
+  gate/up inputs (read by v_proj / up_proj, the light-tailed matrices) and sparsifies the o and down
+  inputs (single readers with mid-range alphas).
+* ``group-max-linear`` — mean of the ``group-max`` and ``linear`` scores.
+* ``group-sched`` — depends on the target s: ``(1 − w)·group-max + w·group-linear`` with
+  ``w = clip((s − 0.5) / 0.3, 0, 1)`` (``SCHEDULE_RANGE``): ``group-max`` at s <= 50 %,
+  ``group-linear`` at s >= 80 %, a linear blend between. The validation sweep found that which input
+  group is expensive changes with the target (q/k/v at 50 %, gate/up at 80 %); docs/allocation.md.
 
 Scale (suffix ``-kept``): by default ε spreads the *sparsity* as above (AlphaPruning). With
 ``-kept`` it spreads the *kept fraction* instead, with the same direction (higher z, more sparsity):
@@ -156,12 +166,49 @@ def _score_group(a, kinds, layers):
     return _group_mean_score(a, np.array([group_of[str(k)] for k in kinds]))
 
 
+def _input_groups(kinds: np.ndarray) -> np.ndarray:
+    group_of = {kind: index for index, group in enumerate(SHARED_INPUT_GROUPS) for kind in group}
+    return np.array([group_of[str(k)] for k in kinds])
+
+
+def _score_group_max(a, kinds, layers):
+    """Per layer, the largest alpha among the projections reading one input (its most perturbation-passing
+    reader); averaged over layers per input group; min-max over the four groups."""
+    groups = _input_groups(_need(kinds, "kinds", "group-max"))
+    layers = _need(layers, "layers", "group-max")
+    reader_max = np.empty(a.shape)
+    for key in set(zip(groups.tolist(), np.asarray(layers).tolist())):
+        mask = (groups == key[0]) & (layers == key[1])
+        reader_max[mask] = a[mask].max()
+    return _group_mean_score(reader_max, groups)
+
+
 def _score_group_linear(a, kinds, layers):
     return 0.5 * (_score_group(a, kinds, layers) + _score_linear(a, kinds, layers))
 
 
+def _score_group_max_linear(a, kinds, layers):
+    return 0.5 * (_score_group_max(a, kinds, layers) + _score_linear(a, kinds, layers))
+
+
 def _score_type_linear(a, kinds, layers):
     return 0.5 * (_score_type(a, kinds, layers) + _score_linear(a, kinds, layers))
+
+
+#: ``group-sched``: weight of ``group-linear`` (vs ``group-max``) rises linearly from 0 at the first
+#: target to 1 at the second (docs/allocation.md: the input groups' relative cost changes with the target).
+SCHEDULE_RANGE = (0.5, 0.8)
+
+
+def schedule_weight(target: float) -> float:
+    """w(s) = clip((s − s_lo) / (s_hi − s_lo), 0, 1): ``group-sched`` = (1 − w)·group-max + w·group-linear."""
+    lo, hi = SCHEDULE_RANGE
+    return float(np.clip((target - lo) / (hi - lo), 0.0, 1.0))
+
+
+def _score_group_sched(a, kinds, layers, target):
+    w = schedule_weight(target)
+    return (1.0 - w) * _score_group_max(a, kinds, layers) + w * _score_group_linear(a, kinds, layers)
 
 
 _SCORES: dict[str, ScoreFn] = {
@@ -177,7 +224,12 @@ _SCORES: dict[str, ScoreFn] = {
     "type-linear": _score_type_linear,
     "group": _score_group,
     "group-linear": _score_group_linear,
+    "group-max": _score_group_max,
+    "group-max-linear": _score_group_max_linear,
+    "group-sched": _score_group_sched,
 }
+#: Scores that depend on the target sparsity as well as the alphas.
+TARGET_SCORES = ("group-sched",)
 REVERSED_SUFFIX = "-rev"
 KEPT_SUFFIX = "-kept"
 ABS_SUFFIX = "-abs"
@@ -191,7 +243,7 @@ MONOTONE_MAPPINGS: tuple[str, ...] = tuple(base + scale for base in ("linear", "
 #: ``-abs`` scale: the spread never exceeds this fraction of the uniform kept fraction 1 − s.
 ABS_MAX_KEPT_CUT = 0.5
 
-DEFAULT_MAPPING = "group-linear-rev-abs"
+DEFAULT_MAPPING = "group-sched-rev-abs"
 DEFAULT_EPSILON = 0.1
 
 
@@ -214,11 +266,20 @@ def parse_mapping(mapping: str) -> tuple[str, bool, str]:
     return mapping, reverse, scale
 
 
-def scores(alphas: np.ndarray, mapping: str, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> np.ndarray:
-    """Score z_i in [0, 1] of every projection under ``mapping`` (reversal applied); higher z, more sparsity."""
+def scores(alphas: np.ndarray, mapping: str, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+           target: float | None = None) -> np.ndarray:
+    """Score z_i in [0, 1] of every projection under ``mapping`` (reversal applied); higher z, more sparsity.
+
+    ``target`` (the target sparsity) is needed by the scores in ``TARGET_SCORES`` only."""
     base, reverse, _ = parse_mapping(mapping)
-    z = _SCORES[base](np.asarray(alphas, dtype=np.float64), None if kinds is None else np.asarray(kinds),
-                      None if layers is None else np.asarray(layers))
+    args = (np.asarray(alphas, dtype=np.float64), None if kinds is None else np.asarray(kinds),
+            None if layers is None else np.asarray(layers))
+    if base in TARGET_SCORES:
+        if target is None:
+            raise ActTailError(f"mapping {mapping!r} needs the target sparsity; pass target= to scores()")
+        z = _SCORES[base](*args, target)
+    else:
+        z = _SCORES[base](*args)
     return 1.0 - z if reverse else z
 
 
@@ -307,7 +368,7 @@ def allocate(
     for name, groups in (("kinds", kinds), ("layers", layers)):
         if groups is not None and len(groups) != alphas.size:
             raise ActTailError(f"{name} must have one entry per alpha ({alphas.size}), got {len(groups)}")
-    z = scores(alphas, mapping, kinds, layers)
+    z = scores(alphas, mapping, kinds, layers, target)
     if target == 0.0:
         return np.zeros(alphas.size)
     scale = parse_mapping(mapping)[2]

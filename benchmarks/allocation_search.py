@@ -8,16 +8,21 @@ Hyperparameters are chosen on WikiText-2 *validation*; the chosen one is then co
         --output docs/results/allocation_search_valid.json
     # confirmation on test (16k tokens)
     .venv/bin/python benchmarks/allocation_search.py --split test --max-tokens 16384 \\
-        --sparsity 0.5 0.6 0.7 0.8 0.9 --mapping uniform type-block-rev --epsilon 0.5 \\
-        --output docs/results/allocation_confirm_test.json
+        --sparsity 0.5 0.6 0.7 0.8 0.9 --mapping uniform group-sched-rev-abs --epsilon 0.1 \\
+        --output docs/results/allocation_confirm_test_16k.json
 
     # markdown table of a results file (rows: mapping, ε; columns: sparsity; % change vs uniform)
     .venv/bin/python benchmarks/allocation_search.py --table docs/results/allocation_search_valid_4k.json
 
     # sensitivity probe: uniform except one projection kind kept at twice the channels (others
     # raised to keep the weighted mean); mapping names "probe:<kind>"
-    .venv/bin/python benchmarks/allocation_search.py --split valid --max-tokens 4096 --sparsity 0.8 \
+    .venv/bin/python benchmarks/allocation_search.py --split valid --max-tokens 4096 --sparsity 0.8 \\
         --mapping probe:q_proj probe:v_proj probe:up_proj --output docs/results/allocation_search_valid_4k.json
+
+    # finer probe: uniform except the named kinds' sparsity moved by delta (the others shifted by the
+    # opposite parameter-weighted amount); mapping names "move:<kind>[+<kind>...]@<delta>"
+    .venv/bin/python benchmarks/allocation_search.py --split valid --max-tokens 8192 --sparsity 0.5 \\
+        --mapping move:o_proj@0.1 move:gate_proj+up_proj@-0.1 --output docs/results/allocation_search_valid_8k.json
 
 ``uniform`` in ``--mapping`` means the uniform allocation (ε ignored). Rows are appended to the
 JSON file as they finish, so an interrupted sweep can be continued with the same command.
@@ -86,7 +91,7 @@ def print_table(path: Path) -> None:
                 ppl = hit[-1]["perplexity"]
                 change = f" ({(ppl / uniform[s] - 1):+.0%})" if mapping != "uniform" and s in uniform else ""
                 cells.append(f"{ppl:.4g}{change}")
-            print(f"| {mapping} | {'' if mapping == 'uniform' or mapping.startswith('probe:') else f'{eps:g}'} | " + " | ".join(cells) + " |")
+            print(f"| {mapping} | {'' if mapping == 'uniform' or mapping.startswith(('probe:', 'move:')) else f'{eps:g}'} | " + " | ".join(cells) + " |")
 
 
 def probe_config(model, sparsity: float, kind: str):
@@ -100,6 +105,26 @@ def probe_config(model, sparsity: float, kind: str):
     high = (sparsity * total - low * probed) / (total - probed)
     for p in config.projections:
         p.sparsity = low if p.kind == kind else high
+        p.k = topk_keep(p.sparsity, p.in_features)
+    return config
+
+
+def move_config(model, sparsity: float, spec: str):
+    """Uniform budgets except the projection kinds in ``spec`` = ``<kind>[+<kind>…]@<delta>`` (e.g.
+    ``gate_proj+up_proj@-0.1``), whose sparsity is moved by delta; the others share the opposite
+    parameter-weighted shift so the mean stays exact. Mapping name ``move:<spec>``: a sensitivity probe."""
+    config = allocation.build_config(model, sparsity, allocation="uniform", mode="topk")
+    kinds, delta = spec.split("@")
+    kinds = kinds.split("+")
+    if not set(kinds) <= set(PROJECTION_KINDS):
+        raise SystemExit(f"unknown kind in move:{spec}")
+    total = sum(p.parameters for p in config.projections)
+    moved = sum(p.parameters for p in config.projections if p.kind in kinds)
+    rest = sparsity - float(delta) * moved / (total - moved)
+    for p in config.projections:
+        p.sparsity = sparsity + float(delta) if p.kind in kinds else rest
+        if not 0.0 <= p.sparsity < 1.0:
+            raise SystemExit(f"move:{spec} gives budget {p.sparsity} outside [0, 1)")
         p.k = topk_keep(p.sparsity, p.in_features)
     return config
 
@@ -150,7 +175,7 @@ def main() -> None:
 
     for sparsity in args.sparsity:
         for mapping in args.mapping:
-            for epsilon in ([0.0] if mapping == "uniform" or mapping.startswith("probe:") else args.epsilon):
+            for epsilon in ([0.0] if mapping == "uniform" or mapping.startswith(("probe:", "move:")) else args.epsilon):
                 row = {"split": args.split, "tokens": tokens, "sequence_length": args.sequence_length,
                        "mapping": mapping, "epsilon": epsilon, "sparsity": sparsity}
                 if row_key(row) in done:
@@ -159,6 +184,8 @@ def main() -> None:
                     config = allocation.build_config(model, sparsity, allocation="uniform", mode="topk")
                 elif mapping.startswith("probe:"):
                     config = probe_config(model, sparsity, mapping.split(":", 1)[1])
+                elif mapping.startswith("move:"):
+                    config = move_config(model, sparsity, mapping.split(":", 1)[1])
                 else:
                     config = allocation.build_config(model, sparsity, mode="topk", epsilon=epsilon, mapping=mapping, fits=fits)
                 start = time.perf_counter()

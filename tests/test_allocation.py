@@ -78,9 +78,10 @@ def test_block_and_type_share_one_budget_per_group(problem):
         assert np.ptp(values) < 1e-12
     for k in set(kinds):
         assert np.ptp(kind[np.array(kinds) == k]) < 1e-12
-    group = allocate(alphas, params, target, epsilon, "group-rev-kept", s_max, kinds=kinds, layers=layers)
-    for members in SHARED_INPUT_GROUPS:
-        assert np.ptp(group[np.isin(kinds, members)]) < 1e-12
+    for mapping in ("group-rev-kept", "group-max-rev-abs", "group-max"):
+        group = allocate(alphas, params, target, epsilon, mapping, s_max, kinds=kinds, layers=layers)
+        for members in SHARED_INPUT_GROUPS:
+            assert np.ptp(group[np.isin(kinds, members)]) < 1e-12
 
 
 @settings(max_examples=40, deadline=None)
@@ -153,6 +154,32 @@ def test_score_definitions():
     np.testing.assert_allclose(scores(alphas, "type-linear", kinds, layers), [0, 1 / 14, 0.5 + 1 / 14, 1])
     group_kinds = ["q_proj", "v_proj", "gate_proj", "down_proj"]  # groups qkv, qkv, gate/up, down
     np.testing.assert_allclose(scores(alphas, "group", group_kinds), [0, 0, 1 / 13, 1])  # group means 3, 3, 4, 16
+    # group-max: per layer the largest alpha of an input's readers, averaged over layers, min-max over groups
+    six = np.array([2.0, 6.0, 8.0, 3.0, 4.0, 7.0])
+    six_kinds = ["q_proj", "v_proj", "q_proj", "v_proj", "down_proj", "down_proj"]
+    six_layers = [0, 0, 1, 1, 0, 1]  # q/k/v input: max 6 (layer 0), 8 (layer 1) -> 7; down input: 4, 7 -> 5.5
+    np.testing.assert_allclose(scores(six, "group-max", six_kinds, six_layers), [1, 1, 1, 1, 0, 0])
+    np.testing.assert_allclose(scores(six, "group-max-rev-abs", six_kinds, six_layers), [0, 0, 0, 0, 1, 1])
+    np.testing.assert_allclose(scores(six, "group", six_kinds), [0, 0, 0, 0, 1, 1])  # plain means: 4.75 vs 5.5
+    # group-sched: group-max at s <= 0.5, group-linear at s >= 0.8, linear blend between
+    gmax, glin = scores(six, "group-max", six_kinds, six_layers), scores(six, "group-linear", six_kinds, six_layers)
+    for target, w in ((0.0, 0.0), (0.5, 0.0), (0.6, 1 / 3), (0.65, 0.5), (0.8, 1.0), (0.95, 1.0)):
+        assert allocation.schedule_weight(target) == pytest.approx(w)
+        np.testing.assert_allclose(scores(six, "group-sched", six_kinds, six_layers, target=target), (1 - w) * gmax + w * glin)
+        np.testing.assert_allclose(scores(six, "group-sched-rev", six_kinds, six_layers, target=target), 1 - ((1 - w) * gmax + w * glin))
+    with pytest.raises(ActTailError, match="needs the target sparsity"):
+        scores(six, "group-sched", six_kinds, six_layers)
+
+
+def test_group_sched_equals_its_endpoints():
+    """The scheduled default is group-max-rev-abs at 50 % and group-linear-rev-abs from 80 % on (same budgets)."""
+    rng = np.random.default_rng(0)
+    kinds = list(PROJECTION_KINDS) * 4
+    layers = [i // len(PROJECTION_KINDS) for i in range(len(kinds))]
+    alphas, params = rng.uniform(2, 20, len(kinds)), rng.integers(100, 1000, len(kinds)).astype(float)
+    for target, twin in ((0.3, "group-max-rev-abs"), (0.5, "group-max-rev-abs"), (0.8, "group-linear-rev-abs"), (0.9, "group-linear-rev-abs")):
+        np.testing.assert_allclose(allocate(alphas, params, target, 0.1, "group-sched-rev-abs", kinds=kinds, layers=layers),
+                                   allocate(alphas, params, target, 0.1, twin, kinds=kinds, layers=layers), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -163,6 +190,8 @@ def test_score_definitions():
     (dict(epsilon=1.0), "epsilon"),
     (dict(mapping="per-type"), "needs the projection kinds"),
     (dict(mapping="block"), "needs the projection layers"),
+    (dict(mapping="group-max"), "needs the projection kinds"),
+    (dict(mapping="group-max", kinds=["q_proj", "o_proj"]), "needs the projection layers"),
 ])
 def test_allocate_errors(kwargs, match):
     args = dict(alphas=np.array([2.0, 3.0]), params=np.array([1.0, 2.0]), target=0.5, epsilon=0.3, mapping="linear")
