@@ -955,8 +955,9 @@ def plot(data: dict, path: str) -> None:
             ax.axhline(r["tokens_per_s"] / base["tokens_per_s"], lw=0.8, alpha=0.5, color="gray")
             ax.annotate(f"{r['backend']} {r['variant']}", (0.0, r["tokens_per_s"] / base["tokens_per_s"]), fontsize=7)
     m = data["model"]
-    ax.set(xlabel="target activation sparsity (threshold mode; top-k exact)", ylabel=f"decode tokens/s ÷ best dense ORT ({base['backend']} {base['variant']})",
-           title=f"{m['name']} ({m['layers']} layers, {m['dtype']}), batch 1", ylim=(0, 4))
+    ax.set(xlabel="target activation sparsity (threshold mode; top-k exact)", ylabel="decode tokens/s ÷ best dense ORT",
+           title=f"{Path(m['name']).name} ({m['layers']} layers, {m['dtype']}), batch 1; 1.0 = {base['backend']} {base['variant']}",
+           ylim=(0, 4))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
