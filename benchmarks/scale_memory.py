@@ -167,9 +167,11 @@ def run_export(args) -> dict:
     config = model_config(args.shape, args.layers, len(tokenizer))
     folder = work / "model"
 
-    def save_random():  # written from the GPU, so the host holds one tensor at a time
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16)
+    dtype = "fp16" if args.device == "cuda" else "fp32"
+
+    def save_random():  # from the GPU the host holds one tensor at a time
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16 if dtype == "fp16" else torch.float32)
         model.save_pretrained(folder, max_shard_size="2GB")
         tokenizer.save_pretrained(folder)
         size = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
@@ -178,7 +180,7 @@ def run_export(args) -> dict:
         return size
 
     weights_gib = step(rows, "write random checkpoint", save_random)
-    return _export_and_report(args, folder, weights_gib, work, rows, dtype="fp16", label=f"{args.shape} random, {config.num_hidden_layers} layers")
+    return _export_and_report(args, folder, weights_gib, work, rows, dtype=dtype, label=f"{args.shape} random, {config.num_hidden_layers} layers")
 
 
 def _export_and_report(args, folder, weights_gib: float, work: Path, rows: list, dtype: str, label: str) -> dict:
