@@ -430,6 +430,13 @@ def torch_eager(model, prompt, n: int, warm: int, device: str) -> dict:
         return prefill, times, toks
 
     run(min(8, n))
+    return _timed_torch_run(run, n, warm, device)
+
+
+def _timed_torch_run(run, n: int, warm: int, device: str) -> dict:
+    """Time ``run(warm + n)`` after its warm-up: latency stats, first tokens, GPU memory."""
+    import torch
+
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     prefill, times, toks = run(warm + n)
@@ -541,15 +548,7 @@ def torch_static(model, prompt, n: int, warm: int, device: str, cuda_graph: bool
         return prefill, times, toks
 
     run(min(8, n), capture=True)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    prefill, times, toks = run(warm + n)
-    out = latency_stats(prefill, times[warm:])
-    out["tokens"] = toks[:32]
-    if device.startswith("cuda"):
-        out["torch_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["gpu_memory_mb"] = gpu_memory_mb()
-    return out
+    return _timed_torch_run(run, n, warm, device)
 
 
 def calibrate_configs(model, sparsities, windows) -> dict:
