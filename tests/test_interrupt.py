@@ -21,7 +21,10 @@ def _temps(out: Path) -> list[Path]:
 
 def _start(model_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "acttail_export.cli", "export", "--model", str(model_dir), *FAST, *extra, str(out)]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job (`cmd &`) starts with SIGINT ignored, and Python keeps an inherited
+    # SIG_IGN: give the child the default disposition so that it gets its KeyboardInterrupt handler
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_mid_way(proc: subprocess.Popen, out: Path, timeout: float = 240) -> Path:
