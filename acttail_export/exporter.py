@@ -374,7 +374,7 @@ def _stage(name: str):
     """Log the wall time and peak memory of one pipeline stage.
 
     The log record carries them as ``record.acttail_stage`` (name, seconds, peak host RSS during
-    the stage, per-GPU peak allocated memory) for tools such as ``benchmarks/export_memory.py``.
+    the stage, per-GPU peak allocated memory) for tools such as ``benchmarks/scale_memory.py``.
     """
     from .offload import PeakMemory
 

@@ -129,13 +129,11 @@ def consolidate_external_data(path: str | Path, data_name: str = ONNX_DATA_NAME,
     ``align``-byte boundary, repoints the graph at the new file and deletes the old files.
     Returns False (and does nothing) when the graph keeps its weights inside.
     """
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo
 
     path = Path(path)
     graph = load_onnx(path, load_external_data=False)
-    tensors = [t for t in graph.graph.initializer if uses_external_data(t)]
-    for node in graph.graph.node:
-        tensors.extend(a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR and uses_external_data(a.t))
+    tensors = _external_tensors(graph)
     if not tensors:
         return False
     folder = path.parent
@@ -180,14 +178,21 @@ def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelPr
         raise ActTailError(f"{path} is not a valid ONNX file ({type(exc).__name__}); it is probably truncated, re-run the export") from None
 
 
-def external_data_files(model: onnx.ModelProto) -> list[str]:
-    """Relative locations of the external weight files a graph (loaded without its data) refers to."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Tensors of a graph (loaded without its data) whose bytes live in external files."""
+    from onnx.external_data_helper import uses_external_data
 
     tensors = list(model.graph.initializer)
     for node in model.graph.node:  # Constant nodes may hold external tensors too
         tensors.extend(a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
-    return sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})
+    return [t for t in tensors if uses_external_data(t)]
+
+
+def external_data_files(model: onnx.ModelProto) -> list[str]:
+    """Relative locations of the external weight files a graph (loaded without its data) refers to."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    return sorted({ExternalDataInfo(t).location for t in _external_tensors(model)})
 
 
 def rewrite_onnx(source: str | Path, target: str | Path, edit) -> Path:
@@ -196,14 +201,13 @@ def rewrite_onnx(source: str | Path, target: str | Path, edit) -> Path:
     Graph rewrites only add nodes and small initializers; the weights stay as they are. When the
     source keeps its weights in external files (models over 2 GB), the graph is edited without
     loading them and the files are *moved* next to ``target``: the weights are never held in host
-    memory. Smaller graphs (one self-contained file) are loaded whole, edited and saved.
+    memory. Smaller graphs (one self-contained file, so the load below already holds their weights)
+    are edited and saved whole.
     """
     source, target = Path(source), Path(target)
     graph = load_onnx(source, load_external_data=False)
     files = external_data_files(graph)
     if not files:
-        del graph
-        graph = load_onnx(source)
         edit(graph)
         return save_onnx(graph, target)
     for name in files:

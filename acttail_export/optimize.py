@@ -54,7 +54,7 @@ GENAI_CONFIG = "genai_config.json"
 BASE_ONNX = "model.onnx"
 ENV_PYTHONPATH = "ACTTAIL_GENAI_PYTHONPATH"
 LIBRARY_FILE = "libacttail_ops.so"
-PRECISIONS = {"fp16": "fp16", "fp32": "fp32", "bf16": "bf16"}
+PRECISIONS = ("fp16", "fp32", "bf16")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 
 
@@ -106,7 +106,7 @@ def build_base(
     options.update(extra_options or {})
     cache = output_dir.parent / f".{output_dir.name}.genai-cache"
     cmd = [python or sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(output_dir),
-           "-p", PRECISIONS[dtype], "-e", execution_provider, "-c", str(cache),
+           "-p", dtype, "-e", execution_provider, "-c", str(cache),
            "--extra_options", *[f"{k}={v}" for k, v in options.items()]]
     logger.info("building the genai base: %s", " ".join(cmd))
     proc = subprocess.run(cmd, env=builder_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
@@ -231,7 +231,7 @@ def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = Non
     data = json.loads(cfg_path.read_text())
     decoder = data["model"]["decoder"]
     decoder["filename"] = filename
-    if uses_custom_op(base_dir, filename):
+    if (kernel or config.kernel) == "fused":  # the graph write_variant just wrote uses the custom op
         decoder.setdefault("session_options", {})["custom_ops_library"] = LIBRARY_FILE
     cfg_path.write_text(json.dumps(data, indent=4) + "\n")
     config.kernel = kernel or config.kernel

@@ -26,24 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acttail_export.modeling import default_model_path, iter_projections, load_model  # noqa: E402
 from acttail_export.spectral import analyze_model, eigenvalues, fit_power_law  # noqa: E402
-
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-}
+from benchmarks.shapes import SHAPES, model_config  # noqa: E402
 
 
 def random_model(shape: str, layers: int | None, device: str):
-    """LLaMA model of the given shape with random weights (small vocabulary: embeddings are not analysed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Model of the given shape with random weights (small vocabulary: embeddings are not analysed)."""
+    from transformers import AutoModelForCausalLM
 
-    spec = dict(SHAPES[shape])
-    if layers is not None:
-        spec["num_hidden_layers"] = layers
-    config = LlamaConfig(vocab_size=256, **spec)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(model_config(shape, layers, vocab_size=256)).to(dtype)
     return model.eval()
 
 

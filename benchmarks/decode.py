@@ -48,13 +48,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.shapes import SHAPES as SHAPES_7B_13B  # noqa: E402
+
 #: model shapes (random weights unless noted)
 SHAPES = {
-    "llama2-7b": dict(arch="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                      num_key_value_heads=32, num_hidden_layers=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "mistral-7b": dict(arch="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                       num_key_value_heads=8, num_hidden_layers=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       rope_theta=1e6, sliding_window=None),
+    "llama2-7b": dict(arch="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, **SHAPES_7B_13B["llama2-7b"]),
+    "mistral-7b": dict(arch="mistral", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       rope_theta=1e6, sliding_window=None, **SHAPES_7B_13B["mistral-7b"]),
     "tiny-llama": dict(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=160, num_attention_heads=4,
                        num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=1024, rms_norm_eps=1e-5),
     "tiny-mistral": dict(arch="mistral", vocab_size=256, hidden_size=64, intermediate_size=192, num_attention_heads=4,

@@ -37,22 +37,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
-    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
-}
+from benchmarks.shapes import SHAPES, model_config  # noqa: E402
+
 GIB = 2**30
 
 
-def model_config(shape: str, layers: int | None, vocab: int):
-    from transformers import LlamaConfig, MistralConfig
-
-    spec = dict(SHAPES[shape])
-    if layers:
-        spec["num_hidden_layers"] = layers
-    cls = MistralConfig if shape.startswith("mistral") else LlamaConfig
-    return cls(vocab_size=vocab, max_position_embeddings=4096, torch_dtype="float16", **spec)
+def _random_config(args, tokenizer):
+    """Config of the random model named by ``--shape`` / ``--layers``, with the tokenizer's vocabulary."""
+    return model_config(args.shape, args.layers, vocab_size=len(tokenizer), max_position_embeddings=4096, torch_dtype="float16")
 
 
 def build_sharded(config, max_memory_gib: float):
@@ -115,7 +107,7 @@ def run_sharded(args) -> dict:
     from acttail_export.evaluation import perplexity_windows
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = model_config(args.shape, args.layers, len(tokenizer))
+    config = _random_config(args, tokenizer)
     rows: list = []
     model, device_map = step(rows, "build (random weights on the GPUs)", lambda: build_sharded(config, args.max_memory_gib))
     fits = step(rows, f"HT-SR analysis ({args.method})", lambda: spectral.analyze_model(model, progress=False, method=args.method))
@@ -164,7 +156,7 @@ def run_export(args) -> dict:
         weights_gib = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) / GIB
         return _export_and_report(args, model_ref, weights_gib, work, rows, dtype="fp32", label=args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = model_config(args.shape, args.layers, len(tokenizer))
+    config = _random_config(args, tokenizer)
     folder = work / "model"
 
     dtype = "fp16" if args.device == "cuda" else "fp32"
