@@ -68,7 +68,7 @@ def _graph(calls, warmup: int = 2):
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=side):  # the warm-up stream: per-stream scratch is already there
         for c in calls:
             c()
     g.replay()
@@ -101,8 +101,16 @@ class Harness:
         self.lib = ctypes.CDLL(path)
         self.err = ctypes.create_string_buffer(512)
         f = self.lib.acttail_bench_sparse_matmul
-        f.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_longlong] * 3 + [ctypes.c_int, ctypes.c_longlong, ctypes.c_char_p, ctypes.c_int]
+        f.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_longlong] * 3 + [ctypes.c_int, ctypes.c_longlong, ctypes.c_int,
+                                                                                          ctypes.c_char_p, ctypes.c_int]
         f.restype = ctypes.c_int
+        b = self.lib.acttail_bench_workspace_bytes
+        b.argtypes = [ctypes.c_longlong] * 3 + [ctypes.c_int]
+        b.restype = ctypes.c_longlong
+        r = self.lib.acttail_bench_read_floor
+        r.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        r.restype = ctypes.c_int
+        self.variant = 0
         s = self.lib.acttail_bench_topk_select
         s.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 3 + [ctypes.c_char_p, ctypes.c_int]
         s.restype = ctypes.c_int
@@ -112,9 +120,25 @@ class Harness:
 
         stream = torch.cuda.current_stream().cuda_stream
         rc = self.lib.acttail_bench_sparse_matmul(1, x.data_ptr(), w.data_ptr(), y.data_ptr(), thr.data_ptr() if thr is not None else None,
-                                                  ws.data_ptr(), stream, x.shape[0], x.shape[1], w.shape[1], int(topk), k, self.err, 512)
+                                                  ws.data_ptr(), stream, x.shape[0], x.shape[1], w.shape[1], int(topk), k, self.variant,
+                                                  self.err, 512)
         if rc:
             raise RuntimeError(self.err.value.decode())
+
+    def read_floor(self, w, nbytes: int, sink, blocks: int) -> None:
+        import torch
+
+        rc = self.lib.acttail_bench_read_floor(w.data_ptr(), nbytes // 16 * 16, sink.data_ptr(), blocks, torch.cuda.current_stream().cuda_stream,
+                                               self.err, 512)
+        if rc:
+            raise RuntimeError(self.err.value.decode())
+
+    def workspace(self, M: int, K: int, N: int):
+        """Device workspace the op would allocate (both modes)."""
+        import torch
+
+        n = max(self.lib.acttail_bench_workspace_bytes(M, K, N, 0), self.lib.acttail_bench_workspace_bytes(M, K, N, 1), 8)
+        return torch.zeros((n + 7) // 8, device="cuda", dtype=torch.int64)
 
     def select(self, x, ws, k: int) -> None:
         import torch
@@ -298,6 +322,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/results", help="folder for kernel_bench.json")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
+    ap.add_argument("--variants", default="0", help="comma-separated decode-kernel variants to time (csrc/sparse_matmul_impl.cu "
+                    "LaunchDecode: 0 = shipped, 1 = memset scratch, 2 = plain, 3 = pooled); rows of variants other than 0 are "
+                    "named harness_<mode>_v<N>")
+    ap.add_argument("--modes", default="threshold,topk", help="comma-separated: threshold, topk")
+    ap.add_argument("--floor", action="store_true", help="also time a plain streaming read of the kept bytes (contiguous, "
+                    "read_floor rows): the bandwidth floor of each row")
+    ap.add_argument("--hot-x", action="store_true", help="one x (and threshold) for every copy of W, so x stays in L2 as in decode, "
+                    "where the previous op has just written it (default: one x per copy of W, evicted with it)")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark instead: fused op vs ORT MatMul, SmolLM2 shapes")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the CPU benchmark")
     args = ap.parse_args(argv)
@@ -319,13 +351,14 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(0)
     h = Harness(args.harness)
+    variants = [int(v) for v in args.variants.split(",")]
     lib = args.library
     if lib is None and not args.no_ort:
         from acttail_export.ops import get_library_path
 
         lib = get_library_path()
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-           "l2_bytes_assumed": L2_BYTES, "copy_tb_s": round(copy_bandwidth(), 3)}
+           "l2_bytes_assumed": L2_BYTES, "copy_tb_s": round(copy_bandwidth(), 3), "hot_x": args.hot_x}
     try:
         import onnxruntime as ort
 
@@ -339,9 +372,9 @@ def main(argv=None) -> int:
         wbytes = K * N * 2
         copies = max(3, math.ceil(3 * L2_BYTES / wbytes))
         W = [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
-        X = [torch.randn(1, K, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        X = [torch.randn(1, K, device="cuda", dtype=torch.float16) for _ in range(1 if args.hot_x else copies)] * (copies if args.hot_x else 1)
         Y = torch.empty(1, N, device="cuda", dtype=torch.float16)
-        ws = torch.zeros(64, device="cuda", dtype=torch.int64)
+        ws = h.workspace(1, K, N)
         calls = [lambda c=c: torch.matmul(X[c], W[c], out=Y) for c in range(copies)] * max(1, 48 // copies)
         dense_graph, dense_kernel = time_graph(calls, args.reps)
         base = {"K": K, "N": N, "copies": copies, "w_bytes": wbytes}
@@ -352,10 +385,27 @@ def main(argv=None) -> int:
             wall, kern = ort_time(sess["dense"], [{"X": X[c], "W": W[c]} for c in range(copies)], Y)
             rows.append(base | {"method": "ort_dense_matmul", "sparsity": 0.0, "wall_us": wall, "kernel_us": kern})
             logger.info("%dx%d ORT dense MatMul: wall %.2f us, kernels %.2f us", K, N, wall, kern)
+        if args.floor:
+            sink = torch.zeros(64, device="cuda", dtype=torch.int32)
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            for s in SPARSITIES:
+                nbytes = int(wbytes * (1 - s))
+                best = None
+                for per_sm in (1, 2, 4):
+                    calls = [lambda c=c: h.read_floor(W[c], nbytes, sink, per_sm * sms) for c in range(copies)] * max(1, 48 // copies)
+                    g_us, k_us = time_graph(calls, args.reps)
+                    if best is None or k_us < best[1]:
+                        best = (g_us, k_us, per_sm)
+                rows.append(base | {"method": "read_floor", "sparsity": s, "bytes": nbytes, "graph_us": best[0], "kernel_us": best[1],
+                                    "blocks_per_sm": best[2], "tb_s": nbytes / (best[1] * 1e-6) / 1e12,
+                                    "speedup_kernel": dense_kernel / best[1]})
+                logger.info("%dx%d read floor %.1f MB: graph %.2f us, kernel %.2f us (%.2f TB/s, %.2fx cuBLAS)", K, N, nbytes / 1e6, best[0],
+                            best[1], rows[-1]["tb_s"], rows[-1]["speedup_kernel"])
         for s in SPARSITIES:
             k = K - int(s * K)  # channels kept
             thr = [torch.quantile(x.float().abs(), s).reshape(()) if s > 0 else torch.zeros((), device="cuda") for x in X]
-            for mode in ("threshold", "topk"):
+            for mode, variant in [(m, v) for m in args.modes.split(",") for v in variants]:
+                h.variant = variant
                 # correctness of this configuration first
                 h.matmul(X[0], W[0], Y, thr[0], ws, mode == "topk", k)
                 ref = reference(X[0], W[0], mode, float(thr[0]), k)
@@ -363,17 +413,17 @@ def main(argv=None) -> int:
                 kept = float((((X[0].float().abs() > thr[0]) & (X[0] != 0)).sum()) if mode == "threshold" else k) / K
                 calls = [lambda c=c: h.matmul(X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * max(1, 48 // copies)
                 g_us, k_us = time_graph(calls, args.reps)
-                row = base | {"method": f"harness_{mode}", "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
+                row = base | {"method": f"harness_{mode}" + (f"_v{variant}" if variant else ""), "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
                               "max_rel_err": err, "speedup_graph": dense_graph / g_us, "speedup_kernel": dense_kernel / k_us,
                               "ideal": 1 / (1 - s), "effective_tb_s": wbytes / (k_us * 1e-6) / 1e12,
                               "actual_tb_s": kept * wbytes / (k_us * 1e-6) / 1e12}
-                if mode == "topk":
+                if mode == "topk" and variant == 0:
                     sel_calls = [lambda c=c: h.select(X[c], ws, k) for c in range(copies)] * max(1, 48 // copies)
                     row["select_graph_us"], row["select_kernel_us"] = time_graph(sel_calls, args.reps)
                 rows.append(row)
-                logger.info("%dx%d %s s=%.1f: graph %.2f us (%.2fx), kernels %.2f us (%.2fx, ideal %.1fx), %.2f TB/s actual, err %.1e",
-                            K, N, mode, s, g_us, row["speedup_graph"], k_us, row["speedup_kernel"], row["ideal"], row["actual_tb_s"], err)
-                if sess is not None:
+                logger.info("%dx%d %s v%d s=%.1f: graph %.2f us (%.2fx), kernels %.2f us (%.2fx, ideal %.1fx), %.2f TB/s actual, err %.1e",
+                            K, N, mode, variant, s, g_us, row["speedup_graph"], k_us, row["speedup_kernel"], row["ideal"], row["actual_tb_s"], err)
+                if sess is not None and variant == 0:
                     key = "threshold" if mode == "threshold" else ("topk", k)
                     feeds = [{"X": X[c], "W": W[c]} | ({"t": thr[c].float()} if mode == "threshold" else {}) for c in range(copies)]
                     wall, kern = ort_time(sess[key], feeds, Y)

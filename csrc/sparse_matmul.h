@@ -116,6 +116,7 @@ struct CudaArgs {
   int64_t M = 0, K = 0, N = 0;
   Mode mode = Mode::kThreshold;
   int64_t k = 0;
+  int gemv_variant = 0;  // benchmarks only (csrc/sparse_matmul_bench.cu): 0 = the shipped decode kernel
 };
 
 /// Device scratch needed by SparseMatMulCuda for this problem.

@@ -3,11 +3,11 @@
 //  * TopKSelectRegKernel (8192 < K <= 16384) / TopKSelectKernel (other K): one block per row; exact radix select
 //    (8-bit digits) of the k-th largest magnitude key, then the index cut for ties (lowest channel
 //    index first). Writes (kth, tie) per row. The Reg variant reads the row once into registers.
-//  * SparseGemvKernel (decode, M <= 8 rows): each block owns TN output columns. Per K chunk it scans X
-//    (from L2) and compacts the kept channels of all rows (union) into shared memory in channel order
-//    (block-wide scan, so concurrently running blocks stream the same rows of W at the same time),
-//    then streams only those rows of W with 16-byte loads, U loads in flight per thread, and fp32
-//    accumulators; partial sums are reduced across warps in shared memory. No global atomics.
+//  * SplitKGemvKernel (decode, M <= 8 rows): grid (column tiles, K splits). A warp owns 32 channels,
+//    ballots the kept ones and streams those rows of W as contiguous 512-byte segments (16-byte
+//    loads, U rows in flight); optionally (BAL) the block first pools its kept channels into one list
+//    so that its warps stream equally many rows. Partial sums: warps -> shared memory -> one float32
+//    atomicAdd per column into a zeroed scratch; the last block of a tile writes Y and re-zeroes it.
 //  * MaskedGemmKernel (prefill, M > 8): tiled fp32-accumulating GEMM that applies the mask while
 //    loading X tiles (correctness first; masked and zero entries contribute nothing).
 #pragma once
@@ -280,14 +280,8 @@ inline cudaError_t LaunchTopKSelect(const T* x, int64_t M, int64_t K, int64_t k,
 }
 
 // ------------------------------------------------------------------------------------------------
-// decode GEMV: Y[M<=8, N] from the kept rows of W
+// decode GEMV helpers
 // ------------------------------------------------------------------------------------------------
-constexpr int kGemvThreads = 512;
-constexpr int kGemvWarps = kGemvThreads / 32;
-#ifndef ACTTAIL_GEMV_UNROLL
-#define ACTTAIL_GEMV_UNROLL 8
-#endif
-
 /// 16 raw bytes -> V floats.
 __device__ __forceinline__ void Unpack(const uint4& v, float (&out)[4], float) {
   out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y); out[2] = __uint_as_float(v.z); out[3] = __uint_as_float(v.w);
@@ -302,158 +296,205 @@ __device__ __forceinline__ void Unpack(const uint4& v, float (&out)[8], __half) 
   }
 }
 
-/// Block b owns output columns [b*TN, (b+1)*TN), TN = LPR lanes x 16 bytes; LPR lanes share one
-/// W row segment (LPR = 4: 64 bytes, 8: 128 bytes; the launcher picks by N).
-template <typename T, int MR, int LPR>
-__global__ void __launch_bounds__(kGemvThreads, MR == 1 ? 2 : 1) SparseGemvKernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                                                                    int M, int K, int N, const float* __restrict__ thr,
-                                                                    const uint2* __restrict__ sel, bool topk, bool x_aligned,
-                                                                    bool w_aligned) {
-  constexpr int V = Traits<T>::kVec;
-  constexpr int TN = LPR * V;                            // output columns per block
-  constexpr int G = kGemvThreads / LPR;                  // W rows read per step by the block
-  constexpr int CH = 4096 / MR;                          // K channels compacted per chunk
-  constexpr int XIT = (CH + kGemvThreads * V - 1) / (kGemvThreads * V);
-  constexpr int U = MR == 1 ? ACTTAIL_GEMV_UNROLL : (MR == 2 ? 4 : (MR == 4 ? 2 : 1));  // 16-byte W loads in flight per thread
-  __shared__ int s_idx[CH];
-  __shared__ float s_val[MR][CH];
-  __shared__ float s_out[MR][TN];
-  __shared__ int s_warp[kGemvWarps];
-  __shared__ int s_total;
+// ------------------------------------------------------------------------------------------------
+// decode GEMV, split-K: Y[M<=8, N] from the kept rows of W, read as long contiguous row segments
+// ------------------------------------------------------------------------------------------------
+// Grid (tiles, splits). Block (tile, split) owns output columns [tile*TN, (tile+1)*TN), TN = 32 lanes x
+// SEG x 16 bytes, and input channels [split*WARPS*32, (split+1)*WARPS*32): warp w of the block owns 32
+// of those channels, one per lane. A warp loads its 32 x values (one per lane), ballots the kept ones
+// and walks the set bits: for each kept channel every lane loads SEG 16-byte vectors of that row of W,
+// so a warp reads one contiguous 512*SEG-byte row segment per kept row, U rows in flight. No scan, no
+// shared-memory compaction. The warps' partial sums are reduced in shared memory, then added to a
+// float32 accumulator in global memory (one atomicAdd per column and row of X per block); the last
+// block of a tile (arrival counter) converts the tile to T, writes Y, and zeroes the accumulator and its
+// counter again, so the scratch is left as it was found: zero.
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int grp = tid / LPR, sub = tid % LPR;
-  const int col0 = blockIdx.x * TN + sub * V;
-  for (int i = tid; i < MR * TN; i += kGemvThreads) (&s_out[0][0])[i] = 0.0f;
-  Rule rule[MR];
+template <typename T>
+__device__ __forceinline__ void LoadRowSegment(uint4& out, const T* src, int col, int N, bool aligned) {
+  constexpr int V = Traits<T>::kVec;
+  if (aligned && col + V <= N) {
+    out = __ldcs(reinterpret_cast<const uint4*>(src));
+  } else {
+    T* r = reinterpret_cast<T*>(&out);
 #pragma unroll
-  for (int m = 0; m < MR; ++m) rule[m] = LoadRule(m, M, topk, thr, sel);
-  float acc[MR][V];
+    for (int e = 0; e < V; ++e) r[e] = col + e < N ? src[e] : Traits<T>::FromFloat(0.0f);
+  }
+}
+
+template <typename T, int MR, int WARPS, int SEG, int U, bool BAL>
+__global__ void __launch_bounds__(WARPS * 32) SplitKGemvKernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                                                                     int M, int K, int N, const float* __restrict__ thr,
+                                                                     const uint2* __restrict__ sel, bool topk, bool w_aligned,
+                                                                     float* __restrict__ acc, unsigned* __restrict__ arrived) {
+  constexpr int V = Traits<T>::kVec;
+  constexpr int TN = 32 * SEG * V;
+  __shared__ float s_red[WARPS][TN];
+  __shared__ bool s_last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tile = blockIdx.x;
+  const int chan0 = (blockIdx.y * WARPS + warp) * 32;  // first channel of this warp
+  const int c = chan0 + lane;                                 // this lane's channel
+  const int colbase = tile * TN + lane * V;                   // first column of this lane's vector 0
+
+  float xv[MR];
+  bool mine = false;
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    xv[m] = 0.0f;
+    if (m < M && c < K) {
+      const Rule r = LoadRule(m, M, topk, thr, sel);
+      const T raw = x[(int64_t)m * K + c];
+      if (Keep(raw, c, r, topk)) {
+        xv[m] = Traits<T>::ToFloat(raw);
+        mine = true;
+      }
+    }
+  }
+  unsigned kept = __ballot_sync(0xffffffffu, mine);
+
+  float a[MR][SEG][V];
 #pragma unroll
   for (int m = 0; m < MR; ++m)
 #pragma unroll
-    for (int e = 0; e < V; ++e) acc[m][e] = 0.0f;
+    for (int s = 0; s < SEG; ++s)
+#pragma unroll
+      for (int e = 0; e < V; ++e) a[m][s][e] = 0.0f;
 
-  for (int c0 = 0; c0 < K; c0 += CH) {
-    const int len = min(CH, K - c0);
-    // ---- ordered compaction of the kept channels of this chunk (union over rows). The order is
-    // the channel order in every block, so concurrent blocks stream the same rows of W together.
-    int n = 0;
+  if constexpr (BAL) {
+    // balance: one block-wide list of the kept channels (warp order = channel order), entry i
+    // streamed by warp i % WARPS, so every warp of the block gets the same number of rows (+-1)
+    __shared__ int s_cnt[WARPS];
+    __shared__ int s_idx[WARPS * 32];
+    __shared__ float s_x[MR][WARPS * 32];
+    if (lane == 0) s_cnt[warp] = __popc(kept);
+    __syncthreads();
+    int before = 0, total = 0;
 #pragma unroll
-    for (int it = 0; it < XIT; ++it) {
-      const int base = (it * kGemvThreads + tid) * V;  // chunk-relative first element of this thread
-      float vals[MR][V];
-      unsigned bits = 0;
+    for (int q = 0; q < WARPS; ++q) {
+      const int v = s_cnt[q];
+      before += q < warp ? v : 0;
+      total += v;
+    }
+    if (mine) {
+      const int pos = before + __popc(kept & ((1u << lane) - 1u));
+      s_idx[pos] = c;
 #pragma unroll
-      for (int m = 0; m < MR; ++m) {
-        uint4 packed;
-        T* raw = reinterpret_cast<T*>(&packed);
-        const T* src = x + (int64_t)m * K + c0 + base;
-        if (m < M && x_aligned && base + V <= len) {
-          packed = *reinterpret_cast<const uint4*>(src);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) raw[e] = (m < M && base + e < len) ? src[e] : Traits<T>::FromFloat(0.0f);
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const bool keep = m < M && base + e < len && Keep(raw[e], c0 + base + e, rule[m], topk);
-          vals[m][e] = keep ? Traits<T>::ToFloat(raw[e]) : 0.0f;
-          bits |= (unsigned)keep << e;
-        }
-      }
-      const int cnt = __popc(bits);
-      int incl = cnt;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += v;
-      }
-      if (lane == 31) s_warp[warp] = incl;
-      __syncthreads();
-      if (warp == 0) {
-        const int v = lane < kGemvWarps ? s_warp[lane] : 0;
-        int wincl = v;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const int u = __shfl_up_sync(0xffffffffu, wincl, off);
-          if (lane >= off) wincl += u;
-        }
-        if (lane < kGemvWarps) s_warp[lane] = wincl - v;
-        if (lane == kGemvWarps - 1) s_total = wincl;
-      }
-      __syncthreads();
-      int pos = n + s_warp[warp] + incl - cnt;
-      n += s_total;
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        if (bits & (1u << e)) {
-          s_idx[pos] = c0 + base + e;
-#pragma unroll
-          for (int m = 0; m < MR; ++m) s_val[m][pos] = vals[m][e];
-          ++pos;
-        }
-      }
+      for (int m = 0; m < MR; ++m) s_x[m][pos] = xv[m];
     }
     __syncthreads();
-    // ---- stream the kept rows of W: U independent 16-byte loads per thread, then the FMAs ----
-    for (int i0 = grp; i0 < n; i0 += G * U) {
-      uint4 raw[U];
+    for (int i0 = warp; i0 < total; i0 += WARPS * U) {
+      uint4 raw[U][SEG];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int i = i0 + u * G;
-        if (i < n) {
-          const T* src = w + (int64_t)s_idx[i] * N + col0;
-          if (w_aligned && col0 + V <= N) {
-            raw[u] = __ldcs(reinterpret_cast<const uint4*>(src));
-          } else {
-            T* r = reinterpret_cast<T*>(&raw[u]);
+        const int i = i0 + u * WARPS;
+        if (i < total) {
+          const T* row = w + (int64_t)s_idx[i] * N;
 #pragma unroll
-            for (int e = 0; e < V; ++e) r[e] = col0 + e < N ? src[e] : Traits<T>::FromFloat(0.0f);
+          for (int s = 0; s < SEG; ++s) {
+            const int col = colbase + s * 32 * V;
+            if (col < N) LoadRowSegment<T>(raw[u][s], row + col, col, N, w_aligned);
+            else raw[u][s] = make_uint4(0u, 0u, 0u, 0u);
           }
         }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int i = i0 + u * G;
-        if (i < n) {
-          float wv[V];
-          Unpack(raw[u], wv, T());
+        const int i = i0 + u * WARPS;
+        if (i < total) {
 #pragma unroll
           for (int m = 0; m < MR; ++m) {
-            const float xv = s_val[m][i];
-            if (xv != 0.0f) {  // rows kept only for another row of X are skipped, not multiplied
+            const float xs = s_x[m][i];
+            if (xs != 0.0f) {
 #pragma unroll
-              for (int e = 0; e < V; ++e) acc[m][e] = fmaf(xv, wv[e], acc[m][e]);
+              for (int s = 0; s < SEG; ++s) {
+                float wv[V];
+                Unpack(raw[u][s], wv, T());
+#pragma unroll
+                for (int e = 0; e < V; ++e) a[m][s][e] = fmaf(xs, wv[e], a[m][s][e]);
+              }
             }
           }
         }
       }
     }
-    __syncthreads();  // s_idx / s_val / s_warp are rewritten by the next chunk
+    kept = 0;
   }
-  __syncthreads();  // s_out zeroed (K == 0 runs no chunk)
-  // ---- reduce over the row groups: lanes with the same `sub` in a warp, then across warps ----
+
+  while (kept) {  // warp-uniform
+    int idx[U];
 #pragma unroll
-  for (int m = 0; m < MR; ++m)
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      float v = acc[m][e];
-#pragma unroll
-      for (int off = LPR; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      acc[m][e] = v;
+    for (int u = 0; u < U; ++u) {
+      idx[u] = kept ? __ffs(kept) - 1 : -1;
+      kept &= kept - 1;  // kept == 0 stays 0
     }
-  if (lane < LPR) {
+    uint4 raw[U][SEG];
 #pragma unroll
-    for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < U; ++u) {
+      if (idx[u] >= 0) {
+        const T* row = w + (int64_t)(chan0 + idx[u]) * N;
 #pragma unroll
-      for (int e = 0; e < V; ++e) atomicAdd(&s_out[m][sub * V + e], acc[m][e]);
+        for (int s = 0; s < SEG; ++s) {
+          const int col = colbase + s * 32 * V;
+          if (col < N) LoadRowSegment<T>(raw[u][s], row + col, col, N, w_aligned);
+          else raw[u][s] = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (idx[u] >= 0) {
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+          const float xs = __shfl_sync(0xffffffffu, xv[m], idx[u]);
+          if (xs != 0.0f) {  // a row kept only for another row of X is skipped, not multiplied
+#pragma unroll
+            for (int s = 0; s < SEG; ++s) {
+              float wv[V];
+              Unpack(raw[u][s], wv, T());
+#pragma unroll
+              for (int e = 0; e < V; ++e) a[m][s][e] = fmaf(xs, wv[e], a[m][s][e]);
+            }
+          }
+        }
+      }
+    }
   }
+
+  // ---- reduce the warps of the block, then add to the float32 accumulator ----
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    if (m >= M) break;  // uniform
+#pragma unroll
+    for (int s = 0; s < SEG; ++s)
+#pragma unroll
+      for (int e = 0; e < V; ++e) s_red[warp][s * 32 * V + lane * V + e] = a[m][s][e];
+    __syncthreads();
+    for (int i = tid; i < TN; i += WARPS * 32) {
+      const int col = tile * TN + i;
+      if (col < N) {
+        float v = 0.0f;
+#pragma unroll
+        for (int q = 0; q < WARPS; ++q) v += s_red[q][i];
+        atomicAdd(acc + (int64_t)m * N + col, v);
+      }
+    }
+    __syncthreads();
+  }
+  // ---- the last block of this tile writes Y and re-zeroes the scratch ----
+  __threadfence();
+  if (tid == 0) s_last = atomicAdd(arrived + tile, 1u) == gridDim.y - 1;
   __syncthreads();
-  for (int i = tid; i < MR * TN; i += kGemvThreads) {
-    const int m = i / TN, c = i % TN, col = blockIdx.x * TN + c;
-    if (m < M && col < N) y[(int64_t)m * N + col] = Traits<T>::FromFloat(s_out[m][c]);
+  if (!s_last) return;
+  __threadfence();
+  for (int i = tid; i < M * TN; i += WARPS * 32) {
+    const int m = i / TN, col = tile * TN + i % TN;
+    if (col < N) {
+      float* p = acc + (int64_t)m * N + col;
+      y[(int64_t)m * N + col] = Traits<T>::FromFloat(__ldcg(p));
+      *p = 0.0f;
+    }
   }
+  if (tid == 0) arrived[tile] = 0u;
 }
 
 // ------------------------------------------------------------------------------------------------
