@@ -338,7 +338,7 @@ def _child_cupti(spec: dict) -> dict:
             kernels.append((evt.key, dev / 1e3 / steps, evt.count / steps))
     kernels.sort(key=lambda k: -k[1])
     total = sum(k[1] for k in kernels)
-    sparse = sum(k[1] for k in kernels if any(x in k[0] for x in ("SparseGemv", "MaskedGemm", "TopKSelect")))
+    sparse = sum(k[1] for k in kernels if any(x in k[0] for x in ("SplitKGemv", "SparseGemv", "MaskedGemm", "TopKSelect")))
     return {"wall_ms_per_token": wall, "gpu_kernel_ms_per_token": total, "kernels_per_token": sum(k[2] for k in kernels),
             "sparse_op_kernel_ms_per_token": sparse, "graph": spec["filename"],
             "top_kernels": [{"name": k[0][:120], "ms_per_token": k[1], "calls_per_token": k[2]} for k in kernels[:12]]}

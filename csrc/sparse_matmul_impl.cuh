@@ -481,11 +481,17 @@ __global__ void __launch_bounds__(WARPS * 32) SplitKGemvKernel(const T* __restri
     __syncthreads();
   }
   // ---- the last block of this tile writes Y and re-zeroes the scratch ----
-  __threadfence();
-  if (tid == 0) s_last = atomicAdd(arrived + tile, 1u) == gridDim.y - 1;
+  // The barrier orders every thread's atomicAdds before thread 0's arrival, whose release makes them
+  // visible with it (cumulativity); its acquire orders the last block's reads after all arrivals. One
+  // acq_rel atomic instead of fence + atomic + fence: 0.2-0.35 us less per call on H200 (docs/kernels.md).
+  __syncthreads();
+  if (tid == 0) {
+    unsigned prev;
+    asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;" : "=r"(prev) : "l"(arrived + tile) : "memory");
+    s_last = prev == gridDim.y - 1;
+  }
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
   for (int i = tid; i < M * TN; i += WARPS * 32) {
     const int m = i / TN, col = tile * TN + i % TN;
     if (col < N) {
@@ -505,7 +511,11 @@ constexpr int kBM = 64, kBN = 64, kBK = 16, kGemmThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads) MaskedGemmKernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                                                                  int M, int K, int N, const float* __restrict__ thr,
-                                                                 const uint2* __restrict__ sel, bool topk) {
+                                                                 const uint2* __restrict__ sel, bool topk,
+                                                                 const unsigned* __restrict__ run_if) {
+  // run_if (may be null): a device flag; when it is 0 the kernel does nothing (the float16 tensor-core
+  // kernel already wrote Y and found W finite, masked_gemm_tc.cuh), else this exact kernel overwrites Y.
+  if (run_if != nullptr && *run_if == 0u) return;
   __shared__ float As[kBK][kBM + 4];
   __shared__ float Bs[kBK][kBN + 4];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;

@@ -1,0 +1,114 @@
+"""The split-K decode GEMV (M <= 8) of com.acttail::SparseMatMul on CUDA: its scratch and its two grids.
+
+The kernel accumulates into a float32 scratch owned by the CUDA stream and zeroed once: every launch must
+leave it zero again, also when shapes change, when sessions run concurrently on their own streams and
+when ONNX Runtime replays the node from a captured CUDA graph. Skipped without onnxruntime-gpu and a
+usable CUDA device, like tests/test_ops_cuda.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from acttail_export import ops
+from test_ops import assert_matches, make_model, run_op
+
+CUDA = "CUDAExecutionProvider"
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not ops.cuda_available(), reason="needs onnxruntime-gpu and a usable CUDA device"),
+]
+
+
+def _inputs(rng, m: int, K: int, N: int, dtype=np.float16):
+    x = rng.standard_normal((m, K)).astype(dtype)
+    w = (rng.standard_normal((K, N)) * 0.05).astype(dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("K,N", [(4096, 8192), (11008, 4096), (4096, 11008), (300, 257)])
+def test_both_grids_match_numpy(K, N, m, mode):
+    """Large grids run the plain kernel, small ones pool each block's kept channels (LaunchDecode)."""
+    rng = np.random.default_rng(K + N + m)
+    x, w = _inputs(rng, m, K, N)
+    threshold, k = (0.8, None) if mode == "threshold" else (None, K // 5)
+    assert_matches(run_op(CUDA, x, w, mode, threshold, k), x, w, mode, threshold, k)
+
+
+def test_scratch_is_left_zero_across_calls_and_shapes():
+    """The same inputs give the same, correct output on every call, in between calls of other shapes
+    that use (and grow) the same per-stream scratch."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(make_model(np.float16, "threshold", None, threshold_input=True), ops.session_options(), providers=[CUDA])
+    rng = np.random.default_rng(7)
+    t = np.array(0.5, np.float32)
+    first = _inputs(rng, 1, 4096, 4096)
+    outputs = []
+    for m, K, N in [(1, 64, 80), (3, 4096, 11008), (8, 1000, 30000), (1, 4096, 4096)]:
+        x, w = _inputs(rng, m, K, N)
+        y = sess.run(None, {"X": x, "W": w, "t": t})[0]
+        assert_matches(y, x, w, "threshold", 0.5, None)
+        outputs.append(sess.run(None, {"X": first[0], "W": first[1], "t": t})[0])
+    assert_matches(outputs[0], first[0], first[1], "threshold", 0.5, None)
+    for y in outputs[1:]:
+        np.testing.assert_array_equal(y, outputs[0])
+
+
+def test_concurrent_sessions_on_their_own_streams():
+    """Four threads, each with its own session (and CUDA stream), run different shapes at once."""
+    import onnxruntime as ort
+
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            sess = ort.InferenceSession(make_model(np.float16, "threshold", None, threshold_input=True), ops.session_options(),
+                                        providers=[CUDA])
+            rng = np.random.default_rng(seed)
+            for i in range(12):
+                x, w = _inputs(rng, 1 + (seed + i) % 4, 2048 + 256 * seed, 3000 + 512 * i)
+                y = sess.run(None, {"X": x, "W": w, "t": np.array(0.6, np.float32)})[0]
+                assert_matches(y, x, w, "threshold", 0.6, None)
+        except BaseException as exc:  # re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_cuda_graph_replay_with_new_inputs(mode):
+    """enable_cuda_graph: ORT captures the node once and replays it; outputs follow the bound inputs."""
+    import onnxruntime as ort
+
+    K, N = 4096, 4096
+    k = 1024 if mode == "topk" else None
+    sess = ort.InferenceSession(make_model(np.float16, mode, k, threshold_input=mode == "threshold"), ops.session_options(),
+                                providers=[(CUDA, {"enable_cuda_graph": "1"})])
+    rng = np.random.default_rng(11)
+    x, w = _inputs(rng, 1, K, N)
+    xs = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+    ws = ort.OrtValue.ortvalue_from_numpy(w, "cuda", 0)
+    ts = ort.OrtValue.ortvalue_from_numpy(np.array(0.7, np.float32), "cuda", 0)
+    ys = ort.OrtValue.ortvalue_from_shape_and_type([1, N], np.float16, "cuda", 0)
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("X", xs)
+    binding.bind_ortvalue_input("W", ws)
+    if mode == "threshold":
+        binding.bind_ortvalue_input("t", ts)
+    binding.bind_ortvalue_output("Y", ys)
+    for step in range(5):
+        x = rng.standard_normal((1, K)).astype(np.float16)
+        xs.update_inplace(x)
+        sess.run_with_iobinding(binding)
+        assert_matches(ys.numpy(), x, w, mode, 0.7, k)
