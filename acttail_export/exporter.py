@@ -28,6 +28,9 @@ from .errors import ActTailError, ExportValidationError
 logger = logging.getLogger(__name__)
 
 MODEL_ALIASES = ("smollm2",)
+#: ``optimum``: optimum-onnx's trace (``ORTModelForCausalLM``); ``genai``: onnxruntime-genai's model builder
+#: graph (:mod:`acttail_export.optimize`, the fast GPU decode base).
+BASES = ("optimum", "genai")
 TMP_MARK = ".acttail-tmp-"
 OLD_MARK = ".acttail-old-"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.acttail-(?:tmp|old)-(?P<pid>\d+)-\w+$")
@@ -226,7 +229,7 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - want).max() / (np.abs(want).max() or 1.0))
 
 
-def _probe_session(export_dir: Path, config: ActTailConfig):
+def _probe_session(export_dir: Path, config: ActTailConfig, provider: str = "CPUExecutionProvider"):
     """A session on ``model.onnx`` that also outputs every projection's input, masked input and output."""
     import onnx
     import onnxruntime as ort
@@ -250,13 +253,14 @@ def _probe_session(export_dir: Path, config: ActTailConfig):
     onnx.save_model(graph, str(path))
     del graph
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=[provider])
     finally:
         path.unlink()
     return session, probes
 
 
-def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dtype: str) -> ValidationReport:
+def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dtype: str,
+                    provider: str = "CPUExecutionProvider") -> ValidationReport:
     """Check the export against PyTorch on ``windows``; raise :class:`ExportValidationError` beyond tolerance.
 
     Boundary-robust by construction ("compare where the masks agree"): a threshold / top-k decision
@@ -277,7 +281,7 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
     from .runtime import decoder_feeds
     from .sparsify import apply_sparsity
 
-    session, probes = _probe_session(export_dir, config)
+    session, probes = _probe_session(export_dir, config, provider)
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
     names = [o.name for o in session.get_outputs()]
@@ -296,7 +300,8 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
     for inp in session.get_inputs():
         if inp.name.startswith("past_key_values."):
             step_feeds[inp.name] = prefix[inp.name.replace("past_key_values.", "present.")]
-    step = dict(zip(names, session.run(None, step_feeds)))
+    inputs = {i.name for i in session.get_inputs()}  # the genai base has no position_ids
+    step = dict(zip(names, session.run(None, {k: v for k, v in step_feeds.items() if k in inputs})))
     forced_prefix, err_p, name_p = _check_projections(prefix, probes, config, modules)
     forced_step, err_s, name_s = _check_projections(step, probes, config, modules)
     for err, name in ((err_p, name_p), (err_s, name_s)):
@@ -388,11 +393,12 @@ def _stage(name: str):
                 extra={"acttail_stage": stats})
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for dist in ("acttail-export", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "huggingface_hub", "numpy"):
+    for dist in ("acttail-export", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "huggingface_hub",
+                 "numpy", *extra):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -424,8 +430,25 @@ def export(
     validate: bool = True,
     progress: bool = True,
     eval_tokens: int = EVAL_TOKENS,
+    base: str = "optimum",
 ) -> Path:
-    """Export ``model`` with ActTail sparsity to ``output_dir`` (see the module docstring); returns the folder."""
+    """Export ``model`` with ActTail sparsity to ``output_dir`` (see the module docstring); returns the folder.
+
+    ``base="genai"`` builds the graph with onnxruntime-genai's model builder instead of optimum-onnx
+    (:func:`acttail_export.optimize.export_genai`; same analysis, calibration, rewrite, validation and
+    atomic output). The folder then loads with onnxruntime-genai alone::
+
+        import onnxruntime_genai as og
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained("out/genai"); model = og.Model("out/genai")  # names graph + op library
+        params = og.GeneratorParams(model); params.set_search_options(max_length=64)
+        gen = og.Generator(model, params); gen.append_tokens(tok("The capital of France is").input_ids)
+        while not gen.is_done(): gen.generate_next_token()
+        print(tok.decode(gen.get_sequence(0)))
+
+    and, on CPU (fp32), also with :func:`acttail_export.runtime.load_model` (``model.onnx`` is the
+    rewritten graph in both cases).
+    """
     from .config import ALLOCATIONS, MODES
     from .data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, read_text
     from .onnx_export import DTYPES, check_device
@@ -434,7 +457,8 @@ def export(
     sparsity = check_sparsity(sparsity)
     if epsilon is not None:
         epsilon = check_epsilon(epsilon)
-    for value, choices, what in ((allocation, ALLOCATIONS, "allocation"), (mode, MODES, "mode"), (dtype, DTYPES, "dtype")):
+    for value, choices, what in ((allocation, ALLOCATIONS, "allocation"), (mode, MODES, "mode"), (dtype, DTYPES, "dtype"),
+                                 (base, BASES, "base")):
         if value not in choices:
             raise ActTailError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
     if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
@@ -448,6 +472,11 @@ def export(
     calibration_path = Path(calibration_data) if calibration_data is not None else DEFAULT_CALIBRATION_DATA
     read_text(calibration_path)
     hub_token = check_hub_token(token) if push_to_hub else None
+    genai = None
+    if base == "genai":  # last: it imports the model builder in a subprocess (seconds)
+        from .optimize import check_genai
+
+        genai = check_genai(dtype, device)
 
     clean_stale_temp(output_dir)
     tmp = _make_temp(output_dir, TMP_MARK)
@@ -455,7 +484,7 @@ def export(
     try:
         config = _build(model_ref, tmp, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path,
                         calibration_samples, sequence_length, dtype, device, library, validate, progress, eval_tokens,
-                        DEFAULT_EVAL_DATA, push_to_hub)
+                        DEFAULT_EVAL_DATA, push_to_hub, genai)
         _move_into_place(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -474,7 +503,11 @@ def export(
 
 def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path, samples,
            sequence_length, dtype, device, library, validate, progress, eval_tokens, eval_data,
-           repo_id: str | None = None) -> ActTailConfig:
+           repo_id: str | None = None, genai: tuple[str, str] | None = None) -> ActTailConfig:
+    """Everything between the checks and the final rename, written into ``tmp``.
+
+    ``genai``: None for the optimum base, else the builder's (precision, execution provider).
+    """
     import torch
 
     from . import allocation as alloc
@@ -498,26 +531,43 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     with _stage("calibration"), torch.no_grad():
         calibrate(model, tokenizer, config, data=calibration_path, samples=samples, sequence_length=sequence_length, progress=progress)
 
-    base_dir = tmp / ".base"
-    with _stage("base ONNX export"):
-        base = export_base_onnx(model, base_dir, dtype=dtype, device=device)
-    with _stage("graph rewrite"):
-        rewrite_onnx(base, tmp / "model.onnx", lambda graph: rewrite(graph, config, mode=mode, kernel=kernel))
-    for name in ("config.json", "generation_config.json"):
-        if (base_dir / name).is_file():
-            shutil.copy2(base_dir / name, tmp / name)
-    shutil.rmtree(base_dir)
-    tokenizer.save_pretrained(tmp)
-    if library is not None:
-        shutil.copy2(library, tmp / Path(library).name)
-    config.versions = library_versions()
+    provider = "CPUExecutionProvider"
+    if genai is None:
+        base_dir = tmp / ".base"
+        with _stage("base ONNX export"):
+            base = export_base_onnx(model, base_dir, dtype=dtype, device=device)
+        with _stage("graph rewrite"):
+            rewrite_onnx(base, tmp / "model.onnx", lambda graph: rewrite(graph, config, mode=mode, kernel=kernel))
+        for name in ("config.json", "generation_config.json"):
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+        shutil.rmtree(base_dir)
+        tokenizer.save_pretrained(tmp)
+        if library is not None:
+            shutil.copy2(library, tmp / Path(library).name)
+        config.versions = library_versions()
+    else:
+        from .optimize import export_genai
+
+        precision, execution_provider = genai
+        config.versions = library_versions(("onnxruntime-genai", "onnxruntime-genai-cuda"))
+        with _stage("genai base build and graph rewrite"):
+            # model.onnx: the rewritten builder graph (weights in model.onnx.data), genai_config.json naming it
+            export_genai(model, tokenizer, tmp, config, mode=mode, kernel=kernel, dtype=precision,
+                         execution_provider=execution_provider, filename="model.onnx", library=library, work_dir=tmp)
+        if execution_provider == "cuda" and dtype == "fp16":
+            import onnxruntime as ort
+
+            # the builder's fp16 graph is meant for the CUDA provider; check it there when onnxruntime has it
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                provider = "CUDAExecutionProvider"
     config.save(tmp)  # the runtime loader checks the graph against this file
 
     if validate:
         text_source = eval_data if Path(eval_data).is_file() else calibration_path
         windows = load_windows(tokenizer, text_source, VALIDATION_LENGTH, samples=VALIDATION_WINDOWS)
         with _stage("validation"):
-            report = validate_export(model, tmp, config, windows, dtype)
+            report = validate_export(model, tmp, config, windows, dtype, provider)
         config.perplexity["validation"] = {
             "max_abs_logit_diff": report.max_abs_diff, "median_rel_error": report.median_rel_error,
             "top1_agreement": report.top1_agreement, "positions": report.positions,
@@ -527,9 +577,13 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
             from .runtime import perplexity_onnx
 
             length = min(EVAL_LENGTH, eval_tokens)
+            if genai is not None:  # the builder's rotary cache ends at the model's context length
+                import json
+
+                length = min(length, json.loads((tmp / "genai_config.json").read_text())["model"].get("context_length") or length)
             with _stage("export-time perplexity"):
                 config.perplexity.update(perplexity_onnx(tmp, eval_data, sequence_length=length, max_tokens=eval_tokens,
-                                                         progress=progress))
+                                                         provider=provider, progress=progress))
         elif eval_tokens:
             logger.warning("%s not found: the model card will not report a perplexity", eval_data)
     if config.effective_sparsity is None and mode == "topk":  # exact without measuring: k per token
@@ -538,5 +592,34 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         config.effective_sparsity = sum(p.effective_sparsity * p.parameters for p in config.projections) / sum(
             p.parameters for p in config.projections)
     config.save(tmp)
-    write_model_card(tmp, config, repo_id)
+    card = write_model_card(tmp, config, repo_id)
+    if genai is not None:
+        _add_genai_usage(card, genai[1])
     return config
+
+
+GENAI_USAGE = """## Usage with onnxruntime-genai (GPU decode base)
+
+This export was built with `--base genai`: `model.onnx` is onnxruntime-genai's model-builder graph
+({provider} provider) with the ActTail rewrite, and `genai_config.json` names it{library}.
+
+```python
+import onnxruntime_genai as og
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained("{where}"); model = og.Model("{where}")
+params = og.GeneratorParams(model); params.set_search_options(max_length=64)
+gen = og.Generator(model, params); gen.append_tokens(tok("The capital of France is").input_ids)
+while not gen.is_done(): gen.generate_next_token()
+print(tok.decode(gen.get_sequence(0)))
+```
+
+"""
+
+
+def _add_genai_usage(card: Path, execution_provider: str) -> None:
+    """Put the onnxruntime-genai snippet into the model card, before the per-projection table."""
+    text = card.read_text()
+    note = GENAI_USAGE.format(provider=execution_provider.upper(), where="path/to/this/folder",
+                              library=" and the op library `libacttail_ops.so`" if (card.parent / "libacttail_ops.so").is_file() else "")
+    marker = "## Per-projection budgets"
+    card.write_text(text.replace(marker, note + marker, 1) if marker in text else text + "\n" + note)

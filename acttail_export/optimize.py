@@ -58,6 +58,59 @@ PRECISIONS = ("fp16", "fp32", "bf16")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 
 
+def builder_settings(dtype: str, device: str) -> tuple[str, str]:
+    """(builder precision, builder execution provider) for the export command's ``--dtype`` / ``--device``.
+
+    ``--device cpu`` -> the CPU provider, fp32 only (the builder writes an fp16 CPU graph, but
+    onnxruntime-genai 0.18 fails running it); ``--device cuda`` -> the CUDA provider, fp16 or fp32.
+    """
+    if device not in EXECUTION_PROVIDERS:
+        raise ActTailError(f"--device must be one of {', '.join(EXECUTION_PROVIDERS)} with --base genai; got {device!r}")
+    if dtype not in ("fp32", "fp16"):
+        raise ActTailError(f"--dtype must be fp32 or fp16 with --base genai; got {dtype!r}")
+    if device == "cpu" and dtype == "fp16":
+        raise ActTailError("--base genai --dtype fp16 needs the CUDA provider (onnxruntime-genai cannot run the builder's "
+                           "fp16 graph on CPU): add --device cuda, or use --dtype fp32")
+    return dtype, device
+
+
+_BUILDER_OK: dict[tuple, str | None] = {}
+
+
+def builder_problem(python: str | None = None) -> str | None:
+    """None when the model builder imports in a subprocess with :func:`builder_env`; else its last error line."""
+    python = python or sys.executable
+    key = (python, os.environ.get(ENV_PYTHONPATH), os.environ.get("PYTHONPATH"))
+    if key not in _BUILDER_OK:
+        try:
+            proc = subprocess.run([python, "-c", "import onnxruntime_genai.models.builder"], env=builder_env(),
+                                  capture_output=True, text=True, timeout=600)
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            _BUILDER_OK[key] = None if proc.returncode == 0 else (lines[-1] if lines else f"exit {proc.returncode}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            _BUILDER_OK[key] = str(exc)
+    return _BUILDER_OK[key]
+
+
+def check_genai(dtype: str = "fp32", device: str = "cpu") -> tuple[str, str]:
+    """Checks of ``--base genai`` before any work; returns the builder's (precision, execution provider).
+
+    Raises :class:`ActTailError` naming the fix when onnxruntime-genai does not import here or its
+    model builder does not import in the builder environment (``ACTTAIL_GENAI_PYTHONPATH``).
+    """
+    settings = builder_settings(dtype, device)
+    if not genai_available():
+        raise ActTailError("--base genai needs onnxruntime-genai: pip install onnxruntime-genai (onnxruntime-genai-cuda "
+                           f"for --device cuda), and set {ENV_PYTHONPATH} to a transformers>=5 environment for its model "
+                           "builder, or use --base optimum")
+    problem = builder_problem()
+    if problem is not None:
+        raise ActTailError(f"onnxruntime-genai's model builder does not import ({problem[:120]}): set {ENV_PYTHONPATH} to "
+                           "the PYTHONPATH of a transformers>=5 environment with onnxruntime-genai (pip install "
+                           "onnxruntime-genai), or use --base optimum")
+    return settings
+
+
 def genai_available() -> bool:
     """True when ``onnxruntime_genai`` imports in this interpreter (the runtime, not the builder)."""
     try:
@@ -88,12 +141,14 @@ def build_base(
     extra_options: dict[str, str] | None = None,
     python: str | None = None,
     timeout: float | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Path:
     """Run onnxruntime-genai's model builder on a Hugging Face folder; returns ``output_dir``.
 
     ``model_dir`` must hold ``config.json``, the weights and a tokenizer (the builder copies it).
     ``fuse_qkv=True`` packs q/k/v into one MatMul (the builder's default; the ActTail rewrite then no
-    longer finds q/k/v separately, so it is only for dense baselines).
+    longer finds q/k/v separately, so it is only for dense baselines). ``cache_dir`` is the builder's
+    scratch folder (default: a hidden sibling of ``output_dir``); it is removed afterwards.
     """
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     if dtype not in PRECISIONS:
@@ -104,13 +159,15 @@ def build_base(
         raise ActTailError(f"{model_dir} has no config.json: pass a folder written by save_pretrained")
     options = {"fuse_qkv": "true" if fuse_qkv else "false"}
     options.update(extra_options or {})
-    cache = output_dir.parent / f".{output_dir.name}.genai-cache"
+    cache = Path(cache_dir) if cache_dir is not None else output_dir.parent / f".{output_dir.name}.genai-cache"
     cmd = [python or sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(output_dir),
            "-p", dtype, "-e", execution_provider, "-c", str(cache),
            "--extra_options", *[f"{k}={v}" for k, v in options.items()]]
     logger.info("building the genai base: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=builder_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        proc = subprocess.run(cmd, env=builder_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0 or not (output_dir / BASE_ONNX).is_file():
         tail = "\n".join(proc.stdout.splitlines()[-15:])
         raise ActTailError(f"onnxruntime-genai's model builder failed (exit {proc.returncode}); set {ENV_PYTHONPATH} to a "
@@ -126,23 +183,46 @@ def load_graph(base_dir: str | Path, filename: str = BASE_ONNX) -> onnx.ModelPro
     return onnx.load(str(path), load_external_data=False)
 
 
+def pin_kv_dims(graph: onnx.ModelProto, base_dir: str | Path) -> None:
+    """Set the symbolic head dimension of ``past_key_values.*`` / ``present.*`` to the builder's ``head_size``."""
+    cfg = Path(base_dir) / GENAI_CONFIG
+    if not cfg.is_file():
+        return
+    head = json.loads(cfg.read_text())["model"]["decoder"].get("head_size")
+    if not head:
+        return
+    for value in [*graph.graph.input, *graph.graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) == 4 and not dims[3].HasField("dim_value"):
+                dims[3].ClearField("dim_param")
+                dims[3].dim_value = int(head)
+
+
 def write_variant(base_dir: str | Path, config: ActTailConfig, filename: str, mode: str | None = None,
-                  kernel: str | None = None, library: str | Path | None = None) -> Path:
+                  kernel: str | None = None, library: str | Path | None = None, replace_base: bool = False) -> Path:
     """Rewrite the base graph with ``config`` and save it as ``base_dir/filename`` (weights shared).
 
     The rewritten graph references the base's ``model.onnx.data``; the few new initializers
     (thresholds, constants) are stored inline. For the fused kernel the op library is copied into
     ``base_dir`` (onnxruntime-genai only loads custom-op libraries from the model folder).
+    ``replace_base=True`` allows ``filename == "model.onnx"``: the dense graph is replaced by the
+    rewritten one (what the CLI's ``--base genai`` writes, so that every loader sees the ActTail graph).
+    The KV-cache head dimension, symbolic (``kv_cache_dim``) in the builder's graph, is pinned to the
+    ``head_size`` of ``genai_config.json`` so that plain ONNX Runtime feeds can be shaped from the graph.
     """
     from .graph_rewrite import rewrite
 
     base_dir = Path(base_dir)
-    if filename == BASE_ONNX or "/" in filename:
+    if "/" in filename or (filename == BASE_ONNX and not replace_base):
         raise ActTailError(f"variant file name must be a plain name other than {BASE_ONNX}; got {filename!r}")
     graph = load_graph(base_dir)
     summary = rewrite(graph, config, mode=mode, kernel=kernel)
+    pin_kv_dims(graph, base_dir)
     path = base_dir / filename
-    onnx.save_model(graph, str(path))
+    tmp = path.with_name(f".{filename}.{os.getpid()}.tmp")
+    onnx.save_model(graph, str(tmp))
+    os.replace(tmp, path)
     if summary.kernel == "fused":
         copy_library(base_dir, library)
     return path
@@ -222,11 +302,13 @@ def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = Non
              filename: str = "model.acttail.onnx", library: str | Path | None = None) -> Path:
     """Make a builder folder an ActTail export that ``onnxruntime_genai.Model(folder)`` loads as is.
 
-    Writes the rewritten graph as ``filename`` (sharing ``model.onnx.data``), points ``genai_config.json``
-    at it (and at the op library for the fused kernel), and saves ``acttail_config.json``.
+    Writes the rewritten graph as ``filename`` (sharing ``model.onnx.data``; ``filename="model.onnx"``
+    replaces the dense graph), points ``genai_config.json`` at it (and at the op library for the fused
+    kernel), and saves ``acttail_config.json``.
     """
     base_dir = Path(base_dir)
-    path = write_variant(base_dir, config, filename, mode=mode, kernel=kernel, library=library)
+    path = write_variant(base_dir, config, filename, mode=mode, kernel=kernel, library=library,
+                         replace_base=filename == BASE_ONNX)
     cfg_path = base_dir / GENAI_CONFIG
     data = json.loads(cfg_path.read_text())
     decoder = data["model"]["decoder"]
@@ -241,18 +323,28 @@ def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = Non
 
 
 def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig, mode: str | None = None,
-                 kernel: str | None = None, dtype: str = "fp16", execution_provider: str = "cuda") -> Path:
+                 kernel: str | None = None, dtype: str = "fp16", execution_provider: str = "cuda",
+                 filename: str = "model.acttail.onnx", library: str | Path | None = None,
+                 work_dir: str | Path | None = None) -> Path:
     """ActTail export on the optimized base: builder graph + rewrite + genai config, in ``output_dir``.
 
     ``model`` / ``tokenizer`` are the loaded Hugging Face objects (the config's thresholds come from them).
-    Load with ``onnxruntime_genai.Model(str(output_dir))``.
+    They are saved to a scratch folder for the builder (a temporary folder, or ``work_dir/.hf`` so that a
+    large checkpoint stays on the output's filesystem); ``config.json`` and ``generation_config.json``
+    are copied next to the graph. ``filename="model.onnx"`` replaces the dense graph by the rewritten
+    one (``acttail-export export --base genai`` does this). Load with
+    ``onnxruntime_genai.Model(str(output_dir))``.
     """
     import tempfile
 
     output_dir = Path(output_dir)
-    with tempfile.TemporaryDirectory(prefix="acttail-hf-") as hf:
+    with tempfile.TemporaryDirectory(prefix="acttail-hf-", dir=work_dir) as hf:
         model.save_pretrained(hf, safe_serialization=True)
         tokenizer.save_pretrained(hf)
-        build_base(hf, output_dir, dtype=dtype, execution_provider=execution_provider)
-    finalize(output_dir, config, mode=mode, kernel=kernel)
+        build_base(hf, output_dir, dtype=dtype, execution_provider=execution_provider,
+                   cache_dir=None if work_dir is None else Path(work_dir) / ".genai-cache")
+        for name in ("config.json", "generation_config.json"):
+            if (Path(hf) / name).is_file():
+                shutil.copy2(Path(hf) / name, output_dir / name)
+    finalize(output_dir, config, mode=mode, kernel=kernel, filename=filename, library=library)
     return output_dir

@@ -367,3 +367,104 @@ def test_export_genai_folder_loads_and_generates(tiny_llama_dir, tmp_path):
         ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
                              pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
     assert tokens == ref
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI: acttail-export export --base genai (skipped without the builder, like the tests above)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=[("fused", "threshold", 0.5), ("mask", "topk", 0.6)], ids=lambda p: f"{p[0]}-{p[1]}")
+def cli_genai_export(request, tiny_llama_dir, tmp_path_factory):
+    """``acttail-export export --base genai`` on the tiny Llama (CPU, fp32), through ``cli.main``."""
+    from acttail_export.cli import main
+
+    if not _builder_works():
+        pytest.skip("onnxruntime-genai builder not importable")
+    kernel, mode, sparsity = request.param
+    if kernel == "fused":
+        from acttail_export.ops import get_library_path
+
+        try:
+            get_library_path()
+        except ActTailError:
+            pytest.skip("op library not built (make ops)")
+    out = tmp_path_factory.mktemp("cli-genai") / f"{kernel}-{mode}"
+    rc = main(["export", "--model", str(tiny_llama_dir), "--base", "genai", "--kernel", kernel, "--mode", mode,
+               "--sparsity", str(sparsity), "--allocation", "uniform", "--calibration-samples", "2", "--sequence-length", "32", str(out)])
+    assert rc == 0
+    return out, kernel, mode, sparsity
+
+
+def _og_greedy(folder, prompt: np.ndarray, new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens and prompt logits from ``onnxruntime_genai.Model(folder)`` alone (no overlay)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt.astype(np.int32))
+    logits = np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1)
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens, logits
+
+
+@needs_builder
+def test_cli_genai_folder_contents(cli_genai_export):
+    import json
+
+    from acttail_export.config import CONFIG_NAME
+
+    out, kernel, mode, sparsity = cli_genai_export
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model.onnx.data", optimize.GENAI_CONFIG, CONFIG_NAME, "config.json", "tokenizer.json", "README.md"} <= names
+    assert not any(n.startswith(".") for n in names) and not [n for n in names if n.endswith(".onnx") and n != "model.onnx"]
+    assert not [p for p in out.parent.iterdir() if ".acttail-" in p.name or "genai-cache" in p.name]  # temp folder renamed away
+    assert (optimize.LIBRARY_FILE in names) == (kernel == "fused")
+    decoder = json.loads((out / optimize.GENAI_CONFIG).read_text())["model"]["decoder"]
+    assert decoder["filename"] == "model.onnx"
+    assert decoder.get("session_options", {}).get("custom_ops_library") == (optimize.LIBRARY_FILE if kernel == "fused" else None)
+    config = ActTailConfig.load(out)
+    assert (config.kernel, config.mode, config.target_sparsity) == (kernel, mode, sparsity)
+    graph = optimize.load_graph(out)
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= {n.op_type for n in graph.graph.node}  # the builder's graph
+    if kernel == "fused":
+        assert sum(n.domain == CUSTOM_DOMAIN for n in graph.graph.node) == len(config.projections)
+    else:
+        assert sum(n.op_type == "TopK" and n.name.startswith("/acttail/") for n in graph.graph.node) == len(config.projections)
+    validation = config.perplexity["validation"]  # the export-time check ran on the genai graph
+    assert max(validation["forced_mask_rel_error"], validation["projection_rel_error"], validation["cached_step_rel_error"]) < 1e-3
+    assert config.perplexity["perplexity"] > 1
+    assert "onnxruntime_genai" in (out / "README.md").read_text()
+
+
+@needs_builder
+def test_cli_genai_export_generates_like_reference(cli_genai_export, tiny_llama_dir):
+    """og.Model(folder) == optimize.generate == the PyTorch sparse reference (tokens and prompt logits), and the
+    optimum loader (runtime.load_model) runs the same graph to the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from acttail_export.runtime import load_model
+    from acttail_export.sparsify import apply_sparsity
+
+    out, kernel, mode, _ = cli_genai_export
+    config = ActTailConfig.load(out)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    prompt = torch.randint(3, model.config.vocab_size, (1, 18), generator=torch.Generator().manual_seed(21))
+    tokens, logits = _og_greedy(out, prompt.numpy(), 10)
+    assert tokens == optimize.generate(out, prompt.numpy(), 10)
+    with torch.inference_mode(), apply_sparsity(model, config, mode):
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                             pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
+        want = model(prompt).logits[0, -1].numpy()
+    assert tokens == ref
+    assert np.abs(logits - want).max() / np.abs(want).max() < 1e-4
+    with torch.inference_mode():  # the masks changed the logits
+        dense = model(prompt).logits[0, -1].numpy()
+    assert np.abs(dense - want).max() / np.abs(want).max() > 1e-3
+    ort_model = load_model(out)
+    got = ort_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                             pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
+    assert got == ref

@@ -39,6 +39,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     calib.add_argument("--sequence-length", default="512", help="tokens per calibration window (default 512)")
 
     run = parser.add_argument_group("Export")
+    run.add_argument("--base", choices=("optimum", "genai"), default="optimum",
+                     help="graph to rewrite: optimum-onnx's trace (optimum; loads with ORTModelForCausalLM) or "
+                          "onnxruntime-genai's model builder graph (genai; the fast GPU decode base, loads with "
+                          "onnxruntime_genai.Model(OUTPUT_DIR); needs onnxruntime-genai and ACTTAIL_GENAI_PYTHONPATH "
+                          "for a transformers>=5 builder environment; --device selects the builder's cpu/cuda provider)")
     run.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations of the ONNX graph")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for analysis, calibration and tracing")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
@@ -76,6 +81,10 @@ def export_kwargs(args: argparse.Namespace) -> dict:
         raise ActTailError("--epsilon/--mapping only apply to --allocation acttail: drop them or use --allocation acttail")
     if (args.private or args.token) and not args.push_to_hub:
         raise ActTailError("--private/--token only apply with --push-to-hub REPO_ID: add it or drop them")
+    if args.base == "genai":
+        from ..optimize import builder_settings
+
+        builder_settings(args.dtype, args.device)  # e.g. fp16 needs --device cuda (cheap: no import of the builder)
     if args.mapping is not None:
         from ..allocation import MAPPINGS
 
@@ -85,7 +94,7 @@ def export_kwargs(args: argparse.Namespace) -> dict:
                 kernel=args.kernel, epsilon=epsilon, mapping=args.mapping, calibration_data=args.calibration_data,
                 calibration_samples=samples, sequence_length=length, dtype=args.dtype, device=args.device,
                 overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private, token=args.token,
-                validate=not args.no_validate, progress=sys.stderr.isatty())
+                validate=not args.no_validate, progress=sys.stderr.isatty(), base=args.base)
 
 
 def run(args: argparse.Namespace) -> None:
