@@ -229,6 +229,43 @@ def test_hub_push_without_network(tmp_path, tiny_llama_dir):
     assert "kept" in last
 
 
+# --- --base genai ---------------------------------------------------------------------------------
+def _fake_genai(folder: Path, message: str, where: str = "__init__") -> Path:
+    """A package named onnxruntime_genai whose ``where`` module raises ImportError (shadows a real install)."""
+    pkg = folder / "onnxruntime_genai"
+    (pkg / "models").mkdir(parents=True)
+    for name in ("__init__", "models/__init__", "models/builder"):
+        (pkg / f"{name}.py").write_text(f"raise ImportError({message!r})\n" if name == where else "")
+    return folder
+
+
+def test_genai_base_without_onnxruntime_genai(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    fake = _fake_genai(tmp_path / "fake", "No module named 'onnxruntime_genai'")
+    _check(*run_subprocess("--model", str(tiny_llama_dir), "--base", "genai", str(out), env={"PYTHONPATH": str(fake)}),
+           "--base genai needs onnxruntime-genai", "pip install onnxruntime-genai", "ACTTAIL_GENAI_PYTHONPATH", "--base optimum")
+    _no_leftovers(out)
+
+
+def test_genai_builder_not_importable(tmp_path, capsys, tiny_llama_dir, monkeypatch):
+    from acttail_export import optimize
+
+    monkeypatch.setattr(optimize, "genai_available", lambda: True)
+    fake = _fake_genai(tmp_path / "fake", "transformers>=5 is required by the model builder", where="models/builder")
+    monkeypatch.setenv(optimize.ENV_PYTHONPATH, str(fake))
+    out = tmp_path / "out"
+    _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--base", "genai", str(out)),
+           "model builder does not import", "transformers>=5 is required", "set ACTTAIL_GENAI_PYTHONPATH", "pip install onnxruntime-genai")
+    _no_leftovers(out)
+
+
+def test_genai_base_fp16_on_cpu(tmp_path, capsys, tiny_llama_dir):
+    out = tmp_path / "out"
+    _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--base", "genai", "--dtype", "fp16", str(out)),
+           "--base genai --dtype fp16 needs the CUDA provider", "add --device cuda", "--dtype fp32")
+    _no_leftovers(out)
+
+
 def test_optimum_cli_reports_errors_the_same_way(tmp_path):
     out = tmp_path / "out"
     _check(*run_subprocess("--model", str(tmp_path / "nope"), str(out), tool="optimum-cli"), "does not exist")
