@@ -229,7 +229,7 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - want).max() / (np.abs(want).max() or 1.0))
 
 
-def _probe_session(export_dir: Path, config: ActTailConfig, provider: str = "CPUExecutionProvider"):
+def _probe_session(export_dir: Path, config: ActTailConfig):
     """A session on ``model.onnx`` that also outputs every projection's input, masked input and output."""
     import onnx
     import onnxruntime as ort
@@ -253,14 +253,13 @@ def _probe_session(export_dir: Path, config: ActTailConfig, provider: str = "CPU
     onnx.save_model(graph, str(path))
     del graph
     try:
-        session = ort.InferenceSession(str(path), options, providers=[provider])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     finally:
         path.unlink()
     return session, probes
 
 
-def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dtype: str,
-                    provider: str = "CPUExecutionProvider") -> ValidationReport:
+def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dtype: str) -> ValidationReport:
     """Check the export against PyTorch on ``windows``; raise :class:`ExportValidationError` beyond tolerance.
 
     Boundary-robust by construction ("compare where the masks agree"): a threshold / top-k decision
@@ -281,7 +280,7 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
     from .runtime import decoder_feeds
     from .sparsify import apply_sparsity
 
-    session, probes = _probe_session(export_dir, config, provider)
+    session, probes = _probe_session(export_dir, config)
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
     names = [o.name for o in session.get_outputs()]
@@ -531,7 +530,6 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     with _stage("calibration"), torch.no_grad():
         calibrate(model, tokenizer, config, data=calibration_path, samples=samples, sequence_length=sequence_length, progress=progress)
 
-    provider = "CPUExecutionProvider"
     if genai is None:
         base_dir = tmp / ".base"
         with _stage("base ONNX export"):
@@ -555,19 +553,13 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
             # model.onnx: the rewritten builder graph (weights in model.onnx.data), genai_config.json naming it
             export_genai(model, tokenizer, tmp, config, mode=mode, kernel=kernel, dtype=precision,
                          execution_provider=execution_provider, filename="model.onnx", library=library, work_dir=tmp)
-        if execution_provider == "cuda" and dtype == "fp16":
-            import onnxruntime as ort
-
-            # the builder's fp16 graph is meant for the CUDA provider; check it there when onnxruntime has it
-            if "CUDAExecutionProvider" in ort.get_available_providers():
-                provider = "CUDAExecutionProvider"
     config.save(tmp)  # the runtime loader checks the graph against this file
 
     if validate:
         text_source = eval_data if Path(eval_data).is_file() else calibration_path
         windows = load_windows(tokenizer, text_source, VALIDATION_LENGTH, samples=VALIDATION_WINDOWS)
         with _stage("validation"):
-            report = validate_export(model, tmp, config, windows, dtype, provider)
+            report = validate_export(model, tmp, config, windows, dtype)
         config.perplexity["validation"] = {
             "max_abs_logit_diff": report.max_abs_diff, "median_rel_error": report.median_rel_error,
             "top1_agreement": report.top1_agreement, "positions": report.positions,
@@ -583,7 +575,7 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
                 length = min(length, json.loads((tmp / "genai_config.json").read_text())["model"].get("context_length") or length)
             with _stage("export-time perplexity"):
                 config.perplexity.update(perplexity_onnx(tmp, eval_data, sequence_length=length, max_tokens=eval_tokens,
-                                                         provider=provider, progress=progress))
+                                                         progress=progress))
         elif eval_tokens:
             logger.warning("%s not found: the model card will not report a perplexity", eval_data)
     if config.effective_sparsity is None and mode == "topk":  # exact without measuring: k per token
