@@ -14,6 +14,8 @@ through ONNX Runtime's CUDA execution provider with IO binding (kernel_us from C
 
 Run on a CUDA machine (see docs/kernels.md for the exact command):
     python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --out docs/results
+Prefill variant (M = 512 rows, the masked GEMM path, against cuBLAS torch.matmul; harness only):
+    python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --no-ort --prefill --out docs/results/prefill_tc
 CPU variant (fused op vs ONNX Runtime MatMul on the CPU execution provider, SmolLM2-135M shapes):
     python benchmarks/kernel_bench.py --cpu --threads 2 --out docs/results
 """
@@ -38,6 +40,7 @@ logger = logging.getLogger("kernel_bench")
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 SPARSITIES = (0.0, 0.5, 0.8, 0.9)
 L2_BYTES = 60 * 2**20
+TARGETS = {0.5: 1.85, 0.8: 3.5, 0.9: 5.0}  # issue #4: kernel speedup over dense cuBLAS
 
 
 def _cuda_kernel_us(fn, calls: int) -> float:
@@ -249,6 +252,16 @@ def markdown_tables(result: dict) -> str:
                 out.append(f"| {K}→{N} | {r['method'][8:]} | {r['sparsity']:.1f} | {r['kept_fraction']:.2f} | {r['kernel_us']:.2f} | "
                            f"{r['graph_us']:.2f} | {r['speedup_kernel']:.2f}× | {r['speedup_graph']:.2f}× | {r['ideal']:.0f}× | "
                            f"{r['effective_tb_s']:.2f} | {r['actual_tb_s']:.2f} |")
+    floor = {(r["K"], r["N"], r["sparsity"]): r for r in rows if r["method"] == "read_floor"}
+    if floor:
+        out += ["", "| K→N | sparsity | threshold kernel µs | speedup | streaming read of the kept bytes, µs | its speedup (bound) | target |",
+                "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            f = floor.get((r["K"], r["N"], r["sparsity"]))
+            if r["method"] == "harness_threshold" and f is not None and r["sparsity"] > 0:
+                target = TARGETS.get(round(r["sparsity"], 1), "-")
+                out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r['kernel_us']:.2f} | {r['speedup_kernel']:.2f}× | "
+                           f"{f['kernel_us']:.2f} | {f['speedup_kernel']:.2f}× | {target}× |")
     out += ["", "| K→N | top-k sparsity | selection kernel µs (CUPTI) | selection, graph µs | whole top-k call, kernel µs |", "|---|---|---|---|---|"]
     for r in rows:
         if r["method"] == "harness_topk":
@@ -314,6 +327,77 @@ def cpu_bench(out: Path, threads: int, runs: int) -> dict:
     return result
 
 
+def _cuda_kernel_breakdown(fn, calls: int) -> dict[str, float]:
+    """Per-call CUDA time of each kernel name (CUPTI) over one run of fn() doing `calls` calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in ev.name.lower():
+            out[ev.name] = out.get(ev.name, 0.0) + ev.time_range.elapsed_us() / calls
+    return out
+
+
+def prefill_bench(h: Harness, args, env: dict) -> dict:
+    """M = args.prefill_rows rows (prefill, the masked GEMM path) of the LLaMA-2-7B shapes, fp16, against cuBLAS.
+
+    Rows: prefill_cublas_dense (torch.matmul into a preallocated output) and prefill_harness_<mode> per sparsity;
+    TFLOP/s counts the dense 2*M*K*N for every row (so it compares like with like), W rotated over copies
+    (L2 flushed between calls) as in the decode benchmark, one x per copy of W.
+    """
+    import torch
+
+    M = args.prefill_rows
+    rows = []
+    for K, N in SHAPES:
+        wbytes = K * N * 2
+        flop = 2.0 * M * K * N
+        copies = max(3, math.ceil(3 * L2_BYTES / wbytes))
+        W = [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
+        X = [torch.randn(M, K, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        Y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        ws = h.workspace(M, K, N)
+        reps = max(1, 48 // copies)
+        calls = [lambda c=c: torch.matmul(X[c], W[c], out=Y) for c in range(copies)] * reps
+        dense_graph, dense_kernel = time_graph(calls, args.reps)
+        base = {"M": M, "K": K, "N": N, "copies": copies, "w_bytes": wbytes}
+        rows.append(base | {"method": "prefill_cublas_dense", "sparsity": 0.0, "graph_us": dense_graph, "kernel_us": dense_kernel,
+                            "tflop_s": flop / (dense_kernel * 1e-6) / 1e12})
+        logger.info("prefill M=%d %dx%d cuBLAS dense: graph %.2f us, kernels %.2f us (%.0f TFLOP/s)", M, K, N, dense_graph, dense_kernel,
+                    rows[-1]["tflop_s"])
+        for s in SPARSITIES:
+            k = K - int(s * K)
+            thr = [torch.quantile(x.float().abs().flatten()[:2**24], s).reshape(()) if s > 0 else torch.zeros((), device="cuda") for x in X]
+            for mode in args.modes.split(","):
+                h.matmul(X[0], W[0], Y, thr[0], ws, mode == "topk", k)
+                ref = reference(X[0], W[0], mode, float(thr[0]), k)
+                err = float((Y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+                kept = float((((X[0].float().abs() > thr[0]) & (X[0] != 0)).sum()) / X[0].numel() if mode == "threshold" else k / K)
+                calls = [lambda c=c: h.matmul(X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * reps
+                g_us, k_us = time_graph(calls, args.reps)
+                per_kernel = _cuda_kernel_breakdown(lambda: [c() for c in calls], len(calls))
+                row = base | {"method": f"prefill_harness_{mode}", "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
+                              "kernels_us": per_kernel, "max_rel_err": err, "tflop_s": flop / (k_us * 1e-6) / 1e12,
+                              "vs_cublas_kernel": dense_kernel / k_us, "vs_cublas_graph": dense_graph / g_us}
+                rows.append(row)
+                logger.info("prefill M=%d %dx%d %s s=%.1f: graph %.2f us (%.2fx cuBLAS), kernels %.2f us (%.2fx, %.0f TFLOP/s), err %.1e; %s",
+                            M, K, N, mode, s, g_us, row["vs_cublas_graph"], k_us, row["vs_cublas_kernel"], row["tflop_s"], err,
+                            ", ".join(f"{n[:40]} {t:.2f}" for n, t in per_kernel.items()))
+        del W, X
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"env": env, "rows": rows}
+    (out / "kernel_bench_prefill.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out / 'kernel_bench_prefill.json'}")
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--harness", help="libacttail_bench.so built from csrc/sparse_matmul_bench.cu (required to measure)")
@@ -330,6 +414,9 @@ def main(argv=None) -> int:
                     "read_floor rows): the bandwidth floor of each row")
     ap.add_argument("--hot-x", action="store_true", help="one x (and threshold) for every copy of W, so x stays in L2 as in decode, "
                     "where the previous op has just written it (default: one x per copy of W, evicted with it)")
+    ap.add_argument("--prefill", action="store_true", help="prefill benchmark instead (harness only): M = --prefill-rows rows of the "
+                    "LLaMA-2-7B shapes through the masked GEMM path vs cuBLAS torch.matmul; writes kernel_bench_prefill.json")
+    ap.add_argument("--prefill-rows", type=int, default=512, help="rows (tokens) of the prefill benchmark")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark instead: fused op vs ORT MatMul, SmolLM2 shapes")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the CPU benchmark")
     args = ap.parse_args(argv)
@@ -353,7 +440,7 @@ def main(argv=None) -> int:
     h = Harness(args.harness)
     variants = [int(v) for v in args.variants.split(",")]
     lib = args.library
-    if lib is None and not args.no_ort:
+    if lib is None and not args.no_ort and not args.prefill:
         from acttail_export.ops import get_library_path
 
         lib = get_library_path()
@@ -367,6 +454,9 @@ def main(argv=None) -> int:
         pass
     env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
     logger.info("env %s", env)
+    if args.prefill:
+        prefill_bench(h, args, env)
+        return 0
     rows = []
     for K, N in SHAPES:
         wbytes = K * N * 2

@@ -10,6 +10,7 @@
 
 #include "sparse_matmul.h"
 #include "sparse_matmul_impl.cuh"
+#include "masked_gemm_tc.cuh"
 
 namespace acttail {
 
@@ -129,11 +130,25 @@ std::string Run(const CudaArgs& a) {
     else err = LaunchDecode<T, 8>(a, sel, scratch, stream);
     if (err != cudaSuccess) return std::string("sparse GEMV kernel: ") + cudaGetErrorString(err);
   } else {
+    // prefill GEMM. float16 with aligned operands: tensor-core kernel, then the exact kernel guarded by
+    // the tensor-core kernel's "W has Inf/NaN" flag (an empty launch when W is finite). Otherwise (float32,
+    // unaligned pointers, K or N not a multiple of 8): the exact kernel alone.
     const dim3 grid((unsigned)((a.N + cuda::kBN - 1) / cuda::kBN), (unsigned)((a.M + cuda::kBM - 1) / cuda::kBM));
     if (grid.y > 65535) return "too many rows for the GEMM grid (M > 4194240)";
+    unsigned* nonfinite = nullptr;
+    if constexpr (std::is_same<T, __half>::value) {
+      if (cuda::TcGemmEligible(a.x, a.w, a.y, a.K, a.N)) {
+        nonfinite = reinterpret_cast<unsigned*>(scratch);  // cuda::kTcFlagBytes of the workspace
+        err = cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), stream);
+        if (err != cudaSuccess) return std::string("masked GEMM flag: ") + cudaGetErrorString(err);
+        err = cuda::LaunchMaskedGemmTc(static_cast<const __half*>(a.x), static_cast<const __half*>(a.w), static_cast<__half*>(a.y), a.M,
+                                       a.K, a.N, a.threshold, sel, a.mode == Mode::kTopK, nonfinite, stream);
+        if (err != cudaSuccess) return std::string("masked GEMM tensor-core kernel: ") + cudaGetErrorString(err);
+      }
+    }
     cuda::MaskedGemmKernel<T><<<grid, cuda::kGemmThreads, 0, stream>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.w),
                                                                      static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, a.threshold,
-                                                                     sel, a.mode == Mode::kTopK);
+                                                                     sel, a.mode == Mode::kTopK, nonfinite);
     err = cudaGetLastError();
     if (err != cudaSuccess) return std::string("masked GEMM kernel: ") + cudaGetErrorString(err);
   }
@@ -144,8 +159,9 @@ std::string Run(const CudaArgs& a) {
 
 size_t CudaWorkspaceBytes(int64_t M, int64_t /*K*/, int64_t N, Mode mode) {
   const size_t select = mode == Mode::kTopK ? (size_t)(M * sizeof(uint2) + 255) / 256 * 256 : 0;
-  // decode: room for the split-K scratch in case the per-stream one cannot be used (during capture)
-  return select + (M >= 1 && M <= 8 ? SplitScratchBytes(M, N) : 0);
+  // decode: room for the split-K scratch in case the per-stream one cannot be used (during capture);
+  // prefill: the tensor-core kernel's Inf/NaN-in-W flag (kTcFlagBytes)
+  return select + (M >= 1 && M <= 8 ? SplitScratchBytes(M, N) : 0) + (M > 8 ? cuda::kTcFlagBytes : 0);
 }
 
 std::string SparseMatMulCuda(bool half, const CudaArgs& args) {

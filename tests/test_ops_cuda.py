@@ -126,3 +126,49 @@ def test_session_reuse_many_shapes_cuda():
 def test_make_session_on_cuda_keeps_provider():
     sess = make_session(make_model(np.float32, "topk", 2, threshold_input=False), CUDA)
     assert sess.get_providers()[0] == CUDA
+
+
+# ---- prefill (M > 8): float16 tensor-core GEMM (csrc/masked_gemm_tc.cuh), exact fallback for Inf/NaN in W ----
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m,K,N", [
+    (9, 4096, 4096), (17, 4104, 264), (64, 4096, 4096), (512, 4096, 1024), (512, 1024, 4096),  # LLM-like, tensor cores
+    (130, 200, 136),                                                                              # partial row, K and column tiles
+    (40, 1000, 257), (33, 1001, 64),                                                              # N or K not a multiple of 8: exact kernel
+])
+def test_prefill_llm_like_fp16(mode, m, K, N):
+    rng = np.random.default_rng(m * 7 + K + N)
+    x = rng.standard_normal((m, K)).astype(np.float16)
+    x[:, ::7] = np.round(x[:, ::7])  # ties around the k-th magnitude
+    x[::5, ::11] = 0.0
+    w = (rng.standard_normal((K, N)) * 0.05).astype(np.float16)
+    threshold, k = (0.7, None) if mode == "threshold" else (None, (2 * K) // 5)
+    assert_matches(run_op(CUDA, x, w, mode, threshold, k), x, w, mode, threshold, k)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m,K,N", [(40, 256, 136), (512, 1024, 512)])
+def test_prefill_skips_nonfinite_w_rows_fp16(mode, m, K, N):
+    """Inf/NaN rows of W that no row keeps never reach Y on the tensor-core path (exact fallback)."""
+    rng = np.random.default_rng(m + K)
+    x = rng.standard_normal((m, K)).astype(np.float16)
+    x[:, 3] = 0.01  # below the threshold and outside the top half for every row
+    x[:, 7] = 0.0   # zero everywhere
+    w = rng.standard_normal((K, N)).astype(np.float16)
+    w[3, ::2], w[3, 1::2], w[7] = np.inf, np.nan, -np.inf
+    threshold, k = (0.1, None) if mode == "threshold" else (None, K // 2)
+    y = run_op(CUDA, x, w, mode, threshold, k)
+    assert np.isfinite(y).all()
+    assert_matches(y, x, w, mode, threshold, k)
+    # one row keeps channel 3: NaN/Inf in that row of Y only, exact elsewhere
+    x[5, 3] = 2.0
+    y = run_op(CUDA, x, w, mode, threshold, k)
+    assert not np.isfinite(y[5]).all() and np.isfinite(np.delete(y, 5, axis=0)).all()
+    assert_matches(y, x, w, mode, threshold, k)
+
+
+def test_prefill_fp16_accumulates_in_fp32_cuda():
+    """Tensor-core path: 4097 ones (K = 4104, the rest zero) give 4096 after one final rounding."""
+    x = np.zeros((16, 4104), np.float16)
+    x[:, :4097] = 1
+    y = run_op(CUDA, x, np.ones((4104, 8), np.float16), "threshold", threshold=0.0)
+    assert (y == 4096.0).all()
