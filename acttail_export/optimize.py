@@ -336,7 +336,7 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
     ``model`` / ``tokenizer`` are the loaded Hugging Face objects (the config's thresholds come from them).
     They are saved to a scratch folder for the builder (a temporary folder, or ``work_dir/.hf`` so that a
     large checkpoint stays on the output's filesystem); ``config.json`` and ``generation_config.json``
-    are copied next to the graph. ``filename="model.onnx"`` replaces the dense graph by the rewritten
+    are copied next to the graph, and ``tokenizer`` is saved over the builder's copy. ``filename="model.onnx"`` replaces the dense graph by the rewritten
     one (``acttail-export export --base genai`` does this). Load with
     ``onnxruntime_genai.Model(str(output_dir))``.
     """
@@ -351,5 +351,9 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
         for name in ("config.json", "generation_config.json"):
             if (Path(hf) / name).is_file():
                 shutil.copy2(Path(hf) / name, output_dir / name)
+    # the builder re-saves the tokenizer with its own transformers (>= 5), which can convert it into one
+    # that encodes differently under the transformers this package runs with (the SmolLM2 GGUF tokenizer
+    # loses its spaces): write the caller's tokenizer over it
+    tokenizer.save_pretrained(output_dir)
     finalize(output_dir, config, mode=mode, kernel=kernel, filename=filename, library=library)
     return output_dir

@@ -441,6 +441,17 @@ def test_cli_genai_folder_contents(cli_genai_export):
 
 
 @needs_builder
+def test_cli_genai_tokenizer_encodes_like_the_source(cli_genai_export, tiny_llama_dir):
+    """The builder (transformers >= 5) re-saves the tokenizer; the export must keep the source's encoding."""
+    from transformers import AutoTokenizer
+
+    out = cli_genai_export[0]
+    text = "The capital of France is Paris. Once upon a time, in a land far away"
+    want = AutoTokenizer.from_pretrained(tiny_llama_dir)(text).input_ids
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == want
+
+
+@needs_builder
 def test_cli_genai_export_generates_like_reference(cli_genai_export, tiny_llama_dir):
     """og.Model(folder) == optimize.generate == the PyTorch sparse reference (tokens and prompt logits), and the
     optimum loader (runtime.load_model) runs the same graph to the same tokens."""
