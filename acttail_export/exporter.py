@@ -586,7 +586,7 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     config.save(tmp)
     card = write_model_card(tmp, config, repo_id)
     if genai is not None:
-        _add_genai_usage(card, genai[1])
+        _add_genai_usage(card, genai[1], repo_id)
     return config
 
 
@@ -598,7 +598,8 @@ This export was built with `--base genai`: `model.onnx` is onnxruntime-genai's m
 ```python
 import onnxruntime_genai as og
 from transformers import AutoTokenizer
-tok = AutoTokenizer.from_pretrained("{where}"); model = og.Model("{where}")
+{where}
+tok = AutoTokenizer.from_pretrained(folder); model = og.Model(folder)
 params = og.GeneratorParams(model); params.set_search_options(max_length=64)
 gen = og.Generator(model, params); gen.append_tokens(tok("The capital of France is").input_ids)
 while not gen.is_done(): gen.generate_next_token()
@@ -608,10 +609,12 @@ print(tok.decode(gen.get_sequence(0)))
 """
 
 
-def _add_genai_usage(card: Path, execution_provider: str) -> None:
+def _add_genai_usage(card: Path, execution_provider: str, repo_id: str | None = None) -> None:
     """Put the onnxruntime-genai snippet into the model card, before the per-projection table."""
     text = card.read_text()
-    note = GENAI_USAGE.format(provider=execution_provider.upper(), where="path/to/this/folder",
+    where = (f'from huggingface_hub import snapshot_download\nfolder = snapshot_download("{repo_id}")' if repo_id
+             else 'folder = "path/to/this/folder"')
+    note = GENAI_USAGE.format(provider=execution_provider.upper(), where=where,
                               library=" and the op library `libacttail_ops.so`" if (card.parent / "libacttail_ops.so").is_file() else "")
     marker = "## Per-projection budgets"
     card.write_text(text.replace(marker, note + marker, 1) if marker in text else text + "\n" + note)
