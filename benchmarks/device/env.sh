@@ -1,0 +1,15 @@
+# Source on the CUDA machine, from the project root: puts onnxruntime-gpu, the decode wheels and the
+# project on PYTHONPATH and builds the op library for this GPU if it is not built yet.
+#   ORT_GPU_DIR   folder holding onnxruntime-gpu (default /root/ortgpu; empty: use the installed one)
+#   CUDA_ARCH     compute capability to build for (default 90)
+ORT_GPU_DIR=${ORT_GPU_DIR-/root/ortgpu}
+[ -d .whl/site ] && { [ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/site/*.whl; }
+[ -d .whl/genai ] && { [ -d /tmp/genai/onnxruntime_genai ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/genai .whl/genai/*.whl; }
+export PYTHONPATH=/tmp/site:/tmp/genai${ORT_GPU_DIR:+:$ORT_GPU_DIR}:$PWD
+export ACTTAIL_GENAI_PYTHONPATH=/tmp/genai${ORT_GPU_DIR:+:$ORT_GPU_DIR}
+[ -n "$ORT_GPU_DIR" ] && [ -f "$ORT_GPU_DIR/env.sh" ] && source "$ORT_GPU_DIR/env.sh"
+if [ ! -f acttail_export/lib/libacttail_ops.so ]; then
+  ACTTAIL_CUDA_ARCHS=${CUDA_ARCH:-90} ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR:-$PWD/third_party/onnxruntime/include} \
+    bash scripts/build_ops.sh > /tmp/acttail_build_ops.log 2>&1 || { tail -5 /tmp/acttail_build_ops.log; return 1 2>/dev/null || exit 1; }
+fi
+python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
