@@ -233,19 +233,21 @@ def _probe_session(export_dir: Path, config: ActTailConfig):
     """A session on ``model.onnx`` that also outputs every projection's input, masked input and output."""
     import onnx
     import onnxruntime as ort
-    from .graph_rewrite import find_projections
+    from .graph_rewrite import find_projections, packed_columns
     from .runtime import load_session_options
 
     graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
     producers = {out: node for node in graph.graph.node for out in node.output}
-    probes: dict[str, tuple[str, str | None, str]] = {}
-    for name, node in find_projections(graph).items():
+    probes: dict[str, tuple[str, str | None, str, tuple[int, int] | None]] = {}
+    found = find_projections(graph)
+    columns = packed_columns(found, config)  # members of a packed qkv / gate_up MatMul: their output columns
+    for name, node in found.items():
         x, masked = node.input[0], None
         where = producers.get(x)
         if where is not None and where.op_type == "Where" and where.name.startswith("/acttail/"):
             x, masked = where.input[1], node.input[0]
-        probes[name] = (x, masked, node.output[0])
-    extra = sorted({t for x, m, y in probes.values() for t in (x, m, y) if t})
+        probes[name] = (x, masked, node.output[0], columns.get(name))
+    extra = sorted({t for x, m, y, _ in probes.values() for t in (x, m, y) if t})
     graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
     options = load_session_options(export_dir)
     # a file next to model.onnx (and model.onnx_data, which it may reference): no second in-memory copy
@@ -337,7 +339,7 @@ def _check_projections(outs: dict, probes: dict, config: ActTailConfig, modules:
     forced: dict[str, torch.Tensor] = {}
     worst, worst_name = 0.0, ""
     for p in config.projections:
-        x_name, masked_name, y_name = probes[p.name]
+        x_name, masked_name, y_name, cols = probes[p.name]
         x = outs[x_name]
         masked = np.where(rule_mask(x, p, config.mode, config.kernel), x, np.zeros((), dtype=x.dtype))
         if masked_name is not None:
@@ -349,7 +351,8 @@ def _check_projections(outs: dict, probes: dict, config: ActTailConfig, modules:
                                             "this is a bug, please report it (--no-validate keeps the output anyway)")
             masked = onnx_masked
         weight = modules[p.name].weight.detach().double().cpu().numpy()
-        err = _rel(outs[y_name], masked.astype(np.float64) @ weight.T)
+        y = outs[y_name] if cols is None else outs[y_name][..., cols[0]:cols[1]]
+        err = _rel(y, masked.astype(np.float64) @ weight.T)
         if err > worst:
             worst, worst_name = err, p.name
         forced[p.name] = torch.from_numpy(masked)

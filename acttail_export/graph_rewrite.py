@@ -15,10 +15,18 @@ subgraph of standard ONNX ops on their activation input:
 With ``kernel="fused"`` the MatMul is replaced by ``com.acttail::SparseMatMul(x, W[, t])``.
 Projections that share an input (q/k/v, gate/up) get one mask each. Attention MatMuls are never
 touched.
+
+Packed projections: onnxruntime-genai's model builder can write q/k/v as one ``qkv_proj`` MatMul
+(``fuse_qkv``) and gate/up as one ``gate_up_proj`` MatMul (``fuse_mlp_gate_up``), with the members'
+weights side by side in column order. Such a MatMul gets one mask (or one ``SparseMatMul``) for all its
+members, which is only the ActTail rule when the members' masks are identical: the same threshold, or
+the same k (:func:`packable`). That holds for every allocation that gives an input group one budget
+(``uniform``, the ``group-*`` mappings), since the members read the same tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -40,6 +48,9 @@ MIN_OPSET = 13  # TopK with K as input, Where, GreaterOrEqual (12+)
 _NODE_RE = re.compile(r"^/model/layers\.(\d+)/(self_attn|attn|mlp)/(\w+_proj)/MatMul$")
 #: onnxruntime-genai's model builder names the attention block ``attn`` (``/model/layers.0/attn/q_proj/MatMul``).
 _PARENT_ALIASES = {"attn": "self_attn"}
+#: packed projection MatMuls of the builder -> their members, in the column order of the packed weight
+PACKED_KINDS: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_PACKED_PARENT = {"qkv_proj": "self_attn", "gate_up_proj": "mlp"}
 
 
 def onnx_node_name(layer: int, kind: str) -> str:
@@ -68,7 +79,9 @@ def _is_identity(p: ProjectionConfig, mode: str) -> bool:
 def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     """Map projection names (``model.layers.3.mlp.down_proj``) to their MatMul nodes.
 
-    Raises ActTailError when any layer that appears in the graph lacks one of its 7 projections.
+    The members of a packed MatMul (``qkv_proj``, ``gate_up_proj``) all map to that one node; see
+    :func:`packed_columns` for their columns. Raises ActTailError when any layer that appears in the
+    graph lacks one of its 7 projections.
     """
     found: dict[str, onnx.NodeProto] = {}
     layers: set[int] = set()
@@ -79,10 +92,13 @@ def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
         if m:
             layers.add(int(m.group(1)))
         m = _NODE_RE.match(node.name)
-        if m and node.op_type in ("MatMul", CUSTOM_OP) and m.group(3) in PROJECTION_KINDS:
-            layer, parent, kind = int(m.group(1)), m.group(2), m.group(3)
-            if PROJECTION_PARENT[kind] == _PARENT_ALIASES.get(parent, parent):
+        if m and node.op_type in ("MatMul", CUSTOM_OP):
+            layer, parent, kind = int(m.group(1)), _PARENT_ALIASES.get(m.group(2), m.group(2)), m.group(3)
+            if kind in PROJECTION_KINDS and PROJECTION_PARENT[kind] == parent:
                 found[projection_name(layer, kind)] = node
+            elif kind in PACKED_KINDS and _PACKED_PARENT[kind] == parent:
+                for member in PACKED_KINDS[kind]:
+                    found[projection_name(layer, member)] = node
     if not layers:
         raise ActTailError("no /model/layers.N/ nodes in the ONNX graph: not a LLaMA/Mistral decoder export")
     missing = [projection_name(i, k) for i in sorted(layers) for k in PROJECTION_KINDS
@@ -93,6 +109,51 @@ def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     if sorted(layers) != list(range(len(layers))):
         raise ActTailError(f"ONNX graph layers are not contiguous: {sorted(layers)}")
     return found
+
+
+def packed_columns(found: dict[str, onnx.NodeProto], config: ActTailConfig) -> dict[str, tuple[int, int]]:
+    """Columns ``[start, stop)`` of each packed member's output inside its packed MatMul's output.
+
+    Only members of packed MatMuls appear; widths come from the config, in :data:`PACKED_KINDS` order.
+    """
+    by_name = config.by_name()
+    columns: dict[str, tuple[int, int]] = {}
+    for node, members in _packed_groups(found).items():
+        start = 0
+        for name in members:
+            width = by_name[name].out_features
+            columns[name] = (start, start + width)
+            start += width
+    return columns
+
+
+def _packed_groups(found: dict[str, onnx.NodeProto]) -> dict[str, list[str]]:
+    """Packed MatMul node name -> its member projection names in column order."""
+    groups: dict[str, list[str]] = {}
+    for name, node in found.items():
+        kind = _NODE_RE.match(node.name).group(3)
+        if kind in PACKED_KINDS:
+            groups.setdefault(node.name, []).append(name)
+    order = {k: i for members in PACKED_KINDS.values() for i, k in enumerate(members)}
+    return {n: sorted(names, key=lambda x: order[x.rsplit(".", 1)[1]]) for n, names in groups.items()}
+
+
+def _mask_key(p: ProjectionConfig, mode: str) -> tuple:
+    """What decides a projection's mask: equal keys give equal masks on the same input."""
+    if _is_identity(p, mode):
+        return ("dense",)
+    return ("topk", p.keep_k()) if mode == "topk" else ("threshold", p.threshold)
+
+
+def packable(config: ActTailConfig, mode: str | None = None) -> bool:
+    """True when q/k/v and gate/up of every layer have identical masks, so packed MatMuls can be rewritten."""
+    mode = mode or config.mode
+    by_layer: dict[tuple[int, tuple[str, ...]], set] = {}
+    for p in config.projections:
+        for members in PACKED_KINDS.values():
+            if p.kind in members:
+                by_layer.setdefault((p.layer, members), set()).add(_mask_key(p, mode))
+    return all(len(keys) == 1 for keys in by_layer.values())
 
 
 def _split(name: str) -> tuple[int, str]:
@@ -116,11 +177,17 @@ def check_against_config(model: onnx.ModelProto, config: ActTailConfig) -> dict[
         raise ActTailError(f"acttail config has {len(names)} projections but the ONNX graph has {len(found)}; "
                            "the config does not belong to this model (re-run the export)")
     inits = {i.name: i for i in model.graph.initializer}
+    by_name = config.by_name()
+    groups = _packed_groups(found)
     for p in config.projections:
-        w = inits.get(found[p.name].input[1])
-        if w is not None and list(w.dims) != [p.in_features, p.out_features]:
-            raise ActTailError(f"{p.name}: ONNX weight is {list(w.dims)} but the config says "
-                               f"[{p.in_features}, {p.out_features}]; the config does not belong to this model")
+        node = found[p.name]
+        members = [by_name[n] for n in groups.get(node.name, [p.name])]
+        want = [p.in_features, sum(m.out_features for m in members)]
+        w = inits.get(node.input[1])
+        if w is not None and (list(w.dims) != want or any(m.in_features != p.in_features for m in members)):
+            what = f"{node.name} packs {', '.join(m.name.rsplit('.', 1)[1] for m in members)}: " if len(members) > 1 else f"{p.name}: "
+            raise ActTailError(f"{what}ONNX weight is {list(w.dims)} but the config says {want}; "
+                               "the config does not belong to this model")
     return found
 
 
@@ -192,12 +259,28 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
     found = check_against_config(model, config)
     if any(n.op_type != "MatMul" for n in found.values()):
         raise ActTailError("the ONNX graph was already rewritten; start from the base export")
+    by_name = config.by_name()
+    groups = _packed_groups(found)
+    for node_name, members in groups.items():
+        keys = {m: _mask_key(by_name[m], mode) for m in members}
+        if len(set(keys.values())) > 1:
+            detail = ", ".join(f"{m.rsplit('.', 1)[1]} {k[0]}{'' if len(k) == 1 else ' ' + format(k[1], '.6g')}" for m, k in keys.items())
+            raise ActTailError(f"{node_name} packs projections with different masks ({detail}): one packed MatMul takes one "
+                               "mask. Build the base without packing (fuse_qkv=false, fuse_mlp_gate_up=false) or use an "
+                               "allocation that gives q/k/v and gate/up one budget each (uniform, a group-* mapping)")
     b = _Builder(model)
     before: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to insert before it
     replace: dict[int, onnx.NodeProto] = {}
     skipped = 0
+    done: set[str] = set()
     for p in config.projections:
         node = found[p.name]
+        if node.name in done:  # a packed MatMul, rewritten with its first member
+            skipped += _is_identity(p, mode)
+            continue
+        done.add(node.name)
+        if node.name in groups:  # one mask for the packed members: name it after the packed MatMul
+            p = dataclasses.replace(p, name=p.name.rsplit(".", 1)[0] + "." + _NODE_RE.match(node.name).group(3))
         elem_type = _float_type(model, node)
         if _is_identity(p, mode):
             skipped += 1
@@ -226,7 +309,8 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
     model.graph.initializer.extend(b.inits)
     _ensure_opsets(model, fused=kernel == "fused")
     layers = len({p.layer for p in config.projections})
-    logger.info("rewrote %d projections in %d layers (%s, %s kernel)", len(config.projections), layers, mode, kernel)
+    logger.info("rewrote %d projections in %d layers (%s, %s kernel%s)", len(config.projections), layers, mode, kernel,
+                f"; {len(groups)} packed MatMuls" if groups else "")
     return RewriteSummary(len(config.projections), layers, mode, kernel, skipped)
 
 
@@ -241,7 +325,7 @@ def _ensure_opsets(model: onnx.ModelProto, fused: bool) -> None:
 
 
 def count_projections(model: onnx.ModelProto) -> dict[str, int]:
-    """Number of masked / fused projections in a rewritten graph (for loader consistency checks)."""
+    """Number of masked / fused projection nodes in a rewritten graph (a packed MatMul counts once)."""
     fused = sum(1 for n in model.graph.node if n.domain == CUSTOM_DOMAIN and n.op_type == CUSTOM_OP)
     masked = len({n.name.rsplit("/", 1)[0] for n in model.graph.node
                   if n.name.startswith("/acttail/") and n.op_type == "Where"})

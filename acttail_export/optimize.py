@@ -9,8 +9,11 @@ LLM runtime is tuned for:
 * ``GroupQueryAttention`` with the rotary embedding inside and past/present KV buffers shared in place
   (``past_present_share_buffer``), sequence lengths computed on the GPU from ``attention_mask``,
 * plain ``MatMul`` nodes for the 7 projections, named ``/model/layers.{i}/attn/{q,k,v,o}_proj/MatMul`` and
-  ``/model/layers.{i}/mlp/{gate,up,down}_proj/MatMul`` (built with ``fuse_qkv=false`` so that q, k and v keep
-  their own MatMul, and therefore their own ActTail budget),
+  ``/model/layers.{i}/mlp/{gate,up,down}_proj/MatMul`` when built with ``fuse_qkv=false`` (q, k and v keep
+  their own MatMul, and therefore their own ActTail budget), or packed: one ``attn/qkv_proj/MatMul``
+  (``fuse_qkv``) and one ``mlp/gate_up_proj/MatMul`` (``fuse_mlp_gate_up``) per layer, which the rewrite
+  turns into one mask / one ``SparseMatMul`` when the members' masks are identical
+  (:func:`acttail_export.graph_rewrite.packable`; :func:`export_genai` packs then),
 
 and a ``genai_config.json`` for its generator (``onnxruntime_genai.Model``), which can replay decode
 steps from a CUDA graph. :func:`acttail_export.graph_rewrite.rewrite` works on that graph unchanged
@@ -143,6 +146,7 @@ def build_base(
     dtype: str = "fp16",
     execution_provider: str = "cuda",
     fuse_qkv: bool = False,
+    fuse_gate_up: bool = False,
     extra_options: dict[str, str] | None = None,
     python: str | None = None,
     timeout: float | None = None,
@@ -151,9 +155,10 @@ def build_base(
     """Run onnxruntime-genai's model builder on a Hugging Face folder; returns ``output_dir``.
 
     ``model_dir`` must hold ``config.json``, the weights and a tokenizer (the builder copies it).
-    ``fuse_qkv=True`` packs q/k/v into one MatMul (the builder's default; the ActTail rewrite then no
-    longer finds q/k/v separately, so it is only for dense baselines). ``cache_dir`` is the builder's
-    scratch folder (default: a hidden sibling of ``output_dir``); it is removed afterwards.
+    ``fuse_qkv=True`` packs q/k/v into one MatMul (the builder's default), ``fuse_gate_up=True`` gate/up; the
+    rewrite then gives each packed MatMul one mask, which needs equal masks for its members
+    (:func:`acttail_export.graph_rewrite.packable`). ``cache_dir`` is the builder's scratch folder (default: a
+    hidden sibling of ``output_dir``); it is removed afterwards.
     """
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     if dtype not in PRECISIONS:
@@ -162,7 +167,7 @@ def build_base(
         raise ActTailError(f"execution provider must be one of {', '.join(EXECUTION_PROVIDERS)}; got {execution_provider!r}")
     if not (model_dir / "config.json").is_file():
         raise ActTailError(f"{model_dir} has no config.json: pass a folder written by save_pretrained")
-    options = {"fuse_qkv": "true" if fuse_qkv else "false"}
+    options = {"fuse_qkv": "true" if fuse_qkv else "false", "fuse_mlp_gate_up": "true" if fuse_gate_up else "false"}
     options.update(extra_options or {})
     cache = Path(cache_dir) if cache_dir is not None else output_dir.parent / f".{output_dir.name}.genai-cache"
     cmd = [python or sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(output_dir),
@@ -330,23 +335,32 @@ def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = Non
 def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig, mode: str | None = None,
                  kernel: str | None = None, dtype: str = "fp16", execution_provider: str = "cuda",
                  filename: str = "model.acttail.onnx", library: str | Path | None = None,
-                 work_dir: str | Path | None = None) -> Path:
+                 work_dir: str | Path | None = None, pack: bool | None = None) -> Path:
     """ActTail export on the optimized base: builder graph + rewrite + genai config, in ``output_dir``.
 
     ``model`` / ``tokenizer`` are the loaded Hugging Face objects (the config's thresholds come from them).
     They are saved to a scratch folder for the builder (a temporary folder, or ``work_dir/.hf`` so that a
     large checkpoint stays on the output's filesystem); ``config.json`` and ``generation_config.json``
     are copied next to the graph, and ``tokenizer`` is saved over the builder's copy. ``filename="model.onnx"`` replaces the dense graph by the rewritten
-    one (``acttail-export export --base genai`` does this). Load with
-    ``onnxruntime_genai.Model(str(output_dir))``.
+    one (``acttail-export export --base genai`` does this). ``pack`` builds q/k/v and gate/up as packed
+    MatMuls (one mask and one op call per input group); ``None`` packs when the config allows it
+    (:func:`acttail_export.graph_rewrite.packable`). Load with ``onnxruntime_genai.Model(str(output_dir))``.
     """
     import tempfile
 
+    from .graph_rewrite import packable
+
     output_dir = Path(output_dir)
+    can_pack = packable(config, mode)
+    if pack and not can_pack:
+        raise ActTailError("pack=True needs equal masks for q/k/v and for gate/up in every layer; this config gives them "
+                           "different thresholds or k (use a group allocation, or pack=False)")
+    pack = can_pack if pack is None else pack
+    logger.info("genai base: %s", "q/k/v and gate/up packed (one mask per input group)" if pack else "every projection its own MatMul")
     with tempfile.TemporaryDirectory(prefix="acttail-hf-", dir=work_dir) as hf:
         model.save_pretrained(hf, safe_serialization=True)
         tokenizer.save_pretrained(hf)
-        build_base(hf, output_dir, dtype=dtype, execution_provider=execution_provider,
+        build_base(hf, output_dir, dtype=dtype, execution_provider=execution_provider, fuse_qkv=pack, fuse_gate_up=pack,
                    cache_dir=None if work_dir is None else Path(work_dir) / ".genai-cache")
         for name in ("config.json", "generation_config.json"):
             if (Path(hf) / name).is_file():

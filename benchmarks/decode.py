@@ -629,6 +629,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/acttail-decode")
     ap.add_argument("--output", help="results JSON (written after every configuration)")
     ap.add_argument("--packed-qkv", action="store_true", help="also time the builder's default dense graph (q/k/v packed)")
+    ap.add_argument("--pack", action="store_true", help="build the genai base with q/k/v and gate/up packed (builder "
+                    "fuse_qkv, fuse_mlp_gate_up): dense, mask and fused variants all run on it, one mask / SparseMatMul "
+                    "per input group (the uniform configs give the members equal thresholds)")
     ap.add_argument("--profile", action="store_true", help="ORT profiling placement check of the fused graph at the highest sparsity")
     ap.add_argument("--deadline", type=float, default=0, help="skip the remaining configurations after this many seconds (0: none)")
     ap.add_argument("--child-timeout", type=float, default=240)
@@ -669,7 +672,8 @@ def run_benchmark(args) -> int:
     tag = Path(args.model).name.removesuffix(".gguf") if args.model not in SHAPES else args.model
     work = Path(args.workdir) / f"{tag}-{args.layers or 'all'}-{args.dtype}"
     work.mkdir(parents=True, exist_ok=True)
-    hf_dir, optimum_dir, genai_dir = work / "hf", work / "optimum", work / "genai"
+    hf_dir, optimum_dir, genai_dir = work / "hf", work / "optimum", work / ("genai-packed" if args.pack else "genai")
+    packed_tag = " packed" if args.pack else ""
 
     # --- model ------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -704,7 +708,7 @@ def run_benchmark(args) -> int:
                   "vocab_size": cfg.vocab_size, "parameters": sum(p.numel() for p in model.parameters()), "dtype": args.dtype},
         "settings": {"prompt_length": args.prompt_length, "decode_tokens": args.decode_tokens, "warmup_tokens": args.warmup_tokens,
                      "batch": 1, "mode": "threshold", "allocation": "uniform", "calibration_windows": args.calibration_windows,
-                     "device": device},
+                     "device": device, "genai_packed": bool(args.pack)},
         "timings_s": {},
     }
     results = Results(Path(args.output) if args.output else None, header)
@@ -771,7 +775,8 @@ def run_benchmark(args) -> int:
                     tokenizer.save_pretrained(hf_dir)
                 else:
                     save_random_tokenizer(hf_dir, cfg.vocab_size)
-                optimize.build_base(hf_dir, genai_dir, dtype=args.dtype, execution_provider=provider)
+                optimize.build_base(hf_dir, genai_dir, dtype=args.dtype, execution_provider=provider,
+                                    fuse_qkv=args.pack, fuse_gate_up=args.pack)
         except Exception as exc:  # noqa: BLE001
             results.add("genai-dense", "dense", 0.0, {"error": f"build: {type(exc).__name__}: {str(exc)[:2000]}"})
             want_genai = set()
@@ -808,7 +813,7 @@ def run_benchmark(args) -> int:
             if out_of_time():
                 break
             r = run_child(dict(common, kind="genai", dir=str(genai_dir), filename="model.onnx", cuda_graph=cg), args.child_timeout)
-            results.add("genai-dense", "dense" + (" +cuda-graph" if cg else ""), 0.0, r, cuda_graph=cg)
+            results.add("genai-dense", "dense" + packed_tag + (" +cuda-graph" if cg else ""), 0.0, r, cuda_graph=cg)
             if cg and "error" in r:
                 best_graph = False
     # most important first, in case --deadline cuts the run short: fused threshold, placement check, mask, fused top-k
@@ -847,7 +852,7 @@ def run_benchmark(args) -> int:
             print("deadline reached: skipping the remaining configurations", flush=True)
             break
         tag = f"{kernel}-{mode}-{int(round(s * 100))}"
-        name, label, backend = f"model.{tag}.onnx", f"{kernel} {mode} {s:.0%}", f"genai-{kernel}"
+        name, label, backend = f"model.{tag}.onnx", f"{kernel} {mode} {s:.0%}{packed_tag}", f"genai-{kernel}"
         try:
             optimize.write_variant(genai_dir, config, name, mode=mode, kernel=kernel)
         except Exception as exc:  # noqa: BLE001
@@ -862,7 +867,7 @@ def run_benchmark(args) -> int:
             results.add(backend, label, s, r, cuda_graph=False, mode=mode)
         else:
             results.add(backend, label + (" +cuda-graph" if use_graph else ""), s, r, cuda_graph=use_graph, mode=mode)
-    if args.packed_qkv and "genai-dense" in want_genai and not out_of_time(margin=150):  # needs a second builder run
+    if args.packed_qkv and not args.pack and "genai-dense" in want_genai and not out_of_time(margin=150):  # a second builder run
         # the builder's default layout (q/k/v packed into one MatMul): a dense baseline only, the rewrite needs them apart
         t = time.perf_counter()
         packed = work / "genai-packed"

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from acttail_export import optimize
 from acttail_export.config import PROJECTION_KINDS, ActTailConfig, ProjectionConfig, projection_name
 from acttail_export.errors import ActTailError
-from acttail_export.graph_rewrite import CUSTOM_DOMAIN, find_projections, rewrite
+from acttail_export.graph_rewrite import CUSTOM_DOMAIN, find_projections, packable, packed_columns, rewrite
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,6 +153,126 @@ def test_rewrite_builder_style_graph_matches_numpy(kernel, mode):
     assert np.abs(dense - want).max() / np.abs(want).max() > 1e-2  # the masks changed something
 
 
+def _packed_style_graph(layers: int, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """:func:`_builder_style_graph` with q/k/v and gate/up packed the way the builder packs them
+    (``fuse_qkv``, ``fuse_mlp_gate_up``): one ``qkv_proj`` / ``gate_up_proj`` MatMul, weights side by side, Split."""
+    model, weights = _builder_style_graph(layers, seed)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = []
+    for node in g.node:
+        m = re.match(r"^/model/layers\.(\d+)/(attn|mlp)/(q|k|v|gate|up)_proj/MatMul$", node.name)
+        if not m:
+            nodes.append(node)
+            continue
+        i, parent, kind = int(m.group(1)), m.group(2), m.group(3)
+        if kind not in ("q", "gate"):
+            continue  # written with the first member
+        members = ("q_proj", "k_proj", "v_proj") if kind == "q" else ("gate_proj", "up_proj")
+        packed = "qkv_proj" if kind == "q" else "gate_up_proj"
+        base = f"/model/layers.{i}/{parent}/{packed}"
+        w = np.concatenate([weights[projection_name(i, k)] for k in members], axis=1)
+        wname = f"model.layers.{i}.{parent}.{packed}.MatMul.weight"
+        g.initializer.append(numpy_helper.from_array(w, wname))
+        for k in members:
+            g.initializer.remove(inits[f"model.layers.{i}.{parent}.{k}.MatMul.weight"])
+        split = g.initializer.add()
+        split.CopyFrom(numpy_helper.from_array(np.array([SHAPES[k][1] for k in members], dtype=np.int64), f"{base}/split"))
+        nodes.append(helper.make_node("MatMul", [node.input[0], wname], [f"{base}/MatMul/output_0"], name=f"{base}/MatMul"))
+        nodes.append(helper.make_node("Split", [f"{base}/MatMul/output_0", f"{base}/split"],
+                                      [f"/model/layers.{i}/{parent}/{k}/MatMul/output_0" for k in members], name=f"{base}/Split", axis=-1))
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model, weights
+
+
+def _group_thresholds(weights: dict, rng) -> dict[str, float]:
+    """One threshold per input group (q/k/v share one, gate/up share one), as a group allocation calibrates."""
+    out = {}
+    for i in sorted({int(n.split(".")[2]) for n in weights}):
+        for members in (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)):
+            t = float(rng.uniform(0.2, 1.0))
+            out.update({projection_name(i, k): t for k in members})
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["mask", "fused"])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_rewrite_packed_graph_matches_numpy_and_unpacked(kernel, mode):
+    """Packed qkv_proj / gate_up_proj MatMuls get one mask (one SparseMatMul) and compute what the unpacked graph does."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if kernel == "fused":
+        from acttail_export.ops import get_library_path
+
+        try:
+            options.register_custom_ops_library(get_library_path())
+        except ActTailError:
+            pytest.skip("op library not built (make ops)")
+    layers = 2
+    packed, weights = _packed_style_graph(layers, seed=3)
+    unpacked, _ = _builder_style_graph(layers, seed=3)
+    found = find_projections(packed)
+    assert found["model.layers.1.self_attn.k_proj"].name == "/model/layers.1/attn/qkv_proj/MatMul"
+    assert found["model.layers.0.mlp.up_proj"] is found["model.layers.0.mlp.gate_proj"]
+    rng = np.random.default_rng(7)
+    config = _config(layers, mode, _group_thresholds(weights, rng) if mode == "threshold" else None)
+    assert packable(config)
+    assert packed_columns(found, config)["model.layers.0.self_attn.v_proj"] == (D + 4, D + 8)
+    summary = rewrite(packed, config, mode=mode, kernel=kernel)
+    assert summary.projections == 7 * layers
+    rewrite(unpacked, config, mode=mode, kernel=kernel)
+    if kernel == "fused":
+        assert sum(n.domain == CUSTOM_DOMAIN for n in packed.graph.node) == 4 * layers
+    else:
+        assert len({n.name.rsplit("/", 1)[0] for n in packed.graph.node if n.name.startswith("/acttail/")}) == 4 * layers
+    x = rng.standard_normal((5, D)).astype(np.float32)
+    got = ort.InferenceSession(packed.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"hidden": x})[0]
+    apart = ort.InferenceSession(unpacked.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"hidden": x})[0]
+    by_name = config.by_name()
+
+    def rule(name, inp):
+        p = by_name[name]
+        if mode == "threshold":
+            return np.where(np.abs(inp) > p.threshold, inp, 0)
+        order = np.argsort(-np.abs(inp), axis=-1, kind="stable")[..., :p.keep_k()]
+        keep = np.zeros(inp.shape, dtype=bool)
+        np.put_along_axis(keep, order, True, axis=-1)
+        return np.where(keep, inp, 0)
+
+    want = _reference(x.astype(np.float64), weights, layers, rule)
+    dense = _reference(x.astype(np.float64), weights, layers, lambda n, v: v)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+    assert np.abs(got - apart).max() / np.abs(want).max() < 1e-5
+    assert np.abs(dense - want).max() / np.abs(want).max() > 1e-2  # the masks changed something
+
+
+def test_rewrite_packed_graph_needs_equal_member_masks():
+    packed, weights = _packed_style_graph(1)
+    thresholds = _group_thresholds(weights, np.random.default_rng(0))
+    thresholds["model.layers.0.self_attn.k_proj"] += 0.125
+    config = _config(1, "threshold", thresholds)
+    assert not packable(config)
+    with pytest.raises(ActTailError, match=r"qkv_proj/MatMul packs projections with different masks \(q_proj threshold 0\.709569, k_proj threshold 0\.834569"):
+        rewrite(packed, config, mode="threshold", kernel="fused")
+    # top-k: the members' k differ when their sparsities do
+    config = _config(1, "topk")
+    config.by_name()["model.layers.0.mlp.up_proj"].sparsity = 0.25
+    assert not packable(config, "topk")
+    with pytest.raises(ActTailError, match="gate_up_proj/MatMul packs projections with different masks"):
+        rewrite(_packed_style_graph(1)[0], config, mode="topk", kernel="mask")
+
+
+def test_packed_graph_weight_must_match_the_members():
+    packed, weights = _packed_style_graph(1)
+    config = _config(1, "threshold", _group_thresholds(weights, np.random.default_rng(0)))
+    config.by_name()["model.layers.0.self_attn.v_proj"].out_features = 5
+    with pytest.raises(ActTailError, match=r"qkv_proj/MatMul packs q_proj, k_proj, v_proj: ONNX weight is \[8, 16\] but the config says \[8, 17\]"):
+        rewrite(packed, config, mode="threshold", kernel="fused")
+
+
 def test_write_variant_shares_the_base_weights(tmp_path):
     model, weights = _builder_style_graph(1)
     onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
@@ -212,15 +333,16 @@ def _calibrated(model, sparsity: float, mode: str, seed: int = 0) -> ActTailConf
     return config
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "llama-packed", "mistral-packed"])
 def genai_base(request, tmp_path_factory):
     if not _builder_works():
         pytest.skip("onnxruntime-genai builder not importable")
     from transformers import AutoModelForCausalLM
 
-    folder = request.getfixturevalue("tiny_llama_dir" if request.param == "llama" else "tiny_mistral_dir")
+    arch, packed = request.param.split("-")[0], request.param.endswith("-packed")
+    folder = request.getfixturevalue(f"tiny_{arch}_dir")
     out = tmp_path_factory.mktemp(f"genai-{request.param}") / "base"
-    optimize.build_base(folder, out, dtype="fp32", execution_provider="cpu", timeout=600)
+    optimize.build_base(folder, out, dtype="fp32", execution_provider="cpu", fuse_qkv=packed, fuse_gate_up=packed, timeout=600)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return out, model
 
@@ -232,7 +354,11 @@ def test_builder_graph_layout(genai_base):
     ops = {n.op_type for n in graph.graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
     found = find_projections(graph)
-    assert len(found) == 7 * model.config.num_hidden_layers  # fuse_qkv=false keeps q, k, v apart
+    layers = model.config.num_hidden_layers
+    assert len(found) == 7 * layers  # every projection found, packed or not
+    packed = {n.name for n in graph.graph.node if n.name.endswith(("/qkv_proj/MatMul", "/gate_up_proj/MatMul"))}
+    assert len({n.name for n in found.values()}) == (4 if packed else 7) * layers
+    assert len(packed) in (0, 2 * layers)
 
 
 @needs_builder
@@ -430,10 +556,13 @@ def test_cli_genai_folder_contents(cli_genai_export):
     assert (config.kernel, config.mode, config.target_sparsity) == (kernel, mode, sparsity)
     graph = optimize.load_graph(out)
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= {n.op_type for n in graph.graph.node}  # the builder's graph
+    # uniform gives q/k/v and gate/up one budget each: the base is packed, 4 rewritten MatMuls per layer
+    layers = len({p.layer for p in config.projections})
+    assert packable(config) and sum(n.name.endswith(("/qkv_proj/MatMul", "/gate_up_proj/MatMul")) for n in graph.graph.node) == 2 * layers
     if kernel == "fused":
-        assert sum(n.domain == CUSTOM_DOMAIN for n in graph.graph.node) == len(config.projections)
+        assert sum(n.domain == CUSTOM_DOMAIN for n in graph.graph.node) == 4 * layers
     else:
-        assert sum(n.op_type == "TopK" and n.name.startswith("/acttail/") for n in graph.graph.node) == len(config.projections)
+        assert sum(n.op_type == "TopK" and n.name.startswith("/acttail/") for n in graph.graph.node) == 4 * layers
     validation = config.perplexity["validation"]  # the export-time check ran on the genai graph
     assert max(validation["forced_mask_rel_error"], validation["projection_rel_error"], validation["cached_step_rel_error"]) < 1e-3
     assert config.perplexity["perplexity"] > 1
