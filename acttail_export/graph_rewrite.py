@@ -20,8 +20,9 @@ Packed projections: onnxruntime-genai's model builder can write q/k/v as one ``q
 (``fuse_qkv``) and gate/up as one ``gate_up_proj`` MatMul (``fuse_mlp_gate_up``), with the members'
 weights side by side in column order. Such a MatMul gets one mask (or one ``SparseMatMul``) for all its
 members, which is only the ActTail rule when the members' masks are identical: the same threshold, or
-the same k (:func:`packable`). That holds for every allocation that gives an input group one budget
-(``uniform``, the ``group-*`` mappings), since the members read the same tensor.
+the same k (:func:`packable`). That holds for allocations that give an input group one budget, since
+the members read the same tensor: ``uniform``, the ``group-max*`` mappings, and the default
+``group-sched-*`` at 50 % and below (above it blends in per-projection alphas).
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
             detail = ", ".join(f"{m.rsplit('.', 1)[1]} {k[0]}{'' if len(k) == 1 else ' ' + format(k[1], '.6g')}" for m, k in keys.items())
             raise ActTailError(f"{node_name} packs projections with different masks ({detail}): one packed MatMul takes one "
                                "mask. Build the base without packing (fuse_qkv=false, fuse_mlp_gate_up=false) or use an "
-                               "allocation that gives q/k/v and gate/up one budget each (uniform, a group-* mapping)")
+                               "allocation that gives q/k/v and gate/up one budget each (uniform, a group-max* mapping)")
     b = _Builder(model)
     before: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to insert before it
     replace: dict[int, onnx.NodeProto] = {}

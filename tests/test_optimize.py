@@ -608,3 +608,32 @@ def test_cli_genai_export_generates_like_reference(cli_genai_export, tiny_llama_
     got = ort_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
                              pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
     assert got == ref
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_group_budgets_are_packable(tiny_llama_dir, mode, sequential):
+    """Allocations that budget input groups give the members of a group one threshold after calibration (they read
+    one tensor), so export --base genai can use the builder's packed layout; per-projection budgets cannot."""
+    from transformers import AutoModelForCausalLM
+
+    from acttail_export.allocation import DEFAULT_MAPPING, build_config
+    from acttail_export.calibration import calibrate_many
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    configs = [build_config(model, 0.8, allocation="acttail", mode=mode, mapping="group-max-rev-abs"),
+               build_config(model, 0.5, allocation="acttail", mode=mode),  # the default mapping scores a group by its max alpha at 50 %
+               build_config(model, 0.7, allocation="uniform", mode=mode)]
+    if mode == "threshold":
+        windows = torch.randint(3, model.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(0))
+        calibrate_many(model, None, configs, windows=windows, sequential=sequential, progress=False)
+    for config in configs:
+        by_name = config.by_name()
+        assert packable(config)
+        for layer in range(model.config.num_hidden_layers):
+            q, k, v = (by_name[projection_name(layer, kind)] for kind in ("q_proj", "k_proj", "v_proj"))
+            assert (q.threshold, q.keep_k()) == (k.threshold, k.keep_k()) == (v.threshold, v.keep_k())
+    assert len({p.sparsity for p in configs[0].projections}) > 1  # budgets do differ across groups
+    # above 50 % the default mapping blends in per-projection alphas: q, k and v get their own budgets
+    assert DEFAULT_MAPPING.startswith("group-sched") and not packable(build_config(model, 0.8, allocation="acttail", mode="topk"))
+    assert not packable(build_config(model, 0.6, allocation="acttail", mode="topk", mapping="linear-rev-abs"))
