@@ -1,6 +1,12 @@
 // CPU kernel of com.acttail::SparseMatMul: per row, select the kept channels (masked X as float32),
-// then, per block of 8 rows x 256 columns, accumulate only the kept rows of W into float32
-// accumulators; each W row chunk is read once per row block. Parallel over blocks x chunks.
+// then accumulate only the kept rows of W into float32 accumulators.
+//  * decode (M <= 8 rows): split-K over the list of kept channels; each task streams whole kept rows
+//    of W (contiguous, up to 2048 columns at a time) into its own partial sums, which are added up at
+//    the end. Whole-row reads let the hardware prefetcher stream W at memory speed.
+//  * many rows: per block of 8 rows x 256 columns (each W row chunk read once per row block), or a
+//    packed dense GEMM of the masked X when many entries are kept and W is finite.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -64,9 +70,126 @@ __attribute__((always_inline)) inline void AxpyHalfImpl(float* __restrict acc, f
 ACTTAIL_SIMD_VARIANTS(Axpy, (float* acc, float a, const float* w, int64_t n), (acc, a, w, n))
 ACTTAIL_SIMD_VARIANTS(AxpyHalf, (float* acc, float a, const uint16_t* w, int64_t n), (acc, a, w, n))
 inline void AxpyT(float* acc, float a, const float* w, int64_t n) { Axpy(acc, a, w, n); }
+
+constexpr int kRowsPerPass = 8;  // kept rows of W added per pass over the accumulators (one output row)
+
+// acc[0:n] += sum_{r < R} a[r] * w_r[0:n] with R <= kRowsPerPass. AVX2: 64-column strips held in 8
+// registers while the R rows are added, so each accumulator is loaded and stored once per R rows.
+__attribute__((target("avx2,fma"))) void RowsAxpyAvx2(float* __restrict acc, const float* __restrict a,
+                                                      const float* const* __restrict w, int R, int64_t n) {
+  int64_t c = 0;
+  const float* const* nx = w + kRowsPerPass;  // the next pass's rows (the caller passes 2 x kRowsPerPass pointers)
+  for (; c + 64 <= n; c += 64) {
+    for (int r = 0; r < kRowsPerPass; ++r)
+      if (nx[r]) for (int l = 0; l < 4; ++l) __builtin_prefetch(nx[r] + c + 16 * l, 0, 3);
+    __m256 t0 = _mm256_loadu_ps(acc + c), t1 = _mm256_loadu_ps(acc + c + 8), t2 = _mm256_loadu_ps(acc + c + 16),
+           t3 = _mm256_loadu_ps(acc + c + 24), t4 = _mm256_loadu_ps(acc + c + 32), t5 = _mm256_loadu_ps(acc + c + 40),
+           t6 = _mm256_loadu_ps(acc + c + 48), t7 = _mm256_loadu_ps(acc + c + 56);
+    for (int r = 0; r < R; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a + r);
+      const float* wr = w[r] + c;
+      t0 = _mm256_fmadd_ps(ar, _mm256_loadu_ps(wr), t0);
+      t1 = _mm256_fmadd_ps(ar, _mm256_loadu_ps(wr + 8), t1);
+      t2 = _mm256_fmadd_ps(ar, _mm256_loadu_ps(wr + 16), t2);
+      t3 = _mm256_fmadd_ps(ar, _mm256_loadu_ps(wr + 24), t3);
+      t4 = _mm256_fmadd_ps(ar, _mm256_loadu_ps(wr + 32), t4);
+      t5 = _mm256_fmadd_ps(ar, _mm256_loadu_ps(wr + 40), t5);
+      t6 = _mm256_fmadd_ps(ar, _mm256_loadu_ps(wr + 48), t6);
+      t7 = _mm256_fmadd_ps(ar, _mm256_loadu_ps(wr + 56), t7);
+    }
+    _mm256_storeu_ps(acc + c, t0); _mm256_storeu_ps(acc + c + 8, t1); _mm256_storeu_ps(acc + c + 16, t2);
+    _mm256_storeu_ps(acc + c + 24, t3); _mm256_storeu_ps(acc + c + 32, t4); _mm256_storeu_ps(acc + c + 40, t5);
+    _mm256_storeu_ps(acc + c + 48, t6); _mm256_storeu_ps(acc + c + 56, t7);
+  }
+  for (; c + 8 <= n; c += 8) {
+    __m256 t = _mm256_loadu_ps(acc + c);
+    for (int r = 0; r < R; ++r) t = _mm256_fmadd_ps(_mm256_broadcast_ss(a + r), _mm256_loadu_ps(w[r] + c), t);
+    _mm256_storeu_ps(acc + c, t);
+  }
+  for (; c < n; ++c) {
+    float v = acc[c];
+    for (int r = 0; r < R; ++r) v = std::fma(a[r], w[r][c], v);
+    acc[c] = v;
+  }
+}
+void RowsAxpyBase(float* __restrict acc, const float* __restrict a, const float* const* __restrict w, int R, int64_t n) {
+  for (int r = 0; r < R; ++r) Axpy(acc, a[r], w[r], n);
+}
+inline void RowsAxpy(float* acc, const float* a, const float* const* w, int R, int64_t n) {
+  HasAvx2Fma() ? RowsAxpyAvx2(acc, a, w, R, n) : RowsAxpyBase(acc, a, w, R, n);
+}
 inline void AxpyT(float* acc, float a, const uint16_t* w, int64_t n) { AxpyHalf(acc, a, w, n); }
 
 constexpr int64_t kRowBlock = 8;  // rows sharing each W row chunk read (prefill)
+
+// ---- decode path (M <= kRowBlock): split-K over the kept channels ---------------------------------
+constexpr int64_t kDecodeCols = 2048;          // columns per task: one contiguous W segment per kept row
+constexpr int64_t kDecodeTaskBytes = 64 << 10;  // W bytes per task, at least (enough tasks for the threads)
+constexpr int64_t kDecodeMaxSplits = 32;
+
+template <typename T>
+struct DecodeJob {
+  const T* w;
+  T* y;
+  int64_t M, K, N;
+  const float* xm;         // [M, K] masked X (float32, zeros where masked)
+  const int32_t* kept;     // channels kept by at least one row, ascending
+  int64_t n_kept, splits, col_chunks;
+  float* partial;          // [splits, M, N] partial sums (each task owns one slice)
+};
+
+/// Task (split, column chunk): partial[split, :, c0:c1] = sum over its kept channels c of x[:, c] * W[c, c0:c1].
+template <typename T>
+void DecodeTask(void* data, size_t task) {
+  auto& j = *static_cast<DecodeJob<T>*>(data);
+  const int64_t split = (int64_t)task / j.col_chunks, c0 = ((int64_t)task % j.col_chunks) * kDecodeCols;
+  const int64_t width = std::min(kDecodeCols, j.N - c0);
+  const int64_t i0 = j.n_kept * split / j.splits, i1 = j.n_kept * (split + 1) / j.splits;
+  float* acc = j.partial + split * j.M * j.N;
+  for (int64_t r = 0; r < j.M; ++r) std::fill(acc + r * j.N + c0, acc + r * j.N + c0 + width, 0.0f);
+  if constexpr (std::is_same_v<T, float>) {
+    if (j.M == 1) {  // one row keeps every listed channel: add kRowsPerPass rows per pass, no zero coefficients
+      float a[kRowsPerPass];
+      const float* rows[2 * kRowsPerPass];
+      for (int64_t i = i0; i < i1; i += kRowsPerPass) {
+        const int R = (int)std::min<int64_t>(kRowsPerPass, i1 - i);
+        for (int r = 0; r < R; ++r) {
+          a[r] = j.xm[j.kept[i + r]];
+          rows[r] = j.w + j.kept[i + r] * j.N + c0;
+        }
+        for (int r = 0; r < kRowsPerPass; ++r)
+          rows[kRowsPerPass + r] = i + kRowsPerPass + r < i1 ? j.w + j.kept[i + kRowsPerPass + r] * j.N + c0 : nullptr;
+        RowsAxpy(acc + c0, a, rows, R, width);
+      }
+      return;
+    }
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t c = j.kept[i];
+    if (i + 2 < i1) __builtin_prefetch(j.w + j.kept[i + 2] * j.N + c0, 0, 0);  // next row starts: the stride defeats the prefetcher
+    const T* wrow = j.w + c * j.N + c0;
+    for (int64_t r = 0; r < j.M; ++r) {
+      const float a = j.xm[r * j.K + c];
+      if (a != 0.0f) AxpyT(acc + r * j.N + c0, a, wrow, width);
+    }
+  }
+}
+
+/// Task (column chunk): y[:, c0:c1] = sum over splits of partial[split, :, c0:c1].
+template <typename T>
+void DecodeReduceTask(void* data, size_t task) {
+  auto& j = *static_cast<DecodeJob<T>*>(data);
+  const int64_t c0 = (int64_t)task * kDecodeCols, width = std::min(kDecodeCols, j.N - c0);
+  for (int64_t r = 0; r < j.M; ++r) {
+    T* yr = j.y + r * j.N + c0;
+    const float* p0 = j.partial + r * j.N + c0;
+    for (int64_t c = 0; c < width; ++c) {
+      float v = p0[c];
+      for (int64_t s = 1; s < j.splits; ++s) v += p0[s * j.M * j.N + c];
+      FromFloat(v, yr + c);
+    }
+  }
+}
 
 template <typename T>
 struct Job {
@@ -231,6 +354,34 @@ void SparseMatMulCpu(const T* x, const T* w, T* y, const Problem& p, Mode mode, 
     parallel(parallel_ctx, &SelectRow<T>, (size_t)p.M, &job);
   } else {
     for (int64_t m = 0; m < p.M; ++m) SelectRow<T>(&job, (size_t)m);
+  }
+  if (p.M <= kRowBlock) {  // decode: split-K over the channels kept by any row, whole-row W reads
+    std::vector<int32_t> kept_channels;
+    kept_channels.reserve((size_t)p.K);
+    for (int64_t c = 0; c < p.K; ++c) {
+      bool any = false;
+      for (int64_t m = 0; m < p.M; ++m) any |= xm[(size_t)(m * p.K + c)] != 0.0f;
+      if (any) kept_channels.push_back((int32_t)c);
+    }
+    const int64_t n_kept = (int64_t)kept_channels.size();
+    const int64_t col_chunks = (p.N + kDecodeCols - 1) / kDecodeCols;
+    const int64_t bytes = n_kept * p.N * (int64_t)sizeof(T);
+    const int64_t splits = par ? std::max<int64_t>(1, std::min<int64_t>({kDecodeMaxSplits, n_kept, bytes / (kDecodeTaskBytes * col_chunks)}))
+                               : 1;
+    std::vector<float> partial((size_t)(splits * p.M * p.N));
+    DecodeJob<T> dj{w, y, p.M, p.K, p.N, xm.data(), kept_channels.data(), n_kept, splits, col_chunks, partial.data()};
+    const size_t tasks = (size_t)(splits * col_chunks);
+    if (par && tasks > 1) {
+      parallel(parallel_ctx, &DecodeTask<T>, tasks, &dj);
+    } else {
+      for (size_t t = 0; t < tasks; ++t) DecodeTask<T>(&dj, t);
+    }
+    if (par && col_chunks > 1 && splits * p.M * p.N >= (1 << 16)) {
+      parallel(parallel_ctx, &DecodeReduceTask<T>, (size_t)col_chunks, &dj);
+    } else {
+      for (int64_t t = 0; t < col_chunks; ++t) DecodeReduceTask<T>(&dj, (size_t)t);
+    }
+    return;
   }
   // Many rows with more than ~20% of the channels kept: a dense, register-blocked product of the
   // masked X (valid only for a finite W, see DenseTask); otherwise skip the masked rows of W.

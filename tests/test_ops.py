@@ -222,6 +222,33 @@ def test_multithreaded_larger_shapes(dtype, mode):
     assert_matches(sess.run(None, feeds)[0], x, w, mode, threshold, k)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m,K,N", [(1, 700, 2100), (1, 1536, 576), (3, 700, 2100), (8, 301, 517), (1, 64, 1030)])
+def test_multithreaded_decode_split_k(dtype, mode, m, K, N):
+    """Decode rows (M <= 8) on the thread pool: split-K over the kept channels (up to 32 partial sums), N beyond one
+    2048-column chunk, the float32 M = 1 register-blocked path, kept rows of W with Inf/NaN only where no row keeps them."""
+    rng = np.random.default_rng(m * 7 + K)
+    x = rng.standard_normal((m, K)).astype(dtype)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    x[:, 5] = 0.0  # never kept, so its row of W may hold anything
+    w[5, : N // 2] = np.nan
+    w[5, N // 2:] = np.inf
+    threshold, k = (0.6, None) if mode == "threshold" else (None, K // 3)
+    sess = make_session(make_model(dtype, mode, k, threshold_input=mode == "threshold"), CPU, threads=2)
+    feeds = {"X": x, "W": w}
+    if mode == "threshold":
+        feeds["t"] = np.array(threshold, np.float32)
+    y = sess.run(None, feeds)[0]
+    assert np.isfinite(y).all()
+    assert_matches(y, x, w, mode, threshold, k)
+    if m == 1 and dtype == np.float32:  # a kept NaN row reaches the output, as in the reference
+        keep = np.flatnonzero(reference_mask(x, mode, threshold, k)[0])
+        w[keep[len(keep) // 2], 7] = np.nan
+        y = sess.run(None, feeds)[0]
+        assert np.isnan(y[0, 7]) and np.isfinite(np.delete(y[0], 7)).all()
+
+
 # --------------------------------------------------------------------------------------------
 # semantics spelled out
 # --------------------------------------------------------------------------------------------
