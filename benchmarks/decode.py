@@ -106,7 +106,12 @@ def gpu_total_used_mb() -> float | None:
 
 
 def machine_info() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform()}
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor() or platform.machine()
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20).stdout.strip()
@@ -611,7 +616,8 @@ class Results:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--table", help="print the markdown tables of a results JSON and exit")
+    ap.add_argument("--table", nargs="+", help="print the markdown tables of a results JSON and exit; several JSONs of repeated "
+                    "runs: the median over the runs of every configuration, speedups taken within each run")
     ap.add_argument("--plot", help="with --table: write a PNG of decode speedup vs sparsity (ideal line 1/(1-s))")
     ap.add_argument("--model", default="llama2-7b", help=f"one of {', '.join(SHAPES)} (random weights) or smollm2 / an HF folder")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of a random-weight shape (default: the shape's)")
@@ -648,7 +654,10 @@ def main(argv=None) -> int:
         child_main(json.loads(args.child))
         return 0
     if args.table:
-        data = json.loads(Path(args.table).read_text())
+        if len(args.table) > 1:
+            print(repeat_table([json.loads(Path(f).read_text()) for f in args.table]))
+            return 0
+        data = json.loads(Path(args.table[0]).read_text())
         print(tables(data))
         if args.plot:
             plot(data, args.plot)
@@ -965,6 +974,32 @@ def plot(data: dict, path: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def repeat_table(datas: list[dict]) -> str:
+    """Median over repeated runs (several JSONs of one command, e.g. on a noisy CPU machine): decode ms, tokens/s and
+    the speedup over the same run's best dense configuration of its base, each run's ratio first, then the median."""
+    by: dict[tuple, list] = {}
+    for data in datas:
+        runs = [r for r in data["runs"] if "error" not in r]
+        for r in runs:
+            base = [d for d in runs if d["variant"].startswith("dense") and d["backend"].split("-")[0] == r["backend"].split("-")[0]]
+            dense = max((d["tokens_per_s"] for d in base), default=None)
+            by.setdefault((r["backend"], r["variant"]), []).append((r["decode_ms_median"], r["prefill_ms"], r["tokens_per_s"] / dense if dense else None))
+    first = datas[0]
+    lines = [f"model {first['model']['name']} ({first['model']['layers']} layers, {first['model']['dtype']}), prompt "
+             f"{first['settings']['prompt_length']}, {first['settings']['decode_tokens']} decode tokens, batch 1; {len(datas)} runs, "
+             f"GPU {first['machine'].get('gpu')}, CPU {first['machine'].get('cpu', '?')} × {first['machine'].get('cpu_count', '?')}", "",
+             "| backend | configuration | decode ms (median of runs) | per run | prefill ms | × dense, per run | × dense (median) |",
+             "|---|---|---:|---|---:|---|---:|"]
+    for (backend, variant), vals in by.items():
+        ms = [v[0] for v in vals]
+        ratios = [v[2] for v in vals if v[2] is not None]
+        per_run = " / ".join(f"{x:.2f}" for x in ratios) if ratios else "–"
+        median_ratio = f"{statistics.median(ratios):.2f}×" if ratios else "–"
+        lines.append(f"| {backend} | {variant} | {statistics.median(ms):.2f} | {' / '.join(f'{m:.2f}' for m in ms)} | "
+                     f"{statistics.median(v[1] for v in vals):.0f} | {per_run} | {median_ratio} |")
+    return "\n".join(lines)
 
 
 def tables(data: dict) -> str:

@@ -17,7 +17,7 @@ Run on a CUDA machine (see docs/kernels.md for the exact command):
 Prefill variant (M = 512 rows, the masked GEMM path, against cuBLAS torch.matmul; harness only):
     python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --no-ort --prefill --out docs/results/prefill_tc
 CPU variant (fused op vs ONNX Runtime MatMul on the CPU execution provider, SmolLM2-135M shapes):
-    python benchmarks/kernel_bench.py --cpu --threads 2 --out docs/results
+    python benchmarks/kernel_bench.py --cpu --threads 2 --reps 20 --out docs/results
 """
 
 from __future__ import annotations
@@ -278,15 +278,38 @@ def markdown_tables(result: dict) -> str:
 
 
 def cpu_bench(out: Path, threads: int, runs: int) -> dict:
-    """CPU execution provider: SparseMatMul (fused) vs ORT MatMul, SmolLM2-135M projection shapes, float32."""
+    """CPU execution provider: SparseMatMul (fused) vs ORT MatMul, SmolLM2-135M projection shapes, float32.
+
+    One graph per case holds `layers` independent nodes of one shape, each with its own input and its own
+    weight initializer (M = 1: 24 weights, 30-85 MB, more than the L3 cache, so W comes from memory as in
+    decoding; M = 512: 3), so one `run` amortizes the Python / session overhead over many projections. The
+    sessions are timed one after the other in blocks, never interleaved: an idle session's spinning pool
+    threads would otherwise take the cores from the one being timed.
+    """
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     from acttail_export.ops import get_library_path
 
-    def session(node, extra=()):
-        inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, None), helper.make_tensor_value_info("W", TensorProto.FLOAT, None)]
-        g = helper.make_graph([node], "g", inputs + list(extra), [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    rng = np.random.default_rng(0)
+
+    def session(K: int, N: int, M: int, xs: list, ws: list, case: str):
+        nodes, inits = [], []
+        for i, w in enumerate(ws):
+            inits.append(numpy_helper.from_array(w, f"W{i}"))
+            if case == "dense MatMul":
+                nodes.append(helper.make_node("MatMul", [f"X{i}", f"W{i}"], [f"Y{i}"]))
+                continue
+            mode, s = case.split()
+            s = float(s.rstrip("%")) / 100
+            if mode == "threshold":
+                inits.append(numpy_helper.from_array(np.array(np.quantile(np.abs(xs[i]), s), np.float32), f"t{i}"))
+                nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}", f"t{i}"], [f"Y{i}"], domain="com.acttail", mode="threshold"))
+            else:
+                nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}"], [f"Y{i}"], domain="com.acttail", mode="topk",
+                                              k=K - int(s * K)))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"X{i}", TensorProto.FLOAT, [M, K]) for i in range(len(ws))],
+                              [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [M, N]) for i in range(len(ws))], initializer=inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acttail", 1)])
         m.ir_version = 8
         opts = ort.SessionOptions()
@@ -294,37 +317,51 @@ def cpu_bench(out: Path, threads: int, runs: int) -> dict:
         opts.intra_op_num_threads = threads
         return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
-    rng = np.random.default_rng(0)
-    dense = session(helper.make_node("MatMul", ["X", "W"], ["Y"]))
-    thr = session(helper.make_node("SparseMatMul", ["X", "W", "t"], ["Y"], domain="com.acttail", mode="threshold"),
-                  [helper.make_tensor_value_info("t", TensorProto.FLOAT, [])])
     rows = []
+    cases = ["dense MatMul"] + [f"{mode} {s}%" for s in (0, 50, 80, 90) for mode in ("threshold", "topk")]
     for K, N in ((576, 576), (576, 1536), (1536, 576)):
-        W = (rng.standard_normal((K, N)) * 0.02).astype(np.float32)
-        for M in (1, 512):
-            X = rng.standard_normal((M, K)).astype(np.float32)
-            cases = {"dense MatMul": (dense, {"X": X, "W": W})}
-            for s in (0.5, 0.9):
-                cases[f"threshold {s:.0%}"] = (thr, {"X": X, "W": W, "t": np.array(np.quantile(np.abs(X), s), np.float32)})
-                k = K - int(s * K)
-                cases[f"topk {s:.0%}"] = (session(helper.make_node("SparseMatMul", ["X", "W"], ["Y"], domain="com.acttail", mode="topk", k=k)),
-                                          {"X": X, "W": W})
-            times = {name: [] for name in cases}
-            n = runs * (50 if M == 1 else 1)
-            for sess, feeds in cases.values():
-                sess.run(None, feeds)
-            for _ in range(n):  # interleaved, so that load from other processes hits every case alike
-                for name, (sess, feeds) in cases.items():
+        for M, layers in ((1, 24), (512, 3)):
+            ws = [(rng.standard_normal((K, N)) * 0.02).astype(np.float32) for _ in range(layers)]
+            xs = [rng.standard_normal((M, K)).astype(np.float32) for _ in range(layers)]
+            feeds = {f"X{i}": x for i, x in enumerate(xs)}
+            calls = runs * (10 if M == 1 else 1)
+            for case in cases:
+                sess = session(K, N, M, xs, ws, case)
+                for _ in range(3):
+                    sess.run(None, feeds)
+                times = []
+                for _ in range(calls):
                     t0 = time.perf_counter()
                     sess.run(None, feeds)
-                    times[name].append(time.perf_counter() - t0)
-            for name, t in times.items():
-                rows.append({"K": K, "N": N, "M": M, "case": name, "ms": statistics.median(t) * 1e3})
-                logger.info("%d->%d M=%d %s: %.3f ms", K, N, M, name, rows[-1]["ms"])
-    result = {"env": {"cpu": platform.processor() or platform.machine(), "threads": threads, "runs": n}, "rows": rows}
+                    times.append(time.perf_counter() - t0)
+                us = statistics.median(times) / layers * 1e6
+                rows.append({"K": K, "N": N, "M": M, "case": case, "us": us, "ms": us / 1e3, "layers": layers,
+                             "w_gb_s": K * N * 4 / us / 1e3})
+                logger.info("%d->%d M=%d %s: %.1f us per projection (%.1f GB/s of W)", K, N, M, case, us, rows[-1]["w_gb_s"])
+                del sess
+                time.sleep(0.2)  # let this session's pool threads stop spinning
+    dense = {(r["K"], r["N"], r["M"]): r["us"] for r in rows if r["case"] == "dense MatMul"}
+    for r in rows:
+        r["speedup"] = dense[(r["K"], r["N"], r["M"])] / r["us"]
+    result = {"env": {"cpu": platform.processor() or platform.machine(), "threads": threads, "calls": runs,
+                      "onnxruntime": ort.__version__, "method": "per projection, graphs of independent nodes, median"}, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernel_bench_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(cpu_table(result))
     return result
+
+
+def cpu_table(result: dict) -> str:
+    """Markdown table of a kernel_bench_cpu.json: µs per projection and speedup over ORT's MatMul."""
+    rows = result["rows"]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    lines = [f"CPU: {result['env']['cpu']}, {result['env']['threads']} intra-op threads, onnxruntime {result['env'].get('onnxruntime', '?')}", "",
+             "| K→N | rows | " + " | ".join(cases) + " |", "|---|---|" + "---|" * len(cases)]
+    for key in dict.fromkeys((r["K"], r["N"], r["M"]) for r in rows):
+        by = {r["case"]: r for r in rows if (r["K"], r["N"], r["M"]) == key}
+        cells = [f"{by[c]['us']:.1f} µs" + ("" if c == "dense MatMul" else f" ({by[c]['speedup']:.2f}×)") for c in cases]
+        lines.append(f"| {key[0]}→{key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _cuda_kernel_breakdown(fn, calls: int) -> dict[str, float]:
@@ -422,10 +459,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.table:
-        print(markdown_tables(json.loads(Path(args.table).read_text())))
+        data = json.loads(Path(args.table).read_text())
+        print(cpu_table(data) if "case" in data["rows"][0] else markdown_tables(data))
         return 0
     if args.cpu:
-        cpu_bench(Path(args.out), args.threads, runs=7)
+        cpu_bench(Path(args.out), args.threads, runs=args.reps)
         print(f"wrote {Path(args.out) / 'kernel_bench_cpu.json'}")
         return 0
     if not args.harness:

@@ -84,6 +84,22 @@ def test_tables_ratios():
     assert "0.80 → 0.790" in text and "failed: boom" in text
 
 
+def test_repeat_table_takes_ratios_within_each_run():
+    def run(dense_ms, fused_ms):
+        return {"model": {"name": "m", "layers": 2, "dtype": "fp32"}, "settings": {"prompt_length": 8, "decode_tokens": 4},
+                "machine": {"gpu": None, "cpu": "C", "cpu_count": 2},
+                "runs": [{"backend": "genai-dense", "variant": "dense", "sparsity": 0.0, **bench.latency_stats(5, [dense_ms] * 3)},
+                         {"backend": "genai-fused", "variant": "fused threshold 80%", "sparsity": 0.8,
+                          **bench.latency_stats(5, [fused_ms] * 3)},
+                         {"backend": "genai-mask", "variant": "mask threshold 80%", "sparsity": 0.8, "error": "boom"}]}
+
+    # a slow machine in run 2 slows both configurations: the per-run ratio stays 2
+    text = bench.repeat_table([run(2.0, 1.0), run(8.0, 4.0), run(4.0, 1.0)])
+    row = next(line for line in text.splitlines() if line.startswith("| genai-fused | fused threshold 80%"))
+    assert row == "| genai-fused | fused threshold 80% | 1.00 | 1.00 / 4.00 / 1.00 | 5 | 2.00 / 2.00 / 4.00 | 2.00× |"
+    assert "3 runs" in text and "CPU C × 2" in text and "mask" not in text
+
+
 def _builder_works():
     from tests.test_optimize import _builder_works as works
 
