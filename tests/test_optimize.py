@@ -81,6 +81,22 @@ def _reference(x: np.ndarray, weights: dict, layers: int, rule) -> np.ndarray:
     return x
 
 
+def _mask_rule(config: ActTailConfig, mode: str):
+    """numpy ActTail rule per projection name: |x| > threshold, or the k largest |x| (lower index wins ties)."""
+    by_name = config.by_name()
+
+    def rule(name, inp):
+        p = by_name[name]
+        if mode == "threshold":
+            return np.where(np.abs(inp) > p.threshold, inp, 0)
+        order = np.argsort(-np.abs(inp), axis=-1, kind="stable")[..., :p.keep_k()]
+        keep = np.zeros(inp.shape, dtype=bool)
+        np.put_along_axis(keep, order, True, axis=-1)
+        return np.where(keep, inp, 0)
+
+    return rule
+
+
 def _config(layers: int, mode: str, thresholds: dict | None = None, sparsity: float = 0.5) -> ActTailConfig:
     projs = []
     for i in range(layers):
@@ -135,19 +151,7 @@ def test_rewrite_builder_style_graph_matches_numpy(kernel, mode):
     x = rng.standard_normal((5, D)).astype(np.float32)
     got = sess.run(None, {"hidden": x})[0]
 
-    by_name = config.by_name()
-
-    def rule(name, inp):
-        p = by_name[name]
-        if mode == "threshold":
-            return np.where(np.abs(inp) > p.threshold, inp, 0)
-        k = p.keep_k()
-        order = np.argsort(-np.abs(inp), axis=-1, kind="stable")[..., :k]
-        keep = np.zeros(inp.shape, dtype=bool)
-        np.put_along_axis(keep, order, True, axis=-1)
-        return np.where(keep, inp, 0)
-
-    want = _reference(x.astype(np.float64), weights, layers, rule)
+    want = _reference(x.astype(np.float64), weights, layers, _mask_rule(config, mode))
     dense = _reference(x.astype(np.float64), weights, layers, lambda n, v: v)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
     assert np.abs(dense - want).max() / np.abs(want).max() > 1e-2  # the masks changed something
@@ -231,18 +235,7 @@ def test_rewrite_packed_graph_matches_numpy_and_unpacked(kernel, mode):
     x = rng.standard_normal((5, D)).astype(np.float32)
     got = ort.InferenceSession(packed.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"hidden": x})[0]
     apart = ort.InferenceSession(unpacked.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"hidden": x})[0]
-    by_name = config.by_name()
-
-    def rule(name, inp):
-        p = by_name[name]
-        if mode == "threshold":
-            return np.where(np.abs(inp) > p.threshold, inp, 0)
-        order = np.argsort(-np.abs(inp), axis=-1, kind="stable")[..., :p.keep_k()]
-        keep = np.zeros(inp.shape, dtype=bool)
-        np.put_along_axis(keep, order, True, axis=-1)
-        return np.where(keep, inp, 0)
-
-    want = _reference(x.astype(np.float64), weights, layers, rule)
+    want = _reference(x.astype(np.float64), weights, layers, _mask_rule(config, mode))
     dense = _reference(x.astype(np.float64), weights, layers, lambda n, v: v)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
     assert np.abs(got - apart).max() / np.abs(want).max() < 1e-5
