@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <numeric>
 #include <type_traits>
@@ -46,15 +47,27 @@ inline void FromFloat(float v, uint16_t* out) { *out = FloatToHalf(v); }
 inline uint32_t Key(float v) { return MagnitudeKey(v); }
 inline uint32_t Key(uint16_t v) { return MagnitudeKey16(v); }
 
-// SIMD dispatch: each hot loop is compiled twice, for AVX2+FMA and for baseline x86-64, and picked at
-// run time (GCC's target_clones("arch=haswell") would only match Haswell CPUs, not later ones).
-bool HasAvx2Fma() {
-  static const bool has = [] {
+// SIMD dispatch: each hot loop is compiled for AVX2+FMA and for baseline x86-64 (the prefill GEMM also for
+// AVX-512) and picked at run time (GCC's target_clones("arch=haswell") would only match Haswell CPUs, not
+// later ones). ACTTAIL_CPU_ISA=base|avx2|avx512 caps the choice (tests run every variant on one machine).
+enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+Isa CpuIsa() {
+  static const Isa isa = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    Isa best = Isa::kBase;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) best = Isa::kAvx512;
+    const char* cap = std::getenv("ACTTAIL_CPU_ISA");
+    if (cap != nullptr) {
+      const std::string c(cap);
+      const Isa want = c == "base" ? Isa::kBase : c == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+      if (want < best) best = want;
+    }
+    return best;
   }();
-  return has;
+  return isa;
 }
+bool HasAvx2Fma() { return CpuIsa() >= Isa::kAvx2; }
 #define ACTTAIL_SIMD_VARIANTS(name, params, args)                                      \
   __attribute__((target("avx2,fma"))) void name##Avx2 params { name##Impl args; }      \
   void name##Base params { name##Impl args; }                                          \
@@ -292,6 +305,32 @@ ACTTAIL_SIMD_VARIANTS(MicroTile,
                        float* acc, int64_t ld),
                       (a0, a1, a2, a3, panel, depth, acc, ld))
 
+// acc[r][0:16*S] (row stride ld) += sum_k a_r[k] * panels[s][k][0:16], r < 8, s < S (S = 1 or 2): 8 x 32
+// outputs in 16 zmm registers, 2 panel loads and 8 broadcasts per 16 FMAs (AVX-512; MLAS-class throughput).
+template <int S>
+__attribute__((target("avx512f"))) void MicroTile8Avx512(const float* const* a, const float* p0, const float* p1,
+                                                          int64_t depth, float* acc, int64_t ld) {
+  __m512 t[8][S];
+  for (int r = 0; r < 8; ++r) {
+    t[r][0] = _mm512_loadu_ps(acc + r * ld);
+    if constexpr (S == 2) t[r][1] = _mm512_loadu_ps(acc + r * ld + 16);
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(p0 + k * kStrip);
+    __m512 w1;
+    if constexpr (S == 2) w1 = _mm512_loadu_ps(p1 + k * kStrip);
+    for (int r = 0; r < 8; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r][k]);
+      t[r][0] = _mm512_fmadd_ps(x, w0, t[r][0]);
+      if constexpr (S == 2) t[r][1] = _mm512_fmadd_ps(x, w1, t[r][1]);
+    }
+  }
+  for (int r = 0; r < 8; ++r) {
+    _mm512_storeu_ps(acc + r * ld, t[r][0]);
+    if constexpr (S == 2) _mm512_storeu_ps(acc + r * ld + 16, t[r][1]);
+  }
+}
+
 inline bool Finite(float v) { uint32_t b; std::memcpy(&b, &v, 4); return (b & 0x7f800000u) != 0x7f800000u; }
 inline bool Finite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
 
@@ -324,6 +363,22 @@ void DenseTask(void* data, size_t task) {
         for (int64_t c = 0; c < n; ++c) dst[k * kStrip + c] = ToFloat(src[c]);
         for (int64_t c = n; c < kStrip; ++c) dst[k * kStrip + c] = 0.0f;
       }
+    }
+    if (CpuIsa() == Isa::kAvx512) {
+      for (int64_t r = 0; r < rows; r += 8) {
+        const float* a[8];
+        for (int q = 0; q < 8; ++q) a[q] = (r + q < rows ? j.xm + (r0 + r + q) * K : zeros.data()) + kb;
+        for (int64_t st = 0; st < strips; st += 2) {
+          const float* p0 = panel.data() + st * depth * kStrip;
+          float* out = acc.data() + r * kDenseCols + st * kStrip;
+          if (st + 1 < strips) {
+            MicroTile8Avx512<2>(a, p0, p0 + depth * kStrip, depth, out, kDenseCols);
+          } else {
+            MicroTile8Avx512<1>(a, p0, nullptr, depth, out, kDenseCols);
+          }
+        }
+      }
+      continue;
     }
     for (int64_t r = 0; r < rows; r += 4) {
       const float* a[4];

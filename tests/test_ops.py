@@ -7,8 +7,11 @@ The helpers here (graph builder, reference, comparison, case generator) are shar
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +24,7 @@ from acttail_export import ops
 from acttail_export.errors import ActTailError
 
 CPU = "CPUExecutionProvider"
+REPO = Path(__file__).resolve().parents[1]
 FP16_MAX = 65504.0
 TOL = {np.float32: 1e-5, np.float16: 2e-3}  # relative to the scale sum|x_kept| |w|
 
@@ -247,6 +251,40 @@ def test_multithreaded_decode_split_k(dtype, mode, m, K, N):
         w[keep[len(keep) // 2], 7] = np.nan
         y = sess.run(None, feeds)[0]
         assert np.isnan(y[0, 7]) and np.isfinite(np.delete(y[0], 7)).all()
+
+
+def check_kernel_paths(seed: int = 0) -> int:
+    """Every CPU path against numpy on 2 threads: decode split-K (M <= 8, with and without the float32 one-row
+    path), the skip path (many rows, few kept), the packed dense GEMM (many rows, a non-multiple of 8 of them,
+    an odd number of 16-column strips), both dtypes and modes. Returns the number of cases checked."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    for dtype in (np.float32, np.float16):
+        for mode in ("threshold", "topk"):
+            sess = make_session(make_model(dtype, mode), CPU, threads=2) if mode == "threshold" else None
+            for m, K, N, keep in ((1, 700, 2100, 0.4), (5, 300, 517, 0.4), (123, 301, 517, 0.4), (40, 200, 260, 0.05), (17, 64, 48, 0.6)):
+                x = rng.standard_normal((m, K)).astype(dtype)
+                w = rng.standard_normal((K, N)).astype(dtype)
+                threshold = float(np.quantile(np.abs(x.astype(np.float32)), 1 - keep))
+                k = max(1, int(keep * K))
+                if mode == "threshold":
+                    y = sess.run(None, {"X": x, "W": w, "t": np.array(threshold, np.float32)})[0]
+                else:
+                    y = make_session(make_model(dtype, mode, k, threshold_input=False), CPU, threads=2).run(None, {"X": x, "W": w})[0]
+                assert_matches(y, x, w, mode, threshold, k)
+                n += 1
+    return n
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_every_simd_variant_matches_numpy(isa):
+    """ACTTAIL_CPU_ISA caps the kernels' instruction set, so each variant runs here whatever the CPU picks by itself
+    (a cap above what the CPU has falls back to the best it has)."""
+    code = "import sys; sys.path.insert(0, 'tests'); import test_ops; print(test_ops.check_kernel_paths())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ACTTAIL_CPU_ISA": isa}, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "20"
 
 
 # --------------------------------------------------------------------------------------------
