@@ -224,13 +224,16 @@ void SelectRow(void* data, size_t m) {
   const int64_t K = j.p->K;
   const T* xr = j.x + m * K;
   float* xm = j.xm + m * K;
-  std::fill(xm, xm + K, 0.0f);
+  // Branch-free selects: which entries pass is random, and a mispredicted branch per entry cost more than the
+  // whole GEMM's share of that row at 50 % (measured: 512 x 1536 -> 576 took 9.7 ms at 50 % vs 7.3 ms at 0 %).
   if (j.mode == Mode::kThreshold) {
     for (int64_t c = 0; c < K; ++c) {
       const float v = ToFloat(xr[c]);
-      if (std::fabs(v) > j.threshold) xm[c] = v;  // NaN never passes; v == 0 stays 0 (not multiplied)
+      xm[c] = std::fabs(v) > j.threshold ? v : 0.0f;  // NaN never passes; v == 0 stays 0 (not multiplied)
     }
-  } else if (j.k > 0) {
+  } else if (j.k == 0) {
+    std::fill(xm, xm + K, 0.0f);
+  } else {
     std::vector<uint32_t> keys(K);
     for (int64_t c = 0; c < K; ++c) keys[c] = Key(xr[c]);
     std::vector<uint32_t> sorted(keys);
@@ -240,8 +243,9 @@ void SelectRow(void* data, size_t m) {
     for (int64_t c = 0; c < K; ++c) greater += keys[c] > kth;
     int64_t ties = kth == 0 ? 0 : j.k - greater;  // key 0 = zero or NaN: never kept
     for (int64_t c = 0; c < K; ++c) {
-      const bool keep = keys[c] > kth || (keys[c] == kth && ties > 0 && (--ties, true));
-      if (keep) xm[c] = ToFloat(xr[c]);
+      const bool tie = keys[c] == kth && ties > 0;  // the first `ties` channels with the k-th key, in order
+      ties -= tie;
+      xm[c] = keys[c] > kth || tie ? ToFloat(xr[c]) : 0.0f;
     }
   }
   int64_t n = 0;
