@@ -255,14 +255,14 @@ def test_multithreaded_decode_split_k(dtype, mode, m, K, N):
 
 def check_kernel_paths(seed: int = 0) -> int:
     """Every CPU path against numpy on 2 threads: decode split-K (M <= 8, with and without the float32 one-row
-    path), the skip path (many rows, few kept), the packed dense GEMM (many rows, a non-multiple of 8 of them,
+    path), the skip path (many rows, 2 % kept), the packed dense GEMM (many rows, a non-multiple of 8 of them,
     an odd number of 16-column strips), both dtypes and modes. Returns the number of cases checked."""
     rng = np.random.default_rng(seed)
     n = 0
     for dtype in (np.float32, np.float16):
         for mode in ("threshold", "topk"):
             sess = make_session(make_model(dtype, mode), CPU, threads=2) if mode == "threshold" else None
-            for m, K, N, keep in ((1, 700, 2100, 0.4), (5, 300, 517, 0.4), (123, 301, 517, 0.4), (40, 200, 260, 0.05), (17, 64, 48, 0.6)):
+            for m, K, N, keep in ((1, 700, 2100, 0.4), (5, 300, 517, 0.4), (123, 301, 517, 0.4), (40, 200, 260, 0.02), (17, 64, 48, 0.6)):
                 x = rng.standard_normal((m, K)).astype(dtype)
                 w = rng.standard_normal((K, N)).astype(dtype)
                 threshold = float(np.quantile(np.abs(x.astype(np.float32)), 1 - keep))
