@@ -87,14 +87,15 @@ inline void AxpyT(float* acc, float a, const float* w, int64_t n) { Axpy(acc, a,
 constexpr int kRowsPerPass = 8;  // kept rows of W added per pass over the accumulators (one output row)
 
 // acc[0:n] += sum_{r < R} a[r] * w_r[0:n] with R <= kRowsPerPass. AVX2: 64-column strips held in 8
-// registers while the R rows are added, so each accumulator is loaded and stored once per R rows.
+// registers while the R rows are added, so each accumulator is loaded and stored once per R rows; the
+// same columns of the next pass's rows (`next`, kRowsPerPass pointers, null past the end) are prefetched.
 __attribute__((target("avx2,fma"))) void RowsAxpyAvx2(float* __restrict acc, const float* __restrict a,
-                                                      const float* const* __restrict w, int R, int64_t n) {
+                                                      const float* const* __restrict w, const float* const* __restrict next,
+                                                      int R, int64_t n) {
   int64_t c = 0;
-  const float* const* nx = w + kRowsPerPass;  // the next pass's rows (the caller passes 2 x kRowsPerPass pointers)
   for (; c + 64 <= n; c += 64) {
     for (int r = 0; r < kRowsPerPass; ++r)
-      if (nx[r]) for (int l = 0; l < 4; ++l) __builtin_prefetch(nx[r] + c + 16 * l, 0, 3);
+      if (next[r]) for (int l = 0; l < 4; ++l) __builtin_prefetch(next[r] + c + 16 * l, 0, 3);
     __m256 t0 = _mm256_loadu_ps(acc + c), t1 = _mm256_loadu_ps(acc + c + 8), t2 = _mm256_loadu_ps(acc + c + 16),
            t3 = _mm256_loadu_ps(acc + c + 24), t4 = _mm256_loadu_ps(acc + c + 32), t5 = _mm256_loadu_ps(acc + c + 40),
            t6 = _mm256_loadu_ps(acc + c + 48), t7 = _mm256_loadu_ps(acc + c + 56);
@@ -128,8 +129,8 @@ __attribute__((target("avx2,fma"))) void RowsAxpyAvx2(float* __restrict acc, con
 void RowsAxpyBase(float* __restrict acc, const float* __restrict a, const float* const* __restrict w, int R, int64_t n) {
   for (int r = 0; r < R; ++r) Axpy(acc, a[r], w[r], n);
 }
-inline void RowsAxpy(float* acc, const float* a, const float* const* w, int R, int64_t n) {
-  HasAvx2Fma() ? RowsAxpyAvx2(acc, a, w, R, n) : RowsAxpyBase(acc, a, w, R, n);
+inline void RowsAxpy(float* acc, const float* a, const float* const* w, const float* const* next, int R, int64_t n) {
+  HasAvx2Fma() ? RowsAxpyAvx2(acc, a, w, next, R, n) : RowsAxpyBase(acc, a, w, R, n);
 }
 inline void AxpyT(float* acc, float a, const uint16_t* w, int64_t n) { AxpyHalf(acc, a, w, n); }
 
@@ -163,7 +164,8 @@ void DecodeTask(void* data, size_t task) {
   if constexpr (std::is_same_v<T, float>) {
     if (j.M == 1) {  // one row keeps every listed channel: add kRowsPerPass rows per pass, no zero coefficients
       float a[kRowsPerPass];
-      const float* rows[2 * kRowsPerPass];
+      const float* rows[kRowsPerPass];
+      const float* next[kRowsPerPass];
       for (int64_t i = i0; i < i1; i += kRowsPerPass) {
         const int R = (int)std::min<int64_t>(kRowsPerPass, i1 - i);
         for (int r = 0; r < R; ++r) {
@@ -171,8 +173,8 @@ void DecodeTask(void* data, size_t task) {
           rows[r] = j.w + j.kept[i + r] * j.N + c0;
         }
         for (int r = 0; r < kRowsPerPass; ++r)
-          rows[kRowsPerPass + r] = i + kRowsPerPass + r < i1 ? j.w + j.kept[i + kRowsPerPass + r] * j.N + c0 : nullptr;
-        RowsAxpy(acc + c0, a, rows, R, width);
+          next[r] = i + kRowsPerPass + r < i1 ? j.w + j.kept[i + kRowsPerPass + r] * j.N + c0 : nullptr;
+        RowsAxpy(acc + c0, a, rows, next, R, width);
       }
       return;
     }
