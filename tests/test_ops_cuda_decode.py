@@ -41,8 +41,8 @@ def test_both_grids_match_numpy(K, N, m, mode):
 
 
 def test_scratch_is_left_zero_across_calls_and_shapes():
-    """The same inputs give the same, correct output on every call, in between calls of other shapes
-    that use (and grow) the same per-stream scratch."""
+    """The same inputs give the same, correct output (to the last bit's rounding) on every call, in
+    between calls of other shapes that use (and grow) the same per-stream scratch."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(make_model(np.float16, "threshold", None, threshold_input=True), ops.session_options(), providers=[CUDA])
@@ -56,8 +56,13 @@ def test_scratch_is_left_zero_across_calls_and_shapes():
         assert_matches(y, x, w, "threshold", 0.5, None)
         outputs.append(sess.run(None, {"X": first[0], "W": first[1], "t": t})[0])
     assert_matches(outputs[0], first[0], first[1], "threshold", 0.5, None)
+    # The split-K blocks add into the float32 scratch with atomics, so the order of the partial sums (and
+    # the last bit of a float16 result) may change from call to call; a scratch left non-zero would add a
+    # whole earlier output instead. Every repeat must agree with the first to one float16 ulp.
+    ulp = np.spacing(np.abs(outputs[0])).astype(np.float32)
     for y in outputs[1:]:
-        np.testing.assert_array_equal(y, outputs[0])
+        diff = np.abs(y.astype(np.float32) - outputs[0].astype(np.float32))
+        assert (diff <= ulp).all(), f"repeat differs by up to {diff.max():.3g} (more than one float16 ulp)"
 
 
 def test_concurrent_sessions_on_their_own_streams():
