@@ -14,8 +14,9 @@ through ONNX Runtime's CUDA execution provider with IO binding (kernel_us from C
 
 Run on a CUDA machine (see docs/kernels.md for the exact command):
     python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --out docs/results
-Prefill variant (M = 512 rows, the masked GEMM path, against cuBLAS torch.matmul; harness only):
-    python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --no-ort --prefill --out docs/results/prefill_tc
+Prefill variant (M = 512 rows, mask + cuBLAS, and with --variants 0,4 also the op's own GEMM kernels, against
+cuBLAS torch.matmul on unmasked x; harness only):
+    python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --no-ort --prefill --variants 0,4 --out docs/results/prefill
 CPU variant (fused op vs ONNX Runtime MatMul on the CPU execution provider, SmolLM2-135M shapes):
     python benchmarks/kernel_bench.py --cpu --threads 2 --reps 20 --out docs/results
 """
@@ -410,7 +411,8 @@ def prefill_bench(h: Harness, args, env: dict) -> dict:
         for s in SPARSITIES:
             k = K - int(s * K)
             thr = [torch.quantile(x.float().abs().flatten()[:2**24], s).reshape(()) if s > 0 else torch.zeros((), device="cuda") for x in X]
-            for mode in args.modes.split(","):
+            for mode, variant in [(m, v) for m in args.modes.split(",") for v in (int(v) for v in args.variants.split(","))]:
+                h.variant = variant
                 h.matmul(X[0], W[0], Y, thr[0], ws, mode == "topk", k)
                 ref = reference(X[0], W[0], mode, float(thr[0]), k)
                 err = float((Y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
@@ -418,12 +420,12 @@ def prefill_bench(h: Harness, args, env: dict) -> dict:
                 calls = [lambda c=c: h.matmul(X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * reps
                 g_us, k_us = time_graph(calls, args.reps)
                 per_kernel = _cuda_kernel_breakdown(lambda: [c() for c in calls], len(calls))
-                row = base | {"method": f"prefill_harness_{mode}", "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
+                row = base | {"method": f"prefill_harness_{mode}" + (f"_v{variant}" if variant else ""), "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
                               "kernels_us": per_kernel, "max_rel_err": err, "tflop_s": flop / (k_us * 1e-6) / 1e12,
                               "vs_cublas_kernel": dense_kernel / k_us, "vs_cublas_graph": dense_graph / g_us}
                 rows.append(row)
-                logger.info("prefill M=%d %dx%d %s s=%.1f: graph %.2f us (%.2fx cuBLAS), kernels %.2f us (%.2fx, %.0f TFLOP/s), err %.1e; %s",
-                            M, K, N, mode, s, g_us, row["vs_cublas_graph"], k_us, row["vs_cublas_kernel"], row["tflop_s"], err,
+                logger.info("prefill M=%d %dx%d %s v%d s=%.1f: graph %.2f us (%.2fx cuBLAS), kernels %.2f us (%.2fx, %.0f TFLOP/s), err %.1e; %s",
+                            M, K, N, mode, variant, s, g_us, row["vs_cublas_graph"], k_us, row["vs_cublas_kernel"], row["tflop_s"], err,
                             ", ".join(f"{n[:40]} {t:.2f}" for n, t in per_kernel.items()))
         del W, X
         torch.cuda.empty_cache()
@@ -444,8 +446,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
     ap.add_argument("--variants", default="0", help="comma-separated decode-kernel variants to time (csrc/sparse_matmul_impl.cu "
-                    "LaunchDecode: 0 = shipped, 1 = memset scratch, 2 = plain, 3 = pooled); rows of variants other than 0 are "
-                    "named harness_<mode>_v<N>")
+                    "LaunchDecode: 0 = shipped, 1 = memset scratch, 2 = plain, 3 = pooled; with --prefill: 0 = shipped "
+                    "(cuBLAS), 4 = the op's own tensor-core / exact GEMM kernels); rows of variants other than 0 are "
+                    "named harness_<mode>_v<N> (prefill_harness_<mode>_v<N>)")
     ap.add_argument("--modes", default="threshold,topk", help="comma-separated: threshold, topk")
     ap.add_argument("--floor", action="store_true", help="also time a plain streaming read of the kept bytes (contiguous, "
                     "read_floor rows): the bandwidth floor of each row")

@@ -117,6 +117,7 @@ struct CudaArgs {
   Mode mode = Mode::kThreshold;
   int64_t k = 0;
   int gemv_variant = 0;  // benchmarks only (csrc/sparse_matmul_bench.cu): 0 = the shipped decode kernel
+  int prefill_variant = 0;  // benchmarks only: 0 = cuBLAS when it can be loaded, 1 = the op's own GEMM kernels
 };
 
 /// Device scratch needed by SparseMatMulCuda for this problem.

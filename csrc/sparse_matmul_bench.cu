@@ -25,12 +25,14 @@ extern "C" __attribute__((visibility("default"))) long long acttail_bench_worksp
   return (long long)acttail::CudaWorkspaceBytes(M, K, N, topk ? acttail::Mode::kTopK : acttail::Mode::kThreshold);
 }
 
-/// The op's CUDA path; `variant` selects a decode-kernel variant (0 = the shipped one; see LaunchDecode).
+/// The op's CUDA path; `variant` selects a decode-kernel variant (0 = the shipped one; 1-3: see LaunchDecode)
+/// or, with 4, the prefill path without cuBLAS (the op's own tensor-core / exact GEMM kernels).
 extern "C" __attribute__((visibility("default"))) int acttail_bench_sparse_matmul(
     int half, const void* x, const void* w, void* y, const float* threshold, void* workspace, void* stream, long long M,
     long long K, long long N, int topk, long long k, int variant, char* err, int err_len) {
   acttail::CudaArgs a;
-  a.gemv_variant = variant;
+  a.gemv_variant = variant == 4 ? 0 : variant;
+  a.prefill_variant = variant == 4 ? 1 : 0;
   a.x = x; a.w = w; a.y = y; a.threshold = threshold; a.workspace = workspace; a.stream = stream;
   a.M = M; a.K = K; a.N = N; a.mode = topk ? acttail::Mode::kTopK : acttail::Mode::kThreshold; a.k = k;
   return Report(acttail::SparseMatMulCuda(half != 0, a), err, err_len);

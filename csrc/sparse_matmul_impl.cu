@@ -1,7 +1,12 @@
-// Host launchers of the CUDA kernels (see sparse_matmul_impl.cuh): split-K decode GEMV for M <= 8 rows,
-// masked tiled GEMM otherwise, preceded by the top-k selection kernel in topk mode. Everything is
-// enqueued on the caller's stream; no host synchronization, every launch checked.
+// Host launchers of the CUDA kernels (see sparse_matmul_impl.cuh): split-K decode GEMV for M <= 8 rows;
+// for more rows (prefill) the mask applied into the workspace and a cuBLAS GEMM (loaded at run time),
+// else the masked tiled GEMM kernels; in topk mode preceded by the top-k selection kernel. Everything
+// is enqueued on the caller's stream; no host synchronization, every launch checked.
+#include <dlfcn.h>
+#include <library_types.h>  // cudaDataType (CUDA runtime headers; cuBLAS headers are not needed)
+
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -106,6 +111,96 @@ cudaError_t LaunchDecode(const CudaArgs& a, const uint2* sel, void* per_call_scr
                 : LaunchSplitK<T, MR, kWarps, 1, kRows, false>(a, sel, scratch, stream);
 }
 
+
+// ---- prefill through cuBLAS ---------------------------------------------------------------------
+// The library does not link cuBLAS: it opens libcublas.so.<major of the cuBLAS it was built with> at
+// the first prefill call (ONNX Runtime's CUDA execution provider has loaded it already) and keeps one
+// handle per (device, stream). When it cannot (no libcublas, ACTTAIL_CUBLAS=0, or a stream being
+// captured into a CUDA graph before a handle exists), the prefill runs on the op's own GEMM kernels.
+
+// The few cuBLAS declarations used (cublas_api.h, stable across cuBLAS 11-13), so that the build needs
+// only the CUDA runtime headers.
+using cublasHandle_t = void*;
+using cublasStatus_t = int;                  // CUBLAS_STATUS_SUCCESS = 0
+constexpr int kCublasOpN = 0;                // CUBLAS_OP_N
+constexpr int kCublasCompute32F = 68;        // CUBLAS_COMPUTE_32F (float32 accumulation, no TF32)
+constexpr int kCublasGemmDefault = -1;       // CUBLAS_GEMM_DEFAULT
+constexpr int kCublasSoMajor = CUDART_VERSION / 1000;  // cuBLAS of the CUDA release the library is built with
+
+struct CublasApi {
+  using CreateFn = cublasStatus_t (*)(cublasHandle_t*);
+  using SetStreamFn = cublasStatus_t (*)(cublasHandle_t, cudaStream_t);
+  using GemmExFn = cublasStatus_t (*)(cublasHandle_t, int, int, int, int, int, const void*, const void*, cudaDataType, int, const void*,
+                                      cudaDataType, int, const void*, void*, cudaDataType, int, int, int);
+  CreateFn create = nullptr;
+  SetStreamFn set_stream = nullptr;
+  GemmExFn gemm_ex = nullptr;
+  bool ok = false;
+};
+
+const CublasApi& Cublas() {
+  static const CublasApi api = [] {
+    CublasApi a;
+    void* lib = dlopen(("libcublas.so." + std::to_string(kCublasSoMajor)).c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) return a;
+    a.create = reinterpret_cast<CublasApi::CreateFn>(dlsym(lib, "cublasCreate_v2"));
+    a.set_stream = reinterpret_cast<CublasApi::SetStreamFn>(dlsym(lib, "cublasSetStream_v2"));
+    a.gemm_ex = reinterpret_cast<CublasApi::GemmExFn>(dlsym(lib, "cublasGemmEx"));
+    a.ok = a.create != nullptr && a.set_stream != nullptr && a.gemm_ex != nullptr;
+    return a;
+  }();
+  return api;
+}
+
+std::mutex& CublasMutex() {  // guards the handle cache and serializes enqueues on a shared handle
+  static std::mutex mu;
+  return mu;
+}
+
+/// The cuBLAS handle of (current device, stream), created at its first use; null when cuBLAS cannot be
+/// used (ACTTAIL_CUBLAS=0, libcublas not loadable, or the stream is being captured before a handle exists).
+cublasHandle_t CublasHandle(cudaStream_t stream) {
+  const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the op's own kernels (read per call, for tests)
+  if (env != nullptr && env[0] == '0' && env[1] == '\0') return nullptr;
+  const CublasApi& api = Cublas();
+  if (!api.ok) return nullptr;
+  static std::map<std::pair<int, cudaStream_t>, cublasHandle_t> handles;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  std::lock_guard<std::mutex> lock(CublasMutex());
+  auto it = handles.find({dev, stream});
+  if (it != handles.end()) return it->second;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  cublasHandle_t h = nullptr;
+  if (api.create(&h) != 0) return nullptr;
+  if (api.set_stream(h, stream) != 0) return nullptr;  // (the handle leaks: a rare failure, not worth a destroy symbol)
+  handles.emplace(std::make_pair(dev, stream), h);
+  return h;
+}
+
+/// Enqueue Y[M, N] = Xm[M, K] W[K, N] (row-major) on the handle's stream, float32 accumulation.
+/// Returns "" or the error.
+std::string CublasGemm(cublasHandle_t h, bool half, const void* xm, const void* w, void* y, int64_t M, int64_t K, int64_t N) {
+  // column-major view: Y^T [N, M] = W^T [N, K] (W row-major, ld N) * Xm^T [K, M] (Xm row-major, ld K)
+  const float alpha = 1.0f, beta = 0.0f;
+  const cudaDataType t = half ? CUDA_R_16F : CUDA_R_32F;
+  std::lock_guard<std::mutex> lock(CublasMutex());
+  const cublasStatus_t st = Cublas().gemm_ex(h, kCublasOpN, kCublasOpN, (int)N, (int)M, (int)K, &alpha, w, t, (int)N, xm, t, (int)K,
+                                             &beta, y, t, (int)N, kCublasCompute32F, kCublasGemmDefault);
+  return st == 0 ? "" : "cublasGemmEx failed with status " + std::to_string((int)st);
+}
+
+/// Bytes of the prefill workspace: the masked copy of X ([M, K], at most float32) and the
+/// "Y is not finite" flag.
+size_t PrefillBytes(int64_t M, int64_t K) { return (size_t)((M * K * 4 + 255) / 256 * 256) + cuda::kTcFlagBytes; }
+
 template <typename T>
 std::string Run(const CudaArgs& a) {
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
@@ -130,14 +225,31 @@ std::string Run(const CudaArgs& a) {
     else err = LaunchDecode<T, 8>(a, sel, scratch, stream);
     if (err != cudaSuccess) return std::string("sparse GEMV kernel: ") + cudaGetErrorString(err);
   } else {
-    // prefill GEMM. float16 with aligned operands: tensor-core kernel, then the exact kernel guarded by
-    // the tensor-core kernel's "W has Inf/NaN" flag (an empty launch when W is finite). Otherwise (float32,
-    // unaligned pointers, K or N not a multiple of 8): the exact kernel alone.
+    // prefill GEMM. First choice: X masked into the workspace, cuBLAS GEMM (tensor cores), then the exact
+    // kernel guarded by a scan of Y for Inf/NaN: a masked or zero x times an Inf/NaN weight gives NaN in
+    // cuBLAS but must be skipped (sparse_matmul.h), and any non-finite weight makes its whole column of Y
+    // non-finite, so a finite Y proves the cuBLAS result exact. Otherwise, float16 with aligned operands:
+    // the tensor-core kernel, then the exact kernel guarded by its "W has Inf/NaN" flag. Otherwise
+    // (float32, unaligned pointers, K or N not a multiple of 8): the exact kernel alone.
     const dim3 grid((unsigned)((a.N + cuda::kBN - 1) / cuda::kBN), (unsigned)((a.M + cuda::kBM - 1) / cuda::kBM));
     if (grid.y > 65535) return "too many rows for the GEMM grid (M > 4194240)";
     unsigned* nonfinite = nullptr;
+    bool done = false;
+    cublasHandle_t handle = a.prefill_variant == 0 && a.K > 0 ? CublasHandle(stream) : nullptr;
+    if (handle != nullptr) {
+      T* xm = reinterpret_cast<T*>(scratch);
+      unsigned* flag = reinterpret_cast<unsigned*>(scratch + PrefillBytes(a.M, a.K) - cuda::kTcFlagBytes);
+      err = cuda::LaunchMaskRows<T>(static_cast<const T*>(a.x), xm, a.M, a.K, a.threshold, sel, a.mode == Mode::kTopK, flag, stream);
+      if (err != cudaSuccess) return std::string("prefill mask kernel: ") + cudaGetErrorString(err);
+      const std::string gemm_err = CublasGemm(handle, std::is_same<T, __half>::value, xm, a.w, a.y, a.M, a.K, a.N);
+      if (!gemm_err.empty()) return "prefill GEMM: " + gemm_err;
+      err = cuda::LaunchFlagNonFinite<T>(static_cast<const T*>(a.y), a.M * a.N, flag, stream);
+      if (err != cudaSuccess) return std::string("prefill Inf/NaN scan: ") + cudaGetErrorString(err);
+      nonfinite = flag;
+      done = true;
+    }
     if constexpr (std::is_same<T, __half>::value) {
-      if (cuda::TcGemmEligible(a.x, a.w, a.y, a.K, a.N)) {
+      if (!done && cuda::TcGemmEligible(a.x, a.w, a.y, a.K, a.N)) {
         nonfinite = reinterpret_cast<unsigned*>(scratch);  // cuda::kTcFlagBytes of the workspace
         err = cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), stream);
         if (err != cudaSuccess) return std::string("masked GEMM flag: ") + cudaGetErrorString(err);
@@ -157,11 +269,11 @@ std::string Run(const CudaArgs& a) {
 
 }  // namespace
 
-size_t CudaWorkspaceBytes(int64_t M, int64_t /*K*/, int64_t N, Mode mode) {
+size_t CudaWorkspaceBytes(int64_t M, int64_t K, int64_t N, Mode mode) {
   const size_t select = mode == Mode::kTopK ? (size_t)(M * sizeof(uint2) + 255) / 256 * 256 : 0;
   // decode: room for the split-K scratch in case the per-stream one cannot be used (during capture);
-  // prefill: the tensor-core kernel's Inf/NaN-in-W flag (kTcFlagBytes)
-  return select + (M >= 1 && M <= 8 ? SplitScratchBytes(M, N) : 0) + (M > 8 ? cuda::kTcFlagBytes : 0);
+  // prefill: the masked copy of X for cuBLAS and a flag (the tensor-core kernel uses the flag's bytes)
+  return select + (M >= 1 && M <= 8 ? SplitScratchBytes(M, N) : 0) + (M > 8 ? PrefillBytes(M, K) : 0);
 }
 
 std::string SparseMatMulCuda(bool half, const CudaArgs& args) {

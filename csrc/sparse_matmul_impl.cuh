@@ -503,6 +503,77 @@ __global__ void __launch_bounds__(WARPS * 32) SplitKGemvKernel(const T* __restri
   if (tid == 0) arrived[tile] = 0u;
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// prefill through cuBLAS (sparse_matmul_impl.cu): the mask applied into a copy of X, and a scan of the
+// GEMM's output for Inf/NaN that arms the exact kernel below
+// ------------------------------------------------------------------------------------------------
+/// xm = mask(x) over [M, K] (masked, zero and NaN entries -> +0, kept entries copied bit for bit);
+/// grid (column blocks, rows), rows strided by gridDim.y. Also zeroes *flag for LaunchFlagNonFinite,
+/// which runs after the GEMM on the same stream.
+template <typename T>
+__global__ void __launch_bounds__(256) MaskRowsKernel(const T* __restrict__ x, T* __restrict__ xm, int64_t M, int K,
+                                                      const float* __restrict__ thr, const uint2* __restrict__ sel, bool topk,
+                                                      unsigned* __restrict__ flag) {
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *flag = 0u;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    const Rule r = LoadRule(0, 1, topk, thr, sel ? sel + m : nullptr);
+    const T* xr = x + m * K;
+    T* out = xm + m * K;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < K; c += gridDim.x * blockDim.x) {
+      const T v = xr[c];
+      out[c] = Keep(v, c, r, topk) ? v : Traits<T>::FromFloat(0.0f);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ bool NonFiniteWord(uint32_t w);
+template <>
+__device__ __forceinline__ bool NonFiniteWord<float>(uint32_t w) { return (w & 0x7f800000u) == 0x7f800000u; }
+template <>
+__device__ __forceinline__ bool NonFiniteWord<__half>(uint32_t w) {
+  return (w & 0x7c00u) == 0x7c00u || (w & 0x7c000000u) == 0x7c000000u;
+}
+
+/// *flag = 1 if any of the n elements of y is Inf or NaN (flag zeroed earlier on the stream).
+template <typename T>
+__global__ void __launch_bounds__(256) FlagNonFiniteKernel(const T* __restrict__ y, int64_t n, unsigned* __restrict__ flag) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x, tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  bool bad = false;
+  if (reinterpret_cast<uintptr_t>(y) % 16 == 0) {
+    const int64_t words = n * (int64_t)sizeof(T) / 16;
+    const uint4* p = reinterpret_cast<const uint4*>(y);
+    for (int64_t i = tid; i < words; i += stride) {
+      const uint4 v = __ldcs(p + i);
+      bad |= NonFiniteWord<T>(v.x) | NonFiniteWord<T>(v.y) | NonFiniteWord<T>(v.z) | NonFiniteWord<T>(v.w);
+    }
+    for (int64_t i = words * 16 / (int64_t)sizeof(T) + tid; i < n; i += stride) bad |= !isfinite(Traits<T>::ToFloat(y[i]));
+  } else {
+    for (int64_t i = tid; i < n; i += stride) bad |= !isfinite(Traits<T>::ToFloat(y[i]));
+  }
+  if (bad) atomicOr(flag, 1u);
+}
+
+/// Grid of a grid-stride elementwise kernel of 256 threads over n items.
+inline unsigned ElementwiseBlocks(int64_t n) {
+  return (unsigned)std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 4096));
+}
+
+template <typename T>
+cudaError_t LaunchMaskRows(const T* x, T* xm, int64_t M, int64_t K, const float* thr, const uint2* sel, bool topk, unsigned* flag,
+                           cudaStream_t stream) {
+  const dim3 grid((unsigned)std::min<int64_t>((K + 255) / 256, 64), (unsigned)std::min<int64_t>(M, 65535));
+  MaskRowsKernel<T><<<grid, 256, 0, stream>>>(x, xm, M, (int)K, thr, sel, topk, flag);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t LaunchFlagNonFinite(const T* y, int64_t n, unsigned* flag, cudaStream_t stream) {
+  FlagNonFiniteKernel<T><<<ElementwiseBlocks(n * (int64_t)sizeof(T) / 16 + 1), 256, 0, stream>>>(y, n, flag);
+  return cudaGetLastError();
+}
+
 // ------------------------------------------------------------------------------------------------
 // prefill: masked tiled GEMM (64x64 tile, 16-deep K slices, 4x4 outputs per thread)
 // ------------------------------------------------------------------------------------------------

@@ -128,14 +128,25 @@ def test_make_session_on_cuda_keeps_provider():
     assert sess.get_providers()[0] == CUDA
 
 
-# ---- prefill (M > 8): float16 tensor-core GEMM (csrc/masked_gemm_tc.cuh), exact fallback for Inf/NaN in W ----
+# ---- prefill (M > 8): X masked into the workspace and cuBLAS, or (ACTTAIL_CUBLAS=0, or no libcublas) the
+# float16 tensor-core GEMM (csrc/masked_gemm_tc.cuh); both with the exact kernel as fallback for Inf/NaN ----
+@pytest.fixture(params=["cublas", "own-kernels"])
+def prefill_path(request, monkeypatch):
+    """Runs a prefill test on both GEMM paths (the op reads ACTTAIL_CUBLAS at every call)."""
+    if request.param == "own-kernels":
+        monkeypatch.setenv("ACTTAIL_CUBLAS", "0")
+    else:
+        monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 @pytest.mark.parametrize("m,K,N", [
     (9, 4096, 4096), (17, 4104, 264), (64, 4096, 4096), (512, 4096, 1024), (512, 1024, 4096),  # LLM-like, tensor cores
     (130, 200, 136),                                                                              # partial row, K and column tiles
     (40, 1000, 257), (33, 1001, 64),                                                              # N or K not a multiple of 8: exact kernel
 ])
-def test_prefill_llm_like_fp16(mode, m, K, N):
+def test_prefill_llm_like_fp16(mode, m, K, N, prefill_path):
     rng = np.random.default_rng(m * 7 + K + N)
     x = rng.standard_normal((m, K)).astype(np.float16)
     x[:, ::7] = np.round(x[:, ::7])  # ties around the k-th magnitude
@@ -147,8 +158,8 @@ def test_prefill_llm_like_fp16(mode, m, K, N):
 
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 @pytest.mark.parametrize("m,K,N", [(40, 256, 136), (512, 1024, 512)])
-def test_prefill_skips_nonfinite_w_rows_fp16(mode, m, K, N):
-    """Inf/NaN rows of W that no row keeps never reach Y on the tensor-core path (exact fallback)."""
+def test_prefill_skips_nonfinite_w_rows_fp16(mode, m, K, N, prefill_path):
+    """Inf/NaN rows of W that no row keeps never reach Y (cuBLAS and tensor-core paths: exact fallback)."""
     rng = np.random.default_rng(m + K)
     x = rng.standard_normal((m, K)).astype(np.float16)
     x[:, 3] = 0.01  # below the threshold and outside the top half for every row
@@ -166,8 +177,19 @@ def test_prefill_skips_nonfinite_w_rows_fp16(mode, m, K, N):
     assert_matches(y, x, w, mode, threshold, k)
 
 
-def test_prefill_fp16_accumulates_in_fp32_cuda():
-    """Tensor-core path: 4097 ones (K = 4104, the rest zero) give 4096 after one final rounding."""
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_prefill_fp32(mode, prefill_path):
+    """float32 prefill: cuBLAS with float32 compute (TF32 would miss the 1e-5 tolerance), or the exact kernel."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((48, 520)).astype(np.float32)
+    x[::3, ::5] = 0.0
+    w = rng.standard_normal((520, 264)).astype(np.float32)
+    threshold, k = (0.6, None) if mode == "threshold" else (None, 200)
+    assert_matches(run_op(CUDA, x, w, mode, threshold, k), x, w, mode, threshold, k)
+
+
+def test_prefill_fp16_accumulates_in_fp32_cuda(prefill_path):
+    """Both GEMM paths: 4097 ones (K = 4104, the rest zero) give 4096 after one final rounding."""
     x = np.zeros((16, 4104), np.float16)
     x[:, :4097] = 1
     y = run_op(CUDA, x, np.ones((4104, 8), np.float16), "threshold", threshold=0.0)

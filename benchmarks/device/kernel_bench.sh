@@ -9,5 +9,5 @@ timeout 240 python3 benchmarks/kernel_bench.py --harness "$H" --out "$R/rotating
 echo "== decode, x L2-resident, streaming-read floor ($(($(date +%s)-t0)) s)"
 timeout 150 python3 benchmarks/kernel_bench.py --harness "$H" --no-ort --hot-x --floor --modes threshold --out "$R/hot" > "$R/hot/log.txt" 2>&1; tail -25 "$R/hot/log.txt"
 echo "== prefill, 512 rows ($(($(date +%s)-t0)) s)"
-timeout 120 python3 benchmarks/kernel_bench.py --harness "$H" --no-ort --prefill --out "$R/prefill" > "$R/prefill/log.txt" 2>&1; tail -25 "$R/prefill/log.txt"
+timeout 200 python3 benchmarks/kernel_bench.py --harness "$H" --no-ort --prefill --variants 0,4 --modes threshold,topk --out "$R/prefill" > "$R/prefill/log.txt" 2>&1; tail -25 "$R/prefill/log.txt"
 echo "done in $(($(date +%s)-t0)) s"
