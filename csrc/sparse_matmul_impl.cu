@@ -111,7 +111,6 @@ cudaError_t LaunchDecode(const CudaArgs& a, const uint2* sel, void* per_call_scr
                 : LaunchSplitK<T, MR, kWarps, 1, kRows, false>(a, sel, scratch, stream);
 }
 
-
 // ---- prefill through cuBLAS ---------------------------------------------------------------------
 // The library does not link cuBLAS: it opens libcublas.so.<major of the cuBLAS it was built with> at
 // the first prefill call (ONNX Runtime's CUDA execution provider has loaded it already) and keeps one
