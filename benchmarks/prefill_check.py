@@ -3,11 +3,13 @@
 Needs a CUDA device and torch, no onnxruntime (the harness calls acttail::SparseMatMulCuda directly):
     nvcc -O3 -std=c++17 -shared -Xcompiler -fPIC -cudart shared -gencode arch=compute_90,code=sm_90 -Icsrc \
          csrc/sparse_matmul_impl.cu csrc/sparse_matmul_bench.cu -o build/libacttail_bench.so
-    python3 benchmarks/prefill_check.py [--small] [--harness build/libacttail_bench.so]
---small: only the small cases (for compute-sanitizer). Covers the float16 tensor-core kernel
-(csrc/masked_gemm_tc.cuh: edges, K and N tails, both modes), its fallbacks (float32, unaligned pointers,
-K or N not a multiple of 8), skipped Inf/NaN rows of W (the guarded exact kernel), kept Inf/NaN in X,
-thresholds +inf / NaN / negative, float32 accumulation, and a workspace filled with garbage.
+    python3 benchmarks/prefill_check.py [--small] [--harness build/libacttail_bench.so] [--variants 0,4]
+--small: only the small cases (for compute-sanitizer). --variants: the harness variants to check, each over
+every case (default both: 0 = mask + cuBLAS, 4 = the op's own GEMM kernels). Covers the cuBLAS path and the
+float16 tensor-core kernel (csrc/masked_gemm_tc.cuh: edges, K and N tails, both modes), their fallbacks
+(float32, unaligned pointers, K or N not a multiple of 8), skipped Inf/NaN rows of W (the guarded exact
+kernel), kept Inf/NaN in X, thresholds +inf / NaN / negative, float32 accumulation, and a workspace filled
+with garbage.
 """
 import sys
 
@@ -18,6 +20,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from kernel_bench import Harness  # noqa: E402
 
 TOL = {np.float32: 1e-5, np.float16: 2e-3}
+VARIANT = 0  # harness variant of the current pass (main)
 
 
 def reference_mask(x, mode, threshold=None, k=None):
@@ -99,16 +102,28 @@ def run(h, x, w, mode, threshold=None, k=0, offset=False):
     ws = torch.full(((n + 7) // 8,), -1, device="cuda", dtype=torch.int64)  # garbage: the op must zero what it needs
     stream = torch.cuda.current_stream().cuda_stream
     rc = h.lib.acttail_bench_sparse_matmul(int(half), xd.data_ptr(), wd.data_ptr(), yd.data_ptr(), thr.data_ptr(), ws.data_ptr(), stream, M, K,
-                                           N, int(mode == "topk"), k, 0, h.err, 512)
+                                           N, int(mode == "topk"), k, VARIANT, h.err, 512)
     assert rc == 0, h.err.value
     torch.cuda.synchronize()
     return yd.cpu().numpy()
 
 
 def main():
+    global VARIANT
     small = "--small" in sys.argv
     lib = sys.argv[sys.argv.index("--harness") + 1] if "--harness" in sys.argv else "build/libacttail_bench.so"
+    variants = sys.argv[sys.argv.index("--variants") + 1] if "--variants" in sys.argv else "0,4"
     h = Harness(lib)
+    ok = True
+    for VARIANT in (int(v) for v in variants.split(",")):
+        print(f"== harness variant {VARIANT} ({'mask + cuBLAS' if VARIANT == 0 else 'own GEMM kernels'})")
+        ok &= check_all(h, small)
+    print("ALL PASS" if ok else "SOME FAILED")
+    return 0 if ok else 1
+
+
+def check_all(h, small: bool) -> bool:
+    """Every case on the current VARIANT; True when all pass."""
     rng = np.random.default_rng(0)
     ok = True
     cases = [(9, 64, 8), (17, 264, 136), (130, 200, 136), (40, 5003, 257), (33, 64, 24), (10, 0, 8), (16, 96, 264)]
@@ -177,8 +192,7 @@ def main():
     w = np.full((64, 8), 100.0, np.float16)
     y = run(h, x, w, "threshold", 0.0)
     ok &= check(y, x, w, "threshold", 0.0, None, "overflow to inf")
-    print("ALL PASS" if ok else "SOME FAILED")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":
