@@ -278,12 +278,12 @@ def markdown_tables(result: dict) -> str:
     return "\n".join(out)
 
 
-def cpu_bench(out: Path, threads: int, runs: int) -> dict:
+def cpu_bench(out: Path, threads: int, runs: int, row_counts: tuple[int, ...] = (1, 512)) -> dict:
     """CPU execution provider: SparseMatMul (fused) vs ORT MatMul, SmolLM2-135M projection shapes, float32.
 
     One graph per case holds `layers` independent nodes of one shape, each with its own input and its own
     weight initializer (M = 1: 24 weights, 30-85 MB, more than the L3 cache, so W comes from memory as in
-    decoding; M = 512: 3), so one `run` amortizes the Python / session overhead over many projections. The
+    decoding; M rows: max(3, 1536 // M)), so one `run` amortizes the Python / session overhead over many projections. The
     sessions are timed one after the other in blocks, never interleaved: an idle session's spinning pool
     threads would otherwise take the cores from the one being timed.
     """
@@ -321,7 +321,7 @@ def cpu_bench(out: Path, threads: int, runs: int) -> dict:
     rows = []
     cases = ["dense MatMul"] + [f"{mode} {s}%" for s in (0, 50, 80, 90) for mode in ("threshold", "topk")]
     for K, N in ((576, 576), (576, 1536), (1536, 576)):
-        for M, layers in ((1, 24), (512, 3)):
+        for M, layers in ((M, 24 if M == 1 else max(3, 1536 // M)) for M in row_counts):
             ws = [(rng.standard_normal((K, N)) * 0.02).astype(np.float32) for _ in range(layers)]
             xs = [rng.standard_normal((M, K)).astype(np.float32) for _ in range(layers)]
             feeds = {f"X{i}": x for i, x in enumerate(xs)}
@@ -459,6 +459,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-rows", type=int, default=512, help="rows (tokens) of the prefill benchmark")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark instead: fused op vs ORT MatMul, SmolLM2 shapes")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the CPU benchmark")
+    ap.add_argument("--cpu-rows", default="1,512", help="comma-separated row counts M of the CPU benchmark (1 = decode)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.table:
@@ -466,7 +467,7 @@ def main(argv=None) -> int:
         print(cpu_table(data) if "case" in data["rows"][0] else markdown_tables(data))
         return 0
     if args.cpu:
-        cpu_bench(Path(args.out), args.threads, runs=args.reps)
+        cpu_bench(Path(args.out), args.threads, runs=args.reps, row_counts=tuple(int(m) for m in args.cpu_rows.split(",")))
         print(f"wrote {Path(args.out) / 'kernel_bench_cpu.json'}")
         return 0
     if not args.harness:

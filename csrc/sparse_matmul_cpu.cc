@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <memory>
 #include <numeric>
 #include <type_traits>
 
@@ -218,6 +219,7 @@ struct Job {
   float* xm;       // [M, K] kept values of X as float, 0 where masked (zeros are never multiplied)
   int64_t chunks;  // column chunks per row block
   int64_t* kept;   // [M] number of kept non-zero entries per row
+  uint8_t* nonfinite = nullptr;  // [dense tasks] 1 where DenseTask produced an Inf/NaN output
 };
 
 template <typename T>
@@ -295,9 +297,13 @@ void AccumulateTask(void* data, size_t task) {
   }
 }
 
-// ---- prefill path: packed, register-blocked, used when W has no Inf/NaN -------------------------
-// With a finite W, multiplying a masked (zero) x by its row of W adds exactly 0, so the masked
-// product can be computed as a dense GEMM of mask(X) with W (same result as skipping the rows).
+// ---- prefill path: packed, register-blocked dense GEMM of mask(X), checked afterwards ------------
+// With a finite W, multiplying a masked (zero) x by its row of W adds exactly 0, so the masked product
+// equals a dense GEMM of mask(X) with W. With an Inf/NaN weight it does not (0 * Inf = NaN, where the
+// contract skips the row), but such a weight then makes its whole column of the dense result non-finite:
+// a finite result is exact. So each task flags a non-finite output, and a flagged product is recomputed
+// by the exact row-skipping tasks (also when the Inf/NaN is legitimate: a kept Inf in X, an overflow).
+// This replaces a scan of all of W before every call.
 constexpr int64_t kDenseRows = 256;  // rows per task (one packed W panel serves all of them)
 constexpr int64_t kDenseCols = 128;  // columns per task
 constexpr int64_t kDenseDepth = 256;  // K slice packed at a time (8 strips x 256 x 16 floats = 128 KB)
@@ -354,14 +360,6 @@ __attribute__((target("avx512f"))) void MicroTile8Avx512(const float* const* a, 
 }
 
 inline bool Finite(float v) { uint32_t b; std::memcpy(&b, &v, 4); return (b & 0x7f800000u) != 0x7f800000u; }
-inline bool Finite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
-
-template <typename T>
-bool AllFinite(const T* w, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= Finite(w[i]);
-  return ok;
-}
 
 template <typename T>
 void DenseTask(void* data, size_t task) {
@@ -410,10 +408,16 @@ void DenseTask(void* data, size_t task) {
                   kDenseCols);
     }
   }
+  bool finite = true;
   for (int64_t r = 0; r < rows; ++r) {
     T* yr = j.y + (r0 + r) * N + c0;
-    for (int64_t c = 0; c < width; ++c) FromFloat(acc[(size_t)(r * kDenseCols + c)], yr + c);
+    const float* ar = acc.data() + r * kDenseCols;
+    for (int64_t c = 0; c < width; ++c) {
+      finite &= Finite(ar[c]);
+      FromFloat(ar[c], yr + c);
+    }
   }
+  j.nonfinite[task] = finite ? 0 : 1;
 }
 
 }  // namespace
@@ -422,9 +426,9 @@ template <typename T>
 void SparseMatMulCpu(const T* x, const T* w, T* y, const Problem& p, Mode mode, float threshold, int64_t k,
                      ParallelFn parallel, void* parallel_ctx) {
   if (p.M == 0 || p.N == 0) return;
-  std::vector<float> xm((size_t)(p.M * p.K));
+  std::unique_ptr<float[]> xm(new float[(size_t)(p.M * p.K)]);  // every entry is written by SelectRow
   std::vector<int64_t> kept((size_t)p.M, 0);
-  Job<T> job{x, w, y, &p, mode, threshold, k, xm.data(), (p.N + kChunk - 1) / kChunk, kept.data()};
+  Job<T> job{x, w, y, &p, mode, threshold, k, xm.get(), (p.N + kChunk - 1) / kChunk, kept.data()};
   // Parallelism only pays when there is real work; small problems run inline.
   const bool par = parallel != nullptr && p.M * p.K * p.N >= (1 << 16);
   if (par && p.M > 1) {
@@ -446,7 +450,7 @@ void SparseMatMulCpu(const T* x, const T* w, T* y, const Problem& p, Mode mode, 
     const int64_t splits = par ? std::max<int64_t>(1, std::min<int64_t>({kDecodeMaxSplits, n_kept, bytes / (kDecodeTaskBytes * col_chunks)}))
                                : 1;
     std::vector<float> partial((size_t)(splits * p.M * p.N));
-    DecodeJob<T> dj{w, y, p.M, p.K, p.N, xm.data(), kept_channels.data(), n_kept, splits, col_chunks, partial.data()};
+    DecodeJob<T> dj{w, y, p.M, p.K, p.N, xm.get(), kept_channels.data(), n_kept, splits, col_chunks, partial.data()};
     const size_t tasks = (size_t)(splits * col_chunks);
     if (par && tasks > 1) {
       parallel(parallel_ctx, &DecodeTask<T>, tasks, &dj);
@@ -466,15 +470,21 @@ void SparseMatMulCpu(const T* x, const T* w, T* y, const Problem& p, Mode mode, 
   int64_t total = 0;
   for (int64_t m = 0; m < p.M; ++m) total += kept[(size_t)m];
   const int64_t dense_ratio = CpuIsa() == Isa::kAvx512 ? 25 : 7;  // dense when more than 1/ratio of the entries are kept
-  const bool dense = p.M >= 16 && total * dense_ratio > p.M * p.K && AllFinite(w, p.K * p.N);
-  const size_t tasks = dense ? (size_t)(((p.M + kDenseRows - 1) / kDenseRows) * ((p.N + kDenseCols - 1) / kDenseCols))
-                             : (size_t)(((p.M + kRowBlock - 1) / kRowBlock) * job.chunks);
-  void (*task_fn)(void*, size_t) = dense ? &DenseTask<T> : &AccumulateTask<T>;
-  if (par && tasks > 1) {
-    parallel(parallel_ctx, task_fn, tasks, &job);
-  } else {
-    for (size_t t = 0; t < tasks; ++t) task_fn(&job, t);
+  const auto run = [&](void (*task_fn)(void*, size_t), size_t tasks) {
+    if (par && tasks > 1) {
+      parallel(parallel_ctx, task_fn, tasks, &job);
+    } else {
+      for (size_t t = 0; t < tasks; ++t) task_fn(&job, t);
+    }
+  };
+  if (p.M >= 16 && total * dense_ratio > p.M * p.K) {
+    const size_t tasks = (size_t)(((p.M + kDenseRows - 1) / kDenseRows) * ((p.N + kDenseCols - 1) / kDenseCols));
+    std::vector<uint8_t> nonfinite(tasks, 0);
+    job.nonfinite = nonfinite.data();
+    run(&DenseTask<T>, tasks);
+    if (std::find(nonfinite.begin(), nonfinite.end(), 1) == nonfinite.end()) return;  // finite: exact
   }
+  run(&AccumulateTask<T>, (size_t)(((p.M + kRowBlock - 1) / kRowBlock) * job.chunks));
 }
 
 template void SparseMatMulCpu<float>(const float*, const float*, float*, const Problem&, Mode, float, int64_t, ParallelFn, void*);

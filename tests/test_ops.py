@@ -338,6 +338,26 @@ def test_prefill_rows_skip_nonfinite_w_rows(dtype):
     assert_matches(y, x, w, "threshold", 0.1)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_prefill_dense_path_falls_back_when_its_result_is_not_finite(dtype):
+    """The blocked dense prefill product multiplies masked zeros too, so its result is only kept when it is
+    finite: an Inf weight in a skipped row (in one column tile of many) or a kept Inf in X must still give
+    the row-skipping result, with the thread pool running the tiles."""
+    rng = np.random.default_rng(9)
+    M, K, N = 300, 256, 700  # 2 x 6 dense tiles of 256 rows x 128 columns
+    x = rng.standard_normal((M, K)).astype(dtype)
+    x[:, 5] = 0.01  # below the threshold in every row
+    w = rng.standard_normal((K, N)).astype(dtype)
+    w[5, 650] = np.inf  # a skipped row, last column tile only
+    y = run_op(CPU, x, w, "threshold", threshold=0.1)
+    assert np.isfinite(y).all()
+    assert_matches(y, x, w, "threshold", 0.1)
+    x[7, 9] = np.inf  # kept: Inf / NaN in row 7 only
+    y = run_op(CPU, x, w, "threshold", threshold=0.1)
+    assert not np.isfinite(y[7]).any() and np.isfinite(np.delete(y, 7, axis=0)).all()
+    assert_matches(y, x, w, "threshold", 0.1)
+
+
 def test_fp16_accumulates_in_fp32():
     """2048 products of 1*1 plus a tiny term: an fp16 accumulator would stall at 2048."""
     K = 4097
