@@ -1,5 +1,5 @@
 # Source on the CUDA machine, from the project root: puts onnxruntime-gpu, the decode wheels and the
-# project on PYTHONPATH and builds the op library for this GPU if it is not built yet.
+# project on PYTHONPATH and builds the op library for this GPU unless it is built from the current csrc/.
 #   ORT_GPU_DIR   folder holding onnxruntime-gpu (default /root/ortgpu; empty: use the installed one)
 #   CUDA_ARCH     compute capability to build for (default 90)
 ORT_GPU_DIR=${ORT_GPU_DIR-/root/ortgpu}
@@ -8,8 +8,12 @@ ORT_GPU_DIR=${ORT_GPU_DIR-/root/ortgpu}
 export PYTHONPATH=/tmp/site:/tmp/genai${ORT_GPU_DIR:+:$ORT_GPU_DIR}:$PWD
 export ACTTAIL_GENAI_PYTHONPATH=/tmp/genai${ORT_GPU_DIR:+:$ORT_GPU_DIR}
 [ -n "$ORT_GPU_DIR" ] && [ -f "$ORT_GPU_DIR/env.sh" ] && source "$ORT_GPU_DIR/env.sh"
-if [ ! -f acttail_export/lib/libacttail_ops.so ]; then
+# (re)build when the library is missing or was built from other sources: a warm machine keeps ignored
+# build outputs between calls, so a library built before a change to csrc/ would otherwise be reused
+SRC_SUM=$(cat csrc/* CMakeLists.txt | sha1sum | cut -c1-40)
+if [ ! -f acttail_export/lib/libacttail_ops.so ] || [ "$(cat acttail_export/lib/.csrc.sha1 2>/dev/null)" != "$SRC_SUM" ]; then
   ACTTAIL_CUDA_ARCHS=${CUDA_ARCH:-90} ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR:-$PWD/third_party/onnxruntime/include} \
     bash scripts/build_ops.sh > /tmp/acttail_build_ops.log 2>&1 || { tail -5 /tmp/acttail_build_ops.log; return 1 2>/dev/null || exit 1; }
+  echo "$SRC_SUM" > acttail_export/lib/.csrc.sha1
 fi
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
