@@ -1,7 +1,7 @@
 """A/B timing of two (or more) builds of the op library on the CPU execution provider, in one process.
 
 Each library gets its own session over the same graph (`--layers` independent `SparseMatMul` nodes of one
-shape, threshold mode at the |x| quantile `--sparsity`, float32), and the sessions run alternately, one call
+shape, float32; threshold mode at the |x| quantile `--sparsity`, or `--mode topk` with k = K - ⌊sK⌋), and the sessions run alternately, one call
 each per round, so that drift and noise on a shared machine hit both alike. Pool threads do not spin
 between calls (`session.intra_op.allow_spinning = 0`): a spinning idle session would take the cores from the
 one being timed. Prints the median and quartiles per library (µs per node) and writes them as JSON:
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 
-def time_libraries(libs: list[str], M: int, K: int, N: int, sparsity: float, layers: int, rounds: int, threads: int) -> dict[str, list[float]]:
+def time_libraries(libs: list[str], M: int, K: int, N: int, sparsity: float, layers: int, rounds: int, threads: int,
+                   mode: str = "threshold") -> dict[str, list[float]]:
     """µs per node of each library's session, `rounds` alternating calls each."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -32,7 +33,12 @@ def time_libraries(libs: list[str], M: int, K: int, N: int, sparsity: float, lay
     xs = [rng.standard_normal((M, K)).astype(np.float32) for _ in range(layers)]
     nodes, inits = [], []
     for i, w in enumerate(ws):
-        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(np.array(np.quantile(np.abs(xs[i]), sparsity), np.float32), f"t{i}")]
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        if mode == "topk":
+            nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}"], [f"Y{i}"], domain="com.acttail", mode="topk",
+                                          k=K - int(sparsity * K)))
+            continue
+        inits.append(numpy_helper.from_array(np.array(np.quantile(np.abs(xs[i]), sparsity), np.float32), f"t{i}"))
         nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}", f"t{i}"], [f"Y{i}"], domain="com.acttail", mode="threshold"))
     graph = helper.make_graph(nodes, "ab", [helper.make_tensor_value_info(f"X{i}", TensorProto.FLOAT, [M, K]) for i in range(layers)],
                               [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [M, N]) for i in range(layers)], initializer=inits)
@@ -65,6 +71,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[128], help="row counts M")
     ap.add_argument("--shapes", nargs="+", default=["576x1536", "1536x576", "576x576"], help="KxN shapes")
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.8])
+    ap.add_argument("--mode", choices=["threshold", "topk"], default="threshold")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
@@ -75,12 +82,12 @@ def main() -> None:
         for shape in args.shapes:
             K, N = (int(v) for v in shape.split("x"))
             for s in args.sparsity:
-                times = time_libraries(args.libs, M, K, N, s, args.layers, args.rounds, args.threads)
-                row = {"M": M, "K": K, "N": N, "sparsity": s,
+                times = time_libraries(args.libs, M, K, N, s, args.layers, args.rounds, args.threads, args.mode)
+                row = {"M": M, "K": K, "N": N, "mode": args.mode, "sparsity": s,
                        "libs": {lib: {"median_us": statistics.median(t), "p25_us": float(np.percentile(t, 25)),
                                       "p75_us": float(np.percentile(t, 75))} for lib, t in times.items()}}
                 rows.append(row)
-                print(f"M={M} {K}->{N} s={s}: " + ", ".join(f"{Path(lib).name} {v['median_us']:.0f} us (p25-p75 {v['p25_us']:.0f}-{v['p75_us']:.0f})"
+                print(f"M={M} {K}->{N} {args.mode} s={s}: " + ", ".join(f"{Path(lib).name} {v['median_us']:.0f} us (p25-p75 {v['p25_us']:.0f}-{v['p75_us']:.0f})"
                                                             for lib, v in row["libs"].items()), flush=True)
     if args.output:
         import onnxruntime as ort
