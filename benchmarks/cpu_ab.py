@@ -16,41 +16,24 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import cpu_session  # noqa: E402
+
 
 def time_libraries(libs: list[str], M: int, K: int, N: int, sparsity: float, layers: int, rounds: int, threads: int,
                    mode: str = "threshold") -> dict[str, list[float]]:
     """µs per node of each library's session, `rounds` alternating calls each."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
     ws = [(rng.standard_normal((K, N)) * 0.02).astype(np.float32) for _ in range(layers)]
     xs = [rng.standard_normal((M, K)).astype(np.float32) for _ in range(layers)]
-    nodes, inits = [], []
-    for i, w in enumerate(ws):
-        inits.append(numpy_helper.from_array(w, f"W{i}"))
-        if mode == "topk":
-            nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}"], [f"Y{i}"], domain="com.acttail", mode="topk",
-                                          k=K - int(sparsity * K)))
-            continue
-        inits.append(numpy_helper.from_array(np.array(np.quantile(np.abs(xs[i]), sparsity), np.float32), f"t{i}"))
-        nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}", f"t{i}"], [f"Y{i}"], domain="com.acttail", mode="threshold"))
-    graph = helper.make_graph(nodes, "ab", [helper.make_tensor_value_info(f"X{i}", TensorProto.FLOAT, [M, K]) for i in range(layers)],
-                              [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [M, N]) for i in range(layers)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acttail", 1)])
-    model.ir_version = 8
-    sessions = []
-    for lib in libs:
-        opts = ort.SessionOptions()
-        opts.register_custom_ops_library(lib)
-        opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions.append(ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]))
+    case = f"{mode} {sparsity * 100:g}%"
+    sessions = [cpu_session(M, K, N, xs, ws, case, threads, library=lib, spinning=False) for lib in libs]
     feeds = {f"X{i}": x for i, x in enumerate(xs)}
     outputs = [s.run(None, feeds) for s in sessions]
     for out in outputs[1:]:  # the builds must agree before their speed is compared

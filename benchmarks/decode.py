@@ -982,10 +982,14 @@ def repeat_table(datas: list[dict]) -> str:
     by: dict[tuple, list] = {}
     for data in datas:
         runs = [r for r in data["runs"] if "error" not in r]
+        dense: dict[str, float] = {}  # backend family (genai, ort, torch) -> its best dense tokens/s in this run
+        for d in runs:
+            if d["variant"].startswith("dense"):
+                family = d["backend"].split("-")[0]
+                dense[family] = max(dense.get(family, 0.0), d["tokens_per_s"])
         for r in runs:
-            base = [d for d in runs if d["variant"].startswith("dense") and d["backend"].split("-")[0] == r["backend"].split("-")[0]]
-            dense = max((d["tokens_per_s"] for d in base), default=None)
-            by.setdefault((r["backend"], r["variant"]), []).append((r["decode_ms_median"], r["prefill_ms"], r["tokens_per_s"] / dense if dense else None))
+            best = dense.get(r["backend"].split("-")[0])
+            by.setdefault((r["backend"], r["variant"]), []).append((r["decode_ms_median"], r["prefill_ms"], r["tokens_per_s"] / best if best else None))
     first = datas[0]
     lines = [f"model {first['model']['name']} ({first['model']['layers']} layers, {first['model']['dtype']}), prompt "
              f"{first['settings']['prompt_length']}, {first['settings']['decode_tokens']} decode tokens, batch 1; {len(datas)} runs, "

@@ -278,6 +278,43 @@ def markdown_tables(result: dict) -> str:
     return "\n".join(out)
 
 
+def cpu_session(M: int, K: int, N: int, xs: list, ws: list, case: str, threads: int, library: str | None = None,
+                spinning: bool = True):
+    """CPU session over one graph of len(ws) independent nodes [M, K] x [K, N], float32, each with its own input
+    X<i> and weight initializer W<i>. ``case``: "dense MatMul" (ONNX Runtime's MatMul), or "threshold S%" /
+    "topk S%" (``SparseMatMul``: threshold at the S quantile of |X<i>|, or k = K - ⌊sK⌋). ``library``: the op
+    library (default: the package's); ``spinning=False`` keeps idle pool threads from spinning."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from acttail_export.ops import get_library_path
+
+    nodes, inits = [], []
+    for i, w in enumerate(ws):
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        if case == "dense MatMul":
+            nodes.append(helper.make_node("MatMul", [f"X{i}", f"W{i}"], [f"Y{i}"]))
+            continue
+        mode, s = case.split()
+        s = float(s.rstrip("%")) / 100
+        if mode == "threshold":
+            inits.append(numpy_helper.from_array(np.array(np.quantile(np.abs(xs[i]), s), np.float32), f"t{i}"))
+            nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}", f"t{i}"], [f"Y{i}"], domain="com.acttail", mode="threshold"))
+        else:
+            nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}"], [f"Y{i}"], domain="com.acttail", mode="topk",
+                                          k=K - int(s * K)))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"X{i}", TensorProto.FLOAT, [M, K]) for i in range(len(ws))],
+                          [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [M, N]) for i in range(len(ws))], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acttail", 1)])
+    m.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(library or get_library_path()))
+    opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def cpu_bench(out: Path, threads: int, runs: int, row_counts: tuple[int, ...] = (1, 512)) -> dict:
     """CPU execution provider: SparseMatMul (fused) vs ORT MatMul, SmolLM2-135M projection shapes, float32.
 
@@ -288,36 +325,8 @@ def cpu_bench(out: Path, threads: int, runs: int, row_counts: tuple[int, ...] = 
     threads would otherwise take the cores from the one being timed.
     """
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from acttail_export.ops import get_library_path
 
     rng = np.random.default_rng(0)
-
-    def session(K: int, N: int, M: int, xs: list, ws: list, case: str):
-        nodes, inits = [], []
-        for i, w in enumerate(ws):
-            inits.append(numpy_helper.from_array(w, f"W{i}"))
-            if case == "dense MatMul":
-                nodes.append(helper.make_node("MatMul", [f"X{i}", f"W{i}"], [f"Y{i}"]))
-                continue
-            mode, s = case.split()
-            s = float(s.rstrip("%")) / 100
-            if mode == "threshold":
-                inits.append(numpy_helper.from_array(np.array(np.quantile(np.abs(xs[i]), s), np.float32), f"t{i}"))
-                nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}", f"t{i}"], [f"Y{i}"], domain="com.acttail", mode="threshold"))
-            else:
-                nodes.append(helper.make_node("SparseMatMul", [f"X{i}", f"W{i}"], [f"Y{i}"], domain="com.acttail", mode="topk",
-                                              k=K - int(s * K)))
-        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"X{i}", TensorProto.FLOAT, [M, K]) for i in range(len(ws))],
-                              [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [M, N]) for i in range(len(ws))], initializer=inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acttail", 1)])
-        m.ir_version = 8
-        opts = ort.SessionOptions()
-        opts.register_custom_ops_library(get_library_path())
-        opts.intra_op_num_threads = threads
-        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
     rows = []
     cases = ["dense MatMul"] + [f"{mode} {s}%" for s in (0, 50, 80, 90) for mode in ("threshold", "topk")]
     for K, N in ((576, 576), (576, 1536), (1536, 576)):
@@ -327,7 +336,7 @@ def cpu_bench(out: Path, threads: int, runs: int, row_counts: tuple[int, ...] = 
             feeds = {f"X{i}": x for i, x in enumerate(xs)}
             calls = runs * (10 if M == 1 else 1)
             for case in cases:
-                sess = session(K, N, M, xs, ws, case)
+                sess = cpu_session(M, K, N, xs, ws, case, threads)
                 for _ in range(3):
                     sess.run(None, feeds)
                 times = []

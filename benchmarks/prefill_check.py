@@ -20,7 +20,6 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from kernel_bench import Harness  # noqa: E402
 
 TOL = {np.float32: 1e-5, np.float16: 2e-3}
-VARIANT = 0  # harness variant of the current pass (main)
 
 
 def reference_mask(x, mode, threshold=None, k=None):
@@ -102,28 +101,27 @@ def run(h, x, w, mode, threshold=None, k=0, offset=False):
     ws = torch.full(((n + 7) // 8,), -1, device="cuda", dtype=torch.int64)  # garbage: the op must zero what it needs
     stream = torch.cuda.current_stream().cuda_stream
     rc = h.lib.acttail_bench_sparse_matmul(int(half), xd.data_ptr(), wd.data_ptr(), yd.data_ptr(), thr.data_ptr(), ws.data_ptr(), stream, M, K,
-                                           N, int(mode == "topk"), k, VARIANT, h.err, 512)
+                                           N, int(mode == "topk"), k, h.variant, h.err, 512)
     assert rc == 0, h.err.value
     torch.cuda.synchronize()
     return yd.cpu().numpy()
 
 
 def main():
-    global VARIANT
     small = "--small" in sys.argv
     lib = sys.argv[sys.argv.index("--harness") + 1] if "--harness" in sys.argv else "build/libacttail_bench.so"
     variants = sys.argv[sys.argv.index("--variants") + 1] if "--variants" in sys.argv else "0,4"
     h = Harness(lib)
     ok = True
-    for VARIANT in (int(v) for v in variants.split(",")):
-        print(f"== harness variant {VARIANT} ({'mask + cuBLAS' if VARIANT == 0 else 'own GEMM kernels'})")
+    for h.variant in (int(v) for v in variants.split(",")):
+        print(f"== harness variant {h.variant} ({'mask + cuBLAS' if h.variant == 0 else 'own GEMM kernels'})")
         ok &= check_all(h, small)
     print("ALL PASS" if ok else "SOME FAILED")
     return 0 if ok else 1
 
 
 def check_all(h, small: bool) -> bool:
-    """Every case on the current VARIANT; True when all pass."""
+    """Every case on the harness's current variant; True when all pass."""
     rng = np.random.default_rng(0)
     ok = True
     cases = [(9, 64, 8), (17, 264, 136), (130, 200, 136), (40, 5003, 257), (33, 64, 24), (10, 0, 8), (16, 96, 264)]
