@@ -27,6 +27,9 @@ bench = _load_bench()
 def test_latency_stats_numbers():
     out = bench.latency_stats(12.5, [1.0, 2.0, 3.0, 4.0, 10.0])
     assert out["prefill_ms"] == 12.5
+    assert out["prefill_ms_samples"] == [12.5]
+    # several prefills: the median, so that one run paying a one-time cost does not set the number
+    assert bench.latency_stats([5.0, 31.0, 4.0, 4.5, 5.5], [1.0])["prefill_ms"] == 5.0
     assert out["decode_ms_median"] == 3.0
     assert out["decode_ms_p90"] == pytest.approx(7.6)  # numpy linear interpolation between 4 and 10
     assert out["decode_ms_mean"] == pytest.approx(4.0)
