@@ -95,6 +95,35 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     return output_dir
 
 
+def check_inputs_outside(output_dir: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """No input (model folder or file, data file) may be OUTPUT_DIR or lie inside it: the export would replace it.
+
+    ``inputs`` maps a description ("model") to a path; paths that do not exist locally (Hub ids) are skipped.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    for what, path in inputs.items():
+        if path is None or str(path).strip() == "":
+            continue
+        where = Path(path).expanduser()
+        if not where.exists():
+            continue
+        where = where.resolve()
+        if where == out or out in where.parents:
+            relation = "is" if where == out else "contains"
+            kind = "folder" if where.is_dir() else "file"
+            raise ActTailError(f"OUTPUT_DIR {out} {relation} the {what} {kind} {where}, which the export would replace: "
+                               f"choose another output folder")
+
+
+def _model_path(model: str | Path | None) -> str | Path | None:
+    """The local path ``model`` names (the bundled GGUF for an alias), without checking it."""
+    if model is not None and str(model).lower() in MODEL_ALIASES:
+        from .modeling import default_model_path
+
+        return default_model_path()
+    return model
+
+
 def check_kernel(kernel: str) -> str | None:
     """The op library path for ``kernel="fused"`` (ActTailError naming ``make ops`` if absent)."""
     if kernel not in ("mask", "fused"):
@@ -469,9 +498,12 @@ def export(
         raise ActTailError(f"sequence length must be an integer >= 2, got {sequence_length!r}")
     library = check_kernel(kernel)
     check_device(device)
+    calibration_path = Path(calibration_data) if calibration_data is not None else DEFAULT_CALIBRATION_DATA
+    # before the not-empty check, which would suggest --overwrite (and so deleting the model)
+    check_inputs_outside(output_dir, {"model": _model_path(model), "calibration data": calibration_path,
+                                      "evaluation data": DEFAULT_EVAL_DATA if validate else None})
     output_dir = check_output_dir(output_dir, overwrite)
     model_ref = resolve_model(model)
-    calibration_path = Path(calibration_data) if calibration_data is not None else DEFAULT_CALIBRATION_DATA
     read_text(calibration_path)
     hub_token = check_hub_token(token) if push_to_hub else None
     genai = None

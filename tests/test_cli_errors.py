@@ -187,6 +187,42 @@ def test_output_not_writable(tmp_path, tiny_llama_dir):
     _check(*run_subprocess("--model", str(tiny_llama_dir), str(tmp_path / "file" / "out")), "is a file", "choose another OUTPUT_DIR")
 
 
+def _no_model_load(monkeypatch):
+    """Make loading a model fail the test: the error must come from the cheap checks."""
+    import acttail_export.modeling as modeling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+    monkeypatch.setattr(modeling, "load_model", refuse)
+
+
+@pytest.mark.parametrize("where", ["equal", "parent"])
+def test_overwrite_refuses_output_dir_holding_the_model(tmp_path, capsys, tiny_llama_dir, monkeypatch, where):
+    import shutil
+
+    _no_model_load(monkeypatch)
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_llama_dir, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    out = model if where == "equal" else model.parent
+    rc, err = run_inprocess(capsys, "--model", str(model), "--overwrite", *FAST, str(out))
+    _check(rc, err, f"{'is' if where == 'equal' else 'contains'} the model folder {model}", "choose another output folder")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert not [p for p in tmp_path.rglob("*") if ".acttail-" in p.name]
+
+
+def test_overwrite_refuses_output_dir_holding_the_calibration_data(tmp_path, capsys, tiny_llama_dir, monkeypatch):
+    _no_model_load(monkeypatch)
+    data = tmp_path / "data" / "calib.txt"
+    data.parent.mkdir()
+    data.write_text("Some calibration text. " * 200)
+    rc, err = run_inprocess(capsys, "--model", str(tiny_llama_dir), "--calibration-data", str(data), "--overwrite", *FAST,
+                            str(data.parent))
+    _check(rc, err, f"contains the calibration data file {data}", "choose another output folder")
+    assert data.read_text() == "Some calibration text. " * 200
+    assert [p.name for p in data.parent.iterdir()] == ["calib.txt"]
+
+
 # --- environment --------------------------------------------------------------------------------
 def test_device_cuda_without_gpu(tmp_path, capsys, tiny_llama_dir, monkeypatch):
     import torch
