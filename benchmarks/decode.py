@@ -664,13 +664,10 @@ def main(argv=None) -> int:
         child_main(json.loads(args.child))
         return 0
     if args.table:
-        if len(args.table) > 1:
-            print(repeat_table([json.loads(Path(f).read_text()) for f in args.table]))
-            return 0
-        data = json.loads(Path(args.table[0]).read_text())
-        print(tables(data))
+        datas = [json.loads(Path(f).read_text()) for f in args.table]
+        print(repeat_table(datas) if len(datas) > 1 else tables(datas[0]))
         if args.plot:
-            plot(data, args.plot)
+            plot(datas, args.plot)
         return 0
     return run_benchmark(args)
 
@@ -952,35 +949,53 @@ def quality_check(args, model, tokenizer, configs, hf_dir: Path, genai_dir: Path
     return out
 
 
-def plot(data: dict, path: str) -> None:
-    """Decode tokens/s relative to the best dense ORT configuration, per kernel, against sparsity."""
+def plot(datas: list[dict], path: str) -> None:
+    """Decode tokens/s relative to the best dense ORT configuration, per kernel, against sparsity. Several JSONs of
+    one command: the median of the runs' ratios, with bars from the lowest to the highest run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in data["runs"] if "error" not in r]
-    dense = [r for r in runs if r["backend"] in ("ort-optimum", "genai-dense")]
-    if not dense:
+    series: dict[tuple, dict[float, list[float]]] = {}
+    lines: dict[str, list[float]] = {}
+    base = None
+    for data in datas:
+        runs = [r for r in data["runs"] if "error" not in r]
+        dense = [r for r in runs if r["backend"] in ("ort-optimum", "genai-dense")]
+        if not dense:
+            continue
+        base = max(dense, key=lambda r: r["tokens_per_s"])
+        for r in runs:
+            ratio = r["tokens_per_s"] / base["tokens_per_s"]
+            if r["backend"] in ("genai-fused", "genai-mask", "ort-optimum-fused"):
+                series.setdefault((r["backend"], r.get("mode", "threshold")), {}).setdefault(r["sparsity"], []).append(ratio)
+            if r["backend"] in ("torch-cuda-graph", "ort-optimum") or r is base:
+                lines.setdefault(f"{r['backend']} {r['variant']}", []).append(ratio)
+    if base is None:
         return
-    base = max(dense, key=lambda r: r["tokens_per_s"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     xs = np.linspace(0, 0.9, 50)
     ax.plot(xs, 1 / (1 - xs), "k--", lw=1, label="ideal for the projections, 1/(1-s)")
     for backend, mode, marker in (("genai-fused", "threshold", "o-"), ("genai-fused", "topk", "s-"), ("genai-mask", "threshold", "^-"),
                                   ("ort-optimum-fused", "threshold", "x")):
-        pts = sorted((r["sparsity"], r["tokens_per_s"] / base["tokens_per_s"]) for r in runs
-                     if r["backend"] == backend and r.get("mode", "threshold") == mode)
-        if pts:
-            ax.plot(*zip(*pts), marker, label=f"{backend} ({mode})")
-    for r in runs:
-        if r["backend"] in ("torch-cuda-graph", "ort-optimum") or r is base:
-            ax.axhline(r["tokens_per_s"] / base["tokens_per_s"], lw=0.8, alpha=0.5, color="gray")
-            ax.annotate(f"{r['backend']} {r['variant']}", (0.0, r["tokens_per_s"] / base["tokens_per_s"]), fontsize=7)
-    m = data["model"]
+        pts = sorted(series.get((backend, mode), {}).items())
+        if not pts:
+            continue
+        sp = [p for p, _ in pts]
+        med = np.array([float(np.median(v)) for _, v in pts])
+        lo, hi = med - np.array([min(v) for _, v in pts]), np.array([max(v) for _, v in pts]) - med
+        ax.errorbar(sp, med, yerr=[lo, hi] if len(datas) > 1 else None, fmt=marker, capsize=2, label=f"{backend} ({mode})")
+    for name, vals in lines.items():
+        y = float(np.median(vals))
+        ax.axhline(y, lw=0.8, alpha=0.5, color="gray")
+        ax.annotate(name, (0.0, y), fontsize=7)
+    m = datas[-1]["model"]
+    runs_note = f", median of {len(datas)} runs" if len(datas) > 1 else ""
     ax.set(xlabel="target activation sparsity (threshold mode; top-k exact)", ylabel="decode tokens/s ÷ best dense ORT",
-           title=f"{Path(m['name']).name} ({m['layers']} layers, {m['dtype']}), batch 1; 1.0 = {base['backend']} {base['variant']}",
+           title=f"{Path(m['name']).name} ({m['layers']} layers, {m['dtype']}), batch 1{runs_note}; 1.0 = {base['backend']} {base['variant']}",
            ylim=(0, 4))
+    ax.title.set_fontsize(8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
