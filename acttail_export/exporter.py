@@ -576,8 +576,10 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
                 shutil.copy2(base_dir / name, tmp / name)
         shutil.rmtree(base_dir)
         tokenizer.save_pretrained(tmp)
-        if library is not None:
-            shutil.copy2(library, tmp / Path(library).name)
+        if library is not None:  # under the name the runtime looks for, whatever the source file is called
+            from .optimize import copy_library
+
+            copy_library(tmp, library)
         config.versions = library_versions()
     else:
         from .optimize import export_genai

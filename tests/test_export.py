@@ -128,6 +128,30 @@ def test_fused_kernel_export_runs_with_the_op_library(tiny_llama_dir, tmp_path):
     assert torch.equal(_onnx_generate(out, inputs), want)
 
 
+def test_fused_export_carries_the_op_library_under_the_runtime_name(tiny_llama_dir, tmp_path, monkeypatch):
+    """A library built under another file name ($ACTTAIL_OPS_LIBRARY) is copied as libacttail_ops.so, and the
+    export then loads without any library outside its folder."""
+    import shutil
+
+    import acttail_export.ops as ops
+    from acttail_export.ops import get_library_path
+    from acttail_export.runtime import LIBRARY_FILE, load_session_options
+
+    custom = tmp_path / "lib" / "my_build_of_ops.so"
+    custom.parent.mkdir()
+    shutil.copyfile(get_library_path(), custom)
+    monkeypatch.setattr(ops, "_PACKAGE_LIB", tmp_path / "missing" / "libacttail_ops.so")
+    monkeypatch.setenv("ACTTAIL_OPS_LIBRARY", str(custom))
+    out = _export(tiny_llama_dir, tmp_path / "fused", sparsity=0.5, kernel="fused", validate=False)
+    assert sorted(p.name for p in out.glob("*.so")) == [LIBRARY_FILE]
+    assert (out / LIBRARY_FILE).read_bytes() == custom.read_bytes()
+    custom.unlink()  # only the export's own copy is left to load
+    monkeypatch.delenv("ACTTAIL_OPS_LIBRARY")
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(out / "model.onnx"), load_session_options(out), providers=["CPUExecutionProvider"])
+
+
 def test_overwrite_replaces_and_validation_failure_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
