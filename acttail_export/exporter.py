@@ -186,8 +186,25 @@ def _make_temp(output_dir: Path, mark: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{mark}{os.getpid()}-", dir=output_dir.parent))
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    """Atomically replace ``output_dir`` by ``tmp`` (an existing folder is moved aside, then deleted)."""
+    """Atomically replace ``output_dir`` by ``tmp`` (an existing folder is moved aside, then deleted).
+
+    ``tmp`` (``mkdtemp``: mode 0700) first gets the mode of a folder made with ``mkdir``: 0777 less the umask.
+    """
+    os.chmod(tmp, 0o777 & ~_umask())
     old = None
     if output_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{OLD_MARK}{os.getpid()}-", dir=output_dir.parent))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -169,6 +171,34 @@ def test_overwrite_replaces_and_validation_failure_leaves_nothing(tiny_llama_dir
         _export(tiny_llama_dir, out, sparsity=0.5, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if ".acttail-" in p.name]
+
+
+def _stub_build(write=None):
+    """A stand-in for exporter._build (the pipeline proper): writes one file into the temp folder, or calls ``write``."""
+    def build(model_ref, tmp, *args, **kwargs):
+        (tmp / "model.onnx").write_bytes(b"stub")
+        if write is not None:
+            write(tmp)
+        return ActTailConfig(target_sparsity=0.5)
+    return build
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_export_folder_gets_the_umask_mode(tiny_llama_dir, tmp_path, monkeypatch, umask_022):
+    import acttail_export.exporter as exporter
+
+    monkeypatch.setattr(exporter, "_build", _stub_build())
+    out = _export(tiny_llama_dir, tmp_path / "out", validate=False)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    # replacing an existing export (--overwrite) too
+    out = _export(tiny_llama_dir, out, validate=False, overwrite=True)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and (out / "model.onnx").read_bytes() == b"stub"
 
 
 def test_compare_logits_is_robust_to_one_flip():
