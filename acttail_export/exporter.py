@@ -135,6 +135,22 @@ def check_kernel(kernel: str) -> str | None:
     return get_library_path()
 
 
+def check_allocation(sparsity: float, allocation: str, mapping: str | None) -> None:
+    """What :func:`allocation.build_config` would refuse after the spectral analysis: a bad mapping, or a target
+    above the largest per-projection budget (``s_max``) of the acttail allocation."""
+    import inspect
+
+    from . import allocation as alloc
+
+    if mapping is not None:
+        alloc.check_mapping(mapping)
+    if allocation == "acttail":
+        s_max = inspect.signature(alloc.build_config).parameters["s_max"].default  # what _build allocates with
+        if sparsity > s_max:
+            raise ActTailError(f"sparsity {sparsity} is above {s_max}, the highest per-projection budget of the acttail "
+                               f"allocation: use --sparsity {s_max} or lower, or --allocation uniform")
+
+
 def check_hub_token(token: str | None) -> str:
     """A Hub token from the option, ``HF_TOKEN`` or the stored login (never logged)."""
     from .hub import resolve_token
@@ -513,6 +529,7 @@ def export(
         raise ActTailError(f"calibration samples must be a positive integer, got {calibration_samples!r}")
     if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 2:
         raise ActTailError(f"sequence length must be an integer >= 2, got {sequence_length!r}")
+    check_allocation(sparsity, allocation, mapping)
     library = check_kernel(kernel)
     check_device(device)
     calibration_path = Path(calibration_data) if calibration_data is not None else DEFAULT_CALIBRATION_DATA
@@ -522,6 +539,10 @@ def export(
     output_dir = check_output_dir(output_dir, overwrite)
     model_ref = resolve_model(model)
     read_text(calibration_path)
+    if push_to_hub:
+        from .hub import check_repo_id
+
+        check_repo_id(push_to_hub)
     hub_token = check_hub_token(token) if push_to_hub else None
     genai = None
     if base == "genai":  # last: it imports the model builder in a subprocess (seconds)

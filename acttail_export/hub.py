@@ -26,6 +26,18 @@ def resolve_token(token: str | None) -> str:
     return found
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub accepts it (``huggingface_hub``'s own rules), else a one-line ActTailError."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ActTailError(f"invalid Hub repo id {repo_id!r}: use NAME or ORG/NAME (letters, digits, '-', '_', '.'; "
+                           f"no '--' or '..'; at most 96 characters), e.g. --push-to-hub me/my-model-acttail") from None
+    return repo_id
+
+
 def _scrub(text: str, token: str) -> str:
     return text.replace(token, "***") if token else text
 
@@ -38,8 +50,7 @@ def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, priv
     folder = Path(folder)
     if not folder.is_dir():
         raise ActTailError(f"{folder} is not a folder: push an existing export folder")
-    if not repo_id or repo_id.count("/") > 1 or repo_id.startswith("/") or repo_id.endswith("/"):
-        raise ActTailError(f"invalid Hub repo id {repo_id!r}: use NAME or ORG/NAME")
+    check_repo_id(repo_id)
     token = resolve_token(token)
     retry = f"the export is kept in {folder}; retry with `huggingface-cli upload {repo_id} {folder} .`"
     api = HfApi(token=token)

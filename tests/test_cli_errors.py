@@ -142,6 +142,15 @@ def test_flag_combinations(tmp_path, capsys, tiny_llama_dir):
     _no_leftovers(out)
 
 
+def test_sparsity_above_the_acttail_limit_fails_before_loading(tmp_path, capsys, tiny_llama_dir, monkeypatch):
+    _no_model_load(monkeypatch)
+    out = tmp_path / "out"
+    last = _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--sparsity", "0.995", *FAST, str(out)),
+                  "sparsity 0.995 is above 0.99", "use --sparsity 0.99 or lower", "--allocation uniform")
+    assert "s_max" not in last  # not a flag the user could pass
+    _no_leftovers(out)
+
+
 # --- calibration data ---------------------------------------------------------------------------
 def test_calibration_file_empty(tmp_path, capsys, tiny_llama_dir):
     (tmp_path / "empty.txt").write_text("  \n")
@@ -248,6 +257,15 @@ def test_hub_push_without_token(tmp_path, tiny_llama_dir):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "", "HF_TOKEN_PATH": str(tmp_path / "hf" / "token")}
     _check(*run_subprocess("--model", str(tiny_llama_dir), "--push-to-hub", "me/tiny", str(out), env=env),
            "needs a token", "--token")
+    _no_leftovers(out)
+
+
+@pytest.mark.parametrize("repo", ["a/b/c", "me/two--dashes", "me/with space"])
+def test_hub_push_invalid_repo_id_fails_before_loading(repo, tmp_path, capsys, tiny_llama_dir, monkeypatch):
+    _no_model_load(monkeypatch)
+    out = tmp_path / "out"
+    _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--push-to-hub", repo, "--token", "hf_dummy", *FAST, str(out)),
+           f"invalid Hub repo id {repo!r}", "use NAME or ORG/NAME")
     _no_leftovers(out)
 
 

@@ -201,6 +201,21 @@ def test_export_folder_gets_the_umask_mode(tiny_llama_dir, tmp_path, monkeypatch
     assert stat.S_IMODE(out.stat().st_mode) == 0o755 and (out / "model.onnx").read_bytes() == b"stub"
 
 
+def test_bad_mapping_through_the_api_fails_before_loading(tiny_llama_dir, tmp_path, monkeypatch):
+    import acttail_export.modeling as modeling
+    from acttail_export.errors import ActTailError
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad mapping was refused")
+    monkeypatch.setattr(modeling, "load_model", refuse)
+    out = tmp_path / "np" / "out"
+    for allocation in ("acttail", "uniform"):
+        with pytest.raises(ActTailError, match="mapping must be one of .*; got 'no-such-mapping'") as err:
+            _export(tiny_llama_dir, out, allocation=allocation, mapping="no-such-mapping")
+        assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_compare_logits_is_robust_to_one_flip():
     from acttail_export.exporter import compare_logits
 

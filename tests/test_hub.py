@@ -154,3 +154,13 @@ def test_push_without_token(export_folder, hub_endpoint, monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     with pytest.raises(ActTailError, match="needs a token: pass --token, set HF_TOKEN"):
         push_to_hub(export_folder, "me/x")
+
+
+@pytest.mark.parametrize("repo", ["a/b/c", "me/two--dashes", "me/with space", "me/-x", ""])
+def test_invalid_repo_id_is_refused_before_any_request(repo, export_folder, hub_endpoint):
+    with FakeHub() as hub:
+        hub_endpoint(hub.url)
+        with pytest.raises(ActTailError, match="invalid Hub repo id .*use NAME or ORG/NAME") as err:
+            push_to_hub(export_folder, repo, token=TOKEN)
+    assert "\n" not in str(err.value)
+    assert hub.auth == [] and hub.repos == {}
