@@ -197,8 +197,32 @@ def _sigterm_as_interrupt():
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the folders this call created, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:  # made by a concurrent run meanwhile: not ours to remove
+            continue
+        created.append(path)
+    return created[::-1]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) as long as they are empty; a folder something else wrote into stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def _make_temp(output_dir: Path, mark: str) -> Path:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{mark}{os.getpid()}-", dir=output_dir.parent))
 
 
@@ -551,15 +575,19 @@ def export(
         genai = check_genai(dtype, device)
 
     clean_stale_temp(output_dir)
-    tmp = _make_temp(output_dir, TMP_MARK)
     previous = _sigterm_as_interrupt()
+    created, tmp = [], None
     try:
+        created = _make_parents(output_dir.parent)  # removed again if the export fails
+        tmp = _make_temp(output_dir, TMP_MARK)
         config = _build(model_ref, tmp, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path,
                         calibration_samples, sequence_length, dtype, device, library, validate, progress, eval_tokens,
                         DEFAULT_EVAL_DATA, push_to_hub, genai)
         _move_into_place(tmp, output_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     finally:
         if previous is not None:

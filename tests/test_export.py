@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from acttail_export.config import CONFIG_NAME, PROJECTION_KINDS, ActTailConfig
-from acttail_export.errors import ExportValidationError
+from acttail_export.errors import ActTailError, ExportValidationError
 
 FAST = dict(calibration_samples=2, sequence_length=32, eval_tokens=128, progress=False)
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived"]
@@ -203,7 +203,6 @@ def test_export_folder_gets_the_umask_mode(tiny_llama_dir, tmp_path, monkeypatch
 
 def test_bad_mapping_through_the_api_fails_before_loading(tiny_llama_dir, tmp_path, monkeypatch):
     import acttail_export.modeling as modeling
-    from acttail_export.errors import ActTailError
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad mapping was refused")
@@ -214,6 +213,27 @@ def test_bad_mapping_through_the_api_fails_before_loading(tiny_llama_dir, tmp_pa
             _export(tiny_llama_dir, out, allocation=allocation, mapping="no-such-mapping")
         assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [ActTailError("calibration failed"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_failed_export_removes_the_parent_folders_it_created(error, tiny_llama_dir, tmp_path, monkeypatch):
+    import acttail_export.exporter as exporter
+
+    def fail(tmp):
+        raise error
+    monkeypatch.setattr(exporter, "_build", _stub_build(fail))
+    with pytest.raises(type(error)):
+        _export(tiny_llama_dir, tmp_path / "np" / "sub" / "exp", validate=False)
+    assert list(tmp_path.iterdir()) == []
+    # a parent that existed before stays; one that something else wrote into during the run stays too
+    (tmp_path / "mine").mkdir()
+    monkeypatch.setattr(exporter, "_build", _stub_build(lambda tmp: ((tmp.parent.parent / "other.txt").write_text("x"), fail(tmp))))
+    with pytest.raises(type(error)):
+        _export(tiny_llama_dir, tmp_path / "mine" / "a" / "b" / "exp", validate=False)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["mine", "mine/a", "mine/a/other.txt"]
+    # a successful export keeps the parents it made
+    monkeypatch.setattr(exporter, "_build", _stub_build())
+    assert (_export(tiny_llama_dir, tmp_path / "ok" / "sub" / "exp", validate=False) / "model.onnx").is_file()
 
 
 def test_compare_logits_is_robust_to_one_flip():
