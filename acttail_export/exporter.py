@@ -7,6 +7,7 @@ was. Temporary folders of killed runs (their PID is gone) are removed at the nex
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -239,12 +240,25 @@ def _umask() -> int:
     return mask
 
 
-def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    """Atomically replace ``output_dir`` by ``tmp`` (an existing folder is moved aside, then deleted).
+def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool = False) -> None:
+    """Rename ``tmp`` to ``output_dir``.
 
-    ``tmp`` (``mkdtemp``: mode 0700) first gets the mode of a folder made with ``mkdir``: 0777 less the umask.
+    Without ``overwrite`` the rename itself is the check that ``output_dir`` is still new or empty: a
+    concurrent run may have written it since the input checks, and ``rename`` onto a non-empty folder
+    (or a file) fails, so that output is never replaced. With ``overwrite`` an existing folder is moved
+    aside, then deleted. ``tmp`` (``mkdtemp``: mode 0700) first gets the mode of a folder made with
+    ``mkdir``: 0777 less the umask.
     """
     os.chmod(tmp, 0o777 & ~_umask())
+    if not overwrite:
+        try:
+            os.rename(tmp, output_dir)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise ActTailError(f"{output_dir} was created by another process during the export and was left as it is: "
+                                   f"choose another OUTPUT_DIR, or pass --overwrite to replace it") from None
+            raise
+        return
     old = None
     if output_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{OLD_MARK}{os.getpid()}-", dir=output_dir.parent))
@@ -583,7 +597,7 @@ def export(
         config = _build(model_ref, tmp, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path,
                         calibration_samples, sequence_length, dtype, device, library, validate, progress, eval_tokens,
                         DEFAULT_EVAL_DATA, push_to_hub, genai)
-        _move_into_place(tmp, output_dir)
+        _move_into_place(tmp, output_dir, overwrite)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -236,6 +236,35 @@ def test_failed_export_removes_the_parent_folders_it_created(error, tiny_llama_d
     assert (_export(tiny_llama_dir, tmp_path / "ok" / "sub" / "exp", validate=False) / "model.onnx").is_file()
 
 
+def test_output_written_meanwhile_is_not_replaced_without_overwrite(tiny_llama_dir, tmp_path, monkeypatch):
+    """Two exports to one new OUTPUT_DIR both pass the early check; the one finishing second must not replace
+    the first one's folder (the final rename re-checks), and must leave no temporary folder."""
+    import acttail_export.exporter as exporter
+
+    out = tmp_path / "out"
+
+    def concurrent_export_finishes(tmp):
+        out.mkdir()
+        (out / "model.onnx").write_text("the other export")
+    monkeypatch.setattr(exporter, "_build", _stub_build(concurrent_export_finishes))
+    with pytest.raises(ActTailError, match="created by another process during the export") as err:
+        _export(tiny_llama_dir, out, validate=False)
+    assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
+    assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_text() == "the other export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    # an empty folder made meanwhile may be used (as the early check allows), and --overwrite replaces a full one
+    import shutil
+
+    shutil.rmtree(out)
+    monkeypatch.setattr(exporter, "_build", _stub_build(lambda tmp: out.mkdir()))
+    assert (_export(tiny_llama_dir, out, validate=False) / "model.onnx").read_bytes() == b"stub"
+    shutil.rmtree(out)
+    monkeypatch.setattr(exporter, "_build", _stub_build(concurrent_export_finishes))
+    assert (_export(tiny_llama_dir, out, validate=False, overwrite=True) / "model.onnx").read_bytes() == b"stub"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_compare_logits_is_robust_to_one_flip():
     from acttail_export.exporter import compare_logits
 
