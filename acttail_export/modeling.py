@@ -128,7 +128,7 @@ def _is_gguf(model_ref: str) -> bool:
 
 def _check_architecture(architectures: list[str] | None, model_type: str | None, where: str) -> str:
     names = list(architectures or [])
-    if not names and model_type in MODEL_TYPE_TO_ARCHITECTURE:
+    if not names and isinstance(model_type, str) and model_type in MODEL_TYPE_TO_ARCHITECTURE:
         names = [MODEL_TYPE_TO_ARCHITECTURE[model_type]]
     for name in names:
         if name in SUPPORTED_ARCHITECTURES:
@@ -137,8 +137,68 @@ def _check_architecture(architectures: list[str] | None, model_type: str | None,
     raise ActTailError(f"{where}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def _read_json_object(path: Path, what: str) -> dict:
+    """``path`` parsed as a JSON object; ActTailError (one line) for unreadable, non-UTF-8, invalid or non-object JSON."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ActTailError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ActTailError(f"{path} is not UTF-8 text (byte {exc.start}): {what} must be a UTF-8 JSON file; re-save the model") from None
+    except json.JSONDecodeError as exc:
+        raise ActTailError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ActTailError(f"{path} holds a JSON {type(data).__name__}, not an object: {what} must be a JSON object; re-save the model")
+    return data
+
+
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_weight_index(folder: str | Path) -> None:
+    """Every shard named in a sharded checkpoint's ``weight_map`` must exist (cheap: reads only the index)."""
+    folder = Path(folder)
+    for name in WEIGHT_INDEX_FILES:
+        index = folder / name
+        if not index.is_file():
+            continue
+        weight_map = _read_json_object(index, "a weight index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ActTailError(f"{index} has no weight_map: the sharded checkpoint is incomplete, re-download or re-save the model")
+        shards = sorted({str(shard) for shard in weight_map.values()})
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ActTailError(f"shard {folder / missing[0]}{more} listed in {name} is missing ({len(shards) - len(missing)} of "
+                               f"{len(shards)} shards present): re-download or re-save the model")
+
+
+def check_weights(folder: str | Path) -> None:
+    """A local HF folder must hold readable weights: every indexed shard present, safetensors headers and sizes intact."""
+    folder = Path(folder)
+    check_weight_index(folder)
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not files:
+        raise ActTailError(f"{folder} has no model weights (*.safetensors or *.bin): save the model with save_pretrained or pass a .gguf file")
+    from safetensors import safe_open
+
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+                if names:
+                    handle.get_slice(names[-1])
+        except Exception as exc:  # safetensors raises its own error type for a bad header / short file
+            raise ActTailError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0][:80]}); re-download or re-save the model") from None
+
+
 def check_model_ref(model_ref: str) -> str:
-    """Validate ``model_ref`` and return its architecture name, reading only config / metadata."""
+    """Validate ``model_ref`` (a local path or a Hub id) and return its architecture name.
+
+    Reads only config / metadata (and the shard index of a sharded checkpoint).
+    """
     model_ref = str(model_ref)
     path = Path(model_ref).expanduser()
     if _is_gguf(model_ref):
@@ -152,11 +212,13 @@ def check_model_ref(model_ref: str) -> str:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ActTailError(f"{model_ref} has no config.json; pass a folder written by save_pretrained, a .gguf file or a Hub id")
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ActTailError(f"{config_file} is not valid JSON ({exc})") from None
-        return _check_architecture(config.get("architectures"), config.get("model_type"), model_ref)
+        config = _read_json_object(config_file, "config.json")
+        architectures = config.get("architectures")
+        if architectures is not None and (not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)):
+            raise ActTailError(f"{config_file}: 'architectures' must be a list of class names, got {architectures!r}")
+        architecture = _check_architecture(architectures, config.get("model_type"), model_ref)
+        check_weight_index(path)
+        return architecture
     if model_ref.startswith((".", "/", "~")) or model_ref.count("/") > 1:
         raise ActTailError(f"model path {model_ref} does not exist; pass an existing folder, a .gguf file or a Hub id like org/name")
     from transformers import AutoConfig
@@ -272,6 +334,8 @@ def load_model(model_ref: str, dtype: str = "fp32", device: str = "cpu") -> tupl
     if dtype == "fp16" and str(device).startswith("cpu"):
         logger.warning("fp16 on CPU is slow and some ops are unsupported; use fp32 on CPU")
     folder = resolve_model_ref(str(model_ref))
+    if Path(folder).is_dir():
+        check_weights(folder)  # one-line error instead of a loader traceback for truncated / missing weights
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     try:
         model.to(device)

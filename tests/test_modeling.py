@@ -84,6 +84,58 @@ def test_bad_dtype(tiny_llama_dir):
         load_model(str(tiny_llama_dir), dtype="bf13")
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"[]", "holds a JSON list, not an object"),
+    (b"null", "holds a JSON NoneType, not an object"),
+    (b'{"architectures": ["LlamaForCausalLM"], "x": "\xe9t\xe9"}', "is not UTF-8 text"),
+    (b'{"architectures": "LlamaForCausalLM"}', "'architectures' must be a list"),
+    (b'{"model_type": ["llama"]}', "unsupported architecture"),
+])
+def test_malformed_config_json_is_a_one_line_error(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    for call in (modeling.check_model_ref, load_model, load_tokenizer):
+        with pytest.raises(ActTailError, match=message) as info:
+            call(str(tmp_path))
+        assert "\n" not in str(info.value)
+
+
+def _sharded_folder(folder: Path, present: list[str], listed: list[str]) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    weight_map = {f"model.layers.{i}.weight": shard for i, shard in enumerate(listed)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for shard in present:
+        (folder / shard).write_bytes(b"")
+    return folder
+
+
+def test_missing_shard_of_a_sharded_checkpoint(tmp_path):
+    listed = ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    folder = _sharded_folder(tmp_path / "m", [listed[0], listed[2]], listed)
+    for call in (modeling.check_model_ref, load_model):
+        with pytest.raises(ActTailError, match=r"shard .*model-00002-of-00003\.safetensors listed in model\.safetensors\.index\.json "
+                                               r"is missing \(2 of 3 shards present\)"):
+            call(str(folder))
+    (folder / listed[1]).write_bytes(b"")
+    assert modeling.check_model_ref(str(folder)) == "LlamaForCausalLM"  # complete: only the index is read here
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ActTailError, match="has no weight_map"):
+        modeling.check_model_ref(str(folder))
+
+
+def test_check_weights_reads_every_indexed_shard(tiny_llama_dir, tmp_path):
+    """A real sharded save passes; truncating one shard is caught by the header / size check."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(folder, max_shard_size="4MB")
+    modeling.check_weights(folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ActTailError, match=f"{shard.name} is truncated or corrupted"):
+        modeling.check_weights(folder)
+
+
 # --- folders ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_mistral_dir"])
 def test_load_folder_matches_transformers(fixture, request):

@@ -1,0 +1,80 @@
+"""Bad input to ``analyze`` / ``evaluate`` (and the model checks ``export`` shares): exit code 2 and one
+line naming the problem and the fix, never a traceback. Companion of test_cli_errors.py (export flags)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from acttail_export.cli import main
+from acttail_export.config import CONFIG_NAME
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def check_one_line(rc: int, err: str, *needles: str) -> str:
+    """Exit code 2, no traceback, exactly one ``acttail-export: error:`` line holding every needle."""
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("acttail-export: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _model_copy(src: Path, dst: Path, config: bytes) -> Path:
+    """``src`` (a tiny HF folder) with ``config.json`` replaced by ``config``."""
+    shutil.copytree(src, dst)
+    (dst / "config.json").write_bytes(config)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama saved as a sharded safetensors checkpoint (index + several shards)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("sharded") / "tiny-sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(folder, max_shard_size="4MB")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert (folder / "model.safetensors.index.json").is_file() and len(shards) >= 2
+    return folder
+
+
+# --- model folders ------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["analyze", "evaluate", "export"])
+def test_sharded_checkpoint_with_a_missing_shard(command, sharded_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded_dir, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[-1]
+    (broken / gone).unlink()
+    extra = {"analyze": ["--no-progress"], "evaluate": ["--no-progress", "--sparsity", "0"],
+             "export": [str(tmp_path / "out")]}[command]
+    check_one_line(*run_cli(capsys, command, "--model", str(broken), *extra), gone, "is missing", "re-download")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_checkpoint_complete_still_loads(sharded_dir, capsys):
+    rc, err = run_cli(capsys, "evaluate", "--model", str(sharded_dir), "--sparsity", "0", "--max-tokens", "64",
+                      "--sequence-length", "32", "--no-progress")
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("content, needles", [
+    (b"[]", ("config.json holds a JSON list, not an object",)),
+    (b'"LlamaForCausalLM"', ("config.json holds a JSON str, not an object",)),
+    (b'{"architectures": ["LlamaForCausalLM"], "name": "\xff\xfe"}', ("config.json is not UTF-8 text", "re-save")),
+])
+@pytest.mark.parametrize("command", ["analyze", "evaluate"])
+def test_config_json_that_is_not_a_utf8_json_object(command, content, needles, tiny_llama_dir, tmp_path, capsys):
+    folder = _model_copy(tiny_llama_dir, tmp_path / "model", content)
+    check_one_line(*run_cli(capsys, command, "--model", str(folder), "--no-progress"), *needles)
