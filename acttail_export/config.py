@@ -157,6 +157,8 @@ class ActTailConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ActTailConfig":
+        if not isinstance(data, dict):
+            raise ActTailError(f"invalid {CONFIG_NAME}: expected a JSON object, got a JSON {type(data).__name__}; re-run the export")
         if data.get("method", "acttail") != "acttail":
             raise ActTailError(f"not an ActTail config (method={data.get('method')!r})")
         known = set(cls.__dataclass_fields__)
@@ -179,9 +181,15 @@ class ActTailConfig:
         if path.is_dir():
             path = path / CONFIG_NAME
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise ActTailError(f"{path} not found: is this an acttail-export output folder?") from None
+        except OSError as exc:
+            raise ActTailError(f"cannot read {path} ({exc.strerror or exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ActTailError(f"{path} is not UTF-8 text (byte {exc.start}): it is corrupted, re-run the export") from None
         except json.JSONDecodeError as exc:
             raise ActTailError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ActTailError(f"{path} holds a JSON {type(data).__name__}, not an object: it is not an ActTail config, re-run the export")
         return cls.from_dict(data)

@@ -72,3 +72,23 @@ def test_invalid_projection_and_files(tmp_path):
 @pytest.mark.parametrize("sparsity, d, expected", [(0.0, 10, 10), (0.5, 10, 5), (0.55, 10, 5), (0.8, 576, 116), (0.99, 100, 1)])
 def test_topk_keep_is_ceil_of_kept_fraction(sparsity, d, expected):
     assert topk_keep(sparsity, d) == expected == math.ceil(round((1 - sparsity) * d, 9))
+
+
+# --- files that are not a JSON object -----------------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    (b"[]", "holds a JSON list, not an object"),
+    (b'"acttail"', "holds a JSON str, not an object"),
+    (b"null", "holds a JSON NoneType, not an object"),
+    (b'{"target_sparsity": 0.5, "model": "caf\xe9"}', "is not UTF-8 text"),
+])
+def test_config_file_that_is_not_a_utf8_json_object(tmp_path, content, message):
+    (tmp_path / CONFIG_NAME).write_bytes(content)
+    with pytest.raises(ActTailError, match=message) as info:
+        ActTailConfig.load(tmp_path)
+    assert "\n" not in str(info.value) and CONFIG_NAME in str(info.value)
+
+
+@pytest.mark.parametrize("data", [[], [["target_sparsity", 0.5]], "x", 3, None])
+def test_from_dict_requires_a_mapping(data):
+    with pytest.raises(ActTailError, match="expected a JSON object"):
+        ActTailConfig.from_dict(data)

@@ -78,3 +78,16 @@ def test_sharded_checkpoint_complete_still_loads(sharded_dir, capsys):
 def test_config_json_that_is_not_a_utf8_json_object(command, content, needles, tiny_llama_dir, tmp_path, capsys):
     folder = _model_copy(tiny_llama_dir, tmp_path / "model", content)
     check_one_line(*run_cli(capsys, command, "--model", str(folder), "--no-progress"), *needles)
+
+
+# --- export folders -----------------------------------------------------------------------------
+@pytest.mark.parametrize("content, needle", [
+    (b"[]", "holds a JSON list, not an object"),
+    (b"42", "holds a JSON int, not an object"),
+    (b'{"target_sparsity": 0.5, "model": "\xff"}', "is not UTF-8 text"),
+])
+def test_acttail_config_that_is_not_a_utf8_json_object(content, needle, tmp_path, capsys):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / CONFIG_NAME).write_bytes(content)
+    check_one_line(*run_cli(capsys, "evaluate", "--model", str(export), "--no-progress"), CONFIG_NAME, needle)
