@@ -51,7 +51,7 @@ def check_device(device: str) -> str:
         if not torch.cuda.is_available():
             raise ActTailError("--device cuda was requested but PyTorch sees no CUDA GPU; use --device cpu")
         return device
-    raise ActTailError(f"device must be cpu or cuda; got {device!r}")
+    raise ActTailError(f"--device must be cpu or cuda; got {device!r}")
 
 
 def export_base_onnx(

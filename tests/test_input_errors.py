@@ -91,3 +91,28 @@ def test_acttail_config_that_is_not_a_utf8_json_object(content, needle, tmp_path
     export.mkdir()
     (export / CONFIG_NAME).write_bytes(content)
     check_one_line(*run_cli(capsys, "evaluate", "--model", str(export), "--no-progress"), CONFIG_NAME, needle)
+
+
+# --- devices ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device, needle", [
+    ("bogus", "--device must be cpu or cuda; got 'bogus'"),
+    ("cuda:x", "--device must be cpu, cuda or cuda:N; got 'cuda:x'"),
+    ("gpu:0", "--device must be cpu, cuda or cuda:N"),
+])
+def test_analyze_unknown_device(device, needle, tiny_llama_dir, capsys, monkeypatch):
+    monkeypatch.setattr("acttail_export.modeling.load_model", _no_load)
+    check_one_line(*run_cli(capsys, "analyze", "--model", str(tiny_llama_dir), "--device", device), needle)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_analyze_cuda_without_a_gpu(device, tiny_llama_dir, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("acttail_export.modeling.load_model", _no_load)
+    check_one_line(*run_cli(capsys, "analyze", "--model", str(tiny_llama_dir), "--device", device),
+                   "PyTorch sees no CUDA GPU", "--device cpu")
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the device must be checked before the model is loaded")

@@ -23,7 +23,8 @@ def register(subparsers) -> None:
                                    description=__doc__.splitlines()[0])
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None, help="HF folder, .gguf file or Hub id (default: the bundled SmolLM2-135M-Instruct)")
-    model.add_argument("--device", default=None, help="device for the SVDs (default: CUDA when available, else CPU)")
+    model.add_argument("--device", default=None, metavar="{cpu,cuda,cuda:N}",
+                       help="device for the SVDs: cpu, cuda or cuda:N (default: CUDA when available, else CPU)")
 
     budget = parser.add_argument_group("budgets")
     budget.add_argument("--sparsity", default="0.5", help="target (parameter-weighted mean) sparsity (default: 0.5)")
@@ -49,6 +50,23 @@ def _output_path(value: str | None, flag: str, suffix: str | None = None) -> Pat
     if suffix and path.suffix.lower() != suffix:
         raise ActTailError(f"{flag} must name a {suffix} file, got {path.name}")
     return path
+
+
+def _check_device(device: str) -> None:
+    """cpu, cuda or cuda:N (a visible GPU), as a one-line ActTailError instead of a torch traceback."""
+    from ..onnx_export import check_device
+
+    kind, colon, index = device.partition(":")
+    if not colon:
+        check_device(device)
+        return
+    if kind != "cuda" or not index.isdigit():
+        raise ActTailError(f"--device must be cpu, cuda or cuda:N; got {device!r}")
+    check_device("cuda")
+    import torch
+
+    if int(index) >= torch.cuda.device_count():
+        raise ActTailError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}")
 
 
 def plot_heatmaps(rows: list[dict], path: Path, title: str) -> None:
@@ -84,6 +102,8 @@ def run(args: argparse.Namespace) -> None:
     mapping = None if args.mapping is None else check_mapping(args.mapping)
     json_path = _output_path(args.json, "--json")
     plot_path = _output_path(args.plot, "--plot", ".png")
+    if args.device is not None:
+        _check_device(args.device)
 
     from ..allocation import build_config
     from ..modeling import default_model_path, load_model
