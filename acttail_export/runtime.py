@@ -9,6 +9,7 @@ library) is an :class:`ActTailError` naming the fix.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -139,6 +140,16 @@ def decoder_feeds(session: "ort.InferenceSession", input_ids: np.ndarray, attent
     return {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
 
 
+def max_positions(export_dir: str | Path) -> int | None:
+    """``max_position_embeddings`` of an export's ``config.json`` (the base model's), None when not recorded."""
+    path = Path(export_dir) / "config.json"
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):  # absent, unreadable, not JSON, not an object: unknown
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def window_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     """Summed next-token NLL of one window (positions 1..L-1) and the number of predicted tokens."""
     logits = logits.astype(np.float64)
@@ -161,6 +172,8 @@ def perplexity_onnx(
 
     from .data import load_windows
 
+    if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 2:
+        raise ActTailError(f"sequence length must be an integer >= 2 to predict a token (--sequence-length), got {sequence_length!r}")
     session = create_session(export_dir, provider)
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
     windows = load_windows(tokenizer, data, sequence_length, max_tokens=max_tokens).numpy()

@@ -116,3 +116,21 @@ def test_analyze_cuda_without_a_gpu(device, tiny_llama_dir, capsys, monkeypatch)
 
 def _no_load(*args, **kwargs):
     raise AssertionError("the device must be checked before the model is loaded")
+
+
+# --- sequence lengths ---------------------------------------------------------------------------
+def test_evaluate_sequence_length_above_the_context(tiny_llama_dir, wikitext_test, capsys):
+    """The tiny model has max_position_embeddings 256: longer windows are refused, not silently extrapolated."""
+    check_one_line(*run_cli(capsys, "evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test),
+                            "--sparsity", "0", "--sequence-length", "300", "--max-tokens", "600", "--no-progress"),
+                   "--sequence-length 300 exceeds", "max_position_embeddings 256", "--sequence-length 256 or less")
+    check_one_line(*run_cli(capsys, "evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test),
+                            "--sparsity", "0.5", "--mode", "threshold", "--calibration-sequence-length", "512",
+                            "--sequence-length", "32", "--max-tokens", "64", "--no-progress"),
+                   "--calibration-sequence-length 512 exceeds", "max_position_embeddings 256")
+
+
+@pytest.mark.parametrize("flag", ["--sequence-length", "--calibration-sequence-length"])
+def test_evaluate_window_of_one_token(flag, tiny_llama_dir, wikitext_test, capsys):
+    check_one_line(*run_cli(capsys, "evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test),
+                            flag, "1", "--no-progress"), f"{flag} must be at least 2")

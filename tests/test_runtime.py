@@ -128,3 +128,35 @@ def test_perplexity_onnx_matches_pytorch_evaluation(exported_threshold, tiny_lla
     got = perplexity_onnx(exported, wikitext_test, sequence_length=64, max_tokens=256, progress=False)
     assert got["tokens"] == want["tokens"] == 256 and got["windows"] == 4
     assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
+
+
+# --- window lengths -----------------------------------------------------------------------------
+def test_perplexity_onnx_needs_windows_of_two_tokens(exported_threshold, wikitext_test):
+    for length in (1, 0, True):
+        with pytest.raises(ActTailError, match="sequence length must be an integer >= 2") as info:
+            perplexity_onnx(exported_threshold, wikitext_test, sequence_length=length, max_tokens=64, progress=False)
+        _one_line(info)
+
+
+@pytest.mark.parametrize("length, needle", [
+    ("1", "--sequence-length must be at least 2"),
+    ("300", "--sequence-length 300 exceeds the context of"),  # the tiny model has max_position_embeddings 256
+])
+def test_evaluate_onnxruntime_bad_window_length(exported_threshold, wikitext_test, capsys, length, needle):
+    from acttail_export.cli import main
+
+    code = main(["evaluate", "--model", str(exported_threshold), "--backend", "onnxruntime", "--data", str(wikitext_test),
+                 "--sequence-length", length, "--max-tokens", "600", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("acttail-export: error: ") and needle in line
+
+
+def test_max_positions_of_an_export(exported_threshold, tmp_path):
+    from acttail_export.runtime import max_positions
+
+    assert max_positions(exported_threshold) == 256
+    assert max_positions(tmp_path) is None  # no config.json: unknown, not an error
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert max_positions(tmp_path) is None

@@ -84,6 +84,26 @@ def _positive_int(value: str | int | None, flag: str) -> int | None:
     return number
 
 
+def _window_length(value: str | int | None, flag: str) -> int:
+    """A window length: an integer >= 2 (position 0 predicts nothing, so 1 would score no token)."""
+    number = _positive_int(value, flag)
+    if number < 2:
+        raise ActTailError(f"{flag} must be at least 2 (a window of 1 token has no next token to predict), got {value!r}")
+    return number
+
+
+def _check_context(length: int, limit: int | None, flag: str, where: str) -> None:
+    """ActTailError when windows of ``length`` tokens exceed the model's ``max_position_embeddings`` (if known)."""
+    if limit is not None and length > limit:
+        raise ActTailError(f"{flag} {length} exceeds the context of {where} (max_position_embeddings {limit}): "
+                           f"use {flag} {limit} or less")
+
+
+def _model_context(model) -> int | None:
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _sparsities(values) -> list[float]:
     out: list[float] = []
     for value in values:
@@ -119,7 +139,7 @@ def run(args: argparse.Namespace) -> None:
     progress = not args.no_progress
     data = Path(args.data) if args.data else DEFAULT_EVAL_DATA
     read_text(data)  # fail fast on a bad file, before loading anything heavy
-    sequence_length = _positive_int(args.sequence_length, "--sequence-length")
+    sequence_length = _window_length(args.sequence_length, "--sequence-length")
     max_tokens = _positive_int(args.max_tokens, "--max-tokens")
     batch_size = _positive_int(args.batch_size, "--batch-size")
     json_path = _check_json_target(args.json)
@@ -137,7 +157,7 @@ def run(args: argparse.Namespace) -> None:
         modes = args.mode or ["topk"]
         calibration_data = Path(args.calibration_data) if args.calibration_data else DEFAULT_CALIBRATION_DATA
         calibration_samples = _positive_int(args.calibration_samples, "--calibration-samples")
-        calibration_length = _positive_int(args.calibration_sequence_length, "--calibration-sequence-length")
+        calibration_length = _window_length(args.calibration_sequence_length, "--calibration-sequence-length")
         if "threshold" in modes and any(s > 0 for s in sparsities):
             read_text(calibration_data)
         epsilon = None if args.epsilon is None else check_epsilon(_float(args.epsilon, "--epsilon"))
@@ -175,8 +195,9 @@ def _evaluate_export(args, export_dir: Path, data: Path, sequence_length: int, m
     if args.sparsity or args.allocation or args.mode:
         logger.info("%s is an export folder: evaluating its recorded config (--sparsity/--allocation/--mode ignored)", export_dir)
     if args.backend == "onnxruntime":
-        from ..runtime import perplexity_onnx
+        from ..runtime import max_positions, perplexity_onnx
 
+        _check_context(sequence_length, max_positions(export_dir), "--sequence-length", str(export_dir))
         result = perplexity_onnx(export_dir, data, sequence_length, max_tokens, progress=progress)
         result.setdefault("effective_sparsity", config.effective_sparsity)
     else:
@@ -186,6 +207,7 @@ def _evaluate_export(args, export_dir: Path, data: Path, sequence_length: int, m
         if not config.model:
             raise ActTailError(f"{export_dir / CONFIG_NAME} records no base model ('model' field): re-export it")
         model, tokenizer = load_model(config.model, args.dtype, args.device)
+        _check_context(sequence_length, _model_context(model), "--sequence-length", config.model)
         result = perplexity(model, tokenizer, data, sequence_length, max_tokens, config=config, mode=config.mode,
                             progress=progress, batch_size=batch_size)
     allocation = config.allocation if config.target_sparsity > 0 else "dense"
@@ -227,7 +249,11 @@ def evaluate_base(
 
     model_ref = model_ref or default_model_path()
     model, tokenizer = load_model(model_ref, dtype, device)
+    context = _model_context(model)
+    _check_context(sequence_length, context, "--sequence-length", model_ref)
     windows = load_windows(tokenizer, data, sequence_length, max_tokens=max_tokens)
+    if "threshold" in modes and any(s > 0 for s in sparsities):
+        _check_context(calibration_sequence_length, context, "--calibration-sequence-length", model_ref)
     records: list[dict[str, Any]] = []
     if 0.0 in sparsities:
         records.append(_record("dense", 0.0, "dense", "torch", perplexity_windows(model, windows, progress=progress, batch_size=batch_size)))
