@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,14 @@ class ActTailConfig:
             raise ActTailError(f"invalid {CONFIG_NAME}: {exc}") from None
 
     def save(self, directory: str | Path) -> Path:
+        """Write ``directory/acttail_config.json``.
+
+        A relative local path in ``model`` or ``calibration.data`` is made absolute first (in ``self``
+        too): the file is read from other working directories (``evaluate --model EXPORT``), where a
+        relative path would name nothing, or a Hub repository.
+        """
+        self.model = _absolute_if_local(self.model)
+        self.calibration.data = _absolute_if_local(self.calibration.data)
         path = Path(directory) / CONFIG_NAME
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
@@ -193,3 +202,13 @@ class ActTailConfig:
         if not isinstance(data, dict):
             raise ActTailError(f"{path} holds a JSON {type(data).__name__}, not an object: it is not an ActTail config, re-run the export")
         return cls.from_dict(data)
+
+
+def _absolute_if_local(ref: str | None) -> str | None:
+    """``ref`` as an absolute path when it is a relative path that exists here; otherwise unchanged (Hub ids, absolute paths)."""
+    if not ref or not isinstance(ref, str):
+        return ref
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return str(path) if ref.startswith("~") else ref
+    return os.path.abspath(path) if path.exists() else ref

@@ -230,6 +230,34 @@ def check_model_ref(model_ref: str) -> str:
     return _check_architecture(getattr(config, "architectures", None), getattr(config, "model_type", None), model_ref)
 
 
+def _local_path(model_ref: str) -> Path | None:
+    """The absolute, normalized path ``model_ref`` names when it exists locally, else None (a Hub id).
+
+    ``os.path.abspath`` rather than ``Path.resolve``: symlinks are kept (a GGUF in the Hub cache is a
+    symlink to a blob without the ``.gguf`` suffix).
+    """
+    path = Path(model_ref).expanduser()
+    return Path(os.path.abspath(path)) if path.exists() else None
+
+
+def resolve_model(model: str | Path | None) -> str:
+    """The reference to record and load: a local path made absolute, a Hub id unchanged.
+
+    Checks everything that is cheap (architecture, and for a local folder its weights), so that the
+    result can be written into ``acttail_config.json`` and used from any working directory.
+    """
+    if model is None or str(model).strip() == "":
+        raise ActTailError("no model given: pass --model PATH_OR_HUB_ID (or --model smollm2 for the bundled SmolLM2-135M)")
+    ref = str(model)
+    check_model_ref(ref)
+    local = _local_path(ref)
+    if local is None:
+        return ref
+    if local.is_dir():
+        check_weights(local)
+    return str(local)
+
+
 # --------------------------------------------------------------------------------------------
 # GGUF cache
 # --------------------------------------------------------------------------------------------
@@ -292,11 +320,14 @@ def materialize_gguf(path: str | Path) -> Path:
 
 
 def resolve_model_ref(model_ref: str) -> str:
-    """Folder / Hub id that ``from_pretrained`` can read: a GGUF is replaced by its cache folder."""
+    """Folder / Hub id that ``from_pretrained`` can read: a GGUF is replaced by its cache folder,
+    a local folder by its absolute path (so ``config._name_or_path`` does not depend on the working directory)."""
+    model_ref = str(model_ref)
     check_model_ref(model_ref)
-    if _is_gguf(str(model_ref)):
+    if _is_gguf(model_ref):
         return str(materialize_gguf(model_ref))
-    return str(Path(model_ref).expanduser()) if Path(model_ref).expanduser().exists() else str(model_ref)
+    local = _local_path(model_ref)
+    return str(local) if local is not None else model_ref
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -190,4 +191,4 @@ def perplexity_onnx(
     ppl = math.exp(total / count)
     logger.info("onnxruntime perplexity %.3f on %d windows of %d tokens", ppl, len(windows), sequence_length)
     return {"perplexity": ppl, "tokens": int(windows.size), "windows": len(windows), "sequence_length": sequence_length,
-            "data": str(data), "backend": f"onnxruntime/{provider}"}
+            "data": os.path.abspath(data), "backend": f"onnxruntime/{provider}"}

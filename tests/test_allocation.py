@@ -279,3 +279,15 @@ def test_analyze_command_errors(tiny_llama_dir, argv, match, capsys):
     err = capsys.readouterr().err
     assert "error:" in err and len(err.strip().splitlines()) == 1
     assert match in err
+
+
+def test_analyze_command_records_the_model_path_absolute(tiny_llama_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from acttail_export.cli import main
+
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    json_path = tmp_path / "rel.json"
+    assert main(["analyze", "--model", tiny_llama_dir.name, "--json", str(json_path), "--no-progress"]) == 0
+    recorded = json.loads(json_path.read_text())["model"]
+    assert Path(recorded).is_absolute() and Path(recorded).resolve() == tiny_llama_dir.resolve()

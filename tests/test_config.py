@@ -92,3 +92,28 @@ def test_config_file_that_is_not_a_utf8_json_object(tmp_path, content, message):
 def test_from_dict_requires_a_mapping(data):
     with pytest.raises(ActTailError, match="expected a JSON object"):
         ActTailConfig.from_dict(data)
+
+
+# --- recorded paths -----------------------------------------------------------------------------
+def test_save_records_local_paths_absolute(tmp_path, monkeypatch):
+    """``evaluate --model EXPORT`` reads the file from any working directory: relative paths would name nothing there."""
+    from pathlib import Path
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "calib.txt").write_text("text")
+    monkeypatch.chdir(tmp_path)
+    config = _config()
+    config.model = "models/tiny"
+    config.calibration.data = "calib.txt"
+    config.save(tmp_path / "models")
+    saved = json.loads((tmp_path / "models" / CONFIG_NAME).read_text())
+    for recorded, path in ((saved["model"], tmp_path / "models" / "tiny"), (saved["calibration"]["data"], tmp_path / "calib.txt")):
+        assert Path(recorded).is_absolute() and Path(recorded).resolve() == path.resolve()
+    monkeypatch.chdir("/")
+    loaded = ActTailConfig.load(tmp_path / "models" / CONFIG_NAME)
+    assert loaded.model == saved["model"] and loaded == config
+    # Hub ids, placeholders and absolute paths are kept as given
+    for ref in ("HuggingFaceTB/SmolLM2-135M", "<token windows>", str(tmp_path / "gone"), None):
+        config.model = config.calibration.data = ref
+        config.save(tmp_path)
+        assert ActTailConfig.load(tmp_path).model == ref and ActTailConfig.load(tmp_path).calibration.data == ref

@@ -175,3 +175,28 @@ def test_cli_export_folder_onnxruntime_matches_torch(tiny_llama_dir, wikitext_te
     assert results["onnxruntime"]["perplexity"] == pytest.approx(results["torch"]["perplexity"], rel=1e-3)
     assert results["onnxruntime"]["tokens"] == results["torch"]["tokens"] == 96
     assert (results["onnxruntime"]["mode"], results["onnxruntime"]["sparsity"]) == ("threshold", 0.6)
+
+
+def test_export_from_a_relative_path_evaluates_from_another_directory(tiny_llama_dir, wikitext_valid, wikitext_test,
+                                                                       tmp_path, capsys, monkeypatch):
+    """acttail_config.json records the base model (and calibration text) absolute, so that
+    ``evaluate --model EXPORT`` works from any working directory instead of failing (or fetching a Hub repo)."""
+    import os
+    import shutil
+
+    from acttail_export.exporter import export
+
+    calibration = tmp_path / "calib.txt"
+    shutil.copy(wikitext_valid, calibration)
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    folder = export(tiny_llama_dir.name, tmp_path / "exp", sparsity=0.5, calibration_samples=2, sequence_length=32,
+                    calibration_data=os.path.relpath(calibration), validate=False, progress=False)
+    recorded = json.loads((folder / "acttail_config.json").read_text())
+    for ref, path in ((recorded["model"], tiny_llama_dir), (recorded["calibration"]["data"], calibration)):
+        assert os.path.isabs(ref) and os.path.samefile(ref, path), (ref, path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(["evaluate", "--model", str(folder), "--data", str(wikitext_test), "--max-tokens", "64",
+                            "--sequence-length", "32", "--no-progress"], capsys)
+    assert code == 0, err

@@ -112,7 +112,7 @@ def _sharded_folder(folder: Path, present: list[str], listed: list[str]) -> Path
 def test_missing_shard_of_a_sharded_checkpoint(tmp_path):
     listed = ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
     folder = _sharded_folder(tmp_path / "m", [listed[0], listed[2]], listed)
-    for call in (modeling.check_model_ref, load_model):
+    for call in (modeling.check_model_ref, modeling.resolve_model, load_model):
         with pytest.raises(ActTailError, match=r"shard .*model-00002-of-00003\.safetensors listed in model\.safetensors\.index\.json "
                                                r"is missing \(2 of 3 shards present\)"):
             call(str(folder))
@@ -134,6 +134,34 @@ def test_check_weights_reads_every_indexed_shard(tiny_llama_dir, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(ActTailError, match=f"{shard.name} is truncated or corrupted"):
         modeling.check_weights(folder)
+
+
+# --- recorded references ---------------------------------------------------------------------
+def test_relative_local_paths_resolve_to_absolute(tiny_llama_dir, monkeypatch):
+    """What gets recorded must not depend on the working directory (nor become a Hub id elsewhere)."""
+    import os
+
+    def names_the_model(ref: str) -> bool:
+        return os.path.isabs(ref) and os.path.normpath(ref) == ref and Path(ref).resolve() == tiny_llama_dir.resolve()
+
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    relative = tiny_llama_dir.name
+    assert names_the_model(modeling.resolve_model(relative))
+    assert names_the_model(modeling.resolve_model(f"./{relative}/../{relative}"))
+    assert names_the_model(modeling.resolve_model_ref(relative))
+    model, _ = load_model(relative)
+    assert names_the_model(model.config._name_or_path)
+    from acttail_export.allocation import build_config
+
+    assert names_the_model(build_config(model, 0.5, allocation="uniform").model)
+
+
+def test_resolve_model_keeps_hub_ids_and_rejects_empty(monkeypatch):
+    monkeypatch.setattr(modeling, "check_model_ref", lambda ref: "LlamaForCausalLM")  # no network
+    assert modeling.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    for empty in (None, "", "  "):
+        with pytest.raises(ActTailError, match="no model given"):
+            modeling.resolve_model(empty)
 
 
 # --- folders ---------------------------------------------------------------------------------

@@ -138,6 +138,15 @@ def test_perplexity_onnx_needs_windows_of_two_tokens(exported_threshold, wikitex
         _one_line(info)
 
 
+def test_perplexity_onnx_records_the_data_path_absolute(exported_threshold, wikitext_test, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(wikitext_test.parent)
+    result = perplexity_onnx(exported_threshold, wikitext_test.name, sequence_length=32, max_tokens=64, progress=False)
+    assert Path(result["data"]).is_absolute() and Path(result["data"]).resolve() == wikitext_test.resolve()
+    assert result["tokens"] == 64
+
+
 @pytest.mark.parametrize("length, needle", [
     ("1", "--sequence-length must be at least 2"),
     ("300", "--sequence-length 300 exceeds the context of"),  # the tiny model has max_position_embeddings 256

@@ -106,10 +106,10 @@ def run(args: argparse.Namespace) -> None:
         _check_device(args.device)
 
     from ..allocation import build_config
-    from ..modeling import default_model_path, load_model
+    from ..modeling import default_model_path, load_model, resolve_model
     from ..spectral import analyze_model
 
-    model_ref = args.model or default_model_path()
+    model_ref = resolve_model(args.model or default_model_path())  # local paths absolute
     model, _ = load_model(model_ref)
     fits = analyze_model(model, device=args.device, progress=not args.no_progress)
     config = build_config(model, sparsity, allocation=args.allocation, epsilon=epsilon, mapping=mapping, fits=fits)

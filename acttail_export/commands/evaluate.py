@@ -244,10 +244,10 @@ def evaluate_base(
     from ..calibration import calibrate_many
     from ..data import load_windows
     from ..evaluation import perplexity_windows
-    from ..modeling import default_model_path, load_model
+    from ..modeling import default_model_path, load_model, resolve_model
     from ..spectral import analyze_model
 
-    model_ref = model_ref or default_model_path()
+    model_ref = resolve_model(model_ref or default_model_path())  # a local path absolute
     model, tokenizer = load_model(model_ref, dtype, device)
     context = _model_context(model)
     _check_context(sequence_length, context, "--sequence-length", model_ref)
