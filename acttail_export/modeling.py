@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: ``--model`` names (case-insensitive) that stand for the bundled model (:func:`default_model_path`).
+MODEL_ALIASES = ("smollm2",)
 DTYPES = ("fp32", "fp16")
 #: GGUF ``general.architecture`` / HF ``model_type`` -> transformers class name.
 MODEL_TYPE_TO_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -137,6 +139,12 @@ def _check_architecture(architectures: list[str] | None, model_type: str | None,
     raise ActTailError(f"{where}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def expand_model_alias(model_ref: str | Path) -> str:
+    """``smollm2`` (any case) -> the bundled SmolLM2 GGUF (:func:`default_model_path`); anything else unchanged."""
+    ref = str(model_ref)
+    return default_model_path() if ref.strip().lower() in MODEL_ALIASES else ref
+
+
 def _read_json_object(path: Path, what: str) -> dict:
     """``path`` parsed as a JSON object; ActTailError (one line) for unreadable, non-UTF-8, invalid or non-object JSON."""
     try:
@@ -195,11 +203,11 @@ def check_weights(folder: str | Path) -> None:
 
 
 def check_model_ref(model_ref: str) -> str:
-    """Validate ``model_ref`` (a local path or a Hub id) and return its architecture name.
+    """Validate ``model_ref`` (an alias, a local path or a Hub id) and return its architecture name.
 
     Reads only config / metadata (and the shard index of a sharded checkpoint).
     """
-    model_ref = str(model_ref)
+    model_ref = expand_model_alias(model_ref)
     path = Path(model_ref).expanduser()
     if _is_gguf(model_ref):
         if not path.is_file():
@@ -241,14 +249,14 @@ def _local_path(model_ref: str) -> Path | None:
 
 
 def resolve_model(model: str | Path | None) -> str:
-    """The reference to record and load: a local path made absolute, a Hub id unchanged.
+    """The reference to record and load: alias expanded, a local path made absolute, a Hub id unchanged.
 
     Checks everything that is cheap (architecture, and for a local folder its weights), so that the
     result can be written into ``acttail_config.json`` and used from any working directory.
     """
     if model is None or str(model).strip() == "":
         raise ActTailError("no model given: pass --model PATH_OR_HUB_ID (or --model smollm2 for the bundled SmolLM2-135M)")
-    ref = str(model)
+    ref = expand_model_alias(model)
     check_model_ref(ref)
     local = _local_path(ref)
     if local is None:
@@ -320,9 +328,9 @@ def materialize_gguf(path: str | Path) -> Path:
 
 
 def resolve_model_ref(model_ref: str) -> str:
-    """Folder / Hub id that ``from_pretrained`` can read: a GGUF is replaced by its cache folder,
+    """Folder / Hub id that ``from_pretrained`` can read: a GGUF (or alias) is replaced by its cache folder,
     a local folder by its absolute path (so ``config._name_or_path`` does not depend on the working directory)."""
-    model_ref = str(model_ref)
+    model_ref = expand_model_alias(model_ref)
     check_model_ref(model_ref)
     if _is_gguf(model_ref):
         return str(materialize_gguf(model_ref))
@@ -337,7 +345,7 @@ def load_tokenizer(model_ref: str) -> "PreTrainedTokenizerBase":
     """Tokenizer of ``model_ref`` (GGUF special-token / add_bos fixes applied)."""
     from transformers import AutoTokenizer
 
-    model_ref = str(model_ref)
+    model_ref = expand_model_alias(model_ref)
     check_model_ref(model_ref)
     if _is_gguf(model_ref):
         path = Path(model_ref).expanduser().resolve()

@@ -281,6 +281,20 @@ def test_analyze_command_errors(tiny_llama_dir, argv, match, capsys):
     assert match in err
 
 
+def test_analyze_command_smollm2_alias(tiny_llama_dir, tmp_path, monkeypatch):
+    """``--model smollm2`` is the bundled model in analyze too (a stand-in replaces the 135M here)."""
+    from pathlib import Path
+
+    from acttail_export import modeling
+    from acttail_export.cli import main
+
+    monkeypatch.setattr(modeling, "default_model_path", lambda: str(tiny_llama_dir))
+    json_path = tmp_path / "alias.json"
+    assert main(["analyze", "--model", "smollm2", "--json", str(json_path), "--no-progress"]) == 0
+    data = json.loads(json_path.read_text())
+    assert Path(data["model"]).resolve() == tiny_llama_dir.resolve() and len(data["projections"]) == 14
+
+
 def test_analyze_command_records_the_model_path_absolute(tiny_llama_dir, tmp_path, monkeypatch):
     from pathlib import Path
 

@@ -200,3 +200,16 @@ def test_export_from_a_relative_path_evaluates_from_another_directory(tiny_llama
     code, _, err = run_cli(["evaluate", "--model", str(folder), "--data", str(wikitext_test), "--max-tokens", "64",
                             "--sequence-length", "32", "--no-progress"], capsys)
     assert code == 0, err
+
+
+def test_cli_smollm2_alias(tiny_llama_dir, wikitext_test, tmp_path, capsys, monkeypatch):
+    """``--model smollm2`` is the bundled model in evaluate too (a stand-in replaces the 135M here)."""
+    from acttail_export import modeling
+
+    monkeypatch.setattr(modeling, "default_model_path", lambda: str(tiny_llama_dir))
+    out = tmp_path / "alias.json"
+    code, _, err = run_cli(["evaluate", "--model", "SmolLM2", "--data", str(wikitext_test), "--sparsity", "0",
+                            "--max-tokens", "64", "--sequence-length", "32", "--json", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    (record,) = json.loads(out.read_text())["results"]
+    assert record["allocation"] == "dense" and record["tokens"] == 64

@@ -136,7 +136,23 @@ def test_check_weights_reads_every_indexed_shard(tiny_llama_dir, tmp_path):
         modeling.check_weights(folder)
 
 
-# --- recorded references ---------------------------------------------------------------------
+# --- the smollm2 alias and recorded references ------------------------------------------------
+def test_smollm2_alias_is_resolved_by_modeling():
+    """analyze / evaluate reach the model through modeling: the alias must work there, not only in export."""
+    for alias in ("smollm2", "SmolLM2", " smollm2 "):
+        assert modeling.expand_model_alias(alias) == default_model_path()
+    assert modeling.expand_model_alias("smollm2-135m") == "smollm2-135m"
+    assert modeling.check_model_ref("SmolLM2") == "LlamaForCausalLM"
+    assert modeling.resolve_model("smollm2") == default_model_path()
+
+
+def test_alias_resolution_reaches_load_model(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(modeling, "default_model_path", lambda: str(tiny_llama_dir))
+    model, tokenizer = load_model("smollm2")
+    assert model.config.hidden_size == 64 and tokenizer.eos_token_id == 2
+    assert modeling.resolve_model_ref("SMOLLM2") == str(tiny_llama_dir)
+
+
 def test_relative_local_paths_resolve_to_absolute(tiny_llama_dir, monkeypatch):
     """What gets recorded must not depend on the working directory (nor become a Hub id elsewhere)."""
     import os

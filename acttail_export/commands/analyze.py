@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("analyze", help="HT-SR alphas and sparsity budgets of every projection",
                                    description=__doc__.splitlines()[0])
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=None, help="HF folder, .gguf file or Hub id (default: the bundled SmolLM2-135M-Instruct)")
+    model.add_argument("--model", default=None,
+                       help="HF folder, .gguf file, Hub id, or 'smollm2' for the bundled SmolLM2-135M-Instruct (the default)")
     model.add_argument("--device", default=None, metavar="{cpu,cuda,cuda:N}",
                        help="device for the SVDs: cpu, cuda or cuda:N (default: CUDA when available, else CPU)")
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
     from ..modeling import default_model_path, load_model, resolve_model
     from ..spectral import analyze_model
 
-    model_ref = resolve_model(args.model or default_model_path())  # local paths absolute
+    model_ref = resolve_model(args.model or default_model_path())  # alias expanded, local paths absolute
     model, _ = load_model(model_ref)
     fits = analyze_model(model, device=args.device, progress=not args.no_progress)
     config = build_config(model, sparsity, allocation=args.allocation, epsilon=epsilon, mapping=mapping, fits=fits)

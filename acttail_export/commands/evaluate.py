@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
-                       help="HF folder, .gguf file, Hub id, or an acttail-export output folder (default: the bundled SmolLM2-135M-Instruct)")
+                       help="HF folder, .gguf file, Hub id, 'smollm2' for the bundled SmolLM2-135M-Instruct (the default), "
+                            "or an acttail-export output folder")
     model.add_argument("--backend", default="torch", choices=BACKENDS,
                        help="torch: PyTorch sparse reference; onnxruntime: run an export folder (default: torch)")
     model.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="PyTorch weights dtype (default: fp32)")
@@ -247,7 +248,7 @@ def evaluate_base(
     from ..modeling import default_model_path, load_model, resolve_model
     from ..spectral import analyze_model
 
-    model_ref = resolve_model(model_ref or default_model_path())  # a local path absolute
+    model_ref = resolve_model(model_ref or default_model_path())  # alias expanded, a local path absolute
     model, tokenizer = load_model(model_ref, dtype, device)
     context = _model_context(model)
     _check_context(sequence_length, context, "--sequence-length", model_ref)
