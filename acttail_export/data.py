@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,13 +24,51 @@ DEFAULT_EVAL_DATA = _WIKITEXT / "wiki.test.raw"
 _CHARS_PER_TOKEN = 6
 
 
-def read_text(path: str | Path | None) -> str:
-    """Read a UTF-8 text file; ActTailError for a missing, empty or binary file."""
+@dataclass(frozen=True)
+class DataFlags:
+    """The command-line flags that error messages name, so that each caller's messages name its own flags.
+
+    The defaults are those of ``export`` (calibration: ``--calibration-data``, ``--calibration-samples``,
+    ``--sequence-length``) and of ``evaluate``'s evaluation text (``--data``, ``--max-tokens``,
+    ``--sequence-length``). ``data=None``: named from the file when it is a default WikiText-2 file.
+    """
+
+    data: str | None = None
+    sequence_length: str = "--sequence-length"
+    samples: str = "--calibration-samples"
+    max_tokens: str = "--max-tokens"
+
+
+#: ``evaluate``'s evaluation text.
+EVALUATE_DATA_FLAGS = DataFlags(data="--data")
+#: ``evaluate``'s calibration text (threshold mode).
+EVALUATE_CALIBRATION_FLAGS = DataFlags(data="--calibration-data", sequence_length="--calibration-sequence-length")
+#: ``export``'s calibration text.
+EXPORT_CALIBRATION_FLAGS = DataFlags(data="--calibration-data")
+
+
+def _file_flag(path: Path | None, flags: DataFlags) -> str | None:
+    if flags.data is not None:
+        return flags.data
+    if path is not None and path == DEFAULT_CALIBRATION_DATA:
+        return "--calibration-data"
+    if path is not None and path == DEFAULT_EVAL_DATA:
+        return "--data"
+    return None
+
+
+def read_text(path: str | Path | None, flags: DataFlags = DataFlags()) -> str:
+    """Read a UTF-8 text file; ActTailError for a missing, empty or binary file (naming ``flags.data``)."""
     if path is None:
-        raise ActTailError("no data file given: pass --data FILE (a UTF-8 text file, e.g. wiki.valid.raw)")
+        flag = _file_flag(None, flags)
+        raise ActTailError(f"no data file given: pass {flag + ' FILE' if flag else 'the path of'} a UTF-8 text file (e.g. wiki.valid.raw)")
     path = Path(path)
+    flag = _file_flag(path, flags)
     if not path.exists():
-        raise ActTailError(f"data file {path} not found: pass an existing UTF-8 text file")
+        if path in (DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA):
+            raise ActTailError(f"the default text {path} (WikiText-2, raw) is not there: pass {flag or 'another'} FILE "
+                               f"(a UTF-8 text file) or put WikiText-2 in {path.parent}")
+        raise ActTailError(f"{flag or 'data file'} {path} not found: pass an existing UTF-8 text file")
     if path.is_dir():
         raise ActTailError(f"data file {path} is a directory: pass a UTF-8 text file")
     raw = path.read_bytes()
@@ -62,12 +101,14 @@ def token_windows(
     sequence_length: int,
     max_tokens: int | None = None,
     samples: int | None = None,
+    flags: DataFlags = DataFlags(),
 ) -> torch.LongTensor:
     """Tokenize ``text`` once and return non-overlapping windows ``[n, sequence_length]``.
 
     ``samples`` asks for exactly that many windows (ActTailError if the text is too short);
     ``max_tokens`` caps the total (n = max_tokens // sequence_length, at least one window).
     Without either, all complete windows are returned. A trailing partial window is dropped.
+    Error messages name the caller's ``flags``.
     """
     _check_positive(sequence_length, "sequence length")
     _check_positive(max_tokens, "max tokens")
@@ -75,7 +116,7 @@ def token_windows(
     if max_tokens is not None and max_tokens < sequence_length:
         raise ActTailError(
             f"max tokens ({max_tokens}) is smaller than the sequence length ({sequence_length}): "
-            "raise --max-tokens or lower --sequence-length"
+            f"raise {flags.max_tokens} or lower {flags.sequence_length}"
         )
     wanted = None
     if max_tokens is not None:
@@ -96,14 +137,18 @@ def token_windows(
             chars *= 2
     n = len(ids) // sequence_length
     if samples is not None and n < wanted:
-        raise ActTailError(
-            f"text has {len(ids)} tokens, too short for {samples} samples of {sequence_length} tokens: "
-            f"use at most {n} samples, a shorter sequence length, or a longer file"
-        )
+        if n:
+            fix = f"use at most {n} samples ({flags.samples} {n}), a smaller {flags.sequence_length}, or a longer file"
+        elif len(ids) >= 2:
+            fewer = f" and fewer samples ({flags.samples})" if samples > 1 else ""
+            fix = f"use at most {len(ids)} tokens per window (a smaller {flags.sequence_length}){fewer}, or a longer file"
+        else:
+            fix = "use a longer file"
+        raise ActTailError(f"text has {len(ids)} tokens, too short for {samples} samples of {sequence_length} tokens: {fix}")
     if n == 0:
         raise ActTailError(
             f"text has {len(ids)} tokens, fewer than one window of {sequence_length}: "
-            "lower --sequence-length or use a longer file"
+            f"lower {flags.sequence_length} or use a longer file"
         )
     if wanted is not None:
         n = min(n, wanted)
@@ -118,7 +163,8 @@ def load_windows(
     sequence_length: int,
     max_tokens: int | None = None,
     samples: int | None = None,
+    flags: DataFlags = DataFlags(),
 ) -> torch.LongTensor:
-    """``token_windows(tokenizer, read_text(path), ...)``."""
-    return token_windows(tokenizer, read_text(path), sequence_length, max_tokens=max_tokens, samples=samples)
+    """``token_windows(tokenizer, read_text(path), ...)``; error messages name ``flags``."""
+    return token_windows(tokenizer, read_text(path, flags), sequence_length, max_tokens=max_tokens, samples=samples, flags=flags)
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acttail_export.data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, read_text, token_windows
+from acttail_export import data
+from acttail_export.data import (
+    DEFAULT_CALIBRATION_DATA,
+    DEFAULT_EVAL_DATA,
+    EVALUATE_CALIBRATION_FLAGS,
+    EVALUATE_DATA_FLAGS,
+    EXPORT_CALIBRATION_FLAGS,
+    DataFlags,
+    read_text,
+    token_windows,
+)
 from acttail_export.errors import ActTailError
 
 
@@ -80,6 +90,57 @@ def test_windows_too_short():
         token_windows(WordTokenizer(), text, sequence_length=0)
     with pytest.raises(ActTailError, match="smaller than the sequence length"):
         token_windows(WordTokenizer(), text, sequence_length=4, max_tokens=2)
+
+
+# --- error messages name the caller's real flags -----------------------------------------------
+def test_no_file_names_the_flag_not_a_nonexistent_one():
+    with pytest.raises(ActTailError) as info:
+        read_text(None)
+    assert "--data" not in str(info.value)  # export has no --data flag; only the caller knows its flag
+    with pytest.raises(ActTailError, match="pass --calibration-data FILE"):
+        read_text(None, EXPORT_CALIBRATION_FLAGS)
+    with pytest.raises(ActTailError, match="pass --data FILE"):
+        read_text(None, EVALUATE_DATA_FLAGS)
+
+
+@pytest.mark.parametrize("which, flag", [("DEFAULT_CALIBRATION_DATA", "--calibration-data"), ("DEFAULT_EVAL_DATA", "--data")])
+def test_missing_default_wikitext_names_the_flag(which, flag, tmp_path, monkeypatch):
+    missing = tmp_path / "wikitext-2" / "wiki.raw"
+    monkeypatch.setattr(data, which, missing)
+    with pytest.raises(ActTailError) as info:
+        read_text(missing)
+    message = str(info.value)
+    assert f"pass {flag} FILE" in message and "WikiText-2" in message and str(missing.parent) in message
+
+
+def test_missing_file_names_the_callers_flag(tmp_path):
+    with pytest.raises(ActTailError, match="^--calibration-data .*nope.txt not found"):
+        read_text(tmp_path / "nope.txt", EVALUATE_CALIBRATION_FLAGS)
+    with pytest.raises(ActTailError, match="^--data .*nope.txt not found"):
+        data.load_windows(WordTokenizer(), tmp_path / "nope.txt", 4, flags=EVALUATE_DATA_FLAGS)
+
+
+def test_window_errors_name_the_callers_flags():
+    text = "a b c d e f g"
+    # export's calibration: --sequence-length / --calibration-samples (the defaults)
+    with pytest.raises(ActTailError, match=r"use at most 1 samples \(--calibration-samples 1\), a smaller --sequence-length, or a longer file"):
+        token_windows(WordTokenizer(), text, sequence_length=4, samples=2)
+    # evaluate's calibration: the window flag is --calibration-sequence-length
+    flags = EVALUATE_CALIBRATION_FLAGS
+    with pytest.raises(ActTailError, match=r"use at most 1 samples \(--calibration-samples 1\), a smaller --calibration-sequence-length,"):
+        token_windows(WordTokenizer(), text, sequence_length=4, samples=2, flags=flags)
+    with pytest.raises(ActTailError, match=r"fewer than one window of 8: lower --calibration-sequence-length or"):
+        token_windows(WordTokenizer(), text, sequence_length=8, flags=flags)
+    with pytest.raises(ActTailError, match=r"too short for 1 samples of 8 tokens: use at most 7 tokens per window "
+                                           r"\(a smaller --calibration-sequence-length\), or a longer file"):
+        token_windows(WordTokenizer(), text, sequence_length=8, samples=1, flags=flags)  # not "use at most 0 samples"
+    with pytest.raises(ActTailError, match=r"\(a smaller --calibration-sequence-length\) and fewer samples \(--calibration-samples\)"):
+        token_windows(WordTokenizer(), text, sequence_length=8, samples=3, flags=flags)
+    with pytest.raises(ActTailError, match=r"raise --max-tokens or lower --sequence-length"):
+        token_windows(WordTokenizer(), text, sequence_length=4, max_tokens=2, flags=EVALUATE_DATA_FLAGS)
+    custom = DataFlags(sequence_length="--len", max_tokens="--budget")
+    with pytest.raises(ActTailError, match=r"raise --budget or lower --len"):
+        token_windows(WordTokenizer(), text, sequence_length=4, max_tokens=2, flags=custom)
 
 
 def test_prefix_tokenization_matches_full(tiny_llama_dir, wikitext_valid):

@@ -213,3 +213,19 @@ def test_cli_smollm2_alias(tiny_llama_dir, wikitext_test, tmp_path, capsys, monk
     assert code == 0, err
     (record,) = json.loads(out.read_text())["results"]
     assert record["allocation"] == "dense" and record["tokens"] == 64
+
+
+def test_cli_calibration_errors_name_the_calibration_flags(tiny_llama_dir, tmp_path, capsys, wikitext_test):
+    short = tmp_path / "short.txt"
+    short.write_text("only a handful of words here, far too few for calibration windows " * 3)
+    code, _, err = run_cli(["evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test), "--sparsity", "0.5",
+                            "--mode", "threshold", "--calibration-data", str(short), "--calibration-samples", "8",
+                            "--calibration-sequence-length", "32", "--max-tokens", "64", "--sequence-length", "32",
+                            "--no-progress"], capsys)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "too short for 8 samples of 32 tokens" in line and "a smaller --calibration-sequence-length" in line
+    assert "--calibration-samples" in line and " --sequence-length" not in line
+    code, _, err = run_cli(["evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test), "--sparsity", "0.5",
+                            "--mode", "threshold", "--calibration-data", str(tmp_path / "nope.txt")], capsys)
+    assert code == 2 and err.strip().startswith("acttail-export: error: --calibration-data ") and "nope.txt not found" in err

@@ -135,11 +135,11 @@ def _record(allocation: str, sparsity: float, mode: str, backend: str, result: d
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, read_text
+    from ..data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, EVALUATE_CALIBRATION_FLAGS, EVALUATE_DATA_FLAGS, read_text
 
     progress = not args.no_progress
     data = Path(args.data) if args.data else DEFAULT_EVAL_DATA
-    read_text(data)  # fail fast on a bad file, before loading anything heavy
+    read_text(data, EVALUATE_DATA_FLAGS)  # fail fast on a bad file, before loading anything heavy
     sequence_length = _window_length(args.sequence_length, "--sequence-length")
     max_tokens = _positive_int(args.max_tokens, "--max-tokens")
     batch_size = _positive_int(args.batch_size, "--batch-size")
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> None:
         calibration_samples = _positive_int(args.calibration_samples, "--calibration-samples")
         calibration_length = _window_length(args.calibration_sequence_length, "--calibration-sequence-length")
         if "threshold" in modes and any(s > 0 for s in sparsities):
-            read_text(calibration_data)
+            read_text(calibration_data, EVALUATE_CALIBRATION_FLAGS)
         epsilon = None if args.epsilon is None else check_epsilon(_float(args.epsilon, "--epsilon"))
         if args.mapping is not None:
             from ..allocation import check_mapping
@@ -243,7 +243,7 @@ def evaluate_base(
     """
     from ..allocation import build_config
     from ..calibration import calibrate_many
-    from ..data import load_windows
+    from ..data import DEFAULT_CALIBRATION_DATA, EVALUATE_CALIBRATION_FLAGS, EVALUATE_DATA_FLAGS, load_windows
     from ..evaluation import perplexity_windows
     from ..modeling import default_model_path, load_model, resolve_model
     from ..spectral import analyze_model
@@ -252,9 +252,13 @@ def evaluate_base(
     model, tokenizer = load_model(model_ref, dtype, device)
     context = _model_context(model)
     _check_context(sequence_length, context, "--sequence-length", model_ref)
-    windows = load_windows(tokenizer, data, sequence_length, max_tokens=max_tokens)
+    windows = load_windows(tokenizer, data, sequence_length, max_tokens=max_tokens, flags=EVALUATE_DATA_FLAGS)
+    calibration_windows = None
     if "threshold" in modes and any(s > 0 for s in sparsities):
+        # cut here (before the spectral analysis) with evaluate's flag names: --calibration-sequence-length, not export's
         _check_context(calibration_sequence_length, context, "--calibration-sequence-length", model_ref)
+        calibration_windows = load_windows(tokenizer, DEFAULT_CALIBRATION_DATA if calibration_data is None else calibration_data,
+                                           calibration_sequence_length, samples=calibration_samples, flags=EVALUATE_CALIBRATION_FLAGS)
     records: list[dict[str, Any]] = []
     if 0.0 in sparsities:
         records.append(_record("dense", 0.0, "dense", "torch", perplexity_windows(model, windows, progress=progress, batch_size=batch_size)))
@@ -270,7 +274,7 @@ def evaluate_base(
     thresholded = [c for _, _, mode, c in configs if mode == "threshold"]
     if thresholded:
         calibrate_many(model, tokenizer, thresholded, calibration_data, calibration_samples, calibration_sequence_length,
-                       progress, sequential=sequential)
+                       progress, sequential=sequential, windows=calibration_windows)
     for allocation, s, mode, config in configs:
         config.model = str(model_ref)
         result = perplexity_windows(model, windows, config, mode, progress=progress, batch_size=batch_size)
