@@ -2,19 +2,76 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 from .config import ActTailConfig
 
 CARD_NAME = "README.md"
+LIBRARY_FILE = "libacttail_ops.so"
+#: ELF section that nvcc puts the device code (fat binary) in: present only in a build with the CUDA kernels.
+CUDA_SECTION = b".nv_fatbin"
 
 
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def render_model_card(config: ActTailConfig, repo_id: str | None = None) -> str:
-    """Markdown model card for ``config`` (pure: no files read)."""
+def library_has_cuda_kernels(path: str | Path) -> bool | None:
+    """Whether the op library at ``path`` holds CUDA kernels (an ELF ``.nv_fatbin`` section); None if unknown.
+
+    The section names are read from the ELF section header table (64-bit little-endian, the only
+    target ``make ops`` builds); anything else, or an unreadable file, gives None.
+    """
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+                return None
+            shoff, = struct.unpack_from("<Q", header, 0x28)
+            shentsize, shnum, shstrndx = struct.unpack_from("<HHH", header, 0x3A)
+            if shoff == 0 or shentsize < 64 or not 0 < shnum < 65280 or shstrndx >= shnum:
+                return None
+            handle.seek(shoff)
+            table = handle.read(shentsize * shnum)
+            if len(table) < shentsize * shnum:
+                return None
+            sections = [struct.unpack_from("<IIQQQQ", table, i * shentsize) for i in range(shnum)]
+            _, _, _, _, str_offset, str_size = sections[shstrndx]
+            handle.seek(str_offset)
+            names = handle.read(str_size)
+    except OSError:
+        return None
+    for name_offset, *_ in sections:
+        end = names.find(b"\0", name_offset)
+        if names[name_offset:end if end >= 0 else None] == CUDA_SECTION:
+            return True
+    return False
+
+
+def _library_note(cuda_kernels: bool | None) -> str:
+    if cuda_kernels is True:
+        return "Linux x86-64; CPU and CUDA kernels, for the CPU and CUDA execution providers"
+    if cuda_kernels is False:
+        return "Linux x86-64; CPU kernels only, built without CUDA"
+    return "Linux x86-64; CPU kernels, plus CUDA kernels when built with nvcc"
+
+
+def _perplexity_not_measured(ppl: dict) -> str:
+    """Why the export-time perplexity is missing, from what the export recorded."""
+    if ppl.get("skipped"):  # the exporter's own words, when it records them
+        return f"- perplexity: not measured at export time ({ppl['skipped']})"
+    if "validation" in ppl:  # validated, so --no-validate was not given: the evaluation text was missing
+        return ("- perplexity: not measured at export time (the evaluation text, WikiText-2 `wiki.test.raw`, was not found; "
+                "measure it with `acttail-export evaluate --model THIS_FOLDER --data FILE`)")
+    return "- perplexity: not measured at export time (exported with --no-validate)"
+
+
+def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_kernels: bool | None = None) -> str:
+    """Markdown model card for ``config`` (pure: no files read).
+
+    ``cuda_kernels``: whether the included op library holds CUDA kernels (None: not known, worded neutrally).
+    """
     where = "path/to/this/folder"
     eff = "not measured" if config.effective_sparsity is None else f"{config.effective_sparsity:.3f}"
     lines = [
@@ -38,7 +95,7 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None) -> str:
         lines.append(f"- perplexity **{ppl['perplexity']:.3f}** on {ppl['tokens']} tokens of `{Path(ppl['data']).name}` "
                      f"(windows of {ppl['sequence_length']}, {ppl['backend']}), measured at export time")
     else:
-        lines.append("- perplexity: not measured at export time (exported with --no-validate)")
+        lines.append(_perplexity_not_measured(ppl))
     if "validation" in ppl:
         v = ppl["validation"]
         lines.append(f"- validation vs the PyTorch sparse reference: max |Δlogit| {v['max_abs_logit_diff']:.3g}, "
@@ -57,7 +114,7 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None) -> str:
         "```",
     ]
     if config.kernel == "fused":
-        lines += ["", "The graph uses the custom op `com.acttail::SparseMatMul`; `libacttail_ops.so` (Linux x86-64, CPU) "
+        lines += ["", f"The graph uses the custom op `com.acttail::SparseMatMul`; `{LIBRARY_FILE}` ({_library_note(cuda_kernels)}) "
                   "is included and registered by `load_model`."]
     lines += ["", "## Per-projection budgets", "", "| projection | alpha | sparsity | threshold | k | effective |", "|---|---:|---:|---:|---:|---:|"]
     for p in config.projections:
@@ -70,7 +127,9 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None) -> str:
 
 
 def write_model_card(folder: str | Path, config: ActTailConfig, repo_id: str | None = None) -> Path:
-    """Write ``README.md`` into ``folder``."""
+    """Write ``README.md`` into ``folder`` (the op library copied there, if any, is inspected for CUDA kernels)."""
+    library = Path(folder) / LIBRARY_FILE
+    cuda_kernels = library_has_cuda_kernels(library) if library.is_file() else None
     path = Path(folder) / CARD_NAME
-    path.write_text(render_model_card(config, repo_id))
+    path.write_text(render_model_card(config, repo_id, cuda_kernels))
     return path

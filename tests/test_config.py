@@ -117,3 +117,70 @@ def test_save_records_local_paths_absolute(tmp_path, monkeypatch):
         config.model = config.calibration.data = ref
         config.save(tmp_path)
         assert ActTailConfig.load(tmp_path).model == ref and ActTailConfig.load(tmp_path).calibration.data == ref
+
+
+# --- the model card's account of the config -----------------------------------------------------
+def test_model_card_says_why_the_perplexity_is_missing():
+    from acttail_export.model_card import render_model_card
+
+    config = _config()
+    assert "(exported with --no-validate)" in render_model_card(config)  # neither validation nor perplexity
+    config.perplexity = {"validation": {"max_abs_logit_diff": 1e-5, "median_rel_error": 1e-6, "top1_agreement": 1.0}}
+    card = render_model_card(config)  # validated, so the evaluation text was what was missing
+    assert "--no-validate" not in card and "`wiki.test.raw`, was not found" in card
+    config.perplexity["skipped"] = "export-time perplexity disabled (eval_tokens=0)"
+    assert "not measured at export time (export-time perplexity disabled (eval_tokens=0))" in render_model_card(config)
+
+
+def _elf(path, section_names: list[bytes]) -> str:
+    """A minimal ELF64 little-endian file whose section header table names ``section_names``."""
+    import struct
+
+    names = b"\0" + b"".join(name + b"\0" for name in [b".shstrtab", *section_names])
+    offsets, at = [], 1
+    for name in [b".shstrtab", *section_names]:
+        offsets.append(at)
+        at += len(name) + 1
+    strtab_off = 64
+    shoff = strtab_off + len(names)
+    shnum = 2 + len(section_names)
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, shnum, 1)
+    sections = bytes(64)  # SHN_UNDEF
+    sections += struct.pack("<IIQQQQIIQQ", offsets[0], 3, 0, 0, strtab_off, len(names), 0, 0, 1, 0)
+    for offset in offsets[1:]:
+        sections += struct.pack("<IIQQQQIIQQ", offset, 1, 2, 0, 0, 0, 0, 0, 8, 0)
+    path.write_bytes(header + names + sections)
+    return str(path)
+
+
+def test_model_card_reports_the_kernels_the_library_holds(tmp_path):
+    from acttail_export.model_card import library_has_cuda_kernels, render_model_card, write_model_card
+
+    assert library_has_cuda_kernels(_elf(tmp_path / "cuda.so", [b".text", b".nv_fatbin", b".data"])) is True
+    assert library_has_cuda_kernels(_elf(tmp_path / "cpu.so", [b".text", b".data", b".nv_fatbin_not"])) is False
+    (tmp_path / "junk.so").write_bytes(b"not an ELF file at all")
+    assert library_has_cuda_kernels(tmp_path / "junk.so") is None
+    assert library_has_cuda_kernels(tmp_path / "missing.so") is None
+
+    config = _config()  # kernel="fused": the card describes the included op library
+    assert "CPU and CUDA kernels" in render_model_card(config, cuda_kernels=True)
+    assert "CPU kernels only" in render_model_card(config, cuda_kernels=False)
+    assert "CPU kernels, plus CUDA kernels when built with nvcc" in render_model_card(config)
+    for build, expected in (("cuda.so", "CPU and CUDA kernels"), ("cpu.so", "CPU kernels only")):
+        folder = tmp_path / build.replace(".so", "")
+        folder.mkdir()
+        (folder / "libacttail_ops.so").write_bytes((tmp_path / build).read_bytes())
+        text = write_model_card(folder, config).read_text()
+        assert expected in text and "(Linux x86-64, CPU)" not in text
+
+
+def test_library_detection_on_the_built_op_library():
+    from acttail_export.model_card import library_has_cuda_kernels
+    from acttail_export.ops import get_library_path
+
+    try:
+        path = get_library_path()
+    except ActTailError:
+        pytest.skip("op library not built (make ops)")
+    assert library_has_cuda_kernels(path) in (True, False)  # a real ELF: always a definite answer
