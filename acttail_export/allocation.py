@@ -396,12 +396,17 @@ def build_config(
     s_max: float = 0.99,
     fits: dict | None = None,
 ) -> ActTailConfig:
-    """ActTailConfig with one :class:`ProjectionConfig` per projection (alpha, budget, and k in top-k mode)."""
+    """ActTailConfig with one :class:`ProjectionConfig` per projection (alpha, budget, and k in top-k mode).
+
+    ``uniform`` records ``epsilon`` and ``mapping`` as None: neither shapes its budgets.
+    """
     from .modeling import iter_projections
 
     target_sparsity = check_sparsity(target_sparsity, "target sparsity")
     epsilon = DEFAULT_EPSILON if epsilon is None else check_epsilon(epsilon)
     mapping = check_mapping(DEFAULT_MAPPING if mapping is None else mapping)
+    if allocation == "uniform":  # the same budget everywhere: no spread, no alpha mapping to record
+        epsilon, mapping = None, None
     projections = iter_projections(model)
     if fits is None and allocation == "acttail":
         from .spectral import analyze_model

@@ -118,8 +118,9 @@ class ActTailConfig:
     allocation: str = "acttail"
     mode: str = "topk"
     kernel: str = "mask"
-    epsilon: float = 0.0
-    mapping: str = "default"
+    #: ActTail spread and alpha-to-budget mapping; None for ``allocation="uniform"`` (neither applies).
+    epsilon: float | None = 0.0
+    mapping: str | None = "default"
     s_max: float = 0.99
     projections: list[ProjectionConfig] = field(default_factory=list)
     calibration: CalibrationInfo = field(default_factory=CalibrationInfo)
@@ -136,7 +137,10 @@ class ActTailConfig:
         _check_choice(self.allocation, ALLOCATIONS, "allocation")
         _check_choice(self.mode, MODES, "mode")
         _check_choice(self.kernel, KERNELS, "kernel")
-        check_epsilon(self.epsilon)
+        if self.epsilon is not None:
+            check_epsilon(self.epsilon)
+        if self.mapping is not None and not isinstance(self.mapping, str):
+            raise ActTailError(f"mapping must be a string or null, got {self.mapping!r}")
         if not 0.0 < self.s_max < 1.0:
             raise ActTailError(f"s_max must be in (0, 1), got {self.s_max}")
         self.projections = [p if isinstance(p, ProjectionConfig) else ProjectionConfig(**p) for p in self.projections]

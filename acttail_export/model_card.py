@@ -67,6 +67,13 @@ def _perplexity_not_measured(ppl: dict) -> str:
     return "- perplexity: not measured at export time (exported with --no-validate)"
 
 
+def _allocation_line(config: ActTailConfig) -> str:
+    shape = "" if config.epsilon is None and config.mapping is None else f" (ε = {config.epsilon}, mapping `{config.mapping}`)"
+    if config.allocation == "uniform" and not shape:
+        shape = " (the same budget for every projection)"
+    return f"- allocation `{config.allocation}`{shape}, mode `{config.mode}`, kernel `{config.kernel}`"
+
+
 def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_kernels: bool | None = None) -> str:
     """Markdown model card for ``config`` (pure: no files read).
 
@@ -87,7 +94,7 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_ke
         f"({config.architecture or 'decoder'}), exported to ONNX with KV cache.",
         "",
         f"- target sparsity **{config.target_sparsity:.2f}**, effective sparsity **{eff}** (parameter-weighted, on validation text)",
-        f"- allocation `{config.allocation}` (ε = {config.epsilon}, mapping `{config.mapping}`), mode `{config.mode}`, kernel `{config.kernel}`",
+        _allocation_line(config),
         f"- calibration: {config.calibration.samples} × {config.calibration.sequence_length} tokens of `{Path(config.calibration.data or '?').name}`",
     ]
     ppl = config.perplexity

@@ -235,6 +235,20 @@ def test_build_config_uniform_and_defaults(tiny):
     assert (default.mapping, default.epsilon) == (allocation.DEFAULT_MAPPING, allocation.DEFAULT_EPSILON)
 
 
+def test_build_config_uniform_records_no_epsilon_or_mapping(tiny, tmp_path):
+    """Neither shapes uniform budgets, so neither is recorded (was: the acttail defaults 0.1 / group-sched-rev-abs)."""
+    model, fits = tiny
+    for kwargs in ({}, {"epsilon": 0.3, "mapping": "linear"}):
+        config = build_config(model, 0.5, allocation="uniform", fits=fits, **kwargs)
+        assert (config.epsilon, config.mapping) == (None, None)
+        assert {p.sparsity for p in config.projections} == {0.5}
+        saved = json.loads(config.save(tmp_path).read_text())
+        assert (saved["epsilon"], saved["mapping"]) == (None, None)
+        assert ActTailConfig.load(tmp_path).to_dict() == config.to_dict()
+    acttail = build_config(model, 0.5, epsilon=0.3, mapping="linear", fits=fits)
+    assert (acttail.epsilon, acttail.mapping) == (0.3, "linear")
+
+
 def test_build_config_missing_fits(tiny):
     model, fits = tiny
     partial = dict(list(fits.items())[:3])
@@ -279,6 +293,19 @@ def test_analyze_command_errors(tiny_llama_dir, argv, match, capsys):
     err = capsys.readouterr().err
     assert "error:" in err and len(err.strip().splitlines()) == 1
     assert match in err
+
+
+def test_analyze_command_uniform(tiny_llama_dir, tmp_path, capsys):
+    from acttail_export.cli import main
+
+    json_path, png_path = tmp_path / "u.json", tmp_path / "u.png"
+    assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "uniform", "--json", str(json_path),
+                 "--plot", str(png_path), "--no-progress"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("allocation uniform: weighted sparsity 0.500000") and "epsilon" not in summary
+    data = json.loads(json_path.read_text())
+    assert (data["allocation"], data["epsilon"], data["mapping"]) == ("uniform", None, None)
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_analyze_command_smollm2_alias(tiny_llama_dir, tmp_path, monkeypatch):

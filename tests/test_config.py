@@ -119,7 +119,31 @@ def test_save_records_local_paths_absolute(tmp_path, monkeypatch):
         assert ActTailConfig.load(tmp_path).model == ref and ActTailConfig.load(tmp_path).calibration.data == ref
 
 
+# --- uniform allocation: no epsilon / mapping ---------------------------------------------------
+def test_uniform_config_records_no_epsilon_or_mapping(tmp_path):
+    config = ActTailConfig(target_sparsity=0.5, allocation="uniform", epsilon=None, mapping=None)
+    config.save(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["epsilon"] is None and saved["mapping"] is None
+    assert ActTailConfig.load(tmp_path) == config
+    with pytest.raises(ActTailError, match="mapping must be a string or null"):
+        ActTailConfig.from_dict(config.to_dict() | {"mapping": 3})
+    with pytest.raises(ActTailError, match="epsilon"):
+        ActTailConfig.from_dict(config.to_dict() | {"epsilon": 2.0})
+
+
 # --- the model card's account of the config -----------------------------------------------------
+def test_model_card_uniform_allocation_shows_no_epsilon_or_mapping():
+    from acttail_export.model_card import render_model_card
+
+    card = render_model_card(ActTailConfig(target_sparsity=0.5, allocation="uniform", epsilon=None, mapping=None, model="m"))
+    (line,) = [line for line in card.splitlines() if line.startswith("- allocation")]
+    assert line == "- allocation `uniform` (the same budget for every projection), mode `topk`, kernel `mask`"
+    assert "ε" not in card and "None" not in card
+    card = render_model_card(_config())
+    assert "allocation `acttail` (ε = 0.1, mapping `linear`)" in card
+
+
 def test_model_card_says_why_the_perplexity_is_missing():
     from acttail_export.model_card import render_model_card
 

@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"{'projection':<36} {'alpha':>7} {'x_min':>10} {'KS':>6} {'n_tail':>6} {'sparsity':>8}")
     for r in rows:
         print(f"{r['name']:<36} {r['alpha']:7.3f} {r['x_min']:10.4g} {r['ks_distance']:6.3f} {r['n_tail']:6d} {r['sparsity']:8.4f}")
-    print(f"allocation {config.allocation}, mapping {config.mapping}, epsilon {config.epsilon}: "
-          f"weighted sparsity {config.weighted_sparsity():.6f} (target {sparsity})")
+    shape = "" if config.mapping is None else f", mapping {config.mapping}, epsilon {config.epsilon}"
+    print(f"allocation {config.allocation}{shape}: weighted sparsity {config.weighted_sparsity():.6f} (target {sparsity})")
 
     if json_path is not None:
         payload = {"model": str(model_ref), "allocation": config.allocation, "mapping": config.mapping, "epsilon": config.epsilon,
@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> None:
         json_path.write_text(json.dumps(payload, indent=1) + "\n")
         logger.info("wrote %s", json_path)
     if plot_path is not None:
-        title = f"{Path(str(model_ref)).name}: {config.allocation} {config.mapping} ε={config.epsilon:g}, target {sparsity:g}"
+        shape = "" if config.mapping is None else f" {config.mapping} ε={config.epsilon:g}"
+        title = f"{Path(str(model_ref)).name}: {config.allocation}{shape}, target {sparsity:g}"
         plot_heatmaps(rows, plot_path, title)
         logger.info("wrote %s", plot_path)
     if not all(math.isfinite(r["alpha"]) for r in rows):  # fit_power_law raises on degenerate spectra
