@@ -98,11 +98,15 @@ class PeakMemory:
     def measure(cls) -> Iterator["PeakMemory"]:
         result = cls()
         gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else range(0)
-        for i in gpus:
-            torch.cuda.reset_peak_memory_stats(i)
+        # PyTorch's allocator statistics exist only once CUDA is initialized (before that, resetting them raises
+        # "Invalid device argument"); a block that initializes CUDA itself starts from zero anyway
+        if torch.cuda.is_initialized():
+            for i in gpus:
+                torch.cuda.reset_peak_memory_stats(i)
         yield result
         result.host_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result.gpu_peak_mib = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) / 2**20 for i in gpus}
+        if torch.cuda.is_initialized():
+            result.gpu_peak_mib = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) / 2**20 for i in gpus}
 
     @classmethod
     @contextlib.contextmanager

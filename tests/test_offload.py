@@ -99,3 +99,29 @@ def test_projection_weight_materializes_then_releases(tiny_llama_dir, tmp_path, 
     with PeakMemory.measure() as peak:
         spectral.analyze_model(model, progress=False)
     assert peak.host_rss_mib > 0 and peak.gpu_peak_mib == {}
+
+
+def test_peak_memory_on_a_gpu_machine_before_cuda_is_initialized(monkeypatch):
+    """On a machine with a GPU where CUDA is not initialized yet (the export's first stage, 'load model', before
+    anything touched the GPU), PyTorch's reset_peak_memory_stats raises "Invalid device argument": measure must not
+    call it then, and must report the block's peak once the block itself initialized CUDA (found on the H200,
+    2026-12-02: every `export --device cuda` failed in its first stage)."""
+    state = {"initialized": False, "peak": {0: 0}}
+
+    def reset(i):
+        if not state["initialized"]:
+            raise RuntimeError("Invalid device argument ")
+        state["peak"][i] = 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: state["initialized"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: state["peak"][i])
+    with PeakMemory.measure() as peak:  # the block initializes CUDA and allocates 3 MiB
+        state["initialized"], state["peak"][0] = True, 3 * 2**20
+    assert peak.gpu_peak_mib == {"cuda:0": 3.0}
+    state["peak"][0] = 5 * 2**20  # an earlier block's peak is reset once CUDA is up
+    with PeakMemory.measure() as peak:
+        state["peak"][0] = max(state["peak"][0], 2**20)
+    assert peak.gpu_peak_mib == {"cuda:0": 1.0}
