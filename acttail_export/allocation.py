@@ -245,6 +245,8 @@ ABS_MAX_KEPT_CUT = 0.5
 
 DEFAULT_MAPPING = "group-sched-rev-abs"
 DEFAULT_EPSILON = 0.1
+#: The highest per-projection budget the acttail allocation gives (a target above it cannot be met).
+DEFAULT_S_MAX = 0.99
 
 
 def check_mapping(mapping: str) -> str:
@@ -393,7 +395,7 @@ def build_config(
     mode: str = "topk",
     epsilon: float | None = None,
     mapping: str | None = None,
-    s_max: float = 0.99,
+    s_max: float = DEFAULT_S_MAX,
     fits: dict | None = None,
 ) -> ActTailConfig:
     """ActTailConfig with one :class:`ProjectionConfig` per projection (alpha, budget, and k in top-k mode).

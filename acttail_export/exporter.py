@@ -25,10 +25,10 @@ import numpy as np
 
 from .config import ActTailConfig, check_epsilon, check_sparsity
 from .errors import ActTailError, ExportValidationError
+from .modeling import MODEL_ALIASES, check_weights, expand_model_alias, resolve_model  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-MODEL_ALIASES = ("smollm2",)
 #: ``optimum``: optimum-onnx's trace (``ORTModelForCausalLM``); ``genai``: onnxruntime-genai's model builder
 #: graph (:mod:`acttail_export.optimize`, the fast GPU decode base).
 BASES = ("optimum", "genai")
@@ -44,38 +44,6 @@ EVAL_TOKENS, EVAL_LENGTH = 2048, 512
 # --------------------------------------------------------------------------------------------
 # input checks (cheap, before any model is loaded)
 # --------------------------------------------------------------------------------------------
-def resolve_model(model: str | Path) -> str:
-    """``smollm2`` -> the bundled SmolLM2 GGUF; anything else is checked by :func:`modeling.check_model_ref`."""
-    from .modeling import check_model_ref, default_model_path
-
-    if model is None or str(model).strip() == "":
-        raise ActTailError("no model given: pass --model PATH_OR_HUB_ID (or --model smollm2 for the bundled SmolLM2-135M)")
-    ref = default_model_path() if str(model).lower() in MODEL_ALIASES else str(model)
-    check_model_ref(ref)
-    if Path(ref).expanduser().is_dir():
-        check_weights(Path(ref).expanduser())
-    return ref
-
-
-def check_weights(folder: Path) -> None:
-    """A local HF folder must hold readable weights (safetensors headers and sizes are checked)."""
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    if not files:
-        raise ActTailError(f"{folder} has no model weights (*.safetensors or *.bin): save the model with save_pretrained or pass a .gguf file")
-    from safetensors import safe_open
-
-    for path in files:
-        if path.suffix != ".safetensors":
-            continue
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                names = list(handle.keys())
-                if names:
-                    handle.get_slice(names[-1])
-        except Exception as exc:  # safetensors raises its own error type for a bad header / short file
-            raise ActTailError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0][:80]}); re-download or re-save the model") from None
-
-
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     """OUTPUT_DIR must be new, empty, or ``overwrite``; its parent must be writable."""
     output_dir = Path(output_dir).expanduser().absolute()
@@ -118,11 +86,7 @@ def check_inputs_outside(output_dir: str | Path, inputs: dict[str, str | Path | 
 
 def _model_path(model: str | Path | None) -> str | Path | None:
     """The local path ``model`` names (the bundled GGUF for an alias), without checking it."""
-    if model is not None and str(model).lower() in MODEL_ALIASES:
-        from .modeling import default_model_path
-
-        return default_model_path()
-    return model
+    return None if model is None or str(model).strip() == "" else expand_model_alias(model)
 
 
 def check_kernel(kernel: str) -> str | None:
@@ -139,14 +103,12 @@ def check_kernel(kernel: str) -> str | None:
 def check_allocation(sparsity: float, allocation: str, mapping: str | None) -> None:
     """What :func:`allocation.build_config` would refuse after the spectral analysis: a bad mapping, or a target
     above the largest per-projection budget (``s_max``) of the acttail allocation."""
-    import inspect
-
     from . import allocation as alloc
 
     if mapping is not None:
         alloc.check_mapping(mapping)
     if allocation == "acttail":
-        s_max = inspect.signature(alloc.build_config).parameters["s_max"].default  # what _build allocates with
+        s_max = alloc.DEFAULT_S_MAX  # what _build allocates with
         if sparsity > s_max:
             raise ActTailError(f"sparsity {sparsity} is above {s_max}, the highest per-projection budget of the acttail "
                                f"allocation: use --sparsity {s_max} or lower, or --allocation uniform")
@@ -552,7 +514,7 @@ def export(
     rewritten graph in both cases).
     """
     from .config import ALLOCATIONS, MODES
-    from .data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, read_text
+    from .data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, EXPORT_CALIBRATION_FLAGS, read_text
     from .onnx_export import DTYPES, check_device
 
     # ---- 1. cheap checks: every bad input fails here, before minutes of work --------------------
@@ -576,7 +538,7 @@ def export(
                                       "evaluation data": DEFAULT_EVAL_DATA if validate else None})
     output_dir = check_output_dir(output_dir, overwrite)
     model_ref = resolve_model(model)
-    read_text(calibration_path)
+    read_text(calibration_path, EXPORT_CALIBRATION_FLAGS)
     if push_to_hub:
         from .hub import check_repo_id
 
@@ -685,7 +647,7 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         if eval_tokens and Path(eval_data).is_file():
             from .runtime import perplexity_onnx
 
-            length = min(EVAL_LENGTH, eval_tokens)
+            length = min(EVAL_LENGTH, eval_tokens, getattr(model.config, "max_position_embeddings", None) or EVAL_LENGTH)
             if genai is not None:  # the builder's rotary cache ends at the model's context length
                 import json
 
@@ -695,6 +657,9 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
                                                          progress=progress))
         elif eval_tokens:
             logger.warning("%s not found: the model card will not report a perplexity", eval_data)
+            config.perplexity["skipped"] = f"the evaluation text {eval_data} was not found"
+        else:
+            config.perplexity["skipped"] = "not requested: eval_tokens=0"
     if config.effective_sparsity is None and mode == "topk":  # exact without measuring: k per token
         for p in config.projections:
             p.effective_sparsity = 1.0 - p.keep_k() / p.in_features

@@ -285,6 +285,10 @@ def test_fp16_export_validates(tiny_llama_dir, tmp_path):
     validation = ActTailConfig.load(out).perplexity["validation"]
     assert validation["tolerance"] == 2e-2
     assert max(validation["forced_mask_rel_error"], validation["projection_rel_error"], validation["cached_step_rel_error"]) <= 2e-2
+    # no perplexity was asked for (eval_tokens=0): the config and the card say so, not "--no-validate"
+    assert ActTailConfig.load(out).perplexity["skipped"] == "not requested: eval_tokens=0"
+    card = (out / "README.md").read_text()
+    assert "eval_tokens=0" in card and "--no-validate" not in card
 
 
 def test_smollm2_alias_resolves_to_the_bundled_gguf():
