@@ -135,14 +135,23 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temp(output_dir: Path) -> list[Path]:
-    """Remove temp folders of ``output_dir`` left by killed runs (PID no longer alive)."""
+    """Remove temp folders of ``output_dir`` left by killed runs (PID no longer alive).
+
+    A run killed inside :func:`_move_into_place` with ``--overwrite``, after it moved the previous export
+    aside (``.NAME.acttail-old-PID-*/previous``) and before the new one took its place, leaves no
+    OUTPUT_DIR: the previous export is moved back then, not deleted.
+    """
     removed = []
     parent = output_dir.parent
     if not parent.is_dir():
         return removed
-    for entry in parent.iterdir():
+    for entry in sorted(parent.iterdir()):
         m = _TMP_RE.match(entry.name)
         if m and m.group("name") == output_dir.name and entry.is_dir() and not _pid_alive(int(m.group("pid"))):
+            previous = entry / "previous"
+            if OLD_MARK in entry.name and previous.is_dir() and not output_dir.exists():
+                os.replace(previous, output_dir)
+                logger.warning("restored %s: the export that was replacing it had been killed", output_dir)
             shutil.rmtree(entry)
             removed.append(entry)
             logger.info("removed stale temporary folder %s", entry)
@@ -232,7 +241,10 @@ def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool = False) -> No
             os.replace(old / "previous", output_dir)
         raise
     if old is not None:
-        shutil.rmtree(old)
+        try:
+            shutil.rmtree(old)
+        except KeyboardInterrupt:  # the new export is in place; the next export to OUTPUT_DIR removes the rest
+            logger.warning("interrupted while deleting the replaced export %s; the new export is in place", old)
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,3 +76,47 @@ def test_kill_9_then_next_run_cleans_up(tiny_llama_dir, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "model.onnx").is_file()
     assert _temps(out) == [alive]
+
+
+def test_killed_while_replacing_restores_the_previous_export(tmp_path):
+    """kill -9 inside the --overwrite move, after the previous export went aside and before the new one took its
+    place: no OUTPUT_DIR, the previous export only in .NAME.acttail-old-PID-*/previous. The next run's cleanup moves
+    it back instead of deleting it; an old folder whose OUTPUT_DIR exists (the new export landed) is just removed."""
+    from acttail_export.exporter import OLD_MARK, clean_stale_temp
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that is no longer alive
+    out = tmp_path / "out"
+    aside = tmp_path / f".{out.name}{OLD_MARK}{dead.pid}-x1"
+    (aside / "previous").mkdir(parents=True)
+    (aside / "previous" / "model.onnx").write_bytes(b"previous export")
+    assert clean_stale_temp(out) == [aside]
+    assert (out / "model.onnx").read_bytes() == b"previous export" and not aside.exists()
+    # the new export landed before the kill: the aside copy is stale, OUTPUT_DIR is kept as it is
+    (aside / "previous").mkdir(parents=True)
+    (aside / "previous" / "model.onnx").write_bytes(b"older")
+    assert clean_stale_temp(out) == [aside]
+    assert (out / "model.onnx").read_bytes() == b"previous export" and not aside.exists()
+
+
+def test_ctrl_c_while_deleting_the_replaced_export_keeps_the_new_one(tmp_path, monkeypatch):
+    """Ctrl-C during the last step of an --overwrite move (deleting the replaced export) is not an interrupted
+    export: the new one is in place, so the move returns normally and the leftover goes with the next run."""
+    from acttail_export import exporter
+
+    out, tmp = tmp_path / "out", tmp_path / ".out.acttail-tmp-1-x"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"old")
+    tmp.mkdir()
+    (tmp / "model.onnx").write_bytes(b"new")
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter.shutil, "rmtree", interrupted)
+    exporter._move_into_place(tmp, out, overwrite=True)
+    assert (out / "model.onnx").read_bytes() == b"new" and not tmp.exists()
+    monkeypatch.undo()
+    leftover = [p for p in tmp_path.iterdir() if exporter.OLD_MARK in p.name]
+    assert len(leftover) == 1 and (leftover[0] / "previous" / "model.onnx").read_bytes() == b"old"
+    assert exporter.clean_stale_temp(out) == []  # this process's own leftover is not touched while it runs
