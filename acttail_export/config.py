@@ -193,19 +193,25 @@ class ActTailConfig:
         path = Path(directory_or_file)
         if path.is_dir():
             path = path / CONFIG_NAME
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except FileNotFoundError:
-            raise ActTailError(f"{path} not found: is this an acttail-export output folder?") from None
-        except OSError as exc:
-            raise ActTailError(f"cannot read {path} ({exc.strerror or exc})") from None
-        except UnicodeDecodeError as exc:
-            raise ActTailError(f"{path} is not UTF-8 text (byte {exc.start}): it is corrupted, re-run the export") from None
-        except json.JSONDecodeError as exc:
-            raise ActTailError(f"{path} is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ActTailError(f"{path} holds a JSON {type(data).__name__}, not an object: it is not an ActTail config, re-run the export")
-        return cls.from_dict(data)
+        if not path.exists():
+            raise ActTailError(f"{path} not found: is this an acttail-export output folder?")
+        return cls.from_dict(read_json_object(path, "it is not a valid ActTail config, re-run the export"))
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """``path`` parsed as a JSON object; a one-line ActTailError ending in ``fix`` when it is unreadable, not UTF-8,
+    not valid JSON or not an object."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ActTailError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ActTailError(f"{path} is not UTF-8 text (byte {exc.start}): {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise ActTailError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ActTailError(f"{path} holds a JSON {type(data).__name__}, not an object: {fix}")
+    return data
 
 
 def _absolute_if_local(ref: str | None) -> str | None:

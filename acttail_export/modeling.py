@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import PROJECTION_KINDS, PROJECTION_PARENT, SUPPORTED_ARCHITECTURES
+from .config import PROJECTION_KINDS, PROJECTION_PARENT, SUPPORTED_ARCHITECTURES, read_json_object
 from .errors import ActTailError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -146,18 +146,8 @@ def expand_model_alias(model_ref: str | Path) -> str:
 
 
 def _read_json_object(path: Path, what: str) -> dict:
-    """``path`` parsed as a JSON object; ActTailError (one line) for unreadable, non-UTF-8, invalid or non-object JSON."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ActTailError(f"cannot read {path} ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise ActTailError(f"{path} is not UTF-8 text (byte {exc.start}): {what} must be a UTF-8 JSON file; re-save the model") from None
-    except json.JSONDecodeError as exc:
-        raise ActTailError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ActTailError(f"{path} holds a JSON {type(data).__name__}, not an object: {what} must be a JSON object; re-save the model")
-    return data
+    """``path`` parsed as a JSON object (one-line ActTailError otherwise, see :func:`config.read_json_object`)."""
+    return read_json_object(path, f"{what} must be a UTF-8 JSON object; re-save the model")
 
 
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
