@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from .config import PROJECTION_KINDS, PROJECTION_PARENT, ActTailConfig, ProjectionConfig, projection_name
 from .errors import ActTailError
@@ -197,7 +197,6 @@ class _Builder:
 
     def __init__(self, model: onnx.ModelProto):
         self.graph = model.graph
-        self.new_nodes: dict[str, list[onnx.NodeProto]] = {}
         self.inits: list[onnx.TensorProto] = []
 
     def const(self, name: str, array: np.ndarray) -> str:
@@ -323,15 +322,3 @@ def _ensure_opsets(model: onnx.ModelProto, fused: bool) -> None:
         raise ActTailError(f"ONNX opset {default[0].version} is too old for the masking ops; export with opset >= {MIN_OPSET}")
     if fused and not any(o.domain == CUSTOM_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPSET))
-
-
-def count_projections(model: onnx.ModelProto) -> dict[str, int]:
-    """Number of masked / fused projection nodes in a rewritten graph (a packed MatMul counts once)."""
-    fused = sum(1 for n in model.graph.node if n.domain == CUSTOM_DOMAIN and n.op_type == CUSTOM_OP)
-    masked = len({n.name.rsplit("/", 1)[0] for n in model.graph.node
-                  if n.name.startswith("/acttail/") and n.op_type == "Where"})
-    return {"fused": fused, "masked": masked}
-
-
-def elem_type_name(elem_type: int) -> str:
-    return TensorProto.DataType.Name(elem_type)

@@ -6,9 +6,10 @@ import struct
 from pathlib import Path
 
 from .config import ActTailConfig
+from .ops import LIBRARY_NAME
 
 CARD_NAME = "README.md"
-LIBRARY_FILE = "libacttail_ops.so"
+LIBRARY_FILE = LIBRARY_NAME  # the name every export carries the op library under
 #: ELF section that nvcc puts the device code (fat binary) in: present only in a build with the CUDA kernels.
 CUDA_SECTION = b".nv_fatbin"
 

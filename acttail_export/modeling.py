@@ -374,16 +374,6 @@ def load_model(model_ref: str, dtype: str = "fp32", device: str = "cpu") -> tupl
     return model, load_tokenizer(model_ref)
 
 
-def save_pretrained_folder(model_ref: str, folder: str | Path) -> Path:
-    """Write ``model_ref`` as a plain HF folder (fp32 safetensors + fixed tokenizer)."""
-    model, tokenizer = load_model(model_ref)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def iter_projections(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
     """(name, layer, kind, module) of every attention / MLP projection, in layer then kind order."""
     import torch

@@ -55,13 +55,14 @@ import onnx
 
 from .config import ActTailConfig
 from .errors import ActTailError
+from .ops import LIBRARY_NAME
 
 logger = logging.getLogger(__name__)
 
 GENAI_CONFIG = "genai_config.json"
 BASE_ONNX = "model.onnx"
 ENV_PYTHONPATH = "ACTTAIL_GENAI_PYTHONPATH"
-LIBRARY_FILE = "libacttail_ops.so"
+LIBRARY_FILE = LIBRARY_NAME  # the name every export carries the op library under
 PRECISIONS = ("fp16", "fp32", "bf16")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 
@@ -339,10 +340,10 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
     """ActTail export on the optimized base: builder graph + rewrite + genai config, in ``output_dir``.
 
     ``model`` / ``tokenizer`` are the loaded Hugging Face objects (the config's thresholds come from them).
-    They are saved to a scratch folder for the builder (a temporary folder, or ``work_dir/.hf`` so that a
-    large checkpoint stays on the output's filesystem); ``config.json`` and ``generation_config.json``
-    are copied next to the graph, and ``tokenizer`` is saved over the builder's copy. ``filename="model.onnx"`` replaces the dense graph by the rewritten
-    one (``acttail-export export --base genai`` does this). ``pack`` builds q/k/v and gate/up as packed
+    They are saved to a scratch folder for the builder (``acttail-hf-*``, a temporary folder inside ``work_dir`` when
+    given, so that a large checkpoint stays on the output's filesystem); ``config.json`` and
+    ``generation_config.json`` are copied next to the graph, and ``tokenizer`` is saved over the builder's copy.
+    ``filename="model.onnx"`` replaces the dense graph by the rewritten one (``acttail-export export --base genai`` does this). ``pack`` builds q/k/v and gate/up as packed
     MatMuls (one mask and one op call per input group); ``None`` packs when the config allows it
     (:func:`acttail_export.graph_rewrite.packable`). Load with ``onnxruntime_genai.Model(str(output_dir))``.
     """

@@ -21,6 +21,7 @@ import numpy as np
 from .config import CONFIG_NAME, ActTailConfig
 from .errors import ActTailError
 from .onnx_export import ONNX_NAME
+from .ops import LIBRARY_NAME
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LIBRARY_FILE = "libacttail_ops.so"
+LIBRARY_FILE = LIBRARY_NAME  # the name every export carries the op library under
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
 
