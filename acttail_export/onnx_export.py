@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import onnx
 
 from .errors import ActTailError
+from .modeling import DTYPES  # noqa: F401  (re-exported)
+from .modeling import _torch_dtype as torch_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -27,18 +29,8 @@ logger = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx_data"
 TASK = "text-generation-with-past"
-DTYPES = ("fp32", "fp16")
 #: protobuf cannot serialize a single message above 2 GiB: larger graphs keep weights outside.
 PROTOBUF_LIMIT = 2**31 - 1
-
-
-def torch_dtype(dtype: str):
-    """``"fp32"`` / ``"fp16"`` -> torch dtype (ActTailError otherwise)."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise ActTailError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    return torch.float32 if dtype == "fp32" else torch.float16
 
 
 def check_device(device: str) -> str:
