@@ -235,6 +235,22 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 10 / (start.elapsed_time(end) * 1e-3) / 1e12
 
 
+def prefill_table(result: dict) -> str:
+    """Markdown table of kernel_bench_prefill.json: per shape, mode and sparsity the kernel time against dense cuBLAS
+    (variant 0: mask + cuBLAS; v4: the op's own GEMM kernels) and the mask kernel's share (CUPTI)."""
+    rows, env = result["rows"], result["env"]
+    out = [f"GPU {env['gpu']}, torch {env['torch']}, M = {rows[0]['M']} rows", "",
+           "| K→N | path | sparsity | kernel µs | × dense cuBLAS (kernel) | × (graph) | mask kernel µs |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] == "prefill_cublas_dense":
+            out.append(f"| {r['K']}→{r['N']} | dense cuBLAS | – | {r['kernel_us']:.2f} | 1.00× | 1.00× | – |")
+            continue
+        mask = sum(us for name, us in r.get("kernels_us", {}).items() if "MaskRows" in name)
+        out.append(f"| {r['K']}→{r['N']} | {r['method'][len('prefill_harness_'):]} | {r['sparsity']:.1f} | {r['kernel_us']:.2f} | "
+                   f"{r['vs_cublas_kernel']:.2f}× | {r['vs_cublas_graph']:.2f}× | {f'{mask:.2f}' if mask else '–'} |")
+    return "\n".join(out)
+
+
 def markdown_tables(result: dict) -> str:
     """Markdown tables (harness kernels vs cuBLAS, ORT rows, top-k selection cost) from kernel_bench.json."""
     rows = result["rows"]
@@ -473,7 +489,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.table:
         data = json.loads(Path(args.table).read_text())
-        print(cpu_table(data) if "case" in data["rows"][0] else markdown_tables(data))
+        first = data["rows"][0]
+        print(cpu_table(data) if "case" in first else prefill_table(data) if first["method"].startswith("prefill_") else markdown_tables(data))
         return 0
     if args.cpu:
         cpu_bench(Path(args.out), args.threads, runs=args.reps, row_counts=tuple(int(m) for m in args.cpu_rows.split(",")))
