@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         const uint4 v = *reinterpret_cast<const uint4*>(tc_smem + kTcStages * kTcStageA + stage * kTcStageB + TcOffB(br + 16 * i, bc));
         const uint32_t wd[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) bad |= ((wd[j] & 0x7c00u) == 0x7c00u) | ((wd[j] & 0x7c000000u) == 0x7c000000u);
+        for (int j = 0; j < 4; ++j) bad |= NonFiniteWord<__half>(wd[j]);
       }
     }
     __syncthreads();  // tile kt masked and visible to all; every warp is done with tile kt - 1

@@ -4,7 +4,8 @@
 //    of W (contiguous, up to 2048 columns at a time) into its own partial sums, which are added up at
 //    the end. Whole-row reads let the hardware prefetcher stream W at memory speed.
 //  * many rows: per block of 8 rows x 256 columns (each W row chunk read once per row block), or a
-//    packed dense GEMM of the masked X when many entries are kept and W is finite.
+//    packed dense GEMM of the masked X when many entries are kept (a task whose result is not finite is
+//    recomputed the first way: only then can a masked Inf/NaN weight have touched it).
 #include <immintrin.h>
 
 #include <algorithm>

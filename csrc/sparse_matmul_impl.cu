@@ -233,7 +233,6 @@ std::string Run(const CudaArgs& a) {
     const dim3 grid((unsigned)((a.N + cuda::kBN - 1) / cuda::kBN), (unsigned)((a.M + cuda::kBM - 1) / cuda::kBM));
     if (grid.y > 65535) return "too many rows for the GEMM grid (M > 4194240)";
     unsigned* nonfinite = nullptr;
-    bool done = false;
     cublasHandle_t handle = a.prefill_variant == 0 && a.K > 0 ? CublasHandle(stream) : nullptr;
     if (handle != nullptr) {
       T* xm = reinterpret_cast<T*>(scratch);
@@ -245,10 +244,9 @@ std::string Run(const CudaArgs& a) {
       err = cuda::LaunchFlagNonFinite<T>(static_cast<const T*>(a.y), a.M * a.N, flag, stream);
       if (err != cudaSuccess) return std::string("prefill Inf/NaN scan: ") + cudaGetErrorString(err);
       nonfinite = flag;
-      done = true;
     }
     if constexpr (std::is_same<T, __half>::value) {
-      if (!done && cuda::TcGemmEligible(a.x, a.w, a.y, a.K, a.N)) {
+      if (handle == nullptr && cuda::TcGemmEligible(a.x, a.w, a.y, a.K, a.N)) {
         nonfinite = reinterpret_cast<unsigned*>(scratch);  // cuda::kTcFlagBytes of the workspace
         err = cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), stream);
         if (err != cudaSuccess) return std::string("masked GEMM flag: ") + cudaGetErrorString(err);
@@ -271,7 +269,7 @@ std::string Run(const CudaArgs& a) {
 size_t CudaWorkspaceBytes(int64_t M, int64_t K, int64_t N, Mode mode) {
   const size_t select = mode == Mode::kTopK ? (size_t)(M * sizeof(uint2) + 255) / 256 * 256 : 0;
   // decode: room for the split-K scratch in case the per-stream one cannot be used (during capture);
-  // prefill: the masked copy of X for cuBLAS and a flag (the tensor-core kernel uses the flag's bytes)
+  // prefill: the masked copy of X for cuBLAS and a flag (the tensor-core path uses the first kTcFlagBytes as its flag)
   return select + (M >= 1 && M <= 8 ? SplitScratchBytes(M, N) : 0) + (M > 8 ? PrefillBytes(M, K) : 0);
 }
 

@@ -533,7 +533,7 @@ template <typename T>
 __global__ void __launch_bounds__(256) MaskRowsVecKernel(const T* __restrict__ x, T* __restrict__ xm, int64_t M, int K,
                                                          const float* __restrict__ thr, const uint2* __restrict__ sel, bool topk,
                                                          unsigned* __restrict__ flag) {
-  constexpr int V = 16 / sizeof(T);
+  constexpr int V = Traits<T>::kVec;
   if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *flag = 0u;
   const int kv = K / V;
   for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
@@ -590,7 +590,7 @@ inline unsigned ElementwiseBlocks(int64_t n) {
 template <typename T>
 cudaError_t LaunchMaskRows(const T* x, T* xm, int64_t M, int64_t K, const float* thr, const uint2* sel, bool topk, unsigned* flag,
                            cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T);
+  constexpr int V = Traits<T>::kVec;
   if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(xm) % 16 == 0 && K % V == 0) {
     const dim3 grid((unsigned)std::min<int64_t>((K / V + 255) / 256, 64), (unsigned)std::min<int64_t>(M, 65535));
     MaskRowsVecKernel<T><<<grid, 256, 0, stream>>>(x, xm, M, (int)K, thr, sel, topk, flag);
