@@ -67,6 +67,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import (
+    DEFAULT_S_MAX,
     SHARED_INPUT_GROUPS,
     ActTailConfig,
     ProjectionConfig,
@@ -245,8 +246,6 @@ ABS_MAX_KEPT_CUT = 0.5
 
 DEFAULT_MAPPING = "group-sched-rev-abs"
 DEFAULT_EPSILON = 0.1
-#: The highest per-projection budget the acttail allocation gives (a target above it cannot be met).
-DEFAULT_S_MAX = 0.99
 
 
 def check_mapping(mapping: str) -> str:
@@ -348,7 +347,7 @@ def allocate(
     target: float,
     epsilon: float,
     mapping: str,
-    s_max: float = 0.99,
+    s_max: float = DEFAULT_S_MAX,
     kinds: Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
 ) -> np.ndarray:

@@ -30,6 +30,8 @@ SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj
 ALLOCATIONS = ("uniform", "acttail")
 MODES = ("topk", "threshold")
 KERNELS = ("mask", "fused")
+#: The highest per-projection budget the acttail allocation gives (a target above it cannot be met).
+DEFAULT_S_MAX = 0.99
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
 
@@ -121,7 +123,7 @@ class ActTailConfig:
     #: ActTail spread and alpha-to-budget mapping; None for ``allocation="uniform"`` (neither applies).
     epsilon: float | None = 0.0
     mapping: str | None = "default"
-    s_max: float = 0.99
+    s_max: float = DEFAULT_S_MAX
     projections: list[ProjectionConfig] = field(default_factory=list)
     calibration: CalibrationInfo = field(default_factory=CalibrationInfo)
     effective_sparsity: float | None = None

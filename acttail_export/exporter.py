@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import ActTailConfig, check_epsilon, check_sparsity
 from .errors import ActTailError, ExportValidationError
-from .modeling import MODEL_ALIASES, check_weights, expand_model_alias, resolve_model  # noqa: F401  (re-exported)
+from .modeling import expand_model_alias, resolve_model
 
 logger = logging.getLogger(__name__)
 

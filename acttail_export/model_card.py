@@ -9,7 +9,6 @@ from .config import ActTailConfig
 from .ops import LIBRARY_NAME
 
 CARD_NAME = "README.md"
-LIBRARY_FILE = LIBRARY_NAME  # the name every export carries the op library under
 #: ELF section that nvcc puts the device code (fat binary) in: present only in a build with the CUDA kernels.
 CUDA_SECTION = b".nv_fatbin"
 
@@ -122,7 +121,7 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_ke
         "```",
     ]
     if config.kernel == "fused":
-        lines += ["", f"The graph uses the custom op `com.acttail::SparseMatMul`; `{LIBRARY_FILE}` ({_library_note(cuda_kernels)}) "
+        lines += ["", f"The graph uses the custom op `com.acttail::SparseMatMul`; `{LIBRARY_NAME}` ({_library_note(cuda_kernels)}) "
                   "is included and registered by `load_model`."]
     lines += ["", "## Per-projection budgets", "", "| projection | alpha | sparsity | threshold | k | effective |", "|---|---:|---:|---:|---:|---:|"]
     for p in config.projections:
@@ -136,7 +135,7 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_ke
 
 def write_model_card(folder: str | Path, config: ActTailConfig, repo_id: str | None = None) -> Path:
     """Write ``README.md`` into ``folder`` (the op library copied there, if any, is inspected for CUDA kernels)."""
-    library = Path(folder) / LIBRARY_FILE
+    library = Path(folder) / LIBRARY_NAME
     cuda_kernels = library_has_cuda_kernels(library) if library.is_file() else None
     path = Path(folder) / CARD_NAME
     path.write_text(render_model_card(config, repo_id, cuda_kernels))

@@ -82,6 +82,14 @@ def latency_stats(prefill_ms: float | list[float], decode_ms: list[float]) -> di
             "decode_tokens": int(arr.size)}
 
 
+def timed_run(run, n: int, warm: int) -> tuple[dict, list[int]]:
+    """``run(count) -> (prefill ms, per-step ms, tokens)``: PREFILL_REPS prefills (the last one followed by
+    ``warm + n`` decode steps) -> (latency stats without the warm-up steps, tokens)."""
+    extra = [run(0)[0] for _ in range(PREFILL_REPS - 1)]
+    prefill, times, toks = run(warm + n)
+    return latency_stats(extra + [prefill], times[warm:]), toks
+
+
 def gpu_memory_mb(pid: int | None = None) -> float | None:
     """GPU memory used by process ``pid`` (default: this one) from nvidia-smi; None without a GPU."""
     pid = os.getpid() if pid is None else pid
@@ -244,9 +252,7 @@ def _child_ort_optimum(spec: dict) -> dict:
         return prefill, times, toks
 
     run(min(8, n))  # warm-up
-    extra = [run(0)[0] for _ in range(PREFILL_REPS - 1)]
-    prefill_ms, times, toks = run(warm + n)
-    out = latency_stats(extra + [prefill_ms], times[warm:])
+    out, toks = timed_run(run, n, warm)
     out.update(load_s=load_s, tokens=toks[: spec.get("keep_tokens", 32)], gpu_memory_mb=gpu_memory_mb(),
                gpu_total_used_mb=gpu_total_used_mb())
     return out
@@ -453,9 +459,7 @@ def _timed_torch_run(run, n: int, warm: int, device: str) -> dict:
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    extra = [run(0)[0] for _ in range(PREFILL_REPS - 1)]
-    prefill, times, toks = run(warm + n)
-    out = latency_stats(extra + [prefill], times[warm:])
+    out, toks = timed_run(run, n, warm)
     out["tokens"] = toks[:32]
     if device.startswith("cuda"):
         out["torch_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
