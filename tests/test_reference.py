@@ -1,0 +1,83 @@
+"""The mask rule of :mod:`acttail_export.reference`: numpy and torch agree, the ramp is continuous, packing inverts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from acttail_export import reference as ref
+
+
+def _loop_topk(x: np.ndarray, k: int) -> np.ndarray:
+    """Independent top-k: per row, repeatedly take the largest |x| (lowest index on ties, NaN as 0)."""
+    keep = np.zeros(x.shape, bool)
+    for r, row in enumerate(np.nan_to_num(np.abs(x.astype(np.float32)), nan=0.0)):
+        left = list(range(len(row)))
+        for _ in range(min(k, len(row))):
+            best = max(left, key=lambda i: (row[i], -i))
+            keep[r, best] = True
+            left.remove(best)
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_topk_matches_a_plain_loop_with_ties_and_nan(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, size=(6, 13)).astype(np.float32)  # many ties
+    x[0, 3] = np.nan
+    for k in (0, 1, 5, 13):
+        keep, _ = ref.topk_keep(x, k)
+        assert np.array_equal(keep, _loop_topk(x, k)), k
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("ramp", [0.0, 0.5])
+def test_torch_mask_equals_numpy(mode, ramp):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 7, 33)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 33).astype(np.float32)
+    member = ref.Member(threshold=0.7, k=11, scale=scale)
+    want, _ = ref.member_values(x, mode, member, ramp)
+    got = ref.torch_mask(torch.from_numpy(x), mode, threshold=0.7, k=11, scale=torch.from_numpy(scale), ramp=ramp)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)  # float32 vs float64 ramp arithmetic
+
+
+def test_ramp_is_continuous_and_keeps_the_zero_set():
+    x = np.linspace(-2, 2, 4001, dtype=np.float32)[None]
+    hard, keep_hard = ref.member_values(x, "threshold", ref.Member(threshold=1.0))
+    soft, keep_soft = ref.member_values(x, "threshold", ref.Member(threshold=1.0), ramp=0.25)
+    assert np.array_equal(keep_hard, keep_soft)
+    assert np.abs(np.diff(soft[0])).max() < 0.01 < np.abs(np.diff(hard[0])).max()  # no jump at |x| = t
+    assert np.array_equal(soft[0][np.abs(x[0]) >= 1.25], hard[0][np.abs(x[0]) >= 1.25])
+
+
+def test_sparse_matmul_segments_use_each_members_rule():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 16))
+    w = rng.standard_normal((16, 10))
+    members = [ref.Member(threshold=0.2), ref.Member(threshold=1.0)]
+    y, _ = ref.sparse_matmul(x, w, "threshold", members, segments=[4, 10])
+    for member, cols in zip(members, (slice(0, 4), slice(4, 10))):
+        xm = np.where(np.abs(x).astype(np.float32) > np.float32(member.threshold), x, 0.0)
+        np.testing.assert_allclose(y[:, cols], xm @ w[:, cols], rtol=1e-12)
+
+
+def test_nonfinite_weight_rows_of_dropped_channels_never_reach_y():
+    x = np.array([[0.0, 2.0, 0.1]])
+    w = np.array([[np.nan, 1.0], [1.0, 1.0], [np.inf, 1.0]])
+    y, _ = ref.sparse_matmul(x, w, "threshold", [ref.Member(threshold=0.5)])
+    np.testing.assert_array_equal(y, [[2.0, 2.0]])
+
+
+def test_nibble_packing_round_trip_and_dequantization():
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 16, size=(37, 9), dtype=np.uint8)
+    packed = ref.pack_nibbles(q)
+    assert packed.shape == (37, 5)
+    assert np.array_equal(ref.unpack_nibbles(packed, 9), q)
+    assert packed[0, 0] == q[0, 0] | (q[0, 1] << 4)
+    scales, offsets = rng.random((2, 9)), rng.standard_normal((2, 9))
+    w = ref.dequantize_blocks(q, scales, offsets, block_size=32)
+    np.testing.assert_allclose(w[33], scales[1] * q[33] + offsets[1])
+    np.testing.assert_allclose(w[31], scales[0] * q[31] + offsets[0])
