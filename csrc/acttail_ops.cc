@@ -14,6 +14,7 @@
 
 #include "sparse_matmul.h"
 
+namespace acttail::nbits { void AddOps(Ort::CustomOpDomain& domain); }  // sparse_matmul_nbits/op.cc
 namespace acttail {
 namespace {
 
@@ -237,6 +238,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
     Ort::CustomOpDomain domain{acttail::kDomain};
     domain.Add(&r.cpu_f32);
     domain.Add(&r.cpu_f16);
+    acttail::nbits::AddOps(domain);
 #ifdef ACTTAIL_WITH_CUDA
     domain.Add(&r.cuda_f32);
     domain.Add(&r.cuda_f16);

@@ -1,0 +1,277 @@
+// CPU kernel of com.acttail::SparseMatMulNBits (reference quality, multithreaded on ONNX Runtime's pool).
+//  1. Per rule group (one, or one per member) and row: the kept channels and their values v = x * f
+//     (threshold test, or top-k by nth_element on the score keys with the lower-index tie cut; ramp).
+//  2. Tasks (split of the quant blocks, member column chunk, block of 8 rows): for each quant block, every
+//     kept row of Q is unpacked once into floats and added into each row's block sum
+//     accq[m] += v * q (and sv[m] += v); at the end of the block acc[m] += s * accq[m] + o * sv[m],
+//     only for rows that kept a channel of that block. Decode (M <= 8) splits K into up to 16 parts
+//     (partial sums added at the end) so that all threads stream Q.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "sparse_matmul_nbits/op.h"
+
+namespace acttail {
+namespace nbits {
+
+namespace {
+
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(uint16_t v) { return HalfToFloat(v); }
+inline void FromFloat(float v, float* out) { *out = v; }
+inline void FromFloat(float v, uint16_t* out) { *out = FloatToHalf(v); }
+
+/// Ranking key of a float32 score: order-preserving map of the float onto uint32 (negative scores, from a
+/// negative scale, rank below zero), NaN and -0 rank as +0 (acttail_export/reference.py: NaN ranks as 0).
+inline uint32_t ScoreKey(float s) {
+  if (std::isnan(s) || s == 0.0f) s = 0.0f;
+  uint32_t b;
+  std::memcpy(&b, &s, 4);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+inline float KeyValue(uint32_t key) {
+  const uint32_t b = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+constexpr int64_t kRowBlock = 8;
+
+template <typename T>
+struct Job {
+  const Attributes* a;
+  const Problem* p;
+  const T* x;
+  const uint8_t* q;
+  const T* scales;
+  const T* offsets;
+  const float* thresholds;
+  const float* scale;
+  T* y;
+  int groups;              // rule groups (1 or G)
+  std::vector<float> v;    // [groups, M, K] kept values (0 where dropped)
+  std::vector<uint8_t> k;  // [groups, M, K] 1 where kept (a kept value may be 0: ramp at s == t)
+  // column tasks
+  struct Chunk {
+    int g;
+    int64_t c0, c1;
+  };
+  std::vector<Chunk> chunks;
+  int64_t splits = 1, row_blocks = 1;
+  std::vector<float> partial;  // [splits, M, N] when splits > 1
+
+  int MemberGroup(int g) const { return groups == 1 ? 0 : g; }
+};
+
+/// Rule group rg, row m: fills v / k of that row.
+template <typename T>
+void SelectTask(void* data, size_t task) {
+  auto& j = *static_cast<Job<T>*>(data);
+  const Attributes& a = *j.a;
+  const Problem& p = *j.p;
+  const int64_t K = p.K, rg = (int64_t)task / p.M, m = (int64_t)task % p.M;
+  const int g = (int)rg;  // a group of its own per member, else group 0 = member 0's rule (identical for all)
+  const T* xr = j.x + m * K;
+  const float* sc = j.scale == nullptr ? nullptr : j.scale + (p.scale_rows > 1 ? g : 0) * K;
+  float* v = j.v.data() + (rg * p.M + m) * K;
+  uint8_t* kept = j.k.data() + (rg * p.M + m) * K;
+  thread_local std::vector<float> s;
+  s.resize((size_t)K);
+  for (int64_t c = 0; c < K; ++c) {
+    const float mag = std::fabs(ToFloat(xr[c]));
+    s[c] = sc == nullptr ? mag : mag * sc[c];
+  }
+  float t = 0.0f;
+  if (a.mode == Mode::kThreshold) {
+    t = j.thresholds[p.thresholds > 1 ? g : 0];
+    for (int64_t c = 0; c < K; ++c) kept[c] = s[c] > t;  // NaN never passes
+  } else {
+    const int64_t k = a.ks[(size_t)g];
+    thread_local std::vector<uint32_t> keys, sorted;
+    keys.resize((size_t)K);
+    for (int64_t c = 0; c < K; ++c) keys[c] = ScoreKey(s[c]);
+    if (k == 0) {
+      std::fill(kept, kept + K, 0);
+    } else if (k >= K) {
+      std::fill(kept, kept + K, 1);  // nothing dropped: t = 0
+    } else {
+      sorted = keys;
+      std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), std::greater<uint32_t>());
+      const uint32_t kth = sorted[(size_t)(k - 1)];
+      int64_t greater = 0, equal = 0;
+      uint32_t below = 0;  // largest key < kth
+      for (int64_t c = 0; c < K; ++c) {
+        greater += keys[c] > kth;
+        equal += keys[c] == kth;
+        if (keys[c] < kth) below = std::max(below, keys[c]);
+      }
+      int64_t ties = k - greater;  // the first `ties` channels with the k-th key are kept, in index order
+      t = KeyValue(equal > ties ? kth : below);
+      for (int64_t c = 0; c < K; ++c) {
+        const bool tie = keys[c] == kth && ties > 0;
+        ties -= tie;
+        kept[c] = keys[c] > kth || tie;
+      }
+    }
+  }
+  const float width = a.ramp * t;
+  for (int64_t c = 0; c < K; ++c) {
+    const float xv = ToFloat(xr[c]);
+    const bool keep = kept[c] && xv != 0.0f && !std::isnan(s[c]);  // zeros are skipped; NaN scores never kept
+    kept[c] = keep;
+    float f = 1.0f;
+    if (a.ramp > 0.0f && width > 0.0f) f = std::min(1.0f, std::max(0.0f, (s[c] - t) / width));
+    v[c] = keep ? xv * f : 0.0f;
+  }
+}
+
+/// Unpack columns [c0, c0 + w) of one row of Q into floats.
+inline void UnpackRow(const uint8_t* row, int64_t c0, int64_t w, float* out) {
+  int64_t j = 0;
+  if (c0 & 1) {
+    out[0] = (float)(row[c0 >> 1] >> 4);
+    j = 1;
+  }
+  const uint8_t* b = row + ((c0 + j) >> 1);
+  const int64_t pairs = (w - j) / 2;
+  for (int64_t i = 0; i < pairs; ++i) {
+    out[j + 2 * i] = (float)(b[i] & 15);
+    out[j + 2 * i + 1] = (float)(b[i] >> 4);
+  }
+  if ((w - j) & 1) out[w - 1] = (float)(b[pairs] & 15);
+}
+
+/// Task (split, chunk, row block): the block-factored accumulation over the split's quant blocks.
+template <typename T>
+void AccumulateTask(void* data, size_t task) {
+  auto& j = *static_cast<Job<T>*>(data);
+  const Problem& p = *j.p;
+  const int64_t K = p.K, N = p.N, M = p.M, B = p.B, rb = (N + 1) / 2;
+  const int64_t nc = (int64_t)j.chunks.size();
+  const int64_t split = (int64_t)task / (nc * j.row_blocks), rest = (int64_t)task % (nc * j.row_blocks);
+  const auto& ch = j.chunks[(size_t)(rest / j.row_blocks)];
+  const int64_t r0 = (rest % j.row_blocks) * kRowBlock, rows = std::min(kRowBlock, M - r0);
+  const int64_t w = ch.c1 - ch.c0, rg = j.MemberGroup(ch.g);
+  const int64_t b0 = p.blocks * split / j.splits, b1 = p.blocks * (split + 1) / j.splits;
+  thread_local std::vector<float> acc, accq, qf, sf, of;
+  acc.assign((size_t)(kRowBlock * w), 0.0f);
+  accq.resize((size_t)(kRowBlock * w));
+  qf.resize((size_t)w);
+  sf.resize((size_t)w);
+  of.resize((size_t)w);
+  const float* vals = j.v.data() + (rg * M + r0) * K;
+  const uint8_t* kept = j.k.data() + (rg * M + r0) * K;
+  for (int64_t b = b0; b < b1; ++b) {
+    float sv[kRowBlock] = {};
+    bool any[kRowBlock] = {};
+    for (int64_t k = b * B; k < std::min(K, (b + 1) * B); ++k) {
+      bool used = false;
+      for (int64_t r = 0; r < rows; ++r) used |= kept[r * K + k] != 0;
+      if (!used) continue;  // a row of Q nobody keeps is never read
+      UnpackRow(j.q + k * rb, ch.c0, w, qf.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        if (!kept[r * K + k]) continue;
+        const float xv = vals[r * K + k];
+        float* aq = accq.data() + r * w;
+        if (!any[r]) {
+          std::fill(aq, aq + w, 0.0f);
+          any[r] = true;
+        }
+        sv[r] += xv;
+        for (int64_t c = 0; c < w; ++c) aq[c] += xv * qf[c];
+      }
+    }
+    bool flush = false;
+    for (int64_t r = 0; r < rows; ++r) flush |= any[r];
+    if (!flush) continue;  // scales / offsets of a block nobody keeps are never read
+    for (int64_t c = 0; c < w; ++c) {
+      sf[c] = ToFloat(j.scales[b * N + ch.c0 + c]);
+      of[c] = ToFloat(j.offsets[b * N + ch.c0 + c]);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!any[r]) continue;
+      float* ac = acc.data() + r * w;
+      const float* aq = accq.data() + r * w;
+      for (int64_t c = 0; c < w; ++c) ac[c] += sf[c] * aq[c] + of[c] * sv[r];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ac = acc.data() + r * w;
+    if (j.splits > 1) {
+      std::copy(ac, ac + w, j.partial.data() + (split * M + r0 + r) * N + ch.c0);
+    } else {
+      T* yr = j.y + (r0 + r) * N + ch.c0;
+      for (int64_t c = 0; c < w; ++c) FromFloat(ac[c], yr + c);
+    }
+  }
+}
+
+/// Task (chunk): y = sum of the splits' partial sums (decode).
+template <typename T>
+void ReduceTask(void* data, size_t task) {
+  auto& j = *static_cast<Job<T>*>(data);
+  const int64_t M = j.p->M, N = j.p->N;
+  const auto& ch = j.chunks[task];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = ch.c0; c < ch.c1; ++c) {
+      float v = 0.0f;
+      for (int64_t s = 0; s < j.splits; ++s) v += j.partial[(size_t)((s * M + m) * N + c)];
+      FromFloat(v, j.y + m * N + c);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void CpuRun(const Attributes& a, const Problem& p, const T* x, const uint8_t* q, const T* scales, const T* offsets,
+            const float* thresholds, const float* scale, T* y, ParallelFn parallel, void* parallel_ctx) {
+  if (p.M == 0 || p.N == 0) return;
+  Job<T> j;
+  j.a = &a;
+  j.p = &p;
+  j.x = x;
+  j.q = q;
+  j.scales = scales;
+  j.offsets = offsets;
+  j.thresholds = thresholds;
+  j.scale = scale;
+  j.y = y;
+  j.groups = RuleGroups(a, p);
+  const bool par = parallel != nullptr && p.M * std::max<int64_t>(p.K, 1) * p.N >= (1 << 16);
+  const auto run = [&](void (*fn)(void*, size_t), size_t tasks) {
+    if (par && tasks > 1) {
+      parallel(parallel_ctx, fn, tasks, &j);
+    } else {
+      for (size_t t = 0; t < tasks; ++t) fn(&j, t);
+    }
+  };
+  j.v.assign((size_t)(j.groups * p.M * p.K), 0.0f);
+  j.k.assign((size_t)(j.groups * p.M * p.K), 0);
+  if (p.K > 0) run(&SelectTask<T>, (size_t)(j.groups * p.M));
+  const bool decode = p.M <= kRowBlock;
+  const int64_t width = decode ? 1024 : 256;  // columns per task (accumulators stay in L1 / L2)
+  for (int g = 0; g < a.Members(); ++g)
+    for (int64_t c = a.Begin(g); c < a.ends[(size_t)g]; c += width) j.chunks.push_back({g, c, std::min(a.ends[(size_t)g], c + width)});
+  j.row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
+  if (decode && par) {  // split K so that every thread streams Q: at least 32 KB of Q per task, at most 16 parts
+    const int64_t bytes = p.K * p.N / 2, per_split = 32 << 10;
+    j.splits = std::max<int64_t>(1, std::min<int64_t>({16, p.blocks, bytes / (per_split * (int64_t)j.chunks.size())}));
+  }
+  if (j.splits > 1) j.partial.assign((size_t)(j.splits * p.M * p.N), 0.0f);
+  run(&AccumulateTask<T>, (size_t)(j.splits * (int64_t)j.chunks.size() * j.row_blocks));
+  if (j.splits > 1) run(&ReduceTask<T>, j.chunks.size());
+}
+
+template void CpuRun<float>(const Attributes&, const Problem&, const float*, const uint8_t*, const float*, const float*, const float*,
+                            const float*, float*, ParallelFn, void*);
+template void CpuRun<uint16_t>(const Attributes&, const Problem&, const uint16_t*, const uint8_t*, const uint16_t*, const uint16_t*,
+                               const float*, const float*, uint16_t*, ParallelFn, void*);
+
+}  // namespace nbits
+}  // namespace acttail

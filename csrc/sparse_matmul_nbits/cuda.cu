@@ -1,0 +1,405 @@
+// Host launchers of the SparseMatMulNBits CUDA kernels (kernels/*.cuh). Everything is enqueued on the
+// caller's stream, no host synchronization, every launch checked.
+//  * topk: TopKSelectKernel per (row, rule group) -> (kth, tie, t) in the workspace.
+//  * decode (M <= 8): NBitsGemvKernel in split (stream-K) mode over a per-stream float32 scratch that every
+//    launch leaves zero; kernel parameters per shape (ChooseDecode).
+//  * prefill (M > 8): PrefillPrepKernel (mask X into the workspace, dequantize W into the workspace, flag
+//    Inf/NaN in W), cuBLAS GEMM per member column slice (libcublas opened at run time), then the exact
+//    kernel (FULL mode), which returns at once unless the flag is set. Without cuBLAS: the exact kernel.
+#include <dlfcn.h>
+#include <library_types.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "sparse_matmul_nbits/kernels/gemv.cuh"
+#include "sparse_matmul_nbits/kernels/prefill.cuh"
+#include "sparse_matmul_nbits/kernels/select.cuh"
+#include "sparse_matmul_nbits/op.h"
+
+namespace acttail {
+namespace nbits {
+
+namespace {
+
+constexpr int kWarps = 8, kRowsInFlight = 8;
+constexpr size_t kAlign = 256;
+size_t Up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+int CurrentSms() {
+  static int cache[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+  if (cache[dev] == 0) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) return 1;
+    cache[dev] = sms;
+  }
+  return cache[dev];
+}
+
+// ---- per-stream scratch (zeroed once, left zero by every kernel) ---------------------------------
+/// Zeroed scratch of at least `bytes` owned by (device, stream); every launch leaves it zero again, so only
+/// its allocation is zeroed (stream-ordered). Null if it would have to grow while the stream is being
+/// captured into a CUDA graph (the caller then zeroes per-call workspace). Grown-out buffers are kept:
+/// a graph captured earlier may still replay into them.
+void* StreamScratch(cudaStream_t stream, size_t bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<int, cudaStream_t>, std::pair<void*, size_t>> cache;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& entry = cache[{dev, stream}];
+  if (entry.second >= bytes) return entry.first;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  const size_t want = std::max({bytes, 2 * entry.second, (size_t)1 << 20});
+  void* p = nullptr;
+  if (cudaMallocAsync(&p, want, stream) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  if (cudaMemsetAsync(p, 0, want, stream) != cudaSuccess) {
+    cudaGetLastError();
+    cudaFreeAsync(p, stream);
+    return nullptr;
+  }
+  entry = {p, want};
+  return p;
+}
+
+/// Scratch layout: [flag, done] (256 B), arrival counters [tiles], float32 accumulator [M, N].
+size_t ScratchBytes(int64_t M, int64_t N, int64_t tiles) { return kAlign + Up((size_t)tiles * 4) + (size_t)(M * N * 4); }
+
+// ---- cuBLAS, opened at run time (ONNX Runtime's CUDA EP has loaded it already) --------------------
+using cublasHandle_t = void*;
+constexpr int kCublasOpN = 0, kCublasCompute32F = 68, kCublasGemmDefault = -1;
+constexpr int kCublasSoMajor = CUDART_VERSION / 1000;
+
+struct CublasApi {
+  using CreateFn = int (*)(cublasHandle_t*);
+  using SetStreamFn = int (*)(cublasHandle_t, cudaStream_t);
+  using GemmExFn = int (*)(cublasHandle_t, int, int, int, int, int, const void*, const void*, cudaDataType, int, const void*, cudaDataType,
+                           int, const void*, void*, cudaDataType, int, int, int);
+  CreateFn create = nullptr;
+  SetStreamFn set_stream = nullptr;
+  GemmExFn gemm_ex = nullptr;
+  bool ok = false;
+};
+
+const CublasApi& Cublas() {
+  static const CublasApi api = [] {
+    CublasApi a;
+    void* lib = dlopen(("libcublas.so." + std::to_string(kCublasSoMajor)).c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) return a;
+    a.create = reinterpret_cast<CublasApi::CreateFn>(dlsym(lib, "cublasCreate_v2"));
+    a.set_stream = reinterpret_cast<CublasApi::SetStreamFn>(dlsym(lib, "cublasSetStream_v2"));
+    a.gemm_ex = reinterpret_cast<CublasApi::GemmExFn>(dlsym(lib, "cublasGemmEx"));
+    a.ok = a.create != nullptr && a.set_stream != nullptr && a.gemm_ex != nullptr;
+    return a;
+  }();
+  return api;
+}
+
+std::mutex& CublasMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+/// Handle of (device, stream), created at first use; null without cuBLAS (ACTTAIL_CUBLAS=0, not loadable, or
+/// the stream is being captured before a handle exists).
+cublasHandle_t CublasHandle(cudaStream_t stream) {
+  const char* env = std::getenv("ACTTAIL_CUBLAS");
+  if (env != nullptr && env[0] == '0' && env[1] == '\0') return nullptr;
+  const CublasApi& api = Cublas();
+  if (!api.ok) return nullptr;
+  static std::map<std::pair<int, cudaStream_t>, cublasHandle_t> handles;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  std::lock_guard<std::mutex> lock(CublasMutex());
+  auto it = handles.find({dev, stream});
+  if (it != handles.end()) return it->second;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  cublasHandle_t h = nullptr;
+  if (api.create(&h) != 0) return nullptr;
+  if (api.set_stream(h, stream) != 0) return nullptr;
+  handles.emplace(std::make_pair(dev, stream), h);
+  return h;
+}
+
+/// Y[:, c0:c0+n] (ld N) = xm [M, K] @ W[:, c0:c0+n] (ld N), float32 accumulation.
+std::string Gemm(cublasHandle_t h, bool half, const void* xm, const void* w, void* y, int64_t M, int64_t K, int64_t N, int64_t c0,
+                 int64_t n) {
+  const float alpha = 1.0f, beta = 0.0f;
+  const cudaDataType t = half ? CUDA_R_16F : CUDA_R_32F;
+  const size_t e = half ? 2 : 4;
+  std::lock_guard<std::mutex> lock(CublasMutex());
+  const int st = Cublas().gemm_ex(h, kCublasOpN, kCublasOpN, (int)n, (int)M, (int)K, &alpha, static_cast<const char*>(w) + c0 * e, t,
+                                  (int)N, xm, t, (int)K, &beta, static_cast<char*>(y) + c0 * e, t, (int)N, kCublasCompute32F,
+                                  kCublasGemmDefault);
+  return st == 0 ? "" : "cublasGemmEx failed with status " + std::to_string(st);
+}
+
+// ---- kernel configuration -------------------------------------------------------------------------
+struct Shape {
+  int mr, cpl;
+};
+
+/// Rows of X per kernel instance and columns per lane: MR * CPL * 2 float accumulators per thread stay <= 64.
+Shape DecodeShape(int64_t M, bool half, int cols_per_lane) {
+  const int mr = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
+  if (mr == 1) return {1, half && cols_per_lane == 32 ? 32 : 16};
+  if (mr == 2 || (mr == 4 && half)) return {mr, 8};  // DispatchDecode instantiates exactly these
+  return {mr, 4};
+}
+
+/// Decode parameters per shape: (K, N, cols per lane, blocks per SM) for one float16 row, measured on H200
+/// (csrc/sparse_matmul_nbits/README.md); other shapes: 16 columns per lane, 3 blocks per SM.
+DecodeConfig ChooseDecode(const Attributes& a, const Problem& p, bool half) {
+  struct Entry {
+    int64_t K, N;
+    DecodeConfig c;
+  };
+  static const Entry kTable[] = {
+      {4096, 4096, {16, 3}}, {4096, 11008, {16, 3}}, {11008, 4096, {16, 3}}, {4096, 14336, {16, 3}}, {14336, 4096, {16, 3}},
+  };
+  DecodeConfig c{16, 3};
+  if (half && p.M == 1)
+    for (const Entry& e : kTable)
+      if (e.K == p.K && e.N == p.N) c = e.c;
+  (void)a;
+  return c;
+}
+
+/// Member tiles for `cpl` columns per lane; fills args and returns the tile count.
+int Tiles(const Attributes& a, int cpl, cuda::GemvArgs* args) {
+  int t = 0;
+  for (int g = 0; g < a.Members(); ++g) {
+    const int64_t lo = a.Begin(g), hi = a.ends[(size_t)g];
+    const int64_t lg0 = lo / cpl, lg1 = (hi + cpl - 1) / cpl;
+    if (args != nullptr) {
+      args->begin[g] = (int)lo;
+      args->end[g] = (int)hi;
+      args->lg0[g] = (int)lg0;
+      args->tile0[g] = t;
+    }
+    t += (int)((lg1 - lg0 + 31) / 32);
+  }
+  if (args != nullptr) {
+    args->tile0[a.Members()] = t;
+    args->G = a.Members();
+    args->tiles = t;
+  }
+  return t;
+}
+
+template <typename K>
+int Occupancy(K kernel) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  return std::max(1, n);
+}
+
+template <typename T, int MR, int CPL, bool FULL>
+cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t max_blocks, cudaStream_t stream) {
+  constexpr int kMinBlocks = CPL == 32 ? 1 : 2;
+  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, kRowsInFlight, FULL, kMinBlocks>;
+  static const int occupancy = Occupancy(kernel);
+  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
+  kernel<<<(unsigned)grid, kWarps * 32, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+/// The decode instance for M rows (float32 and float16 share all but the 32-column one).
+template <typename T>
+cudaError_t DispatchDecode(const Shape& s, const cuda::GemvArgs& args, int bps, int64_t max_blocks, cudaStream_t stream) {
+  constexpr bool kHalf = std::is_same<T, __half>::value;
+  if (s.mr == 1) {
+    if constexpr (kHalf) {
+      if (s.cpl == 32) return LaunchGemv<T, 1, 32, false>(args, bps, max_blocks, stream);
+    }
+    return LaunchGemv<T, 1, 16, false>(args, bps, max_blocks, stream);
+  }
+  if (s.mr == 2) return LaunchGemv<T, 2, 8, false>(args, bps, max_blocks, stream);
+  if (s.mr == 4) return LaunchGemv<T, 4, kHalf ? 8 : 4, false>(args, bps, max_blocks, stream);
+  return LaunchGemv<T, 8, 4, false>(args, bps, max_blocks, stream);
+}
+
+cuda::RuleArgs MakeRule(const Attributes& a, const Problem& p, const CudaArgs& c, const uint4* sel, int groups, bool half) {
+  cuda::RuleArgs r;
+  r.thresholds = c.thresholds;
+  r.thr_per_member = p.thresholds > 1;
+  r.sel = sel;
+  r.sel_groups = groups;
+  r.scale = c.scale;
+  r.scale_per_member = p.scale_rows > 1;
+  r.ramp = a.ramp;
+  r.topk = a.mode == Mode::kTopK;
+  r.key16 = half && c.scale == nullptr;
+  return r;
+}
+
+size_t SelectBytes(const Attributes& a, const Problem& p) {
+  return a.mode == Mode::kTopK ? Up((size_t)(p.M * RuleGroups(a, p)) * sizeof(uint4)) : 0;
+}
+int64_t MaxTiles(const Attributes& a) { return Tiles(a, 4, nullptr); }  // 4 columns per lane: the most tiles
+size_t PrefillBytes(const Attributes& a, const Problem& p, bool half) {
+  const size_t e = half ? 2 : 4;
+  return Up((size_t)(RuleGroups(a, p) * p.M * p.K) * e) + Up((size_t)(p.K * p.N) * e);
+}
+
+/// Zeroed scratch: the per-stream one, else the per-call workspace zeroed now (during CUDA graph capture).
+char* Scratch(cudaStream_t stream, size_t bytes, char* per_call, cudaError_t* err) {
+  void* s = StreamScratch(stream, bytes);
+  if (s != nullptr) return static_cast<char*>(s);
+  *err = cudaMemsetAsync(per_call, 0, bytes, stream);
+  return per_call;
+}
+
+template <typename T>
+std::string Run(const Attributes& a, const Problem& p, const CudaArgs& c) {
+  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
+  if (p.M == 0 || p.N == 0) return "";
+  if (p.M > (int64_t)INT32_MAX / 2 || p.M * p.K > ((int64_t)1 << 46)) return "problem too large for the kernels' indexing";
+  cudaError_t err;
+  if (p.K == 0) {
+    err = cudaMemsetAsync(c.y, 0, (size_t)(p.M * p.N) * sizeof(T), stream);
+    return err == cudaSuccess ? "" : std::string("zero output: ") + cudaGetErrorString(err);
+  }
+  const bool half = std::is_same<T, __half>::value;
+  const int groups = RuleGroups(a, p);
+  char* ws = static_cast<char*>(c.workspace);
+  const uint4* sel = nullptr;
+  if (a.mode == Mode::kTopK) {
+    cuda::SelectArgs s{};
+    s.x = c.x;
+    s.M = (int)p.M;
+    s.K = (int)p.K;
+    s.scale = c.scale;
+    s.scale_per_group = p.scale_rows > 1;
+    s.groups = groups;
+    for (int g = 0; g < groups; ++g) s.ks[g] = (int)a.ks[(size_t)g];
+    s.need_t = a.ramp > 0.0f;
+    s.sel = reinterpret_cast<uint4*>(ws);
+    err = cuda::LaunchTopKSelect<T>(s, half && c.scale == nullptr, stream);
+    if (err != cudaSuccess) return std::string("top-k selection kernel: ") + cudaGetErrorString(err);
+    sel = s.sel;
+    ws += SelectBytes(a, p);
+  }
+  cuda::GemvArgs g{};
+  g.x = c.x;
+  g.q = c.q;
+  g.scales = c.scales;
+  g.offsets = c.offsets;
+  g.y = c.y;
+  g.M = (int)p.M;
+  g.K = (int)p.K;
+  g.N = (int)p.N;
+  g.rowbytes = (int)((p.N + 1) / 2);
+  g.blog2 = __builtin_ctzll((unsigned long long)p.B);
+  g.rule = MakeRule(a, p, c, sel, groups, half);
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  g.fast = p.N % 32 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets);
+
+  if (p.M <= 8) {  // ---- decode: stream-K GEMV ----
+    DecodeConfig cfg = ChooseDecode(a, p, half);
+    if (c.decode.cols_per_lane != 0) cfg.cols_per_lane = c.decode.cols_per_lane;
+    if (c.decode.blocks_per_sm != 0) cfg.blocks_per_sm = c.decode.blocks_per_sm;
+    const Shape s = DecodeShape(p.M, half, cfg.cols_per_lane);
+    const int tiles = Tiles(a, s.cpl, &g);
+    g.units = (long long)tiles * p.K;
+    const size_t bytes = ScratchBytes(p.M, p.N, tiles);
+    err = cudaSuccess;
+    char* scratch = Scratch(stream, bytes, ws, &err);
+    if (err != cudaSuccess) return std::string("scratch memset: ") + cudaGetErrorString(err);
+    g.counters = reinterpret_cast<unsigned*>(scratch + kAlign);
+    g.acc = reinterpret_cast<float*>(scratch + kAlign + Up((size_t)tiles * 4));
+    // at least 32 rows per block, so that a block's fixed costs stay small against its rows
+    err = DispatchDecode<T>(s, g, cfg.blocks_per_sm, std::max<int64_t>(1, g.units / 32), stream);
+    return err == cudaSuccess ? "" : std::string("decode GEMV kernel: ") + cudaGetErrorString(err);
+  }
+
+  // ---- prefill ----
+  if (p.M > (int64_t)INT32_MAX / std::max<int64_t>(p.K, 1)) return "too many rows for the prefill path (M * K >= 2^31)";
+  const int tiles = Tiles(a, 4, &g);  // the exact kernel: 8 rows of X, 4 columns per lane
+  g.row_groups = (int)((p.M + 7) / 8);
+  const int64_t items = (int64_t)tiles * g.row_groups;
+  void* handle = c.prefill_variant == 0 ? CublasHandle(stream) : nullptr;
+  if (handle == nullptr) {  // the exact kernel alone
+    err = LaunchGemv<T, 8, 4, true>(g, 4, items, stream);
+    return err == cudaSuccess ? "" : std::string("prefill kernel: ") + cudaGetErrorString(err);
+  }
+  const size_t e = half ? 2 : 4;
+  char* xm = ws;
+  char* w = ws + Up((size_t)(groups * p.M * p.K) * e);
+  err = cudaSuccess;
+  char* scratch = Scratch(stream, kAlign, ws + PrefillBytes(a, p, half), &err);
+  if (err != cudaSuccess) return std::string("scratch memset: ") + cudaGetErrorString(err);
+  cuda::PrepArgs pa{};
+  pa.x = c.x;
+  pa.M = (int)p.M;
+  pa.K = (int)p.K;
+  pa.N = (int)p.N;
+  pa.rowbytes = g.rowbytes;
+  pa.blog2 = g.blog2;
+  pa.rule = g.rule;
+  pa.groups = groups;
+  pa.xm = xm;
+  pa.q = c.q;
+  pa.scales = c.scales;
+  pa.offsets = c.offsets;
+  pa.w = w;
+  pa.flag = reinterpret_cast<unsigned*>(scratch);
+  pa.fast_w = p.N % 16 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
+  pa.fast_x = p.K % 8 == 0 && aligned(c.x) && aligned(xm);
+  const int64_t dq_items = p.K * ((p.N + 15) / 16), mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
+  pa.dq_blocks = (int)std::min<int64_t>((dq_items + 255) / 256, (int64_t)CurrentSms() * 16);
+  const int64_t mask_blocks = std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8);
+  cuda::PrefillPrepKernel<T><<<(unsigned)(pa.dq_blocks + mask_blocks), 256, 0, stream>>>(pa);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return std::string("prefill mask / dequantize kernel: ") + cudaGetErrorString(err);
+  for (int gi = 0; gi < (groups == 1 ? 1 : a.Members()); ++gi) {
+    const int64_t c0 = groups == 1 ? 0 : a.Begin(gi), c1 = groups == 1 ? p.N : a.ends[(size_t)gi];
+    const std::string gemm = Gemm(handle, half, xm + (size_t)(gi * p.M * p.K) * e, w, c.y, p.M, p.K, p.N, c0, c1 - c0);
+    if (!gemm.empty()) return "prefill GEMM: " + gemm;
+  }
+  g.run_if = reinterpret_cast<unsigned*>(scratch);
+  g.done = reinterpret_cast<unsigned*>(scratch) + 1;
+  err = LaunchGemv<T, 8, 4, true>(g, 4, items, stream);
+  return err == cudaSuccess ? "" : std::string("prefill exact kernel: ") + cudaGetErrorString(err);
+}
+
+}  // namespace
+
+size_t CudaWorkspaceBytes(const Attributes& a, const Problem& p, bool half) {
+  if (p.M == 0 || p.N == 0 || p.K == 0) return 0;
+  // decode: room for the scratch in case the per-stream one cannot be used (during capture);
+  // prefill: mask(X) per rule group, W dequantized, and the flag words
+  const size_t run = p.M <= 8 ? ScratchBytes(p.M, p.N, MaxTiles(a)) : PrefillBytes(a, p, half) + kAlign;
+  return SelectBytes(a, p) + run;
+}
+
+std::string CudaRun(bool half, const Attributes& a, const Problem& p, const CudaArgs& args) {
+  return half ? Run<__half>(a, p, args) : Run<float>(a, p, args);
+}
+
+}  // namespace nbits
+}  // namespace acttail

@@ -1,0 +1,364 @@
+// The row-skipping 4-bit kernel of SparseMatMulNBits: decode GEMV (split mode, M <= 8) and the exact
+// prefill fallback (FULL mode).
+//
+// Work: a *tile* is 32 lanes x CPL columns of one member (lane group lg covers columns [lg*CPL, (lg+1)*CPL),
+// aligned globally, so a window shared by two members is processed by both, each adding only its own
+// columns); a *unit* is (tile, row k of Q). Split mode is stream-K: the tiles*K units are cut into
+// gridDim.x equal contiguous ranges, one per block of WARPS warps (gridDim.x = SMs x blocks per SM, so
+// every SM streams the same number of rows); a range covers rows of one or two tiles (segments).
+// A segment is processed in chunks of WARPS*32 rows:
+//   1. lane l of warp w evaluates the rule of row c0 + 32w + l for the MR rows of X (one 2-byte load of x per
+//      row), the block pools the kept rows (ballot, warp counts, shared-memory list in row order) with
+//      their values and a kept-bit per row of X;
+//   2. warp w takes the contiguous slice [w*n/WARPS, (w+1)*n/WARPS) of the n pooled rows (every warp gets the
+//      same number of rows +-1, and about one quant block of them), and for each quant block b in its slice:
+//      loads the block's scales / offsets for its lane's CPL columns (cached loads: the block's other warps
+//      hit L1), streams the kept rows of Q (CPL/2 bytes per lane per row, evict-first, U rows in flight),
+//      accumulates accq[m][c] += v * q, sv[m] += v in float32, and flushes
+//      acc[m][c] += s[c] * accq[m][c] + o[c] * sv[m] for the rows m that kept a channel of b.
+// Nibbles become floats without conversions: (word & 0xF << 4j) | 0x4B000000 is the float 2^23 + q*16^j,
+// minus 2^23 gives q*16^j exactly; the 16^-j goes into the scale at the flush.
+// End of segment: the warps' sums are added in shared memory, then (split mode) one float32 atomicAdd
+// per column into a zeroed scratch [M, N]; the last block of a tile (arrival counter, acq_rel) writes Y
+// and zeroes its columns and counter again. FULL mode (prefill fallback): blocks loop over (tile, group of
+// MR rows) with all K rows and write Y directly; with run_if it runs only when *run_if != 0 and the last
+// block resets *run_if.
+#pragma once
+
+#include "sparse_matmul_nbits/kernels/rule.cuh"
+
+namespace acttail {
+namespace nbits {
+namespace cuda {
+
+struct GemvArgs {
+  const void* x;
+  const uint8_t* q;
+  const void* scales;
+  const void* offsets;
+  void* y;
+  int M, K, N, rowbytes, blog2;
+  RuleArgs rule;
+  int G;
+  int begin[8], end[8];  // member column ranges
+  int tile0[9];          // tiles of member g: [tile0[g], tile0[g + 1])
+  int lg0[8];            // first lane group of member g: begin[g] / CPL
+  int tiles;
+  long long units;       // split mode: tiles * K
+  float* acc;            // split mode: zeroed float32 scratch [M, N]
+  unsigned* counters;    // split mode: zeroed arrival counters [tiles]
+  unsigned* run_if;      // FULL mode: run only when *run_if != 0 (null: always); reset by the last block
+  unsigned* done;        // FULL mode with run_if: zeroed arrival counter
+  int row_groups;        // FULL mode: ceil(M / MR)
+  int fast;              // 16-byte aligned Q / scales / offsets and N % 32 == 0: vector loads
+};
+
+/// CPL/2 bytes of Q per lane and row.
+template <int CPL>
+struct RowBits {
+  static constexpr int kWords = CPL >= 8 ? CPL / 8 : 1;
+  uint32_t w[kWords];
+};
+
+template <int CPL>
+__device__ __forceinline__ void LoadRow(RowBits<CPL>& r, const uint8_t* row, int col0, int rowbytes, bool fast) {
+  const uint8_t* p = row + col0 / 2;
+  if (fast) {
+    if constexpr (CPL == 32) {
+      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+      r.w[0] = v.x; r.w[1] = v.y; r.w[2] = v.z; r.w[3] = v.w;
+    } else if constexpr (CPL == 16) {
+      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+      r.w[0] = v.x; r.w[1] = v.y;
+    } else if constexpr (CPL == 8) {
+      r.w[0] = __ldcs(reinterpret_cast<const unsigned int*>(p));
+    } else {
+      r.w[0] = __ldcs(reinterpret_cast<const unsigned short*>(p));
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < RowBits<CPL>::kWords; ++i) r.w[i] = 0u;
+#pragma unroll
+  for (int j = 0; j < CPL / 2; ++j)
+    if (col0 / 2 + j < rowbytes) r.w[j / 4] |= (uint32_t)__ldcs(p + j) << (8 * (j % 4));
+}
+
+/// The CPL columns of one row as floats q * 16^(c % 4) (exact).
+template <int CPL>
+__device__ __forceinline__ void Unpack(const RowBits<CPL>& r, float (&f)[CPL]) {
+  constexpr uint32_t kMagic = 0x4B000000u;  // 2^23
+#pragma unroll
+  for (int i = 0; i < (CPL + 7) / 8; ++i) {
+#pragma unroll
+    for (int h = 0; h < (CPL >= 8 ? 2 : 1); ++h) {
+      const uint32_t w = h ? r.w[i] >> 16 : r.w[i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) f[8 * i + 4 * h + j] = __uint_as_float((w & (0xFu << (4 * j))) | kMagic) - 8388608.0f;
+    }
+  }
+}
+
+/// CPL scales (or offsets) of one quant block as raw bits, loaded once per block.
+template <typename T, int CPL>
+struct ColBits {
+  static constexpr int kWords = CPL * (int)sizeof(T) / 4;
+  uint32_t w[kWords];
+};
+
+template <typename T, int CPL>
+__device__ __forceinline__ void LoadCols(ColBits<T, CPL>& c, const T* row, int col0, int N, bool fast) {
+  constexpr int kWords = ColBits<T, CPL>::kWords;
+  const T* p = row + col0;
+  if (fast) {
+    if constexpr (kWords % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < kWords / 4; ++i) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+        c.w[4 * i] = v.x; c.w[4 * i + 1] = v.y; c.w[4 * i + 2] = v.z; c.w[4 * i + 3] = v.w;
+      }
+    } else {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+      c.w[0] = v.x; c.w[1] = v.y;
+    }
+    return;
+  }
+  T* e = reinterpret_cast<T*>(c.w);
+#pragma unroll
+  for (int j = 0; j < CPL; ++j) e[j] = col0 + j < N ? p[j] : Traits<T>::FromFloat(0.0f);
+}
+
+template <typename T, int CPL>
+__device__ __forceinline__ float ColValue(const ColBits<T, CPL>& c, int j) {
+  return Traits<T>::ToFloat(reinterpret_cast<const T*>(c.w)[j]);
+}
+
+__device__ __forceinline__ unsigned ArriveAcqRel(unsigned* counter) {
+  unsigned prev;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
+  return prev;
+}
+
+/// Block (of the stream-K grid) holding unit u.
+__device__ __forceinline__ long long BlockOfUnit(long long u, long long units, long long grid) { return ((u + 1) * grid - 1) / units; }
+
+template <int MR, int WARPS>
+struct Pool {
+  int row[WARPS * 32];
+  unsigned char km[WARPS * 32];
+  float v[MR][WARPS * 32];
+  int cnt[WARPS];
+};
+
+/// One warp: the pooled rows [e0, e1) (sorted by row) into acc, quant block by quant block.
+template <typename T, int MR, int CPL, int WARPS, int U>
+__device__ __forceinline__ void StreamRows(const GemvArgs& a, const Pool<MR, WARPS>& pool, int e0, int e1, int col0, bool active, int Mb,
+                                           float (&acc)[MR][CPL]) {
+  const T* scales = static_cast<const T*>(a.scales);
+  const T* offsets = static_cast<const T*>(a.offsets);
+  const bool fast = a.fast != 0;
+  int i = e0;
+  while (i < e1) {  // warp-uniform
+    const int b = pool.row[i] >> a.blog2;
+    int j = i + 1;
+    while (j < e1 && (pool.row[j] >> a.blog2) == b) ++j;
+    ColBits<T, CPL> s, o;
+    if (active) {
+      LoadCols<T, CPL>(s, scales + (int64_t)b * a.N, col0, a.N, fast);
+      LoadCols<T, CPL>(o, offsets + (int64_t)b * a.N, col0, a.N, fast);
+    }
+    float accq[MR][CPL], sv[MR];
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      sv[m] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) accq[m][c] = 0.0f;
+    }
+    unsigned kmask = 0;
+    for (int ii = i; ii < j; ii += U) {
+      RowBits<CPL> raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (ii + u < j && active) {
+          LoadRow<CPL>(raw[u], a.q + (int64_t)pool.row[ii + u] * a.rowbytes, col0, a.rowbytes, fast);
+        } else {
+#pragma unroll
+          for (int w = 0; w < RowBits<CPL>::kWords; ++w) raw[u].w[w] = 0u;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (ii + u < j) {
+          const unsigned km = pool.km[ii + u];
+          kmask |= km;
+          float qf[CPL];
+          Unpack<CPL>(raw[u], qf);
+#pragma unroll
+          for (int m = 0; m < MR; ++m) {
+            if (m < Mb && ((km >> m) & 1u)) {
+              const float v = pool.v[m][ii + u];
+              sv[m] += v;
+#pragma unroll
+              for (int c = 0; c < CPL; ++c) accq[m][c] = fmaf(v, qf[c], accq[m][c]);
+            }
+          }
+        }
+      }
+    }
+    if (active) {
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        const float pw = c % 4 == 0 ? 1.0f : c % 4 == 1 ? 0.0625f : c % 4 == 2 ? 0.00390625f : 0.000244140625f;
+        const float sc = ColValue<T, CPL>(s, c) * pw, off = ColValue<T, CPL>(o, c);
+#pragma unroll
+        for (int m = 0; m < MR; ++m)
+          if ((kmask >> m) & 1u) acc[m][c] = fmaf(sc, accq[m][c], fmaf(off, sv[m], acc[m][c]));
+      }
+    }
+    i = j;
+  }
+}
+
+/// Rows [k0, k1) of tile t for rows [m0, m0 + Mb) of X: accumulate, reduce over the block's warps, then add
+/// to the scratch (split mode) or write Y (FULL).
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL>
+__device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool, float* red, unsigned* s_last, int t, int k0, int k1,
+                                        int m0, int Mb) {
+  constexpr int TN = 32 * CPL, CH = WARPS * 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int g = 0;
+  while (g + 1 < a.G && t >= a.tile0[g + 1]) ++g;
+  const int lg_first = a.lg0[g] + (t - a.tile0[g]) * 32;
+  const int col0 = (lg_first + lane) * CPL, lo = a.begin[g], hi = a.end[g];
+  const bool active = col0 < hi;
+  MemberRule rule[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+    if (m < Mb) rule[m] = LoadRule(a.rule, m0 + m, g);
+  const float* srow = ScaleRow(a.rule, g, a.K);
+  const T* x = static_cast<const T*>(a.x) + (int64_t)m0 * a.K;
+  float acc[MR][CPL];
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) acc[m][c] = 0.0f;
+
+  for (int c0 = k0; c0 < k1; c0 += CH) {
+    const int r = c0 + warp * 32 + lane;
+    float v[MR];
+    unsigned km = 0;
+    if (r < k1) {
+      const float sc = srow != nullptr ? __ldg(srow + r) : 1.0f;
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        v[m] = 0.0f;
+        if (m < Mb && KeepValue<T>(x[(int64_t)m * a.K + r], r, sc, rule[m], a.rule, v[m])) km |= 1u << m;
+      }
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, km != 0);
+    if (lane == 0) pool.cnt[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+#pragma unroll
+    for (int q = 0; q < WARPS; ++q) {
+      const int n = pool.cnt[q];
+      before += q < warp ? n : 0;
+      total += n;
+    }
+    if (km != 0) {
+      const int pos = before + __popc(ballot & ((1u << lane) - 1u));
+      pool.row[pos] = r;
+      pool.km[pos] = (unsigned char)km;
+#pragma unroll
+      for (int m = 0; m < MR; ++m) pool.v[m][pos] = ((km >> m) & 1u) ? v[m] : 0.0f;
+    }
+    __syncthreads();
+    StreamRows<T, MR, CPL, WARPS, U>(a, pool, warp * total / WARPS, (warp + 1) * total / WARPS, col0, active, Mb, acc);
+    __syncthreads();  // the pool is rewritten by the next chunk
+  }
+
+  // ---- reduce over the warps (padded rows: conflict-free), then emit ----
+  T* y = static_cast<T*>(a.y);
+  for (int m = 0; m < Mb; ++m) {
+#pragma unroll
+    for (int mm = 0; mm < MR; ++mm)  // static register index
+      if (mm == m) {
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) red[(warp * 32 + lane) * (CPL + 1) + c] = acc[mm][c];
+      }
+    __syncthreads();
+    for (int i = tid; i < TN; i += WARPS * 32) {
+      const int l = i / CPL, c = i % CPL, col = (lg_first + l) * CPL + c;
+      if (col >= lo && col < hi) {
+        float s = 0.0f;
+#pragma unroll
+        for (int q = 0; q < WARPS; ++q) s += red[(q * 32 + l) * (CPL + 1) + c];
+        if constexpr (FULL) {
+          y[(int64_t)(m0 + m) * a.N + col] = Traits<T>::FromFloat(s);
+        } else {
+          atomicAdd(a.acc + (int64_t)m * a.N + col, s);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if constexpr (!FULL) {
+    // The barrier above orders every thread's atomicAdds before thread 0's arrival, whose release makes
+    // them visible with it (cumulativity); its acquire orders the last block's reads after all arrivals.
+    if (tid == 0) {
+      const long long units = a.units, grid = gridDim.x;
+      const long long contributors =
+          BlockOfUnit((long long)(t + 1) * a.K - 1, units, grid) - BlockOfUnit((long long)t * a.K, units, grid) + 1;
+      *s_last = ArriveAcqRel(a.counters + t) == (unsigned)(contributors - 1);
+    }
+    __syncthreads();
+    if (*s_last) {
+      for (int i = tid; i < Mb * TN; i += WARPS * 32) {
+        const int m = i / TN, l = (i % TN) / CPL, c = i % CPL, col = (lg_first + l) * CPL + c;
+        if (col >= lo && col < hi) {
+          float* p = a.acc + (int64_t)m * a.N + col;
+          y[(int64_t)m * a.N + col] = Traits<T>::FromFloat(__ldcg(p));
+          *p = 0.0f;
+        }
+      }
+      if (tid == 0) a.counters[t] = 0u;
+    }
+    __syncthreads();  // s_last is rewritten by the next segment
+  }
+}
+
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB>
+__global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvArgs a) {
+  __shared__ Pool<MR, WARPS> pool;
+  __shared__ float red[WARPS * 32 * (CPL + 1)];
+  __shared__ unsigned s_last;
+  if constexpr (FULL) {
+    if (a.run_if != nullptr && *reinterpret_cast<volatile unsigned*>(a.run_if) == 0u) return;
+    const int items = a.tiles * a.row_groups;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+      const int t = item % a.tiles, m0 = item / a.tiles * MR;
+      Segment<T, MR, CPL, WARPS, U, true>(a, pool, red, &s_last, t, 0, a.K, m0, min(MR, a.M - m0));
+    }
+    if (a.run_if != nullptr) {
+      __syncthreads();
+      if (threadIdx.x == 0 && ArriveAcqRel(a.done) == gridDim.x - 1) {
+        *a.run_if = 0u;  // every block has read it: the flag is left zero for the next call
+        *a.done = 0u;
+      }
+    }
+  } else {
+    const long long units = a.units, grid = gridDim.x;
+    long long u = blockIdx.x * units / grid;
+    const long long u1 = (blockIdx.x + 1) * units / grid;
+    while (u < u1) {
+      const int t = (int)(u / a.K), k0 = (int)(u % a.K);
+      const int k1 = (int)min((long long)a.K, k0 + (u1 - u));
+      Segment<T, MR, CPL, WARPS, U, false>(a, pool, red, &s_last, t, k0, k1, 0, a.M);
+      u += k1 - k0;
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace nbits
+}  // namespace acttail

@@ -1,0 +1,133 @@
+// Prefill preparation of SparseMatMulNBits (M > 8 rows), one launch:
+//  * blocks [0, dq_blocks): W[k, n] = fl_T(s[k/B, n] * q[k, n] + o[k/B, n]) into the workspace, 16 columns per
+//    item (8 bytes of Q, 16-byte scale / offset / output vectors when N % 16 == 0); any Inf/NaN produced sets
+//    *flag, which arms the exact row-skipping kernel after the GEMM (a masked x times an Inf/NaN weight
+//    would otherwise turn into NaN in cuBLAS);
+//  * the other blocks: xm[group, m, k] = kept value v (rounded to T) or 0, 8 channels per item when K % 8 == 0.
+#pragma once
+
+#include "sparse_matmul_nbits/kernels/rule.cuh"
+
+namespace acttail {
+namespace nbits {
+namespace cuda {
+
+struct PrepArgs {
+  const void* x;
+  int M, K, N, rowbytes, blog2;
+  RuleArgs rule;
+  int groups;
+  void* xm;  // [groups, M, K]
+  const uint8_t* q;
+  const void* scales;
+  const void* offsets;
+  void* w;  // [K, N]
+  unsigned* flag;
+  int dq_blocks;
+  int fast_w;  // N % 16 == 0 and 16-byte aligned pointers
+  int fast_x;  // K % 8 == 0 and 16-byte aligned x / xm
+};
+
+template <typename T>
+__device__ __forceinline__ bool NonFinite(T v) {
+  return !isfinite(Traits<T>::ToFloat(v));
+}
+
+template <typename T>
+__device__ bool DequantItem(const PrepArgs& a, int64_t item) {
+  const int chunks = (a.N + 15) / 16;
+  const int k = (int)(item / chunks), c0 = (int)(item % chunks) * 16;
+  const int64_t b = k >> a.blog2;
+  const T* s = static_cast<const T*>(a.scales) + b * a.N + c0;
+  const T* o = static_cast<const T*>(a.offsets) + b * a.N + c0;
+  T* w = static_cast<T*>(a.w) + (int64_t)k * a.N + c0;
+  const uint8_t* qrow = a.q + (int64_t)k * a.rowbytes + c0 / 2;
+  bool bad = false;
+  if (a.fast_w) {
+    constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
+    const uint2 qb = __ldcs(reinterpret_cast<const uint2*>(qrow));
+#pragma unroll
+    for (int v = 0; v < 16 / kVec; ++v) {
+      union {
+        uint4 u;
+        T e[kVec];
+      } sv, ov, out;
+      sv.u = __ldg(reinterpret_cast<const uint4*>(s) + v);
+      ov.u = __ldg(reinterpret_cast<const uint4*>(o) + v);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const int c = v * kVec + e;
+        const uint32_t word = c < 8 ? qb.x : qb.y;
+        const float qv = (float)((word >> (4 * (c % 8))) & 15u);
+        out.e[e] = Traits<T>::FromFloat(fmaf(Traits<T>::ToFloat(sv.e[e]), qv, Traits<T>::ToFloat(ov.e[e])));
+        bad |= NonFinite(out.e[e]);
+      }
+      __stcs(reinterpret_cast<uint4*>(w) + v, out.u);
+    }
+    return bad;
+  }
+  for (int c = 0; c < 16 && c0 + c < a.N; ++c) {
+    const float qv = (float)((qrow[c / 2] >> (4 * (c % 2))) & 15u);
+    const T r = Traits<T>::FromFloat(fmaf(Traits<T>::ToFloat(s[c]), qv, Traits<T>::ToFloat(o[c])));
+    w[c] = r;
+    bad |= NonFinite(r);
+  }
+  return bad;
+}
+
+/// Group gr's member whose rule it applies (a group per member, or group 0 = member 0's rule for all).
+template <typename T>
+__device__ void MaskItem(const PrepArgs& a, int64_t item, int per) {
+  const int64_t MK = (int64_t)a.M * a.K;
+  const int64_t e0 = item * per;
+  const int gr = (int)(e0 / MK);
+  const int64_t rem = e0 % MK;
+  const int m = (int)(rem / a.K), k0 = (int)(rem % a.K);
+  const MemberRule rule = LoadRule(a.rule, m, gr);
+  const float* srow = ScaleRow(a.rule, gr, a.K);
+  const T* xr = static_cast<const T*>(a.x) + (int64_t)m * a.K + k0;
+  T* out = static_cast<T*>(a.xm) + e0;
+  if (per == 8) {
+    constexpr int kVec = 16 / sizeof(T);
+#pragma unroll
+    for (int v = 0; v < 8 / kVec; ++v) {
+      union {
+        uint4 u;
+        T e[kVec];
+      } in, res;
+      in.u = __ldcs(reinterpret_cast<const uint4*>(xr) + v);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const int k = k0 + v * kVec + e;
+        float val;
+        res.e[e] = KeepValue<T>(in.e[e], k, srow != nullptr ? __ldg(srow + k) : 1.0f, rule, a.rule, val) ? Traits<T>::FromFloat(val)
+                                                                                                        : Traits<T>::FromFloat(0.0f);
+      }
+      reinterpret_cast<uint4*>(out)[v] = res.u;
+    }
+    return;
+  }
+  float val;
+  *out = KeepValue<T>(*xr, k0, srow != nullptr ? __ldg(srow + k0) : 1.0f, rule, a.rule, val) ? Traits<T>::FromFloat(val)
+                                                                                         : Traits<T>::FromFloat(0.0f);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) PrefillPrepKernel(const PrepArgs a) {
+  if ((int)blockIdx.x < a.dq_blocks) {
+    const int64_t items = (int64_t)a.K * ((a.N + 15) / 16);
+    bool bad = false;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < items; i += (int64_t)a.dq_blocks * blockDim.x)
+      bad |= DequantItem<T>(a, i);
+    if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) atomicOr(a.flag, 1u);
+    return;
+  }
+  const int per = a.fast_x ? 8 : 1;
+  const int64_t items = (int64_t)a.groups * a.M * a.K / per;
+  const int64_t stride = (int64_t)(gridDim.x - a.dq_blocks) * blockDim.x;
+  for (int64_t i = (int64_t)(blockIdx.x - a.dq_blocks) * blockDim.x + threadIdx.x; i < items; i += stride) MaskItem<T>(a, i, per);
+}
+
+}  // namespace cuda
+}  // namespace nbits
+}  // namespace acttail
