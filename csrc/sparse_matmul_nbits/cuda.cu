@@ -27,7 +27,9 @@ namespace nbits {
 
 namespace {
 
-constexpr int kWarps = 8, kRowsInFlight = 8;
+constexpr int kWarps = 8;
+/// Rows of Q in flight per warp: 8 (4 with 4 or 8 rows of X, whose accumulators need the registers).
+constexpr int RowsInFlight(int mr) { return mr >= 4 ? 4 : 8; }
 constexpr size_t kAlign = 256;
 size_t Up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -221,7 +223,7 @@ int Occupancy(K kernel) {
 template <typename T, int MR, int CPL, bool FULL>
 cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t max_blocks, cudaStream_t stream) {
   constexpr int kMinBlocks = CPL == 32 ? 1 : 2;
-  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, kRowsInFlight, FULL, kMinBlocks>;
+  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, RowsInFlight(MR), FULL, kMinBlocks>;
   static const int occupancy = Occupancy(kernel);
   const int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
   kernel<<<(unsigned)grid, kWarps * 32, 0, stream>>>(args);

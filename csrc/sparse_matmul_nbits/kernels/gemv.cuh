@@ -139,6 +139,16 @@ __device__ __forceinline__ unsigned ArriveAcqRel(unsigned* counter) {
   return prev;
 }
 
+/// arr[i] with static indices only (a dynamically indexed kernel-parameter array is copied to local memory).
+template <int N>
+__device__ __forceinline__ int Pick(const int (&arr)[N], int i) {
+  int v = arr[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j)
+    if (j == i) v = arr[j];
+  return v;
+}
+
 /// Block (of the stream-K grid) holding unit u.
 __device__ __forceinline__ long long BlockOfUnit(long long u, long long units, long long grid) { return ((u + 1) * grid - 1) / units; }
 
@@ -227,14 +237,12 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   constexpr int TN = 32 * CPL, CH = WARPS * 32;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int g = 0;
-  while (g + 1 < a.G && t >= a.tile0[g + 1]) ++g;
-  const int lg_first = a.lg0[g] + (t - a.tile0[g]) * 32;
-  const int col0 = (lg_first + lane) * CPL, lo = a.begin[g], hi = a.end[g];
-  const bool active = col0 < hi;
-  MemberRule rule[MR];
 #pragma unroll
-  for (int m = 0; m < MR; ++m)
-    if (m < Mb) rule[m] = LoadRule(a.rule, m0 + m, g);
+  for (int j = 1; j < 8; ++j)
+    if (j < a.G && t >= a.tile0[j]) g = j;
+  const int lg_first = Pick(a.lg0, g) + (t - Pick(a.tile0, g)) * 32;
+  const int col0 = (lg_first + lane) * CPL, lo = Pick(a.begin, g), hi = Pick(a.end, g);
+  const bool active = col0 < hi;
   const float* srow = ScaleRow(a.rule, g, a.K);
   const T* x = static_cast<const T*>(a.x) + (int64_t)m0 * a.K;
   float acc[MR][CPL];
@@ -252,7 +260,8 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
 #pragma unroll
       for (int m = 0; m < MR; ++m) {
         v[m] = 0.0f;
-        if (m < Mb && KeepValue<T>(x[(int64_t)m * a.K + r], r, sc, rule[m], a.rule, v[m])) km |= 1u << m;
+        // the rule is re-read per chunk (cached loads) rather than held in registers while rows stream
+        if (m < Mb && KeepValue<T>(x[(int64_t)m * a.K + r], r, sc, LoadRule(a.rule, m0 + m, g), a.rule, v[m])) km |= 1u << m;
       }
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, km != 0);

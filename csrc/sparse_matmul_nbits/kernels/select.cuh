@@ -72,7 +72,11 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(SelectArgs a)
   __shared__ int s_warp[33];
   __shared__ unsigned s_max;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int m = blockIdx.x, gs = blockIdx.y, K = a.K, k = a.ks[gs];
+  const int m = blockIdx.x, gs = blockIdx.y, K = a.K;
+  int k = a.ks[0];
+#pragma unroll
+  for (int i = 1; i < 8; ++i)  // static indices: a dynamically indexed parameter array would go to local memory
+    if (i == gs) k = a.ks[i];
   const T* xr = static_cast<const T*>(a.x) + (int64_t)m * K;
   const float* sc = a.scale == nullptr ? nullptr : a.scale + (int64_t)(a.scale_per_group ? gs : 0) * K;
   uint4* out = a.sel + (int64_t)m * a.groups + gs;
@@ -87,24 +91,29 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(SelectArgs a)
 #pragma unroll
     for (int j = 0; j < kSelectRegKeys; ++j) keys[j] = j < n ? SelectKey<T, KB>(xr, sc, lo + j) : 0u;
   }
-  // visit(fn): fn(key, channel) for every channel of this thread
-  auto visit = [&](auto&& fn) {
-    if (reg) {
-#pragma unroll
-      for (int j = 0; j < kSelectRegKeys; ++j)
-        if (j < n) fn(keys[j], lo + j);
-    } else {
-      for (int j = 0; j < n; ++j) fn(SelectKey<T, KB>(xr, sc, lo + j), lo + j);
-    }
-  };
+// Runs BODY with (key, ch) bound to every channel of this thread (registers for seg <= 16, else recomputed).
+#define ACTTAIL_FOR_EACH_KEY(BODY)                                      \
+  if (reg) {                                                            \
+    _Pragma("unroll") for (int j_ = 0; j_ < kSelectRegKeys; ++j_) {     \
+      if (j_ < n) {                                                     \
+        const uint32_t key = keys[j_];                                  \
+        const int ch = lo + j_;                                         \
+        BODY                                                            \
+      }                                                                 \
+    }                                                                   \
+  } else {                                                              \
+    for (int j_ = 0; j_ < n; ++j_) {                                    \
+      const uint32_t key = SelectKey<T, KB>(xr, sc, lo + j_);           \
+      const int ch = lo + j_;                                           \
+      BODY                                                              \
+    }                                                                   \
+  }
   uint32_t prefix = 0, mask = 0;
   int remaining = k;  // 1-based rank, from the top, of the wanted key among the keys matching prefix
   for (int shift = KB - 8; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    visit([&](uint32_t key, int) {
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-    });
+    ACTTAIL_FOR_EACH_KEY((void)ch; if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);)
     __syncthreads();
     if (warp == 0) {  // lane owns bins 255-8*lane .. 248-8*lane (descending)
       unsigned c[8], sum = 0;
@@ -142,13 +151,11 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(SelectArgs a)
   const int equal = s_bin_count;  // channels whose key is kth; the first `remaining` of them are kept
   // tie cut: the channel of the remaining-th key equal to kth, in channel order
   int cnt = 0;
-  visit([&](uint32_t key, int) { cnt += key == kth; });
+  ACTTAIL_FOR_EACH_KEY((void)ch; cnt += key == kth;)
   int total = 0;
   int before = BlockExclusiveSum(cnt, s_warp, total);
   if (before < remaining && remaining <= before + cnt) {
-    visit([&](uint32_t key, int i) {
-      if (key == kth && ++before == remaining) out->y = (unsigned)i;  // exactly one thread, one channel
-    });
+    ACTTAIL_FOR_EACH_KEY(if (key == kth && ++before == remaining) out->y = (unsigned)ch;)  // one thread, one channel
   }
   float t = 0.0f;
   if (a.need_t) {
@@ -158,9 +165,7 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(SelectArgs a)
       if (tid == 0) s_max = 0u;
       __syncthreads();
       uint32_t best = 0u;
-      visit([&](uint32_t key, int) {
-        if (key < kth && key > best) best = key;
-      });
+      ACTTAIL_FOR_EACH_KEY((void)ch; if (key < kth && key > best) best = key;)
       best = __reduce_max_sync(0xffffffffu, best);
       if (lane == 0) atomicMax(&s_max, best);
       __syncthreads();
@@ -173,6 +178,8 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(SelectArgs a)
     out->w = 0u;
   }
 }
+
+#undef ACTTAIL_FOR_EACH_KEY
 
 template <typename T>
 cudaError_t LaunchTopKSelect(const SelectArgs& a, bool key16, cudaStream_t stream) {
