@@ -1,9 +1,9 @@
-// Host launchers of the CUDA kernels (see sparse_matmul_impl.cuh): split-K decode GEMV for M <= 8 rows;
+// Host launchers of SparseMatMul's CUDA kernels (kernels/*.cuh, common/cuda/*.cuh): split-K decode GEMV for M <= 8 rows;
 // for more rows (prefill) the mask applied into the workspace and a cuBLAS GEMM (loaded at run time),
 // else the masked tiled GEMM kernels; in topk mode preceded by the top-k selection kernel. Everything
 // is enqueued on the caller's stream; no host synchronization, every launch checked.
+#include <cublas_api.h>  // types and prototypes only: libcublas is opened at run time (dlopen), not linked
 #include <dlfcn.h>
-#include <library_types.h>  // cudaDataType (CUDA runtime headers; cuBLAS headers are not needed)
 
 #include <algorithm>
 #include <cstdlib>
@@ -13,9 +13,12 @@
 #include <type_traits>
 #include <utility>
 
-#include "sparse_matmul.h"
-#include "sparse_matmul_impl.cuh"
-#include "masked_gemm_tc.cuh"
+#include "common/cuda/mask_rows.cuh"
+#include "common/cuda/topk_select.cuh"
+#include "sparse_matmul/cuda.h"
+#include "sparse_matmul/kernels/masked_gemm.cuh"
+#include "sparse_matmul/kernels/masked_gemm_tc.cuh"
+#include "sparse_matmul/kernels/splitk_gemv.cuh"
 
 namespace acttail {
 
@@ -83,7 +86,7 @@ cudaError_t LaunchSplitK(const CudaArgs& a, const uint2* sel, void* scratch, cud
   unsigned* arrived = static_cast<unsigned*>(scratch);
   float* acc = reinterpret_cast<float*>(static_cast<char*>(scratch) + CounterBytes(a.N));
   cuda::SplitKGemvKernel<T, MR, WARPS, SEG, U, BAL><<<grid, WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, a.threshold, sel,
+      static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, a.thresholds, sel,
       a.mode == Mode::kTopK, w_aligned, acc, arrived);
   return cudaGetLastError();
 }
@@ -92,12 +95,11 @@ cudaError_t LaunchSplitK(const CudaArgs& a, const uint2* sel, void* scratch, cud
 /// Grids of fewer than 3 blocks per multiprocessor pool each block's kept channels first (BAL): with few
 /// blocks the slowest warp sets the time (LLaMA-7B 4096x4096 at 50-80 %: 9.0 vs 9.8 us, 5.8 vs 6.7 us on
 /// H200), with many the extra block barrier costs more than it saves (11008x4096 at 50 %: 18.0 vs 14.7 us);
-/// docs/kernels.md. `gemv_variant` (benchmarks only): 1 = zero per-call scratch with cudaMemsetAsync
-/// instead of the per-stream scratch, 2 / 3 = force the plain / pooled kernel.
+/// docs/kernels.md. The plan may force the grid (pooled 0 / 1) or per-call scratch zeroed with cudaMemsetAsync.
 template <typename T, int MR>
-cudaError_t LaunchDecode(const CudaArgs& a, const uint2* sel, void* per_call_scratch, cudaStream_t stream) {
+cudaError_t LaunchDecode(const CudaArgs& a, const CudaPlan& plan, const uint2* sel, void* per_call_scratch, cudaStream_t stream) {
   const size_t bytes = SplitScratchBytes(a.M, a.N);
-  void* scratch = a.gemv_variant == 1 ? nullptr : StreamScratch(stream, bytes);
+  void* scratch = plan.stream_scratch ? StreamScratch(stream, bytes) : nullptr;
   if (scratch == nullptr) {
     scratch = per_call_scratch;
     cudaError_t err = cudaMemsetAsync(scratch, 0, bytes, stream);
@@ -106,7 +108,7 @@ cudaError_t LaunchDecode(const CudaArgs& a, const uint2* sel, void* per_call_scr
   constexpr int kWarps = 8, kRows = 4;
   constexpr int TN = 32 * cuda::Traits<T>::kVec;
   const int64_t blocks = (a.N + TN - 1) / TN * std::max<int64_t>(1, (a.K + kWarps * 32 - 1) / (kWarps * 32));
-  const bool pooled = a.gemv_variant == 3 || (a.gemv_variant != 2 && blocks < 3 * (int64_t)CurrentSms());
+  const bool pooled = plan.gemv.pooled == 1 || (plan.gemv.pooled != 0 && blocks < 3 * (int64_t)CurrentSms());
   return pooled ? LaunchSplitK<T, MR, kWarps, 1, kRows, true>(a, sel, scratch, stream)
                 : LaunchSplitK<T, MR, kWarps, 1, kRows, false>(a, sel, scratch, stream);
 }
@@ -117,23 +119,18 @@ cudaError_t LaunchDecode(const CudaArgs& a, const uint2* sel, void* per_call_scr
 // handle per (device, stream). When it cannot (no libcublas, ACTTAIL_CUBLAS=0, or a stream being
 // captured into a CUDA graph before a handle exists), the prefill runs on the op's own GEMM kernels.
 
-// The few cuBLAS declarations used (cublas_api.h, stable across cuBLAS 11-13), so that the build needs
-// only the CUDA runtime headers.
-using cublasHandle_t = void*;
-using cublasStatus_t = int;                  // CUBLAS_STATUS_SUCCESS = 0
-constexpr int kCublasOpN = 0;                // CUBLAS_OP_N
-constexpr int kCublasCompute32F = 68;        // CUBLAS_COMPUTE_32F (float32 accumulation, no TF32)
-constexpr int kCublasGemmDefault = -1;       // CUBLAS_GEMM_DEFAULT
 constexpr int kCublasSoMajor = CUDART_VERSION / 1000;  // cuBLAS of the CUDA release the library is built with
 
+// cublasGemmEx with a cublasComputeType_t (the header also declares an inline overload taking a cudaDataType)
+using CublasGemmExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                                          const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                                          cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+static_assert(sizeof(static_cast<CublasGemmExFn>(&cublasGemmEx)) > 0, "the cuBLAS header declares cublasGemmEx so");
+
 struct CublasApi {
-  using CreateFn = cublasStatus_t (*)(cublasHandle_t*);
-  using SetStreamFn = cublasStatus_t (*)(cublasHandle_t, cudaStream_t);
-  using GemmExFn = cublasStatus_t (*)(cublasHandle_t, int, int, int, int, int, const void*, const void*, cudaDataType, int, const void*,
-                                      cudaDataType, int, const void*, void*, cudaDataType, int, int, int);
-  CreateFn create = nullptr;
-  SetStreamFn set_stream = nullptr;
-  GemmExFn gemm_ex = nullptr;
+  decltype(&cublasCreate_v2) create = nullptr;
+  decltype(&cublasSetStream_v2) set_stream = nullptr;
+  CublasGemmExFn gemm_ex = nullptr;
   bool ok = false;
 };
 
@@ -142,9 +139,9 @@ const CublasApi& Cublas() {
     CublasApi a;
     void* lib = dlopen(("libcublas.so." + std::to_string(kCublasSoMajor)).c_str(), RTLD_NOW | RTLD_LOCAL);
     if (lib == nullptr) return a;
-    a.create = reinterpret_cast<CublasApi::CreateFn>(dlsym(lib, "cublasCreate_v2"));
-    a.set_stream = reinterpret_cast<CublasApi::SetStreamFn>(dlsym(lib, "cublasSetStream_v2"));
-    a.gemm_ex = reinterpret_cast<CublasApi::GemmExFn>(dlsym(lib, "cublasGemmEx"));
+    a.create = reinterpret_cast<decltype(&cublasCreate_v2)>(dlsym(lib, "cublasCreate_v2"));
+    a.set_stream = reinterpret_cast<decltype(&cublasSetStream_v2)>(dlsym(lib, "cublasSetStream_v2"));
+    a.gemm_ex = reinterpret_cast<CublasGemmExFn>(dlsym(lib, "cublasGemmEx"));
     a.ok = a.create != nullptr && a.set_stream != nullptr && a.gemm_ex != nullptr;
     return a;
   }();
@@ -159,8 +156,6 @@ std::mutex& CublasMutex() {  // guards the handle cache and serializes enqueues 
 /// The cuBLAS handle of (current device, stream), created at its first use; null when cuBLAS cannot be
 /// used (ACTTAIL_CUBLAS=0, libcublas not loadable, or the stream is being captured before a handle exists).
 cublasHandle_t CublasHandle(cudaStream_t stream) {
-  const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the op's own kernels (read per call, for tests)
-  if (env != nullptr && env[0] == '0' && env[1] == '\0') return nullptr;
   const CublasApi& api = Cublas();
   if (!api.ok) return nullptr;
   static std::map<std::pair<int, cudaStream_t>, cublasHandle_t> handles;
@@ -178,8 +173,8 @@ cublasHandle_t CublasHandle(cudaStream_t stream) {
     return nullptr;
   }
   cublasHandle_t h = nullptr;
-  if (api.create(&h) != 0) return nullptr;
-  if (api.set_stream(h, stream) != 0) return nullptr;  // (the handle leaks: a rare failure, not worth a destroy symbol)
+  if (api.create(&h) != CUBLAS_STATUS_SUCCESS) return nullptr;
+  if (api.set_stream(h, stream) != CUBLAS_STATUS_SUCCESS) return nullptr;  // (the handle leaks: a rare failure, not worth a destroy symbol)
   handles.emplace(std::make_pair(dev, stream), h);
   return h;
 }
@@ -191,9 +186,10 @@ std::string CublasGemm(cublasHandle_t h, bool half, const void* xm, const void* 
   const float alpha = 1.0f, beta = 0.0f;
   const cudaDataType t = half ? CUDA_R_16F : CUDA_R_32F;
   std::lock_guard<std::mutex> lock(CublasMutex());
-  const cublasStatus_t st = Cublas().gemm_ex(h, kCublasOpN, kCublasOpN, (int)N, (int)M, (int)K, &alpha, w, t, (int)N, xm, t, (int)K,
-                                             &beta, y, t, (int)N, kCublasCompute32F, kCublasGemmDefault);
-  return st == 0 ? "" : "cublasGemmEx failed with status " + std::to_string((int)st);
+  // CUBLAS_COMPUTE_32F: float32 accumulation, no TF32 (float32 results must match the reference to 1e-5)
+  const cublasStatus_t st = Cublas().gemm_ex(h, CUBLAS_OP_N, CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha, w, t, (int)N, xm, t, (int)K,
+                                             &beta, y, t, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  return st == CUBLAS_STATUS_SUCCESS ? "" : "cublasGemmEx failed with status " + std::to_string((int)st);
 }
 
 /// Bytes of the prefill workspace: the masked copy of X ([M, K], at most float32) and the
@@ -201,9 +197,11 @@ std::string CublasGemm(cublasHandle_t h, bool half, const void* xm, const void* 
 size_t PrefillBytes(int64_t M, int64_t K) { return (size_t)((M * K * 4 + 255) / 256 * 256) + cuda::kTcFlagBytes; }
 
 template <typename T>
-std::string Run(const CudaArgs& a) {
+std::string Run(const CudaArgs& a, const CudaPlan& plan) {
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   if (a.M == 0 || a.N == 0) return "";
+  if (a.G != 1 || a.ramp != 0.0f || a.scale != nullptr || a.threshold_count > 1)
+    return "segments, ramp and scale are not supported by the CUDA kernels of this build";
   if (a.K > (int64_t)INT32_MAX || a.N > (int64_t)INT32_MAX || a.M > (int64_t)INT32_MAX / 2)
     return "problem too large for 32-bit indexing (M, K, N must each be < 2^31)";
   const uint2* sel = nullptr;
@@ -211,17 +209,17 @@ std::string Run(const CudaArgs& a) {
   if (a.mode == Mode::kTopK) {
     if (a.M > 65535 * 1024LL) return "too many rows for the top-k kernel";
     uint2* out = reinterpret_cast<uint2*>(scratch);
-    cudaError_t err = cuda::LaunchTopKSelect<T>(static_cast<const T*>(a.x), a.M, a.K, a.k, out, stream);
+    cudaError_t err = cuda::LaunchTopKSelect<T>(static_cast<const T*>(a.x), a.M, a.K, a.k[0], out, stream);
     if (err != cudaSuccess) return std::string("top-k selection kernel: ") + cudaGetErrorString(err);
     sel = out;
     scratch += (a.M * sizeof(uint2) + 255) / 256 * 256;
   }
   cudaError_t err;
   if (a.M <= 8) {
-    if (a.M == 1) err = LaunchDecode<T, 1>(a, sel, scratch, stream);
-    else if (a.M == 2) err = LaunchDecode<T, 2>(a, sel, scratch, stream);
-    else if (a.M <= 4) err = LaunchDecode<T, 4>(a, sel, scratch, stream);
-    else err = LaunchDecode<T, 8>(a, sel, scratch, stream);
+    if (a.M == 1) err = LaunchDecode<T, 1>(a, plan, sel, scratch, stream);
+    else if (a.M == 2) err = LaunchDecode<T, 2>(a, plan, sel, scratch, stream);
+    else if (a.M <= 4) err = LaunchDecode<T, 4>(a, plan, sel, scratch, stream);
+    else err = LaunchDecode<T, 8>(a, plan, sel, scratch, stream);
     if (err != cudaSuccess) return std::string("sparse GEMV kernel: ") + cudaGetErrorString(err);
   } else {
     // prefill GEMM. First choice: X masked into the workspace, cuBLAS GEMM (tensor cores), then the exact
@@ -233,11 +231,11 @@ std::string Run(const CudaArgs& a) {
     const dim3 grid((unsigned)((a.N + cuda::kBN - 1) / cuda::kBN), (unsigned)((a.M + cuda::kBM - 1) / cuda::kBM));
     if (grid.y > 65535) return "too many rows for the GEMM grid (M > 4194240)";
     unsigned* nonfinite = nullptr;
-    cublasHandle_t handle = a.prefill_variant == 0 && a.K > 0 ? CublasHandle(stream) : nullptr;
+    cublasHandle_t handle = plan.use_cublas && a.K > 0 ? CublasHandle(stream) : nullptr;
     if (handle != nullptr) {
       T* xm = reinterpret_cast<T*>(scratch);
       unsigned* flag = reinterpret_cast<unsigned*>(scratch + PrefillBytes(a.M, a.K) - cuda::kTcFlagBytes);
-      err = cuda::LaunchMaskRows<T>(static_cast<const T*>(a.x), xm, a.M, a.K, a.threshold, sel, a.mode == Mode::kTopK, flag, stream);
+      err = cuda::LaunchMaskRows<T>(static_cast<const T*>(a.x), xm, a.M, a.K, a.thresholds, sel, a.mode == Mode::kTopK, flag, stream);
       if (err != cudaSuccess) return std::string("prefill mask kernel: ") + cudaGetErrorString(err);
       const std::string gemm_err = CublasGemm(handle, std::is_same<T, __half>::value, xm, a.w, a.y, a.M, a.K, a.N);
       if (!gemm_err.empty()) return "prefill GEMM: " + gemm_err;
@@ -251,12 +249,12 @@ std::string Run(const CudaArgs& a) {
         err = cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), stream);
         if (err != cudaSuccess) return std::string("masked GEMM flag: ") + cudaGetErrorString(err);
         err = cuda::LaunchMaskedGemmTc(static_cast<const __half*>(a.x), static_cast<const __half*>(a.w), static_cast<__half*>(a.y), a.M,
-                                       a.K, a.N, a.threshold, sel, a.mode == Mode::kTopK, nonfinite, stream);
+                                       a.K, a.N, a.thresholds, sel, a.mode == Mode::kTopK, nonfinite, stream);
         if (err != cudaSuccess) return std::string("masked GEMM tensor-core kernel: ") + cudaGetErrorString(err);
       }
     }
     cuda::MaskedGemmKernel<T><<<grid, cuda::kGemmThreads, 0, stream>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.w),
-                                                                     static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, a.threshold,
+                                                                     static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, a.thresholds,
                                                                      sel, a.mode == Mode::kTopK, nonfinite);
     err = cudaGetLastError();
     if (err != cudaSuccess) return std::string("masked GEMM kernel: ") + cudaGetErrorString(err);
@@ -266,15 +264,23 @@ std::string Run(const CudaArgs& a) {
 
 }  // namespace
 
-size_t CudaWorkspaceBytes(int64_t M, int64_t K, int64_t N, Mode mode) {
-  const size_t select = mode == Mode::kTopK ? (size_t)(M * sizeof(uint2) + 255) / 256 * 256 : 0;
+size_t CudaWorkspaceBytes(const CudaArgs& a) {
+  const int64_t M = a.M, K = a.K, N = a.N;
+  const size_t select = a.mode == Mode::kTopK ? (size_t)(M * sizeof(uint2) + 255) / 256 * 256 : 0;
   // decode: room for the split-K scratch in case the per-stream one cannot be used (during capture);
   // prefill: the masked copy of X for cuBLAS and a flag (the tensor-core path uses the first kTcFlagBytes as its flag)
   return select + (M >= 1 && M <= 8 ? SplitScratchBytes(M, N) : 0) + (M > 8 ? PrefillBytes(M, K) : 0);
 }
 
-std::string SparseMatMulCuda(bool half, const CudaArgs& args) {
-  return half ? Run<__half>(args) : Run<float>(args);
+CudaPlan DefaultPlan(bool /*half*/, const CudaArgs& /*args*/) {
+  CudaPlan plan;
+  const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the op's own GEMM kernels (read per call, for tests)
+  plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
+  return plan;
+}
+
+std::string SparseMatMulCuda(bool half, const CudaArgs& args, const CudaPlan& plan) {
+  return half ? Run<__half>(args, plan) : Run<float>(args, plan);
 }
 
 }  // namespace acttail

@@ -24,7 +24,7 @@
 
 #include <cstdint>
 
-#include "sparse_matmul_impl.cuh"
+#include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
 namespace cuda {
