@@ -93,8 +93,11 @@ extern "C" __attribute__((visibility("default"))) int acttail_bench_topk_select(
                                                                                long long M, long long K, long long k, char* err,
                                                                                int err_len) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t e = half ? acttail::cuda::LaunchTopKSelect(static_cast<const __half*>(x), M, K, k, static_cast<uint2*>(sel), s)
-                       : acttail::cuda::LaunchTopKSelect(static_cast<const float*>(x), M, K, k, static_cast<uint2*>(sel), s);
+  acttail::cuda::SelectParams p;
+  p.K = (int)K;
+  p.k[0] = (int)k;
+  cudaError_t e = half ? acttail::cuda::LaunchTopKSelect(static_cast<const __half*>(x), M, p, static_cast<uint2*>(sel), s)
+                       : acttail::cuda::LaunchTopKSelect(static_cast<const float*>(x), M, p, static_cast<uint2*>(sel), s);
   return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
 }
 

@@ -1,7 +1,8 @@
-// Host launchers of SparseMatMul's CUDA kernels (kernels/*.cuh, common/cuda/*.cuh): split-K decode GEMV for M <= 8 rows;
-// for more rows (prefill) the mask applied into the workspace and a cuBLAS GEMM (loaded at run time),
-// else the masked tiled GEMM kernels; in topk mode preceded by the top-k selection kernel. Everything
-// is enqueued on the caller's stream; no host synchronization, every launch checked.
+// Host launchers of SparseMatMul's CUDA kernels (kernels/*.cuh, common/cuda/*.cuh): split-K decode GEMV for M <= 8
+// rows (one launch for every member, parameters from the per-shape table gemv_table.h); for more rows (prefill)
+// per member the mask applied into the workspace and a cuBLAS GEMM into its column slice (cuBLAS loaded at run
+// time), else the masked tiled GEMM kernels; in topk mode preceded by the top-k selection kernel (one block per
+// row and member). Everything is enqueued on the caller's stream; no host synchronization, every launch checked.
 #include <cublas_api.h>  // types and prototypes only: libcublas is opened at run time (dlopen), not linked
 #include <dlfcn.h>
 
@@ -16,6 +17,7 @@
 #include "common/cuda/mask_rows.cuh"
 #include "common/cuda/topk_select.cuh"
 #include "sparse_matmul/cuda.h"
+#include "sparse_matmul/gemv_table.h"
 #include "sparse_matmul/kernels/masked_gemm.cuh"
 #include "sparse_matmul/kernels/masked_gemm_tc.cuh"
 #include "sparse_matmul/kernels/splitk_gemv.cuh"
@@ -41,10 +43,10 @@ int CurrentSms() {
 
 constexpr int64_t kMinTileCols = 128;  // smallest TN of any SplitKGemvKernel instance (float32, SEG 1)
 
-/// Bytes of the split-K scratch for M rows and N columns: tile arrival counters, then the float32
-/// accumulator [M, N].
-int64_t CounterBytes(int64_t N) { return ((N + kMinTileCols - 1) / kMinTileCols * 4 + 255) / 256 * 256; }
-size_t SplitScratchBytes(int64_t M, int64_t N) { return (size_t)(CounterBytes(N) + M * N * 4); }
+/// Bytes of the split-K scratch for M rows, N columns and G members: tile arrival counters (members tile
+/// their columns separately: at most N / kMinTileCols + G tiles), then the float32 accumulator [M, N].
+int64_t CounterBytes(int64_t N, int G) { return (((N + kMinTileCols - 1) / kMinTileCols + G) * 4 + 255) / 256 * 256; }
+size_t SplitScratchBytes(int64_t M, int64_t N, int G) { return (size_t)(CounterBytes(N, G) + M * N * 4); }
 
 /// Zeroed scratch of at least `bytes` owned by (device, stream); every split-K launch leaves it zero
 /// again, so only its allocation is zeroed (cudaMemsetAsync, stream-ordered, no host sync). Returns
@@ -74,43 +76,6 @@ void* StreamScratch(cudaStream_t stream, size_t bytes) {
   }
   entry = {p, want};
   return p;
-}
-
-template <typename T, int MR, int WARPS, int SEG, int U, bool BAL>
-cudaError_t LaunchSplitK(const CudaArgs& a, const uint2* sel, void* scratch, cudaStream_t stream) {
-  constexpr int TN = 32 * SEG * cuda::Traits<T>::kVec;
-  const bool w_aligned = reinterpret_cast<uintptr_t>(a.w) % 16 == 0 && (a.N * sizeof(T)) % 16 == 0;
-  const int64_t splits = std::max<int64_t>(1, (a.K + WARPS * 32 - 1) / (WARPS * 32));  // K == 0: one split writes zeros
-  const dim3 grid((unsigned)((a.N + TN - 1) / TN), (unsigned)splits);
-  if (splits > 65535) return cudaErrorInvalidConfiguration;
-  unsigned* arrived = static_cast<unsigned*>(scratch);
-  float* acc = reinterpret_cast<float*>(static_cast<char*>(scratch) + CounterBytes(a.N));
-  cuda::SplitKGemvKernel<T, MR, WARPS, SEG, U, BAL><<<grid, WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, a.thresholds, sel,
-      a.mode == Mode::kTopK, w_aligned, acc, arrived);
-  return cudaGetLastError();
-}
-
-/// Decode GEMV (M <= 8): split-K over 8-warp blocks (256 channels each), 4 rows in flight per warp.
-/// Grids of fewer than 3 blocks per multiprocessor pool each block's kept channels first (BAL): with few
-/// blocks the slowest warp sets the time (LLaMA-7B 4096x4096 at 50-80 %: 9.0 vs 9.8 us, 5.8 vs 6.7 us on
-/// H200), with many the extra block barrier costs more than it saves (11008x4096 at 50 %: 18.0 vs 14.7 us);
-/// docs/kernels.md. The plan may force the grid (pooled 0 / 1) or per-call scratch zeroed with cudaMemsetAsync.
-template <typename T, int MR>
-cudaError_t LaunchDecode(const CudaArgs& a, const CudaPlan& plan, const uint2* sel, void* per_call_scratch, cudaStream_t stream) {
-  const size_t bytes = SplitScratchBytes(a.M, a.N);
-  void* scratch = plan.stream_scratch ? StreamScratch(stream, bytes) : nullptr;
-  if (scratch == nullptr) {
-    scratch = per_call_scratch;
-    cudaError_t err = cudaMemsetAsync(scratch, 0, bytes, stream);
-    if (err != cudaSuccess) return err;
-  }
-  constexpr int kWarps = 8, kRows = 4;
-  constexpr int TN = 32 * cuda::Traits<T>::kVec;
-  const int64_t blocks = (a.N + TN - 1) / TN * std::max<int64_t>(1, (a.K + kWarps * 32 - 1) / (kWarps * 32));
-  const bool pooled = plan.gemv.pooled == 1 || (plan.gemv.pooled != 0 && blocks < 3 * (int64_t)CurrentSms());
-  return pooled ? LaunchSplitK<T, MR, kWarps, 1, kRows, true>(a, sel, scratch, stream)
-                : LaunchSplitK<T, MR, kWarps, 1, kRows, false>(a, sel, scratch, stream);
 }
 
 // ---- prefill through cuBLAS ---------------------------------------------------------------------
@@ -179,103 +144,252 @@ cublasHandle_t CublasHandle(cudaStream_t stream) {
   return h;
 }
 
-/// Enqueue Y[M, N] = Xm[M, K] W[K, N] (row-major) on the handle's stream, float32 accumulation.
-/// Returns "" or the error.
-std::string CublasGemm(cublasHandle_t h, bool half, const void* xm, const void* w, void* y, int64_t M, int64_t K, int64_t N) {
-  // column-major view: Y^T [N, M] = W^T [N, K] (W row-major, ld N) * Xm^T [K, M] (Xm row-major, ld K)
+/// Enqueue Y[:, 0:n] = Xm[M, K] W[:, 0:n] (row-major, W and Y with row stride ld) on the handle's stream,
+/// float32 accumulation. Returns "" or the error.
+std::string CublasGemm(cublasHandle_t h, bool half, const void* xm, const void* w, void* y, int64_t M, int64_t K, int64_t n, int64_t ld) {
+  // column-major view: Y^T [n, M] = W^T [n, K] (W row-major, ld) * Xm^T [K, M] (Xm row-major, ld K)
   const float alpha = 1.0f, beta = 0.0f;
   const cudaDataType t = half ? CUDA_R_16F : CUDA_R_32F;
   std::lock_guard<std::mutex> lock(CublasMutex());
   // CUBLAS_COMPUTE_32F: float32 accumulation, no TF32 (float32 results must match the reference to 1e-5)
-  const cublasStatus_t st = Cublas().gemm_ex(h, CUBLAS_OP_N, CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha, w, t, (int)N, xm, t, (int)K,
-                                             &beta, y, t, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  const cublasStatus_t st = Cublas().gemm_ex(h, CUBLAS_OP_N, CUBLAS_OP_N, (int)n, (int)M, (int)K, &alpha, w, t, (int)ld, xm, t, (int)K,
+                                             &beta, y, t, (int)ld, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   return st == CUBLAS_STATUS_SUCCESS ? "" : "cublasGemmEx failed with status " + std::to_string((int)st);
 }
 
-/// Bytes of the prefill workspace: the masked copy of X ([M, K], at most float32) and the
-/// "Y is not finite" flag.
+// ---- members: how the G members map onto launches -----------------------------------------------
+/// Members with one shared rule (one threshold or equal ks, scale absent or [K]) run as one member
+/// covering all N columns; otherwise every member has its own rule, selection and column tiles.
+struct Layout {
+  int G = 1;
+  int64_t begin[kMaxMembers] = {0};
+  int64_t end[kMaxMembers] = {0};
+};
+
+bool UniformRule(const CudaArgs& a) {
+  if (a.scale_rows > 1) return false;
+  if (a.mode == Mode::kThreshold) return a.threshold_count <= 1;
+  for (int g = 1; g < a.G; ++g)
+    if (a.k[g] != a.k[0]) return false;
+  return true;
+}
+
+Layout MakeLayout(const CudaArgs& a) {
+  Layout l;
+  if (UniformRule(a)) {
+    l.end[0] = a.N;
+    return l;
+  }
+  l.G = a.G;
+  for (int g = 0; g < a.G; ++g) {
+    l.begin[g] = a.begin[g];
+    l.end[g] = a.end[g];
+  }
+  return l;
+}
+
+size_t SelectBytes(const CudaArgs& a, const Layout& l) {
+  return a.mode == Mode::kTopK ? (size_t)(a.M * l.G * (int64_t)sizeof(uint2) + 255) / 256 * 256 : 0;
+}
+
+cuda::DeviceMask MakeMask(bool half, const CudaArgs& a, const Layout& l, const uint2* sel) {
+  cuda::DeviceMask dm;
+  dm.topk = a.mode == Mode::kTopK;
+  dm.half_keys = half && a.scale == nullptr;
+  dm.ramp = a.ramp;
+  dm.thr = a.thresholds;
+  dm.thr_stride = a.threshold_count > 1 ? 1 : 0;
+  dm.scale = a.scale;
+  dm.scale_stride = a.scale_rows > 1 ? a.K : 0;
+  dm.sel = sel;
+  dm.sel_members = l.G;
+  return dm;
+}
+
+// ---- decode GEMV launch -------------------------------------------------------------------------
+template <typename T, int MR, int WARPS, int SEG, int U, bool BAL>
+cudaError_t LaunchSplitK(const CudaArgs& a, const Layout& l, const cuda::DeviceMask& dm, int chunks, void* scratch, cudaStream_t stream) {
+  constexpr int V = cuda::Traits<T>::kVec, TN = 32 * SEG * V;
+  cuda::GemvTiles tiles;
+  tiles.G = l.G;
+  bool aligned = reinterpret_cast<uintptr_t>(a.w) % 16 == 0 && (a.N * sizeof(T)) % 16 == 0;
+  int total = 0;
+  for (int g = 0; g < l.G; ++g) {
+    tiles.tile_start[g] = total;
+    tiles.begin[g] = (int)l.begin[g];
+    tiles.end[g] = (int)l.end[g];
+    total += (int)((l.end[g] - l.begin[g] + TN - 1) / TN);
+    aligned &= l.begin[g] % V == 0;
+  }
+  tiles.tile_start[l.G] = total;
+  const int64_t per_block = (int64_t)WARPS * 32 * chunks;
+  const int64_t splits = std::max<int64_t>(1, (a.K + per_block - 1) / per_block);  // K == 0: one split writes zeros
+  if (splits > 65535) return cudaErrorInvalidConfiguration;
+  unsigned* arrived = static_cast<unsigned*>(scratch);
+  float* acc = reinterpret_cast<float*>(static_cast<char*>(scratch) + CounterBytes(a.N, l.G));
+  cuda::SplitKGemvKernel<T, MR, WARPS, SEG, U, BAL><<<dim3((unsigned)total, (unsigned)splits), WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, dm, tiles, chunks, aligned,
+      acc, arrived);
+  cudaError_t err = cudaGetLastError();
+#ifndef NDEBUG
+  if (err == cudaSuccess) {  // the invariant of splitk_gemv.cuh: every launch leaves its scratch zero
+    const int64_t words = SplitScratchBytes(a.M, a.N, l.G) / 4;
+    cuda::ScratchIsZeroKernel<<<cuda::ElementwiseBlocks(words), 256, 0, stream>>>(static_cast<const unsigned*>(scratch), words);
+    err = cudaGetLastError();
+  }
+#endif
+  return err;
+}
+
+/// Kernel parameters compiled for (T, MR): every GemvConfig of the sweep for float16 one-row decode, the
+/// default (8 warps, 1 segment, 4 rows in flight) for the rest.
+template <typename T, int MR>
+cudaError_t DispatchGemv(const GemvConfig& c, bool pooled, const CudaArgs& a, const Layout& l, const cuda::DeviceMask& dm, void* scratch,
+                         cudaStream_t stream) {
+  const int chunks = pooled ? 1 : c.chunks;
+#define ACTTAIL_GEMV(W, S, U)                                                                                  \
+  if (c.warps == W && c.seg == S && c.unroll == U)                                                             \
+    return pooled ? LaunchSplitK<T, MR, W, S, U, true>(a, l, dm, chunks, scratch, stream)                     \
+                  : LaunchSplitK<T, MR, W, S, U, false>(a, l, dm, chunks, scratch, stream);
+  if constexpr (std::is_same<T, __half>::value && MR == 1) {
+    ACTTAIL_GEMV(4, 1, 4) ACTTAIL_GEMV(4, 1, 8) ACTTAIL_GEMV(4, 2, 4) ACTTAIL_GEMV(4, 2, 8)
+    ACTTAIL_GEMV(8, 1, 8) ACTTAIL_GEMV(8, 2, 4) ACTTAIL_GEMV(8, 2, 8)
+  }
+  ACTTAIL_GEMV(8, 1, 4)
+#undef ACTTAIL_GEMV
+  return cudaErrorInvalidValue;  // a configuration not compiled for this type and row count (harness only)
+}
+
+/// Decode GEMV (M <= 8). Unless the plan says, grids of fewer than 3 blocks per multiprocessor pool each
+/// block's kept channels first: with few blocks the slowest warp sets the time (LLaMA-7B 4096x4096 at
+/// 50-80 %: 9.0 vs 9.8 us, 5.8 vs 6.7 us on H200), with many the extra block barrier costs more than it
+/// saves (11008x4096 at 50 %: 18.0 vs 14.7 us); docs/kernels.md.
+template <typename T, int MR>
+cudaError_t LaunchDecode(const CudaArgs& a, const CudaPlan& plan, const Layout& l, const cuda::DeviceMask& dm, void* per_call_scratch,
+                         cudaStream_t stream) {
+  const size_t bytes = SplitScratchBytes(a.M, a.N, l.G);
+  void* scratch = plan.stream_scratch ? StreamScratch(stream, bytes) : nullptr;
+  if (scratch == nullptr) {
+    scratch = per_call_scratch;
+    cudaError_t err = cudaMemsetAsync(scratch, 0, bytes, stream);
+    if (err != cudaSuccess) return err;
+  }
+  const GemvConfig& c = plan.gemv;
+  const int64_t tn = 32 * c.seg * cuda::Traits<T>::kVec, per_block = (int64_t)c.warps * 32 * std::max(1, c.chunks);
+  const int64_t blocks = ((a.N + tn - 1) / tn + l.G - 1) * std::max<int64_t>(1, (a.K + per_block - 1) / per_block);
+  const bool pooled = c.pooled == 1 || (c.pooled == -1 && blocks < 3 * (int64_t)CurrentSms());
+  return DispatchGemv<T, MR>(c, pooled, a, l, dm, scratch, stream);
+}
+
+template <typename T>
+cudaError_t Decode(const CudaArgs& a, const CudaPlan& plan, const Layout& l, const cuda::DeviceMask& dm, void* scratch, cudaStream_t stream) {
+  if (a.M == 1) return LaunchDecode<T, 1>(a, plan, l, dm, scratch, stream);
+  if (a.M == 2) return LaunchDecode<T, 2>(a, plan, l, dm, scratch, stream);
+  if (a.M <= 4) return LaunchDecode<T, 4>(a, plan, l, dm, scratch, stream);
+  return LaunchDecode<T, 8>(a, plan, l, dm, scratch, stream);
+}
+
+// ---- prefill ------------------------------------------------------------------------------------
+/// Bytes of the prefill workspace: the masked copy of X ([M, K], at most float32; one member at a time,
+/// reused in stream order) and the "Y is not finite" flag.
 size_t PrefillBytes(int64_t M, int64_t K) { return (size_t)((M * K * 4 + 255) / 256 * 256) + cuda::kTcFlagBytes; }
+
+std::string Err(const char* what, cudaError_t err) { return err == cudaSuccess ? "" : std::string(what) + ": " + cudaGetErrorString(err); }
+
+/// Prefill GEMM. First choice, per member: X masked into the workspace, a cuBLAS GEMM (tensor cores) into
+/// its column slice; then the exact kernel guarded by a scan of Y for Inf/NaN (common/cuda/mask_rows.cuh).
+/// Otherwise, float16 with aligned operands: the tensor-core kernel, then the exact kernel guarded by its
+/// "W has Inf/NaN" flag. Otherwise (float32, unaligned pointers, K or N not a multiple of 8): the exact
+/// kernel alone.
+template <typename T>
+std::string Prefill(const CudaArgs& a, const CudaPlan& plan, const Layout& l, const cuda::DeviceMask& dm, char* scratch, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* w = static_cast<const T*>(a.w);
+  T* y = static_cast<T*>(a.y);
+  if ((a.M + cuda::kBM - 1) / cuda::kBM > 65535) return "too many rows for the GEMM grid (M > 4194240)";
+  unsigned* nonfinite = nullptr;
+  cublasHandle_t handle = plan.use_cublas && a.K > 0 ? CublasHandle(stream) : nullptr;
+  std::string err;
+  if (handle != nullptr) {
+    T* xm = reinterpret_cast<T*>(scratch);
+    unsigned* flag = reinterpret_cast<unsigned*>(scratch + PrefillBytes(a.M, a.K) - cuda::kTcFlagBytes);
+    for (int g = 0; g < l.G && err.empty(); ++g) {
+      err = Err("prefill mask kernel", cuda::LaunchMaskRows<T>(x, xm, a.M, a.K, dm, g, flag, stream));
+      if (err.empty()) err = CublasGemm(handle, std::is_same<T, __half>::value, xm, w + l.begin[g], y + l.begin[g], a.M, a.K, l.end[g] - l.begin[g], a.N);
+    }
+    if (err.empty()) err = Err("prefill Inf/NaN scan", cuda::LaunchFlagNonFinite<T>(y, a.M * a.N, flag, stream));
+    if (!err.empty()) return err;
+    nonfinite = flag;
+  }
+  if constexpr (std::is_same<T, __half>::value) {
+    bool eligible = handle == nullptr;
+    for (int g = 0; g < l.G; ++g) eligible = eligible && cuda::TcGemmEligible(x, w + l.begin[g], y + l.begin[g], a.K, l.end[g] - l.begin[g], a.N);
+    if (eligible) {
+      nonfinite = reinterpret_cast<unsigned*>(scratch);  // cuda::kTcFlagBytes of the workspace
+      err = Err("masked GEMM flag", cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), stream));
+      for (int g = 0; g < l.G && err.empty(); ++g)
+        err = Err("masked GEMM tensor-core kernel", cuda::LaunchMaskedGemmTc(x, w + l.begin[g], y + l.begin[g], a.M, a.K, l.end[g] - l.begin[g],
+                                                                             a.N, dm, g, nonfinite, stream));
+      if (!err.empty()) return err;
+    }
+  }
+  for (int g = 0; g < l.G; ++g) {  // exact kernel: always (no cuBLAS, not eligible) or armed by the flag
+    const int64_t n = l.end[g] - l.begin[g];
+    const dim3 grid((unsigned)((n + cuda::kBN - 1) / cuda::kBN), (unsigned)((a.M + cuda::kBM - 1) / cuda::kBM));
+    cuda::MaskedGemmKernel<T><<<grid, cuda::kGemmThreads, 0, stream>>>(x, w + l.begin[g], y + l.begin[g], (int)a.M, (int)a.K, (int)n, (int)a.N,
+                                                                      dm, g, nonfinite);
+    err = Err("masked GEMM kernel", cudaGetLastError());
+    if (!err.empty()) return err;
+  }
+  return "";
+}
 
 template <typename T>
 std::string Run(const CudaArgs& a, const CudaPlan& plan) {
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   if (a.M == 0 || a.N == 0) return "";
-  if (a.G != 1 || a.ramp != 0.0f || a.scale != nullptr || a.threshold_count > 1)
-    return "segments, ramp and scale are not supported by the CUDA kernels of this build";
   if (a.K > (int64_t)INT32_MAX || a.N > (int64_t)INT32_MAX || a.M > (int64_t)INT32_MAX / 2)
     return "problem too large for 32-bit indexing (M, K, N must each be < 2^31)";
-  const uint2* sel = nullptr;
+  if (a.G < 1 || a.G > kMaxMembers) return "member count out of range";
+  const Layout l = MakeLayout(a);
   char* scratch = static_cast<char*>(a.workspace);
+  const uint2* sel = nullptr;
   if (a.mode == Mode::kTopK) {
-    if (a.M > 65535 * 1024LL) return "too many rows for the top-k kernel";
+    cuda::SelectParams p;
+    p.K = (int)a.K;
+    p.members = l.G;
+    for (int g = 0; g < l.G; ++g) p.k[g] = (int)a.k[g];
+    p.scale = a.scale;
+    p.scale_stride = a.scale_rows > 1 ? a.K : 0;
     uint2* out = reinterpret_cast<uint2*>(scratch);
-    cudaError_t err = cuda::LaunchTopKSelect<T>(static_cast<const T*>(a.x), a.M, a.K, a.k[0], out, stream);
-    if (err != cudaSuccess) return std::string("top-k selection kernel: ") + cudaGetErrorString(err);
+    const std::string err = Err("top-k selection kernel", cuda::LaunchTopKSelect<T>(static_cast<const T*>(a.x), a.M, p, out, stream));
+    if (!err.empty()) return err;
     sel = out;
-    scratch += (a.M * sizeof(uint2) + 255) / 256 * 256;
+    scratch += SelectBytes(a, l);
   }
-  cudaError_t err;
+  const cuda::DeviceMask dm = MakeMask(std::is_same<T, __half>::value, a, l, sel);
   if (a.M <= 8) {
-    if (a.M == 1) err = LaunchDecode<T, 1>(a, plan, sel, scratch, stream);
-    else if (a.M == 2) err = LaunchDecode<T, 2>(a, plan, sel, scratch, stream);
-    else if (a.M <= 4) err = LaunchDecode<T, 4>(a, plan, sel, scratch, stream);
-    else err = LaunchDecode<T, 8>(a, plan, sel, scratch, stream);
-    if (err != cudaSuccess) return std::string("sparse GEMV kernel: ") + cudaGetErrorString(err);
-  } else {
-    // prefill GEMM. First choice: X masked into the workspace, cuBLAS GEMM (tensor cores), then the exact
-    // kernel guarded by a scan of Y for Inf/NaN: a masked or zero x times an Inf/NaN weight gives NaN in
-    // cuBLAS but must be skipped (sparse_matmul.h), and any non-finite weight makes its whole column of Y
-    // non-finite, so a finite Y proves the cuBLAS result exact. Otherwise, float16 with aligned operands:
-    // the tensor-core kernel, then the exact kernel guarded by its "W has Inf/NaN" flag. Otherwise
-    // (float32, unaligned pointers, K or N not a multiple of 8): the exact kernel alone.
-    const dim3 grid((unsigned)((a.N + cuda::kBN - 1) / cuda::kBN), (unsigned)((a.M + cuda::kBM - 1) / cuda::kBM));
-    if (grid.y > 65535) return "too many rows for the GEMM grid (M > 4194240)";
-    unsigned* nonfinite = nullptr;
-    cublasHandle_t handle = plan.use_cublas && a.K > 0 ? CublasHandle(stream) : nullptr;
-    if (handle != nullptr) {
-      T* xm = reinterpret_cast<T*>(scratch);
-      unsigned* flag = reinterpret_cast<unsigned*>(scratch + PrefillBytes(a.M, a.K) - cuda::kTcFlagBytes);
-      err = cuda::LaunchMaskRows<T>(static_cast<const T*>(a.x), xm, a.M, a.K, a.thresholds, sel, a.mode == Mode::kTopK, flag, stream);
-      if (err != cudaSuccess) return std::string("prefill mask kernel: ") + cudaGetErrorString(err);
-      const std::string gemm_err = CublasGemm(handle, std::is_same<T, __half>::value, xm, a.w, a.y, a.M, a.K, a.N);
-      if (!gemm_err.empty()) return "prefill GEMM: " + gemm_err;
-      err = cuda::LaunchFlagNonFinite<T>(static_cast<const T*>(a.y), a.M * a.N, flag, stream);
-      if (err != cudaSuccess) return std::string("prefill Inf/NaN scan: ") + cudaGetErrorString(err);
-      nonfinite = flag;
-    }
-    if constexpr (std::is_same<T, __half>::value) {
-      if (handle == nullptr && cuda::TcGemmEligible(a.x, a.w, a.y, a.K, a.N)) {
-        nonfinite = reinterpret_cast<unsigned*>(scratch);  // cuda::kTcFlagBytes of the workspace
-        err = cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), stream);
-        if (err != cudaSuccess) return std::string("masked GEMM flag: ") + cudaGetErrorString(err);
-        err = cuda::LaunchMaskedGemmTc(static_cast<const __half*>(a.x), static_cast<const __half*>(a.w), static_cast<__half*>(a.y), a.M,
-                                       a.K, a.N, a.thresholds, sel, a.mode == Mode::kTopK, nonfinite, stream);
-        if (err != cudaSuccess) return std::string("masked GEMM tensor-core kernel: ") + cudaGetErrorString(err);
-      }
-    }
-    cuda::MaskedGemmKernel<T><<<grid, cuda::kGemmThreads, 0, stream>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.w),
-                                                                     static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, a.thresholds,
-                                                                     sel, a.mode == Mode::kTopK, nonfinite);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return std::string("masked GEMM kernel: ") + cudaGetErrorString(err);
+    const cudaError_t err = Decode<T>(a, plan, l, dm, scratch, stream);
+    if (err == cudaErrorInvalidValue) return "sparse GEMV: this GemvConfig is not compiled for this type and row count";
+    return Err("sparse GEMV kernel", err);
   }
-  return "";
+  return Prefill<T>(a, plan, l, dm, scratch, stream);
 }
 
 }  // namespace
 
 size_t CudaWorkspaceBytes(const CudaArgs& a) {
-  const int64_t M = a.M, K = a.K, N = a.N;
-  const size_t select = a.mode == Mode::kTopK ? (size_t)(M * sizeof(uint2) + 255) / 256 * 256 : 0;
+  const Layout l = MakeLayout(a);
   // decode: room for the split-K scratch in case the per-stream one cannot be used (during capture);
   // prefill: the masked copy of X for cuBLAS and a flag (the tensor-core path uses the first kTcFlagBytes as its flag)
-  return select + (M >= 1 && M <= 8 ? SplitScratchBytes(M, N) : 0) + (M > 8 ? PrefillBytes(M, K) : 0);
+  return SelectBytes(a, l) + (a.M >= 1 && a.M <= 8 ? SplitScratchBytes(a.M, a.N, l.G) : 0) + (a.M > 8 ? PrefillBytes(a.M, a.K) : 0);
 }
 
-CudaPlan DefaultPlan(bool /*half*/, const CudaArgs& /*args*/) {
+CudaPlan DefaultPlan(bool half, const CudaArgs& a) {
   CudaPlan plan;
   const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the op's own GEMM kernels (read per call, for tests)
   plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
+  if (half && a.M == 1) plan.gemv = LookupGemvConfig(CurrentSms(), a.K, a.N);
   return plan;
 }
 

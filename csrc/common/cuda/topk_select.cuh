@@ -1,10 +1,14 @@
-// Top-k selection kernels: one block per row; exact radix select of the cut key, then the index cut for ties.
+// Top-k selection: one block per (row, member). Exact radix select (8-bit digits) of the cut key, the key of
+// the (k+1)-th largest score (the largest dropped one: its score is t for the ramp), then the index cut for
+// the ties kept at that key (lowest channel index first). Writes sel[row * members + g] = (cut, last kept
+// tie index, or -1). k == 0: (0xffffffff, -1), keeps nothing; k >= K: (0, -1), keeps every positive key.
+//  * TopKSelectRegKernel (8192 < K <= 16384) reads the row once into registers; TopKSelectKernel loops.
+//  * Keys: float16 magnitude bits (float16 x, no scale: 2 radix passes) or float32 score bits (4 passes).
 #pragma once
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "common/cuda/mask_rule.cuh"
@@ -12,112 +16,142 @@
 namespace acttail {
 namespace cuda {
 
-// ------------------------------------------------------------------------------------------------
-// top-k selection: sel[row] = (k-th largest key, index of the last kept tie)
-// ------------------------------------------------------------------------------------------------
 constexpr int kSelectThreads = 1024;
+constexpr int kSelectSeg = 16;
+constexpr int64_t kSelectRegMinK = 8192;  // below this the looping kernel is faster (docs/kernels.md)
 
-template <typename T>
-__global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __restrict__ x, int K, int k, uint2* __restrict__ sel) {
-  __shared__ unsigned hist[256];
-  __shared__ uint32_t s_prefix;
-  __shared__ int s_remaining, s_tie, s_total;
-  __shared__ int s_warp[32];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-  const T* xr = x + (int64_t)blockIdx.x * K;
-  if (k <= 0) {
-    if (tid == 0) sel[blockIdx.x] = make_uint2(0xffffffffu, 0xffffffffu);
-    return;
+/// Per-launch parameters: k and scale row of each member.
+struct SelectParams {
+  int K = 0;
+  int members = 1;
+  int k[kMaxMembers] = {0};
+  const float* scale = nullptr;  // scale + g * scale_stride: member g's [K] scale (null: s = |x|)
+  int64_t scale_stride = 0;
+};
+
+/// Shared block state of the radix passes.
+struct SelectShared {
+  unsigned hist[256];
+  uint32_t prefix;
+  int remaining;
+  int warp[32];
+  int total;
+  int tie;
+};
+
+/// One radix pass' bin search by warp 0: lane owns bins 255-8*lane .. 248-8*lane (descending).
+__device__ __forceinline__ void SelectBin(SelectShared& sh, int lane, uint32_t prefix, int remaining, int shift) {
+  unsigned c[8], s = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    c[j] = sh.hist[255 - 8 * lane - j];
+    s += c[j];
   }
+  unsigned incl = s;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned n = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += n;
+  }
+  unsigned cum = incl - s;
+  if (cum < (unsigned)remaining && (unsigned)remaining <= incl) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (cum + c[j] >= (unsigned)remaining) {
+        sh.prefix = prefix | ((uint32_t)(255 - 8 * lane - j) << shift);
+        sh.remaining = remaining - (int)cum;
+        break;
+      }
+      cum += c[j];
+    }
+  }
+}
+
+/// (k, K) cases decided without a select; true when sel was written.
+__device__ __forceinline__ bool SelectTrivial(int k, int K, uint2* out) {
+  if (k <= 0) {
+    if (threadIdx.x == 0) *out = make_uint2(0xffffffffu, 0xffffffffu);
+    return true;
+  }
+  if (k >= K) {
+    if (threadIdx.x == 0) *out = make_uint2(0u, 0xffffffffu);
+    return true;
+  }
+  return false;
+}
+
+template <typename T, bool kHalfKeys>
+__global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __restrict__ x, SelectParams p, uint2* __restrict__ sel) {
+  __shared__ SelectShared sh;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int g = blockIdx.y, K = p.K;
+  const T* xr = x + (int64_t)blockIdx.x * K;
+  const float* scale = p.scale != nullptr ? p.scale + g * p.scale_stride : nullptr;
+  uint2* out = sel + (int64_t)blockIdx.x * p.members + g;
+  if (SelectTrivial(p.k[g], K, out)) return;
+  constexpr int kKeyBits = kHalfKeys ? 16 : 32;
   uint32_t prefix = 0, mask = 0;
-  int remaining = k;  // rank (1-based, from the top) of the wanted key among keys matching prefix
-  for (int shift = Traits<T>::kKeyBits - 8; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+  int remaining = p.k[g] + 1;  // rank (1-based, from the top) of the cut among keys matching prefix
+  for (int shift = kKeyBits - 8; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0;
     __syncthreads();
     for (int i = tid; i < K; i += blockDim.x) {
-      const uint32_t key = Traits<T>::Key(xr[i]);
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      const uint32_t key = ElementKey<T>(xr[i], i, scale, kHalfKeys);
+      if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
-    if (warp == 0) {  // lane owns bins 255-8*lane .. 248-8*lane (descending)
-      unsigned c[8], s = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) { c[j] = hist[255 - 8 * lane - j]; s += c[j]; }
-      unsigned incl = s;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const unsigned n = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += n;
-      }
-      unsigned cum = incl - s;
-      if (cum < (unsigned)remaining && (unsigned)remaining <= incl) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (cum + c[j] >= (unsigned)remaining) {
-            s_prefix = prefix | ((uint32_t)(255 - 8 * lane - j) << shift);
-            s_remaining = remaining - (int)cum;
-            break;
-          }
-          cum += c[j];
-        }
-      }
-    }
+    if (warp == 0) SelectBin(sh, lane, prefix, remaining, shift);
     __syncthreads();
-    prefix = s_prefix;
-    remaining = s_remaining;
+    prefix = sh.prefix;
+    remaining = sh.remaining;
     mask |= 0xffu << shift;
   }
-  // prefix = key of the k-th largest; `remaining` ties with that key are kept, lowest index first.
-  if (prefix == 0) {  // zeros / NaN: never multiplied, so no tie cut is needed
-    if (tid == 0) sel[blockIdx.x] = make_uint2(0u, 0xffffffffu);
+  // prefix = cut key; the first remaining - 1 channels with that key are kept (key 0 is never kept)
+  const int target = remaining - 1;
+  if (prefix == 0 || target == 0) {
+    if (tid == 0) *out = make_uint2(prefix, 0xffffffffu);
     return;
   }
-  if (tid == 0) s_tie = -1;
+  if (tid == 0) sh.tie = -1;
   int seen = 0;
   for (int base = 0; base < K; base += blockDim.x) {
     const int i = base + tid;
-    const bool flag = i < K && Traits<T>::Key(xr[i]) == prefix;
+    const bool flag = i < K && ElementKey<T>(xr[i], i, scale, kHalfKeys) == prefix;
     const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-    if (lane == 0) s_warp[warp] = __popc(ballot);
+    if (lane == 0) sh.warp[warp] = __popc(ballot);
     __syncthreads();
     if (warp == 0) {
-      const int v = lane < nwarps ? s_warp[lane] : 0;
+      const int v = lane < nwarps ? sh.warp[lane] : 0;
       int incl = v;
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
         const int n = __shfl_up_sync(0xffffffffu, incl, off);
         if (lane >= off) incl += n;
       }
-      if (lane < nwarps) s_warp[lane] = incl - v;
-      if (lane == 31) s_total = incl;
+      if (lane < nwarps) sh.warp[lane] = incl - v;
+      if (lane == 31) sh.total = incl;
     }
     __syncthreads();
-    if (flag && seen + s_warp[warp] + __popc(ballot & ((1u << lane) - 1u)) + 1 == remaining) s_tie = i;
-    seen += s_total;
+    if (flag && seen + sh.warp[warp] + __popc(ballot & ((1u << lane) - 1u)) + 1 == target) sh.tie = i;
+    seen += sh.total;
     __syncthreads();
-    if (seen >= remaining) break;
+    if (seen >= target) break;
   }
-  if (tid == 0) sel[blockIdx.x] = make_uint2(prefix, (uint32_t)s_tie);
+  if (tid == 0) *out = make_uint2(prefix, (uint32_t)sh.tie);
 }
 
-/// Same result as TopKSelectKernel for K <= kSelectThreads * kSelectSeg, with the row read once:
-/// thread t keeps the keys of channels [t*seg, (t+1)*seg) in registers, the radix passes histogram
-/// them from registers, and one block scan over the per-thread tie counts finds the tie cut.
-constexpr int kSelectSeg = 16;
-constexpr int64_t kSelectRegMinK = 8192;  // below this the looping kernel is faster
-
-template <typename T>
-__global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* __restrict__ x, int K, int k, uint2* __restrict__ sel) {
-  __shared__ unsigned hist[256];
-  __shared__ uint32_t s_prefix;
-  __shared__ int s_remaining;
-  __shared__ int s_warp[32];
+/// Same result as TopKSelectKernel for K <= kSelectThreads * kSelectSeg, with the row read once: thread t
+/// keeps the keys of channels [t*seg, (t+1)*seg) in registers, the radix passes histogram them from
+/// registers, and one block scan over the per-thread tie counts finds the tie cut.
+template <typename T, bool kHalfKeys>
+__global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* __restrict__ x, SelectParams p, uint2* __restrict__ sel) {
+  __shared__ SelectShared sh;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int g = blockIdx.y, K = p.K;
   const T* xr = x + (int64_t)blockIdx.x * K;
-  if (k <= 0) {
-    if (tid == 0) sel[blockIdx.x] = make_uint2(0xffffffffu, 0xffffffffu);
-    return;
-  }
+  const float* scale = p.scale != nullptr ? p.scale + g * p.scale_stride : nullptr;
+  uint2* out = sel + (int64_t)blockIdx.x * p.members + g;
+  if (SelectTrivial(p.k[g], K, out)) return;
   const int seg = (K + blockDim.x - 1) / blockDim.x;  // <= kSelectSeg (checked by the launcher)
   const int lo = tid * seg;
   uint32_t keys[kSelectSeg];
@@ -125,48 +159,28 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* _
 #pragma unroll
   for (int j = 0; j < kSelectSeg; ++j) {
     const bool v = j < seg && lo + j < K;
-    keys[j] = v ? Traits<T>::Key(xr[lo + j]) : 0u;
+    keys[j] = v ? ElementKey<T>(xr[lo + j], lo + j, scale, kHalfKeys) : 0u;
     valid |= (unsigned)v << j;
   }
+  constexpr int kKeyBits = kHalfKeys ? 16 : 32;
   uint32_t prefix = 0, mask = 0;
-  int remaining = k;
-  for (int shift = Traits<T>::kKeyBits - 8; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+  int remaining = p.k[g] + 1;
+  for (int shift = kKeyBits - 8; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0;
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kSelectSeg; ++j)
-      if (((valid >> j) & 1u) && (keys[j] & mask) == prefix) atomicAdd(&hist[(keys[j] >> shift) & 255u], 1u);
+      if (((valid >> j) & 1u) && (keys[j] & mask) == prefix) atomicAdd(&sh.hist[(keys[j] >> shift) & 255u], 1u);
     __syncthreads();
-    if (warp == 0) {
-      unsigned c[8], sum = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) { c[j] = hist[255 - 8 * lane - j]; sum += c[j]; }
-      unsigned incl = sum;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const unsigned n = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += n;
-      }
-      unsigned cum = incl - sum;
-      if (cum < (unsigned)remaining && (unsigned)remaining <= incl) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (cum + c[j] >= (unsigned)remaining) {
-            s_prefix = prefix | ((uint32_t)(255 - 8 * lane - j) << shift);
-            s_remaining = remaining - (int)cum;
-            break;
-          }
-          cum += c[j];
-        }
-      }
-    }
+    if (warp == 0) SelectBin(sh, lane, prefix, remaining, shift);
     __syncthreads();
-    prefix = s_prefix;
-    remaining = s_remaining;
+    prefix = sh.prefix;
+    remaining = sh.remaining;
     mask |= 0xffu << shift;
   }
-  if (prefix == 0) {  // zeros / NaN are never multiplied: no tie cut needed
-    if (tid == 0) sel[blockIdx.x] = make_uint2(0u, 0xffffffffu);
+  const int target = remaining - 1;
+  if (prefix == 0 || target == 0) {
+    if (tid == 0) *out = make_uint2(prefix, 0xffffffffu);
     return;
   }
   int cnt = 0;
@@ -178,41 +192,50 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* _
     const int n = __shfl_up_sync(0xffffffffu, incl, off);
     if (lane >= off) incl += n;
   }
-  if (lane == 31) s_warp[warp] = incl;
+  if (lane == 31) sh.warp[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    const int v = lane < nwarps ? s_warp[lane] : 0;
+    const int v = lane < nwarps ? sh.warp[lane] : 0;
     int wincl = v;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
       const int n = __shfl_up_sync(0xffffffffu, wincl, off);
       if (lane >= off) wincl += n;
     }
-    if (lane < nwarps) s_warp[lane] = wincl - v;
+    if (lane < nwarps) sh.warp[lane] = wincl - v;
   }
   __syncthreads();
-  int before = s_warp[warp] + incl - cnt;  // ties in the segments of lower threads
-  if (before < remaining && remaining <= before + cnt) {
+  int before = sh.warp[warp] + incl - cnt;  // ties in the segments of lower threads
+  if (before < target && target <= before + cnt) {
 #pragma unroll
     for (int j = 0; j < kSelectSeg; ++j) {
-      if (((valid >> j) & 1u) && keys[j] == prefix && ++before == remaining) sel[blockIdx.x] = make_uint2(prefix, (uint32_t)(lo + j));
+      if (((valid >> j) & 1u) && keys[j] == prefix && ++before == target) *out = make_uint2(prefix, (uint32_t)(lo + j));
     }
   }
 }
 
-/// Enqueue the top-k selection of every row of x [M, K] (writes sel[M]).
-template <typename T>
-inline cudaError_t LaunchTopKSelect(const T* x, int64_t M, int64_t K, int64_t k, uint2* sel, cudaStream_t stream) {
+template <typename T, bool kHalfKeys>
+inline cudaError_t LaunchTopKSelectKeys(const T* x, int64_t M, const SelectParams& p, uint2* sel, cudaStream_t stream) {
+  const dim3 grid((unsigned)M, (unsigned)p.members);
   // Register-resident selection only where it measured faster on H200 (docs/kernels.md: 6.1 vs 6.7-9.2 us
   // at K = 11008, but 5.7 vs 3.9-4.6 us at K = 4096).
-  if (K > kSelectRegMinK && K <= (int64_t)kSelectThreads * kSelectSeg) {
-    TopKSelectRegKernel<T><<<(unsigned)M, kSelectThreads, 0, stream>>>(x, (int)K, (int)k, sel);
+  if (p.K > kSelectRegMinK && p.K <= (int64_t)kSelectThreads * kSelectSeg) {
+    TopKSelectRegKernel<T, kHalfKeys><<<grid, kSelectThreads, 0, stream>>>(x, p, sel);
   } else {
-    TopKSelectKernel<T><<<(unsigned)M, kSelectThreads, 0, stream>>>(x, (int)K, (int)k, sel);
+    TopKSelectKernel<T, kHalfKeys><<<grid, kSelectThreads, 0, stream>>>(x, p, sel);
   }
   return cudaGetLastError();
 }
 
+/// Enqueue the top-k selection of every row of x [M, K] and member (writes sel[M * p.members]).
+template <typename T>
+inline cudaError_t LaunchTopKSelect(const T* x, int64_t M, const SelectParams& p, uint2* sel, cudaStream_t stream) {
+  if (M > 2147483647LL || p.members > 65535) return cudaErrorInvalidConfiguration;
+  if constexpr (sizeof(T) == 2) {
+    if (p.scale == nullptr) return LaunchTopKSelectKeys<T, true>(x, M, p, sel, stream);
+  }
+  return LaunchTopKSelectKeys<T, false>(x, M, p, sel, stream);
+}
 
 }  // namespace cuda
 }  // namespace acttail

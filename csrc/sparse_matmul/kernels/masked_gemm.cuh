@@ -19,9 +19,9 @@ constexpr int kBM = 64, kBN = 64, kBK = 16, kGemmThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads) MaskedGemmKernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                                                                 int M, int K, int N, const float* __restrict__ thr,
-                                                                 const uint2* __restrict__ sel, bool topk,
+                                                                 int M, int K, int N, int ld, DeviceMask dm, int g,
                                                                  const unsigned* __restrict__ run_if) {
+  // Y[:, 0:N] (row stride ld) = mask_g(X) @ W[:, 0:N] (row stride ld): one member's column slice.
   // run_if (may be null): a device flag; when it is 0 the kernel does nothing (the float16 tensor-core
   // kernel already wrote Y and found W finite, masked_gemm_tc.cuh), else this exact kernel overwrites Y.
   if (run_if != nullptr && *run_if == 0u) return;
@@ -34,23 +34,18 @@ __global__ void __launch_bounds__(kGemmThreads) MaskedGemmKernel(const T* __rest
   const int bn = tid % kBN, bk = tid / kBN;
   Rule rule[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) rule[j] = LoadRule(0, 1, topk, thr, sel ? sel + min(row0 + ar + 16 * j, M - 1) : nullptr);
+  for (int j = 0; j < 4; ++j) rule[j] = LoadRule(dm, row0 + ar + 16 * j, M, g);
   float acc[4][4] = {};
   for (int k0 = 0; k0 < K; k0 += kBK) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int r = row0 + ar + 16 * j, c = k0 + ak;
-      float v = 0.0f;
-      if (r < M && c < K) {
-        const T raw = x[(int64_t)r * K + c];
-        if (Keep(raw, c, rule[j], topk)) v = Traits<T>::ToFloat(raw);
-      }
-      As[ak][ar + 16 * j] = v;
+      As[ak][ar + 16 * j] = r < M && c < K ? MaskedValue(x[(int64_t)r * K + c], c, rule[j], dm) : 0.0f;
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int r = k0 + bk + 4 * j, c = col0 + bn;
-      Bs[bk + 4 * j][bn] = (r < K && c < N) ? Traits<T>::ToFloat(w[(int64_t)r * N + c]) : 0.0f;
+      Bs[bk + 4 * j][bn] = (r < K && c < N) ? Traits<T>::ToFloat(w[(int64_t)r * ld + c]) : 0.0f;
     }
     __syncthreads();
 #pragma unroll
@@ -62,7 +57,7 @@ __global__ void __launch_bounds__(kGemmThreads) MaskedGemmKernel(const T* __rest
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          if (a[i] != 0.0f) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);  // masked / zero x: row of W not used
+          if (IsKeptValue(a[i])) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);  // dropped / zero x: row of W not used
     }
     __syncthreads();
   }
@@ -73,7 +68,7 @@ __global__ void __launch_bounds__(kGemmThreads) MaskedGemmKernel(const T* __rest
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int c = col0 + tx * 4 + j;
-      if (c < N) y[(int64_t)r * N + c] = Traits<T>::FromFloat(acc[i][j]);
+      if (c < N) y[(int64_t)r * ld + c] = Traits<T>::FromFloat(acc[i][j]);
     }
   }
 }
