@@ -143,9 +143,11 @@ def members(case: Case) -> list[ref.Member]:
 def expected(case: Case) -> tuple[np.ndarray, np.ndarray]:
     """(Y, error scale) in float64, member by member from reference.sparse_matmul on the dequantized W.
 
-    NaN scores are never kept (reference.py's rule; its topk_keep keeps them when k exceeds the positive scores): a NaN
-    score ranks as zero and is dropped, which is exactly the reference with that x replaced by 0 (same ranks, same t, a
-    zero x is skipped). The error scale is sum_k |v_k| (|s| q + |o|) per output over the kept channels."""
+    The library's rule (csrc/common/mask.h) never keeps a NaN score, nor in topk mode a score <= 0 (NaN, zero and
+    negative scores share ranking key 0 and are never kept); reference.topk_keep ranks them the same way but keeps
+    them when k exceeds the positive scores. Replacing such an x by 0 gives the reference exactly the library's rule
+    (same ranks, same t, and a zero x is skipped). The error scale is sum_k |v_k| (|s| q + |o|) per output over
+    the kept channels."""
     lead = case.x.shape[:-1]
     if case.K == 0:  # nothing to keep (the reference cannot reshape an empty last axis)
         return np.zeros(lead + (case.N,)), np.zeros(lead + (case.N,))
@@ -158,7 +160,9 @@ def expected(case: Case) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(case.K) // case.block
         mag = np.abs(case.scales.astype(np.float64))[rows] * case.q + np.abs(case.offsets.astype(np.float64))[rows]
         for member, end in zip(members(case), case.segments or [case.N]):
-            xg = np.where(np.isnan(ref.scores(x2, member.scale)), np.zeros_like(x2), x2)
+            score = ref.scores(x2, member.scale)
+            never = ~(score > 0) if case.mode == "topk" else np.isnan(score)
+            xg = np.where(never, np.zeros_like(x2), x2)
             y[:, start:end], _ = ref.sparse_matmul(xg, w[:, start:end], case.mode, [member], ramp=case.ramp)
             values, _ = ref.member_values(xg, case.mode, member, case.ramp)
             part = mag[:, start:end]
@@ -424,15 +428,15 @@ def _session(**kw):
     ({"block": 24}, r"block_size must be a power of two >= 16, got 24"),
     ({"block": 8}, r"block_size must be a power of two >= 16, got 8"),
     ({"bits": 8}, r"attribute bits must be 4 .*got 8"),
-    ({"k": None}, r"topk mode needs the int attribute 'k'.*or the ints 'ks'"),
-    ({"k": 21}, r"channels kept per row must be in 0..K=20, got 21"),
-    ({"k": -1}, r"channels kept per row must be in 0..K=20, got -1"),
-    ({"k": None, "ks": [2, 3], "segments": [2, 4, 6]}, r"attribute ks has 2 entries but segments define 3 members"),
-    ({"ks": [2]}, r"give either 'k' \(every member\) or 'ks' \(one per member\), not both"),
+    ({"k": None}, r"topk mode needs the int attribute 'k' \(channels kept per row\) or 'ks'"),
+    ({"k": 21}, r"attribute k=21 exceeds K=20"),
+    ({"k": -1}, r"attribute k must be >= 0, got -1"),
+    ({"k": None, "ks": [2, 3], "segments": [2, 4, 6]}, r"attribute ks has 2 values but the node has 3 member\(s\)"),
+    ({"ks": [2]}, r"give either attribute k or ks, not both"),
     ({"segments": [4, 3, 6]}, r"segments must be strictly increasing positive column ends, got \[4, 3, 6\]"),
-    ({"segments": [2, 5]}, r"the last entry of segments \(5\) must equal N=6"),
+    ({"segments": [2, 5]}, r"attribute segments ends at 5 but W has N=6 columns"),
     ({"ramp": -0.5}, r"ramp must be a finite number >= 0"),
-    ({"mode": "threshold", "k": None}, r"threshold mode needs the 5th input \(float32 thresholds"),
+    ({"mode": "threshold", "k": None}, r"threshold mode needs a 5th input \(float32 thresholds"),
 ])
 def test_bad_attributes_fail_at_session_creation(kwargs, message):
     with pytest.raises(Exception, match=message):
@@ -446,7 +450,7 @@ def test_missing_required_int_attributes():
     proto = onnx.load_from_string(model)
     del proto.graph.node[0].attribute[:]
     proto.graph.node[0].attribute.extend([helper.make_attribute("mode", "topk"), helper.make_attribute("k", 3)])
-    with pytest.raises(Exception, match=r"the int attributes 'K' \(input features\) and 'N' \(output features\) are required"):
+    with pytest.raises(Exception, match=r"the int attribute 'K' \(input features\) is required"):
         make_session(proto.SerializeToString())
 
 
@@ -469,12 +473,12 @@ def test_bad_shapes_fail_at_run():
         run(scales=np.zeros((1, 6), np.float32))
     with pytest.raises(Exception, match=r"offsets must be \[2, 6\]"):
         run(offsets=np.zeros((2, 5), np.float32))
-    with pytest.raises(Exception, match=r"thresholds must be \[\], \[1\] or \[G=1\] float32, got \[2\]"):
+    with pytest.raises(Exception, match=r"threshold must hold exactly one float32 value, got 2"):
         run(thresholds=np.zeros(2, np.float32))
     with pytest.raises(Exception, match=r"(?i)type"):
         run(Q=np.zeros((20, 3), np.int8))
     scaled = Case(good.x, q, scales, offsets, 16, "topk", ks=[4], scale=np.ones(20, np.float32))
-    with pytest.raises(Exception, match=r"scale must be float32 \[K=20\] or \[G=1, K\], got \[19\]"):
+    with pytest.raises(Exception, match=r"scale must be float32 \[K\] or \[G, K\] = \[1, 20\] \(G members\), got \[19\]"):
         cached_session(CPU, scaled.key()).run(None, scaled.feeds() | {"scale": np.ones(19, np.float32)})
 
 

@@ -10,7 +10,7 @@ export ACTTAIL_GENAI_PYTHONPATH=/tmp/genai${ORT_GPU_DIR:+:$ORT_GPU_DIR}
 [ -n "$ORT_GPU_DIR" ] && [ -f "$ORT_GPU_DIR/env.sh" ] && source "$ORT_GPU_DIR/env.sh"
 # (re)build when the library is missing or was built from other sources: a warm machine keeps ignored
 # build outputs between calls, so a library built before a change to csrc/ would otherwise be reused
-SRC_SUM=$(cat csrc/* CMakeLists.txt | sha1sum | cut -c1-40)
+SRC_SUM=$(find csrc CMakeLists.txt -type f | sort | xargs cat | sha1sum | cut -c1-40)
 if [ ! -f acttail_export/lib/libacttail_ops.so ] || [ "$(cat acttail_export/lib/.csrc.sha1 2>/dev/null)" != "$SRC_SUM" ]; then
   ACTTAIL_CUDA_ARCHS=${CUDA_ARCH:-90} ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR:-$PWD/third_party/onnxruntime/include} \
     bash scripts/build_ops.sh > /tmp/acttail_build_ops.log 2>&1 || { tail -5 /tmp/acttail_build_ops.log; return 1 2>/dev/null || exit 1; }

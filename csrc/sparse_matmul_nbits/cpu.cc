@@ -1,6 +1,6 @@
 // CPU kernel of com.acttail::SparseMatMulNBits (reference quality, multithreaded on ONNX Runtime's pool).
-//  1. Per rule group (one, or one per member) and row: the kept channels and their values v = x * f
-//     (threshold test, or top-k by nth_element on the score keys with the lower-index tie cut; ramp).
+//  1. Per rule group (one when every member has the same rule, else one per member) and row: the masked row
+//     (common/mask.h MaskRowCpu: kept values x * f, -0.0f for a kept 0, +0.0f for dropped channels).
 //  2. Tasks (split of the quant blocks, member column chunk, block of 8 rows): for each quant block, every
 //     kept row of Q is unpacked once into floats and added into each row's block sum
 //     accq[m] += v * q (and sv[m] += v); at the end of the block acc[m] += s * accq[m] + o * sv[m],
@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/float16.h"
 #include "sparse_matmul_nbits/op.h"
 
 namespace acttail {
@@ -25,37 +26,19 @@ inline float ToFloat(uint16_t v) { return HalfToFloat(v); }
 inline void FromFloat(float v, float* out) { *out = v; }
 inline void FromFloat(float v, uint16_t* out) { *out = FloatToHalf(v); }
 
-/// Ranking key of a float32 score: order-preserving map of the float onto uint32 (negative scores, from a
-/// negative scale, rank below zero), NaN and -0 rank as +0 (acttail_export/reference.py: NaN ranks as 0).
-inline uint32_t ScoreKey(float s) {
-  if (std::isnan(s) || s == 0.0f) s = 0.0f;
-  uint32_t b;
-  std::memcpy(&b, &s, 4);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-inline float KeyValue(uint32_t key) {
-  const uint32_t b = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
 constexpr int64_t kRowBlock = 8;
 
 template <typename T>
 struct Job {
-  const Attributes* a;
   const Problem* p;
+  const std::vector<MemberRule>* rules;
   const T* x;
   const uint8_t* q;
   const T* scales;
   const T* offsets;
-  const float* thresholds;
-  const float* scale;
   T* y;
-  int groups;              // rule groups (1 or G)
-  std::vector<float> v;    // [groups, M, K] kept values (0 where dropped)
-  std::vector<uint8_t> k;  // [groups, M, K] 1 where kept (a kept value may be 0: ramp at s == t)
+  int groups;            // rule groups: 1 (every member has the same rule) or G
+  std::vector<float> v;  // [groups, M, K] masked rows (IsKept: kept, a kept 0 is -0.0f)
   // column tasks
   struct Chunk {
     int g;
@@ -68,66 +51,12 @@ struct Job {
   int MemberGroup(int g) const { return groups == 1 ? 0 : g; }
 };
 
-/// Rule group rg, row m: fills v / k of that row.
+/// Rule group rg, row m: the masked row (group rg applies member rg's rule; group 0 is every member's).
 template <typename T>
 void SelectTask(void* data, size_t task) {
   auto& j = *static_cast<Job<T>*>(data);
-  const Attributes& a = *j.a;
-  const Problem& p = *j.p;
-  const int64_t K = p.K, rg = (int64_t)task / p.M, m = (int64_t)task % p.M;
-  const int g = (int)rg;  // a group of its own per member, else group 0 = member 0's rule (identical for all)
-  const T* xr = j.x + m * K;
-  const float* sc = j.scale == nullptr ? nullptr : j.scale + (p.scale_rows > 1 ? g : 0) * K;
-  float* v = j.v.data() + (rg * p.M + m) * K;
-  uint8_t* kept = j.k.data() + (rg * p.M + m) * K;
-  thread_local std::vector<float> s;
-  s.resize((size_t)K);
-  for (int64_t c = 0; c < K; ++c) {
-    const float mag = std::fabs(ToFloat(xr[c]));
-    s[c] = sc == nullptr ? mag : mag * sc[c];
-  }
-  float t = 0.0f;
-  if (a.mode == Mode::kThreshold) {
-    t = j.thresholds[p.thresholds > 1 ? g : 0];
-    for (int64_t c = 0; c < K; ++c) kept[c] = s[c] > t;  // NaN never passes
-  } else {
-    const int64_t k = a.ks[(size_t)g];
-    thread_local std::vector<uint32_t> keys, sorted;
-    keys.resize((size_t)K);
-    for (int64_t c = 0; c < K; ++c) keys[c] = ScoreKey(s[c]);
-    if (k == 0) {
-      std::fill(kept, kept + K, 0);
-    } else if (k >= K) {
-      std::fill(kept, kept + K, 1);  // nothing dropped: t = 0
-    } else {
-      sorted = keys;
-      std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), std::greater<uint32_t>());
-      const uint32_t kth = sorted[(size_t)(k - 1)];
-      int64_t greater = 0, equal = 0;
-      uint32_t below = 0;  // largest key < kth
-      for (int64_t c = 0; c < K; ++c) {
-        greater += keys[c] > kth;
-        equal += keys[c] == kth;
-        if (keys[c] < kth) below = std::max(below, keys[c]);
-      }
-      int64_t ties = k - greater;  // the first `ties` channels with the k-th key are kept, in index order
-      t = KeyValue(equal > ties ? kth : below);
-      for (int64_t c = 0; c < K; ++c) {
-        const bool tie = keys[c] == kth && ties > 0;
-        ties -= tie;
-        kept[c] = keys[c] > kth || tie;
-      }
-    }
-  }
-  const float width = a.ramp * t;
-  for (int64_t c = 0; c < K; ++c) {
-    const float xv = ToFloat(xr[c]);
-    const bool keep = kept[c] && xv != 0.0f && !std::isnan(s[c]);  // zeros are skipped; NaN scores never kept
-    kept[c] = keep;
-    float f = 1.0f;
-    if (a.ramp > 0.0f && width > 0.0f) f = std::min(1.0f, std::max(0.0f, (s[c] - t) / width));
-    v[c] = keep ? xv * f : 0.0f;
-  }
+  const int64_t K = j.p->K, M = j.p->M, rg = (int64_t)task / M, m = (int64_t)task % M;
+  MaskRowCpu<T>(j.x + m * K, K, (*j.rules)[(size_t)rg], j.v.data() + (rg * M + m) * K);
 }
 
 /// Unpack columns [c0, c0 + w) of one row of Q into floats.
@@ -165,18 +94,17 @@ void AccumulateTask(void* data, size_t task) {
   sf.resize((size_t)w);
   of.resize((size_t)w);
   const float* vals = j.v.data() + (rg * M + r0) * K;
-  const uint8_t* kept = j.k.data() + (rg * M + r0) * K;
   for (int64_t b = b0; b < b1; ++b) {
     float sv[kRowBlock] = {};
     bool any[kRowBlock] = {};
     for (int64_t k = b * B; k < std::min(K, (b + 1) * B); ++k) {
       bool used = false;
-      for (int64_t r = 0; r < rows; ++r) used |= kept[r * K + k] != 0;
+      for (int64_t r = 0; r < rows; ++r) used |= IsKept(vals[r * K + k]);
       if (!used) continue;  // a row of Q nobody keeps is never read
       UnpackRow(j.q + k * rb, ch.c0, w, qf.data());
       for (int64_t r = 0; r < rows; ++r) {
-        if (!kept[r * K + k]) continue;
         const float xv = vals[r * K + k];
+        if (!IsKept(xv)) continue;
         float* aq = accq.data() + r * w;
         if (!any[r]) {
           std::fill(aq, aq + w, 0.0f);
@@ -229,20 +157,20 @@ void ReduceTask(void* data, size_t task) {
 }  // namespace
 
 template <typename T>
-void CpuRun(const Attributes& a, const Problem& p, const T* x, const uint8_t* q, const T* scales, const T* offsets,
-            const float* thresholds, const float* scale, T* y, ParallelFn parallel, void* parallel_ctx) {
+void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, const uint8_t* q, const T* scales, const T* offsets,
+            T* y, ParallelFn parallel, void* parallel_ctx) {
   if (p.M == 0 || p.N == 0) return;
   Job<T> j;
-  j.a = &a;
   j.p = &p;
+  j.rules = &rules;
   j.x = x;
   j.q = q;
   j.scales = scales;
   j.offsets = offsets;
-  j.thresholds = thresholds;
-  j.scale = scale;
   j.y = y;
-  j.groups = RuleGroups(a, p);
+  bool uniform = true;
+  for (const MemberRule& r : rules) uniform &= r.SameMask(rules[0]);
+  j.groups = uniform ? 1 : (int)rules.size();
   const bool par = parallel != nullptr && p.M * std::max<int64_t>(p.K, 1) * p.N >= (1 << 16);
   const auto run = [&](void (*fn)(void*, size_t), size_t tasks) {
     if (par && tasks > 1) {
@@ -252,12 +180,11 @@ void CpuRun(const Attributes& a, const Problem& p, const T* x, const uint8_t* q,
     }
   };
   j.v.assign((size_t)(j.groups * p.M * p.K), 0.0f);
-  j.k.assign((size_t)(j.groups * p.M * p.K), 0);
   if (p.K > 0) run(&SelectTask<T>, (size_t)(j.groups * p.M));
   const bool decode = p.M <= kRowBlock;
   const int64_t width = decode ? 1024 : 256;  // columns per task (accumulators stay in L1 / L2)
-  for (int g = 0; g < a.Members(); ++g)
-    for (int64_t c = a.Begin(g); c < a.ends[(size_t)g]; c += width) j.chunks.push_back({g, c, std::min(a.ends[(size_t)g], c + width)});
+  for (int g = 0; g < p.spans.count(); ++g)
+    for (int64_t c = p.spans.begin[g]; c < p.spans.end[g]; c += width) j.chunks.push_back({g, c, std::min(p.spans.end[g], c + width)});
   j.row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
   if (decode && par) {  // split K so that every thread streams Q: at least 32 KB of Q per task, at most 16 parts
     const int64_t bytes = p.K * p.N / 2, per_split = 32 << 10;
@@ -268,10 +195,10 @@ void CpuRun(const Attributes& a, const Problem& p, const T* x, const uint8_t* q,
   if (j.splits > 1) run(&ReduceTask<T>, j.chunks.size());
 }
 
-template void CpuRun<float>(const Attributes&, const Problem&, const float*, const uint8_t*, const float*, const float*, const float*,
-                            const float*, float*, ParallelFn, void*);
-template void CpuRun<uint16_t>(const Attributes&, const Problem&, const uint16_t*, const uint8_t*, const uint16_t*, const uint16_t*,
-                               const float*, const float*, uint16_t*, ParallelFn, void*);
+template void CpuRun<float>(const Problem&, const std::vector<MemberRule>&, const float*, const uint8_t*, const float*, const float*,
+                            float*, ParallelFn, void*);
+template void CpuRun<uint16_t>(const Problem&, const std::vector<MemberRule>&, const uint16_t*, const uint8_t*, const uint16_t*,
+                               const uint16_t*, uint16_t*, ParallelFn, void*);
 
 }  // namespace nbits
 }  // namespace acttail

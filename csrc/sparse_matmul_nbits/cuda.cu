@@ -1,6 +1,6 @@
 // Host launchers of the SparseMatMulNBits CUDA kernels (kernels/*.cuh). Everything is enqueued on the
 // caller's stream, no host synchronization, every launch checked.
-//  * topk: TopKSelectKernel per (row, rule group) -> (kth, tie, t) in the workspace.
+//  * topk: the common top-k selection (common/cuda/topk_select.cuh) per (row, selection group) -> (cut, tie).
 //  * decode (M <= 8): NBitsGemvKernel in split (stream-K) mode over a per-stream float32 scratch that every
 //    launch leaves zero; kernel parameters per shape (ChooseDecode).
 //  * prefill (M > 8): PrefillPrepKernel (mask X into the workspace, dequantize W into the workspace, flag
@@ -17,15 +17,18 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/cuda/topk_select.cuh"
 #include "sparse_matmul_nbits/kernels/gemv.cuh"
 #include "sparse_matmul_nbits/kernels/prefill.cuh"
-#include "sparse_matmul_nbits/kernels/select.cuh"
 #include "sparse_matmul_nbits/op.h"
 
 namespace acttail {
 namespace nbits {
 
 namespace {
+
+using ::acttail::cuda::DeviceMask;
+using ::acttail::cuda::SelectParams;
 
 constexpr int kWarps = 8;
 /// Rows of Q in flight per warp: 8 (4 with 4 or 8 rows of X, whose accumulators need the registers).
@@ -116,11 +119,9 @@ std::mutex& CublasMutex() {
   return mu;
 }
 
-/// Handle of (device, stream), created at first use; null without cuBLAS (ACTTAIL_CUBLAS=0, not loadable, or
-/// the stream is being captured before a handle exists).
+/// Handle of (device, stream), created at first use; null without cuBLAS (not loadable, or the stream is being
+/// captured before a handle exists).
 cublasHandle_t CublasHandle(cudaStream_t stream) {
-  const char* env = std::getenv("ACTTAIL_CUBLAS");
-  if (env != nullptr && env[0] == '0' && env[1] == '\0') return nullptr;
   const CublasApi& api = Cublas();
   if (!api.ok) return nullptr;
   static std::map<std::pair<int, cudaStream_t>, cublasHandle_t> handles;
@@ -158,21 +159,21 @@ std::string Gemm(cublasHandle_t h, bool half, const void* xm, const void* w, voi
 }
 
 // ---- kernel configuration -------------------------------------------------------------------------
-struct Shape {
+struct KernelShape {
   int mr, cpl;
 };
 
 /// Rows of X per kernel instance and columns per lane: MR * CPL * 2 float accumulators per thread stay <= 64.
-Shape DecodeShape(int64_t M, bool half, int cols_per_lane) {
+KernelShape DecodeShape(int64_t M, bool half, int cols_per_lane) {
   const int mr = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
   if (mr == 1) return {1, half && cols_per_lane == 32 ? 32 : 16};
   if (mr == 2 || (mr == 4 && half)) return {mr, 8};  // DispatchDecode instantiates exactly these
   return {mr, 4};
 }
 
-/// Decode parameters per shape: (K, N, cols per lane, blocks per SM) for one float16 row, measured on H200
-/// (csrc/sparse_matmul_nbits/README.md); other shapes: 16 columns per lane, 3 blocks per SM.
-DecodeConfig ChooseDecode(const Attributes& a, const Problem& p, bool half) {
+/// Decode parameters per shape: (K, N) -> columns per lane and blocks per SM for one float16 row (H200; see
+/// csrc/sparse_matmul_nbits/README.md); other shapes and row counts: 16 columns per lane, 3 blocks per SM.
+DecodeConfig ChooseDecode(const Problem& p, bool half) {
   struct Entry {
     int64_t K, N;
     DecodeConfig c;
@@ -184,15 +185,14 @@ DecodeConfig ChooseDecode(const Attributes& a, const Problem& p, bool half) {
   if (half && p.M == 1)
     for (const Entry& e : kTable)
       if (e.K == p.K && e.N == p.N) c = e.c;
-  (void)a;
   return c;
 }
 
-/// Member tiles for `cpl` columns per lane; fills args and returns the tile count.
-int Tiles(const Attributes& a, int cpl, cuda::GemvArgs* args) {
+/// Member tiles for `cpl` columns per lane; fills args (when given) and returns the tile count.
+int Tiles(const MemberSpans& spans, int cpl, cuda::GemvArgs* args) {
   int t = 0;
-  for (int g = 0; g < a.Members(); ++g) {
-    const int64_t lo = a.Begin(g), hi = a.ends[(size_t)g];
+  for (int g = 0; g < spans.count(); ++g) {
+    const int64_t lo = spans.begin[(size_t)g], hi = spans.end[(size_t)g];
     const int64_t lg0 = lo / cpl, lg1 = (hi + cpl - 1) / cpl;
     if (args != nullptr) {
       args->begin[g] = (int)lo;
@@ -203,8 +203,8 @@ int Tiles(const Attributes& a, int cpl, cuda::GemvArgs* args) {
     t += (int)((lg1 - lg0 + 31) / 32);
   }
   if (args != nullptr) {
-    args->tile0[a.Members()] = t;
-    args->G = a.Members();
+    args->tile0[spans.count()] = t;
+    args->G = spans.count();
     args->tiles = t;
   }
   return t;
@@ -232,7 +232,7 @@ cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t ma
 
 /// The decode instance for M rows (float32 and float16 share all but the 32-column one).
 template <typename T>
-cudaError_t DispatchDecode(const Shape& s, const cuda::GemvArgs& args, int bps, int64_t max_blocks, cudaStream_t stream) {
+cudaError_t DispatchDecode(const KernelShape& s, const cuda::GemvArgs& args, int bps, int64_t max_blocks, cudaStream_t stream) {
   constexpr bool kHalf = std::is_same<T, __half>::value;
   if (s.mr == 1) {
     if constexpr (kHalf) {
@@ -245,39 +245,131 @@ cudaError_t DispatchDecode(const Shape& s, const cuda::GemvArgs& args, int bps, 
   return LaunchGemv<T, 8, 4, false>(args, bps, max_blocks, stream);
 }
 
-cuda::RuleArgs MakeRule(const Attributes& a, const Problem& p, const CudaArgs& c, const uint4* sel, int groups, bool half) {
-  cuda::RuleArgs r;
-  r.thresholds = c.thresholds;
-  r.thr_per_member = p.thresholds > 1;
-  r.sel = sel;
-  r.sel_groups = groups;
-  r.scale = c.scale;
-  r.scale_per_member = p.scale_rows > 1;
-  r.ramp = a.ramp;
-  r.topk = a.mode == Mode::kTopK;
-  r.key16 = half && c.scale == nullptr;
-  return r;
+/// Members sharing one selection (topk: same k and the same scale row) select once per row.
+int SelectGroups(const Problem& p, const CudaArgs& c) {
+  if (p.spans.count() == 1 || p.scale_rows > 1) return p.spans.count();
+  for (int64_t k : c.ks)
+    if (k != c.ks[0]) return p.spans.count();
+  return 1;
+}
+/// Copies of mask(X) the prefill needs: one per member unless every member has the same rule.
+int MaskGroups(const Problem& p, const CudaArgs& c) {
+  if (c.mode == Mode::kTopK) return SelectGroups(p, c);
+  return p.threshold_count > 1 || p.scale_rows > 1 ? p.spans.count() : 1;
 }
 
-size_t SelectBytes(const Attributes& a, const Problem& p) {
-  return a.mode == Mode::kTopK ? Up((size_t)(p.M * RuleGroups(a, p)) * sizeof(uint4)) : 0;
+DeviceMask MakeMask(const Problem& p, const CudaArgs& c, const uint2* sel, bool half) {
+  DeviceMask dm;
+  dm.topk = c.mode == Mode::kTopK;
+  dm.half_keys = half && c.scale == nullptr;  // as LaunchTopKSelect chooses its keys
+  dm.ramp = c.ramp;
+  dm.thr = c.thresholds;
+  dm.thr_stride = p.threshold_count > 1 ? 1 : 0;
+  dm.scale = c.scale;
+  dm.scale_stride = p.scale_rows > 1 ? p.K : 0;
+  dm.sel = sel;
+  dm.sel_members = SelectGroups(p, c);
+  return dm;
 }
-int64_t MaxTiles(const Attributes& a) { return Tiles(a, 4, nullptr); }  // 4 columns per lane: the most tiles
-size_t PrefillBytes(const Attributes& a, const Problem& p, bool half) {
+
+size_t SelectBytes(const Problem& p, const CudaArgs& c) {
+  return c.mode == Mode::kTopK ? Up((size_t)(p.M * SelectGroups(p, c)) * sizeof(uint2)) : 0;
+}
+int64_t MaxTiles(const Problem& p) { return Tiles(p.spans, 4, nullptr); }  // 4 columns per lane: the most tiles
+size_t PrefillBytes(const Problem& p, const CudaArgs& c, bool half) {
   const size_t e = half ? 2 : 4;
-  return Up((size_t)(RuleGroups(a, p) * p.M * p.K) * e) + Up((size_t)(p.K * p.N) * e);
+  return Up((size_t)(MaskGroups(p, c) * p.M * p.K) * e) + Up((size_t)(p.K * p.N) * e);
 }
 
-/// Zeroed scratch: the per-stream one, else the per-call workspace zeroed now (during CUDA graph capture).
-char* Scratch(cudaStream_t stream, size_t bytes, char* per_call, cudaError_t* err) {
-  void* s = StreamScratch(stream, bytes);
+/// Zeroed scratch: the per-stream one, else the per-call workspace zeroed now (during CUDA graph capture, or
+/// when the plan says so).
+char* Scratch(cudaStream_t stream, size_t bytes, char* per_call, bool stream_scratch, cudaError_t* err) {
+  void* s = stream_scratch ? StreamScratch(stream, bytes) : nullptr;
   if (s != nullptr) return static_cast<char*>(s);
   *err = cudaMemsetAsync(per_call, 0, bytes, stream);
   return per_call;
 }
 
+/// The stream-K decode GEMV (M <= 8).
 template <typename T>
-std::string Run(const Attributes& a, const Problem& p, const CudaArgs& c) {
+std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan, cuda::GemvArgs& g, char* ws) {
+  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
+  const bool half = std::is_same<T, __half>::value;
+  DecodeConfig cfg = ChooseDecode(p, half);
+  if (plan.decode.cols_per_lane != 0) cfg.cols_per_lane = plan.decode.cols_per_lane;
+  if (plan.decode.blocks_per_sm != 0) cfg.blocks_per_sm = plan.decode.blocks_per_sm;
+  const KernelShape s = DecodeShape(p.M, half, cfg.cols_per_lane);
+  const int tiles = Tiles(p.spans, s.cpl, &g);
+  g.units = (long long)tiles * p.K;
+  cudaError_t err = cudaSuccess;
+  char* scratch = Scratch(stream, ScratchBytes(p.M, p.N, tiles), ws, plan.stream_scratch, &err);
+  if (err != cudaSuccess) return std::string("scratch memset: ") + cudaGetErrorString(err);
+  g.counters = reinterpret_cast<unsigned*>(scratch + kAlign);
+  g.acc = reinterpret_cast<float*>(scratch + kAlign + Up((size_t)tiles * 4));
+  // at least 32 rows per block, so that a block's fixed costs stay small against its rows
+  err = DispatchDecode<T>(s, g, cfg.blocks_per_sm, std::max<int64_t>(1, g.units / 32), stream);
+  return err == cudaSuccess ? "" : std::string("decode GEMV kernel: ") + cudaGetErrorString(err);
+}
+
+/// Prefill (M > 8): mask + dequantize into the workspace, cuBLAS per member, the exact kernel armed by Inf/NaN
+/// in the dequantized W; without cuBLAS the exact kernel alone.
+template <typename T>
+std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan, cuda::GemvArgs& g, char* ws) {
+  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
+  const bool half = std::is_same<T, __half>::value;
+  const int tiles = Tiles(p.spans, 4, &g);  // the exact kernel: 8 rows of X, 4 columns per lane
+  g.row_groups = (int)((p.M + 7) / 8);
+  const int64_t items = (int64_t)tiles * g.row_groups;
+  cudaError_t err;
+  void* handle = plan.use_cublas ? CublasHandle(stream) : nullptr;
+  if (handle == nullptr) {
+    err = LaunchGemv<T, 8, 4, true>(g, 4, items, stream);
+    return err == cudaSuccess ? "" : std::string("prefill kernel: ") + cudaGetErrorString(err);
+  }
+  const size_t e = half ? 2 : 4;
+  const int groups = MaskGroups(p, c);
+  char* xm = ws;
+  char* w = ws + Up((size_t)(groups * p.M * p.K) * e);
+  err = cudaSuccess;
+  char* scratch = Scratch(stream, kAlign, ws + PrefillBytes(p, c, half), plan.stream_scratch, &err);
+  if (err != cudaSuccess) return std::string("scratch memset: ") + cudaGetErrorString(err);
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  cuda::PrepArgs pa{};
+  pa.x = c.x;
+  pa.M = (int)p.M;
+  pa.K = (int)p.K;
+  pa.N = (int)p.N;
+  pa.rowbytes = g.rowbytes;
+  pa.blog2 = g.blog2;
+  pa.dm = g.dm;
+  pa.groups = groups;
+  pa.xm = xm;
+  pa.q = c.q;
+  pa.scales = c.scales;
+  pa.offsets = c.offsets;
+  pa.w = w;
+  pa.flag = reinterpret_cast<unsigned*>(scratch);
+  pa.fast_w = p.N % 16 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
+  pa.fast_x = p.K % 8 == 0 && aligned(c.x) && aligned(xm);
+  const int64_t dq_items = p.K * ((p.N + 15) / 16), mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
+  pa.dq_blocks = (int)std::min<int64_t>((dq_items + 255) / 256, (int64_t)CurrentSms() * 16);
+  const int64_t mask_blocks = std::max<int64_t>(1, std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8));
+  cuda::PrefillPrepKernel<T><<<(unsigned)(pa.dq_blocks + mask_blocks), 256, 0, stream>>>(pa);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return std::string("prefill mask / dequantize kernel: ") + cudaGetErrorString(err);
+  for (int gi = 0; gi < (groups == 1 ? 1 : p.spans.count()); ++gi) {
+    const int64_t c0 = groups == 1 ? 0 : p.spans.begin[(size_t)gi], c1 = groups == 1 ? p.N : p.spans.end[(size_t)gi];
+    const std::string gemm = Gemm(handle, half, xm + (size_t)(gi * p.M * p.K) * e, w, c.y, p.M, p.K, p.N, c0, c1 - c0);
+    if (!gemm.empty()) return "prefill GEMM: " + gemm;
+  }
+  g.run_if = reinterpret_cast<unsigned*>(scratch);
+  g.done = reinterpret_cast<unsigned*>(scratch) + 1;
+  err = LaunchGemv<T, 8, 4, true>(g, 4, items, stream);
+  return err == cudaSuccess ? "" : std::string("prefill exact kernel: ") + cudaGetErrorString(err);
+}
+
+template <typename T>
+std::string Run(const Problem& p, const CudaArgs& c, const CudaPlan& plan) {
   cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
   if (p.M == 0 || p.N == 0) return "";
   if (p.M > (int64_t)INT32_MAX / 2 || p.M * p.K > ((int64_t)1 << 46)) return "problem too large for the kernels' indexing";
@@ -287,24 +379,20 @@ std::string Run(const Attributes& a, const Problem& p, const CudaArgs& c) {
     return err == cudaSuccess ? "" : std::string("zero output: ") + cudaGetErrorString(err);
   }
   const bool half = std::is_same<T, __half>::value;
-  const int groups = RuleGroups(a, p);
   char* ws = static_cast<char*>(c.workspace);
-  const uint4* sel = nullptr;
-  if (a.mode == Mode::kTopK) {
-    cuda::SelectArgs s{};
-    s.x = c.x;
-    s.M = (int)p.M;
+  const uint2* sel = nullptr;
+  if (c.mode == Mode::kTopK) {
+    SelectParams s;
     s.K = (int)p.K;
+    s.members = SelectGroups(p, c);
+    for (int g = 0; g < s.members; ++g) s.k[g] = (int)c.ks[(size_t)g];
     s.scale = c.scale;
-    s.scale_per_group = p.scale_rows > 1;
-    s.groups = groups;
-    for (int g = 0; g < groups; ++g) s.ks[g] = (int)a.ks[(size_t)g];
-    s.need_t = a.ramp > 0.0f;
-    s.sel = reinterpret_cast<uint4*>(ws);
-    err = cuda::LaunchTopKSelect<T>(s, half && c.scale == nullptr, stream);
+    s.scale_stride = p.scale_rows > 1 ? p.K : 0;
+    uint2* out = reinterpret_cast<uint2*>(ws);
+    err = ::acttail::cuda::LaunchTopKSelect<T>(static_cast<const T*>(c.x), p.M, s, out, stream);
     if (err != cudaSuccess) return std::string("top-k selection kernel: ") + cudaGetErrorString(err);
-    sel = s.sel;
-    ws += SelectBytes(a, p);
+    sel = out;
+    ws += SelectBytes(p, c);
   }
   cuda::GemvArgs g{};
   g.x = c.x;
@@ -317,90 +405,32 @@ std::string Run(const Attributes& a, const Problem& p, const CudaArgs& c) {
   g.N = (int)p.N;
   g.rowbytes = (int)((p.N + 1) / 2);
   g.blog2 = __builtin_ctzll((unsigned long long)p.B);
-  g.rule = MakeRule(a, p, c, sel, groups, half);
+  g.dm = MakeMask(p, c, sel, half);
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   g.fast = p.N % 32 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets);
-
-  if (p.M <= 8) {  // ---- decode: stream-K GEMV ----
-    DecodeConfig cfg = ChooseDecode(a, p, half);
-    if (c.decode.cols_per_lane != 0) cfg.cols_per_lane = c.decode.cols_per_lane;
-    if (c.decode.blocks_per_sm != 0) cfg.blocks_per_sm = c.decode.blocks_per_sm;
-    const Shape s = DecodeShape(p.M, half, cfg.cols_per_lane);
-    const int tiles = Tiles(a, s.cpl, &g);
-    g.units = (long long)tiles * p.K;
-    const size_t bytes = ScratchBytes(p.M, p.N, tiles);
-    err = cudaSuccess;
-    char* scratch = Scratch(stream, bytes, ws, &err);
-    if (err != cudaSuccess) return std::string("scratch memset: ") + cudaGetErrorString(err);
-    g.counters = reinterpret_cast<unsigned*>(scratch + kAlign);
-    g.acc = reinterpret_cast<float*>(scratch + kAlign + Up((size_t)tiles * 4));
-    // at least 32 rows per block, so that a block's fixed costs stay small against its rows
-    err = DispatchDecode<T>(s, g, cfg.blocks_per_sm, std::max<int64_t>(1, g.units / 32), stream);
-    return err == cudaSuccess ? "" : std::string("decode GEMV kernel: ") + cudaGetErrorString(err);
-  }
-
-  // ---- prefill ----
-  if (p.M > (int64_t)INT32_MAX / std::max<int64_t>(p.K, 1)) return "too many rows for the prefill path (M * K >= 2^31)";
-  const int tiles = Tiles(a, 4, &g);  // the exact kernel: 8 rows of X, 4 columns per lane
-  g.row_groups = (int)((p.M + 7) / 8);
-  const int64_t items = (int64_t)tiles * g.row_groups;
-  void* handle = c.prefill_variant == 0 ? CublasHandle(stream) : nullptr;
-  if (handle == nullptr) {  // the exact kernel alone
-    err = LaunchGemv<T, 8, 4, true>(g, 4, items, stream);
-    return err == cudaSuccess ? "" : std::string("prefill kernel: ") + cudaGetErrorString(err);
-  }
-  const size_t e = half ? 2 : 4;
-  char* xm = ws;
-  char* w = ws + Up((size_t)(groups * p.M * p.K) * e);
-  err = cudaSuccess;
-  char* scratch = Scratch(stream, kAlign, ws + PrefillBytes(a, p, half), &err);
-  if (err != cudaSuccess) return std::string("scratch memset: ") + cudaGetErrorString(err);
-  cuda::PrepArgs pa{};
-  pa.x = c.x;
-  pa.M = (int)p.M;
-  pa.K = (int)p.K;
-  pa.N = (int)p.N;
-  pa.rowbytes = g.rowbytes;
-  pa.blog2 = g.blog2;
-  pa.rule = g.rule;
-  pa.groups = groups;
-  pa.xm = xm;
-  pa.q = c.q;
-  pa.scales = c.scales;
-  pa.offsets = c.offsets;
-  pa.w = w;
-  pa.flag = reinterpret_cast<unsigned*>(scratch);
-  pa.fast_w = p.N % 16 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
-  pa.fast_x = p.K % 8 == 0 && aligned(c.x) && aligned(xm);
-  const int64_t dq_items = p.K * ((p.N + 15) / 16), mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
-  pa.dq_blocks = (int)std::min<int64_t>((dq_items + 255) / 256, (int64_t)CurrentSms() * 16);
-  const int64_t mask_blocks = std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8);
-  cuda::PrefillPrepKernel<T><<<(unsigned)(pa.dq_blocks + mask_blocks), 256, 0, stream>>>(pa);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return std::string("prefill mask / dequantize kernel: ") + cudaGetErrorString(err);
-  for (int gi = 0; gi < (groups == 1 ? 1 : a.Members()); ++gi) {
-    const int64_t c0 = groups == 1 ? 0 : a.Begin(gi), c1 = groups == 1 ? p.N : a.ends[(size_t)gi];
-    const std::string gemm = Gemm(handle, half, xm + (size_t)(gi * p.M * p.K) * e, w, c.y, p.M, p.K, p.N, c0, c1 - c0);
-    if (!gemm.empty()) return "prefill GEMM: " + gemm;
-  }
-  g.run_if = reinterpret_cast<unsigned*>(scratch);
-  g.done = reinterpret_cast<unsigned*>(scratch) + 1;
-  err = LaunchGemv<T, 8, 4, true>(g, 4, items, stream);
-  return err == cudaSuccess ? "" : std::string("prefill exact kernel: ") + cudaGetErrorString(err);
+  return p.M <= 8 ? RunDecode<T>(p, c, plan, g, ws) : RunPrefill<T>(p, c, plan, g, ws);
 }
 
 }  // namespace
 
-size_t CudaWorkspaceBytes(const Attributes& a, const Problem& p, bool half) {
+size_t CudaWorkspaceBytes(const Problem& p, const CudaArgs& args, bool half) {
   if (p.M == 0 || p.N == 0 || p.K == 0) return 0;
   // decode: room for the scratch in case the per-stream one cannot be used (during capture);
   // prefill: mask(X) per rule group, W dequantized, and the flag words
-  const size_t run = p.M <= 8 ? ScratchBytes(p.M, p.N, MaxTiles(a)) : PrefillBytes(a, p, half) + kAlign;
-  return SelectBytes(a, p) + run;
+  const size_t run = p.M <= 8 ? ScratchBytes(p.M, p.N, MaxTiles(p)) : PrefillBytes(p, args, half) + kAlign;
+  return SelectBytes(p, args) + run;
 }
 
-std::string CudaRun(bool half, const Attributes& a, const Problem& p, const CudaArgs& args) {
-  return half ? Run<__half>(a, p, args) : Run<float>(a, p, args);
+CudaPlan DefaultPlan(const Problem& p, bool half) {
+  CudaPlan plan;
+  plan.decode = ChooseDecode(p, half);
+  const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the exact kernel for prefill (read per call, for tests)
+  plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
+  return plan;
+}
+
+std::string CudaRun(bool half, const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
+  return half ? Run<__half>(p, args, plan) : Run<float>(p, args, plan);
 }
 
 }  // namespace nbits

@@ -25,11 +25,13 @@
 // block resets *run_if.
 #pragma once
 
-#include "sparse_matmul_nbits/kernels/rule.cuh"
+#include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
 namespace nbits {
 namespace cuda {
+
+using namespace ::acttail::cuda;  // Traits, DeviceMask, Rule, LoadRule, MaskedValue, IsKeptValue (the mask rule)
 
 struct GemvArgs {
   const void* x;
@@ -38,11 +40,11 @@ struct GemvArgs {
   const void* offsets;
   void* y;
   int M, K, N, rowbytes, blog2;
-  RuleArgs rule;
+  DeviceMask dm;
   int G;
-  int begin[8], end[8];  // member column ranges
-  int tile0[9];          // tiles of member g: [tile0[g], tile0[g + 1])
-  int lg0[8];            // first lane group of member g: begin[g] / CPL
+  int begin[kMaxMembers], end[kMaxMembers];  // member column ranges
+  int tile0[kMaxMembers + 1];                // tiles of member g: [tile0[g], tile0[g + 1])
+  int lg0[kMaxMembers];                      // first lane group of member g: begin[g] / CPL
   int tiles;
   long long units;       // split mode: tiles * K
   float* acc;            // split mode: zeroed float32 scratch [M, N]
@@ -238,12 +240,11 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int g = 0;
 #pragma unroll
-  for (int j = 1; j < 8; ++j)
+  for (int j = 1; j < kMaxMembers; ++j)
     if (j < a.G && t >= a.tile0[j]) g = j;
   const int lg_first = Pick(a.lg0, g) + (t - Pick(a.tile0, g)) * 32;
   const int col0 = (lg_first + lane) * CPL, lo = Pick(a.begin, g), hi = Pick(a.end, g);
   const bool active = col0 < hi;
-  const float* srow = ScaleRow(a.rule, g, a.K);
   const T* x = static_cast<const T*>(a.x) + (int64_t)m0 * a.K;
   float acc[MR][CPL];
 #pragma unroll
@@ -256,12 +257,14 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
     float v[MR];
     unsigned km = 0;
     if (r < k1) {
-      const float sc = srow != nullptr ? __ldg(srow + r) : 1.0f;
 #pragma unroll
       for (int m = 0; m < MR; ++m) {
         v[m] = 0.0f;
-        // the rule is re-read per chunk (cached loads) rather than held in registers while rows stream
-        if (m < Mb && KeepValue<T>(x[(int64_t)m * a.K + r], r, sc, LoadRule(a.rule, m0 + m, g), a.rule, v[m])) km |= 1u << m;
+        if (m < Mb) {
+          // the rule is re-read per chunk (cached loads) rather than held in registers while rows stream
+          v[m] = MaskedValue<T>(x[(int64_t)m * a.K + r], r, LoadRule(a.dm, m0 + m, a.M, g), a.dm);
+          if (IsKeptValue(v[m])) km |= 1u << m;
+        }
       }
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, km != 0);

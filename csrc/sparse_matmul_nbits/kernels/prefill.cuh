@@ -6,16 +6,18 @@
 //  * the other blocks: xm[group, m, k] = kept value v (rounded to T) or 0, 8 channels per item when K % 8 == 0.
 #pragma once
 
-#include "sparse_matmul_nbits/kernels/rule.cuh"
+#include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
 namespace nbits {
 namespace cuda {
 
+using namespace ::acttail::cuda;  // the mask rule
+
 struct PrepArgs {
   const void* x;
   int M, K, N, rowbytes, blog2;
-  RuleArgs rule;
+  DeviceMask dm;
   int groups;
   void* xm;  // [groups, M, K]
   const uint8_t* q;
@@ -75,7 +77,13 @@ __device__ bool DequantItem(const PrepArgs& a, int64_t item) {
   return bad;
 }
 
-/// Group gr's member whose rule it applies (a group per member, or group 0 = member 0's rule for all).
+/// Mask items: x [M, K] -> xm[gr, M, K] with group gr's rule (a group per member, or group 0 = every member's).
+template <typename T>
+__device__ __forceinline__ T MaskOne(T raw, int k, const Rule& rule, const DeviceMask& dm) {
+  const float v = MaskedValue<T>(raw, k, rule, dm);
+  return IsKeptValue(v) ? (dm.ramp == 0.0f ? raw : Traits<T>::FromFloat(v)) : Traits<T>::FromFloat(0.0f);
+}
+
 template <typename T>
 __device__ void MaskItem(const PrepArgs& a, int64_t item, int per) {
   const int64_t MK = (int64_t)a.M * a.K;
@@ -83,8 +91,7 @@ __device__ void MaskItem(const PrepArgs& a, int64_t item, int per) {
   const int gr = (int)(e0 / MK);
   const int64_t rem = e0 % MK;
   const int m = (int)(rem / a.K), k0 = (int)(rem % a.K);
-  const MemberRule rule = LoadRule(a.rule, m, gr);
-  const float* srow = ScaleRow(a.rule, gr, a.K);
+  const Rule rule = LoadRule(a.dm, m, a.M, gr);
   const T* xr = static_cast<const T*>(a.x) + (int64_t)m * a.K + k0;
   T* out = static_cast<T*>(a.xm) + e0;
   if (per == 8) {
@@ -97,19 +104,12 @@ __device__ void MaskItem(const PrepArgs& a, int64_t item, int per) {
       } in, res;
       in.u = __ldcs(reinterpret_cast<const uint4*>(xr) + v);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        const int k = k0 + v * kVec + e;
-        float val;
-        res.e[e] = KeepValue<T>(in.e[e], k, srow != nullptr ? __ldg(srow + k) : 1.0f, rule, a.rule, val) ? Traits<T>::FromFloat(val)
-                                                                                                        : Traits<T>::FromFloat(0.0f);
-      }
+      for (int e = 0; e < kVec; ++e) res.e[e] = MaskOne<T>(in.e[e], k0 + v * kVec + e, rule, a.dm);
       reinterpret_cast<uint4*>(out)[v] = res.u;
     }
     return;
   }
-  float val;
-  *out = KeepValue<T>(*xr, k0, srow != nullptr ? __ldg(srow + k0) : 1.0f, rule, a.rule, val) ? Traits<T>::FromFloat(val)
-                                                                                         : Traits<T>::FromFloat(0.0f);
+  *out = MaskOne<T>(*xr, k0, rule, a.dm);
 }
 
 template <typename T>

@@ -1,11 +1,12 @@
-// CPU kernel of com.acttail::SparseMatMul: per row, select the kept channels (masked X as float32),
-// then accumulate only the kept rows of W into float32 accumulators.
+// CPU kernel of com.acttail::SparseMatMul: per member (column segment) and row, the masked X as float32
+// (common/mask_cpu.cc), then only the kept rows of W accumulated into float32 accumulators.
 //  * decode (M <= 8 rows): split-K over the list of kept channels; each task streams whole kept rows
 //    of W (contiguous, up to 2048 columns at a time) into its own partial sums, which are added up at
 //    the end. Whole-row reads let the hardware prefetcher stream W at memory speed.
 //  * many rows: per block of 8 rows x 256 columns (each W row chunk read once per row block), or a
 //    packed dense GEMM of the masked X when many entries are kept (a task whose result is not finite is
 //    recomputed the first way: only then can a masked Inf/NaN weight have touched it).
+// Members with the same rule share one pass over all their columns.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -16,12 +17,14 @@
 #include <numeric>
 #include <type_traits>
 
-#include "sparse_matmul.h"
+#include "common/cpu_isa.h"
+#include "common/float16.h"
+#include "common/status.h"
+#include "sparse_matmul/op.h"
 
 namespace acttail {
 
-Problem CheckShapes(const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape, const std::string& node) {
-  const std::string where = "SparseMatMul node '" + node + "': ";
+Problem CheckShapes(const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape, const std::string& where) {
   if (w_shape.size() != 2)
     throw InvalidArgument(where + "W must be 2-D [K, N] (ONNX MatMul layout), got rank " + std::to_string(w_shape.size()));
   if (x_shape.empty()) throw InvalidArgument(where + "X must have rank >= 1 ([..., K]), got a scalar");
@@ -46,29 +49,10 @@ inline float ToFloat(float v) { return v; }
 inline float ToFloat(uint16_t v) { return HalfToFloat(v); }
 inline void FromFloat(float v, float* out) { *out = v; }
 inline void FromFloat(float v, uint16_t* out) { *out = FloatToHalf(v); }
-inline uint32_t Key(float v) { return MagnitudeKey(v); }
-inline uint32_t Key(uint16_t v) { return MagnitudeKey16(v); }
 
 // SIMD dispatch: each hot loop is compiled for AVX2+FMA and for baseline x86-64 (the prefill GEMM also for
-// AVX-512) and picked at run time (GCC's target_clones("arch=haswell") would only match Haswell CPUs, not
-// later ones). ACTTAIL_CPU_ISA=base|avx2|avx512 caps the choice (tests run every variant on one machine).
-enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
-Isa CpuIsa() {
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    Isa best = Isa::kBase;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) best = Isa::kAvx512;
-    const char* cap = std::getenv("ACTTAIL_CPU_ISA");
-    if (cap != nullptr) {
-      const std::string c(cap);
-      const Isa want = c == "base" ? Isa::kBase : c == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
-      if (want < best) best = want;
-    }
-    return best;
-  }();
-  return isa;
-}
+// AVX-512) and picked at run time by CpuIsa() (common/cpu_isa.h; GCC's target_clones("arch=haswell") would only
+// match Haswell CPUs, not later ones).
 bool HasAvx2Fma() { return CpuIsa() >= Isa::kAvx2; }
 #define ACTTAIL_SIMD_VARIANTS(name, params, args)                                      \
   __attribute__((target("avx2,fma"))) void name##Avx2 params { name##Impl args; }      \
@@ -147,8 +131,8 @@ template <typename T>
 struct DecodeJob {
   const T* w;
   T* y;
-  int64_t M, K, N;
-  const float* xm;         // [M, K] masked X (float32, zeros where masked)
+  int64_t M, K, N, ld;     // N: columns of this slice; ld: row stride of W and Y
+  const float* xm;         // [M, K] masked X (float32, +0 where masked, see IsKept)
   const int32_t* kept;     // channels kept by at least one row, ascending
   int64_t n_kept, splits, col_chunks;
   float* partial;          // [splits, M, N] partial sums (each task owns one slice)
@@ -172,10 +156,10 @@ void DecodeTask(void* data, size_t task) {
         const int R = (int)std::min<int64_t>(kRowsPerPass, i1 - i);
         for (int r = 0; r < R; ++r) {
           a[r] = j.xm[j.kept[i + r]];
-          rows[r] = j.w + j.kept[i + r] * j.N + c0;
+          rows[r] = j.w + j.kept[i + r] * j.ld + c0;
         }
         for (int r = 0; r < kRowsPerPass; ++r)
-          next[r] = i + kRowsPerPass + r < i1 ? j.w + j.kept[i + kRowsPerPass + r] * j.N + c0 : nullptr;
+          next[r] = i + kRowsPerPass + r < i1 ? j.w + j.kept[i + kRowsPerPass + r] * j.ld + c0 : nullptr;
         RowsAxpy(acc + c0, a, rows, next, R, width);
       }
       return;
@@ -183,11 +167,11 @@ void DecodeTask(void* data, size_t task) {
   }
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t c = j.kept[i];
-    if (i + 2 < i1) __builtin_prefetch(j.w + j.kept[i + 2] * j.N + c0, 0, 0);  // next row starts: the stride defeats the prefetcher
-    const T* wrow = j.w + c * j.N + c0;
+    if (i + 2 < i1) __builtin_prefetch(j.w + j.kept[i + 2] * j.ld + c0, 0, 0);  // next row starts: the stride defeats the prefetcher
+    const T* wrow = j.w + c * j.ld + c0;
     for (int64_t r = 0; r < j.M; ++r) {
       const float a = j.xm[r * j.K + c];
-      if (a != 0.0f) AxpyT(acc + r * j.N + c0, a, wrow, width);
+      if (IsKept(a)) AxpyT(acc + r * j.N + c0, a, wrow, width);
     }
   }
 }
@@ -198,7 +182,7 @@ void DecodeReduceTask(void* data, size_t task) {
   auto& j = *static_cast<DecodeJob<T>*>(data);
   const int64_t c0 = (int64_t)task * kDecodeCols, width = std::min(kDecodeCols, j.N - c0);
   for (int64_t r = 0; r < j.M; ++r) {
-    T* yr = j.y + r * j.N + c0;
+    T* yr = j.y + r * j.ld + c0;
     const float* p0 = j.partial + r * j.N + c0;
     for (int64_t c = 0; c < width; ++c) {
       float v = p0[c];
@@ -211,67 +195,20 @@ void DecodeReduceTask(void* data, size_t task) {
 template <typename T>
 struct Job {
   const T* x;
-  const T* w;
-  T* y;
-  const Problem* p;
-  Mode mode;
-  float threshold;
-  int64_t k;
-  float* xm;       // [M, K] kept values of X as float, 0 where masked (zeros are never multiplied)
+  const T* w;       // first column of the slice
+  T* y;             // first column of the slice
+  int64_t M, K, N, ld;  // N: columns of the slice; ld: row stride of W and Y
+  const MemberRule* rule;
+  float* xm;       // [M, K] kept values of X as float, +0 where masked (IsKept)
   int64_t chunks;  // column chunks per row block
-  int64_t* kept;   // [M] number of kept non-zero entries per row
+  int64_t* kept;   // [M] number of kept entries per row
   uint8_t* nonfinite = nullptr;  // [dense tasks] 1 where DenseTask produced an Inf/NaN output
 };
 
 template <typename T>
-void SelectRow(void* data, size_t m) {
+void MaskTask(void* data, size_t m) {
   auto& j = *static_cast<Job<T>*>(data);
-  const int64_t K = j.p->K;
-  const T* xr = j.x + m * K;
-  float* xm = j.xm + m * K;
-  // Branch-free selects: which entries pass is random, and a mispredicted branch per entry cost more than the
-  // whole GEMM's share of that row at 50 % (measured: 512 x 1536 -> 576 took 9.7 ms at 50 % vs 7.3 ms at 0 %).
-  if (j.mode == Mode::kThreshold) {
-    for (int64_t c = 0; c < K; ++c) {
-      const float v = ToFloat(xr[c]);
-      xm[c] = std::fabs(v) > j.threshold ? v : 0.0f;  // NaN never passes; v == 0 stays 0 (not multiplied)
-    }
-  } else if (j.k == 0) {
-    std::fill(xm, xm + K, 0.0f);
-  } else {
-    // k-th largest key: a 2048-bin histogram of the keys' top bits finds the bin that holds it, then
-    // nth_element runs on that bin's few keys only (nth_element over all K keys mispredicts a branch per
-    // key and per pass when every token's activations differ: +10-20 us per call at K = 1536).
-    thread_local std::vector<uint32_t> keys, bin;
-    keys.resize((size_t)K);
-    constexpr int kBins = 2048;
-    constexpr int kShift = std::is_same<T, float>::value ? 20 : 4;  // float keys < 2^31, half keys < 2^15
-    uint32_t hist[kBins] = {};
-    for (int64_t c = 0; c < K; ++c) {
-      keys[c] = Key(xr[c]);
-      ++hist[keys[c] >> kShift];
-    }
-    int64_t above = 0;  // keys in the bins above the one holding the k-th largest
-    uint32_t b = kBins - 1;
-    for (; b > 0 && above + hist[b] < (uint32_t)j.k; --b) above += hist[b];
-    bin.clear();
-    for (int64_t c = 0; c < K; ++c)
-      if ((keys[c] >> kShift) == b) bin.push_back(keys[c]);
-    const int64_t r = j.k - above;  // rank of the k-th largest inside its bin, 1-based
-    std::nth_element(bin.begin(), bin.begin() + (r - 1), bin.end(), std::greater<uint32_t>());
-    const uint32_t kth = bin[(size_t)(r - 1)];
-    int64_t greater = 0;
-    for (int64_t c = 0; c < K; ++c) greater += keys[c] > kth;
-    int64_t ties = kth == 0 ? 0 : j.k - greater;  // key 0 = zero or NaN: never kept
-    for (int64_t c = 0; c < K; ++c) {
-      const bool tie = keys[c] == kth && ties > 0;  // the first `ties` channels with the k-th key, in order
-      ties -= tie;
-      xm[c] = keys[c] > kth || tie ? ToFloat(xr[c]) : 0.0f;
-    }
-  }
-  int64_t n = 0;
-  for (int64_t c = 0; c < K; ++c) n += xm[c] != 0.0f;
-  j.kept[m] = n;
+  j.kept[m] = MaskRowCpu(j.x + m * j.K, j.K, *j.rule, j.xm + m * j.K);
 }
 
 /// One task: rows [r0, r0 + kRowBlock) x columns [c0, c0 + kChunk). Each W row chunk is read once
@@ -279,21 +216,21 @@ void SelectRow(void* data, size_t m) {
 template <typename T>
 void AccumulateTask(void* data, size_t task) {
   auto& j = *static_cast<Job<T>*>(data);
-  const int64_t M = j.p->M, K = j.p->K, N = j.p->N;
+  const int64_t M = j.M, K = j.K, N = j.N, ld = j.ld;
   const int64_t r0 = ((int64_t)task / j.chunks) * kRowBlock, c0 = ((int64_t)task % j.chunks) * kChunk;
   const int64_t rows = std::min(kRowBlock, M - r0), width = std::min(kChunk, N - c0);
   float acc[kRowBlock][kChunk];
   const float* xm = j.xm + r0 * K;
   for (int64_t r = 0; r < rows; ++r) std::fill(acc[r], acc[r] + width, 0.0f);
   for (int64_t c = 0; c < K; ++c) {
-    const T* wrow = j.w + c * N + c0;
+    const T* wrow = j.w + c * ld + c0;
     for (int64_t r = 0; r < rows; ++r) {
       const float a = xm[r * K + c];
-      if (a != 0.0f) AxpyT(acc[r], a, wrow, width);
+      if (IsKept(a)) AxpyT(acc[r], a, wrow, width);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    T* yr = j.y + (r0 + r) * N + c0;
+    T* yr = j.y + (r0 + r) * ld + c0;
     for (int64_t c = 0; c < width; ++c) FromFloat(acc[r][c], yr + c);
   }
 }
@@ -365,7 +302,7 @@ inline bool Finite(float v) { uint32_t b; std::memcpy(&b, &v, 4); return (b & 0x
 template <typename T>
 void DenseTask(void* data, size_t task) {
   auto& j = *static_cast<Job<T>*>(data);
-  const int64_t M = j.p->M, K = j.p->K, N = j.p->N;
+  const int64_t M = j.M, K = j.K, N = j.N, ld = j.ld;
   const int64_t chunks = (N + kDenseCols - 1) / kDenseCols;
   const int64_t r0 = ((int64_t)task / chunks) * kDenseRows, c0 = ((int64_t)task % chunks) * kDenseCols;
   const int64_t rows = std::min(kDenseRows, M - r0), width = std::min(kDenseCols, N - c0);
@@ -380,7 +317,7 @@ void DenseTask(void* data, size_t task) {
       float* dst = panel.data() + st * depth * kStrip;
       const int64_t cs = c0 + st * kStrip, n = std::min(kStrip, c0 + width - cs);
       for (int64_t k = 0; k < depth; ++k) {
-        const T* src = j.w + (kb + k) * N + cs;
+        const T* src = j.w + (kb + k) * ld + cs;
         for (int64_t c = 0; c < n; ++c) dst[k * kStrip + c] = ToFloat(src[c]);
         for (int64_t c = n; c < kStrip; ++c) dst[k * kStrip + c] = 0.0f;
       }
@@ -411,7 +348,7 @@ void DenseTask(void* data, size_t task) {
   }
   bool finite = true;
   for (int64_t r = 0; r < rows; ++r) {
-    T* yr = j.y + (r0 + r) * N + c0;
+    T* yr = j.y + (r0 + r) * ld + c0;
     const float* ar = acc.data() + r * kDenseCols;
     for (int64_t c = 0; c < width; ++c) {
       finite &= Finite(ar[c]);
@@ -421,75 +358,83 @@ void DenseTask(void* data, size_t task) {
   j.nonfinite[task] = finite ? 0 : 1;
 }
 
+template <typename T>
+void RunTasks(bool par, ParallelFn parallel, void* ctx, void (*task_fn)(void*, size_t), size_t tasks, void* job) {
+  if (par && tasks > 1) {
+    parallel(ctx, task_fn, tasks, job);
+  } else {
+    for (size_t t = 0; t < tasks; ++t) task_fn(job, t);
+  }
+}
+
+/// Decode (M <= kRowBlock): split-K over the channels kept by any row, whole-row W reads.
+template <typename T>
+void Decode(Job<T>& job, bool par, ParallelFn parallel, void* ctx) {
+  std::vector<int32_t> kept_channels;
+  kept_channels.reserve((size_t)job.K);
+  for (int64_t c = 0; c < job.K; ++c) {
+    bool any = false;
+    for (int64_t m = 0; m < job.M; ++m) any |= IsKept(job.xm[(size_t)(m * job.K + c)]);
+    if (any) kept_channels.push_back((int32_t)c);
+  }
+  const int64_t n_kept = (int64_t)kept_channels.size();
+  const int64_t col_chunks = (job.N + kDecodeCols - 1) / kDecodeCols;
+  const int64_t bytes = n_kept * job.N * (int64_t)sizeof(T);
+  const int64_t splits =
+      par ? std::max<int64_t>(1, std::min<int64_t>({kDecodeMaxSplits, n_kept, bytes / (kDecodeTaskBytes * col_chunks)})) : 1;
+  std::vector<float> partial((size_t)(splits * job.M * job.N));
+  DecodeJob<T> dj{job.w, job.y, job.M, job.K, job.N, job.ld, job.xm, kept_channels.data(), n_kept, splits, col_chunks, partial.data()};
+  RunTasks<T>(par, parallel, ctx, &DecodeTask<T>, (size_t)(splits * col_chunks), &dj);
+  RunTasks<T>(par && splits * job.M * job.N >= (1 << 16), parallel, ctx, &DecodeReduceTask<T>, (size_t)col_chunks, &dj);
+}
+
+/// Many rows: a dense, register-blocked product of the masked X (valid only for a finite W, see DenseTask)
+/// unless so few entries are kept that skipping the masked rows of W is faster. Crossover measured on
+/// 512 x 1536 -> 576 (Zen 5): ~96 % masked with the AVX-512 tile, 80-90 % with the AVX2 one.
+template <typename T>
+void Prefill(Job<T>& job, bool par, ParallelFn parallel, void* ctx) {
+  int64_t total = 0;
+  for (int64_t m = 0; m < job.M; ++m) total += job.kept[(size_t)m];
+  const int64_t dense_ratio = CpuIsa() == Isa::kAvx512 ? 25 : 7;  // dense when more than 1/ratio of the entries are kept
+  if (job.M >= 16 && total * dense_ratio > job.M * job.K) {
+    const size_t tasks = (size_t)(((job.M + kDenseRows - 1) / kDenseRows) * ((job.N + kDenseCols - 1) / kDenseCols));
+    std::vector<uint8_t> nonfinite(tasks, 0);
+    job.nonfinite = nonfinite.data();
+    RunTasks<T>(par, parallel, ctx, &DenseTask<T>, tasks, &job);
+    job.nonfinite = nullptr;
+    if (std::find(nonfinite.begin(), nonfinite.end(), 1) == nonfinite.end()) return;  // finite: exact
+  }
+  RunTasks<T>(par, parallel, ctx, &AccumulateTask<T>, (size_t)(((job.M + kRowBlock - 1) / kRowBlock) * job.chunks), &job);
+}
+
 }  // namespace
 
 template <typename T>
-void SparseMatMulCpu(const T* x, const T* w, T* y, const Problem& p, Mode mode, float threshold, int64_t k,
-                     ParallelFn parallel, void* parallel_ctx) {
+void SparseMatMulCpu(const T* x, const T* w, T* y, const Problem& p, const std::vector<MemberRule>& rules,
+                     const MemberSpans& spans, ParallelFn parallel, void* parallel_ctx) {
   if (p.M == 0 || p.N == 0) return;
-  std::unique_ptr<float[]> xm(new float[(size_t)(p.M * p.K)]);  // every entry is written by SelectRow
+  std::unique_ptr<float[]> xm(new float[(size_t)(p.M * p.K)]);  // every entry is written by MaskTask
   std::vector<int64_t> kept((size_t)p.M, 0);
-  Job<T> job{x, w, y, &p, mode, threshold, k, xm.get(), (p.N + kChunk - 1) / kChunk, kept.data()};
   // Parallelism only pays when there is real work; small problems run inline.
   const bool par = parallel != nullptr && p.M * p.K * p.N >= (1 << 16);
-  if (par && p.M > 1) {
-    parallel(parallel_ctx, &SelectRow<T>, (size_t)p.M, &job);
-  } else {
-    for (int64_t m = 0; m < p.M; ++m) SelectRow<T>(&job, (size_t)m);
-  }
-  if (p.M <= kRowBlock) {  // decode: split-K over the channels kept by any row, whole-row W reads
-    std::vector<int32_t> kept_channels;
-    kept_channels.reserve((size_t)p.K);
-    for (int64_t c = 0; c < p.K; ++c) {
-      bool any = false;
-      for (int64_t m = 0; m < p.M; ++m) any |= xm[(size_t)(m * p.K + c)] != 0.0f;
-      if (any) kept_channels.push_back((int32_t)c);
-    }
-    const int64_t n_kept = (int64_t)kept_channels.size();
-    const int64_t col_chunks = (p.N + kDecodeCols - 1) / kDecodeCols;
-    const int64_t bytes = n_kept * p.N * (int64_t)sizeof(T);
-    const int64_t splits = par ? std::max<int64_t>(1, std::min<int64_t>({kDecodeMaxSplits, n_kept, bytes / (kDecodeTaskBytes * col_chunks)}))
-                               : 1;
-    std::vector<float> partial((size_t)(splits * p.M * p.N));
-    DecodeJob<T> dj{w, y, p.M, p.K, p.N, xm.get(), kept_channels.data(), n_kept, splits, col_chunks, partial.data()};
-    const size_t tasks = (size_t)(splits * col_chunks);
-    if (par && tasks > 1) {
-      parallel(parallel_ctx, &DecodeTask<T>, tasks, &dj);
+  bool uniform = true;  // one mask for every member: one pass over all N columns
+  for (const MemberRule& r : rules) uniform &= r.SameMask(rules[0]);
+  const int passes = uniform ? 1 : spans.count();
+  for (int g = 0; g < passes; ++g) {
+    const int64_t c0 = uniform ? 0 : spans.begin[g], n = uniform ? p.N : spans.end[g] - spans.begin[g];
+    Job<T> job{x, w + c0, y + c0, p.M, p.K, n, p.N, &rules[g], xm.get(), (n + kChunk - 1) / kChunk, kept.data()};
+    RunTasks<T>(par && p.M > 1, parallel, parallel_ctx, &MaskTask<T>, (size_t)p.M, &job);
+    if (p.M <= kRowBlock) {
+      Decode(job, par, parallel, parallel_ctx);
     } else {
-      for (size_t t = 0; t < tasks; ++t) DecodeTask<T>(&dj, t);
+      Prefill(job, par, parallel, parallel_ctx);
     }
-    if (par && col_chunks > 1 && splits * p.M * p.N >= (1 << 16)) {
-      parallel(parallel_ctx, &DecodeReduceTask<T>, (size_t)col_chunks, &dj);
-    } else {
-      for (int64_t t = 0; t < col_chunks; ++t) DecodeReduceTask<T>(&dj, (size_t)t);
-    }
-    return;
   }
-  // Many rows: a dense, register-blocked product of the masked X (valid only for a finite W, see DenseTask)
-  // unless so few entries are kept that skipping the masked rows of W is faster. Crossover measured on
-  // 512 x 1536 -> 576 (Zen 5): ~96 % masked with the AVX-512 tile, 80-90 % with the AVX2 one.
-  int64_t total = 0;
-  for (int64_t m = 0; m < p.M; ++m) total += kept[(size_t)m];
-  const int64_t dense_ratio = CpuIsa() == Isa::kAvx512 ? 25 : 7;  // dense when more than 1/ratio of the entries are kept
-  const auto run = [&](void (*task_fn)(void*, size_t), size_t tasks) {
-    if (par && tasks > 1) {
-      parallel(parallel_ctx, task_fn, tasks, &job);
-    } else {
-      for (size_t t = 0; t < tasks; ++t) task_fn(&job, t);
-    }
-  };
-  if (p.M >= 16 && total * dense_ratio > p.M * p.K) {
-    const size_t tasks = (size_t)(((p.M + kDenseRows - 1) / kDenseRows) * ((p.N + kDenseCols - 1) / kDenseCols));
-    std::vector<uint8_t> nonfinite(tasks, 0);
-    job.nonfinite = nonfinite.data();
-    run(&DenseTask<T>, tasks);
-    if (std::find(nonfinite.begin(), nonfinite.end(), 1) == nonfinite.end()) return;  // finite: exact
-  }
-  run(&AccumulateTask<T>, (size_t)(((p.M + kRowBlock - 1) / kRowBlock) * job.chunks));
 }
 
-template void SparseMatMulCpu<float>(const float*, const float*, float*, const Problem&, Mode, float, int64_t, ParallelFn, void*);
-template void SparseMatMulCpu<uint16_t>(const uint16_t*, const uint16_t*, uint16_t*, const Problem&, Mode, float, int64_t,
-                                        ParallelFn, void*);
+template void SparseMatMulCpu<float>(const float*, const float*, float*, const Problem&, const std::vector<MemberRule>&,
+                                     const MemberSpans&, ParallelFn, void*);
+template void SparseMatMulCpu<uint16_t>(const uint16_t*, const uint16_t*, uint16_t*, const Problem&, const std::vector<MemberRule>&,
+                                        const MemberSpans&, ParallelFn, void*);
 
 }  // namespace acttail

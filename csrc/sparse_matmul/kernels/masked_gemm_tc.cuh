@@ -24,7 +24,7 @@
 
 #include <cstdint>
 
-#include "sparse_matmul_impl.cuh"
+#include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
 namespace cuda {
@@ -71,15 +71,15 @@ __device__ __forceinline__ void TcMma16816(float (&d)[4], const uint32_t (&a)[4]
 __device__ __forceinline__ uint32_t TcOffA(int r, int c) { return (uint32_t)(r * 64 + ((c ^ ((r >> 1) & 3)) << 4)); }
 __device__ __forceinline__ uint32_t TcOffB(int r, int c) { return (uint32_t)(r * 256 + ((c ^ (r & 7)) << 4)); }
 
-/// True where the tensor-core kernel may run (see the requirements above).
-inline bool TcGemmEligible(const void* x, const void* w, const void* y, int64_t K, int64_t N) {
+/// True where the tensor-core kernel may run on a column slice of N columns, row stride ld (see above).
+inline bool TcGemmEligible(const void* x, const void* w, const void* y, int64_t K, int64_t N, int64_t ld) {
   return reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(y) % 16 == 0 && K % 8 == 0 && N % 8 == 0;
+         reinterpret_cast<uintptr_t>(y) % 16 == 0 && K % 8 == 0 && N % 8 == 0 && ld % 8 == 0;
 }
 
 __global__ void __launch_bounds__(kTcThreads, 2)
-    MaskedGemmTcKernel(const __half* __restrict__ x, const __half* __restrict__ w, __half* __restrict__ y, int M, int K, int N,
-                       const float* __restrict__ thr, const uint2* __restrict__ sel, bool topk, unsigned* __restrict__ nonfinite) {
+    MaskedGemmTcKernel(const __half* __restrict__ x, const __half* __restrict__ w, __half* __restrict__ y, int M, int K, int N, int ld,
+                       DeviceMask dm, int g, unsigned* __restrict__ nonfinite) {
   extern __shared__ __align__(128) unsigned char tc_smem[];
   const uint32_t smem = TcSmemAddr(tc_smem);
   const uint32_t smem_b = smem + kTcStages * kTcStageA;
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   const int br = tid >> 4, bc = tid & 15;
   Rule rule[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) rule[i] = LoadRule(0, 1, topk, thr, sel ? sel + min(row0 + ar + 64 * i, M - 1) : nullptr);
+  for (int i = 0; i < 2; ++i) rule[i] = LoadRule(dm, row0 + ar + 64 * i, M, g);
 
   const int ktiles = (K + kTcBK - 1) / kTcBK;
   auto load_stage = [&](int stage, int kt) {
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     for (int i = 0; i < 2; ++i) {
       const int k = k0 + br + 16 * i, n = col0 + bc * 8;
       const bool ok = k < K && n < N;
-      TcCpAsync16(smem_b + stage * kTcStageB + TcOffB(br + 16 * i, bc), ok ? w + (int64_t)k * N + n : w, ok);
+      TcCpAsync16(smem_b + stage * kTcStageB + TcOffB(br + 16 * i, bc), ok ? w + (int64_t)k * ld + n : w, ok);
     }
   };
 
@@ -138,8 +138,11 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       __half* h = reinterpret_cast<__half*>(&v);
       const int c0 = kt * kTcBK + ac * 8;
 #pragma unroll
-      for (int e = 0; e < 8; ++e)
-        if (!Keep(h[e], c0 + e, rule[i], topk)) h[e] = __ushort_as_half((unsigned short)0);
+      for (int e = 0; e < 8; ++e) {
+        const float mv = MaskedValue(h[e], c0 + e, rule[i], dm);
+        if (!IsKeptValue(mv)) h[e] = __ushort_as_half((unsigned short)0);
+        else if (dm.ramp != 0.0f) h[e] = __float2half_rn(mv);
+      }
       *p = v;
     }
     if (check_w) {
@@ -193,15 +196,15 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     for (int ni = 0; ni < 4; ++ni) {
       const int c = col0 + wn * 32 + ni * 8 + (lane & 3) * 2;
       if (c >= N) continue;  // N % 8 == 0: c < N implies c + 1 < N
-      if (r < M) *reinterpret_cast<__half2*>(y + (int64_t)r * N + c) = __floats2half2_rn(acc[mi][ni][0], acc[mi][ni][1]);
-      if (r + 8 < M) *reinterpret_cast<__half2*>(y + (int64_t)(r + 8) * N + c) = __floats2half2_rn(acc[mi][ni][2], acc[mi][ni][3]);
+      if (r < M) *reinterpret_cast<__half2*>(y + (int64_t)r * ld + c) = __floats2half2_rn(acc[mi][ni][0], acc[mi][ni][1]);
+      if (r + 8 < M) *reinterpret_cast<__half2*>(y + (int64_t)(r + 8) * ld + c) = __floats2half2_rn(acc[mi][ni][2], acc[mi][ni][3]);
     }
   }
 }
 
 /// Enqueue the tensor-core kernel (caller: TcGemmEligible, `nonfinite` zeroed on the stream before).
-inline cudaError_t LaunchMaskedGemmTc(const __half* x, const __half* w, __half* y, int64_t M, int64_t K, int64_t N, const float* thr,
-                                      const uint2* sel, bool topk, unsigned* nonfinite, cudaStream_t stream) {
+inline cudaError_t LaunchMaskedGemmTc(const __half* x, const __half* w, __half* y, int64_t M, int64_t K, int64_t N, int64_t ld,
+                                      const DeviceMask& dm, int g, unsigned* nonfinite, cudaStream_t stream) {
   static bool attr_set[64] = {};  // dynamic shared memory above 48 KiB needs an opt-in, once per device
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -213,7 +216,7 @@ inline cudaError_t LaunchMaskedGemmTc(const __half* x, const __half* w, __half* 
   }
   const dim3 grid((unsigned)((N + kTcBN - 1) / kTcBN), (unsigned)((M + kTcBM - 1) / kTcBM));
   if (grid.y > 65535) return cudaErrorInvalidConfiguration;
-  MaskedGemmTcKernel<<<grid, kTcThreads, kTcSmemBytes, stream>>>(x, w, y, (int)M, (int)K, (int)N, thr, sel, topk, nonfinite);
+  MaskedGemmTcKernel<<<grid, kTcThreads, kTcSmemBytes, stream>>>(x, w, y, (int)M, (int)K, (int)N, (int)ld, dm, g, nonfinite);
   return cudaGetLastError();
 }
 

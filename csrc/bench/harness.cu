@@ -1,0 +1,134 @@
+// Standalone CUDA entry points for benchmarks/kernel_bench.py, scripts/check_cuda_kernels.py and
+// benchmarks/prefill_check.py (ctypes), built from the same sources as the op library's CUDA side but
+// outside ONNX Runtime, so that launches can be captured in CUDA graphs and run under compute-sanitizer.
+// Build: `ACTTAIL_BENCH=1 bash scripts/build_ops.sh` (CMake target acttail_bench: $ACTTAIL_BUILD_DIR/libacttail_bench.so).
+// The variant switches (forced GEMV parameters, per-call scratch, no cuBLAS) live here, not in the op.
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <string>
+
+#include "common/cuda/topk_select.cuh"
+#include "sparse_matmul/cuda.h"
+
+namespace {
+int Report(const std::string& err, char* buf, int len) {
+  if (err.empty()) return 0;
+  if (buf != nullptr && len > 0) {
+    std::strncpy(buf, err.c_str(), (size_t)len - 1);
+    buf[len - 1] = '\0';
+  }
+  return 1;
+}
+
+/// Harness call: members, thresholds, scale and ramp as the op would pass them (G <= kMaxMembers).
+struct BenchCall {
+  int half;
+  const void* x;
+  const void* w;
+  void* y;
+  const float* thresholds;
+  long long threshold_count;
+  const float* scale;
+  long long scale_rows;
+  void* workspace;
+  void* stream;
+  long long M, K, N;
+  int topk;
+  float ramp;
+  int G;
+  const long long* ends;  // G cumulative column ends (null: one member)
+  const long long* ks;    // G values (topk)
+};
+
+acttail::CudaArgs ToArgs(const BenchCall& c) {
+  acttail::CudaArgs a;
+  a.x = c.x;
+  a.w = c.w;
+  a.y = c.y;
+  a.thresholds = c.thresholds;
+  a.threshold_count = c.threshold_count;
+  a.scale = c.scale;
+  a.scale_rows = c.scale_rows;
+  a.workspace = c.workspace;
+  a.stream = c.stream;
+  a.M = c.M;
+  a.K = c.K;
+  a.N = c.N;
+  a.mode = c.topk ? acttail::Mode::kTopK : acttail::Mode::kThreshold;
+  a.ramp = c.ramp;
+  a.G = c.G < 1 ? 1 : c.G;
+  long long prev = 0;
+  for (int g = 0; g < a.G && g < acttail::kMaxMembers; ++g) {
+    a.begin[g] = prev;
+    a.end[g] = c.ends != nullptr ? c.ends[g] : c.N;
+    a.k[g] = c.ks != nullptr ? c.ks[g] : 0;
+    prev = a.end[g];
+  }
+  return a;
+}
+}  // namespace
+
+/// Device workspace the op would allocate for this call (bytes).
+extern "C" __attribute__((visibility("default"))) long long acttail_bench_workspace_bytes(const BenchCall* call) {
+  return (long long)acttail::CudaWorkspaceBytes(ToArgs(*call));
+}
+
+/// The op's CUDA path. `variant`: 0 = the op's own plan (per-shape table, cuBLAS); 1 = per-call scratch zeroed
+/// with cudaMemsetAsync; 2 / 3 = force the plain / pooled decode grid; 4 = prefill without cuBLAS (the op's own
+/// GEMM kernels); 5 = the GEMV parameters given in `gemv` (warps, seg, unroll, chunks, pooled).
+extern "C" __attribute__((visibility("default"))) int acttail_bench_sparse_matmul(const BenchCall* call, int variant, const int* gemv,
+                                                                                 char* err, int err_len) {
+  const acttail::CudaArgs a = ToArgs(*call);
+  acttail::CudaPlan plan = acttail::DefaultPlan(call->half != 0, a);
+  if (variant == 1) plan.stream_scratch = false;
+  if (variant == 2 || variant == 3) plan.gemv.pooled = variant == 3 ? 1 : 0;
+  if (variant == 4) plan.use_cublas = false;
+  if (variant == 5 && gemv != nullptr) plan.gemv = acttail::GemvConfig{gemv[0], gemv[1], gemv[2], gemv[3], gemv[4]};
+  return Report(acttail::SparseMatMulCuda(call->half != 0, a, plan), err, err_len);
+}
+
+/// Only the top-k selection kernel (to time the selection cost separately), one member, no scale.
+extern "C" __attribute__((visibility("default"))) int acttail_bench_topk_select(int half, const void* x, void* sel, void* stream,
+                                                                               long long M, long long K, long long k, char* err,
+                                                                               int err_len) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  acttail::cuda::SelectParams p;
+  p.K = (int)K;
+  p.k[0] = (int)k;
+  cudaError_t e = half ? acttail::cuda::LaunchTopKSelect(static_cast<const __half*>(x), M, p, static_cast<uint2*>(sel), s)
+                       : acttail::cuda::LaunchTopKSelect(static_cast<const float*>(x), M, p, static_cast<uint2*>(sel), s);
+  return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
+}
+
+namespace {
+/// Streams `n` 16-byte words (evict-first loads, 8 in flight per thread) and folds them into one word
+/// per block, so nothing is optimized away: the floor for reading that many bytes once.
+__global__ void __launch_bounds__(512) ReadFloorKernel(const uint4* __restrict__ p, long long n, unsigned* __restrict__ sink) {
+  unsigned acc = 0;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  for (; i + 7 * stride < n; i += 8 * stride) {
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = __ldcs(p + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n; i += stride) {
+    const uint4 v = __ldcs(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  acc = __reduce_xor_sync(0xffffffffu, acc);
+  if ((threadIdx.x & 31) == 0) atomicXor(sink + blockIdx.x % 64, acc);
+}
+}  // namespace
+
+/// Read `bytes` (multiple of 16) from `p` once: the bandwidth floor the GEMV kernels are compared with.
+extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor(const void* p, long long bytes, void* sink, int blocks,
+                                                                              void* stream, char* err, int err_len) {
+  ReadFloorKernel<<<blocks, 512, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(p), bytes / 16,
+                                                                          static_cast<unsigned*>(sink));
+  const cudaError_t e = cudaGetLastError();
+  return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
+}

@@ -1,0 +1,241 @@
+// Top-k selection: one block per (row, member). Exact radix select (8-bit digits) of the cut key, the key of
+// the (k+1)-th largest score (the largest dropped one: its score is t for the ramp), then the index cut for
+// the ties kept at that key (lowest channel index first). Writes sel[row * members + g] = (cut, last kept
+// tie index, or -1). k == 0: (0xffffffff, -1), keeps nothing; k >= K: (0, -1), keeps every positive key.
+//  * TopKSelectRegKernel (8192 < K <= 16384) reads the row once into registers; TopKSelectKernel loops.
+//  * Keys: float16 magnitude bits (float16 x, no scale: 2 radix passes) or float32 score bits (4 passes).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/cuda/mask_rule.cuh"
+
+namespace acttail {
+namespace cuda {
+
+constexpr int kSelectThreads = 1024;
+constexpr int kSelectSeg = 16;
+constexpr int64_t kSelectRegMinK = 8192;  // below this the looping kernel is faster (docs/kernels.md)
+
+/// Per-launch parameters: k and scale row of each member.
+struct SelectParams {
+  int K = 0;
+  int members = 1;
+  int k[kMaxMembers] = {0};
+  const float* scale = nullptr;  // scale + g * scale_stride: member g's [K] scale (null: s = |x|)
+  int64_t scale_stride = 0;
+};
+
+/// Shared block state of the radix passes.
+struct SelectShared {
+  unsigned hist[256];
+  uint32_t prefix;
+  int remaining;
+  int warp[32];
+  int total;
+  int tie;
+};
+
+/// One radix pass' bin search by warp 0: lane owns bins 255-8*lane .. 248-8*lane (descending).
+__device__ __forceinline__ void SelectBin(SelectShared& sh, int lane, uint32_t prefix, int remaining, int shift) {
+  unsigned c[8], s = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    c[j] = sh.hist[255 - 8 * lane - j];
+    s += c[j];
+  }
+  unsigned incl = s;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned n = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += n;
+  }
+  unsigned cum = incl - s;
+  if (cum < (unsigned)remaining && (unsigned)remaining <= incl) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (cum + c[j] >= (unsigned)remaining) {
+        sh.prefix = prefix | ((uint32_t)(255 - 8 * lane - j) << shift);
+        sh.remaining = remaining - (int)cum;
+        break;
+      }
+      cum += c[j];
+    }
+  }
+}
+
+/// (k, K) cases decided without a select; true when sel was written.
+__device__ __forceinline__ bool SelectTrivial(int k, int K, uint2* out) {
+  if (k <= 0) {
+    if (threadIdx.x == 0) *out = make_uint2(0xffffffffu, 0xffffffffu);
+    return true;
+  }
+  if (k >= K) {
+    if (threadIdx.x == 0) *out = make_uint2(0u, 0xffffffffu);
+    return true;
+  }
+  return false;
+}
+
+template <typename T, bool kHalfKeys>
+__global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __restrict__ x, SelectParams p, uint2* __restrict__ sel) {
+  __shared__ SelectShared sh;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int g = blockIdx.y, K = p.K;
+  const T* xr = x + (int64_t)blockIdx.x * K;
+  const float* scale = p.scale != nullptr ? p.scale + g * p.scale_stride : nullptr;
+  uint2* out = sel + (int64_t)blockIdx.x * p.members + g;
+  if (SelectTrivial(p.k[g], K, out)) return;
+  constexpr int kKeyBits = kHalfKeys ? 16 : 32;
+  uint32_t prefix = 0, mask = 0;
+  int remaining = p.k[g] + 1;  // rank (1-based, from the top) of the cut among keys matching prefix
+  for (int shift = kKeyBits - 8; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0;
+    __syncthreads();
+    for (int i = tid; i < K; i += blockDim.x) {
+      const uint32_t key = ElementKey<T>(xr[i], i, scale, kHalfKeys);
+      if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (warp == 0) SelectBin(sh, lane, prefix, remaining, shift);
+    __syncthreads();
+    prefix = sh.prefix;
+    remaining = sh.remaining;
+    mask |= 0xffu << shift;
+  }
+  // prefix = cut key; the first remaining - 1 channels with that key are kept (key 0 is never kept)
+  const int target = remaining - 1;
+  if (prefix == 0 || target == 0) {
+    if (tid == 0) *out = make_uint2(prefix, 0xffffffffu);
+    return;
+  }
+  if (tid == 0) sh.tie = -1;
+  int seen = 0;
+  for (int base = 0; base < K; base += blockDim.x) {
+    const int i = base + tid;
+    const bool flag = i < K && ElementKey<T>(xr[i], i, scale, kHalfKeys) == prefix;
+    const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+    if (lane == 0) sh.warp[warp] = __popc(ballot);
+    __syncthreads();
+    if (warp == 0) {
+      const int v = lane < nwarps ? sh.warp[lane] : 0;
+      int incl = v;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += n;
+      }
+      if (lane < nwarps) sh.warp[lane] = incl - v;
+      if (lane == 31) sh.total = incl;
+    }
+    __syncthreads();
+    if (flag && seen + sh.warp[warp] + __popc(ballot & ((1u << lane) - 1u)) + 1 == target) sh.tie = i;
+    seen += sh.total;
+    __syncthreads();
+    if (seen >= target) break;
+  }
+  if (tid == 0) *out = make_uint2(prefix, (uint32_t)sh.tie);
+}
+
+/// Same result as TopKSelectKernel for K <= kSelectThreads * kSelectSeg, with the row read once: thread t
+/// keeps the keys of channels [t*seg, (t+1)*seg) in registers, the radix passes histogram them from
+/// registers, and one block scan over the per-thread tie counts finds the tie cut.
+template <typename T, bool kHalfKeys>
+__global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* __restrict__ x, SelectParams p, uint2* __restrict__ sel) {
+  __shared__ SelectShared sh;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int g = blockIdx.y, K = p.K;
+  const T* xr = x + (int64_t)blockIdx.x * K;
+  const float* scale = p.scale != nullptr ? p.scale + g * p.scale_stride : nullptr;
+  uint2* out = sel + (int64_t)blockIdx.x * p.members + g;
+  if (SelectTrivial(p.k[g], K, out)) return;
+  const int seg = (K + blockDim.x - 1) / blockDim.x;  // <= kSelectSeg (checked by the launcher)
+  const int lo = tid * seg;
+  uint32_t keys[kSelectSeg];
+  unsigned valid = 0;
+#pragma unroll
+  for (int j = 0; j < kSelectSeg; ++j) {
+    const bool v = j < seg && lo + j < K;
+    keys[j] = v ? ElementKey<T>(xr[lo + j], lo + j, scale, kHalfKeys) : 0u;
+    valid |= (unsigned)v << j;
+  }
+  constexpr int kKeyBits = kHalfKeys ? 16 : 32;
+  uint32_t prefix = 0, mask = 0;
+  int remaining = p.k[g] + 1;
+  for (int shift = kKeyBits - 8; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kSelectSeg; ++j)
+      if (((valid >> j) & 1u) && (keys[j] & mask) == prefix) atomicAdd(&sh.hist[(keys[j] >> shift) & 255u], 1u);
+    __syncthreads();
+    if (warp == 0) SelectBin(sh, lane, prefix, remaining, shift);
+    __syncthreads();
+    prefix = sh.prefix;
+    remaining = sh.remaining;
+    mask |= 0xffu << shift;
+  }
+  const int target = remaining - 1;
+  if (prefix == 0 || target == 0) {
+    if (tid == 0) *out = make_uint2(prefix, 0xffffffffu);
+    return;
+  }
+  int cnt = 0;
+#pragma unroll
+  for (int j = 0; j < kSelectSeg; ++j) cnt += ((valid >> j) & 1u) && keys[j] == prefix;
+  int incl = cnt;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += n;
+  }
+  if (lane == 31) sh.warp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int v = lane < nwarps ? sh.warp[lane] : 0;
+    int wincl = v;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, wincl, off);
+      if (lane >= off) wincl += n;
+    }
+    if (lane < nwarps) sh.warp[lane] = wincl - v;
+  }
+  __syncthreads();
+  int before = sh.warp[warp] + incl - cnt;  // ties in the segments of lower threads
+  if (before < target && target <= before + cnt) {
+#pragma unroll
+    for (int j = 0; j < kSelectSeg; ++j) {
+      if (((valid >> j) & 1u) && keys[j] == prefix && ++before == target) *out = make_uint2(prefix, (uint32_t)(lo + j));
+    }
+  }
+}
+
+template <typename T, bool kHalfKeys>
+inline cudaError_t LaunchTopKSelectKeys(const T* x, int64_t M, const SelectParams& p, uint2* sel, cudaStream_t stream) {
+  const dim3 grid((unsigned)M, (unsigned)p.members);
+  // Register-resident selection only where it measured faster on H200 (docs/kernels.md: 6.1 vs 6.7-9.2 us
+  // at K = 11008, but 5.7 vs 3.9-4.6 us at K = 4096).
+  if (p.K > kSelectRegMinK && p.K <= (int64_t)kSelectThreads * kSelectSeg) {
+    TopKSelectRegKernel<T, kHalfKeys><<<grid, kSelectThreads, 0, stream>>>(x, p, sel);
+  } else {
+    TopKSelectKernel<T, kHalfKeys><<<grid, kSelectThreads, 0, stream>>>(x, p, sel);
+  }
+  return cudaGetLastError();
+}
+
+/// Enqueue the top-k selection of every row of x [M, K] and member (writes sel[M * p.members]).
+template <typename T>
+inline cudaError_t LaunchTopKSelect(const T* x, int64_t M, const SelectParams& p, uint2* sel, cudaStream_t stream) {
+  if (M > 2147483647LL || p.members > 65535) return cudaErrorInvalidConfiguration;
+  if constexpr (sizeof(T) == 2) {
+    if (p.scale == nullptr) return LaunchTopKSelectKeys<T, true>(x, M, p, sel, stream);
+  }
+  return LaunchTopKSelectKeys<T, false>(x, M, p, sel, stream);
+}
+
+}  // namespace cuda
+}  // namespace acttail

@@ -1,0 +1,400 @@
+// Host launchers of SparseMatMul's CUDA kernels (kernels/*.cuh, common/cuda/*.cuh): split-K decode GEMV for M <= 8
+// rows (one launch for every member, parameters from the per-shape table gemv_table.h); for more rows (prefill)
+// per member the mask applied into the workspace and a cuBLAS GEMM into its column slice (cuBLAS loaded at run
+// time), else the masked tiled GEMM kernels; in topk mode preceded by the top-k selection kernel (one block per
+// row and member). Everything is enqueued on the caller's stream; no host synchronization, every launch checked.
+#include <cublas_api.h>  // types and prototypes only: libcublas is opened at run time (dlopen), not linked
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "common/cuda/mask_rows.cuh"
+#include "common/cuda/topk_select.cuh"
+#include "sparse_matmul/cuda.h"
+#include "sparse_matmul/gemv_table.h"
+#include "sparse_matmul/kernels/masked_gemm.cuh"
+#include "sparse_matmul/kernels/masked_gemm_tc.cuh"
+#include "sparse_matmul/kernels/splitk_gemv.cuh"
+
+namespace acttail {
+
+namespace {
+
+/// Multiprocessor count of the current device (cached per device).
+int CurrentSms() {
+  static int cache[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+  if (cache[dev] == 0) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) return 1;
+    cache[dev] = sms;
+  }
+  return cache[dev];
+}
+
+// ---- split-K decode GEMV and its self-cleaning scratch -------------------------------------------
+
+constexpr int64_t kMinTileCols = 128;  // smallest TN of any SplitKGemvKernel instance (float32, SEG 1)
+
+/// Bytes of the split-K scratch for M rows, N columns and G members: tile arrival counters (members tile
+/// their columns separately: at most N / kMinTileCols + G tiles), then the float32 accumulator [M, N].
+int64_t CounterBytes(int64_t N, int G) { return (((N + kMinTileCols - 1) / kMinTileCols + G) * 4 + 255) / 256 * 256; }
+size_t SplitScratchBytes(int64_t M, int64_t N, int G) { return (size_t)(CounterBytes(N, G) + M * N * 4); }
+
+/// Zeroed scratch of at least `bytes` owned by (device, stream); every split-K launch leaves it zero
+/// again, so only its allocation is zeroed (cudaMemsetAsync, stream-ordered, no host sync). Returns
+/// null if it would have to grow while the stream is being captured into a CUDA graph (the caller
+/// then zeroes per-call scratch instead). Grown buffers are not freed: a graph captured earlier may
+/// still replay into one, and each stays zero between launches.
+void* StreamScratch(cudaStream_t stream, size_t bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<int, cudaStream_t>, std::pair<void*, size_t>> cache;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& entry = cache[{dev, stream}];
+  if (entry.second >= bytes) return entry.first;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) return nullptr;
+  const size_t want = std::max({bytes, 2 * entry.second, (size_t)1 << 20});
+  void* p = nullptr;
+  if (cudaMallocAsync(&p, want, stream) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  if (cudaMemsetAsync(p, 0, want, stream) != cudaSuccess) {
+    cudaGetLastError();
+    cudaFreeAsync(p, stream);
+    return nullptr;
+  }
+  entry = {p, want};
+  return p;
+}
+
+// ---- prefill through cuBLAS ---------------------------------------------------------------------
+// The library does not link cuBLAS: it opens libcublas.so.<major of the cuBLAS it was built with> at
+// the first prefill call (ONNX Runtime's CUDA execution provider has loaded it already) and keeps one
+// handle per (device, stream). When it cannot (no libcublas, ACTTAIL_CUBLAS=0, or a stream being
+// captured into a CUDA graph before a handle exists), the prefill runs on the op's own GEMM kernels.
+
+constexpr int kCublasSoMajor = CUDART_VERSION / 1000;  // cuBLAS of the CUDA release the library is built with
+
+// cublasGemmEx with a cublasComputeType_t (the header also declares an inline overload taking a cudaDataType)
+using CublasGemmExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                                          const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                                          cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+static_assert(sizeof(static_cast<CublasGemmExFn>(&cublasGemmEx)) > 0, "the cuBLAS header declares cublasGemmEx so");
+
+struct CublasApi {
+  decltype(&cublasCreate_v2) create = nullptr;
+  decltype(&cublasSetStream_v2) set_stream = nullptr;
+  CublasGemmExFn gemm_ex = nullptr;
+  bool ok = false;
+};
+
+const CublasApi& Cublas() {
+  static const CublasApi api = [] {
+    CublasApi a;
+    void* lib = dlopen(("libcublas.so." + std::to_string(kCublasSoMajor)).c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) return a;
+    a.create = reinterpret_cast<decltype(&cublasCreate_v2)>(dlsym(lib, "cublasCreate_v2"));
+    a.set_stream = reinterpret_cast<decltype(&cublasSetStream_v2)>(dlsym(lib, "cublasSetStream_v2"));
+    a.gemm_ex = reinterpret_cast<CublasGemmExFn>(dlsym(lib, "cublasGemmEx"));
+    a.ok = a.create != nullptr && a.set_stream != nullptr && a.gemm_ex != nullptr;
+    return a;
+  }();
+  return api;
+}
+
+std::mutex& CublasMutex() {  // guards the handle cache and serializes enqueues on a shared handle
+  static std::mutex mu;
+  return mu;
+}
+
+/// The cuBLAS handle of (current device, stream), created at its first use; null when cuBLAS cannot be
+/// used (ACTTAIL_CUBLAS=0, libcublas not loadable, or the stream is being captured before a handle exists).
+cublasHandle_t CublasHandle(cudaStream_t stream) {
+  const CublasApi& api = Cublas();
+  if (!api.ok) return nullptr;
+  static std::map<std::pair<int, cudaStream_t>, cublasHandle_t> handles;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  std::lock_guard<std::mutex> lock(CublasMutex());
+  auto it = handles.find({dev, stream});
+  if (it != handles.end()) return it->second;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  cublasHandle_t h = nullptr;
+  if (api.create(&h) != CUBLAS_STATUS_SUCCESS) return nullptr;
+  if (api.set_stream(h, stream) != CUBLAS_STATUS_SUCCESS) return nullptr;  // (the handle leaks: a rare failure, not worth a destroy symbol)
+  handles.emplace(std::make_pair(dev, stream), h);
+  return h;
+}
+
+/// Enqueue Y[:, 0:n] = Xm[M, K] W[:, 0:n] (row-major, W and Y with row stride ld) on the handle's stream,
+/// float32 accumulation. Returns "" or the error.
+std::string CublasGemm(cublasHandle_t h, bool half, const void* xm, const void* w, void* y, int64_t M, int64_t K, int64_t n, int64_t ld) {
+  // column-major view: Y^T [n, M] = W^T [n, K] (W row-major, ld) * Xm^T [K, M] (Xm row-major, ld K)
+  const float alpha = 1.0f, beta = 0.0f;
+  const cudaDataType t = half ? CUDA_R_16F : CUDA_R_32F;
+  std::lock_guard<std::mutex> lock(CublasMutex());
+  // CUBLAS_COMPUTE_32F: float32 accumulation, no TF32 (float32 results must match the reference to 1e-5)
+  const cublasStatus_t st = Cublas().gemm_ex(h, CUBLAS_OP_N, CUBLAS_OP_N, (int)n, (int)M, (int)K, &alpha, w, t, (int)ld, xm, t, (int)K,
+                                             &beta, y, t, (int)ld, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  return st == CUBLAS_STATUS_SUCCESS ? "" : "cublasGemmEx failed with status " + std::to_string((int)st);
+}
+
+// ---- members: how the G members map onto launches -----------------------------------------------
+/// Members with one shared rule (one threshold or equal ks, scale absent or [K]) run as one member
+/// covering all N columns; otherwise every member has its own rule, selection and column tiles.
+struct Layout {
+  int G = 1;
+  int64_t begin[kMaxMembers] = {0};
+  int64_t end[kMaxMembers] = {0};
+};
+
+bool UniformRule(const CudaArgs& a) {
+  if (a.scale_rows > 1) return false;
+  if (a.mode == Mode::kThreshold) return a.threshold_count <= 1;
+  for (int g = 1; g < a.G; ++g)
+    if (a.k[g] != a.k[0]) return false;
+  return true;
+}
+
+Layout MakeLayout(const CudaArgs& a) {
+  Layout l;
+  if (UniformRule(a)) {
+    l.end[0] = a.N;
+    return l;
+  }
+  l.G = a.G;
+  for (int g = 0; g < a.G; ++g) {
+    l.begin[g] = a.begin[g];
+    l.end[g] = a.end[g];
+  }
+  return l;
+}
+
+size_t SelectBytes(const CudaArgs& a, const Layout& l) {
+  return a.mode == Mode::kTopK ? (size_t)(a.M * l.G * (int64_t)sizeof(uint2) + 255) / 256 * 256 : 0;
+}
+
+cuda::DeviceMask MakeMask(bool half, const CudaArgs& a, const Layout& l, const uint2* sel) {
+  cuda::DeviceMask dm;
+  dm.topk = a.mode == Mode::kTopK;
+  dm.half_keys = half && a.scale == nullptr;
+  dm.ramp = a.ramp;
+  dm.thr = a.thresholds;
+  dm.thr_stride = a.threshold_count > 1 ? 1 : 0;
+  dm.scale = a.scale;
+  dm.scale_stride = a.scale_rows > 1 ? a.K : 0;
+  dm.sel = sel;
+  dm.sel_members = l.G;
+  return dm;
+}
+
+// ---- decode GEMV launch -------------------------------------------------------------------------
+template <typename T, int MR, int WARPS, int SEG, int U, bool BAL>
+cudaError_t LaunchSplitK(const CudaArgs& a, const Layout& l, const cuda::DeviceMask& dm, int chunks, void* scratch, cudaStream_t stream) {
+  constexpr int V = cuda::Traits<T>::kVec, TN = 32 * SEG * V;
+  cuda::GemvTiles tiles;
+  tiles.G = l.G;
+  bool aligned = reinterpret_cast<uintptr_t>(a.w) % 16 == 0 && (a.N * sizeof(T)) % 16 == 0;
+  int total = 0;
+  for (int g = 0; g < l.G; ++g) {
+    tiles.tile_start[g] = total;
+    tiles.begin[g] = (int)l.begin[g];
+    tiles.end[g] = (int)l.end[g];
+    total += (int)((l.end[g] - l.begin[g] + TN - 1) / TN);
+    aligned &= l.begin[g] % V == 0;
+  }
+  tiles.tile_start[l.G] = total;
+  const int64_t per_block = (int64_t)WARPS * 32 * chunks;
+  const int64_t splits = std::max<int64_t>(1, (a.K + per_block - 1) / per_block);  // K == 0: one split writes zeros
+  if (splits > 65535) return cudaErrorInvalidConfiguration;
+  unsigned* arrived = static_cast<unsigned*>(scratch);
+  float* acc = reinterpret_cast<float*>(static_cast<char*>(scratch) + CounterBytes(a.N, l.G));
+  cuda::SplitKGemvKernel<T, MR, WARPS, SEG, U, BAL><<<dim3((unsigned)total, (unsigned)splits), WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, dm, tiles, chunks, aligned,
+      acc, arrived);
+  cudaError_t err = cudaGetLastError();
+#ifndef NDEBUG
+  if (err == cudaSuccess) {  // the invariant of splitk_gemv.cuh: every launch leaves its scratch zero
+    const int64_t words = SplitScratchBytes(a.M, a.N, l.G) / 4;
+    cuda::ScratchIsZeroKernel<<<cuda::ElementwiseBlocks(words), 256, 0, stream>>>(static_cast<const unsigned*>(scratch), words);
+    err = cudaGetLastError();
+  }
+#endif
+  return err;
+}
+
+/// Kernel parameters compiled for (T, MR): every GemvConfig of the sweep for float16 one-row decode, the
+/// default (8 warps, 1 segment, 4 rows in flight) for the rest.
+template <typename T, int MR>
+cudaError_t DispatchGemv(const GemvConfig& c, bool pooled, const CudaArgs& a, const Layout& l, const cuda::DeviceMask& dm, void* scratch,
+                         cudaStream_t stream) {
+  const int chunks = pooled ? 1 : c.chunks;
+#define ACTTAIL_GEMV(W, S, U)                                                                                  \
+  if (c.warps == W && c.seg == S && c.unroll == U)                                                             \
+    return pooled ? LaunchSplitK<T, MR, W, S, U, true>(a, l, dm, chunks, scratch, stream)                     \
+                  : LaunchSplitK<T, MR, W, S, U, false>(a, l, dm, chunks, scratch, stream);
+  if constexpr (std::is_same<T, __half>::value && MR == 1) {
+    ACTTAIL_GEMV(4, 1, 4) ACTTAIL_GEMV(4, 1, 8) ACTTAIL_GEMV(4, 2, 4) ACTTAIL_GEMV(4, 2, 8)
+    ACTTAIL_GEMV(8, 1, 8) ACTTAIL_GEMV(8, 2, 4) ACTTAIL_GEMV(8, 2, 8)
+  }
+  ACTTAIL_GEMV(8, 1, 4)
+#undef ACTTAIL_GEMV
+  return cudaErrorInvalidValue;  // a configuration not compiled for this type and row count (harness only)
+}
+
+/// Decode GEMV (M <= 8). Unless the plan says, grids of fewer than 3 blocks per multiprocessor pool each
+/// block's kept channels first: with few blocks the slowest warp sets the time (LLaMA-7B 4096x4096 at
+/// 50-80 %: 9.0 vs 9.8 us, 5.8 vs 6.7 us on H200), with many the extra block barrier costs more than it
+/// saves (11008x4096 at 50 %: 18.0 vs 14.7 us); docs/kernels.md.
+template <typename T, int MR>
+cudaError_t LaunchDecode(const CudaArgs& a, const CudaPlan& plan, const Layout& l, const cuda::DeviceMask& dm, void* per_call_scratch,
+                         cudaStream_t stream) {
+  const size_t bytes = SplitScratchBytes(a.M, a.N, l.G);
+  void* scratch = plan.stream_scratch ? StreamScratch(stream, bytes) : nullptr;
+  if (scratch == nullptr) {
+    scratch = per_call_scratch;
+    cudaError_t err = cudaMemsetAsync(scratch, 0, bytes, stream);
+    if (err != cudaSuccess) return err;
+  }
+  const GemvConfig& c = plan.gemv;
+  const int64_t tn = 32 * c.seg * cuda::Traits<T>::kVec, per_block = (int64_t)c.warps * 32 * std::max(1, c.chunks);
+  const int64_t blocks = ((a.N + tn - 1) / tn + l.G - 1) * std::max<int64_t>(1, (a.K + per_block - 1) / per_block);
+  const bool pooled = c.pooled == 1 || (c.pooled == -1 && blocks < 3 * (int64_t)CurrentSms());
+  return DispatchGemv<T, MR>(c, pooled, a, l, dm, scratch, stream);
+}
+
+template <typename T>
+cudaError_t Decode(const CudaArgs& a, const CudaPlan& plan, const Layout& l, const cuda::DeviceMask& dm, void* scratch, cudaStream_t stream) {
+  if (a.M == 1) return LaunchDecode<T, 1>(a, plan, l, dm, scratch, stream);
+  if (a.M == 2) return LaunchDecode<T, 2>(a, plan, l, dm, scratch, stream);
+  if (a.M <= 4) return LaunchDecode<T, 4>(a, plan, l, dm, scratch, stream);
+  return LaunchDecode<T, 8>(a, plan, l, dm, scratch, stream);
+}
+
+// ---- prefill ------------------------------------------------------------------------------------
+/// Bytes of the prefill workspace: the masked copy of X ([M, K], at most float32; one member at a time,
+/// reused in stream order) and the "Y is not finite" flag.
+size_t PrefillBytes(int64_t M, int64_t K) { return (size_t)((M * K * 4 + 255) / 256 * 256) + cuda::kTcFlagBytes; }
+
+std::string Err(const char* what, cudaError_t err) { return err == cudaSuccess ? "" : std::string(what) + ": " + cudaGetErrorString(err); }
+
+/// Prefill GEMM. First choice, per member: X masked into the workspace, a cuBLAS GEMM (tensor cores) into
+/// its column slice; then the exact kernel guarded by a scan of Y for Inf/NaN (common/cuda/mask_rows.cuh).
+/// Otherwise, float16 with aligned operands: the tensor-core kernel, then the exact kernel guarded by its
+/// "W has Inf/NaN" flag. Otherwise (float32, unaligned pointers, K or N not a multiple of 8): the exact
+/// kernel alone.
+template <typename T>
+std::string Prefill(const CudaArgs& a, const CudaPlan& plan, const Layout& l, const cuda::DeviceMask& dm, char* scratch, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* w = static_cast<const T*>(a.w);
+  T* y = static_cast<T*>(a.y);
+  if ((a.M + cuda::kBM - 1) / cuda::kBM > 65535) return "too many rows for the GEMM grid (M > 4194240)";
+  unsigned* nonfinite = nullptr;
+  cublasHandle_t handle = plan.use_cublas && a.K > 0 ? CublasHandle(stream) : nullptr;
+  std::string err;
+  if (handle != nullptr) {
+    T* xm = reinterpret_cast<T*>(scratch);
+    unsigned* flag = reinterpret_cast<unsigned*>(scratch + PrefillBytes(a.M, a.K) - cuda::kTcFlagBytes);
+    for (int g = 0; g < l.G && err.empty(); ++g) {
+      err = Err("prefill mask kernel", cuda::LaunchMaskRows<T>(x, xm, a.M, a.K, dm, g, flag, stream));
+      if (err.empty()) err = CublasGemm(handle, std::is_same<T, __half>::value, xm, w + l.begin[g], y + l.begin[g], a.M, a.K, l.end[g] - l.begin[g], a.N);
+    }
+    if (err.empty()) err = Err("prefill Inf/NaN scan", cuda::LaunchFlagNonFinite<T>(y, a.M * a.N, flag, stream));
+    if (!err.empty()) return err;
+    nonfinite = flag;
+  }
+  if constexpr (std::is_same<T, __half>::value) {
+    bool eligible = handle == nullptr;
+    for (int g = 0; g < l.G; ++g) eligible = eligible && cuda::TcGemmEligible(x, w + l.begin[g], y + l.begin[g], a.K, l.end[g] - l.begin[g], a.N);
+    if (eligible) {
+      nonfinite = reinterpret_cast<unsigned*>(scratch);  // cuda::kTcFlagBytes of the workspace
+      err = Err("masked GEMM flag", cudaMemsetAsync(nonfinite, 0, sizeof(unsigned), stream));
+      for (int g = 0; g < l.G && err.empty(); ++g)
+        err = Err("masked GEMM tensor-core kernel", cuda::LaunchMaskedGemmTc(x, w + l.begin[g], y + l.begin[g], a.M, a.K, l.end[g] - l.begin[g],
+                                                                             a.N, dm, g, nonfinite, stream));
+      if (!err.empty()) return err;
+    }
+  }
+  for (int g = 0; g < l.G; ++g) {  // exact kernel: always (no cuBLAS, not eligible) or armed by the flag
+    const int64_t n = l.end[g] - l.begin[g];
+    const dim3 grid((unsigned)((n + cuda::kBN - 1) / cuda::kBN), (unsigned)((a.M + cuda::kBM - 1) / cuda::kBM));
+    cuda::MaskedGemmKernel<T><<<grid, cuda::kGemmThreads, 0, stream>>>(x, w + l.begin[g], y + l.begin[g], (int)a.M, (int)a.K, (int)n, (int)a.N,
+                                                                      dm, g, nonfinite);
+    err = Err("masked GEMM kernel", cudaGetLastError());
+    if (!err.empty()) return err;
+  }
+  return "";
+}
+
+template <typename T>
+std::string Run(const CudaArgs& a, const CudaPlan& plan) {
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  if (a.M == 0 || a.N == 0) return "";
+  if (a.K > (int64_t)INT32_MAX || a.N > (int64_t)INT32_MAX || a.M > (int64_t)INT32_MAX / 2)
+    return "problem too large for 32-bit indexing (M, K, N must each be < 2^31)";
+  if (a.G < 1 || a.G > kMaxMembers) return "member count out of range";
+  const Layout l = MakeLayout(a);
+  char* scratch = static_cast<char*>(a.workspace);
+  const uint2* sel = nullptr;
+  if (a.mode == Mode::kTopK) {
+    cuda::SelectParams p;
+    p.K = (int)a.K;
+    p.members = l.G;
+    for (int g = 0; g < l.G; ++g) p.k[g] = (int)a.k[g];
+    p.scale = a.scale;
+    p.scale_stride = a.scale_rows > 1 ? a.K : 0;
+    uint2* out = reinterpret_cast<uint2*>(scratch);
+    const std::string err = Err("top-k selection kernel", cuda::LaunchTopKSelect<T>(static_cast<const T*>(a.x), a.M, p, out, stream));
+    if (!err.empty()) return err;
+    sel = out;
+    scratch += SelectBytes(a, l);
+  }
+  const cuda::DeviceMask dm = MakeMask(std::is_same<T, __half>::value, a, l, sel);
+  if (a.M <= 8) {
+    const cudaError_t err = Decode<T>(a, plan, l, dm, scratch, stream);
+    if (err == cudaErrorInvalidValue) return "sparse GEMV: this GemvConfig is not compiled for this type and row count";
+    return Err("sparse GEMV kernel", err);
+  }
+  return Prefill<T>(a, plan, l, dm, scratch, stream);
+}
+
+}  // namespace
+
+size_t CudaWorkspaceBytes(const CudaArgs& a) {
+  const Layout l = MakeLayout(a);
+  // decode: room for the split-K scratch in case the per-stream one cannot be used (during capture);
+  // prefill: the masked copy of X for cuBLAS and a flag (the tensor-core path uses the first kTcFlagBytes as its flag)
+  return SelectBytes(a, l) + (a.M >= 1 && a.M <= 8 ? SplitScratchBytes(a.M, a.N, l.G) : 0) + (a.M > 8 ? PrefillBytes(a.M, a.K) : 0);
+}
+
+CudaPlan DefaultPlan(bool half, const CudaArgs& a) {
+  CudaPlan plan;
+  const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the op's own GEMM kernels (read per call, for tests)
+  plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
+  if (half && a.M == 1) plan.gemv = LookupGemvConfig(CurrentSms(), a.K, a.N);
+  return plan;
+}
+
+std::string SparseMatMulCuda(bool half, const CudaArgs& args, const CudaPlan& plan) {
+  return half ? Run<__half>(args, plan) : Run<float>(args, plan);
+}
+
+}  // namespace acttail

@@ -1,0 +1,106 @@
+// Standalone CUDA entry points of SparseMatMulNBits for benchmarks/kernel_bench_nbits.py (ctypes), built into
+// libacttail_bench.so next to csrc/bench/harness.cu (`ACTTAIL_BENCH=1 bash scripts/build_ops.sh`), from the same
+// cuda.cu as the op, outside ONNX Runtime, so that calls can be captured in CUDA graphs and run under
+// compute-sanitizer. The variant switches (forced decode parameters, per-call scratch, no cuBLAS) live here.
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <string>
+
+#include "sparse_matmul_nbits/op.h"
+
+namespace {
+
+int Report(const std::string& err, char* buf, int len) {
+  if (err.empty()) return 0;
+  if (buf != nullptr && len > 0) {
+    std::strncpy(buf, err.c_str(), (size_t)len - 1);
+    buf[len - 1] = '\0';
+  }
+  return 1;
+}
+
+/// One call as the op would make it (ctypes mirror: benchmarks/kernel_bench_nbits.py NBitsCall).
+struct NBitsCall {
+  int half;
+  const void* x;
+  const unsigned char* q;
+  const void* scales;
+  const void* offsets;
+  const float* thresholds;
+  long long threshold_count;
+  const float* scale;
+  long long scale_rows;
+  void* y;
+  void* workspace;
+  void* stream;
+  long long M, K, N, B;
+  int topk;
+  float ramp;
+  int G;
+  const long long* ends;  // G cumulative column ends (null: one member)
+  const long long* ks;    // G values (topk)
+};
+
+/// The variant of one call: 0 = the op's plan; otherwise the given fields override it.
+struct NBitsVariant {
+  int cols_per_lane;   // 0: the op's choice
+  int blocks_per_sm;   // 0: the op's choice
+  int use_cublas;      // -1: the op's choice (cuBLAS unless ACTTAIL_CUBLAS=0), 0 / 1: force
+  int stream_scratch;  // -1: the op's choice (per-stream scratch), 0: per-call scratch zeroed with a memset
+};
+
+void ToProblem(const NBitsCall& c, acttail::nbits::Problem& p, acttail::nbits::CudaArgs& a) {
+  p.M = c.M;
+  p.K = c.K;
+  p.N = c.N;
+  p.B = c.B;
+  p.blocks = (c.K + c.B - 1) / c.B;
+  p.threshold_count = c.topk ? 0 : c.threshold_count;
+  p.scale_rows = c.scale != nullptr ? c.scale_rows : 0;
+  const int G = c.G < 1 ? 1 : c.G;
+  long long prev = 0;
+  for (int g = 0; g < G; ++g) {
+    p.spans.begin.push_back(prev);
+    p.spans.end.push_back(c.ends != nullptr ? c.ends[g] : c.N);
+    prev = p.spans.end.back();
+    a.ks.push_back(c.ks != nullptr ? c.ks[g] : 0);
+  }
+  a.x = c.x;
+  a.q = c.q;
+  a.scales = c.scales;
+  a.offsets = c.offsets;
+  a.thresholds = c.topk ? nullptr : c.thresholds;
+  a.scale = c.scale;
+  a.y = c.y;
+  a.workspace = c.workspace;
+  a.stream = c.stream;
+  a.mode = c.topk ? acttail::Mode::kTopK : acttail::Mode::kThreshold;
+  a.ramp = c.ramp;
+}
+
+}  // namespace
+
+/// Device workspace the op would allocate for this call (bytes).
+extern "C" __attribute__((visibility("default"))) long long acttail_nbits_bench_workspace_bytes(const NBitsCall* call) {
+  acttail::nbits::Problem p;
+  acttail::nbits::CudaArgs a;
+  ToProblem(*call, p, a);
+  return (long long)acttail::nbits::CudaWorkspaceBytes(p, a, call->half != 0);
+}
+
+/// The op's CUDA path with an optional variant (null: the op's own plan).
+extern "C" __attribute__((visibility("default"))) int acttail_nbits_bench_run(const NBitsCall* call, const NBitsVariant* variant, char* err,
+                                                                             int err_len) {
+  acttail::nbits::Problem p;
+  acttail::nbits::CudaArgs a;
+  ToProblem(*call, p, a);
+  acttail::nbits::CudaPlan plan = acttail::nbits::DefaultPlan(p, call->half != 0);
+  if (variant != nullptr) {
+    if (variant->cols_per_lane != 0) plan.decode.cols_per_lane = variant->cols_per_lane;
+    if (variant->blocks_per_sm != 0) plan.decode.blocks_per_sm = variant->blocks_per_sm;
+    if (variant->use_cublas >= 0) plan.use_cublas = variant->use_cublas != 0;
+    if (variant->stream_scratch >= 0) plan.stream_scratch = variant->stream_scratch != 0;
+  }
+  return Report(acttail::nbits::CudaRun(call->half != 0, p, a, plan), err, err_len);
+}

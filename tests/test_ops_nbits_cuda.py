@@ -1,0 +1,264 @@
+"""com.acttail::SparseMatMulNBits on the CUDA execution provider: the CPU suite's properties, on CUDA.
+
+Skipped cleanly unless onnxruntime-gpu is installed and a CUDA device is usable (``ops.cuda_available``).
+``ACTTAIL_CUDA_CASES`` sets the number of random cases (default 300). The decode-variant test also needs the
+benchmark harness (``ACTTAIL_BENCH=1 bash scripts/build_ops.sh``; ``ACTTAIL_BENCH_LIB`` points at it) and torch
+with CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from test_ops_nbits import (
+    CPU_SETTINGS,
+    Case,
+    assert_matches,
+    cached_session,
+    cases,
+    llm_case,
+    make_model,
+    make_session,
+    random_weights,
+    run_case,
+)
+
+from acttail_export import ops
+
+CUDA = "CUDAExecutionProvider"
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not ops.cuda_available(), reason="needs onnxruntime-gpu and a usable CUDA device"),
+]
+N_CASES = int(os.environ.get("ACTTAIL_CUDA_CASES", "300"))
+
+
+@settings(CPU_SETTINGS, max_examples=N_CASES)
+@given(cases())
+def test_random_cases_match_reference_cuda(case):
+    assert_matches(run_case(case, CUDA), case)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("K,N,block", [(4096, 4096, 32), (4096, 11008, 32), (11008, 4096, 128), (300, 257, 16), (4100, 2100, 64)])
+def test_decode_llm_shapes(K, N, block, m, mode):
+    """The stream-K GEMV for 1-8 rows: vector loads (N % 32 == 0), the byte path (odd N, K % B != 0), ranges that
+    start and end inside a quant block and span two tiles."""
+    case = llm_case(np.random.default_rng(K + N + m), m, K, N, block, np.float16, mode)
+    assert_matches(run_case(case, CUDA), case)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("m", [1, 4, 40])
+def test_packed_members_cuda(dtype, m):
+    """Members whose boundaries fall inside a lane's window (shared windows), per-member thresholds and scales, ks
+    per member with a ramp, decode and prefill."""
+    rng = np.random.default_rng(m)
+    K, N, segments = 1000, 2100, [1000, 1500, 2100]
+    x = rng.standard_normal((m, K)).astype(dtype)
+    q, scales, offsets = random_weights(rng, K, N, 32, dtype)
+    scale = rng.uniform(0.5, 2.0, (3, K)).astype(np.float32)
+    for case in (Case(x, q, scales, offsets, 32, "threshold", segments, None, np.array([0.3, 0.9, 1.5], np.float32), scale),
+                 Case(x, q, scales, offsets, 32, "topk", segments, [100, 400, 900], None, None, ramp=0.5),
+                 Case(x, q, scales, offsets, 32, "topk", segments, [300, 300, 300], None, scale[0])):
+        assert_matches(run_case(case, CUDA), case)
+
+
+@pytest.fixture(params=["cublas", "exact"])
+def prefill_path(request, monkeypatch):
+    """Runs a prefill test on both paths (the op reads ACTTAIL_CUBLAS at every call)."""
+    if request.param == "exact":
+        monkeypatch.setenv("ACTTAIL_CUBLAS", "0")
+    else:
+        monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m,K,N,block", [(9, 4096, 1024, 32), (64, 1024, 4096, 128), (512, 1024, 512, 32), (33, 1001, 257, 16)])
+def test_prefill(dtype, mode, m, K, N, block, prefill_path):
+    """M > 8: mask + dequantize + cuBLAS (vectorized and scalar preparation), or the exact kernel alone."""
+    case = llm_case(np.random.default_rng(m + K + N), m, K, N, block, dtype, mode)
+    case.x[::5, ::11] = 0
+    assert_matches(run_case(case, CUDA), case)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m", [1, 5, 40, 300])
+def test_skipped_blocks_never_reach_y_cuda(mode, m, prefill_path):
+    """Inf/NaN scales of a block no row keeps: decode skips it; prefill's dequantized W holds Inf/NaN, which arms the
+    exact kernel after cuBLAS. One row keeping a channel there: only that row becomes non-finite."""
+    rng = np.random.default_rng(m)
+    K, N, B = 256, 96, 32
+    x = rng.standard_normal((m, K)).astype(np.float16)
+    x[:, 32:64] = 0.0
+    q, scales, offsets = random_weights(rng, K, N, B, np.float16)
+    scales[1, ::2], scales[1, 1::2], offsets[1, ::3] = np.inf, np.nan, -np.inf
+    case = Case(x, q, scales, offsets, B, mode, None, [100] if mode == "topk" else None,
+                np.array(0.3, np.float32) if mode == "threshold" else None)
+    y = run_case(case, CUDA)
+    assert np.isfinite(y).all()
+    assert_matches(y, case)
+    x[0, 40] = 4.0
+    y = run_case(case, CUDA)
+    assert not np.isfinite(y[0]).any() and np.isfinite(y[1:]).all()
+    assert_matches(y, case)
+    y2 = run_case(case, CUDA)  # the exact kernel reset its flag: a second call gives the same result
+    np.testing.assert_array_equal(np.isfinite(y2), np.isfinite(y))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_semantics_cuda(dtype):
+    K = N = 8
+    q = np.eye(K, dtype=np.uint8)
+    ones, zeros = np.ones((1, N), dtype), np.zeros((1, N), dtype)
+    x = np.array([[0.5, -0.5, 0.75, np.nan, -2.0, 0.0, 1.0, 0.25]], dtype)
+    thr = Case(x, q, ones, zeros, 16, "threshold", thresholds=np.array(0.5, np.float32))
+    np.testing.assert_array_equal(run_case(thr, CUDA), np.array([[0, 0, 0.75, 0, -2.0, 0, 1.0, 0]], dtype))
+    topk = Case(x, q, ones, zeros, 16, "topk", ks=[8])
+    np.testing.assert_array_equal(run_case(topk, CUDA), np.nan_to_num(x, nan=0.0))
+    topk.x = np.ones((1, K), dtype)
+    topk.ks = [3]
+    np.testing.assert_array_equal(run_case(topk, CUDA), np.array([[1, 1, 1, 0, 0, 0, 0, 0]], dtype))
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_fp16_accumulates_in_fp32_cuda(m, prefill_path):
+    K = 4097
+    nb = (K + 31) // 32
+    case = Case(np.ones((m, K), np.float16), np.ones((K, 64), np.uint8), np.ones((nb, 64), np.float16), np.zeros((nb, 64), np.float16),
+                32, "threshold", thresholds=np.array(0.0, np.float32))
+    assert (run_case(case, CUDA) == 4096.0).all()
+
+
+def test_zero_sizes_cuda():
+    rng = np.random.default_rng(0)
+    q, scales, offsets = random_weights(rng, 20, 6, 16, np.float16)
+    assert run_case(Case(np.zeros((0, 20), np.float16), q, scales, offsets, 16, "topk", ks=[3]), CUDA).shape == (0, 6)
+    q0, s0, o0 = random_weights(rng, 0, 6, 16, np.float16)
+    y = run_case(Case(np.zeros((3, 0), np.float16), q0, s0, o0, 16, "topk", ks=[0]), CUDA)
+    assert y.shape == (3, 6) and not y.any()
+
+
+def test_scratch_left_zero_across_calls_and_shapes():
+    """Repeats of one call agree to one float16 ulp (atomics reorder the sums) in between calls of other shapes that
+    share and grow the per-stream scratch; a scratch left non-zero would add a whole earlier output."""
+    rng = np.random.default_rng(7)
+    first = llm_case(rng, 1, 4096, 4096, 32, np.float16, "threshold")
+    sess = cached_session(CUDA, first.key())
+    outputs = []
+    for m, K, N in [(1, 4096, 4096), (3, 4096, 11008), (8, 1024, 30016), (2, 64, 96)]:
+        other = llm_case(rng, m, K, N, 32, np.float16, "threshold")
+        other.thresholds = first.thresholds
+        assert_matches(cached_session(CUDA, other.key()).run(None, other.feeds())[0], other)
+        outputs.append(sess.run(None, first.feeds())[0])
+    assert_matches(outputs[0], first)
+    ulp = np.spacing(np.abs(outputs[0])).astype(np.float32)
+    for y in outputs[1:]:
+        assert (np.abs(y.astype(np.float32) - outputs[0].astype(np.float32)) <= ulp).all()
+
+
+def test_concurrent_sessions_on_their_own_streams():
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            rng = np.random.default_rng(seed)
+            for i in range(6):
+                case = llm_case(rng, 1 + (seed + i) % 3, 2048 + 256 * seed, 1024 + 512 * i, 32, np.float16, "threshold")
+                sess = make_session(make_model(np.float16, case.K, case.N, 32, "threshold"), CUDA)
+                assert_matches(sess.run(None, case.feeds())[0], case)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_graph_replay_with_new_inputs(mode, m):
+    """enable_cuda_graph: ORT captures the node once and replays it; outputs follow the bound inputs."""
+    import onnxruntime as ort
+
+    K, N = 4096, 4096
+    rng = np.random.default_rng(11)
+    case = llm_case(rng, m, K, N, 32, np.float16, mode)
+    sess = make_session(make_model(np.float16, K, N, 32, mode, k=case.ks[0] if mode == "topk" else None,
+                                   thresholds=mode == "threshold"), CUDA, provider_options={"enable_cuda_graph": "1"})
+    values = {name: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for name, v in case.feeds().items()}
+    y = ort.OrtValue.ortvalue_from_shape_and_type([m, N], np.float16, "cuda", 0)
+    binding = sess.io_binding()
+    for name, v in values.items():
+        binding.bind_ortvalue_input(name, v)
+    binding.bind_ortvalue_output("Y", y)
+    for _ in range(5):
+        case.x = rng.standard_normal((m, K)).astype(np.float16)
+        values["X"].update_inplace(case.x)
+        sess.run_with_iobinding(binding)
+        assert_matches(y.numpy(), case)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("m", [1, 12])
+def test_node_runs_on_cuda_provider(dtype, m, tmp_path):
+    """ORT's profile shows the SparseMatMulNBits node executed by the CUDA execution provider."""
+    import onnxruntime as ort
+
+    case = llm_case(np.random.default_rng(m), m, 64, 48, 16, dtype, "threshold")
+    options = ops.session_options()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "prof")
+    sess = ort.InferenceSession(make_model(dtype, 64, 48, 16, "threshold"), options, providers=[CUDA, "CPUExecutionProvider"])
+    assert_matches(sess.run(None, case.feeds())[0], case)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "SparseMatMulNBits"]
+    assert nodes, "no SparseMatMulNBits node event in the profile"
+    assert {e["args"]["provider"] for e in nodes} == {CUDA}
+
+
+def test_errors_cuda():
+    with pytest.raises(Exception, match=r"attribute k=21 exceeds K=20"):
+        make_session(make_model(np.float16, 20, 6, 16, "topk", k=21, thresholds=False), CUDA)
+    rng = np.random.default_rng(1)
+    case = llm_case(rng, 2, 20, 6, 16, np.float16, "threshold")
+    with pytest.raises(Exception, match=r"scales must be \[2, 6\]"):
+        cached_session(CUDA, case.key()).run(None, case.feeds() | {"scales": case.scales[:1]})
+
+
+# ---- the decode variants the per-shape table chooses between, through the benchmark harness ----------------
+def _harness():
+    lib = os.environ.get("ACTTAIL_BENCH_LIB")
+    if not lib or not Path(lib).is_file():
+        pytest.skip("set ACTTAIL_BENCH_LIB to libacttail_bench.so (ACTTAIL_BENCH=1 bash scripts/build_ops.sh)")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from kernel_bench_nbits import Harness
+
+    return Harness(lib)
+
+
+@pytest.mark.parametrize("cols_per_lane,blocks_per_sm,stream_scratch", [(16, 1, 1), (16, 2, 0), (16, 4, 1), (32, 1, 1), (32, 2, 0)])
+@pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 11008), (11008, 4096), (4160, 1056)])
+def test_decode_variants_match(cols_per_lane, blocks_per_sm, stream_scratch, K, N):
+    harness = _harness()
+    for mode in ("threshold", "topk"):
+        case = llm_case(np.random.default_rng(K + N), 1, K, N, 32, np.float16, mode)
+        y = harness.run_case(case, variant=(cols_per_lane, blocks_per_sm, -1, stream_scratch))
+        assert_matches(y, case)
