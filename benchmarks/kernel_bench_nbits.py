@@ -66,7 +66,7 @@ class NBitsVariant(ctypes.Structure):
     """Mirror of NBitsVariant: 0 / -1 fields keep the op's own choice."""
 
     _fields_ = [("cols_per_lane", ctypes.c_int), ("blocks_per_sm", ctypes.c_int), ("use_cublas", ctypes.c_int),
-                ("stream_scratch", ctypes.c_int)]
+                ("stream_scratch", ctypes.c_int), ("prefetch", ctypes.c_int)]
 
 
 class Harness:
@@ -112,11 +112,12 @@ class Harness:
         n = max(int(self.lib.acttail_nbits_bench_workspace_bytes(ctypes.byref(call))), 16)
         return torch.empty((n + 15) // 16 * 16, dtype=torch.uint8, device="cuda")
 
-    def run(self, call: NBitsCall, variant: tuple[int, int, int, int] | None = None) -> None:
+    def run(self, call: NBitsCall, variant: tuple[int, ...] | None = None) -> None:
+        """Run one call; variant = (cols_per_lane, blocks_per_sm, use_cublas, stream_scratch[, prefetch]) (0 / -1: the op's)."""
         import torch
 
         call.stream = torch.cuda.current_stream().cuda_stream
-        v = NBitsVariant(*variant) if variant is not None else None
+        v = NBitsVariant(*(tuple(variant) + (-1,) * (5 - len(variant)))) if variant is not None else None
         if self.lib.acttail_nbits_bench_run(ctypes.byref(call), ctypes.byref(v) if v is not None else None, self.err, 512):
             raise RuntimeError(self.err.value.decode())
 
@@ -424,15 +425,14 @@ def sweep(h: Harness, args) -> list[dict]:
             work = h.workspace(mk[0])
             for c in mk:
                 c.workspace = work.data_ptr()
-            for cpl in (16, 32):
-                for bps in (1, 2, 3, 4, 6, 8):
-                    v = (cpl, bps, -1, -1)
-                    calls = [lambda c=c, v=v: h.run(c, v) for c in mk] * max(1, 48 // copies)
-                    g_us, k_us, _ = time_graph(calls, args.reps)
-                    rows.append({"K": K, "N": N, "M": 1, "sparsity": s, "cols_per_lane": cpl, "blocks_per_sm": bps, "graph_us": g_us,
-                                 "kernel_us": k_us, "effective_tb_s": ref_bytes / k_us / 1e6})
-                    logger.info("sweep %dx%d s=%.1f cpl=%d bps=%d: kernels %.2f us, graph %.2f us (%.2f TB/s)", K, N, s, cpl, bps, k_us, g_us,
-                                rows[-1]["effective_tb_s"])
+            for cpl, bps, pre in ((c, b, p) for c in (16, 32) for b in (1, 2, 3, 4) for p in (0, 1)):
+                v = (cpl, bps, -1, -1, pre)
+                calls = [lambda c=c, v=v: h.run(c, v) for c in mk] * max(1, 48 // copies)
+                g_us, k_us, _ = time_graph(calls, args.reps)
+                rows.append({"K": K, "N": N, "M": 1, "sparsity": s, "cols_per_lane": cpl, "blocks_per_sm": bps, "prefetch": pre,
+                             "graph_us": g_us, "kernel_us": k_us, "effective_tb_s": ref_bytes / k_us / 1e6})
+                logger.info("sweep %dx%d s=%.1f cpl=%d bps=%d prefetch=%d: kernels %.2f us, graph %.2f us (%.2f TB/s)", K, N, s, cpl, bps, pre,
+                            k_us, g_us, rows[-1]["effective_tb_s"])
         del ws
         torch.cuda.empty_cache()
     return rows
@@ -450,7 +450,7 @@ def check(h: Harness) -> int:
     for dtype in (np.float16, np.float32):
         for mode in ("threshold", "topk"):
             for m, K, N, B in ((1, 1024, 512, 32), (1, 1000, 257, 16), (3, 512, 1024, 64), (8, 300, 100, 128), (12, 256, 96, 32)):
-                for variant in ((0, 0, -1, -1), (32, 1, -1, 0), (16, 4, 0, -1)):
+                for variant in ((0, 0, -1, -1, -1), (32, 1, -1, 0, 1), (16, 4, 0, -1, 0), (16, 2, 1, 1, 1)):
                     case = llm_case(rng, m, K, N, B, dtype, mode)
                     assert_matches(h.run_case(case, variant), case)
                     n += 1
@@ -472,10 +472,19 @@ def markdown_tables(result: dict) -> str:
     out = [(f"GPU {env['gpu']}, driver {env.get('driver', '?')}, torch {env['torch']}, onnxruntime {env.get('onnxruntime', '-')}, "
             f"device copy {env['copy_tb_s']:.2f} TB/s (read + write)"), ""]
     if rows and "cols_per_lane" in rows[0]:
-        out += ["| K→N | sparsity | cols/lane | blocks/SM | kernel µs | graph µs | effective TB/s |", "|---|---|---|---|---|---|---|"]
+        out += ["| K→N | sparsity | cols/lane | blocks/SM | L2 prefetch | kernel µs | graph µs | effective TB/s |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r['cols_per_lane']} | {r['blocks_per_sm']} | {r['kernel_us']:.2f} | "
-                       f"{r['graph_us']:.2f} | {r['effective_tb_s']:.2f} |")
+            out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r['cols_per_lane']} | {r['blocks_per_sm']} | {r.get('prefetch', 0)} | "
+                       f"{r['kernel_us']:.2f} | {r['graph_us']:.2f} | {r['effective_tb_s']:.2f} |")
+        best: dict = {}
+        for r in rows:
+            key = (r["K"], r["N"])
+            best.setdefault(key, {}).setdefault((r["cols_per_lane"], r["blocks_per_sm"], r.get("prefetch", 0)), []).append(r["kernel_us"])
+        out += ["", "| K→N | best (cols/lane, blocks/SM, prefetch) by the sum over the sparsities | µs at 0 / 50 / 90 % |", "|---|---|---|"]
+        for key, variants in best.items():
+            v, t = min(variants.items(), key=lambda kv: sum(kv[1]))
+            out.append(f"| {key[0]}→{key[1]} | {v} | {' / '.join(f'{u:.2f}' for u in t)} |")
         return "\n".join(out)
     for M in sorted({r["M"] for r in rows}):
         sp = [s for s in SPARSITIES if any(r["sparsity"] == s and r["M"] == M and r["method"].startswith("nbits_graph") for r in rows)]

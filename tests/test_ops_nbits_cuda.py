@@ -254,11 +254,13 @@ def _harness():
     return Harness(lib)
 
 
-@pytest.mark.parametrize("cols_per_lane,blocks_per_sm,stream_scratch", [(16, 1, 1), (16, 2, 0), (16, 4, 1), (32, 1, 1), (32, 2, 0)])
+@pytest.mark.parametrize("cols_per_lane,blocks_per_sm,stream_scratch,prefetch",
+                         [(16, 1, 1, 0), (16, 2, 0, 1), (16, 4, 1, 1), (32, 1, 1, 1), (32, 2, 0, 0)])
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 11008), (11008, 4096), (4160, 1056)])
-def test_decode_variants_match(cols_per_lane, blocks_per_sm, stream_scratch, K, N):
+def test_decode_variants_match(cols_per_lane, blocks_per_sm, stream_scratch, prefetch, K, N):
+    """Every decode configuration the per-shape table may pick (columns per lane, grid, L2 prefetch, scratch)."""
     harness = _harness()
     for mode in ("threshold", "topk"):
         case = llm_case(np.random.default_rng(K + N), 1, K, N, 32, np.float16, mode)
-        y = harness.run_case(case, variant=(cols_per_lane, blocks_per_sm, -1, stream_scratch))
+        y = harness.run_case(case, variant=(cols_per_lane, blocks_per_sm, -1, stream_scratch, prefetch))
         assert_matches(y, case)

@@ -172,16 +172,17 @@ KernelShape DecodeShape(int64_t M, bool half, int cols_per_lane) {
 }
 
 /// Decode parameters per shape: (K, N) -> columns per lane and blocks per SM for one float16 row (H200; see
-/// csrc/sparse_matmul_nbits/README.md); other shapes and row counts: 16 columns per lane, 3 blocks per SM.
+/// csrc/sparse_matmul_nbits/README.md); other shapes and row counts: 16 columns per lane, 3 blocks per SM (capped
+/// by occupancy), no L2 prefetch.
 DecodeConfig ChooseDecode(const Problem& p, bool half) {
   struct Entry {
     int64_t K, N;
     DecodeConfig c;
   };
   static const Entry kTable[] = {
-      {4096, 4096, {16, 3}}, {4096, 11008, {16, 3}}, {11008, 4096, {16, 3}}, {4096, 14336, {16, 3}}, {14336, 4096, {16, 3}},
+      {4096, 4096, {16, 3, 0}}, {4096, 11008, {16, 3, 0}}, {11008, 4096, {16, 3, 0}}, {4096, 14336, {16, 3, 0}}, {14336, 4096, {16, 3, 0}},
   };
-  DecodeConfig c{16, 3};
+  DecodeConfig c{16, 3, 0};
   if (half && p.M == 1)
     for (const Entry& e : kTable)
       if (e.K == p.K && e.N == p.N) c = e.c;
@@ -298,6 +299,8 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   DecodeConfig cfg = ChooseDecode(p, half);
   if (plan.decode.cols_per_lane != 0) cfg.cols_per_lane = plan.decode.cols_per_lane;
   if (plan.decode.blocks_per_sm != 0) cfg.blocks_per_sm = plan.decode.blocks_per_sm;
+  if (plan.decode.prefetch >= 0) cfg.prefetch = plan.decode.prefetch;
+  g.prefetch = cfg.prefetch > 0;
   const KernelShape s = DecodeShape(p.M, half, cfg.cols_per_lane);
   const int tiles = Tiles(p.spans, s.cpl, &g);
   g.units = (long long)tiles * p.K;

@@ -53,6 +53,7 @@ struct GemvArgs {
   unsigned* done;        // FULL mode with run_if: zeroed arrival counter
   int row_groups;        // FULL mode: ceil(M / MR)
   int fast;              // 16-byte aligned Q / scales / offsets and N % 32 == 0: vector loads
+  int prefetch;          // 1: each warp first prefetches its whole slice of rows (and their scales) into L2
 };
 
 /// CPL/2 bytes of Q per lane and row.
@@ -162,6 +163,8 @@ struct Pool {
   int cnt[WARPS];
 };
 
+__device__ __forceinline__ void PrefetchL2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 /// One warp: the pooled rows [e0, e1) (sorted by row) into acc, quant block by quant block.
 template <typename T, int MR, int CPL, int WARPS, int U>
 __device__ __forceinline__ void StreamRows(const GemvArgs& a, const Pool<MR, WARPS>& pool, int e0, int e1, int col0, bool active, int Mb,
@@ -169,6 +172,18 @@ __device__ __forceinline__ void StreamRows(const GemvArgs& a, const Pool<MR, WAR
   const T* scales = static_cast<const T*>(a.scales);
   const T* offsets = static_cast<const T*>(a.offsets);
   const bool fast = a.fast != 0;
+  if (a.prefetch && active) {  // the DRAM requests of the whole slice at once, no registers held for them
+    int last_b = -1;
+    for (int i = e0; i < e1; ++i) {
+      const int row = pool.row[i], b = row >> a.blog2;
+      PrefetchL2(a.q + (int64_t)row * a.rowbytes + col0 / 2);
+      if (b != last_b) {
+        PrefetchL2(scales + (int64_t)b * a.N + col0);
+        PrefetchL2(offsets + (int64_t)b * a.N + col0);
+        last_b = b;
+      }
+    }
+  }
   int i = e0;
   while (i < e1) {  // warp-uniform
     const int b = pool.row[i] >> a.blog2;
