@@ -395,7 +395,7 @@ def bench_shape(h: Harness, K: int, N: int, M: int, args, library: str | None, r
                 rows.append(base | {"method": "read_floor", "sparsity": s, "graph_us": best[0], "kernel_us": best[1], "read_bytes": read,
                                     "actual_tb_s": read / best[1] / 1e6})
                 logger.info("   read floor %.1f MB: kernel %.2f us (%.2f TB/s)", read / 1e6, best[1], rows[-1]["actual_tb_s"])
-            if library is not None and not args.no_ort and mode == "threshold" and s in (0.0, 0.5, 0.9):
+            if library is not None and mode == "threshold" and s in [float(v) for v in args.ort_sparsities.split(",") if v]:
                 sess = ort_session("nbits", ws, M, library, thresholds=[thr] * copies)
                 wall, ko, pero, outs = ort_time(sess, x, copies, N, args.runs)
                 rows.append(base | {"method": "nbits_ort_threshold", "sparsity": s, "wall_us": wall, "kernel_us": ko, "kernels_us": pero,
@@ -425,7 +425,8 @@ def sweep(h: Harness, args) -> list[dict]:
             work = h.workspace(mk[0])
             for c in mk:
                 c.workspace = work.data_ptr()
-            for cpl, bps, pre in ((c, b, p) for c in (16, 32) for b in (1, 2, 3, 4) for p in (0, 1)):
+            # 32 columns per lane needs ~210 registers: one block per SM, so only blocks_per_sm = 1 differs there
+            for cpl, bps, pre in [(16, b, p) for b in (1, 2, 3, 4) for p in (0, 1)] + [(32, 1, 0), (32, 1, 1)]:
                 v = (cpl, bps, -1, -1, pre)
                 calls = [lambda c=c, v=v: h.run(c, v) for c in mk] * max(1, 48 // copies)
                 g_us, k_us, _ = time_graph(calls, args.reps)
@@ -537,6 +538,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20, help="graph replays per timing trial")
     ap.add_argument("--runs", type=int, default=20, help="session runs per ORT timing")
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows (MatMulNBits, the op through ORT)")
+    ap.add_argument("--ort-sparsities", default="0,0.5,0.9", help="sparsities at which the op is also timed through ORT")
     ap.add_argument("--floor", action="store_true", help="also time a plain streaming read of the op's bytes (decode)")
     ap.add_argument("--sweep", action="store_true", help="decode parameter sweep instead (writes nbits_sweep.json)")
     ap.add_argument("--check", action="store_true", help="correctness of every CUDA path through the harness, then exit")

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# SparseMatMulNBits on the CUDA machine, from the project root, once onnxruntime-gpu is installed there
+# (benchmarks/device/README.md; `source benchmarks/device/env.sh` must work):
+#   bash csrc/sparse_matmul_nbits/device_run.sh [stage ...]      default: build test check sweep decode prefill sanitize
+# Stages (each with its own time limit; outputs and logs under ${OUT:-runs/device}/nbits/):
+#   build     op library + benchmark harness for sm_${CUDA_ARCH:-90} (build/dev), marked current for env.sh
+#   test      tests/test_ops_nbits_cuda.py (ACTTAIL_CUDA_CASES=${CASES:-200} random cases, harness variants)
+#   check     every CUDA path through the harness against numpy
+#   sweep     decode parameters per shape (columns per lane x blocks per SM x L2 prefetch) -> nbits_sweep.json
+#   decode    kernel_bench_nbits.py, 1 row: the op vs MatMulNBits vs cuBLAS fp16, read floor
+#   prefill   kernel_bench_nbits.py, 512 rows
+#   sanitize  compute-sanitizer memcheck and racecheck on `check`
+set -o pipefail
+OUT=${OUT:-runs/device}/nbits
+H=build/dev/libacttail_bench.so
+mkdir -p "$OUT"
+t0=$(date +%s)
+stages=${*:-build test check sweep decode prefill sanitize}
+py() { timeout "$1" python3 "${@:2}"; }
+if [[ " $stages " == *" build "* ]]; then
+  echo "== build"
+  ACTTAIL_BENCH=1 ACTTAIL_CUDA=1 ACTTAIL_CUDA_ARCHS=${CUDA_ARCH:-90} ACTTAIL_BUILD_DIR=build/dev \
+    ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR:-$PWD/third_party/onnxruntime/include} \
+    bash scripts/build_ops.sh > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  tail -1 "$OUT/build.log"
+  # the library of this build is current: env.sh would otherwise rebuild it (without the harness)
+  find csrc CMakeLists.txt -type f | sort | xargs cat | sha1sum | cut -c1-40 > acttail_export/lib/.csrc.sha1
+fi
+source benchmarks/device/env.sh || exit 1
+for s in $stages; do
+  echo "== $s ($(($(date +%s) - t0)) s)"
+  case $s in
+    build) ;;
+    test)
+      ACTTAIL_BENCH_LIB=$H ACTTAIL_CUDA_CASES=${CASES:-200} py 330 -m pytest -q -x -p no:cacheprovider tests/test_ops_nbits_cuda.py \
+        > "$OUT/pytest.log" 2>&1
+      tail -15 "$OUT/pytest.log" ;;
+    check) py 120 benchmarks/kernel_bench_nbits.py --harness "$H" --check 2>&1 | tail -5 ;;
+    sweep)
+      py 200 benchmarks/kernel_bench_nbits.py --harness "$H" --no-ort --sweep --out "$OUT/sweep" > "$OUT/sweep.log" 2>&1
+      tail -8 "$OUT/sweep.log" ;;
+    decode)
+      py 240 benchmarks/kernel_bench_nbits.py --harness "$H" --rows 1 --floor --ort-sparsities 0 --out "$OUT/decode" > "$OUT/decode.log" 2>&1
+      tail -14 "$OUT/decode.log" ;;
+    prefill)
+      py 240 benchmarks/kernel_bench_nbits.py --harness "$H" --rows 512 --ort-sparsities 0,0.5 --out "$OUT/prefill" > "$OUT/prefill.log" 2>&1
+      tail -10 "$OUT/prefill.log" ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 benchmarks/kernel_bench_nbits.py --harness "$H" --check \
+          > "$OUT/sanitizer_$tool.log" 2>&1
+        echo "$tool: exit $? ($(grep -c -E '^========= (Invalid|Race|Error)' "$OUT/sanitizer_$tool.log") reports)"; tail -3 "$OUT/sanitizer_$tool.log"
+      done ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
+echo "done in $(($(date +%s) - t0)) s"
