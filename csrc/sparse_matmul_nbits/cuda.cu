@@ -326,7 +326,7 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   cudaError_t err;
   void* handle = plan.use_cublas ? CublasHandle(stream) : nullptr;
   if (handle == nullptr) {
-    err = LaunchGemv<T, 8, 4, true>(g, 4, items, stream);
+    err = LaunchGemv<T, 8, 4, true>(g, 4, items, stream);  // the exact kernel does the work: 4 blocks per SM
     return err == cudaSuccess ? "" : std::string("prefill kernel: ") + cudaGetErrorString(err);
   }
   const size_t e = half ? 2 : 4;
@@ -354,7 +354,8 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   pa.flag = reinterpret_cast<unsigned*>(scratch);
   pa.fast_w = p.N % 16 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
   pa.fast_x = p.K % 8 == 0 && aligned(c.x) && aligned(xm);
-  const int64_t dq_items = p.K * ((p.N + 15) / 16), mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
+  const int64_t dq_items = (p.K + cuda::kDqRows - 1) / cuda::kDqRows * ((p.N + 15) / 16);
+  const int64_t mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
   pa.dq_blocks = (int)std::min<int64_t>((dq_items + 255) / 256, (int64_t)CurrentSms() * 16);
   const int64_t mask_blocks = std::max<int64_t>(1, std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8));
   cuda::PrefillPrepKernel<T><<<(unsigned)(pa.dq_blocks + mask_blocks), 256, 0, stream>>>(pa);
@@ -367,7 +368,7 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   }
   g.run_if = reinterpret_cast<unsigned*>(scratch);
   g.done = reinterpret_cast<unsigned*>(scratch) + 1;
-  err = LaunchGemv<T, 8, 4, true>(g, 4, items, stream);
+  err = LaunchGemv<T, 8, 4, true>(g, 1, items, stream);  // usually returns at once: one block per SM is the cheapest launch
   return err == cudaSuccess ? "" : std::string("prefill exact kernel: ") + cudaGetErrorString(err);
 }
 

@@ -96,14 +96,16 @@ Bound Bind(Ort::KernelContext& ctx, const NBitsAttributes& a) {
   const std::vector<int64_t> x = ShapeOf(b.x);
   if (x.empty()) throw InvalidArgument(where + "X must have rank >= 1 ([..., K]), got a scalar");
   if (x.back() != p.K)
-    throw InvalidArgument(where + "last dimension of X (" + std::to_string(x.back()) + ") must equal the attribute K=" + std::to_string(p.K));
+    throw InvalidArgument(where + "last dimension of X (" + std::to_string(x.back()) + ") must equal the attribute K=" +
+                          std::to_string(p.K));
   p.M = 1;
   for (size_t i = 0; i + 1 < x.size(); ++i) p.M *= x[i];
   p.y_shape.assign(x.begin(), x.end() - 1);
   p.y_shape.push_back(p.N);
   const std::vector<int64_t> want_q{p.K, (p.N + 1) / 2}, want_s{p.blocks, p.N};
   if (ShapeOf(b.q) != want_q)
-    throw InvalidArgument(where + "Q must be uint8 " + Dims(want_q) + " ([K, ceil(N/2)], two 4-bit values per byte), got " + Dims(ShapeOf(b.q)));
+    throw InvalidArgument(where + "Q must be uint8 " + Dims(want_q) + " ([K, ceil(N/2)], two 4-bit values per byte), got " +
+                          Dims(ShapeOf(b.q)));
   if (ShapeOf(b.scales) != want_s)
     throw InvalidArgument(where + "scales must be " + Dims(want_s) + " ([ceil(K/block_size), N]), got " + Dims(ShapeOf(b.scales)));
   if (ShapeOf(b.offsets) != want_s)

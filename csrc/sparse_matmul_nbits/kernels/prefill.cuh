@@ -1,6 +1,7 @@
 // Prefill preparation of SparseMatMulNBits (M > 8 rows), one launch:
-//  * blocks [0, dq_blocks): W[k, n] = fl_T(s[k/B, n] * q[k, n] + o[k/B, n]) into the workspace, 16 columns per
-//    item (8 bytes of Q, 16-byte scale / offset / output vectors when N % 16 == 0); any Inf/NaN produced sets
+//  * blocks [0, dq_blocks): W[k, n] = fl_T(s[k/B, n] * q[k, n] + o[k/B, n]) into the workspace, 8 rows x 16 columns
+//    per item (the block's scales / offsets read once for 8 rows; 8 bytes of Q and 16-byte scale / offset / output
+//    vectors per row when N % 16 == 0); any Inf/NaN produced sets
 //    *flag, which arms the exact row-skipping kernel after the GEMM (a masked x times an Inf/NaN weight
 //    would otherwise turn into NaN in cuBLAS);
 //  * the other blocks: xm[group, m, k] = kept value v (rounded to T) or 0, 8 channels per item when K % 8 == 0.
@@ -35,44 +36,67 @@ __device__ __forceinline__ bool NonFinite(T v) {
   return !isfinite(Traits<T>::ToFloat(v));
 }
 
+constexpr int kDqRows = 8;  // rows of Q per dequantization item (one quant block: B >= 16), scales loaded once
+
+/// Item (group of 8 rows, 16 columns): W[k, c0:c0+16] for the group's rows; true when a result is Inf/NaN.
 template <typename T>
 __device__ bool DequantItem(const PrepArgs& a, int64_t item) {
   const int chunks = (a.N + 15) / 16;
-  const int k = (int)(item / chunks), c0 = (int)(item % chunks) * 16;
-  const int64_t b = k >> a.blog2;
+  const int k0 = (int)(item / chunks) * kDqRows, c0 = (int)(item % chunks) * 16;
+  const int rows = min(kDqRows, a.K - k0);
+  const int64_t b = k0 >> a.blog2;
   const T* s = static_cast<const T*>(a.scales) + b * a.N + c0;
   const T* o = static_cast<const T*>(a.offsets) + b * a.N + c0;
-  T* w = static_cast<T*>(a.w) + (int64_t)k * a.N + c0;
-  const uint8_t* qrow = a.q + (int64_t)k * a.rowbytes + c0 / 2;
   bool bad = false;
   if (a.fast_w) {
     constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
-    const uint2 qb = __ldcs(reinterpret_cast<const uint2*>(qrow));
+    float sf[16], of[16];
 #pragma unroll
     for (int v = 0; v < 16 / kVec; ++v) {
       union {
         uint4 u;
         T e[kVec];
-      } sv, ov, out;
+      } sv, ov;
       sv.u = __ldg(reinterpret_cast<const uint4*>(s) + v);
       ov.u = __ldg(reinterpret_cast<const uint4*>(o) + v);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
-        const int c = v * kVec + e;
-        const uint32_t word = c < 8 ? qb.x : qb.y;
-        const float qv = (float)((word >> (4 * (c % 8))) & 15u);
-        out.e[e] = Traits<T>::FromFloat(fmaf(Traits<T>::ToFloat(sv.e[e]), qv, Traits<T>::ToFloat(ov.e[e])));
-        bad |= NonFinite(out.e[e]);
+        sf[v * kVec + e] = Traits<T>::ToFloat(sv.e[e]);
+        of[v * kVec + e] = Traits<T>::ToFloat(ov.e[e]);
       }
-      __stcs(reinterpret_cast<uint4*>(w) + v, out.u);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t k = k0 + r;
+      const uint2 qb = __ldcs(reinterpret_cast<const uint2*>(a.q + k * a.rowbytes + c0 / 2));
+      T* w = static_cast<T*>(a.w) + k * a.N + c0;
+#pragma unroll
+      for (int v = 0; v < 16 / kVec; ++v) {
+        union {
+          uint4 u;
+          T e[kVec];
+        } out;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const int c = v * kVec + e;
+          const uint32_t word = c < 8 ? qb.x : qb.y;
+          out.e[e] = Traits<T>::FromFloat(fmaf(sf[c], (float)((word >> (4 * (c % 8))) & 15u), of[c]));
+          bad |= NonFinite(out.e[e]);
+        }
+        __stcs(reinterpret_cast<uint4*>(w) + v, out.u);
+      }
     }
     return bad;
   }
-  for (int c = 0; c < 16 && c0 + c < a.N; ++c) {
-    const float qv = (float)((qrow[c / 2] >> (4 * (c % 2))) & 15u);
-    const T r = Traits<T>::FromFloat(fmaf(Traits<T>::ToFloat(s[c]), qv, Traits<T>::ToFloat(o[c])));
-    w[c] = r;
-    bad |= NonFinite(r);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t k = k0 + r;
+    const uint8_t* qrow = a.q + k * a.rowbytes + c0 / 2;
+    T* w = static_cast<T*>(a.w) + k * a.N + c0;
+    for (int c = 0; c < 16 && c0 + c < a.N; ++c) {
+      const float qv = (float)((qrow[c / 2] >> (4 * (c % 2))) & 15u);
+      const T res = Traits<T>::FromFloat(fmaf(Traits<T>::ToFloat(s[c]), qv, Traits<T>::ToFloat(o[c])));
+      w[c] = res;
+      bad |= NonFinite(res);
+    }
   }
   return bad;
 }
@@ -115,7 +139,7 @@ __device__ void MaskItem(const PrepArgs& a, int64_t item, int per) {
 template <typename T>
 __global__ void __launch_bounds__(256) PrefillPrepKernel(const PrepArgs a) {
   if ((int)blockIdx.x < a.dq_blocks) {
-    const int64_t items = (int64_t)a.K * ((a.N + 15) / 16);
+    const int64_t items = (int64_t)((a.K + kDqRows - 1) / kDqRows) * ((a.N + 15) / 16);
     bool bad = false;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < items; i += (int64_t)a.dq_blocks * blockDim.x)
       bad |= DequantItem<T>(a, i);
