@@ -226,7 +226,13 @@ cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t ma
   constexpr int kMinBlocks = CPL == 32 ? 1 : 2;
   auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, RowsInFlight(MR), FULL, kMinBlocks>;
   static const int occupancy = Occupancy(kernel);
-  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
+  int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
+  if (!FULL) {
+    // A multiple of the tile count keeps every block's range inside one tile (a block spanning two tiles runs two
+    // latency chains back to back, which sets the time at high sparsity); used when within 10 % of the target.
+    const int64_t aligned = grid / args.tiles * args.tiles;
+    if (aligned >= args.tiles && aligned * 10 >= grid * 9) grid = aligned;
+  }
   kernel<<<(unsigned)grid, kWarps * 32, 0, stream>>>(args);
   return cudaGetLastError();
 }

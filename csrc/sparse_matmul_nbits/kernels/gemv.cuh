@@ -6,10 +6,10 @@
 // columns); a *unit* is (tile, row k of Q). Split mode is stream-K: the tiles*K units are cut into
 // gridDim.x equal contiguous ranges, one per block of WARPS warps (gridDim.x = SMs x blocks per SM, so
 // every SM streams the same number of rows); a range covers rows of one or two tiles (segments).
-// A segment is processed in chunks of WARPS*32 rows:
-//   1. lane l of warp w evaluates the rule of row c0 + 32w + l for the MR rows of X (one 2-byte load of x per
-//      row), the block pools the kept rows (ballot, warp counts, shared-memory list in row order) with
-//      their values and a kept-bit per row of X;
+// A segment is processed in chunks of WARPS*32*RPL rows (RPL = 2 for one row of X, else 1):
+//   1. lane l of warp w evaluates the rule of rows c0 + (j*WARPS + w)*32 + l, j < RPL, for the MR rows of X (one
+//      2-byte load of x per row), the block pools the kept rows (ballots, warp counts, shared-memory list in row
+//      order) with their values and a kept-bit per row of X;
 //   2. warp w takes the contiguous slice [w*n/WARPS, (w+1)*n/WARPS) of the n pooled rows (every warp gets the
 //      same number of rows +-1, and about one quant block of them), and for each quant block b in its slice:
 //      loads the block's scales / offsets for its lane's CPL columns (cached loads: the block's other warps
@@ -155,12 +155,18 @@ __device__ __forceinline__ int Pick(const int (&arr)[N], int i) {
 /// Block (of the stream-K grid) holding unit u.
 __device__ __forceinline__ long long BlockOfUnit(long long u, long long units, long long grid) { return ((u + 1) * grid - 1) / units; }
 
+/// Rows of Q whose rule a lane evaluates per chunk: 2 for one row of X (a chunk of 512 rows: a typical stream-K range is
+/// one pooling phase), 1 with more rows of X (their values take the shared memory).
+template <int MR>
+constexpr int PoolRowsPerLane() { return MR == 1 ? 2 : 1; }
+
 template <int MR, int WARPS>
 struct Pool {
-  int row[WARPS * 32];
-  unsigned char km[WARPS * 32];
-  float v[MR][WARPS * 32];
-  int cnt[WARPS];
+  static constexpr int kRows = WARPS * 32 * PoolRowsPerLane<MR>();
+  int row[kRows];
+  unsigned char km[kRows];
+  float v[MR][kRows];
+  int cnt[PoolRowsPerLane<MR>() * WARPS];
 };
 
 __device__ __forceinline__ void PrefetchL2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
@@ -251,7 +257,7 @@ __device__ __forceinline__ void StreamRows(const GemvArgs& a, const Pool<MR, WAR
 template <typename T, int MR, int CPL, int WARPS, int U, bool FULL>
 __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool, float* red, unsigned* s_last, int t, int k0, int k1,
                                         int m0, int Mb) {
-  constexpr int TN = 32 * CPL, CH = WARPS * 32;
+  constexpr int TN = 32 * CPL, RPL = PoolRowsPerLane<MR>(), CH = WARPS * 32 * RPL;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int g = 0;
 #pragma unroll
@@ -268,36 +274,40 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
     for (int c = 0; c < CPL; ++c) acc[m][c] = 0.0f;
 
   for (int c0 = k0; c0 < k1; c0 += CH) {
-    const int r = c0 + warp * 32 + lane;
-    float v[MR];
-    unsigned km = 0;
-    if (r < k1) {
+    // pass j of lane l of warp w: row c0 + (j * WARPS + w) * 32 + l; the pool lists rows in order
+    float v[RPL][MR];
+    unsigned km[RPL], ballot[RPL];
+#pragma unroll
+    for (int j = 0; j < RPL; ++j) {
+      const int r = c0 + (j * WARPS + warp) * 32 + lane;
+      km[j] = 0;
 #pragma unroll
       for (int m = 0; m < MR; ++m) {
-        v[m] = 0.0f;
-        if (m < Mb) {
+        v[j][m] = 0.0f;
+        if (r < k1 && m < Mb) {
           // the rule is re-read per chunk (cached loads) rather than held in registers while rows stream
-          v[m] = MaskedValue<T>(x[(int64_t)m * a.K + r], r, LoadRule(a.dm, m0 + m, a.M, g), a.dm);
-          if (IsKeptValue(v[m])) km |= 1u << m;
+          v[j][m] = MaskedValue<T>(x[(int64_t)m * a.K + r], r, LoadRule(a.dm, m0 + m, a.M, g), a.dm);
+          if (IsKeptValue(v[j][m])) km[j] |= 1u << m;
         }
       }
+      ballot[j] = __ballot_sync(0xffffffffu, km[j] != 0);
+      if (lane == 0) pool.cnt[j * WARPS + warp] = __popc(ballot[j]);
     }
-    const unsigned ballot = __ballot_sync(0xffffffffu, km != 0);
-    if (lane == 0) pool.cnt[warp] = __popc(ballot);
     __syncthreads();
-    int before = 0, total = 0;
+    int total = 0;
 #pragma unroll
-    for (int q = 0; q < WARPS; ++q) {
-      const int n = pool.cnt[q];
-      before += q < warp ? n : 0;
-      total += n;
-    }
-    if (km != 0) {
-      const int pos = before + __popc(ballot & ((1u << lane) - 1u));
-      pool.row[pos] = r;
-      pool.km[pos] = (unsigned char)km;
+    for (int q = 0; q < RPL * WARPS; ++q) total += pool.cnt[q];
 #pragma unroll
-      for (int m = 0; m < MR; ++m) pool.v[m][pos] = ((km >> m) & 1u) ? v[m] : 0.0f;
+    for (int j = 0; j < RPL; ++j) {
+      if (km[j] != 0) {
+        int pos = __popc(ballot[j] & ((1u << lane) - 1u));
+#pragma unroll
+        for (int q = 0; q < RPL * WARPS; ++q) pos += q < j * WARPS + warp ? pool.cnt[q] : 0;
+        pool.row[pos] = c0 + (j * WARPS + warp) * 32 + lane;
+        pool.km[pos] = (unsigned char)km[j];
+#pragma unroll
+        for (int m = 0; m < MR; ++m) pool.v[m][pos] = ((km[j] >> m) & 1u) ? v[j][m] : 0.0f;
+      }
     }
     __syncthreads();
     StreamRows<T, MR, CPL, WARPS, U>(a, pool, warp * total / WARPS, (warp + 1) * total / WARPS, col0, active, Mb, acc);
