@@ -7,7 +7,11 @@ The helpers here (graph builder, expected values, comparison, case generator) ar
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -319,6 +323,29 @@ def test_multithreaded_paths(dtype, mode, m, K, N, block):
     """Decode split-K (M <= 8: up to 16 K-parts, partial sums added) and the row-block path, on 2 threads."""
     case = llm_case(np.random.default_rng(m * 7 + K), m, K, N, block, dtype, mode)
     assert_matches(run_case(case), case)
+
+
+def check_paths(seed: int = 0) -> int:
+    """Decode split-K, row blocks, members, both dtypes and modes on 2 threads; returns the number of cases."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    for dtype in (np.float32, np.float16):
+        for mode in ("threshold", "topk"):
+            for m, K, N, block in ((1, 2048, 1000, 32), (5, 300, 517, 16), (40, 301, 130, 64)):
+                case = llm_case(rng, m, K, N, block, dtype, mode, segments=[N // 3, N] if m == 5 else None)
+                assert_matches(run_case(case), case)
+                n += 1
+    return n
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_every_simd_variant_matches_reference(isa):
+    """ACTTAIL_CPU_ISA caps the kernels' instruction set (read once per process), so each variant runs here."""
+    code = "import sys; sys.path.insert(0, 'tests'); import test_ops_nbits; print(test_ops_nbits.check_paths())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "ACTTAIL_CPU_ISA": isa}, cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "12"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

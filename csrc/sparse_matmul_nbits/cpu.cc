@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/float16.h"
 #include "sparse_matmul_nbits/op.h"
 
@@ -60,7 +61,7 @@ void SelectTask(void* data, size_t task) {
 }
 
 /// Unpack columns [c0, c0 + w) of one row of Q into floats.
-inline void UnpackRow(const uint8_t* row, int64_t c0, int64_t w, float* out) {
+__attribute__((always_inline)) inline void UnpackRow(const uint8_t* row, int64_t c0, int64_t w, float* out) {
   int64_t j = 0;
   if (c0 & 1) {
     out[0] = (float)(row[c0 >> 1] >> 4);
@@ -75,10 +76,10 @@ inline void UnpackRow(const uint8_t* row, int64_t c0, int64_t w, float* out) {
   if ((w - j) & 1) out[w - 1] = (float)(b[pairs] & 15);
 }
 
-/// Task (split, chunk, row block): the block-factored accumulation over the split's quant blocks.
+/// Task (split, chunk, row block): the block-factored accumulation over the split's quant blocks. Compiled for
+/// AVX2+FMA and for baseline x86-64 (AccumulateTask picks by common/cpu_isa.h), like the dense op's hot loops.
 template <typename T>
-void AccumulateTask(void* data, size_t task) {
-  auto& j = *static_cast<Job<T>*>(data);
+__attribute__((always_inline)) inline void AccumulateImpl(Job<T>& j, size_t task) {
   const Problem& p = *j.p;
   const int64_t K = p.K, N = p.N, M = p.M, B = p.B, rb = (N + 1) / 2;
   const int64_t nc = (int64_t)j.chunks.size();
@@ -136,6 +137,20 @@ void AccumulateTask(void* data, size_t task) {
       T* yr = j.y + (r0 + r) * N + ch.c0;
       for (int64_t c = 0; c < w; ++c) FromFloat(ac[c], yr + c);
     }
+  }
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) void AccumulateAvx2(Job<T>& j, size_t task) { AccumulateImpl(j, task); }
+template <typename T>
+void AccumulateScalar(Job<T>& j, size_t task) { AccumulateImpl(j, task); }
+template <typename T>
+void AccumulateTask(void* data, size_t task) {
+  auto& j = *static_cast<Job<T>*>(data);
+  if (CpuIsa() >= Isa::kAvx2) {
+    AccumulateAvx2(j, task);
+  } else {
+    AccumulateScalar(j, task);
   }
 }
 
