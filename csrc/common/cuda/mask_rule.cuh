@@ -114,7 +114,8 @@ __device__ __forceinline__ float MaskedValue(T raw, int c, const Rule& r, const 
   }
   if (!keep) return 0.0f;
   if (dm.ramp == 0.0f) return v;
-  const float f = r.t > 0.0f ? fminf(1.0f, (s - r.t) / (dm.ramp * r.t)) : 1.0f;
+  float f = r.t > 0.0f ? (s - r.t) / (dm.ramp * r.t) : 1.0f;  // NaN when s = t = Inf, as the reference
+  f = f > 1.0f ? 1.0f : f;
   const float out = v * f;
   return out == 0.0f ? -0.0f : out;
 }
