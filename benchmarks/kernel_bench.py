@@ -210,6 +210,56 @@ class Harness:
             raise RuntimeError(self.err.value.decode())
 
 
+def reference_case(x: np.ndarray, w: np.ndarray, mode: str, threshold=None, k=None, *, ks=None, segments=None, ramp: float = 0.0,
+                   scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """(Y, bound) of :func:`acttail_export.reference.sparse_matmul`, member by member. In top-k mode channels whose
+    score is NaN, zero or negative are zeroed first: the op ranks them with key 0 and never keeps them."""
+    from acttail_export import reference as ref
+
+    K, N = w.shape
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead))
+    ends = list(segments or [N])
+    thresholds = np.resize(np.asarray(0.0 if threshold is None else threshold, np.float32).ravel(), len(ends))
+    budgets = list(ks) if ks is not None else [k] * len(ends)
+    y, bound = np.zeros((rows, N)), np.zeros((rows, N))
+    for g, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):
+        member_scale = None if scale is None else (scale if scale.ndim == 1 else scale[g])
+        if rows * K == 0:
+            continue
+        xg = x.reshape(rows, K)
+        if mode == "topk":
+            xg = np.where(ref.scores(xg, member_scale) > 0, xg, np.zeros((), x.dtype))
+        member = ref.Member(threshold=float(thresholds[g]), k=budgets[g], scale=member_scale)
+        y[:, lo:hi], bound[:, lo:hi] = ref.sparse_matmul(xg, w[:, lo:hi], mode, [member], None, ramp)
+    return y.reshape(lead + (N,)), bound.reshape(lead + (N,))
+
+
+def mismatch(y: np.ndarray, x: np.ndarray, w: np.ndarray, mode: str, threshold=None, k=None, **contract) -> str:
+    """"" when the op's output y agrees with the reference (error within 1e-5 (float32) / 2e-3 (float16) of the bound
+    sum |v||w| + |y|, Inf and NaN exactly where the rounded reference has them), else what differs."""
+    want, bound = reference_case(x, w, mode, threshold, k, **contract)
+    tol = 2e-3 if x.dtype == np.float16 else 1e-5
+    got = y.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = want.astype(x.dtype).astype(np.float64)
+        err = np.abs(got - want)
+        limit = tol * (bound + np.abs(want)) + (1e-7 if x.dtype == np.float16 else 1e-37)
+    edge = np.zeros(want.shape, bool)
+    if x.dtype == np.float16:  # the float16 overflow edge may round either way after float32 accumulation
+        edge = np.isfinite(want) & (np.abs(want) > 65504 * (1 - tol)) & (np.abs(want) < 65520 * (1 + tol))
+        if not ((np.isinf(got) & (np.sign(got) == np.sign(want))) | (err <= limit))[edge].all():
+            return "wrong value at the float16 overflow edge"
+    rest = ~edge
+    if not np.array_equal(np.isnan(got)[rest], np.isnan(rounded)[rest]):
+        return f"NaN at {np.argwhere(np.isnan(got) != np.isnan(rounded))[:3].tolist()} differs"
+    inf = rest & np.isinf(rounded)
+    if not np.array_equal(got[inf], rounded[inf]):
+        return "Inf placement differs"
+    bad = rest & np.isfinite(rounded) & ~(err <= limit)
+    return f"max error {err[bad].max():.3g} > limit at {np.argwhere(bad)[:3].tolist()}" if bad.any() else ""
+
+
 def reference(x, w, mode: str, thr: float | None, k: int):
     import torch
 
