@@ -99,7 +99,9 @@ template <typename T>
 __device__ __forceinline__ float MaskedValue(T raw, int c, const Rule& r, const DeviceMask& dm) {
   const float v = Traits<T>::ToFloat(raw);
   const float mag = fabsf(v);
-  const float s = r.scale != nullptr ? mag * __ldg(r.scale + c) : mag;
+  // a zero x is never kept whatever its scale: no scale load for it (the tensor-core kernel's zero-filled K tail
+  // passes channels c >= K)
+  const float s = r.scale != nullptr && mag != 0.0f ? mag * __ldg(r.scale + c) : mag;
   bool keep;
   if (dm.topk) {
     uint32_t key;
