@@ -184,7 +184,7 @@ def test_make_session_on_cuda_keeps_provider():
 
 
 # ---- prefill (M > 8): X masked into the workspace and cuBLAS, or (ACTTAIL_CUBLAS=0, or no libcublas) the
-# float16 tensor-core GEMM (csrc/masked_gemm_tc.cuh); both with the exact kernel as fallback for Inf/NaN ----
+# float16 tensor-core GEMM (csrc/sparse_matmul/kernels/masked_gemm_tc.cuh); both with the exact kernel as fallback for Inf/NaN ----
 @pytest.fixture(params=["cublas", "own-kernels"])
 def prefill_path(request, monkeypatch):
     """Runs a prefill test on both GEMM paths (the op reads ACTTAIL_CUBLAS at every call)."""
