@@ -1,22 +1,28 @@
 """Kernel benchmark of com.acttail::SparseMatMul on CUDA: y = mask(x) @ W, fp16, one row.
 
-LLaMA-2-7B projection shapes (4096->4096, 4096->11008, 11008->4096) at 0/50/80/90% sparsity, against
-dense cuBLAS (torch.matmul) and dense ONNX Runtime MatMul on the same inputs, in the same process.
+LLaMA-2-7B and Llama-3 / Mistral MLP projection shapes (4096->4096, 4096->11008, 11008->4096, 4096->14336,
+14336->4096) at 0/50/80/90% sparsity, against dense cuBLAS (torch.matmul) and dense ONNX Runtime MatMul on the
+same inputs, in the same process.
 
 Two timings per method, both with L2 flushed between weights (the calls rotate over several copies
 of W whose total size is well above the 60 MB L2):
   * graph_us: per-call time of a CUDA graph holding many calls, replayed (CUDA events) - includes
     the gaps between dependent kernels in a graph;
   * kernel_us: per-call sum of GPU kernel durations recorded by CUPTI (torch.profiler).
-The "harness" rows call the kernels directly from the standalone entry points (csrc/sparse_matmul_bench.cu,
-same sparse_matmul_impl.cu) so they can be captured in CUDA graphs; the "ort" rows run the op
-through ONNX Runtime's CUDA execution provider with IO binding (kernel_us from CUPTI, wall_us per run).
+The "harness" rows call the op's CUDA path directly (csrc/bench/harness.cu, built from the same sources as the
+op library: ACTTAIL_BENCH=1 bash scripts/build_ops.sh -> build/ops/libacttail_bench.so) so that calls can be
+captured in CUDA graphs; the "ort" rows run the op through ONNX Runtime's CUDA execution provider with IO
+binding (kernel_us from CUPTI, wall_us per run).
 
-Run on a CUDA machine (see docs/kernels.md for the exact command):
-    python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --out docs/results
+Run on a CUDA machine (benchmarks/device/kernel_bench.sh runs all of it):
+    python benchmarks/kernel_bench.py --harness build/ops/libacttail_bench.so --out docs/results
+Decode GEMV parameter sweep (every csrc/bench GEMV configuration per shape; writes the op's per-shape table):
+    python benchmarks/kernel_bench.py --harness build/ops/libacttail_bench.so --sweep --out runs/sweep \
+        --write-table csrc/sparse_matmul/gemv_table.h
+    python benchmarks/kernel_bench.py --from-sweep runs/sweep/kernel_bench_sweep.json --write-table csrc/sparse_matmul/gemv_table.h
 Prefill variant (M = 512 rows, mask + cuBLAS, and with --variants 0,4 also the op's own GEMM kernels, against
 cuBLAS torch.matmul on unmasked x; harness only):
-    python benchmarks/kernel_bench.py --harness build/libacttail_bench.so --no-ort --prefill --variants 0,4 --out docs/results/prefill
+    python benchmarks/kernel_bench.py --harness build/ops/libacttail_bench.so --no-ort --prefill --variants 0,4 --out docs/results/prefill
 CPU variant (fused op vs ONNX Runtime MatMul on the CPU execution provider, SmolLM2-135M shapes):
     python benchmarks/kernel_bench.py --cpu --threads 2 --reps 20 --out docs/results
 """
@@ -33,12 +39,17 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 logger = logging.getLogger("kernel_bench")
-SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096))  # LLaMA-2-7B, Llama-3 / Mistral MLP
+#: --sweep: the shapes above plus the packed q|k|v and gate|up of LLaMA-2-7B and Mistral-7B (one op, K -> all members)
+SWEEP_SHAPES = SHAPES + ((4096, 12288), (4096, 22016), (4096, 6144), (4096, 28672))
+SWEEP_SPARSITIES = (0.0, 0.5, 0.8)
+DEFAULT_GEMV = (8, 1, 4, 1, -1)  # GemvConfig{} of csrc/sparse_matmul/cuda.h: what a shape outside the table runs
 SPARSITIES = (0.0, 0.5, 0.8, 0.9)
 L2_BYTES = 60 * 2**20
 TARGETS = {0.5: 1.85, 0.8: 3.5, 0.9: 5.0}  # issue #4: kernel speedup over dense cuBLAS
@@ -58,6 +69,11 @@ def _cuda_kernel_us(fn, calls: int) -> float:
         if ev.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in ev.name.lower():
             total += ev.time_range.elapsed_us()
     return total / calls
+
+
+def _call_all(calls) -> None:
+    for c in calls:
+        c()
 
 
 def _graph(calls, warmup: int = 2):
@@ -98,36 +114,68 @@ def time_graph(calls, reps: int = 20) -> tuple[float, float]:
     return statistics.median(trials), kernel
 
 
+class BenchCall(ctypes.Structure):
+    """csrc/bench/harness.cu's BenchCall: one call of the op as ONNX Runtime would make it."""
+
+    _fields_ = [("half", ctypes.c_int), ("x", ctypes.c_void_p), ("w", ctypes.c_void_p), ("y", ctypes.c_void_p),
+                ("thresholds", ctypes.c_void_p), ("threshold_count", ctypes.c_longlong), ("scale", ctypes.c_void_p),
+                ("scale_rows", ctypes.c_longlong), ("workspace", ctypes.c_void_p), ("stream", ctypes.c_void_p),
+                ("M", ctypes.c_longlong), ("K", ctypes.c_longlong), ("N", ctypes.c_longlong), ("topk", ctypes.c_int),
+                ("ramp", ctypes.c_float), ("G", ctypes.c_int), ("ends", ctypes.POINTER(ctypes.c_longlong)),
+                ("ks", ctypes.POINTER(ctypes.c_longlong))]
+
+
+#: Decode GEMV parameters the harness can force (variant 5): (warps, seg, unroll, chunks, pooled); the float16
+#: one-row instances of csrc/sparse_matmul/cuda.cu DispatchGemv.
+GEMV_SPACE = [(w, s, u, c, 0) for w in (4, 8) for s in (1, 2) for u in (4, 8) for c in (1, 2, 4)] + \
+             [(w, s, u, 1, 1) for w in (4, 8) for s in (1, 2) for u in (4, 8)]
+
+
 class Harness:
-    """ctypes wrapper of libacttail_bench.so."""
+    """ctypes wrapper of libacttail_bench.so (ACTTAIL_BENCH=1 bash scripts/build_ops.sh)."""
 
     def __init__(self, path: str):
         self.lib = ctypes.CDLL(path)
         self.err = ctypes.create_string_buffer(512)
         f = self.lib.acttail_bench_sparse_matmul
-        f.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_longlong] * 3 + [ctypes.c_int, ctypes.c_longlong, ctypes.c_int,
-                                                                                          ctypes.c_char_p, ctypes.c_int]
+        f.argtypes = [ctypes.POINTER(BenchCall), ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int]
         f.restype = ctypes.c_int
         b = self.lib.acttail_bench_workspace_bytes
-        b.argtypes = [ctypes.c_longlong] * 3 + [ctypes.c_int]
+        b.argtypes = [ctypes.POINTER(BenchCall)]
         b.restype = ctypes.c_longlong
         r = self.lib.acttail_bench_read_floor
         r.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
         r.restype = ctypes.c_int
         self.variant = 0
+        self.gemv: tuple[int, ...] | None = None  # with variant 5: (warps, seg, unroll, chunks, pooled)
         s = self.lib.acttail_bench_topk_select
         s.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 3 + [ctypes.c_char_p, ctypes.c_int]
         s.restype = ctypes.c_int
 
-    def matmul(self, x, w, y, thr, ws, topk: bool, k: int) -> None:
+    @staticmethod
+    def call(x, w, y, thr, ws, topk: bool, k: int = 0, *, segments=None, ks=None, ramp: float = 0.0, scale=None,
+             stream=None) -> BenchCall:
+        """A BenchCall over torch CUDA tensors (x [M, K], w [K, N], y [M, N], thr float32 with 1 or G values)."""
         import torch
 
-        stream = torch.cuda.current_stream().cuda_stream
-        rc = self.lib.acttail_bench_sparse_matmul(1, x.data_ptr(), w.data_ptr(), y.data_ptr(), thr.data_ptr() if thr is not None else None,
-                                                  ws.data_ptr(), stream, x.shape[0], x.shape[1], w.shape[1], int(topk), k, self.variant,
-                                                  self.err, 512)
-        if rc:
+        G = len(segments) if segments else 1
+        ends = (ctypes.c_longlong * G)(*(segments or [w.shape[1]]))
+        kv = (ctypes.c_longlong * G)(*(ks if ks is not None else [k] * G))
+        c = BenchCall(int(x.dtype == torch.float16), x.data_ptr(), w.data_ptr(), y.data_ptr(), thr.data_ptr() if thr is not None else None,
+                      thr.numel() if thr is not None else 0, scale.data_ptr() if scale is not None else None,
+                      (scale.shape[0] if scale.dim() == 2 else 1) if scale is not None else 0, ws.data_ptr() if ws is not None else None,
+                      stream if stream is not None else torch.cuda.current_stream().cuda_stream, x.shape[0], x.shape[1], w.shape[1],
+                      int(topk), float(ramp), G, ends, kv)
+        c._keep = (ends, kv)  # the arrays must outlive the call
+        return c
+
+    def run(self, call: BenchCall) -> None:
+        gemv = (ctypes.c_int * 5)(*self.gemv) if self.gemv is not None else None
+        if self.lib.acttail_bench_sparse_matmul(ctypes.byref(call), self.variant, gemv, self.err, 512):
             raise RuntimeError(self.err.value.decode())
+
+    def matmul(self, x, w, y, thr, ws, topk: bool, k: int, **contract) -> None:
+        self.run(self.call(x, w, y, thr, ws, topk, k, **contract))
 
     def read_floor(self, w, nbytes: int, sink, blocks: int) -> None:
         import torch
@@ -137,12 +185,21 @@ class Harness:
         if rc:
             raise RuntimeError(self.err.value.decode())
 
-    def workspace(self, M: int, K: int, N: int):
-        """Device workspace the op would allocate (both modes)."""
+    def workspace_bytes(self, call: BenchCall) -> int:
+        return int(self.lib.acttail_bench_workspace_bytes(ctypes.byref(call)))
+
+    def workspace(self, M: int, K: int, N: int, fill: int = 0, **contract):
+        """Device workspace the op would allocate (the larger of both modes), filled with `fill`."""
         import torch
 
-        n = max(self.lib.acttail_bench_workspace_bytes(M, K, N, 0), self.lib.acttail_bench_workspace_bytes(M, K, N, 1), 8)
-        return torch.zeros((n + 7) // 8, device="cuda", dtype=torch.int64)
+        x = torch.empty(max(M, 1), max(K, 1), device="cuda", dtype=torch.float16)
+        w = torch.empty(max(K, 1), max(N, 1), device="cuda", dtype=torch.float16)
+        n = 8
+        for topk in (False, True):
+            probe = self.call(x, w, x, None, None, topk, 0, **contract)
+            probe.M, probe.K, probe.N = M, K, N
+            n = max(n, self.workspace_bytes(probe))
+        return torch.full(((n + 7) // 8,), fill, device="cuda", dtype=torch.int64)
 
     def select(self, x, ws, k: int) -> None:
         import torch
@@ -151,6 +208,56 @@ class Harness:
                                                 self.err, 512)
         if rc:
             raise RuntimeError(self.err.value.decode())
+
+
+def reference_case(x: np.ndarray, w: np.ndarray, mode: str, threshold=None, k=None, *, ks=None, segments=None, ramp: float = 0.0,
+                   scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """(Y, bound) of :func:`acttail_export.reference.sparse_matmul`, member by member. In top-k mode channels whose
+    score is NaN, zero or negative are zeroed first: the op ranks them with key 0 and never keeps them."""
+    from acttail_export import reference as ref
+
+    K, N = w.shape
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead))
+    ends = list(segments or [N])
+    thresholds = np.resize(np.asarray(0.0 if threshold is None else threshold, np.float32).ravel(), len(ends))
+    budgets = list(ks) if ks is not None else [k] * len(ends)
+    y, bound = np.zeros((rows, N)), np.zeros((rows, N))
+    for g, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):
+        member_scale = None if scale is None else (scale if scale.ndim == 1 else scale[g])
+        if rows * K == 0:
+            continue
+        xg = x.reshape(rows, K)
+        if mode == "topk":
+            xg = np.where(ref.scores(xg, member_scale) > 0, xg, np.zeros((), x.dtype))
+        member = ref.Member(threshold=float(thresholds[g]), k=budgets[g], scale=member_scale)
+        y[:, lo:hi], bound[:, lo:hi] = ref.sparse_matmul(xg, w[:, lo:hi], mode, [member], None, ramp)
+    return y.reshape(lead + (N,)), bound.reshape(lead + (N,))
+
+
+def mismatch(y: np.ndarray, x: np.ndarray, w: np.ndarray, mode: str, threshold=None, k=None, **contract) -> str:
+    """"" when the op's output y agrees with the reference (error within 1e-5 (float32) / 2e-3 (float16) of the bound
+    sum |v||w| + |y|, Inf and NaN exactly where the rounded reference has them), else what differs."""
+    want, bound = reference_case(x, w, mode, threshold, k, **contract)
+    tol = 2e-3 if x.dtype == np.float16 else 1e-5
+    got = y.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = want.astype(x.dtype).astype(np.float64)
+        err = np.abs(got - want)
+        limit = tol * (bound + np.abs(want)) + (1e-7 if x.dtype == np.float16 else 1e-37)
+    edge = np.zeros(want.shape, bool)
+    if x.dtype == np.float16:  # the float16 overflow edge may round either way after float32 accumulation
+        edge = np.isfinite(want) & (np.abs(want) > 65504 * (1 - tol)) & (np.abs(want) < 65520 * (1 + tol))
+        if not ((np.isinf(got) & (np.sign(got) == np.sign(want))) | (err <= limit))[edge].all():
+            return "wrong value at the float16 overflow edge"
+    rest = ~edge
+    if not np.array_equal(np.isnan(got)[rest], np.isnan(rounded)[rest]):
+        return f"NaN at {np.argwhere(np.isnan(got) != np.isnan(rounded))[:3].tolist()} differs"
+    inf = rest & np.isinf(rounded)
+    if not np.array_equal(got[inf], rounded[inf]):
+        return "Inf placement differs"
+    bad = rest & np.isfinite(rounded) & ~(err <= limit)
+    return f"max error {err[bad].max():.3g} > limit at {np.argwhere(bad)[:3].tolist()}" if bad.any() else ""
 
 
 def reference(x, w, mode: str, thr: float | None, k: int):
@@ -255,8 +362,8 @@ def markdown_tables(result: dict) -> str:
     """Markdown tables (harness kernels vs cuBLAS, ORT rows, top-k selection cost) from kernel_bench.json."""
     rows = result["rows"]
     env = result["env"]
-    out = [f"GPU {env['gpu']}, driver {env['driver']}, torch {env['torch']}, onnxruntime {env.get('onnxruntime', '-')}, "
-           f"device copy {env['copy_tb_s']:.2f} TB/s (read+write)", ""]
+    out = [(f"GPU {env['gpu']}, driver {env['driver']}, torch {env['torch']}, onnxruntime {env.get('onnxruntime', '-')}, "
+            f"device copy {env['copy_tb_s']:.2f} TB/s (read+write)"), ""]
     dense = {(r["K"], r["N"]): r for r in rows if r["method"] == "cublas_dense"}
     ort_dense = {(r["K"], r["N"]): r for r in rows if r["method"] == "ort_dense_matmul"}
     out += ["| K→N | mode | sparsity | kept | kernel µs | graph µs | speedup (kernel) | speedup (graph) | ideal | effective TB/s | actual TB/s |",
@@ -426,7 +533,7 @@ def prefill_bench(h: Harness, args, env: dict) -> dict:
         Y = torch.empty(M, N, device="cuda", dtype=torch.float16)
         ws = h.workspace(M, K, N)
         reps = max(1, 48 // copies)
-        calls = [lambda c=c: torch.matmul(X[c], W[c], out=Y) for c in range(copies)] * reps
+        calls = [partial(torch.matmul, X[c], W[c], out=Y) for c in range(copies)] * reps
         dense_graph, dense_kernel = time_graph(calls, args.reps)
         base = {"M": M, "K": K, "N": N, "copies": copies, "w_bytes": wbytes}
         rows.append(base | {"method": "prefill_cublas_dense", "sparsity": 0.0, "graph_us": dense_graph, "kernel_us": dense_kernel,
@@ -442,9 +549,9 @@ def prefill_bench(h: Harness, args, env: dict) -> dict:
                 ref = reference(X[0], W[0], mode, float(thr[0]), k)
                 err = float((Y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
                 kept = float((((X[0].float().abs() > thr[0]) & (X[0] != 0)).sum()) / X[0].numel() if mode == "threshold" else k / K)
-                calls = [lambda c=c: h.matmul(X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * reps
+                calls = [partial(h.matmul, X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * reps
                 g_us, k_us = time_graph(calls, args.reps)
-                per_kernel = _cuda_kernel_breakdown(lambda: [c() for c in calls], len(calls))
+                per_kernel = _cuda_kernel_breakdown(partial(_call_all, calls), len(calls))
                 row = base | {"method": f"prefill_harness_{mode}" + (f"_v{variant}" if variant else ""), "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
                               "kernels_us": per_kernel, "max_rel_err": err, "tflop_s": flop / (k_us * 1e-6) / 1e12,
                               "vs_cublas_kernel": dense_kernel / k_us, "vs_cublas_graph": dense_graph / g_us}
@@ -462,16 +569,115 @@ def prefill_bench(h: Harness, args, env: dict) -> dict:
     return result
 
 
+def time_graph_us(calls, reps: int = 10, trials: int = 3) -> float:
+    """Median per-call time (µs) of a CUDA graph holding `calls`, replayed `reps` times per trial (no CUPTI)."""
+    import torch
+
+    g = _graph(calls)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    trial_us = []
+    for _ in range(trials):
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        end.synchronize()
+        trial_us.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    return statistics.median(trial_us)
+
+
+def choose_gemv(dense_us: float, timings: dict[tuple, list[float]], target: float = 0.98) -> tuple[tuple, str]:
+    """The configuration the op should run for one shape, and why. Candidates at 0 % sparsity within `target` of dense
+    cuBLAS (time <= dense / target) compete on the sum of their sparse times; if none is, the fastest at 0 %."""
+    ok = {cfg: t for cfg, t in timings.items() if t[0] <= dense_us / target}
+    if ok:
+        best = min(ok, key=lambda cfg: (sum(ok[cfg][1:]), ok[cfg][0]))
+        return best, f"fastest sparse among {len(ok)} configurations >= {target:.2f}x cuBLAS at 0 %"
+    best = min(timings, key=lambda cfg: timings[cfg][0])
+    return best, f"no configuration reaches {target:.2f}x cuBLAS at 0 %: the fastest at 0 %"
+
+
+def gemv_sweep(h: Harness, args, env: dict) -> dict:
+    """Every GEMV_SPACE configuration (and the default) of the float16 one-row decode GEMV, threshold mode, per shape
+    at SWEEP_SPARSITIES, against dense cuBLAS (torch.matmul), W rotated over copies (L2 flushed), graph time. Writes
+    kernel_bench_sweep.json (rows and the chosen table) and, with --write-table, the op's table header."""
+    import torch
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SWEEP_SHAPES
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows, table = [], []
+    t0 = time.time()
+    for K, N in shapes:
+        copies = max(3, math.ceil(3 * L2_BYTES / (K * N * 2)))
+        W = [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
+        X = [torch.randn(1, K, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        Y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+        ws = h.workspace(1, K, N)
+        reps = max(1, 48 // copies)
+        dense_us = time_graph_us([partial(torch.matmul, X[c], W[c], out=Y) for c in range(copies)] * reps, args.reps)
+        thr = {s: [torch.quantile(x.float().abs(), s).reshape(()) if s > 0 else torch.zeros((), device="cuda") for x in X]
+               for s in SWEEP_SPARSITIES}
+        timings: dict[tuple, list[float]] = {}
+        for cfg in [DEFAULT_GEMV, *GEMV_SPACE]:
+            h.variant, h.gemv = 5, cfg
+            h.matmul(X[0], W[0], Y, thr[0.5][0], ws, False, 0)
+            want = reference(X[0], W[0], "threshold", float(thr[0.5][0]), 0)
+            err = float((Y.float() - want).abs().max() / want.abs().max().clamp_min(1e-6))
+            if err > 1e-2:
+                raise RuntimeError(f"GEMV {cfg} on {K}x{N}: relative error {err:.2e}")
+            timings[cfg] = [time_graph_us([partial(h.matmul, X[c], W[c], Y, thr[s][c], ws, False, 0) for c in range(copies)] * reps,
+                                          args.reps) for s in SWEEP_SPARSITIES]
+            rows.append({"K": K, "N": N, "gemv": list(cfg), "dense_us": dense_us, "us": timings[cfg],
+                         "vs_cublas": [dense_us / t for t in timings[cfg]]})
+        best, why = choose_gemv(dense_us, timings)
+        entry = {"sms": sms, "K": K, "N": N, "gemv": list(best), "dense_us": dense_us, "us": timings[best],
+                 "vs_cublas": [dense_us / t for t in timings[best]], "default_vs_cublas": [dense_us / t for t in timings[DEFAULT_GEMV]],
+                 "why": why}
+        table.append(entry)
+        logger.info("%dx%d: cuBLAS %.2f us; chosen %s: %s x cuBLAS at %s (default %s); %s; %.0f s", K, N, dense_us, best,
+                    "/".join(f"{v:.2f}" for v in entry["vs_cublas"]), "/".join(f"{s:.0%}" for s in SWEEP_SPARSITIES),
+                    "/".join(f"{v:.2f}" for v in entry["default_vs_cublas"]), why, time.time() - t0)
+        del W, X
+        torch.cuda.empty_cache()
+    h.variant, h.gemv = 0, None
+    result = {"env": env | {"sms": sms, "sparsities": list(SWEEP_SPARSITIES)}, "rows": rows, "table": table}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_bench_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out / 'kernel_bench_sweep.json'}")
+    if args.write_table:
+        write_table(result, Path(args.write_table))
+    return result
+
+
+def write_table(sweep: dict, header: Path) -> None:
+    """Replace the entries between the BEGIN/END TABLE markers of csrc/sparse_matmul/gemv_table.h by the sweep's choice."""
+    text = header.read_text()
+    begin, end = text.index("// BEGIN TABLE"), text.index("// END TABLE")
+    env = sweep["env"]
+    lines = [(f"// BEGIN TABLE (written by benchmarks/kernel_bench.py --write-table from a sweep on {env['gpu']}, {env['sms']} SMs; "
+              f"x cuBLAS at {'/'.join(f'{s:.0%}' for s in env['sparsities'])} sparsity)"), "inline constexpr GemvTableEntry kGemvTable[] = {"]
+    for e in sweep["table"]:
+        w, sg, u, c, p = e["gemv"]
+        ratios = "/".join(f"{v:.2f}" for v in e["vs_cublas"])
+        lines.append(f"    {{{e['sms']}, {e['K']}, {e['N']}, GemvConfig{{{w}, {sg}, {u}, {c}, {p}}}}},  // {ratios}")
+    if not sweep["table"]:
+        lines.append("    {0, 0, 0, GemvConfig{}},  // no sweep recorded yet")
+    lines.append("};\n")
+    header.write_text(text[:begin] + "\n".join(lines) + text[end:])
+    print(f"wrote {len(sweep['table'])} entries into {header}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--harness", help="libacttail_bench.so built from csrc/sparse_matmul_bench.cu (required to measure)")
+    ap.add_argument("--harness", help="libacttail_bench.so (ACTTAIL_BENCH=1 bash scripts/build_ops.sh; required to measure)")
     ap.add_argument("--table", metavar="JSON", help="print the markdown tables of docs/kernels.md from a kernel_bench.json and exit")
     ap.add_argument("--library", default=None, help="libacttail_ops.so for the ORT rows (default: acttail_export.ops)")
     ap.add_argument("--out", default="docs/results", help="folder for kernel_bench.json")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
-    ap.add_argument("--variants", default="0", help="comma-separated decode-kernel variants to time (csrc/sparse_matmul_impl.cu "
-                    "LaunchDecode: 0 = shipped, 1 = memset scratch, 2 = plain, 3 = pooled; with --prefill: 0 = shipped "
+    ap.add_argument("--variants", default="0", help="comma-separated harness variants to time (csrc/bench/harness.cu: 0 = the "
+                    "op's plan, 1 = memset scratch, 2 = plain grid, 3 = pooled grid; with --prefill: 0 = the op's plan "
                     "(cuBLAS), 4 = the op's own tensor-core / exact GEMM kernels); rows of variants other than 0 are "
                     "named harness_<mode>_v<N> (prefill_harness_<mode>_v<N>)")
     ap.add_argument("--modes", default="threshold,topk", help="comma-separated: threshold, topk")
@@ -482,6 +688,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", action="store_true", help="prefill benchmark instead (harness only): M = --prefill-rows rows of the "
                     "LLaMA-2-7B shapes through the masked GEMM path vs cuBLAS torch.matmul; writes kernel_bench_prefill.json")
     ap.add_argument("--prefill-rows", type=int, default=512, help="rows (tokens) of the prefill benchmark")
+    ap.add_argument("--sweep", action="store_true", help="decode GEMV parameter sweep instead (harness only): every GEMV_SPACE "
+                    "configuration per shape vs cuBLAS; writes kernel_bench_sweep.json")
+    ap.add_argument("--shapes", default="", help="comma-separated KxN shapes of the sweep (default: SWEEP_SHAPES)")
+    ap.add_argument("--write-table", metavar="HEADER", help="with --sweep or --from-sweep: write the chosen configurations into this "
+                    "header (csrc/sparse_matmul/gemv_table.h)")
+    ap.add_argument("--from-sweep", metavar="JSON", help="with --write-table: take the table from a kernel_bench_sweep.json, measure nothing")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark instead: fused op vs ORT MatMul, SmolLM2 shapes")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the CPU benchmark")
     ap.add_argument("--cpu-rows", default="1,512", help="comma-separated row counts M of the CPU benchmark (1 = decode)")
@@ -491,6 +703,11 @@ def main(argv=None) -> int:
         data = json.loads(Path(args.table).read_text())
         first = data["rows"][0]
         print(cpu_table(data) if "case" in first else prefill_table(data) if first["method"].startswith("prefill_") else markdown_tables(data))
+        return 0
+    if args.from_sweep:
+        if not args.write_table:
+            ap.error("--from-sweep needs --write-table")
+        write_table(json.loads(Path(args.from_sweep).read_text()), Path(args.write_table))
         return 0
     if args.cpu:
         cpu_bench(Path(args.out), args.threads, runs=args.reps, row_counts=tuple(int(m) for m in args.cpu_rows.split(",")))
@@ -520,10 +737,13 @@ def main(argv=None) -> int:
         env["onnxruntime"] = ort.__version__
     except ImportError:
         pass
-    env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], check=False, capture_output=True, text=True).stdout.strip()
     logger.info("env %s", env)
     if args.prefill:
         prefill_bench(h, args, env)
+        return 0
+    if args.sweep:
+        gemv_sweep(h, args, env)
         return 0
     rows = []
     for K, N in SHAPES:
@@ -533,7 +753,7 @@ def main(argv=None) -> int:
         X = [torch.randn(1, K, device="cuda", dtype=torch.float16) for _ in range(1 if args.hot_x else copies)] * (copies if args.hot_x else 1)
         Y = torch.empty(1, N, device="cuda", dtype=torch.float16)
         ws = h.workspace(1, K, N)
-        calls = [lambda c=c: torch.matmul(X[c], W[c], out=Y) for c in range(copies)] * max(1, 48 // copies)
+        calls = [partial(torch.matmul, X[c], W[c], out=Y) for c in range(copies)] * max(1, 48 // copies)
         dense_graph, dense_kernel = time_graph(calls, args.reps)
         base = {"K": K, "N": N, "copies": copies, "w_bytes": wbytes}
         rows.append(base | {"method": "cublas_dense", "sparsity": 0.0, "graph_us": dense_graph, "kernel_us": dense_kernel})
@@ -550,7 +770,7 @@ def main(argv=None) -> int:
                 nbytes = int(wbytes * (1 - s))
                 best = None
                 for per_sm in (1, 2, 4):
-                    calls = [lambda c=c: h.read_floor(W[c], nbytes, sink, per_sm * sms) for c in range(copies)] * max(1, 48 // copies)
+                    calls = [partial(h.read_floor, W[c], nbytes, sink, per_sm * sms) for c in range(copies)] * max(1, 48 // copies)
                     g_us, k_us = time_graph(calls, args.reps)
                     if best is None or k_us < best[1]:
                         best = (g_us, k_us, per_sm)
@@ -569,14 +789,14 @@ def main(argv=None) -> int:
                 ref = reference(X[0], W[0], mode, float(thr[0]), k)
                 err = float((Y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
                 kept = float((((X[0].float().abs() > thr[0]) & (X[0] != 0)).sum()) if mode == "threshold" else k) / K
-                calls = [lambda c=c: h.matmul(X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * max(1, 48 // copies)
+                calls = [partial(h.matmul, X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * max(1, 48 // copies)
                 g_us, k_us = time_graph(calls, args.reps)
                 row = base | {"method": f"harness_{mode}" + (f"_v{variant}" if variant else ""), "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
                               "max_rel_err": err, "speedup_graph": dense_graph / g_us, "speedup_kernel": dense_kernel / k_us,
                               "ideal": 1 / (1 - s), "effective_tb_s": wbytes / (k_us * 1e-6) / 1e12,
                               "actual_tb_s": kept * wbytes / (k_us * 1e-6) / 1e12}
                 if mode == "topk" and variant == 0:
-                    sel_calls = [lambda c=c: h.select(X[c], ws, k) for c in range(copies)] * max(1, 48 // copies)
+                    sel_calls = [partial(h.select, X[c], ws, k) for c in range(copies)] * max(1, 48 // copies)
                     row["select_graph_us"], row["select_kernel_us"] = time_graph(sel_calls, args.reps)
                 rows.append(row)
                 logger.info("%dx%d %s v%d s=%.1f: graph %.2f us (%.2fx), kernels %.2f us (%.2fx, ideal %.1fx), %.2f TB/s actual, err %.1e",

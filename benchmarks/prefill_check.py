@@ -1,86 +1,34 @@
-"""Correctness of the prefill (M > 8) path of SparseMatMul through the ctypes harness vs a float64 numpy reference.
+"""Correctness of the prefill (M > 8) path of SparseMatMul through the ctypes harness vs acttail_export.reference.
 
-Needs a CUDA device and torch, no onnxruntime (the harness calls acttail::SparseMatMulCuda directly):
-    nvcc -O3 -std=c++17 -shared -Xcompiler -fPIC -cudart shared -gencode arch=compute_90,code=sm_90 -Icsrc \
-         csrc/sparse_matmul_impl.cu csrc/sparse_matmul_bench.cu -o build/libacttail_bench.so
-    python3 benchmarks/prefill_check.py [--small] [--harness build/libacttail_bench.so] [--variants 0,4]
+Needs a CUDA device and torch, no onnxruntime (the harness calls the op's CUDA dispatch directly):
+    ACTTAIL_BENCH=1 ACTTAIL_CUDA_ARCHS=90 bash scripts/build_ops.sh
+    python3 benchmarks/prefill_check.py [--small] [--harness build/ops/libacttail_bench.so] [--variants 0,4]
 --small: only the small cases (for compute-sanitizer). --variants: the harness variants to check, each over
 every case (default both: 0 = mask + cuBLAS, 4 = the op's own GEMM kernels). Covers the cuBLAS path and the
-float16 tensor-core kernel (csrc/masked_gemm_tc.cuh: edges, K and N tails, both modes), their fallbacks
-(float32, unaligned pointers, K or N not a multiple of 8), skipped Inf/NaN rows of W (the guarded exact
-kernel), kept Inf/NaN in X, thresholds +inf / NaN / negative, float32 accumulation, and a workspace filled
-with garbage.
+float16 tensor-core kernel (csrc/sparse_matmul/kernels/masked_gemm_tc.cuh: edges, K and N tails, both modes), their
+fallbacks (float32, unaligned pointers, K or N not a multiple of 8), packed members (per-member masks and column
+slices, with ramp and scales), skipped Inf/NaN rows of W (the guarded exact kernel), kept Inf/NaN in X, thresholds
++inf / NaN / negative, float32 accumulation, and a workspace filled with garbage.
 """
+import importlib
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from kernel_bench import Harness  # noqa: E402
-
-TOL = {np.float32: 1e-5, np.float16: 2e-3}
-
-
-def reference_mask(x, mode, threshold=None, k=None):
-    mag = np.abs(x.astype(np.float64))
-    if mode == "threshold":
-        with np.errstate(invalid="ignore"):
-            return (mag > np.float64(np.float32(threshold))) & (mag > 0)
-    mag = np.where(np.isnan(mag), 0.0, mag)
-    mask = np.zeros(x.shape, bool)
-    if k:
-        cols = np.arange(x.shape[1])
-        for row in range(x.shape[0]):
-            order = np.lexsort((cols, -mag[row]))
-            mask[row, order[:k]] = True
-    return mask & (mag > 0)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+kernel_bench = importlib.import_module("kernel_bench")  # the harness wrapper and the reference comparison
+Harness, mismatch = kernel_bench.Harness, kernel_bench.mismatch
 
 
-def reference(x, w, mode, threshold=None, k=None):
-    """(Y in float64, scale = |mask(x)| @ |W|); Inf/NaN of W count only where a row keeps that channel (vectorized)."""
-    mask = reference_mask(x, mode, threshold, k)
-    xm = np.where(mask, x.astype(np.float64), 0.0)
-    wf = w.astype(np.float64)
-    finite = np.isfinite(wf)
-    with np.errstate(invalid="ignore", over="ignore"):
-        y = xm @ np.where(finite, wf, 0.0)
-        scale = np.abs(xm) @ np.abs(np.where(finite, wf, 0.0))
-        if not finite.all():  # kept x (never 0) times +-Inf / NaN: signed Inf hits and NaN hits, by counting
-            f32 = np.float32
-            pos, neg = (mask & (xm > 0)).astype(f32), (mask & (xm < 0)).astype(f32)
-            winf, wninf = (wf == np.inf).astype(f32), (wf == -np.inf).astype(f32)
-            hit_pos = (pos @ winf + neg @ wninf) > 0
-            hit_neg = (pos @ wninf + neg @ winf) > 0
-            hit_nan = (mask.astype(f32) @ np.isnan(wf).astype(f32)) > 0
-            y = np.where(hit_pos, y + np.inf, y)
-            y = np.where(hit_neg, y - np.inf, y)
-            y = np.where(hit_nan, np.nan, y)
-            scale = np.where(hit_pos | hit_neg | hit_nan, np.inf, scale)
-    return y, scale
+def check(y, x, w, mode, threshold, k, name, **contract):
+    why = mismatch(y, x, w, mode, threshold, k, **contract)
+    print(f"{'FAIL' if why else 'PASS'} {name}{': ' + why if why else ''}, nan {int(np.isnan(y.astype(np.float32)).sum())}", flush=True)
+    return not why
 
 
-def check(y, x, w, mode, threshold, k, name):
-    ref, scale = reference(x, w, mode, threshold, k)
-    dtype = x.dtype.type
-    yf = y.astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        bound = TOL[dtype] * (scale + np.abs(ref)) + (1e-7 if dtype == np.float16 else 1e-37)
-        err = np.abs(yf - ref)
-        expected = ref.astype(dtype).astype(np.float64)
-    fin = np.isfinite(expected)
-    same_nonfinite = np.array_equal(np.isnan(yf), np.isnan(expected)) and np.array_equal(np.isposinf(yf), np.isposinf(expected)) and \
-        np.array_equal(np.isneginf(yf), np.isneginf(expected))
-    ok_vals = (err <= bound) | ~fin
-    ok = same_nonfinite and ok_vals.all()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rel = np.nanmax(np.where(fin, err / np.maximum(scale + np.abs(ref), 1e-30), 0.0)) if fin.any() else 0.0
-    print(f"{'PASS' if ok else 'FAIL'} {name}: max err/(scale+|ref|) {rel:.2e}, nonfinite match {same_nonfinite}, nan {np.isnan(yf).sum()}",
-          flush=True)
-    return ok
-
-
-def run(h, x, w, mode, threshold=None, k=0, offset=False):
+def run(h, x, w, mode, threshold=None, k=0, offset=False, *, segments=None, ks=None, ramp=0.0, scale=None):
     half = x.dtype == np.float16
     tdt = torch.float16 if half else torch.float32
     M, K = x.shape
@@ -96,20 +44,18 @@ def run(h, x, w, mode, threshold=None, k=0, offset=False):
 
     xd, wd = dev(x), dev(w)
     yd = torch.full((M, N), 7.0, dtype=tdt, device="cuda")
-    thr = torch.tensor(np.float32(threshold if threshold is not None else 0.0), device="cuda")
-    n = max(h.lib.acttail_bench_workspace_bytes(M, K, N, 0), h.lib.acttail_bench_workspace_bytes(M, K, N, 1), 8)
-    ws = torch.full(((n + 7) // 8,), -1, device="cuda", dtype=torch.int64)  # garbage: the op must zero what it needs
-    stream = torch.cuda.current_stream().cuda_stream
-    rc = h.lib.acttail_bench_sparse_matmul(int(half), xd.data_ptr(), wd.data_ptr(), yd.data_ptr(), thr.data_ptr(), ws.data_ptr(), stream, M, K,
-                                           N, int(mode == "topk"), k, h.variant, h.err, 512)
-    assert rc == 0, h.err.value
+    thr = torch.from_numpy(np.asarray(0.0 if threshold is None else threshold, np.float32).reshape(-1)).cuda()
+    sd = None if scale is None else torch.from_numpy(scale).cuda()
+    contract = {"segments": segments, "ks": ks, "ramp": ramp, "scale": sd}
+    ws = h.workspace(M, K, N, fill=-1, **contract)  # garbage: the op must zero what it needs
+    h.matmul(xd, wd, yd, thr, ws, mode == "topk", k, **contract)
     torch.cuda.synchronize()
     return yd.cpu().numpy()
 
 
 def main():
     small = "--small" in sys.argv
-    lib = sys.argv[sys.argv.index("--harness") + 1] if "--harness" in sys.argv else "build/libacttail_bench.so"
+    lib = sys.argv[sys.argv.index("--harness") + 1] if "--harness" in sys.argv else "build/ops/libacttail_bench.so"
     variants = sys.argv[sys.argv.index("--variants") + 1] if "--variants" in sys.argv else "0,4"
     h = Harness(lib)
     ok = True
@@ -120,10 +66,27 @@ def main():
     return 0 if ok else 1
 
 
+def check_members(h, rng, small: bool) -> bool:
+    """Packed members: per-member thresholds / ks, ramp, [G, K] scales, tensor-core eligible widths or not."""
+    ok = True
+    for M, K, widths in [(17, 264, (128, 64, 64)), (33, 200, (100, 37))] + ([] if small else [(512, 4096, (4096, 1024, 1024))]):
+        for mode in ("threshold", "topk"):
+            x = rng.standard_normal((M, K)).astype(np.float16)
+            w = rng.uniform(-1, 1, size=(K, sum(widths))).astype(np.float16)
+            segments = np.cumsum(widths).tolist()
+            scale = rng.uniform(0.5, 2.0, (len(widths), K)).astype(np.float32)
+            t = np.linspace(0.4, 1.2, len(widths)).astype(np.float32)
+            ks = [int(K * f) for f in np.linspace(0.6, 0.2, len(widths))]
+            contract = {"segments": segments, "ks": ks if mode == "topk" else None, "ramp": 0.5, "scale": scale}
+            y = run(h, x, w, mode, t if mode == "threshold" else None, 0, **contract)
+            ok &= check(y, x, w, mode, t if mode == "threshold" else None, None, f"members {mode} M={M} K={K} widths={widths}", **contract)
+    return ok
+
+
 def check_all(h, small: bool) -> bool:
     """Every case on the harness's current variant; True when all pass."""
     rng = np.random.default_rng(0)
-    ok = True
+    ok = check_members(h, rng, small)
     cases = [(9, 64, 8), (17, 264, 136), (130, 200, 136), (40, 5003, 257), (33, 64, 24), (10, 0, 8), (16, 96, 264)]
     if not small:
         cases += [(17, 4104, 264), (64, 4096, 4096), (512, 4096, 4096), (512, 11008, 512), (9, 4096, 11008), (300, 1000, 1000)]

@@ -8,6 +8,7 @@
 #   ACTTAIL_BUILD_TYPE       Release (default) or Debug (device-side checks such as the decode scratch invariant)
 #   ACTTAIL_BENCH            1: also build the CUDA benchmark harness $ACTTAIL_BUILD_DIR/libacttail_bench.so
 #   ACTTAIL_BUILD_DIR        CMake build folder, default build/ops
+#   ACTTAIL_INSTALL          0: leave acttail_export/lib alone (a second build, e.g. Debug, in its own folder)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -43,7 +44,11 @@ fi
 start=$(date +%s)
 cmake "${args[@]}" >/dev/null
 cmake --build "$build" -j "$(nproc)"
-mkdir -p acttail_export/lib
-cp "$build/libacttail_ops.so" acttail_export/lib/libacttail_ops.so
-cp "$build/libacttail_ops.json" acttail_export/lib/libacttail_ops.json
-echo "build_ops: acttail_export/lib/libacttail_ops.so + .json (CUDA kernels: $cuda${archs:+, archs $archs}, $btype) in $(( $(date +%s) - start )) s"
+where="$build"
+if [ "${ACTTAIL_INSTALL:-1}" != 0 ]; then
+  mkdir -p acttail_export/lib
+  cp "$build/libacttail_ops.so" acttail_export/lib/libacttail_ops.so
+  cp "$build/libacttail_ops.json" acttail_export/lib/libacttail_ops.json
+  where=acttail_export/lib
+fi
+echo "build_ops: $where/libacttail_ops.so + .json (CUDA kernels: $cuda${archs:+, archs $archs}, $btype) in $(( $(date +%s) - start )) s"

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
 # Fetch the cuBLAS headers (types and prototypes; the op library opens libcublas at run time and never links
-# it) when the CUDA toolkit has none: from the nvidia-cublas wheel of the toolkit's major version, through
-# pip, into third_party/cublas/include. Prints the include directory.
+# it) when the CUDA toolkit has none, into third_party/cublas/include: from an installed nvidia-cublas Python
+# package (offline GPU machines often have one), else from the nvidia-cublas wheel of the toolkit's major
+# version through pip. Prints the include directory.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 inc="$root/third_party/cublas/include"
 if [ -f "$inc/cublas_api.h" ]; then echo "$inc"; exit 0; fi
+installed="$(python3 - <<'PY' 2>/dev/null || true
+import importlib.util, pathlib
+spec = importlib.util.find_spec("nvidia")
+for root in (spec.submodule_search_locations if spec else []):
+    for header in sorted(pathlib.Path(root).glob("*/include/cublas_api.h")):
+        print(header.parent)
+        raise SystemExit
+PY
+)"
+if [ -n "$installed" ]; then mkdir -p "$inc"; cp "$installed"/cublas*.h "$inc"/; echo "$inc"; exit 0; fi
 nvcc_path="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
 major="$("$nvcc_path" --version | sed -nE 's/.*release ([0-9]+)\..*/\1/p')"
 [ -n "$major" ] || { echo "fetch_cublas_headers: cannot read the CUDA version from $nvcc_path" >&2; exit 2; }

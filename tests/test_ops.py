@@ -1,16 +1,19 @@
-"""com.acttail::SparseMatMul on the CPU execution provider against a float64 numpy reference.
+"""com.acttail::SparseMatMul on the CPU execution provider against the float64 reference of the op contract
+(:func:`acttail_export.reference.sparse_matmul`).
 
-The helpers here (graph builder, reference, comparison, case generator) are shared with
-``test_ops_cuda.py``, which runs the same properties on the CUDA execution provider.
+The helpers here (graph builder, reference adapter, comparison, case generator) are shared with
+``test_ops_cuda.py``, ``test_ops_cuda_decode.py`` and ``test_ops_harness.py``, which run the same properties on CUDA.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,32 +24,64 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from acttail_export import ops
+from acttail_export import reference as ref
 from acttail_export.errors import ActTailError
 
 CPU = "CPUExecutionProvider"
 REPO = Path(__file__).resolve().parents[1]
 FP16_MAX = 65504.0
-TOL = {np.float32: 1e-5, np.float16: 2e-3}  # relative to the scale sum|x_kept| |w|
+# Relative to the bound sum |v_kept| |w| + |y|: float32 accumulation of up to 67 (CPU) / 20000 (CUDA) products,
+# measured well under these (float32 ~1e-6, float16 ~5e-4: one rounding of the output and, on the cuBLAS prefill
+# path, of each masked value).
+TOL = {np.float32: 1e-5, np.float16: 2e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of the op: inputs, mode and the optional contract parts (segments, ks, per-member thresholds,
+    ramp, scale)."""
+
+    x: np.ndarray
+    w: np.ndarray
+    mode: str
+    threshold: float | np.ndarray | None = None  # scalar or one float32 per member
+    k: int | None = None
+    ks: tuple[int, ...] | None = None
+    segments: tuple[int, ...] | None = None
+    ramp: float = 0.0
+    scale: np.ndarray | None = field(default=None, compare=False)
+
+    @property
+    def members(self) -> int:
+        return len(self.segments) if self.segments else 1
 
 
 # --------------------------------------------------------------------------------------------
 # graph and session helpers
 # --------------------------------------------------------------------------------------------
 def make_model(dtype, mode: str | None, k: int | None = None, threshold_input: bool = True, threshold_type=TensorProto.FLOAT,
-               w_rank: int = 2) -> bytes:
-    """One SparseMatMul node; X has any rank, W is [K, N] (dims symbolic), optional threshold input."""
+               w_rank: int = 2, *, ks=None, segments=None, ramp: float | None = None, scale_input: bool = False) -> bytes:
+    """One SparseMatMul node; X has any rank, W is [K, N] (dims symbolic); optional thresholds and scale inputs."""
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     attrs = {}
     if mode is not None:
         attrs["mode"] = mode
     if k is not None:
         attrs["k"] = k
-    names = ["X", "W"] + (["t"] if threshold_input else [])
+    if ks is not None:
+        attrs["ks"] = list(ks)
+    if segments is not None:
+        attrs["segments"] = list(segments)
+    if ramp is not None:
+        attrs["ramp"] = float(ramp)
+    names = ["X", "W"] + (["t"] if threshold_input else [""] if scale_input else []) + (["scale"] if scale_input else [])
     node = helper.make_node(ops.OP_TYPE, names, ["Y"], domain=ops.DOMAIN, name="sparse0", **attrs)
     inputs = [helper.make_tensor_value_info("X", elem, None),
               helper.make_tensor_value_info("W", elem, [f"d{i}" for i in range(w_rank)])]
     if threshold_input:
-        inputs.append(helper.make_tensor_value_info("t", threshold_type, []))
+        inputs.append(helper.make_tensor_value_info("t", threshold_type, None))
+    if scale_input:
+        inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, None))
     graph = helper.make_graph([node], "sparse_matmul", inputs, [helper.make_tensor_value_info("Y", elem, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)])
     model.ir_version = 8
@@ -62,70 +97,76 @@ def make_session(model: bytes, provider: str = CPU, profile: bool = False, threa
     return ort.InferenceSession(model, options, providers=[provider])
 
 
-@functools.lru_cache(maxsize=None)
-def cached_session(provider: str, dtype_name: str, mode: str, k: int | None) -> ort.InferenceSession:
+@functools.lru_cache(maxsize=256)
+def cached_session(provider: str, dtype_name: str, mode: str, k: int | None, ks=None, segments=None, ramp: float = 0.0,
+                   scale_input: bool = False) -> ort.InferenceSession:
     dtype = np.dtype(dtype_name).type
-    return make_session(make_model(dtype, mode, k, threshold_input=mode == "threshold"), provider)
+    model = make_model(dtype, mode, k, threshold_input=mode == "threshold", ks=ks, segments=segments, ramp=ramp or None,
+                       scale_input=scale_input)
+    return make_session(model, provider)
+
+
+def run_case(provider: str, c: Case) -> np.ndarray:
+    sess = cached_session(provider, c.x.dtype.name, c.mode, c.k, c.ks, c.segments, c.ramp, c.scale is not None)
+    feeds = {"X": c.x, "W": c.w}
+    if c.mode == "threshold":
+        feeds["t"] = np.asarray(c.threshold, np.float32)
+    if c.scale is not None:
+        feeds["scale"] = c.scale
+    return sess.run(None, feeds)[0]
 
 
 def run_op(provider: str, x: np.ndarray, w: np.ndarray, mode: str, threshold: float | None = None, k: int | None = None) -> np.ndarray:
-    sess = cached_session(provider, x.dtype.name, mode, k)
-    feeds = {"X": x, "W": w}
-    if mode == "threshold":
-        feeds["t"] = np.array(threshold, np.float32)
-    return sess.run(None, feeds)[0]
+    return run_case(provider, Case(x, w, mode, threshold, k))
 
 
 # --------------------------------------------------------------------------------------------
 # reference and comparison
 # --------------------------------------------------------------------------------------------
-def reference_mask(x: np.ndarray, mode: str, threshold: float | None = None, k: int | None = None) -> np.ndarray:
-    """Kept entries of x [M, K] as the op defines them (see docs/kernels.md, "Semantics")."""
-    mag = np.abs(x.astype(np.float64))
-    if mode == "threshold":
-        with np.errstate(invalid="ignore"):
-            return (mag > np.float64(np.float32(threshold))) & (mag > 0)  # zeros are never multiplied
-    mag = np.where(np.isnan(mag), 0.0, mag)  # NaN ranks with zeros
-    mask = np.zeros(x.shape, bool)
-    if k:
-        cols = np.arange(x.shape[1])
-        for row in range(x.shape[0]):
-            order = np.lexsort((cols, -mag[row]))  # largest |x| first, ties by lowest index
-            mask[row, order[:k]] = True
-    return mask & (mag > 0)  # zeros and NaN are never multiplied
+def reference(c: Case) -> tuple[np.ndarray, np.ndarray]:
+    """(Y, bound) in float64 of :func:`acttail_export.reference.sparse_matmul` for this case.
+
+    In top-k mode the op never keeps a channel whose score is NaN, zero or negative (its ranking key is 0): such x
+    are zeroed, member by member, before the reference sees them, which leaves every rank and the largest dropped
+    score unchanged.
+    """
+    G, (K, N) = c.members, c.w.shape
+    lead = c.x.shape[:-1]
+    x2 = c.x.reshape(int(np.prod(lead)), K)
+    if x2.size == 0:  # nothing is multiplied (the reference's reshape(-1, K) cannot take K == 0)
+        return np.zeros(lead + (N,)), np.zeros(lead + (N,))
+    scale = None if c.scale is None else np.broadcast_to(c.scale, (G, K))
+    thresholds = np.broadcast_to(np.asarray(0.0 if c.threshold is None else c.threshold, np.float32).reshape(-1), (G,))
+    ks = c.ks if c.ks is not None else (c.k,) * G
+    members = [ref.Member(threshold=float(thresholds[g]), k=ks[g], scale=None if scale is None else scale[g]) for g in range(G)]
+    if c.mode == "threshold":
+        y, bound = ref.sparse_matmul(x2, c.w, c.mode, members, c.segments, c.ramp)
+    else:
+        ys, bounds = [], []
+        ends = list(c.segments or (N,))
+        for member, start, end in zip(members, [0, *ends[:-1]], ends):
+            x = np.where(ref.scores(x2, member.scale) > 0, x2, np.zeros((), x2.dtype))
+            y, b = ref.sparse_matmul(x, c.w[:, start:end], "topk", [member], None, c.ramp)
+            ys.append(y)
+            bounds.append(b)
+        y, bound = np.concatenate(ys, axis=-1), np.concatenate(bounds, axis=-1)
+    return y.reshape(lead + (N,)), bound.reshape(lead + (N,))
 
 
-def reference(x: np.ndarray, w: np.ndarray, mode: str, threshold: float | None = None, k: int | None = None):
-    """(Y in float64, scale = |mask(x)| @ |W|) with X flattened to [M, K] and reshaped back."""
-    K = w.shape[0]
-    x2 = x.reshape(int(np.prod(x.shape[:-1])), K)
-    mask = reference_mask(x2, mode, threshold, k)
-    xm = np.where(mask, x2.astype(np.float64), 0.0)
-    wf = w.astype(np.float64)
-    finite = np.isfinite(wf)
-    with np.errstate(invalid="ignore", over="ignore"):
-        y = xm @ np.where(finite, wf, 0.0)
-        scale = np.abs(xm) @ np.abs(np.where(finite, wf, 0.0))
-        for k, n in zip(*np.nonzero(~finite)):  # Inf/NaN weights count only for rows that keep channel k
-            y[:, n] += np.where(mask[:, k], xm[:, k] * wf[k, n], 0.0)
-            scale[:, n] += np.where(mask[:, k], np.abs(xm[:, k] * wf[k, n]), 0.0)
-    shape = x.shape[:-1] + (w.shape[1],)
-    return y.reshape(shape), scale.reshape(shape)
-
-
-def assert_matches(y: np.ndarray, x: np.ndarray, w: np.ndarray, mode: str, threshold=None, k=None) -> None:
-    ref, scale = reference(x, w, mode, threshold, k)
-    assert y.dtype == x.dtype and y.shape == ref.shape, (y.dtype, y.shape, ref.shape)
-    dtype = x.dtype.type
+def assert_close(y: np.ndarray, c: Case) -> None:
+    """y (the op's output) equals the reference up to TOL of the bound; Inf/NaN exactly where the reference has them."""
+    want, bound_sum = reference(c)
+    assert y.dtype == c.x.dtype and y.shape == want.shape, (y.dtype, y.shape, want.shape)
+    dtype = c.x.dtype.type
     yf = y.astype(np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
-        expected = ref.astype(dtype).astype(np.float64)  # what an exact kernel returns after rounding
-        bound = TOL[dtype] * (scale + np.abs(ref)) + (1e-7 if dtype == np.float16 else 1e-37)
-        err = np.abs(yf - ref)
-    near = np.zeros(ref.shape, bool)
-    if dtype == np.float16:  # |ref| at the float16 overflow edge may round either way after fp32 accumulation
-        near = np.isfinite(ref) & (np.abs(ref) > FP16_MAX * (1 - TOL[dtype])) & (np.abs(ref) < 65520 * (1 + TOL[dtype]))
-        ok_near = (np.isinf(yf) & (np.sign(yf) == np.sign(ref))) | (err <= bound)
+        expected = want.astype(dtype).astype(np.float64)  # what an exact kernel returns after rounding
+        bound = TOL[dtype] * (bound_sum + np.abs(want)) + (1e-7 if dtype == np.float16 else 1e-37)
+        err = np.abs(yf - want)
+    near = np.zeros(want.shape, bool)
+    if dtype == np.float16:  # |y| at the float16 overflow edge may round either way after fp32 accumulation
+        near = np.isfinite(want) & (np.abs(want) > FP16_MAX * (1 - TOL[dtype])) & (np.abs(want) < 65520 * (1 + TOL[dtype]))
+        ok_near = (np.isinf(yf) & (np.sign(yf) == np.sign(want))) | (err <= bound)
         assert ok_near[near].all(), "wrong result at the float16 overflow edge"
     regular = ~near
     assert np.array_equal(np.isnan(yf)[regular], np.isnan(expected)[regular]), "NaN placement differs"
@@ -136,12 +177,68 @@ def assert_matches(y: np.ndarray, x: np.ndarray, w: np.ndarray, mode: str, thres
     assert not bad.any(), f"max error {err[bad].max():.3g} over bound {bound[bad].min():.3g} at {np.argwhere(bad)[:5].tolist()}"
 
 
+def assert_matches(y: np.ndarray, x: np.ndarray, w: np.ndarray, mode: str, threshold=None, k=None) -> None:
+    assert_close(y, Case(x, w, mode, threshold, k))
+
+
+def kept_mask(x: np.ndarray, mode: str, threshold=None, k=None) -> np.ndarray:
+    """Channels the op keeps (one member, no scale): the reference's rule."""
+    if mode == "threshold":
+        return ref.threshold_keep(x, threshold) & (x != 0)
+    keep, _ = ref.topk_keep(x, k)
+    return keep & (np.abs(x.astype(np.float32)) > 0)
+
+
 # --------------------------------------------------------------------------------------------
 # random cases
 # --------------------------------------------------------------------------------------------
+def _special_values(draw, rng, flat: np.ndarray, dtype) -> None:
+    special = draw(st.sampled_from(["none", "zeros", "nan", "inf", "huge", "ties", "mixed"]))
+    if not flat.size:
+        return
+    pick = rng.random(flat.shape)
+    if special == "zeros":
+        flat[pick < 0.5] = 0.0
+        flat[0] = 0.0
+    elif special == "nan":
+        flat[pick < 0.2] = np.nan
+    elif special == "inf":
+        flat[pick < 0.05] = np.inf
+        flat[pick > 0.97] = -np.inf
+    elif special == "huge":
+        flat[pick < 0.3] *= 3e4 if dtype == np.float16 else 1e30
+    elif special == "ties":
+        flat[:] = np.sign(flat) * np.round(np.abs(flat) * 2) / 2  # many equal magnitudes
+    elif special == "mixed":
+        flat[pick < 0.1] = np.nan
+        flat[pick > 0.9] = 0.0
+
+
+def _threshold(draw, x: np.ndarray, scale) -> float:
+    kind = draw(st.sampled_from(["zero", "inf", "quantile", "quantile", "negative", "nan"]))
+    if kind in ("zero", "inf", "negative", "nan"):
+        return {"zero": 0.0, "inf": float("inf"), "negative": -1.0, "nan": float("nan")}[kind]
+    s = ref.scores(x, scale).astype(np.float64)
+    finite = s[np.isfinite(s)]
+    if not finite.size:
+        return 0.5
+    if draw(st.booleans()):  # exactly on a score: s == t is dropped
+        return float(finite.flat[0])
+    return float(np.quantile(finite, draw(st.floats(0.0, 1.0))))
+
+
+def _segments(draw, N: int) -> tuple[int, ...] | None:
+    G = draw(st.sampled_from([1, 1, 1, 1, 1, 2, 3]))  # packed nodes in ~30 % of the cases: each needs its own session
+    if G == 1 or N < G:
+        return None if draw(st.booleans()) or N < 1 else (N,)
+    cuts = sorted(draw(st.lists(st.integers(1, N - 1), min_size=G - 1, max_size=G - 1, unique=True)))
+    return (*cuts, N)
+
+
 @st.composite
-def cases(draw, max_m: int = 17, max_k: int = 67, max_n: int = 67):
-    """A random (x, w, mode, threshold, k) including special values and degenerate sizes."""
+def cases(draw, max_m: int = 17, max_k: int = 67, max_n: int = 67, contract: bool = True):
+    """A random Case including special values, degenerate sizes and (contract=True) segments, per-member
+    thresholds / ks, ramp and scale."""
     dtype = draw(st.sampled_from([np.float32, np.float16]))
     m = draw(st.integers(0, max_m))
     K = draw(st.integers(0, max_k))
@@ -154,50 +251,34 @@ def cases(draw, max_m: int = 17, max_k: int = 67, max_n: int = 67):
     else:
         lead = (2, m // 2) if m % 2 == 0 and draw(st.booleans()) else (1, m)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    scale = draw(st.sampled_from([1.0, 1e-3, 30.0]))
-    flat = rng.standard_normal((m, K)) * scale
-    special = draw(st.sampled_from(["none", "zeros", "nan", "inf", "huge", "ties", "mixed"]))
-    if flat.size:
-        pick = rng.random(flat.shape)
-        if special == "zeros":
-            flat[pick < 0.5] = 0.0
-            flat[0] = 0.0
-        elif special == "nan":
-            flat[pick < 0.2] = np.nan
-        elif special == "inf":
-            flat[pick < 0.05] = np.inf
-            flat[pick > 0.97] = -np.inf
-        elif special == "huge":
-            flat[pick < 0.3] *= 3e4 if dtype == np.float16 else 1e30
-        elif special == "ties":
-            flat[:] = np.sign(flat) * np.round(np.abs(flat) * 2) / 2  # many equal magnitudes
-        elif special == "mixed":
-            flat[pick < 0.1] = np.nan
-            flat[pick > 0.9] = 0.0
+    flat = rng.standard_normal((m, K)) * draw(st.sampled_from([1.0, 1e-3, 30.0]))
+    _special_values(draw, rng, flat, dtype)
     with np.errstate(over="ignore"):
         x = flat.reshape(lead + (K,)).astype(dtype)  # fp16 'huge' values may become Inf: intended
     w = rng.uniform(-2, 2, size=(K, N)).astype(dtype)
     mode = draw(st.sampled_from(["threshold", "topk"]))
-    threshold = k = None
+    segments = _segments(draw, N) if contract else None
+    G = len(segments) if segments else 1
+    ramp = draw(st.sampled_from([0.0, 0.0, 0.25, 1.0, 3.0])) if contract else 0.0
+    scale = None
+    if contract and draw(st.sampled_from([False, False, True])):
+        rows = draw(st.sampled_from([0, G]))  # 0: [K]
+        scale = rng.uniform(0.25, 4.0, (rows, K) if rows else (K,)).astype(np.float32)
+        if scale.size and draw(st.booleans()):
+            scale.flat[rng.integers(0, scale.size)] = 0.0  # a zero score: never kept in top-k
+    member_scale = [None if scale is None else (scale if scale.ndim == 1 else scale[g]) for g in range(G)]
+    threshold = k = ks = None
     if mode == "threshold":
-        kind = draw(st.sampled_from(["zero", "inf", "quantile", "negative", "nan"]))
-        finite = np.abs(x.astype(np.float64))[np.isfinite(x)]
-        if kind == "zero":
-            threshold = 0.0
-        elif kind == "inf":
-            threshold = float("inf")
-        elif kind == "negative":
-            threshold = -1.0
-        elif kind == "nan":
-            threshold = float("nan")
-        else:
-            q = draw(st.floats(0.0, 1.0))
-            threshold = float(np.quantile(finite, q)) if finite.size else 0.5
-            if draw(st.booleans()) and finite.size:  # exactly on a value: |x| == t is masked
-                threshold = float(finite[0])
+        per_member = G > 1 and draw(st.booleans())
+        values = [_threshold(draw, x, member_scale[g]) for g in range(G if per_member else 1)]
+        threshold = np.array(values, np.float32) if per_member else values[0]
     else:
-        k = draw(st.sampled_from([0, K, K // 2, min(K, 1), draw(st.integers(0, K))]))
-    return x, w, mode, threshold, k
+        pick = st.sampled_from([0, K, K // 2, min(K, 1), draw(st.integers(0, K))])
+        if G > 1 and draw(st.booleans()):
+            ks = tuple(draw(pick) for _ in range(G))
+        else:
+            k = draw(pick)
+    return Case(x, w, mode, threshold, k, ks, segments, ramp, scale)
 
 
 CPU_SETTINGS = settings(max_examples=1200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -205,10 +286,8 @@ CPU_SETTINGS = settings(max_examples=1200, deadline=None, derandomize=True, supp
 
 @CPU_SETTINGS
 @given(cases())
-def test_random_cases_match_numpy(case):
-    x, w, mode, threshold, k = case
-    y = run_op(CPU, x, w, mode, threshold, k)
-    assert_matches(y, x, w, mode, threshold, k)
+def test_random_cases_match_reference(case):
+    assert_close(run_case(CPU, case), case)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -247,44 +326,45 @@ def test_multithreaded_decode_split_k(dtype, mode, m, K, N):
     assert np.isfinite(y).all()
     assert_matches(y, x, w, mode, threshold, k)
     if m == 1 and dtype == np.float32:  # a kept NaN row reaches the output, as in the reference
-        keep = np.flatnonzero(reference_mask(x, mode, threshold, k)[0])
+        keep = np.flatnonzero(kept_mask(x, mode, threshold, k)[0])
         w[keep[len(keep) // 2], 7] = np.nan
         y = sess.run(None, feeds)[0]
         assert np.isnan(y[0, 7]) and np.isfinite(np.delete(y[0], 7)).all()
 
 
 def check_kernel_paths(seed: int = 0) -> int:
-    """Every CPU path against numpy on 2 threads: decode split-K (M <= 8, with and without the float32 one-row
-    path), the skip path (many rows, 2 % kept), the packed dense GEMM (many rows, a non-multiple of 8 of them,
-    an odd number of 16-column strips), both dtypes and modes. Returns the number of cases checked."""
+    """Every CPU path against the reference on 2 threads: decode split-K (M <= 8, with and without the float32
+    one-row path), the skip path (many rows, 2 % kept), the packed dense GEMM (many rows, a non-multiple of 8 of
+    them, an odd number of 16-column strips), both dtypes and modes, each once plain and once packed (3 members
+    with their own thresholds / ks and [G, K] scales, ramp 0.5). Returns the number of cases checked."""
     rng = np.random.default_rng(seed)
     n = 0
     for dtype in (np.float32, np.float16):
         for mode in ("threshold", "topk"):
-            sess = make_session(make_model(dtype, mode), CPU, threads=2) if mode == "threshold" else None
             for m, K, N, keep in ((1, 700, 2100, 0.4), (5, 300, 517, 0.4), (123, 301, 517, 0.4), (40, 200, 260, 0.02), (17, 64, 48, 0.6)):
                 x = rng.standard_normal((m, K)).astype(dtype)
                 w = rng.standard_normal((K, N)).astype(dtype)
                 threshold = float(np.quantile(np.abs(x.astype(np.float32)), 1 - keep))
                 k = max(1, int(keep * K))
-                if mode == "threshold":
-                    y = sess.run(None, {"X": x, "W": w, "t": np.array(threshold, np.float32)})[0]
-                else:
-                    y = make_session(make_model(dtype, mode, k, threshold_input=False), CPU, threads=2).run(None, {"X": x, "W": w})[0]
-                assert_matches(y, x, w, mode, threshold, k)
-                n += 1
+                assert_close(run_case(CPU, Case(x, w, mode, threshold, k)), Case(x, w, mode, threshold, k))
+                segments = (N // 2, N // 2 + N // 4, N)
+                scale = rng.uniform(0.5, 2.0, (3, K)).astype(np.float32)
+                packed = Case(x, w, mode, np.array([threshold, 2 * threshold, threshold / 2], np.float32) if mode == "threshold" else None,
+                              None, (k, max(1, k // 2), min(K, 2 * k)) if mode == "topk" else None, segments, 0.5, scale)
+                assert_close(run_case(CPU, packed), packed)
+                n += 2
     return n
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_every_simd_variant_matches_numpy(isa):
     """ACTTAIL_CPU_ISA caps the kernels' instruction set, so each variant runs here whatever the CPU picks by itself
     (a cap above what the CPU has falls back to the best it has)."""
     code = "import sys; sys.path.insert(0, 'tests'); import test_ops; print(test_ops.check_kernel_paths())"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "ACTTAIL_CPU_ISA": isa}, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "20"
+    assert proc.stdout.strip() == "40"
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +448,71 @@ def test_fp16_accumulates_in_fp32():
 
 
 # --------------------------------------------------------------------------------------------
+# the contract's newer parts: segments (packed members), ks / per-member thresholds, ramp, scale
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_packed_members_equal_separate_ops(dtype, mode, m):
+    """q | k | v in one op with their own budgets give exactly the three separate ops' outputs."""
+    rng = np.random.default_rng(m)
+    K, widths = 96, (64, 16, 16)
+    x = rng.standard_normal((m, K)).astype(dtype)
+    ws = [rng.standard_normal((K, n)).astype(dtype) for n in widths]
+    thresholds, ks = [0.3, 0.9, 1.4], [60, 20, 5]
+    segments = tuple(np.cumsum(widths).tolist())
+    packed = Case(x, np.concatenate(ws, axis=1), mode, np.array(thresholds, np.float32) if mode == "threshold" else None,
+                  None, tuple(ks) if mode == "topk" else None, segments)
+    y = run_case(CPU, packed)
+    assert_close(y, packed)
+    parts = [run_op(CPU, x, w, mode, t, k) for w, t, k in zip(ws, thresholds, ks)]
+    np.testing.assert_array_equal(y, np.concatenate(parts, axis=1))
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_ramp_keeps_the_zero_set_and_is_continuous(mode):
+    """Same skipped channels as the hard mask (Inf rows of W stay out of Y), values scaled by the ramp factor."""
+    K = 64
+    x = np.linspace(-2.0, 2.0, K, dtype=np.float32)[None]
+    w = np.eye(K, dtype=np.float32)
+    w[np.abs(x[0]) <= 1.0, 0] = np.inf  # rows of dropped channels: must never be read
+    hard = Case(x, w, mode, 1.0, 32 if mode == "topk" else None)
+    soft = Case(x, w, mode, 1.0, 32 if mode == "topk" else None, ramp=0.5)
+    y_hard, y_soft = run_case(CPU, hard), run_case(CPU, soft)
+    assert_close(y_hard, hard)
+    assert_close(y_soft, soft)
+    assert np.isfinite(y_soft[0, 1:]).all() and np.array_equal(y_hard[0, 1:] != 0, y_soft[0, 1:] != 0)
+    assert (np.abs(y_soft[0, 1:]) <= np.abs(y_hard[0, 1:])).all()
+
+
+def test_ramp_factor_values():
+    """threshold t = 1, ramp 0.5: f = min(1, (|x| - 1) / 0.5)."""
+    x = np.array([[1.0, 1.25, 1.5, 2.0, -1.1, 0.9]], np.float32)
+    y = run_case(CPU, Case(x, np.eye(6, dtype=np.float32), "threshold", 1.0, ramp=0.5))
+    np.testing.assert_allclose(y, [[0.0, 1.25 * 0.5, 1.5, 2.0, -1.1 * 0.2, 0.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_scale_ranks_by_weighted_scores(dtype):
+    """Scores |x| * scale: a small x with a large scale wins; per-member scale rows ([G, K]) rank differently."""
+    x = np.array([[4.0, 1.0, 2.0, 0.5]], dtype)
+    w = np.concatenate([np.eye(4), np.eye(4)], axis=1).astype(dtype)
+    scale = np.array([[1.0, 8.0, 1.0, 1.0], [1.0, 1.0, 1.0, 16.0]], np.float32)
+    c = Case(x, w, "topk", None, 2, segments=(4, 8), scale=scale)
+    y = run_case(CPU, c)
+    assert_close(y, c)
+    np.testing.assert_array_equal(y, np.array([[4, 1, 0, 0, 4, 0, 0, 0.5]], dtype))
+    t = Case(x, w, "threshold", np.array([3.0, 5.0], np.float32), segments=(4, 8), scale=scale)
+    np.testing.assert_array_equal(run_case(CPU, t), np.array([[4, 1, 0, 0, 0, 0, 0, 0.5]], dtype))
+
+
+def test_zero_scale_is_never_kept_in_topk():
+    x = np.array([[3.0, 2.0, 1.0]], np.float32)
+    c = Case(x, np.eye(3, dtype=np.float32), "topk", None, 3, scale=np.array([0.0, 1.0, 1.0], np.float32))
+    np.testing.assert_array_equal(run_case(CPU, c), [[0.0, 2.0, 1.0]])
+
+
+# --------------------------------------------------------------------------------------------
 # errors: ORT error statuses with clear messages, never a crash
 # --------------------------------------------------------------------------------------------
 def _run(sess, **feeds):
@@ -416,6 +561,42 @@ def test_error_bad_attributes_at_session_creation(mode, k, threshold_input, mess
         make_session(make_model(np.float32, mode, k, threshold_input=threshold_input))
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"mode": "topk", "k": 1, "ks": [1]}, r"give either attribute k or ks, not both"),
+        ({"mode": "topk", "ks": [1, 2], "segments": [2, 4, 6]}, r"attribute ks has 2 values but the node has 3 member"),
+        ({"mode": "topk", "ks": [1, -2], "segments": [2, 4]}, r"attribute ks\[1\] must be >= 0, got -2"),
+        ({"mode": "topk", "k": 1, "segments": [4, 4]}, r"segments must be strictly increasing positive column ends, got \[4, 4\]"),
+        ({"mode": "topk", "k": 1, "segments": list(range(1, 18))}, r"segments has 17 members; at most 16"),
+        ({"mode": "topk", "k": 1, "ramp": -1.0}, r"attribute ramp must be a finite number >= 0"),
+        ({"mode": "topk", "k": 1, "ramp": float("inf")}, r"attribute ramp must be a finite number >= 0"),
+    ],
+)
+def test_error_bad_contract_attributes_at_session_creation(kwargs, message):
+    mode = kwargs.pop("mode")
+    with pytest.raises(Exception, match=message):
+        make_session(make_model(np.float32, mode, threshold_input=False, **kwargs))
+
+
+def test_error_contract_inputs_at_run_time():
+    x, w = np.ones((2, 5), np.float32), np.ones((5, 6), np.float32)
+    sess = make_session(make_model(np.float32, "topk", ks=[1, 2], segments=[2, 5], threshold_input=False))
+    with pytest.raises(Exception, match=r"attribute segments ends at 5 but W has N=6 columns; the last end must equal N"):
+        _run(sess, X=x, W=w)
+    sess = make_session(make_model(np.float32, "topk", ks=[1, 9], segments=[2, 6], threshold_input=False))
+    with pytest.raises(Exception, match=r"attribute ks\[1\]=9 exceeds K=5"):
+        _run(sess, X=x, W=w)
+    sess = make_session(make_model(np.float32, "threshold", segments=[2, 4, 6]))
+    with pytest.raises(Exception, match=r"thresholds must hold 1 or 3 float32 values \(one per member\), got 2"):
+        _run(sess, X=x, W=w, t=np.zeros(2, np.float32))
+    sess = make_session(make_model(np.float32, "topk", k=1, segments=[2, 6], threshold_input=False, scale_input=True))
+    with pytest.raises(Exception, match=r"scale must be float32 \[K\] or \[G, K\] = \[2, 5\] \(G members\), got \[3, 5\]"):
+        _run(sess, X=x, W=w, scale=np.ones((3, 5), np.float32))
+    with pytest.raises(Exception, match=r"got \[4\]"):
+        _run(sess, X=x, W=w, scale=np.ones(4, np.float32))
+
+
 def test_fp16_fp32_mismatch_is_a_type_error():
     sess = cached_session(CPU, "float16", "topk", 1)
     with pytest.raises(Exception, match=r"(?i)type"):
@@ -431,6 +612,20 @@ def test_library_exports_only_register_custom_ops():
     out = subprocess.run([nm, "-D", "--defined-only", ops.get_library_path()], check=True, capture_output=True, text=True).stdout
     symbols = {line.split()[-1] for line in out.splitlines() if line.strip()}
     assert symbols == {"RegisterCustomOps"}, symbols
+
+
+def test_library_json_describes_the_build():
+    info = json.loads((Path(ops.get_library_path()).parent / "libacttail_ops.json").read_text())
+    assert info["ops"][0] == "SparseMatMul" and info["cpu_isa"] == ["avx512", "avx2", "scalar"]
+    assert isinstance(info["cuda"], bool) and (info["cuda_archs"] != []) == info["cuda"]
+    assert info["version"] == __import__("acttail_export").__version__
+
+
+def test_unknown_cpu_isa_fails_registration():
+    code = "from acttail_export import ops; ops.session_options()"
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ACTTAIL_CPU_ISA": "sse9"}, cwd=str(REPO))
+    assert proc.returncode != 0 and "ACTTAIL_CPU_ISA must be avx512, avx2 or scalar, got 'sse9'" in proc.stderr
 
 
 def test_get_library_path_env_and_missing(monkeypatch, tmp_path):
@@ -459,6 +654,6 @@ def test_cuda_available_matches_providers():
     try:
         sess = make_session(make_model(np.float32, "topk", 1, threshold_input=False), "CUDAExecutionProvider")
         placed = sess.get_providers()[0] == "CUDAExecutionProvider"
-    except Exception:  # onnxruntime-gpu without a usable device
+    except Exception:  # noqa: BLE001 (onnxruntime-gpu without a usable device)
         placed = False
     assert ops.cuda_available() is placed

@@ -1,7 +1,8 @@
 """com.acttail::SparseMatMul on the CUDA execution provider: the CPU suite's properties, on CUDA.
 
 Skipped cleanly unless onnxruntime-gpu is installed and a CUDA device is usable (``ops.cuda_available``).
-``ACTTAIL_CUDA_CASES`` sets the number of random cases (default 300; the sanitizer runs use fewer).
+``ACTTAIL_CUDA_CASES`` sets the number of random cases (default 300, segments / ks / per-member thresholds /
+ramp / scale included; the sanitizer runs use fewer).
 """
 
 from __future__ import annotations
@@ -13,9 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from test_ops import (
+    CPU_SETTINGS,
+    Case,
+    assert_close,
+    assert_matches,
+    cached_session,
+    cases,
+    make_model,
+    make_session,
+    run_case,
+    run_op,
+)
 
 from acttail_export import ops
-from test_ops import CPU_SETTINGS, assert_matches, cached_session, cases, make_model, make_session, run_op
 
 CUDA = "CUDAExecutionProvider"
 pytestmark = [
@@ -27,9 +39,52 @@ N_CASES = int(os.environ.get("ACTTAIL_CUDA_CASES", "300"))
 
 @settings(CPU_SETTINGS, max_examples=N_CASES)
 @given(cases())
-def test_random_cases_match_numpy_cuda(case):
-    x, w, mode, threshold, k = case
-    assert_matches(run_op(CUDA, x, w, mode, threshold, k), x, w, mode, threshold, k)
+def test_random_cases_match_reference_cuda(case):
+    assert_close(run_case(CUDA, case), case)
+
+
+@settings(CPU_SETTINGS, max_examples=max(20, N_CASES // 6))
+@given(cases(max_m=40, max_k=300, max_n=300))
+def test_random_larger_cases_match_reference_cuda(case):
+    """Up to 40 rows (prefill paths), several vectors per row and tiles per member."""
+    assert_close(run_case(CUDA, case), case)
+
+
+def _packed_case(rng, dtype, mode: str, m: int, K: int, widths: tuple[int, ...], ramp: float = 0.0, scale_rows: int | None = None) -> Case:
+    """q | k | v-like members with their own budgets (thresholds / ks at different quantiles), optional scale."""
+    x = rng.standard_normal((m, K)).astype(dtype)
+    x[:, ::7] = np.round(x[:, ::7])  # ties around the cut
+    w = (rng.standard_normal((K, sum(widths))) * 0.05).astype(dtype)
+    segments = tuple(np.cumsum(widths).tolist())
+    scale = None
+    if scale_rows is not None:
+        scale = rng.uniform(0.25, 4.0, (scale_rows, K) if scale_rows else (K,)).astype(np.float32)
+    G = len(widths)
+    quantiles = np.linspace(0.3, 0.8, G)
+    if mode == "threshold":
+        t = np.quantile(np.abs(x.astype(np.float32)), quantiles).astype(np.float32)
+        return Case(x, w, mode, t, None, None, segments, ramp, scale)
+    return Case(x, w, mode, None, None, tuple(int(K * (1 - q)) for q in quantiles), segments, ramp, scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 64])
+@pytest.mark.parametrize("widths,ramp,scale_rows", [
+    ((4096, 1024, 1024), 0.0, None),   # LLaMA q | k | v: one decode launch, tiles per member
+    ((2048, 2048), 0.5, 2),            # gate | up with ramp and [G, K] scales
+    ((100, 57, 100), 0.25, 0),         # member starts off the 16-byte vector grid, [K] scale
+])
+def test_packed_members_cuda(dtype, mode, m, widths, ramp, scale_rows):
+    c = _packed_case(np.random.default_rng(m + sum(widths)), dtype, mode, m, 1030, widths, ramp, scale_rows)
+    assert_close(run_case(CUDA, c), c)
+
+
+@pytest.mark.parametrize("K", [8192, 8193, 16384, 16385])
+def test_topk_selection_with_scale_and_members(K):
+    """Float32 score keys (4 radix passes) on float16 x, per-member k on both selection kernels."""
+    c = _packed_case(np.random.default_rng(K), np.float16, "topk", 2, K, (24, 40), 0.0, 2)
+    assert_close(run_case(CUDA, c), c)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -129,7 +184,7 @@ def test_make_session_on_cuda_keeps_provider():
 
 
 # ---- prefill (M > 8): X masked into the workspace and cuBLAS, or (ACTTAIL_CUBLAS=0, or no libcublas) the
-# float16 tensor-core GEMM (csrc/masked_gemm_tc.cuh); both with the exact kernel as fallback for Inf/NaN ----
+# float16 tensor-core GEMM (csrc/sparse_matmul/kernels/masked_gemm_tc.cuh); both with the exact kernel as fallback for Inf/NaN ----
 @pytest.fixture(params=["cublas", "own-kernels"])
 def prefill_path(request, monkeypatch):
     """Runs a prefill test on both GEMM paths (the op reads ACTTAIL_CUBLAS at every call)."""
@@ -186,6 +241,19 @@ def test_prefill_fp32(mode, prefill_path):
     w = rng.standard_normal((520, 264)).astype(np.float32)
     threshold, k = (0.6, None) if mode == "threshold" else (None, 200)
     assert_matches(run_op(CUDA, x, w, mode, threshold, k), x, w, mode, threshold, k)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("widths", [(512, 256, 256), (264, 136), (100, 37)])  # tensor-core eligible or not
+def test_prefill_packed_members_skip_nonfinite_rows(mode, widths, prefill_path):
+    """Per-member mask + GEMM into each column slice; Inf/NaN rows of W that no member keeps never reach Y,
+    also with a ramp (the exact fallback keeps the hard mask's zero set)."""
+    c = _packed_case(np.random.default_rng(sum(widths)), np.float16, mode, 48, 520, widths, 0.5, 0)
+    c.x[:, 3] = 0.0
+    c.w[3] = np.inf
+    y = run_case(CUDA, c)
+    assert np.isfinite(y).all()
+    assert_close(y, c)
 
 
 def test_prefill_fp16_accumulates_in_fp32_cuda(prefill_path):

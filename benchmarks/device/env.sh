@@ -1,5 +1,6 @@
 # Source on the CUDA machine, from the project root: puts onnxruntime-gpu, the decode wheels and the
-# project on PYTHONPATH and builds the op library for this GPU unless it is built from the current csrc/.
+# project on PYTHONPATH and builds the op library and the kernel harness (build/ops/libacttail_bench.so) for
+# this GPU unless they are built from the current csrc/.
 #   ORT_GPU_DIR   folder holding onnxruntime-gpu (default /root/ortgpu; empty: use the installed one)
 #   CUDA_ARCH     compute capability to build for (default 90)
 ORT_GPU_DIR=${ORT_GPU_DIR-/root/ortgpu}
@@ -12,7 +13,7 @@ export ACTTAIL_GENAI_PYTHONPATH=/tmp/genai${ORT_GPU_DIR:+:$ORT_GPU_DIR}
 # build outputs between calls, so a library built before a change to csrc/ would otherwise be reused
 SRC_SUM=$(find csrc CMakeLists.txt -type f | sort | xargs cat | sha1sum | cut -c1-40)
 if [ ! -f acttail_export/lib/libacttail_ops.so ] || [ "$(cat acttail_export/lib/.csrc.sha1 2>/dev/null)" != "$SRC_SUM" ]; then
-  ACTTAIL_CUDA_ARCHS=${CUDA_ARCH:-90} ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR:-$PWD/third_party/onnxruntime/include} \
+  ACTTAIL_CUDA=1 ACTTAIL_BENCH=1 ACTTAIL_CUDA_ARCHS=${CUDA_ARCH:-90} ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR:-$PWD/third_party/onnxruntime/include} \
     bash scripts/build_ops.sh > /tmp/acttail_build_ops.log 2>&1 || { tail -5 /tmp/acttail_build_ops.log; return 1 2>/dev/null || exit 1; }
   echo "$SRC_SUM" > acttail_export/lib/.csrc.sha1
 fi

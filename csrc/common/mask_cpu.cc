@@ -61,11 +61,11 @@ inline float KeptValue(float x, float f) {
   return v == 0.0f ? -0.0f : v;
 }
 
-/// Ramp factor min(1, (s - t) / (ramp * t)); 1 when ramp == 0 or t <= 0.
+/// Ramp factor min(1, (s - t) / (ramp * t)); 1 when ramp == 0 or t <= 0; NaN when s = t = Inf (as the reference).
 inline float RampFactor(float s, float t, float ramp) {
   if (ramp == 0.0f || !(t > 0.0f)) return 1.0f;
   const float f = (s - t) / (ramp * t);
-  return f < 1.0f ? f : 1.0f;
+  return f > 1.0f ? 1.0f : f;
 }
 
 template <typename T>

@@ -99,7 +99,9 @@ template <typename T>
 __device__ __forceinline__ float MaskedValue(T raw, int c, const Rule& r, const DeviceMask& dm) {
   const float v = Traits<T>::ToFloat(raw);
   const float mag = fabsf(v);
-  const float s = r.scale != nullptr ? mag * __ldg(r.scale + c) : mag;
+  // a zero x is never kept whatever its scale: no scale load for it (the tensor-core kernel's zero-filled K tail
+  // passes channels c >= K)
+  const float s = r.scale != nullptr && mag != 0.0f ? mag * __ldg(r.scale + c) : mag;
   bool keep;
   if (dm.topk) {
     uint32_t key;
@@ -114,7 +116,8 @@ __device__ __forceinline__ float MaskedValue(T raw, int c, const Rule& r, const 
   }
   if (!keep) return 0.0f;
   if (dm.ramp == 0.0f) return v;
-  const float f = r.t > 0.0f ? fminf(1.0f, (s - r.t) / (dm.ramp * r.t)) : 1.0f;
+  float f = r.t > 0.0f ? (s - r.t) / (dm.ramp * r.t) : 1.0f;  // NaN when s = t = Inf, as the reference
+  f = f > 1.0f ? 1.0f : f;
   const float out = v * f;
   return out == 0.0f ? -0.0f : out;
 }
