@@ -67,6 +67,7 @@ def topk_keep(x: np.ndarray, k: int, scale: np.ndarray | None = None) -> tuple[n
         np.put_along_axis(keep, order[:, :k], True, axis=-1)
         if k < width:
             t = np.take_along_axis(flat, order[:, k:k + 1], axis=-1)[:, 0]
+    keep &= flat > 0  # zero (and NaN) scores are never kept, whatever k
     return keep.reshape(s.shape), t.reshape(s.shape[:-1])
 
 
@@ -124,7 +125,7 @@ def sparse_matmul(x: np.ndarray, w: np.ndarray, mode: str, members: Sequence[Mem
     ends = list(segments) if segments else [N]
     if len(ends) != len(members) or ends[-1] != N or any(b <= a for a, b in zip([0, *ends], ends)):
         raise ValueError(f"segments {ends} do not split N={N} into {len(members)} members")
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(int(np.prod(x.shape[:-1], dtype=np.int64)), K)
     y = np.zeros((x2.shape[0], N))
     bound = np.zeros_like(y)
     start = 0
@@ -199,12 +200,12 @@ def torch_topk_keep(s, k: int):
     d = s.shape[-1]
     s = torch.nan_to_num(s, nan=0.0)
     if k >= d:
-        return torch.ones_like(s, dtype=torch.bool), torch.zeros(s.shape[:-1], dtype=s.dtype, device=s.device)
+        return s > 0, torch.zeros(s.shape[:-1], dtype=s.dtype, device=s.device)
     if k <= 0:
         return torch.zeros_like(s, dtype=torch.bool), s.amax(-1)
     values, order = torch.sort(s, dim=-1, descending=True, stable=True)
     keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order[..., :k], True)
-    return keep, values[..., k]
+    return keep & (s > 0), values[..., k]
 
 
 def torch_ramp(s, t, ramp: float):
@@ -231,6 +232,7 @@ def torch_mask(x, mode: str, threshold: float | None = None, k: int | None = Non
         t = t.unsqueeze(-1)
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if ramp == 0:
-        return x * keep
-    return x * (keep * torch_ramp(s, t, ramp)).to(x.dtype)
+        return torch.where(keep, x, zero)  # not x * keep: a dropped Inf/NaN must give 0, not NaN
+    return torch.where(keep, x * torch_ramp(s, t, ramp).to(x.dtype), zero)

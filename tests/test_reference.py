@@ -16,7 +16,7 @@ def _loop_topk(x: np.ndarray, k: int) -> np.ndarray:
         left = list(range(len(row)))
         for _ in range(min(k, len(row))):
             best = max(left, key=lambda i: (row[i], -i))
-            keep[r, best] = True
+            keep[r, best] = row[best] > 0  # zero (and NaN) scores are never kept
             left.remove(best)
     return keep
 
@@ -81,3 +81,14 @@ def test_nibble_packing_round_trip_and_dequantization():
     w = ref.dequantize_blocks(q, scales, offsets, block_size=32)
     np.testing.assert_allclose(w[33], scales[1] * q[33] + offsets[1])
     np.testing.assert_allclose(w[31], scales[0] * q[31] + offsets[0])
+
+
+def test_topk_never_keeps_zero_or_nan_scores_and_k_zero_width():
+    x = np.array([[np.nan, 3.0, 0.0, 1.0]], dtype=np.float32)
+    scale = np.array([1.0, 1.0, 1.0, 0.0], dtype=np.float32)
+    keep, _ = ref.topk_keep(x, 4, scale)
+    assert keep.tolist() == [[False, True, False, False]]
+    got = ref.torch_mask(torch.from_numpy(x), "topk", k=4, scale=torch.from_numpy(scale))
+    assert torch.equal(got, torch.tensor([[0.0, 3.0, 0.0, 0.0]]))
+    y, _ = ref.sparse_matmul(np.zeros((3, 0)), np.zeros((0, 2)), "threshold", [ref.Member(threshold=0.5)])
+    assert y.shape == (3, 2) and not y.any()
