@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # SparseMatMulNBits on the CUDA machine, from the project root, once onnxruntime-gpu is installed there
-# (benchmarks/device/README.md; `source benchmarks/device/env.sh` must work):
+# (benchmarks/device/README.md; carry third_party/onnxruntime/include and third_party/cublas/include):
 #   bash csrc/sparse_matmul_nbits/device_run.sh [stage ...]      default: build test check sweep decode prefill sanitize
 # Stages (each with its own time limit; outputs and logs under ${OUT:-runs/device}/nbits/):
-#   build     op library + benchmark harness for sm_${CUDA_ARCH:-90} (build/dev), marked current for env.sh
+#   build     (always) source benchmarks/device/env.sh: op library + harness build/ops/libacttail_bench.so for sm_${CUDA_ARCH:-90}
 #   test      tests/test_ops_nbits_cuda.py (ACTTAIL_CUDA_CASES=${CASES:-200} random cases, harness variants)
 #   check     every CUDA path through the harness against numpy
 #   sweep     decode parameters per shape (columns per lane x blocks per SM x L2 prefetch) -> nbits_sweep.json
@@ -12,21 +12,14 @@
 #   sanitize  compute-sanitizer memcheck and racecheck on `check`
 set -o pipefail
 OUT=${OUT:-runs/device}/nbits
-H=build/dev/libacttail_bench.so
+H=build/ops/libacttail_bench.so  # built by env.sh (ACTTAIL_BENCH=1) together with the op library
 mkdir -p "$OUT"
 t0=$(date +%s)
 stages=${*:-build test check sweep decode prefill sanitize}
 py() { timeout "$1" python3 "${@:2}"; }
-if [[ " $stages " == *" build "* ]]; then
-  echo "== build"
-  ACTTAIL_BENCH=1 ACTTAIL_CUDA=1 ACTTAIL_CUDA_ARCHS=${CUDA_ARCH:-90} ACTTAIL_BUILD_DIR=build/dev \
-    ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR:-$PWD/third_party/onnxruntime/include} \
-    bash scripts/build_ops.sh > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-  tail -1 "$OUT/build.log"
-  # the library of this build is current: env.sh would otherwise rebuild it (without the harness)
-  find csrc CMakeLists.txt -type f | sort | xargs cat | sha1sum | cut -c1-40 > acttail_export/lib/.csrc.sha1
-fi
-source benchmarks/device/env.sh || exit 1
+echo "== build / env"
+source benchmarks/device/env.sh || exit 1  # (re)builds the library and the harness when csrc/ changed
+[ -f "$H" ] || { echo "no $H: env.sh did not build the harness"; exit 1; }
 for s in $stages; do
   echo "== $s ($(($(date +%s) - t0)) s)"
   case $s in
