@@ -145,13 +145,8 @@ def members(case: Case) -> list[ref.Member]:
 
 
 def expected(case: Case) -> tuple[np.ndarray, np.ndarray]:
-    """(Y, error scale) in float64, member by member from reference.sparse_matmul on the dequantized W.
-
-    The library's rule (csrc/common/mask.h) never keeps a NaN score, nor in topk mode a score <= 0 (NaN, zero and
-    negative scores share ranking key 0 and are never kept); reference.topk_keep ranks them the same way but keeps
-    them when k exceeds the positive scores. Replacing such an x by 0 gives the reference exactly the library's rule
-    (same ranks, same t, and a zero x is skipped). The error scale is sum_k |v_k| (|s| q + |o|) per output over
-    the kept channels."""
+    """(Y, error scale) in float64, member by member from reference.sparse_matmul on the dequantized W; the error
+    scale is sum_k |v_k| (|s| q + |o|) per output over the kept channels."""
     lead = case.x.shape[:-1]
     if case.K == 0:  # nothing to keep (the reference cannot reshape an empty last axis)
         return np.zeros(lead + (case.N,)), np.zeros(lead + (case.N,))
@@ -164,11 +159,8 @@ def expected(case: Case) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(case.K) // case.block
         mag = np.abs(case.scales.astype(np.float64))[rows] * case.q + np.abs(case.offsets.astype(np.float64))[rows]
         for member, end in zip(members(case), case.segments or [case.N]):
-            score = ref.scores(x2, member.scale)
-            never = ~(score > 0) if case.mode == "topk" else np.isnan(score)
-            xg = np.where(never, np.zeros_like(x2), x2)
-            y[:, start:end], _ = ref.sparse_matmul(xg, w[:, start:end], case.mode, [member], ramp=case.ramp)
-            values, _ = ref.member_values(xg, case.mode, member, case.ramp)
+            y[:, start:end], _ = ref.sparse_matmul(x2, w[:, start:end], case.mode, [member], ramp=case.ramp)
+            values, _ = ref.member_values(x2, case.mode, member, case.ramp)
             part = mag[:, start:end]
             bound[:, start:end] = np.abs(values) @ np.where(np.isfinite(part), part, 0.0)
             start = end
