@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One command on the CUDA machine (after the onnxruntime-gpu install), from the project root: the op tests and
+# benchmarks of both ops in priority order inside one time budget, so that a short lease gets the most important
+# results first. Each step gets min(its own limit, what is left of BUDGET seconds); outputs in ${OUT:-runs/device}.
+#   BUDGET=540 bash benchmarks/device/kernels_session.sh [step ...]
+# Steps (default: all, in this order):
+#   nbits-test    tests/test_ops_nbits_cuda.py (CASES random cases through ONNX Runtime's CUDA EP)
+#   nbits-check   every CUDA path of SparseMatMulNBits through the harness against numpy
+#   dense-test    tests/test_ops_cuda.py + test_ops_cuda_decode.py (SparseMatMul through the CUDA EP)
+#   dense-check   scripts/check_cuda_kernels.py: the SparseMatMul harness against acttail_export.reference
+#   nbits-decode  kernel_bench_nbits.py, 1 row: the 4-bit op vs MatMulNBits vs cuBLAS fp16, read floor
+#   dense-sweep   kernel_bench.py --sweep at 0/50/80 % on the issue shapes -> gemv_table.h
+#   nbits-sweep   kernel_bench_nbits.py --sweep
+#   sanitize      compute-sanitizer memcheck + racecheck on small harness checks of both ops
+set -o pipefail
+R=${OUT:-runs/device}; mkdir -p "$R"; H=build/ops/libacttail_bench.so
+BUDGET=${BUDGET:-540}; CASES=${CASES:-200}; t0=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - t0))); }
+lim() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
+source benchmarks/device/env.sh || exit 1
+[ -f "$H" ] || { echo "no $H: env.sh did not build the harness"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$R/gpu.txt"
+F="UserWarning\|_warn_once\|warnings.warn"
+for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-sweep nbits-sweep sanitize}; do
+  [ "$(left)" -gt 20 ] || { echo "== $s skipped: budget spent"; continue; }
+  echo "== $s ($(($(date +%s) - t0)) s)"
+  case $s in
+    nbits-test)
+      ACTTAIL_BENCH_LIB=$H ACTTAIL_CUDA_CASES=$CASES timeout "$(lim 150)" python3 -m pytest -q --maxfail=20 -p no:cacheprovider \
+        tests/test_ops_nbits_cuda.py 2>&1 | grep -v "$F" > "$R/nbits_pytest.log"; tail -4 "$R/nbits_pytest.log" ;;
+    nbits-check) timeout "$(lim 60)" python3 benchmarks/kernel_bench_nbits.py --harness "$H" --check 2>&1 | tail -4 ;;
+    dense-test)
+      timeout "$(lim 150)" python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_cuda_decode.py \
+        2>&1 | grep -v "$F" > "$R/dense_pytest.log"; tail -4 "$R/dense_pytest.log" ;;
+    dense-check) timeout "$(lim 60)" python3 scripts/check_cuda_kernels.py "$H" --cases 300 2>&1 | tail -2 ;;
+    nbits-decode)
+      timeout "$(lim 120)" python3 benchmarks/kernel_bench_nbits.py --harness "$H" --rows 1 --floor --ort-sparsities 0 \
+        --out "$R/nbits_decode" > "$R/nbits_decode.log" 2>&1; tail -14 "$R/nbits_decode.log" ;;
+    dense-sweep)
+      timeout "$(lim 200)" python3 benchmarks/kernel_bench.py --harness "$H" --sweep --out "$R/dense_sweep" \
+        --write-table "$R/dense_sweep/gemv_table.h" > "$R/dense_sweep.log" 2>&1; tail -12 "$R/dense_sweep.log" ;;
+    nbits-sweep)
+      timeout "$(lim 150)" python3 benchmarks/kernel_bench_nbits.py --harness "$H" --no-ort --sweep --out "$R/nbits_sweep" \
+        > "$R/nbits_sweep.log" 2>&1; tail -8 "$R/nbits_sweep.log" ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout "$(lim 60)" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 benchmarks/kernel_bench_nbits.py \
+          --harness "$H" --check > "$R/nbits_$tool.log" 2>&1
+        echo "nbits $tool: exit $? ($(grep -c -E '^========= (Invalid|Race|Error)' "$R/nbits_$tool.log") reports)"
+        timeout "$(lim 60)" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 scripts/check_cuda_kernels.py "$H" \
+          --cases 24 --max-m 8 --seed 4 > "$R/dense_$tool.log" 2>&1
+        echo "dense $tool: exit $? ($(grep -c -E '^========= (Invalid|Race|Error)' "$R/dense_$tool.log") reports)"
+      done ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
+echo "done in $(($(date +%s) - t0)) s"
