@@ -37,6 +37,7 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
       timeout "$(lim 120)" python3 benchmarks/kernel_bench_nbits.py --harness "$H" --rows 1 --floor --ort-sparsities 0 \
         --out "$R/nbits_decode" > "$R/nbits_decode.log" 2>&1; tail -14 "$R/nbits_decode.log" ;;
     dense-sweep)
+      mkdir -p "$R/dense_sweep"; cp csrc/sparse_matmul/gemv_table.h "$R/dense_sweep/gemv_table.h"
       timeout "$(lim 200)" python3 benchmarks/kernel_bench.py --harness "$H" --sweep --out "$R/dense_sweep" \
         --write-table "$R/dense_sweep/gemv_table.h" > "$R/dense_sweep.log" 2>&1; tail -12 "$R/dense_sweep.log" ;;
     nbits-sweep)
@@ -55,3 +56,5 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
   esac
 done
 echo "done in $(($(date +%s) - t0)) s"
+# at most 8 files come back from the lent machine: everything in one archive
+tar czf /tmp/kernels_session.tgz -C "$R" . && rm -rf "${R:?}"/* && mv /tmp/kernels_session.tgz "$R/"
