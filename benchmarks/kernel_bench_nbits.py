@@ -22,13 +22,12 @@ Run on a CUDA machine (see csrc/sparse_matmul_nbits/README.md for the exact comm
     python benchmarks/kernel_bench_nbits.py --harness build/ops/libacttail_bench.so --out docs/results/nbits
     python benchmarks/kernel_bench_nbits.py --table docs/results/nbits/kernel_bench_nbits.json
     python benchmarks/kernel_bench_nbits.py --harness ... --sweep --out ...   # decode parameters per shape
-    python benchmarks/kernel_bench_nbits.py --harness ... --check             # every path vs numpy (compute-sanitizer)
+Correctness of every harness path against numpy: tests/test_ops_nbits_cuda.py -k harness (also under compute-sanitizer).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import math
@@ -41,110 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
+from acttail_export.nbits_harness import BLOCK, Harness
+
 logger = logging.getLogger("kernel_bench_nbits")
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096))
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9)
 L2_BYTES = 60 * 2**20
-BLOCK = 32
-
-
-# --------------------------------------------------------------------------------------------
-# the harness (ctypes)
-# --------------------------------------------------------------------------------------------
-class NBitsCall(ctypes.Structure):
-    """Mirror of NBitsCall in csrc/sparse_matmul_nbits/bench.cu."""
-
-    _fields_ = [("half", ctypes.c_int), ("x", ctypes.c_void_p), ("q", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("offsets", ctypes.c_void_p), ("thresholds", ctypes.c_void_p), ("threshold_count", ctypes.c_longlong),
-                ("scale", ctypes.c_void_p), ("scale_rows", ctypes.c_longlong), ("y", ctypes.c_void_p), ("workspace", ctypes.c_void_p),
-                ("stream", ctypes.c_void_p), ("M", ctypes.c_longlong), ("K", ctypes.c_longlong), ("N", ctypes.c_longlong),
-                ("B", ctypes.c_longlong), ("topk", ctypes.c_int), ("ramp", ctypes.c_float), ("G", ctypes.c_int),
-                ("ends", ctypes.POINTER(ctypes.c_longlong)), ("ks", ctypes.POINTER(ctypes.c_longlong))]
-
-
-class NBitsVariant(ctypes.Structure):
-    """Mirror of NBitsVariant: 0 / -1 fields keep the op's own choice."""
-
-    _fields_ = [("cols_per_lane", ctypes.c_int), ("blocks_per_sm", ctypes.c_int), ("use_cublas", ctypes.c_int),
-                ("stream_scratch", ctypes.c_int), ("prefetch", ctypes.c_int)]
-
-
-class Harness:
-    """ctypes wrapper of the SparseMatMulNBits entry points of libacttail_bench.so (torch tensors in, on the current stream)."""
-
-    def __init__(self, path: str):
-        self.lib = ctypes.CDLL(path)
-        self.err = ctypes.create_string_buffer(512)
-        self.lib.acttail_nbits_bench_run.argtypes = [ctypes.POINTER(NBitsCall), ctypes.POINTER(NBitsVariant), ctypes.c_char_p, ctypes.c_int]
-        self.lib.acttail_nbits_bench_run.restype = ctypes.c_int
-        self.lib.acttail_nbits_bench_workspace_bytes.argtypes = [ctypes.POINTER(NBitsCall)]
-        self.lib.acttail_nbits_bench_workspace_bytes.restype = ctypes.c_longlong
-        floor = getattr(self.lib, "acttail_bench_read_floor", None)
-        if floor is not None:
-            floor.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-            floor.restype = ctypes.c_int
-        self.floor = floor
-
-    @staticmethod
-    def call(x, q, scales, offsets, y, *, thresholds=None, scale=None, workspace=None, topk: bool, ks=(0,), ends=None,
-             ramp: float = 0.0, block: int = BLOCK):
-        """An NBitsCall for torch tensors (x [M, K], q [K, ceil(N/2)] uint8, scales / offsets [ceil(K/B), N], y [M, N])."""
-        import torch
-
-        G = len(ends) if ends else 1
-        c = NBitsCall()
-        c.half = int(x.dtype == torch.float16)
-        c.x, c.q, c.scales, c.offsets, c.y = x.data_ptr(), q.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr()
-        c.thresholds = thresholds.data_ptr() if thresholds is not None else None
-        c.threshold_count = thresholds.numel() if thresholds is not None else 0
-        c.scale = scale.data_ptr() if scale is not None else None
-        c.scale_rows = (1 if scale.dim() == 1 else scale.shape[0]) if scale is not None else 0
-        c.workspace = workspace.data_ptr() if workspace is not None else None
-        c.M, c.K, c.N, c.B = x.shape[0], x.shape[1], y.shape[1], block
-        c.topk, c.ramp, c.G = int(topk), float(ramp), G
-        c._keep = ((ctypes.c_longlong * G)(*(ends or [y.shape[1]])), (ctypes.c_longlong * G)(*(list(ks) * G if len(ks) == 1 else ks)))
-        c.ends, c.ks = c._keep
-        return c
-
-    def workspace(self, call: NBitsCall):
-        import torch
-
-        n = max(int(self.lib.acttail_nbits_bench_workspace_bytes(ctypes.byref(call))), 16)
-        return torch.empty((n + 15) // 16 * 16, dtype=torch.uint8, device="cuda")
-
-    def run(self, call: NBitsCall, variant: tuple[int, ...] | None = None) -> None:
-        """Run one call; variant = (cols_per_lane, blocks_per_sm, use_cublas, stream_scratch[, prefetch]) (0 / -1: the op's)."""
-        import torch
-
-        call.stream = torch.cuda.current_stream().cuda_stream
-        v = NBitsVariant(*(tuple(variant) + (-1,) * (5 - len(variant)))) if variant is not None else None
-        if self.lib.acttail_nbits_bench_run(ctypes.byref(call), ctypes.byref(v) if v is not None else None, self.err, 512):
-            raise RuntimeError(self.err.value.decode())
-
-    def run_case(self, case, variant=None) -> np.ndarray:
-        """Run a tests/test_ops_nbits.py Case through the harness; returns Y as numpy."""
-        import torch
-
-        def dev(a):
-            return torch.from_numpy(np.ascontiguousarray(a)).cuda()
-
-        x = dev(case.x.reshape(-1, case.K))
-        y = torch.empty((x.shape[0], case.N), dtype=x.dtype, device="cuda")
-        thr = dev(np.asarray(case.thresholds, np.float32).reshape(-1)) if case.mode == "threshold" else None
-        scale = dev(case.scale) if case.scale is not None else None
-        c = self.call(x, dev(case.packed()), dev(case.scales), dev(case.offsets), y, thresholds=thr, scale=scale, topk=case.mode == "topk",
-                      ks=case.ks or (0,), ends=case.segments, ramp=case.ramp, block=case.block)
-        ws = self.workspace(c)
-        c.workspace = ws.data_ptr()
-        self.run(c, variant)
-        torch.cuda.synchronize()
-        return y.cpu().numpy().reshape(case.x.shape[:-1] + (case.N,))
-
-    def read_floor(self, buf, nbytes: int, sink, blocks: int) -> None:
-        import torch
-
-        if self.floor(buf.data_ptr(), nbytes // 16 * 16, sink.data_ptr(), blocks, torch.cuda.current_stream().cuda_stream, self.err, 512):
-            raise RuntimeError(self.err.value.decode())
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,46 +326,20 @@ def sweep(h: Harness, args) -> list[dict]:
             work = h.workspace(mk[0])
             for c in mk:
                 c.workspace = work.data_ptr()
-            # 32 columns per lane needs ~210 registers: one block per SM, so only blocks_per_sm = 1 differs there
-            for cpl, bps, pre in [(16, b, p) for b in (1, 2, 3, 4) for p in (0, 1)] + [(32, 1, 0), (32, 1, 1)]:
-                v = (cpl, bps, -1, -1, pre)
+            # 32 columns per lane needs ~210 registers: one block per SM, so only blocks_per_sm = 1 differs there;
+            # stage = 1: rows staged in shared memory (cp.async), 0: register loads (prefetch: L2 prefetch of the rows)
+            variants = [(16, b, p, 0) for b in (2, 3) for p in (0, 1)] + [(16, b, 0, 1) for b in (1, 2, 3)] + [(32, 1, 0, 0), (32, 1, 0, 1)]
+            for cpl, bps, pre, stage in variants:
+                v = (cpl, bps, -1, -1, pre, stage)
                 calls = [lambda c=c, v=v: h.run(c, v) for c in mk] * max(1, 48 // copies)
                 g_us, k_us, _ = time_graph(calls, args.reps)
                 rows.append({"K": K, "N": N, "M": 1, "sparsity": s, "cols_per_lane": cpl, "blocks_per_sm": bps, "prefetch": pre,
-                             "graph_us": g_us, "kernel_us": k_us, "effective_tb_s": ref_bytes / k_us / 1e6})
-                logger.info("sweep %dx%d s=%.1f cpl=%d bps=%d prefetch=%d: kernels %.2f us, graph %.2f us (%.2f TB/s)", K, N, s, cpl, bps, pre,
-                            k_us, g_us, rows[-1]["effective_tb_s"])
+                             "stage": stage, "graph_us": g_us, "kernel_us": k_us, "effective_tb_s": ref_bytes / k_us / 1e6})
+                logger.info("sweep %dx%d s=%.1f cpl=%d bps=%d prefetch=%d stage=%d: kernels %.2f us, graph %.2f us (%.2f TB/s)", K, N, s, cpl,
+                            bps, pre, stage, k_us, g_us, rows[-1]["effective_tb_s"])
         del ws
         torch.cuda.empty_cache()
     return rows
-
-
-def check(h: Harness) -> int:
-    """Every CUDA path through the harness against the numpy reference (tests/test_ops_nbits.py): decode 1-8 rows,
-    both column widths, per-call scratch, prefill with and without cuBLAS, members, topk, ramp, float32. For
-    compute-sanitizer runs; returns the number of cases."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_ops_nbits import Case, assert_matches, llm_case, random_weights
-
-    rng = np.random.default_rng(0)
-    n = 0
-    for dtype in (np.float16, np.float32):
-        for mode in ("threshold", "topk"):
-            for m, K, N, B in ((1, 1024, 512, 32), (1, 1000, 257, 16), (3, 512, 1024, 64), (8, 300, 100, 128), (12, 256, 96, 32)):
-                for variant in ((0, 0, -1, -1, -1), (32, 1, -1, 0, 1), (16, 4, 0, -1, 0), (16, 2, 1, 1, 1)):
-                    case = llm_case(rng, m, K, N, B, dtype, mode)
-                    assert_matches(h.run_case(case, variant), case)
-                    n += 1
-    x = rng.standard_normal((20, 256)).astype(np.float16)
-    q, scales, offsets = random_weights(rng, 256, 300, 32, np.float16)
-    for case in (Case(x, q, scales, offsets, 32, "threshold", [100, 170, 300], None, np.array([0.2, 0.5, 0.9], np.float32)),
-                 Case(x[:2], q, scales, offsets, 32, "topk", [100, 170, 300], [10, 50, 200], ramp=0.5)):
-        assert_matches(h.run_case(case), case)
-        n += 1
-    scales[1] = np.inf  # Inf scales: the prefill's exact kernel runs (and resets its flag)
-    case = Case(x, q, scales, offsets, 32, "threshold", thresholds=np.array(0.3, np.float32))
-    assert_matches(h.run_case(case), case)
-    return n + 1
 
 
 def markdown_tables(result: dict) -> str:
@@ -473,16 +348,18 @@ def markdown_tables(result: dict) -> str:
     out = [(f"GPU {env['gpu']}, driver {env.get('driver', '?')}, torch {env['torch']}, onnxruntime {env.get('onnxruntime', '-')}, "
             f"device copy {env['copy_tb_s']:.2f} TB/s (read + write)"), ""]
     if rows and "cols_per_lane" in rows[0]:
-        out += ["| K→N | sparsity | cols/lane | blocks/SM | L2 prefetch | kernel µs | graph µs | effective TB/s |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += ["| K→N | sparsity | cols/lane | blocks/SM | L2 prefetch | staged | kernel µs | graph µs | effective TB/s |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r['cols_per_lane']} | {r['blocks_per_sm']} | {r.get('prefetch', 0)} | "
-                       f"{r['kernel_us']:.2f} | {r['graph_us']:.2f} | {r['effective_tb_s']:.2f} |")
+                       f"{r.get('stage', 0)} | {r['kernel_us']:.2f} | {r['graph_us']:.2f} | {r['effective_tb_s']:.2f} |")
         best: dict = {}
         for r in rows:
             key = (r["K"], r["N"])
-            best.setdefault(key, {}).setdefault((r["cols_per_lane"], r["blocks_per_sm"], r.get("prefetch", 0)), []).append(r["kernel_us"])
-        out += ["", "| K→N | best (cols/lane, blocks/SM, prefetch) by the sum over the sparsities | µs at 0 / 50 / 90 % |", "|---|---|---|"]
+            variant = (r["cols_per_lane"], r["blocks_per_sm"], r.get("prefetch", 0), r.get("stage", 0))
+            best.setdefault(key, {}).setdefault(variant, []).append(r["kernel_us"])
+        out += ["", "| K→N | best (cols/lane, blocks/SM, prefetch, staged) by the sum over the sparsities | µs at 0 / 50 / 90 % |",
+                "|---|---|---|"]
         for key, variants in best.items():
             v, t = min(variants.items(), key=lambda kv: sum(kv[1]))
             out.append(f"| {key[0]}→{key[1]} | {v} | {' / '.join(f'{u:.2f}' for u in t)} |")
@@ -541,7 +418,6 @@ def main(argv=None) -> int:
     ap.add_argument("--ort-sparsities", default="0,0.5,0.9", help="sparsities at which the op is also timed through ORT")
     ap.add_argument("--floor", action="store_true", help="also time a plain streaming read of the op's bytes (decode)")
     ap.add_argument("--sweep", action="store_true", help="decode parameter sweep instead (writes nbits_sweep.json)")
-    ap.add_argument("--check", action="store_true", help="correctness of every CUDA path through the harness, then exit")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.table:
@@ -555,9 +431,6 @@ def main(argv=None) -> int:
         print("kernel_bench_nbits: needs a CUDA device", file=sys.stderr)
         return 2
     h = Harness(args.harness)
-    if args.check:
-        print(f"kernel_bench_nbits --check: {check(h)} cases match numpy")
-        return 0
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(), "block": BLOCK,
            "l2_bytes_assumed": L2_BYTES, "copy_tb_s": round(copy_bandwidth(), 3)}
     env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,

@@ -5,13 +5,14 @@
 #   BUDGET=540 bash benchmarks/device/kernels_session.sh [step ...]
 # Steps (default: all, in this order):
 #   nbits-test    tests/test_ops_nbits_cuda.py (CASES random cases through ONNX Runtime's CUDA EP)
-#   nbits-check   every CUDA path of SparseMatMulNBits through the harness against numpy
+#   nbits-check   every CUDA path of SparseMatMulNBits through the harness against numpy (test_ops_nbits_cuda.py -k harness)
 #   dense-test    tests/test_ops_cuda.py + test_ops_cuda_decode.py (SparseMatMul through the CUDA EP)
 #   dense-check   scripts/check_cuda_kernels.py: the SparseMatMul harness against acttail_export.reference
 #   nbits-decode  kernel_bench_nbits.py, 1 row: the 4-bit op vs MatMulNBits vs cuBLAS fp16, read floor
 #   dense-sweep   kernel_bench.py --sweep at 0/50/80 % on the issue shapes -> gemv_table.h
 #   nbits-sweep   kernel_bench_nbits.py --sweep
 #   sanitize      compute-sanitizer memcheck + racecheck on small harness checks of both ops
+#   nbits-sanitize  the SparseMatMulNBits half of sanitize only
 set -o pipefail
 R=${OUT:-runs/device}; mkdir -p "$R"; H=build/ops/libacttail_bench.so
 BUDGET=${BUDGET:-540}; CASES=${CASES:-200}; t0=$(date +%s)
@@ -28,7 +29,9 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
     nbits-test)
       ACTTAIL_BENCH_LIB=$H ACTTAIL_CUDA_CASES=$CASES timeout "$(lim 150)" python3 -m pytest -q --maxfail=20 -p no:cacheprovider \
         tests/test_ops_nbits_cuda.py 2>&1 | grep -v "$F" > "$R/nbits_pytest.log"; tail -4 "$R/nbits_pytest.log" ;;
-    nbits-check) timeout "$(lim 60)" python3 benchmarks/kernel_bench_nbits.py --harness "$H" --check 2>&1 | tail -4 ;;
+    nbits-check)
+      ACTTAIL_BENCH_LIB=$H timeout "$(lim 60)" python3 -m pytest -q -p no:cacheprovider tests/test_ops_nbits_cuda.py -k harness 2>&1 \
+        | grep -v "$F" | tail -4 ;;
     dense-test)
       timeout "$(lim 150)" python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_cuda_decode.py \
         2>&1 | grep -v "$F" > "$R/dense_pytest.log"; tail -4 "$R/dense_pytest.log" ;;
@@ -43,11 +46,12 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
     nbits-sweep)
       timeout "$(lim 150)" python3 benchmarks/kernel_bench_nbits.py --harness "$H" --no-ort --sweep --out "$R/nbits_sweep" \
         > "$R/nbits_sweep.log" 2>&1; tail -8 "$R/nbits_sweep.log" ;;
-    sanitize)
+    sanitize|nbits-sanitize)
       for tool in memcheck racecheck; do
-        timeout "$(lim 60)" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 benchmarks/kernel_bench_nbits.py \
-          --harness "$H" --check > "$R/nbits_$tool.log" 2>&1
+        ACTTAIL_BENCH_LIB=$H timeout "$(lim 90)" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
+          tests/test_ops_nbits_cuda.py -k "harness_paths and float16" > "$R/nbits_$tool.log" 2>&1
         echo "nbits $tool: exit $? ($(grep -c -E '^========= (Invalid|Race|Error)' "$R/nbits_$tool.log") reports)"
+        [ "$s" = nbits-sanitize ] && continue
         timeout "$(lim 60)" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 scripts/check_cuda_kernels.py "$H" \
           --cases 24 --max-m 8 --seed 4 > "$R/dense_$tool.log" 2>&1
         echo "dense $tool: exit $? ($(grep -c -E '^========= (Invalid|Race|Error)' "$R/dense_$tool.log") reports)"

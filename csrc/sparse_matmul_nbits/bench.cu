@@ -49,6 +49,7 @@ struct NBitsVariant {
   int use_cublas;      // -1: the op's choice (cuBLAS unless ACTTAIL_CUBLAS=0), 0 / 1: force
   int stream_scratch;  // -1: the op's choice (per-stream scratch), 0: per-call scratch zeroed with a memset
   int prefetch;        // -1: the op's choice, 0 / 1: force the L2 prefetch of each warp's rows
+  int stage;           // -1: the op's choice, 0 / 1: force the shared-memory staging of rows (one row of X)
 };
 
 void ToProblem(const NBitsCall& c, acttail::nbits::Problem& p, acttail::nbits::CudaArgs& a) {
@@ -103,6 +104,7 @@ extern "C" __attribute__((visibility("default"))) int acttail_nbits_bench_run(co
     if (variant->use_cublas >= 0) plan.use_cublas = variant->use_cublas != 0;
     if (variant->stream_scratch >= 0) plan.stream_scratch = variant->stream_scratch != 0;
     if (variant->prefetch >= 0) plan.decode.prefetch = variant->prefetch;
+    if (variant->stage >= 0) plan.decode.stage = variant->stage;
   }
   return Report(acttail::nbits::CudaRun(call->half != 0, p, a, plan), err, err_len);
 }

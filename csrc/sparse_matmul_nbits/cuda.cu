@@ -180,9 +180,10 @@ DecodeConfig ChooseDecode(const Problem& p, bool half) {
     DecodeConfig c;
   };
   static const Entry kTable[] = {
-      {4096, 4096, {16, 3, 0}}, {4096, 11008, {16, 3, 0}}, {11008, 4096, {16, 3, 0}}, {4096, 14336, {16, 3, 0}}, {14336, 4096, {16, 3, 0}},
+      {4096, 4096, {16, 3, 0, 1}}, {4096, 11008, {16, 3, 0, 1}}, {11008, 4096, {16, 3, 0, 1}}, {4096, 14336, {16, 3, 0, 1}},
+      {14336, 4096, {16, 3, 0, 1}},
   };
-  DecodeConfig c{16, 3, 0};
+  DecodeConfig c{16, 3, 0, 1};
   if (half && p.M == 1)
     for (const Entry& e : kTable)
       if (e.K == p.K && e.N == p.N) c = e.c;
@@ -212,20 +213,26 @@ int Tiles(const MemberSpans& spans, int cpl, cuda::GemvArgs* args) {
 }
 
 template <typename K>
-int Occupancy(K kernel) {
+int Occupancy(K kernel, int smem) {
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0) != cudaSuccess) {
+  if (smem > 48 * 1024 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;  // the launch would fail: LaunchGemv reports it
+  }
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem) != cudaSuccess) {
     cudaGetLastError();
     return 1;
   }
   return std::max(1, n);
 }
 
-template <typename T, int MR, int CPL, bool FULL>
+template <typename T, int MR, int CPL, bool FULL, bool STAGE = false>
 cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t max_blocks, cudaStream_t stream) {
   constexpr int kMinBlocks = CPL == 32 ? 1 : 2;
-  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, RowsInFlight(MR), FULL, kMinBlocks>;
-  static const int occupancy = Occupancy(kernel);
+  constexpr int kSmem = STAGE ? cuda::StageBytes<CPL, kWarps>() : 0;
+  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE>;  // STAGE: fallback with fewer registers
+  static const int occupancy = Occupancy(kernel, kSmem);  // also raises the kernel's dynamic shared memory limit
+  if (occupancy == 0) return cudaErrorInvalidConfiguration;
   int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
   if (!FULL) {
     // A multiple of the tile count keeps every block's range inside one tile (a block spanning two tiles runs two
@@ -233,7 +240,7 @@ cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t ma
     const int64_t aligned = grid / args.tiles * args.tiles;
     if (aligned >= args.tiles && aligned * 10 >= grid * 9) grid = aligned;
   }
-  kernel<<<(unsigned)grid, kWarps * 32, 0, stream>>>(args);
+  kernel<<<(unsigned)grid, kWarps * 32, kSmem, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -243,9 +250,13 @@ cudaError_t DispatchDecode(const KernelShape& s, const cuda::GemvArgs& args, int
   constexpr bool kHalf = std::is_same<T, __half>::value;
   if (s.mr == 1) {
     if constexpr (kHalf) {
-      if (s.cpl == 32) return LaunchGemv<T, 1, 32, false>(args, bps, max_blocks, stream);
+      if (s.cpl == 32) {
+        return args.stage ? LaunchGemv<T, 1, 32, false, true>(args, bps, max_blocks, stream)
+                          : LaunchGemv<T, 1, 32, false>(args, bps, max_blocks, stream);
+      }
     }
-    return LaunchGemv<T, 1, 16, false>(args, bps, max_blocks, stream);
+    return args.stage ? LaunchGemv<T, 1, 16, false, true>(args, bps, max_blocks, stream)
+                      : LaunchGemv<T, 1, 16, false>(args, bps, max_blocks, stream);
   }
   if (s.mr == 2) return LaunchGemv<T, 2, 8, false>(args, bps, max_blocks, stream);
   if (s.mr == 4) return LaunchGemv<T, 4, kHalf ? 8 : 4, false>(args, bps, max_blocks, stream);
@@ -306,7 +317,9 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   if (plan.decode.cols_per_lane != 0) cfg.cols_per_lane = plan.decode.cols_per_lane;
   if (plan.decode.blocks_per_sm != 0) cfg.blocks_per_sm = plan.decode.blocks_per_sm;
   if (plan.decode.prefetch >= 0) cfg.prefetch = plan.decode.prefetch;
+  if (plan.decode.stage >= 0) cfg.stage = plan.decode.stage;
   g.prefetch = cfg.prefetch > 0;
+  g.stage = p.M == 1 && cfg.stage > 0 && g.fast;  // the staged kernel needs 16-byte row pieces
   const KernelShape s = DecodeShape(p.M, half, cfg.cols_per_lane);
   const int tiles = Tiles(p.spans, s.cpl, &g);
   g.units = (long long)tiles * p.K;

@@ -54,6 +54,7 @@ struct DecodeConfig {
   int cols_per_lane = 0;  // one row of X, float16: 32 (16-byte loads of Q) or 16 (8-byte loads)
   int blocks_per_sm = 0;  // stream-K grid = SMs x blocks_per_sm blocks of 256 threads (capped by occupancy)
   int prefetch = -1;      // 1: prefetch each warp's rows into L2 before streaming them; 0: no; -1: choose
+  int stage = -1;         // one row of X: 1 = stage each warp's rows in shared memory (cp.async), 0 = register loads; -1: choose
 };
 
 struct CudaArgs {

@@ -54,6 +54,7 @@ struct GemvArgs {
   int row_groups;        // FULL mode: ceil(M / MR)
   int fast;              // 16-byte aligned Q / scales / offsets and N % 32 == 0: vector loads
   int prefetch;          // 1: each warp first prefetches its whole slice of rows (and their scales) into L2
+  int stage;             // 1 (one row of X, STAGE kernels): rows of Q staged through shared memory with cp.async
 };
 
 /// CPL/2 bytes of Q per lane and row.
@@ -171,6 +172,114 @@ struct Pool {
 
 __device__ __forceinline__ void PrefetchL2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
+// ---- staged rows (one row of X): cp.async copies of a warp's whole row slice into shared memory ----------------
+/// Rows of a warp's stage buffer (8 KB per warp, two halves): 32 tile rows of 256 B (CPL 16), 16 of 512 B (CPL 32).
+template <int CPL>
+constexpr int StageRows() { return 8192 / (16 * CPL); }
+/// Dynamic shared memory of a STAGE kernel: the warps' stage buffers (also the reduction buffer afterwards).
+template <int CPL, int WARPS>
+constexpr int StageBytes() { return WARPS * 8192; }
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* g) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(g) : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+/// One warp, one row of X: the pooled rows [e0, e1) into acc. The slice is copied into the warp's stage buffer in
+/// halves of H rows (cp.async, 16 B per lane and instruction, no registers held: the whole slice's DRAM requests are
+/// in flight at once when it fits in two halves), the scales / offsets of its quant blocks prefetched into L2; then
+/// the rows are read from shared memory, quant block by quant block (a block's scales are loaded when it starts and
+/// used at its flush, so their latency hides behind its rows).
+template <typename T, int CPL, int WARPS>
+__device__ __forceinline__ void StreamRowsStaged(const GemvArgs& a, const Pool<1, WARPS>& pool, int e0, int e1, int col0, int tb0,
+                                                 bool active, uint8_t* stage, float (&acc)[1][CPL]) {
+  constexpr int TB = CPL * 16, P = TB / 16, H = StageRows<CPL>() / 2;
+  const int lane = threadIdx.x & 31, n = e1 - e0;
+  if (n <= 0) return;
+  const T* scales = static_cast<const T*>(a.scales);
+  const T* offsets = static_cast<const T*>(a.offsets);
+  const int halves = (n + H - 1) / H;
+  auto issue = [&](int h) {
+    uint8_t* base = stage + (h & 1) * H * TB;
+    const int r0 = e0 + h * H, nr = min(H, e1 - r0);
+    for (int p = lane; p < nr * P; p += 32) {
+      const int i = p / P, byte = tb0 + (p % P) * 16;
+      if (byte < a.rowbytes) CpAsync16(base + i * TB + (p % P) * 16, a.q + (int64_t)pool.row[r0 + i] * a.rowbytes + byte);
+    }
+    CpAsyncCommit();
+    if (active) {
+      int last_b = h == 0 ? -1 : pool.row[r0 - 1] >> a.blog2;
+      for (int i = r0; i < r0 + nr; ++i) {
+        const int b = pool.row[i] >> a.blog2;
+        if (b != last_b) {
+          PrefetchL2(scales + (int64_t)b * a.N + col0);
+          PrefetchL2(offsets + (int64_t)b * a.N + col0);
+          last_b = b;
+        }
+      }
+    }
+  };
+  issue(0);
+  if (halves > 1) issue(1);
+  ColBits<T, CPL> s, o;
+  float accq[CPL], sv = 0.0f;
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) accq[c] = 0.0f;
+  auto flush = [&]() {
+    if (!active) return;
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+      const float pw = c % 4 == 0 ? 1.0f : c % 4 == 1 ? 0.0625f : c % 4 == 2 ? 0.00390625f : 0.000244140625f;
+      acc[0][c] = fmaf(ColValue<T, CPL>(s, c) * pw, accq[c], fmaf(ColValue<T, CPL>(o, c), sv, acc[0][c]));
+      accq[c] = 0.0f;
+    }
+    sv = 0.0f;
+  };
+  int cur = -1;
+  for (int h = 0; h < halves; ++h) {
+    if (h + 1 < halves) {
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncwarp();
+    const uint8_t* base = stage + (h & 1) * H * TB + lane * (CPL / 2);
+    const int r0 = e0 + h * H, r1 = min(e1, r0 + H);
+    for (int i = r0; i < r1; ++i) {
+      const int b = pool.row[i] >> a.blog2;  // warp-uniform
+      if (b != cur) {
+        if (cur >= 0) flush();
+        if (active) {
+          LoadCols<T, CPL>(s, scales + (int64_t)b * a.N, col0, a.N, true);
+          LoadCols<T, CPL>(o, offsets + (int64_t)b * a.N, col0, a.N, true);
+        }
+        cur = b;
+      }
+      RowBits<CPL> raw;
+      const uint8_t* src = base + (i - r0) * TB;
+      if constexpr (CPL == 32) {
+        const uint4 v = *reinterpret_cast<const uint4*>(src);
+        raw.w[0] = v.x; raw.w[1] = v.y; raw.w[2] = v.z; raw.w[3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(src);
+        raw.w[0] = v.x; raw.w[1] = v.y;
+      }
+      const float v = pool.v[0][i];  // one row of X: every pooled row is kept
+      sv += v;
+      float qf[CPL];
+      Unpack<CPL>(raw, qf);
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) accq[c] = fmaf(v, qf[c], accq[c]);
+    }
+    __syncwarp();  // every lane has read half h before it is refilled
+    if (h + 2 < halves) issue(h + 2);
+  }
+  flush();
+}
+
 /// One warp: the pooled rows [e0, e1) (sorted by row) into acc, quant block by quant block.
 template <typename T, int MR, int CPL, int WARPS, int U>
 __device__ __forceinline__ void StreamRows(const GemvArgs& a, const Pool<MR, WARPS>& pool, int e0, int e1, int col0, bool active, int Mb,
@@ -254,9 +363,9 @@ __device__ __forceinline__ void StreamRows(const GemvArgs& a, const Pool<MR, WAR
 
 /// Rows [k0, k1) of tile t for rows [m0, m0 + Mb) of X: accumulate, reduce over the block's warps, then add
 /// to the scratch (split mode) or write Y (FULL).
-template <typename T, int MR, int CPL, int WARPS, int U, bool FULL>
-__device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool, float* red, unsigned* s_last, int t, int k0, int k1,
-                                        int m0, int Mb) {
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE>
+__device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool, float* red, uint8_t* stage, unsigned* s_last, int t, int k0,
+                                        int k1, int m0, int Mb) {
   constexpr int TN = 32 * CPL, RPL = PoolRowsPerLane<MR>(), CH = WARPS * 32 * RPL;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int g = 0;
@@ -310,7 +419,17 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
       }
     }
     __syncthreads();
-    StreamRows<T, MR, CPL, WARPS, U>(a, pool, warp * total / WARPS, (warp + 1) * total / WARPS, col0, active, Mb, acc);
+    const int e0 = warp * total / WARPS, e1 = (warp + 1) * total / WARPS;
+    if constexpr (STAGE && MR == 1) {
+      const int tb0 = lg_first * CPL / 2;  // first byte of the tile in a row of Q
+      if (a.stage && a.fast && tb0 % 16 == 0) {
+        StreamRowsStaged<T, CPL, WARPS>(a, pool, e0, e1, col0, tb0, active, stage + warp * 8192, acc);
+      } else {
+        StreamRows<T, MR, CPL, WARPS, U>(a, pool, e0, e1, col0, active, Mb, acc);
+      }
+    } else {
+      StreamRows<T, MR, CPL, WARPS, U>(a, pool, e0, e1, col0, active, Mb, acc);
+    }
     __syncthreads();  // the pool is rewritten by the next chunk
   }
 
@@ -364,17 +483,22 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   }
 }
 
-template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB>
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB, bool STAGE = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvArgs a) {
+  static_assert(!STAGE || (MR == 1 && !FULL && StageBytes<CPL, WARPS>() >= WARPS * 32 * (CPL + 1) * 4), "stage buffer");
   __shared__ Pool<MR, WARPS> pool;
-  __shared__ float red[WARPS * 32 * (CPL + 1)];
   __shared__ unsigned s_last;
+  // STAGE: the dynamic shared memory holds the warps' stage buffers, and the reduction buffer after the rows
+  extern __shared__ __align__(16) uint8_t dyn_smem[];
+  __shared__ float red_static[STAGE ? 1 : WARPS * 32 * (CPL + 1)];
+  float* red = STAGE ? reinterpret_cast<float*>(dyn_smem) : red_static;
+  uint8_t* stage = STAGE ? dyn_smem : nullptr;
   if constexpr (FULL) {
     if (a.run_if != nullptr && *reinterpret_cast<volatile unsigned*>(a.run_if) == 0u) return;
     const int items = a.tiles * a.row_groups;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
       const int t = item % a.tiles, m0 = item / a.tiles * MR;
-      Segment<T, MR, CPL, WARPS, U, true>(a, pool, red, &s_last, t, 0, a.K, m0, min(MR, a.M - m0));
+      Segment<T, MR, CPL, WARPS, U, true, false>(a, pool, red, stage, &s_last, t, 0, a.K, m0, min(MR, a.M - m0));
     }
     if (a.run_if != nullptr) {
       __syncthreads();
@@ -390,7 +514,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvAr
     while (u < u1) {
       const int t = (int)(u / a.K), k0 = (int)(u % a.K);
       const int k1 = (int)min((long long)a.K, k0 + (u1 - u));
-      Segment<T, MR, CPL, WARPS, U, false>(a, pool, red, &s_last, t, k0, k1, 0, a.M);
+      Segment<T, MR, CPL, WARPS, U, false, STAGE>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M);
       u += k1 - k0;
     }
   }

@@ -1,0 +1,117 @@
+"""ctypes wrapper of the SparseMatMulNBits CUDA entry points of the benchmark harness (libacttail_bench.so).
+
+Built by ``ACTTAIL_BENCH=1 bash scripts/build_ops.sh`` from csrc/sparse_matmul_nbits/bench.cu; used by
+benchmarks/kernel_bench_nbits.py (timing) and tests/test_ops_nbits_cuda.py (every forced kernel variant against the
+reference). torch tensors in, on torch's current CUDA stream; torch is imported lazily.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+BLOCK = 32
+VARIANT_FIELDS = ("cols_per_lane", "blocks_per_sm", "use_cublas", "stream_scratch", "prefetch", "stage")
+
+
+class NBitsCall(ctypes.Structure):
+    """Mirror of NBitsCall in csrc/sparse_matmul_nbits/bench.cu."""
+
+    _fields_ = [("half", ctypes.c_int), ("x", ctypes.c_void_p), ("q", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("offsets", ctypes.c_void_p), ("thresholds", ctypes.c_void_p), ("threshold_count", ctypes.c_longlong),
+                ("scale", ctypes.c_void_p), ("scale_rows", ctypes.c_longlong), ("y", ctypes.c_void_p), ("workspace", ctypes.c_void_p),
+                ("stream", ctypes.c_void_p), ("M", ctypes.c_longlong), ("K", ctypes.c_longlong), ("N", ctypes.c_longlong),
+                ("B", ctypes.c_longlong), ("topk", ctypes.c_int), ("ramp", ctypes.c_float), ("G", ctypes.c_int),
+                ("ends", ctypes.POINTER(ctypes.c_longlong)), ("ks", ctypes.POINTER(ctypes.c_longlong))]
+
+
+class NBitsVariant(ctypes.Structure):
+    """Mirror of NBitsVariant: 0 (columns, blocks) / -1 (the others) keep the op's own choice."""
+
+    _fields_ = [(name, ctypes.c_int) for name in VARIANT_FIELDS]
+
+
+class Harness:
+    """The SparseMatMulNBits entry points of libacttail_bench.so."""
+
+    def __init__(self, path: str):
+        self.lib = ctypes.CDLL(path)
+        self.err = ctypes.create_string_buffer(512)
+        self.lib.acttail_nbits_bench_run.argtypes = [ctypes.POINTER(NBitsCall), ctypes.POINTER(NBitsVariant), ctypes.c_char_p, ctypes.c_int]
+        self.lib.acttail_nbits_bench_run.restype = ctypes.c_int
+        self.lib.acttail_nbits_bench_workspace_bytes.argtypes = [ctypes.POINTER(NBitsCall)]
+        self.lib.acttail_nbits_bench_workspace_bytes.restype = ctypes.c_longlong
+        floor = getattr(self.lib, "acttail_bench_read_floor", None)
+        if floor is not None:
+            floor.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+            floor.restype = ctypes.c_int
+        self.floor = floor
+
+    @staticmethod
+    def call(x, q, scales, offsets, y, *, thresholds=None, scale=None, workspace=None, topk: bool, ks=(0,), ends=None,
+             ramp: float = 0.0, block: int = BLOCK) -> NBitsCall:
+        """An NBitsCall for torch tensors (x [M, K], q [K, ceil(N/2)] uint8, scales / offsets [ceil(K/B), N], y [M, N])."""
+        import torch
+
+        G = len(ends) if ends else 1
+        c = NBitsCall()
+        c.half = int(x.dtype == torch.float16)
+        c.x, c.q, c.scales, c.offsets, c.y = x.data_ptr(), q.data_ptr(), scales.data_ptr(), offsets.data_ptr(), y.data_ptr()
+        c.thresholds = thresholds.data_ptr() if thresholds is not None else None
+        c.threshold_count = thresholds.numel() if thresholds is not None else 0
+        c.scale = scale.data_ptr() if scale is not None else None
+        c.scale_rows = (1 if scale.dim() == 1 else scale.shape[0]) if scale is not None else 0
+        c.workspace = workspace.data_ptr() if workspace is not None else None
+        c.M, c.K, c.N, c.B = x.shape[0], x.shape[1], y.shape[1], block
+        c.topk, c.ramp, c.G = int(topk), float(ramp), G
+        c._keep = ((ctypes.c_longlong * G)(*(ends or [y.shape[1]])), (ctypes.c_longlong * G)(*(list(ks) * G if len(ks) == 1 else ks)))
+        c.ends, c.ks = c._keep
+        return c
+
+    def workspace(self, call: NBitsCall):
+        """Device workspace the op would allocate for this call (a torch uint8 tensor)."""
+        import torch
+
+        n = max(int(self.lib.acttail_nbits_bench_workspace_bytes(ctypes.byref(call))), 16)
+        return torch.empty((n + 15) // 16 * 16, dtype=torch.uint8, device="cuda")
+
+    def run(self, call: NBitsCall, variant: tuple[int, ...] | None = None) -> None:
+        """Run one call; variant = a prefix of VARIANT_FIELDS (0 / -1: the op's choice), None: the op's plan."""
+        import torch
+
+        call.stream = torch.cuda.current_stream().cuda_stream
+        v = None
+        if variant is not None:
+            v = NBitsVariant(*(tuple(variant) + (-1,) * (len(VARIANT_FIELDS) - len(variant))))
+        if self.lib.acttail_nbits_bench_run(ctypes.byref(call), ctypes.byref(v) if v is not None else None, self.err, 512):
+            raise RuntimeError(self.err.value.decode())
+
+    def run_case(self, case, variant=None) -> np.ndarray:
+        """Run a test case (x, packed(), scales, offsets, block, mode, thresholds, scale, ks, segments, ramp) through the
+        harness; returns Y as numpy."""
+        import torch
+
+        def dev(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+        x = dev(case.x.reshape(-1, case.K))
+        y = torch.empty((x.shape[0], case.N), dtype=x.dtype, device="cuda")
+        thr = dev(np.asarray(case.thresholds, np.float32).reshape(-1)) if case.mode == "threshold" else None
+        scale = dev(case.scale) if case.scale is not None else None
+        c = self.call(x, dev(case.packed()), dev(case.scales), dev(case.offsets), y, thresholds=thr, scale=scale, topk=case.mode == "topk",
+                      ks=case.ks or (0,), ends=case.segments, ramp=case.ramp, block=case.block)
+        ws = self.workspace(c)
+        c.workspace = ws.data_ptr()
+        self.run(c, variant)
+        torch.cuda.synchronize()
+        return y.cpu().numpy().reshape(case.x.shape[:-1] + (case.N,))
+
+    def read_floor(self, buf, nbytes: int, sink, blocks: int) -> None:
+        """A plain streaming read of nbytes of buf by `blocks` blocks (the copy floor of the op's bytes)."""
+        import torch
+
+        if self.floor(buf.data_ptr(), nbytes // 16 * 16, sink.data_ptr(), blocks, torch.cuda.current_stream().cuda_stream, self.err, 512):
+            raise RuntimeError(self.err.value.decode())
