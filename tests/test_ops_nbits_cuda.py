@@ -1,9 +1,8 @@
 """com.acttail::SparseMatMulNBits on the CUDA execution provider: the CPU suite's properties, on CUDA.
 
 Skipped cleanly unless onnxruntime-gpu is installed and a CUDA device is usable (``ops.cuda_available``).
-``ACTTAIL_CUDA_CASES`` sets the number of random cases (default 300). The decode-variant test also needs the
-benchmark harness (``ACTTAIL_BENCH=1 bash scripts/build_ops.sh``; ``ACTTAIL_BENCH_LIB`` points at it) and torch
-with CUDA.
+``ACTTAIL_CUDA_CASES`` sets the number of random cases (default 300). The forced kernel variants run through the
+benchmark harness in ``test_ops_nbits_harness.py``.
 """
 
 from __future__ import annotations
@@ -239,65 +238,3 @@ def test_errors_cuda():
     case = llm_case(rng, 2, 20, 6, 16, np.float16, "threshold")
     with pytest.raises(Exception, match=r"scales must be \[2, 6\]"):
         cached_session(CUDA, case.key()).run(None, case.feeds() | {"scales": case.scales[:1]})
-
-
-# ---- the decode variants the per-shape table chooses between, through the benchmark harness ----------------
-def _harness():
-    lib = os.environ.get("ACTTAIL_BENCH_LIB")
-    if not lib or not Path(lib).is_file():
-        pytest.skip("set ACTTAIL_BENCH_LIB to libacttail_bench.so (ACTTAIL_BENCH=1 bash scripts/build_ops.sh)")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch without CUDA")
-    from acttail_export.nbits_harness import Harness
-
-    return Harness(lib)
-
-
-# (cols_per_lane, blocks_per_sm, stream_scratch, prefetch, stage): register loads (stage 0) and rows staged in shared
-# memory (stage 1), per-call and per-stream scratch, every grid the table may pick
-VARIANTS = [(16, 1, 1, 0, 0), (16, 2, 0, 1, 0), (16, 4, 1, 1, 0), (32, 1, 1, 1, 0), (32, 2, 0, 0, 0), (16, 1, 1, 0, 1), (16, 3, 0, 0, 1),
-            (32, 1, 1, 0, 1)]
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (4160, 1056)])
-def test_decode_variants_match(variant, K, N):
-    """Every decode configuration the per-shape table may pick. 4096->14336 with one block per SM and 16 columns per
-    lane has 28 tiles on a 132-block grid: no multiple of the tile count is near it, so ranges span two tiles."""
-    harness = _harness()
-    cpl, bps, scratch, prefetch, stage = variant
-    for mode, keep in (("threshold", 1.0), ("topk", 0.4)):  # all rows but one kept: the longest row slices per warp
-        case = llm_case(np.random.default_rng(K + N), 1, K, N, 32, np.float16, mode, keep=keep)
-        y = harness.run_case(case, variant=(cpl, bps, -1, scratch, prefetch, stage))
-        assert_matches(y, case)
-
-
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("mode", ["threshold", "topk"])
-def test_harness_paths(dtype, mode):
-    """Every CUDA path through the harness (run under compute-sanitizer on the CUDA machine): decode with 1-8 rows,
-    both column widths, staged and register rows, per-call scratch, prefill with and without cuBLAS."""
-    harness = _harness()
-    rng = np.random.default_rng(0)
-    for m, K, N, B in ((1, 1024, 512, 32), (1, 1000, 257, 16), (1, 2080, 1024, 64), (3, 512, 1024, 64), (8, 300, 100, 128),
-                       (12, 256, 96, 32)):
-        for variant in ((0, 0, -1, -1, -1, -1), (32, 1, -1, 0, 1, 1), (16, 4, 0, -1, 0, 0), (16, 2, 1, 1, 1, 1)):
-            case = llm_case(rng, m, K, N, B, dtype, mode)
-            assert_matches(harness.run_case(case, variant), case)
-
-
-def test_harness_members_and_inf_scales():
-    """Members through the harness, and Inf scales that arm the prefill's exact kernel (which resets its flag)."""
-    harness = _harness()
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((20, 256)).astype(np.float16)
-    q, scales, offsets = random_weights(rng, 256, 300, 32, np.float16)
-    for case in (Case(x, q, scales, offsets, 32, "threshold", [100, 170, 300], None, np.array([0.2, 0.5, 0.9], np.float32)),
-                 Case(x[:1], q, scales, offsets, 32, "topk", [100, 170, 300], [10, 50, 200], ramp=0.5),
-                 Case(x[:2], q, scales, offsets, 32, "topk", [100, 170, 300], [10, 50, 200], ramp=0.5)):
-        assert_matches(harness.run_case(case), case)
-    scales[1] = np.inf
-    case = Case(x, q, scales, offsets, 32, "threshold", thresholds=np.array(0.3, np.float32))
-    for _ in range(2):
-        assert_matches(harness.run_case(case), case)

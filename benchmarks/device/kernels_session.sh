@@ -5,7 +5,7 @@
 #   BUDGET=540 bash benchmarks/device/kernels_session.sh [step ...]
 # Steps (default: all, in this order):
 #   nbits-test    tests/test_ops_nbits_cuda.py (CASES random cases through ONNX Runtime's CUDA EP)
-#   nbits-check   every CUDA path of SparseMatMulNBits through the harness against numpy (test_ops_nbits_cuda.py -k harness)
+#   nbits-check   every CUDA path of SparseMatMulNBits through the harness against numpy (tests/test_ops_nbits_harness.py)
 #   dense-test    tests/test_ops_cuda.py + test_ops_cuda_decode.py (SparseMatMul through the CUDA EP)
 #   dense-check   scripts/check_cuda_kernels.py: the SparseMatMul harness against acttail_export.reference
 #   nbits-decode  kernel_bench_nbits.py, 1 row: the 4-bit op vs MatMulNBits vs cuBLAS fp16, read floor
@@ -30,7 +30,7 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
       ACTTAIL_BENCH_LIB=$H ACTTAIL_CUDA_CASES=$CASES timeout "$(lim 150)" python3 -m pytest -q --maxfail=20 -p no:cacheprovider \
         tests/test_ops_nbits_cuda.py 2>&1 | grep -v "$F" > "$R/nbits_pytest.log"; tail -4 "$R/nbits_pytest.log" ;;
     nbits-check)
-      ACTTAIL_BENCH_LIB=$H timeout "$(lim 60)" python3 -m pytest -q -p no:cacheprovider tests/test_ops_nbits_cuda.py -k harness 2>&1 \
+      ACTTAIL_BENCH_LIB=$H timeout "$(lim 60)" python3 -m pytest -q -p no:cacheprovider tests/test_ops_nbits_harness.py 2>&1 \
         | grep -v "$F" | tail -4 ;;
     dense-test)
       timeout "$(lim 150)" python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_cuda_decode.py \
@@ -49,7 +49,7 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
     sanitize|nbits-sanitize)
       for tool in memcheck racecheck; do
         ACTTAIL_BENCH_LIB=$H timeout "$(lim 90)" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
-          tests/test_ops_nbits_cuda.py -k "harness_paths and float16" > "$R/nbits_$tool.log" 2>&1
+          tests/test_ops_nbits_harness.py -k "harness_paths and float16" > "$R/nbits_$tool.log" 2>&1
         echo "nbits $tool: exit $? ($(grep -c -E '^========= (Invalid|Race|Error)' "$R/nbits_$tool.log") reports)"
         [ "$s" = nbits-sanitize ] && continue
         timeout "$(lim 60)" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 scripts/check_cuda_kernels.py "$H" \

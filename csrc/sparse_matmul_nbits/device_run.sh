@@ -5,7 +5,7 @@
 # Stages (each with its own time limit; outputs and logs under ${OUT:-runs/device}/nbits/):
 #   build     (always) source benchmarks/device/env.sh: op library + harness build/ops/libacttail_bench.so for sm_${CUDA_ARCH:-90}
 #   test      tests/test_ops_nbits_cuda.py (ACTTAIL_CUDA_CASES=${CASES:-200} random cases, harness variants)
-#   check     every CUDA path through the harness against numpy (tests/test_ops_nbits_cuda.py -k harness)
+#   check     every CUDA path through the harness against numpy (tests/test_ops_nbits_harness.py)
 #   sweep     decode parameters per shape (columns per lane x blocks per SM x L2 prefetch) -> nbits_sweep.json
 #   decode    kernel_bench_nbits.py, 1 row: the op vs MatMulNBits vs cuBLAS fp16, read floor
 #   prefill   kernel_bench_nbits.py, 512 rows
@@ -28,7 +28,7 @@ for s in $stages; do
       ACTTAIL_BENCH_LIB=$H ACTTAIL_CUDA_CASES=${CASES:-200} py 330 -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_ops_nbits_cuda.py \
         > "$OUT/pytest.log" 2>&1
       tail -15 "$OUT/pytest.log" ;;
-    check) ACTTAIL_BENCH_LIB=$H py 120 -m pytest -q -p no:cacheprovider tests/test_ops_nbits_cuda.py -k harness 2>&1 | tail -5 ;;
+    check) ACTTAIL_BENCH_LIB=$H py 120 -m pytest -q -p no:cacheprovider tests/test_ops_nbits_harness.py 2>&1 | tail -5 ;;
     sweep)
       py 200 benchmarks/kernel_bench_nbits.py --harness "$H" --no-ort --sweep --out "$OUT/sweep" > "$OUT/sweep.log" 2>&1
       tail -8 "$OUT/sweep.log" ;;
@@ -41,7 +41,7 @@ for s in $stages; do
     sanitize)
       for tool in memcheck racecheck; do
         ACTTAIL_BENCH_LIB=$H timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
-          tests/test_ops_nbits_cuda.py -k harness > "$OUT/sanitizer_$tool.log" 2>&1
+          tests/test_ops_nbits_harness.py > "$OUT/sanitizer_$tool.log" 2>&1
         echo "$tool: exit $? ($(grep -c -E '^========= (Invalid|Race|Error)' "$OUT/sanitizer_$tool.log") reports)"; tail -3 "$OUT/sanitizer_$tool.log"
       done ;;
     *) echo "unknown stage $s" ;;

@@ -173,12 +173,14 @@ struct Pool {
 __device__ __forceinline__ void PrefetchL2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // ---- staged rows (one row of X): cp.async copies of a warp's whole row slice into shared memory ----------------
-/// Rows of a warp's stage buffer (8 KB per warp, two halves): 32 tile rows of 256 B (CPL 16), 16 of 512 B (CPL 32).
+/// Bytes of a warp's stage buffer (two halves): 48 tile rows of 256 B (CPL 16), 24 of 512 B (CPL 32). A typical
+/// slice of a warp (<= 48 rows of 16 columns per lane) is then in flight at once, and two blocks of 8 warps fit an SM.
+constexpr int kStageWarpBytes = 12288;
 template <int CPL>
-constexpr int StageRows() { return 8192 / (16 * CPL); }
+constexpr int StageRows() { return kStageWarpBytes / (16 * CPL); }
 /// Dynamic shared memory of a STAGE kernel: the warps' stage buffers (also the reduction buffer afterwards).
 template <int CPL, int WARPS>
-constexpr int StageBytes() { return WARPS * 8192; }
+constexpr int StageBytes() { return WARPS * kStageWarpBytes; }
 
 __device__ __forceinline__ void CpAsync16(void* smem, const void* g) {
   const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -423,7 +425,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
     if constexpr (STAGE && MR == 1) {
       const int tb0 = lg_first * CPL / 2;  // first byte of the tile in a row of Q
       if (a.stage && a.fast && tb0 % 16 == 0) {
-        StreamRowsStaged<T, CPL, WARPS>(a, pool, e0, e1, col0, tb0, active, stage + warp * 8192, acc);
+        StreamRowsStaged<T, CPL, WARPS>(a, pool, e0, e1, col0, tb0, active, stage + warp * kStageWarpBytes, acc);
       } else {
         StreamRows<T, MR, CPL, WARPS, U>(a, pool, e0, e1, col0, active, Mb, acc);
       }

@@ -1,0 +1,79 @@
+"""SparseMatMulNBits' CUDA kernels through the benchmark harness (libacttail_bench.so), outside ONNX Runtime.
+
+Every forced decode variant the per-shape table may pick, and every CUDA path (decode, prefill with and without cuBLAS,
+members, Inf scales) against the reference of ``test_ops_nbits.py``. Skipped unless ``ACTTAIL_BENCH_LIB`` points at
+the harness (``ACTTAIL_BENCH=1 bash scripts/build_ops.sh``) and torch has CUDA; needs no onnxruntime-gpu, so it also
+runs under compute-sanitizer on a machine with only the CPU build of ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_ops_nbits import Case, assert_matches, llm_case, random_weights
+
+pytestmark = pytest.mark.cuda
+
+
+def _harness():
+    lib = os.environ.get("ACTTAIL_BENCH_LIB")
+    if not lib or not Path(lib).is_file():
+        pytest.skip("set ACTTAIL_BENCH_LIB to libacttail_bench.so (ACTTAIL_BENCH=1 bash scripts/build_ops.sh)")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    from acttail_export.nbits_harness import Harness
+
+    return Harness(lib)
+
+
+# (cols_per_lane, blocks_per_sm, stream_scratch, prefetch, stage): register loads (stage 0) and rows staged in shared
+# memory (stage 1), per-call and per-stream scratch, every grid the table may pick
+VARIANTS = [(16, 1, 1, 0, 0), (16, 2, 0, 1, 0), (16, 4, 1, 1, 0), (32, 1, 1, 1, 0), (32, 2, 0, 0, 0), (16, 1, 1, 0, 1), (16, 3, 0, 0, 1),
+            (32, 1, 1, 0, 1)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (4160, 1056)])
+def test_decode_variants_match(variant, K, N):
+    """Every decode configuration the per-shape table may pick. 4096->14336 with one block per SM and 16 columns per
+    lane has 28 tiles on a 132-block grid: no multiple of the tile count is near it, so ranges span two tiles."""
+    harness = _harness()
+    cpl, bps, scratch, prefetch, stage = variant
+    for mode, keep in (("threshold", 1.0), ("topk", 0.4)):  # all rows but one kept: the longest row slices per warp
+        case = llm_case(np.random.default_rng(K + N), 1, K, N, 32, np.float16, mode, keep=keep)
+        y = harness.run_case(case, variant=(cpl, bps, -1, scratch, prefetch, stage))
+        assert_matches(y, case)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_harness_paths(dtype, mode):
+    """Every CUDA path through the harness (run under compute-sanitizer on the CUDA machine): decode with 1-8 rows,
+    both column widths, staged and register rows, per-call scratch, prefill with and without cuBLAS."""
+    harness = _harness()
+    rng = np.random.default_rng(0)
+    for m, K, N, B in ((1, 1024, 512, 32), (1, 1000, 257, 16), (1, 2080, 1024, 64), (3, 512, 1024, 64), (8, 300, 100, 128),
+                       (12, 256, 96, 32)):
+        for variant in ((0, 0, -1, -1, -1, -1), (32, 1, -1, 0, 1, 1), (16, 4, 0, -1, 0, 0), (16, 2, 1, 1, 1, 1)):
+            case = llm_case(rng, m, K, N, B, dtype, mode)
+            assert_matches(harness.run_case(case, variant), case)
+
+
+def test_harness_members_and_inf_scales():
+    """Members through the harness, and Inf scales that arm the prefill's exact kernel (which resets its flag)."""
+    harness = _harness()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 256)).astype(np.float16)
+    q, scales, offsets = random_weights(rng, 256, 300, 32, np.float16)
+    for case in (Case(x, q, scales, offsets, 32, "threshold", [100, 170, 300], None, np.array([0.2, 0.5, 0.9], np.float32)),
+                 Case(x[:1], q, scales, offsets, 32, "topk", [100, 170, 300], [10, 50, 200], ramp=0.5),
+                 Case(x[:2], q, scales, offsets, 32, "topk", [100, 170, 300], [10, 50, 200], ramp=0.5)):
+        assert_matches(harness.run_case(case), case)
+    scales[1] = np.inf
+    case = Case(x, q, scales, offsets, 32, "threshold", thresholds=np.array(0.3, np.float32))
+    for _ in range(2):
+        assert_matches(harness.run_case(case), case)
