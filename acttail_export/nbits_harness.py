@@ -67,8 +67,13 @@ class Harness:
         c.workspace = workspace.data_ptr() if workspace is not None else None
         c.M, c.K, c.N, c.B = x.shape[0], x.shape[1], y.shape[1], block
         c.topk, c.ramp, c.G = int(topk), float(ramp), G
-        c._keep = ((ctypes.c_longlong * G)(*(ends or [y.shape[1]])), (ctypes.c_longlong * G)(*(list(ks) * G if len(ks) == 1 else ks)))
-        c.ends, c.ks = c._keep
+        ends_arr = (ctypes.c_longlong * G)(*(ends or [y.shape[1]]))
+        ks_arr = (ctypes.c_longlong * G)(*(list(ks) * G if len(ks) == 1 else ks))
+        c.ends, c.ks = ends_arr, ks_arr
+        # The struct holds raw pointers: keep the arrays and tensors alive as long as the call exists. Without this, a
+        # tensor passed as a temporary (call(x, dev(q), ...)) is freed at once and torch hands its memory to the next
+        # allocation (the workspace, which the op zeroes): the kernel then reads zeros where Q / scales were.
+        c._keep = (ends_arr, ks_arr, x, q, scales, offsets, y, thresholds, scale, workspace)
         return c
 
     def workspace(self, call: NBitsCall):
@@ -105,6 +110,7 @@ class Harness:
                       ks=case.ks or (0,), ends=case.segments, ramp=case.ramp, block=case.block)
         ws = self.workspace(c)
         c.workspace = ws.data_ptr()
+        c._keep += (ws,)
         self.run(c, variant)
         torch.cuda.synchronize()
         return y.cpu().numpy().reshape(case.x.shape[:-1] + (case.N,))

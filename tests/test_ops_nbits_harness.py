@@ -8,14 +8,40 @@ runs under compute-sanitizer on a machine with only the CPU build of ONNX Runtim
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_ops_nbits import Case, assert_matches, llm_case, random_weights
 
-pytestmark = pytest.mark.cuda
+
+
+def test_call_keeps_its_tensors_alive():
+    """The struct holds raw pointers: tensors passed as temporaries must live as long as the call. They did not, so
+    torch gave a freed Q / scales block to the workspace, which the per-call scratch zeroes: forced variants failed
+    depending on the allocation order (10 failures in the H200 run). Runs on CPU tensors, no GPU needed."""
+    torch = pytest.importorskip("torch")
+    from acttail_export.nbits_harness import Harness
+
+    x, y = torch.zeros((1, 64), dtype=torch.float16), torch.zeros((1, 32), dtype=torch.float16)
+    refs = []
+
+    def temp(shape, dtype):
+        t = torch.ones(shape, dtype=dtype)
+        refs.append(weakref.ref(t))
+        return t
+
+    call = Harness.call(x, temp((64, 16), torch.uint8), temp((2, 32), torch.float16), temp((2, 32), torch.float16), y,
+                        thresholds=temp((1,), torch.float32), topk=False)
+    gc.collect()
+    assert all(r() is not None for r in refs)
+    assert call.q == refs[0]().data_ptr() and call.M == 1 and call.K == 64 and call.N == 32 and call.ends[0] == 32
+    del call
+    gc.collect()
+    assert all(r() is None for r in refs)
 
 
 def _harness():
@@ -36,6 +62,7 @@ VARIANTS = [(16, 1, 1, 0, 0), (16, 2, 0, 1, 0), (16, 4, 1, 1, 0), (32, 1, 1, 1, 
             (32, 1, 1, 0, 1)]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (4160, 1056)])
 def test_decode_variants_match(variant, K, N):
@@ -49,6 +76,7 @@ def test_decode_variants_match(variant, K, N):
         assert_matches(y, case)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 def test_harness_paths(dtype, mode):
@@ -63,6 +91,7 @@ def test_harness_paths(dtype, mode):
             assert_matches(harness.run_case(case, variant), case)
 
 
+@pytest.mark.cuda
 def test_harness_members_and_inf_scales():
     """Members through the harness, and Inf scales that arm the prefill's exact kernel (which resets its flag)."""
     harness = _harness()
