@@ -1,7 +1,7 @@
 """com.acttail::SparseMatMulNBits (4-bit weights) on the CPU execution provider against acttail_export.reference.
 
 The helpers here (graph builder, expected values, comparison, case generator) are shared with
-``test_ops_nbits_cuda.py``, which runs the same properties on the CUDA execution provider.
+``test_ops_nbits_cuda.py`` (the same properties on the CUDA execution provider) and ``test_ops_nbits_harness.py``.
 """
 
 from __future__ import annotations
