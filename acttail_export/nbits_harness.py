@@ -1,7 +1,7 @@
 """ctypes wrapper of the SparseMatMulNBits CUDA entry points of the benchmark harness (libacttail_bench.so).
 
 Built by ``ACTTAIL_BENCH=1 bash scripts/build_ops.sh`` from csrc/sparse_matmul_nbits/bench.cu; used by
-benchmarks/kernel_bench_nbits.py (timing) and tests/test_ops_nbits_cuda.py (every forced kernel variant against the
+benchmarks/kernel_bench_nbits.py (timing) and tests/test_ops_nbits_harness.py (every forced kernel variant against the
 reference). torch tensors in, on torch's current CUDA stream; torch is imported lazily.
 """
 

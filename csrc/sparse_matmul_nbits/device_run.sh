@@ -4,7 +4,7 @@
 #   bash csrc/sparse_matmul_nbits/device_run.sh [stage ...]      default: build test check sweep decode prefill sanitize
 # Stages (each with its own time limit; outputs and logs under ${OUT:-runs/device}/nbits/):
 #   build     (always) source benchmarks/device/env.sh: op library + harness build/ops/libacttail_bench.so for sm_${CUDA_ARCH:-90}
-#   test      tests/test_ops_nbits_cuda.py (ACTTAIL_CUDA_CASES=${CASES:-200} random cases, harness variants)
+#   test      tests/test_ops_nbits_cuda.py (ACTTAIL_CUDA_CASES=${CASES:-200} random cases through ONNX Runtime)
 #   check     every CUDA path through the harness against numpy (tests/test_ops_nbits_harness.py)
 #   sweep     decode parameters per shape (columns per lane x blocks per SM x L2 prefetch) -> nbits_sweep.json
 #   decode    kernel_bench_nbits.py, 1 row: the op vs MatMulNBits vs cuBLAS fp16, read floor
