@@ -173,7 +173,7 @@ struct Pool {
 __device__ __forceinline__ void PrefetchL2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // ---- staged rows (one row of X): cp.async copies of a warp's whole row slice into shared memory ----------------
-/// Bytes of a warp's stage buffer (two halves): 48 tile rows of 256 B (CPL 16), 24 of 512 B (CPL 32). A typical
+/// Bytes of a warp's stage buffer (three parts): 48 tile rows of 256 B (CPL 16), 24 of 512 B (CPL 32). A typical
 /// slice of a warp (<= 48 rows of 16 columns per lane) is then in flight at once, and two blocks of 8 warps fit an SM.
 constexpr int kStageWarpBytes = 12288;
 template <int CPL>
@@ -191,21 +191,22 @@ template <int N>
 __device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 /// One warp, one row of X: the pooled rows [e0, e1) into acc. The slice is copied into the warp's stage buffer in
-/// halves of H rows (cp.async, 16 B per lane and instruction, no registers held: the whole slice's DRAM requests are
-/// in flight at once when it fits in two halves), the scales / offsets of its quant blocks prefetched into L2; then
-/// the rows are read from shared memory, quant block by quant block (a block's scales are loaded when it starts and
-/// used at its flush, so their latency hides behind its rows).
+/// parts of H rows, three buffers in rotation (cp.async, 16 B per lane and instruction, no registers held): two parts
+/// are in flight before the first is used, and part h + 2 is requested before part h is computed, so the copies
+/// overlap the arithmetic. The scales / offsets of the parts' quant blocks are prefetched into L2; the rows are read
+/// from shared memory quant block by quant block (a block's scales are loaded when it starts and used at its flush,
+/// so their latency hides behind its rows).
 template <typename T, int CPL, int WARPS>
 __device__ __forceinline__ void StreamRowsStaged(const GemvArgs& a, const Pool<1, WARPS>& pool, int e0, int e1, int col0, int tb0,
                                                  bool active, uint8_t* stage, float (&acc)[1][CPL]) {
-  constexpr int TB = CPL * 16, P = TB / 16, H = StageRows<CPL>() / 2;
+  constexpr int TB = CPL * 16, P = TB / 16, H = StageRows<CPL>() / 3;
   const int lane = threadIdx.x & 31, n = e1 - e0;
   if (n <= 0) return;
   const T* scales = static_cast<const T*>(a.scales);
   const T* offsets = static_cast<const T*>(a.offsets);
-  const int halves = (n + H - 1) / H;
+  const int parts = (n + H - 1) / H;
   auto issue = [&](int h) {
-    uint8_t* base = stage + (h & 1) * H * TB;
+    uint8_t* base = stage + (h % 3) * H * TB;
     const int r0 = e0 + h * H, nr = min(H, e1 - r0);
     for (int p = lane; p < nr * P; p += 32) {
       const int i = p / P, byte = tb0 + (p % P) * 16;
@@ -225,7 +226,7 @@ __device__ __forceinline__ void StreamRowsStaged(const GemvArgs& a, const Pool<1
     }
   };
   issue(0);
-  if (halves > 1) issue(1);
+  if (parts > 1) issue(1);
   ColBits<T, CPL> s, o;
   float accq[CPL], sv = 0.0f;
 #pragma unroll
@@ -241,14 +242,16 @@ __device__ __forceinline__ void StreamRowsStaged(const GemvArgs& a, const Pool<1
     sv = 0.0f;
   };
   int cur = -1;
-  for (int h = 0; h < halves; ++h) {
-    if (h + 1 < halves) {
-      CpAsyncWait<1>();
+  for (int h = 0; h < parts; ++h) {
+    if (h + 1 < parts) {
+      CpAsyncWait<1>();  // part h + 1 may still be in flight
     } else {
       CpAsyncWait<0>();
     }
+    // part h is visible to every lane, and every lane has finished reading part h - 1, whose buffer part h + 2 takes
     __syncwarp();
-    const uint8_t* base = stage + (h & 1) * H * TB + lane * (CPL / 2);
+    if (h + 2 < parts) issue(h + 2);
+    const uint8_t* base = stage + (h % 3) * H * TB + lane * (CPL / 2);
     const int r0 = e0 + h * H, r1 = min(e1, r0 + H);
     for (int i = r0; i < r1; ++i) {
       const int b = pool.row[i] >> a.blog2;  // warp-uniform
@@ -276,9 +279,8 @@ __device__ __forceinline__ void StreamRowsStaged(const GemvArgs& a, const Pool<1
 #pragma unroll
       for (int c = 0; c < CPL; ++c) accq[c] = fmaf(v, qf[c], accq[c]);
     }
-    __syncwarp();  // every lane has read half h before it is refilled
-    if (h + 2 < halves) issue(h + 2);
   }
+  __syncwarp();  // every lane is done with the buffers before the block's next use of them
   flush();
 }
 
