@@ -7,14 +7,8 @@ was. Temporary folders of killed runs (their PID is gone) are removed at the nex
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import re
 import shutil
-import signal
-import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,15 +20,14 @@ import numpy as np
 from .config import ActTailConfig, check_epsilon, check_sparsity
 from .errors import ActTailError, ExportValidationError
 from .modeling import expand_model_alias, resolve_model
+from .output_folder import (OLD_MARK, TMP_MARK, _make_parents, _make_temp, _move_into_place, _remove_empty,  # noqa: F401
+                            _sigterm_as_interrupt, _umask, check_output_dir, clean_stale_temp, restore_signals)
 
 logger = logging.getLogger(__name__)
 
 #: ``optimum``: optimum-onnx's trace (``ORTModelForCausalLM``); ``genai``: onnxruntime-genai's model builder
 #: graph (:mod:`acttail_export.optimize`, the fast GPU decode base).
 BASES = ("optimum", "genai")
-TMP_MARK = ".acttail-tmp-"
-OLD_MARK = ".acttail-old-"
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.acttail-(?:tmp|old)-(?P<pid>\d+)-\w+$")
 #: Validation tolerance on relative errors (max |Δ| / max |reference|, see :func:`validate_export`).
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 VALIDATION_WINDOWS, VALIDATION_LENGTH = 2, 64
@@ -44,26 +37,6 @@ EVAL_TOKENS, EVAL_LENGTH = 2048, 512
 # --------------------------------------------------------------------------------------------
 # input checks (cheap, before any model is loaded)
 # --------------------------------------------------------------------------------------------
-def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
-    """OUTPUT_DIR must be new, empty, or ``overwrite``; its parent must be writable."""
-    output_dir = Path(output_dir).expanduser().absolute()
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise ActTailError(f"output {output_dir} exists and is a file: choose a folder path")
-        if any(output_dir.iterdir()) and not overwrite:
-            raise ActTailError(f"output folder {output_dir} exists and is not empty: pass --overwrite or choose another folder")
-    probe = output_dir.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ActTailError(f"{probe} is a file, so {output_dir} cannot be created: choose another OUTPUT_DIR")
-    try:  # a real write probe: root ignores permission bits, read-only mounts do not show in os.access
-        Path(tempfile.mkdtemp(prefix=".acttail-write-probe-", dir=probe)).rmdir()
-    except OSError as exc:
-        raise ActTailError(f"cannot write to {probe} ({exc.strerror}): choose a writable OUTPUT_DIR") from None
-    return output_dir
-
-
 def check_inputs_outside(output_dir: str | Path, inputs: dict[str, str | Path | None]) -> None:
     """No input (model folder or file, data file) may be OUTPUT_DIR or lie inside it: the export would replace it.
 
@@ -119,132 +92,6 @@ def check_hub_token(token: str | None) -> str:
     from .hub import resolve_token
 
     return resolve_token(token)
-
-
-# --------------------------------------------------------------------------------------------
-# temporary folders
-# --------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temp(output_dir: Path) -> list[Path]:
-    """Remove temp folders of ``output_dir`` left by killed runs (PID no longer alive).
-
-    A run killed inside :func:`_move_into_place` with ``--overwrite``, after it moved the previous export
-    aside (``.NAME.acttail-old-PID-*/previous``) and before the new one took its place, leaves no
-    OUTPUT_DIR: the previous export is moved back then, not deleted.
-    """
-    removed = []
-    parent = output_dir.parent
-    if not parent.is_dir():
-        return removed
-    for entry in sorted(parent.iterdir()):
-        m = _TMP_RE.match(entry.name)
-        if m and m.group("name") == output_dir.name and entry.is_dir() and not _pid_alive(int(m.group("pid"))):
-            previous = entry / "previous"
-            if OLD_MARK in entry.name and previous.is_dir() and not output_dir.exists():
-                os.replace(previous, output_dir)
-                logger.warning("restored %s: the export that was replacing it had been killed", output_dir)
-            shutil.rmtree(entry)
-            removed.append(entry)
-            logger.info("removed stale temporary folder %s", entry)
-    return removed
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _sigterm_as_interrupt():
-    """Treat SIGTERM like Ctrl-C during the export (so the temp folder is removed); returns the old handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
-def _make_parents(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; returns the folders this call created, deepest first."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    created = []
-    for path in reversed(missing):
-        try:
-            path.mkdir()
-        except FileExistsError:  # made by a concurrent run meanwhile: not ours to remove
-            continue
-        created.append(path)
-    return created[::-1]
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first) as long as they are empty; a folder something else wrote into stays."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-def _make_temp(output_dir: Path, mark: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{mark}{os.getpid()}-", dir=output_dir.parent))
-
-
-def _umask() -> int:
-    """The process umask (read from /proc where possible: setting it to read it is not thread-safe)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool = False) -> None:
-    """Rename ``tmp`` to ``output_dir``.
-
-    Without ``overwrite`` the rename itself is the check that ``output_dir`` is still new or empty: a
-    concurrent run may have written it since the input checks, and ``rename`` onto a non-empty folder
-    (or a file) fails, so that output is never replaced. With ``overwrite`` an existing folder is moved
-    aside, then deleted. ``tmp`` (``mkdtemp``: mode 0700) first gets the mode of a folder made with
-    ``mkdir``: 0777 less the umask.
-    """
-    os.chmod(tmp, 0o777 & ~_umask())
-    if not overwrite:
-        try:
-            os.rename(tmp, output_dir)
-        except OSError as exc:
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                raise ActTailError(f"{output_dir} was created by another process during the export and was left as it is: "
-                                   f"choose another OUTPUT_DIR, or pass --overwrite to replace it") from None
-            raise
-        return
-    old = None
-    if output_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{OLD_MARK}{os.getpid()}-", dir=output_dir.parent))
-        os.replace(output_dir, old / "previous")
-    try:
-        os.replace(tmp, output_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old / "previous", output_dir)
-        raise
-    if old is not None:
-        try:
-            shutil.rmtree(old)
-        except KeyboardInterrupt:  # the new export is in place; the next export to OUTPUT_DIR removes the rest
-            logger.warning("interrupted while deleting the replaced export %s; the new export is in place", old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,8 +425,7 @@ def export(
         _remove_empty(created)
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore_signals(previous)
     logger.info("export written to %s (target sparsity %.2f, effective %s)", output_dir, config.target_sparsity,
                 f"{config.effective_sparsity:.3f}" if config.effective_sparsity is not None else "n/a")
     if push_to_hub:
