@@ -81,6 +81,8 @@ class ProjectionConfig:
     threshold: float | None = None
     k: int | None = None
     effective_sparsity: float | None = None
+    #: set when the weight spectrum was degenerate: why, and where ``alpha`` came from instead
+    alpha_fallback: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice(self.kind, PROJECTION_KINDS, "projection kind")

@@ -455,10 +455,14 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
 
     with _stage("load model"):
         model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
-    with _stage("spectral analysis"):
-        # on a GPU the Gram-matrix eigenvalues are ~5x faster than svdvals (docs/scale.md), same alphas
-        fits = analyze_model(model, device=device, progress=progress, method="gram" if device == "cuda" else "svd")
+    fits = None
+    if allocation == "acttail":  # uniform budgets need no alphas
+        with _stage("spectral analysis"):
+            # on a GPU the Gram-matrix eigenvalues are ~5x faster than svdvals (docs/scale.md), same alphas
+            fits = analyze_model(model, device=device, progress=progress, method="gram" if device == "cuda" else "svd")
     config = alloc.build_config(model, sparsity, allocation=allocation, mode=mode, epsilon=epsilon, mapping=mapping, fits=fits)
+    for p in config.projections if fits is not None else ():
+        p.alpha_fallback = fits[p.name].fallback  # degenerate spectrum: where its alpha came from
     config.kernel = kernel
     config.model = str(model_ref)
     config.architecture = type(model).__name__

@@ -253,6 +253,9 @@ def resolve_model(model: str | Path | None) -> str:
         return ref
     if local.is_dir():
         check_weights(local)
+        from .inputs import check_tokenizer_files
+
+        check_tokenizer_files(local)
     return str(local)
 
 
@@ -343,7 +346,12 @@ def load_tokenizer(model_ref: str) -> "PreTrainedTokenizerBase":
         if (cached / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(str(cached))
         return _load_gguf_tokenizer_uncached(path)
-    return AutoTokenizer.from_pretrained(resolve_model_ref(model_ref))
+    folder = resolve_model_ref(model_ref)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as exc:  # missing / broken tokenizer files
+        raise ActTailError(f"cannot load the tokenizer of {model_ref} ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                           "save the tokenizer next to the model with tokenizer.save_pretrained(FOLDER)") from None
 
 
 def _torch_dtype(dtype: str) -> "torch.dtype":
@@ -371,7 +379,10 @@ def load_model(model_ref: str, dtype: str = "fp32", device: str = "cpu") -> tupl
     except (RuntimeError, AssertionError) as exc:
         raise ActTailError(f"cannot move the model to device {device!r} ({str(exc).splitlines()[0]}); use --device cpu") from None
     model.eval()
-    return model, load_tokenizer(model_ref)
+    from .inputs import check_finite_weights, check_tokenizer
+
+    check_finite_weights(model)  # once, at load: NaN / Inf anywhere is one line naming the tensor
+    return model, check_tokenizer(load_tokenizer(model_ref), model, str(model_ref))
 
 
 def iter_projections(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
