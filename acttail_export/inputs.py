@@ -31,9 +31,10 @@ def check_finite_weights(model) -> None:
                 continue
             nan = int(torch.isnan(tensor).sum())
             inf = int(finite.numel() - finite.sum()) - nan
-            raise ActTailError(f"weight {name} has {nan} NaN and {inf} Inf values of {tensor.numel()}: the checkpoint is "
-                               "corrupted or was saved after a diverged training step; re-download or re-save the model "
-                               "with finite weights")
+            fix = ("values above 65504 overflow in fp16: use --dtype fp32" if tensor.dtype == torch.float16 else
+                   "the checkpoint is corrupted or was saved after a diverged training step; re-download or re-save "
+                   "the model with finite weights")
+            raise ActTailError(f"weight {name} has {nan} NaN and {inf} Inf values of {tensor.numel()}: {fix}")
 
 
 def check_tokenizer_files(folder: str | Path) -> None:

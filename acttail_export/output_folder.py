@@ -65,13 +65,25 @@ def _follow_symlink(output_dir: Path) -> Path:
     return target
 
 
-def _check_name_lengths(output_dir: Path, probe: Path) -> None:
+def _check_part_lengths(output_dir: Path) -> None:
     """Refuse names longer than the file system allows before any work (one line instead of an OSError later)."""
-    limit = _name_max(probe)
-    for part in output_dir.parts[len(probe.parts):] or (output_dir.name,):
+    anchor = output_dir
+    while True:
+        try:
+            if anchor.exists() or anchor == anchor.parent:
+                break
+        except OSError:
+            pass
+        anchor = anchor.parent
+    limit = _name_max(anchor)
+    for part in output_dir.parts:
         if len(part.encode()) > limit:
             raise ActTailError(f"output folder name {part[:40]}... is {len(part.encode())} bytes, above the file system's "
                                f"limit of {limit}: choose a shorter OUTPUT_DIR")
+
+
+def _check_name_lengths(output_dir: Path, probe: Path) -> None:
+    """The whole path must leave room under PATH_MAX for the files inside it."""
     try:
         path_max = os.pathconf(probe, "PC_PATH_MAX")
     except (OSError, ValueError):
@@ -86,7 +98,9 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     A symlinked OUTPUT_DIR is followed (the export lands where it points, the link stays); a link to a
     file, or into a missing folder, is refused.
     """
-    output_dir = _follow_symlink(Path(output_dir).expanduser().absolute())
+    output_dir = Path(output_dir).expanduser().absolute()
+    _check_part_lengths(output_dir)  # before any stat: a name above NAME_MAX makes it raise ENAMETOOLONG
+    output_dir = _follow_symlink(output_dir)
     if output_dir.exists():
         if not output_dir.is_dir():
             raise ActTailError(f"output {output_dir} exists and is a file: choose a folder path")
