@@ -72,8 +72,9 @@ def _check_type(value, types: tuple[type, ...], what: str, optional: bool = Fals
     if ok and minimum is not None:
         ok = value >= minimum
     if not ok:
+        shown = [t for t in types if not (t is int and float in types)]  # (int, float): "number"
         names = " or ".join("integer" if t is int else "number" if t is float else "string" if t is str else "object" if t is dict
-                            else t.__name__ for t in types)
+                            else t.__name__ for t in shown)
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ActTailError(f"{what} must be a finite {names}{bound}{' or null' if optional else ''}, got {value!r}: "
                            f"{CONFIG_NAME} was edited or is damaged; re-run the export")

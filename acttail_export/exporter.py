@@ -32,15 +32,17 @@ BASES = ("optimum", "genai")
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 #: Floor on the top-1 agreement of ORT's logits with PyTorch run on ORT's own masks (check 3 of
 #: :func:`validate_export`): with a logit error within ``TOLERANCE`` the argmax can only differ where the two
-#: best logits are within that error of each other, a few positions at most (1.0 measured on the tiny models
-#: and SmolLM2 in fp32); 0.0 is what a broken graph gives. The free-running agreement is reported, not gated:
-#: boundary flips make it legitimately low (32.8 % on SmolLM2 at 80 %, see docs/export.md).
+#: best logits are within that error of each other, a few positions at most (1.0 on the tiny random Llama /
+#: Mistral exports of tests/test_malformed.py, recorded as ``forced_top1_agreement``); a broken graph gives
+#: ~0. The free-running agreement is reported, not gated: boundary flips make it legitimately low (32.8 % on
+#: SmolLM2 at 80 %, see docs/export.md).
 TOP1_FLOOR = {"fp32": 0.9, "fp16": 0.75}
 #: Largest |effective - target| sparsity accepted in threshold mode (measured by the PyTorch reference on the
-#: validation windows): the thresholds are quantiles of the calibration text, so held-out text shifts the
-#: effective sparsity by a few hundredths; 0.1 leaves room for that and still catches broken thresholds
-#: (a NaN norm gave 0.70 for a 0.50 target). Top-k keeps exactly k per token (off by at most 1/d).
-SPARSITY_TOLERANCE = 0.1
+#: validation windows): the thresholds are quantiles of the dense calibration activations, and on held-out
+#: text the effective sparsity is up to 8.2 points off the target (SmolLM2, docs/perplexity.md); 0.15 leaves
+#: room for that plus the noise of 2 x 64 validation tokens and still catches broken thresholds (a NaN norm
+#: gave 0.70 for a 0.50 target). Top-k keeps exactly k per token (off by at most 1/d), so it is not gated.
+SPARSITY_TOLERANCE = 0.15
 VALIDATION_WINDOWS, VALIDATION_LENGTH = 2, 64
 EVAL_TOKENS, EVAL_LENGTH = 2048, 512
 
@@ -128,6 +130,7 @@ class ValidationReport:
     cached_step_rel_error: float  # last token through the KV cache vs the full pass
     tolerance: float
     positions: int
+    forced_top1_agreement: float = 1.0  # ORT vs PyTorch with ORT's masks: gated by TOP1_FLOOR
 
     @property
     def passed(self) -> bool:
@@ -256,10 +259,10 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
     with apply_sparsity(model, config) as hooks, torch.no_grad():
         ref = model(windows.to(device)).logits.float().cpu().numpy()
         hooks.record(config)
-    _gate(got, ref, forced_logits, config, dtype)
+    forced_top1 = _gate(got, ref, forced_logits, config, dtype)
     stats = compare_logits(ref, got)
     report = ValidationReport(stats["max_abs_diff"], stats["median_rel_error"], stats["p90_rel_error"], stats["top1_agreement"],
-                              forced_err, worst_proj, cached, TOLERANCE[dtype], stats["positions"])
+                              forced_err, worst_proj, cached, TOLERANCE[dtype], stats["positions"], forced_top1)
     logger.info("validation: masks follow the %s rule; projection error %.2g (%s), forced-mask logits %.2g, cached step %.2g "
                 "(tolerance %.0e); free-running vs PyTorch reference: max |Δlogit| %.3g, median %.2g, top-1 agreement %.1f%%",
                 config.mode, worst_proj, worst_name, forced_err, cached, report.tolerance, report.max_abs_diff,
@@ -273,8 +276,10 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
     return report
 
 
-def _gate(got: np.ndarray, ref: np.ndarray, forced: np.ndarray, config: ActTailConfig, dtype: str) -> None:
-    """The validation checks beyond the relative errors: finite logits, top-1 floor, effective sparsity near the target."""
+def _gate(got: np.ndarray, ref: np.ndarray, forced: np.ndarray, config: ActTailConfig, dtype: str) -> float:
+    """The validation checks beyond the relative errors: finite logits, top-1 floor, effective sparsity near the target.
+
+    Returns the top-1 agreement of ``got`` (ORT) with ``forced`` (PyTorch on ORT's masks)."""
     for what, logits in (("ONNX Runtime", got), ("the PyTorch sparse reference", ref)):
         if not np.isfinite(logits).all():
             raise ExportValidationError(f"{what} gives non-finite logits ({int((~np.isfinite(logits)).sum())} of {logits.size}) "
@@ -289,6 +294,7 @@ def _gate(got: np.ndarray, ref: np.ndarray, forced: np.ndarray, config: ActTailC
         raise ExportValidationError(f"effective sparsity {eff:.3f} on the validation text is more than {SPARSITY_TOLERANCE} "
                                     f"from the target {config.target_sparsity}: the calibration text does not represent it; "
                                     "pass --calibration-data with text like the model's use, or more --calibration-samples")
+    return agreement
 
 
 def _check_projections(outs: dict, probes: dict, config: ActTailConfig, modules: dict) -> tuple[dict, float, str]:
@@ -548,7 +554,8 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
             "max_abs_logit_diff": report.max_abs_diff, "median_rel_error": report.median_rel_error,
             "top1_agreement": report.top1_agreement, "positions": report.positions,
             "forced_mask_rel_error": report.forced_rel_error, "projection_rel_error": report.projection_rel_error,
-            "cached_step_rel_error": report.cached_step_rel_error, "tolerance": report.tolerance}
+            "cached_step_rel_error": report.cached_step_rel_error, "tolerance": report.tolerance,
+            "forced_top1_agreement": report.forced_top1_agreement, "forced_top1_floor": TOP1_FLOOR[dtype]}
         if eval_tokens and Path(eval_data).is_file():
             from .runtime import perplexity_onnx
 
