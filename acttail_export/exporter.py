@@ -44,6 +44,7 @@ TOP1_FLOOR = {"fp32": 0.9, "fp16": 0.75}
 #: gave 0.70 for a 0.50 target). Top-k keeps exactly k per token (off by at most 1/d), so it is not gated.
 SPARSITY_TOLERANCE = 0.15
 VALIDATION_WINDOWS, VALIDATION_LENGTH = 2, 64
+DEFAULT_SEQUENCE_LENGTH = 512  # calibration window when --sequence-length is not given (at most the context)
 EVAL_TOKENS, EVAL_LENGTH = 2048, 512
 
 
@@ -100,11 +101,16 @@ def check_allocation(sparsity: float, allocation: str, mapping: str | None) -> N
                                f"allocation: use --sparsity {s_max} or lower, or --allocation uniform")
 
 
-def check_context(sequence_length: int, limit, where) -> None:
-    """Calibration windows must fit the model's context (``max_position_embeddings``), as ``evaluate`` requires."""
-    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < sequence_length:
+def check_context(sequence_length: int | None, limit, where) -> int:
+    """Calibration windows must fit the model's context (``max_position_embeddings``), as ``evaluate`` requires;
+    returns the window length (None: the default 512, shortened to the context when that is shorter)."""
+    known = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+    if sequence_length is None:
+        return min(DEFAULT_SEQUENCE_LENGTH, limit) if known else DEFAULT_SEQUENCE_LENGTH
+    if known and limit < sequence_length:
         raise ActTailError(f"--sequence-length {sequence_length} exceeds the context of {where} (max_position_embeddings "
                            f"{limit}): use --sequence-length {limit} or less")
+    return sequence_length
 
 
 def check_hub_token(token: str | None) -> str:
@@ -387,7 +393,7 @@ def export(
     mapping: str | None = None,
     calibration_data: str | Path | None = None,
     calibration_samples: int = 64,
-    sequence_length: int = 512,
+    sequence_length: int | None = None,
     dtype: str = "fp32",
     device: str = "cpu",
     overwrite: bool = False,
@@ -430,7 +436,8 @@ def export(
             raise ActTailError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
     if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
         raise ActTailError(f"calibration samples must be a positive integer, got {calibration_samples!r}")
-    if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 2:
+    if sequence_length is not None and (isinstance(sequence_length, bool) or not isinstance(sequence_length, int)
+                                        or sequence_length < 2):
         raise ActTailError(f"sequence length must be an integer >= 2, got {sequence_length!r}")
     check_allocation(sparsity, allocation, mapping)
     library = check_kernel(kernel)
@@ -441,10 +448,6 @@ def export(
                                       "evaluation data": DEFAULT_EVAL_DATA if validate else None})
     output_dir = check_output_dir(output_dir, overwrite)
     model_ref = resolve_model(model)
-    if Path(model_ref).is_dir():  # a GGUF or Hub model is checked right after loading
-        from .runtime import max_positions
-
-        check_context(sequence_length, max_positions(model_ref), model_ref)
     read_text(calibration_path, EXPORT_CALIBRATION_FLAGS)
     if push_to_hub:
         from .hub import check_repo_id
@@ -457,6 +460,10 @@ def export(
 
         genai = check_genai(dtype, device)
 
+    if Path(model_ref).is_dir():  # last of the cheap checks; a GGUF or Hub model is checked right after loading
+        from .runtime import max_positions
+
+        sequence_length = check_context(sequence_length, max_positions(model_ref), model_ref)
     clean_stale_temp(output_dir)
     previous = _sigterm_as_interrupt()
     created, tmp = [], None
@@ -503,7 +510,7 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
 
     with _stage("load model"):
         model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
-    check_context(sequence_length, getattr(model.config, "max_position_embeddings", None), model_ref)
+    sequence_length = check_context(sequence_length, getattr(model.config, "max_position_embeddings", None), model_ref)
     fits = None
     if allocation == "acttail":  # uniform budgets need no alphas
         with _stage("spectral analysis"):
@@ -547,7 +554,8 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
 
     if validate:
         text_source = eval_data if Path(eval_data).is_file() else calibration_path
-        windows = load_windows(tokenizer, text_source, VALIDATION_LENGTH, samples=VALIDATION_WINDOWS)
+        context = getattr(model.config, "max_position_embeddings", None) or VALIDATION_LENGTH
+        windows = load_windows(tokenizer, text_source, min(VALIDATION_LENGTH, context), samples=VALIDATION_WINDOWS)
         with _stage("validation"):
             report = validate_export(model, tmp, config, windows, dtype)
         config.perplexity["validation"] = {
@@ -578,10 +586,22 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         config.effective_sparsity = sum(p.effective_sparsity * p.parameters for p in config.projections) / sum(
             p.parameters for p in config.projections)
     config.save(tmp)
+    _check_loadable(tmp)
     card = write_model_card(tmp, config, repo_id)
     if genai is not None:
         _add_genai_usage(card, genai[1], repo_id)
     return config
+
+
+def _check_loadable(folder: Path) -> None:
+    """The runtime's own checks on the finished folder (also under --no-validate): never write one it refuses."""
+    from .runtime import check_export_dir
+
+    try:
+        check_export_dir(folder)
+    except ActTailError as exc:
+        raise ExportValidationError(f"the export would not load ({exc}); this is a bug, please report it with the command "
+                                    "line") from None
 
 
 GENAI_USAGE = """## Usage with onnxruntime-genai (GPU decode base)

@@ -373,7 +373,12 @@ def load_model(model_ref: str, dtype: str = "fp32", device: str = "cpu") -> tupl
     folder = resolve_model_ref(str(model_ref))
     if Path(folder).is_dir():
         check_weights(folder)  # one-line error instead of a loader traceback for truncated / missing weights
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except (RuntimeError, ValueError) as exc:  # e.g. "size mismatch": config.json and the weights disagree
+        detail = " ".join(str(exc).split())[:200]
+        raise ActTailError(f"cannot load the weights of {model_ref} ({detail}): config.json and the weights disagree; "
+                           "re-save the model with save_pretrained") from None
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as exc:
@@ -393,6 +398,9 @@ def iter_projections(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
         layers = model.model.layers
     except AttributeError:
         raise ActTailError(f"{type(model).__name__} has no model.layers; supported: {', '.join(SUPPORTED_ARCHITECTURES)}") from None
+    if len(layers) == 0:
+        raise ActTailError(f"{type(model).__name__} has no decoder layers (num_hidden_layers=0): there is nothing to sparsify; "
+                           "check config.json")
     out: list[tuple[str, int, str, torch.nn.Linear]] = []
     for index, layer in enumerate(layers):
         for kind in PROJECTION_KINDS:

@@ -188,6 +188,16 @@ def test_sequence_length_above_the_context(capsys, tiny_llama_dir, models, tmp_p
     _refused(capsys, model, tmp_path, text, needles=("--sequence-length 32 exceeds the context", "16"))
 
 
+def test_model_without_decoder_layers(capsys, tiny_llama_dir, models, tmp_path, text):
+    model = mm.with_config(tiny_llama_dir, models / "zero-layers", num_hidden_layers=0)
+    _refused(capsys, model, tmp_path, text, "--allocation", "uniform", needles=("no decoder layers",))
+
+
+def test_config_that_disagrees_with_the_weights(capsys, tiny_llama_dir, models, tmp_path, text):
+    model = mm.with_config(tiny_llama_dir, models / "wrong-hidden", intermediate_size=96)
+    _refused(capsys, model, tmp_path, text, "--allocation", "uniform", needles=("config.json and the weights disagree",))
+
+
 # --- output folder: symlinks, long names (the build itself is replaced: these test the folder logic) ---
 @pytest.fixture
 def fake_build(monkeypatch):
