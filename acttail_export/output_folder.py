@@ -54,7 +54,12 @@ def _follow_symlink(output_dir: Path) -> Path:
     """OUTPUT_DIR itself when it is no symlink, else the folder it points to (refusing dangling or file targets)."""
     if not output_dir.is_symlink():
         return output_dir
-    target = output_dir.resolve()
+    try:
+        target = output_dir.resolve(strict=False)
+    except (RuntimeError, OSError):  # a symlink loop
+        raise ActTailError(f"OUTPUT_DIR {output_dir} is a symlink loop: remove the link and pass a real folder") from None
+    if target.is_symlink():  # Python < 3.13 leaves a loop unresolved instead of raising
+        raise ActTailError(f"OUTPUT_DIR {output_dir} is a symlink loop: remove the link and pass a real folder")
     if not target.exists():
         if target.parent.is_dir():
             return target  # a dangling link to a new folder in an existing one: the export creates it
@@ -82,7 +87,7 @@ def _check_part_lengths(output_dir: Path) -> None:
                                f"limit of {limit}: choose a shorter OUTPUT_DIR")
 
 
-def _check_name_lengths(output_dir: Path, probe: Path) -> None:
+def _check_path_length(output_dir: Path, probe: Path) -> None:
     """The whole path must leave room under PATH_MAX for the files inside it."""
     try:
         path_max = os.pathconf(probe, "PC_PATH_MAX")
@@ -111,13 +116,12 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
         probe = probe.parent
     if not probe.is_dir():
         raise ActTailError(f"{probe} is a file, so {output_dir} cannot be created: choose another OUTPUT_DIR")
-    _check_name_lengths(output_dir, probe)
+    _check_path_length(output_dir, probe)
     try:  # a real write probe: root ignores permission bits, read-only mounts do not show in os.access
         Path(tempfile.mkdtemp(prefix=".acttail-write-probe-", dir=probe)).rmdir()
     except OSError as exc:
         raise ActTailError(f"cannot write to {probe} ({exc.strerror}): choose a writable OUTPUT_DIR") from None
     return output_dir
-
 
 
 def _pid_alive(pid: int) -> bool:

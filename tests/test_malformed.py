@@ -241,12 +241,15 @@ def test_symlink_to_nonempty_folder_without_overwrite(capsys, fake_build, tiny_l
     assert [p.name for p in real.iterdir()] == ["old.txt"]
 
 
-@pytest.mark.parametrize("case", ["dangling-missing-parent", "to-a-file"])
+@pytest.mark.parametrize("case", ["dangling-missing-parent", "to-a-file", "loop"])
 def test_unusable_symlinks_are_refused(capsys, fake_build, tiny_llama_dir, tmp_path, text, case):
     link = tmp_path / "link"
     if case == "to-a-file":
         (tmp_path / "file.txt").write_text("x")
         link.symlink_to(tmp_path / "file.txt")
+    elif case == "loop":
+        (tmp_path / "other").symlink_to(link)
+        link.symlink_to(tmp_path / "other")
     else:
         link.symlink_to(tmp_path / "missing" / "real")
     _one_line_error(*_export(capsys, tiny_llama_dir, link, text), "symlink")
