@@ -56,7 +56,10 @@ def check_inputs_outside(output_dir: str | Path, inputs: dict[str, str | Path | 
 
     ``inputs`` maps a description ("model") to a path; paths that do not exist locally (Hub ids) are skipped.
     """
-    out = Path(output_dir).expanduser().resolve()
+    try:
+        out = Path(output_dir).expanduser().resolve()
+    except (RuntimeError, OSError):  # a symlink loop or an over-long name: check_output_dir says which
+        return
     for what, path in inputs.items():
         if path is None or str(path).strip() == "":
             continue

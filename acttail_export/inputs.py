@@ -21,7 +21,8 @@ def check_finite_weights(model) -> None:
     """Every parameter and floating-point buffer of ``model`` must be finite (no NaN / Inf)."""
     import torch
 
-    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    buffers = {n for n, b in model.named_buffers() if b.is_floating_point()}
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in buffers]
     with torch.no_grad():
         for name, tensor in tensors:
             if tensor.device.type == "meta":  # offloaded (accelerate): checked where it is materialized
@@ -31,10 +32,34 @@ def check_finite_weights(model) -> None:
                 continue
             nan = int(torch.isnan(tensor).sum())
             inf = int(finite.numel() - finite.sum()) - nan
-            fix = ("values above 65504 overflow in fp16: use --dtype fp32" if tensor.dtype == torch.float16 else
-                   "the checkpoint is corrupted or was saved after a diverged training step; re-download or re-save "
-                   "the model with finite weights")
-            raise ActTailError(f"weight {name} has {nan} NaN and {inf} Inf values of {tensor.numel()}: {fix}")
+            if name in buffers:  # computed at load, not read from the checkpoint
+                fix = "it is computed from config.json (e.g. rope_theta, rope_scaling): check those values"
+            elif tensor.dtype == torch.float16:
+                fix = "values above 65504 overflow in fp16: use --dtype fp32"
+            else:
+                fix = ("the checkpoint is corrupted or was saved after a diverged training step; re-download or re-save "
+                       "the model with finite weights")
+            raise ActTailError(f"{'buffer' if name in buffers else 'weight'} {name} has {nan} NaN and {inf} Inf values of {tensor.numel()}: {fix}")
+
+
+def check_forward(model, where: str) -> None:
+    """A 2-token forward pass must run and give finite logits (config values such as ``rms_norm_eps: null`` only
+    fail here; finite weights can still overflow)."""
+    import torch
+
+    from .offload import input_device
+
+    ids = torch.ones(1, 2, dtype=torch.long, device=input_device(model))
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=ids, use_cache=False).logits
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise ActTailError(f"{where} fails a 2-token forward pass ({type(exc).__name__}: {detail}): check config.json "
+                           "against the model") from None
+    if not bool(torch.isfinite(logits).all()):
+        raise ActTailError(f"{where} gives non-finite logits on a 2-token input although its weights are finite: it "
+                           "overflows (use --dtype fp32 if it is fp16) or config.json is wrong")
 
 
 def check_tokenizer_files(folder: str | Path) -> None:

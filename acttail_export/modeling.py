@@ -375,18 +375,19 @@ def load_model(model_ref: str, dtype: str = "fp32", device: str = "cpu") -> tupl
         check_weights(folder)  # one-line error instead of a loader traceback for truncated / missing weights
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    except (RuntimeError, ValueError) as exc:  # e.g. "size mismatch": config.json and the weights disagree
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # "size mismatch", a string where an int belongs, ...
         detail = " ".join(str(exc).split())[:200]
-        raise ActTailError(f"cannot load the weights of {model_ref} ({detail}): config.json and the weights disagree; "
-                           "re-save the model with save_pretrained") from None
+        raise ActTailError(f"cannot build the model from {model_ref} ({type(exc).__name__}: {detail}): config.json is "
+                           "inconsistent (with itself or with the weights); re-save the model with save_pretrained") from None
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise ActTailError(f"cannot move the model to device {device!r} ({str(exc).splitlines()[0]}); use --device cpu") from None
     model.eval()
-    from .inputs import check_finite_weights, check_tokenizer
+    from .inputs import check_finite_weights, check_forward, check_tokenizer
 
     check_finite_weights(model)  # once, at load: NaN / Inf anywhere is one line naming the tensor
+    check_forward(model, str(model_ref))  # a 2-token pass: config values that only fail at run time, non-finite logits
     return model, check_tokenizer(load_tokenizer(model_ref), model, str(model_ref))
 
 

@@ -103,13 +103,52 @@ def test_fp16_overflow_names_the_dtype(capsys, tiny_llama_dir, models, tmp_path,
 
 
 def test_overflowing_activations_stop_calibration(capsys, tiny_llama_dir, models, tmp_path, text):
-    """Finite fp32 weights of 1e20 in gate/up make the MLP product overflow: calibration names the projection."""
-    def edit(tensors):
-        mm.fill(mm.TENSORS["gate"], 1e20)(tensors)
-        mm.fill(mm.TENSORS["up"], 1e20)(tensors)
-    model = mm.edit_weights(tiny_llama_dir, models / "huge-mlp", edit)
+    """Finite fp32 weights of 1e20 in gate/up make the MLP product overflow on the calibration text (not on the
+    2-token check at load, where the gate is negative): calibration names the projection."""
+    model = mm.edit_weights(tiny_llama_dir, models / "huge-mlp", _huge_mlp)
     _refused(capsys, model, tmp_path, text, "--allocation", "uniform", "--mode", "threshold",
              needles=("model.layers.1.mlp.down_proj is not finite",))
+
+
+def _huge_mlp(tensors):
+    mm.fill(mm.TENSORS["gate"], 1e20)(tensors)
+    mm.fill(mm.TENSORS["up"], 1e20)(tensors)
+
+
+def test_calibration_names_the_projection_with_non_finite_inputs(tiny_llama_dir, text):
+    """The calibration's own guard (behind the load check): the first projection whose captured input is not finite."""
+    import torch
+
+    from acttail_export.allocation import build_config
+    from acttail_export.calibration import calibrate
+    from acttail_export.errors import ActTailError
+    from acttail_export.modeling import load_model
+
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    tensors = {mm.TENSORS[k]: model.get_parameter(mm.TENSORS[k]).detach().clone() for k in ("gate", "up")}
+    _huge_mlp(tensors)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            model.get_parameter(name).copy_(value)
+    config = build_config(model, 0.5, allocation="uniform", mode="threshold")
+    with pytest.raises(ActTailError, match="model.layers.1.mlp.down_proj is not finite"):
+        calibrate(model, tokenizer, config, data=text, samples=2, sequence_length=32, progress=False)
+
+
+CONFIG_EDITS = {
+    "heads-do-not-divide": (dict(num_attention_heads=5), "config.json is inconsistent"),
+    "hidden-size-string": (dict(hidden_size="64"), "config.json is inconsistent"),
+    "unknown-activation": (dict(hidden_act="nope"), "config.json is inconsistent"),
+    "rms-norm-eps-null": (dict(rms_norm_eps=None), "fails a 2-token forward pass"),
+    "negative-rope-theta": (dict(rope_theta=-1.0), "buffer model.rotary_emb.inv_freq"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_EDITS))
+def test_hand_edited_model_config(capsys, tiny_llama_dir, models, tmp_path, text, case):
+    changes, needle = CONFIG_EDITS[case]
+    model = mm.with_config(tiny_llama_dir, models / f"config-{case}", **changes)
+    _refused(capsys, model, tmp_path, text, "--allocation", "uniform", needles=(needle,))
 
 
 # --- degenerate spectra ----------------------------------------------------------------------------
@@ -195,7 +234,7 @@ def test_model_without_decoder_layers(capsys, tiny_llama_dir, models, tmp_path, 
 
 def test_config_that_disagrees_with_the_weights(capsys, tiny_llama_dir, models, tmp_path, text):
     model = mm.with_config(tiny_llama_dir, models / "wrong-hidden", intermediate_size=96)
-    _refused(capsys, model, tmp_path, text, "--allocation", "uniform", needles=("config.json and the weights disagree",))
+    _refused(capsys, model, tmp_path, text, "--allocation", "uniform", needles=("config.json is inconsistent", "size mismatch"))
 
 
 # --- output folder: symlinks, long names (the build itself is replaced: these test the folder logic) ---
