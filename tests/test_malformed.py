@@ -153,24 +153,31 @@ def test_hand_edited_model_config(capsys, tiny_llama_dir, models, tmp_path, text
 
 # --- degenerate spectra ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def good_fits(tiny_llama_dir):
+def good_model(tiny_llama_dir):
     from acttail_export.modeling import load_model
+
+    return load_model(str(tiny_llama_dir))[0]
+
+
+@pytest.fixture(scope="module")
+def good_fits(good_model):
     from acttail_export.spectral import analyze_model
 
-    return analyze_model(load_model(str(tiny_llama_dir))[0], progress=False)
+    return analyze_model(good_model, progress=False)
 
 
 @pytest.mark.parametrize("kind", mm.PROJECTION_KINDS)
 @pytest.mark.parametrize("damage", ["zero", "rank1"])
-def test_degenerate_spectrum_gets_the_layer_alpha(tiny_llama_dir, good_fits, kind, damage):
+def test_degenerate_spectrum_gets_the_layer_alpha(good_model, good_fits, kind, damage):
     """All-zero or rank-1 weights have no power-law tail: the median alpha of the layer's fitted projections."""
+    import copy
+
     import torch
 
-    from acttail_export.modeling import load_model
     from acttail_export.spectral import analyze_model
 
     name = mm.TENSORS[kind]
-    model, _ = load_model(str(tiny_llama_dir))
+    model = copy.deepcopy(good_model)
     with torch.no_grad():
         tensors = {name: model.get_parameter(name).detach().clone()}
         (mm.fill(name, 0.0) if damage == "zero" else mm.rank_one(name))(tensors)
