@@ -32,9 +32,9 @@ BASES = ("optimum", "genai")
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 #: Floor on the top-1 agreement of ORT's logits with PyTorch run on ORT's own masks (check 3 of
 #: :func:`validate_export`): with a logit error within ``TOLERANCE`` the argmax can only differ where the two
-#: best logits are within that error of each other, a few positions at most (1.0 on the tiny random Llama /
-#: Mistral exports of tests/test_malformed.py, recorded as ``forced_top1_agreement``); a broken graph gives
-#: ~0. The free-running agreement is reported, not gated: boundary flips make it legitimately low (32.8 % on
+#: best logits are within that error of each other, a few positions at most (1.0 in all 16 tiny Llama / Mistral
+#: exports of benchmarks/validation_gates.py, docs/results/reliab/; recorded per export as
+#: ``forced_top1_agreement``); a broken graph gives ~0. The free-running agreement is reported, not gated: boundary flips make it legitimately low (32.8 % on
 #: SmolLM2 at 80 %, see docs/export.md).
 TOP1_FLOOR = {"fp32": 0.9, "fp16": 0.75}
 #: Largest |effective - target| sparsity accepted in threshold mode (measured by the PyTorch reference on the
