@@ -336,11 +336,26 @@ def test_fused_topk_at_sparsity_zero_loads(capsys, tiny_llama_dir, tmp_path, tex
 # --- hand-edited acttail_config.json (read back by the runtime: evaluate --backend onnxruntime) -------
 @pytest.fixture(scope="module")
 def export_dir(tiny_llama_dir, tmp_path_factory, text) -> Path:
+    """A uniform threshold export; the spectral analysis must not run for it (uniform budgets need no alphas)."""
+    from acttail_export import spectral
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("the spectral analysis ran for --allocation uniform")
+
     out = tmp_path_factory.mktemp("export") / "out"
-    rc = main(["export", "--model", str(tiny_llama_dir), *FAST, "--calibration-data", str(text), "--mode", "threshold",
-               "--allocation", "uniform", str(out)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spectral, "analyze_model", no_analysis)
+        rc = main(["export", "--model", str(tiny_llama_dir), *FAST, "--calibration-data", str(text), "--mode", "threshold",
+                   "--allocation", "uniform", str(out)])
     assert rc == 0
     return out
+
+
+def test_uniform_export_has_no_alphas_and_loads(export_dir):
+    from acttail_export.runtime import check_export_dir
+
+    config, fused = check_export_dir(export_dir)
+    assert not fused and all(p.alpha is None and p.alpha_fallback is None for p in config.projections)
 
 
 def _set_projection(key, value):
