@@ -87,8 +87,9 @@ def _check_mode(graph, config: ActTailConfig) -> None:
     for node in graph.graph.node:
         if node.domain == CUSTOM_DOMAIN:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            mode = attrs.get("mode", b"")
-            found.add(mode.decode() if isinstance(mode, bytes) else str(mode))
+            if "mode" in attrs:  # (an op without the attribute says nothing about the mode)
+                mode = attrs["mode"]
+                found.add(mode.decode() if isinstance(mode, bytes) else str(mode))
         elif node.name.startswith("/acttail/") and node.op_type in ("TopK", "Greater"):
             found.add("topk" if node.op_type == "TopK" else "threshold")
     if found - {config.mode}:
