@@ -164,6 +164,9 @@ def _fill_thresholds(group: list[ProjectionConfig], acc) -> float:
         return 0.0
     estimates = acc.quantiles([p.sparsity for p in live])
     for p, est in zip(live, estimates):
+        if not math.isfinite(est.threshold):
+            raise ActTailError(f"the calibrated threshold of {p.name} is {est.threshold}: its calibration statistics are not "
+                               "finite; use --dtype fp32, or check the model's outputs in PyTorch")
         p.threshold = max(0.0, est.threshold)
     return max(est.bin_mass for est in estimates)
 
@@ -172,8 +175,11 @@ class _Stop(Exception):
     """Raised by a capture hook to end a forward pass early (sequential calibration)."""
 
 
-def _capture_hook(acc, stop: bool = False):
+def _capture_hook(acc, stop: bool = False, name: str = "a projection"):
     def hook(module, args):
+        if not bool(torch.isfinite(args[0]).all()):  # finite weights can still overflow (fp16) on some text
+            raise ActTailError(f"the input of {name} is not finite (NaN/Inf activations) on the calibration data: the model "
+                               "overflows there; use --dtype fp32, or check the model's outputs in PyTorch")
         acc.add(args[0])
         if stop:
             raise _Stop
@@ -277,7 +283,8 @@ def calibrate_many(
 
 def _calibrate_dense(model, groups_per_config, accs, batches, progress: bool) -> float:
     groups = groups_per_config[0]
-    handles = [model.get_submodule(g[0].name).register_forward_pre_hook(_capture_hook(acc)) for g, acc in zip(groups, accs)]
+    handles = [model.get_submodule(g[0].name).register_forward_pre_hook(_capture_hook(acc, name=g[0].name))
+               for g, acc in zip(groups, accs)]
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
@@ -326,7 +333,7 @@ def _calibrate_sequential(model, groups, accs, batches, progress: bool) -> float
             for index in tqdm(range(len(layers)), desc="calibrating (sequential)", unit="layer", disable=not progress):
                 layer = layers[index]
                 for group, acc in by_layer.get(index, []):
-                    handle = model.get_submodule(group[0].name).register_forward_pre_hook(_capture_hook(acc, stop=True))
+                    handle = model.get_submodule(group[0].name).register_forward_pre_hook(_capture_hook(acc, stop=True, name=group[0].name))
                     try:
                         for h, (_, kwargs) in zip(hidden, inputs):
                             try:

@@ -61,6 +61,25 @@ def check_epsilon(value: float) -> float:
     return _check_unit_interval(value, "epsilon")
 
 
+def _check_type(value, types: tuple[type, ...], what: str, optional: bool = False, minimum: int | None = None) -> None:
+    """One-line ActTailError unless ``value`` is one of ``types`` (never a bool), finite, and >= ``minimum``
+    (a hand-edited ``acttail_config.json`` with a string where a number belongs, say)."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, types) and not isinstance(value, bool)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value >= minimum
+    if not ok:
+        shown = [t for t in types if not (t is int and float in types)]  # (int, float): "number"
+        names = " or ".join("integer" if t is int else "number" if t is float else "string" if t is str else "object" if t is dict
+                            else t.__name__ for t in shown)
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ActTailError(f"{what} must be a finite {names}{bound}{' or null' if optional else ''}, got {value!r}: "
+                           f"{CONFIG_NAME} was edited or is damaged; re-run the export")
+
+
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise ActTailError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
@@ -81,10 +100,19 @@ class ProjectionConfig:
     threshold: float | None = None
     k: int | None = None
     effective_sparsity: float | None = None
+    #: set when the weight spectrum was degenerate: why, and where ``alpha`` came from instead
+    alpha_fallback: str | None = None
 
     def __post_init__(self) -> None:
+        _check_type(self.name, (str,), "projection name")
+        for what in ("layer", "in_features", "out_features"):
+            _check_type(getattr(self, what), (int,), f"{what} of {self.name}", minimum=0 if what == "layer" else 1)
+        for what in ("alpha", "threshold", "effective_sparsity"):
+            _check_type(getattr(self, what), (int, float), f"{what} of {self.name}", optional=True)
+        _check_type(self.k, (int,), f"k of {self.name}", optional=True)
+        _check_type(self.alpha_fallback, (str,), f"alpha_fallback of {self.name}", optional=True)
         _check_choice(self.kind, PROJECTION_KINDS, "projection kind")
-        check_sparsity(self.sparsity, f"sparsity of {self.name}")
+        self.sparsity = check_sparsity(self.sparsity, f"sparsity of {self.name}")
         if self.k is not None and not 0 <= self.k <= self.in_features:
             raise ActTailError(f"k of {self.name} must be in [0, {self.in_features}], got {self.k}")
         if self.threshold is not None and not self.threshold >= 0:
@@ -135,7 +163,17 @@ class ActTailConfig:
     config_version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        check_sparsity(self.target_sparsity, "target sparsity")
+        self.target_sparsity = check_sparsity(self.target_sparsity, "target sparsity")
+        for what in ("model", "architecture"):
+            _check_type(getattr(self, what), (str,), what, optional=True)
+        _check_type(self.effective_sparsity, (int, float), "effective_sparsity", optional=True)
+        _check_type(self.s_max, (int, float), "s_max")
+        _check_type(self.config_version, (int,), "config_version")
+        _check_type(self.perplexity, (dict,), "perplexity")
+        _check_type(self.versions, (dict,), "versions")
+        if not isinstance(self.projections, list):
+            raise ActTailError(f"projections must be a list, got {type(self.projections).__name__}: {CONFIG_NAME} was edited "
+                               "or is damaged; re-run the export")
         _check_choice(self.allocation, ALLOCATIONS, "allocation")
         _check_choice(self.mode, MODES, "mode")
         _check_choice(self.kernel, KERNELS, "kernel")
@@ -148,6 +186,9 @@ class ActTailConfig:
         self.projections = [p if isinstance(p, ProjectionConfig) else ProjectionConfig(**p) for p in self.projections]
         if isinstance(self.calibration, dict):
             self.calibration = CalibrationInfo(**self.calibration)
+        _check_type(self.calibration.data, (str,), "calibration.data", optional=True)
+        for what in ("samples", "sequence_length", "tokens"):
+            _check_type(getattr(self.calibration, what), (int,), f"calibration.{what}", minimum=0)
 
     # --- queries -----------------------------------------------------------------------------
     def by_name(self) -> dict[str, ProjectionConfig]:
@@ -174,8 +215,9 @@ class ActTailConfig:
             raise ActTailError(f"unknown keys in {CONFIG_NAME}: {', '.join(sorted(unknown))}")
         try:
             return cls(**data)
-        except TypeError as exc:
-            raise ActTailError(f"invalid {CONFIG_NAME}: {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:  # wrong keys or shapes inside a hand-edited file
+            raise ActTailError(f"invalid {CONFIG_NAME}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                               "re-run the export") from None
 
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/acttail_config.json``.

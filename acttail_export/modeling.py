@@ -253,6 +253,9 @@ def resolve_model(model: str | Path | None) -> str:
         return ref
     if local.is_dir():
         check_weights(local)
+        from .inputs import check_tokenizer_files
+
+        check_tokenizer_files(local)
     return str(local)
 
 
@@ -343,7 +346,12 @@ def load_tokenizer(model_ref: str) -> "PreTrainedTokenizerBase":
         if (cached / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(str(cached))
         return _load_gguf_tokenizer_uncached(path)
-    return AutoTokenizer.from_pretrained(resolve_model_ref(model_ref))
+    folder = resolve_model_ref(model_ref)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - missing / broken tokenizer files (tokenizers raises a bare Exception)
+        raise ActTailError(f"cannot load the tokenizer of {model_ref} ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                           "save the tokenizer next to the model with tokenizer.save_pretrained(FOLDER)") from None
 
 
 def _torch_dtype(dtype: str) -> "torch.dtype":
@@ -365,13 +373,22 @@ def load_model(model_ref: str, dtype: str = "fp32", device: str = "cpu") -> tupl
     folder = resolve_model_ref(str(model_ref))
     if Path(folder).is_dir():
         check_weights(folder)  # one-line error instead of a loader traceback for truncated / missing weights
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # "size mismatch", a string where an int belongs, ...
+        detail = " ".join(str(exc).split())[:200]
+        raise ActTailError(f"cannot build the model from {model_ref} ({type(exc).__name__}: {detail}): config.json is "
+                           "inconsistent (with itself or with the weights); re-save the model with save_pretrained") from None
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise ActTailError(f"cannot move the model to device {device!r} ({str(exc).splitlines()[0]}); use --device cpu") from None
     model.eval()
-    return model, load_tokenizer(model_ref)
+    from .inputs import check_finite_weights, check_forward, check_tokenizer
+
+    check_finite_weights(model)  # once, at load: NaN / Inf anywhere is one line naming the tensor
+    check_forward(model, str(model_ref))  # a 2-token pass: config values that only fail at run time, non-finite logits
+    return model, check_tokenizer(load_tokenizer(model_ref), model, str(model_ref))
 
 
 def iter_projections(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
@@ -382,6 +399,9 @@ def iter_projections(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
         layers = model.model.layers
     except AttributeError:
         raise ActTailError(f"{type(model).__name__} has no model.layers; supported: {', '.join(SUPPORTED_ARCHITECTURES)}") from None
+    if len(layers) == 0:
+        raise ActTailError(f"{type(model).__name__} has no decoder layers (num_hidden_layers=0): there is nothing to sparsify; "
+                           "check config.json")
     out: list[tuple[str, int, str, torch.nn.Linear]] = []
     for index, layer in enumerate(layers):
         for kind in PROJECTION_KINDS:

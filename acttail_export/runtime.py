@@ -42,7 +42,7 @@ def check_export_dir(export_dir: str | Path) -> tuple[ActTailConfig, bool]:
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    from .graph_rewrite import CUSTOM_DOMAIN, check_against_config
+    from .graph_rewrite import CUSTOM_DOMAIN, _is_identity, check_against_config
 
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
@@ -69,10 +69,32 @@ def check_export_dir(export_dir: str | Path) -> tuple[ActTailConfig, bool]:
     config = ActTailConfig.load(export_dir / CONFIG_NAME)
     check_against_config(graph, config)
     fused = any(node.domain == CUSTOM_DOMAIN for node in graph.graph.node)
-    if fused != (config.kernel == "fused"):
+    _check_mode(graph, config)
+    # a fused export whose every projection keeps all channels (e.g. --sparsity 0 in topk mode) has no op to fuse
+    if fused != (config.kernel == "fused" and any(not _is_identity(p, config.mode) for p in config.projections)):
         raise ActTailError(f"{CONFIG_NAME} says kernel={config.kernel} but the graph {'uses' if fused else 'lacks'} the "
                            f"{CUSTOM_DOMAIN} op: the files come from different exports, re-run the export")
     return config, fused
+
+
+def _check_mode(graph, config: ActTailConfig) -> None:
+    """The config's mode must be the graph's: the fused op's ``mode`` attribute, or the mask subgraph's ops."""
+    from onnx import helper
+
+    from .graph_rewrite import CUSTOM_DOMAIN
+
+    found = set()
+    for node in graph.graph.node:
+        if node.domain == CUSTOM_DOMAIN:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if "mode" in attrs:  # (an op without the attribute says nothing about the mode)
+                mode = attrs["mode"]
+                found.add(mode.decode() if isinstance(mode, bytes) else str(mode))
+        elif node.name.startswith("/acttail/") and node.op_type in ("TopK", "Greater"):
+            found.add("topk" if node.op_type == "TopK" else "threshold")
+    if found - {config.mode}:
+        raise ActTailError(f"{CONFIG_NAME} says mode={config.mode} but the graph masks with {', '.join(sorted(found))}: "
+                           "the files come from different exports, re-run the export")
 
 
 def load_session_options(export_dir: str | Path, sess_options: "ort.SessionOptions | None" = None) -> "ort.SessionOptions":

@@ -49,6 +49,9 @@ class PowerLawFit:
     n_tail: int
     lambda_max: float
     alpha_hat: float
+    #: None for a real fit; for a degenerate spectrum (all-zero, rank < 2, no finite fit) the reason and where the
+    #: alpha came from instead (see :func:`analyze_model`).
+    fallback: str | None = None
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -188,11 +191,32 @@ def analyze_model(model, device=None, progress: bool = True, method: str = "svd"
 
     projections = iter_projections(model)
     fits: dict[str, PowerLawFit] = {}
+    degenerate: dict[str, str] = {}
     for name, _, _, module in tqdm(projections, desc="HT-SR spectra", unit="matrix", disable=not progress):
         # one matrix at a time: offloaded weights (accelerate) are loaded for this block only
         with projection_weight(module) as weight:
             eigs = eigenvalues(weight, device=device, method=method)
             where = torch.device(device) if device is not None else weight.device
-            fits[name] = fit_power_law(eigs, device=where if where.type == "cuda" else None)
+            try:
+                fits[name] = fit_power_law(eigs, device=where if where.type == "cuda" else None)
+            except ActTailError as exc:  # all-zero / rank-1 / constant spectrum: no power law to fit
+                degenerate[name] = str(exc).removeprefix("fit_power_law ")
+    _fill_degenerate(fits, degenerate, {name: layer for name, layer, _, _ in projections})
     logger.debug("fitted %d spectra", len(fits))
     return fits
+
+
+def _fill_degenerate(fits: dict[str, PowerLawFit], degenerate: dict[str, str], layers: dict[str, int]) -> None:
+    """Give each degenerate spectrum the median alpha of its layer's fitted projections (of the whole model when
+    the layer has none), recorded in ``fallback``; an ActTailError naming the projection when nothing was fitted."""
+    for name, reason in degenerate.items():
+        same_layer = [f.alpha for n, f in fits.items() if layers[n] == layers[name] and f.fallback is None]
+        pool, source = (same_layer, f"median alpha of layer {layers[name]}") if same_layer else (
+            [f.alpha for f in fits.values() if f.fallback is None], "median alpha of the model")
+        if not pool:
+            raise ActTailError(f"the weight spectrum of {name} is degenerate ({reason}) and no projection of the model has a "
+                               "usable spectrum: use --allocation uniform, which needs no alphas")
+        alpha = float(np.median(pool))
+        logger.warning("%s: degenerate weight spectrum (%s); using the %s, %.3f", name, reason, source, alpha)
+        fits[name] = PowerLawFit(alpha=alpha, x_min=0.0, ks_distance=1.0, n_tail=0, lambda_max=0.0, alpha_hat=0.0,
+                                 fallback=f"{reason}; {source}")

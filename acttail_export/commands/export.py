@@ -36,7 +36,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     calib.add_argument("--calibration-data", type=Path, default=None, metavar="FILE",
                        help="UTF-8 text file (default: WikiText-2 wiki.valid.raw)")
     calib.add_argument("--calibration-samples", default="64", help="number of token windows (default 64)")
-    calib.add_argument("--sequence-length", default="512", help="tokens per calibration window (default 512)")
+    calib.add_argument("--sequence-length", default=None,
+                       help="tokens per calibration window (default 512, or the model's context when shorter)")
 
     run = parser.add_argument_group("Export")
     run.add_argument("--base", choices=("optimum", "genai"), default="optimum",
@@ -72,10 +73,10 @@ def export_kwargs(args: argparse.Namespace) -> dict:
     sparsity = check_sparsity(_number(args.sparsity, "sparsity", float), "--sparsity")
     epsilon = None if args.epsilon is None else check_epsilon(_number(args.epsilon, "epsilon", float))
     samples = _number(args.calibration_samples, "calibration-samples", int)
-    length = _number(args.sequence_length, "sequence-length", int)
+    length = None if args.sequence_length is None else _number(args.sequence_length, "sequence-length", int)
     if samples < 1:
         raise ActTailError(f"--calibration-samples must be >= 1, got {samples}")
-    if length < 2:
+    if length is not None and length < 2:
         raise ActTailError(f"--sequence-length must be >= 2, got {length}")
     if args.allocation == "uniform" and (args.epsilon is not None or args.mapping is not None):
         raise ActTailError("--epsilon/--mapping only apply to --allocation acttail: drop them or use --allocation acttail")
