@@ -2,6 +2,10 @@
 #   make demo   # set up .venv/, export SmolLM2-135M at 80% ActTail, perplexity table, ORT generation
 #   make test   # set up .venv/ and run the test suite
 PY := .venv/bin/python
+# WikiText-2 raw (wiki.valid.raw, wiki.test.raw) for the demo and the tests; without it the library reads the Hub
+# dataset when online. Override: make test WIKITEXT=/path/to/wikitext-2
+WIKITEXT ?= ../shared/data/wikitext-2
+export ACTTAIL_WIKITEXT_DIR := $(abspath $(WIKITEXT))
 SHELL := /bin/bash
 
 .PHONY: setup demo test ops clean

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +13,14 @@ from .errors import ActTailError
 
 logger = logging.getLogger(__name__)
 
-_REPO = Path(__file__).resolve().parents[1]
-_WIKITEXT = _REPO.parent / "shared" / "data" / "wikitext-2"
+#: Folder of the default texts: ``$ACTTAIL_WIKITEXT_DIR`` (``wiki.valid.raw``, ``wiki.test.raw``), else a cache that
+#: :func:`fetch_default_text` fills from the Hub dataset ``wikitext`` / ``wikitext-2-raw-v1`` when online.
+DEFAULT_TEXT_DIR = Path(os.environ.get("ACTTAIL_WIKITEXT_DIR") or Path.home() / ".cache" / "acttail-export" / "wikitext-2")
 #: Default calibration text (WikiText-2 validation split, raw).
-DEFAULT_CALIBRATION_DATA = _WIKITEXT / "wiki.valid.raw"
+DEFAULT_CALIBRATION_DATA = DEFAULT_TEXT_DIR / "wiki.valid.raw"
 #: Default evaluation text (WikiText-2 test split, raw; hyperparameters are chosen on the validation split).
-DEFAULT_EVAL_DATA = _WIKITEXT / "wiki.test.raw"
+DEFAULT_EVAL_DATA = DEFAULT_TEXT_DIR / "wiki.test.raw"
+_HUB_SPLITS = {"wiki.valid.raw": "validation", "wiki.test.raw": "test"}
 
 # Characters per token assumed when only a prefix of a long text is tokenized (English BPE is ~4;
 # the prefix is doubled and retried when it turns out too short, so this only affects speed).
@@ -66,9 +69,9 @@ def read_text(path: str | Path | None, flags: DataFlags = DataFlags()) -> str:
     flag = _file_flag(path, flags)
     if not path.exists():
         if path in (DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA):
-            raise ActTailError(f"the default text {path} (WikiText-2, raw) is not there: pass {flag or 'another'} FILE "
-                               f"(a UTF-8 text file) or put WikiText-2 in {path.parent}")
-        raise ActTailError(f"{flag or 'data file'} {path} not found: pass an existing UTF-8 text file")
+            fetch_default_text(path, flag)
+        else:
+            raise ActTailError(f"{flag or 'data file'} {path} not found: pass an existing UTF-8 text file")
     if path.is_dir():
         raise ActTailError(f"data file {path} is a directory: pass a UTF-8 text file")
     raw = path.read_bytes()
@@ -81,6 +84,25 @@ def read_text(path: str | Path | None, flags: DataFlags = DataFlags()) -> str:
     if not text.strip():
         raise ActTailError(f"data file {path} is empty: pass a file with text")
     return text
+
+
+def fetch_default_text(path: Path, flag: str | None) -> None:
+    """Write the WikiText-2 raw split behind the default ``path`` from the Hub (``datasets``); one-line error offline."""
+    hint = f"pass {flag or 'a'} FILE (a UTF-8 text file) or set ACTTAIL_WIKITEXT_DIR to a folder with WikiText-2 raw"
+    try:
+        import datasets
+    except ImportError:
+        raise ActTailError(f"no default text at {path} and the datasets package is not installed: {hint}") from None
+    logger.info("downloading WikiText-2 raw (%s) from the Hub into %s", _HUB_SPLITS[path.name], path.parent)
+    try:
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=_HUB_SPLITS[path.name])
+    except Exception as exc:  # noqa: BLE001 - offline, no such dataset, ...: one line naming the flag
+        raise ActTailError(f"no default text at {path} and the Hub dataset wikitext-2-raw-v1 could not be loaded "
+                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): {hint}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(rows["text"]), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _check_positive(value: int | None, what: str) -> int | None:

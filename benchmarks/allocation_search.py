@@ -43,17 +43,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acttail_export import allocation  # noqa: E402
 from acttail_export.config import PROJECTION_KINDS, topk_keep  # noqa: E402
-from acttail_export.data import load_windows  # noqa: E402
+from acttail_export.data import DEFAULT_TEXT_DIR, load_windows  # noqa: E402
 from acttail_export.evaluation import perplexity_windows  # noqa: E402
 from acttail_export.modeling import default_model_path, load_model  # noqa: E402
 from acttail_export.spectral import PowerLawFit, analyze_model  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-FITS_CACHE = Path("/tmp/acttail_allocation_search_fits.json")
+WIKITEXT = DEFAULT_TEXT_DIR  # $ACTTAIL_WIKITEXT_DIR (wiki.valid.raw, wiki.test.raw)
+FITS_CACHE = Path.home() / ".cache" / "acttail-export" / "allocation_search_fits.json"
 
 
 def load_fits(model, model_ref: str) -> dict[str, PowerLawFit]:
-    """HT-SR fits, cached in /tmp between runs of this script (keyed by the model reference)."""
+    """HT-SR fits, cached under ~/.cache/acttail-export between runs of this script (keyed by the model reference)."""
     if FITS_CACHE.is_file():
         cached = json.loads(FITS_CACHE.read_text())
         if cached.get("model") == model_ref:

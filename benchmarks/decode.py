@@ -656,8 +656,8 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=0, help="skip the remaining configurations after this many seconds (0: none)")
     ap.add_argument("--child-timeout", type=float, default=240)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--wikitext", default=str(ROOT.parent / "shared" / "data" / "wikitext-2"),
-                    help="folder with wiki.valid.raw (calibration of pretrained models) and wiki.test.raw")
+    ap.add_argument("--wikitext", default=os.environ.get("ACTTAIL_WIKITEXT_DIR"),
+                    help="(default $ACTTAIL_WIKITEXT_DIR) folder with wiki.valid.raw (calibration of pretrained models) and wiki.test.raw")
     ap.add_argument("--perplexity", type=float, default=None, metavar="SPARSITY",
                     help="quality check: WikiText-2 test perplexity of the fused threshold graph at SPARSITY, "
                          "fp16 on ORT CUDA vs the same config in an fp32 base on ORT CPU (pretrained models)")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -29,6 +32,7 @@ class WordTokenizer:
 def test_defaults_point_at_wikitext():
     assert DEFAULT_CALIBRATION_DATA.name == "wiki.valid.raw"
     assert DEFAULT_EVAL_DATA.name == "wiki.test.raw"
+    # the test session passes the local WikiText-2 folder (tests/conftest.py sets ACTTAIL_WIKITEXT_DIR)
     assert DEFAULT_CALIBRATION_DATA.exists()
 
 
@@ -103,14 +107,34 @@ def test_no_file_names_the_flag_not_a_nonexistent_one():
         read_text(None, EVALUATE_DATA_FLAGS)
 
 
-@pytest.mark.parametrize("which, flag", [("DEFAULT_CALIBRATION_DATA", "--calibration-data"), ("DEFAULT_EVAL_DATA", "--data")])
-def test_missing_default_wikitext_names_the_flag(which, flag, tmp_path, monkeypatch):
-    missing = tmp_path / "wikitext-2" / "wiki.raw"
+@pytest.mark.parametrize("which, flag, name", [("DEFAULT_CALIBRATION_DATA", "--calibration-data", "wiki.valid.raw"),
+                                               ("DEFAULT_EVAL_DATA", "--data", "wiki.test.raw")])
+def test_missing_default_text_offline_names_the_flag(which, flag, name, tmp_path, monkeypatch):
+    missing = tmp_path / "wikitext-2" / name
     monkeypatch.setattr(data, which, missing)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: import fails
     with pytest.raises(ActTailError) as info:
         read_text(missing)
     message = str(info.value)
-    assert f"pass {flag} FILE" in message and "WikiText-2" in message and str(missing.parent) in message
+    assert f"pass {flag} FILE" in message and "ACTTAIL_WIKITEXT_DIR" in message and "\n" not in message
+    assert not missing.parent.exists()  # nothing half-written
+
+
+def test_missing_default_text_comes_from_the_hub_dataset(tmp_path, monkeypatch):
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return {"text": [" = Title = \n", " some text \n"]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    missing = tmp_path / "cache" / "wiki.test.raw"
+    monkeypatch.setattr(data, "DEFAULT_EVAL_DATA", missing)
+    assert read_text(missing) == " = Title = \n some text \n"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "test")]
+    assert [p.name for p in missing.parent.iterdir()] == ["wiki.test.raw"]  # written atomically, no temp left
+    read_text(missing)
+    assert len(calls) == 1  # cached
 
 
 def test_missing_file_names_the_callers_flag(tmp_path):
