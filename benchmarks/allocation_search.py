@@ -59,6 +59,7 @@ def load_fits(model, model_ref: str) -> dict[str, PowerLawFit]:
         if cached.get("model") == model_ref:
             return {name: PowerLawFit(**fit) for name, fit in cached["fits"].items()}
     fits = analyze_model(model, progress=False)
+    FITS_CACHE.parent.mkdir(parents=True, exist_ok=True)
     FITS_CACHE.write_text(json.dumps({"model": model_ref, "fits": {n: f.to_dict() for n, f in fits.items()}}))
     return fits
 
