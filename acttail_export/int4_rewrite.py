@@ -150,12 +150,17 @@ def _ort_node(node: onnx.NodeProto, qw: QuantizedWeight, np_dtype) -> tuple[list
 
 
 def rewrite_onnx_int4(source: Path, target: Path, edit) -> Path:
-    """:func:`acttail_export.onnx_export.rewrite_onnx` for edits that drop weights: the graph is loaded with its
-    weights and saved anew, so removed float weights leave no bytes behind in an external data file."""
+    """:func:`acttail_export.onnx_export.rewrite_onnx` for edits that drop weights: the graph is edited without its
+    weights, then only the weights it still uses are read and saved anew, so the removed float projection weights
+    are never loaded and leave no bytes behind in an external data file."""
+    from onnx.external_data_helper import load_external_data_for_model
+
     from .onnx_export import load_onnx, save_onnx
 
-    graph = load_onnx(source, load_external_data=True)
+    source, target = Path(source), Path(target)
+    graph = load_onnx(source, load_external_data=False)
     edit(graph)
+    load_external_data_for_model(graph, str(source.parent))
     return save_onnx(graph, target)
 
 
