@@ -207,3 +207,29 @@ def test_bad_flags_exit_2_one_line(capsys, tmp_path, tiny_llama_dir, args, needl
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("acttail-export: error: ") and needle in err[0], err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".acttail-" in p.name]
+
+
+def test_external_data_base_is_compacted(tiny_llama_dir, tmp_path):
+    """A base with external weights (models over 2 GB): the removed float weights leave no bytes behind."""
+    from acttail_export import allocation
+    from acttail_export.graph_rewrite import rewrite
+    from acttail_export.int4_rewrite import quantize_model, rewrite_int4, rewrite_onnx_int4
+    from acttail_export.modeling import load_model
+    from acttail_export.onnx_export import export_base_onnx
+
+    model, _ = load_model(str(tiny_llama_dir))
+    weights = quantize_model(model, 32, "rtn")
+    base = export_base_onnx(model, tmp_path / "base")
+    graph = onnx.load(str(base))
+    onnx.save_model(graph, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.onnx_data", size_threshold=0)
+    config = allocation.build_config(model, 0.5, allocation="uniform", mode="topk")
+    out = tmp_path / "out"
+    out.mkdir()
+    rewrite_onnx_int4(tmp_path / "ext.onnx", out / "model.onnx",
+                      lambda g: (rewrite(g, config, mode="topk", kernel="mask"), rewrite_int4(g, config, weights)))
+    float_bytes = sum(4 * p.in_features * p.out_features for p in config.projections)
+    before = (tmp_path / "ext.onnx").stat().st_size + (tmp_path / "ext.onnx_data").stat().st_size
+    after = sum(f.stat().st_size for f in out.iterdir())
+    assert before - after > 0.5 * float_bytes  # int4 tensors are 1/8 + scales of the float bytes
+    new = onnx.load(str(out / "model.onnx"))  # self-contained again (small), loads with its weights
+    assert {n.op_type for n in find_projections(new).values()} == {"MatMulNBits"}
