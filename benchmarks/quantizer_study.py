@@ -73,14 +73,20 @@ def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="WikiText-2 wiki.valid.raw")
+    parser.add_argument("--data", type=Path, default=None, help="WikiText-2 wiki.valid.raw")
     parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     parser.add_argument("--sequence-length", type=int, default=512)
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--sparse-block", type=int, default=None, help="block of the sparse runs (default: from the table)")
     parser.add_argument("--output", type=Path, default=OUT)
+    parser.add_argument("--render", action="store_true", help="only print the markdown table of --output")
     args = parser.parse_args()
+    if args.render:
+        print("\n".join(table(json.loads(args.output.read_text())["results"])))
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.data is None:
+        parser.error("--data PATH/wiki.valid.raw is required (unless --render)")
     import torch
 
     start = time.perf_counter()
@@ -108,6 +114,17 @@ def main() -> None:
 
 def _ppl(rows: list[dict], quantizer: str, block: int) -> float:
     return next(r["perplexity"] for r in rows if r["quantizer"] == quantizer and r["block_size"] == block and not r["sparsity"])
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Markdown table: perplexity (and its ratio to the float weights) per weights / quantizer / block / sparsity."""
+    base = {r["sparsity"]: r["perplexity"] for r in rows if r["weights"] == "float"}
+    out = ["| weights | quantizer | block | ActTail threshold sparsity | perplexity | × float |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        eff = f" ({r['effective_sparsity']:.3f} eff.)" if r["sparsity"] else ""
+        out.append(f"| {r['weights']} | {r['quantizer'] or '–'} | {r['block_size'] or '–'} | {r['sparsity']:.0%}{eff} | "
+                   f"{r['perplexity']:.3f} | {r['perplexity'] / base[r['sparsity']]:.3f} |")
+    return out
 
 
 if __name__ == "__main__":

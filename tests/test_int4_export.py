@@ -233,3 +233,23 @@ def test_external_data_base_is_compacted(tiny_llama_dir, tmp_path):
     assert before - after > 0.5 * float_bytes  # int4 tensors are 1/8 + scales of the float bytes
     new = onnx.load(str(out / "model.onnx"))  # self-contained again (small), loads with its weights
     assert {n.op_type for n in find_projections(new).values()} == {"MatMulNBits"}
+
+
+@pytest.mark.parametrize("name", ["llama-fused-topk", "llama-mask-threshold"])
+def test_runtime_loads_and_generates(exports, name):
+    """runtime.load_model (ORTModelForCausalLM, KV cache) runs the 4-bit graph; greedy decoding with the cache
+    gives the tokens of full-prompt passes of the same graph (create_session)."""
+    from acttail_export.runtime import load_model
+
+    folder, _ = exports(name)
+    model = load_model(folder)
+    ids = np.random.default_rng(3).integers(0, 49152, (1, 12))
+    import torch
+
+    out = model.generate(torch.from_numpy(ids), max_new_tokens=4, do_sample=False).numpy()
+    session = create_session(folder)
+    seq = ids
+    for _ in range(4):  # the same greedy steps without the cache
+        logits = session.run(["logits"], decoder_feeds(session, seq))[0]
+        seq = np.concatenate([seq, logits[:, -1:].argmax(-1)], axis=1)
+    np.testing.assert_array_equal(out, seq)
