@@ -85,7 +85,7 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
     found = find_projections(graph)
     members: dict[str, list[str]] = {}
     nodes: dict[str, onnx.NodeProto] = {}
-    for name, node in found.items():  # config order is PROJECTION_KINDS order: the packed column order
+    for name, node in found.items():  # a packed MatMul's members come in its column order (PACKED_KINDS)
         members.setdefault(node.name, []).append(name)
         nodes[node.name] = node
     inits = {i.name: i for i in graph.graph.initializer}
@@ -109,7 +109,7 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
     kept = [i for i in graph.graph.initializer if i.name not in old]
     del graph.graph.initializer[:]
     graph.graph.initializer.extend(kept + new_inits)
-    new_nodes = [replaced.get(n.name, n) if n.name in nodes else n for n in graph.graph.node]
+    new_nodes = [replaced.get(n.name, n) for n in graph.graph.node]
     del graph.graph.node[:]
     graph.graph.node.extend(new_nodes)
     domains = {o.domain for o in graph.opset_import}
