@@ -253,3 +253,15 @@ def test_runtime_loads_and_generates(exports, name):
         logits = session.run(["logits"], decoder_feeds(session, seq))[0]
         seq = np.concatenate([seq, logits[:, -1:].argmax(-1)], axis=1)
     np.testing.assert_array_equal(out, seq)
+
+
+def test_concat_columns_packs_members_side_by_side():
+    """Packed q/k/v or gate/up: the members' 4-bit weights side by side along N (odd widths straddle a byte)."""
+    from acttail_export.int4_rewrite import concat_columns
+    from acttail_export.quantize import quantize
+
+    rng = np.random.default_rng(4)
+    parts = [quantize(rng.standard_normal((70, n)).astype(np.float32), 32, "rtn") for n in (5, 3, 8)]
+    packed = concat_columns(parts)
+    assert (packed.K, packed.N) == (70, 16)
+    np.testing.assert_array_equal(packed.dequantize(), np.concatenate([p.dequantize() for p in parts], axis=1))
