@@ -30,6 +30,8 @@ SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj
 ALLOCATIONS = ("uniform", "acttail")
 MODES = ("topk", "threshold")
 KERNELS = ("mask", "fused")
+#: projection weights of the graph: the float dtype of the export, or 4-bit blocks (:mod:`acttail_export.quantize`)
+WEIGHTS = ("fp32", "fp16", "int4")
 #: The highest per-projection budget the acttail allocation gives (a target above it cannot be met).
 DEFAULT_S_MAX = 0.99
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -161,6 +163,10 @@ class ActTailConfig:
     versions: dict[str, str] = field(default_factory=dict)
     method: str = "acttail"
     config_version: int = CONFIG_VERSION
+    #: None in configs written before 4-bit weights existed (float weights); int4 also sets block_size, quantizer
+    weights: str | None = None
+    block_size: int | None = None
+    quantizer: str | None = None
 
     def __post_init__(self) -> None:
         self.target_sparsity = check_sparsity(self.target_sparsity, "target sparsity")
@@ -181,6 +187,7 @@ class ActTailConfig:
             check_epsilon(self.epsilon)
         if self.mapping is not None and not isinstance(self.mapping, str):
             raise ActTailError(f"mapping must be a string or null, got {self.mapping!r}")
+        self._check_weights()
         if not 0.0 < self.s_max < 1.0:
             raise ActTailError(f"s_max must be in (0, 1), got {self.s_max}")
         self.projections = [p if isinstance(p, ProjectionConfig) else ProjectionConfig(**p) for p in self.projections]
@@ -189,6 +196,19 @@ class ActTailConfig:
         _check_type(self.calibration.data, (str,), "calibration.data", optional=True)
         for what in ("samples", "sequence_length", "tokens"):
             _check_type(getattr(self.calibration, what), (int,), f"calibration.{what}", minimum=0)
+
+    def _check_weights(self) -> None:
+        if self.weights is not None:
+            _check_choice(self.weights, WEIGHTS, "weights")
+        if self.weights != "int4":
+            if self.block_size is not None or self.quantizer is not None:
+                raise ActTailError(f"block_size / quantizer only apply to weights=int4, got weights={self.weights!r}")
+            return
+        from .quantize import BLOCK_SIZES, QUANTIZERS
+
+        if self.block_size not in BLOCK_SIZES or isinstance(self.block_size, bool):
+            raise ActTailError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))} for int4 weights; got {self.block_size!r}")
+        _check_choice(self.quantizer, QUANTIZERS, "quantizer")
 
     # --- queries -----------------------------------------------------------------------------
     def by_name(self) -> dict[str, ProjectionConfig]:

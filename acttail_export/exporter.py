@@ -407,6 +407,9 @@ def export(
     progress: bool = True,
     eval_tokens: int = EVAL_TOKENS,
     base: str = "optimum",
+    weights: str | None = None,
+    block_size: int | None = None,
+    quantizer: str | None = None,
 ) -> Path:
     """Export ``model`` with ActTail sparsity to ``output_dir`` (see the module docstring); returns the folder.
 
@@ -424,6 +427,9 @@ def export(
 
     and, on CPU (fp32), also with :func:`acttail_export.runtime.load_model` (``model.onnx`` is the
     rewritten graph in both cases).
+
+    ``weights="int4"`` quantizes the projections to 4 bits (``block_size``, ``quantizer``) before the analysis and
+    calibration and writes them as 4-bit ops (:mod:`acttail_export.int4_rewrite`); float weights are ``dtype``.
     """
     from .config import ALLOCATIONS, MODES
     from .data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, EXPORT_CALIBRATION_FLAGS, read_text
@@ -443,6 +449,9 @@ def export(
                                         or sequence_length < 2):
         raise ActTailError(f"sequence length must be an integer >= 2, got {sequence_length!r}")
     check_allocation(sparsity, allocation, mapping)
+    from .int4_rewrite import check_weights
+
+    int4 = check_weights(weights, block_size, quantizer, dtype, base)  # (block size, quantizer) or None
     library = check_kernel(kernel)
     check_device(device)
     calibration_path = Path(calibration_data) if calibration_data is not None else DEFAULT_CALIBRATION_DATA
@@ -475,7 +484,7 @@ def export(
         tmp = _make_temp(output_dir, TMP_MARK)
         config = _build(model_ref, tmp, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path,
                         calibration_samples, sequence_length, dtype, device, library, validate, progress, eval_tokens,
-                        DEFAULT_EVAL_DATA, push_to_hub, genai)
+                        DEFAULT_EVAL_DATA, push_to_hub, genai, int4)
         _move_into_place(tmp, output_dir, overwrite)
     except BaseException:
         if tmp is not None:
@@ -495,10 +504,12 @@ def export(
 
 def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path, samples,
            sequence_length, dtype, device, library, validate, progress, eval_tokens, eval_data,
-           repo_id: str | None = None, genai: tuple[str, str] | None = None) -> ActTailConfig:
+           repo_id: str | None = None, genai: tuple[str, str] | None = None,
+           int4: tuple[int, str] | None = None) -> ActTailConfig:
     """Everything between the checks and the final rename, written into ``tmp``.
 
     ``genai``: None for the optimum base, else the builder's (precision, execution provider).
+    ``int4``: None for float weights, else (block size, quantizer) of the 4-bit projections.
     """
     import torch
 
@@ -514,6 +525,12 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     with _stage("load model"):
         model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
     sequence_length = check_context(sequence_length, getattr(model.config, "max_position_embeddings", None), model_ref)
+    quantized = None
+    if int4 is not None:  # before analysis and calibration: thresholds are calibrated on the deployed weights
+        from .int4_rewrite import quantize_model
+
+        with _stage("4-bit quantization"):
+            quantized = quantize_model(model, *int4, dtype=dtype, progress=progress)
     fits = None
     if allocation == "acttail":  # uniform budgets need no alphas
         with _stage("spectral analysis"):
@@ -525,6 +542,7 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     config.kernel = kernel
     config.model = str(model_ref)
     config.architecture = type(model).__name__
+    config.weights, (config.block_size, config.quantizer) = ("int4", int4) if int4 else (dtype, (None, None))
     with _stage("calibration"), torch.no_grad():
         calibrate(model, tokenizer, config, data=calibration_path, samples=samples, sequence_length=sequence_length, progress=progress)
 
@@ -533,7 +551,13 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         with _stage("base ONNX export"):
             base = export_base_onnx(model, base_dir, dtype=dtype, device=device)
         with _stage("graph rewrite"):
-            rewrite_onnx(base, tmp / "model.onnx", lambda graph: rewrite(graph, config, mode=mode, kernel=kernel))
+            if quantized is None:
+                rewrite_onnx(base, tmp / "model.onnx", lambda graph: rewrite(graph, config, mode=mode, kernel=kernel))
+            else:
+                from .int4_rewrite import rewrite_int4, rewrite_onnx_int4
+
+                rewrite_onnx_int4(base, tmp / "model.onnx", lambda graph: (rewrite(graph, config, mode=mode, kernel=kernel),
+                                                                           rewrite_int4(graph, config, quantized)))
         for name in ("config.json", "generation_config.json"):
             if (base_dir / name).is_file():
                 shutil.copy2(base_dir / name, tmp / name)
@@ -561,6 +585,10 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         windows = load_windows(tokenizer, text_source, min(VALIDATION_LENGTH, context), samples=VALIDATION_WINDOWS)
         with _stage("validation"):
             report = validate_export(model, tmp, config, windows, dtype)
+            if quantized is not None:
+                from .int4_rewrite import check_int4_export
+
+                config.perplexity["validation_int4_weight_rel_error"] = check_int4_export(model, tmp, config, TOLERANCE[dtype])
         config.perplexity["validation"] = {
             "max_abs_logit_diff": report.max_abs_diff, "median_rel_error": report.median_rel_error,
             "top1_agreement": report.top1_agreement, "positions": report.positions,

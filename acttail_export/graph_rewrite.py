@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 CUSTOM_DOMAIN = "com.acttail"
 CUSTOM_OP = "SparseMatMul"
 CUSTOM_OPSET = 1
+#: 4-bit projection ops (:mod:`acttail_export.int4_rewrite`): the weight is described by the K / N attributes
+NBITS_OPS = ("SparseMatMulNBits", "MatMulNBits")
 MIN_OPSET = 13  # TopK with K as input, Where, GreaterOrEqual (12+)
 
 _NODE_RE = re.compile(r"^/model/layers\.(\d+)/(self_attn|attn|mlp)/(\w+_proj)/MatMul$")
@@ -93,7 +95,7 @@ def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
         if m:
             layers.add(int(m.group(1)))
         m = _NODE_RE.match(node.name)
-        if m and node.op_type in ("MatMul", CUSTOM_OP):
+        if m and node.op_type in ("MatMul", CUSTOM_OP, *NBITS_OPS):
             layer, parent, kind = int(m.group(1)), _PARENT_ALIASES.get(m.group(2), m.group(2)), m.group(3)
             if kind in PROJECTION_KINDS and PROJECTION_PARENT[kind] == parent:
                 found[projection_name(layer, kind)] = node
@@ -185,11 +187,18 @@ def check_against_config(model: onnx.ModelProto, config: ActTailConfig) -> dict[
         members = [by_name[n] for n in groups.get(node.name, [p.name])]
         want = [p.in_features, sum(m.out_features for m in members)]
         w = inits.get(node.input[1])
-        if w is not None and (list(w.dims) != want or any(m.in_features != p.in_features for m in members)):
+        dims = _nbits_dims(node) if node.op_type in NBITS_OPS else list(w.dims) if w is not None else None
+        if dims is not None and (dims != want or any(m.in_features != p.in_features for m in members)):
             what = f"{node.name} packs {', '.join(m.name.rsplit('.', 1)[1] for m in members)}: " if len(members) > 1 else f"{p.name}: "
-            raise ActTailError(f"{what}ONNX weight is {list(w.dims)} but the config says {want}; "
+            raise ActTailError(f"{what}ONNX weight is {dims} but the config says {want}; "
                                "the config does not belong to this model")
     return found
+
+
+def _nbits_dims(node: onnx.NodeProto) -> list[int]:
+    """[K, N] of a 4-bit projection node, from its attributes."""
+    attrs = {a.name: a.i for a in node.attribute if a.name in ("K", "N")}
+    return [attrs.get("K", -1), attrs.get("N", -1)]
 
 
 class _Builder:

@@ -46,6 +46,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                           "onnxruntime_genai.Model(OUTPUT_DIR); needs onnxruntime-genai and ACTTAIL_GENAI_PYTHONPATH "
                           "for a transformers>=5 builder environment; --device selects the builder's cpu/cuda provider)")
     run.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations of the ONNX graph")
+    run.add_argument("--weights", default=None, metavar="{fp32,fp16,int4}",
+                     help="projection weights: the --dtype (default) or int4 (4-bit blocks along the input dimension; "
+                          "fused kernel: com.acttail::SparseMatMulNBits, mask kernel / dense: com.microsoft::MatMulNBits)")
+    run.add_argument("--block-size", default=None, metavar="{32,64,128}", help="int4: input channels per scale/offset (default 32)")
+    run.add_argument("--quantizer", default=None, metavar="{rtn,mse}",
+                     help="int4: round to nearest on the block range (rtn) or MSE-searched range + least-squares refit (mse, default)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for analysis, calibration and tracing")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     run.add_argument("--no-validate", action="store_true",
@@ -86,6 +92,10 @@ def export_kwargs(args: argparse.Namespace) -> dict:
         from ..optimize import builder_settings
 
         builder_settings(args.dtype, args.device)  # e.g. fp16 needs --device cuda (cheap: no import of the builder)
+    from ..int4_rewrite import check_weights
+
+    block_size = None if args.block_size is None else _number(args.block_size, "block-size", int)
+    check_weights(args.weights, block_size, args.quantizer, args.dtype, args.base)
     if args.mapping is not None:
         from ..allocation import MAPPINGS
 
@@ -95,7 +105,8 @@ def export_kwargs(args: argparse.Namespace) -> dict:
                 kernel=args.kernel, epsilon=epsilon, mapping=args.mapping, calibration_data=args.calibration_data,
                 calibration_samples=samples, sequence_length=length, dtype=args.dtype, device=args.device,
                 overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private, token=args.token,
-                validate=not args.no_validate, progress=sys.stderr.isatty(), base=args.base)
+                validate=not args.no_validate, progress=sys.stderr.isatty(), base=args.base,
+                weights=args.weights, block_size=block_size, quantizer=args.quantizer)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -1,0 +1,241 @@
+"""4-bit projection weights in the export: quantize the PyTorch model, then put the 4-bit ops into the graph.
+
+Pipeline (``--weights int4``, :func:`acttail_export.exporter.export`):
+
+1. :func:`quantize_model` right after loading: every projection's weight is quantized
+   (:func:`acttail_export.quantize.quantize`) and *replaced by its dequantized values*, so the spectral analysis,
+   the calibrated thresholds, the base ONNX export and the validation all see the model that is deployed.
+2. the usual rewrite (:func:`acttail_export.graph_rewrite.rewrite`), then :func:`rewrite_int4` on the same graph:
+
+   * ``com.acttail::SparseMatMul(x, W[, t])`` -> ``com.acttail::SparseMatMulNBits(x, Q, scales, offsets[, t])``
+     (fused kernel; packed q/k/v or gate/up MatMuls get their members' weights side by side along N);
+   * a projection ``MatMul`` (the mask kernel's, after its masking subgraph, or one left dense: sparsity 0,
+     top-k with k = K) -> ``com.microsoft::MatMulNBits`` with float zero points (ORT's 4-bit layout,
+     :func:`acttail_export.quantize.to_matmul_nbits`): the dense int4 baseline at sparsity 0;
+   * the float weight initializers of rewritten projections are removed.
+3. :func:`check_int4_export` (export validation): the graph's 4-bit tensors dequantize to the PyTorch weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import PROJECTION_KINDS, ActTailConfig, projection_name
+from .errors import ActTailError, ExportValidationError
+from .quantize import QuantizedWeight, quantize, to_matmul_nbits
+
+if TYPE_CHECKING:
+    import onnx
+
+logger = logging.getLogger(__name__)
+
+NBITS_OP = "SparseMatMulNBits"
+ORT_DOMAIN, ORT_OP = "com.microsoft", "MatMulNBits"
+
+
+def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32",
+                   progress: bool = False) -> dict[str, QuantizedWeight]:
+    """Quantize every projection of ``model`` in place (weights := dequantized values); returns the 4-bit weights.
+
+    With ``dtype="fp16"`` scales and offsets are rounded to float16 first (what the fp16 graph stores).
+    """
+    import dataclasses
+
+    import torch
+    from tqdm.auto import tqdm
+
+    modules = dict(model.named_modules())
+    names = [projection_name(i, kind) for i in range(len(model.model.layers)) for kind in PROJECTION_KINDS]
+    out: dict[str, QuantizedWeight] = {}
+    for name in tqdm(names, desc=f"int4 {quantizer} B={block_size}", disable=not progress):
+        weight = modules[name].weight
+        qw = quantize(weight.detach().float().cpu().numpy().T, block_size, quantizer)
+        if dtype == "fp16":
+            qw = dataclasses.replace(qw, scales=qw.scales.astype(np.float16).astype(np.float32),
+                                     offsets=qw.offsets.astype(np.float16).astype(np.float32))
+        with torch.no_grad():
+            weight.copy_(torch.from_numpy(qw.dequantize_f32().T.copy()).to(weight.dtype))
+        out[name] = qw
+    logger.info("quantized %d projections to 4 bits (%s, block %d)", len(out), quantizer, block_size)
+    return out
+
+
+def concat_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """The members of a packed MatMul side by side along N (same K and block size)."""
+    if len(parts) == 1:
+        return parts[0]
+    from .reference import pack_nibbles
+
+    first = parts[0]
+    q = np.concatenate([p.codes() for p in parts], axis=1)
+    return QuantizedWeight(pack_nibbles(q), np.concatenate([p.scales for p in parts], 1),
+                           np.concatenate([p.offsets for p in parts], 1), first.K, q.shape[1], first.block_size, first.quantizer)
+
+
+def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[str, QuantizedWeight]) -> int:
+    """Replace every projection of an ActTail-rewritten ``graph`` by its 4-bit op (in place); returns the count."""
+    from onnx import helper
+
+    from .graph_rewrite import CUSTOM_DOMAIN, CUSTOM_OP, CUSTOM_OPSET, find_projections
+
+    found = find_projections(graph)
+    members: dict[str, list[str]] = {}
+    nodes: dict[str, onnx.NodeProto] = {}
+    for name, node in found.items():  # a packed MatMul's members come in its column order (PACKED_KINDS)
+        members.setdefault(node.name, []).append(name)
+        nodes[node.name] = node
+    inits = {i.name: i for i in graph.graph.initializer}
+    replaced: dict[str, onnx.NodeProto] = {}
+    new_inits: list[onnx.TensorProto] = []
+    for node_name, names in members.items():
+        node = nodes[node_name]
+        if node.op_type not in ("MatMul", CUSTOM_OP):
+            raise ActTailError(f"{node_name} is a {node.op_type}: the graph was already quantized; start from the base export")
+        qw = concat_columns([weights[n] for n in names])
+        w = inits.get(node.input[1])
+        if w is None or list(w.dims) != [qw.K, qw.N]:
+            raise ActTailError(f"{node_name}: weight {node.input[1]!r} is not a [{qw.K}, {qw.N}] initializer")
+        np_dtype = helper.tensor_dtype_to_np_dtype(w.data_type)
+        fused = node.op_type == CUSTOM_OP
+        tensors, new = (_nbits_node if fused else _ort_node)(node, qw, np_dtype)
+        new_inits.extend(tensors)
+        replaced[node_name] = new
+    used = {i for n in graph.graph.node if n.name not in replaced for i in n.input}
+    old = {nodes[n].input[1] for n in replaced} - used
+    kept = [i for i in graph.graph.initializer if i.name not in old]
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(kept + new_inits)
+    new_nodes = [replaced.get(n.name, n) for n in graph.graph.node]
+    del graph.graph.node[:]
+    graph.graph.node.extend(new_nodes)
+    domains = {o.domain for o in graph.opset_import}
+    for domain in {n.domain for n in replaced.values()} - domains:
+        graph.opset_import.append(helper.make_opsetid(domain, CUSTOM_OPSET if domain == CUSTOM_DOMAIN else 1))
+    logger.info("4-bit weights: %d projection MatMuls rewritten, %d float weights removed", len(replaced), len(old))
+    return len(replaced)
+
+
+def _nbits_node(node: onnx.NodeProto, qw: QuantizedWeight, np_dtype) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
+    """``SparseMatMul(x, W[, t, ...])`` -> ``SparseMatMulNBits(x, Q, scales, offsets[, t, ...])``, same attributes."""
+    from onnx import helper, numpy_helper
+
+    from .graph_rewrite import CUSTOM_DOMAIN
+
+    base = f"/acttail_int4{node.name}"
+    tensors = [numpy_helper.from_array(qw.packed, f"{base}/Q"),
+               numpy_helper.from_array(qw.scales.astype(np_dtype), f"{base}/scales"),
+               numpy_helper.from_array(qw.offsets.astype(np_dtype), f"{base}/offsets")]
+    new = helper.make_node(NBITS_OP, [node.input[0], *(t.name for t in tensors), *node.input[2:]], list(node.output),
+                           name=node.name, domain=CUSTOM_DOMAIN, K=qw.K, N=qw.N, block_size=qw.block_size, bits=4)
+    new.attribute.extend(node.attribute)
+    return tensors, new
+
+
+def _ort_node(node: onnx.NodeProto, qw: QuantizedWeight, np_dtype) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
+    """``MatMul(x, W)`` -> ``com.microsoft::MatMulNBits(x, B, scales, zero_points)`` (float zero points)."""
+    from onnx import helper, numpy_helper
+
+    mw = to_matmul_nbits(qw)
+    base = f"/acttail_int4{node.name}"
+    tensors = [numpy_helper.from_array(mw.B, f"{base}/B"),
+               numpy_helper.from_array(mw.scales.astype(np_dtype), f"{base}/scales"),
+               numpy_helper.from_array(mw.zero_points.astype(np_dtype), f"{base}/zero_points")]
+    new = helper.make_node(ORT_OP, [node.input[0], *(t.name for t in tensors)], list(node.output), name=node.name,
+                           domain=ORT_DOMAIN, K=qw.K, N=qw.N, bits=4, block_size=qw.block_size)
+    return tensors, new
+
+
+def rewrite_onnx_int4(source: Path, target: Path, edit) -> Path:
+    """:func:`acttail_export.onnx_export.rewrite_onnx` for edits that drop weights: the graph is edited without its
+    weights, then only the weights it still uses are read and saved anew, so the removed float projection weights
+    are never loaded and leave no bytes behind in an external data file."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from .onnx_export import load_onnx, save_onnx
+
+    source, target = Path(source), Path(target)
+    graph = load_onnx(source, load_external_data=False)
+    edit(graph)
+    load_external_data_for_model(graph, str(source.parent))
+    return save_onnx(graph, target)
+
+
+def dequantize_node(node: onnx.NodeProto, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """float64 [K, N] weight of a 4-bit projection node (either layout) from its initializer arrays."""
+    from . import reference as ref
+    from .quantize import MatMulNBitsWeight, dequantize_matmul_nbits
+
+    a = {x.name: x.i for x in node.attribute if x.name in ("K", "N", "block_size")}
+    K, N, B = a["K"], a["N"], a["block_size"]
+    first, scales, third = (tensors[i] for i in node.input[1:4])
+    if node.op_type == NBITS_OP:
+        return ref.dequantize_blocks(ref.unpack_nibbles(first, N), scales, third, B)
+    return dequantize_matmul_nbits(MatMulNBitsWeight(first, scales.reshape(-1), third.reshape(-1), K, N, B))
+
+
+def check_int4_export(model, export_dir: Path, config: ActTailConfig, tolerance: float) -> float:
+    """Worst relative difference between each 4-bit node's dequantized weight and PyTorch's (dequantized) weight.
+
+    Raises :class:`ExportValidationError` beyond ``tolerance``, or when a projection still has a float weight.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from .graph_rewrite import NBITS_OPS, find_projections, packed_columns
+
+    graph = onnx.load(str(Path(export_dir) / "model.onnx"))
+    tensors = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    found = find_projections(graph)
+    columns = packed_columns(found, config)
+    modules = dict(model.named_modules())
+    worst = 0.0
+    cache: dict[str, np.ndarray] = {}
+    for name, node in found.items():
+        if node.op_type not in NBITS_OPS:
+            raise ExportValidationError(f"{name} kept its float weight ({node.op_type}) in a --weights int4 export; this is a bug")
+        w = cache.setdefault(node.name, dequantize_node(node, tensors))
+        if name in columns:
+            w = w[:, columns[name][0]:columns[name][1]]
+        want = modules[name].weight.detach().double().cpu().numpy().T
+        worst = max(worst, float(np.abs(w - want).max() / (np.abs(want).max() or 1.0)))
+    if worst > tolerance:
+        raise ExportValidationError(f"4-bit weights of the graph differ from the quantized PyTorch model by {worst:.3g} "
+                                    f"(tolerance {tolerance:.0e}); this is a bug, please report it")
+    logger.info("validation: 4-bit weights of %d projections match PyTorch's (worst relative difference %.2g)", len(found), worst)
+    return worst
+
+
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_QUANTIZER = "mse"
+
+
+def check_weights(weights: str | None, block_size: int | None, quantizer: str | None, dtype: str,
+                  base: str = "optimum") -> tuple[int, str] | None:
+    """(block size, quantizer) for ``weights="int4"``, None for float weights; one-line ActTailError naming the fix."""
+    from .config import WEIGHTS
+    from .quantize import BLOCK_SIZES, QUANTIZERS
+
+    weights = dtype if weights is None else weights
+    if weights not in WEIGHTS:
+        raise ActTailError(f"--weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+    if weights != "int4":
+        if weights != dtype:
+            raise ActTailError(f"--weights {weights} needs --dtype {weights} (float weights have the graph's dtype): "
+                               f"pass --dtype {weights}, or --weights int4")
+        if block_size is not None or quantizer is not None:
+            raise ActTailError("--block-size/--quantizer only apply to --weights int4: add --weights int4 or drop them")
+        return None
+    if base != "optimum":
+        raise ActTailError(f"--weights int4 needs --base optimum (the {base} base cannot carry the 4-bit ops yet): "
+                           "pass --base optimum or drop --weights int4")
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise ActTailError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}; got {block_size!r}")
+    quantizer = DEFAULT_QUANTIZER if quantizer is None else quantizer
+    if quantizer not in QUANTIZERS:
+        raise ActTailError(f"--quantizer must be one of {', '.join(QUANTIZERS)}; got {quantizer!r}")
+    return int(block_size), quantizer

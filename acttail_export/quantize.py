@@ -1,0 +1,211 @@
+"""Block-wise asymmetric 4-bit quantization of projection weights (pure maths: arrays in, a dataclass out).
+
+A weight ``W [K, N]`` (``K`` input channels, the MatMul layout of the ONNX graph, i.e. ``linear.weight.T``) is cut
+into blocks of ``B`` consecutive input channels; each (block, output column) gets a scale ``s`` and an offset ``o``::
+
+    W[k, n] ~= s[k // B, n] * q[k, n] + o[k // B, n],   q in 0..15
+
+which is exactly what ``com.acttail::SparseMatMulNBits`` reads (:mod:`acttail_export.reference`): ``q`` row-major
+along ``K``, two columns per byte (low nibble for even ``n``), so a kept input channel is one contiguous run of
+bytes. ``K`` need not be a multiple of ``B``: the last block is partial (its missing rows count for nothing; ORT's
+MatMulNBits pads them with zero codes, :func:`to_matmul_nbits`).
+
+Quantizers (:data:`QUANTIZERS`):
+
+* ``rtn``: round to nearest on the block's [min, max] range (``s = (max - min) / 15``, ``o = min``), the GGUF Q4_1 rule.
+* ``mse``: per (block, column) grid search over shrunk ranges ``[min + a (max - min), max - b (max - min)]``
+  minimizing the squared error, then a few alternating least-squares refits of ``(s, o)`` given the codes (an
+  HQQ-like half-quadratic step without the proximal term). Never worse than ``rtn``: the unshrunk range is
+  a candidate and a refit is only kept where it lowers the error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import reference as ref
+
+logger = logging.getLogger(__name__)
+
+QUANTIZERS = ("rtn", "mse")
+BLOCK_SIZES = (32, 64, 128)
+LEVELS = 15  # 4-bit codes 0..15
+#: shrink fractions of the range tried at each end by the ``mse`` quantizer
+GRID = np.linspace(0.0, 0.2, 9)
+REFITS = 3
+_CHUNK = 4096  # output columns quantized at once (bounds the grid search's memory)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A 4-bit weight in the ``SparseMatMulNBits`` layout (see the module docstring)."""
+
+    packed: np.ndarray  # uint8 [K, ceil(N/2)]
+    scales: np.ndarray  # float32 [ceil(K/B), N]
+    offsets: np.ndarray  # float32 [ceil(K/B), N]
+    K: int
+    N: int
+    block_size: int
+    quantizer: str
+
+    def codes(self) -> np.ndarray:
+        """Unpacked codes uint8 [K, N]."""
+        return ref.unpack_nibbles(self.packed, self.N)
+
+    def dequantize(self) -> np.ndarray:
+        """``s * q + o`` in float64 [K, N] (:func:`reference.dequantize_blocks`)."""
+        return ref.dequantize_blocks(self.codes(), self.scales, self.offsets, self.block_size)
+
+    def dequantize_f32(self) -> np.ndarray:
+        """The float32 weight a float32 model holds: ``fl32(s * q + o)``."""
+        return self.dequantize().astype(np.float32)
+
+
+def check_block_size(block_size: int) -> int:
+    """``block_size`` if it is one of :data:`BLOCK_SIZES`, else ValueError."""
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size!r}")
+    return int(block_size)
+
+
+def quantize(w: np.ndarray, block_size: int = 32, quantizer: str = "rtn") -> QuantizedWeight:
+    """Quantize ``w [K, N]`` (float) block-wise along ``K`` with ``quantizer``."""
+    block_size = check_block_size(block_size)
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
+    w = np.asarray(w)
+    if w.ndim != 2 or not np.isfinite(w).all():
+        raise ValueError(f"weight must be a finite 2-D array [K, N], got shape {w.shape}")
+    K, N = w.shape
+    blocks = -(-K // block_size)
+    q = np.zeros((K, N), np.uint8)
+    scales = np.zeros((blocks, N), np.float32)
+    offsets = np.zeros((blocks, N), np.float32)
+    for start in range(0, N, _CHUNK):
+        cols = slice(start, min(N, start + _CHUNK))
+        wb, valid = _blocked(w[:, cols].astype(np.float64), block_size)
+        s, o = _rtn_params(wb, valid) if quantizer == "rtn" else _mse_params(wb, valid)
+        s, o = s.astype(np.float32), o.astype(np.float32)  # the stored values decide the codes
+        codes = _codes(wb, s.astype(np.float64), o.astype(np.float64))
+        q[:, cols] = codes.reshape(-1, codes.shape[-1])[:K]
+        scales[:, cols], offsets[:, cols] = s[:, 0], o[:, 0]
+    return QuantizedWeight(ref.pack_nibbles(q) if K else np.zeros((0, (N + 1) // 2), np.uint8), scales, offsets, K, N,
+                           block_size, quantizer)
+
+
+def _blocked(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(``w`` padded along K and reshaped to [blocks, B, N], validity mask of the same shape)."""
+    K, N = w.shape
+    pad = -K % block_size
+    valid = np.ones((K + pad, 1), bool)
+    valid[K:] = False
+    wp = np.concatenate([w, np.zeros((pad, N))]) if pad else w
+    shape = (-1, block_size, N)
+    return wp.reshape(shape), np.broadcast_to(valid.reshape(-1, block_size, 1), wp.reshape(shape).shape)
+
+
+def _rtn_params(wb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and offset [blocks, 1, N] of round-to-nearest on each block's [min, max]."""
+    lo = np.where(valid, wb, np.inf).min(axis=1, keepdims=True)
+    hi = np.where(valid, wb, -np.inf).max(axis=1, keepdims=True)
+    return _range_params(lo, hi)
+
+
+def _range_params(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(s, o) of the range [lo, hi]; a constant block gets s = 1 (any nonzero s: its codes are all 0)."""
+    span = hi - lo
+    return np.where(span > 0, span / LEVELS, 1.0), lo
+
+
+def _codes(wb: np.ndarray, s: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """Nearest codes 0..15 of ``wb`` for (s, o)."""
+    return np.clip(np.rint((wb - o) / s), 0, LEVELS).astype(np.uint8)
+
+
+def _error(wb: np.ndarray, valid: np.ndarray, s: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """Squared error [blocks, 1, N] of quantizing ``wb`` with (s, o) (padding rows excluded)."""
+    d = np.where(valid, s * _codes(wb, s, o) + o - wb, 0.0)
+    return (d * d).sum(axis=1, keepdims=True)
+
+
+def _mse_params(wb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and offset [blocks, 1, N] minimizing the squared error (grid over shrunk ranges, then LS refits)."""
+    lo = np.where(valid, wb, np.inf).min(axis=1, keepdims=True)
+    hi = np.where(valid, wb, -np.inf).max(axis=1, keepdims=True)
+    span = hi - lo
+    best_s, best_o = _range_params(lo, hi)
+    best = _error(wb, valid, best_s, best_o)
+    for a in GRID:
+        for b in GRID:
+            if a + b == 0 or a + b >= 0.5:
+                continue
+            s, o = _range_params(lo + a * span, hi - b * span)
+            err = _error(wb, valid, s, o)
+            better = err < best
+            best = np.where(better, err, best)
+            best_s, best_o = np.where(better, s, best_s), np.where(better, o, best_o)
+    for _ in range(REFITS):
+        s, o = _refit(wb, valid, _codes(wb, best_s, best_o))
+        err = _error(wb, valid, s, o)
+        better = err < best
+        best = np.where(better, err, best)
+        best_s, best_o = np.where(better, s, best_s), np.where(better, o, best_o)
+    return best_s, best_o
+
+
+def _refit(wb: np.ndarray, valid: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares (s, o) of ``w ~= s q + o`` per (block, column) for fixed codes ``q``."""
+    m = valid.astype(np.float64)
+    qf = q.astype(np.float64) * m
+    w = wb * m
+    n = m.sum(axis=1, keepdims=True)
+    sq, sw = qf.sum(axis=1, keepdims=True), w.sum(axis=1, keepdims=True)
+    sqq, sqw = (qf * qf).sum(axis=1, keepdims=True), (qf * w).sum(axis=1, keepdims=True)
+    det = n * sqq - sq * sq
+    ok = det > 1e-12 * np.maximum(n * sqq, 1e-300)
+    s = np.where(ok, (n * sqw - sq * sw) / np.where(ok, det, 1.0), 1.0)
+    o = np.where(ok, (sw - s * sq) / n, sw / n)
+    ok &= s > 0  # a non-positive scale would break the code search of the next refit
+    return np.where(ok, s, 1.0), np.where(ok, o, sw / n)
+
+
+# --------------------------------------------------------------------------------------------
+# ORT's com.microsoft::MatMulNBits layout
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MatMulNBitsWeight:
+    """Inputs of ``com.microsoft::MatMulNBits`` (bits 4): ``W[k, n] = (q - zero_points) * scales``."""
+
+    B: np.ndarray  # uint8 [N, ceil(K/B), B/2]: K innermost per output column, low nibble first
+    scales: np.ndarray  # float32 [N * ceil(K/B)]
+    zero_points: np.ndarray  # float32 [N * ceil(K/B)] (float zero points: ``-offset / scale``)
+    K: int
+    N: int
+    block_size: int
+
+
+def to_matmul_nbits(w: QuantizedWeight) -> MatMulNBitsWeight:
+    """The same dequantized matrix in MatMulNBits' layout (codes padded to whole blocks with 0)."""
+    B, K, N = w.block_size, w.K, w.N
+    blocks = -(-K // B)
+    q = np.zeros((blocks * B, N), np.uint8)
+    q[:K] = w.codes()
+    qt = q.T.reshape(N, blocks, B)  # [N, blocks, B], K innermost
+    packed = (qt[..., 0::2] | (qt[..., 1::2] << 4)).astype(np.uint8)
+    scales = w.scales.T.astype(np.float32)  # [N, blocks]
+    zero_points = (-w.offsets.T.astype(np.float64) / scales).astype(np.float32)
+    return MatMulNBitsWeight(packed, scales.reshape(-1), zero_points.reshape(-1), K, N, B)
+
+
+def dequantize_matmul_nbits(w: MatMulNBitsWeight) -> np.ndarray:
+    """float64 [K, N] of a :class:`MatMulNBitsWeight` (numpy reading of ORT's contract)."""
+    N, blocks = w.B.shape[:2]
+    q = np.empty((N, blocks, w.block_size), np.float64)
+    q[..., 0::2] = w.B & 0x0F
+    q[..., 1::2] = w.B >> 4
+    s = w.scales.astype(np.float64).reshape(N, blocks, 1)
+    z = w.zero_points.astype(np.float64).reshape(N, blocks, 1)
+    return ((q - z) * s).reshape(N, -1)[:, :w.K].T

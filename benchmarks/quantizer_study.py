@@ -1,0 +1,131 @@
+"""4-bit quantizer study: SmolLM2-135M perplexity on WikiText-2 validation text, PyTorch, dense and ActTail 50 %.
+
+Compares the float weights (the dequantized GGUF) with 4-bit ``rtn`` and ``mse`` (:mod:`acttail_export.quantize`) at
+blocks of 32 / 64 / 128 input channels, all on the same token windows; then ActTail threshold sparsity (50 %,
+acttail allocation, calibrated on the quantized model) on top of the float weights and of both quantizers at
+``--sparse-block``. The text is split at an article boundary: the first half is evaluated (``--tokens``), the
+second half calibrates the thresholds. Writes ``docs/results/quantization/quantizer_study.json``::
+
+    python benchmarks/quantizer_study.py --data PATH/wikitext-2/wiki.valid.raw
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+OUT = REPO / "docs" / "results" / "quantization" / "quantizer_study.json"
+
+logger = logging.getLogger("quantizer_study")
+
+
+def _split(text_path: Path, folder: Path) -> tuple[Path, Path]:
+    """(evaluation half, calibration half) of the text, cut at an article boundary (`` = Title =`` line)."""
+    text = text_path.read_text(encoding="utf-8")
+    cut = text.index("\n = ", len(text) // 2)
+    evaluation, calibration = folder / "eval.txt", folder / "calib.txt"
+    evaluation.write_text(text[:cut])
+    calibration.write_text(text[cut:])
+    return evaluation, calibration
+
+
+def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, block: int | None, sparsity: float) -> dict:
+    """Perplexity of one configuration (fresh model: quantization works in place)."""
+    import torch
+
+    from acttail_export import allocation
+    from acttail_export.calibration import calibrate
+    from acttail_export.evaluation import perplexity
+    from acttail_export.int4_rewrite import quantize_model
+    from acttail_export.modeling import default_model_path, load_model
+    from acttail_export.spectral import analyze_model
+
+    model, tokenizer = load_model(default_model_path())
+    start = time.perf_counter()
+    if quantizer is not None:
+        quantize_model(model, block, quantizer)
+    seconds_quantize = time.perf_counter() - start
+    config = None
+    if sparsity:
+        fits = analyze_model(model, progress=False)
+        config = allocation.build_config(model, sparsity, allocation="acttail", mode="threshold", fits=fits)
+        with torch.no_grad():
+            calibrate(model, tokenizer, config, data=calibration, samples=args.calibration_samples,
+                      sequence_length=args.sequence_length, progress=False)
+    result = perplexity(model, tokenizer, evaluation, sequence_length=args.sequence_length, max_tokens=args.tokens,
+                        config=config, mode="threshold" if config else None, progress=False)
+    row = {"weights": "float" if quantizer is None else "int4", "quantizer": quantizer, "block_size": block,
+           "sparsity": sparsity, "perplexity": result["perplexity"], "tokens": result["tokens"],
+           "effective_sparsity": result.get("effective_sparsity"), "quantize_seconds": round(seconds_quantize, 1)}
+    logger.info("%s", row)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="WikiText-2 wiki.valid.raw")
+    parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
+    parser.add_argument("--sequence-length", type=int, default=512)
+    parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--sparse-block", type=int, default=None, help="block of the sparse runs (default: from the table)")
+    parser.add_argument("--output", type=Path, default=OUT)
+    parser.add_argument("--render", action="store_true", help="only print the markdown table of --output")
+    args = parser.parse_args()
+    if args.render:
+        print("\n".join(table(json.loads(args.output.read_text())["results"])))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.data is None:
+        parser.error("--data PATH/wiki.valid.raw is required (unless --render)")
+    import torch
+
+    start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluation, calibration = _split(args.data, Path(tmp))
+        rows.append(_measure(args, evaluation, calibration, None, None, 0.0))
+        for block in (32, 64, 128):
+            for quantizer in ("rtn", "mse"):
+                rows.append(_measure(args, evaluation, calibration, quantizer, block, 0.0))
+        # the sparse runs at the block where the quantizers differ most (block 32 reproduces the GGUF exactly)
+        block = args.sparse_block or max((128, 64), key=lambda b: _ppl(rows, "rtn", b) - _ppl(rows, "mse", b))
+        rows.append(_measure(args, evaluation, calibration, None, None, 0.5))
+        for quantizer in ("rtn", "mse"):
+            rows.append(_measure(args, evaluation, calibration, quantizer, block, 0.5))
+    argv = [a for a in sys.argv[1:] if a not in ("--data", str(args.data))]  # no machine paths in the record
+    meta = {"command": "python benchmarks/quantizer_study.py " + " ".join(shlex.quote(a) for a in argv + ["--data", "PATH/wiki.valid.raw"]), "data": args.data.name, "evaluated": "first half of the file (cut at an article)",
+            "calibrated_on": "second half", "seconds": round(time.perf_counter() - start, 1),
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "torch": torch.__version__}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"results": rows, "meta": meta}, indent=2) + "\n")
+    logger.info("wrote %s in %.0f s", args.output, meta["seconds"])
+
+
+def _ppl(rows: list[dict], quantizer: str, block: int) -> float:
+    return next(r["perplexity"] for r in rows if r["quantizer"] == quantizer and r["block_size"] == block and not r["sparsity"])
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Markdown table: perplexity (and its ratio to the float weights) per weights / quantizer / block / sparsity."""
+    base = {r["sparsity"]: r["perplexity"] for r in rows if r["weights"] == "float"}
+    out = ["| weights | quantizer | block | ActTail threshold sparsity | perplexity | × float |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        eff = f" ({r['effective_sparsity']:.3f} eff.)" if r["sparsity"] else ""
+        out.append(f"| {r['weights']} | {r['quantizer'] or '–'} | {r['block_size'] or '–'} | {r['sparsity']:.0%}{eff} | "
+                   f"{r['perplexity']:.3f} | {r['perplexity'] / base[r['sparsity']]:.3f} |")
+    return out
+
+
+if __name__ == "__main__":
+    main()

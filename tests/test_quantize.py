@@ -1,0 +1,151 @@
+"""acttail_export.quantize: block-wise 4-bit weights against numpy, reference.py and ORT's MatMulNBits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from acttail_export import quantize as qz
+from acttail_export import reference as ref
+
+SHAPES = [(64, 6), (100, 7), (576, 48), (17, 3), (1, 1)]
+
+
+def _weight(K: int, N: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((K, N)) * 0.05).astype(np.float32)
+
+
+@pytest.mark.parametrize("quantizer", qz.QUANTIZERS)
+@pytest.mark.parametrize("block", qz.BLOCK_SIZES)
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_layout_and_round_trip_bound(K, N, block, quantizer):
+    w = _weight(K, N)
+    qw = qz.quantize(w, block, quantizer)
+    blocks = -(-K // block)
+    assert qw.packed.shape == (K, (N + 1) // 2) and qw.packed.dtype == np.uint8
+    assert qw.scales.shape == qw.offsets.shape == (blocks, N)
+    assert (qw.scales > 0).all()
+    deq = qw.dequantize()
+    np.testing.assert_array_equal(deq, ref.dequantize_blocks(ref.unpack_nibbles(qw.packed, N), qw.scales, qw.offsets, block))
+    # every weight lies within half a step of its block's grid (rtn), or of the refit grid's range (mse: the
+    # grid covers [o, o + 15 s]; values outside are clipped to the nearest end)
+    rows = np.arange(K) // block
+    s, o = qw.scales.astype(np.float64)[rows], qw.offsets.astype(np.float64)[rows]
+    inside = (w >= o - 0.5 * s) & (w <= o + qz.LEVELS * s + 0.5 * s)
+    err = np.abs(deq - w)
+    # 1e-6 of the step: the float32 rounding of the stored s and o (relative 2^-24, times code <= 15)
+    assert (err[inside] <= (0.5 + 1e-6) * s[inside]).all()
+    if quantizer == "rtn":
+        assert inside.all()
+
+
+@pytest.mark.parametrize("block", qz.BLOCK_SIZES)
+def test_partial_last_block_ignores_padding(block):
+    """The last (partial) block's range comes from its real rows only: appending rows does not change earlier blocks."""
+    w = _weight(block + 5, 4)
+    qw = qz.quantize(w, block, "rtn")
+    tail = w[block:]
+    np.testing.assert_allclose(qw.offsets[1], tail.min(0), rtol=0, atol=0)
+    np.testing.assert_allclose(qw.scales[1], (tail.max(0).astype(np.float64) - tail.min(0)) / 15, rtol=1e-6)
+
+
+@pytest.mark.parametrize("block", qz.BLOCK_SIZES)
+def test_rtn_exact_on_a_4bit_grid(block):
+    """A weight already on a 4-bit grid per block (each block uses codes 0 and 15) comes back exactly."""
+    rng = np.random.default_rng(1)
+    K, N = 3 * block - 7, 9
+    q = rng.integers(0, 16, (K, N))
+    q[0::block][:, :] = 0  # first row of each block: code 0, second: 15, so [min, max] is the grid's range
+    q[1::block][:, :] = 15
+    blocks = -(-K // block)
+    s = (rng.uniform(0.5, 2.0, (blocks, N)) * 2.0 ** -8).astype(np.float32)  # powers-of-two-friendly: exact products
+    o = (rng.integers(-64, 0, (blocks, N)) * 2.0 ** -8).astype(np.float32)
+    w = ref.dequantize_blocks(q.astype(np.uint8), s, o, block).astype(np.float32)
+    qw = qz.quantize(w, block, "rtn")
+    np.testing.assert_array_equal(qw.codes(), q)
+    # s recomputed as (max - min) / 15 from float32 weights (each within half an ulp of the exact grid value),
+    # then rounded to float32: one ulp of s plus 2 half-ulps of max |w| over 15
+    np.testing.assert_allclose(qw.scales, s, rtol=2 ** -23, atol=2 ** -24 * 2 * float(np.abs(w).max()) / 15)
+    np.testing.assert_array_equal(qw.offsets, o)  # min of each block: code 0, exactly o
+    np.testing.assert_allclose(qw.dequantize(), w, rtol=0, atol=16 * 2 ** -23 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("block", qz.BLOCK_SIZES)
+@pytest.mark.parametrize("seed", range(3))
+def test_mse_never_worse_than_rtn(block, seed):
+    for w in (_weight(200, 40, seed), np.random.default_rng(seed).standard_t(3, (200, 40)).astype(np.float32)):
+        e_rtn = ((qz.quantize(w, block, "rtn").dequantize() - w) ** 2).sum(0)
+        e_mse = ((qz.quantize(w, block, "mse").dequantize() - w) ** 2).sum(0)
+        # per column (rtn's range is a candidate); 1e-9 relative: float32 storage of s, o changes a few codes' rounding
+        assert (e_mse <= e_rtn * (1 + 1e-9) + 1e-18).all()
+        assert e_mse.sum() < 0.95 * e_rtn.sum()  # and clearly better in total on gaussian / heavy-tailed weights
+
+
+def test_constant_block_is_exact():
+    w = np.full((40, 3), 0.25, np.float32)
+    w[:, 1] = -1.5
+    for quantizer in qz.QUANTIZERS:
+        np.testing.assert_array_equal(qz.quantize(w, 32, quantizer).dequantize(), w)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="block size"):
+        qz.quantize(_weight(8, 2), 48)
+    with pytest.raises(ValueError, match="quantizer"):
+        qz.quantize(_weight(8, 2), 32, "gptq")
+    with pytest.raises(ValueError, match="finite"):
+        qz.quantize(np.full((8, 2), np.nan), 32)
+
+
+# --------------------------------------------------------------------------------------------
+# ORT com.microsoft::MatMulNBits
+# --------------------------------------------------------------------------------------------
+def _matmul_nbits_session(mw: qz.MatMulNBitsWeight) -> ort.InferenceSession:
+    inits = [helper.make_tensor("B", TensorProto.UINT8, mw.B.shape, mw.B.tobytes(), raw=True),
+             helper.make_tensor("scales", TensorProto.FLOAT, mw.scales.shape, mw.scales.tobytes(), raw=True),
+             helper.make_tensor("zp", TensorProto.FLOAT, mw.zero_points.shape, mw.zero_points.tobytes(), raw=True)]
+    node = helper.make_node("MatMulNBits", ["X", "B", "scales", "zp"], ["Y"], domain="com.microsoft", K=mw.K, N=mw.N,
+                            bits=4, block_size=mw.block_size)
+    graph = helper.make_graph([node], "mnb", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, mw.K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, mw.N])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("quantizer", qz.QUANTIZERS)
+@pytest.mark.parametrize("block", qz.BLOCK_SIZES)
+@pytest.mark.parametrize("K,N", [(64, 6), (100, 7), (576, 48)])
+def test_matmul_nbits_layout_matches(K, N, block, quantizer):
+    qw = qz.quantize(_weight(K, N), block, quantizer)
+    mw = qz.to_matmul_nbits(qw)
+    deq = qw.dequantize()
+    # (q - z) s with z = -o / s in float32: a few ulp of |o| + 15 s per element
+    np.testing.assert_allclose(qz.dequantize_matmul_nbits(mw), deq, rtol=0, atol=1e-6 * np.abs(deq).max())
+    x = np.random.default_rng(2).standard_normal((5, K)).astype(np.float32)
+    y = _matmul_nbits_session(mw).run(None, {"X": x})[0]
+    want = x.astype(np.float64) @ deq
+    bound = np.abs(x).astype(np.float64) @ np.abs(deq)
+    # float32 accumulation over K terms: <= ~K * 2^-24 of sum |x||w| in the worst case; 1e-5 covers K <= 576 with room
+    assert (np.abs(y - want) <= 1e-5 * bound + 1e-30).all()
+
+
+@pytest.mark.slow
+def test_rtn_block32_reproduces_smollm2_gguf(smollm2):
+    """SmolLM2's GGUF is Q4_1 (blocks of 32 along K): RTN block 32 finds the same grid, so it loses nothing."""
+    model, _ = smollm2
+    for kind in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"):
+        w = getattr(model.model.layers[3], kind.split(".")[0])
+        w = getattr(w, kind.split(".")[1]).weight.detach().float().numpy().T  # [K, N]
+        for quantizer in qz.QUANTIZERS:  # mse keeps rtn's range where no candidate beats it: here, nowhere does
+            deq = qz.quantize(w, 32, quantizer).dequantize_f32()
+            # float32 rounding of the recomputed scale (1 ulp, times code <= 15) and of s q + o: a few ulp of the
+            # block's largest |w|; a different code would be off by a whole step (~|w| / 8)
+            step = np.abs(w).max() * 2.0 ** -20
+            assert np.abs(deq - w).max() <= step, (kind, quantizer)
+        # and block 64 does re-quantize (the check above can fail)
+        assert np.abs(qz.quantize(w, 64, "rtn").dequantize_f32() - w).max() > 100 * step
