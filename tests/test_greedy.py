@@ -150,8 +150,10 @@ def test_export_with_teal_greedy_and_fused_kernel(tiny_llama_dir, tmp_path, monk
     from acttail_export.exporter import export
 
     monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "calibration.txt"  # any UTF-8 text calibrates (and, absent WikiText-2, validates) the export
+    text.write_text(" ".join(f"Sentence {i} of the calibration text, with some words in it." for i in range(400)))
     out = export(str(tiny_llama_dir), tmp_path / "out", sparsity=0.5, allocation="teal-greedy", kernel="fused",
-                 calibration_samples=2, sequence_length=32, eval_tokens=128, progress=False)
+                 calibration_data=text, calibration_samples=2, sequence_length=32, eval_tokens=128, progress=False)
     config = ActTailConfig.load(out)
     assert config.allocation == "teal-greedy" and config.kernel == "fused"
     assert config.weighted_sparsity() == pytest.approx(0.5, abs=1e-9)
