@@ -11,7 +11,7 @@ command; finished rows are skipped)::
     nice -n 10 .venv/bin/python benchmarks/allocation_study.py --data DATA/wiki.test.raw --split test \\
         --calibration DATA/wiki.valid.raw --max-tokens 16384 --levels 0.4 0.5 0.6 0.7 0.8 0.9 \\
         --methods uniform acttail teal-greedy acttail-greedy --output docs/results/allocation/study_test.json
-    .venv/bin/python benchmarks/allocation_study.py --table docs/results/allocation/study_test.json
+    .venv/bin/python benchmarks/allocation_study.py --table docs/results/allocation/study_test*.json
 
 ``acttail-greedy:<mapping>`` sets the HT-SR mapping of the block targets (default greedy.COMBINED_MAPPING).
 """
@@ -96,9 +96,10 @@ def run(args: argparse.Namespace) -> None:
         logger.info("%s %.2f: perplexity %.3f (%.0f s)", method, level, row["perplexity"], row["eval_seconds"])
 
 
-def table(path: Path) -> None:
-    data = json.loads(path.read_text())
-    rows = data["results"]
+def table(paths: list[Path]) -> None:
+    """Markdown table of the rows of ``paths`` (same split and tokens); the best perplexity per level in bold."""
+    data = json.loads(paths[0].read_text())
+    rows = [r for path in paths for r in json.loads(path.read_text())["results"]]
     levels = sorted({r["level"] for r in rows if r["method"] != "dense"})
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
     value = {(r["method"], r["level"]): r["perplexity"] for r in rows}
@@ -130,7 +131,7 @@ def main() -> None:
     parser.add_argument("--search-length", type=int, default=64, help="greedy search window length")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path)
-    parser.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of results files and exit")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.table:
