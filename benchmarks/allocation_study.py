@@ -11,7 +11,8 @@ command; finished rows are skipped)::
     nice -n 10 .venv/bin/python benchmarks/allocation_study.py --data DATA/wiki.test.raw --split test \\
         --calibration DATA/wiki.valid.raw --max-tokens 16384 --levels 0.4 0.5 0.6 0.7 0.8 0.9 \\
         --methods uniform acttail teal-greedy acttail-greedy --output docs/results/allocation/study_test.json
-    .venv/bin/python benchmarks/allocation_study.py --table docs/results/allocation/study_test*.json
+    .venv/bin/python benchmarks/allocation_study.py --table docs/results/allocation/study_test*.json \
+        --prior docs/results/allocation_confirm_test_16k.json
 
 ``acttail-greedy:<mapping>`` sets the HT-SR mapping of the block targets (default greedy.COMBINED_MAPPING).
 """
@@ -96,10 +97,25 @@ def run(args: argparse.Namespace) -> None:
         logger.info("%s %.2f: perplexity %.3f (%.0f s)", method, level, row["perplexity"], row["eval_seconds"])
 
 
-def table(paths: list[Path]) -> None:
+def prior_rows(path: Path, tokens: int) -> list[dict]:
+    """uniform / default-acttail rows of a ``benchmarks/allocation_search.py`` file (same split, same tokens)."""
+    from acttail_export.allocation import DEFAULT_EPSILON, DEFAULT_MAPPING
+
+    out = []
+    for r in json.loads(path.read_text())["results"]:
+        default = r["mapping"] == DEFAULT_MAPPING and r["epsilon"] == DEFAULT_EPSILON
+        if r["tokens"] == tokens and (r["mapping"] == "uniform" or default):
+            out.append({"method": "uniform" if r["mapping"] == "uniform" else "acttail", "level": r["sparsity"],
+                        "perplexity": r["perplexity"]})
+    return out
+
+
+def table(paths: list[Path], prior: Path | None = None) -> None:
     """Markdown table of the rows of ``paths`` (same split and tokens); the best perplexity per level in bold."""
     data = json.loads(paths[0].read_text())
     rows = [r for path in paths for r in json.loads(path.read_text())["results"]]
+    if prior is not None:
+        rows = prior_rows(prior, data["meta"]["tokens"]) + rows
     levels = sorted({r["level"] for r in rows if r["method"] != "dense"})
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
     value = {(r["method"], r["level"]): r["perplexity"] for r in rows}
@@ -132,10 +148,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of results files and exit")
+    parser.add_argument("--prior", type=Path, help="with --table: uniform / acttail rows of an allocation_search.py file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.table:
-        table(args.table)
+        table(args.table, args.prior)
         return
     if not (args.data and args.calibration and args.output):
         parser.error("--data, --calibration and --output are required (or --table)")
