@@ -113,7 +113,12 @@ def prior_rows(path: Path, tokens: int) -> list[dict]:
 def table(paths: list[Path], prior: Path | None = None) -> None:
     """Markdown table of the rows of ``paths`` (same split and tokens); the best perplexity per level in bold."""
     data = json.loads(paths[0].read_text())
-    rows = [r for path in paths for r in json.loads(path.read_text())["results"]]
+    rows = []
+    for path in paths:  # greedy rows are labelled with the search step of their file
+        content = json.loads(path.read_text())
+        step = content["meta"]["greedy_settings"]["step"]
+        rows += [{**r, "method": f"{r['method']} (step {step:g})" if "greedy" in r["method"] else r["method"]}
+                 for r in content["results"]]
     if prior is not None:
         rows = prior_rows(prior, data["meta"]["tokens"]) + rows
     levels = sorted({r["level"] for r in rows if r["method"] != "dense"})
