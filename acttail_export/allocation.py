@@ -68,6 +68,7 @@ import numpy as np
 
 from .config import (
     DEFAULT_S_MAX,
+    GREEDY_ALLOCATIONS,
     SHARED_INPUT_GROUPS,
     ActTailConfig,
     ProjectionConfig,
@@ -387,6 +388,43 @@ def uniform(params: np.ndarray, target: float) -> np.ndarray:
     return np.full(np.asarray(params).size, check_sparsity(target, "target sparsity"))
 
 
+def _greedy_budgets(model, projections, budgets, params, layers, trajectories) -> np.ndarray:
+    """Greedy budgets with each block's target = the parameter-weighted mean of ``budgets`` in that block."""
+    from .greedy import greedy_budgets
+
+    if trajectories is None:
+        raise ActTailError("greedy allocations need the search's trajectories: run greedy.search(model, windows, levels) first")
+    by_name = greedy_budgets(model, trajectories, block_targets(budgets, params, layers))
+    return np.array([by_name[name] for name, *_ in projections])
+
+
+def block_targets(budgets: np.ndarray, params: np.ndarray, layers: Sequence[int]) -> list[float]:
+    """Parameter-weighted mean budget of every layer (the greedy search's level per block)."""
+    layers = np.asarray(layers)
+    return [float((params[layers == l] * budgets[layers == l]).sum() / params[layers == l].sum())
+            for l in range(int(layers.max()) + 1)]
+
+
+def greedy_levels(model, allocation: str, sparsities: Sequence[float], epsilon: float | None = None,
+                  mapping: str | None = None, s_max: float = DEFAULT_S_MAX, fits: dict | None = None) -> list[float]:
+    """Per block, the highest level the greedy search must reach for ``allocation`` at every target in ``sparsities``."""
+    levels = None
+    for s in sparsities:
+        config = build_config(model, s, "uniform" if allocation == "teal-greedy" else "acttail", epsilon=epsilon,
+                              mapping=mapping if mapping or allocation != "acttail-greedy" else _combined_mapping(),
+                              s_max=s_max, fits=fits)
+        params = np.array([p.parameters for p in config.projections], dtype=np.float64)
+        targets = block_targets(np.array([p.sparsity for p in config.projections]), params, [p.layer for p in config.projections])
+        levels = targets if levels is None else [max(a, b) for a, b in zip(levels, targets)]
+    return levels
+
+
+def _combined_mapping() -> str:
+    from .greedy import COMBINED_MAPPING
+
+    return COMBINED_MAPPING
+
+
 def build_config(
     model,
     target_sparsity: float,
@@ -396,20 +434,26 @@ def build_config(
     mapping: str | None = None,
     s_max: float = DEFAULT_S_MAX,
     fits: dict | None = None,
+    trajectories: dict | None = None,
 ) -> ActTailConfig:
     """ActTailConfig with one :class:`ProjectionConfig` per projection (alpha, budget, and k in top-k mode).
 
-    ``uniform`` records ``epsilon`` and ``mapping`` as None: neither shapes its budgets.
+    ``uniform`` and ``teal-greedy`` record ``epsilon`` and ``mapping`` as None: neither shapes their budgets.
+    ``teal-greedy`` / ``acttail-greedy`` read their budgets off ``trajectories`` (:func:`greedy.search`); the
+    latter first gives each block the mean of its acttail budgets under ``mapping`` (default
+    ``greedy.COMBINED_MAPPING``) as the block's target.
     """
     from .modeling import iter_projections
 
     target_sparsity = check_sparsity(target_sparsity, "target sparsity")
     epsilon = DEFAULT_EPSILON if epsilon is None else check_epsilon(epsilon)
+    if allocation == "acttail-greedy" and mapping is None:
+        mapping = _combined_mapping()
     mapping = check_mapping(DEFAULT_MAPPING if mapping is None else mapping)
-    if allocation == "uniform":  # the same budget everywhere: no spread, no alpha mapping to record
+    if allocation in ("uniform", "teal-greedy"):  # the same budget everywhere: no spread, no alpha mapping to record
         epsilon, mapping = None, None
     projections = iter_projections(model)
-    if fits is None and allocation == "acttail":
+    if fits is None and allocation in ("acttail", "acttail-greedy"):
         from .spectral import analyze_model
 
         fits = analyze_model(model)
@@ -421,11 +465,14 @@ def build_config(
         if missing:
             raise ActTailError(f"fits lack {len(missing)} projections (e.g. {missing[0]}): fit them with spectral.analyze_model(model)")
         alphas = np.array([fits[name].alpha for name, *_ in projections])
-    if allocation == "uniform":
+    layers = [l for _, l, _, _ in projections]
+    if allocation in ("uniform", "teal-greedy"):
         budgets = uniform(params, target_sparsity)
     else:
         budgets = allocate(alphas, params, target_sparsity, epsilon, mapping, s_max,
-                           kinds=[k for _, _, k, _ in projections], layers=[l for _, l, _, _ in projections])
+                           kinds=[k for _, _, k, _ in projections], layers=layers)
+    if allocation in ("teal-greedy", "acttail-greedy"):
+        budgets = _greedy_budgets(model, projections, budgets, params, layers, trajectories)
     for (name, layer, kind, module), s, i in zip(projections, budgets, range(len(projections))):
         config.projections.append(ProjectionConfig(
             name=name, layer=layer, kind=kind, in_features=module.in_features, out_features=module.out_features,

@@ -27,7 +27,9 @@ PROJECTION_PARENT: dict[str, str] = {
 #: Projections that read the same input tensor (captured once during calibration).
 SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
-ALLOCATIONS = ("uniform", "acttail")
+ALLOCATIONS = ("uniform", "acttail", "teal-greedy", "acttail-greedy")
+#: Allocations that run the block-wise greedy search of :mod:`acttail_export.greedy` (they need calibration text).
+GREEDY_ALLOCATIONS = ("teal-greedy", "acttail-greedy")
 MODES = ("topk", "threshold")
 KERNELS = ("mask", "fused")
 #: projection weights of the graph: the float dtype of the export, or 4-bit blocks (:mod:`acttail_export.quantize`)

@@ -97,7 +97,7 @@ def check_allocation(sparsity: float, allocation: str, mapping: str | None) -> N
 
     if mapping is not None:
         alloc.check_mapping(mapping)
-    if allocation == "acttail":
+    if allocation in ("acttail", "acttail-greedy", "teal-greedy"):
         s_max = alloc.DEFAULT_S_MAX  # what _build allocates with
         if sparsity > s_max:
             raise ActTailError(f"sparsity {sparsity} is above {s_max}, the highest per-projection budget of the acttail "
@@ -532,11 +532,19 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         with _stage("4-bit quantization"):
             quantized = quantize_model(model, *int4, dtype=dtype, progress=progress)
     fits = None
-    if allocation == "acttail":  # uniform budgets need no alphas
+    if allocation in ("acttail", "acttail-greedy"):  # uniform and teal-greedy budgets need no alphas
         with _stage("spectral analysis"):
             # on a GPU the Gram-matrix eigenvalues are ~5x faster than svdvals (docs/scale.md), same alphas
             fits = analyze_model(model, device=device, progress=progress, method="gram" if device == "cuda" else "svd")
-    config = alloc.build_config(model, sparsity, allocation=allocation, mode=mode, epsilon=epsilon, mapping=mapping, fits=fits)
+    trajectories = None
+    if allocation in alloc.GREEDY_ALLOCATIONS:
+        from .greedy import search_for
+
+        with _stage("greedy allocation search"), torch.no_grad():
+            trajectories = search_for(model, tokenizer, allocation, [sparsity], mode, calibration_path, fits=fits,
+                                      epsilon=epsilon, mapping=mapping, progress=progress)
+    config = alloc.build_config(model, sparsity, allocation=allocation, mode=mode, epsilon=epsilon, mapping=mapping, fits=fits,
+                                trajectories=trajectories)
     for p in config.projections if fits is not None else ():
         p.alpha_fallback = fits[p.name].fallback  # degenerate spectrum: where its alpha came from
     config.kernel = kernel

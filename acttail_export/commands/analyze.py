@@ -12,7 +12,7 @@ import logging
 import math
 from pathlib import Path
 
-from ..config import ALLOCATIONS, PROJECTION_KINDS, check_epsilon, check_sparsity
+from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, PROJECTION_KINDS, check_epsilon, check_sparsity
 from ..errors import ActTailError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ def register(subparsers) -> None:
 
     budget = parser.add_argument_group("budgets")
     budget.add_argument("--sparsity", default="0.5", help="target (parameter-weighted mean) sparsity (default: 0.5)")
-    budget.add_argument("--allocation", default="acttail", choices=ALLOCATIONS, help="budget allocation (default: acttail)")
+    budget.add_argument("--allocation", default="acttail", choices=[a for a in ALLOCATIONS if a not in GREEDY_ALLOCATIONS],
+                        help="budget allocation (default: acttail; the greedy ones need calibration text: use export/evaluate)")
     budget.add_argument("--epsilon", default=None, help="ActTail spread epsilon in [0, 1) (default: allocation.DEFAULT_EPSILON)")
     budget.add_argument("--mapping", default=None, help="alpha-to-budget mapping (default: allocation.DEFAULT_MAPPING)")
 

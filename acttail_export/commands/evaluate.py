@@ -265,10 +265,18 @@ def evaluate_base(
     sparse = [s for s in sparsities if s > 0]
     if not sparse:
         return records
-    if fits is None and "acttail" in allocations:
+    if fits is None and {"acttail", "acttail-greedy"} & set(allocations):
         fits = analyze_model(model, progress=progress)  # once per run, shared by every config
+    trajectories = {}
+    for allocation in {"teal-greedy", "acttail-greedy"} & set(allocations):
+        from ..greedy import search_for
+
+        for mode in modes:  # one cached search per mode reaches every level asked for
+            trajectories[allocation, mode] = search_for(model, tokenizer, allocation, sparse, mode, calibration_data, fits=fits,
+                                                        epsilon=epsilon, mapping=mapping, progress=progress)
     configs = [
-        (allocation, s, mode, build_config(model, s, allocation, mode, epsilon=epsilon, mapping=mapping, fits=fits))
+        (allocation, s, mode, build_config(model, s, allocation, mode, epsilon=epsilon, mapping=mapping, fits=fits,
+                                           trajectories=trajectories.get((allocation, mode))))
         for allocation in allocations for mode in modes for s in sparse
     ]
     thresholded = [c for _, _, mode, c in configs if mode == "threshold"]

@@ -23,8 +23,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
     sparsity = parser.add_argument_group("Sparsity")
     sparsity.add_argument("--sparsity", default="0.5", help="target parameter-weighted activation sparsity in [0, 1) (default 0.5)")
-    sparsity.add_argument("--allocation", choices=("acttail", "uniform"), default="acttail",
-                          help="per-projection budgets from HT-SR alphas (acttail) or the same everywhere (uniform)")
+    sparsity.add_argument("--allocation", choices=("acttail", "uniform", "teal-greedy", "acttail-greedy"), default="acttail",
+                          help="per-projection budgets from HT-SR alphas (acttail), the same everywhere (uniform), TEAL's "
+                               "block-wise greedy search on the calibration text (teal-greedy), or the greedy search inside "
+                               "each block with HT-SR block targets (acttail-greedy); docs/allocation.md")
     sparsity.add_argument("--mode", choices=("topk", "threshold"), default="topk",
                           help="keep the k largest |x| per token (topk) or |x| above a calibrated threshold")
     sparsity.add_argument("--kernel", choices=("mask", "fused"), default="mask",
@@ -84,8 +86,8 @@ def export_kwargs(args: argparse.Namespace) -> dict:
         raise ActTailError(f"--calibration-samples must be >= 1, got {samples}")
     if length is not None and length < 2:
         raise ActTailError(f"--sequence-length must be >= 2, got {length}")
-    if args.allocation == "uniform" and (args.epsilon is not None or args.mapping is not None):
-        raise ActTailError("--epsilon/--mapping only apply to --allocation acttail: drop them or use --allocation acttail")
+    if args.allocation in ("uniform", "teal-greedy") and (args.epsilon is not None or args.mapping is not None):
+        raise ActTailError("--epsilon/--mapping only apply to --allocation acttail/acttail-greedy: drop them or use --allocation acttail")
     if (args.private or args.token) and not args.push_to_hub:
         raise ActTailError("--private/--token only apply with --push-to-hub REPO_ID: add it or drop them")
     if args.base == "genai":
