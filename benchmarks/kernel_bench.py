@@ -472,7 +472,7 @@ def cpu_bench(out: Path, threads: int, runs: int, row_counts: tuple[int, ...] = 
                              "w_gb_s": K * N * 4 / us / 1e3})
                 logger.info("%d->%d M=%d %s: %.1f us per projection (%.1f GB/s of W)", K, N, M, case, us, rows[-1]["w_gb_s"])
                 del sess
-                time.sleep(0.2)  # let this session's pool threads stop spinning
+                time.sleep(0.2)  # let this ORT session's pool threads stop spinning
     dense = {(r["K"], r["N"], r["M"]): r["us"] for r in rows if r["case"] == "dense MatMul"}
     for r in rows:
         r["speedup"] = dense[(r["K"], r["N"], r["M"])] / r["us"]

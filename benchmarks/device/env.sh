@@ -1,9 +1,9 @@
 # Source on the CUDA machine, from the project root: puts onnxruntime-gpu, the decode wheels and the
 # project on PYTHONPATH and builds the op library and the kernel harness (build/ops/libacttail_bench.so) for
 # this GPU unless they are built from the current csrc/.
-#   ORT_GPU_DIR   folder holding onnxruntime-gpu (default /root/ortgpu; empty: use the installed one)
+#   ORT_GPU_DIR   folder holding onnxruntime-gpu (default $HOME/ortgpu; empty: use the installed one)
 #   CUDA_ARCH     compute capability to build for (default 90)
-ORT_GPU_DIR=${ORT_GPU_DIR-/root/ortgpu}
+ORT_GPU_DIR=${ORT_GPU_DIR-$HOME/ortgpu}
 [ -d .whl/site ] && { [ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/site/*.whl; }
 [ -d .whl/genai ] && { [ -d /tmp/genai/onnxruntime_genai ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/genai .whl/genai/*.whl; }
 export PYTHONPATH=/tmp/site:/tmp/genai${ORT_GPU_DIR:+:$ORT_GPU_DIR}:$PWD

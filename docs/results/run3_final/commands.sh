@@ -1,4 +1,4 @@
-export PYTHONPATH=/root/ortgpu:.; source /root/ortgpu/env.sh
+export PYTHONPATH=$ORT_GPU_DIR:.; source $ORT_GPU_DIR/env.sh
 set -o pipefail
 F="UserWarning\|_warn_once\|warnings.warn"
 git log -1 --format=%h 2>/dev/null | tee $OUT/commit.txt
