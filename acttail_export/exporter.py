@@ -26,7 +26,7 @@ from .output_folder import (OLD_MARK, TMP_MARK, _make_parents, _make_temp, _move
 logger = logging.getLogger(__name__)
 
 #: ``optimum``: optimum-onnx's trace (``ORTModelForCausalLM``); ``genai``: onnxruntime-genai's model builder
-#: graph (:mod:`acttail_export.optimize`, the fast GPU decode base).
+#: graph (:mod:`acttail_export.genai_base`, the fast GPU decode base).
 BASES = ("optimum", "genai")
 #: Validation tolerance on relative errors (max |Δ| / max |reference|, see :func:`validate_export`).
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
@@ -414,7 +414,7 @@ def export(
     """Export ``model`` with ActTail sparsity to ``output_dir`` (see the module docstring); returns the folder.
 
     ``base="genai"`` builds the graph with onnxruntime-genai's model builder instead of optimum-onnx
-    (:func:`acttail_export.optimize.export_genai`; same analysis, calibration, rewrite, validation and
+    (:func:`acttail_export.genai_base.export_genai`; same analysis, calibration, rewrite, validation and
     atomic output). The folder then loads with onnxruntime-genai alone::
 
         import onnxruntime_genai as og
@@ -468,7 +468,7 @@ def export(
     hub_token = check_hub_token(token) if push_to_hub else None
     genai = None
     if base == "genai":  # last: it imports the model builder in a subprocess (seconds)
-        from .optimize import check_genai
+        from .genai_base import check_genai
 
         genai = check_genai(dtype, device)
 
@@ -564,12 +564,12 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         shutil.rmtree(base_dir)
         tokenizer.save_pretrained(tmp)
         if library is not None:  # under the name the runtime looks for, whatever the source file is called
-            from .optimize import copy_library
+            from .genai_base import copy_library
 
             copy_library(tmp, library)
         config.versions = library_versions()
     else:
-        from .optimize import export_genai
+        from .genai_base import export_genai
 
         precision, execution_provider = genai
         config.versions = library_versions(("onnxruntime-genai", "onnxruntime-genai-cuda"))

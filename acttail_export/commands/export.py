@@ -89,7 +89,7 @@ def export_kwargs(args: argparse.Namespace) -> dict:
     if (args.private or args.token) and not args.push_to_hub:
         raise ActTailError("--private/--token only apply with --push-to-hub REPO_ID: add it or drop them")
     if args.base == "genai":
-        from ..optimize import builder_settings
+        from ..genai_base import builder_settings
 
         builder_settings(args.dtype, args.device)  # e.g. fp16 needs --device cuda (cheap: no import of the builder)
     from ..int4_rewrite import check_weights
