@@ -7,6 +7,7 @@ was. Temporary folders of killed runs (their PID is gone) are removed at the nex
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -14,9 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import ActTailConfig, check_epsilon, check_sparsity
+from .config import ActTailConfig
 from .errors import ActTailError
 from .modeling import expand_model_alias, resolve_model
+from .options import ExportOptions
 from .output_folder import (OLD_MARK, TMP_MARK, _make_parents, _make_temp, _move_into_place, _remove_empty,  # noqa: F401
                             _sigterm_as_interrupt, _umask, check_output_dir, clean_stale_temp, restore_signals)
 from .validate import (SPARSITY_TOLERANCE, TOLERANCE, TOP1_FLOOR, ValidationReport, _gate, check_loadable,  # noqa: F401
@@ -24,12 +26,9 @@ from .validate import (SPARSITY_TOLERANCE, TOLERANCE, TOP1_FLOOR, ValidationRepo
 
 logger = logging.getLogger(__name__)
 
-#: ``optimum``: optimum-onnx's trace (``ORTModelForCausalLM``); ``genai``: onnxruntime-genai's model builder
-#: graph (:mod:`acttail_export.genai_base`, the fast GPU decode base).
-BASES = ("optimum", "genai")
 VALIDATION_WINDOWS, VALIDATION_LENGTH = 2, 64
 DEFAULT_SEQUENCE_LENGTH = 512  # calibration window when --sequence-length is not given (at most the context)
-EVAL_TOKENS, EVAL_LENGTH = 2048, 512
+EVAL_LENGTH = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,28 +63,15 @@ def _model_path(model: str | Path | None) -> str | Path | None:
 
 
 def check_kernel(kernel: str) -> str | None:
-    """The op library path for ``kernel="fused"`` (ActTailError naming ``make ops`` if absent)."""
-    if kernel not in ("mask", "fused"):
-        raise ActTailError(f"kernel must be mask or fused; got {kernel!r}")
+    """The op library path for ``kernel="fused"`` (ActTailError naming ``make ops`` if absent), None for ``mask``.
+
+    ``kernel`` is one of :data:`acttail_export.options.KERNELS` (checked by :class:`ExportOptions`).
+    """
     if kernel == "mask":
         return None
     from .ops import get_library_path
 
     return get_library_path()
-
-
-def check_allocation(sparsity: float, allocation: str, mapping: str | None) -> None:
-    """What :func:`allocation.build_config` would refuse after the spectral analysis: a bad mapping, or a target
-    above the largest per-projection budget (``s_max``) of the acttail allocation."""
-    from . import allocation as alloc
-
-    if mapping is not None:
-        alloc.check_mapping(mapping)
-    if allocation == "acttail":
-        s_max = alloc.DEFAULT_S_MAX  # what _build allocates with
-        if sparsity > s_max:
-            raise ActTailError(f"sparsity {sparsity} is above {s_max}, the highest per-projection budget of the acttail "
-                               f"allocation: use --sparsity {s_max} or lower, or --allocation uniform")
 
 
 def check_context(sequence_length: int | None, limit, where) -> int:
@@ -143,32 +129,7 @@ def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # the pipeline
 # --------------------------------------------------------------------------------------------
-def export(
-    model: str | Path,
-    output_dir: str | Path,
-    sparsity: float = 0.5,
-    allocation: str = "acttail",
-    mode: str = "topk",
-    kernel: str = "mask",
-    epsilon: float | None = None,
-    mapping: str | None = None,
-    calibration_data: str | Path | None = None,
-    calibration_samples: int = 64,
-    sequence_length: int | None = None,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    validate: bool = True,
-    progress: bool = True,
-    eval_tokens: int = EVAL_TOKENS,
-    base: str = "optimum",
-    weights: str | None = None,
-    block_size: int | None = None,
-    quantizer: str | None = None,
-) -> Path:
+def export(model: str | Path, output_dir: str | Path, options: ExportOptions | None = None, **kwargs: Any) -> Path:
     """Export ``model`` with ActTail sparsity to ``output_dir`` (see the module docstring); returns the folder.
 
     ``base="genai"`` builds the graph with onnxruntime-genai's model builder instead of optimum-onnx
@@ -186,64 +147,50 @@ def export(
     and, on CPU (fp32), also with :func:`acttail_export.runtime.load_model` (``model.onnx`` is the
     rewritten graph in both cases).
 
+    The settings are an :class:`~acttail_export.options.ExportOptions` (``options``), or its fields as keyword
+    arguments (``export(model, out, sparsity=0.8, mode="threshold")``; with ``options`` too, they replace its
+    fields); a bad value raises a one-line :class:`ActTailError` before anything is loaded or written.
+
     ``weights="int4"`` quantizes the projections to 4 bits (``block_size``, ``quantizer``) before the analysis and
     calibration and writes them as 4-bit ops (:mod:`acttail_export.int4_rewrite`); float weights are ``dtype``.
     """
-    from .config import ALLOCATIONS, MODES
     from .data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, EXPORT_CALIBRATION_FLAGS, read_text
-    from .onnx_export import DTYPES, check_device
+    from .onnx_export import check_device
 
     # ---- 1. cheap checks: every bad input fails here, before minutes of work --------------------
-    sparsity = check_sparsity(sparsity)
-    if epsilon is not None:
-        epsilon = check_epsilon(epsilon)
-    for value, choices, what in ((allocation, ALLOCATIONS, "allocation"), (mode, MODES, "mode"), (dtype, DTYPES, "dtype"),
-                                 (base, BASES, "base")):
-        if value not in choices:
-            raise ActTailError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
-    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
-        raise ActTailError(f"calibration samples must be a positive integer, got {calibration_samples!r}")
-    if sequence_length is not None and (isinstance(sequence_length, bool) or not isinstance(sequence_length, int)
-                                        or sequence_length < 2):
-        raise ActTailError(f"sequence length must be an integer >= 2, got {sequence_length!r}")
-    check_allocation(sparsity, allocation, mapping)
-    from .int4_rewrite import check_weights
-
-    int4 = check_weights(weights, block_size, quantizer, dtype, base)  # (block size, quantizer) or None
-    library = check_kernel(kernel)
-    check_device(device)
-    calibration_path = Path(calibration_data) if calibration_data is not None else DEFAULT_CALIBRATION_DATA
+    o = ExportOptions.validated(options, **kwargs)  # values and combinations
+    library = check_kernel(o.kernel)
+    check_device(o.device)
+    calibration_path = o.calibration_data if o.calibration_data is not None else DEFAULT_CALIBRATION_DATA
     # before the not-empty check, which would suggest --overwrite (and so deleting the model)
     check_inputs_outside(output_dir, {"model": _model_path(model), "calibration data": calibration_path,
-                                      "evaluation data": DEFAULT_EVAL_DATA if validate else None})
-    output_dir = check_output_dir(output_dir, overwrite)
+                                      "evaluation data": DEFAULT_EVAL_DATA if o.validate else None})
+    output_dir = check_output_dir(output_dir, o.overwrite)
     model_ref = resolve_model(model)
     read_text(calibration_path, EXPORT_CALIBRATION_FLAGS)
-    if push_to_hub:
+    if o.push_to_hub:
         from .hub import check_repo_id
 
-        check_repo_id(push_to_hub)
-    hub_token = check_hub_token(token) if push_to_hub else None
+        check_repo_id(o.push_to_hub)
+    hub_token = check_hub_token(o.token) if o.push_to_hub else None
     genai = None
-    if base == "genai":  # last: it imports the model builder in a subprocess (seconds)
+    if o.base == "genai":  # last: it imports the model builder in a subprocess (seconds)
         from .genai_base import check_genai
 
-        genai = check_genai(dtype, device)
+        genai = check_genai(o.dtype, o.device)
 
     if Path(model_ref).is_dir():  # last of the cheap checks; a GGUF or Hub model is checked right after loading
         from .runtime import max_positions
 
-        sequence_length = check_context(sequence_length, max_positions(model_ref), model_ref)
+        o = dataclasses.replace(o, sequence_length=check_context(o.sequence_length, max_positions(model_ref), model_ref))
     clean_stale_temp(output_dir)
     previous = _sigterm_as_interrupt()
     created, tmp = [], None
     try:
         created = _make_parents(output_dir.parent)  # removed again if the export fails
         tmp = _make_temp(output_dir, TMP_MARK)
-        config = _build(model_ref, tmp, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path,
-                        calibration_samples, sequence_length, dtype, device, library, validate, progress, eval_tokens,
-                        DEFAULT_EVAL_DATA, push_to_hub, genai, int4)
-        _move_into_place(tmp, output_dir, overwrite)
+        config = _build(model_ref, tmp, o, calibration_path, library, DEFAULT_EVAL_DATA, genai)
+        _move_into_place(tmp, output_dir, o.overwrite)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -253,21 +200,18 @@ def export(
         restore_signals(previous)
     logger.info("export written to %s (target sparsity %.2f, effective %s)", output_dir, config.target_sparsity,
                 f"{config.effective_sparsity:.3f}" if config.effective_sparsity is not None else "n/a")
-    if push_to_hub:
+    if o.push_to_hub:
         from .hub import push_to_hub as _push
 
-        _push(output_dir, push_to_hub, token=hub_token, private=private)
+        _push(output_dir, o.push_to_hub, token=hub_token, private=o.private)
     return output_dir
 
 
-def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path, samples,
-           sequence_length, dtype, device, library, validate, progress, eval_tokens, eval_data,
-           repo_id: str | None = None, genai: tuple[str, str] | None = None,
-           int4: tuple[int, str] | None = None) -> ActTailConfig:
+def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, library: str | None, eval_data: Path,
+           genai: tuple[str, str] | None = None) -> ActTailConfig:
     """Everything between the checks and the final rename, written into ``tmp``.
 
     ``genai``: None for the optimum base, else the builder's (precision, execution provider).
-    ``int4``: None for float weights, else (block size, quantizer) of the 4-bit projections.
     """
     import torch
 
@@ -280,6 +224,9 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     from .onnx_export import export_base_onnx, rewrite_onnx
     from .spectral import analyze_model
 
+    sparsity, allocation, mode, kernel, epsilon, mapping = o.sparsity, o.allocation, o.mode, o.kernel, o.epsilon, o.mapping
+    samples, sequence_length, dtype, device, progress = o.calibration_samples, o.sequence_length, o.dtype, o.device, o.progress
+    validate, eval_tokens, repo_id, int4 = o.validate, o.eval_tokens, o.push_to_hub, o.int4
     with _stage("load model"):
         model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
     sequence_length = check_context(sequence_length, getattr(model.config, "max_position_embeddings", None), model_ref)
