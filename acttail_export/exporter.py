@@ -182,7 +182,8 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     if Path(model_ref).is_dir():  # last of the cheap checks; a GGUF or Hub model is checked right after loading
         from .runtime import max_positions
 
-        o = dataclasses.replace(o, sequence_length=check_context(o.sequence_length, max_positions(model_ref), model_ref))
+        length = check_context(o.sequence_length, max_positions(model_ref), model_ref)
+        o = dataclasses.replace(o, sequence_length=length)
     clean_stale_temp(output_dir)
     previous = _sigterm_as_interrupt()
     created, tmp = [], None
@@ -224,8 +225,10 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
     from .onnx_export import export_base_onnx, rewrite_onnx
     from .spectral import analyze_model
 
-    sparsity, allocation, mode, kernel, epsilon, mapping = o.sparsity, o.allocation, o.mode, o.kernel, o.epsilon, o.mapping
-    samples, sequence_length, dtype, device, progress = o.calibration_samples, o.sequence_length, o.dtype, o.device, o.progress
+    sparsity, allocation, mode, kernel, epsilon, mapping = (o.sparsity, o.allocation, o.mode, o.kernel, o.epsilon,
+                                                            o.mapping)
+    samples, sequence_length, dtype, device, progress = (o.calibration_samples, o.sequence_length, o.dtype, o.device,
+                                                         o.progress)
     validate, eval_tokens, repo_id, int4 = o.validate, o.eval_tokens, o.push_to_hub, o.int4
     with _stage("load model"):
         model, tokenizer = load_model(model_ref, dtype=dtype, device=device)

@@ -36,8 +36,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .config import (KERNELS, MODES, PROJECTION_KINDS, PROJECTION_PARENT, ActTailConfig, ProjectionConfig, _check_choice,
-                     projection_name)
+from .config import (KERNELS, MODES, PROJECTION_KINDS, PROJECTION_PARENT, ActTailConfig, ProjectionConfig,
+                     _check_choice, projection_name)
 from .errors import ActTailError
 
 logger = logging.getLogger(__name__)

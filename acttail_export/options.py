@@ -107,10 +107,12 @@ class ExportOptions:
 
             _choice(self.mapping, MAPPINGS, "--mapping")
         if self.allocation == "uniform" and (self.epsilon is not None or self.mapping is not None):
-            raise ActTailError("--epsilon/--mapping only apply to --allocation acttail: drop them or use --allocation acttail")
+            raise ActTailError("--epsilon/--mapping only apply to --allocation acttail: drop them or use "
+                               "--allocation acttail")
         if self.allocation == "acttail" and self.sparsity > DEFAULT_S_MAX:
-            raise ActTailError(f"sparsity {self.sparsity} is above {DEFAULT_S_MAX}, the highest per-projection budget of "
-                               f"the acttail allocation: use --sparsity {DEFAULT_S_MAX} or lower, or --allocation uniform")
+            raise ActTailError(f"sparsity {self.sparsity} is above {DEFAULT_S_MAX}, the highest per-projection budget "
+                               f"of the acttail allocation: use --sparsity {DEFAULT_S_MAX} or lower, or "
+                               "--allocation uniform")
 
     def _check_weights(self) -> None:
         """--weights/--block-size/--quantizer against --dtype and --base (see :attr:`int4`)."""
@@ -120,16 +122,18 @@ class ExportOptions:
         _choice(weights, get_args(Weights), "--weights")
         if weights != "int4":
             if weights != self.dtype:
-                raise ActTailError(f"--weights {weights} needs --dtype {weights} (float weights have the graph's dtype): "
-                                   f"pass --dtype {weights}, or --weights int4")
+                raise ActTailError(f"--weights {weights} needs --dtype {weights} (float weights have the graph's "
+                                   f"dtype): pass --dtype {weights}, or --weights int4")
             if self.block_size is not None or self.quantizer is not None:
-                raise ActTailError("--block-size/--quantizer only apply to --weights int4: add --weights int4 or drop them")
+                raise ActTailError("--block-size/--quantizer only apply to --weights int4: add --weights int4 or "
+                                   "drop them")
             return
         if self.base != "optimum":
             raise ActTailError(f"--weights int4 needs --base optimum (the {self.base} base cannot carry the 4-bit ops "
                                "yet): pass --base optimum or drop --weights int4")
         if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES):
-            raise ActTailError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}; got {self.block_size!r}")
+            choices = ", ".join(map(str, BLOCK_SIZES))
+            raise ActTailError(f"--block-size must be one of {choices}; got {self.block_size!r}")
         if self.quantizer is not None:
             _choice(self.quantizer, QUANTIZERS, "--quantizer")
 
@@ -144,7 +148,7 @@ class ExportOptions:
                 DEFAULT_QUANTIZER if self.quantizer is None else self.quantizer)
 
     def to_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`~acttail_export.exporter.export` (``ExportOptions(**o.to_kwargs()) == o``)."""
+        """:func:`~acttail_export.exporter.export`'s keyword arguments (``ExportOptions(**o.to_kwargs()) == o``)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod

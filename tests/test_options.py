@@ -28,28 +28,33 @@ INVALID = [
     (dict(dtype="bf16"), "--dtype must be one of fp32, fp16; got 'bf16'", None),
     (dict(device="tpu"), "--device must be one of cpu, cuda; got 'tpu'", None),
     (dict(base="tensorrt"), "--base must be one of optimum, genai; got 'tensorrt'", None),
-    (dict(calibration_samples=0), "--calibration-samples must be a positive integer, got 0", ["--calibration-samples", "0"]),
+    (dict(calibration_samples=0), "--calibration-samples must be a positive integer, got 0",
+     ["--calibration-samples", "0"]),
     (dict(calibration_samples=True), "--calibration-samples must be a positive integer", None),
     (dict(calibration_samples=2.5), "--calibration-samples must be a positive integer", None),
     (dict(sequence_length=1), "--sequence-length must be an integer >= 2, got 1", ["--sequence-length", "1"]),
     (dict(eval_tokens=-1), "eval_tokens must be an integer >= 0", None),
     (dict(mapping="no-such-mapping"), "--mapping must be one of", ["--mapping", "no-such-mapping"]),
-    (dict(allocation="uniform", epsilon=0.1), "only apply to --allocation acttail: drop them or use --allocation acttail",
+    (dict(allocation="uniform", epsilon=0.1), "only apply to --allocation acttail: drop them or use --allocation",
      ["--allocation", "uniform", "--epsilon", "0.1"]),
     (dict(allocation="uniform", mapping="linear"), "only apply to --allocation acttail",
      ["--allocation", "uniform", "--mapping", "linear"]),
     (dict(sparsity=0.995), "use --sparsity 0.99 or lower, or --allocation uniform", ["--sparsity", "0.995"]),
     (dict(private=True), "--private/--token only apply with --push-to-hub REPO_ID", ["--private"]),
     (dict(token="hf_secret"), "--private/--token only apply with --push-to-hub REPO_ID", ["--token", "hf_secret"]),
-    (dict(base="genai", dtype="fp16"), "--base genai --dtype fp16 needs the CUDA provider", ["--base", "genai", "--dtype", "fp16"]),
+    (dict(base="genai", dtype="fp16"), "--base genai --dtype fp16 needs the CUDA provider",
+     ["--base", "genai", "--dtype", "fp16"]),
     (dict(weights="int8"), "--weights must be one of fp32, fp16, int4", ["--weights", "int8"]),
     (dict(weights="fp16"), "needs --dtype fp16", ["--weights", "fp16"]),
     (dict(block_size=64), "only apply to --weights int4", ["--block-size", "64"]),
     (dict(quantizer="rtn"), "only apply to --weights int4", ["--quantizer", "rtn"]),
-    (dict(weights="int4", block_size=48), "--block-size must be one of 32, 64, 128", ["--weights", "int4", "--block-size", "48"]),
+    (dict(weights="int4", block_size=48), "--block-size must be one of 32, 64, 128",
+     ["--weights", "int4", "--block-size", "48"]),
     (dict(weights="int4", block_size=True), "--block-size must be one of 32, 64, 128", None),
-    (dict(weights="int4", quantizer="gptq"), "--quantizer must be one of rtn, mse", ["--weights", "int4", "--quantizer", "gptq"]),
-    (dict(weights="int4", base="genai"), "--weights int4 needs --base optimum", ["--weights", "int4", "--base", "genai"]),
+    (dict(weights="int4", quantizer="gptq"), "--quantizer must be one of rtn, mse",
+     ["--weights", "int4", "--quantizer", "gptq"]),
+    (dict(weights="int4", base="genai"), "--weights int4 needs --base optimum",
+     ["--weights", "int4", "--base", "genai"]),
 ]
 
 
@@ -96,9 +101,11 @@ CLI_AND_API = [
       "--sequence-length", "128", "--no-validate", "--overwrite"],
      dict(epsilon=0.2, mapping="linear", calibration_data="text.txt", calibration_samples=8, sequence_length=128,
           validate=False, overwrite=True)),
-    (["--weights", "int4", "--block-size", "64", "--quantizer", "rtn"], dict(weights="int4", block_size=64, quantizer="rtn")),
+    (["--weights", "int4", "--block-size", "64", "--quantizer", "rtn"],
+     dict(weights="int4", block_size=64, quantizer="rtn")),
     (["--weights", "fp16", "--dtype", "fp16", "--device", "cuda"], dict(weights="fp16", dtype="fp16", device="cuda")),
-    (["--push-to-hub", "me/tiny", "--private", "--token", "hf_x"], dict(push_to_hub="me/tiny", private=True, token="hf_x")),
+    (["--push-to-hub", "me/tiny", "--private", "--token", "hf_x"],
+     dict(push_to_hub="me/tiny", private=True, token="hf_x")),
     (["--base", "genai", "--device", "cuda", "--dtype", "fp16"], dict(base="genai", device="cuda", dtype="fp16")),
 ]
 
@@ -119,7 +126,8 @@ def test_round_trip_options_to_export_kwargs():
     assert ExportOptions(**kwargs) == options
     assert ExportOptions.validated(None, **kwargs) == options and ExportOptions.validated(options) is options
     # normalized once: the number and the path as given by a caller that passed strings
-    assert kwargs["sparsity"] == 0.7 and type(kwargs["sparsity"]) is float and kwargs["calibration_data"].name == "t.txt"
+    assert kwargs["sparsity"] == 0.7 and type(kwargs["sparsity"]) is float
+    assert kwargs["calibration_data"].name == "t.txt"
     assert options.int4 == (32, "rtn") and ExportOptions().int4 is None
     assert ExportOptions.validated(options, sparsity=0.3) == dataclasses.replace(options, sparsity=0.3)
     assert "hf_x" not in repr(options)

@@ -85,12 +85,12 @@ def export_options(args: argparse.Namespace) -> ExportOptions:
     samples = _number(args.calibration_samples, "calibration-samples", int)
     length = None if args.sequence_length is None else _number(args.sequence_length, "sequence-length", int)
     block_size = None if args.block_size is None else _number(args.block_size, "block-size", int)
-    return ExportOptions(sparsity=sparsity, allocation=args.allocation, mode=args.mode, kernel=args.kernel, epsilon=epsilon,
-                         mapping=args.mapping, calibration_data=args.calibration_data, calibration_samples=samples,
-                         sequence_length=length, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-                         push_to_hub=args.push_to_hub, private=args.private, token=args.token, validate=not args.no_validate,
-                         progress=sys.stderr.isatty(), base=args.base, weights=args.weights, block_size=block_size,
-                         quantizer=args.quantizer)
+    return ExportOptions(sparsity=sparsity, allocation=args.allocation, mode=args.mode, kernel=args.kernel,
+                         epsilon=epsilon, mapping=args.mapping, calibration_data=args.calibration_data,
+                         calibration_samples=samples, sequence_length=length, dtype=args.dtype, device=args.device,
+                         overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private, token=args.token,
+                         validate=not args.no_validate, progress=sys.stderr.isatty(), base=args.base,
+                         weights=args.weights, block_size=block_size, quantizer=args.quantizer)
 
 
 def run(args: argparse.Namespace) -> None:
