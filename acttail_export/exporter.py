@@ -7,45 +7,28 @@ was. Temporary folders of killed runs (their PID is gone) are removed at the nex
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .config import ActTailConfig, check_epsilon, check_sparsity
-from .errors import ActTailError, ExportValidationError
+from .config import ActTailConfig
+from .errors import ActTailError
 from .modeling import expand_model_alias, resolve_model
-from .output_folder import (OLD_MARK, TMP_MARK, _make_parents, _make_temp, _move_into_place, _remove_empty,  # noqa: F401
+from .options import ExportOptions
+from .output_folder import (OLD_MARK, TMP_MARK, _make_parents, _make_temp, _move_into_place, _remove_empty, remove_own_temp,  # noqa: F401
                             _sigterm_as_interrupt, _umask, check_output_dir, clean_stale_temp, restore_signals)
+from .validate import (SPARSITY_TOLERANCE, TOLERANCE, TOP1_FLOOR, ValidationReport, _gate, check_loadable,  # noqa: F401
+                       compare_logits, rule_mask, validate_export)
 
 logger = logging.getLogger(__name__)
 
-#: ``optimum``: optimum-onnx's trace (``ORTModelForCausalLM``); ``genai``: onnxruntime-genai's model builder
-#: graph (:mod:`acttail_export.optimize`, the fast GPU decode base).
-BASES = ("optimum", "genai")
-#: Validation tolerance on relative errors (max |Δ| / max |reference|, see :func:`validate_export`).
-TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
-#: Floor on the top-1 agreement of ORT's logits with PyTorch run on ORT's own masks (check 3 of
-#: :func:`validate_export`): with a logit error within ``TOLERANCE`` the argmax can only differ where the two
-#: best logits are within that error of each other, a few positions at most (1.0 in all 16 tiny Llama / Mistral
-#: exports of benchmarks/validation_gates.py, docs/results/reliab/; recorded per export as
-#: ``forced_top1_agreement``); a broken graph gives ~0. The free-running agreement is reported, not gated: boundary flips make it legitimately low (32.8 % on
-#: SmolLM2 at 80 %, see docs/export.md).
-TOP1_FLOOR = {"fp32": 0.9, "fp16": 0.75}
-#: Largest |effective - target| sparsity accepted in threshold mode (measured by the PyTorch reference on the
-#: validation windows): the thresholds are quantiles of the dense calibration activations, and on held-out
-#: text the effective sparsity is up to 8.2 points off the target (SmolLM2, docs/perplexity.md); 0.15 leaves
-#: room for that plus the noise of 2 x 64 validation tokens and still catches broken thresholds (a NaN norm
-#: gave 0.70 for a 0.50 target). Top-k keeps exactly k per token (off by at most 1/d), so it is not gated.
-SPARSITY_TOLERANCE = 0.15
 VALIDATION_WINDOWS, VALIDATION_LENGTH = 2, 64
 DEFAULT_SEQUENCE_LENGTH = 512  # calibration window when --sequence-length is not given (at most the context)
-EVAL_TOKENS, EVAL_LENGTH = 2048, 512
+EVAL_LENGTH = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,28 +63,15 @@ def _model_path(model: str | Path | None) -> str | Path | None:
 
 
 def check_kernel(kernel: str) -> str | None:
-    """The op library path for ``kernel="fused"`` (ActTailError naming ``make ops`` if absent)."""
-    if kernel not in ("mask", "fused"):
-        raise ActTailError(f"kernel must be mask or fused; got {kernel!r}")
+    """The op library path for ``kernel="fused"`` (ActTailError naming ``make ops`` if absent), None for ``mask``.
+
+    ``kernel`` is one of :data:`acttail_export.options.KERNELS` (checked by :class:`ExportOptions`).
+    """
     if kernel == "mask":
         return None
     from .ops import get_library_path
 
     return get_library_path()
-
-
-def check_allocation(sparsity: float, allocation: str, mapping: str | None) -> None:
-    """What :func:`allocation.build_config` would refuse after the spectral analysis: a bad mapping, or a target
-    above the largest per-projection budget (``s_max``) of the acttail allocation."""
-    from . import allocation as alloc
-
-    if mapping is not None:
-        alloc.check_mapping(mapping)
-    if allocation in ("acttail", "acttail-greedy", "teal-greedy"):
-        s_max = alloc.DEFAULT_S_MAX  # what _build allocates with
-        if sparsity > s_max:
-            raise ActTailError(f"sparsity {sparsity} is above {s_max}, the highest per-projection budget of the acttail "
-                               f"allocation: use --sparsity {s_max} or lower, or --allocation uniform")
 
 
 def check_context(sequence_length: int | None, limit, where) -> int:
@@ -122,232 +92,6 @@ def check_hub_token(token: str | None) -> str:
 
     return resolve_token(token)
 
-
-# --------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------
-@dataclass
-class ValidationReport:
-    """ONNX Runtime vs PyTorch on sample windows (see :func:`validate_export`)."""
-
-    max_abs_diff: float  # free-running: ORT logits vs the PyTorch sparse reference
-    median_rel_error: float
-    p90_rel_error: float
-    top1_agreement: float
-    forced_rel_error: float  # PyTorch run with ORT's masks vs ORT logits
-    projection_rel_error: float  # worst projection output vs mask(x) @ W
-    cached_step_rel_error: float  # last token through the KV cache vs the full pass
-    tolerance: float
-    positions: int
-    forced_top1_agreement: float = 1.0  # ORT vs PyTorch with ORT's masks: gated by TOP1_FLOOR
-
-    @property
-    def passed(self) -> bool:
-        return max(self.forced_rel_error, self.projection_rel_error, self.cached_step_rel_error) <= self.tolerance
-
-
-def compare_logits(reference: np.ndarray, onnx_logits: np.ndarray) -> dict[str, float]:
-    """Per position ``e_t = max_v |Δ| / max |reference|``: max |Δ|, median / p90 ``e_t``, top-1 agreement."""
-    ref = reference.astype(np.float32).reshape(-1, reference.shape[-1])
-    got = onnx_logits.astype(np.float32).reshape(-1, reference.shape[-1])
-    scale = float(np.abs(ref).max()) or 1.0
-    diff = np.abs(got - ref)
-    err = diff.max(-1) / scale
-    return {"max_abs_diff": float(diff.max()), "median_rel_error": float(np.median(err)),
-            "p90_rel_error": float(np.quantile(err, 0.9)), "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
-            "positions": int(len(err))}
-
-
-def rule_mask(x: np.ndarray, p, mode: str, kernel: str = "mask") -> np.ndarray:
-    """Boolean keep-mask of the ActTail rule on ``x``: top-k by |x| (lower index wins ties) or |x| > threshold.
-
-    The mask kernel stores the threshold in the graph's float type, the fused op takes it as float32.
-    """
-    if mode == "threshold":
-        if p.threshold is None:
-            return np.ones(x.shape, dtype=bool)
-        t = np.asarray(p.threshold, dtype=x.dtype if kernel == "mask" else np.float32)
-        return np.abs(x).astype(t.dtype) > t
-    k = p.keep_k()
-    keep = np.zeros(x.shape, dtype=bool)
-    if k > 0:
-        order = np.argsort(-np.abs(x).astype(np.float64), axis=-1, kind="stable")[..., :k]
-        np.put_along_axis(keep, order, True, axis=-1)
-    return keep
-
-
-def _rel(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got.astype(np.float64) - want).max() / (np.abs(want).max() or 1.0))
-
-
-def _probe_session(export_dir: Path, config: ActTailConfig):
-    """A session on ``model.onnx`` that also outputs every projection's input, masked input and output."""
-    import onnx
-    import onnxruntime as ort
-    from .graph_rewrite import find_projections, packed_columns
-    from .runtime import load_session_options
-
-    graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
-    producers = {out: node for node in graph.graph.node for out in node.output}
-    probes: dict[str, tuple[str, str | None, str, tuple[int, int] | None]] = {}
-    found = find_projections(graph)
-    columns = packed_columns(found, config)  # members of a packed qkv / gate_up MatMul: their output columns
-    for name, node in found.items():
-        x, masked = node.input[0], None
-        where = producers.get(x)
-        if where is not None and where.op_type == "Where" and where.name.startswith("/acttail/"):
-            x, masked = where.input[1], node.input[0]
-        probes[name] = (x, masked, node.output[0], columns.get(name))
-    extra = sorted({t for x, m, y, _ in probes.values() for t in (x, m, y) if t})
-    graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
-    options = load_session_options(export_dir)
-    # a file next to model.onnx (and model.onnx_data, which it may reference): no second in-memory copy
-    path = export_dir / ".validation.onnx"
-    onnx.save_model(graph, str(path))
-    del graph
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    finally:
-        path.unlink()
-    return session, probes
-
-
-def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dtype: str) -> ValidationReport:
-    """Check the export against PyTorch on ``windows``; raise :class:`ExportValidationError` beyond tolerance.
-
-    Boundary-robust by construction ("compare where the masks agree"): a threshold / top-k decision
-    on an activation within rounding distance of the boundary can differ between two backends (or
-    between a full pass and a cached step) and then changes everything downstream, so the
-    free-running logit difference is reported but not gated on. The gated checks use ONNX Runtime's
-    own activations:
-
-    1. every projection's mask is the ActTail rule applied to its ORT input (exact up to the choice
-       among tied values, mask kernel);
-    2. every projection output equals ``masked_x @ W.T`` with PyTorch's weight;
-    3. PyTorch run with those masked inputs forced into its projections reproduces ORT's logits;
-    4. the same for one KV-cache step: prefix, then the last token with ORT's ``present.*`` versus
-       PyTorch's cache, masks forced per run.
-    """
-    import torch
-
-    from .runtime import decoder_feeds
-    from .sparsify import apply_sparsity
-
-    session, probes = _probe_session(export_dir, config)
-    modules = dict(model.named_modules())
-    device = next(model.parameters()).device
-    names = [o.name for o in session.get_outputs()]
-    ids = windows.numpy()
-
-    outs = dict(zip(names, session.run(None, decoder_feeds(session, ids))))
-    forced, worst_proj, worst_name = _check_projections(outs, probes, config, modules)
-    got = outs["logits"]
-    forced_logits = _forced_forward(model, forced, windows.to(device)).logits.float().cpu().numpy()
-    forced_err = _rel(got, forced_logits)
-
-    # one KV-cache step, ORT vs PyTorch's cache, masks of each run forced
-    first = ids[:1]
-    prefix = dict(zip(names, session.run(None, decoder_feeds(session, first[:, :-1]))))
-    step_feeds = {"input_ids": first[:, -1:].astype(np.int64), "attention_mask": np.ones_like(first, dtype=np.int64),
-                  "position_ids": np.array([[first.shape[1] - 1]], dtype=np.int64)}
-    for inp in session.get_inputs():
-        if inp.name.startswith("past_key_values."):
-            step_feeds[inp.name] = prefix[inp.name.replace("past_key_values.", "present.")]
-    inputs = {i.name for i in session.get_inputs()}  # the genai base has no position_ids
-    step = dict(zip(names, session.run(None, {k: v for k, v in step_feeds.items() if k in inputs})))
-    forced_prefix, err_p, name_p = _check_projections(prefix, probes, config, modules)
-    forced_step, err_s, name_s = _check_projections(step, probes, config, modules)
-    for err, name in ((err_p, name_p), (err_s, name_s)):
-        if err > worst_proj:
-            worst_proj, worst_name = err, name
-    ids_t = torch.from_numpy(first).to(device)
-    past = _forced_forward(model, forced_prefix, ids_t[:, :-1], use_cache=True).past_key_values
-    step_ref = _forced_forward(model, forced_step, ids_t[:, -1:], past_key_values=past, use_cache=True).logits
-    cached = _rel(step["logits"][0, -1], step_ref[0, -1].double().cpu().numpy())
-
-    with apply_sparsity(model, config) as hooks, torch.no_grad():
-        ref = model(windows.to(device)).logits.float().cpu().numpy()
-        hooks.record(config)
-    forced_top1 = _gate(got, ref, forced_logits, config, dtype)
-    stats = compare_logits(ref, got)
-    report = ValidationReport(stats["max_abs_diff"], stats["median_rel_error"], stats["p90_rel_error"], stats["top1_agreement"],
-                              forced_err, worst_proj, cached, TOLERANCE[dtype], stats["positions"], forced_top1)
-    logger.info("validation: masks follow the %s rule; projection error %.2g (%s), forced-mask logits %.2g, cached step %.2g "
-                "(tolerance %.0e); free-running vs PyTorch reference: max |Δlogit| %.3g, median %.2g, top-1 agreement %.1f%%",
-                config.mode, worst_proj, worst_name, forced_err, cached, report.tolerance, report.max_abs_diff,
-                report.median_rel_error, 100 * report.top1_agreement)
-    if not report.passed:
-        hint = "fp16 rounding: try --dtype fp32" if dtype == "fp16" else "this is a bug, please report it with the command line"
-        raise ExportValidationError(
-            f"ONNX model disagrees with PyTorch: projection error {worst_proj:.3g} ({worst_name}), forced-mask logit error "
-            f"{forced_err:.3g}, cached step {cached:.3g} (tolerance {report.tolerance:.0e}); {hint} "
-            "(--no-validate keeps the output anyway)")
-    return report
-
-
-def _gate(got: np.ndarray, ref: np.ndarray, forced: np.ndarray, config: ActTailConfig, dtype: str) -> float:
-    """The validation checks beyond the relative errors: finite logits, top-1 floor, effective sparsity near the target.
-
-    Returns the top-1 agreement of ``got`` (ORT) with ``forced`` (PyTorch on ORT's masks)."""
-    for what, logits in (("ONNX Runtime", got), ("the PyTorch sparse reference", ref)):
-        if not np.isfinite(logits).all():
-            raise ExportValidationError(f"{what} gives non-finite logits ({int((~np.isfinite(logits)).sum())} of {logits.size}) "
-                                        "on the validation text: the exported model is unusable; check the model in PyTorch")
-    agreement = float((got.argmax(-1) == forced.argmax(-1)).mean())
-    if agreement < TOP1_FLOOR[dtype]:
-        raise ExportValidationError(f"ONNX Runtime and PyTorch with the same masks agree on the top-1 token at only "
-                                    f"{100 * agreement:.1f}% of positions (floor {100 * TOP1_FLOOR[dtype]:.0f}%); "
-                                    "this is a bug, please report it with the command line")
-    eff = config.effective_sparsity
-    if config.mode == "threshold" and eff is not None and abs(eff - config.target_sparsity) > SPARSITY_TOLERANCE:
-        raise ExportValidationError(f"effective sparsity {eff:.3f} on the validation text is more than {SPARSITY_TOLERANCE} "
-                                    f"from the target {config.target_sparsity}: the calibration text does not represent it; "
-                                    "pass --calibration-data with text like the model's use, or more --calibration-samples")
-    return agreement
-
-
-def _check_projections(outs: dict, probes: dict, config: ActTailConfig, modules: dict) -> tuple[dict, float, str]:
-    """Checks 1-2 of :func:`validate_export` on one ORT run; returns (masked inputs, worst output error, its projection)."""
-    import torch
-
-    forced: dict[str, torch.Tensor] = {}
-    worst, worst_name = 0.0, ""
-    for p in config.projections:
-        x_name, masked_name, y_name, cols = probes[p.name]
-        x = outs[x_name]
-        masked = np.where(rule_mask(x, p, config.mode, config.kernel), x, np.zeros((), dtype=x.dtype))
-        if masked_name is not None:
-            # equal multisets of kept |x| per row: any choice among tied values is a valid top-k
-            onnx_masked = outs[masked_name]
-            bad = int((np.sort(np.abs(onnx_masked), -1) != np.sort(np.abs(masked), -1)).any(-1).sum())
-            if bad or not np.array_equal(onnx_masked[onnx_masked != 0], x[onnx_masked != 0]):
-                raise ExportValidationError(f"{p.name}: the ONNX mask breaks the {config.mode} rule in {bad} rows; "
-                                            "this is a bug, please report it (--no-validate keeps the output anyway)")
-            masked = onnx_masked
-        weight = modules[p.name].weight.detach().double().cpu().numpy()
-        y = outs[y_name] if cols is None else outs[y_name][..., cols[0]:cols[1]]
-        err = _rel(y, masked.astype(np.float64) @ weight.T)
-        if err > worst:
-            worst, worst_name = err, p.name
-        forced[p.name] = torch.from_numpy(masked)
-    return forced, worst, worst_name
-
-
-def _forced_forward(model, forced: dict, input_ids, **kwargs):
-    """PyTorch forward with each projection's input replaced by ``forced[name]`` (ORT's masked input)."""
-    import torch
-
-    modules = dict(model.named_modules())
-    device = input_ids.device
-    # (the fp16 graph may run a projection in fp32, e.g. o_proj after ORT's attention: cast to the module's dtype)
-    handles = [modules[name].register_forward_pre_hook(
-        lambda mod, args, t=t: (t.to(device=device, dtype=mod.weight.dtype), *args[1:])) for name, t in forced.items()]
-    try:
-        with torch.no_grad():
-            return model(input_ids, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -385,36 +129,11 @@ def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # the pipeline
 # --------------------------------------------------------------------------------------------
-def export(
-    model: str | Path,
-    output_dir: str | Path,
-    sparsity: float = 0.5,
-    allocation: str = "acttail",
-    mode: str = "topk",
-    kernel: str = "mask",
-    epsilon: float | None = None,
-    mapping: str | None = None,
-    calibration_data: str | Path | None = None,
-    calibration_samples: int = 64,
-    sequence_length: int | None = None,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    validate: bool = True,
-    progress: bool = True,
-    eval_tokens: int = EVAL_TOKENS,
-    base: str = "optimum",
-    weights: str | None = None,
-    block_size: int | None = None,
-    quantizer: str | None = None,
-) -> Path:
+def export(model: str | Path, output_dir: str | Path, options: ExportOptions | None = None, **kwargs: Any) -> Path:
     """Export ``model`` with ActTail sparsity to ``output_dir`` (see the module docstring); returns the folder.
 
     ``base="genai"`` builds the graph with onnxruntime-genai's model builder instead of optimum-onnx
-    (:func:`acttail_export.optimize.export_genai`; same analysis, calibration, rewrite, validation and
+    (:func:`acttail_export.genai_base.export_genai`; same analysis, calibration, rewrite, validation and
     atomic output). The folder then loads with onnxruntime-genai alone::
 
         import onnxruntime_genai as og
@@ -428,88 +147,74 @@ def export(
     and, on CPU (fp32), also with :func:`acttail_export.runtime.load_model` (``model.onnx`` is the
     rewritten graph in both cases).
 
+    The settings are an :class:`~acttail_export.options.ExportOptions` (``options``), or its fields as keyword
+    arguments (``export(model, out, sparsity=0.8, mode="threshold")``; with ``options`` too, they replace its
+    fields); a bad value raises a one-line :class:`ActTailError` before anything is loaded or written.
+
     ``weights="int4"`` quantizes the projections to 4 bits (``block_size``, ``quantizer``) before the analysis and
     calibration and writes them as 4-bit ops (:mod:`acttail_export.int4_rewrite`); float weights are ``dtype``.
     """
-    from .config import ALLOCATIONS, MODES
     from .data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, EXPORT_CALIBRATION_FLAGS, read_text
-    from .onnx_export import DTYPES, check_device
+    from .onnx_export import check_device
 
     # ---- 1. cheap checks: every bad input fails here, before minutes of work --------------------
-    sparsity = check_sparsity(sparsity)
-    if epsilon is not None:
-        epsilon = check_epsilon(epsilon)
-    for value, choices, what in ((allocation, ALLOCATIONS, "allocation"), (mode, MODES, "mode"), (dtype, DTYPES, "dtype"),
-                                 (base, BASES, "base")):
-        if value not in choices:
-            raise ActTailError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
-    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or calibration_samples < 1:
-        raise ActTailError(f"calibration samples must be a positive integer, got {calibration_samples!r}")
-    if sequence_length is not None and (isinstance(sequence_length, bool) or not isinstance(sequence_length, int)
-                                        or sequence_length < 2):
-        raise ActTailError(f"sequence length must be an integer >= 2, got {sequence_length!r}")
-    check_allocation(sparsity, allocation, mapping)
-    from .int4_rewrite import check_weights
-
-    int4 = check_weights(weights, block_size, quantizer, dtype, base)  # (block size, quantizer) or None
-    library = check_kernel(kernel)
-    check_device(device)
-    calibration_path = Path(calibration_data) if calibration_data is not None else DEFAULT_CALIBRATION_DATA
+    o = ExportOptions.validated(options, **kwargs)  # values and combinations
+    library = check_kernel(o.kernel)
+    check_device(o.device)
+    calibration_path = o.calibration_data if o.calibration_data is not None else DEFAULT_CALIBRATION_DATA
     # before the not-empty check, which would suggest --overwrite (and so deleting the model)
     check_inputs_outside(output_dir, {"model": _model_path(model), "calibration data": calibration_path,
-                                      "evaluation data": DEFAULT_EVAL_DATA if validate else None})
-    output_dir = check_output_dir(output_dir, overwrite)
+                                      "evaluation data": DEFAULT_EVAL_DATA if o.validate else None})
+    output_dir = check_output_dir(output_dir, o.overwrite)
     model_ref = resolve_model(model)
     read_text(calibration_path, EXPORT_CALIBRATION_FLAGS)
-    if push_to_hub:
+    if o.push_to_hub:
         from .hub import check_repo_id
 
-        check_repo_id(push_to_hub)
-    hub_token = check_hub_token(token) if push_to_hub else None
+        check_repo_id(o.push_to_hub)
+    hub_token = check_hub_token(o.token) if o.push_to_hub else None
     genai = None
-    if base == "genai":  # last: it imports the model builder in a subprocess (seconds)
-        from .optimize import check_genai
+    if o.base == "genai":  # last: it imports the model builder in a subprocess (seconds)
+        from .genai_base import check_genai
 
-        genai = check_genai(dtype, device)
+        genai = check_genai(o.dtype, o.device)
 
     if Path(model_ref).is_dir():  # last of the cheap checks; a GGUF or Hub model is checked right after loading
         from .runtime import max_positions
 
-        sequence_length = check_context(sequence_length, max_positions(model_ref), model_ref)
+        length = check_context(o.sequence_length, max_positions(model_ref), model_ref)
+        o = dataclasses.replace(o, sequence_length=length)
     clean_stale_temp(output_dir)
     previous = _sigterm_as_interrupt()
     created, tmp = [], None
     try:
         created = _make_parents(output_dir.parent)  # removed again if the export fails
         tmp = _make_temp(output_dir, TMP_MARK)
-        config = _build(model_ref, tmp, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path,
-                        calibration_samples, sequence_length, dtype, device, library, validate, progress, eval_tokens,
-                        DEFAULT_EVAL_DATA, push_to_hub, genai, int4)
-        _move_into_place(tmp, output_dir, overwrite)
+        config = _build(model_ref, tmp, o, calibration_path, library, DEFAULT_EVAL_DATA, genai)
+        _move_into_place(tmp, output_dir, o.overwrite)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            remove_own_temp(output_dir, TMP_MARK)
         _remove_empty(created)
         raise
     finally:
         restore_signals(previous)
     logger.info("export written to %s (target sparsity %.2f, effective %s)", output_dir, config.target_sparsity,
                 f"{config.effective_sparsity:.3f}" if config.effective_sparsity is not None else "n/a")
-    if push_to_hub:
+    if o.push_to_hub:
         from .hub import push_to_hub as _push
 
-        _push(output_dir, push_to_hub, token=hub_token, private=private)
+        _push(output_dir, o.push_to_hub, token=hub_token, private=o.private)
     return output_dir
 
 
-def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, mapping, calibration_path, samples,
-           sequence_length, dtype, device, library, validate, progress, eval_tokens, eval_data,
-           repo_id: str | None = None, genai: tuple[str, str] | None = None,
-           int4: tuple[int, str] | None = None) -> ActTailConfig:
+def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, library: str | None, eval_data: Path,
+           genai: tuple[str, str] | None = None) -> ActTailConfig:
     """Everything between the checks and the final rename, written into ``tmp``.
 
     ``genai``: None for the optimum base, else the builder's (precision, execution provider).
-    ``int4``: None for float weights, else (block size, quantizer) of the 4-bit projections.
     """
     import torch
 
@@ -522,6 +227,11 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
     from .onnx_export import export_base_onnx, rewrite_onnx
     from .spectral import analyze_model
 
+    sparsity, allocation, mode, kernel, epsilon, mapping = (o.sparsity, o.allocation, o.mode, o.kernel, o.epsilon,
+                                                            o.mapping)
+    samples, sequence_length, dtype, device, progress = (o.calibration_samples, o.sequence_length, o.dtype, o.device,
+                                                         o.progress)
+    validate, eval_tokens, repo_id, int4 = o.validate, o.eval_tokens, o.push_to_hub, o.int4
     with _stage("load model"):
         model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
     sequence_length = check_context(sequence_length, getattr(model.config, "max_position_embeddings", None), model_ref)
@@ -572,12 +282,12 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         shutil.rmtree(base_dir)
         tokenizer.save_pretrained(tmp)
         if library is not None:  # under the name the runtime looks for, whatever the source file is called
-            from .optimize import copy_library
+            from .genai_base import copy_library
 
             copy_library(tmp, library)
         config.versions = library_versions()
     else:
-        from .optimize import export_genai
+        from .genai_base import export_genai
 
         precision, execution_provider = genai
         config.versions = library_versions(("onnxruntime-genai", "onnxruntime-genai-cuda"))
@@ -625,22 +335,11 @@ def _build(model_ref, tmp: Path, sparsity, allocation, mode, kernel, epsilon, ma
         config.effective_sparsity = sum(p.effective_sparsity * p.parameters for p in config.projections) / sum(
             p.parameters for p in config.projections)
     config.save(tmp)
-    _check_loadable(tmp)
+    check_loadable(tmp)
     card = write_model_card(tmp, config, repo_id)
     if genai is not None:
         _add_genai_usage(card, genai[1], repo_id)
     return config
-
-
-def _check_loadable(folder: Path) -> None:
-    """The runtime's own checks on the finished folder (also under --no-validate): never write one it refuses."""
-    from .runtime import check_export_dir
-
-    try:
-        check_export_dir(folder)
-    except ActTailError as exc:
-        raise ExportValidationError(f"the export would not load ({exc}); this is a bug, please report it with the command "
-                                    "line") from None
 
 
 GENAI_USAGE = """## Usage with onnxruntime-genai (GPU decode base)

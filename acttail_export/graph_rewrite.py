@@ -36,7 +36,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .config import PROJECTION_KINDS, PROJECTION_PARENT, ActTailConfig, ProjectionConfig, projection_name
+from .config import (KERNELS, MODES, PROJECTION_KINDS, PROJECTION_PARENT, ActTailConfig, ProjectionConfig,
+                     _check_choice, projection_name)
 from .errors import ActTailError
 
 logger = logging.getLogger(__name__)
@@ -261,10 +262,8 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
     """Insert ActTail sparsification before every projection of ``model`` (in place)."""
     mode = mode or config.mode
     kernel = kernel or config.kernel
-    if mode not in ("topk", "threshold"):
-        raise ActTailError(f"mode must be topk or threshold; got {mode!r}")
-    if kernel not in ("mask", "fused"):
-        raise ActTailError(f"kernel must be mask or fused; got {kernel!r}")
+    _check_choice(mode, MODES, "mode")
+    _check_choice(kernel, KERNELS, "kernel")
     found = check_against_config(model, config)
     if any(n.op_type != "MatMul" for n in found.values()):
         raise ActTailError("the ONNX graph was already rewritten; start from the base export")

@@ -209,33 +209,6 @@ def check_int4_export(model, export_dir: Path, config: ActTailConfig, tolerance:
     return worst
 
 
+#: ``--weights int4`` defaults (filled in by :attr:`acttail_export.options.ExportOptions.int4`)
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_QUANTIZER = "mse"
-
-
-def check_weights(weights: str | None, block_size: int | None, quantizer: str | None, dtype: str,
-                  base: str = "optimum") -> tuple[int, str] | None:
-    """(block size, quantizer) for ``weights="int4"``, None for float weights; one-line ActTailError naming the fix."""
-    from .config import WEIGHTS
-    from .quantize import BLOCK_SIZES, QUANTIZERS
-
-    weights = dtype if weights is None else weights
-    if weights not in WEIGHTS:
-        raise ActTailError(f"--weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
-    if weights != "int4":
-        if weights != dtype:
-            raise ActTailError(f"--weights {weights} needs --dtype {weights} (float weights have the graph's dtype): "
-                               f"pass --dtype {weights}, or --weights int4")
-        if block_size is not None or quantizer is not None:
-            raise ActTailError("--block-size/--quantizer only apply to --weights int4: add --weights int4 or drop them")
-        return None
-    if base != "optimum":
-        raise ActTailError(f"--weights int4 needs --base optimum (the {base} base cannot carry the 4-bit ops yet): "
-                           "pass --base optimum or drop --weights int4")
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
-        raise ActTailError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}; got {block_size!r}")
-    quantizer = DEFAULT_QUANTIZER if quantizer is None else quantizer
-    if quantizer not in QUANTIZERS:
-        raise ActTailError(f"--quantizer must be one of {', '.join(QUANTIZERS)}; got {quantizer!r}")
-    return int(block_size), quantizer

@@ -10,6 +10,7 @@ the link stays.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import logging
 import os
@@ -203,6 +204,13 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def _make_temp(output_dir: Path, mark: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{temp_tag(output_dir)}{mark}{os.getpid()}-", dir=output_dir.parent))
+
+
+def remove_own_temp(output_dir: Path, mark: str) -> None:
+    """Remove this process's temporary folders for ``output_dir``: a signal can land between ``mkdtemp`` creating
+    the folder and the caller holding its name."""
+    for path in output_dir.parent.glob(f".{glob.escape(temp_tag(output_dir))}{mark}{os.getpid()}-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _umask() -> int:

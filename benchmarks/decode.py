@@ -145,7 +145,7 @@ def machine_info() -> dict:
 def _child_genai(spec: dict) -> dict:
     import onnxruntime_genai as og
 
-    from acttail_export.optimize import genai_config
+    from acttail_export.genai_base import genai_config
 
     prompt = np.load(spec["prompt"]).astype(np.int32).reshape(1, -1)
     n, warm = spec["decode_tokens"], spec["warmup_tokens"]
@@ -329,7 +329,7 @@ def _child_cupti(spec: dict) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from acttail_export.optimize import genai_config
+    from acttail_export.genai_base import genai_config
 
     prompt = np.load(spec["prompt"]).astype(np.int32).reshape(1, -1)
     steps = spec.get("steps", 32)
@@ -679,7 +679,7 @@ def main(argv=None) -> int:
 def run_benchmark(args) -> int:
     import torch
 
-    from acttail_export import optimize
+    from acttail_export import genai_base
 
     start = time.perf_counter()
     args._start = start
@@ -795,7 +795,7 @@ def run_benchmark(args) -> int:
                     tokenizer.save_pretrained(hf_dir)
                 else:
                     save_random_tokenizer(hf_dir, cfg.vocab_size)
-                optimize.build_base(hf_dir, genai_dir, dtype=args.dtype, execution_provider=provider,
+                genai_base.build_base(hf_dir, genai_dir, dtype=args.dtype, execution_provider=provider,
                                     fuse_qkv=args.pack, fuse_gate_up=args.pack)
         except Exception as exc:  # noqa: BLE001
             results.add("genai-dense", "dense", 0.0, {"error": f"build: {type(exc).__name__}: {str(exc)[:2000]}"})
@@ -874,7 +874,7 @@ def run_benchmark(args) -> int:
         tag = f"{kernel}-{mode}-{int(round(s * 100))}"
         name, label, backend = f"model.{tag}.onnx", f"{kernel} {mode} {s:.0%}{packed_tag}", f"genai-{kernel}"
         try:
-            optimize.write_variant(genai_dir, config, name, mode=mode, kernel=kernel)
+            genai_base.write_variant(genai_dir, config, name, mode=mode, kernel=kernel)
         except Exception as exc:  # noqa: BLE001
             results.add(backend, label, s, {"error": f"rewrite: {type(exc).__name__}: {exc}"}, mode=mode)
             continue
@@ -893,7 +893,7 @@ def run_benchmark(args) -> int:
         packed = work / "genai-packed"
         try:
             if not (packed / "model.onnx").is_file():
-                optimize.build_base(hf_dir, packed, dtype=args.dtype, execution_provider=provider, fuse_qkv=True)
+                genai_base.build_base(hf_dir, packed, dtype=args.dtype, execution_provider=provider, fuse_qkv=True)
             r = run_child(dict(common, kind="genai", dir=str(packed), filename="model.onnx", cuda_graph=best_graph), args.child_timeout)
         except Exception as exc:  # noqa: BLE001
             r = {"error": f"build: {type(exc).__name__}: {str(exc)[:1500]}"}
@@ -913,7 +913,7 @@ def run_benchmark(args) -> int:
 def quality_check(args, model, tokenizer, configs, hf_dir: Path, genai_dir: Path, work: Path, common: dict) -> dict:
     """Perplexity of the fused threshold graph at ``args.perplexity``: fp16 base on ORT CUDA vs fp32 base on ORT CPU,
     both rewritten with the same calibrated config; dense fp16/fp32 alongside."""
-    from acttail_export import optimize
+    from acttail_export import genai_base
     from acttail_export.data import load_windows
 
     s = float(args.perplexity)
@@ -926,14 +926,14 @@ def quality_check(args, model, tokenizer, configs, hf_dir: Path, genai_dir: Path
     cpu_dir = work / "genai-fp32-cpu"
     try:
         if not (cpu_dir / "model.onnx").is_file():
-            optimize.build_base(hf_dir, cpu_dir, dtype="fp32", execution_provider="cpu")
+            genai_base.build_base(hf_dir, cpu_dir, dtype="fp32", execution_provider="cpu")
     except Exception as exc:  # noqa: BLE001
         return {"error": f"fp32 base: {type(exc).__name__}: {str(exc)[:1500]}"}
     name = f"model.fused-threshold-{int(round(s * 100))}.onnx"
     out: dict = {"sparsity": s, "windows": int(windows.shape[0]), "window_length": args.ppl_length}
     key = f"{args.dtype}_{common['provider']}"
     for folder in (genai_dir, cpu_dir):
-        optimize.write_variant(folder, configs[s], name, mode="threshold", kernel="fused")
+        genai_base.write_variant(folder, configs[s], name, mode="threshold", kernel="fused")
     runs = [("fused", name, True, genai_dir, common["provider"], key), ("fused", name, True, cpu_dir, "cpu", "fp32_cpu"),
             ("dense", "model.onnx", False, genai_dir, common["provider"], key), ("dense", "model.onnx", False, cpu_dir, "cpu", "fp32_cpu")]
     for tag, graph, fused, folder, provider, label in runs:

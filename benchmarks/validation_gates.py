@@ -2,8 +2,8 @@
 
 Exports tiny random Llama / Mistral models (hidden 64, 2 layers, SmolLM2's tokenizer) in both modes and prints,
 per export, the validation record of ``acttail_config.json``: forced-mask top-1 agreement (gated by
-``exporter.TOP1_FLOOR``), effective vs target sparsity (gated in threshold mode by
-``exporter.SPARSITY_TOLERANCE``) and the relative errors. One JSON object per line.
+``validate.TOP1_FLOOR``), effective vs target sparsity (gated in threshold mode by
+``validate.SPARSITY_TOLERANCE``) and the relative errors. One JSON object per line.
 
     python benchmarks/validation_gates.py --calibration-data wiki.valid.raw
 """
@@ -35,7 +35,8 @@ def save_tiny(architecture: str, folder: Path, seed: int) -> Path:
 
 
 def main() -> None:
-    from acttail_export.exporter import SPARSITY_TOLERANCE, TOP1_FLOOR, export
+    from acttail_export.exporter import export
+    from acttail_export.validate import SPARSITY_TOLERANCE, TOP1_FLOOR
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration-data", required=True, type=Path)

@@ -302,11 +302,11 @@ def test_genai_base_without_onnxruntime_genai(tmp_path, tiny_llama_dir):
 
 
 def test_genai_builder_not_importable(tmp_path, capsys, tiny_llama_dir, monkeypatch):
-    from acttail_export import optimize
+    from acttail_export import genai_base
 
-    monkeypatch.setattr(optimize, "genai_available", lambda: True)
+    monkeypatch.setattr(genai_base, "genai_available", lambda: True)
     fake = _fake_genai(tmp_path / "fake", "transformers>=5 is required by the model builder", where="models/builder")
-    monkeypatch.setenv(optimize.ENV_PYTHONPATH, str(fake))
+    monkeypatch.setenv(genai_base.ENV_PYTHONPATH, str(fake))
     out = tmp_path / "out"
     _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--base", "genai", str(out)),
            "model builder does not import", "transformers>=5 is required", "set ACTTAIL_GENAI_PYTHONPATH", "pip install onnxruntime-genai")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from acttail_export import optimize
+from acttail_export import genai_base as gbase
 from acttail_export.config import PROJECTION_KINDS, ActTailConfig, ProjectionConfig, projection_name
 from acttail_export.errors import ActTailError
 from acttail_export.graph_rewrite import CUSTOM_DOMAIN, find_projections, packable, packed_columns, rewrite
@@ -271,7 +271,7 @@ def test_write_variant_shares_the_base_weights(tmp_path):
     onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
                     size_threshold=0, all_tensors_to_one_file=True)
     config = _config(1, "threshold", {name: 0.5 for name in weights})
-    path = optimize.write_variant(tmp_path, config, "model.mask.onnx", kernel="mask")
+    path = gbase.write_variant(tmp_path, config, "model.mask.onnx", kernel="mask")
     graph = onnx.load(str(path), load_external_data=False)
     locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"model.onnx.data"}
@@ -279,24 +279,24 @@ def test_write_variant_shares_the_base_weights(tmp_path):
     full = onnx.load(str(path))  # external data resolves relative to the variant's folder
     assert {t.name for t in full.graph.initializer} >= {"model.layers.0.attn.q_proj.MatMul.weight"}
     with pytest.raises(ActTailError, match="plain name"):
-        optimize.write_variant(tmp_path, config, "model.onnx", kernel="mask")
+        gbase.write_variant(tmp_path, config, "model.onnx", kernel="mask")
 
 
 def test_build_base_rejects_bad_arguments(tmp_path):
     with pytest.raises(ActTailError, match="config.json"):
-        optimize.build_base(tmp_path, tmp_path / "out")
+        gbase.build_base(tmp_path, tmp_path / "out")
     with pytest.raises(ActTailError, match="dtype"):
-        optimize.build_base(tmp_path, tmp_path / "out", dtype="int3")
+        gbase.build_base(tmp_path, tmp_path / "out", dtype="int3")
     with pytest.raises(ActTailError, match="execution provider"):
-        optimize.build_base(tmp_path, tmp_path / "out", execution_provider="tpu")
+        gbase.build_base(tmp_path, tmp_path / "out", execution_provider="tpu")
 
 
 def test_builder_env_replaces_pythonpath(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/has/transformers4")
-    monkeypatch.setenv(optimize.ENV_PYTHONPATH, "/has/transformers5")
-    assert optimize.builder_env()["PYTHONPATH"] == "/has/transformers5"
-    monkeypatch.delenv(optimize.ENV_PYTHONPATH)
-    assert optimize.builder_env()["PYTHONPATH"] == "/has/transformers4"
+    monkeypatch.setenv(gbase.ENV_PYTHONPATH, "/has/transformers5")
+    assert gbase.builder_env()["PYTHONPATH"] == "/has/transformers5"
+    monkeypatch.delenv(gbase.ENV_PYTHONPATH)
+    assert gbase.builder_env()["PYTHONPATH"] == "/has/transformers4"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,9 +304,9 @@ def test_builder_env_replaces_pythonpath(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _builder_works() -> bool:
-    if not optimize.genai_available():
+    if not gbase.genai_available():
         return False
-    proc = subprocess.run([sys.executable, "-c", "import onnxruntime_genai.models.builder"], env=optimize.builder_env(),
+    proc = subprocess.run([sys.executable, "-c", "import onnxruntime_genai.models.builder"], env=gbase.builder_env(),
                           capture_output=True, timeout=300)
     return proc.returncode == 0
 
@@ -335,7 +335,7 @@ def genai_base(request, tmp_path_factory):
     arch, packed = request.param.split("-")[0], request.param.endswith("-packed")
     folder = request.getfixturevalue(f"tiny_{arch}_dir")
     out = tmp_path_factory.mktemp(f"genai-{request.param}") / "base"
-    optimize.build_base(folder, out, dtype="fp32", execution_provider="cpu", fuse_qkv=packed, fuse_gate_up=packed, timeout=600)
+    gbase.build_base(folder, out, dtype="fp32", execution_provider="cpu", fuse_qkv=packed, fuse_gate_up=packed, timeout=600)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return out, model
 
@@ -343,7 +343,7 @@ def genai_base(request, tmp_path_factory):
 @needs_builder
 def test_builder_graph_layout(genai_base):
     base, model = genai_base
-    graph = optimize.load_graph(base)
+    graph = gbase.load_graph(base)
     ops = {n.op_type for n in graph.graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
     found = find_projections(graph)
@@ -370,9 +370,9 @@ def test_genai_variant_generates_like_pytorch_reference(genai_base, kernel, mode
     base, model = genai_base
     config = _calibrated(model, sparsity, mode)
     name = f"model.{kernel}-{mode}-{int(sparsity * 100)}.onnx"
-    optimize.write_variant(base, config, name, mode=mode, kernel=kernel)
+    gbase.write_variant(base, config, name, mode=mode, kernel=kernel)
     prompt = torch.randint(3, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(11))
-    tokens = optimize.generate(base, prompt.numpy(), 12, filename=name)
+    tokens = gbase.generate(base, prompt.numpy(), 12, filename=name)
     with torch.inference_mode(), apply_sparsity(model, config, mode) as hooks:
         ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
                              pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
@@ -383,7 +383,7 @@ def test_genai_variant_generates_like_pytorch_reference(genai_base, kernel, mode
     # prompt logits through the genai runtime against the reference
     import onnxruntime_genai as og
 
-    m = og.Model(optimize.genai_config(base, name))
+    m = og.Model(gbase.genai_config(base, name))
     params = og.GeneratorParams(m)
     params.set_search_options(max_length=40)
     gen = og.Generator(m, params)
@@ -398,7 +398,7 @@ def test_genai_variant_generates_like_pytorch_reference(genai_base, kernel, mode
 def test_dense_base_generates_like_pytorch(genai_base):
     base, model = genai_base
     prompt = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(5))
-    tokens = optimize.generate(base, prompt.numpy(), 10)
+    tokens = gbase.generate(base, prompt.numpy(), 10)
     with torch.inference_mode():
         ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
                              pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
@@ -406,7 +406,7 @@ def test_dense_base_generates_like_pytorch(genai_base):
 
 
 def _genai_cuda() -> bool:
-    if not optimize.genai_available():
+    if not gbase.genai_available():
         return False
     import onnxruntime_genai as og
 
@@ -430,13 +430,13 @@ def test_fused_fp16_base_on_cuda_matches_reference(tmp_path):
     model.save_pretrained(folder)
     bench.save_random_tokenizer(folder, model.config.vocab_size)
     config = _calibrated(model, 0.5, "threshold")
-    base = optimize.build_base(folder, tmp_path / "g16", dtype="fp16", execution_provider="cuda")
-    optimize.write_variant(base, config, "model.fused.onnx", kernel="fused")
+    base = gbase.build_base(folder, tmp_path / "g16", dtype="fp16", execution_provider="cuda")
+    gbase.write_variant(base, config, "model.fused.onnx", kernel="fused")
     prompt = torch.randint(3, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
     import onnxruntime_genai as og
 
     def logits(provider, cuda_graph=False):
-        m = og.Model(optimize.genai_config(base, "model.fused.onnx", provider, cuda_graph))
+        m = og.Model(gbase.genai_config(base, "model.fused.onnx", provider, cuda_graph))
         params = og.GeneratorParams(m)
         params.set_search_options(max_length=40)
         gen = og.Generator(m, params)
@@ -469,7 +469,7 @@ def test_export_genai_folder_loads_and_generates(tiny_llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     config = _calibrated(model, 0.5, "threshold")
-    out = optimize.export_genai(model, tokenizer, tmp_path / "export", config, mode="threshold", kernel="fused",
+    out = gbase.export_genai(model, tokenizer, tmp_path / "export", config, mode="threshold", kernel="fused",
                                 dtype="fp32", execution_provider="cpu")
     assert ActTailConfig.load(out).kernel == "fused"
     prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(9))
@@ -538,16 +538,16 @@ def test_cli_genai_folder_contents(cli_genai_export):
 
     out, kernel, mode, sparsity = cli_genai_export
     names = {p.name for p in out.iterdir()}
-    assert {"model.onnx", "model.onnx.data", optimize.GENAI_CONFIG, CONFIG_NAME, "config.json", "tokenizer.json", "README.md"} <= names
+    assert {"model.onnx", "model.onnx.data", gbase.GENAI_CONFIG, CONFIG_NAME, "config.json", "tokenizer.json", "README.md"} <= names
     assert not any(n.startswith(".") for n in names) and not [n for n in names if n.endswith(".onnx") and n != "model.onnx"]
     assert not [p for p in out.parent.iterdir() if ".acttail-" in p.name or "genai-cache" in p.name]  # temp folder renamed away
-    assert (optimize.LIBRARY_FILE in names) == (kernel == "fused")
-    decoder = json.loads((out / optimize.GENAI_CONFIG).read_text())["model"]["decoder"]
+    assert (gbase.LIBRARY_FILE in names) == (kernel == "fused")
+    decoder = json.loads((out / gbase.GENAI_CONFIG).read_text())["model"]["decoder"]
     assert decoder["filename"] == "model.onnx"
-    assert decoder.get("session_options", {}).get("custom_ops_library") == (optimize.LIBRARY_FILE if kernel == "fused" else None)
+    assert decoder.get("session_options", {}).get("custom_ops_library") == (gbase.LIBRARY_FILE if kernel == "fused" else None)
     config = ActTailConfig.load(out)
     assert (config.kernel, config.mode, config.target_sparsity) == (kernel, mode, sparsity)
-    graph = optimize.load_graph(out)
+    graph = gbase.load_graph(out)
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= {n.op_type for n in graph.graph.node}  # the builder's graph
     # uniform gives q/k/v and gate/up one budget each: the base is packed, 4 rewritten MatMuls per layer
     layers = len({p.layer for p in config.projections})
@@ -575,7 +575,7 @@ def test_cli_genai_tokenizer_encodes_like_the_source(cli_genai_export, tiny_llam
 
 @needs_builder
 def test_cli_genai_export_generates_like_reference(cli_genai_export, tiny_llama_dir):
-    """og.Model(folder) == optimize.generate == the PyTorch sparse reference (tokens and prompt logits), and the
+    """og.Model(folder) == genai_base.generate == the PyTorch sparse reference (tokens and prompt logits), and the
     optimum loader (runtime.load_model) runs the same graph to the same tokens."""
     from transformers import AutoModelForCausalLM
 
@@ -587,7 +587,7 @@ def test_cli_genai_export_generates_like_reference(cli_genai_export, tiny_llama_
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     prompt = torch.randint(3, model.config.vocab_size, (1, 18), generator=torch.Generator().manual_seed(21))
     tokens, logits = _og_greedy(out, prompt.numpy(), 10)
-    assert tokens == optimize.generate(out, prompt.numpy(), 10)
+    assert tokens == gbase.generate(out, prompt.numpy(), 10)
     with torch.inference_mode(), apply_sparsity(model, config, mode):
         ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
                              pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
@@ -626,9 +626,9 @@ def test_cli_genai_cuda_fp16_export_runs_like_reference(tiny_llama_dir, tmp_path
     assert rc == 0
     config = ActTailConfig.load(out)
     assert (config.kernel, config.mode, config.target_sparsity) == ("fused", "threshold", 0.5)
-    decoder = json.loads((out / optimize.GENAI_CONFIG).read_text())["model"]["decoder"]
+    decoder = json.loads((out / gbase.GENAI_CONFIG).read_text())["model"]["decoder"]
     assert "cuda" in json.dumps(decoder.get("session_options", {})).lower()  # the folder asks for the CUDA provider
-    assert decoder["session_options"].get("custom_ops_library") == optimize.LIBRARY_FILE
+    assert decoder["session_options"].get("custom_ops_library") == gbase.LIBRARY_FILE
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     prompt = torch.randint(3, model.config.vocab_size, (1, 18), generator=torch.Generator().manual_seed(21))
     tokens, logits = _og_greedy(out, prompt.numpy(), 10)

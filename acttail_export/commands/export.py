@@ -6,8 +6,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ActTailError
+
+if TYPE_CHECKING:
+    from ..options import ExportOptions
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +27,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
     sparsity = parser.add_argument_group("Sparsity")
     sparsity.add_argument("--sparsity", default="0.5", help="target parameter-weighted activation sparsity in [0, 1) (default 0.5)")
-    sparsity.add_argument("--allocation", choices=("acttail", "uniform", "teal-greedy", "acttail-greedy"), default="acttail",
-                          help="per-projection budgets from HT-SR alphas (acttail), the same everywhere (uniform), TEAL's "
-                               "block-wise greedy search on the calibration text (teal-greedy), or the greedy search inside "
-                               "each block with HT-SR block targets (acttail-greedy); docs/allocation.md")
+    sparsity.add_argument("--allocation", choices=("acttail", "uniform"), default="acttail",
+                          help="per-projection budgets from HT-SR alphas (acttail) or the same everywhere (uniform)")
     sparsity.add_argument("--mode", choices=("topk", "threshold"), default="topk",
                           help="keep the k largest |x| per token (topk) or |x| above a calibrated threshold")
     sparsity.add_argument("--kernel", choices=("mask", "fused"), default="mask",
@@ -72,51 +74,31 @@ def _number(value: str, what: str, cast):
         raise ActTailError(f"--{what} must be a {'number' if cast is float else 'integer'}, got {value!r}") from None
 
 
-def export_kwargs(args: argparse.Namespace) -> dict:
-    """Turn parsed flags into :func:`acttail_export.exporter.export` arguments, checking combinations."""
-    from ..config import check_epsilon, check_sparsity
+def export_options(args: argparse.Namespace) -> ExportOptions:
+    """The :class:`~acttail_export.options.ExportOptions` of parsed flags (numbers parsed here, checked there)."""
+    from ..options import ExportOptions
 
     if not args.model:
         raise ActTailError("no model given: pass --model PATH_OR_HUB_ID (or --model smollm2)")
-    sparsity = check_sparsity(_number(args.sparsity, "sparsity", float), "--sparsity")
-    epsilon = None if args.epsilon is None else check_epsilon(_number(args.epsilon, "epsilon", float))
+    sparsity = _number(args.sparsity, "sparsity", float)
+    epsilon = None if args.epsilon is None else _number(args.epsilon, "epsilon", float)
     samples = _number(args.calibration_samples, "calibration-samples", int)
     length = None if args.sequence_length is None else _number(args.sequence_length, "sequence-length", int)
-    if samples < 1:
-        raise ActTailError(f"--calibration-samples must be >= 1, got {samples}")
-    if length is not None and length < 2:
-        raise ActTailError(f"--sequence-length must be >= 2, got {length}")
-    if args.allocation in ("uniform", "teal-greedy") and (args.epsilon is not None or args.mapping is not None):
-        raise ActTailError("--epsilon/--mapping only apply to --allocation acttail/acttail-greedy: drop them or use --allocation acttail")
-    if (args.private or args.token) and not args.push_to_hub:
-        raise ActTailError("--private/--token only apply with --push-to-hub REPO_ID: add it or drop them")
-    if args.base == "genai":
-        from ..optimize import builder_settings
-
-        builder_settings(args.dtype, args.device)  # e.g. fp16 needs --device cuda (cheap: no import of the builder)
-    from ..int4_rewrite import check_weights
-
     block_size = None if args.block_size is None else _number(args.block_size, "block-size", int)
-    check_weights(args.weights, block_size, args.quantizer, args.dtype, args.base)
-    if args.mapping is not None:
-        from ..allocation import MAPPINGS
-
-        if args.mapping not in MAPPINGS:
-            raise ActTailError(f"--mapping must be one of {', '.join(MAPPINGS)}; got {args.mapping!r}")
-    return dict(model=args.model, output_dir=args.output, sparsity=sparsity, allocation=args.allocation, mode=args.mode,
-                kernel=args.kernel, epsilon=epsilon, mapping=args.mapping, calibration_data=args.calibration_data,
-                calibration_samples=samples, sequence_length=length, dtype=args.dtype, device=args.device,
-                overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private, token=args.token,
-                validate=not args.no_validate, progress=sys.stderr.isatty(), base=args.base,
-                weights=args.weights, block_size=block_size, quantizer=args.quantizer)
+    return ExportOptions(sparsity=sparsity, allocation=args.allocation, mode=args.mode, kernel=args.kernel,
+                         epsilon=epsilon, mapping=args.mapping, calibration_data=args.calibration_data,
+                         calibration_samples=samples, sequence_length=length, dtype=args.dtype, device=args.device,
+                         overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private, token=args.token,
+                         validate=not args.no_validate, progress=sys.stderr.isatty(), base=args.base,
+                         weights=args.weights, block_size=block_size, quantizer=args.quantizer)
 
 
 def run(args: argparse.Namespace) -> None:
     """Run the export (heavy imports happen here)."""
     from ..exporter import export
 
-    kwargs = export_kwargs(args)
-    out = export(**kwargs)
+    options = export_options(args)
+    out = export(args.model, args.output, options)
     print(f"ActTail export written to {out}")
 
 

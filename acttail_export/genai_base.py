@@ -190,7 +190,7 @@ def load_graph(base_dir: str | Path, filename: str = BASE_ONNX) -> onnx.ModelPro
     """The builder's graph without its weights (initializers keep their external-data references)."""
     path = Path(base_dir) / filename
     if not path.is_file():
-        raise ActTailError(f"{path} not found: build the base with acttail_export.optimize.build_base first")
+        raise ActTailError(f"{path} not found: build the base with acttail_export.genai_base.build_base first")
     return onnx.load(str(path), load_external_data=False)
 
 
@@ -271,7 +271,7 @@ def genai_config(base_dir: str | Path, filename: str = BASE_ONNX, provider: str 
 
     base_dir = Path(base_dir)
     if not (base_dir / GENAI_CONFIG).is_file():
-        raise ActTailError(f"{base_dir} has no {GENAI_CONFIG}: build it with acttail_export.optimize.build_base")
+        raise ActTailError(f"{base_dir} has no {GENAI_CONFIG}: build it with acttail_export.genai_base.build_base")
     decoder: dict = {"filename": filename}
     if uses_custom_op(base_dir, filename):
         if not (base_dir / LIBRARY_FILE).is_file():

@@ -1,0 +1,162 @@
+"""``ExportOptions``: every setting of :func:`acttail_export.exporter.export`, typed and validated once.
+
+The CLI (``acttail-export export``, ``optimum-cli export acttail``) and the Python API build the same object, so a
+bad value or combination fails with the same one-line :class:`ActTailError` naming the flag and the fix, before
+any model is loaded. Checks that need the machine or the files (a CUDA GPU, the op library, the model, the output
+folder, the Hub token, onnxruntime-genai's builder) stay in :func:`acttail_export.exporter.export`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from .config import ALLOCATIONS, DEFAULT_S_MAX, check_sparsity
+from .errors import ActTailError
+
+logger = logging.getLogger(__name__)
+
+Allocation = Literal["acttail", "uniform", "teal-greedy", "acttail-greedy"]
+Mode = Literal["topk", "threshold"]
+Kernel = Literal["mask", "fused"]
+DType = Literal["fp32", "fp16"]
+Device = Literal["cpu", "cuda"]
+#: ``optimum``: optimum-onnx's trace (``ORTModelForCausalLM``); ``genai``: onnxruntime-genai's model builder
+#: graph (:mod:`acttail_export.genai_base`, the fast GPU decode base).
+Base = Literal["optimum", "genai"]
+Weights = Literal["fp32", "fp16", "int4"]
+Quantizer = Literal["rtn", "mse"]
+
+MODES, KERNELS, DTYPES, DEVICES, BASES = (get_args(t) for t in (Mode, Kernel, DType, Device, Base))
+#: export-time perplexity tokens when ``eval_tokens`` is not given (0 skips it)
+EVAL_TOKENS = 2048
+
+
+def _choice(value: Any, choices: tuple, flag: str) -> None:
+    if value not in choices:
+        raise ActTailError(f"{flag} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _integer(value: Any, flag: str, minimum: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ActTailError(f"{flag} must be {what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and how; ``ExportOptions(**kwargs)`` raises a one-line ActTailError on a bad value.
+
+    Field names are :func:`~acttail_export.exporter.export`'s keyword arguments (the CLI flag is the name with
+    dashes, e.g. ``calibration_samples`` is ``--calibration-samples``; ``validate=False`` is ``--no-validate``).
+    """
+
+    sparsity: float = 0.5
+    allocation: Allocation = "acttail"
+    mode: Mode = "topk"
+    kernel: Kernel = "mask"
+    epsilon: float | None = None
+    mapping: str | None = None
+    calibration_data: Path | None = None
+    calibration_samples: int = 64
+    sequence_length: int | None = None
+    dtype: DType = "fp32"
+    device: Device = "cpu"
+    overwrite: bool = False
+    push_to_hub: str | None = None
+    private: bool = False
+    token: str | None = field(default=None, repr=False)  # never printed
+    validate: bool = True
+    progress: bool = True
+    eval_tokens: int = EVAL_TOKENS
+    base: Base = "optimum"
+    weights: Weights | None = None  # None: the --dtype
+    block_size: int | None = None  # int4 only (default 32)
+    quantizer: Quantizer | None = None  # int4 only (default mse)
+
+    def __post_init__(self) -> None:
+        # frozen: the numbers and the path are normalized here, once
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, "--sparsity"))
+        if self.epsilon is not None:
+            object.__setattr__(self, "epsilon", check_sparsity(self.epsilon, "--epsilon"))
+        if self.calibration_data is not None:
+            object.__setattr__(self, "calibration_data", Path(self.calibration_data))
+        for value, choices, flag in ((self.allocation, ALLOCATIONS, "--allocation"), (self.mode, MODES, "--mode"),
+                                     (self.kernel, KERNELS, "--kernel"), (self.dtype, DTYPES, "--dtype"),
+                                     (self.device, DEVICES, "--device"), (self.base, BASES, "--base")):
+            _choice(value, choices, flag)
+        _integer(self.calibration_samples, "--calibration-samples", 1, "a positive integer")
+        if self.sequence_length is not None:
+            _integer(self.sequence_length, "--sequence-length", 2, "an integer >= 2")
+        _integer(self.eval_tokens, "eval_tokens", 0, "an integer >= 0 (0 skips the export-time perplexity)")
+        self._check_allocation()
+        if (self.private or self.token) and not self.push_to_hub:
+            raise ActTailError("--private/--token only apply with --push-to-hub REPO_ID: add it or drop them")
+        if self.base == "genai":
+            from .genai_base import builder_settings
+
+            builder_settings(self.dtype, self.device)  # e.g. fp16 needs --device cuda
+        self._check_weights()
+
+    def _check_allocation(self) -> None:
+        """A known mapping, epsilon/mapping only with acttail, and a target the acttail allocation can meet."""
+        if self.mapping is not None:
+            from .allocation import MAPPINGS
+
+            _choice(self.mapping, MAPPINGS, "--mapping")
+        if self.allocation in ("uniform", "teal-greedy") and (self.epsilon is not None or self.mapping is not None):
+            raise ActTailError("--epsilon/--mapping only apply to --allocation acttail: drop them or use "
+                               "--allocation acttail")
+        if self.allocation in ("acttail", "acttail-greedy", "teal-greedy") and self.sparsity > DEFAULT_S_MAX:
+            raise ActTailError(f"sparsity {self.sparsity} is above {DEFAULT_S_MAX}, the highest per-projection budget "
+                               f"of the acttail allocation: use --sparsity {DEFAULT_S_MAX} or lower, or "
+                               "--allocation uniform")
+
+    def _check_weights(self) -> None:
+        """--weights/--block-size/--quantizer against --dtype and --base (see :attr:`int4`)."""
+        from .quantize import BLOCK_SIZES, QUANTIZERS
+
+        weights = self.dtype if self.weights is None else self.weights
+        _choice(weights, get_args(Weights), "--weights")
+        if weights != "int4":
+            if weights != self.dtype:
+                raise ActTailError(f"--weights {weights} needs --dtype {weights} (float weights have the graph's "
+                                   f"dtype): pass --dtype {weights}, or --weights int4")
+            if self.block_size is not None or self.quantizer is not None:
+                raise ActTailError("--block-size/--quantizer only apply to --weights int4: add --weights int4 or "
+                                   "drop them")
+            return
+        if self.base != "optimum":
+            raise ActTailError(f"--weights int4 needs --base optimum (the {self.base} base cannot carry the 4-bit ops "
+                               "yet): pass --base optimum or drop --weights int4")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES):
+            choices = ", ".join(map(str, BLOCK_SIZES))
+            raise ActTailError(f"--block-size must be one of {choices}; got {self.block_size!r}")
+        if self.quantizer is not None:
+            _choice(self.quantizer, QUANTIZERS, "--quantizer")
+
+    @property
+    def int4(self) -> tuple[int, str] | None:
+        """(block size, quantizer) of the 4-bit projections, defaults filled in; None for float weights."""
+        if self.weights != "int4":
+            return None
+        from .int4_rewrite import DEFAULT_BLOCK_SIZE, DEFAULT_QUANTIZER
+
+        return (int(DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size),
+                DEFAULT_QUANTIZER if self.quantizer is None else self.quantizer)
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """:func:`~acttail_export.exporter.export`'s keyword arguments (``ExportOptions(**o.to_kwargs()) == o``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def validated(cls, options: ExportOptions | None = None, **kwargs: Any) -> ExportOptions:
+        """``options`` with ``kwargs`` replacing its fields (the defaults when None), validated."""
+        if options is None:
+            return cls(**kwargs)
+        if not isinstance(options, cls):
+            raise TypeError(f"options must be an ExportOptions, got {type(options).__name__}: pass the settings as "
+                            "keyword arguments (sparsity=..., mode=...)")
+        return dataclasses.replace(options, **kwargs) if kwargs else options

@@ -1,0 +1,170 @@
+"""``ExportOptions``: every bad value or combination is one ActTailError line naming the flag and the fix; the CLI
+and the Python API build equal options; options -> export keyword arguments -> options is the identity."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import get_args
+
+import pytest
+
+from acttail_export import config
+from acttail_export.errors import ActTailError
+from acttail_export.options import Allocation, ExportOptions, Kernel, Mode, Weights
+
+# (keyword arguments, needle naming the flag and the fix, the same mistake as CLI flags or None when argparse
+# refuses it first or the API spelling has no flag)
+INVALID = [
+    (dict(sparsity=1.0), "--sparsity must be in [0, 1), got 1.0", ["--sparsity", "1.0"]),
+    (dict(sparsity=-0.1), "--sparsity must be in [0, 1)", ["--sparsity", "-0.1"]),
+    (dict(sparsity="abc"), "--sparsity must be a number", None),
+    (dict(sparsity=float("nan")), "--sparsity must be in [0, 1)", ["--sparsity", "nan"]),
+    (dict(epsilon=1.5), "--epsilon must be in [0, 1)", ["--epsilon", "1.5"]),
+    (dict(allocation="random"), "--allocation must be one of", None),
+    (dict(mode="median"), "--mode must be one of topk, threshold; got 'median'", None),
+    (dict(kernel="dense"), "--kernel must be one of mask, fused; got 'dense'", None),
+    (dict(dtype="bf16"), "--dtype must be one of fp32, fp16; got 'bf16'", None),
+    (dict(device="tpu"), "--device must be one of cpu, cuda; got 'tpu'", None),
+    (dict(base="tensorrt"), "--base must be one of optimum, genai; got 'tensorrt'", None),
+    (dict(calibration_samples=0), "--calibration-samples must be a positive integer, got 0",
+     ["--calibration-samples", "0"]),
+    (dict(calibration_samples=True), "--calibration-samples must be a positive integer", None),
+    (dict(calibration_samples=2.5), "--calibration-samples must be a positive integer", None),
+    (dict(sequence_length=1), "--sequence-length must be an integer >= 2, got 1", ["--sequence-length", "1"]),
+    (dict(eval_tokens=-1), "eval_tokens must be an integer >= 0", None),
+    (dict(mapping="no-such-mapping"), "--mapping must be one of", ["--mapping", "no-such-mapping"]),
+    (dict(allocation="uniform", epsilon=0.1), "only apply to --allocation acttail: drop them or use --allocation",
+     ["--allocation", "uniform", "--epsilon", "0.1"]),
+    (dict(allocation="uniform", mapping="linear"), "only apply to --allocation acttail",
+     ["--allocation", "uniform", "--mapping", "linear"]),
+    (dict(sparsity=0.995), "use --sparsity 0.99 or lower, or --allocation uniform", ["--sparsity", "0.995"]),
+    (dict(private=True), "--private/--token only apply with --push-to-hub REPO_ID", ["--private"]),
+    (dict(token="hf_secret"), "--private/--token only apply with --push-to-hub REPO_ID", ["--token", "hf_secret"]),
+    (dict(base="genai", dtype="fp16"), "--base genai --dtype fp16 needs the CUDA provider",
+     ["--base", "genai", "--dtype", "fp16"]),
+    (dict(weights="int8"), "--weights must be one of fp32, fp16, int4", ["--weights", "int8"]),
+    (dict(weights="fp16"), "needs --dtype fp16", ["--weights", "fp16"]),
+    (dict(block_size=64), "only apply to --weights int4", ["--block-size", "64"]),
+    (dict(quantizer="rtn"), "only apply to --weights int4", ["--quantizer", "rtn"]),
+    (dict(weights="int4", block_size=48), "--block-size must be one of 32, 64, 128",
+     ["--weights", "int4", "--block-size", "48"]),
+    (dict(weights="int4", block_size=True), "--block-size must be one of 32, 64, 128", None),
+    (dict(weights="int4", quantizer="gptq"), "--quantizer must be one of rtn, mse",
+     ["--weights", "int4", "--quantizer", "gptq"]),
+    (dict(weights="int4", base="genai"), "--weights int4 needs --base optimum",
+     ["--weights", "int4", "--base", "genai"]),
+]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from acttail_export.commands.export import add_export_arguments
+
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    return parser.parse_args(["--model", "some/model", *argv, "out"])
+
+
+def _cli_options(argv: list[str]) -> ExportOptions:
+    from acttail_export.commands.export import export_options
+
+    return export_options(_parse(argv))
+
+
+@pytest.mark.parametrize("kwargs, needle, argv", INVALID, ids=[str(k) for k, _, _ in INVALID])
+def test_invalid_value_is_one_line_naming_the_flag(kwargs, needle, argv):
+    with pytest.raises(ActTailError) as api:
+        ExportOptions(**kwargs)
+    message = str(api.value)
+    assert "\n" not in message and needle in message, message
+    assert "hf_secret" not in message
+    if argv is not None:  # the CLI refuses the same flags with the same line
+        with pytest.raises(ActTailError) as cli:
+            _cli_options(argv)
+        assert str(cli.value) == message
+
+
+@pytest.mark.parametrize("kwargs, needle, argv", INVALID[:3] + INVALID[-4:], ids=lambda v: str(v)[:40])
+def test_invalid_override_of_valid_options_is_refused(kwargs, needle, argv):
+    """``validated(options, **kwargs)`` checks the combined options again (export(model, out, options, mode=...))."""
+    with pytest.raises(ActTailError, match="^[^\n]*$") as err:
+        ExportOptions.validated(ExportOptions(), **kwargs)
+    assert needle in str(err.value)
+
+
+CLI_AND_API = [
+    ([], {}),
+    (["--sparsity", "0.8", "--mode", "threshold", "--kernel", "fused", "--allocation", "uniform"],
+     dict(sparsity=0.8, mode="threshold", kernel="fused", allocation="uniform")),
+    (["--epsilon", "0.2", "--mapping", "linear", "--calibration-data", "text.txt", "--calibration-samples", "8",
+      "--sequence-length", "128", "--no-validate", "--overwrite"],
+     dict(epsilon=0.2, mapping="linear", calibration_data="text.txt", calibration_samples=8, sequence_length=128,
+          validate=False, overwrite=True)),
+    (["--weights", "int4", "--block-size", "64", "--quantizer", "rtn"],
+     dict(weights="int4", block_size=64, quantizer="rtn")),
+    (["--weights", "fp16", "--dtype", "fp16", "--device", "cuda"], dict(weights="fp16", dtype="fp16", device="cuda")),
+    (["--push-to-hub", "me/tiny", "--private", "--token", "hf_x"],
+     dict(push_to_hub="me/tiny", private=True, token="hf_x")),
+    (["--base", "genai", "--device", "cuda", "--dtype", "fp16"], dict(base="genai", device="cuda", dtype="fp16")),
+]
+
+
+@pytest.mark.parametrize("argv, kwargs", CLI_AND_API, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_and_api_build_equal_options(argv, kwargs):
+    # the CLI shows progress bars only on a terminal; the API default is True
+    api = ExportOptions(**kwargs, progress=sys.stderr.isatty())
+    assert _cli_options(argv) == api
+
+
+def test_round_trip_options_to_export_kwargs():
+    options = ExportOptions(sparsity="0.7", mode="threshold", kernel="fused", epsilon=0.25, calibration_data="t.txt",
+                            calibration_samples=4, sequence_length=64, push_to_hub="me/x", token="hf_x", weights="int4",
+                            quantizer="rtn", eval_tokens=0, progress=False)
+    kwargs = options.to_kwargs()
+    assert set(kwargs) == {f.name for f in dataclasses.fields(ExportOptions)}
+    assert ExportOptions(**kwargs) == options
+    assert ExportOptions.validated(None, **kwargs) == options and ExportOptions.validated(options) is options
+    # normalized once: the number and the path as given by a caller that passed strings
+    assert kwargs["sparsity"] == 0.7 and type(kwargs["sparsity"]) is float
+    assert kwargs["calibration_data"].name == "t.txt"
+    assert options.int4 == (32, "rtn") and ExportOptions().int4 is None
+    assert ExportOptions.validated(options, sparsity=0.3) == dataclasses.replace(options, sparsity=0.3)
+    assert "hf_x" not in repr(options)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.sparsity = 0.1  # type: ignore[misc]
+    with pytest.raises(TypeError, match="ExportOptions"):
+        ExportOptions.validated({"sparsity": 0.5})  # type: ignore[arg-type]
+
+
+def test_literal_types_match_the_config_choices():
+    """The typed fields accept exactly what acttail_config.json accepts."""
+    assert set(get_args(Mode)) == set(config.MODES)
+    assert set(get_args(Kernel)) == set(config.KERNELS)
+    assert set(get_args(Weights)) == set(config.WEIGHTS)
+    assert set(get_args(Allocation)) == set(config.ALLOCATIONS)
+
+
+def test_export_with_options_equals_export_with_kwargs(tiny_llama_dir, wikitext_valid, tmp_path, monkeypatch):
+    """``export(model, out, options)`` and ``export(model, out, **options.to_kwargs())`` run the pipeline with equal
+    options (the pipeline proper is replaced: this tests the entry point)."""
+    from acttail_export import exporter
+    from acttail_export.config import ActTailConfig
+
+    seen = []
+
+    def build(model_ref, tmp, options, *args, **kwargs):
+        seen.append(options)
+        (tmp / "model.onnx").write_bytes(b"stub")
+        return ActTailConfig(target_sparsity=options.sparsity)
+
+    monkeypatch.setattr(exporter, "_build", build)
+    options = ExportOptions(sparsity=0.6, mode="threshold", calibration_data=wikitext_valid, calibration_samples=2,
+                            sequence_length=32, validate=False, progress=False)
+    exporter.export(str(tiny_llama_dir), tmp_path / "a", options)
+    exporter.export(str(tiny_llama_dir), tmp_path / "b", **options.to_kwargs())
+    exporter.export(str(tiny_llama_dir), tmp_path / "c", ExportOptions(), **options.to_kwargs())
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2] == options
+    with pytest.raises(ActTailError, match="--mode must be one of"):
+        exporter.export(str(tiny_llama_dir), tmp_path / "d", options, mode="median")
+    assert not (tmp_path / "d").exists() and len(seen) == 3
