@@ -7,6 +7,10 @@ Two masking rules, per projection ``i`` with budget ``s_i`` and input width ``d`
 * ``threshold`` (TEAL): keep entries with ``|x| > t_i`` (``t_i`` from :mod:`acttail_export.calibration`),
   zero the rest.
 
+Optional ``ramp`` (δ > 0): kept entries are scaled by ``min(1, (|x| - t) / (δ t))`` (``t`` the threshold, or
+per token the largest dropped |x| in top-k mode), a mask continuous in ``x`` with the same zero set
+(:func:`acttail_export.reference.torch_mask`). ``ramp=0`` (default) is the hard mask.
+
 Projections that read the same tensor (q/k/v, gate/up) are hooked separately, so each applies its own
 budget. The hooks count the zeroed input entries over all tokens seen, which gives the achieved
 (effective) sparsity per projection and its parameter-weighted mean.
@@ -21,6 +25,7 @@ import torch
 
 from .config import MODES, ActTailConfig, ProjectionConfig
 from .errors import ActTailError
+from .reference import torch_mask
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ class _Rule:
     mode: str
     k: int
     threshold: float | None
+    ramp: float = 0.0
     zeroed: torch.Tensor | int = 0
     total: int = 0
 
@@ -78,13 +84,13 @@ class _Rule:
         self.total += x.numel()
         if self.mode == "topk":
             self.zeroed = self.zeroed + rows * (d - self.k)
-            y = mask_topk(x, self.k)
+            y = mask_topk(x, self.k) if self.ramp == 0 or self.k >= d else torch_mask(x, "topk", k=self.k, ramp=self.ramp)
         elif self.threshold is None:  # threshold mode, sparsity 0, not calibrated: identity
             y = x
         else:
             keep = x.abs() > self.threshold
             self.zeroed = self.zeroed + (keep.numel() - torch.count_nonzero(keep))
-            y = x * keep
+            y = x * keep if self.ramp == 0 else torch_mask(x, "threshold", threshold=self.threshold, ramp=self.ramp)
         return (y, *args[1:])
 
     def effective(self) -> float | None:
@@ -96,23 +102,26 @@ class _Rule:
 class SparsityHooks:
     """Handles of the installed hooks; use as a context manager or call :meth:`remove`."""
 
-    def __init__(self, model: torch.nn.Module, config: ActTailConfig, mode: str):
+    def __init__(self, model: torch.nn.Module, config: ActTailConfig, mode: str, ramp: float = 0.0):
+        if not ramp >= 0:
+            raise ActTailError(f"ramp must be >= 0 (0: hard mask), got {ramp}")
         self.config = config
         self.mode = mode
+        self.ramp = float(ramp)
         self._rules: dict[str, _Rule] = {}
         self._handles: list = []
         modules: list[tuple[torch.nn.Module, _Rule]] = []
         for proj in config.projections:
             module = projection_module(model, proj)
             if mode == "topk":
-                rule = _Rule(proj, mode, proj.keep_k(), None)
+                rule = _Rule(proj, mode, proj.keep_k(), None, self.ramp)
             else:
                 if proj.threshold is None and proj.sparsity > 0:
                     raise ActTailError(
                         f"{proj.name} has no threshold: run calibration (acttail_export.calibration.calibrate) "
                         "before threshold mode, or use --mode topk"
                     )
-                rule = _Rule(proj, mode, proj.in_features, proj.threshold)
+                rule = _Rule(proj, mode, proj.in_features, proj.threshold, self.ramp)
             self._rules[proj.name] = rule
             modules.append((module, rule))
         # register only once every projection is validated, so a bad config leaves the model untouched
@@ -166,11 +175,14 @@ class SparsityHooks:
         return config
 
 
-def apply_sparsity(model: torch.nn.Module, config: ActTailConfig, mode: str | None = None) -> SparsityHooks:
-    """Install one forward pre-hook per projection of ``config`` on ``model``; ``mode`` defaults to ``config.mode``."""
+def apply_sparsity(model: torch.nn.Module, config: ActTailConfig, mode: str | None = None, ramp: float = 0.0) -> SparsityHooks:
+    """Install one forward pre-hook per projection of ``config`` on ``model``; ``mode`` defaults to ``config.mode``.
+
+    ``ramp`` > 0 applies the continuous ramp mask (same zero set); 0 is the hard mask.
+    """
     mode = mode or config.mode
     if mode not in MODES:
         raise ActTailError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if not config.projections:
         raise ActTailError("the sparsity config has no projections: build it with allocation.build_config first")
-    return SparsityHooks(model, config, mode)
+    return SparsityHooks(model, config, mode, ramp)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from acttail_export.config import PROJECTION_KINDS, ActTailConfig, ProjectionConfig, projection_name, topk_keep
 from acttail_export.errors import ActTailError
+from acttail_export.reference import Member, member_values
 from acttail_export.sparsify import apply_sparsity, mask_threshold, mask_topk
 
 
@@ -122,6 +123,41 @@ def test_hooked_projections_match_reference(tiny, ids, mode):
     q, k = projection_name(0, "q_proj"), projection_name(0, "k_proj")
     torch.testing.assert_close(rec.raw[q], rec.raw[k], rtol=0, atol=0)
     assert not torch.equal(rec.masked[q], rec.masked[k])
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+@pytest.mark.parametrize("ramp", [0.1, 0.5])
+def test_ramp_hooks_match_reference_member_values(tiny, ids, mode, ramp):
+    """apply_sparsity(ramp=δ) feeds each projection reference.member_values(x, mode, member, δ)."""
+    budgets = random_budgets(tiny, seed=3)
+    config = hand_config(tiny, budgets, mode)
+    rng = np.random.default_rng(4)
+    for p in config.projections:
+        p.threshold = float(rng.uniform(0.0, 0.05)) if mode == "threshold" else None
+    rec = Recorder(tiny, budgets)
+    try:
+        with torch.inference_mode(), apply_sparsity(tiny, config, ramp=ramp) as hooks:
+            tiny(ids)
+            eff = hooks.effective_sparsity()
+    finally:
+        rec.remove()
+    ramped = 0
+    for p in config.projections:
+        raw = rec.raw[p.name].numpy()
+        member = Member(threshold=p.threshold) if mode == "threshold" else Member(k=topk_keep(p.sparsity, p.in_features))
+        values, keep = member_values(raw, mode, member, ramp)
+        got = rec.masked[p.name].numpy()
+        # float32 hook vs float64 reference: (s - t), δ t, the division and x * f each round once (~4 ulp of x)
+        np.testing.assert_allclose(got, values, rtol=1e-6, atol=0)
+        np.testing.assert_array_equal(got != 0, values != 0)  # same zero set as the reference
+        assert eff[p.name] == pytest.approx(1.0 - keep.mean(), abs=1e-12)  # counts the zero set, not the ramp
+        ramped += int(((values != 0) & (values != raw)).sum())
+    assert ramped > 0  # the ramp scaled some kept entries (else the test would not tell ramp from hard mask)
+
+
+def test_negative_ramp_is_refused(tiny):
+    with pytest.raises(ActTailError, match="ramp"):
+        apply_sparsity(tiny, hand_config(tiny, 0.5), ramp=-0.1)
 
 
 def test_effective_sparsity_equals_target_in_topk(tiny, ids):
