@@ -14,7 +14,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 BLOCK = 32
-VARIANT_FIELDS = ("cols_per_lane", "blocks_per_sm", "use_cublas", "stream_scratch", "prefetch", "stage")
+VARIANT_FIELDS = ("cols_per_lane", "blocks_per_sm", "use_cublas", "stream_scratch", "prefetch", "stage", "kernel", "splits")
 
 
 class NBitsCall(ctypes.Structure):

@@ -308,6 +308,14 @@ def bench_shape(h: Harness, K: int, N: int, M: int, args, library: str | None, r
     return rows
 
 
+# (columns per lane, blocks per SM, L2 prefetch, staged rows, kernel, splits). Stream-K (kernel 0): 32 columns per lane
+# needs ~210 registers, one block per SM; stage = 1: rows staged in shared memory (cp.async). Cluster (kernel 1, one row,
+# sm_90+): 4 / 8 / 16 columns per lane; splits 0 = blocks per tile from blocks per SM, else forced.
+_STREAM_K = [(16, 3, 0, 0, 0, 0), (32, 1, 0, 0, 0, 0), (16, 1, 0, 1, 0, 0), (16, 2, 0, 1, 0, 0), (16, 3, 0, 1, 0, 0), (32, 1, 0, 1, 0, 0)]
+_CLUSTER = [(c, b, 0, 0, 1, 0) for c, b in ((4, 2), (8, 2), (8, 3), (16, 1), (16, 2))] + [(8, 1, 0, 0, 1, 16), (4, 1, 0, 0, 1, 16)]
+SWEEP_VARIANTS = {"stream-k": _STREAM_K, "cluster": [(16, 3, 0, 0, 0, 0)] + _CLUSTER, "all": _STREAM_K + _CLUSTER}
+
+
 def sweep(h: Harness, args) -> list[dict]:
     """Decode (M = 1) timings of every (columns per lane, blocks per SM) on the shapes, at 0 / 50 / 90 %."""
     import torch
@@ -326,17 +334,16 @@ def sweep(h: Harness, args) -> list[dict]:
             work = h.workspace(mk[0])
             for c in mk:
                 c.workspace = work.data_ptr()
-            # 32 columns per lane needs ~210 registers: one block per SM, so only blocks_per_sm = 1 differs there;
-            # stage = 1: rows staged in shared memory (cp.async), 0: register loads (prefetch: L2 prefetch of the rows)
-            variants = [(16, 3, 0, 0), (32, 1, 0, 0), (16, 1, 0, 1), (16, 2, 0, 1), (16, 3, 0, 1), (32, 1, 0, 1)]
-            for cpl, bps, pre, stage in variants:
-                v = (cpl, bps, -1, -1, pre, stage)
+            for variant in SWEEP_VARIANTS[args.sweep_kernels]:
+                cpl, bps, pre, stage, kernel, splits = variant
+                v = (cpl, bps, -1, -1, pre, stage, kernel, splits)
                 calls = [lambda c=c, v=v: h.run(c, v) for c in mk] * max(1, 48 // copies)
                 g_us, k_us, _ = time_graph(calls, args.reps)
-                rows.append({"K": K, "N": N, "M": 1, "sparsity": s, "cols_per_lane": cpl, "blocks_per_sm": bps, "prefetch": pre,
-                             "stage": stage, "graph_us": g_us, "kernel_us": k_us, "effective_tb_s": ref_bytes / k_us / 1e6})
-                logger.info("sweep %dx%d s=%.1f cpl=%d bps=%d prefetch=%d stage=%d: kernels %.2f us, graph %.2f us (%.2f TB/s)", K, N, s, cpl,
-                            bps, pre, stage, k_us, g_us, rows[-1]["effective_tb_s"])
+                rows.append({"K": K, "N": N, "M": 1, "sparsity": s, "kernel": "cluster" if kernel == 1 else "stream-k", "cols_per_lane": cpl,
+                             "blocks_per_sm": bps, "splits": splits, "prefetch": pre, "stage": stage, "graph_us": g_us, "kernel_us": k_us,
+                             "effective_tb_s": ref_bytes / k_us / 1e6})
+                logger.info("sweep %dx%d s=%.1f %s cpl=%d bps=%d splits=%d prefetch=%d stage=%d: kernels %.2f us, graph %.2f us (%.2f TB/s)",
+                            K, N, s, rows[-1]["kernel"], cpl, bps, splits, pre, stage, k_us, g_us, rows[-1]["effective_tb_s"])
         del ws
         torch.cuda.empty_cache()
     return rows
@@ -348,17 +355,19 @@ def markdown_tables(result: dict) -> str:
     out = [(f"GPU {env['gpu']}, driver {env.get('driver', '?')}, torch {env['torch']}, onnxruntime {env.get('onnxruntime', '-')}, "
             f"device copy {env['copy_tb_s']:.2f} TB/s (read + write)"), ""]
     if rows and "cols_per_lane" in rows[0]:
-        out += ["| K→N | sparsity | cols/lane | blocks/SM | L2 prefetch | staged | kernel µs | graph µs | effective TB/s |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        out += ["| K→N | sparsity | kernel | cols/lane | blocks/SM | splits | L2 prefetch | staged | kernel µs | graph µs | effective TB/s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r['cols_per_lane']} | {r['blocks_per_sm']} | {r.get('prefetch', 0)} | "
+            out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r.get('kernel', 'stream-k')} | {r['cols_per_lane']} | {r['blocks_per_sm']} | "
+                       f"{r.get('splits', 0)} | {r.get('prefetch', 0)} | "
                        f"{r.get('stage', 0)} | {r['kernel_us']:.2f} | {r['graph_us']:.2f} | {r['effective_tb_s']:.2f} |")
         best: dict = {}
         for r in rows:
             key = (r["K"], r["N"])
-            variant = (r["cols_per_lane"], r["blocks_per_sm"], r.get("prefetch", 0), r.get("stage", 0))
+            variant = (r.get("kernel", "stream-k"), r["cols_per_lane"], r["blocks_per_sm"], r.get("splits", 0), r.get("prefetch", 0),
+                       r.get("stage", 0))
             best.setdefault(key, {}).setdefault(variant, []).append(r["kernel_us"])
-        out += ["", "| K→N | best (cols/lane, blocks/SM, prefetch, staged) by the sum over the sparsities | µs at 0 / 50 / 90 % |",
+        out += ["", "| K→N | best (kernel, cols/lane, blocks/SM, splits, prefetch, staged) by the sum over the sparsities | µs at 0 / 50 / 90 % |",
                 "|---|---|---|"]
         for key, variants in best.items():
             v, t = min(variants.items(), key=lambda kv: sum(kv[1]))
@@ -418,6 +427,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ort-sparsities", default="0,0.5,0.9", help="sparsities at which the op is also timed through ORT")
     ap.add_argument("--floor", action="store_true", help="also time a plain streaming read of the op's bytes (decode)")
     ap.add_argument("--sweep", action="store_true", help="decode parameter sweep instead (writes nbits_sweep.json)")
+    ap.add_argument("--sweep-kernels", choices=sorted(SWEEP_VARIANTS), default="all", help="which decode kernels the sweep times")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.table:

@@ -76,6 +76,57 @@ def test_decode_variants_match(variant, K, N):
         assert_matches(y, case)
 
 
+# The cluster GEMV (one row of X, sm_90+; kernels/gemv_cluster.cuh): (cols_per_lane, blocks_per_sm, splits). Splits 1
+# (no split), 5 (ranges of unequal group counts), 16 (the non-portable cluster size) and the op's choice (0).
+CLUSTER_VARIANTS = [(8, 3, 0), (16, 1, 5), (8, 1, 1), (4, 1, 16)]
+
+
+def _cluster(variant) -> tuple[int, ...]:
+    cpl, bps, splits = variant
+    return (cpl, bps, -1, -1, -1, -1, 1, splits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", CLUSTER_VARIANTS)
+@pytest.mark.parametrize("K,N,B", [(4096, 11008, 32), (11008, 4096, 64), (4100, 1056, 128), (576, 1536, 32), (40, 64, 32)])
+def test_cluster_decode_matches(variant, K, N, B):
+    """The cluster GEMV on LLM shapes and small / partial ones (K = 4100: a last group of 4 rows; K = 40 < 2 groups, so
+    most warps and splits get no group), all rows but one kept (the longest groups) and the usual 40 %."""
+    harness = _harness()
+    for dtype in (np.float16, np.float32):
+        for mode, keep in (("threshold", 1.0), ("topk", 0.4), ("threshold", 0.1)):
+            case = llm_case(np.random.default_rng(K + N + B), 1, K, N, B, dtype, mode, keep=keep)
+            assert_matches(harness.run_case(case, variant=_cluster(variant)), case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [(8, 3, 0), (4, 1, 16), (16, 1, 3)])
+def test_cluster_decode_members_scales_ramp_inf(variant):
+    """Members (boundaries inside a lane's columns: 100, 170), per-member thresholds / k, score scales, the ramp, and Inf
+    scales in a quant block that no row keeps (never reaching Y) through the cluster GEMV."""
+    harness = _harness()
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1, 512)).astype(np.float16)
+    q, scales, offsets = random_weights(rng, 512, 320, 32, np.float16)
+    scale = rng.uniform(0.5, 2.0, (3, 512)).astype(np.float32)
+    cases = [Case(x, q, scales, offsets, 32, "threshold", [100, 170, 320], None, np.array([0.2, 0.5, 0.9], np.float32)),
+             Case(x, q, scales, offsets, 32, "topk", [100, 170, 320], [10, 50, 200], ramp=0.5),
+             Case(x, q, scales, offsets, 32, "threshold", [100, 170, 320], None, np.array([0.3, 0.3, 1.2], np.float32), scale=scale,
+                  ramp=0.25)]
+    for case in cases:
+        assert_matches(harness.run_case(case, variant=_cluster(variant)), case)
+    x2 = x.copy()
+    x2[0, 64:96] = 0  # quant block 2 keeps no row in threshold mode
+    s2 = scales.copy()
+    s2[2] = np.inf
+    o2 = offsets.copy()
+    o2[2] = np.nan
+    case = Case(x2, q, s2, o2, 32, "threshold", thresholds=np.array(0.1, np.float32))
+    y = harness.run_case(case, variant=_cluster(variant))
+    assert np.isfinite(y).all()
+    assert_matches(y, case)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("mode", ["threshold", "topk"])

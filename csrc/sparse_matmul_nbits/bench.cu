@@ -50,6 +50,8 @@ struct NBitsVariant {
   int stream_scratch;  // -1: the op's choice (per-stream scratch), 0: per-call scratch zeroed with a memset
   int prefetch;        // -1: the op's choice, 0 / 1: force the L2 prefetch of each warp's rows
   int stage;           // -1: the op's choice, 0 / 1: force the shared-memory staging of rows (one row of X)
+  int kernel;          // -1: the op's choice, 0: stream-K GEMV, 1: cluster GEMV (one row of X, sm_90+)
+  int splits;          // <= 0: the op's choice; cluster GEMV: blocks per tile
 };
 
 void ToProblem(const NBitsCall& c, acttail::nbits::Problem& p, acttail::nbits::CudaArgs& a) {
@@ -105,6 +107,8 @@ extern "C" __attribute__((visibility("default"))) int acttail_nbits_bench_run(co
     if (variant->stream_scratch >= 0) plan.stream_scratch = variant->stream_scratch != 0;
     if (variant->prefetch >= 0) plan.decode.prefetch = variant->prefetch;
     if (variant->stage >= 0) plan.decode.stage = variant->stage;
+    if (variant->kernel >= 0) plan.decode.kernel = variant->kernel;
+    if (variant->splits > 0) plan.decode.splits = variant->splits;
   }
   return Report(acttail::nbits::CudaRun(call->half != 0, p, a, plan), err, err_len);
 }

@@ -1,8 +1,9 @@
 // Host launchers of the SparseMatMulNBits CUDA kernels (kernels/*.cuh). Everything is enqueued on the
 // caller's stream, no host synchronization, every launch checked.
 //  * topk: the common top-k selection (common/cuda/topk_select.cuh) per (row, selection group) -> (cut, tie).
-//  * decode (M <= 8): NBitsGemvKernel in split (stream-K) mode over a per-stream float32 scratch that every
-//    launch leaves zero; kernel parameters per shape (ChooseDecode).
+//  * decode, one row on sm_90+: NBitsClusterGemvKernel (split-K over a thread-block cluster, no scratch);
+//  * decode (M <= 8, and the rest): NBitsGemvKernel in split (stream-K) mode over a per-stream float32 scratch
+//    that every launch leaves zero; kernel parameters per shape (ChooseDecode).
 //  * prefill (M > 8): PrefillPrepKernel (mask X into the workspace, dequantize W into the workspace, flag
 //    Inf/NaN in W), cuBLAS GEMM per member column slice (libcublas opened at run time), then the exact
 //    kernel (FULL mode), which returns at once unless the flag is set. Without cuBLAS: the exact kernel.
@@ -19,6 +20,7 @@
 
 #include "common/cuda/topk_select.cuh"
 #include "sparse_matmul_nbits/kernels/gemv.cuh"
+#include "sparse_matmul_nbits/kernels/gemv_cluster.cuh"
 #include "sparse_matmul_nbits/kernels/prefill.cuh"
 #include "sparse_matmul_nbits/op.h"
 
@@ -264,6 +266,69 @@ cudaError_t DispatchDecode(const KernelShape& s, const cuda::GemvArgs& args, int
   return LaunchGemv<T, 8, 4, false>(args, bps, max_blocks, stream);
 }
 
+/// Thread-block clusters on the current device (compute capability 9.0+), cached per device.
+bool ClusterLaunchable() {
+  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();
+    return false;
+  }
+  if (cache[dev] == 0) {
+    int major = 0, cluster = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&cluster, cudaDevAttrClusterLaunch, dev) == cudaSuccess;
+    if (!ok) cudaGetLastError();
+    cache[dev] = ok && major >= 9 && cluster != 0 ? 2 : 1;
+  }
+  return cache[dev] == 2;
+}
+
+constexpr int kMaxSplits = 16;  // non-portable cluster size (H100 / H200); 8 is portable
+
+/// Blocks per tile of the cluster GEMV: about blocks_per_sm blocks per SM in all, at most one group per warp less
+/// than the groups, within the cluster limit.
+int ClusterSplits(int64_t K, int tiles, int blocks_per_sm, int forced) {
+  const int64_t groups = (K + cuda::kGroupRows - 1) / cuda::kGroupRows;
+  int64_t s = forced > 0 ? forced : ((int64_t)CurrentSms() * blocks_per_sm + tiles / 2) / std::max(1, tiles);
+  s = std::min<int64_t>(s, (groups + kWarps - 1) / kWarps);  // every warp gets a group
+  return (int)std::max<int64_t>(1, std::min<int64_t>(s, kMaxSplits));
+}
+
+template <typename T, int CPL>
+cudaError_t LaunchCluster(const cuda::GemvArgs& args, int splits, cudaStream_t stream) {
+  auto kernel = cuda::NBitsClusterGemvKernel<T, CPL, kWarps>;
+  static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (attr != cudaSuccess && splits > 8) return attr;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)splits, (unsigned)args.tiles, 1);
+  cfg.blockDim = dim3(kWarps * 32, 1, 1);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = (unsigned)splits;
+  at[0].val.clusterDim.y = 1;
+  at[0].val.clusterDim.z = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+/// The cluster GEMV for one row of X (columns per lane 4, 8 or 16).
+template <typename T>
+std::string RunClusterDecode(const Problem& p, const DecodeConfig& cfg, cuda::GemvArgs& g, cudaStream_t stream) {
+  const int cpl = cfg.cols_per_lane == 4 || cfg.cols_per_lane == 16 ? cfg.cols_per_lane : 8;
+  const int tiles = Tiles(p.spans, cpl, &g);
+  if (tiles > 65535) return "cluster GEMV: too many column tiles";
+  const int splits = ClusterSplits(p.K, tiles, std::max(1, cfg.blocks_per_sm), cfg.splits);
+  const cudaError_t err = cpl == 4    ? LaunchCluster<T, 4>(g, splits, stream)
+                          : cpl == 16 ? LaunchCluster<T, 16>(g, splits, stream)
+                                      : LaunchCluster<T, 8>(g, splits, stream);
+  return err == cudaSuccess ? "" : std::string("cluster GEMV kernel: ") + cudaGetErrorString(err);
+}
+
 /// Members sharing one selection (topk: same k and the same scale row) select once per row.
 int SelectGroups(const Problem& p, const CudaArgs& c) {
   if (p.spans.count() == 1 || p.scale_rows > 1) return p.spans.count();
@@ -319,6 +384,10 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   if (plan.decode.blocks_per_sm != 0) cfg.blocks_per_sm = plan.decode.blocks_per_sm;
   if (plan.decode.prefetch >= 0) cfg.prefetch = plan.decode.prefetch;
   if (plan.decode.stage >= 0) cfg.stage = plan.decode.stage;
+  if (plan.decode.kernel >= 0) cfg.kernel = plan.decode.kernel;
+  if (plan.decode.splits > 0) cfg.splits = plan.decode.splits;
+  // one row, B >= 32 (a group of 32 rows inside one quant block), the vector layout, clusters on the device
+  if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
   g.prefetch = cfg.prefetch > 0;
   g.stage = p.M == 1 && cfg.stage > 0 && g.fast;  // the staged kernel needs 16-byte row pieces
   const KernelShape s = DecodeShape(p.M, half, cfg.cols_per_lane);

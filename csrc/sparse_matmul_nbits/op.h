@@ -51,10 +51,12 @@ void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, 
 // ---- CUDA (cuda.cu; builds with ACTTAIL_WITH_CUDA) ------------------------------------------------
 /// Decode kernel parameters (per shape: ChooseDecode in cuda.cu; the harness may force them). 0 = choose.
 struct DecodeConfig {
-  int cols_per_lane = 0;  // one row of X, float16: 32 (16-byte loads of Q) or 16 (8-byte loads)
+  int cols_per_lane = 0;  // one row of X, float16: stream-K 32 (16-byte loads of Q) or 16 (8-byte); cluster 4, 8 or 16
   int blocks_per_sm = 0;  // stream-K grid = SMs x blocks_per_sm blocks of 256 threads (capped by occupancy)
   int prefetch = -1;      // 1: prefetch each warp's rows into L2 before streaming them; 0: no; -1: choose
   int stage = -1;         // one row of X: 1 = stage each warp's rows in shared memory (cp.async), 0 = register loads; -1: choose
+  int kernel = -1;        // one row of X: 1 = the cluster GEMV (sm_90+, gemv_cluster.cuh), 0 = stream-K; -1: choose
+  int splits = 0;         // cluster GEMV: blocks per tile (the cluster size, 1..16); 0: choose
 };
 
 struct CudaArgs {
