@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import PROJECTION_KINDS, PROJECTION_PARENT, SUPPORTED_ARCHITECTURES, read_json_object
+from .architectures import MODEL_TYPE_TO_ARCHITECTURE, SUPPORTED_ARCHITECTURES, spec_of_model
+from .config import read_json_object
 from .errors import ActTailError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,8 +36,6 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: ``--model`` names (case-insensitive) that stand for the bundled model (:func:`default_model_path`).
 MODEL_ALIASES = ("smollm2",)
 DTYPES = ("fp32", "fp16")
-#: GGUF ``general.architecture`` / HF ``model_type`` -> transformers class name.
-MODEL_TYPE_TO_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 CACHE_FORMAT = 1
 
 
@@ -402,11 +401,13 @@ def iter_projections(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
     if len(layers) == 0:
         raise ActTailError(f"{type(model).__name__} has no decoder layers (num_hidden_layers=0): there is nothing to sparsify; "
                            "check config.json")
+    spec = spec_of_model(model)
     out: list[tuple[str, int, str, torch.nn.Linear]] = []
     for index, layer in enumerate(layers):
-        for kind in PROJECTION_KINDS:
-            module = getattr(getattr(layer, PROJECTION_PARENT[kind], None), kind, None)
+        for kind in spec.kinds:
+            parent = spec.parent[kind]
+            module = getattr(getattr(layer, parent, None), kind, None)
             if not isinstance(module, torch.nn.Linear):
-                raise ActTailError(f"layer {index} has no Linear {PROJECTION_PARENT[kind]}.{kind}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-            out.append((f"model.layers.{index}.{PROJECTION_PARENT[kind]}.{kind}", index, kind, module))
+                raise ActTailError(f"layer {index} has no Linear {parent}.{kind}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            out.append((spec.projection_name(index, kind), index, kind, module))
     return out

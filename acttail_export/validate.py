@@ -99,7 +99,7 @@ def _probe_session(export_dir: Path, config: ActTailConfig):
     graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
     producers = {out: node for node in graph.graph.node for out in node.output}
     probes: dict[str, tuple[str, str | None, str, tuple[int, int] | None]] = {}
-    found = find_projections(graph)
+    found = find_projections(graph, config.spec)
     columns = packed_columns(found, config)  # members of a packed qkv / gate_up MatMul: their output columns
     for name, node in found.items():
         x, masked = node.input[0], None
