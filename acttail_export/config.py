@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import ALL_KINDS, DEFAULT_SPEC, SUPPORTED_ARCHITECTURES, ArchSpec, spec_or_default  # noqa: F401
+from .architectures import (  # noqa: F401
+    ALL_KINDS,
+    DEFAULT_SPEC,
+    SUPPORTED_ARCHITECTURES,
+    ArchSpec,
+    spec_or_default,
+)
 from .errors import ActTailError
 
 CONFIG_NAME = "acttail_config.json"

@@ -6,8 +6,15 @@ import onnx
 import pytest
 import torch
 
-from acttail_export.architectures import (LLAMA, MISTRAL, SPECS, SUPPORTED_ARCHITECTURES, spec_for, spec_of_model,
-                                          spec_or_default)
+from acttail_export.architectures import (
+    LLAMA,
+    MISTRAL,
+    SPECS,
+    SUPPORTED_ARCHITECTURES,
+    spec_for,
+    spec_of_model,
+    spec_or_default,
+)
 from acttail_export.errors import ActTailError
 
 
@@ -117,4 +124,4 @@ def test_config_spec_follows_architecture():
     assert ActTailConfig(target_sparsity=0.5, architecture="MistralForCausalLM").spec is MISTRAL
     assert ActTailConfig(target_sparsity=0.5).spec is LLAMA
     with pytest.raises(ActTailError, match="unsupported architecture 'Foo'"):
-        ActTailConfig(target_sparsity=0.5, architecture="Foo").spec
+        _ = ActTailConfig(target_sparsity=0.5, architecture="Foo").spec

@@ -11,7 +11,7 @@ from acttail_export.config import ActTailConfig
 from acttail_export.errors import ActTailError
 from acttail_export.options import ExportOptions
 
-FAST = dict(calibration_samples=2, sequence_length=32, eval_tokens=0, progress=False)
+FAST = {"calibration_samples": 2, "sequence_length": 32, "eval_tokens": 0, "progress": False}
 
 
 def test_registry_has_both_bases():
