@@ -155,6 +155,19 @@ def spec_for(architecture: str) -> ArchSpec:
     raise ActTailError(f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def check_architecture(architectures: list[str] | None, model_type: str | None, where: str) -> str:
+    """The first supported class name of a checkpoint's ``architectures`` (or of its ``model_type`` when that list
+    is empty); a one-line ActTailError naming ``where`` and the supported ones otherwise."""
+    names = list(architectures or [])
+    if not names and isinstance(model_type, str) and model_type in MODEL_TYPE_TO_ARCHITECTURE:
+        names = [MODEL_TYPE_TO_ARCHITECTURE[model_type]]
+    for name in names:
+        if name in SUPPORTED_ARCHITECTURES:
+            return name
+    found = ", ".join(names) or f"model_type={model_type!r}"
+    raise ActTailError(f"{where}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
 def spec_or_default(architecture: str | None) -> ArchSpec:
     """:func:`spec_for`, or :data:`DEFAULT_SPEC` when ``architecture`` is None (configs that do not record it)."""
     return DEFAULT_SPEC if architecture is None else spec_for(architecture)

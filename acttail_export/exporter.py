@@ -1,4 +1,7 @@
-"""The whole export pipeline: load -> alphas -> budgets -> calibrate -> ONNX -> rewrite -> validate -> folder.
+"""The whole export pipeline: load -> alphas -> budgets -> calibrate -> base -> validate -> model card -> folder.
+
+The base (:mod:`acttail_export.bases`, chosen by ``ExportOptions.base``) builds the decoder graph and applies the
+ActTail rewrite; every other step is here and the same for every base.
 
 Everything is written into a temporary sibling of OUTPUT_DIR (``.NAME.acttail-tmp-PID-XXXX``, same
 filesystem) and renamed into place at the very end, so a failure or Ctrl-C leaves OUTPUT_DIR as it
@@ -94,6 +97,16 @@ def check_hub_token(token: str | None) -> str:
     return resolve_token(token)
 
 
+def _check_hub(o: ExportOptions) -> str | None:
+    """With ``--push-to-hub``: the repository id checked and the token found (None without it)."""
+    if not o.push_to_hub:
+        return None
+    from .hub import check_repo_id
+
+    check_repo_id(o.push_to_hub)
+    return check_hub_token(o.token)
+
+
 
 @contextmanager
 def _stage(name: str):
@@ -127,9 +140,7 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     The settings are an :class:`~acttail_export.options.ExportOptions` (``options``), or its fields as keyword
     arguments (``export(model, out, sparsity=0.8, mode="threshold")``; with ``options`` too, they replace its
     fields); a bad value raises a one-line :class:`ActTailError` before anything is loaded or written.
-
-    ``weights="int4"`` quantizes the projections to 4 bits (``block_size``, ``quantizer``) before the analysis and
-    calibration and writes them as 4-bit ops (:mod:`acttail_export.int4_rewrite`); float weights are ``dtype``.
+    ``weights="int4"`` writes 4-bit projections (:mod:`acttail_export.int4_rewrite`); float weights are ``dtype``.
     """
     from .data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, EXPORT_CALIBRATION_FLAGS, read_text
     from .onnx_export import check_device
@@ -145,11 +156,7 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     output_dir = check_output_dir(output_dir, o.overwrite)
     model_ref = resolve_model(model)
     read_text(calibration_path, EXPORT_CALIBRATION_FLAGS)
-    if o.push_to_hub:
-        from .hub import check_repo_id
-
-        check_repo_id(o.push_to_hub)
-    hub_token = check_hub_token(o.token) if o.push_to_hub else None
+    hub_token = _check_hub(o)
     base = get_base(o.base)
     base.check(o)  # last: the genai base imports its model builder in a subprocess (seconds)
 

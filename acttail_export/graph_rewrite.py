@@ -249,6 +249,17 @@ def _mask_nodes(b: _Builder, p: ProjectionConfig, x: str, elem_type: int, mode: 
     return nodes, out
 
 
+def _check_packed_masks(groups: dict[str, list[str]], by_name: dict[str, ProjectionConfig], mode: str) -> None:
+    """One-line ActTailError unless the members of every packed MatMul have one mask."""
+    for node_name, members in groups.items():
+        keys = {m: _mask_key(by_name[m], mode) for m in members}
+        if len(set(keys.values())) > 1:
+            detail = ", ".join(f"{m.rsplit('.', 1)[1]} {k[0]}{'' if len(k) == 1 else ' ' + format(k[1], '.6g')}" for m, k in keys.items())
+            raise ActTailError(f"{node_name} packs projections with different masks ({detail}): one packed MatMul takes one "
+                               "mask. Build the base without packing (fuse_qkv=false, fuse_mlp_gate_up=false) or use an "
+                               "allocation that gives q/k/v and gate/up one budget each (uniform, a group-max* mapping)")
+
+
 def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = None, kernel: str | None = None) -> RewriteSummary:
     """Insert ActTail sparsification before every projection of ``model`` (in place)."""
     mode = mode or config.mode
@@ -260,13 +271,7 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
         raise ActTailError("the ONNX graph was already rewritten; start from the base export")
     by_name = config.by_name()
     groups = _packed_groups(found, config.spec)
-    for node_name, members in groups.items():
-        keys = {m: _mask_key(by_name[m], mode) for m in members}
-        if len(set(keys.values())) > 1:
-            detail = ", ".join(f"{m.rsplit('.', 1)[1]} {k[0]}{'' if len(k) == 1 else ' ' + format(k[1], '.6g')}" for m, k in keys.items())
-            raise ActTailError(f"{node_name} packs projections with different masks ({detail}): one packed MatMul takes one "
-                               "mask. Build the base without packing (fuse_qkv=false, fuse_mlp_gate_up=false) or use an "
-                               "allocation that gives q/k/v and gate/up one budget each (uniform, a group-max* mapping)")
+    _check_packed_masks(groups, by_name, mode)
     b = _Builder(model)
     before: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to insert before it
     replace: dict[int, onnx.NodeProto] = {}
