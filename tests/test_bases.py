@@ -24,6 +24,8 @@ def test_registry_has_both_bases():
 def test_unknown_base_is_one_line(tiny_llama_dir, tmp_path):
     from acttail_export.exporter import export
 
+    with pytest.raises(ActTailError, match=r"--base must be one of optimum, genai; got \[.optimum.\]"):
+        ExportOptions(base=["optimum"])  # not a name: the same one-line error, not a TypeError
     for call in (lambda: ExportOptions(base="nope"), lambda: get_base("nope"),
                  lambda: export(str(tiny_llama_dir), tmp_path / "out", base="nope")):
         with pytest.raises(ActTailError) as err:

@@ -20,7 +20,7 @@ BASES: dict[str, ExportBase] = {
 
 def get_base(name: str) -> ExportBase:
     """The registered base called ``name`` (one-line ActTailError naming the registered ones otherwise)."""
-    if name not in BASES:
+    if not isinstance(name, str) or name not in BASES:
         raise ActTailError(f"--base must be one of {', '.join(BASES)}; got {name!r}")
     return BASES[name]
 
