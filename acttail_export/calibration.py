@@ -1,7 +1,7 @@
 """Threshold calibration: ``t_i = quantile(|x|, s_i)`` over the inputs of projection ``i`` on calibration text.
 
 The model runs on ``samples`` windows of calibration text. The input of each shared-input group
-(q/k/v, o, gate/up, down; ``config.SHARED_INPUT_GROUPS``) is captured once per layer by a forward
+(q/k/v, o, gate/up, down; ``ArchSpec.shared_input_groups``) is captured once per layer by a forward
 pre-hook and folded into a bounded-memory accumulator:
 
 * **exact** when ``tokens * (sum of group input widths)`` fits ``exact_limit`` floats: every ``|x|`` is
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import SHARED_INPUT_GROUPS, ActTailConfig, CalibrationInfo, ProjectionConfig, topk_keep
+from .config import ActTailConfig, CalibrationInfo, ProjectionConfig, topk_keep
 from .data import DEFAULT_CALIBRATION_DATA, load_windows
 from .errors import ActTailError
 from .offload import input_device
@@ -146,8 +146,8 @@ class _Histogram:
 
 
 def _groups(config: ActTailConfig) -> list[list[ProjectionConfig]]:
-    """Config projections grouped by shared input (layer order, then SHARED_INPUT_GROUPS order)."""
-    group_of = {kind: g for g, kinds in enumerate(SHARED_INPUT_GROUPS) for kind in kinds}
+    """Config projections grouped by shared input (layer order, then ``config.spec.shared_input_groups`` order)."""
+    group_of = config.spec.group_index()
     found: dict[tuple[int, int], list[ProjectionConfig]] = {}
     for p in config.projections:
         found.setdefault((p.layer, group_of[p.kind]), []).append(p)

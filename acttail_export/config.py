@@ -13,19 +13,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .architectures import (  # noqa: F401
+    ALL_KINDS,
+    DEFAULT_SPEC,
+    SUPPORTED_ARCHITECTURES,
+    ArchSpec,
+    spec_or_default,
+)
 from .errors import ActTailError
 
 CONFIG_NAME = "acttail_config.json"
 CONFIG_VERSION = 1
 
-#: Projection kinds in layer order, and the sub-module that holds each.
-PROJECTION_KINDS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PROJECTION_PARENT: dict[str, str] = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
-#: Projections that read the same input tensor (captured once during calibration).
-SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+#: Compatibility aliases of the default architecture's tables (:mod:`acttail_export.architectures` holds them;
+#: code that knows its model or config asks :func:`~acttail_export.architectures.spec_for` instead).
+PROJECTION_KINDS: tuple[str, ...] = DEFAULT_SPEC.kinds
+PROJECTION_PARENT = DEFAULT_SPEC.parent
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = DEFAULT_SPEC.shared_input_groups
 
 ALLOCATIONS = ("uniform", "acttail", "teal-greedy", "acttail-greedy")
 #: Allocations that run the block-wise greedy search of :mod:`acttail_export.greedy` (they need calibration text).
@@ -36,12 +40,12 @@ KERNELS = ("mask", "fused")
 WEIGHTS = ("fp32", "fp16", "int4")
 #: The highest per-projection budget the acttail allocation gives (a target above it cannot be met).
 DEFAULT_S_MAX = 0.99
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
 
 def projection_name(layer: int, kind: str) -> str:
-    """Module path of a projection, e.g. ``model.layers.3.mlp.down_proj``."""
-    return f"model.layers.{layer}.{PROJECTION_PARENT[kind]}.{kind}"
+    """Module path of a projection of the default architecture, e.g. ``model.layers.3.mlp.down_proj``
+    (:meth:`ArchSpec.projection_name <acttail_export.architectures.ArchSpec.projection_name>`)."""
+    return DEFAULT_SPEC.projection_name(layer, kind)
 
 
 def _check_unit_interval(value: float, what: str) -> float:
@@ -115,7 +119,7 @@ class ProjectionConfig:
             _check_type(getattr(self, what), (int, float), f"{what} of {self.name}", optional=True)
         _check_type(self.k, (int,), f"k of {self.name}", optional=True)
         _check_type(self.alpha_fallback, (str,), f"alpha_fallback of {self.name}", optional=True)
-        _check_choice(self.kind, PROJECTION_KINDS, "projection kind")
+        _check_choice(self.kind, ALL_KINDS, "projection kind")
         self.sparsity = check_sparsity(self.sparsity, f"sparsity of {self.name}")
         if self.k is not None and not 0 <= self.k <= self.in_features:
             raise ActTailError(f"k of {self.name} must be in [0, {self.in_features}], got {self.k}")
@@ -213,6 +217,11 @@ class ActTailConfig:
         _check_choice(self.quantizer, QUANTIZERS, "quantizer")
 
     # --- queries -----------------------------------------------------------------------------
+    @property
+    def spec(self) -> ArchSpec:
+        """The :class:`~acttail_export.architectures.ArchSpec` of ``architecture`` (the default one when unset)."""
+        return spec_or_default(self.architecture)
+
     def by_name(self) -> dict[str, ProjectionConfig]:
         return {p.name: p for p in self.projections}
 

@@ -1,4 +1,7 @@
-"""The whole export pipeline: load -> alphas -> budgets -> calibrate -> ONNX -> rewrite -> validate -> folder.
+"""The whole export pipeline: load -> alphas -> budgets -> calibrate -> base -> validate -> model card -> folder.
+
+The base (:mod:`acttail_export.bases`, chosen by ``ExportOptions.base``) builds the decoder graph and applies the
+ActTail rewrite; every other step is here and the same for every base.
 
 Everything is written into a temporary sibling of OUTPUT_DIR (``.NAME.acttail-tmp-PID-XXXX``, same
 filesystem) and renamed into place at the very end, so a failure or Ctrl-C leaves OUTPUT_DIR as it
@@ -15,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .bases import ExportBase, get_base, library_versions  # noqa: F401  (library_versions: old import path)
 from .config import ActTailConfig
 from .errors import ActTailError
 from .modeling import expand_model_alias, resolve_model
@@ -93,6 +97,16 @@ def check_hub_token(token: str | None) -> str:
     return resolve_token(token)
 
 
+def _check_hub(o: ExportOptions) -> str | None:
+    """With ``--push-to-hub``: the repository id checked and the token found (None without it)."""
+    if not o.push_to_hub:
+        return None
+    from .hub import check_repo_id
+
+    check_repo_id(o.push_to_hub)
+    return check_hub_token(o.token)
+
+
 
 @contextmanager
 def _stage(name: str):
@@ -113,46 +127,20 @@ def _stage(name: str):
                 extra={"acttail_stage": stats})
 
 
-def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("acttail-export", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "huggingface_hub",
-                 "numpy", *extra):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # the pipeline
 # --------------------------------------------------------------------------------------------
 def export(model: str | Path, output_dir: str | Path, options: ExportOptions | None = None, **kwargs: Any) -> Path:
     """Export ``model`` with ActTail sparsity to ``output_dir`` (see the module docstring); returns the folder.
 
-    ``base="genai"`` builds the graph with onnxruntime-genai's model builder instead of optimum-onnx
-    (:func:`acttail_export.genai_base.export_genai`; same analysis, calibration, rewrite, validation and
-    atomic output). The folder then loads with onnxruntime-genai alone::
-
-        import onnxruntime_genai as og
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained("out/genai"); model = og.Model("out/genai")  # names graph + op library
-        params = og.GeneratorParams(model); params.set_search_options(max_length=64)
-        gen = og.Generator(model, params); gen.append_tokens(tok("The capital of France is").input_ids)
-        while not gen.is_done(): gen.generate_next_token()
-        print(tok.decode(gen.get_sequence(0)))
-
-    and, on CPU (fp32), also with :func:`acttail_export.runtime.load_model` (``model.onnx`` is the
-    rewritten graph in both cases).
+    ``base`` picks the graph builder from :data:`acttail_export.bases.BASES` (``optimum``: optimum-onnx's trace;
+    ``genai``: onnxruntime-genai's model builder, :mod:`acttail_export.bases.genai`); the analysis, calibration,
+    validation and atomic output are the same for every base.
 
     The settings are an :class:`~acttail_export.options.ExportOptions` (``options``), or its fields as keyword
     arguments (``export(model, out, sparsity=0.8, mode="threshold")``; with ``options`` too, they replace its
     fields); a bad value raises a one-line :class:`ActTailError` before anything is loaded or written.
-
-    ``weights="int4"`` quantizes the projections to 4 bits (``block_size``, ``quantizer``) before the analysis and
-    calibration and writes them as 4-bit ops (:mod:`acttail_export.int4_rewrite`); float weights are ``dtype``.
+    ``weights="int4"`` writes 4-bit projections (:mod:`acttail_export.int4_rewrite`); float weights are ``dtype``.
     """
     from .data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, EXPORT_CALIBRATION_FLAGS, read_text
     from .onnx_export import check_device
@@ -168,16 +156,9 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     output_dir = check_output_dir(output_dir, o.overwrite)
     model_ref = resolve_model(model)
     read_text(calibration_path, EXPORT_CALIBRATION_FLAGS)
-    if o.push_to_hub:
-        from .hub import check_repo_id
-
-        check_repo_id(o.push_to_hub)
-    hub_token = check_hub_token(o.token) if o.push_to_hub else None
-    genai = None
-    if o.base == "genai":  # last: it imports the model builder in a subprocess (seconds)
-        from .genai_base import check_genai
-
-        genai = check_genai(o.dtype, o.device)
+    hub_token = _check_hub(o)
+    base = get_base(o.base)
+    base.check(o)  # last: the genai base imports its model builder in a subprocess (seconds)
 
     if Path(model_ref).is_dir():  # last of the cheap checks; a GGUF or Hub model is checked right after loading
         from .runtime import max_positions
@@ -190,7 +171,7 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     try:
         created = _make_parents(output_dir.parent)  # removed again if the export fails
         tmp = _make_temp(output_dir, TMP_MARK)
-        config = _build(model_ref, tmp, o, calibration_path, library, DEFAULT_EVAL_DATA, genai)
+        config = _build(model_ref, tmp, o, calibration_path, library, DEFAULT_EVAL_DATA, base)
         _move_into_place(tmp, output_dir, o.overwrite)
     except BaseException:
         if tmp is not None:
@@ -211,162 +192,106 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
 
 
 def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, library: str | None, eval_data: Path,
-           genai: tuple[str, str] | None = None) -> ActTailConfig:
-    """Everything between the checks and the final rename, written into ``tmp``.
-
-    ``genai``: None for the optimum base, else the builder's (precision, execution provider).
-    """
-    import torch
-
-    from . import allocation as alloc
-    from .calibration import calibrate
-    from .data import load_windows
-    from .graph_rewrite import rewrite
+           base: ExportBase) -> ActTailConfig:
+    """Everything between the checks and the final rename, written into ``tmp`` (the graph by ``base``)."""
     from .model_card import write_model_card
     from .modeling import load_model
-    from .onnx_export import export_base_onnx, rewrite_onnx
-    from .spectral import analyze_model
 
-    sparsity, allocation, mode, kernel, epsilon, mapping = (o.sparsity, o.allocation, o.mode, o.kernel, o.epsilon,
-                                                            o.mapping)
-    samples, sequence_length, dtype, device, progress = (o.calibration_samples, o.sequence_length, o.dtype, o.device,
-                                                         o.progress)
-    validate, eval_tokens, repo_id, int4 = o.validate, o.eval_tokens, o.push_to_hub, o.int4
     with _stage("load model"):
-        model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
-    sequence_length = check_context(sequence_length, getattr(model.config, "max_position_embeddings", None), model_ref)
+        model, tokenizer = load_model(model_ref, dtype=o.dtype, device=o.device)
+    sequence_length = check_context(o.sequence_length, getattr(model.config, "max_position_embeddings", None), model_ref)
     quantized = None
-    if int4 is not None:  # before analysis and calibration: thresholds are calibrated on the deployed weights
+    if o.int4 is not None:  # before analysis and calibration: thresholds are calibrated on the deployed weights
         from .int4_rewrite import quantize_model
 
         with _stage("4-bit quantization"):
-            quantized = quantize_model(model, *int4, dtype=dtype, progress=progress)
-    fits = None
-    if allocation in ("acttail", "acttail-greedy"):  # uniform and teal-greedy budgets need no alphas
-        with _stage("spectral analysis"):
-            # on a GPU the Gram-matrix eigenvalues are ~5x faster than svdvals (docs/scale.md), same alphas
-            fits = analyze_model(model, device=device, progress=progress, method="gram" if device == "cuda" else "svd")
-    trajectories = None
-    if allocation in alloc.GREEDY_ALLOCATIONS:
-        from .greedy import search_for
-
-        with _stage("greedy allocation search"), torch.no_grad():
-            trajectories = search_for(model, tokenizer, allocation, [sparsity], mode, calibration_path, fits=fits,
-                                      epsilon=epsilon, mapping=mapping, progress=progress)
-    config = alloc.build_config(model, sparsity, allocation=allocation, mode=mode, epsilon=epsilon, mapping=mapping, fits=fits,
-                                trajectories=trajectories)
-    for p in config.projections if fits is not None else ():
-        p.alpha_fallback = fits[p.name].fallback  # degenerate spectrum: where its alpha came from
-    config.kernel = kernel
-    config.model = str(model_ref)
-    config.architecture = type(model).__name__
-    config.weights, (config.block_size, config.quantizer) = ("int4", int4) if int4 else (dtype, (None, None))
-    with _stage("calibration"), torch.no_grad():
-        calibrate(model, tokenizer, config, data=calibration_path, samples=samples, sequence_length=sequence_length, progress=progress)
-
-    if genai is None:
-        base_dir = tmp / ".base"
-        with _stage("base ONNX export"):
-            base = export_base_onnx(model, base_dir, dtype=dtype, device=device)
-        with _stage("graph rewrite"):
-            if quantized is None:
-                rewrite_onnx(base, tmp / "model.onnx", lambda graph: rewrite(graph, config, mode=mode, kernel=kernel))
-            else:
-                from .int4_rewrite import rewrite_int4, rewrite_onnx_int4
-
-                rewrite_onnx_int4(base, tmp / "model.onnx", lambda graph: (rewrite(graph, config, mode=mode, kernel=kernel),
-                                                                           rewrite_int4(graph, config, quantized)))
-        for name in ("config.json", "generation_config.json"):
-            if (base_dir / name).is_file():
-                shutil.copy2(base_dir / name, tmp / name)
-        shutil.rmtree(base_dir)
-        tokenizer.save_pretrained(tmp)
-        if library is not None:  # under the name the runtime looks for, whatever the source file is called
-            from .genai_base import copy_library
-
-            copy_library(tmp, library)
-        config.versions = library_versions()
-    else:
-        from .genai_base import export_genai
-
-        precision, execution_provider = genai
-        config.versions = library_versions(("onnxruntime-genai", "onnxruntime-genai-cuda"))
-        with _stage("genai base build and graph rewrite"):
-            # model.onnx: the rewritten builder graph (weights in model.onnx.data), genai_config.json naming it
-            export_genai(model, tokenizer, tmp, config, mode=mode, kernel=kernel, dtype=precision,
-                         execution_provider=execution_provider, filename="model.onnx", library=library, work_dir=tmp)
+            quantized = quantize_model(model, *o.int4, dtype=o.dtype, progress=o.progress)
+    config = _budgets(model, tokenizer, model_ref, o, calibration_path, sequence_length)
+    config.versions = base.versions()
+    base.build(model, tokenizer, tmp, config, o, quantized, library)
     config.save(tmp)  # the runtime loader checks the graph against this file
-
-    if validate:
-        text_source = eval_data if Path(eval_data).is_file() else calibration_path
-        context = getattr(model.config, "max_position_embeddings", None) or VALIDATION_LENGTH
-        windows = load_windows(tokenizer, text_source, min(VALIDATION_LENGTH, context), samples=VALIDATION_WINDOWS)
-        with _stage("validation"):
-            report = validate_export(model, tmp, config, windows, dtype)
-            if quantized is not None:
-                from .int4_rewrite import check_int4_export
-
-                config.perplexity["validation_int4_weight_rel_error"] = check_int4_export(model, tmp, config, TOLERANCE[dtype])
-        config.perplexity["validation"] = {
-            "max_abs_logit_diff": report.max_abs_diff, "median_rel_error": report.median_rel_error,
-            "top1_agreement": report.top1_agreement, "positions": report.positions,
-            "forced_mask_rel_error": report.forced_rel_error, "projection_rel_error": report.projection_rel_error,
-            "cached_step_rel_error": report.cached_step_rel_error, "tolerance": report.tolerance,
-            "forced_top1_agreement": report.forced_top1_agreement, "forced_top1_floor": TOP1_FLOOR[dtype]}
-        if eval_tokens and Path(eval_data).is_file():
-            from .runtime import perplexity_onnx
-
-            length = min(EVAL_LENGTH, eval_tokens, getattr(model.config, "max_position_embeddings", None) or EVAL_LENGTH)
-            if genai is not None:  # the builder's rotary cache ends at the model's context length
-                import json
-
-                length = min(length, json.loads((tmp / "genai_config.json").read_text())["model"].get("context_length") or length)
-            with _stage("export-time perplexity"):
-                config.perplexity.update(perplexity_onnx(tmp, eval_data, sequence_length=length, max_tokens=eval_tokens,
-                                                         progress=progress))
-        elif eval_tokens:
-            logger.warning("%s not found: the model card will not report a perplexity", eval_data)
-            config.perplexity["skipped"] = f"the evaluation text {eval_data} was not found"
-        else:
-            config.perplexity["skipped"] = "not requested: eval_tokens=0"
-    if config.effective_sparsity is None and mode == "topk":  # exact without measuring: k per token
+    if o.validate:
+        _validate(model, tokenizer, tmp, config, o, calibration_path, eval_data, base, quantized is not None)
+    if config.effective_sparsity is None and o.mode == "topk":  # exact without measuring: k per token
         for p in config.projections:
             p.effective_sparsity = 1.0 - p.keep_k() / p.in_features
         config.effective_sparsity = sum(p.effective_sparsity * p.parameters for p in config.projections) / sum(
             p.parameters for p in config.projections)
     config.save(tmp)
     check_loadable(tmp)
-    card = write_model_card(tmp, config, repo_id)
-    if genai is not None:
-        _add_genai_usage(card, genai[1], repo_id)
+    card = write_model_card(tmp, config, o.push_to_hub)
+    base.finalize(card, o, o.push_to_hub)
     return config
 
 
-GENAI_USAGE = """## Usage with onnxruntime-genai (GPU decode base)
+def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Path,
+             sequence_length: int) -> ActTailConfig:
+    """Alphas (when the allocation needs them) -> per-projection budgets -> calibrated thresholds / k."""
+    import torch
 
-This export was built with `--base genai`: `model.onnx` is onnxruntime-genai's model-builder graph
-({provider} provider) with the ActTail rewrite, and `genai_config.json` names it{library}.
+    from . import allocation as alloc
+    from .calibration import calibrate
+    from .spectral import analyze_model
 
-```python
-import onnxruntime_genai as og
-from transformers import AutoTokenizer
-{where}
-tok = AutoTokenizer.from_pretrained(folder); model = og.Model(folder)
-params = og.GeneratorParams(model); params.set_search_options(max_length=64)
-gen = og.Generator(model, params); gen.append_tokens(tok("The capital of France is").input_ids)
-while not gen.is_done(): gen.generate_next_token()
-print(tok.decode(gen.get_sequence(0)))
-```
+    fits = None
+    if o.allocation in ("acttail", "acttail-greedy"):  # uniform and teal-greedy budgets need no alphas
+        with _stage("spectral analysis"):
+            # on a GPU the Gram-matrix eigenvalues are ~5x faster than svdvals (docs/scale.md), same alphas
+            fits = analyze_model(model, device=o.device, progress=o.progress,
+                                 method="gram" if o.device == "cuda" else "svd")
+    trajectories = None
+    if o.allocation in alloc.GREEDY_ALLOCATIONS:
+        from .greedy import search_for
 
-"""
+        with _stage("greedy allocation search"), torch.no_grad():
+            trajectories = search_for(model, tokenizer, o.allocation, [o.sparsity], o.mode, calibration_path, fits=fits,
+                                      epsilon=o.epsilon, mapping=o.mapping, progress=o.progress)
+    config = alloc.build_config(model, o.sparsity, allocation=o.allocation, mode=o.mode, epsilon=o.epsilon,
+                                mapping=o.mapping, fits=fits, trajectories=trajectories)
+    for p in config.projections if fits is not None else ():
+        p.alpha_fallback = fits[p.name].fallback  # degenerate spectrum: where its alpha came from
+    config.kernel = o.kernel
+    config.model = str(model_ref)
+    config.architecture = type(model).__name__
+    config.weights, (config.block_size, config.quantizer) = ("int4", o.int4) if o.int4 else (o.dtype, (None, None))
+    with _stage("calibration"), torch.no_grad():
+        calibrate(model, tokenizer, config, data=calibration_path, samples=o.calibration_samples,
+                  sequence_length=sequence_length, progress=o.progress)
+    return config
 
 
-def _add_genai_usage(card: Path, execution_provider: str, repo_id: str | None = None) -> None:
-    """Put the onnxruntime-genai snippet into the model card, before the per-projection table."""
-    text = card.read_text()
-    where = (f'from huggingface_hub import snapshot_download\nfolder = snapshot_download("{repo_id}")' if repo_id
-             else 'folder = "path/to/this/folder"')
-    note = GENAI_USAGE.format(provider=execution_provider.upper(), where=where,
-                              library=" and the op library `libacttail_ops.so`" if (card.parent / "libacttail_ops.so").is_file() else "")
-    marker = "## Per-projection budgets"
-    card.write_text(text.replace(marker, note + marker, 1) if marker in text else text + "\n" + note)
+def _validate(model, tokenizer, tmp: Path, config: ActTailConfig, o: ExportOptions, calibration_path: Path,
+              eval_data: Path, base: ExportBase, int4: bool) -> None:
+    """Export validation (:func:`validate_export`) and the export-time perplexity, recorded in ``config``."""
+    from .data import load_windows
+
+    text_source = eval_data if Path(eval_data).is_file() else calibration_path
+    context = getattr(model.config, "max_position_embeddings", None) or VALIDATION_LENGTH
+    windows = load_windows(tokenizer, text_source, min(VALIDATION_LENGTH, context), samples=VALIDATION_WINDOWS)
+    with _stage("validation"):
+        report = validate_export(model, tmp, config, windows, o.dtype)
+        if int4:
+            from .int4_rewrite import check_int4_export
+
+            config.perplexity["validation_int4_weight_rel_error"] = check_int4_export(model, tmp, config,
+                                                                                      TOLERANCE[o.dtype])
+    config.perplexity["validation"] = {
+        "max_abs_logit_diff": report.max_abs_diff, "median_rel_error": report.median_rel_error,
+        "top1_agreement": report.top1_agreement, "positions": report.positions,
+        "forced_mask_rel_error": report.forced_rel_error, "projection_rel_error": report.projection_rel_error,
+        "cached_step_rel_error": report.cached_step_rel_error, "tolerance": report.tolerance,
+        "forced_top1_agreement": report.forced_top1_agreement, "forced_top1_floor": TOP1_FLOOR[o.dtype]}
+    eval_tokens = o.eval_tokens
+    if eval_tokens and Path(eval_data).is_file():
+        from .runtime import perplexity_onnx
+
+        length = min(EVAL_LENGTH, eval_tokens, getattr(model.config, "max_position_embeddings", None) or EVAL_LENGTH)
+        length = min(length, base.max_eval_length(tmp) or length)
+        with _stage("export-time perplexity"):
+            config.perplexity.update(perplexity_onnx(tmp, eval_data, sequence_length=length, max_tokens=eval_tokens,
+                                                     progress=o.progress))
+    elif eval_tokens:
+        logger.warning("%s not found: the model card will not report a perplexity", eval_data)
+        config.perplexity["skipped"] = f"the evaluation text {eval_data} was not found"
+    else:
+        config.perplexity["skipped"] = "not requested: eval_tokens=0"

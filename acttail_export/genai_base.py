@@ -26,9 +26,9 @@ pins transformers 4.x. The builder therefore runs in a subprocess; set ``ACTTAIL
 environment has transformers 4.
 
 From the command line, ``acttail-export export --base genai`` (``--device cuda --dtype fp16`` for the GPU
-builder graph) runs the whole pipeline on this base: :func:`check_genai` first, then the usual analysis,
-allocation and calibration, :func:`export_genai` with ``filename="model.onnx"`` into the temporary output
-folder, the export validation and the atomic rename.
+builder graph) runs the whole pipeline on this base through :class:`acttail_export.bases.genai.GenaiBase`:
+:func:`check_genai` first, then the usual analysis, allocation and calibration, :func:`export_genai` with
+``filename="model.onnx"`` into the temporary output folder, the export validation and the atomic rename.
 
 A finished export (:func:`export_genai`, or :func:`finalize` on a built base) names the rewritten graph and
 the op library in its ``genai_config.json``, so loading and generating from Python is::

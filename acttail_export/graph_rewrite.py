@@ -20,7 +20,9 @@ Packed projections: onnxruntime-genai's model builder can write q/k/v as one ``q
 (``fuse_qkv``) and gate/up as one ``gate_up_proj`` MatMul (``fuse_mlp_gate_up``), with the members'
 weights side by side in column order. Such a MatMul gets one mask (or one ``SparseMatMul``) for all its
 members, which is only the ActTail rule when the members' masks are identical: the same threshold, or
-the same k (:func:`packable`). That holds for allocations that give an input group one budget, since
+the same k (:func:`packable`).
+The node names, kinds and packed kinds come from the config's
+:class:`~acttail_export.architectures.ArchSpec`. That holds for allocations that give an input group one budget, since
 the members read the same tensor: ``uniform``, the ``group-max*`` mappings, and the default
 ``group-sched-*`` at 50 % and below (above it blends in per-projection alphas).
 """
@@ -29,15 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .config import (KERNELS, MODES, PROJECTION_KINDS, PROJECTION_PARENT, ActTailConfig, ProjectionConfig,
-                     _check_choice, projection_name)
+from .architectures import DEFAULT_SPEC, ArchSpec
+from .config import KERNELS, MODES, ActTailConfig, ProjectionConfig, _check_choice
 from .errors import ActTailError
 
 logger = logging.getLogger(__name__)
@@ -49,17 +50,13 @@ CUSTOM_OPSET = 1
 NBITS_OPS = ("SparseMatMulNBits", "MatMulNBits")
 MIN_OPSET = 13  # TopK with K as input, Where, GreaterOrEqual (12+)
 
-_NODE_RE = re.compile(r"^/model/layers\.(\d+)/(self_attn|attn|mlp)/(\w+_proj)/MatMul$")
-#: onnxruntime-genai's model builder names the attention block ``attn`` (``/model/layers.0/attn/q_proj/MatMul``).
-_PARENT_ALIASES = {"attn": "self_attn"}
-#: packed projection MatMuls of the builder -> their members, in the column order of the packed weight
-PACKED_KINDS: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-_PACKED_PARENT = {"qkv_proj": "self_attn", "gate_up_proj": "mlp"}
+#: compatibility alias: packed projection MatMuls of the genai builder -> their members (see ``ArchSpec.packed``)
+PACKED_KINDS = DEFAULT_SPEC.packed
 
 
-def onnx_node_name(layer: int, kind: str) -> str:
-    """ONNX node name of a projection MatMul as written by the PyTorch exporter."""
-    return f"/model/layers.{layer}/{PROJECTION_PARENT[kind]}/{kind}/MatMul"
+def onnx_node_name(layer: int, kind: str, spec: ArchSpec = DEFAULT_SPEC) -> str:
+    """ONNX node name of a projection MatMul as written by the PyTorch exporter (optimum-onnx)."""
+    return spec.onnx_node_name(layer, kind, "optimum")
 
 
 @dataclass
@@ -80,35 +77,30 @@ def _is_identity(p: ProjectionConfig, mode: str) -> bool:
     return p.threshold is None and p.sparsity == 0
 
 
-def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+def find_projections(model: onnx.ModelProto, spec: ArchSpec = DEFAULT_SPEC) -> dict[str, onnx.NodeProto]:
     """Map projection names (``model.layers.3.mlp.down_proj``) to their MatMul nodes.
 
     The members of a packed MatMul (``qkv_proj``, ``gate_up_proj``) all map to that one node; see
     :func:`packed_columns` for their columns. Raises ActTailError when any layer that appears in the
-    graph lacks one of its 7 projections.
+    graph lacks one of its projections (``spec.kinds``).
     """
     found: dict[str, onnx.NodeProto] = {}
     layers: set[int] = set()
-    # the genai builder puts the final norm under /model/layers.{num_layers}/final_norm_layernorm/
-    layer_re = re.compile(r"^/model/layers\.(\d+)/(?!final_norm_layernorm/)")
     for node in model.graph.node:
-        m = layer_re.match(node.name)
-        if m:
-            layers.add(int(m.group(1)))
-        m = _NODE_RE.match(node.name)
-        if m and node.op_type in ("MatMul", CUSTOM_OP, *NBITS_OPS):
-            layer, parent, kind = int(m.group(1)), _PARENT_ALIASES.get(m.group(2), m.group(2)), m.group(3)
-            if kind in PROJECTION_KINDS and PROJECTION_PARENT[kind] == parent:
-                found[projection_name(layer, kind)] = node
-            elif kind in PACKED_KINDS and _PACKED_PARENT[kind] == parent:
-                for member in PACKED_KINDS[kind]:
-                    found[projection_name(layer, member)] = node
+        layer = spec.layer_of(node.name)
+        if layer is not None:
+            layers.add(layer)
+        match = spec.match_node(node.name)
+        if match is not None and node.op_type in ("MatMul", CUSTOM_OP, *NBITS_OPS):
+            for member in match.members:
+                found[spec.projection_name(match.layer, member)] = node
     if not layers:
         raise ActTailError("no /model/layers.N/ nodes in the ONNX graph: not a LLaMA/Mistral decoder export")
-    missing = [projection_name(i, k) for i in sorted(layers) for k in PROJECTION_KINDS
-               if projection_name(i, k) not in found]
+    missing = [spec.projection_name(i, k) for i in sorted(layers) for k in spec.kinds
+               if spec.projection_name(i, k) not in found]
     if missing:
-        raise ActTailError(f"ONNX graph lacks {len(missing)} projection MatMul(s), e.g. {onnx_node_name(*_split(missing[0]))}; "
+        raise ActTailError(f"ONNX graph lacks {len(missing)} projection MatMul(s), e.g. "
+                           f"{onnx_node_name(*_split(missing[0]), spec)}; "
                            "the export is not a LLaMA/Mistral decoder graph (re-export with optimum-onnx)")
     if sorted(layers) != list(range(len(layers))):
         raise ActTailError(f"ONNX graph layers are not contiguous: {sorted(layers)}")
@@ -118,11 +110,11 @@ def find_projections(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 def packed_columns(found: dict[str, onnx.NodeProto], config: ActTailConfig) -> dict[str, tuple[int, int]]:
     """Columns ``[start, stop)`` of each packed member's output inside its packed MatMul's output.
 
-    Only members of packed MatMuls appear; widths come from the config, in :data:`PACKED_KINDS` order.
+    Only members of packed MatMuls appear; widths come from the config, in ``config.spec.packed`` order.
     """
     by_name = config.by_name()
     columns: dict[str, tuple[int, int]] = {}
-    for node, members in _packed_groups(found).items():
+    for node, members in _packed_groups(found, config.spec).items():
         start = 0
         for name in members:
             width = by_name[name].out_features
@@ -131,14 +123,13 @@ def packed_columns(found: dict[str, onnx.NodeProto], config: ActTailConfig) -> d
     return columns
 
 
-def _packed_groups(found: dict[str, onnx.NodeProto]) -> dict[str, list[str]]:
+def _packed_groups(found: dict[str, onnx.NodeProto], spec: ArchSpec) -> dict[str, list[str]]:
     """Packed MatMul node name -> its member projection names in column order."""
     groups: dict[str, list[str]] = {}
     for name, node in found.items():
-        kind = _NODE_RE.match(node.name).group(3)
-        if kind in PACKED_KINDS:
+        if spec.match_node(node.name).packed:
             groups.setdefault(node.name, []).append(name)
-    order = {k: i for members in PACKED_KINDS.values() for i, k in enumerate(members)}
+    order = {k: i for members in spec.packed.values() for i, k in enumerate(members)}
     return {n: sorted(names, key=lambda x: order[x.rsplit(".", 1)[1]]) for n, names in groups.items()}
 
 
@@ -154,7 +145,7 @@ def packable(config: ActTailConfig, mode: str | None = None) -> bool:
     mode = mode or config.mode
     by_layer: dict[tuple[int, tuple[str, ...]], set] = {}
     for p in config.projections:
-        for members in PACKED_KINDS.values():
+        for members in config.spec.packed.values():
             if p.kind in members:
                 by_layer.setdefault((p.layer, members), set()).add(_mask_key(p, mode))
     return all(len(keys) == 1 for keys in by_layer.values())
@@ -175,14 +166,14 @@ def _float_type(model: onnx.ModelProto, node: onnx.NodeProto) -> int:
 
 def check_against_config(model: onnx.ModelProto, config: ActTailConfig) -> dict[str, onnx.NodeProto]:
     """Projections of the graph, checked to match ``config`` one to one (names and shapes)."""
-    found = find_projections(model)
+    found = find_projections(model, config.spec)
     names = [p.name for p in config.projections]
     if set(names) != set(found):
         raise ActTailError(f"acttail config has {len(names)} projections but the ONNX graph has {len(found)}; "
                            "the config does not belong to this model (re-run the export)")
     inits = {i.name: i for i in model.graph.initializer}
     by_name = config.by_name()
-    groups = _packed_groups(found)
+    groups = _packed_groups(found, config.spec)
     for p in config.projections:
         node = found[p.name]
         members = [by_name[n] for n in groups.get(node.name, [p.name])]
@@ -258,6 +249,17 @@ def _mask_nodes(b: _Builder, p: ProjectionConfig, x: str, elem_type: int, mode: 
     return nodes, out
 
 
+def _check_packed_masks(groups: dict[str, list[str]], by_name: dict[str, ProjectionConfig], mode: str) -> None:
+    """One-line ActTailError unless the members of every packed MatMul have one mask."""
+    for node_name, members in groups.items():
+        keys = {m: _mask_key(by_name[m], mode) for m in members}
+        if len(set(keys.values())) > 1:
+            detail = ", ".join(f"{m.rsplit('.', 1)[1]} {k[0]}{'' if len(k) == 1 else ' ' + format(k[1], '.6g')}" for m, k in keys.items())
+            raise ActTailError(f"{node_name} packs projections with different masks ({detail}): one packed MatMul takes one "
+                               "mask. Build the base without packing (fuse_qkv=false, fuse_mlp_gate_up=false) or use an "
+                               "allocation that gives q/k/v and gate/up one budget each (uniform, a group-max* mapping)")
+
+
 def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = None, kernel: str | None = None) -> RewriteSummary:
     """Insert ActTail sparsification before every projection of ``model`` (in place)."""
     mode = mode or config.mode
@@ -268,14 +270,8 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
     if any(n.op_type != "MatMul" for n in found.values()):
         raise ActTailError("the ONNX graph was already rewritten; start from the base export")
     by_name = config.by_name()
-    groups = _packed_groups(found)
-    for node_name, members in groups.items():
-        keys = {m: _mask_key(by_name[m], mode) for m in members}
-        if len(set(keys.values())) > 1:
-            detail = ", ".join(f"{m.rsplit('.', 1)[1]} {k[0]}{'' if len(k) == 1 else ' ' + format(k[1], '.6g')}" for m, k in keys.items())
-            raise ActTailError(f"{node_name} packs projections with different masks ({detail}): one packed MatMul takes one "
-                               "mask. Build the base without packing (fuse_qkv=false, fuse_mlp_gate_up=false) or use an "
-                               "allocation that gives q/k/v and gate/up one budget each (uniform, a group-max* mapping)")
+    groups = _packed_groups(found, config.spec)
+    _check_packed_masks(groups, by_name, mode)
     b = _Builder(model)
     before: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to insert before it
     replace: dict[int, onnx.NodeProto] = {}
@@ -288,7 +284,7 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
             continue
         done.add(node.name)
         if node.name in groups:  # one mask for the packed members: name it after the packed MatMul
-            p = dataclasses.replace(p, name=p.name.rsplit(".", 1)[0] + "." + _NODE_RE.match(node.name).group(3))
+            p = dataclasses.replace(p, name=p.name.rsplit(".", 1)[0] + "." + config.spec.match_node(node.name).kind)
         elem_type = _float_type(model, node)
         if _is_identity(p, mode):
             skipped += 1

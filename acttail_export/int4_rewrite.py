@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import PROJECTION_KINDS, ActTailConfig, projection_name
+from .architectures import spec_of_model
+from .config import ActTailConfig
 from .errors import ActTailError, ExportValidationError
 from .quantize import QuantizedWeight, quantize, to_matmul_nbits
 
@@ -49,7 +50,8 @@ def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32",
     from tqdm.auto import tqdm
 
     modules = dict(model.named_modules())
-    names = [projection_name(i, kind) for i in range(len(model.model.layers)) for kind in PROJECTION_KINDS]
+    spec = spec_of_model(model)
+    names = [spec.projection_name(i, kind) for i in range(len(model.model.layers)) for kind in spec.kinds]
     out: dict[str, QuantizedWeight] = {}
     for name in tqdm(names, desc=f"int4 {quantizer} B={block_size}", disable=not progress):
         weight = modules[name].weight
@@ -82,10 +84,10 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
 
     from .graph_rewrite import CUSTOM_DOMAIN, CUSTOM_OP, CUSTOM_OPSET, find_projections
 
-    found = find_projections(graph)
+    found = find_projections(graph, config.spec)
     members: dict[str, list[str]] = {}
     nodes: dict[str, onnx.NodeProto] = {}
-    for name, node in found.items():  # a packed MatMul's members come in its column order (PACKED_KINDS)
+    for name, node in found.items():  # a packed MatMul's members come in its column order (ArchSpec.packed)
         members.setdefault(node.name, []).append(name)
         nodes[node.name] = node
     inits = {i.name: i for i in graph.graph.initializer}
@@ -189,7 +191,7 @@ def check_int4_export(model, export_dir: Path, config: ActTailConfig, tolerance:
 
     graph = onnx.load(str(Path(export_dir) / "model.onnx"))
     tensors = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
-    found = find_projections(graph)
+    found = find_projections(graph, config.spec)
     columns = packed_columns(found, config)
     modules = dict(model.named_modules())
     worst = 0.0

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import PROJECTION_KINDS, PROJECTION_PARENT, SUPPORTED_ARCHITECTURES, read_json_object
+from .architectures import MODEL_TYPE_TO_ARCHITECTURE, SUPPORTED_ARCHITECTURES, check_architecture, spec_of_model  # noqa: F401
+from .config import read_json_object
 from .errors import ActTailError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,8 +36,6 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: ``--model`` names (case-insensitive) that stand for the bundled model (:func:`default_model_path`).
 MODEL_ALIASES = ("smollm2",)
 DTYPES = ("fp32", "fp16")
-#: GGUF ``general.architecture`` / HF ``model_type`` -> transformers class name.
-MODEL_TYPE_TO_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 CACHE_FORMAT = 1
 
 
@@ -70,10 +69,7 @@ class GGUFTokenizerInfo:
 
 def _gguf_field(reader, key: str):
     field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value
+    return None if field is None else field.contents()
 
 
 def read_gguf_info(path: str | Path) -> GGUFTokenizerInfo:
@@ -126,17 +122,6 @@ def fix_gguf_tokenizer(tokenizer: "PreTrainedTokenizerBase", info: GGUFTokenizer
 # --------------------------------------------------------------------------------------------
 def _is_gguf(model_ref: str) -> bool:
     return model_ref.lower().endswith(".gguf")
-
-
-def _check_architecture(architectures: list[str] | None, model_type: str | None, where: str) -> str:
-    names = list(architectures or [])
-    if not names and isinstance(model_type, str) and model_type in MODEL_TYPE_TO_ARCHITECTURE:
-        names = [MODEL_TYPE_TO_ARCHITECTURE[model_type]]
-    for name in names:
-        if name in SUPPORTED_ARCHITECTURES:
-            return name
-    found = ", ".join(names) or f"model_type={model_type!r}"
-    raise ActTailError(f"{where}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def expand_model_alias(model_ref: str | Path) -> str:
@@ -203,7 +188,7 @@ def check_model_ref(model_ref: str) -> str:
         if not path.is_file():
             raise ActTailError(f"model file {model_ref} does not exist; pass an existing .gguf file, an HF folder or a Hub id")
         info = read_gguf_info(path)
-        return _check_architecture(None, info.architecture, str(path))
+        return check_architecture(None, info.architecture, str(path))
     if path.exists():
         if not path.is_dir():
             raise ActTailError(f"{model_ref} is neither a folder nor a .gguf file; pass an HF model folder, a .gguf file or a Hub id")
@@ -214,7 +199,7 @@ def check_model_ref(model_ref: str) -> str:
         architectures = config.get("architectures")
         if architectures is not None and (not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)):
             raise ActTailError(f"{config_file}: 'architectures' must be a list of class names, got {architectures!r}")
-        architecture = _check_architecture(architectures, config.get("model_type"), model_ref)
+        architecture = check_architecture(architectures, config.get("model_type"), model_ref)
         check_weight_index(path)
         return architecture
     if model_ref.startswith((".", "/", "~")) or model_ref.count("/") > 1:
@@ -225,7 +210,7 @@ def check_model_ref(model_ref: str) -> str:
         config = AutoConfig.from_pretrained(model_ref)
     except OSError as exc:
         raise ActTailError(f"cannot resolve model {model_ref!r} as a local path or Hub id ({str(exc).splitlines()[0]})") from None
-    return _check_architecture(getattr(config, "architectures", None), getattr(config, "model_type", None), model_ref)
+    return check_architecture(getattr(config, "architectures", None), getattr(config, "model_type", None), model_ref)
 
 
 def _local_path(model_ref: str) -> Path | None:
@@ -402,11 +387,13 @@ def iter_projections(model) -> list[tuple[str, int, str, "torch.nn.Linear"]]:
     if len(layers) == 0:
         raise ActTailError(f"{type(model).__name__} has no decoder layers (num_hidden_layers=0): there is nothing to sparsify; "
                            "check config.json")
+    spec = spec_of_model(model)
     out: list[tuple[str, int, str, torch.nn.Linear]] = []
     for index, layer in enumerate(layers):
-        for kind in PROJECTION_KINDS:
-            module = getattr(getattr(layer, PROJECTION_PARENT[kind], None), kind, None)
+        for kind in spec.kinds:
+            parent = spec.parent[kind]
+            module = getattr(getattr(layer, parent, None), kind, None)
             if not isinstance(module, torch.nn.Linear):
-                raise ActTailError(f"layer {index} has no Linear {PROJECTION_PARENT[kind]}.{kind}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-            out.append((f"model.layers.{index}.{PROJECTION_PARENT[kind]}.{kind}", index, kind, module))
+                raise ActTailError(f"layer {index} has no Linear {parent}.{kind}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            out.append((spec.projection_name(index, kind), index, kind, module))
     return out

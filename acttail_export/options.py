@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from .bases import get_base
 from .config import ALLOCATIONS, DEFAULT_S_MAX, check_sparsity
 from .errors import ActTailError
 
@@ -24,13 +25,13 @@ Mode = Literal["topk", "threshold"]
 Kernel = Literal["mask", "fused"]
 DType = Literal["fp32", "fp16"]
 Device = Literal["cpu", "cuda"]
-#: ``optimum``: optimum-onnx's trace (``ORTModelForCausalLM``); ``genai``: onnxruntime-genai's model builder
-#: graph (:mod:`acttail_export.genai_base`, the fast GPU decode base).
-Base = Literal["optimum", "genai"]
+#: a key of :data:`acttail_export.bases.BASES`: ``optimum``, optimum-onnx's trace (``ORTModelForCausalLM``);
+#: ``genai``, onnxruntime-genai's model builder graph (:mod:`acttail_export.bases.genai`, the fast GPU decode base)
+Base = str
 Weights = Literal["fp32", "fp16", "int4"]
 Quantizer = Literal["rtn", "mse"]
 
-MODES, KERNELS, DTYPES, DEVICES, BASES = (get_args(t) for t in (Mode, Kernel, DType, Device, Base))
+MODES, KERNELS, DTYPES, DEVICES = (get_args(t) for t in (Mode, Kernel, DType, Device))
 #: export-time perplexity tokens when ``eval_tokens`` is not given (0 skips it)
 EVAL_TOKENS = 2048
 
@@ -85,8 +86,9 @@ class ExportOptions:
             object.__setattr__(self, "calibration_data", Path(self.calibration_data))
         for value, choices, flag in ((self.allocation, ALLOCATIONS, "--allocation"), (self.mode, MODES, "--mode"),
                                      (self.kernel, KERNELS, "--kernel"), (self.dtype, DTYPES, "--dtype"),
-                                     (self.device, DEVICES, "--device"), (self.base, BASES, "--base")):
+                                     (self.device, DEVICES, "--device")):
             _choice(value, choices, flag)
+        base = get_base(self.base)
         _integer(self.calibration_samples, "--calibration-samples", 1, "a positive integer")
         if self.sequence_length is not None:
             _integer(self.sequence_length, "--sequence-length", 2, "an integer >= 2")
@@ -94,10 +96,7 @@ class ExportOptions:
         self._check_allocation()
         if (self.private or self.token) and not self.push_to_hub:
             raise ActTailError("--private/--token only apply with --push-to-hub REPO_ID: add it or drop them")
-        if self.base == "genai":
-            from .genai_base import builder_settings
-
-            builder_settings(self.dtype, self.device)  # e.g. fp16 needs --device cuda
+        base.check_options(self)  # e.g. --base genai --dtype fp16 needs --device cuda
         self._check_weights()
 
     def _check_allocation(self) -> None:
@@ -128,7 +127,7 @@ class ExportOptions:
                 raise ActTailError("--block-size/--quantizer only apply to --weights int4: add --weights int4 or "
                                    "drop them")
             return
-        if self.base != "optimum":
+        if not get_base(self.base).supports_int4:
             raise ActTailError(f"--weights int4 needs --base optimum (the {self.base} base cannot carry the 4-bit ops "
                                "yet): pass --base optimum or drop --weights int4")
         if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES):

@@ -99,7 +99,7 @@ def _probe_session(export_dir: Path, config: ActTailConfig):
     graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
     producers = {out: node for node in graph.graph.node for out in node.output}
     probes: dict[str, tuple[str, str | None, str, tuple[int, int] | None]] = {}
-    found = find_projections(graph)
+    found = find_projections(graph, config.spec)
     columns = packed_columns(found, config)  # members of a packed qkv / gate_up MatMul: their output columns
     for name, node in found.items():
         x, masked = node.input[0], None
@@ -154,25 +154,9 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
     forced_logits = _forced_forward(model, forced, windows.to(device)).logits.float().cpu().numpy()
     forced_err = _rel(got, forced_logits)
 
-    # one KV-cache step, ORT vs PyTorch's cache, masks of each run forced
-    first = ids[:1]
-    prefix = dict(zip(names, session.run(None, decoder_feeds(session, first[:, :-1]))))
-    step_feeds = {"input_ids": first[:, -1:].astype(np.int64), "attention_mask": np.ones_like(first, dtype=np.int64),
-                  "position_ids": np.array([[first.shape[1] - 1]], dtype=np.int64)}
-    for inp in session.get_inputs():
-        if inp.name.startswith("past_key_values."):
-            step_feeds[inp.name] = prefix[inp.name.replace("past_key_values.", "present.")]
-    inputs = {i.name for i in session.get_inputs()}  # the genai base has no position_ids
-    step = dict(zip(names, session.run(None, {k: v for k, v in step_feeds.items() if k in inputs})))
-    forced_prefix, err_p, name_p = _check_projections(prefix, probes, config, modules)
-    forced_step, err_s, name_s = _check_projections(step, probes, config, modules)
-    for err, name in ((err_p, name_p), (err_s, name_s)):
-        if err > worst_proj:
-            worst_proj, worst_name = err, name
-    ids_t = torch.from_numpy(first).to(device)
-    past = _forced_forward(model, forced_prefix, ids_t[:, :-1], use_cache=True).past_key_values
-    step_ref = _forced_forward(model, forced_step, ids_t[:, -1:], past_key_values=past, use_cache=True).logits
-    cached = _rel(step["logits"][0, -1], step_ref[0, -1].double().cpu().numpy())
+    cached, err_c, name_c = _cached_step(model, session, ids[:1], probes, config, modules)
+    if err_c > worst_proj:
+        worst_proj, worst_name = err_c, name_c
 
     with apply_sparsity(model, config) as hooks, torch.no_grad():
         ref = model(windows.to(device)).logits.float().cpu().numpy()
@@ -192,6 +176,34 @@ def validate_export(model, export_dir: Path, config: ActTailConfig, windows, dty
             f"{forced_err:.3g}, cached step {cached:.3g} (tolerance {report.tolerance:.0e}); {hint} "
             "(--no-validate keeps the output anyway)")
     return report
+
+
+def _cached_step(model, session, first: np.ndarray, probes: dict, config: ActTailConfig,
+                 modules: dict) -> tuple[float, float, str]:
+    """Check 4 of :func:`validate_export`: one KV-cache step, ORT vs PyTorch's cache, masks of each run forced.
+
+    Returns (relative logit error of the step, worst projection error of both runs, its projection).
+    """
+    import torch
+
+    from .runtime import decoder_feeds
+
+    names = [o.name for o in session.get_outputs()]
+    prefix = dict(zip(names, session.run(None, decoder_feeds(session, first[:, :-1]))))
+    step_feeds = {"input_ids": first[:, -1:].astype(np.int64), "attention_mask": np.ones_like(first, dtype=np.int64),
+                  "position_ids": np.array([[first.shape[1] - 1]], dtype=np.int64)}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            step_feeds[inp.name] = prefix[inp.name.replace("past_key_values.", "present.")]
+    inputs = {i.name for i in session.get_inputs()}  # the genai base has no position_ids
+    step = dict(zip(names, session.run(None, {k: v for k, v in step_feeds.items() if k in inputs})))
+    forced_prefix, err_p, name_p = _check_projections(prefix, probes, config, modules)
+    forced_step, err_s, name_s = _check_projections(step, probes, config, modules)
+    worst, worst_name = (err_p, name_p) if err_p >= err_s else (err_s, name_s)
+    ids_t = torch.from_numpy(first).to(next(model.parameters()).device)
+    past = _forced_forward(model, forced_prefix, ids_t[:, :-1], use_cache=True).past_key_values
+    step_ref = _forced_forward(model, forced_step, ids_t[:, -1:], past_key_values=past, use_cache=True).logits
+    return _rel(step["logits"][0, -1], step_ref[0, -1].double().cpu().numpy()), worst, worst_name
 
 
 def _gate(got: np.ndarray, ref: np.ndarray, forced: np.ndarray, config: ActTailConfig, dtype: str) -> float:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..bases import BASES
 from ..errors import ActTailError
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tokens per calibration window (default 512, or the model's context when shorter)")
 
     run = parser.add_argument_group("Export")
-    run.add_argument("--base", choices=("optimum", "genai"), default="optimum",
+    run.add_argument("--base", choices=tuple(BASES), default="optimum",
                      help="graph to rewrite: optimum-onnx's trace (optimum; loads with ORTModelForCausalLM) or "
                           "onnxruntime-genai's model builder graph (genai; the fast GPU decode base, loads with "
                           "onnxruntime_genai.Model(OUTPUT_DIR); needs onnxruntime-genai and ACTTAIL_GENAI_PYTHONPATH "
