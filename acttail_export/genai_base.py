@@ -12,8 +12,8 @@ LLM runtime is tuned for:
   ``/model/layers.{i}/mlp/{gate,up,down}_proj/MatMul`` when built with ``fuse_qkv=false`` (q, k and v keep
   their own MatMul, and therefore their own ActTail budget), or packed: one ``attn/qkv_proj/MatMul``
   (``fuse_qkv``) and one ``mlp/gate_up_proj/MatMul`` (``fuse_mlp_gate_up``) per layer, which the rewrite
-  turns into one mask / one ``SparseMatMul`` when the members' masks are identical
-  (:func:`acttail_export.graph_rewrite.packable`; :func:`export_genai` packs then),
+  turns into one ``SparseMatMul`` whose members keep their own threshold / k (one mask when they are identical,
+  :func:`acttail_export.graph_rewrite.packable`); :func:`export_genai` packs,
 
 and a ``genai_config.json`` for its generator (``onnxruntime_genai.Model``), which can replay decode
 steps from a CUDA graph. :func:`acttail_export.graph_rewrite.rewrite` works on that graph unchanged
@@ -157,8 +157,7 @@ def build_base(
 
     ``model_dir`` must hold ``config.json``, the weights and a tokenizer (the builder copies it).
     ``fuse_qkv=True`` packs q/k/v into one MatMul (the builder's default), ``fuse_gate_up=True`` gate/up; the
-    rewrite then gives each packed MatMul one mask, which needs equal masks for its members
-    (:func:`acttail_export.graph_rewrite.packable`). ``cache_dir`` is the builder's scratch folder (default: a
+    rewrite keeps each member's rule inside the packed MatMul (:func:`acttail_export.graph_rewrite.rewrite`). ``cache_dir`` is the builder's scratch folder (default: a
     hidden sibling of ``output_dir``); it is removed afterwards.
     """
     model_dir, output_dir = Path(model_dir), Path(output_dir)
@@ -344,19 +343,17 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
     given, so that a large checkpoint stays on the output's filesystem); ``config.json`` and
     ``generation_config.json`` are copied next to the graph, and ``tokenizer`` is saved over the builder's copy.
     ``filename="model.onnx"`` replaces the dense graph by the rewritten one (``acttail-export export --base genai`` does this). ``pack`` builds q/k/v and gate/up as packed
-    MatMuls (one mask and one op call per input group); ``None`` packs when the config allows it
-    (:func:`acttail_export.graph_rewrite.packable`). Load with ``onnxruntime_genai.Model(str(output_dir))``.
+    MatMuls (one op call per input group; members with different budgets keep their own rules,
+    :func:`acttail_export.graph_rewrite.rewrite`); ``None`` packs. Load with ``onnxruntime_genai.Model(str(output_dir))``.
     """
     import tempfile
 
     from .graph_rewrite import packable
 
     output_dir = Path(output_dir)
-    can_pack = packable(config, mode)
-    if pack and not can_pack:
-        raise ActTailError("pack=True needs equal masks for q/k/v and for gate/up in every layer; this config gives them "
-                           "different thresholds or k (use a group allocation, or pack=False)")
-    pack = can_pack if pack is None else pack
+    pack = True if pack is None else pack
+    if pack and not packable(config, mode):
+        logger.info("genai base: q/k/v and gate/up members have their own masks (per-member rules in the packed op)")
     logger.info("genai base: %s", "q/k/v and gate/up packed (one mask per input group)" if pack else "every projection its own MatMul")
     with tempfile.TemporaryDirectory(prefix="acttail-hf-", dir=work_dir) as hf:
         model.save_pretrained(hf, safe_serialization=True)

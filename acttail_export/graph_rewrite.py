@@ -18,13 +18,13 @@ touched.
 
 Packed projections: onnxruntime-genai's model builder can write q/k/v as one ``qkv_proj`` MatMul
 (``fuse_qkv``) and gate/up as one ``gate_up_proj`` MatMul (``fuse_mlp_gate_up``), with the members'
-weights side by side in column order. Such a MatMul gets one mask (or one ``SparseMatMul``) for all its
-members, which is only the ActTail rule when the members' masks are identical: the same threshold, or
-the same k (:func:`packable`).
-The node names, kinds and packed kinds come from the config's
-:class:`~acttail_export.architectures.ArchSpec`. That holds for allocations that give an input group one budget, since
-the members read the same tensor: ``uniform``, the ``group-max*`` mappings, and the default
-``group-sched-*`` at 50 % and below (above it blends in per-projection alphas).
+weights side by side in column order. When the members' masks are identical (the same threshold or k:
+:func:`packable`; allocations that give an input group one budget) the MatMul gets one mask (or one
+``SparseMatMul``). Otherwise every member keeps its own rule: the fused kernel writes one ``SparseMatMul``
+with ``segments`` (the members' column ends) and a threshold or k per member (``thresholds[G]`` / ``ks``), so
+the default ActTail allocation runs packed at every sparsity; the mask kernel gives each member its own
+masked input and MatMul on a ``Slice`` of the packed weight (named as an unpacked projection; ONNX Runtime
+folds the slices at session creation) and concatenates the outputs.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def _mask_key(p: ProjectionConfig, mode: str) -> tuple:
 
 
 def packable(config: ActTailConfig, mode: str | None = None) -> bool:
-    """True when q/k/v and gate/up of every layer have identical masks, so packed MatMuls can be rewritten."""
+    """True when q/k/v and gate/up of every layer have identical masks (one mask per packed MatMul); otherwise
+    :func:`rewrite` gives the members their own rules."""
     mode = mode or config.mode
     by_layer: dict[tuple[int, tuple[str, ...]], set] = {}
     for p in config.projections:
@@ -249,15 +250,50 @@ def _mask_nodes(b: _Builder, p: ProjectionConfig, x: str, elem_type: int, mode: 
     return nodes, out
 
 
-def _check_packed_masks(groups: dict[str, list[str]], by_name: dict[str, ProjectionConfig], mode: str) -> None:
-    """One-line ActTailError unless the members of every packed MatMul have one mask."""
-    for node_name, members in groups.items():
-        keys = {m: _mask_key(by_name[m], mode) for m in members}
-        if len(set(keys.values())) > 1:
-            detail = ", ".join(f"{m.rsplit('.', 1)[1]} {k[0]}{'' if len(k) == 1 else ' ' + format(k[1], '.6g')}" for m, k in keys.items())
-            raise ActTailError(f"{node_name} packs projections with different masks ({detail}): one packed MatMul takes one "
-                               "mask. Build the base without packing (fuse_qkv=false, fuse_mlp_gate_up=false) or use an "
-                               "allocation that gives q/k/v and gate/up one budget each (uniform, a group-max* mapping)")
+def _mixed(groups: dict[str, list[str]], by_name: dict[str, ProjectionConfig], mode: str) -> set[str]:
+    """Packed MatMuls whose members have different masks (each member then keeps its own rule)."""
+    return {node for node, members in groups.items() if len({_mask_key(by_name[m], mode) for m in members}) > 1}
+
+
+def _fused_members(b: _Builder, node: onnx.NodeProto, members: list[ProjectionConfig], mode: str) -> onnx.NodeProto:
+    """One ``SparseMatMul`` for a packed MatMul whose members keep their own threshold / k over their own columns
+    (``segments``); a member without sparsity keeps everything (k = d, threshold -inf)."""
+    ends = list(np.cumsum([m.out_features for m in members]))
+    base = f"/acttail/{node.name.strip('/').rsplit('/', 1)[0]}"
+    attrs: dict = {"mode": mode, "segments": [int(e) for e in ends]}
+    inputs = [node.input[0], node.input[1]]
+    if mode == "threshold":
+        for m in members:
+            if m.threshold is None and not _is_identity(m, mode):
+                raise ActTailError(f"{m.name} has no calibrated threshold; calibrate before exporting in threshold mode")
+        t = np.array([-np.inf if _is_identity(m, mode) else m.threshold for m in members], dtype=np.float32)
+        inputs.append(b.const(f"{base}/thresholds", t))
+    else:
+        attrs["ks"] = [int(min(m.keep_k(), m.in_features)) for m in members]
+    return helper.make_node(CUSTOM_OP, inputs, list(node.output), name=node.name, domain=CUSTOM_DOMAIN, **attrs)
+
+
+def _unpacked_members(b: _Builder, node: onnx.NodeProto, members: list[ProjectionConfig], elem_type: int, mode: str,
+                      spec: ArchSpec) -> list[onnx.NodeProto]:
+    """Mask kernel, members with different masks: one MatMul per member, named as an unpacked projection, on a
+    ``Slice`` of the packed weight (constant-folded by ONNX Runtime at session creation), outputs concatenated."""
+    nodes, outs, start = [], [], 0
+    for m in members:
+        layer, kind = _split(m.name)
+        name = spec.onnx_node_name(layer, kind, "optimum")
+        cols = [b.const(f"{name}/acttail_{what}", np.array([v], dtype=np.int64))
+                for what, v in (("start", start), ("stop", start + m.out_features), ("axis", 1))]
+        weight = f"{name}/acttail_weight"
+        nodes.append(helper.make_node("Slice", [node.input[1], *cols], [weight], name=f"{name}/acttail_Slice"))
+        x = node.input[0]
+        if not _is_identity(m, mode):
+            mask, x = _mask_nodes(b, m, x, elem_type, mode)
+            nodes.extend(mask)
+        outs.append(f"{name}/acttail_output_0")
+        nodes.append(helper.make_node("MatMul", [x, weight], [outs[-1]], name=name))
+        start += m.out_features
+    nodes.append(helper.make_node("Concat", outs, list(node.output), name=f"{node.name}/acttail_Concat", axis=-1))
+    return nodes
 
 
 def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = None, kernel: str | None = None) -> RewriteSummary:
@@ -271,10 +307,10 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
         raise ActTailError("the ONNX graph was already rewritten; start from the base export")
     by_name = config.by_name()
     groups = _packed_groups(found, config.spec)
-    _check_packed_masks(groups, by_name, mode)
+    mixed = _mixed(groups, by_name, mode)
     b = _Builder(model)
     before: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes to insert before it
-    replace: dict[int, onnx.NodeProto] = {}
+    replace: dict[int, onnx.NodeProto | None] = {}
     skipped = 0
     done: set[str] = set()
     for p in config.projections:
@@ -283,6 +319,15 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
             skipped += _is_identity(p, mode)
             continue
         done.add(node.name)
+        if node.name in mixed:  # members keep their own rules: per-member segments (fused), unpacked (mask)
+            members = [by_name[m] for m in groups[node.name]]
+            if kernel == "fused":
+                replace[id(node)] = _fused_members(b, node, members, mode)
+            else:
+                before[id(node)] = _unpacked_members(b, node, members, _float_type(model, node), mode, config.spec)
+                replace[id(node)] = None
+            skipped += _is_identity(p, mode)  # the other members count when the loop reaches them
+            continue
         if node.name in groups:  # one mask for the packed members: name it after the packed MatMul
             p = dataclasses.replace(p, name=p.name.rsplit(".", 1)[0] + "." + config.spec.match_node(node.name).kind)
         elem_type = _float_type(model, node)
@@ -307,7 +352,9 @@ def rewrite(model: onnx.ModelProto, config: ActTailConfig, mode: str | None = No
     new_nodes: list[onnx.NodeProto] = []
     for node in model.graph.node:
         new_nodes.extend(before.get(id(node), ()))
-        new_nodes.append(replace.get(id(node), node))
+        new = replace.get(id(node), node)
+        if new is not None:  # None: replaced by the nodes before it (an unpacked packed MatMul)
+            new_nodes.append(new)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(b.inits)

@@ -242,20 +242,56 @@ def test_rewrite_packed_graph_matches_numpy_and_unpacked(kernel, mode):
     assert np.abs(dense - want).max() / np.abs(want).max() > 1e-2  # the masks changed something
 
 
-def test_rewrite_packed_graph_needs_equal_member_masks():
-    packed, weights = _packed_style_graph(1)
-    thresholds = _group_thresholds(weights, np.random.default_rng(0))
-    thresholds["model.layers.0.self_attn.k_proj"] += 0.125
-    config = _config(1, "threshold", thresholds)
-    assert not packable(config)
-    with pytest.raises(ActTailError, match=r"qkv_proj/MatMul packs projections with different masks \(q_proj threshold 0\.709569, k_proj threshold 0\.834569"):
-        rewrite(packed, config, mode="threshold", kernel="fused")
-    # top-k: the members' k differ when their sparsities do
-    config = _config(1, "topk")
-    config.by_name()["model.layers.0.mlp.up_proj"].sparsity = 0.25
-    assert not packable(config, "topk")
-    with pytest.raises(ActTailError, match="gate_up_proj/MatMul packs projections with different masks"):
-        rewrite(_packed_style_graph(1)[0], config, mode="topk", kernel="mask")
+@pytest.mark.parametrize("kernel", ["mask", "fused"])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_rewrite_packed_graph_keeps_each_members_rule(kernel, mode):
+    """Members with different thresholds / k (as the default ActTail allocation gives them): fused, one SparseMatMul
+    per packed MatMul with segments and a rule per member; mask, per-member MatMuls on slices of the packed weight.
+    Both compute the per-member numpy reference and what the unpacked graph computes; a member at sparsity 0 inside
+    a mixed group keeps everything."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if kernel == "fused":
+        from acttail_export.ops import get_library_path
+
+        try:
+            options.register_custom_ops_library(get_library_path())
+        except ActTailError:
+            pytest.skip("op library not built (make ops)")
+    layers = 2
+    packed, weights = _packed_style_graph(layers, seed=5)
+    unpacked, _ = _builder_style_graph(layers, seed=5)
+    rng = np.random.default_rng(11)
+    thresholds = {name: float(rng.uniform(0.2, 1.0)) for name in weights} if mode == "threshold" else None
+    config = _config(layers, mode, thresholds)
+    for i, p in enumerate(config.projections):
+        p.sparsity = (0.25, 0.5, 0.75)[i % 3]
+    dense = config.by_name()["model.layers.1.self_attn.k_proj"]
+    dense.sparsity, dense.threshold = 0.0, None
+    assert not packable(config, mode)
+    summary = rewrite(packed, config, mode=mode, kernel=kernel)
+    assert summary.projections == 7 * layers and summary.skipped_dense == 1
+    rewrite(unpacked, config, mode=mode, kernel=kernel)
+    custom = [n for n in packed.graph.node if n.domain == CUSTOM_DOMAIN]
+    if kernel == "fused":
+        assert len(custom) == 4 * layers
+        qkv = next(n for n in custom if n.name == "/model/layers.0/attn/qkv_proj/MatMul")
+        attrs = {a.name: helper.get_attribute_value(a) for a in qkv.attribute}
+        assert list(attrs["segments"]) == [D, D + 4, D + 8]
+        if mode == "topk":
+            assert list(attrs["ks"]) == [config.by_name()[f"model.layers.0.self_attn.{k}"].keep_k() for k in ("q_proj", "k_proj", "v_proj")]
+    else:
+        assert not custom
+        assert "/model/layers.1/self_attn/k_proj/MatMul" in {n.name for n in packed.graph.node}  # unpacked, by member name
+        assert len({id(n) for n in find_projections(packed).values()}) == 7 * layers  # validation probes each member
+    x = rng.standard_normal((5, D)).astype(np.float32)
+    got = ort.InferenceSession(packed.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"hidden": x})[0]
+    apart = ort.InferenceSession(unpacked.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"hidden": x})[0]
+    members = _mask_rule(config, mode)
+    want = _reference(x.astype(np.float64), weights, layers, lambda n, v: v if n == dense.name else members(n, v))
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+    assert np.abs(got - apart).max() / np.abs(want).max() < 1e-5
 
 
 def test_packed_graph_weight_must_match_the_members():
