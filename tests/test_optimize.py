@@ -201,10 +201,8 @@ def _group_thresholds(weights: dict, rng) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("kernel", ["mask", "fused"])
-@pytest.mark.parametrize("mode", ["threshold", "topk"])
-def test_rewrite_packed_graph_matches_numpy_and_unpacked(kernel, mode):
-    """Packed qkv_proj / gate_up_proj MatMuls get one mask (one SparseMatMul) and compute what the unpacked graph does."""
+def _session_options(kernel: str):
+    """ORT session options; with the op library registered for the fused kernel (skips when it is not built)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -215,6 +213,16 @@ def test_rewrite_packed_graph_matches_numpy_and_unpacked(kernel, mode):
             options.register_custom_ops_library(get_library_path())
         except ActTailError:
             pytest.skip("op library not built (make ops)")
+    return options
+
+
+@pytest.mark.parametrize("kernel", ["mask", "fused"])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_rewrite_packed_graph_matches_numpy_and_unpacked(kernel, mode):
+    """Packed qkv_proj / gate_up_proj MatMuls get one mask (one SparseMatMul) and compute what the unpacked graph does."""
+    import onnxruntime as ort
+
+    options = _session_options(kernel)
     layers = 2
     packed, weights = _packed_style_graph(layers, seed=3)
     unpacked, _ = _builder_style_graph(layers, seed=3)
@@ -251,14 +259,7 @@ def test_rewrite_packed_graph_keeps_each_members_rule(kernel, mode):
     a mixed group keeps everything."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if kernel == "fused":
-        from acttail_export.ops import get_library_path
-
-        try:
-            options.register_custom_ops_library(get_library_path())
-        except ActTailError:
-            pytest.skip("op library not built (make ops)")
+    options = _session_options(kernel)
     layers = 2
     packed, weights = _packed_style_graph(layers, seed=5)
     unpacked, _ = _builder_style_graph(layers, seed=5)

@@ -132,9 +132,22 @@ __device__ __forceinline__ void LoadCols(ColBits<T, CPL>& c, const T* row, int c
   for (int j = 0; j < CPL; ++j) e[j] = col0 + j < N ? p[j] : Traits<T>::FromFloat(0.0f);
 }
 
+/// 16^-(c % 4): undoes the position of column c's nibble inside its 16-bit half (Unpack), applied with the scale.
+__device__ __forceinline__ constexpr float NibbleScale(int c) {
+  return c % 4 == 0 ? 1.0f : c % 4 == 1 ? 0.0625f : c % 4 == 2 ? 0.00390625f : 0.000244140625f;
+}
+
 template <typename T, int CPL>
 __device__ __forceinline__ float ColValue(const ColBits<T, CPL>& c, int j) {
   return Traits<T>::ToFloat(reinterpret_cast<const T*>(c.w)[j]);
+}
+
+/// One flush of a quant block's sums into acc: acc[c] += s[c] 16^-(c % 4) accq[c] + o[c] sv.
+template <typename T, int CPL>
+__device__ __forceinline__ void FlushColumns(const ColBits<T, CPL>& s, const ColBits<T, CPL>& o, const float (&accq)[CPL], float sv,
+                                             float (&acc)[CPL]) {
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) acc[c] = fmaf(ColValue<T, CPL>(s, c) * NibbleScale(c), accq[c], fmaf(ColValue<T, CPL>(o, c), sv, acc[c]));
 }
 
 __device__ __forceinline__ unsigned ArriveAcqRel(unsigned* counter) {
@@ -232,13 +245,9 @@ __device__ __forceinline__ void StreamRowsStaged(const GemvArgs& a, const Pool<1
 #pragma unroll
   for (int c = 0; c < CPL; ++c) accq[c] = 0.0f;
   auto flush = [&]() {
-    if (!active) return;
+    if (active) FlushColumns<T, CPL>(s, o, accq, sv, acc[0]);
 #pragma unroll
-    for (int c = 0; c < CPL; ++c) {
-      const float pw = c % 4 == 0 ? 1.0f : c % 4 == 1 ? 0.0625f : c % 4 == 2 ? 0.00390625f : 0.000244140625f;
-      acc[0][c] = fmaf(ColValue<T, CPL>(s, c) * pw, accq[c], fmaf(ColValue<T, CPL>(o, c), sv, acc[0][c]));
-      accq[c] = 0.0f;
-    }
+    for (int c = 0; c < CPL; ++c) accq[c] = 0.0f;
     sv = 0.0f;
   };
   int cur = -1;
@@ -354,7 +363,7 @@ __device__ __forceinline__ void StreamRows(const GemvArgs& a, const Pool<MR, WAR
     if (active) {
 #pragma unroll
       for (int c = 0; c < CPL; ++c) {
-        const float pw = c % 4 == 0 ? 1.0f : c % 4 == 1 ? 0.0625f : c % 4 == 2 ? 0.00390625f : 0.000244140625f;
+        const float pw = NibbleScale(c);
         const float sc = ColValue<T, CPL>(s, c) * pw, off = ColValue<T, CPL>(o, c);
 #pragma unroll
         for (int m = 0; m < MR; ++m)

@@ -97,13 +97,7 @@ __device__ __forceinline__ void ClusterGroup(const GemvArgs& a, const Rule& rule
       for (int c = 0; c < CPL; ++c) accq[c] = fmaf(vj, qf[c], accq[c]);
     }
   }
-  if (active) {
-#pragma unroll
-    for (int c = 0; c < CPL; ++c) {
-      const float pw = c % 4 == 0 ? 1.0f : c % 4 == 1 ? 0.0625f : c % 4 == 2 ? 0.00390625f : 0.000244140625f;
-      acc[c] = fmaf(ColValue<T, CPL>(s, c) * pw, accq[c], fmaf(ColValue<T, CPL>(o, c), sv, acc[c]));
-    }
-  }
+  if (active) FlushColumns<T, CPL>(s, o, accq, sv, acc);
 }
 
 template <typename T, int CPL, int WARPS>
