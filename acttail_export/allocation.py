@@ -11,9 +11,8 @@ default: input-group score, (1 − w)·group-max + w·group-linear, w = clip((s 
 on), ``group-max-rev-abs`` (largest reader alpha per input group: one budget per group at every target;
 the default up to 50 %) and ``block-abs`` (mean alpha per layer: ``acttail-greedy``'s block targets).
 
-The sweep space the default was chosen from (about 90 mappings) is :mod:`acttail_export._research_mappings`;
-its ``enable()`` registers it through :func:`register_research_mappings` for benchmarks and studies.
-:func:`check_mapping`, the CLI's and ``ExportOptions``' check, accepts ``MAPPINGS`` only.
+The ~90-mapping sweep space is :mod:`acttail_export._research_mappings`; its ``enable()`` registers it
+(:func:`register_research_mappings`) for benchmarks; :func:`check_mapping` (CLI, ``ExportOptions``) takes ``MAPPINGS`` only.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import numpy as np
 
 from .config import (
     DEFAULT_S_MAX,
+    GREEDY_ALLOCATIONS,  # noqa: F401 - exporter.py reads allocation.GREEDY_ALLOCATIONS
     SHARED_INPUT_GROUPS,
     ActTailConfig,
     ProjectionConfig,
