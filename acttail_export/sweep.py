@@ -135,12 +135,11 @@ def evaluate_base(
     windows = load_windows(tokenizer, data, sequence_length, max_tokens=max_tokens, flags=EVALUATE_DATA_FLAGS)
     sparse = [s for s in sparsities if s > 0]
     calibration_windows = None
-    if "threshold" in modes and sparse:
-        # cut here (before the spectral analysis) with evaluate's flag names: --calibration-sequence-length
+    if "threshold" in modes and sparse:  # cut here, before the spectral analysis, with evaluate's flag names
         check_context(calibration_sequence_length, context, "--calibration-sequence-length", model_ref)
-        calibration_windows = load_windows(
-            tokenizer, DEFAULT_CALIBRATION_DATA if calibration_data is None else calibration_data,
-            calibration_sequence_length, samples=calibration_samples, flags=EVALUATE_CALIBRATION_FLAGS)
+        source = DEFAULT_CALIBRATION_DATA if calibration_data is None else calibration_data
+        calibration_windows = load_windows(tokenizer, source, calibration_sequence_length,
+                                           samples=calibration_samples, flags=EVALUATE_CALIBRATION_FLAGS)
     records: list[dict[str, Any]] = []
     if 0.0 in sparsities:
         dense = perplexity_windows(model, windows, progress=progress, batch_size=batch_size)
