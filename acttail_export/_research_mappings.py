@@ -92,7 +92,8 @@ RESEARCH_SCORES: dict[str, allocation.ScoreFn] = {
     "type-block": lambda a, kinds, layers: 0.5 * (_score_type(a, kinds, layers) + _score_block(a, kinds, layers)),
     "type-linear": lambda a, kinds, layers: 0.5 * (_score_type(a, kinds, layers) + _score_linear(a, kinds, layers)),
     "group": _score_group,
-    "group-max-linear": lambda a, kinds, layers: 0.5 * (_score_group_max(a, kinds, layers) + _score_linear(a, kinds, layers)),
+    "group-max-linear": lambda a, kinds, layers: 0.5 * (_score_group_max(a, kinds, layers)
+                                                        + _score_linear(a, kinds, layers)),
 }
 #: Every score of the sweep, research and supported, in the order of the original search.
 SCORE_NAMES: tuple[str, ...] = ("linear", "log", "clip", "rank", "per-type", "type-rank", "block", "type", "type-block",

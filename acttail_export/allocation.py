@@ -12,7 +12,7 @@ on), ``group-max-rev-abs`` (largest reader alpha per input group: one budget per
 the default up to 50 %) and ``block-abs`` (mean alpha per layer: ``acttail-greedy``'s block targets).
 
 The ~90-mapping sweep space is :mod:`acttail_export._research_mappings`; its ``enable()`` registers it
-(:func:`register_research_mappings`) for benchmarks; :func:`check_mapping` (CLI, ``ExportOptions``) takes ``MAPPINGS`` only.
+(:func:`register_research_mappings`) for benchmarks; :func:`check_mapping` (CLI, options) takes ``MAPPINGS`` only.
 """
 
 from __future__ import annotations

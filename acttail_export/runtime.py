@@ -148,7 +148,8 @@ def load_model(export_dir: str | Path, provider: str = "CPUExecutionProvider") -
                                                use_cache=True, file_name=ONNX_NAME)
 
 
-def decoder_feeds(session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def decoder_feeds(session: ort.InferenceSession, input_ids: np.ndarray,
+                  attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Feeds for a full-prompt forward pass with an empty KV cache (left padding handled by the mask)."""
     from onnx import TensorProto
     from onnx.helper import tensor_dtype_to_np_dtype

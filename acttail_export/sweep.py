@@ -150,8 +150,8 @@ def evaluate_base(
                              calibration_data=calibration_data, progress=progress)
     thresholded = [c for _, _, mode, c in configs if mode == "threshold"]
     if thresholded:
-        calibrate_many(model, tokenizer, thresholded, calibration_data, calibration_samples, calibration_sequence_length,
-                       progress, sequential=sequential, windows=calibration_windows)
+        calibrate_many(model, tokenizer, thresholded, calibration_data, calibration_samples,
+                       calibration_sequence_length, progress, sequential=sequential, windows=calibration_windows)
     for allocation, s, mode, config in configs:
         config.model = str(model_ref)
         result = perplexity_windows(model, windows, config, mode, progress=progress, batch_size=batch_size)

@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     budget.add_argument("--allocation", default="acttail", choices=[a for a in ALLOCATIONS if a not in GREEDY_ALLOCATIONS],
                         help="budget allocation (default: acttail; the greedy ones need calibration text: use export/evaluate)")
     budget.add_argument("--epsilon", default=None, help="ActTail spread epsilon in [0, 1) (default: allocation.DEFAULT_EPSILON)")
-    budget.add_argument("--mapping", default=None, help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: {DEFAULT_MAPPING})")
+    budget.add_argument("--mapping", default=None,
+                        help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: {DEFAULT_MAPPING})")
 
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE", help="write fits and budgets as JSON")

@@ -48,7 +48,8 @@ def register(subparsers) -> None:
     sparsity.add_argument("--mode", nargs="+", default=None, choices=MODES,
                           help="topk (per-token top-k, the paper's mode) and/or threshold (calibrated, TEAL's) (default: topk)")
     sparsity.add_argument("--epsilon", default=None, help="ActTail spread epsilon (default: allocation.DEFAULT_EPSILON)")
-    sparsity.add_argument("--mapping", default=None, help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: {DEFAULT_MAPPING})")
+    sparsity.add_argument("--mapping", default=None,
+                          help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: {DEFAULT_MAPPING})")
 
     calib = parser.add_argument_group("calibration (threshold mode)")
     calib.add_argument("--calibration-data", default=None, help="calibration text (default: WikiText-2 wiki.valid.raw)")

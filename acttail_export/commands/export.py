@@ -36,7 +36,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     sparsity.add_argument("--kernel", choices=("mask", "fused"), default="mask",
                           help="standard ONNX masking ops (mask) or the com.acttail::SparseMatMul custom op (fused; needs `make ops`)")
     sparsity.add_argument("--epsilon", default=None, help="allocation spread in [0, 1) (default: the allocation's)")
-    sparsity.add_argument("--mapping", default=None, help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: the allocation's)")
+    sparsity.add_argument("--mapping", default=None,
+                          help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: the allocation's)")
 
     calib = parser.add_argument_group("Calibration")
     calib.add_argument("--calibration-data", type=Path, default=None, metavar="FILE",
