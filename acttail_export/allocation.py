@@ -314,8 +314,8 @@ def _greedy_budgets(model, projections, budgets, params, layers, trajectories) -
 def block_targets(budgets: np.ndarray, params: np.ndarray, layers: Sequence[int]) -> list[float]:
     """Parameter-weighted mean budget of every layer (the greedy search's level per block)."""
     layers = np.asarray(layers)
-    return [float((params[layers == l] * budgets[layers == l]).sum() / params[layers == l].sum())
-            for l in range(int(layers.max()) + 1)]
+    return [float((params[layers == i] * budgets[layers == i]).sum() / params[layers == i].sum())
+            for i in range(int(layers.max()) + 1)]
 
 
 def greedy_levels(model, allocation: str, sparsities: Sequence[float], epsilon: float | None = None,
@@ -378,7 +378,7 @@ def build_config(
         if missing:
             raise ActTailError(f"fits lack {len(missing)} projections (e.g. {missing[0]}): fit them with spectral.analyze_model(model)")
         alphas = np.array([fits[name].alpha for name, *_ in projections])
-    layers = [l for _, l, _, _ in projections]
+    layers = [layer for _, layer, _, _ in projections]
     if allocation in ("uniform", "teal-greedy"):
         budgets = uniform(params, target_sparsity)
     else:

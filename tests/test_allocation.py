@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from acttail_export import _research_mappings as research
@@ -17,7 +17,6 @@ from acttail_export import allocation
 from acttail_export.allocation import MAPPINGS, allocate, build_config, scores
 from acttail_export.config import PROJECTION_KINDS, SHARED_INPUT_GROUPS, ActTailConfig, topk_keep
 from acttail_export.errors import ActTailError
-
 
 ALL_MAPPINGS = research.enable()  # the sweep space, registered for the library functions of this process
 MONOTONE_MAPPINGS = research.MONOTONE_MAPPINGS
