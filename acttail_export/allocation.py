@@ -1,74 +1,30 @@
 """Per-projection sparsity budgets from HT-SR alphas (ActTail) or uniform.
 
-Every mapping turns the alphas into a score ``z_i`` in [0, 1] and then a ratio
+A mapping ``<score>[-rev][-kept|-abs]`` turns the alphas into scores z_i in [0, 1] (higher z, more
+sparsity; ``-rev``: 1 − z) and the scores into budgets whose parameter-weighted mean is the target s
+exactly, clipped to [0, s_max] (scales: none = AlphaPruning's s·(1 − ε + 2ε z_i), normalised; ``-kept``
+spreads the kept fraction; ``-abs``: s + ε'(2 z_i − 1) + c, ε' = min(ε, (1 − s)/2); docs/allocation.md).
 
-    r_i = 1 − ε + 2ε · z_i            (r_i in [1 − ε, 1 + ε]; ε = 0 gives uniform)
+Supported mappings (``MAPPINGS``, the evidence in docs/allocation.md): ``group-sched-rev-abs`` (the
+default: input-group score, (1 − w)·group-max + w·group-linear, w = clip((s − 0.5)/0.3, 0, 1)),
+``group-linear-rev-abs`` (mean alpha per input group plus the per-projection term; the default from 80 %
+on), ``group-max-rev-abs`` (largest reader alpha per input group: one budget per group at every target;
+the default up to 50 %) and ``block-abs`` (mean alpha per layer: ``acttail-greedy``'s block targets).
 
-and the budgets ``s_i = s · r_i · ΣP / Σ_j P_j r_j`` (P = parameter count), so the
-parameter-weighted mean budget equals the target ``s`` exactly. Budgets are clipped to
-[0, s_max] and the remainder redistributed over the unclipped projections (proportionally to
-r_i) until the weighted mean is exact again.
-
-Scores (``MAPPINGS`` = ``<score>[-rev][-kept|-abs]``; ``-rev`` reverses the direction, z → 1 − z):
-
-* ``linear``   — AlphaPruning: min-max of alpha over the whole model.
-* ``log``      — min-max of ln(alpha): compresses the large, out-of-HT-SR-range alphas.
-* ``clip``     — alpha clipped to the HT-SR range [2, 6] first, then min-max.
-* ``rank``     — rank of alpha over the model / (n − 1): only the order matters.
-* ``per-type`` — min-max of alpha within each projection kind (q, k, v, ... compared with their
-  own kind only; every kind spans the full [1 − ε, 1 + ε]).
-* ``type-rank`` — rank within each projection kind.
-* ``block``    — alpha averaged over each layer's projections, min-max over layers (the
-  AlphaPruning block-wise variant: one ratio per layer).
-* ``type``     — alpha averaged over each projection kind, min-max over kinds (one ratio per kind).
-* ``type-block`` — mean of the ``type`` and ``block`` scores (a per-kind and a per-layer term).
-* ``type-linear`` — mean of the ``type`` and ``linear`` scores (a per-kind and a per-projection term).
-* ``group``    — alpha averaged over each *input group* (projections that read the same activation:
-  q/k/v, o, gate/up, down; ``config.SHARED_INPUT_GROUPS``), min-max over the four groups. Projections
-  of a group get the same budget, so q/k/v (and gate/up) keep the same channels of their shared input.
-* ``group-linear`` — mean of the ``group`` and ``linear`` scores.
-* ``group-max`` — per layer, the *largest* alpha among the projections reading one input (the reader
-  that passes input perturbations on most: q/k/v → usually v, gate/up → usually up), averaged over the
-  layers of each input group, min-max over the four groups. Reversed, it protects the q/k/v and
-  gate/up inputs (read by v_proj / up_proj, the light-tailed matrices) and sparsifies the o and down
-  inputs (single readers with mid-range alphas).
-* ``group-max-linear`` — mean of the ``group-max`` and ``linear`` scores.
-* ``group-sched`` — depends on the target s: ``(1 − w)·group-max + w·group-linear`` with
-  ``w = clip((s − 0.5) / 0.3, 0, 1)`` (``SCHEDULE_RANGE``): ``group-max`` at s <= 50 %,
-  ``group-linear`` at s >= 80 %, a linear blend between. The validation sweep found that which input
-  group is expensive changes with the target (q/k/v at 50 %, gate/up at 80 %); docs/allocation.md.
-
-Scale (suffix ``-kept``): by default ε spreads the *sparsity* as above (AlphaPruning). With
-``-kept`` it spreads the *kept fraction* instead, with the same direction (higher z, more sparsity):
-
-    1 − s_i = (1 − s) · k_i · ΣP / Σ_j P_j k_j,    k_i = 1 + ε − 2ε · z_i,
-
-so the kept channels of each projection vary by at most ±ε relative to uniform. At high targets
-this is the gentler, symmetric choice: at s = 0.8 and ε = 0.3 the sparsity scale sends budgets to
-0.99 (1 % of the channels kept, a 20× cut), the kept scale keeps between 14 % and 26 %.
-Bounds are then 1 − s_max <= 1 − s_i <= 1, solved the same way.
-
-Scale (suffix ``-abs``): additive, ``s_i = s + ε'(2 z_i − 1) + c`` with one shift c for the exact
-weighted mean (then clipped to [0, s_max], c re-solved), and ``ε' = min(ε, (1 − s) / 2)``. Every
-budget moves by about ±ε *percentage points* from the target whatever the target (the validation
-sweep found the best kept-scale ε ≈ 0.1 / (1 − s), a constant absolute spread), but never by more
-than half of the uniform kept fraction (at 90 % a ±10-point spread would keep 2 % of a
-projection's channels: the top-k cliff). docs/allocation.md has the evidence.
-
-AlphaPruning's direction (``linear``) gives heavier-tailed (smaller-alpha, better-trained)
-matrices lower sparsity. See docs/allocation.md for which direction wins for activation sparsity.
+The ~90-mapping sweep space is :mod:`acttail_export._research_mappings`; its ``enable()`` registers it
+(:func:`register_research_mappings`) for benchmarks; :func:`check_mapping` (CLI, options) takes ``MAPPINGS`` only.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from .config import (
     DEFAULT_S_MAX,
-    GREEDY_ALLOCATIONS,
+    GREEDY_ALLOCATIONS,  # noqa: F401 - exporter.py reads allocation.GREEDY_ALLOCATIONS
     SHARED_INPUT_GROUPS,
     ActTailConfig,
     ProjectionConfig,
@@ -80,8 +36,9 @@ from .errors import ActTailError
 
 logger = logging.getLogger(__name__)
 
-#: HT-SR "well trained" alpha range used by the ``clip`` mapping.
-HTSR_RANGE = (2.0, 6.0)
+__all__ = ["DEFAULT_EPSILON", "DEFAULT_MAPPING", "MAPPINGS", "SCHEDULE_RANGE", "ScoreFn", "allocate", "block_targets",
+           "build_config", "check_mapping", "greedy_levels", "parse_mapping", "register_research_mappings",
+           "schedule_weight", "scores", "uniform"]
 
 ScoreFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], np.ndarray]
 
@@ -89,29 +46,6 @@ ScoreFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], np.ndarra
 def _minmax(values: np.ndarray) -> np.ndarray:
     span = float(values.max() - values.min()) if values.size else 0.0
     return np.full(values.shape, 0.5) if span <= 0 else (values - values.min()) / span
-
-
-def _rank(values: np.ndarray) -> np.ndarray:
-    """Average ranks scaled to [0, 1] (ties share their mean rank)."""
-    if values.size < 2:
-        return np.full(values.shape, 0.5)
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(values.size)
-    ranks[order] = np.arange(values.size)
-    sorted_values = values[order]
-    _, first, counts = np.unique(sorted_values, return_index=True, return_counts=True)
-    for start, count in zip(first, counts):  # tie groups only (few)
-        if count > 1:
-            ranks[order[start:start + count]] = start + (count - 1) / 2
-    return ranks / (values.size - 1)
-
-
-def _grouped(values: np.ndarray, groups: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    out = np.empty(values.shape)
-    for group in np.unique(groups):
-        mask = groups == group
-        out[mask] = fn(values[mask])
-    return out
 
 
 def _group_mean_score(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -126,51 +60,21 @@ def _need(groups: np.ndarray | None, what: str, mapping: str) -> np.ndarray:
     return groups
 
 
+def _input_groups(kinds: np.ndarray) -> np.ndarray:
+    group_of = {kind: index for index, group in enumerate(SHARED_INPUT_GROUPS) for kind in group}
+    return np.array([group_of[str(k)] for k in kinds])
+
+
 def _score_linear(a, kinds, layers):
     return _minmax(a)
-
-
-def _score_log(a, kinds, layers):
-    return _minmax(np.log(a))
-
-
-def _score_clip(a, kinds, layers):
-    return _minmax(np.clip(a, *HTSR_RANGE))
-
-
-def _score_rank(a, kinds, layers):
-    return _rank(a)
-
-
-def _score_per_type(a, kinds, layers):
-    return _grouped(a, _need(kinds, "kinds", "per-type"), _minmax)
-
-
-def _score_type_rank(a, kinds, layers):
-    return _grouped(a, _need(kinds, "kinds", "type-rank"), _rank)
 
 
 def _score_block(a, kinds, layers):
     return _group_mean_score(a, _need(layers, "layers", "block"))
 
 
-def _score_type(a, kinds, layers):
-    return _group_mean_score(a, _need(kinds, "kinds", "type"))
-
-
-def _score_type_block(a, kinds, layers):
-    return 0.5 * (_score_type(a, kinds, layers) + _score_block(a, kinds, layers))
-
-
 def _score_group(a, kinds, layers):
-    kinds = _need(kinds, "kinds", "group")
-    group_of = {kind: index for index, group in enumerate(SHARED_INPUT_GROUPS) for kind in group}
-    return _group_mean_score(a, np.array([group_of[str(k)] for k in kinds]))
-
-
-def _input_groups(kinds: np.ndarray) -> np.ndarray:
-    group_of = {kind: index for index, group in enumerate(SHARED_INPUT_GROUPS) for kind in group}
-    return np.array([group_of[str(k)] for k in kinds])
+    return _group_mean_score(a, _input_groups(_need(kinds, "kinds", "group")))
 
 
 def _score_group_max(a, kinds, layers):
@@ -189,14 +93,6 @@ def _score_group_linear(a, kinds, layers):
     return 0.5 * (_score_group(a, kinds, layers) + _score_linear(a, kinds, layers))
 
 
-def _score_group_max_linear(a, kinds, layers):
-    return 0.5 * (_score_group_max(a, kinds, layers) + _score_linear(a, kinds, layers))
-
-
-def _score_type_linear(a, kinds, layers):
-    return 0.5 * (_score_type(a, kinds, layers) + _score_linear(a, kinds, layers))
-
-
 #: ``group-sched``: weight of ``group-linear`` (vs ``group-max``) rises linearly from 0 at the first
 #: target to 1 at the second (docs/allocation.md: the input groups' relative cost changes with the target).
 SCHEDULE_RANGE = (0.5, 0.8)
@@ -213,21 +109,11 @@ def _score_group_sched(a, kinds, layers, target):
     return (1.0 - w) * _score_group_max(a, kinds, layers) + w * _score_group_linear(a, kinds, layers)
 
 
+#: Scores of the supported mappings (research scores join through :func:`register_research_mappings`).
 _SCORES: dict[str, ScoreFn] = {
-    "linear": _score_linear,
-    "log": _score_log,
-    "clip": _score_clip,
-    "rank": _score_rank,
-    "per-type": _score_per_type,
-    "type-rank": _score_type_rank,
     "block": _score_block,
-    "type": _score_type,
-    "type-block": _score_type_block,
-    "type-linear": _score_type_linear,
-    "group": _score_group,
-    "group-linear": _score_group_linear,
     "group-max": _score_group_max,
-    "group-max-linear": _score_group_max_linear,
+    "group-linear": _score_group_linear,
     "group-sched": _score_group_sched,
 }
 #: Scores that depend on the target sparsity as well as the alphas.
@@ -236,28 +122,22 @@ REVERSED_SUFFIX = "-rev"
 KEPT_SUFFIX = "-kept"
 ABS_SUFFIX = "-abs"
 SCALES = ("", KEPT_SUFFIX, ABS_SUFFIX)
-MAPPINGS: tuple[str, ...] = tuple(
-    base + rev + scale for base in _SCORES for rev in ("", REVERSED_SUFFIX) for scale in SCALES
-)
-#: Mappings whose budget is a non-decreasing function of alpha alone (before reversal).
-MONOTONE_MAPPINGS: tuple[str, ...] = tuple(base + scale for base in ("linear", "log", "clip", "rank") for scale in SCALES)
+
+DEFAULT_MAPPING = "group-sched-rev-abs"
+DEFAULT_EPSILON = 0.1
+#: The supported mappings: the default and the alternatives docs/allocation.md recommends.
+MAPPINGS: tuple[str, ...] = (DEFAULT_MAPPING, "group-linear-rev-abs", "group-max-rev-abs", "block-abs")
 
 #: ``-abs`` scale: the spread never exceeds this fraction of the uniform kept fraction 1 − s.
 ABS_MAX_KEPT_CUT = 0.5
 
-DEFAULT_MAPPING = "group-sched-rev-abs"
-DEFAULT_EPSILON = 0.1
+#: Research mappings made known by :func:`register_research_mappings` (never accepted by :func:`check_mapping`).
+_RESEARCH_SCORES: dict[str, ScoreFn] = {}
+_RESEARCH_MAPPINGS: set[str] = set()
 
 
-def check_mapping(mapping: str) -> str:
-    if mapping not in MAPPINGS:
-        raise ActTailError(f"mapping must be one of {', '.join(MAPPINGS)}; got {mapping!r}")
-    return mapping
-
-
-def parse_mapping(mapping: str) -> tuple[str, bool, str]:
-    """``<score>[-rev][-kept|-abs]`` -> (score name, reversed, scale: "sparsity" | "kept" | "abs")."""
-    check_mapping(mapping)
+def _split(mapping: str) -> tuple[str, bool, str]:
+    """``<score>[-rev][-kept|-abs]`` -> (score name, reversed, scale: "sparsity" | "kept" | "abs"); no lookup."""
     scale = "sparsity"
     for suffix, name in ((KEPT_SUFFIX, "kept"), (ABS_SUFFIX, "abs")):
         if mapping.endswith(suffix):
@@ -266,6 +146,39 @@ def parse_mapping(mapping: str) -> tuple[str, bool, str]:
     if reverse:
         mapping = mapping[: -len(REVERSED_SUFFIX)]
     return mapping, reverse, scale
+
+
+def register_research_mappings(score_fns: dict[str, ScoreFn], mappings: Iterable[str]) -> None:
+    """Research hook (benchmarks, studies): make ``mappings`` known to :func:`scores`, :func:`allocate` and
+    :func:`build_config`, with the extra ``score_fns`` they name. :func:`check_mapping` does not change."""
+    known = {**_SCORES, **_RESEARCH_SCORES, **score_fns}
+    mappings = tuple(mappings)
+    unknown = [m for m in mappings if _split(m)[0] not in known]
+    if unknown:
+        raise ActTailError(f"research mapping {unknown[0]!r} names no registered score")
+    _RESEARCH_SCORES.update(score_fns)
+    _RESEARCH_MAPPINGS.update(mappings)
+
+
+def check_mapping(mapping: str, flag: str = "mapping") -> str:
+    """``mapping`` if it is a supported mapping (``MAPPINGS``), else a one-line ActTailError listing them."""
+    if mapping not in MAPPINGS:
+        raise ActTailError(f"{flag} must be one of {', '.join(MAPPINGS)}; got {mapping!r}")
+    return mapping
+
+
+def _resolve(mapping: str) -> str:
+    """A supported mapping, or a research one registered through :func:`register_research_mappings`."""
+    return mapping if mapping in _RESEARCH_MAPPINGS else check_mapping(mapping)
+
+
+def parse_mapping(mapping: str) -> tuple[str, bool, str]:
+    """``<score>[-rev][-kept|-abs]`` -> (score name, reversed, scale: "sparsity" | "kept" | "abs")."""
+    return _split(_resolve(mapping))
+
+
+def _score_fn(base: str) -> ScoreFn:
+    return _SCORES[base] if base in _SCORES else _RESEARCH_SCORES[base]
 
 
 def scores(alphas: np.ndarray, mapping: str, kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None,
@@ -279,9 +192,9 @@ def scores(alphas: np.ndarray, mapping: str, kinds: Sequence[str] | None = None,
     if base in TARGET_SCORES:
         if target is None:
             raise ActTailError(f"mapping {mapping!r} needs the target sparsity; pass target= to scores()")
-        z = _SCORES[base](*args, target)
+        z = _score_fn(base)(*args, target)
     else:
-        z = _SCORES[base](*args)
+        z = _score_fn(base)(*args)
     return 1.0 - z if reverse else z
 
 
@@ -401,8 +314,8 @@ def _greedy_budgets(model, projections, budgets, params, layers, trajectories) -
 def block_targets(budgets: np.ndarray, params: np.ndarray, layers: Sequence[int]) -> list[float]:
     """Parameter-weighted mean budget of every layer (the greedy search's level per block)."""
     layers = np.asarray(layers)
-    return [float((params[layers == l] * budgets[layers == l]).sum() / params[layers == l].sum())
-            for l in range(int(layers.max()) + 1)]
+    return [float((params[layers == i] * budgets[layers == i]).sum() / params[layers == i].sum())
+            for i in range(int(layers.max()) + 1)]
 
 
 def greedy_levels(model, allocation: str, sparsities: Sequence[float], epsilon: float | None = None,
@@ -449,7 +362,7 @@ def build_config(
     epsilon = DEFAULT_EPSILON if epsilon is None else check_epsilon(epsilon)
     if allocation == "acttail-greedy" and mapping is None:
         mapping = _combined_mapping()
-    mapping = check_mapping(DEFAULT_MAPPING if mapping is None else mapping)
+    mapping = _resolve(DEFAULT_MAPPING if mapping is None else mapping)
     if allocation in ("uniform", "teal-greedy"):  # the same budget everywhere: no spread, no alpha mapping to record
         epsilon, mapping = None, None
     projections = iter_projections(model)
@@ -465,7 +378,7 @@ def build_config(
         if missing:
             raise ActTailError(f"fits lack {len(missing)} projections (e.g. {missing[0]}): fit them with spectral.analyze_model(model)")
         alphas = np.array([fits[name].alpha for name, *_ in projections])
-    layers = [l for _, l, _, _ in projections]
+    layers = [layer for _, layer, _, _ in projections]
     if allocation in ("uniform", "teal-greedy"):
         budgets = uniform(params, target_sparsity)
     else:

@@ -52,7 +52,7 @@ def check_export_dir(export_dir: str | Path) -> tuple[ActTailConfig, bool]:
         raise ActTailError(f"{path} not found: {export_dir} is not a complete export, re-run `acttail-export export`")
     try:
         graph = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError: truncated or overwritten file
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError: truncated or overwritten file
         raise ActTailError(f"{path} is not a valid ONNX file ({type(exc).__name__}): it is probably truncated, re-run the export") from None
     if not graph.graph.node:
         raise ActTailError(f"{path} holds no graph: it is probably truncated, re-run the export")
@@ -97,7 +97,7 @@ def _check_mode(graph, config: ActTailConfig) -> None:
                            "the files come from different exports, re-run the export")
 
 
-def load_session_options(export_dir: str | Path, sess_options: "ort.SessionOptions | None" = None) -> "ort.SessionOptions":
+def load_session_options(export_dir: str | Path, sess_options: ort.SessionOptions | None = None) -> ort.SessionOptions:
     """Session options for an export; registers the custom op library when the graph needs it.
 
     The library copy inside the export folder is preferred, then :func:`acttail_export.ops.get_library_path`.
@@ -129,7 +129,7 @@ def _check_provider(provider: str) -> str:
     return provider
 
 
-def create_session(export_dir: str | Path, provider: str = "CPUExecutionProvider") -> "ort.InferenceSession":
+def create_session(export_dir: str | Path, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
     """A plain ``InferenceSession`` on ``model.onnx`` of a checked export folder."""
     import onnxruntime as ort
 
@@ -138,7 +138,7 @@ def create_session(export_dir: str | Path, provider: str = "CPUExecutionProvider
     return ort.InferenceSession(str(Path(export_dir) / ONNX_NAME), options, providers=[provider])
 
 
-def load_model(export_dir: str | Path, provider: str = "CPUExecutionProvider") -> "ORTModelForCausalLM":
+def load_model(export_dir: str | Path, provider: str = "CPUExecutionProvider") -> ORTModelForCausalLM:
     """``ORTModelForCausalLM`` for an export folder, ready for ``generate()`` with KV cache."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
@@ -148,10 +148,11 @@ def load_model(export_dir: str | Path, provider: str = "CPUExecutionProvider") -
                                                use_cache=True, file_name=ONNX_NAME)
 
 
-def decoder_feeds(session: "ort.InferenceSession", input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def decoder_feeds(session: ort.InferenceSession, input_ids: np.ndarray,
+                  attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Feeds for a full-prompt forward pass with an empty KV cache (left padding handled by the mask)."""
-    from onnx.helper import tensor_dtype_to_np_dtype
     from onnx import TensorProto
+    from onnx.helper import tensor_dtype_to_np_dtype
 
     if attention_mask is None:
         attention_mask = np.ones_like(input_ids)
@@ -183,6 +184,29 @@ def window_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     return float((log_z - target).sum()), len(ids) - 1
 
 
+def window_nlls(session: ort.InferenceSession, windows: np.ndarray, progress: bool = False,
+                desc: str = "perplexity (onnxruntime)") -> list[tuple[float, int]]:
+    """(summed next-token NLL, predicted tokens) of every window of ``windows`` ``[n, L]``, one forward pass each
+    (full prompt, empty KV cache): the one per-window loop of :func:`perplexity_onnx` and the paired comparisons."""
+    iterator = windows
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(windows, desc=desc, unit="window")
+    return [window_nll(session.run(["logits"], decoder_feeds(session, ids[None]))[0][0], ids) for ids in iterator]
+
+
+def export_windows(export_dir: str | Path, data: str | Path, sequence_length: int,
+                   max_tokens: int | None = None) -> np.ndarray:
+    """Non-overlapping token windows ``[n, sequence_length]`` of ``data`` with the export's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .data import load_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    return load_windows(tokenizer, data, sequence_length, max_tokens=max_tokens).numpy()
+
+
 def perplexity_onnx(
     export_dir: str | Path,
     data: str | Path,
@@ -192,26 +216,12 @@ def perplexity_onnx(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity of an export on ``data``: non-overlapping windows, mean NLL of next-token predictions."""
-    from transformers import AutoTokenizer
-
-    from .data import load_windows
-
     if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 2:
         raise ActTailError(f"sequence length must be an integer >= 2 to predict a token (--sequence-length), got {sequence_length!r}")
     session = create_session(export_dir, provider)
-    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
-    windows = load_windows(tokenizer, data, sequence_length, max_tokens=max_tokens).numpy()
-    total, count = 0.0, 0
-    iterator = windows
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(windows, desc="perplexity (onnxruntime)", unit="window")
-    for ids in iterator:
-        logits = session.run(["logits"], decoder_feeds(session, ids[None]))[0][0]
-        nll, n = window_nll(logits, ids)
-        total, count = total + nll, count + n
-    ppl = math.exp(total / count)
+    windows = export_windows(export_dir, data, sequence_length, max_tokens)
+    nlls = window_nlls(session, windows, progress)
+    ppl = math.exp(sum(nll for nll, _ in nlls) / sum(n for _, n in nlls))
     logger.info("onnxruntime perplexity %.3f on %d windows of %d tokens", ppl, len(windows), sequence_length)
     return {"perplexity": ppl, "tokens": int(windows.size), "windows": len(windows), "sequence_length": sequence_length,
             "data": os.path.abspath(data), "backend": f"onnxruntime/{provider}"}

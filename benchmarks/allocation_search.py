@@ -41,13 +41,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acttail_export import allocation  # noqa: E402
+from acttail_export import _research_mappings, allocation  # noqa: E402
 from acttail_export.config import PROJECTION_KINDS, topk_keep  # noqa: E402
 from acttail_export.data import DEFAULT_TEXT_DIR, load_windows  # noqa: E402
 from acttail_export.evaluation import perplexity_windows  # noqa: E402
 from acttail_export.modeling import default_model_path, load_model  # noqa: E402
 from acttail_export.spectral import PowerLawFit, analyze_model  # noqa: E402
 
+_research_mappings.enable()  # the whole sweep space, not only allocation.MAPPINGS
 WIKITEXT = DEFAULT_TEXT_DIR  # $ACTTAIL_WIKITEXT_DIR (wiki.valid.raw, wiki.test.raw)
 FITS_CACHE = Path.home() / ".cache" / "acttail-export" / "allocation_search_fits.json"
 
@@ -137,7 +138,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--sequence-length", type=int, default=1024)
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.8])
-    parser.add_argument("--mapping", nargs="+", default=["uniform", allocation.DEFAULT_MAPPING])
+    parser.add_argument("--mapping", nargs="+", default=["uniform", allocation.DEFAULT_MAPPING],
+                        help="uniform, probe:<kind>, move:<kinds>@<delta>, or a mapping of "
+                             "acttail_export._research_mappings.ALL_MAPPINGS")
     parser.add_argument("--epsilon", type=float, nargs="+", default=[allocation.DEFAULT_EPSILON])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--output", type=Path, default=None, help="results JSON (appended to, resumable)")

@@ -14,7 +14,8 @@ command; finished rows are skipped)::
     .venv/bin/python benchmarks/allocation_study.py --table docs/results/allocation/study_test*.json \
         --prior docs/results/allocation_confirm_test_16k.json
 
-``acttail-greedy:<mapping>`` sets the HT-SR mapping of the block targets (default greedy.COMBINED_MAPPING).
+``acttail-greedy:<mapping>`` sets the HT-SR mapping of the block targets (default greedy.COMBINED_MAPPING; any
+mapping of ``acttail_export._research_mappings.ALL_MAPPINGS``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acttail_export import greedy  # noqa: E402
+from acttail_export import _research_mappings, greedy  # noqa: E402
 from acttail_export.allocation import build_config, greedy_levels  # noqa: E402
 from acttail_export.data import load_windows  # noqa: E402
 from acttail_export.evaluation import perplexity_windows  # noqa: E402
@@ -39,6 +40,7 @@ from acttail_export.modeling import default_model_path, load_model  # noqa: E402
 from acttail_export.spectral import analyze_model  # noqa: E402
 
 logger = logging.getLogger("allocation_study")
+_research_mappings.enable()  # acttail-greedy:<mapping> may name any mapping of the sweep space
 
 
 def _rows(path: Path) -> list[dict]:

@@ -26,20 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def window_nlls(export_dir: str, data: str, tokens: int, length: int) -> list[float]:
+def mean_window_nlls(export_dir: str, data: str, tokens: int, length: int) -> list[float]:
     """Mean next-token NLL of each window of ``length`` tokens (first ``tokens`` of ``data``)."""
-    from transformers import AutoTokenizer
+    from acttail_export.runtime import create_session, export_windows, window_nlls
 
-    from acttail_export.data import load_windows
-    from acttail_export.runtime import create_session, decoder_feeds, window_nll
-
-    session = create_session(export_dir)
-    windows = load_windows(AutoTokenizer.from_pretrained(export_dir), data, length, max_tokens=tokens).numpy()
-    out = []
-    for ids in windows:
-        nll, n = window_nll(session.run(["logits"], decoder_feeds(session, ids[None]))[0][0], ids)
-        out.append(nll / n)
-    return out
+    windows = export_windows(export_dir, data, length, tokens)
+    return [nll / n for nll, n in window_nlls(create_session(export_dir), windows)]
 
 
 def _child(export_dir: str, args, isa: str | None) -> list[float]:
@@ -61,7 +53,7 @@ def main() -> None:
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(window_nlls(args.one, args.data, args.tokens, args.sequence_length)))
+        print(json.dumps(mean_window_nlls(args.one, args.data, args.tokens, args.sequence_length)))
         return
     mask = np.array(_child(args.mask, args, None))
     rows = {}

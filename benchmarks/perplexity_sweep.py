@@ -58,7 +58,7 @@ def _meta(args: argparse.Namespace, seconds: float) -> dict:
 
 
 def run_sweep(args: argparse.Namespace) -> None:
-    from acttail_export.commands.evaluate import evaluate_base
+    from acttail_export.sweep import evaluate_base
     from acttail_export.data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA
 
     start = time.perf_counter()
@@ -77,7 +77,7 @@ def run_sweep(args: argparse.Namespace) -> None:
 
 def run_calibration_study(args: argparse.Namespace) -> None:
     """Dense vs sequential calibration, threshold mode, on disjoint halves of the validation split."""
-    from acttail_export.commands.evaluate import evaluate_base
+    from acttail_export.sweep import evaluate_base
     from acttail_export.data import DEFAULT_CALIBRATION_DATA, read_text
 
     text = read_text(DEFAULT_CALIBRATION_DATA)

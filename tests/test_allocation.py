@@ -1,4 +1,7 @@
-"""Sparsity allocation: property tests (hypothesis), reference formulas, build_config, analyze command."""
+"""Sparsity allocation: property tests (hypothesis), reference formulas, build_config, analyze command.
+
+The supported mappings (``allocation.MAPPINGS``) are tested as they are; the research sweep space
+(``_research_mappings.ALL_MAPPINGS``) after its explicit ``enable()``, which the CLI never calls."""
 
 from __future__ import annotations
 
@@ -6,13 +9,17 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from acttail_export import _research_mappings as research
 from acttail_export import allocation
-from acttail_export.allocation import MAPPINGS, MONOTONE_MAPPINGS, allocate, build_config, scores
+from acttail_export.allocation import MAPPINGS, allocate, build_config, scores
 from acttail_export.config import PROJECTION_KINDS, SHARED_INPUT_GROUPS, ActTailConfig, topk_keep
 from acttail_export.errors import ActTailError
+
+ALL_MAPPINGS = research.enable()  # the sweep space, registered for the library functions of this process
+MONOTONE_MAPPINGS = research.MONOTONE_MAPPINGS
 
 
 @st.composite
@@ -33,8 +40,20 @@ def _weighted(s, params):
     return float((s * params).sum() / params.sum())
 
 
+@pytest.mark.parametrize("mapping", MAPPINGS)
+@settings(max_examples=30, deadline=None)
+@given(problem=problems())
+def test_supported_mappings_weighted_mean_exact_and_bounds(problem, mapping):
+    alphas, params, kinds, layers, target, epsilon, s_max = problem
+    s = allocate(alphas, params, target, epsilon, mapping, s_max, kinds=kinds, layers=layers)
+    assert abs(_weighted(s, params) - target) < 1e-6
+    assert np.all(s >= 0) and np.all(s <= s_max + 1e-12)
+    # -abs: every budget within ε' = min(ε, (1 − s)/2) of the target before the shift c, so the spread is <= 2ε'
+    assert np.ptp(s) <= 2 * min(epsilon, allocation.ABS_MAX_KEPT_CUT * (1 - target)) + 1e-9
+
+
 @settings(max_examples=60, deadline=None)
-@given(problems(), st.sampled_from(MAPPINGS))
+@given(problems(), st.sampled_from(ALL_MAPPINGS))
 def test_weighted_mean_exact_and_bounds(problem, mapping):
     alphas, params, kinds, layers, target, epsilon, s_max = problem
     s = allocate(alphas, params, target, epsilon, mapping, s_max, kinds=kinds, layers=layers)
@@ -85,7 +104,24 @@ def test_block_and_type_share_one_budget_per_group(problem):
 
 
 @settings(max_examples=40, deadline=None)
-@given(problems(), st.sampled_from(MAPPINGS))
+@given(problems(min_size=14))
+def test_block_abs_one_budget_per_layer_monotone_in_layer_mean_alpha(problem):
+    """``block-abs`` (acttail-greedy's block targets): one budget per layer, non-decreasing in the layer's mean
+    alpha (AlphaPruning's direction)."""
+    alphas, params, kinds, layers, target, epsilon, s_max = problem
+    s = allocate(alphas, params, target, epsilon, "block-abs", s_max, kinds=kinds, layers=layers)
+    layers = np.array(layers)
+    means, budgets = [], []
+    for layer in np.unique(layers):
+        assert np.ptp(s[layers == layer]) < 1e-12
+        means.append(alphas[layers == layer].mean())
+        budgets.append(s[layers == layer][0])
+    order = np.argsort(means)
+    assert np.all(np.diff(np.array(budgets)[order]) >= -1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from(MAPPINGS + ALL_MAPPINGS))
 def test_epsilon_zero_is_uniform(problem, mapping):
     alphas, params, kinds, layers, target, _, s_max = problem
     s = allocate(alphas, params, target, 0.0, mapping, s_max, kinds=kinds, layers=layers)
@@ -200,6 +236,56 @@ def test_allocate_errors(kwargs, match):
         allocate(**args)
 
 
+# --- supported mappings vs the research registry ----------------------------------------------
+def test_supported_mappings_are_a_few_of_the_sweep_space():
+    from acttail_export.greedy import COMBINED_MAPPING
+
+    assert allocation.DEFAULT_MAPPING in MAPPINGS and COMBINED_MAPPING in MAPPINGS  # both reachable from the CLI
+    assert set(MAPPINGS) <= set(ALL_MAPPINGS) and 2 <= len(MAPPINGS) <= 4 < len(ALL_MAPPINGS)
+    assert set(allocation.__all__) <= set(dir(allocation))
+
+
+@pytest.mark.parametrize("mapping", ["linear", "log-rev-kept", "group-rev-kept"])
+def test_check_mapping_refuses_research_mappings_even_when_enabled(mapping):
+    assert mapping in ALL_MAPPINGS  # registered in this process, so allocate() takes it ...
+    assert allocate(np.array([2.0, 5.0]), np.array([1.0, 3.0]), 0.5, 0.1, mapping, kinds=["q_proj", "o_proj"]).size == 2
+    with pytest.raises(ActTailError, match=f"^--mapping must be one of {', '.join(MAPPINGS)}; got '{mapping}'$"):
+        allocation.check_mapping(mapping, "--mapping")  # ... but the CLI's check does not
+
+
+def test_research_mappings_need_the_registry(monkeypatch):
+    """Without ``_research_mappings.enable()`` the library knows the supported mappings only."""
+    monkeypatch.setattr(allocation, "_RESEARCH_MAPPINGS", set())
+    alphas, params = np.array([2.0, 5.0, 9.0]), np.array([1.0, 2.0, 3.0])
+    with pytest.raises(ActTailError, match="mapping must be one of"):
+        allocate(alphas, params, 0.5, 0.1, "linear")
+    kinds, layers = ["q_proj", "o_proj", "down_proj"], [0, 0, 1]
+    for mapping in MAPPINGS:
+        budgets = allocate(alphas, params, 0.5, 0.1, mapping, kinds=kinds, layers=layers)
+        assert abs(_weighted(budgets, params) - 0.5) < 1e-9
+
+
+def test_register_research_mappings_needs_a_known_score():
+    with pytest.raises(ActTailError, match="names no registered score"):
+        allocation.register_research_mappings({}, ["no-such-score-rev-abs"])
+
+
+@pytest.mark.parametrize("command", ["analyze", "evaluate", "export"])
+def test_cli_refuses_a_research_mapping(command, tiny_llama_dir, wikitext_test, tmp_path, capsys):
+    """Every command's --mapping takes the supported mappings only: one line on stderr, exit 2, nothing written."""
+    from acttail_export.cli import main
+
+    out = tmp_path / "out"
+    argv = {"analyze": ["analyze", "--model", str(tiny_llama_dir), "--json", str(tmp_path / "a.json"), "--no-progress"],
+            "evaluate": ["evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test), "--json",
+                         str(tmp_path / "e.json"), "--no-progress"],
+            "export": ["export", "--model", str(tiny_llama_dir), str(out)]}[command]
+    assert main([*argv, "--mapping", "linear-rev-abs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"--mapping must be one of {', '.join(MAPPINGS)}; got 'linear-rev-abs'")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- build_config on a real (tiny) model -------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):
@@ -210,7 +296,7 @@ def tiny(tiny_llama_dir):
     return model, analyze_model(model, progress=False)
 
 
-@pytest.mark.parametrize("mapping", ["linear", "block-rev", allocation.DEFAULT_MAPPING])
+@pytest.mark.parametrize("mapping", ["linear", "block-rev", *MAPPINGS])
 def test_build_config_acttail(tiny, mapping, tmp_path):
     model, fits = tiny
     config = build_config(model, 0.7, epsilon=0.4, mapping=mapping, fits=fits)
@@ -264,13 +350,13 @@ def test_analyze_command_json_and_plot(tiny_llama_dir, tmp_path):
 
     json_path, png_path = tmp_path / "fits.json", tmp_path / "heat.png"
     code = main(["analyze", "--model", str(tiny_llama_dir), "--json", str(json_path), "--plot", str(png_path),
-                 "--sparsity", "0.6", "--epsilon", "0.5", "--mapping", "linear"])
+                 "--sparsity", "0.6", "--epsilon", "0.3", "--mapping", "group-linear-rev-abs"])
     assert code == 0
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png_path.stat().st_size > 5000
     data = json.loads(json_path.read_text())
     model, _ = load_model(str(tiny_llama_dir))
     fits = analyze_model(model, progress=False)
-    config = build_config(model, 0.6, epsilon=0.5, mapping="linear", fits=fits)
+    config = build_config(model, 0.6, epsilon=0.3, mapping="group-linear-rev-abs", fits=fits)
     rows = {row["name"]: row for row in data["projections"]}
     assert list(rows) == list(fits)
     for p in config.projections:
@@ -282,7 +368,7 @@ def test_analyze_command_json_and_plot(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("argv,match", [
     (["--sparsity", "1.5"], "sparsity"),
-    (["--mapping", "bogus"], "mapping must be one of"),
+    (["--mapping", "bogus"], "--mapping must be one of"),
     (["--epsilon", "x"], "epsilon"),
     (["--plot", "/nonexistent-dir/x.png"], "folder"),
 ])

@@ -68,6 +68,31 @@ def test_perplexity_from_file_batch_invariant(tiny, windows, wikitext_test, tmp_
     assert a["tokens"] == 240 and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6)
 
 
+def test_library_evaluate_base_without_the_cli(tiny, tiny_llama_dir, wikitext_test):
+    """sweep.evaluate_base (the library behind ``evaluate``): dense row = the model's own loss, one row per config
+    with the budgets of build_config, in the order dense, then allocation × mode × sparsity."""
+    from acttail_export.allocation import build_config
+    from acttail_export.data import load_windows
+    from acttail_export.spectral import analyze_model
+    from acttail_export.sweep import evaluate_base
+
+    model, tokenizer = tiny
+    fits = analyze_model(model, progress=False)
+    rows = evaluate_base(str(tiny_llama_dir), wikitext_test, [0.0, 0.5, 0.7], ["uniform", "acttail"], ["topk"],
+                         sequence_length=48, max_tokens=4 * 48, progress=False, fits=fits)
+    assert [(r["allocation"], r["sparsity"]) for r in rows] == [
+        ("dense", 0.0), ("uniform", 0.5), ("uniform", 0.7), ("acttail", 0.5), ("acttail", 0.7)]
+    assert all(set(r) == RECORD_KEYS and r["tokens"] == 4 * 48 and r["backend"] == "torch" for r in rows)
+    windows = load_windows(tokenizer, wikitext_test, 48, max_tokens=4 * 48)
+    # the model's float32 mean loss vs the float64 NLL sum: the 1e-5 of test_dense_perplexity_equals_model_loss
+    assert rows[0]["perplexity"] == pytest.approx(reference_ppl(model, windows), rel=1e-5)
+    config = build_config(model, 0.7, "acttail", "topk", fits=fits)
+    want = perplexity_windows(model, windows, config, "topk", progress=False)
+    # same budgets, windows and code path in one process: equal up to float64 summation order
+    assert rows[-1]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-9)
+    assert rows[-1]["effective_sparsity"] == pytest.approx(want["effective_sparsity"], rel=1e-12)
+
+
 def run_cli(argv, capsys):
     from acttail_export.cli import main
 

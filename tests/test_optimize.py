@@ -705,4 +705,4 @@ def test_group_budgets_are_packable(tiny_llama_dir, mode, sequential):
     assert len({p.sparsity for p in configs[0].projections}) > 1  # budgets do differ across groups
     # above 50 % the default mapping blends in per-projection alphas: q, k and v get their own budgets
     assert DEFAULT_MAPPING.startswith("group-sched") and not packable(build_config(model, 0.8, allocation="acttail", mode="topk"))
-    assert not packable(build_config(model, 0.6, allocation="acttail", mode="topk", mapping="linear-rev-abs"))
+    assert not packable(build_config(model, 0.6, allocation="acttail", mode="topk", mapping="group-linear-rev-abs"))

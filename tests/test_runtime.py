@@ -130,6 +130,28 @@ def test_perplexity_onnx_matches_pytorch_evaluation(exported_threshold, tiny_lla
     assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
 
 
+def test_window_nlls_is_window_nll_of_each_window(exported_threshold, wikitext_test):
+    """The per-window loop: window_nll of each window's own logits, which equals torch's cross entropy."""
+    import numpy as np
+    import torch
+
+    from acttail_export.runtime import create_session, decoder_feeds, export_windows, window_nll, window_nlls
+
+    session = create_session(exported_threshold)
+    windows = export_windows(exported_threshold, wikitext_test, 24, max_tokens=72)
+    got = window_nlls(session, windows)
+    assert len(got) == len(windows) == 3
+    for (nll, count), ids in zip(got, windows):
+        logits = session.run(["logits"], decoder_feeds(session, ids[None]))[0][0]
+        assert (nll, count) == window_nll(logits, ids)  # same session, same input: bit-identical
+        ce = torch.nn.functional.cross_entropy(torch.from_numpy(logits[:-1]).double(), torch.from_numpy(ids[1:]),
+                                               reduction="sum")
+        # float64 both ways; 1e-9 relative covers the order of the log-sum-exp terms
+        assert count == len(ids) - 1 and nll == pytest.approx(float(ce), rel=1e-9)
+    result = perplexity_onnx(exported_threshold, wikitext_test, sequence_length=24, max_tokens=72, progress=False)
+    assert result["perplexity"] == pytest.approx(np.exp(sum(n for n, _ in got) / sum(c for _, c in got)), rel=1e-12)
+
+
 # --- window lengths -----------------------------------------------------------------------------
 def test_perplexity_onnx_needs_windows_of_two_tokens(exported_threshold, wikitext_test):
     for length in (1, 0, True):

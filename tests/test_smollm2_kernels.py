@@ -117,19 +117,11 @@ def test_every_projection_matches_the_reference_inside_the_graph(smollm2_exports
 
 
 def _window_nlls(export_dir, data) -> np.ndarray:
-    from transformers import AutoTokenizer
+    """Mean next-token NLL of each window of the first TOKENS tokens of ``data``."""
+    from acttail_export.runtime import create_session, export_windows, window_nlls
 
-    from acttail_export.data import load_windows
-    from acttail_export.runtime import create_session, decoder_feeds, window_nll
-
-    session = create_session(export_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
-    windows = load_windows(tokenizer, data, LENGTH, max_tokens=TOKENS).numpy()
-    out = []
-    for ids in windows:
-        nll, n = window_nll(session.run(["logits"], decoder_feeds(session, ids[None]))[0][0], ids)
-        out.append(nll / n)
-    return np.array(out)
+    windows = export_windows(export_dir, data, LENGTH, TOKENS)
+    return np.array([nll / n for nll, n in window_nlls(create_session(export_dir), windows)])
 
 
 def test_fused_export_perplexity_matches_mask_export(smollm2_exports, wikitext_valid):

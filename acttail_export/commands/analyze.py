@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
+    from ..allocation import DEFAULT_MAPPING, MAPPINGS
+
     parser = subparsers.add_parser("analyze", help="HT-SR alphas and sparsity budgets of every projection",
                                    description=__doc__.splitlines()[0])
     model = parser.add_argument_group("model")
@@ -32,7 +34,8 @@ def register(subparsers) -> None:
     budget.add_argument("--allocation", default="acttail", choices=[a for a in ALLOCATIONS if a not in GREEDY_ALLOCATIONS],
                         help="budget allocation (default: acttail; the greedy ones need calibration text: use export/evaluate)")
     budget.add_argument("--epsilon", default=None, help="ActTail spread epsilon in [0, 1) (default: allocation.DEFAULT_EPSILON)")
-    budget.add_argument("--mapping", default=None, help="alpha-to-budget mapping (default: allocation.DEFAULT_MAPPING)")
+    budget.add_argument("--mapping", default=None,
+                        help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: {DEFAULT_MAPPING})")
 
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE", help="write fits and budgets as JSON")
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
     epsilon = None if args.epsilon is None else check_epsilon(args.epsilon)
     from ..allocation import check_mapping
 
-    mapping = None if args.mapping is None else check_mapping(args.mapping)
+    mapping = None if args.mapping is None else check_mapping(args.mapping, "--mapping")
     json_path = _output_path(args.json, "--json")
     plot_path = _output_path(args.plot, "--plot", ".png")
     if args.device is not None:

@@ -1,11 +1,8 @@
 """``acttail-export evaluate``: perplexity of dense and sparsified models (PyTorch or ONNX Runtime).
 
-For a base model, every (allocation, sparsity, mode) combination is built with
-``allocation.build_config`` (alphas fitted once per run) and, in threshold mode, calibrated with
-``calibration.calibrate_many`` (one dense pass for all of them). Sparsity 0 is the dense model,
-evaluated once. For an export folder (it holds ``acttail_config.json``), its recorded config is
-evaluated: ``--backend torch`` rebuilds it in PyTorch on the base model named in the config,
-``--backend onnxruntime`` runs the exported graph.
+Parses and checks the flags, then calls :func:`acttail_export.sweep.evaluate_base` (a base model: every
+allocation × mode × sparsity) or :func:`acttail_export.sweep.evaluate_export` (an export folder: its
+recorded config) and prints the table.
 """
 
 from __future__ import annotations
@@ -22,13 +19,13 @@ from ..errors import ActTailError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime")
 DEFAULT_SPARSITIES = ("0", "0.5")
-DEFAULT_MAX_TOKENS = 16384
-DEFAULT_SEQUENCE_LENGTH = 1024
 
 
 def register(subparsers) -> None:
+    from ..allocation import DEFAULT_MAPPING, MAPPINGS
+    from ..sweep import BACKENDS, DEFAULT_MAX_TOKENS, DEFAULT_SEQUENCE_LENGTH
+
     parser = subparsers.add_parser(
         "evaluate",
         help="perplexity of the dense and sparsified model on a text file",
@@ -51,7 +48,8 @@ def register(subparsers) -> None:
     sparsity.add_argument("--mode", nargs="+", default=None, choices=MODES,
                           help="topk (per-token top-k, the paper's mode) and/or threshold (calibrated, TEAL's) (default: topk)")
     sparsity.add_argument("--epsilon", default=None, help="ActTail spread epsilon (default: allocation.DEFAULT_EPSILON)")
-    sparsity.add_argument("--mapping", default=None, help="alpha-to-budget mapping (default: allocation.DEFAULT_MAPPING)")
+    sparsity.add_argument("--mapping", default=None,
+                          help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: {DEFAULT_MAPPING})")
 
     calib = parser.add_argument_group("calibration (threshold mode)")
     calib.add_argument("--calibration-data", default=None, help="calibration text (default: WikiText-2 wiki.valid.raw)")
@@ -93,18 +91,6 @@ def _window_length(value: str | int | None, flag: str) -> int:
     return number
 
 
-def _check_context(length: int, limit: int | None, flag: str, where: str) -> None:
-    """ActTailError when windows of ``length`` tokens exceed the model's ``max_position_embeddings`` (if known)."""
-    if limit is not None and length > limit:
-        raise ActTailError(f"{flag} {length} exceeds the context of {where} (max_position_embeddings {limit}): "
-                           f"use {flag} {limit} or less")
-
-
-def _model_context(model) -> int | None:
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
 def _sparsities(values) -> list[float]:
     out: list[float] = []
     for value in values:
@@ -125,17 +111,14 @@ def _check_json_target(path: str | None) -> Path | None:
     return target
 
 
-def _record(allocation: str, sparsity: float, mode: str, backend: str, result: dict[str, Any]) -> dict[str, Any]:
-    effective = result.get("effective_sparsity")
-    return {
-        "allocation": allocation, "sparsity": sparsity, "mode": mode, "backend": backend,
-        "perplexity": float(result["perplexity"]), "tokens": int(result["tokens"]),
-        "effective_sparsity": None if effective is None else float(effective),
-    }
-
-
 def run(args: argparse.Namespace) -> None:
-    from ..data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA, EVALUATE_CALIBRATION_FLAGS, EVALUATE_DATA_FLAGS, read_text
+    from ..data import (
+        DEFAULT_CALIBRATION_DATA,
+        DEFAULT_EVAL_DATA,
+        EVALUATE_CALIBRATION_FLAGS,
+        EVALUATE_DATA_FLAGS,
+        read_text,
+    )
 
     progress = not args.no_progress
     data = Path(args.data) if args.data else DEFAULT_EVAL_DATA
@@ -165,7 +148,9 @@ def run(args: argparse.Namespace) -> None:
         if args.mapping is not None:
             from ..allocation import check_mapping
 
-            check_mapping(args.mapping)
+            check_mapping(args.mapping, "--mapping")
+        from ..sweep import evaluate_base
+
         records = evaluate_base(
             model_ref, data, sparsities, allocations, modes, sequence_length=sequence_length, max_tokens=max_tokens,
             dtype=args.dtype, device=args.device, batch_size=batch_size, progress=progress, epsilon=epsilon,
@@ -190,104 +175,12 @@ def _float(value: str, flag: str) -> float:
 
 def _evaluate_export(args, export_dir: Path, data: Path, sequence_length: int, max_tokens: int | None,
                      batch_size: int | None, progress: bool) -> list[dict[str, Any]]:
-    from ..config import ActTailConfig
+    from ..sweep import evaluate_export
 
-    config = ActTailConfig.load(export_dir)
     if args.sparsity or args.allocation or args.mode:
         logger.info("%s is an export folder: evaluating its recorded config (--sparsity/--allocation/--mode ignored)", export_dir)
-    if args.backend == "onnxruntime":
-        from ..runtime import max_positions, perplexity_onnx
-
-        _check_context(sequence_length, max_positions(export_dir), "--sequence-length", str(export_dir))
-        result = perplexity_onnx(export_dir, data, sequence_length, max_tokens, progress=progress)
-        result.setdefault("effective_sparsity", config.effective_sparsity)
-    else:
-        from ..evaluation import perplexity
-        from ..modeling import load_model
-
-        if not config.model:
-            raise ActTailError(f"{export_dir / CONFIG_NAME} records no base model ('model' field): re-export it")
-        model, tokenizer = load_model(config.model, args.dtype, args.device)
-        _check_context(sequence_length, _model_context(model), "--sequence-length", config.model)
-        result = perplexity(model, tokenizer, data, sequence_length, max_tokens, config=config, mode=config.mode,
-                            progress=progress, batch_size=batch_size)
-    allocation = config.allocation if config.target_sparsity > 0 else "dense"
-    mode = config.mode if config.target_sparsity > 0 else "dense"
-    return [_record(allocation, config.target_sparsity, mode, args.backend, result)]
-
-
-def evaluate_base(
-    model_ref: str | None,
-    data: str | Path,
-    sparsities: list[float],
-    allocations: list[str],
-    modes: list[str],
-    *,
-    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
-    max_tokens: int | None = DEFAULT_MAX_TOKENS,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    batch_size: int | None = None,
-    progress: bool = True,
-    epsilon: float | None = None,
-    mapping: str | None = None,
-    calibration_data: str | Path | None = None,
-    calibration_samples: int = 64,
-    calibration_sequence_length: int = 512,
-    sequential: bool = False,
-    fits: dict | None = None,
-) -> list[dict[str, Any]]:
-    """Records (see ``--json``) for dense (if 0 in ``sparsities``) and every (allocation, mode, sparsity > 0).
-
-    ``fits`` (from ``spectral.analyze_model``) skips the spectral analysis when already computed.
-    """
-    from ..allocation import build_config
-    from ..calibration import calibrate_many
-    from ..data import DEFAULT_CALIBRATION_DATA, EVALUATE_CALIBRATION_FLAGS, EVALUATE_DATA_FLAGS, load_windows
-    from ..evaluation import perplexity_windows
-    from ..modeling import default_model_path, load_model, resolve_model
-    from ..spectral import analyze_model
-
-    model_ref = resolve_model(model_ref or default_model_path())  # alias expanded, a local path absolute
-    model, tokenizer = load_model(model_ref, dtype, device)
-    context = _model_context(model)
-    _check_context(sequence_length, context, "--sequence-length", model_ref)
-    windows = load_windows(tokenizer, data, sequence_length, max_tokens=max_tokens, flags=EVALUATE_DATA_FLAGS)
-    calibration_windows = None
-    if "threshold" in modes and any(s > 0 for s in sparsities):
-        # cut here (before the spectral analysis) with evaluate's flag names: --calibration-sequence-length, not export's
-        _check_context(calibration_sequence_length, context, "--calibration-sequence-length", model_ref)
-        calibration_windows = load_windows(tokenizer, DEFAULT_CALIBRATION_DATA if calibration_data is None else calibration_data,
-                                           calibration_sequence_length, samples=calibration_samples, flags=EVALUATE_CALIBRATION_FLAGS)
-    records: list[dict[str, Any]] = []
-    if 0.0 in sparsities:
-        records.append(_record("dense", 0.0, "dense", "torch", perplexity_windows(model, windows, progress=progress, batch_size=batch_size)))
-    sparse = [s for s in sparsities if s > 0]
-    if not sparse:
-        return records
-    if fits is None and {"acttail", "acttail-greedy"} & set(allocations):
-        fits = analyze_model(model, progress=progress)  # once per run, shared by every config
-    trajectories = {}
-    for allocation in {"teal-greedy", "acttail-greedy"} & set(allocations):
-        from ..greedy import search_for
-
-        for mode in modes:  # one cached search per mode reaches every level asked for
-            trajectories[allocation, mode] = search_for(model, tokenizer, allocation, sparse, mode, calibration_data, fits=fits,
-                                                        epsilon=epsilon, mapping=mapping, progress=progress)
-    configs = [
-        (allocation, s, mode, build_config(model, s, allocation, mode, epsilon=epsilon, mapping=mapping, fits=fits,
-                                           trajectories=trajectories.get((allocation, mode))))
-        for allocation in allocations for mode in modes for s in sparse
-    ]
-    thresholded = [c for _, _, mode, c in configs if mode == "threshold"]
-    if thresholded:
-        calibrate_many(model, tokenizer, thresholded, calibration_data, calibration_samples, calibration_sequence_length,
-                       progress, sequential=sequential, windows=calibration_windows)
-    for allocation, s, mode, config in configs:
-        config.model = str(model_ref)
-        result = perplexity_windows(model, windows, config, mode, progress=progress, batch_size=batch_size)
-        records.append(_record(allocation, s, mode, "torch", result))
-    return records
+    return [evaluate_export(export_dir, data, args.backend, sequence_length=sequence_length, max_tokens=max_tokens,
+                            dtype=args.dtype, device=args.device, batch_size=batch_size, progress=progress)]
 
 
 def _print_table(records: list[dict[str, Any]]) -> None:

@@ -21,6 +21,8 @@ HELP = "Export a LLaMA/Mistral model with ActTail activation sparsity to ONNX (K
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Define the export flags on ``parser`` (shared by acttail-export and optimum-cli)."""
+    from ..allocation import MAPPINGS  # the --mapping help lists the supported mappings
+
     required = parser.add_argument_group("Required arguments")
     required.add_argument("-m", "--model", default=None,
                           help="HF model folder, .gguf file, Hub id, or 'smollm2' for the bundled SmolLM2-135M-Instruct")
@@ -35,7 +37,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     sparsity.add_argument("--kernel", choices=("mask", "fused"), default="mask",
                           help="standard ONNX masking ops (mask) or the com.acttail::SparseMatMul custom op (fused; needs `make ops`)")
     sparsity.add_argument("--epsilon", default=None, help="allocation spread in [0, 1) (default: the allocation's)")
-    sparsity.add_argument("--mapping", default=None, help="alpha-to-budget mapping (default: the allocation's)")
+    sparsity.add_argument("--mapping", default=None,
+                          help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: the allocation's)")
 
     calib = parser.add_argument_group("Calibration")
     calib.add_argument("--calibration-data", type=Path, default=None, metavar="FILE",
