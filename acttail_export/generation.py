@@ -245,13 +245,17 @@ def _prompt_ids(tokenizer, prompt: str, export_dir: Path, max_new_tokens: int) -
 
 
 def generate(export_dir: str | Path, prompt: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device: str = "cpu",
-             temperature: float = 0.0, seed: int | None = None, stream: Callable[[str], None] | None = None) -> GenerationResult:
-    """Continue ``prompt`` with an export; ``stream(text)`` is called with each completed piece of text."""
+             temperature: float = 0.0, seed: int | None = None, stream: Callable[[str], None] | None = None,
+             stop_at_eos: bool = True) -> GenerationResult:
+    """Continue ``prompt`` with an export; ``stream(text)`` is called with each completed piece of text.
+
+    ``stop_at_eos=False`` generates exactly ``max_new_tokens`` tokens (within the context), EOS included.
+    """
     check_request(prompt, max_new_tokens, device, temperature)
     export_dir = check_folder(export_dir)
     tokenizer = load_tokenizer(export_dir)
     prompt_ids, max_new_tokens = _prompt_ids(tokenizer, prompt, export_dir, max_new_tokens)
-    stop = eos_ids(export_dir, tokenizer)
+    stop = eos_ids(export_dir, tokenizer) if stop_at_eos else set()
     if _use_genai(export_dir):
         backend = f"onnxruntime-genai/{device}"
         tokens = _genai_tokens(_genai_generator(export_dir, prompt_ids, max_new_tokens, device, temperature, seed), prompt_ids)
