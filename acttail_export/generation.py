@@ -147,7 +147,7 @@ def choose(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> 
 class OrtDecoder:
     """Prefill + one-token KV-cached steps on a plain ONNX Runtime session of an export (batch 1)."""
 
-    def __init__(self, export_dir: str | Path, device: str = "cpu", session: "ort.InferenceSession | None" = None) -> None:
+    def __init__(self, export_dir: str | Path, device: str = "cpu", session: ort.InferenceSession | None = None) -> None:
         from .runtime import create_session
 
         provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"

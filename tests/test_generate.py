@@ -19,7 +19,7 @@ from acttail_export.cli import main
 from acttail_export.generation import OrtDecoder, TextStream, generate
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived"]
-FAST = dict(calibration_samples=2, sequence_length=32, eval_tokens=128, progress=False)
+FAST = {"calibration_samples": 2, "sequence_length": 32, "eval_tokens": 128, "progress": False}
 STATS = re.compile(r"^(\d+) tokens in [\d.]+ s, [\d.]+ tokens/s \(decode\), prompt (\d+) tokens$")
 
 
@@ -87,7 +87,7 @@ def test_cached_steps_equal_a_full_forward_of_the_sparse_export(prompt, sparse_e
 
 
 def test_generation_stops_at_eos(sparse_export, monkeypatch):
-    import acttail_export.generation as generation
+    from acttail_export import generation
 
     tokens = generate(sparse_export, PROMPTS[0], 6, stop_at_eos=False).token_ids
     stop = tokens[3]
@@ -174,6 +174,6 @@ def test_cuda_unavailable(sparse_export, capsys, monkeypatch):
 
 def test_bad_input_in_a_fresh_interpreter_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "acttail_export.cli", "generate", "--model", str(tmp_path / "nope"),
-                           "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+                           "--prompt", "hi"], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
