@@ -227,11 +227,15 @@ def _use_genai(export_dir: Path) -> bool:
     return True
 
 
-def _prompt_ids(tokenizer, prompt: str, export_dir: Path, max_new_tokens: int) -> tuple[list[int], int]:
-    """Prompt token ids and ``max_new_tokens`` cut to the model's context (``max_position_embeddings``)."""
+def _prompt_ids(tokenizer, prompt: str, export_dir: Path, max_new_tokens: int, chat: bool) -> tuple[list[int], int]:
+    """Prompt token ids (the chat template applied when ``chat``) and ``max_new_tokens`` cut to the context."""
     from .runtime import max_positions
 
-    ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ActTailError(f"--chat: the tokenizer in {export_dir} has no chat template; drop --chat")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    ids = [int(i) for i in tokenizer(prompt, add_special_tokens=not chat)["input_ids"]]  # a template writes its own BOS
     if not ids:
         raise ActTailError("--prompt encodes to no tokens: pass some text")
     limit = max_positions(export_dir)
@@ -246,15 +250,16 @@ def _prompt_ids(tokenizer, prompt: str, export_dir: Path, max_new_tokens: int) -
 
 def generate(export_dir: str | Path, prompt: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device: str = "cpu",
              temperature: float = 0.0, seed: int | None = None, stream: Callable[[str], None] | None = None,
-             stop_at_eos: bool = True) -> GenerationResult:
+             stop_at_eos: bool = True, chat: bool = False) -> GenerationResult:
     """Continue ``prompt`` with an export; ``stream(text)`` is called with each completed piece of text.
 
+    ``chat=True`` sends ``prompt`` as one user message through the tokenizer's chat template (instruct models).
     ``stop_at_eos=False`` generates exactly ``max_new_tokens`` tokens (within the context), EOS included.
     """
     check_request(prompt, max_new_tokens, device, temperature)
     export_dir = check_folder(export_dir)
     tokenizer = load_tokenizer(export_dir)
-    prompt_ids, max_new_tokens = _prompt_ids(tokenizer, prompt, export_dir, max_new_tokens)
+    prompt_ids, max_new_tokens = _prompt_ids(tokenizer, prompt, export_dir, max_new_tokens, chat)
     stop = eos_ids(export_dir, tokenizer) if stop_at_eos else set()
     if _use_genai(export_dir):
         backend = f"onnxruntime-genai/{device}"

@@ -86,6 +86,20 @@ def test_cached_steps_equal_a_full_forward_of_the_sparse_export(prompt, sparse_e
     assert steps.argmax(-1).tolist() == tokens  # greedy: each step's argmax is the next generated token
 
 
+def test_chat_prompt_goes_through_the_chat_template(sparse_export):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sparse_export)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    decoder = OrtDecoder(sparse_export)
+    want = [int(decoder.forward(np.array(ids))[-1].argmax())]
+    for _ in range(5):
+        want.append(int(decoder.step(want[-1]).argmax()))
+    result = generate(sparse_export, PROMPTS[0], 6, chat=True, stop_at_eos=False)
+    assert result.prompt_tokens == len(ids) and result.token_ids == want
+
+
 def test_generation_stops_at_eos(sparse_export, monkeypatch):
     from acttail_export import generation
 

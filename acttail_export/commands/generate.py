@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate text from an export folder (streamed, with tokens/s)",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, metavar="EXPORT_DIR", help="an acttail-export output folder")
-    parser.add_argument("--prompt", required=True, help="text to continue (no chat template is applied)")
+    parser.add_argument("--prompt", required=True, help="text to continue (or, with --chat, the user message)")
+    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message through the tokenizer's chat template")
     parser.add_argument("--max-new-tokens", default=str(DEFAULT_MAX_NEW_TOKENS), metavar="N",
                         help=f"stop after N new tokens, or earlier at EOS (default: {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="execution provider (default: cpu)")
@@ -62,6 +63,6 @@ def run(args: argparse.Namespace) -> None:
     seed = _int(args.seed, "--seed")
     check_request(args.prompt, max_new_tokens, args.device, temperature)  # before loading anything
     result = generate(args.model, args.prompt, max_new_tokens, device=args.device, temperature=temperature, seed=seed,
-                      stream=_write)
+                      stream=_write, chat=args.chat)
     _write("\n")
     print(result.stats_line(), file=sys.stderr)
