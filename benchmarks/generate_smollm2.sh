@@ -10,12 +10,12 @@ work=${1:-runs}
 cli() {
     printf '$ acttail-export'; printf ' %q' "$@"; echo
     local start=$SECONDS
-    .venv/bin/python -m acttail_export.cli "$@"
+    .venv/bin/python -m acttail_export.cli "$@" 2>&1 | sed "s#$PWD/##g"  # paths relative to the checkout
     echo "# done in $((SECONDS - start)) s"
 }
 echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 cli export --model smollm2 --sparsity 0.5 --kernel fused --calibration-samples 16 --no-validate --overwrite \
-    "$work/smollm2-acttail-50" 2>&1 | grep -v "^INFO" || true
+    "$work/smollm2-acttail-50" | grep -v "^INFO"
 cli generate --model "$work/smollm2-acttail-50" --prompt "What is the capital of France?" --chat --max-new-tokens 40
 cli generate --model "$work/smollm2-acttail-50" --prompt "Write one sentence about the ocean." --chat --max-new-tokens 40
 cli generate --model "$work/smollm2-acttail-50" --prompt "The history of the Roman Empire" --max-new-tokens 40
