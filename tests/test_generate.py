@@ -191,3 +191,63 @@ def test_bad_input_in_a_fresh_interpreter_has_no_traceback(tmp_path):
                            "--prompt", "hi"], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+
+
+def _fake_og(export_dir, calls: dict):
+    """A stand-in ``onnxruntime_genai`` whose generator runs the export's graph greedily through :class:`OrtDecoder`
+    (onnxruntime_genai is not installed here): checks what :func:`generate` asks of the genai API."""
+    import types
+
+    class Generator:
+        def __init__(self, model, params) -> None:
+            self.decoder, self.params, self.ids, self.logits = OrtDecoder(export_dir), params, [], None
+
+        def append_tokens(self, tokens) -> None:
+            self.ids = [int(t) for t in np.asarray(tokens).reshape(-1)]
+            self.logits = self.decoder.forward(np.array(self.ids))[-1]
+
+        def is_done(self) -> bool:
+            return len(self.ids) >= self.params.options["max_length"]
+
+        def generate_next_token(self) -> None:
+            if self.logits is None:
+                self.logits = self.decoder.step(self.ids[-1])
+            self.ids.append(int(self.logits.argmax()))
+            self.logits = None
+
+        def get_next_tokens(self):
+            return np.array([self.ids[-1]])
+
+    class GeneratorParams:
+        def __init__(self, model) -> None:
+            self.options = {}
+
+        def set_search_options(self, **options) -> None:
+            calls["options"] = options
+            self.options.update(options)
+
+    def model(config):
+        calls["config"] = config
+        return object()
+
+    return types.SimpleNamespace(Model=model, GeneratorParams=GeneratorParams, Generator=Generator)
+
+
+def test_a_genai_folder_runs_through_onnxruntime_genai(sparse_export, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from acttail_export import genai_base
+
+    folder = tmp_path / "genai"
+    shutil.copytree(sparse_export, folder)
+    (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", _fake_og(folder, calls))
+    monkeypatch.setattr(genai_base, "genai_config", lambda d, f, p: ("config", str(d), f, p))
+    want = generate(sparse_export, PROMPTS[0], 7, stop_at_eos=False)
+    got = generate(folder, PROMPTS[0], 7, stop_at_eos=False)
+    assert got.backend == "onnxruntime-genai/cpu" and want.backend.startswith("onnxruntime/")
+    assert calls["config"] == ("config", str(folder), "model.onnx", "cpu")
+    assert calls["options"] == {"max_length": want.prompt_tokens + 7, "do_sample": False}
+    assert got.token_ids == want.token_ids and got.text == want.text
