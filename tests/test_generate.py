@@ -179,6 +179,16 @@ def test_missing_folder_and_not_an_export(tmp_path, sharp_dir, capsys):
     assert "is not an acttail-export output folder" in _bad(capsys, "--model", str(sharp_dir), "--prompt", "hi")
 
 
+def test_truncated_graph(sparse_export, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sparse_export, broken)
+    data = (broken / "model.onnx").read_bytes()
+    (broken / "model.onnx").write_bytes(data[: len(data) // 3])
+    assert "re-run the export" in _bad(capsys, "--model", str(broken), "--prompt", "hi")
+
+
 def test_cuda_unavailable(sparse_export, capsys, monkeypatch):
     import onnxruntime as ort
 
