@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +49,6 @@ class GenerationResult:
     prefill_seconds: float
     backend: str
     stopped_at_eos: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
