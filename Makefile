@@ -1,5 +1,5 @@
 # Two commands on a fresh clone:
-#   make demo   # set up .venv/, export SmolLM2-135M at 80% ActTail, perplexity table, ORT generation
+#   make demo   # set up .venv/, export SmolLM2-135M at 80% ActTail, perplexity table, ORT generation at 50% and 80%
 #   make test   # set up .venv/ and run the test suite
 PY := .venv/bin/python
 # WikiText-2 raw (wiki.valid.raw, wiki.test.raw) for the demo and the tests; without it the library reads the Hub

@@ -1,4 +1,4 @@
-"""``acttail-export`` command line: ``analyze``, ``evaluate``, ``export``.
+"""``acttail-export`` command line: ``analyze``, ``evaluate``, ``export``, ``generate``.
 
 Each subcommand lives in ``acttail_export.commands.<name>`` and exposes ``register(subparsers)``
 which adds its parser and sets ``func``. Heavy imports happen inside the subcommand's run function.
@@ -14,7 +14,7 @@ import sys
 
 from .errors import ActTailError
 
-SUBCOMMANDS = ("analyze", "evaluate", "export")
+SUBCOMMANDS = ("analyze", "evaluate", "export", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,9 +4,12 @@
    sparsity to ONNX with KV cache (``--kernel fused`` when the op library is built, else ``mask``);
 2. prints a WikiText-2 *test* perplexity table: dense, uniform 80% and ActTail 80% in PyTorch, and the
    exported model through ONNX Runtime;
-3. generates an answer with ONNX Runtime (``ORTModelForCausalLM``, KV cache).
+3. generates with ONNX Runtime (:func:`acttail_export.generation.generate`, KV cache, greedy) from the 80%
+   export and from a 50% ActTail export (the operating point that still writes readable text; exported with
+   16 calibration windows and no validation to keep the demo short), with tokens/s.
 
     .venv/bin/python examples/demo.py [--output runs/smollm2-acttail-80] [--sparsity 0.8] [--eval-tokens 8192]
+                                      [--output-50 runs/smollm2-acttail-50] [--prompt TEXT] [--max-new-tokens 40]
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 
 from acttail_export.errors import ActTailError
 
+PROMPT = "What is the capital of France?"  # a user message through the chat template (an instruct model)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,6 +32,9 @@ def main() -> int:
     parser.add_argument("--kernel", choices=("auto", "mask", "fused"), default="auto")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="WikiText-2 test tokens for the perplexity table")
     parser.add_argument("--sequence-length", type=int, default=1024)
+    parser.add_argument("--output-50", default="runs/smollm2-acttail-50", help="50%% export folder for generation (overwritten)")
+    parser.add_argument("--prompt", default=PROMPT, help="user message for the generations (chat template)")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
 
     import torch
@@ -37,7 +45,6 @@ def main() -> int:
     from acttail_export.evaluation import perplexity
     from acttail_export.exporter import export
     from acttail_export.modeling import default_model_path, load_model
-    from acttail_export.runtime import load_model as load_ort_model
     from acttail_export.runtime import perplexity_onnx
 
     kernel = args.kernel
@@ -75,14 +82,25 @@ def main() -> int:
     for name, r in rows:
         print(f"| {name:<48} | {r['perplexity']:10.2f} | {r.get('effective_sparsity', 0.0):18.3f} |")
 
-    ort_model = load_ort_model(out)
-    tok = ort_model.preprocessors[0] if getattr(ort_model, "preprocessors", None) else tokenizer
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    generated = ort_model.generate(**prompt, max_new_tokens=32, do_sample=False)
-    answer = tok.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"\nONNX Runtime generation ({Path(out).name}): {messages[0]['content']!r} -> {answer.strip()!r}")
+    generate_both(model_path, out, args, kernel)
     return 0
+
+
+def generate_both(model_path: str, out_80: Path, args: argparse.Namespace, kernel: str) -> None:
+    """Greedy ONNX Runtime generation from the 80% export and from a quick 50% ActTail export, with tokens/s."""
+    from acttail_export.exporter import export
+    from acttail_export.generation import generate
+
+    t0 = time.perf_counter()
+    out_50 = export(model_path, args.output_50, sparsity=0.5, allocation="acttail", mode=args.mode, kernel=kernel,
+                    calibration_samples=16, validate=False, overwrite=True)
+    print(f"\nexported {out_50} ({kernel} kernel, {args.mode} mode, 16 calibration windows, not validated) "
+          f"in {time.perf_counter() - t0:.0f} s")
+    print(f"\nONNX Runtime generation (greedy, CPU, KV cache, chat template): {args.prompt!r} ->")
+    for folder in (out_50, out_80):
+        result = generate(folder, args.prompt, args.max_new_tokens, chat=True)
+        print(f"  {Path(folder).name}: {result.text.strip()!r}")
+        print(f"    {result.stats_line()}")
 
 
 if __name__ == "__main__":
