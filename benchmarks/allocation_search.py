@@ -93,7 +93,8 @@ def print_table(path: Path) -> None:
                 ppl = hit[-1]["perplexity"]
                 change = f" ({(ppl / uniform[s] - 1):+.0%})" if mapping != "uniform" and s in uniform else ""
                 cells.append(f"{ppl:.4g}{change}")
-            print(f"| {mapping} | {'' if mapping == 'uniform' or mapping.startswith(('probe:', 'move:')) else f'{eps:g}'} | " + " | ".join(cells) + " |")
+            eps_cell = "" if mapping == "uniform" or mapping.startswith(("probe:", "move:")) else f"{eps:g}"
+            print(f"| {mapping} | {eps_cell} | " + " | ".join(cells) + " |")
 
 
 def probe_config(model, sparsity: float, kind: str):

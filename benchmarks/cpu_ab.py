@@ -70,8 +70,9 @@ def main() -> None:
                        "libs": {lib: {"median_us": statistics.median(t), "p25_us": float(np.percentile(t, 25)),
                                       "p75_us": float(np.percentile(t, 75))} for lib, t in times.items()}}
                 rows.append(row)
-                print(f"M={M} {K}->{N} {args.mode} s={s}: " + ", ".join(f"{Path(lib).name} {v['median_us']:.0f} us (p25-p75 {v['p25_us']:.0f}-{v['p75_us']:.0f})"
-                                                            for lib, v in row["libs"].items()), flush=True)
+                libs = ", ".join(f"{Path(lib).name} {v['median_us']:.0f} us (p25-p75 {v['p25_us']:.0f}-{v['p75_us']:.0f})"
+                                 for lib, v in row["libs"].items())
+                print(f"M={M} {K}->{N} {args.mode} s={s}: {libs}", flush=True)
     if args.output:
         import onnxruntime as ort
 

@@ -260,7 +260,6 @@ def _child_ort_optimum(spec: dict) -> dict:
 
 def _child_profile(spec: dict) -> dict:
     """Placement check on a genai-builder graph run by plain ORT: one prefill + one decode step with profiling."""
-    import onnxruntime as ort
 
     prompt = np.load(spec["prompt"]).astype(np.int64).reshape(1, -1)[:, :16]
     library = str(Path(spec["dir"]) / "libacttail_ops.so") if spec.get("fused") else None
@@ -707,9 +706,7 @@ def run_benchmark(args) -> int:
         weights = "random (transformers' init, std 0.02)"
     else:
         from acttail_export.data import load_windows
-        from acttail_export.modeling import load_model
-
-        from acttail_export.modeling import default_model_path
+        from acttail_export.modeling import default_model_path, load_model
 
         ref = default_model_path() if args.model == "smollm2" else args.model  # the bundled SmolLM2-135M GGUF
         model, tokenizer = load_model(ref, dtype=args.dtype, device=device)
@@ -1018,7 +1015,8 @@ def repeat_table(datas: list[dict]) -> str:
                 dense[family] = max(dense.get(family, 0.0), d["tokens_per_s"])
         for r in runs:
             best = dense.get(r["backend"].split("-")[0])
-            by.setdefault((r["backend"], r["variant"]), []).append((r["decode_ms_median"], r["prefill_ms"], r["tokens_per_s"] / best if best else None))
+            speedup = r["tokens_per_s"] / best if best else None
+            by.setdefault((r["backend"], r["variant"]), []).append((r["decode_ms_median"], r["prefill_ms"], speedup))
     first = datas[0]
     lines = [f"model {first['model']['name']} ({first['model']['layers']} layers, {first['model']['dtype']}), prompt "
              f"{first['settings']['prompt_length']}, {first['settings']['decode_tokens']} decode tokens, batch 1; {len(datas)} runs, "

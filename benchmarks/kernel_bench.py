@@ -389,11 +389,14 @@ def markdown_tables(result: dict) -> str:
     out += ["", "| K→N | top-k sparsity | selection kernel µs (CUPTI) | selection, graph µs | whole top-k call, kernel µs |", "|---|---|---|---|---|"]
     for r in rows:
         if r["method"] == "harness_topk":
-            out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r['select_kernel_us']:.2f} | {r['select_graph_us']:.2f} | {r['kernel_us']:.2f} |")
+            out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r['select_kernel_us']:.2f} | {r['select_graph_us']:.2f} | "
+                       f"{r['kernel_us']:.2f} |")
     if ort_dense:
-        out += ["", "| K→N | ORT node | sparsity | kernel µs (CUPTI) | speedup vs cuBLAS kernel | wall µs per run (IO binding) |", "|---|---|---|---|---|---|"]
+        out += ["", "| K→N | ORT node | sparsity | kernel µs (CUPTI) | speedup vs cuBLAS kernel | wall µs per run (IO binding) |",
+                "|---|---|---|---|---|---|"]
         for (K, N), d in ort_dense.items():
-            out.append(f"| {K}→{N} | MatMul (dense) | 0 | {d['kernel_us']:.2f} | {dense[(K, N)]['kernel_us'] / d['kernel_us']:.2f}× | {d['wall_us']:.1f} |")
+            speedup = dense[(K, N)]["kernel_us"] / d["kernel_us"]
+            out.append(f"| {K}→{N} | MatMul (dense) | 0 | {d['kernel_us']:.2f} | {speedup:.2f}× | {d['wall_us']:.1f} |")
             for r in rows:
                 if r["K"] == K and r["N"] == N and r["method"].startswith("ort_") and r["method"] != "ort_dense_matmul":
                     out.append(f"| {K}→{N} | SparseMatMul {r['method'][4:]} | {r['sparsity']:.1f} | {r['kernel_us']:.2f} | "
@@ -552,7 +555,8 @@ def prefill_bench(h: Harness, args, env: dict) -> dict:
                 calls = [partial(h.matmul, X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * reps
                 g_us, k_us = time_graph(calls, args.reps)
                 per_kernel = _cuda_kernel_breakdown(partial(_call_all, calls), len(calls))
-                row = base | {"method": f"prefill_harness_{mode}" + (f"_v{variant}" if variant else ""), "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
+                row = base | {"method": f"prefill_harness_{mode}" + (f"_v{variant}" if variant else ""), "sparsity": s, "kept_fraction": kept,
+                              "graph_us": g_us, "kernel_us": k_us,
                               "kernels_us": per_kernel, "max_rel_err": err, "tflop_s": flop / (k_us * 1e-6) / 1e12,
                               "vs_cublas_kernel": dense_kernel / k_us, "vs_cublas_graph": dense_graph / g_us}
                 rows.append(row)
@@ -737,7 +741,8 @@ def main(argv=None) -> int:
         env["onnxruntime"] = ort.__version__
     except ImportError:
         pass
-    env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], check=False, capture_output=True, text=True).stdout.strip()
+    env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], check=False, capture_output=True,
+                                   text=True).stdout.strip()
     logger.info("env %s", env)
     if args.prefill:
         prefill_bench(h, args, env)
@@ -791,7 +796,8 @@ def main(argv=None) -> int:
                 kept = float((((X[0].float().abs() > thr[0]) & (X[0] != 0)).sum()) if mode == "threshold" else k) / K
                 calls = [partial(h.matmul, X[c], W[c], Y, thr[c], ws, mode == "topk", k) for c in range(copies)] * max(1, 48 // copies)
                 g_us, k_us = time_graph(calls, args.reps)
-                row = base | {"method": f"harness_{mode}" + (f"_v{variant}" if variant else ""), "sparsity": s, "kept_fraction": kept, "graph_us": g_us, "kernel_us": k_us,
+                row = base | {"method": f"harness_{mode}" + (f"_v{variant}" if variant else ""), "sparsity": s, "kept_fraction": kept,
+                              "graph_us": g_us, "kernel_us": k_us,
                               "max_rel_err": err, "speedup_graph": dense_graph / g_us, "speedup_kernel": dense_kernel / k_us,
                               "ideal": 1 / (1 - s), "effective_tb_s": wbytes / (k_us * 1e-6) / 1e12,
                               "actual_tb_s": kept * wbytes / (k_us * 1e-6) / 1e12}

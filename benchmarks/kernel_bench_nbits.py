@@ -395,7 +395,8 @@ def markdown_tables(result: dict) -> str:
                            f" | {mode} | " + " | ".join(cells) + " |")
         floor = [r for r in rows if r["M"] == M and r["method"] == "read_floor"]
         if floor:
-            out += ["", "| K→N | sparsity | op kernel µs | read floor of the same bytes, µs | op actual TB/s | floor TB/s |", "|---|---|---|---|---|---|"]
+            out += ["", "| K→N | sparsity | op kernel µs | read floor of the same bytes, µs | op actual TB/s | floor TB/s |",
+                    "|---|---|---|---|---|---|"]
             for f in floor:
                 r = next(r for r in rows if r["M"] == M and r["K"] == f["K"] and r["N"] == f["N"] and r["sparsity"] == f["sparsity"]
                          and r["method"] == "nbits_graph_threshold")

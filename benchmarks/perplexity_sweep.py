@@ -58,8 +58,8 @@ def _meta(args: argparse.Namespace, seconds: float) -> dict:
 
 
 def run_sweep(args: argparse.Namespace) -> None:
-    from acttail_export.sweep import evaluate_base
     from acttail_export.data import DEFAULT_CALIBRATION_DATA, DEFAULT_EVAL_DATA
+    from acttail_export.sweep import evaluate_base
 
     start = time.perf_counter()
     records = evaluate_base(
@@ -77,8 +77,8 @@ def run_sweep(args: argparse.Namespace) -> None:
 
 def run_calibration_study(args: argparse.Namespace) -> None:
     """Dense vs sequential calibration, threshold mode, on disjoint halves of the validation split."""
-    from acttail_export.sweep import evaluate_base
     from acttail_export.data import DEFAULT_CALIBRATION_DATA, read_text
+    from acttail_export.sweep import evaluate_base
 
     text = read_text(DEFAULT_CALIBRATION_DATA)
     cut = text.index("\n = ", len(text) // 2)  # split at an article boundary

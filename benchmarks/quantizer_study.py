@@ -103,7 +103,8 @@ def main() -> None:
         for quantizer in ("rtn", "mse"):
             rows.append(_measure(args, evaluation, calibration, quantizer, block, 0.5))
     argv = [a for a in sys.argv[1:] if a not in ("--data", str(args.data))]  # no machine paths in the record
-    meta = {"command": "python benchmarks/quantizer_study.py " + " ".join(shlex.quote(a) for a in argv + ["--data", "PATH/wiki.valid.raw"]), "data": args.data.name, "evaluated": "first half of the file (cut at an article)",
+    command = "python benchmarks/quantizer_study.py " + " ".join(shlex.quote(a) for a in argv + ["--data", "PATH/wiki.valid.raw"])
+    meta = {"command": command, "data": args.data.name, "evaluated": "first half of the file (cut at an article)",
             "calibrated_on": "second half", "seconds": round(time.perf_counter() - start, 1),
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "torch": torch.__version__}

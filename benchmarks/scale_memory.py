@@ -143,7 +143,6 @@ class _StageRecords(logging.Handler):
 def run_export(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from acttail_export.exporter import export
 
     work = Path(tempfile.mkdtemp(prefix="acttail-scale-"))
     rows: list = []

@@ -137,7 +137,8 @@ def test_alphapruning_linear_reference():
     expected = target * r * params.sum() / (params * r).sum()
     np.testing.assert_allclose(allocate(alphas, params, target, eps, "linear"), expected, rtol=1e-12)
     r_rev = 2 - r  # reversed: z -> 1 - z
-    np.testing.assert_allclose(allocate(alphas, params, target, eps, "linear-rev"), target * r_rev * params.sum() / (params * r_rev).sum(), rtol=1e-12)
+    want = target * r_rev * params.sum() / (params * r_rev).sum()
+    np.testing.assert_allclose(allocate(alphas, params, target, eps, "linear-rev"), want, rtol=1e-12)
 
 
 def test_kept_scale_reference():

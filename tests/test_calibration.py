@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_sparsify import hand_config, random_budgets
 
 from acttail_export.calibration import calibrate, calibrate_many, histogram_edges, histogram_quantile, linear_quantile
 from acttail_export.config import SHARED_INPUT_GROUPS, ActTailConfig, topk_keep
-from acttail_export.data import token_windows, read_text
+from acttail_export.data import read_text, token_windows
 from acttail_export.errors import ActTailError
 from acttail_export.sparsify import apply_sparsity
-
-from test_sparsify import hand_config, random_budgets
 
 MANTISSA_BITS = 10
 

@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from test_sparsify import hand_config, random_budgets
 
 from acttail_export.config import ActTailConfig, topk_keep
 from acttail_export.data import read_text, token_windows
 from acttail_export.evaluation import perplexity, perplexity_windows
 from acttail_export.sparsify import apply_sparsity
-
-from test_sparsify import hand_config, random_budgets
 
 RECORD_KEYS = {"allocation", "sparsity", "mode", "backend", "perplexity", "tokens", "effective_sparsity"}
 

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from acttail_export.config import PROJECTION_KINDS, ActTailConfig, ProjectionConfig, projection_name
@@ -41,7 +41,8 @@ def _projection_graph(layers: int, dtype, seed: int = 0, drop: str | None = None
             outputs.append(helper.make_tensor_value_info(out, elem, ["B", "T", _shape(kind)[1]]))
         # an attention score MatMul that must never be touched
         att = f"att.{layer}"
-        nodes.append(helper.make_node("Transpose", [f"y.{layer}.q_proj"], [f"qt.{layer}"], perm=[0, 2, 1], name=f"/model/layers.{layer}/self_attn/Transpose"))
+        nodes.append(helper.make_node("Transpose", [f"y.{layer}.q_proj"], [f"qt.{layer}"], perm=[0, 2, 1],
+                                      name=f"/model/layers.{layer}/self_attn/Transpose"))
         nodes.append(helper.make_node("MatMul", [f"y.{layer}.q_proj", f"qt.{layer}"], [att], name=f"/model/layers.{layer}/self_attn/MatMul"))
         outputs.append(helper.make_tensor_value_info(att, elem, ["B", "T", "T"]))
     graph = helper.make_graph(nodes, "proj", inputs, outputs, inits)

@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import malformed_models as mm
 import numpy as np
 import pytest
 
-import malformed_models as mm
 from acttail_export.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -245,7 +245,8 @@ def test_fix_gguf_tokenizer_uses_metadata_ids(tiny_llama_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    info = modeling.GGUFTokenizerInfo("llama", bos_token_id=0, eos_token_id=1, pad_token_id=None, unk_token_id=None, add_bos_token=True, add_eos_token=None)
+    info = modeling.GGUFTokenizerInfo("llama", bos_token_id=0, eos_token_id=1, pad_token_id=None, unk_token_id=None, add_bos_token=True,
+                                      add_eos_token=None)
     fixed = modeling.fix_gguf_tokenizer(tokenizer, info)
     assert (fixed.bos_token_id, fixed.eos_token_id, fixed.add_bos_token) == (0, 1, True)
     assert fixed("hi").input_ids[0] == 0
@@ -280,7 +281,8 @@ def test_smollm2_weights_match_gguf_dequantization(smollm2):
     model, _ = smollm2
     reader = GGUFReader(default_model_path())
     tensors = {t.name: t for t in reader.tensors}
-    for gguf_name, hf_name in [("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj"), ("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj")]:
+    pairs = [("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj"), ("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj")]
+    for gguf_name, hf_name in pairs:
         tensor = tensors[gguf_name]
         expected = dequantize(tensor.data, tensor.tensor_type).reshape(list(reversed(tensor.shape.tolist())))
         actual = model.get_submodule(hf_name).weight.detach().numpy()

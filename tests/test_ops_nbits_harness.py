@@ -18,7 +18,6 @@ import pytest
 from test_ops_nbits import Case, assert_matches, llm_case, random_weights
 
 
-
 def test_call_keeps_its_tensors_alive():
     """The struct holds raw pointers: tensors passed as temporaries must live as long as the call. They did not, so
     torch gave a freed Q / scales block to the workspace, which the per-call scratch zeroes: forced variants failed

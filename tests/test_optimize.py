@@ -27,7 +27,6 @@ from acttail_export.config import PROJECTION_KINDS, ActTailConfig, ProjectionCon
 from acttail_export.errors import ActTailError
 from acttail_export.graph_rewrite import CUSTOM_DOMAIN, find_projections, packable, packed_columns, rewrite
 
-
 # --------------------------------------------------------------------------------------------------
 # builder-style naming, no genai needed
 # --------------------------------------------------------------------------------------------------

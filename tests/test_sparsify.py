@@ -27,7 +27,7 @@ def hand_config(model, sparsities: dict[str, float] | float, mode: str = "topk")
 
 def random_budgets(model, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
-    names = [projection_name(l, k) for l in range(model.config.num_hidden_layers) for k in PROJECTION_KINDS]
+    names = [projection_name(i, k) for i in range(model.config.num_hidden_layers) for k in PROJECTION_KINDS]
     return {n: float(rng.uniform(0.05, 0.95)) for n in names}
 
 

@@ -71,7 +71,8 @@ def _check_device(device: str) -> None:
     import torch
 
     if int(index) >= torch.cuda.device_count():
-        raise ActTailError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        count = torch.cuda.device_count()
+        raise ActTailError(f"--device {device}: PyTorch sees {count} CUDA GPU(s); use cuda:0..cuda:{count - 1}")
 
 
 def plot_heatmaps(rows: list[dict], path: Path, title: str) -> None:
