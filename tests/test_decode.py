@@ -1,103 +1,94 @@
-"""benchmarks/decode.py: its measurement pieces on CPU with tiny models (CUDA parts skip without a GPU)."""
+"""benchmarks/decode.py, run as the command a user runs (a subprocess; no test imports a benchmark): every backend on
+tiny models on CPU, its calibration, its tables (CUDA parts skip without a GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "decode.py"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("decode_bench", REPO / "benchmarks" / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _bench(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, str(BENCH), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
 
 
-bench = _load_bench()
+def _run(tmp_path: Path, name: str, *args: str, model: str = "tiny-llama", device: str = "cpu", dtype: str = "fp32") -> dict:
+    """The benchmark on a tiny model; returns its results JSON."""
+    out = tmp_path / f"{name}.json"
+    _bench("--model", model, "--device", device, "--dtype", dtype, "--prompt-length", "24", "--decode-tokens", "10",
+           "--warmup-tokens", "1", "--calibration-windows", "3", "--workdir", str(tmp_path / "w"), "--output", str(out), *args)
+    data = json.loads(out.read_text())
+    errors = [r["error"] for r in data["runs"] if "error" in r]
+    assert not errors, errors
+    return data
 
 
-def test_latency_stats_numbers():
-    out = bench.latency_stats(12.5, [1.0, 2.0, 3.0, 4.0, 10.0])
-    assert out["prefill_ms"] == 12.5
-    assert out["prefill_ms_samples"] == [12.5]
-    # several prefills: the median, so that one run paying a one-time cost does not set the number
-    assert bench.latency_stats([5.0, 31.0, 4.0, 4.5, 5.5], [1.0])["prefill_ms"] == 5.0
-    assert out["decode_ms_median"] == 3.0
-    assert out["decode_ms_p90"] == pytest.approx(7.6)  # numpy linear interpolation between 4 and 10
-    assert out["decode_ms_mean"] == pytest.approx(4.0)
-    assert out["tokens_per_s"] == pytest.approx(1000 / 3)
-    assert out["decode_tokens"] == 5
+def _stats(prefill_ms: float, decode_ms: list[float]) -> dict:
+    """What the benchmark records per configuration (median decode step, tokens/s = 1000 / median)."""
+    med = sorted(decode_ms)[len(decode_ms) // 2]
+    return {"prefill_ms": prefill_ms, "decode_ms_median": med, "decode_ms_p90": med, "decode_ms_mean": med, "tokens_per_s": 1000 / med,
+            "decode_tokens": len(decode_ms)}
 
 
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-mistral"])
-def test_static_decoder_matches_eager_greedy(shape):
-    model = bench.make_random_model(shape, None, torch.float32, "cpu", seed=1)
-    prompt = torch.randint(3, model.config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(3))
-    eager = bench.torch_eager(model, prompt, 12, 0, "cpu")["tokens"]
-    static = bench.torch_static(model, prompt, 12, 0, "cpu", cuda_graph=False)["tokens"]
-    with torch.inference_mode():
-        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=13, do_sample=False,
-                             pad_token_id=2)[0, prompt.shape[1]:].tolist()
-    assert eager == ref
-    assert static == ref
+def test_static_decoder_matches_eager_greedy(shape, tmp_path):
+    """PyTorch eager (DynamicCache) and the static-cache decoder decode the same greedy tokens, and the calibrated
+    thresholds give the target sparsity on the prompt and the decoded tokens (PyTorch reference)."""
+    data = _run(tmp_path, shape, "--sparsity", "0", "0.5", "--topk-sparsity", "--backends", "torch-eager", "torch-cuda-graph",
+                model=shape)
+    runs = {(r["backend"], r["variant"]): r for r in data["runs"]}
+    eager = runs[("torch-eager", "dense")]["tokens"]
+    assert len(eager) == 12 and runs[("torch-static", "dense")]["tokens"] == eager
+    eff = data["calibration"]["0.5"]["effective_sparsity"]
+    assert abs(eff["prompt"] - 0.5) < 0.05 and abs(eff["decode"] - 0.5) < 0.08
+    for r in runs.values():
+        assert r["decode_ms_median"] > 0 and r["tokens_per_s"] == pytest.approx(1000 / r["decode_ms_median"])
 
 
-def test_calibrated_thresholds_give_the_target_sparsity():
-    model = bench.make_random_model("tiny-llama", None, torch.float32, "cpu", seed=2)
-    gen = torch.Generator().manual_seed(4)
-    windows = torch.randint(3, 256, (6, 64), generator=gen)
-    configs = bench.calibrate_configs(model, [0.0, 0.5, 0.8], windows)
-    assert all(p.threshold == 0.0 for p in configs[0.0].projections)
-    for s in (0.5, 0.8):
-        # on the calibration windows themselves the sequential calibration hits the target
-        from acttail_export.sparsify import apply_sparsity
-
-        with torch.inference_mode(), apply_sparsity(model, configs[s], "threshold") as hooks:
-            model(input_ids=windows)
-            assert hooks.weighted_effective_sparsity() == pytest.approx(s, abs=0.01)
-        prompt = torch.randint(3, 256, (1, 64), generator=gen)
-        eff = bench.measure_sparsity(model, configs[s], prompt, 16)
-        assert abs(eff["prompt"] - s) < 0.05 and abs(eff["decode"] - s) < 0.08
-
-
-def test_tables_ratios():
+def test_tables_ratios(tmp_path):
     data = {
         "model": {"name": "m", "layers": 2, "dtype": "fp16"}, "settings": {"prompt_length": 8, "decode_tokens": 4},
         "machine": {"gpu": "X"}, "calibration": {"0.8": {"effective_sparsity": {"decode": 0.79}}},
         "runs": [
-            {"backend": "ort-optimum", "variant": "dense", "sparsity": 0.0, **bench.latency_stats(5, [4.0, 4.0])},
-            {"backend": "genai-dense", "variant": "dense", "sparsity": 0.0, **bench.latency_stats(5, [2.0, 2.0])},
-            {"backend": "torch-cuda-graph", "variant": "dense", "sparsity": 0.0, **bench.latency_stats(5, [2.5, 2.5])},
+            {"backend": "ort-optimum", "variant": "dense", "sparsity": 0.0, **_stats(5, [4.0, 4.0])},
+            {"backend": "genai-dense", "variant": "dense", "sparsity": 0.0, **_stats(5, [2.0, 2.0])},
+            {"backend": "torch-cuda-graph", "variant": "dense", "sparsity": 0.0, **_stats(5, [2.5, 2.5])},
             {"backend": "genai-fused", "variant": "fused threshold 80%", "sparsity": 0.8, "mode": "threshold",
-             **bench.latency_stats(5, [1.0, 1.0])},
+             **_stats(5, [1.0, 1.0])},
             {"backend": "genai-mask", "variant": "mask threshold 80%", "sparsity": 0.8, "error": "boom"},
         ],
     }
-    text = bench.tables(data)
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    text = _bench("--table", str(tmp_path / "r.json")).stdout
     row = next(line for line in text.splitlines() if line.startswith("| genai-fused fused threshold 80%"))
     assert row == "| genai-fused fused threshold 80% | 1000.0 | 4.00× | 2.00× | 2.50× |"
     assert "0.80 → 0.790" in text and "failed: boom" in text
 
 
-def test_repeat_table_takes_ratios_within_each_run():
+def test_repeat_table_takes_ratios_within_each_run(tmp_path):
     def run(dense_ms, fused_ms):
         return {"model": {"name": "m", "layers": 2, "dtype": "fp32"}, "settings": {"prompt_length": 8, "decode_tokens": 4},
                 "machine": {"gpu": None, "cpu": "C", "cpu_count": 2},
-                "runs": [{"backend": "genai-dense", "variant": "dense", "sparsity": 0.0, **bench.latency_stats(5, [dense_ms] * 3)},
-                         {"backend": "genai-fused", "variant": "fused threshold 80%", "sparsity": 0.8,
-                          **bench.latency_stats(5, [fused_ms] * 3)},
+                "runs": [{"backend": "genai-dense", "variant": "dense", "sparsity": 0.0, **_stats(5, [dense_ms] * 3)},
+                         {"backend": "genai-fused", "variant": "fused threshold 80%", "sparsity": 0.8, **_stats(5, [fused_ms] * 3)},
                          {"backend": "genai-mask", "variant": "mask threshold 80%", "sparsity": 0.8, "error": "boom"}]}
 
     # a slow machine in run 2 slows both configurations: the per-run ratio stays 2
-    text = bench.repeat_table([run(2.0, 1.0), run(8.0, 4.0), run(4.0, 1.0)])
+    files = []
+    for i, (dense_ms, fused_ms) in enumerate([(2.0, 1.0), (8.0, 4.0), (4.0, 1.0)]):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(run(dense_ms, fused_ms)))
+    text = _bench("--table", *map(str, files)).stdout
     row = next(line for line in text.splitlines() if line.startswith("| genai-fused | fused threshold 80%"))
     assert row == "| genai-fused | fused threshold 80% | 1.00 | 1.00 / 4.00 / 1.00 | 5 | 2.00 / 2.00 / 4.00 | 2.00× |"
     assert "3 runs" in text and "CPU C × 2" in text and "mask" not in text
@@ -115,14 +106,8 @@ def test_benchmark_end_to_end_on_cpu(tmp_path):
     genai = _builder_works()
     if genai:
         backends += ["genai-dense", "genai-fused"]
-    out = tmp_path / "r.json"
-    rc = bench.main(["--model", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--prompt-length", "24", "--decode-tokens", "10",
-                     "--warmup-tokens", "1", "--calibration-windows", "3", "--sparsity", "0", "0.5", "--topk-sparsity", "0.5",
-                     "--workdir", str(tmp_path / "w"), "--output", str(out), "--backends", *backends])
-    assert rc == 0
-    data = json.loads(out.read_text())
+    data = _run(tmp_path, "r", "--sparsity", "0", "0.5", "--topk-sparsity", "0.5", "--backends", *backends)
     runs = {(r["backend"], r["variant"]): r for r in data["runs"]}
-    assert not [r for r in runs.values() if "error" in r], [r["error"] for r in runs.values() if "error" in r]
     eager = runs[("torch-eager", "dense")]["tokens"]
     assert len(eager) == 12  # the prefill token, 1 warm-up and 10 measured steps
     assert runs[("torch-static", "dense")]["tokens"] == eager
@@ -141,16 +126,10 @@ def test_benchmark_packed_base_decodes_like_unpacked(tmp_path):
     """--pack: q/k/v and gate/up packed in the genai base, one SparseMatMul per input group, same tokens as apart."""
     tokens = {}
     for pack in (False, True):
-        out = tmp_path / f"r{int(pack)}.json"
-        rc = bench.main(["--model", "tiny-llama", "--device", "cpu", "--dtype", "fp32", "--prompt-length", "24", "--decode-tokens", "10",
-                         "--warmup-tokens", "1", "--calibration-windows", "3", "--sparsity", "0.5", "--topk-sparsity", "0.5",
-                         "--workdir", str(tmp_path / "w"), "--output", str(out), "--backends", "genai-dense", "genai-fused",
-                         *(["--pack"] if pack else [])])
-        assert rc == 0
-        data = json.loads(out.read_text())
+        data = _run(tmp_path, f"r{int(pack)}", "--sparsity", "0.5", "--topk-sparsity", "0.5", "--backends", "genai-dense", "genai-fused",
+                    *(["--pack"] if pack else []))
         assert data["settings"]["genai_packed"] is pack
         runs = {r["variant"]: r for r in data["runs"]}
-        assert not [r for r in runs.values() if "error" in r], [r["error"] for r in runs.values() if "error" in r]
         tag = " packed" if pack else ""
         tokens[pack] = (runs[f"fused threshold 50%{tag}"]["tokens"], runs[f"fused topk 50%{tag}"]["tokens"], runs[f"dense{tag}"]["tokens"])
     graph = onnx.load(str(next((tmp_path / "w").glob("*/genai-packed/model.fused-threshold-50.onnx"))), load_external_data=False)
@@ -161,10 +140,9 @@ def test_benchmark_packed_base_decodes_like_unpacked(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_decoder_matches_eager_on_gpu():
-    model = bench.make_random_model("tiny-llama", None, torch.float16, "cuda", seed=1)
-    prompt = torch.randint(3, 256, (1, 33), generator=torch.Generator().manual_seed(3)).cuda()
-    eager = bench.torch_eager(model, prompt, 16, 0, "cuda")["tokens"]
-    graph = bench.torch_static(model, prompt, 16, 0, "cuda", cuda_graph=True)["tokens"]
+def test_cuda_graph_decoder_matches_eager_on_gpu(tmp_path):
+    data = _run(tmp_path, "gpu", "--sparsity", "0", "--topk-sparsity", "--backends", "torch-eager", "torch-cuda-graph", device="cuda",
+                dtype="fp16")
+    runs = {(r["backend"], r["variant"]): r for r in data["runs"]}
+    eager, graph = runs[("torch-eager", "dense")]["tokens"], runs[("torch-cuda-graph", "dense")]["tokens"]
     assert graph[:8] == eager[:8]  # fp16: SDPA kernels differ between the two paths, so late flips are possible
-    assert np.isfinite(bench.latency_stats(1.0, [1.0])["tokens_per_s"])

@@ -452,19 +452,13 @@ def _genai_cuda() -> bool:
 
 
 @pytest.mark.skipif("not _genai_cuda()", reason="needs onnxruntime-genai-cuda, onnxruntime-gpu and a CUDA device")
-def test_fused_fp16_base_on_cuda_matches_reference(tmp_path):
-    import importlib.util
-    from pathlib import Path
+def test_fused_fp16_base_on_cuda_matches_reference(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
 
     if not _builder_works():
         pytest.skip("builder not importable")
-    spec = importlib.util.spec_from_file_location("decode_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    model = bench.make_random_model("tiny-llama", None, torch.float32, "cpu", seed=0)
-    folder = tmp_path / "hf"
-    model.save_pretrained(folder)
-    bench.save_random_tokenizer(folder, model.config.vocab_size)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    folder = tiny_llama_dir  # the tiny random Llama with SmolLM2's tokenizer (conftest)
     config = _calibrated(model, 0.5, "threshold")
     base = gbase.build_base(folder, tmp_path / "g16", dtype="fp16", execution_provider="cuda")
     gbase.write_variant(base, config, "model.fused.onnx", kernel="fused")
