@@ -645,7 +645,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration-windows", type=int, default=8)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
-    ap.add_argument("--workdir", default="/tmp/acttail-decode")
+    ap.add_argument("--workdir", default="runs/decode", help="scratch folder for the models and graphs (default: runs/decode)")
     ap.add_argument("--output", help="results JSON (written after every configuration)")
     ap.add_argument("--packed-qkv", action="store_true", help="also time the builder's default dense graph (q/k/v packed)")
     ap.add_argument("--pack", action="store_true", help="build the genai base with q/k/v and gate/up packed (builder "

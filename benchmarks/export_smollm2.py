@@ -41,7 +41,7 @@ def timed_export(out: Path, *flags: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/acttail-bench"), help="folder for the exports")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="folder for the exports (default: runs/bench)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="WikiText-2 test tokens for the perplexity check")
     parser.add_argument("--sequence-length", type=int, default=1024)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
