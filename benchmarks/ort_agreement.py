@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
+    from acttail_export.config import ActTailConfig
     from acttail_export.data import load_windows
     from acttail_export.exporter import export
     from acttail_export.modeling import default_model_path, load_model
@@ -75,8 +76,6 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 out = export(str(model_path), Path(tmp) / "export", sparsity=s, mode=mode, kernel="fused", calibration_data=args.data,
                              calibration_samples=cal, validate=False, eval_tokens=0, progress=False)
-                from acttail_export.config import ActTailConfig
-
                 config = ActTailConfig.load(out)
                 rows = agreement(create_session(out), model, config, windows)
             mean = float(np.mean([r["top1_agreement"] for r in rows]))

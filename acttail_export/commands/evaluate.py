@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from ..config import ALLOCATIONS, CONFIG_NAME, MODES, check_epsilon, check_sparsity
 from ..errors import ActTailError
+from ._values import finite_float
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> None:
         calibration_length = _window_length(args.calibration_sequence_length, "--calibration-sequence-length")
         if "threshold" in modes and any(s > 0 for s in sparsities):
             read_text(calibration_data, EVALUATE_CALIBRATION_FLAGS)
-        epsilon = None if args.epsilon is None else check_epsilon(_float(args.epsilon, "--epsilon"))
+        epsilon = None if args.epsilon is None else check_epsilon(finite_float(args.epsilon, "--epsilon"))
         if args.mapping is not None:
             from ..allocation import check_mapping
 
@@ -161,16 +161,6 @@ def run(args: argparse.Namespace) -> None:
     if json_path is not None:
         json_path.write_text(json.dumps({"results": records}, indent=2) + "\n")
         logger.info("wrote %s", json_path)
-
-
-def _float(value: str, flag: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ActTailError(f"{flag} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ActTailError(f"{flag} must be finite, got {value!r}")
-    return number
 
 
 def _evaluate_export(args, export_dir: Path, data: Path, sequence_length: int, max_tokens: int | None,

@@ -9,10 +9,10 @@ statistics goes to stderr at the end: ``N tokens in S s, X tokens/s (decode), pr
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from ..errors import ActTailError
+from ._values import finite_float
 
 
 def register(subparsers) -> None:
@@ -40,16 +40,6 @@ def _int(value: str | None, flag: str) -> int | None:
         raise ActTailError(f"{flag} must be an integer, got {value!r}") from None
 
 
-def _float(value: str, flag: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ActTailError(f"{flag} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ActTailError(f"{flag} must be finite, got {value!r}")
-    return number
-
-
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -59,7 +49,7 @@ def run(args: argparse.Namespace) -> None:
     from ..generation import check_request, generate
 
     max_new_tokens = _int(args.max_new_tokens, "--max-new-tokens")
-    temperature = _float(args.temperature, "--temperature")
+    temperature = finite_float(args.temperature, "--temperature")
     seed = _int(args.seed, "--seed")
     check_request(args.prompt, max_new_tokens, args.device, temperature)  # before loading anything
     result = generate(args.model, args.prompt, max_new_tokens, device=args.device, temperature=temperature, seed=seed,

@@ -166,6 +166,27 @@ __device__ __forceinline__ int Pick(const int (&arr)[N], int i) {
   return v;
 }
 
+/// Where tile t lies: its member g, its first lane group, this lane's first column, the member's columns [lo, hi).
+struct TileSpan {
+  int g, lg_first, col0, lo, hi;
+  bool active;  // the lane's first column lies inside the member
+};
+
+template <int CPL>
+__device__ __forceinline__ TileSpan SpanOfTile(const GemvArgs& a, int t, int lane) {
+  TileSpan sp;
+  sp.g = 0;
+#pragma unroll
+  for (int j = 1; j < kMaxMembers; ++j)
+    if (j < a.G && t >= a.tile0[j]) sp.g = j;
+  sp.lg_first = Pick(a.lg0, sp.g) + (t - Pick(a.tile0, sp.g)) * 32;
+  sp.col0 = (sp.lg_first + lane) * CPL;
+  sp.lo = Pick(a.begin, sp.g);
+  sp.hi = Pick(a.end, sp.g);
+  sp.active = sp.col0 < sp.hi;
+  return sp;
+}
+
 /// Block (of the stream-K grid) holding unit u.
 __device__ __forceinline__ long long BlockOfUnit(long long u, long long units, long long grid) { return ((u + 1) * grid - 1) / units; }
 
@@ -381,13 +402,9 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
                                         int k1, int m0, int Mb) {
   constexpr int TN = 32 * CPL, RPL = PoolRowsPerLane<MR>(), CH = WARPS * 32 * RPL;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int g = 0;
-#pragma unroll
-  for (int j = 1; j < kMaxMembers; ++j)
-    if (j < a.G && t >= a.tile0[j]) g = j;
-  const int lg_first = Pick(a.lg0, g) + (t - Pick(a.tile0, g)) * 32;
-  const int col0 = (lg_first + lane) * CPL, lo = Pick(a.begin, g), hi = Pick(a.end, g);
-  const bool active = col0 < hi;
+  const TileSpan sp = SpanOfTile<CPL>(a, t, lane);
+  const int g = sp.g, lg_first = sp.lg_first, col0 = sp.col0, lo = sp.lo, hi = sp.hi;
+  const bool active = sp.active;
   const T* x = static_cast<const T*>(a.x) + (int64_t)m0 * a.K;
   float acc[MR][CPL];
 #pragma unroll

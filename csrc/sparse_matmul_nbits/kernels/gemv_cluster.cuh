@@ -110,13 +110,9 @@ __global__ void __launch_bounds__(WARPS * 32) NBitsClusterGemvKernel(const GemvA
   cg::cluster_group cluster = cg::this_cluster();
   const int splits = (int)cluster.num_blocks(), rank = (int)cluster.block_rank();
   const int t = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int g = 0;
-#pragma unroll
-  for (int j = 1; j < kMaxMembers; ++j)
-    if (j < a.G && t >= a.tile0[j]) g = j;
-  const int lg_first = Pick(a.lg0, g) + (t - Pick(a.tile0, g)) * 32;
-  const int col0 = (lg_first + lane) * CPL, lo = Pick(a.begin, g), hi = Pick(a.end, g);
-  const bool active = col0 < hi;
+  const TileSpan sp = SpanOfTile<CPL>(a, t, lane);
+  const int g = sp.g, lg_first = sp.lg_first, col0 = sp.col0, lo = sp.lo, hi = sp.hi;
+  const bool active = sp.active;
   const int groups = (a.K + kGroupRows - 1) / kGroupRows;
   const int g0 = (int)((int64_t)rank * groups / splits), g1 = (int)((int64_t)(rank + 1) * groups / splits);
   const Rule rule = LoadRule(a.dm, 0, a.M, g);
