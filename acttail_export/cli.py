@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"acttail-export: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # CPython 3.11 marks a KeyboardInterrupt that left a string eval()/exec() (collections.namedtuple and
+        # dataclasses build classes that way, so a signal can land there during any import) as unhandled, and
+        # then ends `python -m` with SIGINT instead of this exit code. Evaluating a constant clears the mark.
+        eval("None")
         print("acttail-export: interrupted", file=sys.stderr)
         return 130
     return 0

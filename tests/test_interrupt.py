@@ -120,3 +120,21 @@ def test_ctrl_c_while_deleting_the_replaced_export_keeps_the_new_one(tmp_path, m
     leftover = [p for p in tmp_path.iterdir() if exporter.OLD_MARK in p.name]
     assert len(leftover) == 1 and (leftover[0] / "previous" / "model.onnx").read_bytes() == b"old"
     assert exporter.clean_stale_temp(out) == []  # this process's own leftover is not touched while it runs
+
+
+def test_interrupt_inside_a_string_eval_still_exits_130(tmp_path):
+    """A signal that lands while an import builds a namedtuple (a string eval) must still give exit 130: CPython
+    3.11 otherwise remembers that KeyboardInterrupt as unhandled and ends `python -m` with SIGINT (-2)."""
+    (tmp_path / "interrupt_in_eval.py").write_text(
+        "import sys\n"
+        "import acttail_export.commands.analyze as analyze\n"
+        "from acttail_export import cli\n"
+        "def boom(args):\n"
+        "    eval(\"(_ for _ in ()).throw(KeyboardInterrupt)\")\n"
+        "analyze.run = boom\n"
+        "sys.exit(cli.main(['analyze', '--model', 'unused']))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "interrupt_in_eval"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "acttail-export: interrupted"
