@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .progress import library_progress
+
     try:
-        args.func(args)
+        with library_progress(sys.stderr.isatty()):  # only our own lines on a stderr nobody watches
+            args.func(args)
     except ActTailError as exc:
         print(f"acttail-export: error: {exc}", file=sys.stderr)
         return 2

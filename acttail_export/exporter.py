@@ -37,6 +37,7 @@ from .output_folder import (  # noqa: F401
     remove_own_temp,
     restore_signals,
 )
+from .progress import library_progress
 from .validate import SPARSITY_TOLERANCE, TOLERANCE, TOP1_FLOOR, ValidationReport, _gate, check_loadable, compare_logits, rule_mask, validate_export  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,8 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     try:
         created = _make_parents(output_dir.parent)  # removed again if the export fails
         tmp = _make_temp(output_dir, TMP_MARK)
-        config = _build(model_ref, tmp, o, calibration_path, library, DEFAULT_EVAL_DATA, base)
+        with library_progress(o.progress):
+            config = _build(model_ref, tmp, o, calibration_path, library, DEFAULT_EVAL_DATA, base)
         _move_into_place(tmp, output_dir, o.overwrite)
     except BaseException:
         if tmp is not None:

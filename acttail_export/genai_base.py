@@ -20,10 +20,8 @@ steps from a CUDA graph. :func:`acttail_export.graph_rewrite.rewrite` works on t
 (mask and fused kernels); :func:`write_variant` writes a rewritten graph next to the base so that every
 variant shares the base's ``model.onnx.data``.
 
-The builder of onnxruntime-genai 0.18 imports transformers >= 5, while optimum-onnx (the default export)
-pins transformers 4.x. The builder therefore runs in a subprocess; set ``ACTTAIL_GENAI_PYTHONPATH`` to a
-``PYTHONPATH`` for the builder (transformers >= 5 and onnxruntime_genai importable) when the current
-environment has transformers 4.
+The builder of onnxruntime-genai 0.18 imports transformers >= 5 and ``onnx_ir``; it runs in this process
+(:func:`build_base`), on the same transformers as the rest of the pipeline.
 
 From the command line, ``acttail-export export --base genai`` (``--device cuda --dtype fp16`` for the GPU
 builder graph) runs the whole pipeline on this base through :class:`acttail_export.bases.genai.GenaiBase`:
@@ -47,8 +45,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
@@ -61,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 GENAI_CONFIG = "genai_config.json"
 BASE_ONNX = "model.onnx"
-ENV_PYTHONPATH = "ACTTAIL_GENAI_PYTHONPATH"
 LIBRARY_FILE = LIBRARY_NAME  # the name every export carries the op library under
 PRECISIONS = ("fp16", "fp32", "bf16")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
@@ -83,40 +78,28 @@ def builder_settings(dtype: str, device: str) -> tuple[str, str]:
     return dtype, device
 
 
-_BUILDER_OK: dict[tuple, str | None] = {}
-
-
-def builder_problem(python: str | None = None) -> str | None:
-    """None when the model builder imports in a subprocess with :func:`builder_env`; else its last error line."""
-    python = python or sys.executable
-    key = (python, os.environ.get(ENV_PYTHONPATH), os.environ.get("PYTHONPATH"))
-    if key not in _BUILDER_OK:
-        try:
-            proc = subprocess.run([python, "-c", "import onnxruntime_genai.models.builder"], env=builder_env(),
-                                  capture_output=True, text=True, timeout=600)
-            lines = [line for line in proc.stderr.splitlines() if line.strip()]
-            _BUILDER_OK[key] = None if proc.returncode == 0 else (lines[-1] if lines else f"exit {proc.returncode}")
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            _BUILDER_OK[key] = str(exc)
-    return _BUILDER_OK[key]
+def builder_problem() -> str | None:
+    """None when onnxruntime-genai's model builder imports here; else the import error, in one line."""
+    try:
+        import onnxruntime_genai.models.builder  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a transformers 4.x that the builder rejects
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    return None
 
 
 def check_genai(dtype: str = "fp32", device: str = "cpu") -> tuple[str, str]:
     """Checks of ``--base genai`` before any work; returns the builder's (precision, execution provider).
 
-    Raises :class:`ActTailError` naming the fix when onnxruntime-genai does not import here or its
-    model builder does not import in the builder environment (``ACTTAIL_GENAI_PYTHONPATH``).
+    Raises :class:`ActTailError` naming the fix when onnxruntime-genai or its model builder does not import.
     """
     settings = builder_settings(dtype, device)
     if not genai_available():
         raise ActTailError("--base genai needs onnxruntime-genai: pip install onnxruntime-genai (onnxruntime-genai-cuda "
-                           f"for --device cuda), and set {ENV_PYTHONPATH} to a transformers>=5 environment for its model "
-                           "builder, or use --base optimum")
+                           "for --device cuda), or use --base optimum")
     problem = builder_problem()
     if problem is not None:
-        raise ActTailError(f"onnxruntime-genai's model builder does not import ({problem[:120]}): set {ENV_PYTHONPATH} to "
-                           "the PYTHONPATH of a transformers>=5 environment with onnxruntime-genai (pip install "
-                           "onnxruntime-genai), or use --base optimum")
+        raise ActTailError(f"onnxruntime-genai's model builder does not import ({problem[:120]}): it needs transformers>=5 "
+                           "and onnx-ir (pip install 'transformers>=5' onnx-ir), or use --base optimum")
     return settings
 
 
@@ -129,18 +112,6 @@ def genai_available() -> bool:
     return True
 
 
-def builder_env() -> dict[str, str]:
-    """Environment for the builder subprocess: ``PYTHONPATH`` replaced by ``$ACTTAIL_GENAI_PYTHONPATH`` when set.
-
-    Replaced, not prepended: the current ``PYTHONPATH`` may hold the transformers 4.x that optimum needs.
-    """
-    env = dict(os.environ)
-    extra = os.environ.get(ENV_PYTHONPATH)
-    if extra:
-        env["PYTHONPATH"] = extra
-    return env
-
-
 def build_base(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -149,17 +120,21 @@ def build_base(
     fuse_qkv: bool = False,
     fuse_gate_up: bool = False,
     extra_options: dict[str, str] | None = None,
-    python: str | None = None,
-    timeout: float | None = None,
     cache_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> Path:
-    """Run onnxruntime-genai's model builder on a Hugging Face folder; returns ``output_dir``.
+    """Run onnxruntime-genai's model builder on a Hugging Face folder, in this process; returns ``output_dir``.
 
     ``model_dir`` must hold ``config.json``, the weights and a tokenizer (the builder copies it).
     ``fuse_qkv=True`` packs q/k/v into one MatMul (the builder's default), ``fuse_gate_up=True`` gate/up; the
     rewrite keeps each member's rule inside the packed MatMul (:func:`acttail_export.graph_rewrite.rewrite`).
     ``cache_dir`` is the builder's scratch folder (default: a hidden sibling of ``output_dir``); it is removed afterwards.
+    The builder's printed lines go to this module's debug log (and into the error when it fails); its progress bar
+    (stderr) too unless ``progress``.
     """
+    import contextlib
+    import io
+
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     if dtype not in PRECISIONS:
         raise ActTailError(f"dtype must be one of {', '.join(PRECISIONS)}; got {dtype!r}")
@@ -167,21 +142,34 @@ def build_base(
         raise ActTailError(f"execution provider must be one of {', '.join(EXECUTION_PROVIDERS)}; got {execution_provider!r}")
     if not (model_dir / "config.json").is_file():
         raise ActTailError(f"{model_dir} has no config.json: pass a folder written by save_pretrained")
+    problem = builder_problem()
+    if problem is not None:
+        raise ActTailError(f"onnxruntime-genai's model builder does not import ({problem[:120]}): pip install "
+                           "onnxruntime-genai 'transformers>=5' onnx-ir")
+    from onnxruntime_genai.models import builder
+
     options = {"fuse_qkv": "true" if fuse_qkv else "false", "fuse_mlp_gate_up": "true" if fuse_gate_up else "false"}
     options.update(extra_options or {})
     cache = Path(cache_dir) if cache_dir is not None else output_dir.parent / f".{output_dir.name}.genai-cache"
-    cmd = [python or sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(output_dir),
-           "-p", dtype, "-e", execution_provider, "-c", str(cache),
-           "--extra_options", *[f"{k}={v}" for k, v in options.items()]]
-    logger.info("building the genai base: %s", " ".join(cmd))
+    args = (None, str(model_dir), str(output_dir), dtype, execution_provider, str(cache))
+    logger.info("building the genai base (onnxruntime-genai model builder, %s %s): %s -> %s", dtype, execution_provider,
+                model_dir, output_dir)
+    printed = io.StringIO()
     try:
-        proc = subprocess.run(cmd, env=builder_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        with contextlib.redirect_stdout(printed), (contextlib.nullcontext() if progress else contextlib.redirect_stderr(printed)):
+            parsed = builder.parse_extra_options(*args, [f"{k}={v}" for k, v in options.items()])
+            builder.create_model(*args, **parsed)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the builder raises plain Exceptions: one line with its last output
+        tail = " | ".join(line for line in printed.getvalue().splitlines()[-3:] if line.strip())
+        raise ActTailError(f"onnxruntime-genai's model builder failed ({type(exc).__name__}: {str(exc)[:200]})"
+                           + (f"; its last lines: {tail[:300]}" if tail else "")) from exc
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    if proc.returncode != 0 or not (output_dir / BASE_ONNX).is_file():
-        tail = "\n".join(proc.stdout.splitlines()[-15:])
-        raise ActTailError(f"onnxruntime-genai's model builder failed (exit {proc.returncode}); set {ENV_PYTHONPATH} to a "
-                           f"transformers>=5 environment if it cannot import transformers. Last lines:\n{tail}")
+        logger.debug("model builder output:\n%s", printed.getvalue())
+    if not (output_dir / BASE_ONNX).is_file():
+        raise ActTailError(f"onnxruntime-genai's model builder wrote no {BASE_ONNX} into {output_dir}")
     return output_dir
 
 
@@ -335,7 +323,7 @@ def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = Non
 def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig, mode: str | None = None,
                  kernel: str | None = None, dtype: str = "fp16", execution_provider: str = "cuda",
                  filename: str = "model.acttail.onnx", library: str | Path | None = None,
-                 work_dir: str | Path | None = None, pack: bool | None = None) -> Path:
+                 work_dir: str | Path | None = None, pack: bool | None = None, progress: bool = True) -> Path:
     """ActTail export on the optimized base: builder graph + rewrite + genai config, in ``output_dir``.
 
     ``model`` / ``tokenizer`` are the loaded Hugging Face objects (the config's thresholds come from them).
@@ -360,13 +348,12 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
         model.save_pretrained(hf, safe_serialization=True)
         tokenizer.save_pretrained(hf)
         build_base(hf, output_dir, dtype=dtype, execution_provider=execution_provider, fuse_qkv=pack, fuse_gate_up=pack,
-                   cache_dir=None if work_dir is None else Path(work_dir) / ".genai-cache")
+                   cache_dir=None if work_dir is None else Path(work_dir) / ".genai-cache", progress=progress)
         for name in ("config.json", "generation_config.json"):
             if (Path(hf) / name).is_file():
                 shutil.copy2(Path(hf) / name, output_dir / name)
-    # the builder re-saves the tokenizer with its own transformers (>= 5), which can convert it into one
-    # that encodes differently under the transformers this package runs with (the SmolLM2 GGUF tokenizer
-    # loses its spaces): write the caller's tokenizer over it
+    # the builder re-saves the tokenizer from the scratch folder; write the caller's tokenizer over it so that the
+    # export encodes exactly like the model that was calibrated
     tokenizer.save_pretrained(output_dir)
     finalize(output_dir, config, mode=mode, kernel=kernel, filename=filename, library=library)
     return output_dir

@@ -193,12 +193,16 @@ def _genai_generator(export_dir: Path, prompt_ids: list[int], max_new_tokens: in
     import onnxruntime_genai as og
 
     from .genai_base import genai_config
+    from .runtime import check_export_dir
 
+    check_export_dir(export_dir)  # a truncated graph or missing weights: the export's own one-line errors
     filename = json.loads((export_dir / GENAI_CONFIG).read_text())["model"]["decoder"]["filename"]
     try:
         model = og.Model(genai_config(export_dir, filename, device))
     except Exception as exc:  # noqa: BLE001 - og raises plain RuntimeError for a missing provider or a bad folder
-        raise ActTailError(f"onnxruntime_genai cannot load {export_dir} on {device} ({str(exc).splitlines()[0]})") from None
+        fix = (": install onnxruntime-genai-cuda on a machine with a CUDA GPU, or use --device cpu" if device == "cuda"
+               else "")
+        raise ActTailError(f"onnxruntime_genai cannot load {export_dir} on {device} ({str(exc).splitlines()[0]}){fix}") from None
     params = og.GeneratorParams(model)
     options = {"max_length": len(prompt_ids) + max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:

@@ -359,8 +359,12 @@ def load_model(model_ref: str, dtype: str = "fp32", device: str = "cpu") -> tupl
     if Path(folder).is_dir():
         check_weights(folder)  # one-line error instead of a loader traceback for truncated / missing weights
     try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates config.json fields with it
+    except ImportError:  # pragma: no cover - huggingface_hub < 0.33
+        StrictDataclassError = ValueError  # noqa: N806
+    try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # "size mismatch", a string where an int belongs, ...
+    except (RuntimeError, ValueError, TypeError, KeyError, StrictDataclassError) as exc:  # "size mismatch", a string where an int belongs
         detail = " ".join(str(exc).split())[:200]
         raise ActTailError(f"cannot build the model from {model_ref} ({type(exc).__name__}: {detail}): config.json is "
                            "inconsistent (with itself or with the weights); re-save the model with save_pretrained") from None

@@ -25,8 +25,9 @@ Mode = Literal["topk", "threshold"]
 Kernel = Literal["mask", "fused"]
 DType = Literal["fp32", "fp16"]
 Device = Literal["cpu", "cuda"]
-#: a key of :data:`acttail_export.bases.BASES`: ``optimum``, optimum-onnx's trace (``ORTModelForCausalLM``);
-#: ``genai``, onnxruntime-genai's model builder graph (:mod:`acttail_export.bases.genai`, the fast GPU decode base)
+#: a key of :data:`acttail_export.bases.BASES`: ``genai`` (the default), onnxruntime-genai's model builder graph
+#: (:mod:`acttail_export.bases.genai`, the fast decode base); ``optimum``, optimum-onnx's trace (``ORTModelForCausalLM``,
+#: the ``optimum`` extra)
 Base = str
 Weights = Literal["fp32", "fp16", "int4"]
 Quantizer = Literal["rtn", "mse"]
@@ -72,7 +73,7 @@ class ExportOptions:
     validate: bool = True
     progress: bool = True
     eval_tokens: int = EVAL_TOKENS
-    base: Base = "optimum"
+    base: Base = "genai"
     weights: Weights | None = None  # None: the --dtype
     block_size: int | None = None  # int4 only (default 32)
     quantizer: Quantizer | None = None  # int4 only (default mse)

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random Llama / Mistral checkpoints (fast) and the real SmolLM2-135M (slow).
 
+Tests marked ``optimum`` need the optimum extra (optimum-onnx pins transformers 4.57): ``make test`` runs them in
+``.venv-optimum/`` and every other test in ``.venv/`` (transformers 5, onnxruntime-genai's builder).
+
 The tiny models use SmolLM2's real tokenizer (with the GGUF fixes) so that exports carry a real
 tokenizer and generation can be checked end to end.
 """
@@ -17,6 +20,24 @@ REPO = Path(__file__).resolve().parents[1]
 # library's defaults read the same variable, so tests that rely on the default calibration text use it too.
 WIKITEXT = Path(os.environ.get("ACTTAIL_WIKITEXT_DIR") or REPO.parent / "shared" / "data" / "wikitext-2")
 os.environ["ACTTAIL_WIKITEXT_DIR"] = str(WIKITEXT)
+
+
+def _optimum_importable() -> bool:
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or a transformers it does not support
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    """Outside `make test` (which selects with -m), an `optimum` test in an environment without the extra says where it runs."""
+    if _optimum_importable():
+        return
+    skip = pytest.mark.skip(reason="needs the optimum extra: `make test-optimum` runs it in .venv-optimum/")
+    for item in items:
+        if item.get_closest_marker("optimum") is not None:
+            item.add_marker(skip)
 
 
 def _tiny_config(architecture: str):

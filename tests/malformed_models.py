@@ -90,9 +90,20 @@ def edit_json(path: Path, edit: Callable[[dict], object]) -> None:
 
 
 def with_config(src: Path, dst: Path, **changes) -> Path:
-    """Copy ``src`` with ``config.json`` keys changed (e.g. ``max_position_embeddings``)."""
+    """Copy ``src`` with ``config.json`` keys changed (e.g. ``max_position_embeddings``).
+
+    ``rope_theta`` goes where the saved config keeps it: top level (transformers 4) or ``rope_parameters`` (5).
+    """
+    def update(data: dict) -> None:
+        rope = data.get("rope_parameters")
+        if "rope_theta" in changes and isinstance(rope, dict) and "rope_theta" in rope:
+            rope["rope_theta"] = changes["rope_theta"]
+            data.update({k: v for k, v in changes.items() if k != "rope_theta"})
+        else:
+            data.update(changes)
+
     copy_model(src, dst)
-    edit_json(dst / "config.json", lambda data: data.update(changes))
+    edit_json(dst / "config.json", update)
     return dst
 
 

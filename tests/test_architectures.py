@@ -56,6 +56,7 @@ def _graph_names(model_dir, tmp_path):
     return model, [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
 
 
+@pytest.mark.optimum  # optimum-onnx's graph
 @pytest.mark.parametrize("fixture, spec", [("tiny_llama_dir", LLAMA), ("tiny_mistral_dir", MISTRAL)])
 def test_patterns_match_a_real_optimum_graph(fixture, spec, request, tmp_path):
     """The nodes the spec matches in optimum-onnx's graph are exactly the model's projection Linears."""

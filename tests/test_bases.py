@@ -67,6 +67,7 @@ class RecordingBase(OptimumBase):
         card.write_text(card.read_text() + "\n## Built by the recording base\n")
 
 
+@pytest.mark.optimum  # the third base wraps optimum-onnx's graph
 def test_a_third_base_runs_through_export(tiny_llama_dir, tmp_path, monkeypatch):
     from acttail_export.exporter import export
 

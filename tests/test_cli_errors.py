@@ -47,6 +47,7 @@ def run_subprocess(*args: str, env: dict | None = None, tool: str = "acttail-exp
 
 def run_inprocess(capsys, *args: str) -> tuple[int, str]:
     """Same ``main()`` in this process (fast, allows monkeypatching the environment)."""
+    capsys.readouterr()  # only the command's own output (not transformers' bars of the test's model writes)
     rc = main(["export", *args])
     return rc, capsys.readouterr().err
 
@@ -297,19 +298,24 @@ def test_genai_base_without_onnxruntime_genai(tmp_path, tiny_llama_dir):
     out = tmp_path / "out"
     fake = _fake_genai(tmp_path / "fake", "No module named 'onnxruntime_genai'")
     _check(*run_subprocess("--model", str(tiny_llama_dir), "--base", "genai", str(out), env={"PYTHONPATH": str(fake)}),
-           "--base genai needs onnxruntime-genai", "pip install onnxruntime-genai", "ACTTAIL_GENAI_PYTHONPATH", "--base optimum")
+           "--base genai needs onnxruntime-genai", "pip install onnxruntime-genai", "--base optimum")
     _no_leftovers(out)
 
 
-def test_genai_builder_not_importable(tmp_path, capsys, tiny_llama_dir, monkeypatch):
-    from acttail_export import genai_base
-
-    monkeypatch.setattr(genai_base, "genai_available", lambda: True)
-    fake = _fake_genai(tmp_path / "fake", "transformers>=5 is required by the model builder", where="models/builder")
-    monkeypatch.setenv(genai_base.ENV_PYTHONPATH, str(fake))
+def test_genai_builder_not_importable(tmp_path, tiny_llama_dir):
+    """The runtime imports but its model builder does not (e.g. transformers 4.x): the default base names the fix."""
     out = tmp_path / "out"
-    _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--base", "genai", str(out)),
-           "model builder does not import", "transformers>=5 is required", "set ACTTAIL_GENAI_PYTHONPATH", "pip install onnxruntime-genai")
+    fake = _fake_genai(tmp_path / "fake", "transformers>=5 is required by the model builder", where="models/builder")
+    _check(*run_subprocess("--model", str(tiny_llama_dir), str(out), env={"PYTHONPATH": str(fake)}),
+           "model builder does not import", "transformers>=5 is required", "pip install 'transformers>=5' onnx-ir", "--base optimum")
+    _no_leftovers(out)
+
+
+def test_optimum_base_without_the_extra(tmp_path, capsys, tiny_llama_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optimum.exporters.onnx", None)  # import fails, as without the optimum extra
+    out = tmp_path / "out"
+    _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--base", "optimum", str(out)),
+           "--base optimum needs optimum-onnx", "pip install 'acttail-export[optimum]'", "--base genai")
     _no_leftovers(out)
 
 
@@ -320,6 +326,7 @@ def test_genai_base_fp16_on_cpu(tmp_path, capsys, tiny_llama_dir):
     _no_leftovers(out)
 
 
+@pytest.mark.optimum  # the optimum-cli plugin
 def test_optimum_cli_reports_errors_the_same_way(tmp_path):
     out = tmp_path / "out"
     _check(*run_subprocess("--model", str(tmp_path / "nope"), str(out), tool="optimum-cli"), "does not exist")

@@ -100,6 +100,7 @@ def _builder_works():
     return works()
 
 
+@pytest.mark.optimum  # the benchmark's ort-optimum backend
 def test_benchmark_end_to_end_on_cpu(tmp_path):
     """The whole command on a tiny model: every backend runs and the dense backends agree token for token."""
     backends = ["torch-eager", "torch-cuda-graph", "ort-optimum"]

@@ -15,7 +15,9 @@ import torch
 from acttail_export.config import CONFIG_NAME, PROJECTION_KINDS, ActTailConfig
 from acttail_export.errors import ActTailError, ExportValidationError
 
-FAST = dict(calibration_samples=2, sequence_length=32, eval_tokens=128, progress=False)
+# the optimum base (ORTModelForCausalLM loading, fp16 on CPU); the default genai base: tests/test_optimize.py
+pytestmark = pytest.mark.optimum
+FAST = dict(calibration_samples=2, sequence_length=32, eval_tokens=128, progress=False, base="optimum")
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived"]
 
 
@@ -56,7 +58,7 @@ def test_output_folder_contents(llama_topk, tiny_llama_dir):
     assert config.effective_sparsity == pytest.approx(expect, abs=1e-9)
     assert config.calibration.samples == 2 and config.calibration.sequence_length == 32
     assert config.calibration.data.endswith("wiki.valid.raw")
-    assert {"torch", "transformers", "onnx", "onnxruntime", "optimum"} <= set(config.versions)
+    assert {"torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai"} <= set(config.versions)  # the default base
     assert config.perplexity["perplexity"] > 1 and config.perplexity["tokens"] == 128
     validation = config.perplexity["validation"]
     assert {"max_abs_logit_diff", "median_rel_error", "top1_agreement"} <= set(validation)  # free-running: reported only

@@ -189,11 +189,24 @@ def test_truncated_graph(sparse_export, tmp_path, capsys):
     assert "re-run the export" in _bad(capsys, "--model", str(broken), "--prompt", "hi")
 
 
-def test_cuda_unavailable(sparse_export, capsys, monkeypatch):
+def _without_genai_config(export_dir, folder):
+    """A copy of an export without genai_config.json: generate() runs it on a plain ONNX Runtime session."""
+    import shutil
+
+    shutil.copytree(export_dir, folder)
+    (folder / "genai_config.json").unlink(missing_ok=True)
+    return folder
+
+
+def test_cuda_unavailable(sparse_export, capsys, monkeypatch, tmp_path):
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert "has no CUDAExecutionProvider" in _bad(capsys, "--model", str(sparse_export), "--prompt", "hi", "--device", "cuda")
+    ort_folder = _without_genai_config(sparse_export, tmp_path / "ort")
+    assert "has no CUDAExecutionProvider" in _bad(capsys, "--model", str(ort_folder), "--prompt", "hi", "--device", "cuda")
+    if not torch.cuda.is_available():  # the genai runtime of this environment (CPU) cannot load it on cuda either
+        err = _bad(capsys, "--model", str(sparse_export), "--prompt", "hi", "--device", "cuda")
+        assert "onnxruntime_genai cannot load" in err and "install onnxruntime-genai-cuda" in err
 
 
 def test_bad_input_in_a_fresh_interpreter_has_no_traceback(tmp_path):
@@ -252,10 +265,11 @@ def test_a_genai_folder_runs_through_onnxruntime_genai(sparse_export, tmp_path, 
     folder = tmp_path / "genai"
     shutil.copytree(sparse_export, folder)
     (folder / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+    ort_folder = _without_genai_config(sparse_export, tmp_path / "ort")
     calls: dict = {}
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", _fake_og(folder, calls))
     monkeypatch.setattr(genai_base, "genai_config", lambda d, f, p: ("config", str(d), f, p))
-    want = generate(sparse_export, PROMPTS[0], 7, stop_at_eos=False)
+    want = generate(ort_folder, PROMPTS[0], 7, stop_at_eos=False)
     got = generate(folder, PROMPTS[0], 7, stop_at_eos=False)
     assert got.backend == "onnxruntime-genai/cpu" and want.backend.startswith("onnxruntime/")
     assert calls["config"] == ("config", str(folder), "model.onnx", "cpu")

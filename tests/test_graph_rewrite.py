@@ -256,6 +256,7 @@ def tiny_exports(tiny_llama_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.optimum  # rewrites optimum-onnx's graph (onnx_export)
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
 def test_exported_tiny_llama_matches_pytorch_sparse_reference(tiny_exports, mode, dtype, tmp_path):
@@ -299,6 +300,7 @@ def _per_tensor_copy(base, folder):
     return folder / "model.onnx"
 
 
+@pytest.mark.optimum  # rewrites optimum-onnx's graph (onnx_export)
 def test_consolidate_and_streamed_rewrite_match_in_memory_rewrite(tiny_exports, tmp_path, monkeypatch):
     import onnx.external_data_helper as edh
 
@@ -336,6 +338,7 @@ def test_consolidate_and_streamed_rewrite_match_in_memory_rewrite(tiny_exports, 
     np.testing.assert_array_equal(run_logits(out / "model.onnx", ids, np.float32), want)
 
 
+@pytest.mark.optimum  # rewrites optimum-onnx's graph (onnx_export)
 def test_streamed_rewrite_rejects_missing_weight_file(tiny_exports, tmp_path):
     from acttail_export.errors import ActTailError
     from acttail_export.onnx_export import consolidate_external_data, rewrite_onnx

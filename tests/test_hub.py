@@ -51,7 +51,9 @@ class FakeHub:
                     repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
                     if repo in hub.repos:
                         return self._reply(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo}"})
-                    hub.repos[repo] = {"private": req.get("private")}
+                    # huggingface_hub < 1 sends "private": bool, 1.x and later "visibility": "private" | "public"
+                    private = req["private"] if "private" in req else (req["visibility"] == "private" if "visibility" in req else None)
+                    hub.repos[repo] = {"private": private}
                     hub.files[repo] = {}
                     return self._reply(200, {"url": f"{hub.url}/{repo}"})
                 if parts == ["api", "validate-yaml"]:  # model card metadata check before the commit

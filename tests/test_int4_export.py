@@ -35,10 +35,13 @@ def text_file(tmp_path_factory):
     return path
 
 
+pytestmark = pytest.mark.optimum  # --weights int4 is written on the optimum base
+
+
 def _export(model_dir, out, text, **kw):
     from acttail_export.exporter import export
 
-    return export(str(model_dir), out, calibration_data=text, **{**FAST, **kw})
+    return export(str(model_dir), out, calibration_data=text, **{**FAST, "base": "optimum", **kw})
 
 
 CASES = {  # name: (model fixture, export arguments)

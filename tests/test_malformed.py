@@ -49,6 +49,7 @@ def _leftovers(out: Path) -> list[str]:
 
 
 def _export(capsys, model: Path, out: Path, text: Path, *extra: str) -> tuple[int, str]:
+    capsys.readouterr()  # only the command's own output (not transformers' bars of the test's model edits)
     rc = main(["export", "--model", str(model), *FAST, "--calibration-data", str(text), *extra, str(out)])
     return rc, capsys.readouterr().err
 
@@ -59,8 +60,8 @@ def _one_line_error(rc: int, err: str, *needles: str) -> str:
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("acttail-export: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    for needle in needles:  # "a|b": either wording (it differs between transformers 4 and 5)
+        assert any(alternative in lines[0] for alternative in needle.split("|")), lines[0]
     return lines[0]
 
 
@@ -96,9 +97,10 @@ def test_nan_norm_is_refused_in_both_modes(capsys, tiny_llama_dir, models, tmp_p
     _refused(capsys, model, tmp_path, text, "--mode", mode, needles=("model.layers.1.input_layernorm.weight",))
 
 
+@pytest.mark.optimum  # an fp16 export on CPU: the optimum base
 def test_fp16_overflow_names_the_dtype(capsys, tiny_llama_dir, models, tmp_path, text):
     model = mm.edit_weights(tiny_llama_dir, models / "fp16-overflow", mm.poke(mm.TENSORS["up"], 1e6))
-    _refused(capsys, model, tmp_path, text, "--dtype", "fp16", "--allocation", "uniform",
+    _refused(capsys, model, tmp_path, text, "--base", "optimum", "--dtype", "fp16", "--allocation", "uniform",
              needles=(mm.TENSORS["up"], "--dtype fp32"))
 
 
@@ -139,7 +141,8 @@ CONFIG_EDITS = {
     "heads-do-not-divide": (dict(num_attention_heads=5), "config.json is inconsistent"),
     "hidden-size-string": (dict(hidden_size="64"), "config.json is inconsistent"),
     "unknown-activation": (dict(hidden_act="nope"), "config.json is inconsistent"),
-    "rms-norm-eps-null": (dict(rms_norm_eps=None), "fails a 2-token forward pass"),
+    # transformers 5 rejects a null eps when it reads config.json, 4.x only when the forward pass divides by it
+    "rms-norm-eps-null": (dict(rms_norm_eps=None), "config.json is inconsistent|fails a 2-token forward pass"),
     "negative-rope-theta": (dict(rope_theta=-1.0), "buffer model.rotary_emb.inv_freq"),
 }
 
@@ -241,7 +244,7 @@ def test_model_without_decoder_layers(capsys, tiny_llama_dir, models, tmp_path, 
 
 def test_config_that_disagrees_with_the_weights(capsys, tiny_llama_dir, models, tmp_path, text):
     model = mm.with_config(tiny_llama_dir, models / "wrong-hidden", intermediate_size=96)
-    _refused(capsys, model, tmp_path, text, "--allocation", "uniform", needles=("config.json is inconsistent", "size mismatch"))
+    _refused(capsys, model, tmp_path, text, "--allocation", "uniform", needles=("config.json is inconsistent", "mismatch"))
 
 
 # --- output folder: symlinks, long names (the build itself is replaced: these test the folder logic) ---

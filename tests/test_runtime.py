@@ -18,7 +18,7 @@ def exported(tiny_llama_dir, tmp_path_factory):
     from acttail_export.exporter import export
 
     out = tmp_path_factory.mktemp("rt") / "llama"
-    return export(str(tiny_llama_dir), out, sparsity=0.5, mode="topk", kernel="fused",
+    return export(str(tiny_llama_dir), out, sparsity=0.5, mode="topk", kernel="fused", base="optimum",
                   calibration_samples=2, sequence_length=32, validate=False, progress=False)
 
 
@@ -35,6 +35,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
     return message
 
 
+@pytest.mark.optimum  # load_model: optimum-onnx's ORTModelForCausalLM
 def test_clean_export_loads(exported):
     config, fused = check_export_dir(exported)
     assert fused and config.kernel == "fused" and len(config.projections) == 14
@@ -42,6 +43,7 @@ def test_clean_export_loads(exported):
     assert model.can_use_cache
 
 
+@pytest.mark.optimum  # load_model: optimum-onnx's ORTModelForCausalLM
 def test_truncated_model_onnx(copy):
     data = (copy / "model.onnx").read_bytes()
     (copy / "model.onnx").write_bytes(data[: len(data) // 3])
@@ -50,6 +52,7 @@ def test_truncated_model_onnx(copy):
     _one_line(exc)
 
 
+@pytest.mark.optimum  # load_model: optimum-onnx's ORTModelForCausalLM
 def test_missing_external_data(copy):
     graph = onnx.load(str(copy / "model.onnx"))
     onnx.save_model(graph, str(copy / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -66,6 +69,7 @@ def test_missing_external_data(copy):
     assert "re-run the export" in _one_line(exc)
 
 
+@pytest.mark.optimum  # load_model: optimum-onnx's ORTModelForCausalLM
 def test_config_that_disagrees_with_the_graph(copy):
     raw = json.loads((copy / CONFIG_NAME).read_text())
     raw["projections"] = raw["projections"][:-1]
@@ -79,6 +83,7 @@ def test_config_that_disagrees_with_the_graph(copy):
         load_model(copy)
 
 
+@pytest.mark.optimum  # load_model: optimum-onnx's ORTModelForCausalLM
 def test_kernel_mismatch(copy):
     raw = json.loads((copy / CONFIG_NAME).read_text())
     raw["kernel"] = "mask"
@@ -87,6 +92,7 @@ def test_kernel_mismatch(copy):
         load_session_options(copy)
 
 
+@pytest.mark.optimum  # load_model: optimum-onnx's ORTModelForCausalLM
 def test_op_library_missing(copy, monkeypatch, tmp_path):
     import acttail_export.ops as ops
 
@@ -98,6 +104,7 @@ def test_op_library_missing(copy, monkeypatch, tmp_path):
     _one_line(exc)
 
 
+@pytest.mark.optimum  # load_model: optimum-onnx's ORTModelForCausalLM
 def test_missing_folder(tmp_path):
     with pytest.raises(ActTailError, match="does not exist: run `acttail-export export"):
         load_model(tmp_path / "nope")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 #: distributions every export records in ``acttail_config.json`` (``versions``)
-COMMON_DISTRIBUTIONS = ("acttail-export", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
+COMMON_DISTRIBUTIONS = ("acttail-export", "torch", "transformers", "onnx", "onnxruntime",
                         "huggingface_hub", "numpy")
 
 

@@ -53,7 +53,7 @@ class GenaiBase(ExportBase):
     def check(self, options: ExportOptions) -> None:
         from ..genai_base import check_genai
 
-        check_genai(options.dtype, options.device)  # imports the model builder in a subprocess (seconds)
+        check_genai(options.dtype, options.device)  # imports the model builder (seconds the first time)
 
     def build(self, model: Any, tokenizer: Any, tmp: Path, config: ActTailConfig, options: ExportOptions,
               quantized: dict | None, library: str | None) -> None:
@@ -64,7 +64,8 @@ class GenaiBase(ExportBase):
         with _stage("genai base build and graph rewrite"):
             # model.onnx: the rewritten builder graph (weights in model.onnx.data), genai_config.json naming it
             export_genai(model, tokenizer, tmp, config, mode=options.mode, kernel=options.kernel, dtype=precision,
-                         execution_provider=provider, filename="model.onnx", library=library, work_dir=tmp)
+                         execution_provider=provider, filename="model.onnx", library=library, work_dir=tmp,
+                         progress=options.progress)
 
     def max_eval_length(self, folder: Path) -> int | None:
         """The builder's rotary cache ends at ``context_length`` of ``genai_config.json``."""

@@ -1,4 +1,7 @@
-"""``--base optimum`` (the default): optimum-onnx's trace of the PyTorch model, then the ActTail rewrite.
+"""``--base optimum``: optimum-onnx's trace of the PyTorch model, then the ActTail rewrite.
+
+Needs the ``optimum`` extra (``pip install 'acttail-export[optimum]'``): optimum-onnx 0.1.0 pins transformers 4.57,
+so this base lives in an environment of its own (the default ``genai`` base needs transformers >= 5).
 
 Loads with :func:`acttail_export.runtime.load_model` or ``ORTModelForCausalLM``; ``--weights int4`` puts the
 4-bit ops in (:mod:`acttail_export.int4_rewrite`). The lower-level steps live in
@@ -12,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ActTailError
 from .base import ExportBase
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,11 +28,25 @@ logger = logging.getLogger(__name__)
 COPIED_FILES = ("config.json", "generation_config.json")
 
 
+def check_optimum() -> None:
+    """One-line ActTailError naming the fix when optimum-onnx's exporter does not import here."""
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - not installed, or a transformers it does not support
+        raise ActTailError(f"--base optimum needs optimum-onnx ({type(exc).__name__}: {str(exc)[:100]}): pip install "
+                           "'acttail-export[optimum]' in an environment of its own (it pins transformers 4.57), or use "
+                           "the default --base genai") from None
+
+
 class OptimumBase(ExportBase):
     """optimum-onnx base graph (``text-generation-with-past``) -> rewrite -> ``model.onnx`` + tokenizer."""
 
     name = "optimum"
     supports_int4 = True
+    extra_distributions = ("optimum", "optimum-onnx")
+
+    def check(self, options: ExportOptions) -> None:
+        check_optimum()
 
     def build(self, model: Any, tokenizer: Any, tmp: Path, config: ActTailConfig, options: ExportOptions,
               quantized: dict | None, library: str | None) -> None:

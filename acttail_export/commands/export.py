@@ -48,11 +48,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tokens per calibration window (default 512, or the model's context when shorter)")
 
     run = parser.add_argument_group("Export")
-    run.add_argument("--base", choices=tuple(BASES), default="optimum",
-                     help="graph to rewrite: optimum-onnx's trace (optimum; loads with ORTModelForCausalLM) or "
-                          "onnxruntime-genai's model builder graph (genai; the fast GPU decode base, loads with "
-                          "onnxruntime_genai.Model(OUTPUT_DIR); needs onnxruntime-genai and ACTTAIL_GENAI_PYTHONPATH "
-                          "for a transformers>=5 builder environment; --device selects the builder's cpu/cuda provider)")
+    run.add_argument("--base", choices=tuple(BASES), default="genai",
+                     help="graph to rewrite: onnxruntime-genai's model builder graph (genai, the default; the fast decode "
+                          "base, loads with onnxruntime_genai.Model(OUTPUT_DIR); --device selects the builder's cpu/cuda "
+                          "provider) or optimum-onnx's trace (optimum; loads with ORTModelForCausalLM; needs the optimum "
+                          "extra: pip install 'acttail-export[optimum]', which pins transformers 4.57)")
     run.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations of the ONNX graph")
     run.add_argument("--weights", default=None, metavar="{fp32,fp16,int4}",
                      help="projection weights: the --dtype (default) or int4 (4-bit blocks along the input dimension; "

@@ -1,0 +1,44 @@
+"""Progress bars of the libraries the pipeline calls (transformers, huggingface_hub, the genai model builder).
+
+transformers 5 draws "Loading weights" / "Writing model shards" bars on stderr even when stderr is a file or a pipe,
+which would bury the one-line errors of the command line. :func:`library_progress` turns them off for a block
+when nobody watches a terminal, and puts them back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def library_progress(enabled: bool) -> Iterator[None]:
+    """Inside the block, the progress bars of transformers and huggingface_hub are on when ``enabled``, else off."""
+    if enabled:
+        yield
+        return
+    restore = []
+    try:
+        from transformers.utils import logging as tf_logging
+
+        if tf_logging.is_progress_bar_enabled():
+            tf_logging.disable_progress_bar()
+            restore.append(tf_logging.enable_progress_bar)
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        if not are_progress_bars_disabled():
+            disable_progress_bars()
+            restore.append(enable_progress_bars)
+    except ImportError:  # pragma: no cover - an older huggingface_hub
+        pass
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
