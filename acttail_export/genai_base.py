@@ -198,7 +198,8 @@ def pin_kv_dims(graph: onnx.ModelProto, base_dir: str | Path) -> None:
 
 
 def write_variant(base_dir: str | Path, config: ActTailConfig, filename: str, mode: str | None = None,
-                  kernel: str | None = None, library: str | Path | None = None, replace_base: bool = False) -> Path:
+                  kernel: str | None = None, library: str | Path | None = None, replace_base: bool = False,
+                  quantized: dict | None = None) -> Path:
     """Rewrite the base graph with ``config`` and save it as ``base_dir/filename`` (weights shared).
 
     The rewritten graph references the base's ``model.onnx.data``; the few new initializers
@@ -208,6 +209,9 @@ def write_variant(base_dir: str | Path, config: ActTailConfig, filename: str, mo
     rewritten one (what the CLI's ``--base genai`` writes, so that every loader sees the ActTail graph).
     The KV-cache head dimension, symbolic (``kv_cache_dim``) in the builder's graph, is pinned to the
     ``head_size`` of ``genai_config.json`` so that plain ONNX Runtime feeds can be shaped from the graph.
+    ``quantized`` (``--weights int4``: projection name -> 4-bit weight) puts the 4-bit ops in
+    (:func:`acttail_export.int4_rewrite.rewrite_int4`); that graph keeps only the weights it still uses, in its own
+    file(s), so the float projection weights are not shipped with it.
     """
     from .graph_rewrite import rewrite
 
@@ -218,12 +222,41 @@ def write_variant(base_dir: str | Path, config: ActTailConfig, filename: str, mo
     summary = rewrite(graph, config, mode=mode, kernel=kernel)
     pin_kv_dims(graph, base_dir)
     path = base_dir / filename
-    tmp = path.with_name(f".{filename}.{os.getpid()}.tmp")
-    onnx.save_model(graph, str(tmp))
-    os.replace(tmp, path)
+    if quantized is not None:
+        _save_int4(graph, base_dir, filename, config, quantized)
+    else:
+        tmp = path.with_name(f".{filename}.{os.getpid()}.tmp")
+        onnx.save_model(graph, str(tmp))
+        os.replace(tmp, path)
     if summary.kernel == "fused":
         copy_library(base_dir, library)
     return path
+
+
+def _save_int4(graph: onnx.ModelProto, base_dir: Path, filename: str, config: ActTailConfig, quantized: dict) -> Path:
+    """The 4-bit ops into a rewritten builder graph, saved with only the weights it still uses.
+
+    The graph is edited without its weights; then the weights it still references are read from the builder's
+    ``model.onnx.data`` and the graph is saved in a staging folder (one file, or ``<name>_data`` over 2 GB) that is
+    moved into ``base_dir``: the float projection weights are never loaded.
+    """
+    import tempfile
+
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from .int4_rewrite import rewrite_int4
+    from .onnx_export import save_onnx
+
+    rewrite_int4(graph, config, quantized)
+    load_external_data_for_model(graph, str(base_dir))
+    staging = Path(tempfile.mkdtemp(prefix=".int4-", dir=base_dir))
+    try:
+        save_onnx(graph, staging / filename)
+        for file in staging.iterdir():
+            os.replace(file, base_dir / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return base_dir / filename
 
 
 def copy_library(base_dir: str | Path, library: str | Path | None = None) -> Path:
@@ -297,16 +330,19 @@ def generate(base_dir: str | Path, input_ids, max_new_tokens: int, filename: str
 
 
 def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = None, kernel: str | None = None,
-             filename: str = "model.acttail.onnx", library: str | Path | None = None) -> Path:
+             filename: str = "model.acttail.onnx", library: str | Path | None = None, quantized: dict | None = None) -> Path:
     """Make a builder folder an ActTail export that ``onnxruntime_genai.Model(folder)`` loads as is.
 
     Writes the rewritten graph as ``filename`` (sharing ``model.onnx.data``; ``filename="model.onnx"``
     replaces the dense graph), points ``genai_config.json`` at it (and at the op library for the fused
-    kernel), and saves ``acttail_config.json``.
+    kernel), and saves ``acttail_config.json``. ``quantized``: the 4-bit weights of ``--weights int4``
+    (:func:`write_variant`); replacing ``model.onnx`` then also drops the builder's float ``model.onnx.data``.
     """
     base_dir = Path(base_dir)
     path = write_variant(base_dir, config, filename, mode=mode, kernel=kernel, library=library,
-                         replace_base=filename == BASE_ONNX)
+                         replace_base=filename == BASE_ONNX, quantized=quantized)
+    if quantized is not None and filename == BASE_ONNX:
+        (base_dir / f"{BASE_ONNX}.data").unlink(missing_ok=True)  # nothing refers to it any more
     cfg_path = base_dir / GENAI_CONFIG
     data = json.loads(cfg_path.read_text())
     decoder = data["model"]["decoder"]
@@ -323,7 +359,8 @@ def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = Non
 def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig, mode: str | None = None,
                  kernel: str | None = None, dtype: str = "fp16", execution_provider: str = "cuda",
                  filename: str = "model.acttail.onnx", library: str | Path | None = None,
-                 work_dir: str | Path | None = None, pack: bool | None = None, progress: bool = True) -> Path:
+                 work_dir: str | Path | None = None, pack: bool | None = None, progress: bool = True,
+                 quantized: dict | None = None) -> Path:
     """ActTail export on the optimized base: builder graph + rewrite + genai config, in ``output_dir``.
 
     ``model`` / ``tokenizer`` are the loaded Hugging Face objects (the config's thresholds come from them).
@@ -355,5 +392,5 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
     # the builder re-saves the tokenizer from the scratch folder; write the caller's tokenizer over it so that the
     # export encodes exactly like the model that was calibrated
     tokenizer.save_pretrained(output_dir)
-    finalize(output_dir, config, mode=mode, kernel=kernel, filename=filename, library=library)
+    finalize(output_dir, config, mode=mode, kernel=kernel, filename=filename, library=library, quantized=quantized)
     return output_dir

@@ -129,8 +129,11 @@ class ExportOptions:
                                    "drop them")
             return
         if not get_base(self.base).supports_int4:
-            raise ActTailError(f"--weights int4 needs --base optimum (the {self.base} base cannot carry the 4-bit ops "
-                               "yet): pass --base optimum or drop --weights int4")
+            from .bases import BASES
+
+            able = " or ".join(f"--base {name}" for name, base in BASES.items() if base.supports_int4)
+            raise ActTailError(f"--weights int4 needs {able} (the {self.base} base cannot carry the 4-bit ops): "
+                               "pass one of them or drop --weights int4")
         if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES):
             choices = ", ".join(map(str, BLOCK_SIZES))
             raise ActTailError(f"--block-size must be one of {choices}; got {self.block_size!r}")

@@ -18,7 +18,7 @@ def test_registry_has_both_bases():
     assert isinstance(BASES["optimum"], OptimumBase) and isinstance(BASES["genai"], GenaiBase)
     for name, base in BASES.items():
         assert isinstance(base, ExportBase) and base.name == name and get_base(name) is base
-    assert BASES["optimum"].supports_int4 and not BASES["genai"].supports_int4
+    assert BASES["optimum"].supports_int4 and BASES["genai"].supports_int4
 
 
 def test_unknown_base_is_one_line(tiny_llama_dir, tmp_path):
@@ -85,12 +85,19 @@ def test_a_third_base_runs_through_export(tiny_llama_dir, tmp_path, monkeypatch)
     assert validation["forced_top1_agreement"] >= validation["forced_top1_floor"]
 
 
-def test_base_value_checks_run_in_options():
+def test_base_value_checks_run_in_options(monkeypatch):
     with pytest.raises(ActTailError, match="needs the CUDA provider"):
         ExportOptions(base="genai", dtype="fp16")
-    with pytest.raises(ActTailError, match="--weights int4 needs --base optimum"):
-        ExportOptions(base="genai", weights="int4")
+
+    class FloatOnly(GenaiBase):
+        name = "float-only"
+        supports_int4 = False
+
+    monkeypatch.setitem(BASES, "float-only", FloatOnly())
+    with pytest.raises(ActTailError, match=r"--weights int4 needs --base optimum or --base genai \(the float-only base"):
+        ExportOptions(base="float-only", weights="int4")
     assert ExportOptions(base="optimum", weights="int4").int4 is not None
+    assert ExportOptions(base="genai", weights="int4").int4 is not None
 
 
 def test_genai_usage_goes_before_the_budget_table(tmp_path):

@@ -202,7 +202,6 @@ def test_config_round_trip_and_old_configs(exports):
     (["--block-size", "64"], "only apply to --weights int4"),
     (["--quantizer", "rtn"], "only apply to --weights int4"),
     (["--weights", "fp16"], "needs --dtype fp16"),
-    (["--weights", "int4", "--base", "genai"], "needs --base optimum"),
 ])
 def test_bad_flags_exit_2_one_line(capsys, tmp_path, tiny_llama_dir, args, needle):
     out = tmp_path / "out"

@@ -53,8 +53,6 @@ INVALID = [
     (dict(weights="int4", block_size=True), "--block-size must be one of 32, 64, 128", None),
     (dict(weights="int4", quantizer="gptq"), "--quantizer must be one of rtn, mse",
      ["--weights", "int4", "--quantizer", "gptq"]),
-    (dict(weights="int4", base="genai"), "--weights int4 needs --base optimum",
-     ["--weights", "int4", "--base", "genai"]),
 ]
 
 

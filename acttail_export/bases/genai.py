@@ -43,6 +43,7 @@ class GenaiBase(ExportBase):
     """Builder graph (``fuse_qkv`` / ``fuse_mlp_gate_up`` when the masks allow) -> rewrite -> ``genai_config.json``."""
 
     name = "genai"
+    supports_int4 = True  # SparseMatMulNBits / MatMulNBits in the builder graph, packed members side by side
     extra_distributions = ("onnxruntime-genai", "onnxruntime-genai-cuda")
 
     def check_options(self, options: ExportOptions) -> None:
@@ -65,7 +66,7 @@ class GenaiBase(ExportBase):
             # model.onnx: the rewritten builder graph (weights in model.onnx.data), genai_config.json naming it
             export_genai(model, tokenizer, tmp, config, mode=options.mode, kernel=options.kernel, dtype=precision,
                          execution_provider=provider, filename="model.onnx", library=library, work_dir=tmp,
-                         progress=options.progress)
+                         progress=options.progress, quantized=quantized)
 
     def max_eval_length(self, folder: Path) -> int | None:
         """The builder's rotary cache ends at ``context_length`` of ``genai_config.json``."""

@@ -1,0 +1,112 @@
+"""``--weights int4`` on the default base (onnxruntime-genai's builder graph, packed q/k/v and gate/up): the 4-bit
+ops replace every projection, the float projection weights leave the folder, each node's dequantized weight is the
+4-bit quantization of the model's weight (members side by side), and the folder runs (plain ONNX Runtime and
+``og.Model``) like the PyTorch sparse reference of the dequantized model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from acttail_export import genai_base as gbase
+from acttail_export.config import ActTailConfig
+from acttail_export.graph_rewrite import NBITS_OPS, find_projections, packed_columns
+from acttail_export.int4_rewrite import dequantize_node
+from acttail_export.quantize import quantize
+
+pytestmark = pytest.mark.skipif("not (gbase.genai_available() and gbase.builder_problem() is None)",
+                                reason="onnxruntime-genai's model builder does not import")
+
+FAST = dict(calibration_samples=2, sequence_length=32, eval_tokens=0, progress=False, base="genai")
+CASES = {  # name: export arguments
+    "fused-threshold": dict(kernel="fused", mode="threshold", sparsity=0.5, block_size=32, quantizer="mse"),
+    "mask-topk": dict(kernel="mask", mode="topk", sparsity=0.5, block_size=64, quantizer="rtn", allocation="uniform"),
+    "dense": dict(kernel="mask", mode="topk", sparsity=0.0, block_size=32, quantizer="rtn", allocation="uniform"),
+}
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_llama_dir, tmp_path_factory, wikitext_valid):
+    from acttail_export.exporter import export
+
+    done: dict = {}
+
+    def get(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp("int4-genai") / name
+            done[name] = export(str(tiny_llama_dir), out, weights="int4", calibration_data=str(wikitext_valid),
+                                **{**FAST, **CASES[name]})
+        return done[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports, name, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    folder, kw = exports(name), CASES[name]
+    config = ActTailConfig.load(folder)
+    assert (config.weights, config.block_size, config.quantizer) == ("int4", kw["block_size"], kw["quantizer"])
+    assert not (folder / "model.onnx.data").exists()  # the builder's float weights are not shipped
+    graph = onnx.load(str(folder / "model.onnx"))
+    found = find_projections(graph, config.spec)
+    assert len(found) == len(config.projections)
+    sparse = kw["kernel"] == "fused" and kw["sparsity"] > 0
+    assert {n.op_type for n in found.values()} == ({"SparseMatMulNBits"} if sparse else {"MatMulNBits"})
+    assert {n.op_type for n in found.values()} <= set(NBITS_OPS)
+    assert len({n.name for n in found.values()}) < len(found)  # q/k/v and gate/up stay packed
+    tensors = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    shapes = {(p.in_features, p.out_features) for p in config.projections}
+    assert not [n for n, a in tensors.items() if a.dtype == np.float32 and a.ndim == 2 and a.shape in shapes]
+    # each member's columns of the node dequantize to quantize(original weight): the same blocks along K
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    modules = dict(model.named_modules())
+    columns = packed_columns(found, config)
+    for pname, node in found.items():
+        w = dequantize_node(node, tensors)
+        if pname in columns:
+            w = w[:, columns[pname][0]:columns[pname][1]]
+        want = quantize(modules[pname].weight.detach().numpy().T, kw["block_size"], kw["quantizer"]).dequantize_f32()
+        np.testing.assert_allclose(w, want, rtol=0, atol=1e-6 * float(np.abs(want).max()))
+
+
+def test_int4_folder_is_smaller_than_the_float_export(exports, tiny_llama_dir, tmp_path, wikitext_valid):
+    from acttail_export.exporter import export
+
+    float_folder = export(str(tiny_llama_dir), tmp_path / "fp32", calibration_data=str(wikitext_valid),
+                          **{**FAST, **CASES["dense"], "block_size": None, "quantizer": None})
+    config = ActTailConfig.load(float_folder)
+    projection_bytes = sum(4 * p.in_features * p.out_features for p in config.projections)
+
+    def size(folder):
+        return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+    # 4 bits + an fp32 scale and offset per 32 weights = 6 bits per weight: at least 3/4 of the fp32 bytes go
+    assert size(float_folder) - size(exports("dense")) >= 0.75 * projection_bytes * 0.99
+
+
+@pytest.mark.parametrize("name", ["fused-threshold", "mask-topk"])
+def test_folder_runs_like_the_sparse_reference_of_the_dequantized_model(exports, name, tiny_llama_dir):
+    """Prompt logits of a plain ONNX Runtime session within 1e-4 of PyTorch (dequantized weights, the exported
+    masks), and greedy tokens of ``og.Model(folder)`` equal to PyTorch's (tiny model: no boundary ties)."""
+    from transformers import AutoModelForCausalLM
+
+    from acttail_export.generation import OrtDecoder
+    from acttail_export.int4_rewrite import quantize_model
+    from acttail_export.sparsify import apply_sparsity
+
+    folder, kw = exports(name), CASES[name]
+    config = ActTailConfig.load(folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    quantize_model(model, kw["block_size"], kw["quantizer"])
+    prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode(), apply_sparsity(model, config, kw["mode"]):
+        want = model(prompt).logits[0].numpy()
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                             pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()
+    got = OrtDecoder(folder).forward(prompt.numpy()[0])
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    assert gbase.generate(folder, prompt.numpy(), 8) == ref
