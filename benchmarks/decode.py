@@ -17,7 +17,10 @@ of the process, for
   a shared KV buffer), genai generator, with and without CUDA-graph capture;
 * ``genai-mask`` / ``genai-fused``: the same graph rewritten by :func:`acttail_export.graph_rewrite.rewrite`
   (threshold mode, uniform budgets) at each ``--sparsity``;
-* optionally ``ort-optimum-fused`` at ``--optimum-fused-sparsity``.
+* optionally ``ort-optimum-fused`` at ``--optimum-fused-sparsity``;
+* ``acttail-export``: the folder a user gets — :func:`acttail_export.exporter.export` (default genai base, packed
+  q/k/v and gate/up, fused op, thresholds calibrated by the exporter) for each ``--export-allocation`` (ActTail and
+  uniform budgets) at each ``--export-sparsity``, loaded as ``og.Model(folder)`` and timed like ``genai-fused``.
 
 Thresholds are calibrated on the model's own activations (random token windows for random-weight
 models, WikiText-2 validation for SmolLM2) with the project's sequential calibration, so each
@@ -62,7 +65,8 @@ SHAPES = {
                          sliding_window=None),
 }
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9)
-BACKENDS = ("torch-eager", "torch-cuda-graph", "ort-optimum", "genai-dense", "genai-mask", "genai-fused", "ort-optimum-fused")
+BACKENDS = ("torch-eager", "torch-cuda-graph", "ort-optimum", "genai-dense", "genai-mask", "genai-fused", "ort-optimum-fused",
+            "acttail-export")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,6 +642,13 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     ap.add_argument("--topk-sparsity", type=float, nargs="*", default=[0.5, 0.8, 0.9], help="fused top-k variants")
     ap.add_argument("--optimum-fused-sparsity", type=float, nargs="*", default=[0.8])
+    ap.add_argument("--export-sparsity", type=float, nargs="*", default=[0.5, 0.8], help="acttail-export: target sparsities")
+    ap.add_argument("--export-allocation", nargs="*", default=["acttail", "uniform"], choices=("acttail", "uniform"),
+                    help="acttail-export: budget allocations (ActTail: the exporter's default)")
+    ap.add_argument("--export-mode", choices=("threshold", "topk"), default="threshold", help="acttail-export: mask mode")
+    ap.add_argument("--export-validate", action="store_true", help="acttail-export: run the exporter's validation too")
+    ap.add_argument("--keep-exports", action="store_true", help="acttail-export: keep each folder (default: deleted after "
+                    "its run, a 7B folder is 13 GB)")
     ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both", help="genai runs with / without CUDA graphs")
     ap.add_argument("--prompt-length", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
@@ -783,15 +794,14 @@ def run_benchmark(args) -> int:
             results.add("ort-optimum", "dense", 0.0, {"error": f"export: {type(exc).__name__}: {str(exc)[:1500]}"})
         timings["optimum_export"] = time.perf_counter() - t
     want_genai = {"genai-dense", "genai-mask", "genai-fused"} & set(args.backends)
+    if "acttail-export" in args.backends and not (hf_dir / "config.json").is_file():
+        save_hf(model, tokenizer, hf_dir)
     if want_genai and not out_of_time():
         t = time.perf_counter()
         try:
             if not (genai_dir / "model.onnx").is_file():
-                model.save_pretrained(hf_dir, safe_serialization=True)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(hf_dir)
-                else:
-                    save_random_tokenizer(hf_dir, cfg.vocab_size)
+                if not (hf_dir / "config.json").is_file():
+                    save_hf(model, tokenizer, hf_dir)
                 genai_base.build_base(hf_dir, genai_dir, dtype=args.dtype, execution_provider=provider,
                                     fuse_qkv=args.pack, fuse_gate_up=args.pack)
         except Exception as exc:  # noqa: BLE001
@@ -884,6 +894,15 @@ def run_benchmark(args) -> int:
             results.add(backend, label, s, r, cuda_graph=False, mode=mode)
         else:
             results.add(backend, label + (" +cuda-graph" if use_graph else ""), s, r, cuda_graph=use_graph, mode=mode)
+    if "acttail-export" in args.backends and not out_of_time():
+        if args.model in SHAPES:  # random weights: calibration text = random token windows in the random tokenizer's words
+            calibration = work / "calibration.txt"
+            calibration.write_text("\n".join(" ".join(f"t{int(i)}" for i in w) for w in windows.cpu().numpy()) + "\n")
+            ref = str(hf_dir)
+        else:
+            calibration = Path(args.wikitext) / "wiki.valid.raw"
+            ref = str(ref)  # the model reference loaded above (the bundled SmolLM2 GGUF, a folder or a Hub id)
+        timings["exports"] = export_folders(args, ref, calibration, work, common, results, best_graph)
     if args.packed_qkv and not args.pack and "genai-dense" in want_genai and not out_of_time(margin=150):  # a second builder run
         # the builder's default layout (q/k/v packed into one MatMul): a dense baseline only, the rewrite needs them apart
         t = time.perf_counter()
@@ -905,6 +924,58 @@ def run_benchmark(args) -> int:
     results.save()
     print(tables(results.data))
     return 0
+
+
+def save_hf(model, tokenizer, hf_dir: Path) -> None:
+    """The benchmark's model as a Hugging Face folder (the builder's and the exporter's input)."""
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(hf_dir)
+    else:
+        save_random_tokenizer(hf_dir, model.config.vocab_size)
+
+
+def export_folders(args, model_ref: str, calibration: Path, work: Path, common: dict, results: Results,
+                   cuda_graph: bool) -> float:
+    """``acttail-export``: time the exporter's own folders (one per allocation and sparsity); returns the seconds spent.
+
+    Each folder is what ``acttail-export export --model MODEL --sparsity S --allocation A --kernel fused`` writes on the
+    default base (packed builder graph, calibrated thresholds), run as ``og.Model(folder)``; it is deleted after its
+    run unless ``--keep-exports``.
+    """
+    import shutil
+
+    import onnx
+
+    from acttail_export.config import ActTailConfig
+    from acttail_export.exporter import export
+
+    start = time.perf_counter()
+    for allocation in args.export_allocation:
+        for s in args.export_sparsity:
+            folder = work / f"export-{allocation}-{args.export_mode}-{int(round(s * 100))}"
+            label = f"export {allocation} {args.export_mode} {s:.0%}"
+            extra = dict(mode=args.export_mode, allocation=allocation)
+            t = time.perf_counter()
+            try:
+                export(model_ref, folder, sparsity=s, allocation=allocation, mode=args.export_mode, kernel="fused", base="genai",
+                       dtype=args.dtype, device=args.device, calibration_data=str(calibration),
+                       calibration_samples=args.calibration_windows, sequence_length=args.prompt_length,
+                       validate=args.export_validate, eval_tokens=0, overwrite=True, progress=False)
+            except Exception as exc:  # noqa: BLE001
+                results.add("acttail-export", label, s, {"error": f"export: {type(exc).__name__}: {str(exc)[:1500]}"}, **extra)
+                continue
+            config = ActTailConfig.load(folder)
+            graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+            extra.update(export_s=time.perf_counter() - t, sparse_ops=sum(n.op_type == "SparseMatMul" for n in graph.graph.node),
+                         budgets=[min(p.sparsity for p in config.projections), max(p.sparsity for p in config.projections)],
+                         export_command=f"acttail-export export --model MODEL --sparsity {s} --allocation {allocation} "
+                                        f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}")
+            r = run_child(dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph), args.child_timeout)
+            results.add("acttail-export", label + (" +cuda-graph" if cuda_graph else ""), s, r, cuda_graph=cuda_graph, **extra)
+            if not args.keep_exports:
+                shutil.rmtree(folder, ignore_errors=True)
+    return time.perf_counter() - start
 
 
 def quality_check(args, model, tokenizer, configs, hf_dir: Path, genai_dir: Path, work: Path, common: dict) -> dict:
@@ -1047,6 +1118,8 @@ def tables(data: dict) -> str:
         eff = calib.get(str(s), {}).get("effective_sparsity", {}).get("decode") if s else None
         if r["variant"].startswith("dense"):
             sp = "dense"
+        elif r["backend"] == "acttail-export":
+            sp = f"{s:.2f} ({r.get('allocation')}, the exporter's calibration)"
         elif r.get("mode") == "topk":
             sp = f"{s:.2f} (top-k: exact)"
         else:

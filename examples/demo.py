@@ -62,7 +62,7 @@ def main() -> int:
     t0 = time.perf_counter()
     out = export(model_path, args.output, sparsity=args.sparsity, allocation="acttail", mode=args.mode,
                  kernel=kernel, overwrite=True)
-    print(f"\nexported {out} ({kernel} kernel, {args.mode} mode) in {time.perf_counter() - t0:.0f} s")
+    print(f"\nexported {args.output} ({kernel} kernel, {args.mode} mode) in {time.perf_counter() - t0:.0f} s")
 
     model, tokenizer = load_model(model_path)
     fits = spectral.analyze_model(model)
@@ -94,7 +94,7 @@ def generate_both(model_path: str, out_80: Path, args: argparse.Namespace, kerne
     t0 = time.perf_counter()
     out_50 = export(model_path, args.output_50, sparsity=0.5, allocation="acttail", mode=args.mode, kernel=kernel,
                     calibration_samples=16, validate=False, overwrite=True)
-    print(f"\nexported {out_50} ({kernel} kernel, {args.mode} mode, 16 calibration windows, not validated) "
+    print(f"\nexported {args.output_50} ({kernel} kernel, {args.mode} mode, 16 calibration windows, not validated) "
           f"in {time.perf_counter() - t0:.0f} s")
     print(f"\nONNX Runtime generation (greedy, CPU, KV cache, chat template): {args.prompt!r} ->")
     for folder in (out_50, out_80):
