@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 GENAI_CONFIG = "genai_config.json"
 BASE_ONNX = "model.onnx"
 LIBRARY_FILE = LIBRARY_NAME  # the name every export carries the op library under
-PRECISIONS = ("fp16", "fp32", "bf16")
+PRECISIONS = ("fp16", "fp32", "bf16", "int4")  # int4: the builder's own MatMulNBits model (a baseline, not rewritten)
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 
 

@@ -18,6 +18,8 @@ of the process, for
 * ``genai-mask`` / ``genai-fused``: the same graph rewritten by :func:`acttail_export.graph_rewrite.rewrite`
   (threshold mode, uniform budgets) at each ``--sparsity``;
 * optionally ``ort-optimum-fused`` at ``--optimum-fused-sparsity``;
+* ``genai-int4``: the builder's own 4-bit model (``-p int4``: MatMulNBits, block 32, its RTN quantizer), dense — the
+  int4 model a user would otherwise deploy;
 * ``acttail-export``: the folder a user gets — :func:`acttail_export.exporter.export` (default genai base, packed
   q/k/v and gate/up, fused op, thresholds calibrated by the exporter) for each ``--export-allocation`` (ActTail and
   uniform budgets) at each ``--export-sparsity``, loaded as ``og.Model(folder)`` and timed like ``genai-fused``.
@@ -66,7 +68,7 @@ SHAPES = {
 }
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9)
 BACKENDS = ("torch-eager", "torch-cuda-graph", "ort-optimum", "genai-dense", "genai-mask", "genai-fused", "ort-optimum-fused",
-            "acttail-export")
+            "genai-int4", "acttail-export")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,6 +649,12 @@ def main(argv=None) -> int:
                     help="acttail-export: budget allocations (ActTail: the exporter's default)")
     ap.add_argument("--export-mode", choices=("threshold", "topk"), default="threshold", help="acttail-export: mask mode")
     ap.add_argument("--export-validate", action="store_true", help="acttail-export: run the exporter's validation too")
+    ap.add_argument("--export-weights", choices=("float", "int4"), default="float",
+                    help="acttail-export: projection weights (float: the --dtype; int4: --weights int4, block 32)")
+    ap.add_argument("--export-perplexity", action="store_true",
+                    help="perplexity of every acttail-export folder, genai-int4 and genai-dense on --ppl-split (pretrained models)")
+    ap.add_argument("--ppl-split", choices=("valid", "test"), default="valid",
+                    help="WikiText-2 split of --export-perplexity (default valid: a comparison, not a released number)")
     ap.add_argument("--keep-exports", action="store_true", help="acttail-export: keep each folder (default: deleted after "
                     "its run, a 7B folder is 13 GB)")
     ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both", help="genai runs with / without CUDA graphs")
@@ -843,6 +851,24 @@ def run_benchmark(args) -> int:
             results.add("genai-dense", "dense" + packed_tag + (" +cuda-graph" if cg else ""), 0.0, r, cuda_graph=cg)
             if cg and "error" in r:
                 best_graph = False
+    ppl = perplexity_runner(args, tokenizer, work, common)
+    if "genai-dense" in want_genai and ppl is not None:
+        results.data.setdefault("perplexity", {})["genai-dense"] = ppl(genai_dir, "model.onnx", fused=False)
+    if "genai-int4" in args.backends and not out_of_time():
+        t = time.perf_counter()
+        int4_dir = work / "genai-int4"
+        try:
+            if not (hf_dir / "config.json").is_file():
+                save_hf(model, tokenizer, hf_dir)
+            if not (int4_dir / "model.onnx").is_file():
+                genai_base.build_base(hf_dir, int4_dir, dtype="int4", execution_provider=provider, fuse_qkv=True, fuse_gate_up=True)
+            r = run_child(dict(common, kind="genai", dir=str(int4_dir), filename="model.onnx", cuda_graph=best_graph), args.child_timeout)
+            if ppl is not None:
+                results.data.setdefault("perplexity", {})["genai-int4"] = ppl(int4_dir, "model.onnx", fused=False)
+        except Exception as exc:  # noqa: BLE001
+            r = {"error": f"build: {type(exc).__name__}: {str(exc)[:1500]}"}
+        results.add("genai-int4", "dense int4 (builder -p int4)" + (" +cuda-graph" if best_graph else ""), 0.0, r, cuda_graph=best_graph)
+        timings["genai_int4"] = time.perf_counter() - t
     # most important first, in case --deadline cuts the run short: fused threshold, placement check, mask, fused top-k
     order = sorted(sparsities, key=lambda s: (s != 0.8, s != 0.5, s != 0.9, -s))
     variants: list = [("fused", "threshold", s, configs[s]) for s in order if "genai-fused" in want_genai]
@@ -902,7 +928,7 @@ def run_benchmark(args) -> int:
         else:
             calibration = Path(args.wikitext) / "wiki.valid.raw"
             ref = str(ref)  # the model reference loaded above (the bundled SmolLM2 GGUF, a folder or a Hub id)
-        timings["exports"] = export_folders(args, ref, calibration, work, common, results, best_graph)
+        timings["exports"] = export_folders(args, ref, calibration, work, common, results, best_graph, ppl)
     if args.packed_qkv and not args.pack and "genai-dense" in want_genai and not out_of_time(margin=150):  # a second builder run
         # the builder's default layout (q/k/v packed into one MatMul): a dense baseline only, the rewrite needs them apart
         t = time.perf_counter()
@@ -935,8 +961,25 @@ def save_hf(model, tokenizer, hf_dir: Path) -> None:
         save_random_tokenizer(hf_dir, model.config.vocab_size)
 
 
+def perplexity_runner(args, tokenizer, work: Path, common: dict):
+    """``--export-perplexity``: a function (folder, graph, fused) -> perplexity result on ``--ppl-split`` windows, run in a
+    child on the CPU provider (fp32 graphs) or the benchmark's provider; None when not asked or no tokenizer."""
+    if not args.export_perplexity or tokenizer is None:
+        return None
+    from acttail_export.data import load_windows
+
+    path = work / f"ppl_windows_{args.ppl_split}.npy"
+    windows = load_windows(tokenizer, Path(args.wikitext) / f"wiki.{args.ppl_split}.raw", args.ppl_length, max_tokens=args.ppl_tokens)
+    np.save(path, windows.numpy())
+
+    def run(folder: Path, graph: str, fused: bool) -> dict:
+        spec = dict(common, kind="perplexity", dir=str(folder), filename=graph, fused=fused, windows=str(path))
+        return dict(run_child(spec, max(args.child_timeout, 600.0)), split=args.ppl_split, window_length=args.ppl_length)
+    return run
+
+
 def export_folders(args, model_ref: str, calibration: Path, work: Path, common: dict, results: Results,
-                   cuda_graph: bool) -> float:
+                   cuda_graph: bool, ppl=None) -> float:
     """``acttail-export``: time the exporter's own folders (one per allocation and sparsity); returns the seconds spent.
 
     Each folder is what ``acttail-export export --model MODEL --sparsity S --allocation A --kernel fused`` writes on the
@@ -953,25 +996,31 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
     start = time.perf_counter()
     for allocation in args.export_allocation:
         for s in args.export_sparsity:
-            folder = work / f"export-{allocation}-{args.export_mode}-{int(round(s * 100))}"
-            label = f"export {allocation} {args.export_mode} {s:.0%}"
-            extra = dict(mode=args.export_mode, allocation=allocation)
+            int4 = args.export_weights == "int4"
+            folder = work / f"export-{allocation}-{args.export_mode}-{int(round(s * 100))}{'-int4' if int4 else ''}"
+            label = f"export {allocation} {args.export_mode} {s:.0%}{' int4' if int4 else ''}"
+            extra = dict(mode=args.export_mode, allocation=allocation, weights=args.export_weights)
             t = time.perf_counter()
             try:
                 export(model_ref, folder, sparsity=s, allocation=allocation, mode=args.export_mode, kernel="fused", base="genai",
                        dtype=args.dtype, device=args.device, calibration_data=str(calibration),
                        calibration_samples=args.calibration_windows, sequence_length=args.prompt_length,
-                       validate=args.export_validate, eval_tokens=0, overwrite=True, progress=False)
+                       validate=args.export_validate, eval_tokens=0, overwrite=True, progress=False,
+                       **({"weights": "int4", "block_size": 32} if int4 else {}))
             except Exception as exc:  # noqa: BLE001
                 results.add("acttail-export", label, s, {"error": f"export: {type(exc).__name__}: {str(exc)[:1500]}"}, **extra)
                 continue
             config = ActTailConfig.load(folder)
             graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-            extra.update(export_s=time.perf_counter() - t, sparse_ops=sum(n.op_type == "SparseMatMul" for n in graph.graph.node),
+            extra.update(export_s=time.perf_counter() - t,
+                         sparse_ops=sum(n.op_type in ("SparseMatMul", "SparseMatMulNBits") for n in graph.graph.node),
                          budgets=[min(p.sparsity for p in config.projections), max(p.sparsity for p in config.projections)],
                          export_command=f"acttail-export export --model MODEL --sparsity {s} --allocation {allocation} "
-                                        f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}")
+                                        f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}"
+                                        + (" --weights int4 --block-size 32" if int4 else ""))
             r = run_child(dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph), args.child_timeout)
+            if ppl is not None:
+                extra["perplexity"] = ppl(folder, "model.onnx", fused=True)
             results.add("acttail-export", label + (" +cuda-graph" if cuda_graph else ""), s, r, cuda_graph=cuda_graph, **extra)
             if not args.keep_exports:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -1147,6 +1196,13 @@ def tables(data: dict) -> str:
         def ratio(base):
             return f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "–"
         lines.append(f"| {r['backend']} {r['variant']} | {r['tokens_per_s']:.1f} | {ratio(optimum)} | {ratio(dense_ort)} | {ratio(torch_graph)} |")
+    ppl_rows = [(name, p) for name, p in data.get("perplexity", {}).items()]
+    ppl_rows += [(f"{r['backend']} {r['variant']}", r["perplexity"]) for r in data["runs"] if isinstance(r.get("perplexity"), dict)]
+    if ppl_rows:
+        lines += ["", "| configuration | perplexity | split | tokens scored |", "|---|---:|---|---:|"]
+        for name, p in ppl_rows:
+            lines.append(f"| {name} | {p['perplexity']:.2f} | {p.get('split')} | {p.get('tokens_scored')} |" if "perplexity" in p
+                         else f"| {name} | failed: {str(p.get('error'))[:100]} | | |")
     for graph, c in data.get("cupti", {}).items():
         if "error" not in c:
             lines.append(f"CUPTI ({graph}, genai, no CUDA graph): wall {c['wall_ms_per_token']:.3f} ms/token, GPU kernels "

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -176,3 +177,24 @@ def test_benchmark_times_the_exporters_own_folders(tmp_path):
     assert not list((tmp_path / "w").glob("*/export-*"))
     table = _bench("--table", str(tmp_path / "x.json")).stdout
     assert "| acttail-export | export acttail threshold 50% | 0.50 (acttail, the exporter's calibration) |" in table
+
+
+@pytest.mark.skipif("not _builder_works()", reason="onnxruntime-genai builder not importable")
+def test_benchmark_compares_the_int4_export_with_the_builders_int4_model(tmp_path, tiny_llama_dir, wikitext_valid):
+    """genai-int4 (the builder's -p int4 model) and the exporter's --weights int4 folder in the same run, with the
+    perplexity of both (and of the dense base) on the same validation windows; the tiny Llama has a real tokenizer."""
+    data = _run(tmp_path, "q", "--sparsity", "0", "--topk-sparsity", "--backends", "genai-dense", "genai-int4", "acttail-export",
+                "--export-sparsity", "0.5", "--export-allocation", "acttail", "--export-weights", "int4", "--export-perplexity",
+                "--ppl-tokens", "512", "--ppl-length", "64", "--wikitext", str(wikitext_valid.parent), model=str(tiny_llama_dir))
+    runs = {r["backend"]: r for r in data["runs"]}
+    assert runs["genai-int4"]["variant"] == "dense int4 (builder -p int4)" and len(runs["genai-int4"]["tokens"]) == 11
+    export = runs["acttail-export"]
+    assert export["weights"] == "int4" and export["sparse_ops"] == 4 * 2 and "--weights int4" in export["export_command"]
+    ppl = {"genai-dense": data["perplexity"]["genai-dense"], "genai-int4": data["perplexity"]["genai-int4"],
+           "export": export["perplexity"]}
+    for p in ppl.values():
+        assert p["split"] == "valid" and p["tokens_scored"] == 8 * 63 and np.isfinite(p["perplexity"]) and p["perplexity"] > 1
+    # the random tiny model is near-uniform over its 49152-token vocabulary: 4-bit weights and 50 % masks move it little
+    assert abs(np.log(ppl["genai-int4"]["perplexity"] / ppl["genai-dense"]["perplexity"])) < 0.1
+    table = _bench("--table", str(tmp_path / "q.json")).stdout
+    assert "| genai-int4 | " in table and "| configuration | perplexity | split | tokens scored |" in table
