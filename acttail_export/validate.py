@@ -7,6 +7,7 @@ step) and :func:`_gate` the floors (finite logits, top-1 agreement, effective sp
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +203,11 @@ def _cached_step(model, session, first: np.ndarray, probes: dict, config: ActTai
     forced_step, err_s, name_s = _check_projections(step, probes, config, modules)
     worst, worst_name = (err_p, name_p) if err_p >= err_s else (err_s, name_s)
     ids_t = torch.from_numpy(first).to(next(model.parameters()).device)
-    past = _forced_forward(model, forced_prefix, ids_t[:, :-1], use_cache=True).past_key_values
-    step_ref = _forced_forward(model, forced_step, ids_t[:, -1:], past_key_values=past, use_cache=True).logits
+    out = _forced_forward(model, forced_prefix, ids_t[:, :-1], use_cache=True)
+    # transformers >= 5.2x calls the KV cache `cache` (argument and output; `past_key_values` is deprecated), 4.x not
+    past = getattr(out, "cache", None) or out.past_key_values
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    step_ref = _forced_forward(model, forced_step, ids_t[:, -1:], use_cache=True, **{name: past}).logits
     return _rel(step["logits"][0, -1], step_ref[0, -1].double().cpu().numpy()), worst, worst_name
 
 

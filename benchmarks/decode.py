@@ -651,6 +651,7 @@ def main(argv=None) -> int:
     ap.add_argument("--export-validate", action="store_true", help="acttail-export: run the exporter's validation too")
     ap.add_argument("--export-weights", choices=("float", "int4"), default="float",
                     help="acttail-export: projection weights (float: the --dtype; int4: --weights int4, block 32)")
+    ap.add_argument("--export-quantizer", choices=("rtn", "mse"), default="mse", help="acttail-export --weights int4: quantizer")
     ap.add_argument("--export-perplexity", action="store_true",
                     help="perplexity of every acttail-export folder, genai-int4 and genai-dense on --ppl-split (pretrained models)")
     ap.add_argument("--ppl-split", choices=("valid", "test"), default="valid",
@@ -1006,7 +1007,7 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
                        dtype=args.dtype, device=args.device, calibration_data=str(calibration),
                        calibration_samples=args.calibration_windows, sequence_length=args.prompt_length,
                        validate=args.export_validate, eval_tokens=0, overwrite=True, progress=False,
-                       **({"weights": "int4", "block_size": 32} if int4 else {}))
+                       **({"weights": "int4", "block_size": 32, "quantizer": args.export_quantizer} if int4 else {}))
             except Exception as exc:  # noqa: BLE001
                 results.add("acttail-export", label, s, {"error": f"export: {type(exc).__name__}: {str(exc)[:1500]}"}, **extra)
                 continue
@@ -1017,7 +1018,7 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
                          budgets=[min(p.sparsity for p in config.projections), max(p.sparsity for p in config.projections)],
                          export_command=f"acttail-export export --model MODEL --sparsity {s} --allocation {allocation} "
                                         f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}"
-                                        + (" --weights int4 --block-size 32" if int4 else ""))
+                                        + (f" --weights int4 --block-size 32 --quantizer {args.export_quantizer}" if int4 else ""))
             r = run_child(dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph), args.child_timeout)
             if ppl is not None:
                 extra["perplexity"] = ppl(folder, "model.onnx", fused=True)

@@ -57,24 +57,25 @@ def _probe_session(export_dir, model, tensors: list[str]):
                                 providers=["CPUExecutionProvider"])
 
 
-def _projection_tensors(model, config: ActTailConfig, fused: bool) -> dict[str, tuple[str, str, str]]:
-    """{projection: (input before masking, output, weight initializer)} of the rewritten graph."""
-    from acttail_export.graph_rewrite import onnx_node_name
+def _projection_tensors(model, config: ActTailConfig, fused: bool) -> dict[str, tuple[str, str, str, tuple | None]]:
+    """{projection: (input before masking, output, weight initializer, its columns in a packed MatMul or None)}."""
+    from acttail_export.graph_rewrite import find_projections, packed_columns
 
-    nodes = {n.name: n for n in model.graph.node}
     producers = {o: n for n in model.graph.node for o in n.output}
+    nodes = find_projections(model, config.spec)  # the default base packs q/k/v and gate/up: members share a node
+    columns = packed_columns(nodes, config)
     found = {}
     for p in config.projections:
-        node = nodes[onnx_node_name(p.layer, p.kind)]
+        node = nodes[p.name]
         if fused:
             assert node.op_type == "SparseMatMul" and node.domain == "com.acttail", node
             x = node.input[0]
         else:
             assert node.op_type == "MatMul", node
             where = producers[node.input[0]]  # the masking subgraph ends in Where(keep, x, 0)
-            assert where.op_type == "Where" and where.name == f"/acttail/{p.name}/Where", where
+            assert where.op_type == "Where" and where.name.startswith("/acttail/"), where
             x = where.input[1]
-        found[p.name] = (x, node.output[0], node.input[1])
+        found[p.name] = (x, node.output[0], node.input[1], columns.get(p.name))
     return found
 
 
@@ -96,16 +97,18 @@ def test_every_projection_matches_the_reference_inside_the_graph(smollm2_exports
         model = onnx.load(str(export_dir / "model.onnx"))
         weights = {i.name: i for i in model.graph.initializer}
         found = _projection_tensors(model, config, fused=kernel == "fused")
-        names = [t for x, y, _ in found.values() for t in (x, y)]
+        names = sorted({t for x, y, _, _ in found.values() for t in (x, y)})
         session = _probe_session(export_dir, model, names)
         values = dict(zip(names, session.run(names, decoder_feeds(session, ids))))
         by_name = config.by_name()
         kept = []
-        for name, (x_name, y_name, w_name) in found.items():
+        for name, (x_name, y_name, w_name, cols) in found.items():
             p = by_name[name]
             member = Member(threshold=p.threshold) if mode == "threshold" else Member(k=p.keep_k())
-            x, y = values[x_name], values[y_name]
-            ref, bound = sparse_matmul(x, numpy_helper.to_array(weights[w_name]), mode, [member])
+            x, y, w = values[x_name], values[y_name], numpy_helper.to_array(weights[w_name])
+            if cols is not None:  # this member's output columns of the packed MatMul, and its weight columns
+                y, w = y[..., cols[0]:cols[1]], w[:, cols[0]:cols[1]]
+            ref, bound = sparse_matmul(x, w, mode, [member])
             # float32 accumulation over K <= 1536 terms (MLAS or the op): measured max |error| / bound 1.3e-6
             # (fused) and 5.3e-7 (mask) with the AVX-512 and the AVX2 kernels; 1e-5 leaves a 7x margin
             err = np.abs(y - ref) / (bound + 1e-12)
