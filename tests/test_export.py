@@ -58,7 +58,7 @@ def test_output_folder_contents(llama_topk, tiny_llama_dir):
     assert config.effective_sparsity == pytest.approx(expect, abs=1e-9)
     assert config.calibration.samples == 2 and config.calibration.sequence_length == 32
     assert config.calibration.data.endswith("wiki.valid.raw")
-    assert {"torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai"} <= set(config.versions)  # the default base
+    assert {"torch", "transformers", "onnx", "onnxruntime", "optimum", "optimum-onnx"} <= set(config.versions)  # this base's
     assert config.perplexity["perplexity"] > 1 and config.perplexity["tokens"] == 128
     validation = config.perplexity["validation"]
     assert {"max_abs_logit_diff", "median_rel_error", "top1_agreement"} <= set(validation)  # free-running: reported only

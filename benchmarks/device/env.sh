@@ -4,10 +4,11 @@
 #   ORT_GPU_DIR   folder holding onnxruntime-gpu (default $HOME/ortgpu; empty: use the installed one)
 #   CUDA_ARCH     compute capability to build for (default 90)
 ORT_GPU_DIR=${ORT_GPU_DIR-$HOME/ortgpu}
-[ -d .whl/site ] && { [ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/site/*.whl; }
+# one environment: the image's transformers 5 runs the pipeline and onnxruntime-genai's builder (in-process); from
+# .whl/site only gguf is taken (the optimum extra's transformers 4 wheels there would shadow the image's 5.x)
+[ -d .whl/site ] && { [ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/site/gguf-*.whl; }
 [ -d .whl/genai ] && { [ -d /tmp/genai/onnxruntime_genai ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/genai .whl/genai/*.whl; }
 export PYTHONPATH=/tmp/site:/tmp/genai${ORT_GPU_DIR:+:$ORT_GPU_DIR}:$PWD
-export ACTTAIL_GENAI_PYTHONPATH=/tmp/genai${ORT_GPU_DIR:+:$ORT_GPU_DIR}
 [ -n "$ORT_GPU_DIR" ] && [ -f "$ORT_GPU_DIR/env.sh" ] && source "$ORT_GPU_DIR/env.sh"
 # (re)build when the library is missing or was built from other sources: a warm machine keeps ignored
 # build outputs between calls, so a library built before a change to csrc/ would otherwise be reused
