@@ -162,8 +162,8 @@ def build_base(
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - the builder raises plain Exceptions: one line with its last output
-        tail = " | ".join(line for line in printed.getvalue().splitlines()[-3:] if line.strip())
-        raise ActTailError(f"onnxruntime-genai's model builder failed ({type(exc).__name__}: {str(exc)[:200]})"
+        tail = " | ".join(line.strip() for line in printed.getvalue().splitlines()[-3:] if line.strip())
+        raise ActTailError(f"onnxruntime-genai's model builder failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
                            + (f"; its last lines: {tail[:300]}" if tail else "")) from exc
     finally:
         shutil.rmtree(cache, ignore_errors=True)

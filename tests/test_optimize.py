@@ -335,6 +335,24 @@ needs_builder = pytest.mark.skipif("not _builder_works()", reason="onnxruntime-g
                                    "(pip install onnxruntime-genai 'transformers>=5' onnx-ir)")
 
 
+@needs_builder
+def test_builder_failure_is_one_line_with_its_last_output(tmp_path, tiny_llama_dir, monkeypatch):
+    """The builder runs in-process: its exception and last printed lines become one ActTailError line; its scratch
+    folder is removed."""
+    from onnxruntime_genai.models import builder
+
+    def fails(*args, **kwargs):
+        print("Reading embedding layer\nReading decoder layer 0")
+        raise RuntimeError("unsupported\nconfiguration")
+
+    monkeypatch.setattr(builder, "create_model", fails)
+    with pytest.raises(ActTailError) as info:
+        gbase.build_base(tiny_llama_dir, tmp_path / "out", dtype="fp32", execution_provider="cpu", cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert "\n" not in message and "RuntimeError: unsupported configuration" in message
+    assert "Reading decoder layer 0" in message and not (tmp_path / "cache").exists()
+
+
 def _calibrated(model, sparsity: float, mode: str, seed: int = 0) -> ActTailConfig:
     from acttail_export.allocation import build_config
     from acttail_export.calibration import calibrate_many
