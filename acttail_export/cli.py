@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .progress import library_progress
+    from .progress import library_progress, library_warnings
 
-    try:
-        with library_progress(sys.stderr.isatty()):  # only our own lines on a stderr nobody watches
+    try:  # only our own lines on a stderr nobody watches, and transformers' warnings only with -v
+        with library_progress(sys.stderr.isatty()), library_warnings(args.verbose):
             args.func(args)
     except ActTailError as exc:
         print(f"acttail-export: error: {exc}", file=sys.stderr)

@@ -1,8 +1,9 @@
-"""Progress bars of the libraries the pipeline calls (transformers, huggingface_hub, the genai model builder).
+"""Progress bars and warnings of the libraries the pipeline calls (transformers, huggingface_hub).
 
 transformers 5 draws "Loading weights" / "Writing model shards" bars on stderr even when stderr is a file or a pipe,
 which would bury the one-line errors of the command line. :func:`library_progress` turns them off for a block
-when nobody watches a terminal, and puts them back afterwards.
+when nobody watches a terminal, and puts them back afterwards. :func:`library_warnings` keeps transformers' own
+warnings (tokenizer-class notices and the like) out of a command's output unless ``-v``.
 """
 
 from __future__ import annotations
@@ -42,3 +43,19 @@ def library_progress(enabled: bool) -> Iterator[None]:
     finally:
         for undo in restore:
             undo()
+
+
+@contextlib.contextmanager
+def library_warnings(enabled: bool) -> Iterator[None]:
+    """Inside the block, transformers logs its warnings when ``enabled``, else only its errors."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as tf_logging
+
+    before = tf_logging.get_verbosity()
+    tf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(before)
