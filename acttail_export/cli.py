@@ -39,13 +39,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"acttail-export: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # CPython 3.11 marks a KeyboardInterrupt that left a string eval()/exec() (collections.namedtuple and
-        # dataclasses build classes that way, so a signal can land there during any import) as unhandled, and
-        # then ends `python -m` with SIGINT instead of this exit code. Evaluating a constant clears the mark.
-        eval("None")
-        print("acttail-export: interrupted", file=sys.stderr)
-        return 130
+        return report_interrupt("acttail-export")
     return 0
+
+
+def report_interrupt(prog: str) -> int:
+    """Say that ``prog`` was interrupted; returns its exit code, 130."""
+    # CPython 3.11 marks a KeyboardInterrupt that left a string eval()/exec() (collections.namedtuple and
+    # dataclasses build classes that way, so a signal can land there during any import) as unhandled, and
+    # then ends `python -m` with SIGINT instead of this exit code. Evaluating a constant clears the mark.
+    eval("None")
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -331,3 +331,17 @@ def test_optimum_cli_reports_errors_the_same_way(tmp_path):
     out = tmp_path / "out"
     _check(*run_subprocess("--model", str(tmp_path / "nope"), str(out), tool="optimum-cli"), "does not exist")
     _no_leftovers(out)
+
+
+@pytest.mark.optimum  # the optimum-cli plugin
+def test_optimum_cli_defaults_to_the_optimum_base():
+    """optimum-cli runs in the optimum extra's environment: its export defaults to --base optimum, the CLI's to genai."""
+    import argparse
+
+    from acttail_export.cli import build_parser
+    from optimum.commands.register.register_acttail import ActTailExportCommand
+
+    parser = argparse.ArgumentParser()
+    ActTailExportCommand.parse_args(parser)
+    assert parser.parse_args(["--model", "m", "out"]).base == "optimum"
+    assert build_parser().parse_args(["export", "--model", "m", "out"]).base == "genai"

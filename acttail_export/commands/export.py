@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 HELP = "Export a LLaMA/Mistral model with ActTail activation sparsity to ONNX (KV cache)"
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Define the export flags on ``parser`` (shared by acttail-export and optimum-cli)."""
+def add_export_arguments(parser: argparse.ArgumentParser, default_base: str = "genai") -> None:
+    """Define the export flags on ``parser`` (shared by acttail-export and optimum-cli, whose environment is the
+    optimum extra's: there ``default_base="optimum"``)."""
     from ..allocation import MAPPINGS  # the --mapping help lists the supported mappings
 
     required = parser.add_argument_group("Required arguments")
@@ -48,8 +49,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tokens per calibration window (default 512, or the model's context when shorter)")
 
     run = parser.add_argument_group("Export")
-    run.add_argument("--base", choices=tuple(BASES), default="genai",
-                     help="graph to rewrite: onnxruntime-genai's model builder graph (genai, the default; the fast decode "
+    run.add_argument("--base", choices=tuple(BASES), default=default_base,
+                     help=f"(default {default_base}) graph to rewrite: onnxruntime-genai's model builder graph (genai; the fast decode "
                           "base, loads with onnxruntime_genai.Model(OUTPUT_DIR); --device selects the builder's cpu/cuda "
                           "provider) or optimum-onnx's trace (optimum; loads with ORTModelForCausalLM; needs the optimum "
                           "extra: pip install 'acttail-export[optimum]', which pins transformers 4.57)")

@@ -24,7 +24,7 @@ class ActTailExportCommand(BaseOptimumCLICommand):
 
     @staticmethod
     def parse_args(parser: "ArgumentParser") -> None:
-        add_export_arguments(parser)
+        add_export_arguments(parser, default_base="optimum")  # optimum-cli runs where the optimum extra is installed
 
     def run(self) -> None:
         import logging
@@ -39,8 +39,9 @@ class ActTailExportCommand(BaseOptimumCLICommand):
             print(f"optimum-cli export acttail: error: {exc}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("optimum-cli export acttail: interrupted", file=sys.stderr)
-            sys.exit(130)
+            from acttail_export.cli import report_interrupt
+
+            sys.exit(report_interrupt("optimum-cli export acttail"))
 
 
 REGISTER_COMMANDS = [(ActTailExportCommand, ExportCommand)]
