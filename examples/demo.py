@@ -104,8 +104,11 @@ def generate_both(model_path: str, out_80: Path, args: argparse.Namespace, kerne
 
 
 if __name__ == "__main__":
+    from acttail_export.progress import library_warnings
+
     try:
-        sys.exit(main())
+        with library_warnings(False):  # transformers' tokenizer notices, as the CLI without -v
+            sys.exit(main())
     except ActTailError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         sys.exit(2)
