@@ -9,10 +9,7 @@ warnings (tokenizer-class notices and the like) out of a command's output unless
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
-
-logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -21,23 +18,16 @@ def library_progress(enabled: bool) -> Iterator[None]:
     if enabled:
         yield
         return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as tf_logging
+
     restore = []
-    try:
-        from transformers.utils import logging as tf_logging
-
-        if tf_logging.is_progress_bar_enabled():
-            tf_logging.disable_progress_bar()
-            restore.append(tf_logging.enable_progress_bar)
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    try:
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-        if not are_progress_bars_disabled():
-            disable_progress_bars()
-            restore.append(enable_progress_bars)
-    except ImportError:  # pragma: no cover - an older huggingface_hub
-        pass
+    if tf_logging.is_progress_bar_enabled():
+        tf_logging.disable_progress_bar()
+        restore.append(tf_logging.enable_progress_bar)
+    if not are_progress_bars_disabled():
+        disable_progress_bars()
+        restore.append(enable_progress_bars)
     try:
         yield
     finally:

@@ -803,14 +803,12 @@ def run_benchmark(args) -> int:
             results.add("ort-optimum", "dense", 0.0, {"error": f"export: {type(exc).__name__}: {str(exc)[:1500]}"})
         timings["optimum_export"] = time.perf_counter() - t
     want_genai = {"genai-dense", "genai-mask", "genai-fused"} & set(args.backends)
-    if "acttail-export" in args.backends and not (hf_dir / "config.json").is_file():
-        save_hf(model, tokenizer, hf_dir)
+    if (want_genai or {"genai-int4", "acttail-export"} & set(args.backends)) and not (hf_dir / "config.json").is_file():
+        save_hf(model, tokenizer, hf_dir)  # the builder's and the exporter's input
     if want_genai and not out_of_time():
         t = time.perf_counter()
         try:
             if not (genai_dir / "model.onnx").is_file():
-                if not (hf_dir / "config.json").is_file():
-                    save_hf(model, tokenizer, hf_dir)
                 genai_base.build_base(hf_dir, genai_dir, dtype=args.dtype, execution_provider=provider,
                                     fuse_qkv=args.pack, fuse_gate_up=args.pack)
         except Exception as exc:  # noqa: BLE001
@@ -859,8 +857,6 @@ def run_benchmark(args) -> int:
         t = time.perf_counter()
         int4_dir = work / "genai-int4"
         try:
-            if not (hf_dir / "config.json").is_file():
-                save_hf(model, tokenizer, hf_dir)
             if not (int4_dir / "model.onnx").is_file():
                 genai_base.build_base(hf_dir, int4_dir, dtype="int4", execution_provider=provider, fuse_qkv=True, fuse_gate_up=True)
             r = run_child(dict(common, kind="genai", dir=str(int4_dir), filename="model.onnx", cuda_graph=best_graph), args.child_timeout)
@@ -993,6 +989,8 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
 
     from acttail_export.config import ActTailConfig
     from acttail_export.exporter import export
+    from acttail_export.graph_rewrite import CUSTOM_OP
+    from acttail_export.int4_rewrite import NBITS_OP
 
     start = time.perf_counter()
     for allocation in args.export_allocation:
@@ -1014,7 +1012,7 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
             config = ActTailConfig.load(folder)
             graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
             extra.update(export_s=time.perf_counter() - t,
-                         sparse_ops=sum(n.op_type in ("SparseMatMul", "SparseMatMulNBits") for n in graph.graph.node),
+                         sparse_ops=sum(n.op_type in (CUSTOM_OP, NBITS_OP) for n in graph.graph.node),
                          budgets=[min(p.sparsity for p in config.projections), max(p.sparsity for p in config.projections)],
                          export_command=f"acttail-export export --model MODEL --sparsity {s} --allocation {allocation} "
                                         f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}"
@@ -1197,7 +1195,7 @@ def tables(data: dict) -> str:
         def ratio(base):
             return f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "–"
         lines.append(f"| {r['backend']} {r['variant']} | {r['tokens_per_s']:.1f} | {ratio(optimum)} | {ratio(dense_ort)} | {ratio(torch_graph)} |")
-    ppl_rows = [(name, p) for name, p in data.get("perplexity", {}).items()]
+    ppl_rows = list(data.get("perplexity", {}).items())
     ppl_rows += [(f"{r['backend']} {r['variant']}", r["perplexity"]) for r in data["runs"] if isinstance(r.get("perplexity"), dict)]
     if ppl_rows:
         lines += ["", "| configuration | perplexity | split | tokens scored |", "|---|---:|---|---:|"]
