@@ -27,7 +27,7 @@ import numpy as np
 from .architectures import spec_of_model
 from .config import ActTailConfig
 from .errors import ActTailError, ExportValidationError
-from .quantize import QuantizedWeight, quantize, to_matmul_nbits
+from .quantize import QuantizedWeight, dequantize_tensor, quantize_tensor, to_matmul_nbits
 
 if TYPE_CHECKING:
     import onnx
@@ -44,8 +44,6 @@ def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32",
 
     With ``dtype="fp16"`` scales and offsets are rounded to float16 first (what the fp16 graph stores).
     """
-    import dataclasses
-
     import torch
     from tqdm.auto import tqdm
 
@@ -54,14 +52,13 @@ def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32",
     names = [spec.projection_name(i, kind) for i in range(len(model.model.layers)) for kind in spec.kinds]
     out: dict[str, QuantizedWeight] = {}
     for name in tqdm(names, desc=f"int4 {quantizer} B={block_size}", disable=not progress):
-        weight = modules[name].weight
-        qw = quantize(weight.detach().float().cpu().numpy().T, block_size, quantizer)
+        weight = modules[name].weight  # quantized where it lives (a GPU: seconds for a 7B model)
+        codes, scales, offsets = quantize_tensor(weight.detach().T, block_size, quantizer)
         if dtype == "fp16":
-            qw = dataclasses.replace(qw, scales=qw.scales.astype(np.float16).astype(np.float32),
-                                     offsets=qw.offsets.astype(np.float16).astype(np.float32))
+            scales, offsets = scales.half().float(), offsets.half().float()
         with torch.no_grad():
-            weight.copy_(torch.from_numpy(qw.dequantize_f32().T.copy()).to(weight.dtype))
-        out[name] = qw
+            weight.copy_(dequantize_tensor(codes, scales, offsets, block_size).T.to(weight.dtype))
+        out[name] = QuantizedWeight.from_tensors(codes, scales, offsets, block_size, quantizer)
     logger.info("quantized %d projections to 4 bits (%s, block %d)", len(out), quantizer, block_size)
     return out
 

@@ -51,6 +51,13 @@ class QuantizedWeight:
     block_size: int
     quantizer: str
 
+    @classmethod
+    def from_tensors(cls, codes, scales, offsets, block_size: int, quantizer: str) -> QuantizedWeight:
+        """From :func:`quantize_tensor`'s (codes [K, N], scales, offsets) torch tensors."""
+        K, N = codes.shape
+        packed = ref.pack_nibbles(codes.cpu().numpy()) if K else np.zeros((0, (N + 1) // 2), np.uint8)
+        return cls(packed, scales.float().cpu().numpy(), offsets.float().cpu().numpy(), K, N, block_size, quantizer)
+
     def codes(self) -> np.ndarray:
         """Unpacked codes uint8 [K, N]."""
         return ref.unpack_nibbles(self.packed, self.N)
@@ -71,70 +78,109 @@ def check_block_size(block_size: int) -> int:
     return int(block_size)
 
 
-def quantize(w: np.ndarray, block_size: int = 32, quantizer: str = "rtn") -> QuantizedWeight:
-    """Quantize ``w [K, N]`` (float) block-wise along ``K`` with ``quantizer``."""
+def quantize(w, block_size: int = 32, quantizer: str = "rtn", device=None) -> QuantizedWeight:
+    """Quantize ``w [K, N]`` (a float numpy array or torch tensor) block-wise along ``K`` with ``quantizer``.
+
+    The search runs in float64 with torch on ``device`` (default: where ``w`` lives; numpy input: the CPU): on a GPU
+    a 7B model's projections take seconds where a numpy loop took hours with ``mse``.
+    """
+    return QuantizedWeight.from_tensors(*quantize_tensor(w, block_size, quantizer, device), block_size, quantizer)
+
+
+def quantize_tensor(w, block_size: int = 32, quantizer: str = "rtn", device=None):
+    """(codes uint8 [K, N], scales float32 [ceil(K/B), N], offsets float32 [ceil(K/B), N]) as torch tensors on
+    ``device``: the arithmetic of :func:`quantize` without the packing (see there)."""
+    import torch
+
     block_size = check_block_size(block_size)
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
-    w = np.asarray(w)
-    if w.ndim != 2 or not np.isfinite(w).all():
-        raise ValueError(f"weight must be a finite 2-D array [K, N], got shape {w.shape}")
+    w = torch.as_tensor(w) if not isinstance(w, torch.Tensor) else w.detach()
+    device = torch.device(device) if device is not None else w.device
+    if w.ndim != 2 or not w.dtype.is_floating_point or not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weight must be a finite 2-D array [K, N], got shape {tuple(w.shape)}")
     K, N = w.shape
     blocks = -(-K // block_size)
-    q = np.zeros((K, N), np.uint8)
-    scales = np.zeros((blocks, N), np.float32)
-    offsets = np.zeros((blocks, N), np.float32)
+    q = torch.zeros((K, N), dtype=torch.uint8, device=device)
+    scales = torch.zeros((blocks, N), dtype=torch.float32, device=device)
+    offsets = torch.zeros((blocks, N), dtype=torch.float32, device=device)
     for start in range(0, N, _CHUNK):
         cols = slice(start, min(N, start + _CHUNK))
-        wb, valid = _blocked(w[:, cols].astype(np.float64), block_size)
+        wb, valid = _blocked(w[:, cols].to(device=device, dtype=torch.float64), block_size)
         s, o = _rtn_params(wb, valid) if quantizer == "rtn" else _mse_params(wb, valid)
-        s, o = s.astype(np.float32), o.astype(np.float32)  # the stored values decide the codes
-        codes = _codes(wb, s.astype(np.float64), o.astype(np.float64))
+        s, o = s.float(), o.float()  # the stored values decide the codes
+        codes = _codes(wb, s.double(), o.double())
         q[:, cols] = codes.reshape(-1, codes.shape[-1])[:K]
         scales[:, cols], offsets[:, cols] = s[:, 0], o[:, 0]
-    return QuantizedWeight(ref.pack_nibbles(q) if K else np.zeros((0, (N + 1) // 2), np.uint8), scales, offsets, K, N,
-                           block_size, quantizer)
+    return q, scales, offsets
 
 
-def _blocked(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(``w`` padded along K and reshaped to [blocks, B, N], validity mask of the same shape)."""
+def dequantize_tensor(codes, scales, offsets, block_size: int):
+    """``fl32(s[k // B] * q + o[k // B])`` [K, N] in torch (float64 maths, as :func:`reference.dequantize_blocks`)."""
+    import torch
+
+    rows = torch.arange(codes.shape[0], device=codes.device) // block_size
+    return (scales.double()[rows] * codes.double() + offsets.double()[rows]).float()
+
+
+def _blocked(w, block_size: int):
+    """(``w`` padded along K and reshaped to [blocks, B, N], validity mask [blocks, B, 1])."""
+    import torch
+
     K, N = w.shape
     pad = -K % block_size
-    valid = np.ones((K + pad, 1), bool)
+    valid = torch.ones((K + pad, 1), dtype=torch.bool, device=w.device)
     valid[K:] = False
-    wp = np.concatenate([w, np.zeros((pad, N))]) if pad else w
-    shape = (-1, block_size, N)
-    return wp.reshape(shape), np.broadcast_to(valid.reshape(-1, block_size, 1), wp.reshape(shape).shape)
+    wp = torch.cat([w, w.new_zeros((pad, N))]) if pad else w
+    return wp.reshape(-1, block_size, N), valid.reshape(-1, block_size, 1)
 
 
-def _rtn_params(wb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _min_max(wb, valid):
+    import torch
+
+    lo = torch.where(valid, wb, torch.inf).amin(dim=1, keepdim=True)
+    hi = torch.where(valid, wb, -torch.inf).amax(dim=1, keepdim=True)
+    return lo, hi
+
+
+def _rtn_params(wb, valid):
     """Scale and offset [blocks, 1, N] of round-to-nearest on each block's [min, max]."""
-    lo = np.where(valid, wb, np.inf).min(axis=1, keepdims=True)
-    hi = np.where(valid, wb, -np.inf).max(axis=1, keepdims=True)
-    return _range_params(lo, hi)
+    return _range_params(*_min_max(wb, valid))
 
 
-def _range_params(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _range_params(lo, hi):
     """(s, o) of the range [lo, hi]; a constant block gets s = 1 (any nonzero s: its codes are all 0)."""
+    import torch
+
     span = hi - lo
-    return np.where(span > 0, span / LEVELS, 1.0), lo
+    return torch.where(span > 0, span / LEVELS, 1.0), lo
 
 
-def _codes(wb: np.ndarray, s: np.ndarray, o: np.ndarray) -> np.ndarray:
-    """Nearest codes 0..15 of ``wb`` for (s, o)."""
-    return np.clip(np.rint((wb - o) / s), 0, LEVELS).astype(np.uint8)
+def _codes(wb, s, o):
+    """Nearest codes 0..15 of ``wb`` for (s, o) (ties to even, as numpy's rint)."""
+    import torch
+
+    return torch.clamp(torch.round((wb - o) / s), 0, LEVELS).to(torch.uint8)
 
 
-def _error(wb: np.ndarray, valid: np.ndarray, s: np.ndarray, o: np.ndarray) -> np.ndarray:
+def _error(wb, valid, s, o):
     """Squared error [blocks, 1, N] of quantizing ``wb`` with (s, o) (padding rows excluded)."""
-    d = np.where(valid, s * _codes(wb, s, o) + o - wb, 0.0)
-    return (d * d).sum(axis=1, keepdims=True)
+    import torch
+
+    d = torch.where(valid, s * _codes(wb, s, o) + o - wb, 0.0)
+    return (d * d).sum(dim=1, keepdim=True)
 
 
-def _mse_params(wb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _keep_better(err, s, o, best, best_s, best_o):
+    import torch
+
+    better = err < best
+    return torch.where(better, err, best), torch.where(better, s, best_s), torch.where(better, o, best_o)
+
+
+def _mse_params(wb, valid):
     """Scale and offset [blocks, 1, N] minimizing the squared error (grid over shrunk ranges, then LS refits)."""
-    lo = np.where(valid, wb, np.inf).min(axis=1, keepdims=True)
-    hi = np.where(valid, wb, -np.inf).max(axis=1, keepdims=True)
+    lo, hi = _min_max(wb, valid)
     span = hi - lo
     best_s, best_o = _range_params(lo, hi)
     best = _error(wb, valid, best_s, best_o)
@@ -142,34 +188,30 @@ def _mse_params(wb: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarr
         for b in GRID:
             if a + b == 0 or a + b >= 0.5:
                 continue
-            s, o = _range_params(lo + a * span, hi - b * span)
-            err = _error(wb, valid, s, o)
-            better = err < best
-            best = np.where(better, err, best)
-            best_s, best_o = np.where(better, s, best_s), np.where(better, o, best_o)
+            s, o = _range_params(lo + float(a) * span, hi - float(b) * span)
+            best, best_s, best_o = _keep_better(_error(wb, valid, s, o), s, o, best, best_s, best_o)
     for _ in range(REFITS):
         s, o = _refit(wb, valid, _codes(wb, best_s, best_o))
-        err = _error(wb, valid, s, o)
-        better = err < best
-        best = np.where(better, err, best)
-        best_s, best_o = np.where(better, s, best_s), np.where(better, o, best_o)
+        best, best_s, best_o = _keep_better(_error(wb, valid, s, o), s, o, best, best_s, best_o)
     return best_s, best_o
 
 
-def _refit(wb: np.ndarray, valid: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _refit(wb, valid, q):
     """Least-squares (s, o) of ``w ~= s q + o`` per (block, column) for fixed codes ``q``."""
-    m = valid.astype(np.float64)
-    qf = q.astype(np.float64) * m
+    import torch
+
+    m = valid.to(wb.dtype)
+    qf = q.to(wb.dtype) * m
     w = wb * m
-    n = m.sum(axis=1, keepdims=True)
-    sq, sw = qf.sum(axis=1, keepdims=True), w.sum(axis=1, keepdims=True)
-    sqq, sqw = (qf * qf).sum(axis=1, keepdims=True), (qf * w).sum(axis=1, keepdims=True)
+    n = m.sum(dim=1, keepdim=True)
+    sq, sw = qf.sum(dim=1, keepdim=True), w.sum(dim=1, keepdim=True)
+    sqq, sqw = (qf * qf).sum(dim=1, keepdim=True), (qf * w).sum(dim=1, keepdim=True)
     det = n * sqq - sq * sq
-    ok = det > 1e-12 * np.maximum(n * sqq, 1e-300)
-    s = np.where(ok, (n * sqw - sq * sw) / np.where(ok, det, 1.0), 1.0)
-    o = np.where(ok, (sw - s * sq) / n, sw / n)
+    ok = det > 1e-12 * torch.clamp(n * sqq, min=1e-300)
+    s = torch.where(ok, (n * sqw - sq * sw) / torch.where(ok, det, 1.0), 1.0)
+    o = torch.where(ok, (sw - s * sq) / n, sw / n)
     ok &= s > 0  # a non-positive scale would break the code search of the next refit
-    return np.where(ok, s, 1.0), np.where(ok, o, sw / n)
+    return torch.where(ok, s, 1.0), torch.where(ok, o, sw / n)
 
 
 # --------------------------------------------------------------------------------------------

@@ -149,3 +149,19 @@ def test_rtn_block32_reproduces_smollm2_gguf(smollm2):
             assert np.abs(deq - w).max() <= step, (kind, quantizer)
         # and block 64 does re-quantize (the check above can fail)
         assert np.abs(qz.quantize(w, 64, "rtn").dequantize_f32() - w).max() > 100 * step
+
+
+@pytest.mark.parametrize("quantizer", qz.QUANTIZERS)
+def test_torch_tensor_input_and_devices_agree(quantizer):
+    """A torch tensor (fp16 as a model holds it) quantizes like its numpy copy; on a GPU like on the CPU (the search
+    is float64 elementwise maths and 32-element sums, so the devices agree to the last bit on these sizes)."""
+    import torch
+
+    w = torch.randn(200, 96, generator=torch.Generator().manual_seed(3)).half() * 0.02
+    ref_q = qz.quantize(w.float().numpy(), 64, quantizer)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        got = qz.quantize(w.to(device), 64, quantizer)
+        np.testing.assert_array_equal(got.packed, ref_q.packed)
+        np.testing.assert_array_equal(got.scales, ref_q.scales)
+        np.testing.assert_array_equal(got.offsets, ref_q.offsets)
