@@ -66,7 +66,7 @@ class GenaiBase(ExportBase):
             # model.onnx: the rewritten builder graph (weights in model.onnx.data), genai_config.json naming it
             export_genai(model, tokenizer, tmp, config, mode=options.mode, kernel=options.kernel, dtype=precision,
                          execution_provider=provider, filename="model.onnx", library=library, work_dir=tmp,
-                         progress=options.progress, quantized=quantized)
+                         progress=options.progress, quantized=quantized, source=config.model)
 
     def max_eval_length(self, folder: Path) -> int | None:
         """The builder's rotary cache ends at ``context_length`` of ``genai_config.json``."""
