@@ -656,6 +656,8 @@ def main(argv=None) -> int:
                     help="perplexity of every acttail-export folder, genai-int4 and genai-dense on --ppl-split (pretrained models)")
     ap.add_argument("--ppl-split", choices=("valid", "test"), default="valid",
                     help="WikiText-2 split of --export-perplexity (default valid: a comparison, not a released number)")
+    ap.add_argument("--export-margin", type=float, default=0.0,
+                    help="acttail-export: start no export with fewer seconds than this left before --deadline")
     ap.add_argument("--keep-exports", action="store_true", help="acttail-export: keep each folder (default: deleted after "
                     "its run, a 7B folder is 13 GB)")
     ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both", help="genai runs with / without CUDA graphs")
@@ -925,7 +927,7 @@ def run_benchmark(args) -> int:
         else:
             calibration = Path(args.wikitext) / "wiki.valid.raw"
             ref = str(ref)  # the model reference loaded above (the bundled SmolLM2 GGUF, a folder or a Hub id)
-        timings["exports"] = export_folders(args, ref, calibration, work, common, results, best_graph, ppl)
+        timings["exports"] = export_folders(args, ref, calibration, work, common, results, best_graph, ppl, out_of_time)
     if args.packed_qkv and not args.pack and "genai-dense" in want_genai and not out_of_time(margin=150):  # a second builder run
         # the builder's default layout (q/k/v packed into one MatMul): a dense baseline only, the rewrite needs them apart
         t = time.perf_counter()
@@ -976,12 +978,12 @@ def perplexity_runner(args, tokenizer, work: Path, common: dict):
 
 
 def export_folders(args, model_ref: str, calibration: Path, work: Path, common: dict, results: Results,
-                   cuda_graph: bool, ppl=None) -> float:
+                   cuda_graph: bool, ppl=None, out_of_time=lambda margin=0.0: False) -> float:
     """``acttail-export``: time the exporter's own folders (one per allocation and sparsity); returns the seconds spent.
 
     Each folder is what ``acttail-export export --model MODEL --sparsity S --allocation A --kernel fused`` writes on the
     default base (packed builder graph, calibrated thresholds), run as ``og.Model(folder)``; it is deleted after its
-    run unless ``--keep-exports``.
+    run unless ``--keep-exports``. No export starts with less than ``--export-margin`` seconds left before ``--deadline``.
     """
     import shutil
 
@@ -999,6 +1001,9 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
             folder = work / f"export-{allocation}-{args.export_mode}-{int(round(s * 100))}{'-int4' if int4 else ''}"
             label = f"export {allocation} {args.export_mode} {s:.0%}{' int4' if int4 else ''}"
             extra = dict(mode=args.export_mode, allocation=allocation, weights=args.export_weights)
+            if out_of_time(args.export_margin):
+                print(f"deadline: {label} not started", flush=True)
+                continue
             t = time.perf_counter()
             try:
                 export(model_ref, folder, sparsity=s, allocation=allocation, mode=args.export_mode, kernel="fused", base="genai",
