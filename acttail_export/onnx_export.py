@@ -33,6 +33,17 @@ TASK = "text-generation-with-past"
 PROTOBUF_LIMIT = 2**31 - 1
 
 
+def proto_size(model) -> int:
+    """``model.ByteSize()``, or :data:`PROTOBUF_LIMIT` when protobuf refuses to size it (the upb backend raises
+    ``EncodeError`` for a message over 2 GiB, e.g. a 7B model's 4-bit weights held inside the graph)."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return PROTOBUF_LIMIT
+
+
 def check_device(device: str) -> str:
     """Validate an export device; CUDA needs a visible GPU in this PyTorch build."""
     import torch
@@ -206,7 +217,7 @@ def rewrite_onnx(source: str | Path, target: str | Path, edit) -> Path:
         if Path(name).is_absolute() or ".." in Path(name).parts or not (source.parent / name).is_file():
             raise ActTailError(f"{source}: external weight file {name!r} is missing or outside the export folder; re-run the export")
     edit(graph)
-    if graph.ByteSize() >= PROTOBUF_LIMIT:
+    if proto_size(graph) >= PROTOBUF_LIMIT:
         raise ActTailError(f"{source}: the rewritten graph without its weights is still over 2 GB")
     onnx.save_model(graph, str(target))
     for name in files:
@@ -219,7 +230,7 @@ def rewrite_onnx(source: str | Path, target: str | Path, edit) -> Path:
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
     """Save a graph; weights go to ``model.onnx_data`` when the graph exceeds the protobuf limit."""
     path = Path(path)
-    size = model.ByteSize()
+    size = proto_size(model)
     external = size >= PROTOBUF_LIMIT
     data = path.with_name(path.name + "_data") if path.name != ONNX_NAME else path.with_name(ONNX_DATA_NAME)
     if data.exists():

@@ -349,3 +349,29 @@ def test_streamed_rewrite_rejects_missing_weight_file(tiny_exports, tmp_path):
     (split.parent / "model.onnx_data").unlink()
     with pytest.raises(ActTailError, match="external weight file"):
         rewrite_onnx(split, tmp_path / "x.onnx", lambda g: None)
+
+
+def test_a_graph_protobuf_cannot_size_goes_external(tmp_path, monkeypatch):
+    """upb raises EncodeError from ByteSize() above 2 GiB (a 7B model's 4-bit weights inside the graph): the size
+    check takes that as over the limit, and save_onnx writes the weights outside the graph instead of failing."""
+    import numpy as np
+    from google.protobuf.message import EncodeError
+    from onnx import TensorProto, numpy_helper
+
+    from acttail_export import onnx_export
+
+    class Unsizable:
+        def ByteSize(self):
+            raise EncodeError("Failed to serialize proto")
+
+    assert onnx_export.proto_size(Unsizable()) == onnx_export.PROTOBUF_LIMIT
+    w = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph)
+    monkeypatch.setattr(onnx_export, "proto_size", lambda m: onnx_export.PROTOBUF_LIMIT)  # as if over 2 GiB
+    path = onnx_export.save_onnx(model, tmp_path / "model.onnx")
+    assert (tmp_path / onnx_export.ONNX_DATA_NAME).stat().st_size == w.nbytes
+    np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]), w)
