@@ -1126,34 +1126,46 @@ def plot(datas: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _family(row: dict) -> str:
+    """Whose dense run a row is compared with: the exporter's folders run on the genai base."""
+    return "genai" if row["backend"] == "acttail-export" else row["backend"].split("-")[0]
+
+
 def repeat_table(datas: list[dict]) -> str:
     """Median over repeated runs (several JSONs of one command, e.g. on a noisy CPU machine): decode ms, tokens/s and
     the speedup over the same run's best dense configuration of its base, each run's ratio first, then the median."""
     by: dict[tuple, list] = {}
     for data in datas:
         runs = [r for r in data["runs"] if "error" not in r]
-        dense: dict[str, float] = {}  # backend family (genai, ort, torch) -> its best dense tokens/s in this run
+        dense: dict[str, float] = {}  # backend family (genai, ort, torch) -> its best dense float tokens/s in this run
         for d in runs:
-            if d["variant"].startswith("dense"):
-                family = d["backend"].split("-")[0]
-                dense[family] = max(dense.get(family, 0.0), d["tokens_per_s"])
+            if d["variant"].startswith("dense") and d["backend"] != "genai-int4":
+                dense[_family(d)] = max(dense.get(_family(d), 0.0), d["tokens_per_s"])
+        int4 = next((d["tokens_per_s"] for d in runs if d["backend"] == "genai-int4"), None)
         for r in runs:
-            best = dense.get(r["backend"].split("-")[0])
-            speedup = r["tokens_per_s"] / best if best else None
-            by.setdefault((r["backend"], r["variant"]), []).append((r["decode_ms_median"], r["prefill_ms"], speedup))
+            best = dense.get(_family(r))
+            by.setdefault((r["backend"], r["variant"]), []).append(
+                (r["decode_ms_median"], r["prefill_ms"], r["tokens_per_s"] / best if best else None,
+                 r["tokens_per_s"] / int4 if int4 else None))
     first = datas[0]
+    with_int4 = any(v[3] is not None for vals in by.values() for v in vals)
     lines = [f"model {first['model']['name']} ({first['model']['layers']} layers, {first['model']['dtype']}), prompt "
              f"{first['settings']['prompt_length']}, {first['settings']['decode_tokens']} decode tokens, batch 1; {len(datas)} runs, "
              f"GPU {first['machine'].get('gpu')}, CPU {first['machine'].get('cpu', '?')} × {first['machine'].get('cpu_count', '?')}", "",
-             "| backend | configuration | decode ms (median of runs) | per run | prefill ms | × dense, per run | × dense (median) |",
-             "|---|---|---:|---|---:|---|---:|"]
+             "| backend | configuration | decode ms (median of runs) | per run | prefill ms | × dense, per run | × dense (median) |"
+             + (" × genai int4, per run |" if with_int4 else ""),
+             "|---|---|---:|---|---:|---|---:|" + ("---|" if with_int4 else "")]
+
+    def per_run(ratios: list) -> str:
+        return " / ".join(f"{x:.2f}" for x in ratios) if ratios else "–"
+
     for (backend, variant), vals in by.items():
         ms = [v[0] for v in vals]
         ratios = [v[2] for v in vals if v[2] is not None]
-        per_run = " / ".join(f"{x:.2f}" for x in ratios) if ratios else "–"
         median_ratio = f"{statistics.median(ratios):.2f}×" if ratios else "–"
         lines.append(f"| {backend} | {variant} | {statistics.median(ms):.2f} | {' / '.join(f'{m:.2f}' for m in ms)} | "
-                     f"{statistics.median(v[1] for v in vals):.0f} | {per_run} | {median_ratio} |")
+                     f"{statistics.median(v[1] for v in vals):.0f} | {per_run(ratios)} | {median_ratio} |"
+                     + (f" {per_run([v[3] for v in vals if v[3] is not None])} |" if with_int4 else ""))
     return "\n".join(lines)
 
 
@@ -1195,11 +1207,14 @@ def tables(data: dict) -> str:
     optimum = best(lambda r: r["backend"] == "ort-optimum")
     dense_ort = best(lambda r: r["backend"] in ("ort-optimum", "genai-dense"))
     torch_graph = best(lambda r: r["backend"] in ("torch-cuda-graph", "torch-static"))
-    lines += ["", "| configuration | tokens/s | × optimum export | × best dense ORT | × PyTorch CUDA graph |", "|---|---:|---:|---:|---:|"]
+    int4 = best(lambda r: r["backend"] == "genai-int4")  # the int4 model a user would otherwise deploy
+    lines += ["", "| configuration | tokens/s | × optimum export | × best dense ORT | × PyTorch CUDA graph |"
+              + (" × genai int4 |" if int4 else ""), "|---|---:|---:|---:|---:|" + ("---:|" if int4 else "")]
     for r in sorted(runs, key=lambda r: (r["backend"], r.get("mode") or "", r.get("sparsity") or 0)):
         def ratio(base):
             return f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "–"
-        lines.append(f"| {r['backend']} {r['variant']} | {r['tokens_per_s']:.1f} | {ratio(optimum)} | {ratio(dense_ort)} | {ratio(torch_graph)} |")
+        lines.append(f"| {r['backend']} {r['variant']} | {r['tokens_per_s']:.1f} | {ratio(optimum)} | {ratio(dense_ort)} | "
+                     f"{ratio(torch_graph)} |" + (f" {ratio(int4)} |" if int4 else ""))
     ppl_rows = list(data.get("perplexity", {}).items())
     ppl_rows += [(f"{r['backend']} {r['variant']}", r["perplexity"]) for r in data["runs"] if isinstance(r.get("perplexity"), dict)]
     if ppl_rows:

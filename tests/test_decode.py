@@ -95,6 +95,31 @@ def test_repeat_table_takes_ratios_within_each_run(tmp_path):
     assert "3 runs" in text and "CPU C × 2" in text and "mask" not in text
 
 
+def test_exporter_rows_compare_with_genai_fp16_dense_and_int4(tmp_path):
+    """The exporter's folders run on the genai base: their ratio is against genai's fp16 dense model, never against
+    the faster int4 build (which is its own column), in the single-run and the repeat tables."""
+    def run(dense_ms, int4_ms, export_ms):
+        return {"model": {"name": "m", "layers": 2, "dtype": "fp16"}, "settings": {"prompt_length": 8, "decode_tokens": 4},
+                "machine": {"gpu": "X"},
+                "runs": [{"backend": "genai-dense", "variant": "dense", "sparsity": 0.0, **_stats(5, [dense_ms] * 3)},
+                         {"backend": "genai-int4", "variant": "dense int4", "sparsity": 0.0, **_stats(5, [int4_ms] * 3)},
+                         {"backend": "acttail-export", "variant": "export acttail threshold 80%", "sparsity": 0.8,
+                          "allocation": "acttail", **_stats(5, [export_ms] * 3)}]}
+
+    files = []
+    for i, ms in enumerate([(4.0, 2.0, 1.0), (8.0, 4.0, 4.0)]):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(run(*ms)))
+    single = _bench("--table", str(files[0])).stdout
+    row = next(line for line in single.splitlines() if line.startswith("| acttail-export export acttail threshold 80%"))
+    assert row == "| acttail-export export acttail threshold 80% | 1000.0 | – | 4.00× | – | 2.00× |"
+    text = _bench("--table", *map(str, files)).stdout
+    row = next(line for line in text.splitlines() if line.startswith("| acttail-export |"))
+    assert row.endswith("| 4.00 / 2.00 | 3.00× | 2.00 / 1.00 |")
+    int4_row = next(line for line in text.splitlines() if line.startswith("| genai-int4 |"))
+    assert int4_row.endswith("| 2.00 / 2.00 | 2.00× | 1.00 / 1.00 |")
+
+
 def _builder_works():
     from tests.test_optimize import _builder_works as works
 
