@@ -115,6 +115,56 @@ def quantize_tensor(w, block_size: int = 32, quantizer: str = "rtn", device=None
     return q, scales, offsets
 
 
+def quantize_gptq(w, hessian, block_size: int = 32, damp: float = 0.01, lazy: int = 128, params: str = "rtn"):
+    """GPTQ-style rounding (Frantar et al., 2022) in this module's layout: (codes, scales, offsets) torch tensors.
+
+    ``w [K, N]`` (float), ``hessian [K, K]`` = sum of ``x xᵀ`` over calibration inputs ``x`` of the projection.
+    Input channels are quantized in order; each one's rounding error is spread over the channels not yet quantized
+    through the inverse Hessian's Cholesky factor, so that ``X W`` (not ``W``) stays close. Each block of
+    ``block_size`` channels gets the round-to-nearest (min, max) scale and offset of its weights as they are when
+    its first channel is reached (``params="mse"``: the ``mse`` search's). With ``hessian = I`` there is nothing to
+    spread: the result is :func:`quantize` with the same quantizer. ``damp`` (times the mean diagonal) regularizes
+    the Hessian; channels never active get weight 0.
+    """
+    import torch
+
+    block_size = check_block_size(block_size)
+    if params not in QUANTIZERS:
+        raise ValueError(f"params must be one of {', '.join(QUANTIZERS)}, got {params!r}")
+    w = torch.as_tensor(w).detach().to(torch.float64).clone()
+    h = torch.as_tensor(hessian).detach().to(device=w.device, dtype=torch.float64).clone()
+    K, N = w.shape
+    if h.shape != (K, K) or not bool(torch.isfinite(h).all()) or not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weight [K, N] and hessian [K, K] must be finite, got {tuple(w.shape)} and {tuple(h.shape)}")
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[dead] = 0.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(K, dtype=h.dtype, device=h.device)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    blocks = -(-K // block_size)
+    codes = torch.zeros((K, N), dtype=torch.uint8, device=w.device)
+    scales = torch.zeros((blocks, N), dtype=torch.float32, device=w.device)
+    offsets = torch.zeros((blocks, N), dtype=torch.float32, device=w.device)
+    lazy = block_size * max(1, lazy // block_size)  # whole quantization blocks per lazy update
+    s64 = o64 = None
+    for start in range(0, K, lazy):
+        end = min(K, start + lazy)
+        errors = torch.zeros((end - start, N), dtype=w.dtype, device=w.device)
+        for k in range(start, end):
+            if k % block_size == 0:
+                wb, valid = _blocked(w[k:min(K, k + block_size)], block_size)
+                s, o = _rtn_params(wb, valid) if params == "rtn" else _mse_params(wb, valid)
+                scales[k // block_size], offsets[k // block_size] = s[0, 0].float(), o[0, 0].float()
+                s64, o64 = scales[k // block_size].double(), offsets[k // block_size].double()
+            q = torch.clamp(torch.round((w[k] - o64) / s64), 0, LEVELS)
+            codes[k] = q.to(torch.uint8)
+            err = (w[k] - (s64 * q + o64)) / u[k, k]
+            w[k + 1:end] -= torch.outer(u[k, k + 1:end], err)
+            errors[k - start] = err
+        w[end:] -= u[start:end, end:].T @ errors
+    return codes, scales, offsets
+
+
 def dequantize_tensor(codes, scales, offsets, block_size: int):
     """``fl32(s[k // B] * q + o[k // B])`` [K, N] in torch (float64 maths, as :func:`reference.dequantize_blocks`)."""
     import torch

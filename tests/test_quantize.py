@@ -165,3 +165,44 @@ def test_torch_tensor_input_and_devices_agree(quantizer):
         np.testing.assert_array_equal(got.packed, ref_q.packed)
         np.testing.assert_array_equal(got.scales, ref_q.scales)
         np.testing.assert_array_equal(got.offsets, ref_q.offsets)
+
+
+@pytest.mark.parametrize("params", qz.QUANTIZERS)
+@pytest.mark.parametrize(("K", "N", "block"), [(96, 40, 32), (100, 37, 64), (200, 24, 128)])
+def test_gptq_with_an_identity_hessian_is_the_plain_quantizer(K, N, block, params):
+    """Nothing to spread when the Hessian is the identity: GPTQ's codes, scales and offsets are quantize()'s."""
+    import torch
+
+    w = torch.randn(K, N, generator=torch.Generator().manual_seed(K), dtype=torch.float64) * 0.02
+    got = qz.QuantizedWeight.from_tensors(*qz.quantize_gptq(w, torch.eye(K), block, damp=0.0, params=params), block, params)
+    want = qz.quantize(w.numpy(), block, params)
+    np.testing.assert_array_equal(got.packed, want.packed)
+    np.testing.assert_array_equal(got.scales, want.scales)
+    np.testing.assert_array_equal(got.offsets, want.offsets)
+
+
+@pytest.mark.parametrize("block", qz.BLOCK_SIZES)
+def test_gptq_lowers_the_output_error_on_correlated_inputs(block):
+    """||X (Ŵ − W)||² against the same-range plain quantizers, inputs with correlated channels (what GPTQ is for).
+    Measured with these seeds: GPTQ 0.48–0.54 × rtn's error, GPTQ with mse ranges 0.41–0.47 × (mse alone 0.78–0.83 ×);
+    float64 throughout, so the margin to the 0.7 bound is far above any BLAS summation-order effect."""
+    import torch
+
+    g = torch.Generator().manual_seed(block)
+    K, N = 256, 48
+    w = torch.randn(K, N, generator=g, dtype=torch.float64) * 0.02
+    mix = torch.randn(K, K, generator=g, dtype=torch.float64) / K ** 0.5 + 0.3 * torch.eye(K, dtype=torch.float64)
+    x = torch.randn(4000, K, generator=g, dtype=torch.float64) @ mix
+    x[:, 7] = 0.0  # a channel never active: weight 0, no NaN from the singular Hessian
+    hessian = x.T @ x
+
+    def error(quantized) -> float:
+        return float(((x @ (qz.dequantize_tensor(*quantized, block).double() - w)) ** 2).sum())
+
+    rtn, mse = error(qz.quantize_tensor(w, block, "rtn")), error(qz.quantize_tensor(w, block, "mse"))
+    gptq = qz.quantize_gptq(w, hessian, block)
+    assert error(gptq) < 0.7 * rtn
+    assert error(qz.quantize_gptq(w, hessian, block, params="mse")) < 0.7 * mse
+    assert bool(torch.isfinite(gptq[1]).all() and torch.isfinite(gptq[2]).all())  # the singular Hessian factored
+    with pytest.raises(ValueError, match="hessian"):
+        qz.quantize_gptq(w, hessian[:-1, :-1], block)
