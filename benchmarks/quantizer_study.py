@@ -7,6 +7,10 @@ acttail allocation, calibrated on the quantized model) on top of the float weigh
 second half calibrates the thresholds. Writes ``docs/results/quantization/quantizer_study.json``::
 
     python benchmarks/quantizer_study.py --data PATH/wikitext-2/wiki.valid.raw
+
+``--quantizers`` / ``--blocks`` pick rows; ``gptq`` and ``gptq-mse`` are :func:`acttail_export.quantize.quantize_gptq`
+with rtn / mse block ranges, its Hessians ``Σ x xᵀ`` collected once per projection from the float model on the
+calibration half (``--calibration-samples`` windows; one pass, not layer by layer).
 """
 
 from __future__ import annotations
@@ -39,6 +43,49 @@ def _split(text_path: Path, folder: Path) -> tuple[Path, Path]:
     return evaluation, calibration
 
 
+def _hessians(model, tokenizer, calibration: Path, args) -> dict:
+    """``Σ x xᵀ`` (float64) of every projection's input over the calibration windows (module name -> [K, K])."""
+    import torch
+
+    from acttail_export.architectures import spec_of_model
+    from acttail_export.data import load_windows
+
+    spec, modules = spec_of_model(model), dict(model.named_modules())
+    names = [spec.projection_name(i, kind) for i in range(len(model.model.layers)) for kind in spec.kinds]
+    sums: dict = {}
+
+    def hook(name):
+        def add(module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return add
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        windows = load_windows(tokenizer, calibration, args.sequence_length, samples=args.calibration_samples)
+        with torch.no_grad():
+            for row in windows:
+                model(row[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def _quantize_gptq(model, hessians: dict, block: int, params: str) -> None:
+    """Every projection of ``model`` := its GPTQ-rounded 4-bit weight (dequantized), in place."""
+    import torch
+
+    from acttail_export.quantize import dequantize_tensor, quantize_gptq
+
+    modules = dict(model.named_modules())
+    for name, h in hessians.items():
+        weight = modules[name].weight
+        codes, scales, offsets = quantize_gptq(weight.detach().T, h, block, params=params)
+        with torch.no_grad():
+            weight.copy_(dequantize_tensor(codes, scales, offsets, block).T.to(weight.dtype))
+
+
 def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, block: int | None, sparsity: float) -> dict:
     """Perplexity of one configuration (fresh model: quantization works in place)."""
     import torch
@@ -52,7 +99,10 @@ def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, b
 
     model, tokenizer = load_model(default_model_path())
     start = time.perf_counter()
-    if quantizer is not None:
+    if quantizer in ("gptq", "gptq-mse"):
+        _quantize_gptq(model, _hessians(model, tokenizer, calibration, args), block,
+                       "mse" if quantizer == "gptq-mse" else "rtn")
+    elif quantizer is not None:
         quantize_model(model, block, quantizer)
     seconds_quantize = time.perf_counter() - start
     config = None
@@ -78,6 +128,8 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, default=512)
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--sparse-block", type=int, default=None, help="block of the sparse runs (default: from the table)")
+    parser.add_argument("--quantizers", nargs="+", default=["rtn", "mse"], choices=("rtn", "mse", "gptq", "gptq-mse"))
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128], choices=(32, 64, 128))
     parser.add_argument("--output", type=Path, default=OUT)
     parser.add_argument("--render", action="store_true", help="only print the markdown table of --output")
     args = parser.parse_args()
@@ -94,13 +146,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         evaluation, calibration = _split(args.data, Path(tmp))
         rows.append(_measure(args, evaluation, calibration, None, None, 0.0))
-        for block in (32, 64, 128):
-            for quantizer in ("rtn", "mse"):
+        for block in args.blocks:
+            for quantizer in args.quantizers:
                 rows.append(_measure(args, evaluation, calibration, quantizer, block, 0.0))
         # the sparse runs at the block where the quantizers differ most (block 32 reproduces the GGUF exactly)
         block = args.sparse_block or max((128, 64), key=lambda b: _ppl(rows, "rtn", b) - _ppl(rows, "mse", b))
         rows.append(_measure(args, evaluation, calibration, None, None, 0.5))
-        for quantizer in ("rtn", "mse"):
+        for quantizer in args.quantizers:
             rows.append(_measure(args, evaluation, calibration, quantizer, block, 0.5))
     argv = [a for a in sys.argv[1:] if a not in ("--data", str(args.data))]  # no machine paths in the record
     command = "python benchmarks/quantizer_study.py " + " ".join(shlex.quote(a) for a in argv + ["--data", "PATH/wiki.valid.raw"])
