@@ -107,7 +107,7 @@ def quantize_tensor(w, block_size: int = 32, quantizer: str = "rtn", device=None
     for start in range(0, N, _CHUNK):
         cols = slice(start, min(N, start + _CHUNK))
         wb, valid = _blocked(w[:, cols].to(device=device, dtype=torch.float64), block_size)
-        s, o = _rtn_params(wb, valid) if quantizer == "rtn" else _mse_params(wb, valid)
+        s, o = _params(wb, valid, quantizer)
         s, o = s.float(), o.float()  # the stored values decide the codes
         codes = _codes(wb, s.double(), o.double())
         q[:, cols] = codes.reshape(-1, codes.shape[-1])[:K]
@@ -152,13 +152,11 @@ def quantize_gptq(w, hessian, block_size: int = 32, damp: float = 0.01, lazy: in
         errors = torch.zeros((end - start, N), dtype=w.dtype, device=w.device)
         for k in range(start, end):
             if k % block_size == 0:
-                wb, valid = _blocked(w[k:min(K, k + block_size)], block_size)
-                s, o = _rtn_params(wb, valid) if params == "rtn" else _mse_params(wb, valid)
+                s, o = _params(*_blocked(w[k:min(K, k + block_size)], block_size), params)
                 scales[k // block_size], offsets[k // block_size] = s[0, 0].float(), o[0, 0].float()
                 s64, o64 = scales[k // block_size].double(), offsets[k // block_size].double()
-            q = torch.clamp(torch.round((w[k] - o64) / s64), 0, LEVELS)
-            codes[k] = q.to(torch.uint8)
-            err = (w[k] - (s64 * q + o64)) / u[k, k]
+            codes[k] = _codes(w[k], s64, o64)
+            err = (w[k] - (s64 * codes[k].double() + o64)) / u[k, k]
             w[k + 1:end] -= torch.outer(u[k, k + 1:end], err)
             errors[k - start] = err
         w[end:] -= u[start:end, end:].T @ errors
@@ -191,6 +189,11 @@ def _min_max(wb, valid):
     lo = torch.where(valid, wb, torch.inf).amin(dim=1, keepdim=True)
     hi = torch.where(valid, wb, -torch.inf).amax(dim=1, keepdim=True)
     return lo, hi
+
+
+def _params(wb, valid, quantizer: str):
+    """Scale and offset [blocks, 1, N] of ``quantizer``'s range rule."""
+    return _rtn_params(wb, valid) if quantizer == "rtn" else _mse_params(wb, valid)
 
 
 def _rtn_params(wb, valid):

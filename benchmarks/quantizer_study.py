@@ -44,14 +44,19 @@ def _split(text_path: Path, folder: Path) -> tuple[Path, Path]:
 
 
 def _hessians(model, tokenizer, calibration: Path, args) -> dict:
-    """``Σ x xᵀ`` (float64) of every projection's input over the calibration windows (module name -> [K, K])."""
+    """``Σ x xᵀ`` (float64) of every projection's input over the calibration windows (module name -> [K, K]); one sum
+    per shared input (q/k/v, gate/up), the same tensor under each of its readers' names."""
     import torch
 
     from acttail_export.architectures import spec_of_model
     from acttail_export.data import load_windows
 
     spec, modules = spec_of_model(model), dict(model.named_modules())
-    names = [spec.projection_name(i, kind) for i in range(len(model.model.layers)) for kind in spec.kinds]
+    readers = {}  # first reader of an input -> every projection reading it
+    for i in range(len(model.model.layers)):
+        for group in spec.shared_input_groups:
+            names = [spec.projection_name(i, kind) for kind in group]
+            readers[names[0]] = names
     sums: dict = {}
 
     def hook(name):
@@ -60,7 +65,7 @@ def _hessians(model, tokenizer, calibration: Path, args) -> dict:
             sums[name] = sums.get(name, 0) + x.T @ x
         return add
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in readers]
     try:
         windows = load_windows(tokenizer, calibration, args.sequence_length, samples=args.calibration_samples)
         with torch.no_grad():
@@ -69,7 +74,7 @@ def _hessians(model, tokenizer, calibration: Path, args) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return sums
+    return {name: sums[first] for first, names in readers.items() for name in names}
 
 
 def _quantize_gptq(model, hessians: dict, block: int, params: str) -> None:
