@@ -18,7 +18,9 @@ LLM runtime is tuned for:
 and a ``genai_config.json`` for its generator (``onnxruntime_genai.Model``), which can replay decode
 steps from a CUDA graph. :func:`acttail_export.graph_rewrite.rewrite` works on that graph unchanged
 (mask and fused kernels); :func:`write_variant` writes a rewritten graph next to the base so that every
-variant shares the base's ``model.onnx.data``.
+variant shares the base's ``model.onnx.data``. With the fused kernel on the packed base the builder's
+``Split`` / ``Sigmoid`` / ``Mul`` / ``Mul`` between ``gate_up_proj`` and ``down_proj`` is folded into the down op
+(``activation="swiglu"``, :mod:`acttail_export.activation_fusion`): one kernel instead of four or five per layer.
 
 The builder of onnxruntime-genai 0.18 imports transformers >= 5 and ``onnx_ir``; it runs in this process
 (:func:`build_base`), on the same transformers as the rest of the pipeline.
@@ -46,12 +48,16 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
 from .config import ActTailConfig
 from .errors import ActTailError
 from .ops import LIBRARY_NAME
+
+if TYPE_CHECKING:
+    from .graph_rewrite import RewriteSummary
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +205,7 @@ def pin_kv_dims(graph: onnx.ModelProto, base_dir: str | Path) -> None:
 
 def write_variant(base_dir: str | Path, config: ActTailConfig, filename: str, mode: str | None = None,
                   kernel: str | None = None, library: str | Path | None = None, replace_base: bool = False,
-                  quantized: dict | None = None) -> Path:
+                  quantized: dict | None = None, fuse_activation: bool = True) -> Path:
     """Rewrite the base graph with ``config`` and save it as ``base_dir/filename`` (weights shared).
 
     The rewritten graph references the base's ``model.onnx.data``; the few new initializers
@@ -212,14 +218,14 @@ def write_variant(base_dir: str | Path, config: ActTailConfig, filename: str, mo
     ``quantized`` (``--weights int4``: projection name -> 4-bit weight) puts the 4-bit ops in
     (:func:`acttail_export.int4_rewrite.rewrite_int4`); that graph keeps only the weights it still uses, in its own
     file(s), so the float projection weights are not shipped with it.
+    With the fused kernel and ``fuse_activation`` (the default) the SwiGLU between the packed gate|up projection and
+    the down projection is folded into the down op (:func:`rewrite_graph`; the 4-bit ops keep the attribute).
     """
-    from .graph_rewrite import rewrite
-
     base_dir = Path(base_dir)
     if "/" in filename or (filename == BASE_ONNX and not replace_base):
         raise ActTailError(f"variant file name must be a plain name other than {BASE_ONNX}; got {filename!r}")
     graph = load_graph(base_dir)
-    summary = rewrite(graph, config, mode=mode, kernel=kernel)
+    summary = rewrite_graph(graph, config, mode=mode, kernel=kernel, fuse_activation=fuse_activation)
     pin_kv_dims(graph, base_dir)
     path = base_dir / filename
     if quantized is not None:
@@ -231,6 +237,21 @@ def write_variant(base_dir: str | Path, config: ActTailConfig, filename: str, mo
     if summary.kernel == "fused":
         copy_library(base_dir, library)
     return path
+
+
+def rewrite_graph(graph: onnx.ModelProto, config: ActTailConfig, mode: str | None = None, kernel: str | None = None,
+                  fuse_activation: bool = True) -> RewriteSummary:
+    """:func:`acttail_export.graph_rewrite.rewrite` of a builder graph (in place), then, for the fused kernel, the
+    SwiGLU fold (:func:`acttail_export.activation_fusion.fuse_swiglu`): on the packed base every down projection op
+    reads the gate|up output with ``activation="swiglu"`` (``summary.fused_activations`` of them; 0 on an unpacked
+    base, where gate and up are separate MatMuls and there is no Split to fold)."""
+    from .activation_fusion import fuse_swiglu
+    from .graph_rewrite import rewrite
+
+    summary = rewrite(graph, config, mode=mode, kernel=kernel)
+    if summary.kernel == "fused" and fuse_activation:
+        summary.fused_activations = fuse_swiglu(graph)
+    return summary
 
 
 def _save_int4(graph: onnx.ModelProto, base_dir: Path, filename: str, config: ActTailConfig, quantized: dict) -> Path:
@@ -330,17 +351,19 @@ def generate(base_dir: str | Path, input_ids, max_new_tokens: int, filename: str
 
 
 def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = None, kernel: str | None = None,
-             filename: str = "model.acttail.onnx", library: str | Path | None = None, quantized: dict | None = None) -> Path:
+             filename: str = "model.acttail.onnx", library: str | Path | None = None, quantized: dict | None = None,
+             fuse_activation: bool = True) -> Path:
     """Make a builder folder an ActTail export that ``onnxruntime_genai.Model(folder)`` loads as is.
 
     Writes the rewritten graph as ``filename`` (sharing ``model.onnx.data``; ``filename="model.onnx"``
     replaces the dense graph), points ``genai_config.json`` at it (and at the op library for the fused
     kernel), and saves ``acttail_config.json``. ``quantized``: the 4-bit weights of ``--weights int4``
     (:func:`write_variant`); replacing ``model.onnx`` then also drops the builder's float ``model.onnx.data``.
+    ``fuse_activation``: fold the SwiGLU into the down op (fused kernel, :func:`rewrite_graph`).
     """
     base_dir = Path(base_dir)
     path = write_variant(base_dir, config, filename, mode=mode, kernel=kernel, library=library,
-                         replace_base=filename == BASE_ONNX, quantized=quantized)
+                         replace_base=filename == BASE_ONNX, quantized=quantized, fuse_activation=fuse_activation)
     if quantized is not None and filename == BASE_ONNX:
         (base_dir / f"{BASE_ONNX}.data").unlink(missing_ok=True)  # nothing refers to it any more
     cfg_path = base_dir / GENAI_CONFIG
@@ -374,7 +397,7 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
                  kernel: str | None = None, dtype: str = "fp16", execution_provider: str = "cuda",
                  filename: str = "model.acttail.onnx", library: str | Path | None = None,
                  work_dir: str | Path | None = None, pack: bool | None = None, progress: bool = True,
-                 quantized: dict | None = None, source: str | Path | None = None) -> Path:
+                 quantized: dict | None = None, source: str | Path | None = None, fuse_activation: bool = True) -> Path:
     """ActTail export on the optimized base: builder graph + rewrite + genai config, in ``output_dir``.
 
     ``model`` / ``tokenizer`` are the loaded Hugging Face objects (the config's thresholds come from them).
@@ -387,7 +410,8 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
     ``source``: the Hugging Face folder ``model`` was loaded from; when :func:`builder_can_read` it, the builder
     reads it directly instead of a scratch copy (a 7B checkpoint: 13 GB less written and on disk). The float
     projection weights of the 4-bit path need not match: ``quantized`` replaces every one of them.
-    Load with ``onnxruntime_genai.Model(str(output_dir))``.
+    ``fuse_activation``: with the fused kernel on the packed base, the down ops apply SwiGLU themselves
+    (:func:`rewrite_graph`). Load with ``onnxruntime_genai.Model(str(output_dir))``.
     """
     import contextlib
     import tempfile
@@ -413,5 +437,6 @@ def export_genai(model, tokenizer, output_dir: str | Path, config: ActTailConfig
     # the builder re-saves the tokenizer from the scratch folder; write the caller's tokenizer over it so that the
     # export encodes exactly like the model that was calibrated
     tokenizer.save_pretrained(output_dir)
-    finalize(output_dir, config, mode=mode, kernel=kernel, filename=filename, library=library, quantized=quantized)
+    finalize(output_dir, config, mode=mode, kernel=kernel, filename=filename, library=library, quantized=quantized,
+             fuse_activation=fuse_activation)
     return output_dir

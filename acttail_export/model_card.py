@@ -74,10 +74,12 @@ def _allocation_line(config: ActTailConfig) -> str:
     return f"- allocation `{config.allocation}`{shape}, mode `{config.mode}`, kernel `{config.kernel}`"
 
 
-def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_kernels: bool | None = None) -> str:
+def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_kernels: bool | None = None,
+                      swiglu_ops: int = 0) -> str:
     """Markdown model card for ``config`` (pure: no files read).
 
     ``cuda_kernels``: whether the included op library holds CUDA kernels (None: not known, worded neutrally).
+    ``swiglu_ops``: how many down projection ops of the graph apply SwiGLU themselves (``activation="swiglu"``).
     """
     where = "path/to/this/folder"
     eff = "not measured" if config.effective_sparsity is None else f"{config.effective_sparsity:.3f}"
@@ -126,6 +128,10 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_ke
     if config.kernel == "fused":
         lines += ["", f"The graph uses the custom op `com.acttail::SparseMatMul`; `{LIBRARY_NAME}` ({_library_note(cuda_kernels)}) "
                   "is included and registered by `load_model`."]
+    if swiglu_ops:
+        lines += ["", f"{swiglu_ops} down projection ops read the packed gate|up projection's output and apply SwiGLU "
+                  "themselves (`activation=\"swiglu\"`: `silu(gate) * up` in float32, then the mask), in place of the "
+                  "graph's Split / Sigmoid / Mul / Mul."]
     lines += ["", "## Per-projection budgets", "", "| projection | alpha | sparsity | threshold | k | effective |", "|---|---:|---:|---:|---:|---:|"]
     for p in config.projections:
         lines.append(f"| {p.name} | {_fmt(p.alpha, '.3f')} | {p.sparsity:.3f} | {_fmt(p.threshold, '.4g')} | {_fmt(p.k, 'd')} | "
@@ -141,5 +147,20 @@ def write_model_card(folder: str | Path, config: ActTailConfig, repo_id: str | N
     library = Path(folder) / LIBRARY_NAME
     cuda_kernels = library_has_cuda_kernels(library) if library.is_file() else None
     path = Path(folder) / CARD_NAME
-    path.write_text(render_model_card(config, repo_id, cuda_kernels))
+    path.write_text(render_model_card(config, repo_id, cuda_kernels, _swiglu_ops(Path(folder))))
     return path
+
+
+def _swiglu_ops(folder: Path) -> int:
+    """Ops of ``folder/model.onnx`` with ``activation="swiglu"`` (0 for the mask kernel, or when there is no graph)."""
+    graph = folder / "model.onnx"
+    if not graph.is_file():
+        return 0
+    import onnx
+
+    from .activation_fusion import fused_nodes
+
+    try:
+        return len(fused_nodes(onnx.load(str(graph), load_external_data=False)))
+    except Exception:  # noqa: BLE001 - an unreadable graph: the card just does not mention the fold
+        return 0

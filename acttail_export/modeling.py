@@ -278,6 +278,20 @@ def _load_gguf_tokenizer_uncached(path: Path) -> "PreTrainedTokenizerBase":
     return fix_gguf_tokenizer(tokenizer, read_gguf_info(path))
 
 
+def _gguf_dequantize_kwargs() -> dict:
+    """``quantization_config`` that unpacks every GGUF weight at load time, on transformers that can keep them packed
+    (5.24+: ``GgufConfig(dequantize=True)``); empty on older versions, which always unpack."""
+    import inspect
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig.__init__).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def materialize_gguf(path: str | Path) -> Path:
     """Dequantize a GGUF into a cached HF folder (safetensors + fixed tokenizer); return the folder."""
     path = Path(path).expanduser().resolve()
@@ -287,7 +301,13 @@ def materialize_gguf(path: str | Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     logger.info("dequantizing %s (one-time, cached in %s)", path.name, target)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32",
+                                                 **_gguf_dequantize_kwargs())
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        # transformers >= 5.24 keeps its GGUF quantizer on the model even with every weight unpacked to a plain
+        # Linear, and refuses to save such a model; the weights are plain float32 here, so drop the quantizer
+        quantizer.remove_quantization_config(model)
     tokenizer = _load_gguf_tokenizer_uncached(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -20,6 +20,12 @@ owning a column segment of the output):
 4-bit weights (``SparseMatMulNBits``): ``W[k, n] = scales[k // B, n] * q[k, n] + offsets[k // B, n]``, ``q`` packed
 two per byte along ``N`` (column ``n`` in byte ``n // 2``, low nibble for even ``n``), ``B`` the block size along
 ``K`` (the last block may be partial).
+
+Activation (both ops' attribute ``activation``, :func:`swiglu`): with ``"swiglu"`` the op's ``X`` has last dimension
+``2K`` holding ``[gate | up]`` and the projection input is ``x = silu(gate) * up``, computed per element in float32
+as ``g / (1 + exp(-g)) * u`` and rounded once to ``X``'s type; the mask rule and the product above then apply to
+that ``x``. It folds the Split / Sigmoid / Mul / Mul between a packed gate|up projection and the down projection
+into the down op (:mod:`acttail_export.activation_fusion`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MODES = ("threshold", "topk")
+#: values of the ops' ``activation`` attribute besides "" (none)
+ACTIVATIONS = ("swiglu",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,17 +119,52 @@ def member_values(x: np.ndarray, mode: str, member: Member, ramp: float = 0.0,
 
 
 # --------------------------------------------------------------------------------------------
+# numpy: the activation
+# --------------------------------------------------------------------------------------------
+def swiglu(x: np.ndarray) -> np.ndarray:
+    """``silu(gate) * up`` of ``x`` [..., 2K] = ``[gate | up]`` -> [..., K] in ``x``'s dtype.
+
+    Computed per element in float32 as ``g / (1 + exp(-g)) * u`` (``g``, ``u`` widened to float32, ``np.exp`` in
+    float32) and rounded once to ``x``'s dtype; overflow gives what IEEE arithmetic gives (``exp(-g) = Inf`` for
+    ``g < -88``: ``-0 * u``; NaN propagates), without warnings.
+    """
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[-1] % 2:
+        raise ValueError(f"swiglu needs a last dimension 2K ([gate | up]), got shape {x.shape}")
+    half = x.shape[-1] // 2
+    g = x[..., :half].astype(np.float32)
+    u = x[..., half:].astype(np.float32)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        y = g / (np.float32(1) + np.exp(-g)) * u
+        return y.astype(x.dtype)
+
+
+def activate(x: np.ndarray, activation: str | None, K: int) -> np.ndarray:
+    """The op's input after its ``activation`` attribute: ``x`` [..., K] as is (None / ""), or :func:`swiglu` of
+    ``x`` [..., 2K]; ValueError for another value or a wrong last dimension."""
+    if not activation:
+        return x
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or None, got {activation!r}")
+    if np.ndim(x) == 0 or np.shape(x)[-1] != 2 * K:
+        raise ValueError(f"with activation={activation!r} the last dimension of x must be 2K = {2 * K}, got shape {np.shape(x)}")
+    return swiglu(x)
+
+
+# --------------------------------------------------------------------------------------------
 # numpy: the ops
 # --------------------------------------------------------------------------------------------
 def sparse_matmul(x: np.ndarray, w: np.ndarray, mode: str, members: Sequence[Member],
                   segments: Sequence[int] | None = None, ramp: float = 0.0,
-                  compare_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+                  compare_dtype=np.float32, activation: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(Y, |Y| bound) in float64 of ``SparseMatMul``: ``x`` [..., K], ``w`` [K, N], one member per segment.
 
     The bound is ``sum |v_i| |W[i, n]|`` over kept channels, the scale a float32-accumulating kernel's error is
-    relative to. Inf/NaN weights only count for rows that keep their channel.
+    relative to. Inf/NaN weights only count for rows that keep their channel. ``activation="swiglu"``: ``x`` is
+    [..., 2K] and the rule applies to :func:`swiglu` of it (:func:`activate`).
     """
     K, N = w.shape
+    x = activate(x, activation, K)
     ends = list(segments) if segments else [N]
     if len(ends) != len(members) or ends[-1] != N or any(b <= a for a, b in zip([0, *ends], ends)):
         raise ValueError(f"segments {ends} do not split N={N} into {len(members)} members")
@@ -178,10 +221,10 @@ def dequantize_blocks(q: np.ndarray, scales: np.ndarray, offsets: np.ndarray, bl
 
 def sparse_matmul_nbits(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray, n: int,
                         block_size: int, mode: str, members: Sequence[Member], segments: Sequence[int] | None = None,
-                        ramp: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(Y, bound) of ``SparseMatMulNBits``: :func:`sparse_matmul` on the dequantized weight."""
+                        ramp: float = 0.0, activation: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(Y, bound) of ``SparseMatMulNBits``: :func:`sparse_matmul` on the dequantized weight (``activation`` as there)."""
     w = dequantize_blocks(unpack_nibbles(packed, n), scales, offsets, block_size)
-    return sparse_matmul(x, w, mode, members, segments, ramp)
+    return sparse_matmul(x, w, mode, members, segments, ramp, activation=activation)
 
 
 # --------------------------------------------------------------------------------------------

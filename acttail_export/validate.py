@@ -90,17 +90,31 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - want).max() / (np.abs(want).max() or 1.0))
 
 
+def projection_input(values: np.ndarray, activation: str = "") -> np.ndarray:
+    """The input a projection's mask applies to, from the tensor its node reads: that tensor, or with
+    ``activation="swiglu"`` (a down op reading ``[gate | up]``, :mod:`acttail_export.activation_fusion`)
+    ``silu(gate) * up`` as the op computes it (:func:`acttail_export.reference.swiglu`)."""
+    from .reference import activate
+
+    return activate(values, activation, values.shape[-1] // 2) if activation else values
+
+
 def _probe_session(export_dir: Path, config: ActTailConfig):
-    """A session on ``model.onnx`` that also outputs every projection's input, masked input and output."""
+    """A session on ``model.onnx`` that also outputs every projection's input, masked input and output.
+
+    Probes map a projection to (its input 0 or the input of its masking subgraph, the masked input or None, its
+    output, its columns in a packed MatMul or None, the op's ``activation``): :func:`projection_input` turns the
+    first into the projection's input when the op applies an activation first."""
     import onnx
     import onnxruntime as ort
 
+    from .activation_fusion import activation_of
     from .graph_rewrite import find_projections, packed_columns
     from .runtime import load_session_options
 
     graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
     producers = {out: node for node in graph.graph.node for out in node.output}
-    probes: dict[str, tuple[str, str | None, str, tuple[int, int] | None]] = {}
+    probes: dict[str, tuple[str, str | None, str, tuple[int, int] | None, str]] = {}
     found = find_projections(graph, config.spec)
     columns = packed_columns(found, config)  # members of a packed qkv / gate_up MatMul: their output columns
     for name, node in found.items():
@@ -108,8 +122,8 @@ def _probe_session(export_dir: Path, config: ActTailConfig):
         where = producers.get(x)
         if where is not None and where.op_type == "Where" and where.name.startswith("/acttail/"):
             x, masked = where.input[1], node.input[0]
-        probes[name] = (x, masked, node.output[0], columns.get(name))
-    extra = sorted({t for x, m, y, _ in probes.values() for t in (x, m, y) if t})
+        probes[name] = (x, masked, node.output[0], columns.get(name), activation_of(node))
+    extra = sorted({t for x, m, y, _, _ in probes.values() for t in (x, m, y) if t})
     graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
     options = load_session_options(export_dir)
     # a file next to model.onnx (and model.onnx_data, which it may reference): no second in-memory copy
@@ -239,8 +253,8 @@ def _check_projections(outs: dict, probes: dict, config: ActTailConfig, modules:
     forced: dict[str, torch.Tensor] = {}
     worst, worst_name = 0.0, ""
     for p in config.projections:
-        x_name, masked_name, y_name, cols = probes[p.name]
-        x = outs[x_name]
+        x_name, masked_name, y_name, cols, activation = probes[p.name]
+        x = projection_input(outs[x_name], activation)  # silu(gate) * up for a down op that applies the SwiGLU itself
         masked = np.where(rule_mask(x, p, config.mode, config.kernel), x, np.zeros((), dtype=x.dtype))
         if masked_name is not None:
             # equal multisets of kept |x| per row: any choice among tied values is a valid top-k

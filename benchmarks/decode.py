@@ -673,6 +673,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", action="store_true", help="build the genai base with q/k/v and gate/up packed (builder "
                     "fuse_qkv, fuse_mlp_gate_up): dense, mask and fused variants all run on it, one mask / SparseMatMul "
                     "per input group (the uniform configs give the members equal thresholds)")
+    ap.add_argument("--no-swiglu-fold", action="store_true", help="fused variants keep the builder's Split / Sigmoid / Mul / "
+                    "Mul in front of the down op instead of activation=\"swiglu\" (an A/B of the fold; --pack only: an "
+                    "unpacked base has nothing to fold)")
     ap.add_argument("--profile", action="store_true", help="ORT profiling placement check of the fused graph at the highest sparsity")
     ap.add_argument("--deadline", type=float, default=0, help="skip the remaining configurations after this many seconds (0: none)")
     ap.add_argument("--child-timeout", type=float, default=240)
@@ -747,7 +750,7 @@ def run_benchmark(args) -> int:
                   "vocab_size": cfg.vocab_size, "parameters": sum(p.numel() for p in model.parameters()), "dtype": args.dtype},
         "settings": {"prompt_length": args.prompt_length, "decode_tokens": args.decode_tokens, "warmup_tokens": args.warmup_tokens,
                      "batch": 1, "mode": "threshold", "allocation": "uniform", "calibration_windows": args.calibration_windows,
-                     "device": device, "genai_packed": bool(args.pack)},
+                     "device": device, "genai_packed": bool(args.pack), "swiglu_fold": not args.no_swiglu_fold},
         "timings_s": {},
     }
     results = Results(Path(args.output) if args.output else None, header)
@@ -906,7 +909,7 @@ def run_benchmark(args) -> int:
         tag = f"{kernel}-{mode}-{int(round(s * 100))}"
         name, label, backend = f"model.{tag}.onnx", f"{kernel} {mode} {s:.0%}{packed_tag}", f"genai-{kernel}"
         try:
-            genai_base.write_variant(genai_dir, config, name, mode=mode, kernel=kernel)
+            genai_base.write_variant(genai_dir, config, name, mode=mode, kernel=kernel, fuse_activation=not args.no_swiglu_fold)
         except Exception as exc:  # noqa: BLE001
             results.add(backend, label, s, {"error": f"rewrite: {type(exc).__name__}: {exc}"}, mode=mode)
             continue
@@ -1054,7 +1057,8 @@ def quality_check(args, model, tokenizer, configs, hf_dir: Path, genai_dir: Path
     out: dict = {"sparsity": s, "windows": int(windows.shape[0]), "window_length": args.ppl_length}
     key = f"{args.dtype}_{common['provider']}"
     for folder in (genai_dir, cpu_dir):
-        genai_base.write_variant(folder, configs[s], name, mode="threshold", kernel="fused")
+        genai_base.write_variant(folder, configs[s], name, mode="threshold", kernel="fused",
+                                 fuse_activation=not args.no_swiglu_fold)
     runs = [("fused", name, True, genai_dir, common["provider"], key), ("fused", name, True, cpu_dir, "cpu", "fp32_cpu"),
             ("dense", "model.onnx", False, genai_dir, common["provider"], key), ("dense", "model.onnx", False, cpu_dir, "cpu", "fp32_cpu")]
     for tag, graph, fused, folder, provider, label in runs:

@@ -12,6 +12,7 @@ import torch
 from onnx import numpy_helper
 
 from acttail_export import genai_base as gbase
+from acttail_export.activation_fusion import activation_of
 from acttail_export.config import ActTailConfig
 from acttail_export.graph_rewrite import NBITS_OPS, find_projections, packed_columns
 from acttail_export.int4_rewrite import dequantize_node
@@ -58,6 +59,13 @@ def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports,
     assert {n.op_type for n in found.values()} == ({"SparseMatMulNBits"} if sparse else {"MatMulNBits"})
     assert {n.op_type for n in found.values()} <= set(NBITS_OPS)
     assert len({n.name for n in found.values()}) < len(found)  # q/k/v and gate/up stay packed
+    # the fused 4-bit down ops read the packed gate|up output and apply SwiGLU themselves (the mask kernel keeps the
+    # builder's Sigmoid / Mul / Mul in front of MatMulNBits)
+    downs = [n for name, n in found.items() if name.endswith("down_proj")]
+    assert {activation_of(n) for n in downs} == ({"swiglu"} if sparse else {""})
+    assert all(n.input[0] == found[name.replace("down_proj", "gate_proj")].output[0]
+               for name, n in found.items() if name.endswith("down_proj")) == sparse
+    assert ("Sigmoid" in {n.op_type for n in graph.graph.node}) != sparse
     tensors = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
     shapes = {(p.in_features, p.out_features) for p in config.projections}
     assert not [n for n, a in tensors.items() if a.dtype == np.float32 and a.ndim == 2 and a.shape in shapes]

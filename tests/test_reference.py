@@ -92,3 +92,67 @@ def test_topk_never_keeps_zero_or_nan_scores_and_k_zero_width():
     assert torch.equal(got, torch.tensor([[0.0, 3.0, 0.0, 0.0]]))
     y, _ = ref.sparse_matmul(np.zeros((3, 0)), np.zeros((0, 2)), "threshold", [ref.Member(threshold=0.5)])
     assert y.shape == (3, 2) and not y.any()
+
+
+# --------------------------------------------------------------------------------------------
+# the ops' activation attribute: swiglu
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_swiglu_is_silu_gate_times_up_rounded_once(dtype):
+    """float32 g / (1 + exp(-g)) * u, one rounding to the input's dtype: within 2 float32 ulps of the exact value
+    before that rounding (numpy's float32 exp is not correctly rounded), then exactly its rounding for float16."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 5, 2 * 37)) * np.array([4.0] * 37 + [1.0] * 37)).astype(dtype)
+    got = ref.swiglu(x)
+    assert got.dtype == x.dtype and got.shape == (2, 5, 37)
+    g, u = x[..., :37].astype(np.float64), x[..., 37:].astype(np.float64)
+    exact = g / (1 + np.exp(-g)) * u
+    f32 = (g.astype(np.float32) / (np.float32(1) + np.exp(-g.astype(np.float32))) * u.astype(np.float32))
+    assert np.all(np.abs(f32 - exact) <= 4 * 2.0**-24 * np.abs(exact) + 1e-45)
+    np.testing.assert_array_equal(got, f32.astype(dtype))
+    if dtype == np.float16:  # never the float16 product of float16 factors: one rounding only
+        assert np.all(np.abs(got.astype(np.float64) - exact) <= 2.0**-11 * np.abs(exact) * (1 + 1e-6) + 2.0**-25)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_swiglu_special_values_without_warnings(dtype):
+    """IEEE results: NaN propagates, silu(+Inf) = +Inf, silu(-Inf) = NaN, exp(-g) overflowing gives -0; no warnings."""
+    g = np.array([np.nan, 1.0, np.inf, -np.inf, -200.0, 0.0, 2.0, np.inf], dtype)
+    u = np.array([1.0, np.nan, 2.0, 1.0, 3.0, np.inf, -np.inf, 0.0], dtype)
+    with np.errstate(all="raise"):  # the function must not warn (nor raise) whatever the caller's error state
+        y = ref.swiglu(np.concatenate([g, u]))
+    assert np.isnan(y[[0, 1, 3, 5, 7]]).all()
+    assert y[2] == np.inf and y[4] == 0 and np.signbit(y[4]) and y[6] == -np.inf
+
+
+def test_swiglu_shape_errors():
+    with pytest.raises(ValueError, match="2K"):
+        ref.swiglu(np.zeros((3, 7), np.float32))
+    with pytest.raises(ValueError, match="2K"):
+        ref.swiglu(np.float32(1.0))
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_sparse_matmul_activation_applies_swiglu_first(mode):
+    """activation="swiglu": the op on [gate | up] is the op on swiglu([gate | up]), for both ops; wrong widths and
+    unknown activations are refused."""
+    rng = np.random.default_rng(4)
+    K, N, B = 40, 12, 16
+    xg = rng.standard_normal((3, 2 * K)).astype(np.float32)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    members = [ref.Member(threshold=0.3, k=15), ref.Member(threshold=0.6, k=7, scale=rng.uniform(0.5, 2, K))]
+    got = ref.sparse_matmul(xg, w, mode, members, [5, N], ramp=0.5, activation="swiglu")
+    want = ref.sparse_matmul(ref.swiglu(xg), w, mode, members, [5, N], ramp=0.5)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    q = rng.integers(0, 16, (K, N)).astype(np.uint8)
+    scales, offsets = rng.uniform(0.01, 0.1, (3, N)), rng.uniform(-0.5, 0, (3, N))
+    packed = ref.pack_nibbles(q)
+    got = ref.sparse_matmul_nbits(xg, packed, scales, offsets, N, B, mode, members, [5, N], activation="swiglu")
+    want = ref.sparse_matmul_nbits(ref.swiglu(xg), packed, scales, offsets, N, B, mode, members, [5, N])
+    np.testing.assert_array_equal(got[0], want[0])
+    assert ref.sparse_matmul(xg[:, :K], w, mode, members, [5, N], activation="")[0].shape == (3, N)  # "" = none
+    with pytest.raises(ValueError, match=r"last dimension of x must be 2K = 80"):
+        ref.sparse_matmul(xg[:, :K], w, mode, members, [5, N], activation="swiglu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ref.sparse_matmul(xg, w, mode, members, [5, N], activation="gelu")

@@ -8,7 +8,9 @@ Comparing the two exports token for token, or their perplexities to a fixed 0.5 
 
 * each rewritten projection is checked where it is well defined: inside the real exported graph, its output
   given the input it actually received, against :func:`acttail_export.reference.sparse_matmul` (the mask is
-  forced to the reference's by construction: both decide it from the same input);
+  forced to the reference's by construction: both decide it from the same input; a fused down op receives
+  ``[gate | up]`` and applies SwiGLU itself, whose float32 ``exp`` may round an ulp away from numpy's, so its rows
+  with a value within a few ulps of the cut are left out);
 * the two exports' perplexities are compared statistically: a paired comparison of per-window mean NLLs, with
   a tolerance from the spread of those differences.
 """
@@ -57,8 +59,10 @@ def _probe_session(export_dir, model, tensors: list[str]):
                                 providers=["CPUExecutionProvider"])
 
 
-def _projection_tensors(model, config: ActTailConfig, fused: bool) -> dict[str, tuple[str, str, str, tuple | None]]:
-    """{projection: (input before masking, output, weight initializer, its columns in a packed MatMul or None)}."""
+def _projection_tensors(model, config: ActTailConfig, fused: bool) -> dict[str, tuple[str, str, str, tuple | None, str]]:
+    """{projection: (input before masking, output, weight initializer, its columns in a packed MatMul or None, the
+    op's activation)}: a fused down op reads the packed gate|up output and applies SwiGLU itself ("swiglu")."""
+    from acttail_export.activation_fusion import activation_of
     from acttail_export.graph_rewrite import find_projections, packed_columns
 
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -75,8 +79,23 @@ def _projection_tensors(model, config: ActTailConfig, fused: bool) -> dict[str, 
             where = producers[node.input[0]]  # the masking subgraph ends in Where(keep, x, 0)
             assert where.op_type == "Where" and where.name.startswith("/acttail/"), where
             x = where.input[1]
-        found[p.name] = (x, node.output[0], node.input[1], columns.get(p.name))
+        found[p.name] = (x, node.output[0], node.input[1], columns.get(p.name), activation_of(node))
+    if fused:  # the default base packs gate/up, so every down op folds the SwiGLU in
+        assert {a for name, (*_, a) in found.items() if name.endswith("down_proj")} == {"swiglu"}
     return found
+
+
+def _at_the_cut(x: np.ndarray, mode: str, member, rel: float = 1e-6) -> np.ndarray:
+    """Rows of ``x`` [..., K] where a score lies within ``rel`` (8 float32 ulps) of the cut: the threshold, or the
+    boundary between the k-th and (k+1)-th largest scores. One ulp of such a value can flip its channel."""
+    from acttail_export.reference import scores, topk_keep
+
+    s = scores(x).astype(np.float64)
+    if mode == "threshold":
+        return (np.abs(s - member.threshold) <= rel * member.threshold).any(-1)
+    keep, t = topk_keep(x, member.k)
+    kth = np.where(keep, s, np.inf).min(-1)  # the smallest kept score
+    return (kth - t <= rel * kth) & np.isfinite(kth)
 
 
 def test_every_projection_matches_the_reference_inside_the_graph(smollm2_exports, wikitext_valid):
@@ -86,7 +105,7 @@ def test_every_projection_matches_the_reference_inside_the_graph(smollm2_exports
     from transformers import AutoTokenizer
 
     from acttail_export.data import load_windows
-    from acttail_export.reference import Member, sparse_matmul
+    from acttail_export.reference import Member, sparse_matmul, swiglu
     from acttail_export.runtime import decoder_feeds
 
     mode, exports = smollm2_exports
@@ -97,22 +116,27 @@ def test_every_projection_matches_the_reference_inside_the_graph(smollm2_exports
         model = onnx.load(str(export_dir / "model.onnx"))
         weights = {i.name: i for i in model.graph.initializer}
         found = _projection_tensors(model, config, fused=kernel == "fused")
-        names = sorted({t for x, y, _, _ in found.values() for t in (x, y)})
+        names = sorted({t for x, y, _, _, _ in found.values() for t in (x, y)})
         session = _probe_session(export_dir, model, names)
         values = dict(zip(names, session.run(names, decoder_feeds(session, ids))))
         by_name = config.by_name()
         kept = []
-        for name, (x_name, y_name, w_name, cols) in found.items():
+        for name, (x_name, y_name, w_name, cols, activation) in found.items():
             p = by_name[name]
             member = Member(threshold=p.threshold) if mode == "threshold" else Member(k=p.keep_k())
             x, y, w = values[x_name], values[y_name], numpy_helper.to_array(weights[w_name])
             if cols is not None:  # this member's output columns of the packed MatMul, and its weight columns
                 y, w = y[..., cols[0]:cols[1]], w[:, cols[0]:cols[1]]
-            ref, bound = sparse_matmul(x, w, mode, [member])
+            # a down op with activation="swiglu" reads [gate | up]: the reference applies silu(gate) * up first
+            ref, bound = sparse_matmul(x, w, mode, [member], activation=activation or None)
             # float32 accumulation over K <= 1536 terms (MLAS or the op): measured max |error| / bound 1.3e-6
             # (fused) and 5.3e-7 (mask) with the AVX-512 and the AVX2 kernels; 1e-5 leaves a 7x margin
             err = np.abs(y - ref) / (bound + 1e-12)
-            assert err.max() <= 1e-5, (kernel, name, float(err.max()))
+            rows = np.ones(err.shape[:-1], bool)
+            if activation:  # rows with an activated value at the cut: the op's expf and numpy's exp may round it apart
+                rows = ~_at_the_cut(swiglu(x), mode, member)
+                assert rows.mean() > 0.95, (name, float(rows.mean()))
+            assert err[rows].max() <= 1e-5, (kernel, name, float(err[rows].max()))
             kept.append(float((np.abs(ref) > 0).mean()))
         # the masks are not trivial: about half of the channels go (the output of a projection that kept
         # nothing would be all zero)

@@ -65,18 +65,32 @@ bool ReadFloat(const OrtKernelInfo* info, const char* name, float& out) {
   return false;
 }
 
-std::string ReadMode(const OrtKernelInfo* info, const std::string& where) {
+/// An optional string attribute: true and `out` filled when present.
+bool ReadString(const OrtKernelInfo* info, const char* name, std::string& out) {
   const OrtApi& api = Ort::GetApi();
   size_t len = 0;
-  OrtStatus* st = api.KernelInfoGetAttribute_string(info, "mode", nullptr, &len);
+  OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &len);
   if (st != nullptr) {
     api.ReleaseStatus(st);
-    throw InvalidArgument(where + "attribute 'mode' is required (\"threshold\" or \"topk\")");
+    return false;
   }
-  std::string mode(len, '\0');
-  Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, "mode", mode.data(), &len));
-  if (!mode.empty() && mode.back() == '\0') mode.pop_back();
+  out.assign(len, '\0');
+  Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, name, out.data(), &len));
+  if (!out.empty() && out.back() == '\0') out.pop_back();
+  return true;
+}
+
+std::string ReadMode(const OrtKernelInfo* info, const std::string& where) {
+  std::string mode;
+  if (!ReadString(info, "mode", mode)) throw InvalidArgument(where + "attribute 'mode' is required (\"threshold\" or \"topk\")");
   return mode;
+}
+
+Activation ReadActivation(const OrtKernelInfo* info, const std::string& where) {
+  std::string act;
+  if (!ReadString(info, "activation", act) || act.empty()) return Activation::kNone;
+  if (act == "swiglu") return Activation::kSwiGlu;
+  throw InvalidArgument(where + "attribute activation must be \"swiglu\" or left out, got \"" + act + "\"");
 }
 
 void ParseSegments(const OrtKernelInfo* info, MaskAttributes& a) {
@@ -123,6 +137,7 @@ MaskAttributes ParseMaskAttributes(const OrtKernelInfo* info, const char* op, si
   const std::string where = a.Where();
   const std::string mode = ReadMode(info, where);
   ParseSegments(info, a);
+  a.activation = ReadActivation(info, where);
   if (ReadFloat(info, "ramp", a.ramp) && !(std::isfinite(a.ramp) && a.ramp >= 0.0f))
     throw InvalidArgument(where + "attribute ramp must be a finite number >= 0, got " + std::to_string(a.ramp));
   if (mode == "threshold") {
@@ -139,6 +154,15 @@ MaskAttributes ParseMaskAttributes(const OrtKernelInfo* info, const char* op, si
     throw InvalidArgument(where + "attribute mode must be \"threshold\" or \"topk\", got \"" + mode + "\"");
   }
   return a;
+}
+
+std::vector<int64_t> ActivatedShape(const MaskAttributes& a, std::vector<int64_t> x_shape, int64_t K) {
+  if (a.activation == Activation::kNone || x_shape.empty()) return x_shape;
+  if (x_shape.back() != 2 * K)
+    throw InvalidArgument(a.Where() + "with activation=\"swiglu\" the last dimension of X must be 2*K=" + std::to_string(2 * K) +
+                          " ([gate | up] for K=" + std::to_string(K) + " input features), got " + std::to_string(x_shape.back()));
+  x_shape.back() = K;
+  return x_shape;
 }
 
 MemberSpans CheckMembers(const MaskAttributes& a, int64_t K, int64_t N) {

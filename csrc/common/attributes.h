@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/activation.h"
 #include "common/mask.h"
 #include "common/ort.h"
 
@@ -20,6 +21,7 @@ struct MaskAttributes {
   bool ks_given = false;      // attribute ks (not k) was given: messages name it
   std::vector<int64_t> ends;  // attribute segments: cumulative column ends; empty = one member covering N
   float ramp = 0.0f;
+  Activation activation = Activation::kNone;  // attribute activation: "" (none) or "swiglu" (X holds [gate | up])
   int members() const { return ends.empty() ? 1 : (int)ends.size(); }
   std::string Where() const { return op + " node '" + node + "': "; }
 };
@@ -27,6 +29,10 @@ struct MaskAttributes {
 /// Reads mode, k / ks, segments and ramp; `threshold_input` is the index of the thresholds input, which
 /// threshold mode needs.
 MaskAttributes ParseMaskAttributes(const OrtKernelInfo* info, const char* op, size_t threshold_input);
+
+/// The shape of the op's input after the activation: X [..., K] as is, or with "swiglu" X [..., 2K] -> [..., K]
+/// (throws naming the fix when the last dimension is not 2K). Shapes of rank 0 are returned unchanged.
+std::vector<int64_t> ActivatedShape(const MaskAttributes& a, std::vector<int64_t> x_shape, int64_t K);
 
 /// Member spans for an output of N columns; checks segments against N and every k against K.
 MemberSpans CheckMembers(const MaskAttributes& a, int64_t K, int64_t N);

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/cuda/activation.cuh"
 #include "common/cuda/mask_rows.cuh"
 #include "common/cuda/topk_select.cuh"
 #include "sparse_matmul/cuda.h"
@@ -180,6 +181,14 @@ Layout MakeLayout(const CudaArgs& a) {
   return l;
 }
 
+/// With activation "swiglu": the one-row-of-X threshold decode GEMV computes silu(gate) * up as it reads x; every
+/// other path reads x more than once (top-k selection, prefill) and gets it written into the workspace first.
+bool InlineActivation(const CudaArgs& a) { return a.M <= 8 && a.mode == Mode::kThreshold; }
+
+size_t ActivationBytes(const CudaArgs& a) {
+  return a.swiglu && !InlineActivation(a) ? (size_t)(a.M * a.K * 4 + 255) / 256 * 256 : 0;  // T is at most 4 bytes
+}
+
 size_t SelectBytes(const CudaArgs& a, const Layout& l) {
   return a.mode == Mode::kTopK ? (size_t)(a.M * l.G * (int64_t)sizeof(uint2) + 255) / 256 * 256 : 0;
 }
@@ -262,14 +271,23 @@ std::string Prefill(const CudaArgs& a, const CudaPlan& plan, const Layout& l, co
 }
 
 template <typename T>
-std::string Run(const CudaArgs& a, const CudaPlan& plan) {
-  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  if (a.M == 0 || a.N == 0) return "";
-  if (a.K > (int64_t)INT32_MAX || a.N > (int64_t)INT32_MAX || a.M > (int64_t)INT32_MAX / 2)
-    return "problem too large for 32-bit indexing (M, K, N must each be < 2^31)";
-  if (a.G < 1 || a.G > kMaxMembers) return "member count out of range";
-  const Layout l = MakeLayout(a);
-  char* scratch = static_cast<char*>(a.workspace);
+std::string Run(const CudaArgs& args, const CudaPlan& plan) {
+  cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
+  if (args.M == 0 || args.N == 0) return "";
+  if (args.K > (int64_t)INT32_MAX / 2 || args.N > (int64_t)INT32_MAX || args.M > (int64_t)INT32_MAX / 2)
+    return "problem too large for 32-bit indexing (M, N must each be < 2^31, K < 2^30)";
+  if (args.G < 1 || args.G > kMaxMembers) return "member count out of range";
+  const Layout l = MakeLayout(args);
+  char* scratch = static_cast<char*>(args.workspace);
+  CudaArgs a = args;
+  if (a.swiglu && !InlineActivation(a)) {  // x := silu(gate) * up, [M, K] in the workspace
+    T* act = reinterpret_cast<T*>(scratch);
+    const std::string err = Err("activation kernel", cuda::LaunchSwiGlu<T>(static_cast<const T*>(a.x), act, a.M, a.K, stream));
+    if (!err.empty()) return err;
+    a.x = act;
+    a.swiglu = false;
+    scratch += ActivationBytes(args);
+  }
   const uint2* sel = nullptr;
   if (a.mode == Mode::kTopK) {
     cuda::SelectParams p;
@@ -299,7 +317,7 @@ size_t CudaWorkspaceBytes(const CudaArgs& a) {
   const Layout l = MakeLayout(a);
   // decode: room for the split-K scratch in case the per-stream one cannot be used (during capture);
   // prefill: the masked copy of X for cuBLAS and a flag (the tensor-core path uses the first kTcFlagBytes as its flag)
-  return SelectBytes(a, l) + (a.M >= 1 && a.M <= 8 ? SplitScratchBytes(a.M, a.N, l.G) : 0) + (a.M > 8 ? PrefillBytes(a.M, a.K) : 0);
+  return ActivationBytes(a) + SelectBytes(a, l) + (a.M >= 1 && a.M <= 8 ? SplitScratchBytes(a.M, a.N, l.G) : 0) + (a.M > 8 ? PrefillBytes(a.M, a.K) : 0);
 }
 
 CudaPlan DefaultPlan(bool half, const CudaArgs& a) {

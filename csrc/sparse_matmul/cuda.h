@@ -24,6 +24,7 @@ struct CudaArgs {
   int64_t M = 0, K = 0, N = 0;
   Mode mode = Mode::kThreshold;
   float ramp = 0.0f;
+  bool swiglu = false;                // x is [M, 2K] = [gate | up]; the op's input is silu(gate) * up (common/activation.h)
   int G = 1;                          // members: columns [begin[g], end[g]) use threshold g / k[g] / scale row g
   int64_t begin[kMaxMembers] = {0};
   int64_t end[kMaxMembers] = {0};

@@ -33,7 +33,7 @@ cudaError_t LaunchSplitK(const CudaArgs& a, const Layout& l, const cuda::DeviceM
   float* acc = reinterpret_cast<float*>(static_cast<char*>(scratch) + CounterBytes(a.N, l.G));
   cuda::SplitKGemvKernel<T, MR, WARPS, SEG, U, BAL><<<dim3((unsigned)total, (unsigned)splits), WARPS * 32, 0, stream>>>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, dm, tiles, chunks, aligned,
-      acc, arrived);
+      a.swiglu, acc, arrived);
   cudaError_t err = cudaGetLastError();
 #ifndef NDEBUG
   if (err == cudaSuccess) {  // the invariant of splitk_gemv.cuh: every launch leaves its scratch zero

@@ -4,7 +4,9 @@
 // Inputs:  X T[..., K]; W T[K, N]; thresholds float32 [] / [1] / [G] (optional; threshold mode needs it);
 //          scale float32 [K] or [G, K] (optional: scores |x| * scale).
 // Attributes: mode "threshold" | "topk"; k (int) or ks (ints, one per member); segments (ints, optional:
-//          cumulative output-column ends of the G members, last == N); ramp (float, default 0).
+//          cumulative output-column ends of the G members, last == N); ramp (float, default 0); activation
+//          (string, optional: "swiglu" = X holds [gate | up] [..., 2K] and the input is silu(gate) * up,
+//          common/activation.h).
 // Output:  Y T[..., N]. Every attribute and input added after the first release is optional, so graphs
 //          written for (X, W, threshold; mode, k) still load and compute the same.
 #include <memory>
@@ -42,7 +44,10 @@ Bound Bind(Ort::KernelContext& ctx, const MaskAttributes& a) {
   const std::string where = a.Where();
   b.x = ctx.GetInput(0);
   b.w = ctx.GetInput(1);
-  b.p = CheckShapes(b.x.GetTensorTypeAndShapeInfo().GetShape(), b.w.GetTensorTypeAndShapeInfo().GetShape(), where);
+  const std::vector<int64_t> w_shape = b.w.GetTensorTypeAndShapeInfo().GetShape();
+  std::vector<int64_t> x_shape = b.x.GetTensorTypeAndShapeInfo().GetShape();
+  if (w_shape.size() == 2) x_shape = ActivatedShape(a, x_shape, w_shape[0]);  // W's own shape errors come from CheckShapes
+  b.p = CheckShapes(x_shape, w_shape, where);
   b.spans = CheckMembers(a, b.p.K, b.p.N);
   const size_t inputs = ctx.GetInputCount();
   if (inputs > kThresholdInput) b.t = ctx.GetInput(kThresholdInput);
@@ -81,7 +86,14 @@ struct CpuKernel {
         if (scale != nullptr) r.scale = scale + (b.scale_rows == 1 ? 0 : (int64_t)g * b.p.K);
       }
       using S = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
-      SparseMatMulCpu<S>(reinterpret_cast<const S*>(b.x.GetTensorRawData()), reinterpret_cast<const S*>(b.w.GetTensorRawData()),
+      const S* x = reinterpret_cast<const S*>(b.x.GetTensorRawData());
+      std::vector<S> activated;  // X [M, 2K] = [gate | up] -> silu(gate) * up [M, K]
+      if (attrs.activation == Activation::kSwiGlu) {
+        activated.resize((size_t)(b.p.M * b.p.K));
+        SwiGluRowsCpu<S>(x, activated.data(), b.p.M, b.p.K);
+        x = activated.data();
+      }
+      SparseMatMulCpu<S>(x, reinterpret_cast<const S*>(b.w.GetTensorRawData()),
                          reinterpret_cast<S*>(b.y.GetTensorMutableRawData()), b.p, rules, b.spans, &OrtParallel, &ctx);
     });
   }
@@ -129,6 +141,7 @@ struct CudaKernel {
       args.N = b.p.N;
       args.mode = attrs.mode;
       args.ramp = attrs.ramp;
+      args.swiglu = attrs.activation == Activation::kSwiGlu;
       args.G = b.spans.count();
       for (int g = 0; g < args.G; ++g) {
         args.begin[g] = b.spans.begin[g];

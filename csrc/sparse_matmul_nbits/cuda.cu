@@ -356,6 +356,13 @@ DeviceMask MakeMask(const Problem& p, const CudaArgs& c, const uint2* sel, bool 
   return dm;
 }
 
+/// With activation "swiglu" the stream-K decode GEMV (threshold mode, M <= 8) computes silu(gate) * up as it reads x;
+/// the other paths (top-k selection, prefill) read x more than once and get it written into the workspace first.
+bool InlineActivation(const Problem& p, const CudaArgs& c) { return p.M <= 8 && c.mode == Mode::kThreshold; }
+size_t ActivationBytes(const Problem& p, const CudaArgs& c, bool half) {
+  return c.swiglu && !InlineActivation(p, c) ? Up((size_t)(p.M * p.K) * (half ? 2 : 4)) : 0;
+}
+
 size_t SelectBytes(const Problem& p, const CudaArgs& c) {
   return c.mode == Mode::kTopK ? Up((size_t)(p.M * SelectGroups(p, c)) * sizeof(uint2)) : 0;
 }
@@ -387,7 +394,8 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   if (plan.decode.kernel >= 0) cfg.kernel = plan.decode.kernel;
   if (plan.decode.splits > 0) cfg.splits = plan.decode.splits;
   // one row, B >= 32 (a group of 32 rows inside one quant block), the vector layout, clusters on the device
-  if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
+  // (not with an inline activation: the cluster kernel reads x as the op's input)
+  if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && !g.swiglu && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
   g.prefetch = cfg.prefetch > 0;
   g.stage = p.M == 1 && cfg.stage > 0 && g.fast;  // the staged kernel needs 16-byte row pieces
   const KernelShape s = DecodeShape(p.M, half, cfg.cols_per_lane);
@@ -462,17 +470,26 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
 }
 
 template <typename T>
-std::string Run(const Problem& p, const CudaArgs& c, const CudaPlan& plan) {
-  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
+std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
+  cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
   if (p.M == 0 || p.N == 0) return "";
   if (p.M > (int64_t)INT32_MAX / 2 || p.M * p.K > ((int64_t)1 << 46)) return "problem too large for the kernels' indexing";
   cudaError_t err;
   if (p.K == 0) {
-    err = cudaMemsetAsync(c.y, 0, (size_t)(p.M * p.N) * sizeof(T), stream);
+    err = cudaMemsetAsync(args.y, 0, (size_t)(p.M * p.N) * sizeof(T), stream);
     return err == cudaSuccess ? "" : std::string("zero output: ") + cudaGetErrorString(err);
   }
   const bool half = std::is_same<T, __half>::value;
-  char* ws = static_cast<char*>(c.workspace);
+  char* ws = static_cast<char*>(args.workspace);
+  CudaArgs c = args;
+  if (c.swiglu && !InlineActivation(p, c)) {  // x := silu(gate) * up, [M, K] in the workspace
+    T* act = reinterpret_cast<T*>(ws);
+    err = ::acttail::cuda::LaunchSwiGlu<T>(static_cast<const T*>(c.x), act, p.M, p.K, stream);
+    if (err != cudaSuccess) return std::string("activation kernel: ") + cudaGetErrorString(err);
+    c.x = act;
+    c.swiglu = false;
+    ws += ActivationBytes(p, args, half);
+  }
   const uint2* sel = nullptr;
   if (c.mode == Mode::kTopK) {
     SelectParams s;
@@ -501,6 +518,7 @@ std::string Run(const Problem& p, const CudaArgs& c, const CudaPlan& plan) {
   g.dm = MakeMask(p, c, sel, half);
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   g.fast = p.N % 32 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets);
+  g.swiglu = c.swiglu ? 1 : 0;
   return p.M <= 8 ? RunDecode<T>(p, c, plan, g, ws) : RunPrefill<T>(p, c, plan, g, ws);
 }
 
@@ -511,7 +529,7 @@ size_t CudaWorkspaceBytes(const Problem& p, const CudaArgs& args, bool half) {
   // decode: room for the scratch in case the per-stream one cannot be used (during capture);
   // prefill: mask(X) per rule group, W dequantized, and the flag words
   const size_t run = p.M <= 8 ? ScratchBytes(p.M, p.N, MaxTiles(p)) : PrefillBytes(p, args, half) + kAlign;
-  return SelectBytes(p, args) + run;
+  return ActivationBytes(p, args, half) + SelectBytes(p, args) + run;
 }
 
 CudaPlan DefaultPlan(const Problem& p, bool half) {

@@ -93,7 +93,7 @@ Bound Bind(Ort::KernelContext& ctx, const NBitsAttributes& a) {
   p.B = a.shape.B;
   p.blocks = a.shape.Blocks();
   p.spans = a.spans;
-  const std::vector<int64_t> x = ShapeOf(b.x);
+  const std::vector<int64_t> x = ActivatedShape(a.mask, ShapeOf(b.x), p.K);  // swiglu: [..., 2K] -> [..., K]
   if (x.empty()) throw InvalidArgument(where + "X must have rank >= 1 ([..., K]), got a scalar");
   if (x.back() != p.K)
     throw InvalidArgument(where + "last dimension of X (" + std::to_string(x.back()) + ") must equal the attribute K=" +
@@ -148,7 +148,14 @@ struct CpuKernel {
       Ort::KernelContext ctx(context);
       Bound b = Bind(ctx, attrs);
       using S = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
-      CpuRun<S>(b.p, Rules(attrs, b), static_cast<const S*>(b.x.GetTensorRawData()), b.q.GetTensorData<uint8_t>(),
+      const S* x = static_cast<const S*>(b.x.GetTensorRawData());
+      std::vector<S> activated;  // X [M, 2K] = [gate | up] -> silu(gate) * up [M, K]
+      if (attrs.mask.activation == Activation::kSwiGlu) {
+        activated.resize((size_t)(b.p.M * b.p.K));
+        SwiGluRowsCpu<S>(x, activated.data(), b.p.M, b.p.K);
+        x = activated.data();
+      }
+      CpuRun<S>(b.p, Rules(attrs, b), x, b.q.GetTensorData<uint8_t>(),
                 static_cast<const S*>(b.scales.GetTensorRawData()), static_cast<const S*>(b.offsets.GetTensorRawData()),
                 static_cast<S*>(b.y.GetTensorMutableRawData()), &OrtParallel, &ctx);
     });
@@ -193,6 +200,7 @@ struct CudaKernel {
       args.stream = ctx.GetGPUComputeStream();
       args.mode = attrs.mask.mode;
       args.ramp = attrs.mask.ramp;
+      args.swiglu = attrs.mask.activation == Activation::kSwiGlu;
       args.ks = attrs.mask.ks;
       Workspace ws(ctx, b.x, CudaWorkspaceBytes(b.p, args, half));
       args.workspace = ws.ptr;

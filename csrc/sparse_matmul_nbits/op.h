@@ -71,6 +71,7 @@ struct CudaArgs {
   void* stream = nullptr;
   Mode mode = Mode::kThreshold;
   float ramp = 0.0f;
+  bool swiglu = false;      // x is [M, 2K] = [gate | up]; the op's input is silu(gate) * up (common/activation.h)
   std::vector<int64_t> ks;  // topk: per member
 };
 

@@ -10,6 +10,7 @@
 #include <cassert>
 #include <cstdint>
 
+#include "common/cuda/activation.cuh"
 #include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
@@ -47,6 +48,7 @@ __device__ __forceinline__ void Unpack(const uint4& v, float (&out)[8], __half) 
 // counter again, so the scratch is left as it was found: zero. THE INVARIANT: the scratch is all zero
 // before a launch (zeroed once when allocated, cuda.cu StreamScratch) and the last block of every tile
 // leaves its part zero, so every launch leaves it zero for the next one without a memset.
+// With `swiglu` x is [M, 2K] = [gate | up] and each block computes silu(gate) * up of its channels as it reads them.
 struct GemvTiles {
   int G = 1;
   int tile_start[kMaxMembers + 1] = {0};  // first tile of member g; tile_start[G] = number of tiles
@@ -109,7 +111,8 @@ __device__ __forceinline__ void LoadRows(uint4 (&raw)[U][SEG], const T* __restri
 template <typename T, int MR, int WARPS, int SEG, int U, bool BAL>
 __global__ void __launch_bounds__(WARPS * 32) SplitKGemvKernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                                                                 int M, int K, int N, DeviceMask dm, GemvTiles tiles, int chunks,
-                                                                bool w_aligned, float* __restrict__ acc, unsigned* __restrict__ arrived) {
+                                                                bool w_aligned, bool swiglu, float* __restrict__ acc,
+                                                                unsigned* __restrict__ arrived) {
   constexpr int V = Traits<T>::kVec;
   constexpr int TN = 32 * SEG * V;
   __shared__ float s_red[WARPS][TN];
@@ -141,7 +144,8 @@ __global__ void __launch_bounds__(WARPS * 32) SplitKGemvKernel(const T* __restri
     for (int m = 0; m < MR; ++m) {
       xv[m] = 0.0f;
       if (m < M && c < K) {
-        xv[m] = MaskedValue(x[(int64_t)m * K + c], c, rules[m], dm);
+        // swiglu: x is [M, 2K] = [gate | up] and the input is silu(gate) * up (common/activation.h)
+        xv[m] = MaskedValue(swiglu ? SwiGluAt<T>(x, m, c, K) : x[(int64_t)m * K + c], c, rules[m], dm);
         mine |= IsKeptValue(xv[m]);
       }
     }

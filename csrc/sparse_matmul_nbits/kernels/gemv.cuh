@@ -25,6 +25,7 @@
 // block resets *run_if.
 #pragma once
 
+#include "common/cuda/activation.cuh"
 #include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
@@ -55,6 +56,7 @@ struct GemvArgs {
   int fast;              // 16-byte aligned Q / scales / offsets and N % 32 == 0: vector loads
   int prefetch;          // 1: each warp first prefetches its whole slice of rows (and their scales) into L2
   int stage;             // 1 (one row of X, STAGE kernels): rows of Q staged through shared memory with cp.async
+  int swiglu;            // 1: x is [M, 2K] = [gate | up], the input silu(gate) * up (common/activation.h)
 };
 
 /// CPL/2 bytes of Q per lane and row.
@@ -405,7 +407,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   const TileSpan sp = SpanOfTile<CPL>(a, t, lane);
   const int g = sp.g, lg_first = sp.lg_first, col0 = sp.col0, lo = sp.lo, hi = sp.hi;
   const bool active = sp.active;
-  const T* x = static_cast<const T*>(a.x) + (int64_t)m0 * a.K;
+  const T* x = static_cast<const T*>(a.x) + (int64_t)m0 * a.K * (a.swiglu ? 2 : 1);
   float acc[MR][CPL];
 #pragma unroll
   for (int m = 0; m < MR; ++m)
@@ -425,7 +427,8 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
         v[j][m] = 0.0f;
         if (r < k1 && m < Mb) {
           // the rule is re-read per chunk (cached loads) rather than held in registers while rows stream
-          v[j][m] = MaskedValue<T>(x[(int64_t)m * a.K + r], r, LoadRule(a.dm, m0 + m, a.M, g), a.dm);
+          const T raw = a.swiglu ? SwiGluAt<T>(x, m, r, a.K) : x[(int64_t)m * a.K + r];
+          v[j][m] = MaskedValue<T>(raw, r, LoadRule(a.dm, m0 + m, a.M, g), a.dm);
           if (IsKeptValue(v[j][m])) km[j] |= 1u << m;
         }
       }
