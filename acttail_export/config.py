@@ -210,11 +210,11 @@ class ActTailConfig:
             if self.block_size is not None or self.quantizer is not None:
                 raise ActTailError(f"block_size / quantizer only apply to weights=int4, got weights={self.weights!r}")
             return
-        from .quantize import BLOCK_SIZES, QUANTIZERS
+        from .quantize import BLOCK_SIZES, WEIGHT_QUANTIZERS
 
         if self.block_size not in BLOCK_SIZES or isinstance(self.block_size, bool):
             raise ActTailError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))} for int4 weights; got {self.block_size!r}")
-        _check_choice(self.quantizer, QUANTIZERS, "quantizer")
+        _check_choice(self.quantizer, WEIGHT_QUANTIZERS, "quantizer")
 
     # --- queries -----------------------------------------------------------------------------
     @property

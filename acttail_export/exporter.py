@@ -215,10 +215,19 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
     sequence_length = check_context(o.sequence_length, getattr(model.config, "max_position_embeddings", None), model_ref)
     quantized = None
     if o.int4 is not None:  # before analysis and calibration: thresholds are calibrated on the deployed weights
-        from .int4_rewrite import quantize_model
+        from .int4_rewrite import input_hessians, quantize_model
+        from .quantize import GPTQ_QUANTIZERS
 
         with _stage("4-bit quantization"):
-            quantized = quantize_model(model, *o.int4, dtype=o.dtype, progress=o.progress)
+            hessians = None
+            if o.int4[1] in GPTQ_QUANTIZERS:  # GPTQ-style rounding: the dense model's inputs on the calibration text
+                from .data import load_windows
+                from .offload import input_device
+
+                windows = load_windows(tokenizer, calibration_path, sequence_length, samples=o.calibration_samples)
+                hessians = input_hessians(model, windows.to(input_device(model)), progress=o.progress)
+            quantized = quantize_model(model, *o.int4, dtype=o.dtype, progress=o.progress, hessians=hessians)
+            del hessians
     config = _budgets(model, tokenizer, model_ref, o, calibration_path, sequence_length)
     config.versions = base.versions()
     base.build(model, tokenizer, tmp, config, o, quantized, library)

@@ -3,7 +3,9 @@
 Pipeline (``--weights int4``, :func:`acttail_export.exporter.export`):
 
 1. :func:`quantize_model` right after loading: every projection's weight is quantized
-   (:func:`acttail_export.quantize.quantize`) and *replaced by its dequantized values*, so the spectral analysis,
+   (:func:`acttail_export.quantize.quantize`; ``gptq`` / ``gptq-mse``: :func:`acttail_export.quantize.quantize_gptq`
+   with the input Hessians of the calibration text, :func:`input_hessians`) and *replaced by its dequantized
+   values*, so the spectral analysis,
    the calibrated thresholds, the base ONNX export and the validation all see the model that is deployed.
 2. the usual rewrite (:func:`acttail_export.graph_rewrite.rewrite`), then :func:`rewrite_int4` on the same graph:
 
@@ -27,7 +29,7 @@ import numpy as np
 from .architectures import spec_of_model
 from .config import ActTailConfig
 from .errors import ActTailError, ExportValidationError
-from .quantize import QuantizedWeight, dequantize_tensor, quantize_tensor, to_matmul_nbits
+from .quantize import GPTQ_QUANTIZERS, QuantizedWeight, dequantize_tensor, quantize_gptq, quantize_tensor, to_matmul_nbits
 
 if TYPE_CHECKING:
     import onnx
@@ -38,11 +40,44 @@ NBITS_OP = "SparseMatMulNBits"
 ORT_DOMAIN, ORT_OP = "com.microsoft", "MatMulNBits"
 
 
-def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32",
-                   progress: bool = False) -> dict[str, QuantizedWeight]:
+def input_hessians(model, windows, progress: bool = False, dtype=None) -> dict:
+    """``Σ x xᵀ`` (``dtype``, float32 by default, on the input's device) of every projection's input over ``windows``
+    ([n, L] token ids, one forward per window): module name -> [K, K]. Readers of one input (q/k/v, gate/up) share
+    one tensor."""
+    import torch
+    from tqdm.auto import tqdm
+
+    spec, modules = spec_of_model(model), dict(model.named_modules())
+    readers = {}  # first reader of an input -> every projection reading it
+    for i in range(len(model.model.layers)):
+        for group in spec.shared_input_groups:
+            names = [spec.projection_name(i, kind) for kind in group]
+            readers[names[0]] = names
+    sums: dict = {}
+
+    def hook(name):
+        def add(module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(dtype or torch.float32)
+            sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
+        return add
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in readers]
+    try:
+        with torch.inference_mode():
+            for row in tqdm(windows, desc="input Hessians", unit="window", disable=not progress):
+                model(row[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[first] for first, names in readers.items() for name in names}
+
+
+def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32", progress: bool = False,
+                   hessians: dict | None = None) -> dict[str, QuantizedWeight]:
     """Quantize every projection of ``model`` in place (weights := dequantized values); returns the 4-bit weights.
 
     With ``dtype="fp16"`` scales and offsets are rounded to float16 first (what the fp16 graph stores).
+    ``hessians`` (:func:`input_hessians`): needed by the GPTQ-style quantizers (``gptq``, ``gptq-mse``).
     """
     import torch
     from tqdm.auto import tqdm
@@ -50,10 +85,16 @@ def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32",
     modules = dict(model.named_modules())
     spec = spec_of_model(model)
     names = [spec.projection_name(i, kind) for i in range(len(model.model.layers)) for kind in spec.kinds]
+    if quantizer in GPTQ_QUANTIZERS and hessians is None:
+        raise ValueError(f"quantizer {quantizer!r} needs the projections' input Hessians (input_hessians)")
     out: dict[str, QuantizedWeight] = {}
     for name in tqdm(names, desc=f"int4 {quantizer} B={block_size}", disable=not progress):
         weight = modules[name].weight  # quantized where it lives (a GPU: seconds for a 7B model)
-        codes, scales, offsets = quantize_tensor(weight.detach().T, block_size, quantizer)
+        if quantizer in GPTQ_QUANTIZERS:
+            codes, scales, offsets = quantize_gptq(weight.detach().T, hessians[name], block_size,
+                                                   params=GPTQ_QUANTIZERS[quantizer])
+        else:
+            codes, scales, offsets = quantize_tensor(weight.detach().T, block_size, quantizer)
         if dtype == "fp16":
             scales, offsets = scales.half().float(), offsets.half().float()
         with torch.no_grad():

@@ -268,7 +268,12 @@ def gguf_cache_key(path: str | Path) -> str:
 
 
 def gguf_cache_dir(path: str | Path) -> Path:
-    return cache_root() / gguf_cache_key(path)
+    """The dequantized folder of ``path``, per transformers line: a tokenizer saved by one line need not load in
+    another (5.24 writes ``"tokenizer_class": "TokenizersBackend"``, which the optimum extra's 4.57 rejects)."""
+    import transformers
+
+    line = ".".join(transformers.__version__.split(".")[:2])
+    return cache_root() / f"{gguf_cache_key(path)}-transformers{line}"
 
 
 def _load_gguf_tokenizer_uncached(path: Path) -> "PreTrainedTokenizerBase":

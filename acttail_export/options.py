@@ -30,7 +30,7 @@ Device = Literal["cpu", "cuda"]
 #: the ``optimum`` extra)
 Base = str
 Weights = Literal["fp32", "fp16", "int4"]
-Quantizer = Literal["rtn", "mse"]
+Quantizer = Literal["rtn", "mse", "gptq", "gptq-mse"]
 
 MODES, KERNELS, DTYPES, DEVICES = (get_args(t) for t in (Mode, Kernel, DType, Device))
 #: export-time perplexity tokens when ``eval_tokens`` is not given (0 skips it)
@@ -116,7 +116,7 @@ class ExportOptions:
 
     def _check_weights(self) -> None:
         """--weights/--block-size/--quantizer against --dtype and --base (see :attr:`int4`)."""
-        from .quantize import BLOCK_SIZES, QUANTIZERS
+        from .quantize import BLOCK_SIZES, WEIGHT_QUANTIZERS
 
         weights = self.dtype if self.weights is None else self.weights
         _choice(weights, get_args(Weights), "--weights")
@@ -138,7 +138,7 @@ class ExportOptions:
             choices = ", ".join(map(str, BLOCK_SIZES))
             raise ActTailError(f"--block-size must be one of {choices}; got {self.block_size!r}")
         if self.quantizer is not None:
-            _choice(self.quantizer, QUANTIZERS, "--quantizer")
+            _choice(self.quantizer, WEIGHT_QUANTIZERS, "--quantizer")
 
     @property
     def int4(self) -> tuple[int, str] | None:

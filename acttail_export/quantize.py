@@ -17,6 +17,8 @@ Quantizers (:data:`QUANTIZERS`):
   minimizing the squared error, then a few alternating least-squares refits of ``(s, o)`` given the codes (an
   HQQ-like half-quadratic step without the proximal term). Never worse than ``rtn``: the unshrunk range is
   a candidate and a refit is only kept where it lowers the error.
+* ``gptq`` / ``gptq-mse`` (:data:`GPTQ_QUANTIZERS`): :func:`quantize_gptq` with the ``rtn`` / ``mse`` rule per block;
+  they need each projection's input Hessian from calibration text (:func:`acttail_export.int4_rewrite.input_hessians`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from . import reference as ref
 logger = logging.getLogger(__name__)
 
 QUANTIZERS = ("rtn", "mse")
+#: GPTQ-style rounding (:func:`quantize_gptq`, needs calibration Hessians) -> the per-block scale / offset rule it uses
+GPTQ_QUANTIZERS = {"gptq": "rtn", "gptq-mse": "mse"}
+#: every ``--quantizer`` of an export: the plain rules, then the GPTQ-style ones
+WEIGHT_QUANTIZERS = QUANTIZERS + tuple(GPTQ_QUANTIZERS)
 BLOCK_SIZES = (32, 64, 128)
 LEVELS = 15  # 4-bit codes 0..15
 #: shrink fractions of the range tried at each end by the ``mse`` quantizer

@@ -48,47 +48,11 @@ def _hessians(model, tokenizer, calibration: Path, args) -> dict:
     per shared input (q/k/v, gate/up), the same tensor under each of its readers' names."""
     import torch
 
-    from acttail_export.architectures import spec_of_model
     from acttail_export.data import load_windows
+    from acttail_export.int4_rewrite import input_hessians
 
-    spec, modules = spec_of_model(model), dict(model.named_modules())
-    readers = {}  # first reader of an input -> every projection reading it
-    for i in range(len(model.model.layers)):
-        for group in spec.shared_input_groups:
-            names = [spec.projection_name(i, kind) for kind in group]
-            readers[names[0]] = names
-    sums: dict = {}
-
-    def hook(name):
-        def add(module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-        return add
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in readers]
-    try:
-        windows = load_windows(tokenizer, calibration, args.sequence_length, samples=args.calibration_samples)
-        with torch.no_grad():
-            for row in windows:
-                model(row[None])
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: sums[first] for first, names in readers.items() for name in names}
-
-
-def _quantize_gptq(model, hessians: dict, block: int, params: str) -> None:
-    """Every projection of ``model`` := its GPTQ-rounded 4-bit weight (dequantized), in place."""
-    import torch
-
-    from acttail_export.quantize import dequantize_tensor, quantize_gptq
-
-    modules = dict(model.named_modules())
-    for name, h in hessians.items():
-        weight = modules[name].weight
-        codes, scales, offsets = quantize_gptq(weight.detach().T, h, block, params=params)
-        with torch.no_grad():
-            weight.copy_(dequantize_tensor(codes, scales, offsets, block).T.to(weight.dtype))
+    windows = load_windows(tokenizer, calibration, args.sequence_length, samples=args.calibration_samples)
+    return input_hessians(model, windows, dtype=torch.float64)
 
 
 def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, block: int | None, sparsity: float) -> dict:
@@ -100,15 +64,14 @@ def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, b
     from acttail_export.evaluation import perplexity
     from acttail_export.int4_rewrite import quantize_model
     from acttail_export.modeling import default_model_path, load_model
+    from acttail_export.quantize import GPTQ_QUANTIZERS
     from acttail_export.spectral import analyze_model
 
     model, tokenizer = load_model(default_model_path())
     start = time.perf_counter()
-    if quantizer in ("gptq", "gptq-mse"):
-        _quantize_gptq(model, _hessians(model, tokenizer, calibration, args), block,
-                       "mse" if quantizer == "gptq-mse" else "rtn")
-    elif quantizer is not None:
-        quantize_model(model, block, quantizer)
+    if quantizer is not None:  # gptq / gptq-mse: quantize_gptq with the calibration text's input Hessians
+        hessians = _hessians(model, tokenizer, calibration, args) if quantizer in GPTQ_QUANTIZERS else None
+        quantize_model(model, block, quantizer, hessians=hessians)
     seconds_quantize = time.perf_counter() - start
     config = None
     if sparsity:

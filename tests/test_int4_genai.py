@@ -26,7 +26,32 @@ CASES = {  # name: export arguments
     "fused-threshold": dict(kernel="fused", mode="threshold", sparsity=0.5, block_size=32, quantizer="mse"),
     "mask-topk": dict(kernel="mask", mode="topk", sparsity=0.5, block_size=64, quantizer="rtn", allocation="uniform"),
     "dense": dict(kernel="mask", mode="topk", sparsity=0.0, block_size=32, quantizer="rtn", allocation="uniform"),
+    "fused-gptq": dict(kernel="fused", mode="topk", sparsity=0.5, block_size=64, quantizer="gptq-mse"),
 }
+
+
+def _expected_weights(model_dir, kw: dict, text) -> dict[str, np.ndarray]:
+    """Projection name -> the float32 weight the export must carry: ``quantize(W)``, or for the GPTQ-style quantizers
+    ``quantize_gptq(W, H)`` with ``H`` the input Hessians of the float model on the export's calibration windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from acttail_export.data import load_windows
+    from acttail_export.int4_rewrite import input_hessians
+    from acttail_export.quantize import GPTQ_QUANTIZERS, QuantizedWeight, quantize_gptq
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    spec_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    block, quantizer = kw["block_size"], kw["quantizer"]
+    if quantizer not in GPTQ_QUANTIZERS:
+        return {n: quantize(dict(model.named_modules())[n].weight.detach().numpy().T, block, quantizer).dequantize_f32()
+                for n in spec_names}
+    windows = load_windows(AutoTokenizer.from_pretrained(model_dir), text, FAST["sequence_length"],
+                           samples=FAST["calibration_samples"])
+    hessians = input_hessians(model, windows)
+    modules = dict(model.named_modules())
+    return {n: QuantizedWeight.from_tensors(*quantize_gptq(modules[n].weight.detach().T, hessians[n], block,
+                                                           params=GPTQ_QUANTIZERS[quantizer]), block, quantizer).dequantize_f32()
+            for n in spec_names}
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +70,7 @@ def exports(tiny_llama_dir, tmp_path_factory, wikitext_valid):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports, name, tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-
+def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports, name, tiny_llama_dir, wikitext_valid):
     folder, kw = exports(name), CASES[name]
     config = ActTailConfig.load(folder)
     assert (config.weights, config.block_size, config.quantizer) == ("int4", kw["block_size"], kw["quantizer"])
@@ -69,15 +92,15 @@ def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports,
     tensors = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
     shapes = {(p.in_features, p.out_features) for p in config.projections}
     assert not [n for n, a in tensors.items() if a.dtype == np.float32 and a.ndim == 2 and a.shape in shapes]
-    # each member's columns of the node dequantize to quantize(original weight): the same blocks along K
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    modules = dict(model.named_modules())
+    # each member's columns of the node dequantize to the quantized original weight (same blocks along K; GPTQ:
+    # with the Hessians of the same calibration windows)
+    expected = _expected_weights(tiny_llama_dir, kw, wikitext_valid)
     columns = packed_columns(found, config)
     for pname, node in found.items():
         w = dequantize_node(node, tensors)
         if pname in columns:
             w = w[:, columns[pname][0]:columns[pname][1]]
-        want = quantize(modules[pname].weight.detach().numpy().T, kw["block_size"], kw["quantizer"]).dequantize_f32()
+        want = expected[pname]
         np.testing.assert_allclose(w, want, rtol=0, atol=1e-6 * float(np.abs(want).max()))
 
 

@@ -260,6 +260,11 @@ def test_cache_key_tracks_content(tmp_path, monkeypatch):
     assert gguf_cache_key(a).split("-")[1] != gguf_cache_key(b).split("-")[1]
     monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
     assert gguf_cache_dir(a).parent == tmp_path / "cache"
+    # one folder per transformers line: the optimum extra's transformers 4.57 cannot read a 5.x tokenizer file
+    import transformers
+
+    line = ".".join(transformers.__version__.split(".")[:2])
+    assert gguf_cache_dir(a).name == f"{gguf_cache_key(a)}-transformers{line}"
 
 
 def test_gguf_load_uses_cache_folder(tmp_path, monkeypatch, tiny_llama_dir):

@@ -51,8 +51,8 @@ INVALID = [
     (dict(weights="int4", block_size=48), "--block-size must be one of 32, 64, 128",
      ["--weights", "int4", "--block-size", "48"]),
     (dict(weights="int4", block_size=True), "--block-size must be one of 32, 64, 128", None),
-    (dict(weights="int4", quantizer="gptq"), "--quantizer must be one of rtn, mse",
-     ["--weights", "int4", "--quantizer", "gptq"]),
+    (dict(weights="int4", quantizer="awq"), "--quantizer must be one of rtn, mse, gptq, gptq-mse",
+     ["--weights", "int4", "--quantizer", "awq"]),
 ]
 
 

@@ -206,3 +206,46 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(block):
     assert bool(torch.isfinite(gptq[1]).all() and torch.isfinite(gptq[2]).all())  # the singular Hessian factored
     with pytest.raises(ValueError, match="hessian"):
         qz.quantize_gptq(w, hessian[:-1, :-1], block)
+
+
+def test_input_hessians_are_the_sums_of_x_xt_per_shared_input(tiny_llama_dir):
+    """``int4_rewrite.input_hessians`` against float64 sums of the inputs each projection receives (captured by its
+    own hook); readers of one input (q/k/v, gate/up) get the same tensor."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from acttail_export.int4_rewrite import input_hessians
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    windows = torch.randint(3, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    seen: dict = {}
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+               for n, m in model.named_modules() if n in names]
+    with torch.inference_mode():
+        for row in windows:
+            model(row[None], use_cache=False)
+    for h in handles:
+        h.remove()
+    got = input_hessians(model, windows)
+    assert sorted(got) == sorted(names)
+    for name in names:
+        x = torch.cat(seen[name]).double().numpy()
+        want = x.T @ x
+        np.testing.assert_allclose(got[name].double().numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    for layer in range(model.config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        assert got[prefix + "self_attn.q_proj"] is got[prefix + "self_attn.v_proj"]
+        assert got[prefix + "mlp.gate_proj"] is got[prefix + "mlp.up_proj"]
+        assert got[prefix + "mlp.gate_proj"] is not got[prefix + "mlp.down_proj"]
+
+
+def test_quantize_model_gptq_needs_hessians(tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from acttail_export.int4_rewrite import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with pytest.raises(ValueError, match="needs the projections' input Hessians"):
+        quantize_model(model, 32, "gptq-mse")
