@@ -101,10 +101,12 @@ class BlockSearch:
         self.rules = {kind: _Rule() for kind in PROJECTION_KINDS}
         self.sparsity = np.zeros(len(PROJECTION_KINDS))
         self._inputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}  # gate_proj / up_proj outputs of the current state
         self._sorted: dict[str, torch.Tensor] = {}
         self._capture = True
         self._handles = [m.register_forward_pre_hook(self._record(kind)) for kind, m in self.modules.items()]
         self._handles += [m.register_forward_pre_hook(self.rules[kind]) for kind, m in self.modules.items()]
+        self._handles += [self.modules[kind].register_forward_hook(self._record_output(kind)) for kind in ("gate_proj", "up_proj")]
         self.target = self.forward()  # dense output (no rule set yet) and the dense inputs
         if settings.mode == "threshold":
             self._sorted = {k: torch.sort(self._inputs[k].abs().flatten()).values for k in ("q_proj", "o_proj", "gate_proj", "down_proj")}
@@ -114,6 +116,13 @@ class BlockSearch:
         def hook(module, args):
             if self._capture and kind in ("q_proj", "o_proj", "gate_proj", "down_proj"):
                 self._inputs[kind] = args[0]
+        return hook
+
+    def _record_output(self, kind: str):
+        """Keep a gate / up projection's output while capturing (a candidate on the other one reuses it)."""
+        def hook(module, args, output):
+            if self._capture:
+                self._outputs[kind] = output
         return hook
 
     def close(self) -> None:
@@ -134,8 +143,19 @@ class BlockSearch:
         mid = self.hidden + self.modules["o_proj"](self._inputs["o_proj"])
         return mid + self.layer.mlp(self.layer.post_attention_layernorm(mid))
 
-    def _from_mlp(self) -> torch.Tensor:
-        return self._mid + self.layer.mlp(self.layer.post_attention_layernorm(self._mid))
+    def _gate_up(self, changed: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate, up) projection outputs with ``changed``'s rule as set, the other one from the current state (the
+        MLP input is the same: only the rules of the MLP's projections differ)."""
+        h = self._inputs["gate_proj"]
+        gate = self.modules["gate_proj"](h) if changed == "gate_proj" else self._outputs["gate_proj"]
+        up = self.modules["up_proj"](h) if changed == "up_proj" else self._outputs["up_proj"]
+        return gate, up
+
+    def _from_gate_up(self, changed: str) -> torch.Tensor:
+        """Block output for a gate or up candidate: LlamaMLP's ``down(act(gate(h)) * up(h))`` with one of the two
+        products recomputed."""
+        gate, up = self._gate_up(changed)
+        return self._mid + self.modules["down_proj"](self.layer.mlp.act_fn(gate) * up)
 
     def _from_down(self) -> torch.Tensor:
         return self._mid + self.modules["down_proj"](self._inputs["down_proj"])
@@ -147,7 +167,22 @@ class BlockSearch:
             return out[0] if isinstance(out, tuple) else out
         if changed == "o_proj":
             return self._from_o()
-        return self._from_down() if changed == "down_proj" else self._from_mlp()
+        return self._from_down() if changed == "down_proj" else self._from_gate_up(changed)
+
+    def commit(self, changed: str) -> None:
+        """Refresh the caches of the current state after ``changed``'s rule was raised, recomputing only what it
+        affects: the whole block (q/k/v), the MLP (o), one MLP product (gate/up) or nothing (down)."""
+        if changed in ("q_proj", "k_proj", "v_proj"):
+            self.forward()
+        elif changed == "o_proj":  # the attention output is unchanged: the residual sum and the MLP again
+            self._capture = True
+            self._mid = self.hidden + self.modules["o_proj"](self._inputs["o_proj"])
+            self.layer.mlp(self.layer.post_attention_layernorm(self._mid))
+            self._capture = False
+        elif changed in ("gate_proj", "up_proj"):
+            gate, up = self._gate_up(changed)
+            self._outputs.update(gate_proj=gate, up_proj=up)
+            self._inputs["down_proj"] = self.layer.mlp.act_fn(gate) * up
 
     def error(self, out: torch.Tensor) -> float:
         """Mean over tokens of ||out − dense||₂ over the hidden dimension."""
@@ -189,7 +224,7 @@ class BlockSearch:
             raise ActTailError("greedy search: every projection is at s_max; lower the level")
         self.sparsity[best] = dict(self.candidates())[best]
         self.set_sparsity(best, self.sparsity[best])
-        self.forward()
+        self.commit(PROJECTION_KINDS[best])
         return best, errors[best], errors
 
     def run(self, trajectory: list[list[float]], max_level: float) -> list[list[float]]:

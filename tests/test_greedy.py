@@ -72,6 +72,7 @@ def test_each_step_picks_the_smallest_block_error_against_brute_force(tiny, mode
         reference = copy.deepcopy(model.model.layers[index])
         dense = _dense_inputs(reference, hidden, kwargs)
         search = greedy.BlockSearch(model.model.layers[index], hidden, kwargs, greedy.GreedySettings(mode=mode, **SETTINGS))
+        chosen_kinds = set()
         try:
             for _ in range(12):
                 before = search.sparsity.copy()
@@ -80,14 +81,48 @@ def test_each_step_picks_the_smallest_block_error_against_brute_force(tiny, mode
                     trial = before.copy()
                     trial[i] = value
                     brute.append((_reference_error(reference, hidden, kwargs, trial, mode, dense, search.target), i))
-                chosen, err, _ = search.step()
+                chosen, err, errors = search.step()
                 best_err, best = min(brute)
                 assert chosen == best
-                # the incremental path runs the same float32 ops as the full layer, in another grouping
+                # the incremental path (a candidate recomputes only what its rule changes, a step refreshes only the
+                # caches it affects) runs the same float32 ops as the full layer, in another grouping: every
+                # candidate's error, not only the chosen one, so that a stale cache shows at the next step
                 assert err == pytest.approx(best_err, rel=1e-5, abs=1e-7)
+                for want, i in brute:
+                    assert errors[i] == pytest.approx(want, rel=1e-5, abs=1e-7), PROJECTION_KINDS[i]
                 assert np.count_nonzero(search.sparsity != before) == 1
+                chosen_kinds.add(PROJECTION_KINDS[chosen])
         finally:
             search.close()
+        # the refresh paths taken: attention (q/k/v), o, one MLP product (gate/up) and down
+        assert len(chosen_kinds) >= 3, chosen_kinds
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+@pytest.mark.parametrize("kind", PROJECTION_KINDS)
+def test_commit_refreshes_the_caches_a_full_forward_would(tiny, mode, kind):
+    """After one projection's rule is raised, ``commit`` recomputes only what that rule affects; the caches it leaves
+    (residual sum, gate/up outputs, down input) equal those of a full block forward in the new state."""
+    model, windows = tiny
+    hidden, kwargs = greedy.block_inputs(model, windows)
+    with torch.inference_mode():
+        search = greedy.BlockSearch(model.model.layers[1], hidden, kwargs, greedy.GreedySettings(mode=mode, **SETTINGS))
+        try:
+            for i, value in enumerate([0.2, 0.3, 0.1, 0.25, 0.15, 0.3, 0.2]):  # a sparse state first
+                search.sparsity[i] = value
+                search.set_sparsity(i, value)
+            search.forward()
+            i = PROJECTION_KINDS.index(kind)
+            search.sparsity[i] += 0.3
+            search.set_sparsity(i, search.sparsity[i])
+            search.commit(kind)
+            got = [search._mid, search._outputs["gate_proj"], search._outputs["up_proj"], search._inputs["down_proj"]]
+            search.forward()
+            want = [search._mid, search._outputs["gate_proj"], search._outputs["up_proj"], search._inputs["down_proj"]]
+        finally:
+            search.close()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
 def test_budgets_at_reach_the_target_exactly(tiny):
