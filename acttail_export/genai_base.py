@@ -243,14 +243,14 @@ def rewrite_graph(graph: onnx.ModelProto, config: ActTailConfig, mode: str | Non
                   fuse_activation: bool = True) -> RewriteSummary:
     """:func:`acttail_export.graph_rewrite.rewrite` of a builder graph (in place), then, for the fused kernel, the
     SwiGLU fold (:func:`acttail_export.activation_fusion.fuse_swiglu`): on the packed base every down projection op
-    reads the gate|up output with ``activation="swiglu"`` (``summary.fused_activations`` of them; 0 on an unpacked
-    base, where gate and up are separate MatMuls and there is no Split to fold)."""
+    reads the gate|up output with ``activation="swiglu"`` (none on an unpacked base, where gate and up are separate
+    MatMuls and there is no Split to fold)."""
     from .activation_fusion import fuse_swiglu
     from .graph_rewrite import rewrite
 
     summary = rewrite(graph, config, mode=mode, kernel=kernel)
     if summary.kernel == "fused" and fuse_activation:
-        summary.fused_activations = fuse_swiglu(graph)
+        fuse_swiglu(graph)
     return summary
 
 

@@ -68,9 +68,6 @@ class RewriteSummary:
     mode: str
     kernel: str
     skipped_dense: int  # projections left untouched: top-k with k = d, or uncalibrated threshold at sparsity 0
-    #: down projection ops that apply SwiGLU themselves (``activation="swiglu"``, set by the genai base's
-    #: :func:`acttail_export.genai_base.rewrite_graph`; the rewrite alone leaves it 0)
-    fused_activations: int = 0
 
 
 def _is_identity(p: ProjectionConfig, mode: str) -> bool:

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "common/float16.h"
 
@@ -34,6 +35,15 @@ void SwiGluRowsCpu(const T* x, T* out, int64_t M, int64_t K) {
       else o[k] = SwiGlu(g[k], u[k]);
     }
   }
+}
+
+/// CPU: the op's input rows — `x` itself, or with kSwiGlu silu(gate) * up of X [M, 2K] written into `buffer`.
+template <typename T>
+const T* ActivatedRowsCpu(Activation act, const T* x, int64_t M, int64_t K, std::vector<T>& buffer) {
+  if (act != Activation::kSwiGlu) return x;
+  buffer.resize((size_t)(M * K));
+  SwiGluRowsCpu<T>(x, buffer.data(), M, K);
+  return buffer.data();
 }
 
 }  // namespace acttail

@@ -86,13 +86,8 @@ struct CpuKernel {
         if (scale != nullptr) r.scale = scale + (b.scale_rows == 1 ? 0 : (int64_t)g * b.p.K);
       }
       using S = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
-      const S* x = reinterpret_cast<const S*>(b.x.GetTensorRawData());
-      std::vector<S> activated;  // X [M, 2K] = [gate | up] -> silu(gate) * up [M, K]
-      if (attrs.activation == Activation::kSwiGlu) {
-        activated.resize((size_t)(b.p.M * b.p.K));
-        SwiGluRowsCpu<S>(x, activated.data(), b.p.M, b.p.K);
-        x = activated.data();
-      }
+      std::vector<S> activated;  // with activation "swiglu": silu(gate) * up [M, K]
+      const S* x = ActivatedRowsCpu<S>(attrs.activation, reinterpret_cast<const S*>(b.x.GetTensorRawData()), b.p.M, b.p.K, activated);
       SparseMatMulCpu<S>(x, reinterpret_cast<const S*>(b.w.GetTensorRawData()),
                          reinterpret_cast<S*>(b.y.GetTensorMutableRawData()), b.p, rules, b.spans, &OrtParallel, &ctx);
     });

@@ -148,13 +148,8 @@ struct CpuKernel {
       Ort::KernelContext ctx(context);
       Bound b = Bind(ctx, attrs);
       using S = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
-      const S* x = static_cast<const S*>(b.x.GetTensorRawData());
-      std::vector<S> activated;  // X [M, 2K] = [gate | up] -> silu(gate) * up [M, K]
-      if (attrs.mask.activation == Activation::kSwiGlu) {
-        activated.resize((size_t)(b.p.M * b.p.K));
-        SwiGluRowsCpu<S>(x, activated.data(), b.p.M, b.p.K);
-        x = activated.data();
-      }
+      std::vector<S> activated;  // with activation "swiglu": silu(gate) * up [M, K]
+      const S* x = ActivatedRowsCpu<S>(attrs.mask.activation, static_cast<const S*>(b.x.GetTensorRawData()), b.p.M, b.p.K, activated);
       CpuRun<S>(b.p, Rules(attrs, b), x, b.q.GetTensorData<uint8_t>(),
                 static_cast<const S*>(b.scales.GetTensorRawData()), static_cast<const S*>(b.offsets.GetTensorRawData()),
                 static_cast<S*>(b.y.GetTensorMutableRawData()), &OrtParallel, &ctx);
