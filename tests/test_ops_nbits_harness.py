@@ -126,6 +126,59 @@ def test_cluster_decode_members_scales_ramp_inf(variant):
     assert_matches(y, case)
 
 
+# The tensor-core row loop (kernel 2: one float16 row, sm_80+; kernels/gemv.cuh StreamRowsMma): (blocks_per_sm,
+# stream_scratch). float32 and shapes without the vector layout (N % 32 != 0) take the stream-K row loop instead.
+MMA_VARIANTS = [(0, -1), (1, 0), (2, 1), (3, 1)]
+
+
+def _mma(variant) -> tuple[int, ...]:
+    bps, scratch = variant
+    return (0, bps, -1, scratch, -1, -1, 2, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", MMA_VARIANTS)
+@pytest.mark.parametrize("K,N,B", [(4096, 11008, 32), (11008, 4096, 64), (4096, 14336, 32), (4100, 1056, 128), (576, 1536, 16),
+                                   (40, 64, 32), (1000, 257, 16)])
+def test_mma_decode_matches(variant, K, N, B):
+    """The tensor-core row loop on LLM shapes and small / partial ones (K = 4100: a last quant block of 4 rows; K = 40: most
+    warps get no group; N = 257: the stream-K fallback), all rows but one kept (full groups), 40 % and 10 % (groups of a
+    few rows, padded), both modes."""
+    harness = _harness()
+    for dtype in (np.float16, np.float32):
+        for mode, keep in (("threshold", 1.0), ("topk", 0.4), ("threshold", 0.1)):
+            case = llm_case(np.random.default_rng(K + N + B), 1, K, N, B, dtype, mode, keep=keep)
+            assert_matches(harness.run_case(case, variant=_mma(variant)), case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", MMA_VARIANTS[:2])
+def test_mma_decode_members_scales_ramp_inf(variant):
+    """Members (boundaries inside a virtual lane's 16 columns: 100, 170), per-member thresholds / k, score scales, the
+    ramp, and Inf / NaN scales in a quant block that no row keeps (never reaching Y) through the tensor cores."""
+    harness = _harness()
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((1, 512)).astype(np.float16)
+    q, scales, offsets = random_weights(rng, 512, 320, 32, np.float16)
+    scale = rng.uniform(0.5, 2.0, (3, 512)).astype(np.float32)
+    cases = [Case(x, q, scales, offsets, 32, "threshold", [100, 170, 320], None, np.array([0.2, 0.5, 0.9], np.float32)),
+             Case(x, q, scales, offsets, 32, "topk", [100, 170, 320], [10, 50, 200], ramp=0.5),
+             Case(x, q, scales, offsets, 32, "threshold", [100, 170, 320], None, np.array([0.3, 0.3, 1.2], np.float32), scale=scale,
+                  ramp=0.25)]
+    for case in cases:
+        assert_matches(harness.run_case(case, variant=_mma(variant)), case)
+    x2 = x.copy()
+    x2[0, 64:96] = 0  # quant block 2 keeps no row in threshold mode
+    s2 = scales.copy()
+    s2[2] = np.inf
+    o2 = offsets.copy()
+    o2[2] = np.nan
+    case = Case(x2, q, s2, o2, 32, "threshold", thresholds=np.array(0.1, np.float32))
+    y = harness.run_case(case, variant=_mma(variant))
+    assert np.isfinite(y).all()
+    assert_matches(y, case)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("mode", ["threshold", "topk"])

@@ -163,6 +163,7 @@ std::string Gemm(cublasHandle_t h, bool half, const void* xm, const void* w, voi
 // ---- kernel configuration -------------------------------------------------------------------------
 struct KernelShape {
   int mr, cpl;
+  bool mma = false;  // one float16 row: the tensor-core row loop (16 columns per virtual lane)
 };
 
 /// Rows of X per kernel instance and columns per lane: MR * CPL * 2 float accumulators per thread stay <= 64.
@@ -229,11 +230,12 @@ int Occupancy(K kernel, int smem) {
   return std::max(1, n);
 }
 
-template <typename T, int MR, int CPL, bool FULL, bool STAGE = false>
+template <typename T, int MR, int CPL, bool FULL, bool STAGE = false, bool MMA = false>
 cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t max_blocks, cudaStream_t stream) {
   constexpr int kMinBlocks = CPL == 32 ? 1 : 2;
   constexpr int kSmem = STAGE ? cuda::StageBytes<CPL, kWarps>() : 0;
-  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE>;  // STAGE: fallback with fewer registers
+  // STAGE: fallback with fewer registers
+  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA>;
   static const int occupancy = Occupancy(kernel, kSmem);  // also raises the kernel's dynamic shared memory limit
   if (occupancy == 0) return cudaErrorInvalidConfiguration;
   int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
@@ -247,12 +249,30 @@ cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t ma
   return cudaGetLastError();
 }
 
-/// The decode instance for M rows (float32 and float16 share all but the 32-column one).
+/// Tensor cores (mma.sync m16n8k16, compute capability 8.0+) on the current device, cached per device.
+bool MmaLaunchable() {
+  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();
+    return false;
+  }
+  if (cache[dev] == 0) {
+    int major = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess;
+    if (!ok) cudaGetLastError();
+    cache[dev] = ok && major >= 8 ? 2 : 1;
+  }
+  return cache[dev] == 2;
+}
+
+/// The decode instance for M rows (float32 and float16 share all but the 32-column and the MMA ones).
 template <typename T>
 cudaError_t DispatchDecode(const KernelShape& s, const cuda::GemvArgs& args, int bps, int64_t max_blocks, cudaStream_t stream) {
   constexpr bool kHalf = std::is_same<T, __half>::value;
   if (s.mr == 1) {
     if constexpr (kHalf) {
+      if (s.mma) return LaunchGemv<T, 1, 16, false, false, true>(args, bps, max_blocks, stream);
       if (s.cpl == 32) {
         return args.stage ? LaunchGemv<T, 1, 32, false, true>(args, bps, max_blocks, stream)
                           : LaunchGemv<T, 1, 32, false>(args, bps, max_blocks, stream);
@@ -396,9 +416,12 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   // one row, B >= 32 (a group of 32 rows inside one quant block), the vector layout, clusters on the device
   // (not with an inline activation: the cluster kernel reads x as the op's input)
   if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && !g.swiglu && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
+  // the tensor-core row loop: one float16 row, the vector layout (8-byte row pieces, 16-byte scale loads), sm_80+
+  const bool mma = cfg.kernel == 2 && half && p.M == 1 && g.fast && MmaLaunchable();
   g.prefetch = cfg.prefetch > 0;
-  g.stage = p.M == 1 && cfg.stage > 0 && g.fast;  // the staged kernel needs 16-byte row pieces
-  const KernelShape s = DecodeShape(p.M, half, cfg.cols_per_lane);
+  g.stage = p.M == 1 && cfg.stage > 0 && g.fast && !mma;  // the staged kernel needs 16-byte row pieces
+  KernelShape s = DecodeShape(p.M, half, mma ? 16 : cfg.cols_per_lane);
+  s.mma = mma;
   const int tiles = Tiles(p.spans, s.cpl, &g);
   g.units = (long long)tiles * p.K;
   cudaError_t err = cudaSuccess;

@@ -25,6 +25,8 @@
 // block resets *run_if.
 #pragma once
 
+#include <type_traits>
+
 #include "common/cuda/activation.cuh"
 #include "common/cuda/mask_rule.cuh"
 
@@ -58,6 +60,61 @@ struct GemvArgs {
   int stage;             // 1 (one row of X, STAGE kernels): rows of Q staged through shared memory with cp.async
   int swiglu;            // 1: x is [M, 2K] = [gate | up], the input silu(gate) * up (common/activation.h)
 };
+
+// ---- tensor-core rows (MMA kernels: float16, one row of X, 16 columns per virtual lane, the vector layout) -------
+// Warp w takes the columns of virtual lanes [8 (w % 4), 8 (w % 4) + 8) of the tile (128 columns) and half (w / 4) of the
+// pooled rows. Per group of up to 16 pooled rows of one quant block, thread (g = lane / 4, t = lane % 4) loads the 8-byte
+// pieces (16 columns of virtual lane 8 (w % 4) + g) of the group's rows 2t, 2t+1, 2t+8, 2t+9, dequantizes them to
+// float16 pairs of rows (nibble -> 1024 + q by a LOP3 into a float16 mantissa, minus 1024, times the scale plus the
+// offset: W rounded to float16 once, as the cuBLAS prefill path does), and issues eight mma.m16n8k16 (float32
+// accumulation) with A = W^T (rows: columns j and 8 + j of each group g) and B = the group's kept values in column 0.
+// C[g][0] / C[g + 8][0] (lanes t = 0) then hold columns j / 8 + j of virtual lane 8 (w % 4) + g.
+
+/// (x & mask) | magic in one LOP3.
+template <uint32_t kMask>
+__device__ __forceinline__ uint32_t MaskOr6400(uint32_t x) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(kMask), "n"(0x64006400u));
+  return d;
+}
+
+__device__ __forceinline__ void MmaF16F32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host launches MMA kernels only on sm_80+
+#endif
+}
+
+__device__ __forceinline__ uint32_t H2Bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 BitsH2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+/// Column c (0..15) of a pair of rows (r0 in the low half, r1 in the high half) as float16 W = s q + o, from the
+/// byte-permuted words px[0..3] (columns 0-3, 4-7, 8-11, 12-15 of both rows) and the 16 scales / offsets.
+template <int C>
+__device__ __forceinline__ uint32_t DequantPair(const uint32_t (&px)[4], const uint32_t (&s)[8], const uint32_t (&o)[8]) {
+  const uint32_t x = (C % 4) >= 2 ? px[C / 4] >> 8 : px[C / 4];
+  __half2 q;
+  if constexpr (C % 2 == 0) {
+    q = __hsub2(BitsH2(MaskOr6400<0x000F000Fu>(x)), __float2half2_rn(1024.0f));  // 1024 + q - 1024
+  } else {
+    q = __hfma2(BitsH2(MaskOr6400<0x00F000F0u>(x)), __float2half2_rn(0.0625f), __float2half2_rn(-64.0f));  // (1024 + 16q) / 16 - 64
+  }
+  const __half2 sp = BitsH2(s[C / 2]), op = BitsH2(o[C / 2]);
+  const __half2 sc = C % 2 == 0 ? __low2half2(sp) : __high2half2(sp);
+  const __half2 oc = C % 2 == 0 ? __low2half2(op) : __high2half2(op);
+  return H2Bits(__hfma2(q, sc, oc));
+}
+
+/// Rows r0, r1 (16 columns each, uint2) -> px: [r0 bytes 0-1 | r1 bytes 0-1], [r0 2-3 | r1 2-3], then the second words.
+__device__ __forceinline__ void PermutePair(uint2 r0, uint2 r1, uint32_t (&px)[4]) {
+  px[0] = __byte_perm(r0.x, r1.x, 0x5410);
+  px[1] = __byte_perm(r0.x, r1.x, 0x7632);
+  px[2] = __byte_perm(r0.y, r1.y, 0x5410);
+  px[3] = __byte_perm(r0.y, r1.y, 0x7632);
+}
 
 /// CPL/2 bytes of Q per lane and row.
 template <int CPL>
@@ -397,11 +454,94 @@ __device__ __forceinline__ void StreamRows(const GemvArgs& a, const Pool<MR, WAR
   }
 }
 
+/// Groups of the MMA kernels per step of the row loop (their loads are issued before the first one is computed).
+constexpr int kMmaGroups = 2;
+
+/// One warp of an MMA kernel: the pooled rows [e0, e1) (one row of X) for the 16 columns of virtual lane vl into cf.
+template <int WARPS>
+__device__ __forceinline__ void StreamRowsMma(const GemvArgs& a, const Pool<1, WARPS>& pool, int e0, int e1, int col0, bool active,
+                                              float (&cf)[8][4]) {
+  const int lane = threadIdx.x & 31, t = lane & 3;
+  const __half* scales = static_cast<const __half*>(a.scales);
+  const __half* offsets = static_cast<const __half*>(a.offsets);
+  const uint8_t* qcol = a.q + col0 / 2;
+  if (a.prefetch && active && t == 0) {  // the DRAM requests of the warp's rows at once (8 lanes: one 128-column row piece)
+    for (int i = e0; i < e1; ++i) PrefetchL2(qcol + (int64_t)pool.row[i] * a.rowbytes);
+  }
+  int i = e0;
+  while (i < e1) {  // warp-uniform
+    int start[kMmaGroups], cnt[kMmaGroups], blk[kMmaGroups];
+#pragma unroll
+    for (int u = 0; u < kMmaGroups; ++u) {  // the next groups: rows of one quant block, at most 16
+      start[u] = i;
+      cnt[u] = 0;
+      blk[u] = 0;
+      if (i < e1) {
+        blk[u] = pool.row[i] >> a.blog2;
+        const int r = i + (lane & 15);
+        const bool same = r < e1 && (pool.row[r] >> a.blog2) == blk[u];
+        cnt[u] = __popc(__ballot_sync(0xffffffffu, same) & 0xffffu);  // sorted rows: a prefix
+        i += cnt[u];
+      }
+    }
+    uint2 raw[kMmaGroups][4];
+    uint4 sv[kMmaGroups][2], ov[kMmaGroups][2];
+#pragma unroll
+    for (int u = 0; u < kMmaGroups; ++u) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int k = 2 * t + (r & 1) + (r >> 1) * 8;
+        raw[u][r] = make_uint2(0u, 0u);
+        if (k < cnt[u] && active) raw[u][r] = __ldcs(reinterpret_cast<const uint2*>(qcol + (int64_t)pool.row[start[u] + k] * a.rowbytes));
+      }
+      sv[u][0] = sv[u][1] = ov[u][0] = ov[u][1] = make_uint4(0u, 0u, 0u, 0u);
+      if (cnt[u] > 0 && active) {
+        const uint4* sp = reinterpret_cast<const uint4*>(scales + (int64_t)blk[u] * a.N + col0);
+        const uint4* op = reinterpret_cast<const uint4*>(offsets + (int64_t)blk[u] * a.N + col0);
+        sv[u][0] = __ldg(sp);
+        sv[u][1] = __ldg(sp + 1);
+        ov[u][0] = __ldg(op);
+        ov[u][1] = __ldg(op + 1);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kMmaGroups; ++u) {
+      if (cnt[u] == 0) break;  // warp-uniform
+      // B: the kept values of the group's rows 2t, 2t + 1 / 2t + 8, 2t + 9 in column 0 (lanes 0-3), zero elsewhere
+      uint32_t b0 = 0u, b1 = 0u;
+      if (lane < 4) {
+        const int k = start[u] + 2 * t;
+        const float v0 = 2 * t < cnt[u] ? pool.v[0][k] : 0.0f, v1 = 2 * t + 1 < cnt[u] ? pool.v[0][k + 1] : 0.0f;
+        const float v8 = 2 * t + 8 < cnt[u] ? pool.v[0][k + 8] : 0.0f, v9 = 2 * t + 9 < cnt[u] ? pool.v[0][k + 9] : 0.0f;
+        b0 = H2Bits(__floats2half2_rn(v0, v1));
+        b1 = H2Bits(__floats2half2_rn(v8, v9));
+      }
+      const uint32_t s[8] = {sv[u][0].x, sv[u][0].y, sv[u][0].z, sv[u][0].w, sv[u][1].x, sv[u][1].y, sv[u][1].z, sv[u][1].w};
+      const uint32_t o[8] = {ov[u][0].x, ov[u][0].y, ov[u][0].z, ov[u][0].w, ov[u][1].x, ov[u][1].y, ov[u][1].z, ov[u][1].w};
+      uint32_t p01[4], p89[4];
+      PermutePair(raw[u][0], raw[u][1], p01);  // rows 2t, 2t + 1
+      PermutePair(raw[u][2], raw[u][3], p89);  // rows 2t + 8, 2t + 9
+#define ACTTAIL_MMA_TILE(J)                                                                                         \
+  MmaF16F32(cf[J], DequantPair<J>(p01, s, o), DequantPair<J + 8>(p01, s, o), DequantPair<J>(p89, s, o), DequantPair<J + 8>(p89, s, o), \
+            b0, b1)
+      ACTTAIL_MMA_TILE(0);
+      ACTTAIL_MMA_TILE(1);
+      ACTTAIL_MMA_TILE(2);
+      ACTTAIL_MMA_TILE(3);
+      ACTTAIL_MMA_TILE(4);
+      ACTTAIL_MMA_TILE(5);
+      ACTTAIL_MMA_TILE(6);
+      ACTTAIL_MMA_TILE(7);
+#undef ACTTAIL_MMA_TILE
+    }
+  }
+}
+
 /// Rows [k0, k1) of tile t for rows [m0, m0 + Mb) of X: accumulate, reduce over the block's warps, then add
 /// to the scratch (split mode) or write Y (FULL).
-template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE>
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE, bool MMA = false>
 __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool, float* red, uint8_t* stage, unsigned* s_last, int t, int k0,
-                                        int k1, int m0, int Mb) {
+                                        int k1, int m0, int Mb, float* redm = nullptr) {
   constexpr int TN = 32 * CPL, RPL = PoolRowsPerLane<MR>(), CH = WARPS * 32 * RPL;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const TileSpan sp = SpanOfTile<CPL>(a, t, lane);
@@ -413,6 +553,10 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   for (int m = 0; m < MR; ++m)
 #pragma unroll
     for (int c = 0; c < CPL; ++c) acc[m][c] = 0.0f;
+  static_assert(!MMA || (std::is_same<T, __half>::value && MR == 1 && CPL == 16 && WARPS == 8 && !FULL && !STAGE), "MMA kernel shape");
+  float cf[8][4];  // MMA: the accumulator fragments of eight m16n8 tiles
+#pragma unroll
+  for (int j = 0; j < 8; ++j) cf[j][0] = cf[j][1] = cf[j][2] = cf[j][3] = 0.0f;
 
   for (int c0 = k0; c0 < k1; c0 += CH) {
     // pass j of lane l of warp w: row c0 + (j * WARPS + w) * 32 + l; the pool lists rows in order
@@ -453,7 +597,10 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
     }
     __syncthreads();
     const int e0 = warp * total / WARPS, e1 = (warp + 1) * total / WARPS;
-    if constexpr (STAGE && MR == 1) {
+    if constexpr (MMA) {
+      const int vl = 8 * (warp & 3) + (lane >> 2), col0v = (lg_first + vl) * CPL, half_rows = total / 2;
+      StreamRowsMma<WARPS>(a, pool, warp >= 4 ? half_rows : 0, warp >= 4 ? total : half_rows, col0v, col0v < hi, cf);
+    } else if constexpr (STAGE && MR == 1) {
       const int tb0 = lg_first * CPL / 2;  // first byte of the tile in a row of Q
       if (a.stage && a.fast && tb0 % 16 == 0) {
         StreamRowsStaged<T, CPL, WARPS>(a, pool, e0, e1, col0, tb0, active, stage + warp * kStageWarpBytes, acc);
@@ -469,19 +616,34 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   // ---- reduce over the warps (padded rows: conflict-free), then emit ----
   T* y = static_cast<T*>(a.y);
   for (int m = 0; m < Mb; ++m) {
+    if constexpr (MMA) {
+      if ((lane & 3) == 0) {  // C[g][0] / C[g + 8][0]: columns j / 8 + j of virtual lane 8 (w % 4) + g
+        float* r = redm + ((warp >> 2) * 32 + 8 * (warp & 3) + (lane >> 2)) * (CPL + 1);
 #pragma unroll
-    for (int mm = 0; mm < MR; ++mm)  // static register index
-      if (mm == m) {
-#pragma unroll
-        for (int c = 0; c < CPL; ++c) red[(warp * 32 + lane) * (CPL + 1) + c] = acc[mm][c];
+        for (int j = 0; j < 8; ++j) {
+          r[j] = cf[j][0];
+          r[8 + j] = cf[j][2];
+        }
       }
+    } else {
+#pragma unroll
+      for (int mm = 0; mm < MR; ++mm)  // static register index
+        if (mm == m) {
+#pragma unroll
+          for (int c = 0; c < CPL; ++c) red[(warp * 32 + lane) * (CPL + 1) + c] = acc[mm][c];
+        }
+    }
     __syncthreads();
     for (int i = tid; i < TN; i += WARPS * 32) {
       const int l = i / CPL, c = i % CPL, col = (lg_first + l) * CPL + c;
       if (col >= lo && col < hi) {
         float s = 0.0f;
+        if constexpr (MMA) {
+          s = redm[l * (CPL + 1) + c] + redm[(32 + l) * (CPL + 1) + c];  // warps w and w + 4 (the two row halves)
+        } else {
 #pragma unroll
-        for (int q = 0; q < WARPS; ++q) s += red[(q * 32 + l) * (CPL + 1) + c];
+          for (int q = 0; q < WARPS; ++q) s += red[(q * 32 + l) * (CPL + 1) + c];
+        }
         if constexpr (FULL) {
           y[(int64_t)(m0 + m) * a.N + col] = Traits<T>::FromFloat(s);
         } else {
@@ -516,14 +678,15 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   }
 }
 
-template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB, bool STAGE = false>
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB, bool STAGE = false, bool MMA = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvArgs a) {
   static_assert(!STAGE || (MR == 1 && !FULL && StageBytes<CPL, WARPS>() >= WARPS * 32 * (CPL + 1) * 4), "stage buffer");
   __shared__ Pool<MR, WARPS> pool;
   __shared__ unsigned s_last;
   // STAGE: the dynamic shared memory holds the warps' stage buffers, and the reduction buffer after the rows
   extern __shared__ __align__(16) uint8_t dyn_smem[];
-  __shared__ float red_static[STAGE ? 1 : WARPS * 32 * (CPL + 1)];
+  __shared__ float red_static[STAGE || MMA ? 1 : WARPS * 32 * (CPL + 1)];
+  __shared__ float redm_static[MMA ? 2 * 32 * (CPL + 1) : 1];  // MMA: the tensor cores' sums per row half
   float* red = STAGE ? reinterpret_cast<float*>(dyn_smem) : red_static;
   uint8_t* stage = STAGE ? dyn_smem : nullptr;
   if constexpr (FULL) {
@@ -547,7 +710,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvAr
     while (u < u1) {
       const int t = (int)(u / a.K), k0 = (int)(u % a.K);
       const int k1 = (int)min((long long)a.K, k0 + (u1 - u));
-      Segment<T, MR, CPL, WARPS, U, false, STAGE>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M);
+      Segment<T, MR, CPL, WARPS, U, false, STAGE, MMA>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M, redm_static);
       u += k1 - k0;
     }
   }
