@@ -3,7 +3,7 @@
 Pipeline (``--weights int4``, :func:`acttail_export.exporter.export`):
 
 1. :func:`quantize_model` right after loading: every projection's weight is quantized
-   (:func:`acttail_export.quantize.quantize`; ``gptq`` / ``gptq-mse``: :func:`acttail_export.quantize.quantize_gptq`
+   (:func:`acttail_export.quantize.quantize`; ``gptq*``: :func:`acttail_export.quantize.quantize_gptq`
    with the input Hessians of the calibration text, :func:`input_hessians`) and *replaced by its dequantized
    values*, so the spectral analysis,
    the calibrated thresholds, the base ONNX export and the validation all see the model that is deployed.
@@ -29,7 +29,7 @@ import numpy as np
 from .architectures import spec_of_model
 from .config import ActTailConfig
 from .errors import ActTailError, ExportValidationError
-from .quantize import GPTQ_QUANTIZERS, QuantizedWeight, dequantize_tensor, quantize_gptq, quantize_tensor, to_matmul_nbits
+from .quantize import GPTQ_QUANTIZERS, QuantizedWeight, dequantize_tensor, gptq_options, quantize_gptq, quantize_tensor, to_matmul_nbits
 
 if TYPE_CHECKING:
     import onnx
@@ -73,13 +73,14 @@ def input_hessians(model, windows, progress: bool = False, dtype=None) -> dict:
 
 
 def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32", progress: bool = False,
-                   hessians: dict | None = None) -> dict[str, QuantizedWeight]:
+                   hessians: dict | None = None, **gptq) -> dict[str, QuantizedWeight]:
     """Quantize every projection of ``model`` in place (weights := dequantized values); returns the 4-bit weights.
 
     With ``dtype="fp16"`` scales and offsets are rounded to float16 first (what the fp16 graph stores).
-    ``hessians`` (:func:`input_hessians`): needed by the GPTQ-style quantizers (``gptq``, ``gptq-mse``).
+    ``hessians`` (:func:`input_hessians`): needed by the GPTQ-style quantizers (``gptq``, ``gptq-mse``,
+    ``gptq-act``, ``gptq-mse-act``); ``gptq``: further keyword arguments of
+    :func:`acttail_export.quantize.quantize_gptq` (``damp``, ``refit``; ``params`` and ``order`` follow the name).
     """
-    import torch
     from tqdm.auto import tqdm
 
     modules = dict(model.named_modules())
@@ -89,18 +90,98 @@ def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32", 
         raise ValueError(f"quantizer {quantizer!r} needs the projections' input Hessians (input_hessians)")
     out: dict[str, QuantizedWeight] = {}
     for name in tqdm(names, desc=f"int4 {quantizer} B={block_size}", disable=not progress):
-        weight = modules[name].weight  # quantized where it lives (a GPU: seconds for a 7B model)
-        if quantizer in GPTQ_QUANTIZERS:
-            codes, scales, offsets = quantize_gptq(weight.detach().T, hessians[name], block_size,
-                                                   params=GPTQ_QUANTIZERS[quantizer])
-        else:
-            codes, scales, offsets = quantize_tensor(weight.detach().T, block_size, quantizer)
-        if dtype == "fp16":
-            scales, offsets = scales.half().float(), offsets.half().float()
-        with torch.no_grad():
-            weight.copy_(dequantize_tensor(codes, scales, offsets, block_size).T.to(weight.dtype))
-        out[name] = QuantizedWeight.from_tensors(codes, scales, offsets, block_size, quantizer)
+        out[name] = _quantize_projection(modules[name], block_size, quantizer, dtype,
+                                         hessians[name] if quantizer in GPTQ_QUANTIZERS else None, gptq)
     logger.info("quantized %d projections to 4 bits (%s, block %d)", len(out), quantizer, block_size)
+    return out
+
+
+def _quantize_projection(module, block_size: int, quantizer: str, dtype: str, hessian, gptq: dict) -> QuantizedWeight:
+    """Quantize one projection in place (weight := dequantized values), where it lives (a GPU: seconds for 7B)."""
+    import torch
+
+    weight = module.weight
+    if quantizer in GPTQ_QUANTIZERS:
+        codes, scales, offsets = quantize_gptq(weight.detach().T, hessian, block_size,
+                                               **{**gptq_options(quantizer), **gptq})
+    else:
+        codes, scales, offsets = quantize_tensor(weight.detach().T, block_size, quantizer)
+    if dtype == "fp16":
+        scales, offsets = scales.half().float(), offsets.half().float()
+    with torch.no_grad():
+        weight.copy_(dequantize_tensor(codes, scales, offsets, block_size).T.to(weight.dtype))
+    return QuantizedWeight.from_tensors(codes, scales, offsets, block_size, quantizer)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def quantize_model_sequential(model, windows, block_size: int, quantizer: str, dtype: str = "fp32",
+                              progress: bool = False, hessian_dtype=None, **gptq) -> dict[str, QuantizedWeight]:
+    """GPTQ layer by layer (a ``gptq`` quantizer of :data:`~acttail_export.quantize.GPTQ_QUANTIZERS`): the
+    calibration ``windows`` ([n, L] token ids) go through the decoder layers one at a time, and every projection's
+    Hessian ``Σ x xᵀ`` is summed from the inputs it receives from the *already quantized* model: layer ``l``'s
+    projections see the outputs of the quantized layers before it, and inside a layer each shared-input group
+    (q/k/v, o, gate/up, down, in that order) sees the earlier groups quantized. Only one layer's inputs are held
+    (``n × L × hidden`` floats). Quantizes ``model`` in place like :func:`quantize_model` and returns the same dict.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if quantizer not in GPTQ_QUANTIZERS:
+        raise ValueError(f"sequential quantization is GPTQ-style: quantizer must be one of {', '.join(GPTQ_QUANTIZERS)}")
+    spec, modules = spec_of_model(model), dict(model.named_modules())
+    layers = model.model.layers
+    calls: list = []  # (args, kwargs) of layer 0 per window
+
+    def grab(module, args, kwargs):
+        calls.append((args, kwargs))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for row in windows:
+                try:
+                    model(row[None], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls]
+    rest = [(args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}) for args, kwargs in calls]
+
+    def run(layer):
+        outputs = []
+        with torch.inference_mode():
+            for x, (args, kwargs) in zip(hidden, rest):
+                y = layer(x, *args, **kwargs)
+                outputs.append(y[0] if isinstance(y, tuple) else y)
+        return outputs
+
+    out: dict[str, QuantizedWeight] = {}
+    for i in tqdm(range(len(layers)), desc=f"int4 {quantizer} B={block_size} sequential", disable=not progress):
+        for group in spec.shared_input_groups:
+            names = [spec.projection_name(i, kind) for kind in group]
+            sums: list = []
+
+            def add(module, inputs):
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(hessian_dtype or torch.float32)
+                if sums:
+                    sums[0].addmm_(x.T, x)
+                else:
+                    sums.append(x.T @ x)
+
+            handle = modules[names[0]].register_forward_pre_hook(add)
+            try:
+                run(layers[i])
+            finally:
+                handle.remove()
+            for name in names:
+                out[name] = _quantize_projection(modules[name], block_size, quantizer, dtype, sums[0], gptq)
+        hidden = run(layers[i])
+    logger.info("quantized %d projections to 4 bits (%s, block %d, layer by layer)", len(out), quantizer, block_size)
     return out
 
 

@@ -30,7 +30,7 @@ Device = Literal["cpu", "cuda"]
 #: the ``optimum`` extra)
 Base = str
 Weights = Literal["fp32", "fp16", "int4"]
-Quantizer = Literal["rtn", "mse", "gptq", "gptq-mse"]
+Quantizer = Literal["rtn", "mse", "gptq", "gptq-mse", "gptq-act", "gptq-mse-act"]
 
 MODES, KERNELS, DTYPES, DEVICES = (get_args(t) for t in (Mode, Kernel, DType, Device))
 #: export-time perplexity tokens when ``eval_tokens`` is not given (0 skips it)

@@ -19,6 +19,7 @@ Quantizers (:data:`QUANTIZERS`):
   a candidate and a refit is only kept where it lowers the error.
 * ``gptq`` / ``gptq-mse`` (:data:`GPTQ_QUANTIZERS`): :func:`quantize_gptq` with the ``rtn`` / ``mse`` rule per block;
   they need each projection's input Hessian from calibration text (:func:`acttail_export.int4_rewrite.input_hessians`).
+  ``gptq-act`` / ``gptq-mse-act``: the same in act-order with static groups (:func:`gptq_options`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ logger = logging.getLogger(__name__)
 
 QUANTIZERS = ("rtn", "mse")
 #: GPTQ-style rounding (:func:`quantize_gptq`, needs calibration Hessians) -> the per-block scale / offset rule it uses
-GPTQ_QUANTIZERS = {"gptq": "rtn", "gptq-mse": "mse"}
+GPTQ_QUANTIZERS = {"gptq": "rtn", "gptq-mse": "mse", "gptq-act": "rtn", "gptq-mse-act": "mse"}
+#: the GPTQ-style quantizers that take the input channels in act-order (``order="act"``: static groups)
+GPTQ_ACT_ORDER = frozenset({"gptq-act", "gptq-mse-act"})
 #: every ``--quantizer`` of an export: the plain rules, then the GPTQ-style ones
 WEIGHT_QUANTIZERS = QUANTIZERS + tuple(GPTQ_QUANTIZERS)
+#: channel orders of :func:`quantize_gptq`
+GPTQ_ORDERS = ("natural", "act")
 BLOCK_SIZES = (32, 64, 128)
 LEVELS = 15  # 4-bit codes 0..15
 #: shrink fractions of the range tried at each end by the ``mse`` quantizer
@@ -121,22 +126,36 @@ def quantize_tensor(w, block_size: int = 32, quantizer: str = "rtn", device=None
     return q, scales, offsets
 
 
-def quantize_gptq(w, hessian, block_size: int = 32, damp: float = 0.01, lazy: int = 128, params: str = "rtn"):
+def quantize_gptq(w, hessian, block_size: int = 32, damp: float = 0.01, lazy: int = 128, params: str = "rtn",
+                  order: str = "natural", refit: bool = False):
     """GPTQ-style rounding (Frantar et al., 2022) in this module's layout: (codes, scales, offsets) torch tensors.
 
     ``w [K, N]`` (float), ``hessian [K, K]`` = sum of ``x xᵀ`` over calibration inputs ``x`` of the projection.
-    Input channels are quantized in order; each one's rounding error is spread over the channels not yet quantized
-    through the inverse Hessian's Cholesky factor, so that ``X W`` (not ``W``) stays close. Each block of
-    ``block_size`` channels gets the round-to-nearest (min, max) scale and offset of its weights as they are when
-    its first channel is reached (``params="mse"``: the ``mse`` search's). With ``hessian = I`` there is nothing to
-    spread: the result is :func:`quantize` with the same quantizer. ``damp`` (times the mean diagonal) regularizes
-    the Hessian; channels never active get weight 0.
+    Input channels are quantized one at a time; each one's rounding error is spread over the channels not yet
+    quantized through the inverse Hessian's Cholesky factor, so that ``X W`` (not ``W``) stays close. ``damp`` (times
+    the mean diagonal) regularizes the Hessian; channels never active get weight 0.
+
+    ``order`` (:data:`GPTQ_ORDERS`):
+
+    * ``"natural"``: channels in order; each block of ``block_size`` channels gets the round-to-nearest (min, max)
+      scale and offset of its weights as they are when its first channel is reached (``params="mse"``: the ``mse``
+      search's). With ``hessian = I`` there is nothing to spread: the result is :func:`quantize` with the same
+      quantizer.
+    * ``"act"`` (GPTQ's ``desc_act`` with static groups): channels in decreasing order of ``diag(H)`` (stable), every
+      block's scale and offset fixed beforehand from the original weights (exactly :func:`quantize_tensor`'s), so the
+      layout (codes [K, N], one scale / offset per block of consecutive input channels) is unchanged.
+
+    ``refit``: afterwards, per output column, the least-squares scales and offsets of all blocks for the fixed codes
+    under the Hessian's norm (minimizing ``‖X (Ŵ − W)‖²``, :func:`_hessian_refit`); a column keeps its refit only
+    where that lowers the error and every scale stays positive.
     """
     import torch
 
     block_size = check_block_size(block_size)
     if params not in QUANTIZERS:
         raise ValueError(f"params must be one of {', '.join(QUANTIZERS)}, got {params!r}")
+    if order not in GPTQ_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(GPTQ_ORDERS)}, got {order!r}")
     w = torch.as_tensor(w).detach().to(torch.float64).clone()
     h = torch.as_tensor(hessian).detach().to(device=w.device, dtype=torch.float64).clone()
     K, N = w.shape
@@ -145,28 +164,96 @@ def quantize_gptq(w, hessian, block_size: int = 32, damp: float = 0.01, lazy: in
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[dead] = 0.0
+    original = w.clone() if refit else None
+    h_refit = h.clone() if refit else None
     h += damp * torch.diagonal(h).mean() * torch.eye(K, dtype=h.dtype, device=h.device)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     blocks = -(-K // block_size)
     codes = torch.zeros((K, N), dtype=torch.uint8, device=w.device)
     scales = torch.zeros((blocks, N), dtype=torch.float32, device=w.device)
     offsets = torch.zeros((blocks, N), dtype=torch.float32, device=w.device)
+    if order == "act":  # static groups: every block's range from the original weights, in the original order
+        _, scales, offsets = quantize_tensor(w, block_size, params)
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[perm], h[perm][:, perm]
+        row_block = perm // block_size
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros((K, N), dtype=torch.uint8, device=w.device)  # codes in processing order
     lazy = block_size * max(1, lazy // block_size)  # whole quantization blocks per lazy update
     s64 = o64 = None
     for start in range(0, K, lazy):
         end = min(K, start + lazy)
         errors = torch.zeros((end - start, N), dtype=w.dtype, device=w.device)
         for k in range(start, end):
-            if k % block_size == 0:
+            if order == "act":
+                s64, o64 = scales[row_block[k]].double(), offsets[row_block[k]].double()
+            elif k % block_size == 0:
                 s, o = _params(*_blocked(w[k:min(K, k + block_size)], block_size), params)
                 scales[k // block_size], offsets[k // block_size] = s[0, 0].float(), o[0, 0].float()
                 s64, o64 = scales[k // block_size].double(), offsets[k // block_size].double()
-            codes[k] = _codes(w[k], s64, o64)
-            err = (w[k] - (s64 * codes[k].double() + o64)) / u[k, k]
+            q[k] = _codes(w[k], s64, o64)
+            err = (w[k] - (s64 * q[k].double() + o64)) / u[k, k]
             w[k + 1:end] -= torch.outer(u[k, k + 1:end], err)
             errors[k - start] = err
         w[end:] -= u[start:end, end:].T @ errors
+    if order == "act":
+        codes[perm] = q
+    else:
+        codes = q
+    if refit:
+        scales, offsets = _hessian_refit(original, h_refit, codes, scales, offsets, block_size)
     return codes, scales, offsets
+
+
+def _hessian_refit(w, h, codes, scales, offsets, block_size: int, chunk: int = 256):
+    """Per output column, the (scale, offset) of every block minimizing ``(Ŵ − W)ᵀ H (Ŵ − W)`` for fixed codes
+    (normal equations of ``2 × blocks`` unknowns, float64); kept per column only where the error drops and all its
+    scales stay positive. Returns float32 (scales, offsets)."""
+    import torch
+
+    K, N = w.shape
+    blocks = scales.shape[0]
+    rows = torch.arange(K, device=w.device) // block_size
+    member = torch.nn.functional.one_hot(rows, blocks).to(w.dtype)  # [K, blocks]
+    h1 = h @ member  # [K, blocks]: H 1_c
+    m_oo = member.T @ h1  # [blocks, blocks]: 1_bᵀ H 1_c
+    new_s, new_o = scales.clone(), offsets.clone()
+    for start in range(0, N, chunk):
+        cols = slice(start, min(N, start + chunk))
+        q = codes[:, cols].to(w.dtype)  # [K, n]
+        wc = w[:, cols]
+        n = q.shape[1]
+        hw = h @ wc
+        m = torch.zeros((n, 2 * blocks, 2 * blocks), dtype=w.dtype, device=w.device)
+        for c in range(blocks):
+            rc = slice(c * block_size, min(K, (c + 1) * block_size))
+            hq_c = h[:, rc] @ q[rc]  # [K, n]: H[:, R_c] q_c
+            m[:, :blocks, c] = (member.T @ (q * hq_c)).T  # q_bᵀ H q_c
+            m[:, blocks:, c] = (member.T @ hq_c).T  # 1_bᵀ H q_c
+            m[:, c, blocks:] = m[:, blocks:, c]  # q_cᵀ H 1_b (symmetric)
+        m[:, blocks:, blocks:] = m_oo
+        rhs = torch.cat([(member.T @ (q * hw)).T, (member.T @ hw).T], dim=1)  # [n, 2 blocks]
+        ridge = 1e-10 * torch.diagonal(m, dim1=1, dim2=2).abs().amax(dim=1).clamp(min=1e-300)
+        theta = torch.linalg.solve(m + ridge[:, None, None] * torch.eye(2 * blocks, dtype=w.dtype, device=w.device), rhs)
+        s, o = theta[:, :blocks].T.float(), theta[:, blocks:].T.float()  # stored values decide the error
+        before = _h_error(w[:, cols], h, q, scales[:, cols], offsets[:, cols], rows)
+        after = _h_error(w[:, cols], h, q, s, o, rows)
+        keep = (after < before) & (s > 0).all(dim=0) & torch.isfinite(s).all(dim=0) & torch.isfinite(o).all(dim=0)
+        new_s[:, cols] = torch.where(keep, s, scales[:, cols])
+        new_o[:, cols] = torch.where(keep, o, offsets[:, cols])
+    return new_s, new_o
+
+
+def _h_error(w, h, q, s, o, rows):
+    """``diag((Ŵ − W)ᵀ H (Ŵ − W))`` [n] for Ŵ = fl32 dequantization of codes ``q`` with (s, o)."""
+    d = (s.double()[rows] * q + o.double()[rows]).float().double() - w
+    return (d * (h @ d)).sum(dim=0)
+
+
+def gptq_options(quantizer: str) -> dict:
+    """:func:`quantize_gptq`'s ``params`` and ``order`` for a GPTQ-style quantizer name (:data:`GPTQ_QUANTIZERS`)."""
+    if quantizer not in GPTQ_QUANTIZERS:
+        raise ValueError(f"not a GPTQ-style quantizer: {quantizer!r} (one of {', '.join(GPTQ_QUANTIZERS)})")
+    return {"params": GPTQ_QUANTIZERS[quantizer], "order": "act" if quantizer in GPTQ_ACT_ORDER else "natural"}
 
 
 def dequantize_tensor(codes, scales, offsets, block_size: int):

@@ -10,7 +10,11 @@ second half calibrates the thresholds. Writes ``docs/results/quantization/quanti
 
 ``--quantizers`` / ``--blocks`` pick rows; ``gptq`` and ``gptq-mse`` are :func:`acttail_export.quantize.quantize_gptq`
 with rtn / mse block ranges, its Hessians ``Σ x xᵀ`` collected once per projection from the float model on the
-calibration half (``--calibration-samples`` windows; one pass, not layer by layer).
+calibration half (``--hessian-samples`` windows, default ``--calibration-samples``; one pass over the float model,
+or ``--sequential``: layer by layer through the already quantized layers,
+:func:`acttail_export.int4_rewrite.quantize_model_sequential`); ``gptq-act`` / ``gptq-mse-act`` process the input
+channels in act-order (static groups). ``--damp`` and ``--refit`` are :func:`~acttail_export.quantize.quantize_gptq`'s
+options.
 """
 
 from __future__ import annotations
@@ -43,16 +47,22 @@ def _split(text_path: Path, folder: Path) -> tuple[Path, Path]:
     return evaluation, calibration
 
 
-def _hessians(model, tokenizer, calibration: Path, args) -> dict:
-    """``Σ x xᵀ`` (float64) of every projection's input over the calibration windows (module name -> [K, K]); one sum
-    per shared input (q/k/v, gate/up), the same tensor under each of its readers' names."""
+def _gptq(model, tokenizer, calibration: Path, quantizer: str, block: int, args) -> None:
+    """GPTQ-style quantization of ``model`` in place with ``Σ x xᵀ`` (float64) of every projection's input over the
+    calibration windows: from the float model (one sum per shared input: q/k/v, gate/up) or, ``--sequential``,
+    layer by layer from the already quantized model."""
     import torch
 
     from acttail_export.data import load_windows
-    from acttail_export.int4_rewrite import input_hessians
+    from acttail_export.int4_rewrite import input_hessians, quantize_model, quantize_model_sequential
 
-    windows = load_windows(tokenizer, calibration, args.sequence_length, samples=args.calibration_samples)
-    return input_hessians(model, windows, dtype=torch.float64)
+    windows = load_windows(tokenizer, calibration, args.sequence_length,
+                           samples=args.hessian_samples or args.calibration_samples)
+    options = {"damp": args.damp, "refit": args.refit}
+    if args.sequential:
+        quantize_model_sequential(model, windows, block, quantizer, hessian_dtype=torch.float64, **options)
+    else:
+        quantize_model(model, block, quantizer, hessians=input_hessians(model, windows, dtype=torch.float64), **options)
 
 
 def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, block: int | None, sparsity: float) -> dict:
@@ -69,9 +79,10 @@ def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, b
 
     model, tokenizer = load_model(default_model_path())
     start = time.perf_counter()
-    if quantizer is not None:  # gptq / gptq-mse: quantize_gptq with the calibration text's input Hessians
-        hessians = _hessians(model, tokenizer, calibration, args) if quantizer in GPTQ_QUANTIZERS else None
-        quantize_model(model, block, quantizer, hessians=hessians)
+    if quantizer in GPTQ_QUANTIZERS:  # gptq / gptq-mse: quantize_gptq with the calibration text's input Hessians
+        _gptq(model, tokenizer, calibration, quantizer, block, args)
+    elif quantizer is not None:
+        quantize_model(model, block, quantizer)
     seconds_quantize = time.perf_counter() - start
     config = None
     if sparsity:
@@ -83,21 +94,29 @@ def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, b
     result = perplexity(model, tokenizer, evaluation, sequence_length=args.sequence_length, max_tokens=args.tokens,
                         config=config, mode="threshold" if config else None, progress=False)
     row = {"weights": "float" if quantizer is None else "int4", "quantizer": quantizer, "block_size": block,
-           "sparsity": sparsity, "perplexity": result["perplexity"], "tokens": result["tokens"],
+           "gptq": _gptq_options(args) if quantizer in GPTQ_QUANTIZERS else None, "sparsity": sparsity,
+           "perplexity": result["perplexity"], "tokens": result["tokens"],
            "effective_sparsity": result.get("effective_sparsity"), "quantize_seconds": round(seconds_quantize, 1)}
     logger.info("%s", row)
     return row
 
 
 def main() -> None:
+    from acttail_export.quantize import WEIGHT_QUANTIZERS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="WikiText-2 wiki.valid.raw")
     parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     parser.add_argument("--sequence-length", type=int, default=512)
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--sparse-block", type=int, default=None, help="block of the sparse runs (default: from the table)")
-    parser.add_argument("--quantizers", nargs="+", default=["rtn", "mse"], choices=("rtn", "mse", "gptq", "gptq-mse"))
+    parser.add_argument("--quantizers", nargs="+", default=["rtn", "mse"], choices=WEIGHT_QUANTIZERS)
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128], choices=(32, 64, 128))
+    parser.add_argument("--sequential", action="store_true", help="GPTQ Hessians layer by layer from the quantized model")
+    parser.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, times the mean of diag(H) (default 0.01)")
+    parser.add_argument("--refit", action="store_true", help="GPTQ: least-squares refit of scales/offsets under H")
+    parser.add_argument("--hessian-samples", type=int, default=None,
+                        help="calibration windows of the GPTQ Hessians (default: --calibration-samples)")
     parser.add_argument("--output", type=Path, default=OUT)
     parser.add_argument("--render", action="store_true", help="only print the markdown table of --output")
     args = parser.parse_args()
@@ -133,8 +152,24 @@ def main() -> None:
     logger.info("wrote %s in %.0f s", args.output, meta["seconds"])
 
 
+def _gptq_options(args) -> dict:
+    return {"sequential": args.sequential, "damp": args.damp, "refit": args.refit,
+            "hessian_samples": args.hessian_samples or args.calibration_samples}
+
+
 def _ppl(rows: list[dict], quantizer: str, block: int) -> float:
     return next(r["perplexity"] for r in rows if r["quantizer"] == quantizer and r["block_size"] == block and not r["sparsity"])
+
+
+def _label(row: dict) -> str:
+    """The quantizer, with the GPTQ options that differ from the defaults (rows of older JSON have none)."""
+    if row["quantizer"] is None:
+        return "–"
+    g = row.get("gptq") or {}
+    notes = (["layer by layer"] if g.get("sequential") else []) + (["refit"] if g.get("refit") else [])
+    notes += [f"damp {g['damp']}"] if g.get("damp", 0.01) != 0.01 else []
+    notes += [f"{g['hessian_samples']} Hessian windows"] if g.get("hessian_samples", 16) != 16 else []
+    return row["quantizer"] + (f" ({', '.join(notes)})" if notes else "")
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -143,7 +178,7 @@ def table(rows: list[dict]) -> list[str]:
     out = ["| weights | quantizer | block | ActTail threshold sparsity | perplexity | × float |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         eff = f" ({r['effective_sparsity']:.3f} eff.)" if r["sparsity"] else ""
-        out.append(f"| {r['weights']} | {r['quantizer'] or '–'} | {r['block_size'] or '–'} | {r['sparsity']:.0%}{eff} | "
+        out.append(f"| {r['weights']} | {_label(r)} | {r['block_size'] or '–'} | {r['sparsity']:.0%}{eff} | "
                    f"{r['perplexity']:.3f} | {r['perplexity'] / base[r['sparsity']]:.3f} |")
     return out
 

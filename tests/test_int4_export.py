@@ -198,7 +198,7 @@ def test_config_round_trip_and_old_configs(exports):
     (["--weights", "int8"], "--weights must be one of fp32, fp16, int4"),
     (["--weights", "int4", "--block-size", "48"], "--block-size must be one of 32, 64, 128"),
     (["--weights", "int4", "--block-size", "big"], "--block-size must be"),
-    (["--weights", "int4", "--quantizer", "awq"], "--quantizer must be one of rtn, mse, gptq, gptq-mse"),
+    (["--weights", "int4", "--quantizer", "awq"], "--quantizer must be one of rtn, mse, gptq, gptq-mse, gptq-act, gptq-mse-act"),
     (["--block-size", "64"], "only apply to --weights int4"),
     (["--quantizer", "rtn"], "only apply to --weights int4"),
     (["--weights", "fp16"], "needs --dtype fp16"),

@@ -37,7 +37,7 @@ def _expected_weights(model_dir, kw: dict, text) -> dict[str, np.ndarray]:
 
     from acttail_export.data import load_windows
     from acttail_export.int4_rewrite import input_hessians
-    from acttail_export.quantize import GPTQ_QUANTIZERS, QuantizedWeight, quantize_gptq
+    from acttail_export.quantize import GPTQ_QUANTIZERS, QuantizedWeight, gptq_options, quantize_gptq
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     spec_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
@@ -50,7 +50,7 @@ def _expected_weights(model_dir, kw: dict, text) -> dict[str, np.ndarray]:
     hessians = input_hessians(model, windows)
     modules = dict(model.named_modules())
     return {n: QuantizedWeight.from_tensors(*quantize_gptq(modules[n].weight.detach().T, hessians[n], block,
-                                                           params=GPTQ_QUANTIZERS[quantizer]), block, quantizer).dequantize_f32()
+                                                           **gptq_options(quantizer)), block, quantizer).dequantize_f32()
             for n in spec_names}
 
 

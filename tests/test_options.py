@@ -51,7 +51,7 @@ INVALID = [
     (dict(weights="int4", block_size=48), "--block-size must be one of 32, 64, 128",
      ["--weights", "int4", "--block-size", "48"]),
     (dict(weights="int4", block_size=True), "--block-size must be one of 32, 64, 128", None),
-    (dict(weights="int4", quantizer="awq"), "--quantizer must be one of rtn, mse, gptq, gptq-mse",
+    (dict(weights="int4", quantizer="awq"), "--quantizer must be one of rtn, mse, gptq, gptq-mse, gptq-act, gptq-mse-act",
      ["--weights", "int4", "--quantizer", "awq"]),
 ]
 

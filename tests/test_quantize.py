@@ -249,3 +249,163 @@ def test_quantize_model_gptq_needs_hessians(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     with pytest.raises(ValueError, match="needs the projections' input Hessians"):
         quantize_model(model, 32, "gptq-mse")
+
+
+def _correlated(block: int, K: int = 256, N: int = 48):
+    """(w [K, N], x [4000, K]) float64: channels mixed and of unequal scale (so diag(H) orders them), one channel
+    never active."""
+    import torch
+
+    g = torch.Generator().manual_seed(block)
+    w = torch.randn(K, N, generator=g, dtype=torch.float64) * 0.02
+    mix = torch.randn(K, K, generator=g, dtype=torch.float64) / K ** 0.5 + 0.3 * torch.eye(K, dtype=torch.float64)
+    x = torch.randn(4000, K, generator=g, dtype=torch.float64) @ mix
+    x = x * torch.linspace(0.2, 3.0, K, dtype=torch.float64)[torch.randperm(K, generator=g)]
+    x[:, 7] = 0.0
+    return w, x
+
+
+@pytest.mark.parametrize("params", qz.QUANTIZERS)
+@pytest.mark.parametrize(("K", "N", "block"), [(96, 40, 32), (100, 37, 64), (200, 24, 128)])
+def test_gptq_act_order_with_a_diagonal_hessian_is_the_plain_quantizer(K, N, block, params):
+    """A diagonal Hessian couples no channels: whatever order act-order takes (here a shuffled one: distinct
+    diagonal entries), each channel is rounded on its block's static range, i.e. quantize()'s result; equal
+    entries (c I) keep the natural order."""
+    import torch
+
+    g = torch.Generator().manual_seed(K)
+    w = torch.randn(K, N, generator=g, dtype=torch.float64) * 0.02
+    want = qz.quantize(w.numpy(), block, params)
+    for diag in (torch.rand(K, generator=g, dtype=torch.float64) + 0.5, torch.full((K,), 3.0, dtype=torch.float64)):
+        got = qz.QuantizedWeight.from_tensors(*qz.quantize_gptq(w, torch.diag(diag), block, damp=0.0, params=params,
+                                                                order="act"), block, params)
+        np.testing.assert_array_equal(got.packed, want.packed)
+        np.testing.assert_array_equal(got.scales, want.scales)
+        np.testing.assert_array_equal(got.offsets, want.offsets)
+
+
+@pytest.mark.parametrize("block", qz.BLOCK_SIZES)
+@pytest.mark.parametrize("params", qz.QUANTIZERS)
+def test_gptq_act_order_static_groups_and_output_error(block, params):
+    """Act-order keeps the layout: its scales and offsets are the plain quantizer's on the original weights (static
+    groups, original channel order), whatever the Hessian; on correlated inputs of unequal scale its output error
+    ``‖X (Ŵ − W)‖²`` is not above plain (natural-order) GPTQ's."""
+    import torch
+
+    w, x = _correlated(block)
+    hessian = x.T @ x
+    w_live = w.clone()
+    w_live[7] = 0.0  # the never-active channel's weight is set to 0 before anything else
+    _, want_s, want_o = qz.quantize_tensor(w_live, block, params)
+    codes, scales, offsets = qz.quantize_gptq(w, hessian, block, params=params, order="act")
+    torch.testing.assert_close(scales, want_s, rtol=0, atol=0)
+    torch.testing.assert_close(offsets, want_o, rtol=0, atol=0)
+    assert codes.shape == w.shape and codes.dtype == torch.uint8 and int(codes.max()) <= qz.LEVELS
+
+    def error(quantized) -> float:
+        return float(((x @ (qz.dequantize_tensor(*quantized, block).double() - w)) ** 2).sum())
+
+    assert error((codes, scales, offsets)) <= error(qz.quantize_gptq(w, hessian, block, params=params))
+    with pytest.raises(ValueError, match="order"):
+        qz.quantize_gptq(w, hessian, block, order="descending")
+
+
+@pytest.mark.parametrize("order", qz.GPTQ_ORDERS)
+@pytest.mark.parametrize("block", [32, 128])
+def test_gptq_refit_is_the_hessian_least_squares_fit(block, order):
+    """``refit=True`` keeps the codes and, per column, either keeps the unrefit (scale, offset) or takes the least
+    squares ``min ‖X (B θ − w)‖`` over every block's (scale, offset) θ (numpy lstsq on the explicit design B of the
+    codes); it never raises a column's output error."""
+    import torch
+
+    w, x = _correlated(block, K=200, N=12)
+    hessian = x.T @ x
+    plain = qz.quantize_gptq(w, hessian, block, params="mse", order=order)
+    codes, scales, offsets = qz.quantize_gptq(w, hessian, block, params="mse", order=order, refit=True)
+    torch.testing.assert_close(codes, plain[0], rtol=0, atol=0)
+    xn, wn = x.numpy(), w.numpy().copy()
+    wn[7] = 0.0
+    rows = np.arange(w.shape[0]) // block
+    blocks = scales.shape[0]
+
+    def col_error(c, s, o) -> float:
+        d = (s.double().numpy()[rows, c] * codes[:, c].double().numpy() + o.double().numpy()[rows, c]) - w[:, c].numpy()
+        return float(((xn @ d) ** 2).sum())
+
+    refit_columns = 0
+    for c in range(w.shape[1]):
+        assert col_error(c, scales, offsets) <= col_error(c, plain[1], plain[2]) * (1 + 1e-9)
+        if torch.equal(scales[:, c], plain[1][:, c]) and torch.equal(offsets[:, c], plain[2][:, c]):
+            continue
+        refit_columns += 1
+        design = np.zeros((w.shape[0], 2 * blocks))
+        design[np.arange(w.shape[0]), rows] = codes[:, c].numpy()
+        design[np.arange(w.shape[0]), blocks + rows] = 1.0
+        theta = np.linalg.lstsq(xn @ design, xn @ wn[:, c], rcond=None)[0]
+        np.testing.assert_allclose(scales[:, c].numpy(), theta[:blocks], rtol=1e-4)
+        np.testing.assert_allclose(offsets[:, c].numpy(), theta[blocks:], rtol=1e-4, atol=1e-4 * np.abs(theta[blocks:]).max())
+    assert refit_columns > w.shape[1] // 2  # the refit does something on most columns
+
+
+def test_sequential_gptq_uses_the_hessians_of_the_quantized_model(tiny_llama_dir, monkeypatch):
+    """``quantize_model_sequential``: every projection is quantized with ``Σ x xᵀ`` of the inputs it receives in the
+    model as finally quantized (what feeds it is quantized before it: earlier layers, earlier groups of its layer),
+    i.e. ``input_hessians`` of the quantized model; layer 0's q/k/v see the float model. The weights are the
+    dequantized codes of the returned 4-bit weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from acttail_export import int4_rewrite
+    from acttail_export.int4_rewrite import input_hessians, quantize_model_sequential
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    windows = torch.randint(3, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    float_hessians = input_hessians(model, windows, dtype=torch.float64)
+    used: list = []
+    real = int4_rewrite.quantize_gptq
+
+    def spy(w, hessian, *args, **kwargs):
+        used.append(hessian.clone())
+        return real(w, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(int4_rewrite, "quantize_gptq", spy)
+    got = quantize_model_sequential(model, windows, 32, "gptq-mse", hessian_dtype=torch.float64, order="act")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    assert list(got) == names == list(float_hessians)  # layer order, then q, k, v, o, gate, up, down
+    final = input_hessians(model, windows, dtype=torch.float64)
+    modules = dict(model.named_modules())
+    for name, hessian in zip(names, used):
+        torch.testing.assert_close(hessian, final[name], rtol=1e-9, atol=1e-9 * float(final[name].abs().max()))
+        np.testing.assert_array_equal(modules[name].weight.detach().double().numpy().T, got[name].dequantize_f32())
+    torch.testing.assert_close(used[0], float_hessians[names[0]], rtol=1e-9, atol=1e-9 * float(used[0].abs().max()))
+    later = names.index("model.layers.1.self_attn.q_proj")
+    assert not torch.allclose(used[later], float_hessians[names[later]], rtol=1e-6, atol=0)  # not the float model's
+    with pytest.raises(ValueError, match="GPTQ-style"):
+        quantize_model_sequential(model, windows, 32, "mse")
+
+
+def test_quantize_model_act_order_quantizers(tiny_llama_dir):
+    """``gptq-act`` / ``gptq-mse-act`` through ``quantize_model``: every projection is ``quantize_gptq(W, H,
+    order="act")`` with its range rule, and the weight becomes its dequantized value."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from acttail_export.int4_rewrite import input_hessians, quantize_model
+
+    assert qz.gptq_options("gptq-mse-act") == {"params": "mse", "order": "act"}
+    assert qz.gptq_options("gptq") == {"params": "rtn", "order": "natural"}
+    with pytest.raises(ValueError, match="GPTQ-style"):
+        qz.gptq_options("mse")
+    for quantizer, params in (("gptq-act", "rtn"), ("gptq-mse-act", "mse")):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+        windows = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        hessians = input_hessians(model, windows)
+        modules = dict(model.named_modules())
+        want = {n: qz.quantize_gptq(modules[n].weight.detach().T, hessians[n], 32, params=params, order="act")
+                for n in hessians}
+        got = quantize_model(model, 32, quantizer, hessians=hessians)
+        for name, (codes, scales, offsets) in want.items():
+            np.testing.assert_array_equal(got[name].codes(), codes.numpy())
+            np.testing.assert_array_equal(got[name].scales, scales.numpy())
+            np.testing.assert_array_equal(got[name].offsets, offsets.numpy())
+            np.testing.assert_array_equal(modules[name].weight.detach().numpy().T, got[name].dequantize_f32())
