@@ -27,6 +27,8 @@ CASES = {  # name: export arguments
     "mask-topk": dict(kernel="mask", mode="topk", sparsity=0.5, block_size=64, quantizer="rtn", allocation="uniform"),
     "dense": dict(kernel="mask", mode="topk", sparsity=0.0, block_size=32, quantizer="rtn", allocation="uniform"),
     "fused-gptq": dict(kernel="fused", mode="topk", sparsity=0.5, block_size=64, quantizer="gptq-mse"),
+    "mask-gptq-act": dict(kernel="mask", mode="topk", sparsity=0.5, block_size=32, quantizer="gptq-mse-act",
+                          allocation="uniform"),
 }
 
 
