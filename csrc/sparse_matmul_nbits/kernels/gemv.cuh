@@ -147,17 +147,26 @@ __device__ __forceinline__ void LoadRow(RowBits<CPL>& r, const uint8_t* row, int
     if (col0 / 2 + j < rowbytes) r.w[j / 4] |= (uint32_t)__ldcs(p + j) << (8 * (j % 4));
 }
 
+/// (x & kMask) | 2^23's bits in one LOP3 (written as C, the compiler emits an AND and an OR: two instructions).
+template <uint32_t kMask>
+__device__ __forceinline__ uint32_t MaskOr4B00(uint32_t x) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(kMask), "n"(0x4B000000u));
+  return d;
+}
+
 /// The CPL columns of one row as floats q * 16^(c % 4) (exact).
 template <int CPL>
 __device__ __forceinline__ void Unpack(const RowBits<CPL>& r, float (&f)[CPL]) {
-  constexpr uint32_t kMagic = 0x4B000000u;  // 2^23
 #pragma unroll
   for (int i = 0; i < (CPL + 7) / 8; ++i) {
 #pragma unroll
     for (int h = 0; h < (CPL >= 8 ? 2 : 1); ++h) {
       const uint32_t w = h ? r.w[i] >> 16 : r.w[i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) f[8 * i + 4 * h + j] = __uint_as_float((w & (0xFu << (4 * j))) | kMagic) - 8388608.0f;
+      f[8 * i + 4 * h + 0] = __uint_as_float(MaskOr4B00<0x000Fu>(w)) - 8388608.0f;
+      f[8 * i + 4 * h + 1] = __uint_as_float(MaskOr4B00<0x00F0u>(w)) - 8388608.0f;
+      f[8 * i + 4 * h + 2] = __uint_as_float(MaskOr4B00<0x0F00u>(w)) - 8388608.0f;
+      f[8 * i + 4 * h + 3] = __uint_as_float(MaskOr4B00<0xF000u>(w)) - 8388608.0f;
     }
   }
 }
@@ -415,7 +424,8 @@ __device__ __forceinline__ void StreamRows(const GemvArgs& a, const Pool<MR, WAR
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (ii + u < j && active) {
-          LoadRow<CPL>(raw[u], a.q + (int64_t)pool.row[ii + u] * a.rowbytes, col0, a.rowbytes, fast);
+          // u32 x u32 -> u64 plus the base: one IMAD.WIDE.U32 (rows and row bytes are non-negative ints)
+          LoadRow<CPL>(raw[u], a.q + (uint64_t)(uint32_t)pool.row[ii + u] * (uint32_t)a.rowbytes, col0, a.rowbytes, fast);
         } else {
 #pragma unroll
           for (int w = 0; w < RowBits<CPL>::kWords; ++w) raw[u].w[w] = 0u;
