@@ -98,13 +98,10 @@ def test_cluster_decode_matches(variant, K, N, B):
             assert_matches(harness.run_case(case, variant=_cluster(variant)), case)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("variant", [(8, 3, 0), (4, 1, 16), (16, 1, 3)])
-def test_cluster_decode_members_scales_ramp_inf(variant):
-    """Members (boundaries inside a lane's columns: 100, 170), per-member thresholds / k, score scales, the ramp, and Inf
-    scales in a quant block that no row keeps (never reaching Y) through the cluster GEMV."""
-    harness = _harness()
-    rng = np.random.default_rng(11)
+def _check_members_scales_ramp_inf(harness, variant: tuple[int, ...], seed: int) -> None:
+    """Members (boundaries inside a lane's columns: 100, 170), per-member thresholds / k, score scales, the ramp, and
+    Inf / NaN scales in a quant block that no row keeps (never reaching Y), through one forced decode variant."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, 512)).astype(np.float16)
     q, scales, offsets = random_weights(rng, 512, 320, 32, np.float16)
     scale = rng.uniform(0.5, 2.0, (3, 512)).astype(np.float32)
@@ -113,7 +110,7 @@ def test_cluster_decode_members_scales_ramp_inf(variant):
              Case(x, q, scales, offsets, 32, "threshold", [100, 170, 320], None, np.array([0.3, 0.3, 1.2], np.float32), scale=scale,
                   ramp=0.25)]
     for case in cases:
-        assert_matches(harness.run_case(case, variant=_cluster(variant)), case)
+        assert_matches(harness.run_case(case, variant=variant), case)
     x2 = x.copy()
     x2[0, 64:96] = 0  # quant block 2 keeps no row in threshold mode
     s2 = scales.copy()
@@ -121,9 +118,16 @@ def test_cluster_decode_members_scales_ramp_inf(variant):
     o2 = offsets.copy()
     o2[2] = np.nan
     case = Case(x2, q, s2, o2, 32, "threshold", thresholds=np.array(0.1, np.float32))
-    y = harness.run_case(case, variant=_cluster(variant))
+    y = harness.run_case(case, variant=variant)
     assert np.isfinite(y).all()
     assert_matches(y, case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [(8, 3, 0), (4, 1, 16), (16, 1, 3)])
+def test_cluster_decode_members_scales_ramp_inf(variant):
+    """The cluster GEMV: members, scales, ramp, Inf scales in an unkept block (_check_members_scales_ramp_inf)."""
+    _check_members_scales_ramp_inf(_harness(), _cluster(variant), 11)
 
 
 # The tensor-core row loop (kernel 2: one float16 row, sm_80+; kernels/gemv.cuh StreamRowsMma): (blocks_per_sm,
@@ -154,29 +158,8 @@ def test_mma_decode_matches(variant, K, N, B):
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", MMA_VARIANTS[:2])
 def test_mma_decode_members_scales_ramp_inf(variant):
-    """Members (boundaries inside a virtual lane's 16 columns: 100, 170), per-member thresholds / k, score scales, the
-    ramp, and Inf / NaN scales in a quant block that no row keeps (never reaching Y) through the tensor cores."""
-    harness = _harness()
-    rng = np.random.default_rng(12)
-    x = rng.standard_normal((1, 512)).astype(np.float16)
-    q, scales, offsets = random_weights(rng, 512, 320, 32, np.float16)
-    scale = rng.uniform(0.5, 2.0, (3, 512)).astype(np.float32)
-    cases = [Case(x, q, scales, offsets, 32, "threshold", [100, 170, 320], None, np.array([0.2, 0.5, 0.9], np.float32)),
-             Case(x, q, scales, offsets, 32, "topk", [100, 170, 320], [10, 50, 200], ramp=0.5),
-             Case(x, q, scales, offsets, 32, "threshold", [100, 170, 320], None, np.array([0.3, 0.3, 1.2], np.float32), scale=scale,
-                  ramp=0.25)]
-    for case in cases:
-        assert_matches(harness.run_case(case, variant=_mma(variant)), case)
-    x2 = x.copy()
-    x2[0, 64:96] = 0  # quant block 2 keeps no row in threshold mode
-    s2 = scales.copy()
-    s2[2] = np.inf
-    o2 = offsets.copy()
-    o2[2] = np.nan
-    case = Case(x2, q, s2, o2, 32, "threshold", thresholds=np.array(0.1, np.float32))
-    y = harness.run_case(case, variant=_mma(variant))
-    assert np.isfinite(y).all()
-    assert_matches(y, case)
+    """The tensor-core row loop: members (boundaries inside a virtual lane's 16 columns), scales, ramp, Inf scales."""
+    _check_members_scales_ramp_inf(_harness(), _mma(variant), 12)
 
 
 @pytest.mark.cuda

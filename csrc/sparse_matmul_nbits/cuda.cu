@@ -249,22 +249,35 @@ cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t ma
   return cudaGetLastError();
 }
 
-/// Tensor cores (mma.sync m16n8k16, compute capability 8.0+) on the current device, cached per device.
-bool MmaLaunchable() {
-  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
+/// What the current device offers, read once per device: compute capability major and thread-block cluster launch
+/// (both 0 when the device or its attributes cannot be read).
+struct DeviceCaps {
+  int major = 0;
+  bool cluster = false;
+};
+DeviceCaps CurrentCaps() {
+  static std::mutex mu;
+  static std::map<int, DeviceCaps> cache;
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+  if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return {};
   }
-  if (cache[dev] == 0) {
-    int major = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess;
-    if (!ok) cudaGetLastError();
-    cache[dev] = ok && major >= 8 ? 2 : 1;
-  }
-  return cache[dev] == 2;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
+  int major = 0, cluster = 0;
+  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&cluster, cudaDevAttrClusterLaunch, dev) == cudaSuccess;
+  if (!ok) cudaGetLastError();
+  DeviceCaps caps;
+  if (ok) caps = {major, cluster != 0};
+  cache[dev] = caps;
+  return caps;
 }
+
+/// Tensor cores (mma.sync m16n8k16, compute capability 8.0+) on the current device.
+bool MmaLaunchable() { return CurrentCaps().major >= 8; }
 
 /// The decode instance for M rows (float32 and float16 share all but the 32-column and the MMA ones).
 template <typename T>
@@ -286,22 +299,10 @@ cudaError_t DispatchDecode(const KernelShape& s, const cuda::GemvArgs& args, int
   return LaunchGemv<T, 8, 4, false>(args, bps, max_blocks, stream);
 }
 
-/// Thread-block clusters on the current device (compute capability 9.0+), cached per device.
+/// Thread-block clusters on the current device (compute capability 9.0+).
 bool ClusterLaunchable() {
-  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
-    cudaGetLastError();
-    return false;
-  }
-  if (cache[dev] == 0) {
-    int major = 0, cluster = 0;
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&cluster, cudaDevAttrClusterLaunch, dev) == cudaSuccess;
-    if (!ok) cudaGetLastError();
-    cache[dev] = ok && major >= 9 && cluster != 0 ? 2 : 1;
-  }
-  return cache[dev] == 2;
+  const DeviceCaps caps = CurrentCaps();
+  return caps.major >= 9 && caps.cluster;
 }
 
 constexpr int kMaxSplits = 16;  // non-portable cluster size (H100 / H200); 8 is portable
