@@ -221,10 +221,11 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
         with _stage("4-bit quantization"):
             hessians = None
             if o.int4[1] in GPTQ_QUANTIZERS:  # GPTQ-style rounding: the dense model's inputs on the calibration text
-                from .data import load_windows
+                from .data import EXPORT_CALIBRATION_FLAGS, load_windows
                 from .offload import input_device
 
-                windows = load_windows(tokenizer, calibration_path, sequence_length, samples=o.calibration_samples)
+                windows = load_windows(tokenizer, calibration_path, sequence_length, samples=o.calibration_samples,
+                                       flags=EXPORT_CALIBRATION_FLAGS)
                 hessians = input_hessians(model, windows.to(input_device(model)), progress=o.progress)
             quantized = quantize_model(model, *o.int4, dtype=o.dtype, progress=o.progress, hessians=hessians)
             del hessians

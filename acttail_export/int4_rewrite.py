@@ -330,6 +330,9 @@ def check_int4_export(model, export_dir: Path, config: ActTailConfig, tolerance:
     return worst
 
 
-#: ``--weights int4`` defaults (filled in by :attr:`acttail_export.options.ExportOptions.int4`)
+#: ``--weights int4`` defaults (filled in by :attr:`acttail_export.options.ExportOptions.int4`). The quantizer is
+#: GPTQ in act-order with static groups and ``mse`` block ranges: its input Hessians come from the export's
+#: calibration windows, which every export reads (``--calibration-data``; the thresholds use the same ones), so
+#: there is no export without them; ``mse`` is the data-free choice (docs/quantization.md)
 DEFAULT_BLOCK_SIZE = 32
-DEFAULT_QUANTIZER = "mse"
+DEFAULT_QUANTIZER = "gptq-mse-act"

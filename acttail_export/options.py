@@ -76,7 +76,7 @@ class ExportOptions:
     base: Base = "genai"
     weights: Weights | None = None  # None: the --dtype
     block_size: int | None = None  # int4 only (default 32)
-    quantizer: Quantizer | None = None  # int4 only (default mse)
+    quantizer: Quantizer | None = None  # int4 only (default gptq-mse-act)
 
     def __post_init__(self) -> None:
         # frozen: the numbers and the path are normalized here, once

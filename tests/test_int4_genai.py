@@ -27,9 +27,20 @@ CASES = {  # name: export arguments
     "mask-topk": dict(kernel="mask", mode="topk", sparsity=0.5, block_size=64, quantizer="rtn", allocation="uniform"),
     "dense": dict(kernel="mask", mode="topk", sparsity=0.0, block_size=32, quantizer="rtn", allocation="uniform"),
     "fused-gptq": dict(kernel="fused", mode="topk", sparsity=0.5, block_size=64, quantizer="gptq-mse"),
-    "mask-gptq-act": dict(kernel="mask", mode="topk", sparsity=0.5, block_size=32, quantizer="gptq-mse-act",
-                          allocation="uniform"),
+    # no block size / quantizer: the defaults, block 32 and gptq-mse-act (Hessians of the calibration windows)
+    "mask-default": dict(kernel="mask", mode="topk", sparsity=0.5, allocation="uniform"),
 }
+
+
+def _int4(kw: dict) -> tuple[int, str]:
+    """(block size, quantizer) of a case, the defaults filled in as the export fills them."""
+    from acttail_export.options import ExportOptions
+
+    return ExportOptions(weights="int4", block_size=kw.get("block_size"), quantizer=kw.get("quantizer")).int4
+
+
+def test_default_int4_quantizer_is_gptq_mse_act():
+    assert _int4(CASES["mask-default"]) == (32, "gptq-mse-act")
 
 
 def _expected_weights(model_dir, kw: dict, text) -> dict[str, np.ndarray]:
@@ -43,7 +54,7 @@ def _expected_weights(model_dir, kw: dict, text) -> dict[str, np.ndarray]:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     spec_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-    block, quantizer = kw["block_size"], kw["quantizer"]
+    block, quantizer = _int4(kw)
     if quantizer not in GPTQ_QUANTIZERS:
         return {n: quantize(dict(model.named_modules())[n].weight.detach().numpy().T, block, quantizer).dequantize_f32()
                 for n in spec_names}
@@ -75,7 +86,7 @@ def exports(tiny_llama_dir, tmp_path_factory, wikitext_valid):
 def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports, name, tiny_llama_dir, wikitext_valid):
     folder, kw = exports(name), CASES[name]
     config = ActTailConfig.load(folder)
-    assert (config.weights, config.block_size, config.quantizer) == ("int4", kw["block_size"], kw["quantizer"])
+    assert (config.weights, config.block_size, config.quantizer) == ("int4", *_int4(kw))
     assert not (folder / "model.onnx.data").exists()  # the builder's float weights are not shipped
     graph = onnx.load(str(folder / "model.onnx"))
     found = find_projections(graph, config.spec)
@@ -134,7 +145,7 @@ def test_folder_runs_like_the_sparse_reference_of_the_dequantized_model(exports,
     folder, kw = exports(name), CASES[name]
     config = ActTailConfig.load(folder)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    quantize_model(model, kw["block_size"], kw["quantizer"])
+    quantize_model(model, *_int4(kw))
     prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode(), apply_sparsity(model, config, kw["mode"]):
         want = model(prompt).logits[0].numpy()
@@ -143,3 +154,20 @@ def test_folder_runs_like_the_sparse_reference_of_the_dequantized_model(exports,
     got = OrtDecoder(folder).forward(prompt.numpy()[0])
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     assert gbase.generate(folder, prompt.numpy(), 8) == ref
+
+
+def test_default_quantizer_needs_the_calibration_windows(tiny_llama_dir, tmp_path):
+    """The default quantizer's Hessians read the export's calibration windows: a text too short for them fails in
+    the 4-bit stage with the calibration flags' one-line error (the thresholds would need the same windows), and
+    nothing is left behind."""
+    from acttail_export.errors import ActTailError
+    from acttail_export.exporter import export
+
+    short = tmp_path / "short.txt"
+    short.write_text("A short calibration text of a few words.\n", encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(ActTailError, match=r"^text has \d+ tokens, too short for 2 samples of 32 tokens: .*"
+                                           r"--calibration-samples"):
+        export(str(tiny_llama_dir), out, weights="int4", calibration_data=str(short),
+               **{**FAST, **CASES["mask-default"]})
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

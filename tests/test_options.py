@@ -101,6 +101,7 @@ CLI_AND_API = [
           sequence_length=128, validate=False, overwrite=True)),
     (["--weights", "int4", "--block-size", "64", "--quantizer", "rtn"],
      dict(weights="int4", block_size=64, quantizer="rtn")),
+    (["--weights", "int4"], dict(weights="int4")),  # block size and quantizer: the defaults (options.int4)
     (["--weights", "fp16", "--dtype", "fp16", "--device", "cuda"], dict(weights="fp16", dtype="fp16", device="cuda")),
     (["--push-to-hub", "me/tiny", "--private", "--token", "hf_x"],
      dict(push_to_hub="me/tiny", private=True, token="hf_x")),
@@ -127,6 +128,9 @@ def test_round_trip_options_to_export_kwargs():
     assert kwargs["sparsity"] == 0.7 and type(kwargs["sparsity"]) is float
     assert kwargs["calibration_data"].name == "t.txt"
     assert options.int4 == (32, "rtn") and ExportOptions().int4 is None
+    # int4 defaults: block 32, GPTQ in act-order with mse ranges (on the export's calibration windows)
+    assert ExportOptions(weights="int4").int4 == (32, "gptq-mse-act")
+    assert ExportOptions(weights="int4", quantizer="mse").int4 == (32, "mse")
     assert ExportOptions.validated(options, sparsity=0.3) == dataclasses.replace(options, sparsity=0.3)
     assert "hf_x" not in repr(options)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -61,8 +61,9 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_base: str = "g
     run.add_argument("--block-size", default=None, metavar="{32,64,128}", help="int4: input channels per scale/offset (default 32)")
     run.add_argument("--quantizer", default=None, metavar="{rtn,mse,gptq,gptq-mse,gptq-act,gptq-mse-act}",
                      help="int4: round to nearest on the block range (rtn), MSE-searched range + least-squares refit (mse, "
-                          "default), or GPTQ-style rounding with either rule, its errors spread by the input Hessian of "
-                          "the calibration text (gptq, gptq-mse; in act-order with static groups: gptq-act, gptq-mse-act)")
+                          "data-free), or GPTQ-style rounding with either rule, its errors spread by the input Hessian of "
+                          "the calibration text (gptq, gptq-mse; in act-order with static groups: gptq-act, "
+                          "gptq-mse-act, the default)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for analysis, calibration and tracing")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     run.add_argument("--no-validate", action="store_true",
