@@ -651,7 +651,11 @@ def main(argv=None) -> int:
     ap.add_argument("--export-validate", action="store_true", help="acttail-export: run the exporter's validation too")
     ap.add_argument("--export-weights", choices=("float", "int4"), default="float",
                     help="acttail-export: projection weights (float: the --dtype; int4: --weights int4, block 32)")
-    ap.add_argument("--export-quantizer", choices=("rtn", "mse"), default="mse", help="acttail-export --weights int4: quantizer")
+    from acttail_export.quantize import WEIGHT_QUANTIZERS
+
+    # mse (data-free) by default: the exporter's default (gptq-mse-act) adds a Hessian pass over the calibration windows
+    # to every 4-bit export; the weights' values do not change the timings
+    ap.add_argument("--export-quantizer", choices=WEIGHT_QUANTIZERS, default="mse", help="acttail-export --weights int4: quantizer")
     ap.add_argument("--export-perplexity", action="store_true",
                     help="perplexity of every acttail-export folder, genai-int4 and genai-dense on --ppl-split (pretrained models)")
     ap.add_argument("--ppl-split", choices=("valid", "test"), default="valid",
