@@ -168,7 +168,6 @@ def quantize_gptq(w, hessian, block_size: int = 32, damp: float = 0.01, lazy: in
     h_refit = h.clone() if refit else None
     h += damp * torch.diagonal(h).mean() * torch.eye(K, dtype=h.dtype, device=h.device)
     blocks = -(-K // block_size)
-    codes = torch.zeros((K, N), dtype=torch.uint8, device=w.device)
     scales = torch.zeros((blocks, N), dtype=torch.float32, device=w.device)
     offsets = torch.zeros((blocks, N), dtype=torch.float32, device=w.device)
     if order == "act":  # static groups: every block's range from the original weights, in the original order
@@ -195,10 +194,10 @@ def quantize_gptq(w, hessian, block_size: int = 32, damp: float = 0.01, lazy: in
             w[k + 1:end] -= torch.outer(u[k, k + 1:end], err)
             errors[k - start] = err
         w[end:] -= u[start:end, end:].T @ errors
-    if order == "act":
+    codes = q
+    if order == "act":  # back to channel order
+        codes = torch.empty_like(q)
         codes[perm] = q
-    else:
-        codes = q
     if refit:
         scales, offsets = _hessian_refit(original, h_refit, codes, scales, offsets, block_size)
     return codes, scales, offsets
@@ -235,17 +234,17 @@ def _hessian_refit(w, h, codes, scales, offsets, block_size: int, chunk: int = 2
         ridge = 1e-10 * torch.diagonal(m, dim1=1, dim2=2).abs().amax(dim=1).clamp(min=1e-300)
         theta = torch.linalg.solve(m + ridge[:, None, None] * torch.eye(2 * blocks, dtype=w.dtype, device=w.device), rhs)
         s, o = theta[:, :blocks].T.float(), theta[:, blocks:].T.float()  # stored values decide the error
-        before = _h_error(w[:, cols], h, q, scales[:, cols], offsets[:, cols], rows)
-        after = _h_error(w[:, cols], h, q, s, o, rows)
+        before = _h_error(w[:, cols], h, q, scales[:, cols], offsets[:, cols], block_size)
+        after = _h_error(w[:, cols], h, q, s, o, block_size)
         keep = (after < before) & (s > 0).all(dim=0) & torch.isfinite(s).all(dim=0) & torch.isfinite(o).all(dim=0)
         new_s[:, cols] = torch.where(keep, s, scales[:, cols])
         new_o[:, cols] = torch.where(keep, o, offsets[:, cols])
     return new_s, new_o
 
 
-def _h_error(w, h, q, s, o, rows):
-    """``diag((Ŵ − W)ᵀ H (Ŵ − W))`` [n] for Ŵ = fl32 dequantization of codes ``q`` with (s, o)."""
-    d = (s.double()[rows] * q + o.double()[rows]).float().double() - w
+def _h_error(w, h, q, s, o, block_size: int):
+    """``diag((Ŵ − W)ᵀ H (Ŵ − W))`` [n] for Ŵ = :func:`dequantize_tensor` of codes ``q`` with (s, o)."""
+    d = dequantize_tensor(q, s, o, block_size).double() - w
     return (d * (h @ d)).sum(dim=0)
 
 
