@@ -192,3 +192,35 @@ def test_harness_members_and_inf_scales():
     case = Case(x, q, scales, offsets, 32, "threshold", thresholds=np.array(0.3, np.float32))
     for _ in range(2):
         assert_matches(harness.run_case(case), case)
+
+
+# The one-row loop (kernel 3: one row of X, the vector layout; kernels/gemv.cuh StreamRowsOne, sums in the reduction
+# buffer): (cols_per_lane, blocks_per_sm, stream_scratch). Other shapes (N % 32 != 0) take the stream-K row loop.
+ONE_VARIANTS = [(16, 0, -1), (16, 3, 0), (32, 1, 1), (16, 1, 1)]
+
+
+def _one(variant) -> tuple[int, ...]:
+    cpl, bps, scratch = variant
+    return (cpl, bps, -1, scratch, -1, -1, 3, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ONE_VARIANTS)
+@pytest.mark.parametrize("K,N,B", [(4096, 11008, 32), (11008, 4096, 64), (4096, 14336, 32), (4100, 1056, 128), (576, 1536, 16),
+                                   (40, 64, 32), (1000, 257, 16)])
+def test_one_decode_matches(variant, K, N, B):
+    """The one-row loop on LLM shapes and small / partial ones (K = 4100: a last quant block of 4 rows; K = 40: most
+    warps get no row; N = 257: the stream-K fallback), all rows but one kept, 40 % and 10 % (blocks of one or two kept
+    rows, batches mostly predicated off), both modes, both float types."""
+    harness = _harness()
+    for dtype in (np.float16, np.float32):
+        for mode, keep in (("threshold", 1.0), ("topk", 0.4), ("threshold", 0.1)):
+            case = llm_case(np.random.default_rng(K + N + B), 1, K, N, B, dtype, mode, keep=keep)
+            assert_matches(harness.run_case(case, variant=_one(variant)), case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ONE_VARIANTS[1:3])
+def test_one_decode_members_scales_ramp_inf(variant):
+    """The one-row loop: members (inactive lanes past a member's end), scales, ramp, Inf / NaN scales in an unkept block."""
+    _check_members_scales_ramp_inf(_harness(), _one(variant), 13)

@@ -230,12 +230,12 @@ int Occupancy(K kernel, int smem) {
   return std::max(1, n);
 }
 
-template <typename T, int MR, int CPL, bool FULL, bool STAGE = false, bool MMA = false>
+template <typename T, int MR, int CPL, bool FULL, bool STAGE = false, bool MMA = false, bool ONE = false>
 cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t max_blocks, cudaStream_t stream) {
   constexpr int kMinBlocks = CPL == 32 ? 1 : 2;
   constexpr int kSmem = STAGE ? cuda::StageBytes<CPL, kWarps>() : 0;
   // STAGE: fallback with fewer registers
-  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA>;
+  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA, ONE>;
   static const int occupancy = Occupancy(kernel, kSmem);  // also raises the kernel's dynamic shared memory limit
   if (occupancy == 0) return cudaErrorInvalidConfiguration;
   int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
@@ -286,11 +286,13 @@ cudaError_t DispatchDecode(const KernelShape& s, const cuda::GemvArgs& args, int
   if (s.mr == 1) {
     if constexpr (kHalf) {
       if (s.mma) return LaunchGemv<T, 1, 16, false, false, true>(args, bps, max_blocks, stream);
+      if (args.one && s.cpl == 32) return LaunchGemv<T, 1, 32, false, false, false, true>(args, bps, max_blocks, stream);
       if (s.cpl == 32) {
         return args.stage ? LaunchGemv<T, 1, 32, false, true>(args, bps, max_blocks, stream)
                           : LaunchGemv<T, 1, 32, false>(args, bps, max_blocks, stream);
       }
     }
+    if (args.one) return LaunchGemv<T, 1, 16, false, false, false, true>(args, bps, max_blocks, stream);
     return args.stage ? LaunchGemv<T, 1, 16, false, true>(args, bps, max_blocks, stream)
                       : LaunchGemv<T, 1, 16, false>(args, bps, max_blocks, stream);
   }
@@ -419,8 +421,10 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && !g.swiglu && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
   // the tensor-core row loop: one float16 row, the vector layout (8-byte row pieces, 16-byte scale loads), sm_80+
   const bool mma = cfg.kernel == 2 && half && p.M == 1 && g.fast && MmaLaunchable();
+  // the one-row loop (StreamRowsOne): one row, the vector layout, 32-bit row offsets in Q
+  g.one = cfg.kernel == 3 && p.M == 1 && g.fast && (int64_t)p.K * g.rowbytes <= (int64_t)UINT32_MAX;
   g.prefetch = cfg.prefetch > 0;
-  g.stage = p.M == 1 && cfg.stage > 0 && g.fast && !mma;  // the staged kernel needs 16-byte row pieces
+  g.stage = p.M == 1 && cfg.stage > 0 && g.fast && !mma && !g.one;  // the staged kernel needs 16-byte row pieces
   KernelShape s = DecodeShape(p.M, half, mma ? 16 : cfg.cols_per_lane);
   s.mma = mma;
   const int tiles = Tiles(p.spans, s.cpl, &g);

@@ -59,6 +59,7 @@ struct GemvArgs {
   int prefetch;          // 1: each warp first prefetches its whole slice of rows (and their scales) into L2
   int stage;             // 1 (one row of X, STAGE kernels): rows of Q staged through shared memory with cp.async
   int swiglu;            // 1: x is [M, 2K] = [gate | up], the input silu(gate) * up (common/activation.h)
+  int one;               // 1: the one-row loop (StreamRowsOne; plan kernel 3: one row of X, vector layout, K * rowbytes < 2^32)
 };
 
 // ---- tensor-core rows (MMA kernels: float16, one row of X, 16 columns per virtual lane, the vector layout) -------
@@ -267,6 +268,7 @@ template <int MR, int WARPS>
 struct Pool {
   static constexpr int kRows = WARPS * 32 * PoolRowsPerLane<MR>();
   int row[kRows];
+  unsigned off[MR == 1 ? kRows : 1];  // one row of X (the ONE loop): the row's byte offset in Q, row * rowbytes
   unsigned char km[kRows];
   float v[MR][kRows];
   int cnt[PoolRowsPerLane<MR>() * WARPS];
@@ -380,6 +382,81 @@ __device__ __forceinline__ void StreamRowsStaged(const GemvArgs& a, const Pool<1
   }
   __syncwarp();  // every lane is done with the buffers before the block's next use of them
   flush();
+}
+
+/// One warp, one row of X, vector layout (`fast`): StreamRows' row loop with its per-row work cut to the arithmetic.
+/// Every pooled row is kept (one row of X), so there is no kept-bit test; the end of a quant block's rows is found
+/// by ballots over 32 pooled rows at a time instead of a scan; a lane whose columns lie outside the member reads
+/// the member's row start (a valid address, never flushed) instead of branching; the rows of a batch are loaded
+/// under a predicate, not a branch; the lane's column sums live in its row of the block's reduction buffer (racc,
+/// flushed once per quant block), which frees CPL registers for the rows in flight and the nibble arithmetic.
+/// Same operations in the same order as StreamRows: bit-identical results.
+template <typename T, int CPL, int WARPS, int U>
+__device__ __forceinline__ void StreamRowsOne(const GemvArgs& a, const Pool<1, WARPS>& pool, int e0, int e1, int col0, bool active,
+                                              float* racc) {
+  const T* scales = static_cast<const T*>(a.scales);
+  const T* offsets = static_cast<const T*>(a.offsets);
+  const int lane = threadIdx.x & 31, blog2 = a.blog2;
+  const uint8_t* qb = a.q + (active ? col0 / 2 : 0);
+  if (a.prefetch && active) {
+    int last_b = -1;
+    for (int i = e0; i < e1; ++i) {
+      const int row = pool.row[i], b = row >> blog2;
+      PrefetchL2(qb + pool.off[i]);
+      if (b != last_b) {
+        PrefetchL2(scales + (int64_t)b * a.N + col0);
+        PrefetchL2(offsets + (int64_t)b * a.N + col0);
+        last_b = b;
+      }
+    }
+  }
+  int i = e0;
+  while (i < e1) {  // warp-uniform
+    const int b = pool.row[i] >> blog2, rend = (b + 1) << blog2;
+    int j = i;
+    for (;;) {  // sorted rows: the rows of block b are a prefix of [i, e1)
+      const int r = j + lane;
+      const unsigned in = __ballot_sync(0xffffffffu, r < e1 && pool.row[r] < rend);
+      j += __popc(in);
+      if (in != 0xffffffffu) break;
+    }
+    ColBits<T, CPL> s, o;
+    if (active) {
+      LoadCols<T, CPL>(s, scales + (int64_t)b * a.N, col0, a.N, true);
+      LoadCols<T, CPL>(o, offsets + (int64_t)b * a.N, col0, a.N, true);
+    }
+    float accq[CPL], sv = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) accq[c] = 0.0f;
+    for (int ii = i; ii < j; ii += U) {
+      RowBits<CPL> raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int w = 0; w < RowBits<CPL>::kWords; ++w) raw[u].w[w] = 0u;
+        if (ii + u < j) LoadRow<CPL>(raw[u], qb + pool.off[ii + u], 0, 0, true);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (ii + u < j) {  // warp-uniform
+          const float v = pool.v[0][ii + u];
+          sv += v;
+          float qf[CPL];
+          Unpack<CPL>(raw[u], qf);
+#pragma unroll
+          for (int c = 0; c < CPL; ++c) accq[c] = fmaf(v, qf[c], accq[c]);
+        }
+      }
+    }
+    if (active) {
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        const float sc = ColValue<T, CPL>(s, c) * NibbleScale(c), off = ColValue<T, CPL>(o, c);
+        racc[c] = fmaf(sc, accq[c], fmaf(off, sv, racc[c]));
+      }
+    }
+    i = j;
+  }
 }
 
 /// One warp: the pooled rows [e0, e1) (sorted by row) into acc, quant block by quant block.
@@ -549,7 +626,7 @@ __device__ __forceinline__ void StreamRowsMma(const GemvArgs& a, const Pool<1, W
 
 /// Rows [k0, k1) of tile t for rows [m0, m0 + Mb) of X: accumulate, reduce over the block's warps, then add
 /// to the scratch (split mode) or write Y (FULL).
-template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE, bool MMA = false>
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE, bool MMA = false, bool ONE = false>
 __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool, float* red, uint8_t* stage, unsigned* s_last, int t, int k0,
                                         int k1, int m0, int Mb, float* redm = nullptr) {
   constexpr int TN = 32 * CPL, RPL = PoolRowsPerLane<MR>(), CH = WARPS * 32 * RPL;
@@ -564,6 +641,13 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
 #pragma unroll
     for (int c = 0; c < CPL; ++c) acc[m][c] = 0.0f;
   static_assert(!MMA || (std::is_same<T, __half>::value && MR == 1 && CPL == 16 && WARPS == 8 && !FULL && !STAGE), "MMA kernel shape");
+  static_assert(!ONE || (MR == 1 && !FULL && !STAGE && !MMA), "ONE: the one-row vector-layout kernel");
+  // ONE: the lane's column sums accumulate in its row of the reduction buffer (free since the last segment's barrier)
+  float* racc = red + (warp * 32 + lane) * (CPL + 1);
+  if constexpr (ONE) {
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) racc[c] = 0.0f;
+  }
   float cf[8][4];  // MMA: the accumulator fragments of eight m16n8 tiles
 #pragma unroll
   for (int j = 0; j < 8; ++j) cf[j][0] = cf[j][1] = cf[j][2] = cf[j][3] = 0.0f;
@@ -600,6 +684,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
 #pragma unroll
         for (int q = 0; q < RPL * WARPS; ++q) pos += q < j * WARPS + warp ? pool.cnt[q] : 0;
         pool.row[pos] = c0 + (j * WARPS + warp) * 32 + lane;
+        if constexpr (ONE) pool.off[pos] = (unsigned)pool.row[pos] * (unsigned)a.rowbytes;
         pool.km[pos] = (unsigned char)km[j];
 #pragma unroll
         for (int m = 0; m < MR; ++m) pool.v[m][pos] = ((km[j] >> m) & 1u) ? v[j][m] : 0.0f;
@@ -607,7 +692,9 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
     }
     __syncthreads();
     const int e0 = warp * total / WARPS, e1 = (warp + 1) * total / WARPS;
-    if constexpr (MMA) {
+    if constexpr (ONE) {
+      StreamRowsOne<T, CPL, WARPS, U>(a, pool, e0, e1, col0, active, racc);
+    } else if constexpr (MMA) {
       const int vl = 8 * (warp & 3) + (lane >> 2), col0v = (lg_first + vl) * CPL, half_rows = total / 2;
       StreamRowsMma<WARPS>(a, pool, warp >= 4 ? half_rows : 0, warp >= 4 ? total : half_rows, col0v, col0v < hi, cf);
     } else if constexpr (STAGE && MR == 1) {
@@ -635,7 +722,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
           r[8 + j] = cf[j][2];
         }
       }
-    } else {
+    } else if constexpr (!ONE) {  // ONE: the sums are in red already
 #pragma unroll
       for (int mm = 0; mm < MR; ++mm)  // static register index
         if (mm == m) {
@@ -688,7 +775,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   }
 }
 
-template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB, bool STAGE = false, bool MMA = false>
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB, bool STAGE = false, bool MMA = false, bool ONE = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvArgs a) {
   static_assert(!STAGE || (MR == 1 && !FULL && StageBytes<CPL, WARPS>() >= WARPS * 32 * (CPL + 1) * 4), "stage buffer");
   __shared__ Pool<MR, WARPS> pool;
@@ -720,7 +807,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvAr
     while (u < u1) {
       const int t = (int)(u / a.K), k0 = (int)(u % a.K);
       const int k1 = (int)min((long long)a.K, k0 + (u1 - u));
-      Segment<T, MR, CPL, WARPS, U, false, STAGE, MMA>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M, redm_static);
+      Segment<T, MR, CPL, WARPS, U, false, STAGE, MMA, ONE>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M, redm_static);
       u += k1 - k0;
     }
   }
