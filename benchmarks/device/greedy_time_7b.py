@@ -46,9 +46,10 @@ def main() -> None:
     trajectories = greedy.search(model, windows, args.level, settings, cache_dir=False, progress=True)
     sync()
     seconds = time.perf_counter() - start
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     row = {"shape": args.shape, "layers": cfg.num_hidden_layers, "dtype": args.dtype, "level": args.level,
            "seconds": round(seconds, 1), "settings": asdict(settings), "blocks": len(trajectories),
-           "steps": sum(len(v) - 1 for v in trajectories.values()), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+           "steps": sum(len(v) - 1 for v in trajectories.values()), "device": name,
            "torch": torch.__version__, "transformers": transformers.__version__}
     print(json.dumps(row))
     if args.output:
