@@ -12,8 +12,14 @@ projection raised at the next step set so the block's weighted sparsity equals t
 Masks: ``topk`` keeps ``ceil((1 − s)·d)`` entries per token; ``threshold`` keeps ``|x| > t`` with ``t`` the
 ``s``-quantile of the projection's dense input in this block (as TEAL's histograms).
 
-Only candidates downstream of the changed projection are recomputed (o, gate/up, down reuse the cached
-attention output / MLP input). Memory: one block's activations at a time. Trajectories are cached on disk
+Every tensor of a block is memoized under the rules of the projections upstream of it, so a candidate computes
+only what no candidate of this step or the step before has computed (after a down step, for instance, every
+candidate reruns down_proj alone); top-k masks compare with the k-th largest |x| of each token, read off |x|
+sorted once per tensor (ties at the k-th entry take ``mask_topk``'s own choice), and on CPU the sequences are
+split into one shard per torch thread, each evaluated in a thread of its own. Every candidate's error is that of
+a full-block forward with the ``sparsify`` masks under the same rules (bit for bit with MKL on x86: the ops are
+the same and act on each token, attention on each sequence, on its own; tests/test_greedy.py).
+Memory: one block's activations (a few per candidate) at a time. Trajectories are cached on disk
 (``modeling.cache_root()/greedy``, keyed by the model's weights and the search settings), written after
 every block, so an interrupted search resumes at the first unfinished block and a higher level extends the
 recorded trajectory.
@@ -25,7 +31,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,13 +84,13 @@ def default_cache_dir() -> Path:
 
 
 class _Rule:
-    """Forward pre-hook with a mutable mask: ``k`` (top-k) or ``threshold``; None = identity."""
+    """Masking rule of one projection: ``k`` (top-k) or ``threshold``; None = identity."""
 
     def __init__(self) -> None:
         self.k: int | None = None
         self.threshold: float | None = None
 
-    def __call__(self, module, args):
+    def __call__(self, module, args):  # forward pre-hook of the full-block forward
         x = args[0]
         if self.k is not None:
             x = mask_topk(x, self.k)
@@ -91,8 +99,183 @@ class _Rule:
         return (x, *args[1:])
 
 
+#: per thread: the q / k / v outputs the attention module reads instead of running its projections (None: run them)
+_LOCAL = threading.local()
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="acttail-greedy")
+    return _POOL
+
+
+class _Input:
+    """A projection input of one state of the block, with what its masks need: |x| and, for top-k, |x| sorted per
+    token (once, on the first top-k mask; rules only rise, so later masks of this input reuse it)."""
+
+    __slots__ = ("x", "abs", "sorted")
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.abs: torch.Tensor | None = None
+        self.sorted: torch.Tensor | None = None
+
+    def mask(self, rule, mode: str, out: torch.Tensor) -> torch.Tensor:
+        """The input under ``rule`` (top-k ``k`` or threshold; None = unmasked), bit for bit what the ``sparsify``
+        masks give (``mask_topk``; ``x * (|x| > t)``), written into ``out`` where it is masked."""
+        x = self.x
+        if rule is None:
+            return x
+        if mode == "topk" and (rule >= x.shape[-1] or rule <= 0):
+            return mask_topk(x, rule)
+        if self.abs is None:
+            self.abs = x.abs()
+        if mode != "topk":
+            return torch.gt(self.abs, rule, out=out).mul_(x)
+        # the k largest |x| of a token are those at or above its k-th largest whenever the k-th and (k+1)-th largest
+        # differ (the top-k set is then unique); a token where they tie takes mask_topk's own choice
+        d, k = x.shape[-1], rule
+        if self.sorted is None:
+            flat = self.abs.reshape(-1, d)
+            if flat.device.type == "cpu" and flat.dtype == torch.float32:
+                # numpy's vectorized sort is several times faster than torch.sort; |x| >= 0, so its float32 bits sort
+                # as int32 in the same order (a little faster still)
+                self.sorted = flat.clone()
+                self.sorted.numpy().view(np.int32).sort(axis=-1)
+            else:
+                self.sorted = torch.sort(flat, dim=-1).values
+        kth = self.sorted[:, d - k]
+        out = torch.ge(self.abs, kth.view(*x.shape[:-1], 1), out=out).mul_(x)
+        tied = self.sorted[:, d - k - 1] == kth
+        if bool(tied.any()):
+            rows = tied.nonzero().flatten()
+            out.view(-1, d)[rows] = mask_topk(x.reshape(-1, d)[rows], k)
+        return out
+
+
+def _batch_rows(value, rows: slice, batch: int):
+    """``value`` (a layer keyword argument) restricted to the sequences ``rows``: tensors (or tuples of them) with at
+    least two dimensions whose first one is the batch are sliced, anything else is kept."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+        return value[rows]
+    if isinstance(value, tuple):
+        return tuple(_batch_rows(v, rows, batch) for v in value)
+    return value
+
+
+class _Shard:
+    """The search's block on some of the calibration sequences: its memo of intermediate tensors, keyed by rules.
+
+    Every tensor of the block is a function of the rules of the projections upstream of it (``_DEPENDS``): the q /
+    k / v outputs of their own rule (their input, the normed block input, is fixed), the attention output of
+    (q, k, v), the residual sum and the MLP input of (q, k, v, o), the gate / up outputs of those and their own
+    rule, the down input of (q, k, v, o, gate, up), the block output of all seven. A candidate computes only the
+    tensors whose key no candidate has computed yet: after a down step, for instance, every candidate's down input
+    is the one of the step before and only down_proj runs again. Every op acts on each token (attention: on each
+    sequence) on its own, so the shards' rows equal those of the whole batch, bit for bit.
+    """
+
+    _DEPENDS = {"q": (0,), "k": (1,), "v": (2,), "attn": (0, 1, 2), "mid": (0, 1, 2, 3), "gate": (0, 1, 2, 3, 4),
+                "up": (0, 1, 2, 3, 5), "act": (0, 1, 2, 3, 4, 5), "out": (0, 1, 2, 3, 4, 5, 6)}
+
+    def __init__(self, search: "BlockSearch", rows: slice, attn_kwargs: dict):
+        batch = search.hidden.shape[0]
+        self.search, self.mode = search, search.settings.mode
+        self.hidden, self.target = search.hidden[rows], search.target[rows]
+        self.normed = _Input(search._inputs["q_proj"][rows])  # input of q / k / v: the same in every state
+        self.attn_kwargs = {k: _batch_rows(v, rows, batch) for k, v in attn_kwargs.items()}
+        self.memo: dict[tuple, object] = {}
+        self._buffers: dict[int, torch.Tensor] = {}
+        # the dense forward's tensors (its rules: none) start the memo: the first step's candidates read them
+        view, keys = search._view, search._view["keys"]
+
+        def put(name, value):
+            self.memo[(name, *(keys[i] for i in self._DEPENDS[name]))] = value
+
+        for kind in ("q_proj", "k_proj", "v_proj"):
+            put(kind[0], view["outputs"][kind][rows])
+        attn = _Input(view["inputs"]["o_proj"][rows])
+        put("attn", attn)
+        put("mid", (view["mid"][rows], _Input(view["inputs"]["gate_proj"][rows]), attn))
+        gate, up = view["outputs"]["gate_proj"][rows], view["outputs"]["up_proj"][rows]
+        put("gate", gate)
+        put("up", up)
+        put("act", (_Input(view["inputs"]["down_proj"][rows]), gate, up))
+
+    def _memoized(self, name: str, keys: tuple, compute):
+        key = (name, *(keys[i] for i in self._DEPENDS[name]))
+        value = self.memo.get(key)
+        if value is None:
+            value = self.memo[key] = compute()
+        return value
+
+    def evict(self, live: set) -> None:
+        self.memo = {key: value for key, value in self.memo.items() if key in live}
+
+    def _linear(self, kind: str, data: _Input, keys: tuple) -> torch.Tensor:
+        x = data.x
+        buffer = self._buffers.get(x.shape[-1])  # the masked input lives only until its projection has run
+        if buffer is None or buffer.shape != x.shape:
+            buffer = self._buffers[x.shape[-1]] = torch.empty_like(x)
+        return self.search.modules[kind](data.mask(keys[PROJECTION_KINDS.index(kind)], self.mode, buffer))
+
+    def _attention(self, keys: tuple) -> _Input:
+        """o_proj's input: the attention module's own forward, its q / k / v projections replaced by the memoized
+        outputs of ``keys`` and o_proj by the identity (``BlockSearch._route``)."""
+        _LOCAL.projections = {kind: self._memoized(kind[0], keys, lambda kind=kind: self._linear(kind, self.normed, keys))
+                              for kind in ("q_proj", "k_proj", "v_proj")}
+        try:
+            result = self.search.layer.self_attn(**{**self.attn_kwargs, "hidden_states": self.normed.x})
+        finally:
+            _LOCAL.projections = None
+        return _Input(result[0] if isinstance(result, tuple) else result)
+
+    def mid(self, keys: tuple) -> tuple[torch.Tensor, _Input, _Input]:
+        """(residual sum after attention, MLP input, o_proj's input)."""
+        def compute():
+            attn = self._memoized("attn", keys, lambda: self._attention(keys))
+            mid = self.hidden + self._linear("o_proj", attn, keys)
+            return mid, _Input(self.search.layer.post_attention_layernorm(mid)), attn
+        return self._memoized("mid", keys, compute)
+
+    def act(self, keys: tuple) -> tuple[_Input, torch.Tensor, torch.Tensor]:
+        """(down_proj's input, LlamaMLP's ``act(gate(h)) * up(h)``; the gate output; the up output)."""
+        def compute():
+            h = self.mid(keys)[1]
+            gate = self._memoized("gate", keys, lambda: self._linear("gate_proj", h, keys))
+            up = self._memoized("up", keys, lambda: self._linear("up_proj", h, keys))
+            act = self.search.layer.mlp.act_fn(gate)
+            return _Input(act * up if act is gate else act.mul_(up)), gate, up  # (in place: one allocation less)
+        return self._memoized("act", keys, compute)
+
+    def output(self, keys: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block output, per token the L2 distance to the dense output in float64) under the rules ``keys``."""
+        def compute():
+            out = self.mid(keys)[0] + self._linear("down_proj", self.act(keys)[0], keys)
+            return out, (out - self.target).double().norm(dim=-1)
+        return self._memoized("out", keys, compute)
+
+    def distances(self, candidates: list[tuple], threads: int | None = None) -> list[torch.Tensor]:
+        """Per candidate (a tuple of rules), the per-token distances. ``threads``: torch threads of this (pool)
+        thread; inference mode is per thread, so it is entered here."""
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return [self.output(keys)[1] for keys in candidates]
+
+
 class BlockSearch:
-    """Greedy state of one decoder block: current budgets, masking hooks and the caches of the current state."""
+    """Greedy state of one decoder block: current budgets and rules, and the memo of the block's tensors.
+
+    On CPU the block's calibration sequences are split into shards, as many as torch threads (at most one per
+    sequence), each evaluated in a thread of its own with its share of the threads (one, at the default two threads
+    and eight sequences) and its own memo (:class:`_Shard`). The masks' sorts run in numpy, in the calling thread:
+    one shard per core gives them every core (next to one multi-threaded torch run they would get one, torch's idle
+    workers spinning on the other), and the shards need no synchronization inside a step. A candidate's error is
+    the mean over all tokens of the shards' per-token distances, the same float64 reduction as over the whole batch.
+    """
 
     def __init__(self, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, settings: GreedySettings):
         self.layer, self.hidden, self.kwargs, self.settings = layer, hidden, kwargs, settings
@@ -100,89 +283,136 @@ class BlockSearch:
         self.params = np.array([m.in_features * m.out_features for m in self.modules.values()], dtype=np.float64)
         self.rules = {kind: _Rule() for kind in PROJECTION_KINDS}
         self.sparsity = np.zeros(len(PROJECTION_KINDS))
-        self._inputs: dict[str, torch.Tensor] = {}
-        self._outputs: dict[str, torch.Tensor] = {}  # gate_proj / up_proj outputs of the current state
         self._sorted: dict[str, torch.Tensor] = {}
-        self._capture = True
-        self._handles = [m.register_forward_pre_hook(self._record(kind)) for kind, m in self.modules.items()]
-        self._handles += [m.register_forward_pre_hook(self.rules[kind]) for kind, m in self.modules.items()]
-        self._handles += [self.modules[kind].register_forward_hook(self._record_output(kind)) for kind in ("gate_proj", "up_proj")]
-        self.target = self.forward()  # dense output (no rule set yet) and the dense inputs
+        self._view: dict | None = None
+        self._shards: list[_Shard] = []
+        self.target = self.forward(capture=True)  # dense output (no rule set yet) and the dense inputs
         if settings.mode == "threshold":
             self._sorted = {k: torch.sort(self._inputs[k].abs().flatten()).values for k in ("q_proj", "o_proj", "gate_proj", "down_proj")}
+        batch, threads = hidden.shape[0], torch.get_num_threads()
+        shards = max(1, min(threads, batch)) if hidden.device.type == "cpu" else 1
+        self._shard_threads = max(1, threads // shards)
+        bounds = np.linspace(0, batch, shards + 1).astype(int)
+        self._shards = [_Shard(self, slice(int(a), int(b)), self._attn_kwargs) for a, b in zip(bounds[:-1], bounds[1:])]
+        self._routed: dict[str, object] = {}
+        self._route()
 
-    def _record(self, kind: str):
-        """Keep the raw (pre-mask) inputs of one reader per shared input while capturing."""
-        def hook(module, args):
-            if self._capture and kind in ("q_proj", "o_proj", "gate_proj", "down_proj"):
-                self._inputs[kind] = args[0]
-        return hook
+    def _route(self) -> None:
+        """Let the attention module read the q / k / v outputs a shard sets in ``_LOCAL`` (and skip o_proj) while it
+        does; otherwise the projections run as before (an instance ``forward`` set by others, e.g. accelerate's
+        offload hooks, is kept and restored)."""
+        for kind in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            module = self.modules[kind]
+            self._routed[kind] = module.__dict__.get("forward")
+            original = module.forward
 
-    def _record_output(self, kind: str):
-        """Keep a gate / up projection's output while capturing (a candidate on the other one reuses it)."""
-        def hook(module, args, output):
-            if self._capture:
-                self._outputs[kind] = output
-        return hook
+            def forward(x, kind=kind, original=original):
+                given = getattr(_LOCAL, "projections", None)
+                if given is None:
+                    return original(x)
+                return x if kind == "o_proj" else given[kind]
+
+            module.forward = forward
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for kind, previous in self._routed.items():
+            if previous is None:
+                del self.modules[kind].forward
+            else:
+                self.modules[kind].forward = previous
+        self._routed = {}
+        for shard in self._shards:
+            shard.memo.clear()
 
-    # --- block pieces ------------------------------------------------------------------------------
-    def forward(self) -> torch.Tensor:
-        """Full block output under the current rules (and refresh the caches of the current state)."""
-        self._capture = True
-        out = self.layer(self.hidden, **self.kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        self._mid = self.hidden + self.modules["o_proj"](self._inputs["o_proj"])
-        self._capture = False
+    # --- full-block forward (hooks) -------------------------------------------------------------------
+    def forward(self, capture: bool = False) -> torch.Tensor:
+        """Full block output under the current rules, by the layer's own forward with masking hooks; the state
+        tensors (``_inputs``, ``_outputs``, ``_mid``) are then this forward's."""
+        inputs, outputs = {}, {}
+
+        def record(kind):
+            def hook(module, args):
+                inputs[kind] = args[0]
+            return hook
+
+        def record_output(kind):
+            def hook(module, args, output):
+                outputs[kind] = output
+            return hook
+
+        def record_attn(module, args, kwargs):
+            self._attn_kwargs = dict(kwargs)
+
+        handles = [self.layer.self_attn.register_forward_pre_hook(record_attn, with_kwargs=True)] if capture else []
+        handles += [self.modules[k].register_forward_pre_hook(record(k)) for k in ("q_proj", "o_proj", "gate_proj", "down_proj")]
+        handles += [m.register_forward_pre_hook(self.rules[kind]) for kind, m in self.modules.items()]
+        handles += [self.modules[k].register_forward_hook(record_output(k)) for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+        try:
+            out = self.layer(self.hidden, **self.kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            mid = self.hidden + self.modules["o_proj"](inputs["o_proj"])
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._view = {"mid": mid, "inputs": inputs, "outputs": outputs, "keys": self._keys()}
         return out
 
-    def _from_o(self) -> torch.Tensor:
-        mid = self.hidden + self.modules["o_proj"](self._inputs["o_proj"])
-        return mid + self.layer.mlp(self.layer.post_attention_layernorm(mid))
+    # --- state tensors ------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        if self._view is None:
+            keys = self._keys()
+            parts = [(shard.mid(keys), shard.act(keys), shard.normed.x) for shard in self._shards]
+            cat = (lambda ts: ts[0]) if len(parts) == 1 else (lambda ts: torch.cat(ts))
+            self._view = {
+                "mid": cat([m[0] for m, _, _ in parts]),
+                "inputs": {"q_proj": cat([n for _, _, n in parts]), "o_proj": cat([m[2].x for m, _, _ in parts]),
+                           "gate_proj": cat([m[1].x for m, _, _ in parts]), "down_proj": cat([a[0].x for _, a, _ in parts])},
+                "outputs": {"gate_proj": cat([a[1] for _, a, _ in parts]), "up_proj": cat([a[2] for _, a, _ in parts])},
+            }
+        return self._view
 
-    def _gate_up(self, changed: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate, up) projection outputs with ``changed``'s rule as set, the other one from the current state (the
-        MLP input is the same: only the rules of the MLP's projections differ)."""
-        h = self._inputs["gate_proj"]
-        gate = self.modules["gate_proj"](h) if changed == "gate_proj" else self._outputs["gate_proj"]
-        up = self.modules["up_proj"](h) if changed == "up_proj" else self._outputs["up_proj"]
-        return gate, up
+    @property
+    def _mid(self) -> torch.Tensor:
+        return self._state()["mid"]
 
-    def _from_gate_up(self, changed: str) -> torch.Tensor:
-        """Block output for a gate or up candidate: LlamaMLP's ``down(act(gate(h)) * up(h))`` with one of the two
-        products recomputed."""
-        gate, up = self._gate_up(changed)
-        return self._mid + self.modules["down_proj"](self.layer.mlp.act_fn(gate) * up)
+    @property
+    def _inputs(self) -> dict[str, torch.Tensor]:
+        """Raw (pre-mask) inputs of q_proj (= k, v), o_proj, gate_proj (= up) and down_proj in the current state."""
+        return self._state()["inputs"]
 
-    def _from_down(self) -> torch.Tensor:
-        return self._mid + self.modules["down_proj"](self._inputs["down_proj"])
+    @property
+    def _outputs(self) -> dict[str, torch.Tensor]:
+        """gate_proj / up_proj outputs in the current state."""
+        return self._state()["outputs"]
 
-    def output(self, changed: str) -> torch.Tensor:
-        """Block output with the rules as set, recomputing only what ``changed`` affects."""
-        if changed in ("q_proj", "k_proj", "v_proj"):
-            out = self.layer(self.hidden, **self.kwargs)
-            return out[0] if isinstance(out, tuple) else out
-        if changed == "o_proj":
-            return self._from_o()
-        return self._from_down() if changed == "down_proj" else self._from_gate_up(changed)
+    def _keys(self) -> tuple:
+        """The current rules, one hashable key per projection (PROJECTION_KINDS order)."""
+        return tuple(rule.k if self.settings.mode == "topk" else rule.threshold for rule in self.rules.values())
 
-    def commit(self, changed: str) -> None:
-        """Refresh the caches of the current state after ``changed``'s rule was raised, recomputing only what it
-        affects: the whole block (q/k/v), the MLP (o), one MLP product (gate/up) or nothing (down)."""
-        if changed in ("q_proj", "k_proj", "v_proj"):
-            self.forward()
-        elif changed == "o_proj":  # the attention output is unchanged: the residual sum and the MLP again
-            self._capture = True
-            self._mid = self.hidden + self.modules["o_proj"](self._inputs["o_proj"])
-            self.layer.mlp(self.layer.post_attention_layernorm(self._mid))
-            self._capture = False
-        elif changed in ("gate_proj", "up_proj"):
-            gate, up = self._gate_up(changed)
-            self._outputs.update(gate_proj=gate, up_proj=up)
-            self._inputs["down_proj"] = self.layer.mlp.act_fn(gate) * up
+    def _distances(self, candidates: list[tuple]) -> list[torch.Tensor]:
+        """Per candidate (a tuple of rules), the per-token distances to the dense output over all shards."""
+        if len(self._shards) == 1:
+            return self._shards[0].distances(candidates)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self._shard_threads)  # what a pool thread starting now inherits
+        try:
+            parts = list(_pool(len(self._shards)).map(lambda shard: shard.distances(candidates, self._shard_threads),
+                                                      self._shards))
+        finally:
+            torch.set_num_threads(threads)
+        return [torch.cat([part[j] for part in parts]) for j in range(len(candidates))]
+
+    def output(self, changed: str | None = None) -> torch.Tensor:
+        """Block output with the rules as set (``changed``: unused, kept for callers of the former API)."""
+        keys = self._keys()
+        outs = [shard.output(keys)[0] for shard in self._shards]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def commit(self, changed: str | None = None) -> None:
+        """Make the state tensors (``_inputs``, ``_outputs``, ``_mid``) those of the rules as set (memoized: computed
+        only where no candidate computed them)."""
+        self._view = None
+        self._state()
 
     def error(self, out: torch.Tensor) -> float:
         """Mean over tokens of ||out − dense||₂ over the hidden dimension."""
@@ -211,20 +441,35 @@ class BlockSearch:
                 out.append((i, min(self.settings.s_max, s + steps[i])))
         return out
 
-    def step(self) -> tuple[int, float, list[float]]:
-        """One greedy step: (chosen index, its error, every candidate's error in PROJECTION_KINDS order, inf if skipped)."""
-        errors = [float("inf")] * len(PROJECTION_KINDS)
+    def _candidate_keys(self) -> list[tuple[int, tuple]]:
+        """(projection index, the rules with that projection raised) for every candidate of the current state."""
+        out = []
         for i, value in self.candidates():
             old = self.sparsity[i]
             self.set_sparsity(i, value)
-            errors[i] = self.error(self.output(PROJECTION_KINDS[i]))
+            out.append((i, self._keys()))
             self.set_sparsity(i, old)
+        return out
+
+    def step(self) -> tuple[int, float, list[float]]:
+        """One greedy step: (chosen index, its error, every candidate's error in PROJECTION_KINDS order, inf if skipped)."""
+        errors = [float("inf")] * len(PROJECTION_KINDS)
+        candidates = self._candidate_keys()
+        for (i, _), distances in zip(candidates, self._distances([keys for _, keys in candidates])):
+            errors[i] = float(distances.mean())
         best = int(np.argmin(errors))
         if not np.isfinite(errors[best]):
             raise ActTailError("greedy search: every projection is at s_max; lower the level")
         self.sparsity[best] = dict(self.candidates())[best]
         self.set_sparsity(best, self.sparsity[best])
-        self.commit(PROJECTION_KINDS[best])
+        self._view = None
+        # drop the memo entries that neither the new state nor its candidates read (rules only rise: they do not
+        # come back)
+        live = set()
+        for keys in [self._keys()] + [keys for _, keys in self._candidate_keys()]:
+            live.update((name, *(keys[i] for i in depends)) for name, depends in _Shard._DEPENDS.items())
+        for shard in self._shards:
+            shard.evict(live)
         return best, errors[best], errors
 
     def run(self, trajectory: list[list[float]], max_level: float) -> list[list[float]]:
@@ -234,7 +479,7 @@ class BlockSearch:
         self.sparsity = np.array(trajectory[-1], dtype=np.float64)
         for i, value in enumerate(self.sparsity):
             self.set_sparsity(i, value)
-        self.forward()
+        self._view = None
         with torch.inference_mode():
             while self.level() < max_level - 1e-12:
                 self.step()
@@ -313,10 +558,10 @@ def search(
         raise ActTailError(f"greedy search: {len(wanted)} levels for {len(layers)} blocks")
     if max(wanted) > settings.s_max:
         raise ActTailError(f"greedy search: level {max(wanted)} is above s_max {settings.s_max}")
-    path = None
-    key = {"version": CACHE_VERSION, "settings": asdict(settings), "model": model_digest(model),
-           "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
-    if cache_dir is not False:
+    path = key = None
+    if cache_dir is not False:  # the key hashes every weight (a second on a 135M model): only for the cache
+        key = {"version": CACHE_VERSION, "settings": asdict(settings), "model": model_digest(model),
+               "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
         path = _cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), key)
     cached = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     trajectories = {int(k): v for k, v in cached.get("trajectories", {}).items()}

@@ -3,16 +3,40 @@ top-k mode, every block searched to one level, no cache (docs/allocation.md, sec
 
     python benchmarks/greedy_time.py --data PATH/wikitext-2/wiki.valid.raw --level 0.5 \
         --output docs/results/allocation/greedy_time_smollm2_cpu.json
+
+The row records the load averages (1, 5, 15 min) before and after the search and, before and after, the float32
+GEMM speed of the machine at the same threads (GFLOPS of a block's down_proj shape): on a shared machine the
+search time only means something next to them. ``trajectories_sha256`` identifies every step's budgets.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+
+def gemm_gflops(repeats: int = 20) -> float:
+    """float32 GFLOPS of ``linear([1024, 1536], [576, 1536])`` (SmolLM2's down_proj on 8 × 128 tokens)."""
+    import torch
+
+    x, w = torch.randn(1024, 1536), torch.randn(576, 1536)
+    torch.nn.functional.linear(x, w)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.nn.functional.linear(x, w)
+    return round(2 * 1024 * 1536 * 576 * repeats / (time.perf_counter() - start) / 1e9, 1)
+
+
+def trajectories_digest(trajectories: dict[int, list[list[float]]]) -> str:
+    """sha256 (16 hex digits) of the trajectories' JSON: every step's budgets, so two implementations of the search
+    that choose alike give the same digest."""
+    return hashlib.sha256(json.dumps(trajectories, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def main() -> None:
@@ -30,12 +54,18 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(default_model_path())
+    load_before, gflops_before = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
     start = time.perf_counter()
     trajectories = greedy.search_for(model, tokenizer, "teal-greedy", [args.level], "topk", args.data, cache_dir=False,
                                      progress=True)
-    row = {"model": "SmolLM2-135M-Instruct", "level": args.level, "seconds": round(time.perf_counter() - start, 1),
+    seconds = round(time.perf_counter() - start, 1)
+    load_after, gflops_after = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
+    row = {"model": "SmolLM2-135M-Instruct", "level": args.level, "seconds": seconds,
            "settings": asdict(greedy.GreedySettings()), "threads": args.threads, "blocks": len(trajectories),
-           "steps": sum(len(v) - 1 for v in trajectories.values()), "cpu": platform.processor() or platform.machine()}
+           "steps": sum(len(v) - 1 for v in trajectories.values()), "cpu": platform.processor() or platform.machine(),
+           "cores": os.cpu_count(), "load_before": load_before, "load_after": load_after,
+           "gemm_gflops_before": gflops_before, "gemm_gflops_after": gflops_after,
+           "trajectories_sha256": trajectories_digest(trajectories)}
     print(json.dumps(row))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,49 @@ def test_commit_refreshes_the_caches_a_full_forward_would(tiny, mode, kind):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("d", [7, 64, 160])
+def test_memo_masks_are_the_sparsify_masks_bit_for_bit(d):
+    """A top-k mask read off the sorted |x| of a token equals ``mask_topk`` (signs of the zeros included), also for
+    tokens where the k-th and (k+1)-th largest tie (those take ``mask_topk``'s own choice); threshold masks equal
+    ``x * (|x| > t)``."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 4, d, generator=g)
+    x[0, 0, : d // 2 + 1] = 0.5 * torch.sign(torch.randn(d // 2 + 1, generator=g))  # a tie across every boundary
+    x[0, 1] = 0.0
+    x[1, 2] = torch.randint(-2, 3, (d,), generator=g).float()  # few distinct magnitudes
+    data = greedy._Input(x)
+    for k in sorted({0, 1, d // 3, d // 2, d // 2 + 1, d - 1, d, d + 1}):
+        got, want = data.mask(k, "topk", torch.empty_like(x)), mask_topk(x, k)
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), k
+    for t in (0.0, 0.5, 1.0):
+        got, want = greedy._Input(x).mask(t, "threshold", torch.empty_like(x)), x * (x.abs() > t)
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), t
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_shards_give_the_errors_of_the_whole_batch(tiny, mode):
+    """On CPU a block's sequences are split into one shard per torch thread, each evaluated in a thread of its own:
+    every candidate's error equals, bit for bit, that of a single-threaded search on the whole batch."""
+    model, windows = tiny
+    hidden, kwargs = greedy.block_inputs(model, windows)
+    threads, runs = torch.get_num_threads(), []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            with torch.inference_mode():
+                search = greedy.BlockSearch(model.model.layers[0], hidden, kwargs, greedy.GreedySettings(mode=mode, **SETTINGS))
+                try:
+                    assert len(search._shards) == n
+                    runs.append([search.step() for _ in range(15)])
+                finally:
+                    search.close()
+        finally:
+            torch.set_num_threads(threads)
+    assert runs[0] == runs[1]
+    # the projections' forward is the module's own again
+    assert not any("forward" in vars(m) for m in search.modules.values())
+
+
 def test_budgets_at_reach_the_target_exactly(tiny):
     model, windows = tiny
     trajectories = greedy.search(model, windows, 0.7, greedy.GreedySettings(**SETTINGS), cache_dir=False, progress=False)
