@@ -102,12 +102,15 @@ class _Rule:
 #: per thread: the q / k / v outputs the attention module reads instead of running its projections (None: run them)
 _LOCAL = threading.local()
 _POOL: ThreadPoolExecutor | None = None
+_POOL_WORKERS = 0  # the size _POOL was created with
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL._max_workers < workers:
+    """The module's thread pool, grown (replaced) when a search needs more workers than it has."""
+    global _POOL, _POOL_WORKERS
+    if _POOL is None or _POOL_WORKERS < workers:
         _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="acttail-greedy")
+        _POOL_WORKERS = workers
     return _POOL
 
 
