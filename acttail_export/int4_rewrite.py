@@ -210,6 +210,7 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
         members.setdefault(node.name, []).append(name)
         nodes[node.name] = node
     inits = {i.name: i for i in graph.graph.initializer}
+    by_name = config.by_name()
     replaced: dict[str, onnx.NodeProto] = {}
     new_inits: list[onnx.TensorProto] = []
     for node_name, names in members.items():
@@ -223,6 +224,9 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
         np_dtype = helper.tensor_dtype_to_np_dtype(w.data_type)
         fused = node.op_type == CUSTOM_OP
         tensors, new = (_nbits_node if fused else _ort_node)(node, qw, np_dtype)
+        if fused and not any(a.name == "density" for a in new.attribute):
+            new.attribute.append(helper.make_attribute("density", expected_density([by_name[n] for n in names],
+                                                                                   [weights[n].N for n in names])))
         new_inits.extend(tensors)
         replaced[node_name] = new
     used = {i for n in graph.graph.node if n.name not in replaced for i in n.input}
@@ -238,6 +242,14 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
         graph.opset_import.append(helper.make_opsetid(domain, CUSTOM_OPSET if domain == CUSTOM_DOMAIN else 1))
     logger.info("4-bit weights: %d projection MatMuls rewritten, %d float weights removed", len(replaced), len(old))
     return len(replaced)
+
+
+def expected_density(members: list, widths: list[int]) -> float:
+    """The ``density`` attribute of a 4-bit op: the fraction of input channels its members keep by their budgets
+    (1 - sparsity), weighted by their output columns. The CUDA op takes its one-row decode loop for nodes kept at 45 %
+    or more (docs/kernels.md); results do not depend on it."""
+    kept = sum((1.0 - p.sparsity) * w for p, w in zip(members, widths))
+    return round(min(1.0, max(0.0, kept / sum(widths))), 4)
 
 
 def _nbits_node(node: onnx.NodeProto, qw: QuantizedWeight, np_dtype) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:

@@ -14,7 +14,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 BLOCK = 32
-VARIANT_FIELDS = ("cols_per_lane", "blocks_per_sm", "use_cublas", "stream_scratch", "prefetch", "stage", "kernel", "splits")
+VARIANT_FIELDS = ("cols_per_lane", "blocks_per_sm", "use_cublas", "stream_scratch", "prefetch", "stage", "kernel", "splits", "chunk_kb",
+                  "chunk_cols")
 
 
 class NBitsCall(ctypes.Structure):
@@ -25,7 +26,7 @@ class NBitsCall(ctypes.Structure):
                 ("scale", ctypes.c_void_p), ("scale_rows", ctypes.c_longlong), ("y", ctypes.c_void_p), ("workspace", ctypes.c_void_p),
                 ("stream", ctypes.c_void_p), ("M", ctypes.c_longlong), ("K", ctypes.c_longlong), ("N", ctypes.c_longlong),
                 ("B", ctypes.c_longlong), ("topk", ctypes.c_int), ("ramp", ctypes.c_float), ("G", ctypes.c_int),
-                ("ends", ctypes.POINTER(ctypes.c_longlong)), ("ks", ctypes.POINTER(ctypes.c_longlong))]
+                ("ends", ctypes.POINTER(ctypes.c_longlong)), ("ks", ctypes.POINTER(ctypes.c_longlong)), ("density", ctypes.c_float)]
 
 
 class NBitsVariant(ctypes.Structure):
@@ -42,7 +43,7 @@ class Harness:
         self.err = ctypes.create_string_buffer(512)
         self.lib.acttail_nbits_bench_run.argtypes = [ctypes.POINTER(NBitsCall), ctypes.POINTER(NBitsVariant), ctypes.c_char_p, ctypes.c_int]
         self.lib.acttail_nbits_bench_run.restype = ctypes.c_int
-        self.lib.acttail_nbits_bench_workspace_bytes.argtypes = [ctypes.POINTER(NBitsCall)]
+        self.lib.acttail_nbits_bench_workspace_bytes.argtypes = [ctypes.POINTER(NBitsCall), ctypes.POINTER(NBitsVariant)]
         self.lib.acttail_nbits_bench_workspace_bytes.restype = ctypes.c_longlong
         floor = getattr(self.lib, "acttail_bench_read_floor", None)
         if floor is not None:
@@ -52,8 +53,9 @@ class Harness:
 
     @staticmethod
     def call(x, q, scales, offsets, y, *, thresholds=None, scale=None, workspace=None, topk: bool, ks=(0,), ends=None,
-             ramp: float = 0.0, block: int = BLOCK) -> NBitsCall:
-        """An NBitsCall for torch tensors (x [M, K], q [K, ceil(N/2)] uint8, scales / offsets [ceil(K/B), N], y [M, N])."""
+             ramp: float = 0.0, block: int = BLOCK, density: float = -1.0) -> NBitsCall:
+        """An NBitsCall for torch tensors (x [M, K], q [K, ceil(N/2)] uint8, scales / offsets [ceil(K/B), N], y [M, N]);
+        density: the node's attribute (the expected kept fraction, threshold mode; < 0: not given)."""
         import torch
 
         G = len(ends) if ends else 1
@@ -66,7 +68,7 @@ class Harness:
         c.scale_rows = (1 if scale.dim() == 1 else scale.shape[0]) if scale is not None else 0
         c.workspace = workspace.data_ptr() if workspace is not None else None
         c.M, c.K, c.N, c.B = x.shape[0], x.shape[1], y.shape[1], block
-        c.topk, c.ramp, c.G = int(topk), float(ramp), G
+        c.topk, c.ramp, c.G, c.density = int(topk), float(ramp), G, float(density)
         ends_arr = (ctypes.c_longlong * G)(*(ends or [y.shape[1]]))
         ks_arr = (ctypes.c_longlong * G)(*(list(ks) * G if len(ks) == 1 else ks))
         c.ends, c.ks = ends_arr, ks_arr
@@ -76,11 +78,18 @@ class Harness:
         c._keep = (ends_arr, ks_arr, x, q, scales, offsets, y, thresholds, scale, workspace)
         return c
 
-    def workspace(self, call: NBitsCall):
-        """Device workspace the op would allocate for this call (a torch uint8 tensor)."""
+    @staticmethod
+    def _variant(variant: tuple[int, ...] | None) -> NBitsVariant | None:
+        if variant is None:
+            return None
+        return NBitsVariant(*(tuple(variant) + (-1,) * (len(VARIANT_FIELDS) - len(variant))))
+
+    def workspace(self, call: NBitsCall, variant: tuple[int, ...] | None = None):
+        """Device workspace the op would allocate for this call under the variant (a torch uint8 tensor)."""
         import torch
 
-        n = max(int(self.lib.acttail_nbits_bench_workspace_bytes(ctypes.byref(call))), 16)
+        v = self._variant(variant)
+        n = max(int(self.lib.acttail_nbits_bench_workspace_bytes(ctypes.byref(call), ctypes.byref(v) if v is not None else None)), 16)
         return torch.empty((n + 15) // 16 * 16, dtype=torch.uint8, device="cuda")
 
     def run(self, call: NBitsCall, variant: tuple[int, ...] | None = None) -> None:
@@ -88,13 +97,11 @@ class Harness:
         import torch
 
         call.stream = torch.cuda.current_stream().cuda_stream
-        v = None
-        if variant is not None:
-            v = NBitsVariant(*(tuple(variant) + (-1,) * (len(VARIANT_FIELDS) - len(variant))))
+        v = self._variant(variant)
         if self.lib.acttail_nbits_bench_run(ctypes.byref(call), ctypes.byref(v) if v is not None else None, self.err, 512):
             raise RuntimeError(self.err.value.decode())
 
-    def run_case(self, case, variant=None) -> np.ndarray:
+    def run_case(self, case, variant=None, density: float = -1.0) -> np.ndarray:
         """Run a test case (x, packed(), scales, offsets, block, mode, thresholds, scale, ks, segments, ramp) through the
         harness; returns Y as numpy."""
         import torch
@@ -107,8 +114,8 @@ class Harness:
         thr = dev(np.asarray(case.thresholds, np.float32).reshape(-1)) if case.mode == "threshold" else None
         scale = dev(case.scale) if case.scale is not None else None
         c = self.call(x, dev(case.packed()), dev(case.scales), dev(case.offsets), y, thresholds=thr, scale=scale, topk=case.mode == "topk",
-                      ks=case.ks or (0,), ends=case.segments, ramp=case.ramp, block=case.block)
-        ws = self.workspace(c)
+                      ks=case.ks or (0,), ends=case.segments, ramp=case.ramp, block=case.block, density=density)
+        ws = self.workspace(c, variant)
         c.workspace = ws.data_ptr()
         c._keep += (ws,)
         self.run(c, variant)

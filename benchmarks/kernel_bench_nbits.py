@@ -282,6 +282,22 @@ def bench_shape(h: Harness, K: int, N: int, M: int, args, library: str | None, r
             logger.info("%dx%d M=%d %s s=%.1f: graph %.2f us, kernels %.2f us (effective %.2f TB/s, actual %.2f), err %.1e; %s", K, N, M,
                         mode, s, g_us, k_us, row["effective_tb_s"], row["actual_tb_s"], err,
                         ", ".join(f"{n[:30]} {t:.2f}" for n, t in per.items()))
+            for kb in ([int(v) for v in args.prefill_chunks.split(",") if v] if M > 8 and s in (0.0, 0.5) else []):
+                variant = (0, 0, 1, -1, -1, -1, -1, 0, kb, 0)  # cuBLAS prefill, W in chunks of kb KiB (-2: all of W at once)
+                vwork = h.workspace(mk[0], variant)
+                for c in mk:
+                    c.workspace = vwork.data_ptr()
+                h.run(mk[0], variant)
+                verr = float((y.float() - want).abs().max() / want.abs().max().clamp_min(1e-6))
+                calls = [lambda c=c: h.run(c, variant) for c in mk] * reps
+                vg, vk, vper = time_graph(calls, args.reps)
+                rows.append(base | {"method": f"nbits_graph_{mode}_chunk", "chunk_kb": kb, "sparsity": s, "graph_us": vg, "kernel_us": vk,
+                                    "kernels_us": vper, "max_rel_err": verr})
+                logger.info("   chunks of %s: graph %.2f us, kernels %.2f us, err %.1e", "all of W" if kb == -2 else f"{kb} KiB", vg, vk,
+                            verr)
+                for c in mk:
+                    c.workspace = work.data_ptr()
+                del vwork
             if args.floor and h.floor is not None and M == 1 and mode == "threshold":
                 sink = torch.zeros(64, device="cuda", dtype=torch.int32)
                 buf = torch.empty(max(read, 16) * copies, dtype=torch.uint8, device="cuda")
@@ -320,7 +336,7 @@ SWEEP_VARIANTS = {"stream-k": _STREAM_K, "cluster": [(16, 3, 0, 0, 0, 0)] + _CLU
 
 
 def sweep(h: Harness, args) -> list[dict]:
-    """Decode (M = 1) timings of every (columns per lane, blocks per SM) on the shapes, at 0 / 50 / 90 %."""
+    """Decode (M = 1) timings of every (columns per lane, blocks per SM) on the shapes, at 0 / 50 / 90 % (--sweep-sparsities)."""
     import torch
 
     rng = np.random.default_rng(1)
@@ -331,7 +347,7 @@ def sweep(h: Harness, args) -> list[dict]:
         ws = [Weights(rng, K, N) for _ in range(copies)]
         x = torch.randn(1, K, device="cuda", dtype=torch.float16)
         y = torch.empty(1, N, device="cuda", dtype=torch.float16)
-        for s in (0.0, 0.5, 0.9):
+        for s in [float(v) for v in args.sweep_sparsities.split(",")]:
             thr = torch.tensor([float(torch.quantile(x.float().abs(), s)) if s else 0.0], device="cuda")
             mk = [Harness.call(x, w.dev["q_packed"], w.dev["scales"], w.dev["offsets"], y, thresholds=thr, topk=False) for w in ws]
             work = h.workspace(mk[0])
@@ -430,8 +446,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="session runs per ORT timing")
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows (MatMulNBits, the op through ORT)")
     ap.add_argument("--ort-sparsities", default="0,0.5,0.9", help="sparsities at which the op is also timed through ORT")
+    ap.add_argument("--prefill-chunks", default="", help="prefill rows (M > 8) at 0 / 50 %%: also time the cuBLAS path with W "
+                    "dequantized in chunks of these KiB (comma-separated; -2 = all of W at once, the op's choice otherwise)")
     ap.add_argument("--floor", action="store_true", help="also time a plain streaming read of the op's bytes (decode)")
     ap.add_argument("--sweep", action="store_true", help="decode parameter sweep instead (writes nbits_sweep.json)")
+    ap.add_argument("--sweep-sparsities", default="0,0.5,0.9", help="sparsities the sweep times (comma-separated)")
     ap.add_argument("--sweep-kernels", choices=sorted(SWEEP_VARIANTS), default="all", help="which decode kernels the sweep times")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

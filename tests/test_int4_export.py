@@ -118,6 +118,8 @@ def test_graph_ops_and_projection_outputs(exports, name, tmp_path):
             want_y, _ = ref.sparse_matmul_nbits(x, inits[node.input[1]], s, o, a["N"], a["block_size"], mode, [member])
             values, keep = ref.member_values(x, mode, member)
             kept_fraction.append(keep.mean())
+            # the decode-loop hint: the kept fraction of this projection's budget
+            assert a["density"] == pytest.approx(1.0 - p.sparsity, abs=1e-4), pname
         else:  # MatMulNBits: ORT's layout, float zero points; its input is the masked x (or x when dense)
             from acttail_export.quantize import MatMulNBitsWeight, dequantize_matmul_nbits
 
@@ -255,6 +257,17 @@ def test_runtime_loads_and_generates(exports, name):
         logits = session.run(["logits"], decoder_feeds(session, seq))[0]
         seq = np.concatenate([seq, logits[:, -1:].argmax(-1)], axis=1)
     np.testing.assert_array_equal(out, seq)
+
+
+def test_expected_density_weights_members_by_columns():
+    """A packed node's density: its members' kept fractions weighted by their output columns (q | k | v)."""
+    from acttail_export.config import ProjectionConfig
+    from acttail_export.int4_rewrite import expected_density
+
+    q = ProjectionConfig("model.layers.0.self_attn.q_proj", 0, "q_proj", 64, 64, sparsity=0.4, effective_sparsity=0.5)
+    k = ProjectionConfig("model.layers.0.self_attn.k_proj", 0, "k_proj", 64, 16, sparsity=0.8)
+    assert expected_density([q, k], [64, 16]) == pytest.approx((0.6 * 64 + 0.2 * 16) / 80, abs=1e-4)
+    assert expected_density([k], [16]) == pytest.approx(0.2)
 
 
 def test_concat_columns_packs_members_side_by_side():

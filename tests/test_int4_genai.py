@@ -102,6 +102,16 @@ def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports,
     assert all(n.input[0] == found[name.replace("down_proj", "gate_proj")].output[0]
                for name, n in found.items() if name.endswith("down_proj")) == sparse
     assert ("Sigmoid" in {n.op_type for n in graph.graph.node}) != sparse
+    # each fused node's decode-loop hint: its members' kept fractions by budget, weighted by their columns
+    by_name, members = config.by_name(), {}
+    for pname, node in found.items():
+        members.setdefault(node.name, (node, []))[1].append(by_name[pname])
+    for node, ps in members.values():
+        if node.op_type != "SparseMatMulNBits":
+            continue
+        kept = [(1 - p.sparsity) * p.out_features for p in ps]
+        density = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "density")
+        assert density == pytest.approx(sum(kept) / sum(p.out_features for p in ps), abs=1e-4), node.name
     tensors = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
     shapes = {(p.in_features, p.out_features) for p in config.projections}
     assert not [n for n, a in tensors.items() if a.dtype == np.float32 and a.ndim == 2 and a.shape in shapes]

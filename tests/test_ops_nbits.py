@@ -456,10 +456,24 @@ def _session(**kw):
     ({"segments": [2, 5]}, r"attribute segments ends at 5 but W has N=6 columns"),
     ({"ramp": -0.5}, r"ramp must be a finite number >= 0"),
     ({"mode": "threshold", "k": None}, r"threshold mode needs a 5th input \(float32 thresholds"),
+    ({"extra": {"density": 1.5}}, r"attribute density \(the expected fraction of input channels kept\) must be in \[0, 1\], got 1\.5"),
+    ({"extra": {"density": -0.1}}, r"attribute density .* must be in \[0, 1\], got -0\.1"),
 ])
 def test_bad_attributes_fail_at_session_creation(kwargs, message):
     with pytest.raises(Exception, match=message):
         _session(**kwargs)
+
+
+def test_density_attribute_does_not_change_results():
+    """density (the expected kept fraction) only picks a CUDA decode loop: on CPU the outputs are bit for bit those of the
+    same node without it."""
+    rng = np.random.default_rng(9)
+    for dtype in (np.float32, np.float16):
+        case = llm_case(rng, 3, 96, 40, 32, dtype, "threshold", keep=0.6)
+        feeds = case.feeds()
+        want = run_case(case)
+        with_density = make_session(make_model(dtype, 96, 40, 32, "threshold", extra={"density": 0.6}))
+        np.testing.assert_array_equal(with_density.run(None, feeds)[0], want)
 
 
 def test_missing_required_int_attributes():

@@ -224,3 +224,70 @@ def test_one_decode_matches(variant, K, N, B):
 def test_one_decode_members_scales_ramp_inf(variant):
     """The one-row loop: members (inactive lanes past a member's end), scales, ramp, Inf / NaN scales in an unkept block."""
     _check_members_scales_ramp_inf(_harness(), _one(variant), 13)
+
+
+# Prefill in chunks of W (cuda.cu ChoosePrefillChunks): (chunk KiB, columns per chunk); -2 = all of W at once.
+# 1 KiB of 16 columns = 32 rows (float16) / 16 -> 32 rows (float32): many row chunks summed in float32; 1000 columns
+# round up to 1008 (a last chunk of 16 columns at N = 1024); 64 KiB x 256 columns: row and column chunks.
+CHUNK_VARIANTS = [(-2, 0), (1, 16), (64, 256), (16, 1000), (4096, 0)]
+
+
+def _chunked(variant) -> tuple[int, ...]:
+    kb, cols = variant
+    return (0, 0, 1, -1, -1, -1, -1, 0, kb, cols)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", CHUNK_VARIANTS)
+@pytest.mark.parametrize("M,K,N,B", [(12, 1024, 512, 32), (64, 1000, 257, 16), (9, 2080, 1024, 64), (33, 576, 1536, 128),
+                                     (16, 4100, 96, 32)])
+def test_prefill_chunks_match(variant, M, K, N, B):
+    """Prefill with W dequantized chunk by chunk (rows and columns; partial last chunks, N % 16 != 0, a last quant block
+    of 4 rows at K = 4100) against the reference, both modes and float types."""
+    harness = _harness()
+    for dtype in (np.float16, np.float32):
+        for mode, keep in (("threshold", 0.5), ("topk", 0.3)):
+            case = llm_case(np.random.default_rng(M + K + N + B), M, K, N, B, dtype, mode, keep=keep)
+            assert_matches(harness.run_case(case, variant=_chunked(variant)), case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", CHUNK_VARIANTS[1:4])
+def test_prefill_chunks_members_and_inf_scales(variant):
+    """Chunked prefill: members with their own rules whose column ranges cross chunk boundaries, and Inf scales in a
+    later chunk, which arm the exact kernel after the GEMMs."""
+    harness = _harness()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((20, 256)).astype(np.float16)
+    q, scales, offsets = random_weights(rng, 256, 300, 32, np.float16)
+    for case in (Case(x, q, scales, offsets, 32, "threshold", [100, 170, 300], None, np.array([0.2, 0.5, 0.9], np.float32)),
+                 Case(x, q, scales, offsets, 32, "topk", [100, 170, 300], [10, 50, 200], ramp=0.5)):
+        assert_matches(harness.run_case(case, variant=_chunked(variant)), case)
+    scales[6, 250:] = np.inf
+    case = Case(x, q, scales, offsets, 32, "threshold", thresholds=np.array(0.3, np.float32))
+    for _ in range(2):
+        assert_matches(harness.run_case(case, variant=_chunked(variant)), case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode,keep,density,one", [("threshold", 0.6, 0.6, True), ("threshold", 0.6, 0.3, False), ("threshold", 0.6, -1.0, False),
+                                                   ("topk", 0.6, -1.0, True), ("topk", 0.3, -1.0, False)])
+def test_decode_density_dispatch(mode, keep, density, one):
+    """The op's plan for one row: the one-row loop (the kernel instance with ONE = true) when the expected kept fraction
+    (top-k's k, or the density attribute in threshold mode) is at least 0.45 (kOneRowMinDensity), else the stream-K
+    loop; the result matches the reference either way."""
+    import re
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    harness = _harness()
+    case = llm_case(np.random.default_rng(21), 1, 4096, 1024, 32, np.float16, mode, keep=keep)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        y = harness.run_case(case, density=density)
+        torch.cuda.synchronize()
+    assert_matches(y, case)
+    names = [ev.name for ev in prof.events() if "NBitsGemvKernel" in ev.name]
+    assert names, "no decode kernel ran"
+    flags = {re.search(r"NBitsGemvKernel<(.*?)>\(", n).group(1).split(",")[-1].strip() for n in names}
+    assert flags == {"true" if one else "false"}, names

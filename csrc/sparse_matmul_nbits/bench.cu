@@ -40,6 +40,7 @@ struct NBitsCall {
   int G;
   const long long* ends;  // G cumulative column ends (null: one member)
   const long long* ks;    // G values (topk)
+  float density;          // threshold mode: the attribute density (< 0: not given)
 };
 
 /// The variant of one call: 0 = the op's plan; otherwise the given fields override it.
@@ -52,7 +53,27 @@ struct NBitsVariant {
   int stage;           // -1: the op's choice, 0 / 1: force the shared-memory staging of rows (one row of X)
   int kernel;          // -1: the op's choice, 0: stream-K GEMV, 1: cluster GEMV (one row of X, sm_90+), 2: stream-K with tensor cores, 3: stream-K with the one-row loop
   int splits;          // <= 0: the op's choice; cluster GEMV: blocks per tile
+  int chunk_kb;        // prefill: -1 / 0: the op's choice, -2: all of W at once, > 0: chunks of W of at most this many KiB
+  int chunk_cols;      // prefill: <= 0: the op's choice, > 0: columns per chunk
 };
+
+/// The op's plan with a variant's fields applied (null: the op's own plan).
+acttail::nbits::CudaPlan VariantPlan(const acttail::nbits::Problem& p, bool half, const NBitsVariant* variant) {
+  acttail::nbits::CudaPlan plan = acttail::nbits::DefaultPlan(p, half);
+  if (variant == nullptr) return plan;
+  if (variant->cols_per_lane != 0) plan.decode.cols_per_lane = variant->cols_per_lane;
+  if (variant->blocks_per_sm != 0) plan.decode.blocks_per_sm = variant->blocks_per_sm;
+  if (variant->use_cublas >= 0) plan.use_cublas = variant->use_cublas != 0;
+  if (variant->stream_scratch >= 0) plan.stream_scratch = variant->stream_scratch != 0;
+  if (variant->prefetch >= 0) plan.decode.prefetch = variant->prefetch;
+  if (variant->stage >= 0) plan.decode.stage = variant->stage;
+  if (variant->kernel >= 0) plan.decode.kernel = variant->kernel;
+  if (variant->splits > 0) plan.decode.splits = variant->splits;
+  if (variant->chunk_kb == -2) plan.prefill_chunk_bytes = -1;
+  if (variant->chunk_kb > 0) plan.prefill_chunk_bytes = (int64_t)variant->chunk_kb * 1024;
+  if (variant->chunk_cols > 0) plan.prefill_chunk_cols = variant->chunk_cols;
+  return plan;
+}
 
 void ToProblem(const NBitsCall& c, acttail::nbits::Problem& p, acttail::nbits::CudaArgs& a) {
   p.M = c.M;
@@ -62,6 +83,7 @@ void ToProblem(const NBitsCall& c, acttail::nbits::Problem& p, acttail::nbits::C
   p.blocks = (c.K + c.B - 1) / c.B;
   p.threshold_count = c.topk ? 0 : c.threshold_count;
   p.scale_rows = c.scale != nullptr ? c.scale_rows : 0;
+  p.density = c.density;
   const int G = c.G < 1 ? 1 : c.G;
   long long prev = 0;
   for (int g = 0; g < G; ++g) {
@@ -85,12 +107,13 @@ void ToProblem(const NBitsCall& c, acttail::nbits::Problem& p, acttail::nbits::C
 
 }  // namespace
 
-/// Device workspace the op would allocate for this call (bytes).
-extern "C" __attribute__((visibility("default"))) long long acttail_nbits_bench_workspace_bytes(const NBitsCall* call) {
+/// Device workspace the op would allocate for this call under the variant (bytes; null: the op's own plan).
+extern "C" __attribute__((visibility("default"))) long long acttail_nbits_bench_workspace_bytes(const NBitsCall* call,
+                                                                                               const NBitsVariant* variant) {
   acttail::nbits::Problem p;
   acttail::nbits::CudaArgs a;
   ToProblem(*call, p, a);
-  return (long long)acttail::nbits::CudaWorkspaceBytes(p, a, call->half != 0);
+  return (long long)acttail::nbits::CudaWorkspaceBytes(p, a, VariantPlan(p, call->half != 0, variant), call->half != 0);
 }
 
 /// The op's CUDA path with an optional variant (null: the op's own plan).
@@ -99,16 +122,5 @@ extern "C" __attribute__((visibility("default"))) int acttail_nbits_bench_run(co
   acttail::nbits::Problem p;
   acttail::nbits::CudaArgs a;
   ToProblem(*call, p, a);
-  acttail::nbits::CudaPlan plan = acttail::nbits::DefaultPlan(p, call->half != 0);
-  if (variant != nullptr) {
-    if (variant->cols_per_lane != 0) plan.decode.cols_per_lane = variant->cols_per_lane;
-    if (variant->blocks_per_sm != 0) plan.decode.blocks_per_sm = variant->blocks_per_sm;
-    if (variant->use_cublas >= 0) plan.use_cublas = variant->use_cublas != 0;
-    if (variant->stream_scratch >= 0) plan.stream_scratch = variant->stream_scratch != 0;
-    if (variant->prefetch >= 0) plan.decode.prefetch = variant->prefetch;
-    if (variant->stage >= 0) plan.decode.stage = variant->stage;
-    if (variant->kernel >= 0) plan.decode.kernel = variant->kernel;
-    if (variant->splits > 0) plan.decode.splits = variant->splits;
-  }
-  return Report(acttail::nbits::CudaRun(call->half != 0, p, a, plan), err, err_len);
+  return Report(acttail::nbits::CudaRun(call->half != 0, p, a, VariantPlan(p, call->half != 0, variant)), err, err_len);
 }

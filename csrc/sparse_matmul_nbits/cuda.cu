@@ -50,6 +50,19 @@ int CurrentSms() {
   return cache[dev];
 }
 
+/// Bytes of L2 cache of the current device (0 if unknown).
+int64_t CurrentL2Bytes() {
+  static int64_t cache[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (cache[dev] == 0) {
+    int bytes = 0;
+    if (cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, dev) != cudaSuccess || bytes <= 0) return 0;
+    cache[dev] = bytes;
+  }
+  return cache[dev];
+}
+
 // ---- per-stream scratch (zeroed once, left zero by every kernel) ---------------------------------
 /// Zeroed scratch of at least `bytes` owned by (device, stream); every launch leaves it zero again, so only
 /// its allocation is zeroed (stream-ordered). Null if it would have to grow while the stream is being
@@ -147,16 +160,13 @@ cublasHandle_t CublasHandle(cudaStream_t stream) {
   return h;
 }
 
-/// Y[:, c0:c0+n] (ld N) = xm [M, K] @ W[:, c0:c0+n] (ld N), float32 accumulation.
-std::string Gemm(cublasHandle_t h, bool half, const void* xm, const void* w, void* y, int64_t M, int64_t K, int64_t N, int64_t c0,
-                 int64_t n) {
-  const float alpha = 1.0f, beta = 0.0f;
-  const cudaDataType t = half ? CUDA_R_16F : CUDA_R_32F;
-  const size_t e = half ? 2 : 4;
+/// C[M, n] (ld ldc, type ct) = xm [M, K] (ld ldx) @ W[K, n] (ld ldw) + beta * C; A / B of type ab, float32 accumulation.
+std::string Gemm(cublasHandle_t h, cudaDataType ab, const void* xm, int64_t ldx, const void* w, int64_t ldw, void* c, cudaDataType ct,
+                 int64_t ldc, int64_t M, int64_t K, int64_t n, float beta) {
+  const float alpha = 1.0f;
   std::lock_guard<std::mutex> lock(CublasMutex());
-  const int st = Cublas().gemm_ex(h, kCublasOpN, kCublasOpN, (int)n, (int)M, (int)K, &alpha, static_cast<const char*>(w) + c0 * e, t,
-                                  (int)N, xm, t, (int)K, &beta, static_cast<char*>(y) + c0 * e, t, (int)N, kCublasCompute32F,
-                                  kCublasGemmDefault);
+  const int st = Cublas().gemm_ex(h, kCublasOpN, kCublasOpN, (int)n, (int)M, (int)K, &alpha, w, ab, (int)ldw, xm, ab, (int)ldx, &beta, c, ct,
+                                  (int)ldc, kCublasCompute32F, kCublasGemmDefault);
   return st == 0 ? "" : "cublasGemmEx failed with status " + std::to_string(st);
 }
 
@@ -390,9 +400,25 @@ size_t SelectBytes(const Problem& p, const CudaArgs& c) {
   return c.mode == Mode::kTopK ? Up((size_t)(p.M * SelectGroups(p, c)) * sizeof(uint2)) : 0;
 }
 int64_t MaxTiles(const Problem& p) { return Tiles(p.spans, 4, nullptr); }  // 4 columns per lane: the most tiles
-size_t PrefillBytes(const Problem& p, const CudaArgs& c, bool half) {
+/// The prefill's chunks of W: `cols` columns x `rows` rows dequantized at a time (the whole W when it fits the plan's
+/// budget); with rows < K the GEMMs of a column chunk add up in a float32 buffer [M, cols].
+struct PrefillChunks {
+  int64_t cols, rows;
+};
+PrefillChunks ChoosePrefillChunks(const Problem& p, const CudaPlan& plan, size_t e) {
+  const int64_t budget = plan.prefill_chunk_bytes;
+  if (budget <= 0 || p.K * p.N * (int64_t)e <= budget) return {p.N, p.K};
+  int64_t cols = plan.prefill_chunk_cols > 0 ? plan.prefill_chunk_cols : 4096;
+  cols = std::min<int64_t>(p.N, (cols + 15) / 16 * 16);
+  // rows: a multiple of 32 (8-row dequantization items never straddle a quant block, B >= 16), at least 32
+  const int64_t rows = std::min<int64_t>(p.K, std::max<int64_t>(32, budget / (cols * (int64_t)e) / 32 * 32));
+  return {cols, rows};
+}
+size_t PrefillBytes(const Problem& p, const CudaArgs& c, const CudaPlan& plan, bool half) {
   const size_t e = half ? 2 : 4;
-  return Up((size_t)(MaskGroups(p, c) * p.M * p.K) * e) + Up((size_t)(p.K * p.N) * e);
+  const PrefillChunks ch = ChoosePrefillChunks(p, plan, e);
+  const size_t acc = half && ch.rows < p.K ? Up((size_t)(p.M * ch.cols) * 4) : 0;
+  return Up((size_t)(MaskGroups(p, c) * p.M * p.K) * e) + Up((size_t)(ch.rows * ch.cols) * e) + acc;
 }
 
 /// Zeroed scratch: the per-stream one, else the per-call workspace zeroed now (during CUDA graph capture, or
@@ -402,6 +428,17 @@ char* Scratch(cudaStream_t stream, size_t bytes, char* per_call, bool stream_scr
   if (s != nullptr) return static_cast<char*>(s);
   *err = cudaMemsetAsync(per_call, 0, bytes, stream);
   return per_call;
+}
+
+/// Expected fraction of kept input channels over the columns: top-k's k per member, else the density attribute
+/// (-1 when not given).
+float ExpectedDensity(const Problem& p, const CudaArgs& c) {
+  if (c.mode != Mode::kTopK) return p.density;
+  if (p.K == 0 || p.N == 0) return -1.0f;
+  double kept = 0.0;
+  for (int g = 0; g < p.spans.count(); ++g)
+    kept += (double)c.ks[(size_t)g] * (double)(p.spans.end[(size_t)g] - p.spans.begin[(size_t)g]);
+  return (float)(kept / ((double)p.K * (double)p.N));
 }
 
 /// The stream-K decode GEMV (M <= 8).
@@ -416,6 +453,7 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   if (plan.decode.stage >= 0) cfg.stage = plan.decode.stage;
   if (plan.decode.kernel >= 0) cfg.kernel = plan.decode.kernel;
   if (plan.decode.splits > 0) cfg.splits = plan.decode.splits;
+  if (cfg.kernel < 0 && ExpectedDensity(p, c) >= kOneRowMinDensity) cfg.kernel = 3;
   // one row, B >= 32 (a group of 32 rows inside one quant block), the vector layout, clusters on the device
   // (not with an inline activation: the cluster kernel reads x as the op's input)
   if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && !g.swiglu && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
@@ -456,10 +494,12 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   }
   const size_t e = half ? 2 : 4;
   const int groups = MaskGroups(p, c);
+  const PrefillChunks ch = ChoosePrefillChunks(p, plan, e);
   char* xm = ws;
   char* w = ws + Up((size_t)(groups * p.M * p.K) * e);
+  float* acc = reinterpret_cast<float*>(w + Up((size_t)(ch.rows * ch.cols) * e));  // used when half and ch.rows < K
   err = cudaSuccess;
-  char* scratch = Scratch(stream, kAlign, ws + PrefillBytes(p, c, half), plan.stream_scratch, &err);
+  char* scratch = Scratch(stream, kAlign, ws + PrefillBytes(p, c, plan, half), plan.stream_scratch, &err);
   if (err != cudaSuccess) return std::string("scratch memset: ") + cudaGetErrorString(err);
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   cuda::PrepArgs pa{};
@@ -476,20 +516,53 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   pa.scales = c.scales;
   pa.offsets = c.offsets;
   pa.w = w;
+  pa.ldw = (int)ch.cols;
   pa.flag = reinterpret_cast<unsigned*>(scratch);
-  pa.fast_w = p.N % 16 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
+  pa.fast_w = p.N % 16 == 0 && ch.cols % 16 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
   pa.fast_x = p.K % 8 == 0 && aligned(c.x) && aligned(xm);
-  const int64_t dq_items = (p.K + cuda::kDqRows - 1) / cuda::kDqRows * ((p.N + 15) / 16);
   const int64_t mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
-  pa.dq_blocks = (int)std::min<int64_t>((dq_items + 255) / 256, (int64_t)CurrentSms() * 16);
   const int64_t mask_blocks = std::max<int64_t>(1, std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8));
-  cuda::PrefillPrepKernel<T><<<(unsigned)(pa.dq_blocks + mask_blocks), 256, 0, stream>>>(pa);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return std::string("prefill mask / dequantize kernel: ") + cudaGetErrorString(err);
-  for (int gi = 0; gi < (groups == 1 ? 1 : p.spans.count()); ++gi) {
-    const int64_t c0 = groups == 1 ? 0 : p.spans.begin[(size_t)gi], c1 = groups == 1 ? p.N : p.spans.end[(size_t)gi];
-    const std::string gemm = Gemm(handle, half, xm + (size_t)(gi * p.M * p.K) * e, w, c.y, p.M, p.K, p.N, c0, c1 - c0);
-    if (!gemm.empty()) return "prefill GEMM: " + gemm;
+  const cudaDataType ab = half ? CUDA_R_16F : CUDA_R_32F;
+  // Column chunks, row chunks inside: the chunk buffer is rewritten in place, so with a budget below the L2 size its
+  // lines stay in L2 between the dequantization and the GEMM and the float16 W never goes to DRAM.
+  bool first = true;
+  for (int64_t n0 = 0; n0 < p.N; n0 += ch.cols) {
+    const int64_t n1 = std::min<int64_t>(p.N, n0 + ch.cols);
+    for (int64_t k0 = 0; k0 < p.K; k0 += ch.rows) {
+      const int64_t k1 = std::min<int64_t>(p.K, k0 + ch.rows);
+      pa.k0 = (int)k0;
+      pa.k1 = (int)k1;
+      pa.n0 = (int)n0;
+      pa.n1 = (int)n1;
+      const int64_t dq_items = (k1 - k0 + cuda::kDqRows - 1) / cuda::kDqRows * ((n1 - n0 + 15) / 16);
+      pa.dq_blocks = (int)std::min<int64_t>((dq_items + 255) / 256, (int64_t)CurrentSms() * 16);
+      const int64_t blocks = pa.dq_blocks + (first ? mask_blocks : 0);  // mask(X) with the first chunk
+      cuda::PrefillPrepKernel<T><<<(unsigned)blocks, 256, 0, stream>>>(pa);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return std::string("prefill mask / dequantize kernel: ") + cudaGetErrorString(err);
+      first = false;
+      const bool split = ch.rows < p.K;  // several row chunks: sums in float32 (acc for float16, Y itself for float)
+      for (int gi = 0; gi < (groups == 1 ? 1 : p.spans.count()); ++gi) {
+        const int64_t c0 = std::max<int64_t>(n0, groups == 1 ? 0 : p.spans.begin[(size_t)gi]);
+        const int64_t c1 = std::min<int64_t>(n1, groups == 1 ? p.N : p.spans.end[(size_t)gi]);
+        if (c0 >= c1) continue;
+        const char* a = xm + (size_t)(gi * p.M * p.K + k0) * e;
+        const char* b = w + (size_t)(c0 - n0) * e;
+        const bool to_acc = split && half;
+        void* out = to_acc ? static_cast<void*>(acc + (c0 - n0)) : static_cast<void*>(static_cast<char*>(c.y) + (size_t)c0 * e);
+        const std::string gemm = Gemm(handle, ab, a, p.K, b, ch.cols, out, to_acc ? CUDA_R_32F : ab, to_acc ? ch.cols : p.N, p.M, k1 - k0,
+                                      c1 - c0, k0 == 0 ? 0.0f : 1.0f);
+        if (!gemm.empty()) return "prefill GEMM: " + gemm;
+      }
+    }
+    if (ch.rows < p.K && half) {  // the column chunk's float32 sums into Y
+      const int64_t total = p.M * (n1 - n0);
+      const unsigned blocks = (unsigned)std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, (int64_t)CurrentSms() * 8));
+      cuda::StoreChunkKernel<T><<<blocks, 256, 0, stream>>>(acc, (int)ch.cols, static_cast<T*>(c.y) + n0, (int)p.N, (int)p.M,
+                                                             (int)(n1 - n0));
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return std::string("prefill store kernel: ") + cudaGetErrorString(err);
+    }
   }
   g.run_if = reinterpret_cast<unsigned*>(scratch);
   g.done = reinterpret_cast<unsigned*>(scratch) + 1;
@@ -552,11 +625,11 @@ std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
 
 }  // namespace
 
-size_t CudaWorkspaceBytes(const Problem& p, const CudaArgs& args, bool half) {
+size_t CudaWorkspaceBytes(const Problem& p, const CudaArgs& args, const CudaPlan& plan, bool half) {
   if (p.M == 0 || p.N == 0 || p.K == 0) return 0;
   // decode: room for the scratch in case the per-stream one cannot be used (during capture);
   // prefill: mask(X) per rule group, W dequantized, and the flag words
-  const size_t run = p.M <= 8 ? ScratchBytes(p.M, p.N, MaxTiles(p)) : PrefillBytes(p, args, half) + kAlign;
+  const size_t run = p.M <= 8 ? ScratchBytes(p.M, p.N, MaxTiles(p)) : PrefillBytes(p, args, plan, half) + kAlign;
   return ActivationBytes(p, args, half) + SelectBytes(p, args) + run;
 }
 
@@ -565,6 +638,8 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   plan.decode = ChooseDecode(p, half);
   const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the exact kernel for prefill (read per call, for tests)
   plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
+  // a quarter of L2: the chunk, mask(X)'s columns and the GEMM's output tiles stay in L2 together
+  plan.prefill_chunk_bytes = CurrentL2Bytes() / 4;
   return plan;
 }
 

@@ -6,8 +6,10 @@
 //          scale float32 [K] or [G, K] (optional: scores |x| * scale).
 // Attributes: K, N (ints), block_size (B: a power of two >= 16), bits (4, the only value); mode "threshold" |
 //          "topk"; k (int) or ks (ints, one per member); segments (ints, optional: cumulative output-column ends of
-//          the G members, last == N); ramp (float, default 0).
+//          the G members, last == N); ramp (float, default 0); density (float in [0, 1], optional: the expected
+//          fraction of input channels kept, which picks the CUDA decode loop; results do not depend on it).
 // Output:  Y T[..., N].
+#include <cstdio>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -36,7 +38,14 @@ struct NBitsAttributes {
   MaskAttributes mask;
   Shape shape;
   MemberSpans spans;
+  float density = -1.0f;  // the expected kept fraction (attribute density), < 0: not given
 };
+
+std::string ShortFloat(float v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", (double)v);
+  return buf;
+}
 
 int64_t RequiredInt(const OrtKernelInfo* info, const char* name, const std::string& where, const char* what) {
   int64_t v = 0;
@@ -65,6 +74,16 @@ NBitsAttributes ParseAttributes(const OrtKernelInfo* info) {
   if (st != nullptr) Ort::GetApi().ReleaseStatus(st);
   if (bits != 4) throw InvalidArgument(where + "attribute bits must be 4 (only 4-bit weights are supported), got " + std::to_string(bits));
   a.spans = CheckMembers(a.mask, a.shape.K, a.shape.N);  // segments against N, every k against K
+  float density = 0.0f;
+  st = Ort::GetApi().KernelInfoGetAttribute_float(info, "density", &density);
+  if (st != nullptr) {
+    Ort::GetApi().ReleaseStatus(st);
+  } else {
+    if (!(density >= 0.0f && density <= 1.0f))
+      throw InvalidArgument(where + "attribute density (the expected fraction of input channels kept) must be in [0, 1], got " +
+                            ShortFloat(density));
+    a.density = density;
+  }
   return a;
 }
 
@@ -93,6 +112,7 @@ Bound Bind(Ort::KernelContext& ctx, const NBitsAttributes& a) {
   p.B = a.shape.B;
   p.blocks = a.shape.Blocks();
   p.spans = a.spans;
+  p.density = a.density;
   const std::vector<int64_t> x = ActivatedShape(a.mask, ShapeOf(b.x), p.K);  // swiglu: [..., 2K] -> [..., K]
   if (x.empty()) throw InvalidArgument(where + "X must have rank >= 1 ([..., K]), got a scalar");
   if (x.back() != p.K)
@@ -197,9 +217,10 @@ struct CudaKernel {
       args.ramp = attrs.mask.ramp;
       args.swiglu = attrs.mask.activation == Activation::kSwiGlu;
       args.ks = attrs.mask.ks;
-      Workspace ws(ctx, b.x, CudaWorkspaceBytes(b.p, args, half));
+      const CudaPlan plan = DefaultPlan(b.p, half);
+      Workspace ws(ctx, b.x, CudaWorkspaceBytes(b.p, args, plan, half));
       args.workspace = ws.ptr;
-      const std::string err = CudaRun(half, b.p, args, DefaultPlan(b.p, half));
+      const std::string err = CudaRun(half, b.p, args, plan);
       if (!err.empty()) throw std::runtime_error(attrs.mask.Where() + "CUDA error: " + err);
     });
   }

@@ -1,7 +1,8 @@
 // Prefill preparation of SparseMatMulNBits (M > 8 rows), one launch:
-//  * blocks [0, dq_blocks): W[k, n] = fl_T(s[k/B, n] * q[k, n] + o[k/B, n]) into the workspace, 8 rows x 16 columns
-//    per item (the block's scales / offsets read once for 8 rows; 8 bytes of Q and 16-byte scale / offset / output
-//    vectors per row when N % 16 == 0); any Inf/NaN produced sets
+//  * blocks [0, dq_blocks): W[k, n] = fl_T(s[k/B, n] * q[k, n] + o[k/B, n]) for the chunk k in [k0, k1), n in [n0, n1)
+//    into the workspace (row-major, leading dimension ldw), 8 rows x 16 columns per item (the block's scales / offsets
+//    read once for 8 rows; 8 bytes of Q and 16-byte scale / offset / output vectors per row when the chunk's columns
+//    are 16-aligned); any Inf/NaN produced sets
 //    *flag, which arms the exact row-skipping kernel after the GEMM (a masked x times an Inf/NaN weight
 //    would otherwise turn into NaN in cuBLAS);
 //  * the other blocks: xm[group, m, k] = kept value v (rounded to T) or 0, 8 channels per item when K % 8 == 0.
@@ -24,10 +25,11 @@ struct PrepArgs {
   const uint8_t* q;
   const void* scales;
   const void* offsets;
-  void* w;  // [K, N]
+  void* w;                // [k1 - k0, ldw]: the chunk's rows and columns
+  int k0, k1, n0, n1, ldw;  // the chunk of W dequantized by this launch
   unsigned* flag;
   int dq_blocks;
-  int fast_w;  // N % 16 == 0 and 16-byte aligned pointers
+  int fast_w;  // n0, n1 (or N), ldw multiples of 16 and 16-byte aligned pointers
   int fast_x;  // K % 8 == 0 and 16-byte aligned x / xm
 };
 
@@ -38,12 +40,12 @@ __device__ __forceinline__ bool NonFinite(T v) {
 
 constexpr int kDqRows = 8;  // rows of Q per dequantization item (one quant block: B >= 16), scales loaded once
 
-/// Item (group of 8 rows, 16 columns): W[k, c0:c0+16] for the group's rows; true when a result is Inf/NaN.
+/// Item (group of 8 rows, 16 columns of the chunk): W[k, c0:c0+16] for the group's rows; true when a result is Inf/NaN.
 template <typename T>
 __device__ bool DequantItem(const PrepArgs& a, int64_t item) {
-  const int chunks = (a.N + 15) / 16;
-  const int k0 = (int)(item / chunks) * kDqRows, c0 = (int)(item % chunks) * 16;
-  const int rows = min(kDqRows, a.K - k0);
+  const int chunks = (a.n1 - a.n0 + 15) / 16;
+  const int k0 = a.k0 + (int)(item / chunks) * kDqRows, c0 = a.n0 + (int)(item % chunks) * 16;
+  const int rows = min(kDqRows, a.k1 - k0);
   const int64_t b = k0 >> a.blog2;
   const T* s = static_cast<const T*>(a.scales) + b * a.N + c0;
   const T* o = static_cast<const T*>(a.offsets) + b * a.N + c0;
@@ -68,7 +70,7 @@ __device__ bool DequantItem(const PrepArgs& a, int64_t item) {
     for (int r = 0; r < rows; ++r) {
       const int64_t k = k0 + r;
       const uint2 qb = __ldcs(reinterpret_cast<const uint2*>(a.q + k * a.rowbytes + c0 / 2));
-      T* w = static_cast<T*>(a.w) + k * a.N + c0;
+      T* w = static_cast<T*>(a.w) + (k - a.k0) * a.ldw + (c0 - a.n0);
 #pragma unroll
       for (int v = 0; v < 16 / kVec; ++v) {
         union {
@@ -90,8 +92,8 @@ __device__ bool DequantItem(const PrepArgs& a, int64_t item) {
   for (int r = 0; r < rows; ++r) {
     const int64_t k = k0 + r;
     const uint8_t* qrow = a.q + k * a.rowbytes + c0 / 2;
-    T* w = static_cast<T*>(a.w) + k * a.N + c0;
-    for (int c = 0; c < 16 && c0 + c < a.N; ++c) {
+    T* w = static_cast<T*>(a.w) + (k - a.k0) * a.ldw + (c0 - a.n0);
+    for (int c = 0; c < 16 && c0 + c < a.n1; ++c) {
       const float qv = (float)((qrow[c / 2] >> (4 * (c % 2))) & 15u);
       const T res = Traits<T>::FromFloat(fmaf(Traits<T>::ToFloat(s[c]), qv, Traits<T>::ToFloat(o[c])));
       w[c] = res;
@@ -139,7 +141,7 @@ __device__ void MaskItem(const PrepArgs& a, int64_t item, int per) {
 template <typename T>
 __global__ void __launch_bounds__(256) PrefillPrepKernel(const PrepArgs a) {
   if ((int)blockIdx.x < a.dq_blocks) {
-    const int64_t items = (int64_t)((a.K + kDqRows - 1) / kDqRows) * ((a.N + 15) / 16);
+    const int64_t items = (int64_t)((a.k1 - a.k0 + kDqRows - 1) / kDqRows) * ((a.n1 - a.n0 + 15) / 16);
     bool bad = false;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < items; i += (int64_t)a.dq_blocks * blockDim.x)
       bad |= DequantItem<T>(a, i);
@@ -150,6 +152,14 @@ __global__ void __launch_bounds__(256) PrefillPrepKernel(const PrepArgs a) {
   const int64_t items = (int64_t)a.groups * a.M * a.K / per;
   const int64_t stride = (int64_t)(gridDim.x - a.dq_blocks) * blockDim.x;
   for (int64_t i = (int64_t)(blockIdx.x - a.dq_blocks) * blockDim.x + threadIdx.x; i < items; i += stride) MaskItem<T>(a, i, per);
+}
+
+/// y[m, n] = fl_T(acc[m, n]) for the chunk's columns n < cols (acc: float32, leading dimension lda; y: T, ldy).
+template <typename T>
+__global__ void __launch_bounds__(256) StoreChunkKernel(const float* acc, int lda, T* y, int ldy, int M, int cols) {
+  const int64_t total = (int64_t)M * cols;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x)
+    y[(i / cols) * ldy + i % cols] = Traits<T>::FromFloat(acc[(i / cols) * lda + i % cols]);
 }
 
 }  // namespace cuda
