@@ -402,7 +402,8 @@ def markdown_tables(result: dict) -> str:
             sel = [r for r in rows if r["M"] == M and r["K"] == K and r["N"] == N]
             cub = next((r for r in sel if r["method"] == "cublas_fp16"), None)
             mnb = next((r for r in sel if r["method"] == "matmulnbits_ort"), None)
-            for mode in dict.fromkeys(r["method"][len("nbits_graph_"):] for r in sel if r["method"].startswith("nbits_graph_")):
+            for mode in dict.fromkeys(r["method"][len("nbits_graph_"):] for r in sel
+                                      if r["method"].startswith("nbits_graph_") and not r["method"].endswith("_chunk")):
                 cells = []
                 for s in sp:
                     r = next((r for r in sel if r["method"] == f"nbits_graph_{mode}" and r["sparsity"] == s), None)
@@ -413,6 +414,15 @@ def markdown_tables(result: dict) -> str:
                     cells.append(f"{r['kernel_us']:.2f}{vs} ({r['effective_tb_s']:.2f})")
                 out.append(f"| {K}→{N} | {cub['kernel_us']:.2f} | " + (f"{mnb['kernel_us']:.2f} ({mnb['tb_s']:.2f})" if mnb else "–") +
                            f" | {mode} | " + " | ".join(cells) + " |")
+        chunks = [r for r in rows if r["M"] == M and r["method"].endswith("_chunk")]
+        if chunks:
+            out += ["", "| K→N | mode | sparsity | op's plan, kernel µs | chunk KiB (-2: all of W at once) | kernel µs |",
+                    "|---|---|---|---|---|---|"]
+            for c in chunks:
+                mode = c["method"][len("nbits_graph_"):-len("_chunk")]
+                r = next(r for r in rows if r["M"] == M and r["K"] == c["K"] and r["N"] == c["N"] and r["sparsity"] == c["sparsity"]
+                         and r["method"] == f"nbits_graph_{mode}")
+                out.append(f"| {c['K']}→{c['N']} | {mode} | {c['sparsity']:.1f} | {r['kernel_us']:.2f} | {c['chunk_kb']} | {c['kernel_us']:.2f} |")
         floor = [r for r in rows if r["M"] == M and r["method"] == "read_floor"]
         if floor:
             out += ["", "| K→N | sparsity | op kernel µs | read floor of the same bytes, µs | op actual TB/s | floor TB/s |",

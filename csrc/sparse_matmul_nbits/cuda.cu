@@ -3,10 +3,12 @@
 //  * topk: the common top-k selection (common/cuda/topk_select.cuh) per (row, selection group) -> (cut, tie).
 //  * decode, one row on sm_90+: NBitsClusterGemvKernel (split-K over a thread-block cluster, no scratch);
 //  * decode (M <= 8, and the rest): NBitsGemvKernel in split (stream-K) mode over a per-stream float32 scratch
-//    that every launch leaves zero; kernel parameters per shape (ChooseDecode).
+//    that every launch leaves zero; kernel parameters per shape (ChooseDecode); one row with an expected kept
+//    fraction >= kOneRowMinDensity (top-k's k, or the density attribute): the one-row loop.
 //  * prefill (M > 8): PrefillPrepKernel (mask X into the workspace, dequantize W into the workspace, flag
-//    Inf/NaN in W), cuBLAS GEMM per member column slice (libcublas opened at run time), then the exact
-//    kernel (FULL mode), which returns at once unless the flag is set. Without cuBLAS: the exact kernel.
+//    Inf/NaN in W; optionally chunk by chunk), cuBLAS GEMM per member column slice (libcublas opened at run
+//    time), then the exact kernel (FULL mode), which returns at once unless the flag is set. Without cuBLAS:
+//    the exact kernel.
 #include <dlfcn.h>
 #include <library_types.h>
 
@@ -46,19 +48,6 @@ int CurrentSms() {
     int sms = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) return 1;
     cache[dev] = sms;
-  }
-  return cache[dev];
-}
-
-/// Bytes of L2 cache of the current device (0 if unknown).
-int64_t CurrentL2Bytes() {
-  static int64_t cache[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (cache[dev] == 0) {
-    int bytes = 0;
-    if (cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, dev) != cudaSuccess || bytes <= 0) return 0;
-    cache[dev] = bytes;
   }
   return cache[dev];
 }
@@ -523,8 +512,9 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   const int64_t mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
   const int64_t mask_blocks = std::max<int64_t>(1, std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8));
   const cudaDataType ab = half ? CUDA_R_16F : CUDA_R_32F;
-  // Column chunks, row chunks inside: the chunk buffer is rewritten in place, so with a budget below the L2 size its
-  // lines stay in L2 between the dequantization and the GEMM and the float16 W never goes to DRAM.
+  // Column chunks, row chunks inside (one chunk = all of W unless the plan sets a budget): the chunk buffer is rewritten
+  // in place. Meant to keep the float16 W in L2 between the dequantization and the GEMM; measured slower than one
+  // chunk on the H200 (docs/kernels.md), so the op's plan does not chunk.
   bool first = true;
   for (int64_t n0 = 0; n0 < p.N; n0 += ch.cols) {
     const int64_t n1 = std::min<int64_t>(p.N, n0 + ch.cols);
@@ -638,8 +628,7 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   plan.decode = ChooseDecode(p, half);
   const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the exact kernel for prefill (read per call, for tests)
   plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
-  // a quarter of L2: the chunk, mask(X)'s columns and the GEMM's output tiles stay in L2 together
-  plan.prefill_chunk_bytes = CurrentL2Bytes() / 4;
+  plan.prefill_chunk_bytes = 0;  // all of W at once: chunks measured slower on the H200 (docs/kernels.md)
   return plan;
 }
 

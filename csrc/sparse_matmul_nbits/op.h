@@ -63,7 +63,7 @@ struct DecodeConfig {
 
 /// Expected kept fraction from which one-row decode calls take the one-row loop (kernel 3) when the table does not
 /// choose: it is faster with most rows kept and slower with few (docs/kernels.md).
-constexpr float kOneRowMinDensity = 0.45f;
+constexpr float kOneRowMinDensity = 0.35f;
 
 struct CudaArgs {
   const void* x = nullptr;
@@ -86,16 +86,16 @@ struct CudaPlan {
   DecodeConfig decode;
   bool use_cublas = true;      // prefill: mask + dequantize into the workspace + cuBLAS, when libcublas loads
   bool stream_scratch = true;  // decode: the per-stream self-cleaning scratch (false: per-call, memset)
-  // prefill with cuBLAS: W is dequantized in chunks of at most this many bytes (<= 0: all of W at once), each
-  // multiplied before the next is written over it; chunks of prefill_chunk_cols columns (0: 4096) when W is larger
+  // prefill with cuBLAS: W is dequantized in chunks of at most this many bytes (<= 0, the op's plan: all of W at once),
+  // each multiplied before the next is written over it; chunks of prefill_chunk_cols columns (0: 4096) when W is larger
   int64_t prefill_chunk_bytes = 0;
   int64_t prefill_chunk_cols = 0;
 };
 
 /// Device workspace of one call under `plan` (the prefill's chunk of W depends on it).
 size_t CudaWorkspaceBytes(const Problem& p, const CudaArgs& args, const CudaPlan& plan, bool half);
-/// The op's plan: decode parameters from the per-shape table, cuBLAS unless ACTTAIL_CUBLAS=0, prefill chunks of a
-/// quarter of the L2 cache.
+/// The op's plan: decode parameters from the per-shape table, cuBLAS unless ACTTAIL_CUBLAS=0, all of W dequantized at
+/// once for prefill.
 CudaPlan DefaultPlan(const Problem& p, bool half);
 /// Enqueue on args.stream without synchronizing; returns "" or the CUDA / cuBLAS error text.
 std::string CudaRun(bool half, const Problem& p, const CudaArgs& args, const CudaPlan& plan);
