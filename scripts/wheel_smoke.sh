@@ -14,7 +14,9 @@ rm -rf "$work" && mkdir -p "$work"
 start=$(date +%s)
 ACTTAIL_CUDA=${ACTTAIL_CUDA:-0} .venv/bin/python -m pip wheel -q . --no-deps -w "$work/dist" -Cbuild-dir="$work/cmake"
 wheel=$(ls "$work"/dist/acttail_export-*.whl)
-.venv/bin/python -m zipfile -l "$wheel" | grep -q "acttail_export/lib/libacttail_ops.so" ||
+# the listing first, then grep: `zipfile -l | grep -q` fails under pipefail when grep exits early (the lister's broken pipe)
+listing=$(.venv/bin/python -m zipfile -l "$wheel")
+grep -q "acttail_export/lib/libacttail_ops.so" <<< "$listing" ||
   { echo "wheel_smoke: $wheel has no acttail_export/lib/libacttail_ops.so" >&2; exit 1; }
 echo "wheel_smoke: built $(basename "$wheel") with the op library in $(( $(date +%s) - start )) s"
 .venv/bin/python -m venv "$work/venv"
