@@ -116,10 +116,11 @@ def table(paths: list[Path], prior: Path | None = None) -> None:
     """Markdown table of the rows of ``paths`` (same split and tokens); the best perplexity per level in bold."""
     data = json.loads(paths[0].read_text())
     rows = []
-    for path in paths:  # greedy rows are labelled with the search step of their file
+    for path in paths:  # greedy rows are labelled with the search step and calibration windows of their file
         content = json.loads(path.read_text())
-        step = content["meta"]["greedy_settings"]["step"]
-        rows += [{**r, "method": f"{r['method']} (step {step:g})" if "greedy" in r["method"] else r["method"]}
+        g = content["meta"]["greedy_settings"]
+        label = f"step {g['step']:g}, {g['samples']} × {g['sequence_length']} tokens"
+        rows += [{**r, "method": f"{r['method']} ({label})" if "greedy" in r["method"] else r["method"]}
                  for r in content["results"]]
     if prior is not None:
         rows = prior_rows(prior, data["meta"]["tokens"]) + rows
