@@ -405,21 +405,11 @@ class BlockSearch:
             torch.set_num_threads(threads)
         return [torch.cat([part[j] for part in parts]) for j in range(len(candidates))]
 
-    def output(self, changed: str | None = None) -> torch.Tensor:
-        """Block output with the rules as set (``changed``: unused, kept for callers of the former API)."""
-        keys = self._keys()
-        outs = [shard.output(keys)[0] for shard in self._shards]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def commit(self, changed: str | None = None) -> None:
+    def commit(self) -> None:
         """Make the state tensors (``_inputs``, ``_outputs``, ``_mid``) those of the rules as set (memoized: computed
         only where no candidate computed them)."""
         self._view = None
         self._state()
-
-    def error(self, out: torch.Tensor) -> float:
-        """Mean over tokens of ||out − dense||₂ over the hidden dimension."""
-        return float((out - self.target).double().norm(dim=-1).mean())
 
     # --- rules ---------------------------------------------------------------------------------------
     def set_sparsity(self, index: int, value: float) -> None:

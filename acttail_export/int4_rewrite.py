@@ -223,10 +223,11 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
             raise ActTailError(f"{node_name}: weight {node.input[1]!r} is not a [{qw.K}, {qw.N}] initializer")
         np_dtype = helper.tensor_dtype_to_np_dtype(w.data_type)
         fused = node.op_type == CUSTOM_OP
-        tensors, new = (_nbits_node if fused else _ort_node)(node, qw, np_dtype)
-        if fused and not any(a.name == "density" for a in new.attribute):
-            new.attribute.append(helper.make_attribute("density", expected_density([by_name[n] for n in names],
-                                                                                   [weights[n].N for n in names])))
+        if fused:
+            density = expected_density([by_name[n] for n in names], [weights[n].N for n in names])
+            tensors, new = _nbits_node(node, qw, np_dtype, density)
+        else:
+            tensors, new = _ort_node(node, qw, np_dtype)
         new_inits.extend(tensors)
         replaced[node_name] = new
     used = {i for n in graph.graph.node if n.name not in replaced for i in n.input}
@@ -246,14 +247,15 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
 
 def expected_density(members: list, widths: list[int]) -> float:
     """The ``density`` attribute of a 4-bit op: the fraction of input channels its members keep by their budgets
-    (1 - sparsity), weighted by their output columns. The CUDA op takes its one-row decode loop for nodes kept at 45 %
+    (1 - sparsity), weighted by their output columns. The CUDA op takes its one-row decode loop for nodes kept at 35 %
     or more (docs/kernels.md); results do not depend on it."""
     kept = sum((1.0 - p.sparsity) * w for p, w in zip(members, widths))
     return round(min(1.0, max(0.0, kept / sum(widths))), 4)
 
 
-def _nbits_node(node: onnx.NodeProto, qw: QuantizedWeight, np_dtype) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
-    """``SparseMatMul(x, W[, t, ...])`` -> ``SparseMatMulNBits(x, Q, scales, offsets[, t, ...])``, same attributes."""
+def _nbits_node(node: onnx.NodeProto, qw: QuantizedWeight, np_dtype, density: float) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
+    """``SparseMatMul(x, W[, t, ...])`` -> ``SparseMatMulNBits(x, Q, scales, offsets[, t, ...])``, same attributes, plus
+    ``density`` (:func:`expected_density`)."""
     from onnx import helper, numpy_helper
 
     from .graph_rewrite import CUSTOM_DOMAIN
@@ -263,7 +265,7 @@ def _nbits_node(node: onnx.NodeProto, qw: QuantizedWeight, np_dtype) -> tuple[li
                numpy_helper.from_array(qw.scales.astype(np_dtype), f"{base}/scales"),
                numpy_helper.from_array(qw.offsets.astype(np_dtype), f"{base}/offsets")]
     new = helper.make_node(NBITS_OP, [node.input[0], *(t.name for t in tensors), *node.input[2:]], list(node.output),
-                           name=node.name, domain=CUSTOM_DOMAIN, K=qw.K, N=qw.N, block_size=qw.block_size, bits=4)
+                           name=node.name, domain=CUSTOM_DOMAIN, K=qw.K, N=qw.N, block_size=qw.block_size, bits=4, density=density)
     new.attribute.extend(node.attribute)
     return tensors, new
 

@@ -79,17 +79,17 @@ class Harness:
         return c
 
     @staticmethod
-    def _variant(variant: tuple[int, ...] | None) -> NBitsVariant | None:
+    def _variant(variant: tuple[int, ...] | None):
+        """The NBitsVariant* argument: a reference to the padded variant (which it keeps alive), or None."""
         if variant is None:
             return None
-        return NBitsVariant(*(tuple(variant) + (-1,) * (len(VARIANT_FIELDS) - len(variant))))
+        return ctypes.byref(NBitsVariant(*(tuple(variant) + (-1,) * (len(VARIANT_FIELDS) - len(variant)))))
 
     def workspace(self, call: NBitsCall, variant: tuple[int, ...] | None = None):
         """Device workspace the op would allocate for this call under the variant (a torch uint8 tensor)."""
         import torch
 
-        v = self._variant(variant)
-        n = max(int(self.lib.acttail_nbits_bench_workspace_bytes(ctypes.byref(call), ctypes.byref(v) if v is not None else None)), 16)
+        n = max(int(self.lib.acttail_nbits_bench_workspace_bytes(ctypes.byref(call), self._variant(variant))), 16)
         return torch.empty((n + 15) // 16 * 16, dtype=torch.uint8, device="cuda")
 
     def run(self, call: NBitsCall, variant: tuple[int, ...] | None = None) -> None:
@@ -97,8 +97,7 @@ class Harness:
         import torch
 
         call.stream = torch.cuda.current_stream().cuda_stream
-        v = self._variant(variant)
-        if self.lib.acttail_nbits_bench_run(ctypes.byref(call), ctypes.byref(v) if v is not None else None, self.err, 512):
+        if self.lib.acttail_nbits_bench_run(ctypes.byref(call), self._variant(variant), self.err, 512):
             raise RuntimeError(self.err.value.decode())
 
     def run_case(self, case, variant=None, density: float = -1.0) -> np.ndarray:

@@ -115,7 +115,7 @@ def test_commit_refreshes_the_caches_a_full_forward_would(tiny, mode, kind):
             i = PROJECTION_KINDS.index(kind)
             search.sparsity[i] += 0.3
             search.set_sparsity(i, search.sparsity[i])
-            search.commit(kind)
+            search.commit()
             got = [search._mid, search._outputs["gate_proj"], search._outputs["up_proj"], search._inputs["down_proj"]]
             search.forward()
             want = [search._mid, search._outputs["gate_proj"], search._outputs["up_proj"], search._inputs["down_proj"]]

@@ -57,13 +57,6 @@ bool ReadInt(const OrtKernelInfo* info, const char* name, int64_t& out) {
   return false;
 }
 
-bool ReadFloat(const OrtKernelInfo* info, const char* name, float& out) {
-  const OrtApi& api = Ort::GetApi();
-  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, &out);
-  if (st == nullptr) return true;
-  api.ReleaseStatus(st);
-  return false;
-}
 
 /// An optional string attribute: true and `out` filled when present.
 bool ReadString(const OrtKernelInfo* info, const char* name, std::string& out) {
@@ -129,6 +122,14 @@ void ParseTopK(const OrtKernelInfo* info, MaskAttributes& a) {
 }
 
 }  // namespace
+
+bool ReadFloat(const OrtKernelInfo* info, const char* name, float& out) {
+  const OrtApi& api = Ort::GetApi();
+  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, &out);
+  if (st == nullptr) return true;
+  api.ReleaseStatus(st);
+  return false;
+}
 
 MaskAttributes ParseMaskAttributes(const OrtKernelInfo* info, const char* op, size_t threshold_input) {
   MaskAttributes a;

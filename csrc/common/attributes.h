@@ -26,6 +26,9 @@ struct MaskAttributes {
   std::string Where() const { return op + " node '" + node + "': "; }
 };
 
+/// An optional float attribute: true and `out` filled when present.
+bool ReadFloat(const OrtKernelInfo* info, const char* name, float& out);
+
 /// Reads mode, k / ks, segments and ramp; `threshold_input` is the index of the thresholds input, which
 /// threshold mode needs.
 MaskAttributes ParseMaskAttributes(const OrtKernelInfo* info, const char* op, size_t threshold_input);

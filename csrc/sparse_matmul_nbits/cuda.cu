@@ -486,7 +486,9 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   const PrefillChunks ch = ChoosePrefillChunks(p, plan, e);
   char* xm = ws;
   char* w = ws + Up((size_t)(groups * p.M * p.K) * e);
-  float* acc = reinterpret_cast<float*>(w + Up((size_t)(ch.rows * ch.cols) * e));  // used when half and ch.rows < K
+  // several row chunks add up in float32: in acc [M, ch.cols] for float16, in Y itself for float
+  const bool to_acc = half && ch.rows < p.K;
+  float* acc = reinterpret_cast<float*>(w + Up((size_t)(ch.rows * ch.cols) * e));
   err = cudaSuccess;
   char* scratch = Scratch(stream, kAlign, ws + PrefillBytes(p, c, plan, half), plan.stream_scratch, &err);
   if (err != cudaSuccess) return std::string("scratch memset: ") + cudaGetErrorString(err);
@@ -531,21 +533,19 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
       err = cudaGetLastError();
       if (err != cudaSuccess) return std::string("prefill mask / dequantize kernel: ") + cudaGetErrorString(err);
       first = false;
-      const bool split = ch.rows < p.K;  // several row chunks: sums in float32 (acc for float16, Y itself for float)
       for (int gi = 0; gi < (groups == 1 ? 1 : p.spans.count()); ++gi) {
         const int64_t c0 = std::max<int64_t>(n0, groups == 1 ? 0 : p.spans.begin[(size_t)gi]);
         const int64_t c1 = std::min<int64_t>(n1, groups == 1 ? p.N : p.spans.end[(size_t)gi]);
         if (c0 >= c1) continue;
         const char* a = xm + (size_t)(gi * p.M * p.K + k0) * e;
         const char* b = w + (size_t)(c0 - n0) * e;
-        const bool to_acc = split && half;
         void* out = to_acc ? static_cast<void*>(acc + (c0 - n0)) : static_cast<void*>(static_cast<char*>(c.y) + (size_t)c0 * e);
         const std::string gemm = Gemm(handle, ab, a, p.K, b, ch.cols, out, to_acc ? CUDA_R_32F : ab, to_acc ? ch.cols : p.N, p.M, k1 - k0,
                                       c1 - c0, k0 == 0 ? 0.0f : 1.0f);
         if (!gemm.empty()) return "prefill GEMM: " + gemm;
       }
     }
-    if (ch.rows < p.K && half) {  // the column chunk's float32 sums into Y
+    if (to_acc) {  // the column chunk's float32 sums into Y
       const int64_t total = p.M * (n1 - n0);
       const unsigned blocks = (unsigned)std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, (int64_t)CurrentSms() * 8));
       cuda::StoreChunkKernel<T><<<blocks, 256, 0, stream>>>(acc, (int)ch.cols, static_cast<T*>(c.y) + n0, (int)p.N, (int)p.M,
@@ -628,7 +628,6 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   plan.decode = ChooseDecode(p, half);
   const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the exact kernel for prefill (read per call, for tests)
   plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
-  plan.prefill_chunk_bytes = 0;  // all of W at once: chunks measured slower on the H200 (docs/kernels.md)
   return plan;
 }
 

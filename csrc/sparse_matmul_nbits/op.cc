@@ -74,16 +74,9 @@ NBitsAttributes ParseAttributes(const OrtKernelInfo* info) {
   if (st != nullptr) Ort::GetApi().ReleaseStatus(st);
   if (bits != 4) throw InvalidArgument(where + "attribute bits must be 4 (only 4-bit weights are supported), got " + std::to_string(bits));
   a.spans = CheckMembers(a.mask, a.shape.K, a.shape.N);  // segments against N, every k against K
-  float density = 0.0f;
-  st = Ort::GetApi().KernelInfoGetAttribute_float(info, "density", &density);
-  if (st != nullptr) {
-    Ort::GetApi().ReleaseStatus(st);
-  } else {
-    if (!(density >= 0.0f && density <= 1.0f))
-      throw InvalidArgument(where + "attribute density (the expected fraction of input channels kept) must be in [0, 1], got " +
-                            ShortFloat(density));
-    a.density = density;
-  }
+  if (ReadFloat(info, "density", a.density) && !(a.density >= 0.0f && a.density <= 1.0f))
+    throw InvalidArgument(where + "attribute density (the expected fraction of input channels kept) must be in [0, 1], got " +
+                          ShortFloat(a.density));
   return a;
 }
 

@@ -86,8 +86,9 @@ struct CudaPlan {
   DecodeConfig decode;
   bool use_cublas = true;      // prefill: mask + dequantize into the workspace + cuBLAS, when libcublas loads
   bool stream_scratch = true;  // decode: the per-stream self-cleaning scratch (false: per-call, memset)
-  // prefill with cuBLAS: W is dequantized in chunks of at most this many bytes (<= 0, the op's plan: all of W at once),
-  // each multiplied before the next is written over it; chunks of prefill_chunk_cols columns (0: 4096) when W is larger
+  // prefill with cuBLAS: W is dequantized in chunks of at most this many bytes (<= 0, the op's plan: all of W at once;
+  // chunks measured slower on the H200, docs/kernels.md), each multiplied before the next is written over it; chunks of
+  // prefill_chunk_cols columns (0: 4096) when W is larger
   int64_t prefill_chunk_bytes = 0;
   int64_t prefill_chunk_cols = 0;
 };
