@@ -1,4 +1,7 @@
-"""Per-projection sparsity budgets from HT-SR alphas (ActTail) or uniform.
+"""Per-projection sparsity budgets: from HT-SR alphas (``htsr``), uniform, or TEAL's greedy search.
+
+``acttail`` (the default) is a method per target level (``config.DEFAULT_POLICY``, resolved by
+``config.resolve_allocation``): ``teal-greedy`` up to 65 %, ``acttail-greedy`` up to 85 %, ``htsr`` above.
 
 A mapping ``<score>[-rev][-kept|-abs]`` turns the alphas into scores z_i in [0, 1] (higher z, more
 sparsity; ``-rev``: 1 − z) and the scores into budgets whose parameter-weighted mean is the target s
@@ -23,13 +26,15 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from .config import (
+    ALPHA_ALLOCATIONS,
     DEFAULT_S_MAX,
-    GREEDY_ALLOCATIONS,  # noqa: F401 - exporter.py reads allocation.GREEDY_ALLOCATIONS
+    GREEDY_ALLOCATIONS,
     SHARED_INPUT_GROUPS,
     ActTailConfig,
     ProjectionConfig,
     check_epsilon,
     check_sparsity,
+    resolve_allocation,
     topk_keep,
 )
 from .errors import ActTailError
@@ -37,8 +42,8 @@ from .errors import ActTailError
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_EPSILON", "DEFAULT_MAPPING", "MAPPINGS", "SCHEDULE_RANGE", "ScoreFn", "allocate", "block_targets",
-           "build_config", "check_mapping", "greedy_levels", "parse_mapping", "register_research_mappings",
-           "schedule_weight", "scores", "uniform"]
+           "build_config", "check_mapping", "greedy_levels", "needs_alphas", "needs_search", "parse_mapping",
+           "register_research_mappings", "schedule_weight", "scores", "uniform"]
 
 ScoreFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], np.ndarray]
 
@@ -301,12 +306,15 @@ def uniform(params: np.ndarray, target: float) -> np.ndarray:
     return np.full(np.asarray(params).size, check_sparsity(target, "target sparsity"))
 
 
-def _greedy_budgets(model, projections, budgets, params, layers, trajectories) -> np.ndarray:
+def _greedy_budgets(model, projections, budgets, params, layers, trajectories, allocation: str,
+                    target: float) -> np.ndarray:
     """Greedy budgets with each block's target = the parameter-weighted mean of ``budgets`` in that block."""
     from .greedy import greedy_budgets
 
     if trajectories is None:
-        raise ActTailError("greedy allocations need the search's trajectories: run greedy.search(model, windows, levels) first")
+        raise ActTailError(f"allocation {allocation!r} at {target:g} runs the greedy search (calibration text): pass "
+                           "trajectories=greedy.search_for(model, tokenizer, allocation, [target], mode, data), or use "
+                           "allocation='htsr' for budgets from the alphas alone")
     by_name = greedy_budgets(model, trajectories, block_targets(budgets, params, layers))
     return np.array([by_name[name] for name, *_ in projections])
 
@@ -318,18 +326,38 @@ def block_targets(budgets: np.ndarray, params: np.ndarray, layers: Sequence[int]
             for i in range(int(layers.max()) + 1)]
 
 
+def needs_alphas(allocation: str, sparsities: Sequence[float]) -> bool:
+    """Whether ``allocation`` reads HT-SR alphas at any of ``sparsities`` (``spectral.analyze_model`` first)."""
+    return any(resolve_allocation(allocation, s) in ALPHA_ALLOCATIONS for s in sparsities)
+
+
+def needs_search(allocation: str, sparsities: Sequence[float]) -> bool:
+    """Whether ``allocation`` reads the greedy search at any of ``sparsities`` (``greedy.search_for`` first)."""
+    return any(resolve_allocation(allocation, s) in GREEDY_ALLOCATIONS for s in sparsities)
+
+
 def greedy_levels(model, allocation: str, sparsities: Sequence[float], epsilon: float | None = None,
                   mapping: str | None = None, s_max: float = DEFAULT_S_MAX, fits: dict | None = None) -> list[float]:
-    """Per block, the highest level the greedy search must reach for ``allocation`` at every target in ``sparsities``."""
-    levels = None
+    """Per block, the highest level the greedy search must reach for ``allocation`` at every target in ``sparsities``
+    (0 for every block when none of them needs the search)."""
+    levels = [0.0] * (max(layer for _, layer, _, _ in _projections(model)) + 1)
     for s in sparsities:
-        config = build_config(model, s, "uniform" if allocation == "teal-greedy" else "acttail", epsilon=epsilon,
-                              mapping=mapping if mapping or allocation != "acttail-greedy" else _combined_mapping(),
+        method = resolve_allocation(allocation, s)
+        if method not in GREEDY_ALLOCATIONS:
+            continue
+        config = build_config(model, s, "uniform" if method == "teal-greedy" else "htsr", epsilon=epsilon,
+                              mapping=mapping if mapping else _combined_mapping() if method == "acttail-greedy" else None,
                               s_max=s_max, fits=fits)
         params = np.array([p.parameters for p in config.projections], dtype=np.float64)
         targets = block_targets(np.array([p.sparsity for p in config.projections]), params, [p.layer for p in config.projections])
-        levels = targets if levels is None else [max(a, b) for a, b in zip(levels, targets)]
+        levels = [max(a, b) for a, b in zip(levels, targets)]
     return levels
+
+
+def _projections(model):
+    from .modeling import iter_projections
+
+    return iter_projections(model)
 
 
 def _combined_mapping() -> str:
@@ -351,26 +379,27 @@ def build_config(
 ) -> ActTailConfig:
     """ActTailConfig with one :class:`ProjectionConfig` per projection (alpha, budget, and k in top-k mode).
 
-    ``uniform`` and ``teal-greedy`` record ``epsilon`` and ``mapping`` as None: neither shapes their budgets.
-    ``teal-greedy`` / ``acttail-greedy`` read their budgets off ``trajectories`` (:func:`greedy.search`); the
-    latter first gives each block the mean of its acttail budgets under ``mapping`` (default
-    ``greedy.COMBINED_MAPPING``) as the block's target.
+    ``allocation`` is resolved to its method at ``target_sparsity`` (``config.resolve_allocation``; recorded as
+    ``allocation_method``). ``uniform`` and ``teal-greedy`` record ``epsilon`` and ``mapping`` as None: neither
+    shapes their budgets. ``teal-greedy`` / ``acttail-greedy`` read their budgets off ``trajectories``
+    (:func:`greedy.search`); the latter first gives each block the mean of its HT-SR budgets under ``mapping``
+    (default ``greedy.COMBINED_MAPPING``) as the block's target.
     """
-    from .modeling import iter_projections
-
     target_sparsity = check_sparsity(target_sparsity, "target sparsity")
+    method = resolve_allocation(allocation, target_sparsity)
     epsilon = DEFAULT_EPSILON if epsilon is None else check_epsilon(epsilon)
-    if allocation == "acttail-greedy" and mapping is None:
+    if method == "acttail-greedy" and mapping is None:
         mapping = _combined_mapping()
     mapping = _resolve(DEFAULT_MAPPING if mapping is None else mapping)
-    if allocation in ("uniform", "teal-greedy"):  # the same budget everywhere: no spread, no alpha mapping to record
+    if method not in ALPHA_ALLOCATIONS:  # the same budget everywhere: no spread, no alpha mapping to record
         epsilon, mapping = None, None
-    projections = iter_projections(model)
-    if fits is None and allocation in ("acttail", "acttail-greedy"):
+    projections = _projections(model)
+    if fits is None and method in ALPHA_ALLOCATIONS:
         from .spectral import analyze_model
 
         fits = analyze_model(model)
-    config = ActTailConfig(target_sparsity=target_sparsity, allocation=allocation, mode=mode, epsilon=epsilon, mapping=mapping, s_max=s_max)
+    config = ActTailConfig(target_sparsity=target_sparsity, allocation=allocation, mode=mode, epsilon=epsilon,
+                           mapping=mapping, s_max=s_max, allocation_method=method)
     params = np.array([m.in_features * m.out_features for _, _, _, m in projections], dtype=np.float64)
     alphas = None
     if fits is not None:
@@ -379,13 +408,13 @@ def build_config(
             raise ActTailError(f"fits lack {len(missing)} projections (e.g. {missing[0]}): fit them with spectral.analyze_model(model)")
         alphas = np.array([fits[name].alpha for name, *_ in projections])
     layers = [layer for _, layer, _, _ in projections]
-    if allocation in ("uniform", "teal-greedy"):
-        budgets = uniform(params, target_sparsity)
-    else:
+    if method in ALPHA_ALLOCATIONS:
         budgets = allocate(alphas, params, target_sparsity, epsilon, mapping, s_max,
                            kinds=[k for _, _, k, _ in projections], layers=layers)
-    if allocation in ("teal-greedy", "acttail-greedy"):
-        budgets = _greedy_budgets(model, projections, budgets, params, layers, trajectories)
+    else:
+        budgets = uniform(params, target_sparsity)
+    if method in GREEDY_ALLOCATIONS:
+        budgets = _greedy_budgets(model, projections, budgets, params, layers, trajectories, allocation, target_sparsity)
     for (name, layer, kind, module), s, i in zip(projections, budgets, range(len(projections))):
         config.projections.append(ProjectionConfig(
             name=name, layer=layer, kind=kind, in_features=module.in_features, out_features=module.out_features,
@@ -394,6 +423,6 @@ def build_config(
         ))
     config.architecture = type(model).__name__
     config.model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    logger.info("%s allocation: target %.3f, weighted %.6f, budgets %.3f..%.3f", allocation, target_sparsity,
+    logger.info("%s allocation (%s): target %.3f, weighted %.6f, budgets %.3f..%.3f", allocation, method, target_sparsity,
                 config.weighted_sparsity(), float(budgets.min()), float(budgets.max()))
     return config

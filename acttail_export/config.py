@@ -31,15 +31,36 @@ PROJECTION_KINDS: tuple[str, ...] = DEFAULT_SPEC.kinds
 PROJECTION_PARENT = DEFAULT_SPEC.parent
 SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = DEFAULT_SPEC.shared_input_groups
 
-ALLOCATIONS = ("uniform", "acttail", "teal-greedy", "acttail-greedy")
+#: ``--allocation`` values: ``acttail`` is the project's default, a method chosen per target level
+#: (:data:`DEFAULT_POLICY`); each of the others is one method: ``htsr`` (budgets from the HT-SR alphas of the
+#: weights, the ActTail paper's allocation), ``uniform``, ``teal-greedy`` (TEAL's block-wise greedy search) and
+#: ``acttail-greedy`` (HT-SR block targets, the greedy search inside each block).
+ALLOCATIONS = ("acttail", "htsr", "uniform", "teal-greedy", "acttail-greedy")
+#: The methods ``acttail`` resolves to (every allocation but ``acttail`` is its own method).
+ALLOCATION_METHODS = ("htsr", "uniform", "teal-greedy", "acttail-greedy")
 #: Allocations that run the block-wise greedy search of :mod:`acttail_export.greedy` (they need calibration text).
 GREEDY_ALLOCATIONS = ("teal-greedy", "acttail-greedy")
+#: Methods whose budgets start from the HT-SR alphas of the weights (:mod:`acttail_export.spectral`).
+ALPHA_ALLOCATIONS = ("htsr", "acttail-greedy")
+#: ``--allocation acttail``: (highest target, method) in increasing order — the method with the lowest perplexity
+#: at each level on WikiText-2 validation (SmolLM2-135M, top-k, 40-90 %; docs/allocation.md section 6c): TEAL's
+#: greedy search up to 65 %, the combination up to 85 %, HT-SR above. A dense target (0) needs no allocation.
+DEFAULT_POLICY: tuple[tuple[float, str], ...] = ((0.65, "teal-greedy"), (0.85, "acttail-greedy"), (1.0, "htsr"))
 MODES = ("topk", "threshold")
 KERNELS = ("mask", "fused")
 #: projection weights of the graph: the float dtype of the export, or 4-bit blocks (:mod:`acttail_export.quantize`)
 WEIGHTS = ("fp32", "fp16", "int4")
 #: The highest per-projection budget the acttail allocation gives (a target above it cannot be met).
 DEFAULT_S_MAX = 0.99
+
+
+def resolve_allocation(allocation: str, target: float) -> str:
+    """The method ``allocation`` uses at ``target`` sparsity (``acttail``: :data:`DEFAULT_POLICY`; 0: ``uniform``)."""
+    if allocation != "acttail":
+        return allocation
+    if target <= 0:
+        return "uniform"  # every budget is 0 whatever the method: no alphas, no search
+    return next(method for bound, method in DEFAULT_POLICY if target <= bound)
 
 
 def projection_name(layer: int, kind: str) -> str:
@@ -173,6 +194,9 @@ class ActTailConfig:
     weights: str | None = None
     block_size: int | None = None
     quantizer: str | None = None
+    #: the method behind ``allocation`` (:func:`resolve_allocation`); None in configs written before ``acttail``
+    #: became a per-level choice, where ``acttail`` meant ``htsr``
+    allocation_method: str | None = None
 
     def __post_init__(self) -> None:
         self.target_sparsity = check_sparsity(self.target_sparsity, "target sparsity")
@@ -187,6 +211,8 @@ class ActTailConfig:
             raise ActTailError(f"projections must be a list, got {type(self.projections).__name__}: {CONFIG_NAME} was edited "
                                "or is damaged; re-run the export")
         _check_choice(self.allocation, ALLOCATIONS, "allocation")
+        if self.allocation_method is not None:
+            _check_choice(self.allocation_method, ALLOCATION_METHODS, "allocation_method")
         _check_choice(self.mode, MODES, "mode")
         _check_choice(self.kernel, KERNELS, "kernel")
         if self.epsilon is not None:

@@ -257,14 +257,19 @@ def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Pa
     from .spectral import analyze_model
 
     fits = None
-    if o.allocation in ("acttail", "acttail-greedy"):  # uniform and teal-greedy budgets need no alphas
+    if alloc.needs_alphas(o.allocation, [o.sparsity]):  # uniform and teal-greedy budgets need no alphas
         with _stage("spectral analysis"):
             # on a GPU the Gram-matrix eigenvalues are ~5x faster than svdvals (docs/scale.md), same alphas
             fits = analyze_model(model, device=o.device, progress=o.progress,
                                  method="gram" if o.device == "cuda" else "svd")
     trajectories = None
-    if o.allocation in alloc.GREEDY_ALLOCATIONS:
+    if alloc.needs_search(o.allocation, [o.sparsity]):
+        from .data import EXPORT_CALIBRATION_FLAGS, load_windows
         from .greedy import search_for
+
+        # the calibration below reads these windows: a text too short for them fails here, before the search
+        load_windows(tokenizer, calibration_path, sequence_length, samples=o.calibration_samples,
+                     flags=EXPORT_CALIBRATION_FLAGS)
 
         with _stage("greedy allocation search"), torch.no_grad():
             trajectories = search_for(model, tokenizer, o.allocation, [o.sparsity], o.mode, calibration_path, fits=fits,

@@ -600,11 +600,20 @@ def search_for(model, tokenizer, allocation: str, sparsities: list[float], mode:
                progress: bool = True) -> dict[int, list[list[float]]]:
     """Run (or read from the cache) the greedy search that ``allocation`` needs at ``sparsities`` on ``data``."""
     from .allocation import greedy_levels
-    from .data import DEFAULT_CALIBRATION_DATA, load_windows
+    from .data import DEFAULT_CALIBRATION_DATA, EXPORT_CALIBRATION_FLAGS, read_text, token_windows
     from .offload import input_device
 
     settings = settings or GreedySettings(mode=mode)
-    windows = load_windows(tokenizer, Path(data) if data is not None else DEFAULT_CALIBRATION_DATA,
-                           settings.sequence_length, samples=settings.samples)
+    path = Path(data) if data is not None else DEFAULT_CALIBRATION_DATA
+    length, samples = settings.sequence_length, settings.samples
+    text = read_text(path, EXPORT_CALIBRATION_FLAGS)
+    try:  # as many windows as the text holds, then one message that names the search's needs
+        windows = token_windows(tokenizer, text, length, max_tokens=samples * length)
+    except ActTailError:
+        windows = None
+    if windows is None or len(windows) < samples:
+        raise ActTailError(f"the greedy allocation search of --allocation {allocation} reads {samples} windows of {length} "
+                           f"tokens of the calibration text, and {path.name} holds {0 if windows is None else len(windows)}"
+                           ": pass a longer --calibration-data, or an allocation without the search (htsr, uniform)")
     levels = greedy_levels(model, allocation, sparsities, epsilon=epsilon, mapping=mapping, s_max=settings.s_max, fits=fits)
     return search(model, windows.to(input_device(model)), levels, settings, cache_dir=cache_dir, progress=progress)

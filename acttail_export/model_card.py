@@ -69,9 +69,15 @@ def _perplexity_not_measured(ppl: dict) -> str:
 
 def _allocation_line(config: ActTailConfig) -> str:
     shape = "" if config.epsilon is None and config.mapping is None else f" (ε = {config.epsilon}, mapping `{config.mapping}`)"
-    if config.allocation == "uniform" and not shape:
-        shape = " (the same budget for every projection)"
-    return f"- allocation `{config.allocation}`{shape}, mode `{config.mode}`, kernel `{config.kernel}`"
+    method = config.allocation_method
+    if method == "uniform" or (method is None and config.allocation == "uniform"):
+        shape = shape or " (the same budget for every projection)"
+    elif method == "teal-greedy":
+        shape = " (TEAL's block-wise greedy search on the calibration text)"
+    elif method == "acttail-greedy":
+        shape = f" (HT-SR block targets{shape}, TEAL's greedy search inside each block)"
+    name = f"`{config.allocation}`" + (f" = `{method}`" if method and method != config.allocation else "")
+    return f"- allocation {name}{shape}, mode `{config.mode}`, kernel `{config.kernel}`"
 
 
 def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_kernels: bool | None = None,

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .bases import get_base
-from .config import ALLOCATIONS, DEFAULT_S_MAX, check_sparsity
+from .config import ALLOCATIONS, ALPHA_ALLOCATIONS, DEFAULT_S_MAX, check_sparsity, resolve_allocation
 from .errors import ActTailError
 
 logger = logging.getLogger(__name__)
 
-Allocation = Literal["acttail", "uniform", "teal-greedy", "acttail-greedy"]
+Allocation = Literal["acttail", "htsr", "uniform", "teal-greedy", "acttail-greedy"]
 Mode = Literal["topk", "threshold"]
 Kernel = Literal["mask", "fused"]
 DType = Literal["fp32", "fp16"]
@@ -45,6 +45,21 @@ def _choice(value: Any, choices: tuple, flag: str) -> None:
 def _integer(value: Any, flag: str, minimum: int, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ActTailError(f"{flag} must be {what}, got {value!r}")
+
+
+def check_allocation_shape(allocation: str, sparsity: float, epsilon: float | None, mapping: str | None) -> None:
+    """--epsilon / --mapping shape HT-SR budgets: an ActTailError when ``allocation`` reads no alphas at ``sparsity``."""
+    if epsilon is None and mapping is None:
+        return
+    method = resolve_allocation(allocation, sparsity)
+    if method in ALPHA_ALLOCATIONS or (allocation == "acttail" and sparsity == 0):
+        return
+    if allocation == "acttail":
+        raise ActTailError(f"--epsilon/--mapping shape HT-SR budgets; --allocation acttail at {sparsity:g} is {method} "
+                           "(docs/allocation.md), which reads no alphas: drop them, or use --allocation htsr or "
+                           "acttail-greedy")
+    raise ActTailError("--epsilon/--mapping only apply to the allocations from HT-SR alphas: drop them or use "
+                       "--allocation htsr or acttail-greedy")
 
 
 @dataclass(frozen=True)
@@ -106,12 +121,10 @@ class ExportOptions:
             from .allocation import MAPPINGS
 
             _choice(self.mapping, MAPPINGS, "--mapping")
-        if self.allocation in ("uniform", "teal-greedy") and (self.epsilon is not None or self.mapping is not None):
-            raise ActTailError("--epsilon/--mapping only apply to --allocation acttail: drop them or use "
-                               "--allocation acttail")
-        if self.allocation in ("acttail", "acttail-greedy", "teal-greedy") and self.sparsity > DEFAULT_S_MAX:
+        check_allocation_shape(self.allocation, self.sparsity, self.epsilon, self.mapping)
+        if self.allocation != "uniform" and self.sparsity > DEFAULT_S_MAX:
             raise ActTailError(f"sparsity {self.sparsity} is above {DEFAULT_S_MAX}, the highest per-projection budget "
-                               f"of the acttail allocation: use --sparsity {DEFAULT_S_MAX} or lower, or "
+                               f"of the {self.allocation} allocation: use --sparsity {DEFAULT_S_MAX} or lower, or "
                                "--allocation uniform")
 
     def _check_weights(self) -> None:

@@ -39,11 +39,13 @@ def model_context(model) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def record(allocation: str, sparsity: float, mode: str, backend: str, result: dict[str, Any]) -> dict[str, Any]:
-    """One result row: allocation, sparsity, mode, backend, perplexity, tokens, effective_sparsity."""
+def record(allocation: str, sparsity: float, mode: str, backend: str, result: dict[str, Any],
+           method: str | None = None) -> dict[str, Any]:
+    """One result row: allocation, method (what ``allocation`` resolved to; default: itself), sparsity, mode, backend,
+    perplexity, tokens, effective_sparsity."""
     effective = result.get("effective_sparsity")
     return {
-        "allocation": allocation, "sparsity": sparsity, "mode": mode, "backend": backend,
+        "allocation": allocation, "method": method or allocation, "sparsity": sparsity, "mode": mode, "backend": backend,
         "perplexity": float(result["perplexity"]), "tokens": int(result["tokens"]),
         "effective_sparsity": None if effective is None else float(effective),
     }
@@ -74,20 +76,20 @@ def evaluate_export(export_dir: str | Path, data: str | Path, backend: Backend =
                             progress=progress, batch_size=batch_size)
     dense = config.target_sparsity == 0
     return record("dense" if dense else config.allocation, config.target_sparsity, "dense" if dense else config.mode,
-                  backend, result)
+                  backend, result, None if dense else config.allocation_method)
 
 
 def _build_configs(model, tokenizer, sparse: list[float], allocations: Sequence[str], modes: Sequence[str], *,
                    epsilon: float | None, mapping: str | None, fits: dict | None, calibration_data: str | Path | None,
                    progress: bool) -> list[tuple[str, float, str, ActTailConfig]]:
     """(allocation, sparsity, mode, config) of every combination; alphas fitted and greedy searches run once."""
-    from .allocation import build_config
+    from .allocation import build_config, needs_alphas, needs_search
     from .spectral import analyze_model
 
-    if fits is None and {"acttail", "acttail-greedy"} & set(allocations):
+    if fits is None and any(needs_alphas(allocation, sparse) for allocation in allocations):
         fits = analyze_model(model, progress=progress)  # once per call, shared by every config
     trajectories = {}
-    for allocation in {"teal-greedy", "acttail-greedy"} & set(allocations):
+    for allocation in (a for a in dict.fromkeys(allocations) if needs_search(a, sparse)):
         from .greedy import search_for
 
         for mode in modes:  # one cached search per mode reaches every level asked for
@@ -155,5 +157,5 @@ def evaluate_base(
     for allocation, s, mode, config in configs:
         config.model = str(model_ref)
         result = perplexity_windows(model, windows, config, mode, progress=progress, batch_size=batch_size)
-        records.append(record(allocation, s, mode, "torch", result))
+        records.append(record(allocation, s, mode, "torch", result, config.allocation_method))
     return records

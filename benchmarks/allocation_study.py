@@ -1,4 +1,8 @@
-"""Allocation study: uniform / acttail / teal-greedy / acttail-greedy, top-k, PyTorch reference (SmolLM2-135M).
+"""Allocation study: uniform / htsr / teal-greedy / acttail-greedy / acttail, top-k, PyTorch reference (SmolLM2-135M).
+
+``acttail`` is the project's default, a method per level (``config.DEFAULT_POLICY``); its rows record the method
+(``allocation_method``). Files written before that default existed (no ``meta.allocation_names``) used ``acttail``
+for the HT-SR allocation, now ``htsr``: ``--table`` labels their rows ``htsr``.
 
 The greedy searches run on calibration text (``--calibration``: WikiText-2 validation) and are cached
 (``greedy.default_cache_dir()``); choices are made on ``--split valid``, the test split is read once for the
@@ -10,7 +14,7 @@ command; finished rows are skipped)::
         --methods acttail-greedy:block-abs acttail-greedy:block-rev-abs --output docs/results/allocation/study_valid.json
     nice -n 10 .venv/bin/python benchmarks/allocation_study.py --data DATA/wiki.test.raw --split test \\
         --calibration DATA/wiki.valid.raw --max-tokens 16384 --levels 0.4 0.5 0.6 0.7 0.8 0.9 \\
-        --methods uniform acttail teal-greedy acttail-greedy --output docs/results/allocation/study_test.json
+        --methods uniform htsr teal-greedy acttail-greedy --output docs/results/allocation/study_test.json
     .venv/bin/python benchmarks/allocation_study.py --table docs/results/allocation/study_test*.json \
         --prior docs/results/allocation_confirm_test_16k.json
 
@@ -33,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acttail_export import _research_mappings, greedy  # noqa: E402
-from acttail_export.allocation import build_config, greedy_levels  # noqa: E402
+from acttail_export.allocation import build_config, greedy_levels, needs_search  # noqa: E402
 from acttail_export.data import load_windows  # noqa: E402
 from acttail_export.evaluation import perplexity_windows  # noqa: E402
 from acttail_export.modeling import default_model_path, load_model  # noqa: E402
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     fits = analyze_model(model, progress=False)
     fit_seconds = time.perf_counter() - start
     trajectories, search_seconds = None, None
-    greedy_methods = [m for m in args.methods if m.startswith(("teal-greedy", "acttail-greedy"))]
+    greedy_methods = [m for m in args.methods if needs_search(m.partition(":")[0], args.levels)]
     if greedy_methods:
         levels = np.max([greedy_levels(model, m.partition(":")[0], args.levels, mapping=m.partition(":")[2] or None, fits=fits)
                          for m in greedy_methods], axis=0)
@@ -77,7 +81,8 @@ def run(args: argparse.Namespace) -> None:
         search_seconds = greedy.search.seconds
     meta = {"model": "SmolLM2-135M-Instruct (GGUF, fp32)", "split": args.split, "tokens": int(windows.numel()),
             "sequence_length": 1024, "mode": "topk", "greedy_settings": vars(settings) if hasattr(settings, "__dict__") else str(settings),
-            "spectral_fit_seconds": fit_seconds, "greedy_search_seconds": search_seconds, "threads": args.threads}
+            "spectral_fit_seconds": fit_seconds, "greedy_search_seconds": search_seconds, "threads": args.threads,
+            "allocation_names": "acttail = config.DEFAULT_POLICY, htsr = the HT-SR allocation"}
     rows = _rows(args.output)
     done = {(r["method"], r["level"]) for r in rows}
     jobs = [("dense", 0.0)] if args.dense else []
@@ -93,6 +98,7 @@ def run(args: argparse.Namespace) -> None:
                "effective_sparsity": result["effective_sparsity"], "tokens": result["tokens"],
                "allocation_seconds": alloc_seconds, "eval_seconds": time.perf_counter() - start - alloc_seconds}
         if config is not None:
+            row["allocation_method"] = config.allocation_method
             row["budgets"] = [round(p.sparsity, 6) for p in config.projections]
         rows.append(row)
         _save(args.output, meta, rows)
@@ -100,14 +106,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def prior_rows(path: Path, tokens: int) -> list[dict]:
-    """uniform / default-acttail rows of a ``benchmarks/allocation_search.py`` file (same split, same tokens)."""
+    """uniform / HT-SR (default mapping) rows of a ``benchmarks/allocation_search.py`` file (same split, same tokens)."""
     from acttail_export.allocation import DEFAULT_EPSILON, DEFAULT_MAPPING
 
     out = []
     for r in json.loads(path.read_text())["results"]:
         default = r["mapping"] == DEFAULT_MAPPING and r["epsilon"] == DEFAULT_EPSILON
         if r["tokens"] == tokens and (r["mapping"] == "uniform" or default):
-            out.append({"method": "uniform" if r["mapping"] == "uniform" else "acttail", "level": r["sparsity"],
+            out.append({"method": "uniform" if r["mapping"] == "uniform" else "htsr", "level": r["sparsity"],
                         "perplexity": r["perplexity"]})
     return out
 
@@ -120,8 +126,13 @@ def table(paths: list[Path], prior: Path | None = None) -> None:
         content = json.loads(path.read_text())
         g = content["meta"]["greedy_settings"]
         label = f"step {g['step']:g}, {g['samples']} × {g['sequence_length']} tokens"
-        rows += [{**r, "method": f"{r['method']} ({label})" if "greedy" in r["method"] else r["method"]}
-                 for r in content["results"]]
+        legacy = "allocation_names" not in content["meta"]  # its acttail rows are the HT-SR allocation
+        for r in content["results"]:
+            method = "htsr" if legacy and r["method"] == "acttail" else r["method"]
+            if method == "acttail":
+                method = "acttail (the default)"
+            greedy = "greedy" in method or "greedy" in (r.get("allocation_method") or "")
+            rows.append({**r, "method": f"{method} ({label})" if greedy and "acttail (" not in method else method})
     if prior is not None:
         rows = prior_rows(prior, data["meta"]["tokens"]) + rows
     levels = sorted({r["level"] for r in rows if r["method"] != "dense"})
@@ -148,7 +159,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=Path, help="greedy search text (validation split)")
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
-    parser.add_argument("--methods", nargs="+", default=["uniform", "acttail", "teal-greedy", "acttail-greedy"])
+    parser.add_argument("--methods", nargs="+", default=["uniform", "htsr", "teal-greedy", "acttail-greedy", "acttail"])
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     parser.add_argument("--step", type=float, default=0.05, help="greedy step (block weighted sparsity per step)")
     parser.add_argument("--samples", type=int, default=2, help="greedy search windows")
@@ -156,7 +167,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of results files and exit")
-    parser.add_argument("--prior", type=Path, help="with --table: uniform / acttail rows of an allocation_search.py file")
+    parser.add_argument("--prior", type=Path, help="with --table: uniform / htsr rows of an allocation_search.py file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.table:

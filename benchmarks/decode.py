@@ -645,7 +645,8 @@ def main(argv=None) -> int:
     ap.add_argument("--topk-sparsity", type=float, nargs="*", default=[0.5, 0.8, 0.9], help="fused top-k variants")
     ap.add_argument("--optimum-fused-sparsity", type=float, nargs="*", default=[0.8])
     ap.add_argument("--export-sparsity", type=float, nargs="*", default=[0.5, 0.8], help="acttail-export: target sparsities")
-    ap.add_argument("--export-allocation", nargs="*", default=["acttail", "uniform"], choices=("acttail", "uniform"),
+    ap.add_argument("--export-allocation", nargs="*", default=["acttail", "uniform"],
+                    choices=("acttail", "htsr", "uniform", "teal-greedy", "acttail-greedy"),
                     help="acttail-export: budget allocations (ActTail: the exporter's default)")
     ap.add_argument("--export-mode", choices=("threshold", "topk"), default="threshold", help="acttail-export: mask mode")
     ap.add_argument("--export-validate", action="store_true", help="acttail-export: run the exporter's validation too")

@@ -66,6 +66,19 @@ def _save_tiny(architecture: str, folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _greedy_cache(tmp_path_factory):
+    """The greedy search's cache (the default allocation runs it) in the session's temporary folder, not ~/.cache."""
+    from acttail_export import greedy
+
+    folder = tmp_path_factory.mktemp("greedy-cache")
+    original, initial = greedy.default_cache_dir, os.environ.get("ACTTAIL_CACHE")
+    # a test that sets $ACTTAIL_CACHE itself gets the library's own rule
+    greedy.default_cache_dir = lambda: original() if os.environ.get("ACTTAIL_CACHE") != initial else folder
+    yield folder
+    greedy.default_cache_dir = original
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))

@@ -298,9 +298,9 @@ def tiny(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("mapping", ["linear", "block-rev", *MAPPINGS])
-def test_build_config_acttail(tiny, mapping, tmp_path):
+def test_build_config_htsr(tiny, mapping, tmp_path):
     model, fits = tiny
-    config = build_config(model, 0.7, epsilon=0.4, mapping=mapping, fits=fits)
+    config = build_config(model, 0.7, "htsr", epsilon=0.4, mapping=mapping, fits=fits)
     assert isinstance(config, ActTailConfig) and len(config.projections) == 14
     assert abs(config.weighted_sparsity() - 0.7) < 1e-9
     kinds = [p.kind for p in config.projections]
@@ -318,7 +318,7 @@ def test_build_config_uniform_and_defaults(tiny):
     model, fits = tiny
     uniform = build_config(model, 0.5, allocation="uniform", mode="threshold")
     assert {p.sparsity for p in uniform.projections} == {0.5} and all(p.k is None for p in uniform.projections)
-    default = build_config(model, 0.5, fits=fits)
+    default = build_config(model, 0.5, "htsr", fits=fits)
     assert (default.mapping, default.epsilon) == (allocation.DEFAULT_MAPPING, allocation.DEFAULT_EPSILON)
 
 
@@ -332,7 +332,7 @@ def test_build_config_uniform_records_no_epsilon_or_mapping(tiny, tmp_path):
         saved = json.loads(config.save(tmp_path).read_text())
         assert (saved["epsilon"], saved["mapping"]) == (None, None)
         assert ActTailConfig.load(tmp_path).to_dict() == config.to_dict()
-    acttail = build_config(model, 0.5, epsilon=0.3, mapping="linear", fits=fits)
+    acttail = build_config(model, 0.5, "htsr", epsilon=0.3, mapping="linear", fits=fits)
     assert (acttail.epsilon, acttail.mapping) == (0.3, "linear")
 
 
@@ -340,7 +340,65 @@ def test_build_config_missing_fits(tiny):
     model, fits = tiny
     partial = dict(list(fits.items())[:3])
     with pytest.raises(ActTailError, match="fits lack 11 projections"):
-        build_config(model, 0.5, fits=partial)
+        build_config(model, 0.5, "htsr", fits=partial)
+
+
+def test_default_policy_resolves_every_level():
+    """``acttail`` is one method per level (the table, in increasing order, ends at 1); the others are themselves."""
+    from acttail_export.config import ALLOCATION_METHODS, ALLOCATIONS, DEFAULT_POLICY, resolve_allocation
+
+    bounds = [bound for bound, _ in DEFAULT_POLICY]
+    assert bounds == sorted(bounds) and bounds[-1] == 1.0
+    assert {method for _, method in DEFAULT_POLICY} <= set(ALLOCATION_METHODS)
+    assert resolve_allocation("acttail", 0.0) == "uniform"  # dense: every budget 0, no alphas, no search
+    for s in np.linspace(0.01, 0.99, 99):
+        expected = next(method for bound, method in DEFAULT_POLICY if s <= bound)
+        assert resolve_allocation("acttail", float(s)) == expected
+        for allocation in ALLOCATIONS[1:]:
+            assert resolve_allocation(allocation, float(s)) == allocation
+    # the measured choice (docs/allocation.md section 6c): greedy 40-60 %, combination 70-80 %, HT-SR 90 %
+    assert [resolve_allocation("acttail", s) for s in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)] == [
+        "teal-greedy"] * 3 + ["acttail-greedy"] * 2 + ["htsr"]
+
+
+def test_build_config_default_is_the_policy_method(tiny, tiny_llama_dir, wikitext_valid, tmp_path):
+    """``build_config(..., "acttail")`` has the budgets of the method it resolves to, records both names, round-trips;
+    without the search's trajectories a greedy level is one line that names the fix."""
+    from acttail_export.config import resolve_allocation
+    from acttail_export.greedy import search_for
+    from acttail_export.modeling import load_model
+
+    model, fits = tiny
+    _, tokenizer = load_model(str(tiny_llama_dir))
+    levels = [0.5, 0.8, 0.9]
+    trajectories = search_for(model, tokenizer, "acttail", levels, "topk", wikitext_valid, fits=fits, progress=False)
+    for s in levels:
+        method = resolve_allocation("acttail", s)
+        default = build_config(model, s, "acttail", fits=fits, trajectories=trajectories)
+        reference = build_config(model, s, method, fits=fits, trajectories=trajectories)
+        assert (default.allocation, default.allocation_method) == ("acttail", method)
+        assert [p.sparsity for p in default.projections] == [p.sparsity for p in reference.projections]
+        assert (default.epsilon, default.mapping) == (reference.epsilon, reference.mapping)
+        assert ActTailConfig.load(default.save(tmp_path)).to_dict() == default.to_dict()
+    with pytest.raises(ActTailError, match="^allocation 'acttail' at 0.5 runs the greedy search .*allocation='htsr'"):
+        build_config(model, 0.5, "acttail", fits=fits)
+    # a config written before the policy (no allocation_method) still loads
+    legacy = build_config(model, 0.9, "acttail", fits=fits).to_dict()
+    del legacy["allocation_method"]
+    assert ActTailConfig.from_dict(legacy).allocation_method is None
+
+
+def test_analyze_refuses_a_greedy_level_of_the_default(tiny_llama_dir, tmp_path, capsys):
+    from acttail_export.cli import main
+
+    assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "acttail", "--sparsity", "0.5",
+                 "--json", str(tmp_path / "a.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--allocation acttail at 0.5 is teal-greedy" in err[0] and "--allocation htsr" in err[0]
+    assert list(tmp_path.iterdir()) == []
+    assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "acttail", "--sparsity", "0.9",
+                 "--json", str(tmp_path / "a.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["allocation"] == "acttail"
 
 
 # --- analyze command ---------------------------------------------------------------------------
@@ -357,7 +415,7 @@ def test_analyze_command_json_and_plot(tiny_llama_dir, tmp_path):
     data = json.loads(json_path.read_text())
     model, _ = load_model(str(tiny_llama_dir))
     fits = analyze_model(model, progress=False)
-    config = build_config(model, 0.6, epsilon=0.3, mapping="group-linear-rev-abs", fits=fits)
+    config = build_config(model, 0.6, "htsr", epsilon=0.3, mapping="group-linear-rev-abs", fits=fits)
     rows = {row["name"]: row for row in data["projections"]}
     assert list(rows) == list(fits)
     for p in config.projections:

@@ -138,7 +138,7 @@ def test_epsilon_out_of_range(value, tmp_path, capsys, tiny_llama_dir):
 def test_flag_combinations(tmp_path, capsys, tiny_llama_dir):
     out = tmp_path / "out"
     _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--allocation", "uniform", "--epsilon", "0.1", str(out)),
-           "only apply to --allocation acttail")
+           "only apply to the allocations from HT-SR alphas")
     _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--private", str(out)), "only apply with --push-to-hub")
     _no_leftovers(out)
 

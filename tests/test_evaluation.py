@@ -14,7 +14,7 @@ from acttail_export.data import read_text, token_windows
 from acttail_export.evaluation import perplexity, perplexity_windows
 from acttail_export.sparsify import apply_sparsity
 
-RECORD_KEYS = {"allocation", "sparsity", "mode", "backend", "perplexity", "tokens", "effective_sparsity"}
+RECORD_KEYS = {"allocation", "method", "sparsity", "mode", "backend", "perplexity", "tokens", "effective_sparsity"}
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +77,43 @@ def test_library_evaluate_base_without_the_cli(tiny, tiny_llama_dir, wikitext_te
 
     model, tokenizer = tiny
     fits = analyze_model(model, progress=False)
-    rows = evaluate_base(str(tiny_llama_dir), wikitext_test, [0.0, 0.5, 0.7], ["uniform", "acttail"], ["topk"],
+    rows = evaluate_base(str(tiny_llama_dir), wikitext_test, [0.0, 0.5, 0.7], ["uniform", "htsr"], ["topk"],
                          sequence_length=48, max_tokens=4 * 48, progress=False, fits=fits)
     assert [(r["allocation"], r["sparsity"]) for r in rows] == [
-        ("dense", 0.0), ("uniform", 0.5), ("uniform", 0.7), ("acttail", 0.5), ("acttail", 0.7)]
+        ("dense", 0.0), ("uniform", 0.5), ("uniform", 0.7), ("htsr", 0.5), ("htsr", 0.7)]
+    assert [r["method"] for r in rows] == [r["allocation"] for r in rows]
     assert all(set(r) == RECORD_KEYS and r["tokens"] == 4 * 48 and r["backend"] == "torch" for r in rows)
     windows = load_windows(tokenizer, wikitext_test, 48, max_tokens=4 * 48)
     # the model's float32 mean loss vs the float64 NLL sum: the 1e-5 of test_dense_perplexity_equals_model_loss
     assert rows[0]["perplexity"] == pytest.approx(reference_ppl(model, windows), rel=1e-5)
-    config = build_config(model, 0.7, "acttail", "topk", fits=fits)
+    config = build_config(model, 0.7, "htsr", "topk", fits=fits)
     want = perplexity_windows(model, windows, config, "topk", progress=False)
     # same budgets, windows and code path in one process: equal up to float64 summation order
     assert rows[-1]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-9)
     assert rows[-1]["effective_sparsity"] == pytest.approx(want["effective_sparsity"], rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_default_allocation_is_the_policy_method(tiny, tiny_llama_dir, wikitext_test, wikitext_valid, mode):
+    """``acttail`` at each level gives the rows of the method ``DEFAULT_POLICY`` names there, bit for bit (one search,
+    one calibration), and records that method; every level of the policy is exercised."""
+    from acttail_export.config import DEFAULT_POLICY, resolve_allocation
+    from acttail_export.sweep import evaluate_base
+
+    levels = [0.5, 0.8, 0.9]
+    assert [resolve_allocation("acttail", s) for s in levels] == [method for _, method in DEFAULT_POLICY]
+    rows = evaluate_base(str(tiny_llama_dir), wikitext_test, levels, ["acttail", "teal-greedy", "acttail-greedy", "htsr"],
+                         [mode], sequence_length=48, max_tokens=2 * 48, progress=False, calibration_data=wikitext_valid,
+                         calibration_samples=2, calibration_sequence_length=32)
+    by = {(r["allocation"], r["sparsity"]): r for r in rows}
+    for s in levels:
+        method = resolve_allocation("acttail", s)
+        default, reference = by["acttail", s], by[method, s]
+        assert default["method"] == method and reference["method"] == method
+        assert (default["perplexity"], default["effective_sparsity"]) == (reference["perplexity"],
+                                                                          reference["effective_sparsity"])
+    # the three methods differ on this model, so the equalities above pick out one of them
+    assert len({by[m, 0.8]["perplexity"] for m in ("teal-greedy", "acttail-greedy", "htsr")}) == 3
 
 
 def run_cli(argv, capsys):

@@ -238,3 +238,21 @@ def test_export_with_teal_greedy_and_fused_kernel(tiny_llama_dir, tmp_path, monk
     assert len({round(p.sparsity, 9) for p in config.projections}) > 1  # not uniform
     assert config.perplexity["validation"]["top1_agreement"] >= 0.99
     assert list((tmp_path / "cache" / "greedy").glob("greedy-*.json"))
+
+
+def test_search_text_too_short(tiny_llama_dir, tmp_path, capsys):
+    """The default at 50 % searches on 8 windows of 128 calibration tokens: a text with fewer is one line naming the
+    search's needs and the fix (the export's own windows fit), exit 2, nothing written."""
+    from acttail_export.cli import main
+
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"Sentence {i} of a short text." for i in range(60)))  # a few hundred tokens
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(tiny_llama_dir), "--calibration-data", str(text), "--calibration-samples",
+                 "2", "--sequence-length", "32", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert err[-1].startswith("acttail-export: error: the greedy allocation search of --allocation acttail reads 8 "
+                              "windows of 128 tokens of the calibration text, and short.txt holds ")
+    assert err[-1].endswith("pass a longer --calibration-data, or an allocation without the search (htsr, uniform)")
+    assert int(err[-1].split("holds ")[1].split(":")[0]) < 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]

@@ -199,7 +199,7 @@ def test_degenerate_spectra_export_validates_and_records_the_fallback(capsys, ti
         mm.rank_one("model.layers.0.self_attn.o_proj.weight")(tensors)
     model = mm.edit_weights(tiny_llama_dir, models / "degenerate", edit)
     out = tmp_path / "out"
-    rc, err = _export(capsys, model, out, text, "--mode", "threshold")
+    rc, err = _export(capsys, model, out, text, "--mode", "threshold", "--allocation", "htsr")  # reads the alphas
     assert rc == 0, err
     config = json.loads((out / "acttail_config.json").read_text())
     fallback = {p["name"]: p["alpha_fallback"] for p in config["projections"] if p["alpha_fallback"]}
@@ -209,9 +209,11 @@ def test_degenerate_spectra_export_validates_and_records_the_fallback(capsys, ti
     assert "degenerate weight spectra" in card and "model.layers.1.self_attn.q_proj" in card
 
 
-def test_every_spectrum_degenerate_is_refused_under_acttail(capsys, tiny_llama_dir, models, tmp_path, text):
-    model = mm.edit_weights(tiny_llama_dir, models / "all-rank1", mm.all_projections(mm.rank_one))
-    _refused(capsys, model, tmp_path, text, needles=("degenerate", "--allocation uniform"))
+@pytest.mark.parametrize("allocation", [["--allocation", "htsr"], ["--sparsity", "0.9"]], ids=["htsr", "default-at-90"])
+def test_every_spectrum_degenerate_is_refused_under_htsr(capsys, tiny_llama_dir, models, tmp_path, text, allocation):
+    """The allocations that read alphas (htsr; the default at 90 %) need one usable spectrum."""
+    model = mm.edit_weights(tiny_llama_dir, models / f"all-rank1-{allocation[-1]}", mm.all_projections(mm.rank_one))
+    _refused(capsys, model, tmp_path, text, *allocation, needles=("degenerate", "--allocation uniform"))
 
 
 # --- tokenizer, vocabulary, files, context ---------------------------------------------------------

@@ -50,8 +50,8 @@ def test_offloaded_alphas_thresholds_and_perplexity_equal_single_device(map_name
     assert [n for n, p in model.named_parameters() if p.device.type == "meta"] == offloaded
 
     windows = _windows(tokenizer, wikitext_valid)
-    ref_config = allocation.build_config(ref_model, 0.6, allocation="acttail", mode="threshold", fits=ref_fits)
-    config = allocation.build_config(model, 0.6, allocation="acttail", mode="threshold", fits=fits)
+    ref_config = allocation.build_config(ref_model, 0.6, allocation="htsr", mode="threshold", fits=ref_fits)
+    config = allocation.build_config(model, 0.6, allocation="htsr", mode="threshold", fits=fits)
     calibration.calibrate(ref_model, tokenizer, ref_config, windows=windows, progress=False)
     calibration.calibrate(model, tokenizer, config, windows=windows, progress=False)
     for ref_p, p in zip(ref_config.projections, config.projections):

@@ -686,8 +686,8 @@ def test_group_budgets_are_packable(tiny_llama_dir, mode, sequential):
     from acttail_export.calibration import calibrate_many
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    configs = [build_config(model, 0.8, allocation="acttail", mode=mode, mapping="group-max-rev-abs"),
-               build_config(model, 0.5, allocation="acttail", mode=mode),  # the default mapping scores a group by its max alpha at 50 %
+    configs = [build_config(model, 0.8, allocation="htsr", mode=mode, mapping="group-max-rev-abs"),
+               build_config(model, 0.5, allocation="htsr", mode=mode),  # the default mapping scores a group by its max alpha at 50 %
                build_config(model, 0.7, allocation="uniform", mode=mode)]
     if mode == "threshold":
         windows = torch.randint(3, model.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(0))
@@ -700,5 +700,5 @@ def test_group_budgets_are_packable(tiny_llama_dir, mode, sequential):
             assert (q.threshold, q.keep_k()) == (k.threshold, k.keep_k()) == (v.threshold, v.keep_k())
     assert len({p.sparsity for p in configs[0].projections}) > 1  # budgets do differ across groups
     # above 50 % the default mapping blends in per-projection alphas: q, k and v get their own budgets
-    assert DEFAULT_MAPPING.startswith("group-sched") and not packable(build_config(model, 0.8, allocation="acttail", mode="topk"))
-    assert not packable(build_config(model, 0.6, allocation="acttail", mode="topk", mapping="group-linear-rev-abs"))
+    assert DEFAULT_MAPPING.startswith("group-sched") and not packable(build_config(model, 0.8, allocation="htsr", mode="topk"))
+    assert not packable(build_config(model, 0.6, allocation="htsr", mode="topk", mapping="group-linear-rev-abs"))

@@ -35,10 +35,15 @@ INVALID = [
     (dict(sequence_length=1), "--sequence-length must be an integer >= 2, got 1", ["--sequence-length", "1"]),
     (dict(eval_tokens=-1), "eval_tokens must be an integer >= 0", None),
     (dict(mapping="no-such-mapping"), "--mapping must be one of", ["--mapping", "no-such-mapping"]),
-    (dict(allocation="uniform", epsilon=0.1), "only apply to --allocation acttail: drop them or use --allocation",
-     ["--allocation", "uniform", "--epsilon", "0.1"]),
-    (dict(allocation="uniform", mapping="group-linear-rev-abs"), "only apply to --allocation acttail",
+    (dict(allocation="uniform", epsilon=0.1), "only apply to the allocations from HT-SR alphas: drop them or use "
+     "--allocation htsr or acttail-greedy", ["--allocation", "uniform", "--epsilon", "0.1"]),
+    (dict(allocation="uniform", mapping="group-linear-rev-abs"), "only apply to the allocations from HT-SR alphas",
      ["--allocation", "uniform", "--mapping", "group-linear-rev-abs"]),
+    (dict(allocation="teal-greedy", epsilon=0.1), "only apply to the allocations from HT-SR alphas",
+     ["--allocation", "teal-greedy", "--epsilon", "0.1"]),
+    # the default at 50 % is TEAL's greedy search (config.DEFAULT_POLICY): the message names what it resolved to
+    (dict(epsilon=0.2), "--allocation acttail at 0.5 is teal-greedy (docs/allocation.md), which reads no alphas: "
+     "drop them, or use --allocation htsr or acttail-greedy", ["--epsilon", "0.2"]),
     (dict(sparsity=0.995), "use --sparsity 0.99 or lower, or --allocation uniform", ["--sparsity", "0.995"]),
     (dict(private=True), "--private/--token only apply with --push-to-hub REPO_ID", ["--private"]),
     (dict(token="hf_secret"), "--private/--token only apply with --push-to-hub REPO_ID", ["--token", "hf_secret"]),
@@ -95,10 +100,14 @@ CLI_AND_API = [
     ([], {}),
     (["--sparsity", "0.8", "--mode", "threshold", "--kernel", "fused", "--allocation", "uniform"],
      dict(sparsity=0.8, mode="threshold", kernel="fused", allocation="uniform")),
-    (["--epsilon", "0.2", "--mapping", "group-max-rev-abs", "--calibration-data", "text.txt",
+    (["--allocation", "htsr", "--epsilon", "0.2", "--mapping", "group-max-rev-abs", "--calibration-data", "text.txt",
       "--calibration-samples", "8", "--sequence-length", "128", "--no-validate", "--overwrite"],
-     dict(epsilon=0.2, mapping="group-max-rev-abs", calibration_data="text.txt", calibration_samples=8,
+     dict(allocation="htsr", epsilon=0.2, mapping="group-max-rev-abs", calibration_data="text.txt", calibration_samples=8,
           sequence_length=128, validate=False, overwrite=True)),
+    # the default's levels that read alphas take --epsilon / --mapping: the combination (70 %), HT-SR (90 %)
+    (["--sparsity", "0.7", "--epsilon", "0.2"], dict(sparsity=0.7, epsilon=0.2)),
+    (["--sparsity", "0.9", "--mapping", "group-max-rev-abs"], dict(sparsity=0.9, mapping="group-max-rev-abs")),
+    (["--allocation", "teal-greedy", "--sparsity", "0.4"], dict(allocation="teal-greedy", sparsity=0.4)),
     (["--weights", "int4", "--block-size", "64", "--quantizer", "rtn"],
      dict(weights="int4", block_size=64, quantizer="rtn")),
     (["--weights", "int4"], dict(weights="int4")),  # block size and quantizer: the defaults (options.int4)
@@ -131,7 +140,7 @@ def test_round_trip_options_to_export_kwargs():
     # int4 defaults: block 32, GPTQ in act-order with mse ranges (on the export's calibration windows)
     assert ExportOptions(weights="int4").int4 == (32, "gptq-mse-act")
     assert ExportOptions(weights="int4", quantizer="mse").int4 == (32, "mse")
-    assert ExportOptions.validated(options, sparsity=0.3) == dataclasses.replace(options, sparsity=0.3)
+    assert ExportOptions.validated(options, sparsity=0.8) == dataclasses.replace(options, sparsity=0.8)
     assert "hf_x" not in repr(options)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.sparsity = 0.1  # type: ignore[misc]

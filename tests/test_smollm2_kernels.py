@@ -34,15 +34,17 @@ TOKENS, LENGTH = 8192, 512
 
 @pytest.fixture(scope="module", params=["topk", "threshold"])
 def smollm2_exports(request, tmp_path_factory):
-    """(mode, {kernel: export folder}) of SmolLM2 at 50 % ActTail."""
+    """(mode, {kernel: export folder}) of SmolLM2 at 50 % (HT-SR budgets)."""
     from acttail_export.exporter import export
     from acttail_export.ops import get_library_path
 
     get_library_path()  # a clear failure here if the op library was not built (make ops)
     mode = request.param
     root = tmp_path_factory.mktemp(f"smollm2-kernels-{mode}")
-    return mode, {kernel: export("smollm2", root / kernel, sparsity=SPARSITY, mode=mode, kernel=kernel, **FAST)
-                  for kernel in ("mask", "fused")}
+    # htsr: these tests check the kernels, and their perplexity tolerance was measured with these budgets; the
+    # default allocation (a greedy search at 50 %, minutes on SmolLM2) is tested on the tiny models
+    return mode, {kernel: export("smollm2", root / kernel, sparsity=SPARSITY, allocation="htsr", mode=mode, kernel=kernel,
+                                 **FAST) for kernel in ("mask", "fused")}
 
 
 def _probe_session(export_dir, model, tensors: list[str]):

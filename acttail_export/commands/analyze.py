@@ -12,7 +12,7 @@ import logging
 import math
 from pathlib import Path
 
-from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, PROJECTION_KINDS, check_epsilon, check_sparsity
+from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, PROJECTION_KINDS, check_epsilon, check_sparsity, resolve_allocation
 from ..errors import ActTailError
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,10 @@ def register(subparsers) -> None:
 
     budget = parser.add_argument_group("budgets")
     budget.add_argument("--sparsity", default="0.5", help="target (parameter-weighted mean) sparsity (default: 0.5)")
-    budget.add_argument("--allocation", default="acttail", choices=[a for a in ALLOCATIONS if a not in GREEDY_ALLOCATIONS],
-                        help="budget allocation (default: acttail; the greedy ones need calibration text: use export/evaluate)")
+    budget.add_argument("--allocation", default="htsr", choices=[a for a in ALLOCATIONS if a not in GREEDY_ALLOCATIONS],
+                        help="budget allocation (default: htsr, the budgets of the alphas; acttail, the export default, "
+                             "is a greedy search below 85 %% and the greedy allocations need calibration text: use "
+                             "export or evaluate for those)")
     budget.add_argument("--epsilon", default=None, help="ActTail spread epsilon in [0, 1) (default: allocation.DEFAULT_EPSILON)")
     budget.add_argument("--mapping", default=None,
                         help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: {DEFAULT_MAPPING})")
@@ -102,6 +104,10 @@ def plot_heatmaps(rows: list[dict], path: Path, title: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     sparsity = check_sparsity(args.sparsity, "--sparsity")
+    method = resolve_allocation(args.allocation, sparsity)
+    if method in GREEDY_ALLOCATIONS:
+        raise ActTailError(f"--allocation {args.allocation} at {sparsity:g} is {method}, a greedy search on calibration "
+                           "text: run `acttail-export evaluate` or `export` for its budgets, or use --allocation htsr here")
     epsilon = None if args.epsilon is None else check_epsilon(args.epsilon)
     from ..allocation import check_mapping
 

@@ -44,7 +44,8 @@ def register(subparsers) -> None:
     sparsity.add_argument("--sparsity", nargs="+", default=None, metavar="S",
                           help="target sparsities in [0, 1); 0 = dense (default: 0 0.5)")
     sparsity.add_argument("--allocation", nargs="+", default=None, choices=ALLOCATIONS,
-                          help="budget allocations to compare (default: acttail)")
+                          help="budget allocations to compare (default: acttail, the project's default: a method per level, "
+                               "docs/allocation.md)")
     sparsity.add_argument("--mode", nargs="+", default=None, choices=MODES,
                           help="topk (per-token top-k, the paper's mode) and/or threshold (calibrated, TEAL's) (default: topk)")
     sparsity.add_argument("--epsilon", default=None, help="ActTail spread epsilon (default: allocation.DEFAULT_EPSILON)")
@@ -149,6 +150,13 @@ def run(args: argparse.Namespace) -> None:
             from ..allocation import check_mapping
 
             check_mapping(args.mapping, "--mapping")
+        if epsilon is not None or args.mapping is not None:
+            from ..options import check_allocation_shape
+
+            for allocation in allocations:
+                if allocation != "uniform":  # uniform rows ignore them (a baseline beside the others)
+                    for s in sparsities:
+                        check_allocation_shape(allocation, s, epsilon, args.mapping)
         from ..sweep import evaluate_base
 
         records = evaluate_base(
@@ -174,7 +182,10 @@ def _evaluate_export(args, export_dir: Path, data: Path, sequence_length: int, m
 
 
 def _print_table(records: list[dict[str, Any]]) -> None:
-    print(f"{'allocation':<10} {'mode':<9} {'sparsity':>8} {'effective':>9} {'perplexity':>11} {'tokens':>7}  backend")
+    print(f"{'allocation':<14} {'method':<14} {'mode':<9} {'sparsity':>8} {'effective':>9} {'perplexity':>11} {'tokens':>7}  "
+          "backend")
     for r in records:
         eff = "-" if r["effective_sparsity"] is None else f"{r['effective_sparsity']:.4f}"
-        print(f"{r['allocation']:<10} {r['mode']:<9} {r['sparsity']:>8.2f} {eff:>9} {r['perplexity']:>11.3f} {r['tokens']:>7}  {r['backend']}")
+        method = r.get("method") or "-"
+        print(f"{r['allocation']:<14} {method:<14} {r['mode']:<9} {r['sparsity']:>8.2f} {eff:>9} {r['perplexity']:>11.3f} "
+              f"{r['tokens']:>7}  {r['backend']}")
