@@ -43,7 +43,7 @@ with PeakMemory.measure() as peak:
     t_load = time.perf_counter() - t0
     fits = spectral.analyze_model(model, progress=False)
     if step == "calibration":
-        config = allocation.build_config(model, 0.5, allocation="acttail", mode="threshold", fits=fits)
+        config = allocation.build_config(model, 0.5, allocation="htsr", mode="threshold", fits=fits)
         calibration.calibrate(model, tok, config, samples=8, sequence_length=512, progress=False)
     seconds = time.perf_counter() - t0
 print(json.dumps(dict(placement=placement, step=step, load_s=round(t_load, 1), total_s=round(seconds, 1),

@@ -63,7 +63,7 @@ def run_sweep(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     records = evaluate_base(
-        None, DEFAULT_EVAL_DATA, [0.0, *SPARSITIES], ["uniform", "acttail"], ["topk", "threshold"],
+        None, DEFAULT_EVAL_DATA, [0.0, *SPARSITIES], ["uniform", "htsr"], ["topk", "threshold"],
         sequence_length=args.sequence_length, max_tokens=args.max_tokens, progress=not args.no_progress,
         calibration_data=DEFAULT_CALIBRATION_DATA, calibration_samples=args.calibration_samples,
         calibration_sequence_length=args.calibration_sequence_length,
@@ -96,7 +96,7 @@ def run_calibration_study(args: argparse.Namespace) -> None:
 
                 fits = analyze_model(load_model(default_model_path())[0], progress=not args.no_progress)
             rows = evaluate_base(
-                None, held_out, list(STUDY_SPARSITIES), ["uniform", "acttail"], ["threshold"],
+                None, held_out, list(STUDY_SPARSITIES), ["uniform", "htsr"], ["threshold"],
                 sequence_length=args.sequence_length, max_tokens=args.max_tokens, progress=not args.no_progress,
                 calibration_data=calib, calibration_samples=args.calibration_samples,
                 calibration_sequence_length=args.calibration_sequence_length, sequential=sequential, fits=fits,
@@ -112,9 +112,14 @@ def run_calibration_study(args: argparse.Namespace) -> None:
 
 
 # --- markdown ------------------------------------------------------------------------------------
+def _allocation(row: dict) -> str:
+    """A row's allocation; rows written before ``acttail`` became a per-level default (no ``method``) are HT-SR."""
+    return "htsr" if row["allocation"] == "acttail" and "method" not in row else row["allocation"]
+
+
 def _cell(rows: list[dict], allocation: str, mode: str, sparsity: float, key: str = "perplexity", **extra) -> dict | None:
     for r in rows:
-        if r["allocation"] == allocation and r["mode"] == mode and abs(r["sparsity"] - sparsity) < 1e-9 and all(
+        if _allocation(r) == allocation and r["mode"] == mode and abs(r["sparsity"] - sparsity) < 1e-9 and all(
             r.get(k) == v for k, v in extra.items()
         ):
             return r
@@ -146,8 +151,8 @@ def _sweep_table(data: dict) -> list[str]:
     ]
     for s in SPARSITIES:
         lines.append(
-            f"| {s:.0%} | {_fmt(_cell(rows, 'uniform', 'topk', s))} | {_fmt(_cell(rows, 'acttail', 'topk', s))} | "
-            f"{_with_eff(_cell(rows, 'uniform', 'threshold', s))} | {_with_eff(_cell(rows, 'acttail', 'threshold', s))} |"
+            f"| {s:.0%} | {_fmt(_cell(rows, 'uniform', 'topk', s))} | {_fmt(_cell(rows, 'htsr', 'topk', s))} | "
+            f"{_with_eff(_cell(rows, 'uniform', 'threshold', s))} | {_with_eff(_cell(rows, 'htsr', 'threshold', s))} |"
         )
     return lines
 
@@ -156,7 +161,7 @@ def _sweep_summary(data: dict) -> str:
     rows = data["results"]
     parts = []
     for mode in ("topk", "threshold"):
-        pairs = [(_cell(rows, "uniform", mode, s), _cell(rows, "acttail", mode, s)) for s in SPARSITIES]
+        pairs = [(_cell(rows, "uniform", mode, s), _cell(rows, "htsr", mode, s)) for s in SPARSITIES]
         pairs = [(u, a) for u, a in pairs if u and a]
         wins = sum(a["perplexity"] < u["perplexity"] for u, a in pairs)
         parts.append(f"{mode}: ActTail below uniform in {wins} of {len(pairs)} sparsities")
@@ -171,7 +176,7 @@ def _study_table(data: dict) -> list[str]:
     ]
     for s in STUDY_SPARSITIES:
         cells = []
-        for allocation in ("uniform", "acttail"):
+        for allocation in ("uniform", "htsr"):
             for calibration in ("dense", "sequential"):
                 cells.append(_with_eff(_cell(rows, allocation, "threshold", s, calibration=calibration)))
         lines.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
@@ -183,7 +188,7 @@ def _study_summary(data: dict) -> str:
     gap = {c: max(abs(r["effective_sparsity"] - r["sparsity"]) for r in rows if r.get("calibration") == c)
            for c in ("dense", "sequential")}
     pairs = [(_cell(rows, a, "threshold", s, calibration="dense"), _cell(rows, a, "threshold", s, calibration="sequential"))
-             for a in ("uniform", "acttail") for s in STUDY_SPARSITIES]
+             for a in ("uniform", "htsr") for s in STUDY_SPARSITIES]
     wins = sum(q["perplexity"] < d["perplexity"] for d, q in pairs if d and q)
     return (
         f"Measured: the achieved sparsity on held-out text is within {100 * gap['sequential']:.1f} percentage points of "

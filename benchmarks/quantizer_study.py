@@ -87,7 +87,7 @@ def _measure(args, evaluation: Path, calibration: Path, quantizer: str | None, b
     config = None
     if sparsity:
         fits = analyze_model(model, progress=False)
-        config = allocation.build_config(model, sparsity, allocation="acttail", mode="threshold", fits=fits)
+        config = allocation.build_config(model, sparsity, allocation="htsr", mode="threshold", fits=fits)
         with torch.no_grad():
             calibrate(model, tokenizer, config, data=calibration, samples=args.calibration_samples,
                       sequence_length=args.sequence_length, progress=False)

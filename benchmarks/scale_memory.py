@@ -111,7 +111,7 @@ def run_sharded(args) -> dict:
     rows: list = []
     model, device_map = step(rows, "build (random weights on the GPUs)", lambda: build_sharded(config, args.max_memory_gib))
     fits = step(rows, f"HT-SR analysis ({args.method})", lambda: spectral.analyze_model(model, progress=False, method=args.method))
-    acttail = step(rows, "allocation", lambda: allocation.build_config(model, args.sparsity, allocation="acttail", mode="threshold", fits=fits))
+    acttail = step(rows, "allocation", lambda: allocation.build_config(model, args.sparsity, allocation="htsr", mode="threshold", fits=fits))
     step(rows, f"calibration ({args.samples} x {args.sequence_length} tokens)", lambda: calibration.calibrate(
         model, tokenizer, acttail, data=args.data, samples=args.samples, sequence_length=args.sequence_length, progress=False))
     windows = load_windows(tokenizer, args.data, args.sequence_length, max_tokens=4 * args.sequence_length)

@@ -126,7 +126,7 @@ def _jobs(args) -> list[tuple]:
 
 def _configs(model, tokenizer, calib: torch.Tensor, levels, modes) -> dict:
     fits = analyze_model(model, progress=False)
-    configs = {(m, s): build_config(model, s, "acttail", m, fits=fits) for s in levels for m in modes}
+    configs = {(m, s): build_config(model, s, "htsr", m, fits=fits) for s in levels for m in modes}
     threshold = [c for (m, _), c in configs.items() if m == "threshold"]
     if threshold:
         calibrate_many(model, tokenizer, threshold, windows=calib, sequence_length=SEQUENCE_LENGTH, progress=False)
