@@ -1,5 +1,5 @@
 # Two commands on a fresh clone:
-#   make demo   # set up .venv/, export SmolLM2-135M at 80% ActTail, perplexity table, ORT generation at 50% and 80%
+#   make demo   # set up .venv/, export SmolLM2-135M at 80% sparsity (default allocation), perplexity table, ORT generation at 50% and 80%
 #   make test   # set up .venv/ (and .venv-optimum/ for the optimum base) and run the test suite
 PY := .venv/bin/python
 OPTIMUM_PY := .venv-optimum/bin/python
