@@ -206,7 +206,9 @@ def render() -> None:
     study = json.loads(CALIBRATION_JSON.read_text()) if CALIBRATION_JSON.exists() else None
     out = ["# Perplexity: dense vs uniform vs ActTail", "",
            "All numbers on this page are produced by `benchmarks/perplexity_sweep.py` (commands below) and stored in",
-           "`docs/results/`; this page is regenerated from those JSON files (`--render`).", ""]
+           "`docs/results/`; this page is regenerated from those JSON files (`--render`). \"ActTail\" here is the HT-SR",
+           "allocation (`--allocation htsr`), the default when these rows were taken; today's default (`acttail`) is the",
+           "best method per level ([allocation.md](allocation.md) section 6c).", ""]
     if sweep:
         m = sweep["meta"]
         out += [
@@ -259,7 +261,7 @@ def render() -> None:
         "width 2^-10, 768 KiB per group whatever the token count) gives the threshold within 0.1 % of the exact "
         "quantile, and the calibration-set sparsity within the mass of one bin of s_i (the largest such mass is logged).",
         "* **Dense-activation calibration is the default**, as in TEAL; see the study above for the sequential option.",
-        "* Reproduce one cell with the CLI, e.g. `acttail-export evaluate --sparsity 0 0.5 --allocation uniform acttail "
+        "* Reproduce one cell with the CLI, e.g. `acttail-export evaluate --sparsity 0 0.5 --allocation uniform htsr "
         "--mode topk threshold --max-tokens 8192 --sequence-length 1024 --json out.json`.",
         "",
     ]
