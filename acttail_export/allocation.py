@@ -1,7 +1,8 @@
 """Per-projection sparsity budgets: from HT-SR alphas (``htsr``), uniform, or TEAL's greedy search.
 
-``acttail`` (the default) is a method per target level (``config.DEFAULT_POLICY``, resolved by
-``config.resolve_allocation``): ``teal-greedy`` up to 65 %, ``acttail-greedy`` up to 85 %, ``htsr`` above.
+``acttail`` (the default) is a method per target level and mode (``config.DEFAULT_POLICY``, resolved by
+``config.resolve_allocation``): ``teal-greedy`` up to 65 %, then in top-k mode ``acttail-greedy`` up to 85 % and
+``htsr`` above, in threshold mode ``acttail-greedy`` above.
 
 A mapping ``<score>[-rev][-kept|-abs]`` turns the alphas into scores z_i in [0, 1] (higher z, more
 sparsity; ``-rev``: 1 − z) and the scores into budgets whose parameter-weighted mean is the target s
@@ -326,23 +327,23 @@ def block_targets(budgets: np.ndarray, params: np.ndarray, layers: Sequence[int]
             for i in range(int(layers.max()) + 1)]
 
 
-def needs_alphas(allocation: str, sparsities: Sequence[float]) -> bool:
-    """Whether ``allocation`` reads HT-SR alphas at any of ``sparsities`` (``spectral.analyze_model`` first)."""
-    return any(resolve_allocation(allocation, s) in ALPHA_ALLOCATIONS for s in sparsities)
+def needs_alphas(allocation: str, sparsities: Sequence[float], mode: str) -> bool:
+    """Whether ``allocation`` reads HT-SR alphas at any of ``sparsities`` in ``mode`` (``spectral.analyze_model`` first)."""
+    return any(resolve_allocation(allocation, s, mode) in ALPHA_ALLOCATIONS for s in sparsities)
 
 
-def needs_search(allocation: str, sparsities: Sequence[float]) -> bool:
-    """Whether ``allocation`` reads the greedy search at any of ``sparsities`` (``greedy.search_for`` first)."""
-    return any(resolve_allocation(allocation, s) in GREEDY_ALLOCATIONS for s in sparsities)
+def needs_search(allocation: str, sparsities: Sequence[float], mode: str) -> bool:
+    """Whether ``allocation`` reads the greedy search at any of ``sparsities`` in ``mode`` (``greedy.search_for`` first)."""
+    return any(resolve_allocation(allocation, s, mode) in GREEDY_ALLOCATIONS for s in sparsities)
 
 
-def greedy_levels(model, allocation: str, sparsities: Sequence[float], epsilon: float | None = None,
+def greedy_levels(model, allocation: str, sparsities: Sequence[float], mode: str, epsilon: float | None = None,
                   mapping: str | None = None, s_max: float = DEFAULT_S_MAX, fits: dict | None = None) -> list[float]:
     """Per block, the highest level the greedy search must reach for ``allocation`` at every target in ``sparsities``
-    (0 for every block when none of them needs the search)."""
+    in ``mode`` (0 for every block when none of them needs the search)."""
     levels = [0.0] * (max(layer for _, layer, _, _ in _projections(model)) + 1)
     for s in sparsities:
-        method = resolve_allocation(allocation, s)
+        method = resolve_allocation(allocation, s, mode)
         if method not in GREEDY_ALLOCATIONS:
             continue
         config = build_config(model, s, "uniform" if method == "teal-greedy" else "htsr", epsilon=epsilon,
@@ -379,14 +380,14 @@ def build_config(
 ) -> ActTailConfig:
     """ActTailConfig with one :class:`ProjectionConfig` per projection (alpha, budget, and k in top-k mode).
 
-    ``allocation`` is resolved to its method at ``target_sparsity`` (``config.resolve_allocation``; recorded as
+    ``allocation`` is resolved to its method at ``target_sparsity`` in ``mode`` (``config.resolve_allocation``; recorded as
     ``allocation_method``). ``uniform`` and ``teal-greedy`` record ``epsilon`` and ``mapping`` as None: neither
     shapes their budgets. ``teal-greedy`` / ``acttail-greedy`` read their budgets off ``trajectories``
     (:func:`greedy.search`); the latter first gives each block the mean of its HT-SR budgets under ``mapping``
     (default ``greedy.COMBINED_MAPPING``) as the block's target.
     """
     target_sparsity = check_sparsity(target_sparsity, "target sparsity")
-    method = resolve_allocation(allocation, target_sparsity)
+    method = resolve_allocation(allocation, target_sparsity, mode)
     epsilon = DEFAULT_EPSILON if epsilon is None else check_epsilon(epsilon)
     if method == "acttail-greedy" and mapping is None:
         mapping = _combined_mapping()

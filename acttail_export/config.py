@@ -42,11 +42,16 @@ ALLOCATION_METHODS = ("htsr", "uniform", "teal-greedy", "acttail-greedy")
 GREEDY_ALLOCATIONS = ("teal-greedy", "acttail-greedy")
 #: Methods whose budgets start from the HT-SR alphas of the weights (:mod:`acttail_export.spectral`).
 ALPHA_ALLOCATIONS = ("htsr", "acttail-greedy")
-#: ``--allocation acttail``: (highest target, method) in increasing order — the method with the lowest perplexity
-#: at each level on WikiText-2 validation (SmolLM2-135M, top-k, 40-90 %; docs/allocation.md section 6c): TEAL's
-#: greedy search up to 65 %, the combination up to 85 %, HT-SR above. A dense target (0) needs no allocation.
-DEFAULT_POLICY: tuple[tuple[float, str], ...] = ((0.65, "teal-greedy"), (0.85, "acttail-greedy"), (1.0, "htsr"))
 MODES = ("topk", "threshold")
+#: ``--allocation acttail``, per ``--mode``: (highest target, method) in increasing order — the method with the lowest
+#: perplexity at each level on WikiText-2 validation (SmolLM2-135M; docs/allocation.md section 6c). Top-k (40-90 %,
+#: ``study_valid_*_defaults.json``): TEAL's greedy search up to 65 %, the combination up to 85 %, HT-SR above.
+#: Threshold (50 / 70 / 80 / 90 %, ``threshold_valid.json``): TEAL's greedy search up to 65 %, the combination above
+#: (at 90 % it beats HT-SR, 13645 vs 239024). A dense target (0) needs no allocation.
+DEFAULT_POLICY: dict[str, tuple[tuple[float, str], ...]] = {
+    "topk": ((0.65, "teal-greedy"), (0.85, "acttail-greedy"), (1.0, "htsr")),
+    "threshold": ((0.65, "teal-greedy"), (1.0, "acttail-greedy")),
+}
 KERNELS = ("mask", "fused")
 #: projection weights of the graph: the float dtype of the export, or 4-bit blocks (:mod:`acttail_export.quantize`)
 WEIGHTS = ("fp32", "fp16", "int4")
@@ -54,13 +59,16 @@ WEIGHTS = ("fp32", "fp16", "int4")
 DEFAULT_S_MAX = 0.99
 
 
-def resolve_allocation(allocation: str, target: float) -> str:
-    """The method ``allocation`` uses at ``target`` sparsity (``acttail``: :data:`DEFAULT_POLICY`; 0: ``uniform``)."""
+def resolve_allocation(allocation: str, target: float, mode: str) -> str:
+    """The method ``allocation`` uses at ``target`` sparsity in ``mode`` (``acttail``: ``DEFAULT_POLICY[mode]``; a dense
+    target: ``uniform``). ``mode`` is required: the default's method depends on it."""
     if allocation != "acttail":
         return allocation
+    if mode not in DEFAULT_POLICY:
+        raise ActTailError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if target <= 0:
         return "uniform"  # every budget is 0 whatever the method: no alphas, no search
-    return next(method for bound, method in DEFAULT_POLICY if target <= bound)
+    return next(method for bound, method in DEFAULT_POLICY[mode] if target <= bound)
 
 
 def projection_name(layer: int, kind: str) -> str:
@@ -194,7 +202,7 @@ class ActTailConfig:
     weights: str | None = None
     block_size: int | None = None
     quantizer: str | None = None
-    #: the method behind ``allocation`` (:func:`resolve_allocation`); None in configs written before ``acttail``
+    #: the method behind ``allocation`` at this target and mode (:func:`resolve_allocation`); None in configs written before ``acttail``
     #: became a per-level choice, where ``acttail`` meant ``htsr``
     allocation_method: str | None = None
 

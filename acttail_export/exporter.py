@@ -257,13 +257,13 @@ def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Pa
     from .spectral import analyze_model
 
     fits = None
-    if alloc.needs_alphas(o.allocation, [o.sparsity]):  # uniform and teal-greedy budgets need no alphas
+    if alloc.needs_alphas(o.allocation, [o.sparsity], o.mode):  # uniform and teal-greedy budgets need no alphas
         with _stage("spectral analysis"):
             # on a GPU the Gram-matrix eigenvalues are ~5x faster than svdvals (docs/scale.md), same alphas
             fits = analyze_model(model, device=o.device, progress=o.progress,
                                  method="gram" if o.device == "cuda" else "svd")
     trajectories = None
-    if alloc.needs_search(o.allocation, [o.sparsity]):
+    if alloc.needs_search(o.allocation, [o.sparsity], o.mode):
         from .data import EXPORT_CALIBRATION_FLAGS, load_windows
         from .greedy import search_for
 

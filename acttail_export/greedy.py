@@ -615,5 +615,5 @@ def search_for(model, tokenizer, allocation: str, sparsities: list[float], mode:
         raise ActTailError(f"the greedy allocation search of --allocation {allocation} reads {samples} windows of {length} "
                            f"tokens of the calibration text, and {path.name} holds {0 if windows is None else len(windows)}"
                            ": pass a longer --calibration-data, or an allocation without the search (htsr, uniform)")
-    levels = greedy_levels(model, allocation, sparsities, epsilon=epsilon, mapping=mapping, s_max=settings.s_max, fits=fits)
+    levels = greedy_levels(model, allocation, sparsities, mode, epsilon=epsilon, mapping=mapping, s_max=settings.s_max, fits=fits)
     return search(model, windows.to(input_device(model)), levels, settings, cache_dir=cache_dir, progress=progress)

@@ -47,15 +47,16 @@ def _integer(value: Any, flag: str, minimum: int, what: str) -> None:
         raise ActTailError(f"{flag} must be {what}, got {value!r}")
 
 
-def check_allocation_shape(allocation: str, sparsity: float, epsilon: float | None, mapping: str | None) -> None:
-    """--epsilon / --mapping shape HT-SR budgets: an ActTailError when ``allocation`` reads no alphas at ``sparsity``."""
+def check_allocation_shape(allocation: str, sparsity: float, mode: str, epsilon: float | None, mapping: str | None) -> None:
+    """--epsilon / --mapping shape HT-SR budgets: an ActTailError when ``allocation`` reads no alphas at ``sparsity`` in
+    ``mode``."""
     if epsilon is None and mapping is None:
         return
-    method = resolve_allocation(allocation, sparsity)
+    method = resolve_allocation(allocation, sparsity, mode)
     if method in ALPHA_ALLOCATIONS or (allocation == "acttail" and sparsity == 0):
         return
     if allocation == "acttail":
-        raise ActTailError(f"--epsilon/--mapping shape HT-SR budgets; --allocation acttail at {sparsity:g} is {method} "
+        raise ActTailError(f"--epsilon/--mapping shape HT-SR budgets; --allocation acttail at {sparsity:g} in {mode} mode is {method} "
                            "(docs/allocation.md), which reads no alphas: drop them, or use --allocation htsr or "
                            "acttail-greedy")
     raise ActTailError("--epsilon/--mapping only apply to the allocations from HT-SR alphas: drop them or use "
@@ -121,7 +122,7 @@ class ExportOptions:
             from .allocation import MAPPINGS
 
             _choice(self.mapping, MAPPINGS, "--mapping")
-        check_allocation_shape(self.allocation, self.sparsity, self.epsilon, self.mapping)
+        check_allocation_shape(self.allocation, self.sparsity, self.mode, self.epsilon, self.mapping)
         if self.allocation != "uniform" and self.sparsity > DEFAULT_S_MAX:
             raise ActTailError(f"sparsity {self.sparsity} is above {DEFAULT_S_MAX}, the highest per-projection budget "
                                f"of the {self.allocation} allocation: use --sparsity {DEFAULT_S_MAX} or lower, or "

@@ -86,13 +86,13 @@ def _build_configs(model, tokenizer, sparse: list[float], allocations: Sequence[
     from .allocation import build_config, needs_alphas, needs_search
     from .spectral import analyze_model
 
-    if fits is None and any(needs_alphas(allocation, sparse) for allocation in allocations):
+    if fits is None and any(needs_alphas(allocation, sparse, mode) for allocation in allocations for mode in modes):
         fits = analyze_model(model, progress=progress)  # once per call, shared by every config
     trajectories = {}
-    for allocation in (a for a in dict.fromkeys(allocations) if needs_search(a, sparse)):
+    for allocation in dict.fromkeys(allocations):
         from .greedy import search_for
 
-        for mode in modes:  # one cached search per mode reaches every level asked for
+        for mode in (m for m in modes if needs_search(allocation, sparse, m)):  # one cached search per mode: every level
             trajectories[allocation, mode] = search_for(model, tokenizer, allocation, sparse, mode, calibration_data,
                                                         fits=fits, epsilon=epsilon, mapping=mapping, progress=progress)
     return [(allocation, s, mode, build_config(model, s, allocation, mode, epsilon=epsilon, mapping=mapping, fits=fits,

@@ -1,6 +1,6 @@
 """Allocation study: uniform / htsr / teal-greedy / acttail-greedy / acttail, top-k, PyTorch reference (SmolLM2-135M).
 
-``acttail`` is the project's default, a method per level (``config.DEFAULT_POLICY``); its rows record the method
+``acttail`` is the project's default, a method per level (``config.DEFAULT_POLICY["topk"]``); its rows record the method
 (``allocation_method``). Files written before that default existed (no ``meta.allocation_names``) used ``acttail``
 for the HT-SR allocation, now ``htsr``: ``--table`` labels their rows ``htsr``.
 
@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> None:
     fits = analyze_model(model, progress=False)
     fit_seconds = time.perf_counter() - start
     trajectories, search_seconds = None, None
-    greedy_methods = [m for m in args.methods if needs_search(m.partition(":")[0], args.levels)]
+    greedy_methods = [m for m in args.methods if needs_search(m.partition(":")[0], args.levels, "topk")]
     if greedy_methods:
-        levels = np.max([greedy_levels(model, m.partition(":")[0], args.levels, mapping=m.partition(":")[2] or None, fits=fits)
+        levels = np.max([greedy_levels(model, m.partition(":")[0], args.levels, "topk", mapping=m.partition(":")[2] or None, fits=fits)
                          for m in greedy_methods], axis=0)
         calib = load_windows(tokenizer, args.calibration, settings.sequence_length, samples=settings.samples)
         trajectories = greedy.search(model, calib, [float(v) for v in levels], settings)
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     meta = {"model": "SmolLM2-135M-Instruct (GGUF, fp32)", "split": args.split, "tokens": int(windows.numel()),
             "sequence_length": 1024, "mode": "topk", "greedy_settings": vars(settings) if hasattr(settings, "__dict__") else str(settings),
             "spectral_fit_seconds": fit_seconds, "greedy_search_seconds": search_seconds, "threads": args.threads,
-            "allocation_names": "acttail = config.DEFAULT_POLICY, htsr = the HT-SR allocation"}
+            "allocation_names": "acttail = config.DEFAULT_POLICY['topk'], htsr = the HT-SR allocation"}
     rows = _rows(args.output)
     done = {(r["method"], r["level"]) for r in rows}
     jobs = [("dense", 0.0)] if args.dense else []

@@ -1,6 +1,6 @@
 """Wall time of the greedy allocation search (``acttail_export.greedy``) at its default settings on SmolLM2-135M,
 no cache (docs/allocation.md, sections 6a and 6c): ``teal-greedy`` searches every block to ``--level``; another
-``--allocation`` (e.g. ``acttail``, the default, which is the combination at 70-85 %) searches each block to the
+``--allocation`` (e.g. ``acttail``, the default, which in top-k mode is the combination at 70-85 %) searches each block to the
 level it needs there, after the spectral fits when it reads alphas (timed apart)::
 
     python benchmarks/greedy_time.py --data PATH/wikitext-2/wiki.valid.raw --level 0.5 \
@@ -64,7 +64,7 @@ def main() -> None:
     model, tokenizer = load_model(default_model_path())
     load_before, gflops_before = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
     fits, fit_seconds = None, 0.0
-    if needs_alphas(args.allocation, [args.level]):
+    if needs_alphas(args.allocation, [args.level], args.mode):
         start = time.perf_counter()
         fits = analyze_model(model, progress=False)
         fit_seconds = round(time.perf_counter() - start, 1)

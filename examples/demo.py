@@ -69,7 +69,7 @@ def main() -> int:
     model, tokenizer = load_model(model_path)
     fits = spectral.analyze_model(model)
     trajectories = None
-    if allocation.needs_search("acttail", [args.sparsity]):  # the export's search, read back from the cache
+    if allocation.needs_search("acttail", [args.sparsity], "topk"):  # the export's search, read back from the cache
         trajectories = search_for(model, tokenizer, "acttail", [args.sparsity], "topk", None, fits=fits)
     rows = [("dense (PyTorch)", perplexity(model, tokenizer, DEFAULT_EVAL_DATA, args.sequence_length, args.eval_tokens))]
     for name in ("uniform", "htsr", "acttail"):

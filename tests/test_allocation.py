@@ -344,21 +344,30 @@ def test_build_config_missing_fits(tiny):
 
 
 def test_default_policy_resolves_every_level():
-    """``acttail`` is one method per level (the table, in increasing order, ends at 1); the others are themselves."""
-    from acttail_export.config import ALLOCATION_METHODS, ALLOCATIONS, DEFAULT_POLICY, resolve_allocation
+    """``acttail`` is one method per level and mode (each mode's table in increasing order, ending at 1); the others
+    are themselves in every mode; the mode is required and checked."""
+    from acttail_export.config import ALLOCATION_METHODS, ALLOCATIONS, DEFAULT_POLICY, MODES, resolve_allocation
 
-    bounds = [bound for bound, _ in DEFAULT_POLICY]
-    assert bounds == sorted(bounds) and bounds[-1] == 1.0
-    assert {method for _, method in DEFAULT_POLICY} <= set(ALLOCATION_METHODS)
-    assert resolve_allocation("acttail", 0.0) == "uniform"  # dense: every budget 0, no alphas, no search
-    for s in np.linspace(0.01, 0.99, 99):
-        expected = next(method for bound, method in DEFAULT_POLICY if s <= bound)
-        assert resolve_allocation("acttail", float(s)) == expected
-        for name in ALLOCATIONS[1:]:
-            assert resolve_allocation(name, float(s)) == name
-    # the measured choice (docs/allocation.md section 6c): greedy 40-60 %, combination 70-80 %, HT-SR 90 %
-    assert [resolve_allocation("acttail", s) for s in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)] == [
-        "teal-greedy"] * 3 + ["acttail-greedy"] * 2 + ["htsr"]
+    assert set(DEFAULT_POLICY) == set(MODES)
+    for mode, table in DEFAULT_POLICY.items():
+        bounds = [bound for bound, _ in table]
+        assert bounds == sorted(bounds) and bounds[-1] == 1.0
+        assert {method for _, method in table} <= set(ALLOCATION_METHODS)
+        assert resolve_allocation("acttail", 0.0, mode) == "uniform"  # dense: every budget 0, no alphas, no search
+        for s in np.linspace(0.01, 0.99, 99):
+            expected = next(method for bound, method in table if s <= bound)
+            assert resolve_allocation("acttail", float(s), mode) == expected
+            for name in ALLOCATIONS[1:]:
+                assert resolve_allocation(name, float(s), mode) == name
+    levels = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    # the measured choices (docs/allocation.md section 6c), top-k: greedy 40-60 %, combination 70-80 %, HT-SR 90 %
+    assert [resolve_allocation("acttail", s, "topk") for s in levels] == ["teal-greedy"] * 3 + ["acttail-greedy"] * 2 + ["htsr"]
+    # threshold (threshold_valid.json): greedy up to 65 %, the combination above (90 % included)
+    assert [resolve_allocation("acttail", s, "threshold") for s in levels] == ["teal-greedy"] * 3 + ["acttail-greedy"] * 3
+    with pytest.raises(TypeError):
+        resolve_allocation("acttail", 0.5)  # the mode is required
+    with pytest.raises(ActTailError, match="^mode must be one of topk, threshold; got 'dense'$"):
+        resolve_allocation("acttail", 0.5, "dense")
 
 
 def test_build_config_default_is_the_policy_method(tiny, tiny_llama_dir, wikitext_valid, tmp_path):
@@ -371,15 +380,24 @@ def test_build_config_default_is_the_policy_method(tiny, tiny_llama_dir, wikitex
     model, fits = tiny
     _, tokenizer = load_model(str(tiny_llama_dir))
     levels = [0.5, 0.8, 0.9]
-    trajectories = search_for(model, tokenizer, "acttail", levels, "topk", wikitext_valid, fits=fits, progress=False)
-    for s in levels:
-        method = resolve_allocation("acttail", s)
-        default = build_config(model, s, "acttail", fits=fits, trajectories=trajectories)
-        reference = build_config(model, s, method, fits=fits, trajectories=trajectories)
-        assert (default.allocation, default.allocation_method) == ("acttail", method)
-        assert [p.sparsity for p in default.projections] == [p.sparsity for p in reference.projections]
-        assert (default.epsilon, default.mapping) == (reference.epsilon, reference.mapping)
-        assert ActTailConfig.load(default.save(tmp_path)).to_dict() == default.to_dict()
+    for mode in ("topk", "threshold"):
+        trajectories = search_for(model, tokenizer, "acttail", levels, mode, wikitext_valid, fits=fits, progress=False)
+        for s in levels:
+            method = resolve_allocation("acttail", s, mode)
+            default = build_config(model, s, "acttail", mode, fits=fits, trajectories=trajectories)
+            reference = build_config(model, s, method, mode, fits=fits, trajectories=trajectories)
+            assert (default.allocation, default.allocation_method, default.mode) == ("acttail", method, mode)
+            assert [p.sparsity for p in default.projections] == [p.sparsity for p in reference.projections]
+            assert (default.epsilon, default.mapping) == (reference.epsilon, reference.mapping)
+            loaded = ActTailConfig.load(default.save(tmp_path))
+            assert loaded.to_dict() == default.to_dict() and loaded.allocation_method == method
+    # at 90 % the mode picks the method: HT-SR in top-k mode, the combination in threshold mode
+    topk = build_config(model, 0.9, "acttail", "topk", fits=fits)
+    threshold = build_config(model, 0.9, "acttail", "threshold", fits=fits, trajectories=trajectories)
+    assert (topk.allocation_method, threshold.allocation_method) == ("htsr", "acttail-greedy")
+    assert [p.sparsity for p in topk.projections] != [p.sparsity for p in threshold.projections]
+    with pytest.raises(ActTailError, match="^allocation 'acttail' at 0.9 runs the greedy search .*allocation='htsr'"):
+        build_config(model, 0.9, "acttail", "threshold", fits=fits)
     with pytest.raises(ActTailError, match="^allocation 'acttail' at 0.5 runs the greedy search .*allocation='htsr'"):
         build_config(model, 0.5, "acttail", fits=fits)
     # a config written before the policy (no allocation_method) still loads
@@ -394,11 +412,22 @@ def test_analyze_refuses_a_greedy_level_of_the_default(tiny_llama_dir, tmp_path,
     assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "acttail", "--sparsity", "0.5",
                  "--json", str(tmp_path / "a.json"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--allocation acttail at 0.5 is teal-greedy" in err[0] and "--allocation htsr" in err[0]
+    assert len(err) == 1 and "--allocation acttail at 0.5 in topk mode is teal-greedy" in err[0] and "--allocation htsr" in err[0]
+    assert list(tmp_path.iterdir()) == []
+    # at 90 % the default is HT-SR in top-k mode (analyzed here), the combination in threshold mode (refused)
+    assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "acttail", "--sparsity", "0.9", "--mode", "threshold",
+                 "--json", str(tmp_path / "a.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--allocation acttail at 0.9 in threshold mode is acttail-greedy" in err[0]
     assert list(tmp_path.iterdir()) == []
     assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "acttail", "--sparsity", "0.9",
                  "--json", str(tmp_path / "a.json"), "--no-progress"]) == 0
-    assert json.loads((tmp_path / "a.json").read_text())["allocation"] == "acttail"
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert (data["allocation"], data["allocation_method"], data["mode"]) == ("acttail", "htsr", "topk")
+    assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "htsr", "--sparsity", "0.9", "--mode", "threshold",
+                 "--json", str(tmp_path / "b.json"), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["mode"] == "threshold" and all(row["k"] is None for row in data["projections"])
 
 
 # --- analyze command ---------------------------------------------------------------------------

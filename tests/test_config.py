@@ -144,6 +144,23 @@ def test_model_card_uniform_allocation_shows_no_epsilon_or_mapping():
     assert "allocation `acttail` (ε = 0.1, mapping `linear`)" in card
 
 
+def test_default_method_per_mode_round_trips_and_shows_in_the_card(tmp_path):
+    """At 90 % ``acttail`` is HT-SR in top-k mode and the combination in threshold mode (config.DEFAULT_POLICY): the
+    config records the mode's method, keeps it through JSON, and the model card names it."""
+    from acttail_export.config import resolve_allocation
+    from acttail_export.model_card import render_model_card
+
+    for mode, method in (("topk", "htsr"), ("threshold", "acttail-greedy")):
+        config = ActTailConfig(target_sparsity=0.9, allocation="acttail", mode=mode, epsilon=0.1, mapping="block-abs",
+                               allocation_method=resolve_allocation("acttail", 0.9, mode), model="m")
+        assert config.allocation_method == method
+        (tmp_path / mode).mkdir()
+        loaded = ActTailConfig.load(config.save(tmp_path / mode))
+        assert loaded == config and json.loads((tmp_path / mode / CONFIG_NAME).read_text())["allocation_method"] == method
+        (line,) = [line for line in render_model_card(loaded).splitlines() if line.startswith("- allocation")]
+        assert line.startswith(f"- allocation `acttail` = `{method}`") and f"mode `{mode}`" in line
+
+
 def test_model_card_says_why_the_perplexity_is_missing():
     from acttail_export.model_card import render_model_card
 

@@ -95,25 +95,29 @@ def test_library_evaluate_base_without_the_cli(tiny, tiny_llama_dir, wikitext_te
 
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
 def test_default_allocation_is_the_policy_method(tiny, tiny_llama_dir, wikitext_test, wikitext_valid, mode):
-    """``acttail`` at each level gives the rows of the method ``DEFAULT_POLICY`` names there, bit for bit (one search,
-    one calibration), and records that method; every level of the policy is exercised."""
+    """``acttail`` at each level gives the rows of the method ``DEFAULT_POLICY[mode]`` names there, bit for bit (one
+    search, one calibration), and records that method; every level of the mode's policy is exercised (at 90 %: HT-SR
+    in top-k mode, the combination in threshold mode)."""
     from acttail_export.config import DEFAULT_POLICY, resolve_allocation
     from acttail_export.sweep import evaluate_base
 
     levels = [0.5, 0.8, 0.9]
-    assert [resolve_allocation("acttail", s) for s in levels] == [method for _, method in DEFAULT_POLICY]
+    assert [resolve_allocation("acttail", s, mode) for s in levels] == {
+        "topk": ["teal-greedy", "acttail-greedy", "htsr"], "threshold": ["teal-greedy", "acttail-greedy", "acttail-greedy"]}[mode]
+    assert {resolve_allocation("acttail", s, mode) for s in levels} == {method for _, method in DEFAULT_POLICY[mode]}
     rows = evaluate_base(str(tiny_llama_dir), wikitext_test, levels, ["acttail", "teal-greedy", "acttail-greedy", "htsr"],
                          [mode], sequence_length=48, max_tokens=2 * 48, progress=False, calibration_data=wikitext_valid,
                          calibration_samples=2, calibration_sequence_length=32)
     by = {(r["allocation"], r["sparsity"]): r for r in rows}
     for s in levels:
-        method = resolve_allocation("acttail", s)
+        method = resolve_allocation("acttail", s, mode)
         default, reference = by["acttail", s], by[method, s]
         assert default["method"] == method and reference["method"] == method
         assert (default["perplexity"], default["effective_sparsity"]) == (reference["perplexity"],
                                                                           reference["effective_sparsity"])
     # the three methods differ on this model, so the equalities above pick out one of them
-    assert len({by[m, 0.8]["perplexity"] for m in ("teal-greedy", "acttail-greedy", "htsr")}) == 3
+    for s in (0.8, 0.9):
+        assert len({by[m, s]["perplexity"] for m in ("teal-greedy", "acttail-greedy", "htsr")}) == 3
 
 
 def run_cli(argv, capsys):

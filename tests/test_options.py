@@ -41,9 +41,12 @@ INVALID = [
      ["--allocation", "uniform", "--mapping", "group-linear-rev-abs"]),
     (dict(allocation="teal-greedy", epsilon=0.1), "only apply to the allocations from HT-SR alphas",
      ["--allocation", "teal-greedy", "--epsilon", "0.1"]),
-    # the default at 50 % is TEAL's greedy search (config.DEFAULT_POLICY): the message names what it resolved to
-    (dict(epsilon=0.2), "--allocation acttail at 0.5 is teal-greedy (docs/allocation.md), which reads no alphas: "
-     "drop them, or use --allocation htsr or acttail-greedy", ["--epsilon", "0.2"]),
+    # the default at 50 % is TEAL's greedy search in both modes (config.DEFAULT_POLICY): the message names what it
+    # resolved to, and in which mode
+    (dict(epsilon=0.2), "--allocation acttail at 0.5 in topk mode is teal-greedy (docs/allocation.md), which reads no "
+     "alphas: drop them, or use --allocation htsr or acttail-greedy", ["--epsilon", "0.2"]),
+    (dict(epsilon=0.2, mode="threshold", sparsity=0.6), "--allocation acttail at 0.6 in threshold mode is teal-greedy",
+     ["--epsilon", "0.2", "--mode", "threshold", "--sparsity", "0.6"]),
     (dict(sparsity=0.995), "use --sparsity 0.99 or lower, or --allocation uniform", ["--sparsity", "0.995"]),
     (dict(private=True), "--private/--token only apply with --push-to-hub REPO_ID", ["--private"]),
     (dict(token="hf_secret"), "--private/--token only apply with --push-to-hub REPO_ID", ["--token", "hf_secret"]),
@@ -104,9 +107,11 @@ CLI_AND_API = [
       "--calibration-samples", "8", "--sequence-length", "128", "--no-validate", "--overwrite"],
      dict(allocation="htsr", epsilon=0.2, mapping="group-max-rev-abs", calibration_data="text.txt", calibration_samples=8,
           sequence_length=128, validate=False, overwrite=True)),
-    # the default's levels that read alphas take --epsilon / --mapping: the combination (70 %), HT-SR (90 %)
+    # the default's levels that read alphas take --epsilon / --mapping: the combination (70 %), HT-SR (90 %, top-k),
+    # the combination (90 %, threshold mode)
     (["--sparsity", "0.7", "--epsilon", "0.2"], dict(sparsity=0.7, epsilon=0.2)),
     (["--sparsity", "0.9", "--mapping", "group-max-rev-abs"], dict(sparsity=0.9, mapping="group-max-rev-abs")),
+    (["--sparsity", "0.9", "--mode", "threshold", "--epsilon", "0.2"], dict(sparsity=0.9, mode="threshold", epsilon=0.2)),
     (["--allocation", "teal-greedy", "--sparsity", "0.4"], dict(allocation="teal-greedy", sparsity=0.4)),
     (["--weights", "int4", "--block-size", "64", "--quantizer", "rtn"],
      dict(weights="int4", block_size=64, quantizer="rtn")),

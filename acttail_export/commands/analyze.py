@@ -12,7 +12,7 @@ import logging
 import math
 from pathlib import Path
 
-from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, PROJECTION_KINDS, check_epsilon, check_sparsity, resolve_allocation
+from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, MODES, PROJECTION_KINDS, check_epsilon, check_sparsity, resolve_allocation
 from ..errors import ActTailError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,11 @@ def register(subparsers) -> None:
     budget.add_argument("--sparsity", default="0.5", help="target (parameter-weighted mean) sparsity (default: 0.5)")
     budget.add_argument("--allocation", default="htsr", choices=[a for a in ALLOCATIONS if a not in GREEDY_ALLOCATIONS],
                         help="budget allocation (default: htsr, the budgets of the alphas; acttail, the export default, "
-                             "is a greedy search below 85 %% and the greedy allocations need calibration text: use "
-                             "export or evaluate for those)")
+                             "is a greedy search below 85 %% in top-k mode and at every level in threshold mode, and the "
+                             "greedy allocations need calibration text: use export or evaluate for those)")
+    budget.add_argument("--mode", default="topk", choices=MODES,
+                        help="activation sparsity mode: k per projection in top-k mode, and the method --allocation "
+                             "acttail resolves to (default: topk)")
     budget.add_argument("--epsilon", default=None, help="ActTail spread epsilon in [0, 1) (default: allocation.DEFAULT_EPSILON)")
     budget.add_argument("--mapping", default=None,
                         help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: {DEFAULT_MAPPING})")
@@ -104,10 +107,10 @@ def plot_heatmaps(rows: list[dict], path: Path, title: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     sparsity = check_sparsity(args.sparsity, "--sparsity")
-    method = resolve_allocation(args.allocation, sparsity)
+    method = resolve_allocation(args.allocation, sparsity, args.mode)
     if method in GREEDY_ALLOCATIONS:
-        raise ActTailError(f"--allocation {args.allocation} at {sparsity:g} is {method}, a greedy search on calibration "
-                           "text: run `acttail-export evaluate` or `export` for its budgets, or use --allocation htsr here")
+        raise ActTailError(f"--allocation {args.allocation} at {sparsity:g} in {args.mode} mode is {method}, a greedy search on "
+                           "calibration text: run `acttail-export evaluate` or `export` for its budgets, or use --allocation htsr here")
     epsilon = None if args.epsilon is None else check_epsilon(args.epsilon)
     from ..allocation import check_mapping
 
@@ -124,7 +127,8 @@ def run(args: argparse.Namespace) -> None:
     model_ref = resolve_model(args.model or default_model_path())  # alias expanded, local paths absolute
     model, _ = load_model(model_ref)
     fits = analyze_model(model, device=args.device, progress=not args.no_progress)
-    config = build_config(model, sparsity, allocation=args.allocation, epsilon=epsilon, mapping=mapping, fits=fits)
+    config = build_config(model, sparsity, allocation=args.allocation, mode=args.mode, epsilon=epsilon, mapping=mapping,
+                          fits=fits)
     rows = []
     for p in config.projections:
         fit = fits[p.name]
@@ -138,7 +142,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"allocation {config.allocation}{shape}: weighted sparsity {config.weighted_sparsity():.6f} (target {sparsity})")
 
     if json_path is not None:
-        payload = {"model": str(model_ref), "allocation": config.allocation, "mapping": config.mapping, "epsilon": config.epsilon,
+        payload = {"model": str(model_ref), "allocation": config.allocation, "allocation_method": config.allocation_method,
+                   "mode": config.mode, "mapping": config.mapping, "epsilon": config.epsilon,
                    "target_sparsity": sparsity, "weighted_sparsity": config.weighted_sparsity(), "projections": rows}
         json_path.write_text(json.dumps(payload, indent=1) + "\n")
         logger.info("wrote %s", json_path)

@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     sparsity.add_argument("--sparsity", nargs="+", default=None, metavar="S",
                           help="target sparsities in [0, 1); 0 = dense (default: 0 0.5)")
     sparsity.add_argument("--allocation", nargs="+", default=None, choices=ALLOCATIONS,
-                          help="budget allocations to compare (default: acttail, the project's default: a method per level, "
+                          help="budget allocations to compare (default: acttail, the project's default: a method per level and mode, "
                                "docs/allocation.md)")
     sparsity.add_argument("--mode", nargs="+", default=None, choices=MODES,
                           help="topk (per-token top-k, the paper's mode) and/or threshold (calibrated, TEAL's) (default: topk)")
@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> None:
             for allocation in allocations:
                 if allocation != "uniform":  # uniform rows ignore them (a baseline beside the others)
                     for s in sparsities:
-                        check_allocation_shape(allocation, s, epsilon, args.mapping)
+                        for mode in modes:
+                            check_allocation_shape(allocation, s, mode, epsilon, args.mapping)
         from ..sweep import evaluate_base
 
         records = evaluate_base(
