@@ -130,14 +130,15 @@ def test_cluster_decode_members_scales_ramp_inf(variant):
     _check_members_scales_ramp_inf(_harness(), _cluster(variant), 11)
 
 
-# The tensor-core row loop (kernel 2: one float16 row, sm_80+; kernels/gemv.cuh StreamRowsMma): (blocks_per_sm,
-# stream_scratch). float32 and shapes without the vector layout (N % 32 != 0) take the stream-K row loop instead.
-MMA_VARIANTS = [(0, -1), (1, 0), (2, 1), (3, 1)]
+# The tensor-core row loops (one float16 row, sm_80+; kernels/gemv.cuh): kernel 2 (StreamRowsMma, W dequantized per
+# weight) and kernel 5 (StreamRowsMmaRaw, the raw nibbles, scales and offsets per quant block): (blocks_per_sm,
+# stream_scratch, kernel). float32 and shapes without the vector layout (N % 32 != 0) take the stream-K row loop instead.
+MMA_VARIANTS = [(0, -1, 2), (1, 0, 2), (2, 1, 2), (3, 1, 2), (0, -1, 5), (2, 0, 5), (3, 1, 5)]
 
 
 def _mma(variant) -> tuple[int, ...]:
-    bps, scratch = variant
-    return (0, bps, -1, scratch, -1, -1, 2, 0)
+    bps, scratch, kernel = variant
+    return (0, bps, -1, scratch, -1, -1, kernel, 0)
 
 
 @pytest.mark.cuda
@@ -156,7 +157,7 @@ def test_mma_decode_matches(variant, K, N, B):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", MMA_VARIANTS[:2])
+@pytest.mark.parametrize("variant", MMA_VARIANTS[:2] + MMA_VARIANTS[4:6])
 def test_mma_decode_members_scales_ramp_inf(variant):
     """The tensor-core row loop: members (boundaries inside a virtual lane's 16 columns), scales, ramp, Inf scales."""
     _check_members_scales_ramp_inf(_harness(), _mma(variant), 12)
@@ -195,13 +196,14 @@ def test_harness_members_and_inf_scales():
 
 
 # The one-row loop (kernel 3: one row of X, the vector layout; kernels/gemv.cuh StreamRowsOne, sums in the reduction
-# buffer): (cols_per_lane, blocks_per_sm, stream_scratch). Other shapes (N % 32 != 0) take the stream-K row loop.
-ONE_VARIANTS = [(16, 0, -1), (16, 3, 0), (32, 1, 1), (16, 1, 1)]
+# buffer) and its software-pipelined form (kernel 4, StreamRowsPipe): (cols_per_lane, blocks_per_sm, stream_scratch,
+# kernel). Other shapes (N % 32 != 0) take the stream-K row loop.
+ONE_VARIANTS = [(16, 0, -1, 3), (16, 3, 0, 3), (32, 1, 1, 3), (16, 1, 1, 3), (16, 0, -1, 4), (16, 2, 0, 4), (32, 1, 1, 4)]
 
 
 def _one(variant) -> tuple[int, ...]:
-    cpl, bps, scratch = variant
-    return (cpl, bps, -1, scratch, -1, -1, 3, 0)
+    cpl, bps, scratch, kernel = variant
+    return (cpl, bps, -1, scratch, -1, -1, kernel, 0)
 
 
 @pytest.mark.cuda
@@ -209,7 +211,7 @@ def _one(variant) -> tuple[int, ...]:
 @pytest.mark.parametrize("K,N,B", [(4096, 11008, 32), (11008, 4096, 64), (4096, 14336, 32), (4100, 1056, 128), (576, 1536, 16),
                                    (40, 64, 32), (1000, 257, 16)])
 def test_one_decode_matches(variant, K, N, B):
-    """The one-row loop on LLM shapes and small / partial ones (K = 4100: a last quant block of 4 rows; K = 40: most
+    """The one-row loops (plain and pipelined) on LLM shapes and small / partial ones (K = 4100: a last quant block of 4 rows; K = 40: most
     warps get no row; N = 257: the stream-K fallback), all rows but one kept, 40 % and 10 % (blocks of one or two kept
     rows, batches mostly predicated off), both modes, both float types."""
     harness = _harness()
@@ -220,7 +222,7 @@ def test_one_decode_matches(variant, K, N, B):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ONE_VARIANTS[1:3])
+@pytest.mark.parametrize("variant", ONE_VARIANTS[1:3] + ONE_VARIANTS[5:7])
 def test_one_decode_members_scales_ramp_inf(variant):
     """The one-row loop: members (inactive lanes past a member's end), scales, ramp, Inf / NaN scales in an unkept block."""
     _check_members_scales_ramp_inf(_harness(), _one(variant), 13)

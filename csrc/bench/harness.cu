@@ -122,6 +122,33 @@ __global__ void __launch_bounds__(512) ReadFloorKernel(const uint4* __restrict__
   acc = __reduce_xor_sync(0xffffffffu, acc);
   if ((threadIdx.x & 31) == 0) atomicXor(sink + blockIdx.x % 64, acc);
 }
+
+/// The decode GEMV's access pattern without its arithmetic: the (tile, row) units of `tiles` column tiles over K rows cut
+/// into gridDim.x contiguous ranges as the stream-K grid does, warp w of a block streaming the w-th eighth of its range,
+/// 8 rows in flight per lane, one 256-byte piece per unit (8 bytes per lane). Piece (t, k) lies at t * tile_stride +
+/// k * row_stride: row_stride = the bytes of a row of Q (the op's layout, a tile's rows one Q row apart) or 256 (a
+/// tile's rows contiguous). A row k is read when its hash is below `keep` / 256 (the same rows in every tile).
+__global__ void __launch_bounds__(256) TiledFloorKernel(const uint8_t* __restrict__ p, int K, int units, long long row_stride,
+                                                        long long tile_stride, int keep, unsigned* __restrict__ sink) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int u0 = (int)((long long)blockIdx.x * units / gridDim.x), u1 = (int)((long long)(blockIdx.x + 1) * units / gridDim.x);
+  const int w0 = u0 + warp * (u1 - u0) / 8, w1 = u0 + (warp + 1) * (u1 - u0) / 8;
+  unsigned acc = 0;
+  for (int u = w0; u < w1; u += 8) {
+    uint2 v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      v[i] = make_uint2(0u, 0u);
+      const int uu = u + i, t = uu / K, k = uu - t * K;
+      if (uu < w1 && (int)(((unsigned)k * 2654435761u) >> 24) < keep)
+        v[i] = __ldcs(reinterpret_cast<const uint2*>(p + t * tile_stride + k * row_stride + lane * 8));
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc ^= v[i].x ^ v[i].y;
+  }
+  acc = __reduce_xor_sync(0xffffffffu, acc);
+  if (lane == 0) atomicXor(sink + blockIdx.x % 64, acc);
+}
 }  // namespace
 
 /// Read `bytes` (multiple of 16) from `p` once: the bandwidth floor the GEMV kernels are compared with.
@@ -129,6 +156,16 @@ extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor(c
                                                                               void* stream, char* err, int err_len) {
   ReadFloorKernel<<<blocks, 512, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(p), bytes / 16,
                                                                           static_cast<unsigned*>(sink));
+  const cudaError_t e = cudaGetLastError();
+  return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
+}
+
+/// The decode GEMV's reads alone (TiledFloorKernel) for the layout experiment of docs/kernels.md.
+extern "C" __attribute__((visibility("default"))) int acttail_bench_tiled_floor(const void* p, int K, int tiles, long long row_stride,
+                                                                               long long tile_stride, int keep, void* sink, int blocks,
+                                                                               void* stream, char* err, int err_len) {
+  TiledFloorKernel<<<blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint8_t*>(p), K, K * tiles, row_stride,
+                                                                          tile_stride, keep, static_cast<unsigned*>(sink));
   const cudaError_t e = cudaGetLastError();
   return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
 }

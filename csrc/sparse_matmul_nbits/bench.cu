@@ -51,7 +51,7 @@ struct NBitsVariant {
   int stream_scratch;  // -1: the op's choice (per-stream scratch), 0: per-call scratch zeroed with a memset
   int prefetch;        // -1: the op's choice, 0 / 1: force the L2 prefetch of each warp's rows
   int stage;           // -1: the op's choice, 0 / 1: force the shared-memory staging of rows (one row of X)
-  int kernel;          // -1: the op's choice, 0: stream-K GEMV, 1: cluster GEMV (one row of X, sm_90+), 2: stream-K with tensor cores, 3: stream-K with the one-row loop
+  int kernel;          // -1: the op's choice, 0: stream-K GEMV, 1: cluster GEMV (one row of X, sm_90+), 2: stream-K with tensor cores, 3: stream-K with the one-row loop, 4: the one-row loop software-pipelined
   int splits;          // <= 0: the op's choice; cluster GEMV: blocks per tile
   int chunk_kb;        // prefill: -1 / 0: the op's choice, -2: all of W at once, > 0: chunks of W of at most this many KiB
   int chunk_cols;      // prefill: <= 0: the op's choice, > 0: columns per chunk

@@ -229,12 +229,13 @@ int Occupancy(K kernel, int smem) {
   return std::max(1, n);
 }
 
-template <typename T, int MR, int CPL, bool FULL, bool STAGE = false, bool MMA = false, bool ONE = false>
+template <typename T, int MR, int CPL, bool FULL, bool STAGE = false, bool MMA = false, bool ONE = false, bool PIPE = false,
+          bool RAW = false>
 cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t max_blocks, cudaStream_t stream) {
   constexpr int kMinBlocks = CPL == 32 ? 1 : 2;
   constexpr int kSmem = STAGE ? cuda::StageBytes<CPL, kWarps>() : 0;
   // STAGE: fallback with fewer registers
-  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA, ONE>;
+  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA, ONE, PIPE, RAW>;
   static const int occupancy = Occupancy(kernel, kSmem);  // also raises the kernel's dynamic shared memory limit
   if (occupancy == 0) return cudaErrorInvalidConfiguration;
   int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
@@ -284,13 +285,16 @@ cudaError_t DispatchDecode(const KernelShape& s, const cuda::GemvArgs& args, int
   constexpr bool kHalf = std::is_same<T, __half>::value;
   if (s.mr == 1) {
     if constexpr (kHalf) {
+      if (s.mma && args.raw) return LaunchGemv<T, 1, 16, false, false, true, false, false, true>(args, bps, max_blocks, stream);
       if (s.mma) return LaunchGemv<T, 1, 16, false, false, true>(args, bps, max_blocks, stream);
+      if (args.one && args.pipe && s.cpl == 32) return LaunchGemv<T, 1, 32, false, false, false, true, true>(args, bps, max_blocks, stream);
       if (args.one && s.cpl == 32) return LaunchGemv<T, 1, 32, false, false, false, true>(args, bps, max_blocks, stream);
       if (s.cpl == 32) {
         return args.stage ? LaunchGemv<T, 1, 32, false, true>(args, bps, max_blocks, stream)
                           : LaunchGemv<T, 1, 32, false>(args, bps, max_blocks, stream);
       }
     }
+    if (args.one && args.pipe) return LaunchGemv<T, 1, 16, false, false, false, true, true>(args, bps, max_blocks, stream);
     if (args.one) return LaunchGemv<T, 1, 16, false, false, false, true>(args, bps, max_blocks, stream);
     return args.stage ? LaunchGemv<T, 1, 16, false, true>(args, bps, max_blocks, stream)
                       : LaunchGemv<T, 1, 16, false>(args, bps, max_blocks, stream);
@@ -447,9 +451,13 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   // (not with an inline activation: the cluster kernel reads x as the op's input)
   if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && !g.swiglu && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
   // the tensor-core row loop: one float16 row, the vector layout (8-byte row pieces, 16-byte scale loads), sm_80+
-  const bool mma = cfg.kernel == 2 && half && p.M == 1 && g.fast && MmaLaunchable();
+  // (kernel 5: the tensor cores multiply the raw nibbles, scales and offsets applied per quant block: StreamRowsMmaRaw)
+  const bool mma = (cfg.kernel == 2 || cfg.kernel == 5) && half && p.M == 1 && g.fast && MmaLaunchable();
+  g.raw = mma && cfg.kernel == 5;
   // the one-row loop (StreamRowsOne): one row, the vector layout, 32-bit row offsets in Q
-  g.one = cfg.kernel == 3 && p.M == 1 && g.fast && (int64_t)p.K * g.rowbytes <= (int64_t)UINT32_MAX;
+  // (kernel 4: the same loop software-pipelined, StreamRowsPipe)
+  g.one = (cfg.kernel == 3 || cfg.kernel == 4) && p.M == 1 && g.fast && (int64_t)p.K * g.rowbytes <= (int64_t)UINT32_MAX;
+  g.pipe = g.one && cfg.kernel == 4;
   g.prefetch = cfg.prefetch > 0;
   g.stage = p.M == 1 && cfg.stage > 0 && g.fast && !mma && !g.one;  // the staged kernel needs 16-byte row pieces
   KernelShape s = DecodeShape(p.M, half, mma ? 16 : cfg.cols_per_lane);

@@ -57,7 +57,8 @@ struct DecodeConfig {
   int prefetch = -1;      // 1: prefetch each warp's rows into L2 before streaming them; 0: no; -1: choose
   int stage = -1;         // one row of X: 1 = stage each warp's rows in shared memory (cp.async), 0 = register loads; -1: choose
   int kernel = -1;        // one row of X: 1 = the cluster GEMV (sm_90+, gemv_cluster.cuh), 0 = stream-K, 2 = stream-K with the
-                          // tensor-core row loop (float16, sm_80+), 3 = stream-K with the one-row loop (StreamRowsOne); -1: choose
+                          // tensor-core row loop (float16, sm_80+), 3 = stream-K with the one-row loop (StreamRowsOne),
+                          // 4 = the one-row loop software-pipelined (StreamRowsPipe); -1: choose
   int splits = 0;         // cluster GEMV: blocks per tile (the cluster size, 1..16); 0: choose
 };
 
