@@ -332,11 +332,9 @@ _CLUSTER = [(c, b, 0, 0, 1, 0) for c, b in ((4, 2), (8, 2), (8, 3), (16, 1), (16
 _MMA = [(16, b, 0, 0, 2, 0) for b in (2, 3)]  # stream-K with the tensor-core row loop (kernel 2, float16, sm_80+)
 _ONE = [(16, 2, 0, 0, 3, 0), (16, 3, 0, 0, 3, 0), (32, 1, 0, 0, 3, 0)]  # stream-K with the one-row loop (kernel 3)
 _PIPE = [(16, 2, 0, 0, 4, 0), (16, 3, 0, 0, 4, 0), (32, 1, 0, 0, 4, 0)]  # the one-row loop software-pipelined (kernel 4)
-_RAW = [(16, 2, 0, 0, 5, 0), (16, 3, 0, 0, 5, 0)]  # tensor cores on the raw nibbles, scales per quant block (kernel 5)
 SWEEP_VARIANTS = {"stream-k": _STREAM_K, "cluster": [(16, 3, 0, 0, 0, 0)] + _CLUSTER, "mma": [(16, 3, 0, 0, 0, 0)] + _MMA,
                   "one": [(16, 3, 0, 0, 0, 0)] + _ONE, "pipe": [(16, 3, 0, 0, 0, 0), (16, 3, 0, 0, 3, 0)] + _PIPE,
-                  "raw": [(16, 3, 0, 0, 0, 0), (16, 3, 0, 0, 3, 0), (16, 2, 0, 0, 4, 0)] + _RAW,
-                  "all": _STREAM_K + _CLUSTER + _MMA + _ONE + _PIPE + _RAW}
+                  "all": _STREAM_K + _CLUSTER + _MMA + _ONE + _PIPE}
 
 
 def sweep(h: Harness, args) -> list[dict]:
@@ -362,7 +360,7 @@ def sweep(h: Harness, args) -> list[dict]:
                 v = (cpl, bps, -1, -1, pre, stage, kernel, splits)
                 calls = [lambda c=c, v=v: h.run(c, v) for c in mk] * max(1, 48 // copies)
                 g_us, k_us, _ = time_graph(calls, args.reps)
-                name = {1: "cluster", 2: "mma", 3: "one", 4: "pipe", 5: "raw"}.get(kernel, "stream-k")
+                name = {1: "cluster", 2: "mma", 3: "one", 4: "pipe"}.get(kernel, "stream-k")
                 rows.append({"K": K, "N": N, "M": 1, "sparsity": s, "kernel": name, "cols_per_lane": cpl,
                              "blocks_per_sm": bps, "splits": splits, "prefetch": pre, "stage": stage, "graph_us": g_us, "kernel_us": k_us,
                              "effective_tb_s": ref_bytes / k_us / 1e6})

@@ -4,7 +4,8 @@
 //  * decode, one row on sm_90+: NBitsClusterGemvKernel (split-K over a thread-block cluster, no scratch);
 //  * decode (M <= 8, and the rest): NBitsGemvKernel in split (stream-K) mode over a per-stream float32 scratch
 //    that every launch leaves zero; kernel parameters per shape (ChooseDecode); one row with an expected kept
-//    fraction >= kOneRowMinDensity (top-k's k, or the density attribute): the one-row loop.
+//    fraction >= kOneRowMinDensity (top-k's k, or the density attribute): the one-row loop (float16: its
+//    software-pipelined form, StreamRowsPipe).
 //  * prefill (M > 8): PrefillPrepKernel (mask X into the workspace, dequantize W into the workspace, flag
 //    Inf/NaN in W; optionally chunk by chunk), cuBLAS GEMM per member column slice (libcublas opened at run
 //    time), then the exact kernel (FULL mode), which returns at once unless the flag is set. Without cuBLAS:
@@ -229,13 +230,12 @@ int Occupancy(K kernel, int smem) {
   return std::max(1, n);
 }
 
-template <typename T, int MR, int CPL, bool FULL, bool STAGE = false, bool MMA = false, bool ONE = false, bool PIPE = false,
-          bool RAW = false>
+template <typename T, int MR, int CPL, bool FULL, bool STAGE = false, bool MMA = false, bool ONE = false, bool PIPE = false>
 cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t max_blocks, cudaStream_t stream) {
   constexpr int kMinBlocks = CPL == 32 ? 1 : 2;
   constexpr int kSmem = STAGE ? cuda::StageBytes<CPL, kWarps>() : 0;
   // STAGE: fallback with fewer registers
-  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA, ONE, PIPE, RAW>;
+  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA, ONE, PIPE>;
   static const int occupancy = Occupancy(kernel, kSmem);  // also raises the kernel's dynamic shared memory limit
   if (occupancy == 0) return cudaErrorInvalidConfiguration;
   int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
@@ -285,7 +285,6 @@ cudaError_t DispatchDecode(const KernelShape& s, const cuda::GemvArgs& args, int
   constexpr bool kHalf = std::is_same<T, __half>::value;
   if (s.mr == 1) {
     if constexpr (kHalf) {
-      if (s.mma && args.raw) return LaunchGemv<T, 1, 16, false, false, true, false, false, true>(args, bps, max_blocks, stream);
       if (s.mma) return LaunchGemv<T, 1, 16, false, false, true>(args, bps, max_blocks, stream);
       if (args.one && args.pipe && s.cpl == 32) return LaunchGemv<T, 1, 32, false, false, false, true, true>(args, bps, max_blocks, stream);
       if (args.one && s.cpl == 32) return LaunchGemv<T, 1, 32, false, false, false, true>(args, bps, max_blocks, stream);
@@ -446,14 +445,13 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   if (plan.decode.stage >= 0) cfg.stage = plan.decode.stage;
   if (plan.decode.kernel >= 0) cfg.kernel = plan.decode.kernel;
   if (plan.decode.splits > 0) cfg.splits = plan.decode.splits;
-  if (cfg.kernel < 0 && ExpectedDensity(p, c) >= kOneRowMinDensity) cfg.kernel = 3;
+  // most rows kept: the one-row loop, software-pipelined in float16 (kernel 4; its float32 instance spills: kernel 3)
+  if (cfg.kernel < 0 && ExpectedDensity(p, c) >= kOneRowMinDensity) cfg.kernel = half ? 4 : 3;
   // one row, B >= 32 (a group of 32 rows inside one quant block), the vector layout, clusters on the device
   // (not with an inline activation: the cluster kernel reads x as the op's input)
   if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && !g.swiglu && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
   // the tensor-core row loop: one float16 row, the vector layout (8-byte row pieces, 16-byte scale loads), sm_80+
-  // (kernel 5: the tensor cores multiply the raw nibbles, scales and offsets applied per quant block: StreamRowsMmaRaw)
-  const bool mma = (cfg.kernel == 2 || cfg.kernel == 5) && half && p.M == 1 && g.fast && MmaLaunchable();
-  g.raw = mma && cfg.kernel == 5;
+  const bool mma = cfg.kernel == 2 && half && p.M == 1 && g.fast && MmaLaunchable();
   // the one-row loop (StreamRowsOne): one row, the vector layout, 32-bit row offsets in Q
   // (kernel 4: the same loop software-pipelined, StreamRowsPipe)
   g.one = (cfg.kernel == 3 || cfg.kernel == 4) && p.M == 1 && g.fast && (int64_t)p.K * g.rowbytes <= (int64_t)UINT32_MAX;

@@ -61,7 +61,6 @@ struct GemvArgs {
   int swiglu;            // 1: x is [M, 2K] = [gate | up], the input silu(gate) * up (common/activation.h)
   int one;               // 1: the one-row loop (StreamRowsOne; plan kernel 3: one row of X, vector layout, K * rowbytes < 2^32)
   int pipe;              // with one: the software-pipelined one-row loop (StreamRowsPipe; plan kernel 4)
-  int raw;               // the MMA kernel multiplying the raw nibbles (StreamRowsMmaRaw; plan kernel 5)
 };
 
 // ---- tensor-core rows (MMA kernels: float16, one row of X, 16 columns per virtual lane, the vector layout) -------
@@ -737,133 +736,9 @@ __device__ __forceinline__ void StreamRowsMma(const GemvArgs& a, const Pool<1, W
 /// y[c] += s[c] (C[c] - 1024 SV) / m + o[c] SV, lane t of the quad flushing columns t, t + 4, t + 8, t + 12 of its
 /// virtual lane (yacc[0..3]). Float32 accumulation throughout; the error of C - 1024 SV is that of float32 sums of
 /// magnitude ~1300 Σ|v|, i.e. ~1e-4 |s| Σ|v| (the tolerance of the tests: 2e-3 of Σ|v| (|s| q + |o|)).
-/// Groups of the raw-nibble MMA kernel per step of its row loop.
-constexpr int kRawGroups = 2;
-
-/// Element i (0..3) of four float16 values packed in two words, as float.
-__device__ __forceinline__ float HalfOf(const uint32_t (&w)[2], int i) {
-  const uint32_t x = (i & 2) ? w[1] : w[0];
-  return __half2float(__ushort_as_half((unsigned short)((i & 1) ? x >> 16 : x & 0xffffu)));
-}
-
-template <int WARPS>
-__device__ __forceinline__ void StreamRowsMmaRaw(const GemvArgs& a, const Pool<1, WARPS>& pool, int e0, int e1, int col0, bool active,
-                                                 float (&yacc)[4]) {
-  const int lane = threadIdx.x & 31, t = lane & 3;
-  const __half* scales = static_cast<const __half*>(a.scales);
-  const __half* offsets = static_cast<const __half*>(a.offsets);
-  const uint8_t* qcol = a.q + col0 / 2;
-  const float inv_m = (t & 1) ? 0.0625f : 1.0f;  // columns t, t + 4, t + 8, t + 12 share t's parity
-  float cf[8][4], csv[4];
-  auto zero = [&]() {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) cf[j][0] = cf[j][1] = cf[j][2] = cf[j][3] = 0.0f;
-    csv[0] = csv[1] = csv[2] = csv[3] = 0.0f;
-  };
-  zero();
-  uint32_t cs[2], co[2];  // the scales / offsets of the quant block being accumulated, columns t + 4 i (float16 pairs)
-  int cur = -1;
-  auto flush = [&]() {
-    // lane t: tiles J = t and t + 4 (columns J of rows g: cf[J][0], J + 8: cf[J][2])
-    float c4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (j == t) {
-        c4[0] = cf[j][0];
-        c4[1] = cf[j + 4][0];
-        c4[2] = cf[j][2];
-        c4[3] = cf[j + 4][2];
-      }
-    }
-    const float sv = csv[0];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      yacc[i] = fmaf(HalfOf(cs, i) * inv_m, c4[i] - 1024.0f * sv, fmaf(HalfOf(co, i), sv, yacc[i]));
-  };
-  const uint32_t kOnes = 0x3C003C00u;  // half2(1, 1)
-  int i = e0;
-  while (i < e1) {  // warp-uniform
-    int start[kRawGroups], cnt[kRawGroups], blk[kRawGroups];
-#pragma unroll
-    for (int u = 0; u < kRawGroups; ++u) {  // the next groups: rows of one quant block, at most 16
-      start[u] = i;
-      cnt[u] = 0;
-      blk[u] = 0;
-      if (i < e1) {
-        blk[u] = pool.row[i] >> a.blog2;
-        const int r = i + (lane & 15);
-        const bool same = r < e1 && (pool.row[r] >> a.blog2) == blk[u];
-        cnt[u] = __popc(__ballot_sync(0xffffffffu, same) & 0xffffu);  // sorted rows: a prefix
-        i += cnt[u];
-      }
-    }
-    uint2 raw[kRawGroups][4];
-    uint32_t gs[kRawGroups][2], go[kRawGroups][2];
-#pragma unroll
-    for (int u = 0; u < kRawGroups; ++u) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int k = 2 * t + (r & 1) + (r >> 1) * 8;
-        raw[u][r] = make_uint2(0u, 0u);
-        if (k < cnt[u] && active) raw[u][r] = __ldcs(reinterpret_cast<const uint2*>(qcol + (int64_t)pool.row[start[u] + k] * a.rowbytes));
-      }
-      gs[u][0] = gs[u][1] = go[u][0] = go[u][1] = 0u;
-      if (cnt[u] > 0 && active && blk[u] != (u == 0 ? cur : blk[u - 1])) {  // a new quant block: its scales / offsets
-        const unsigned short* sp = reinterpret_cast<const unsigned short*>(scales + (int64_t)blk[u] * a.N + col0 + t);
-        const unsigned short* op = reinterpret_cast<const unsigned short*>(offsets + (int64_t)blk[u] * a.N + col0 + t);
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          gs[u][c] = (uint32_t)__ldg(sp + 8 * c) | (uint32_t)__ldg(sp + 8 * c + 4) << 16;
-          go[u][c] = (uint32_t)__ldg(op + 8 * c) | (uint32_t)__ldg(op + 8 * c + 4) << 16;
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kRawGroups; ++u) {
-      if (cnt[u] == 0) break;  // warp-uniform
-      if (blk[u] != cur) {  // warp-uniform
-        if (cur >= 0 && active) flush();
-        zero();
-        cur = blk[u];
-        cs[0] = gs[u][0];
-        cs[1] = gs[u][1];
-        co[0] = go[u][0];
-        co[1] = go[u][1];
-      }
-      // B: the kept values of the group's rows 2t, 2t + 1 / 2t + 8, 2t + 9 in every column
-      const int k = start[u] + 2 * t;
-      const float v0 = 2 * t < cnt[u] ? pool.v[0][k] : 0.0f, v1 = 2 * t + 1 < cnt[u] ? pool.v[0][k + 1] : 0.0f;
-      const float v8 = 2 * t + 8 < cnt[u] ? pool.v[0][k + 8] : 0.0f, v9 = 2 * t + 9 < cnt[u] ? pool.v[0][k + 9] : 0.0f;
-      const uint32_t b0 = H2Bits(__floats2half2_rn(v0, v1)), b1 = H2Bits(__floats2half2_rn(v8, v9));
-      uint32_t p01[4], p89[4];
-      PermutePair(raw[u][0], raw[u][1], p01);  // rows 2t, 2t + 1
-      PermutePair(raw[u][2], raw[u][3], p89);  // rows 2t + 8, 2t + 9
-      const uint32_t h01[4] = {p01[0] >> 8, p01[1] >> 8, p01[2] >> 8, p01[3] >> 8};
-      const uint32_t h89[4] = {p89[0] >> 8, p89[1] >> 8, p89[2] >> 8, p89[3] >> 8};
-      // column C of the pair: word C / 4 (shifted by 8 for C % 4 >= 2), nibble mask by C's parity
-#define ACTTAIL_RAW_A(P, H, C) MaskOr6400<(C) % 2 == 0 ? 0x000F000Fu : 0x00F000F0u>((C) % 4 >= 2 ? H[(C) / 4] : P[(C) / 4])
-#define ACTTAIL_RAW_TILE(J) \
-  MmaF16F32(cf[J], ACTTAIL_RAW_A(p01, h01, J), ACTTAIL_RAW_A(p01, h01, J + 8), ACTTAIL_RAW_A(p89, h89, J), ACTTAIL_RAW_A(p89, h89, J + 8), b0, b1)
-      ACTTAIL_RAW_TILE(0);
-      ACTTAIL_RAW_TILE(1);
-      ACTTAIL_RAW_TILE(2);
-      ACTTAIL_RAW_TILE(3);
-      ACTTAIL_RAW_TILE(4);
-      ACTTAIL_RAW_TILE(5);
-      ACTTAIL_RAW_TILE(6);
-      ACTTAIL_RAW_TILE(7);
-#undef ACTTAIL_RAW_TILE
-#undef ACTTAIL_RAW_A
-      MmaF16F32(csv, kOnes, kOnes, kOnes, kOnes, b0, b1);
-    }
-  }
-  if (cur >= 0 && active) flush();
-}
-
 /// Rows [k0, k1) of tile t for rows [m0, m0 + Mb) of X: accumulate, reduce over the block's warps, then add
 /// to the scratch (split mode) or write Y (FULL).
-template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE, bool MMA = false, bool ONE = false, bool PIPE = false,
-          bool RAW = false>
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE, bool MMA = false, bool ONE = false, bool PIPE = false>
 __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool, float* red, uint8_t* stage, unsigned* s_last, int t, int k0,
                                         int k1, int m0, int Mb, float* redm = nullptr) {
   constexpr int TN = 32 * CPL, RPL = PoolRowsPerLane<MR>(), CH = WARPS * 32 * RPL;
@@ -888,7 +763,6 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   float cf[8][4];  // MMA: the accumulator fragments of eight m16n8 tiles
 #pragma unroll
   for (int j = 0; j < 8; ++j) cf[j][0] = cf[j][1] = cf[j][2] = cf[j][3] = 0.0f;
-  float yacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // MMA RAW: columns t, t + 4, t + 8, t + 12 of the lane's virtual lane
 
   for (int c0 = k0; c0 < k1; c0 += CH) {
     // pass j of lane l of warp w: row c0 + (j * WARPS + w) * 32 + l; the pool lists rows in order
@@ -936,11 +810,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
       StreamRowsOne<T, CPL, WARPS, U>(a, pool, e0, e1, col0, active, racc);
     } else if constexpr (MMA) {
       const int vl = 8 * (warp & 3) + (lane >> 2), col0v = (lg_first + vl) * CPL, half_rows = total / 2;
-      if constexpr (RAW) {
-        StreamRowsMmaRaw<WARPS>(a, pool, warp >= 4 ? half_rows : 0, warp >= 4 ? total : half_rows, col0v, col0v < hi, yacc);
-      } else {
-        StreamRowsMma<WARPS>(a, pool, warp >= 4 ? half_rows : 0, warp >= 4 ? total : half_rows, col0v, col0v < hi, cf);
-      }
+      StreamRowsMma<WARPS>(a, pool, warp >= 4 ? half_rows : 0, warp >= 4 ? total : half_rows, col0v, col0v < hi, cf);
     } else if constexpr (STAGE && MR == 1) {
       const int tb0 = lg_first * CPL / 2;  // first byte of the tile in a row of Q
       if (a.stage && a.fast && tb0 % 16 == 0) {
@@ -957,11 +827,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   // ---- reduce over the warps (padded rows: conflict-free), then emit ----
   T* y = static_cast<T*>(a.y);
   for (int m = 0; m < Mb; ++m) {
-    if constexpr (MMA && RAW) {
-      float* r = redm + ((warp >> 2) * 32 + 8 * (warp & 3) + (lane >> 2)) * (CPL + 1) + (lane & 3);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) r[4 * i] = yacc[i];
-    } else if constexpr (MMA) {
+    if constexpr (MMA) {
       if ((lane & 3) == 0) {  // C[g][0] / C[g + 8][0]: columns j / 8 + j of virtual lane 8 (w % 4) + g
         float* r = redm + ((warp >> 2) * 32 + 8 * (warp & 3) + (lane >> 2)) * (CPL + 1);
 #pragma unroll
@@ -1024,7 +890,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
 }
 
 template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB, bool STAGE = false, bool MMA = false, bool ONE = false,
-          bool PIPE = false, bool RAW = false>
+          bool PIPE = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvArgs a) {
   static_assert(!STAGE || (MR == 1 && !FULL && StageBytes<CPL, WARPS>() >= WARPS * 32 * (CPL + 1) * 4), "stage buffer");
   __shared__ Pool<MR, WARPS> pool;
@@ -1056,7 +922,7 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvAr
     while (u < u1) {
       const int t = (int)(u / a.K), k0 = (int)(u % a.K);
       const int k1 = (int)min((long long)a.K, k0 + (u1 - u));
-      Segment<T, MR, CPL, WARPS, U, false, STAGE, MMA, ONE, PIPE, RAW>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M, redm_static);
+      Segment<T, MR, CPL, WARPS, U, false, STAGE, MMA, ONE, PIPE>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M, redm_static);
       u += k1 - k0;
     }
   }
