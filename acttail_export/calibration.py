@@ -233,11 +233,14 @@ def calibrate_many(
     exact_limit: int = DEFAULT_EXACT_LIMIT,
     mantissa_bits: int = DEFAULT_MANTISSA_BITS,
     windows: torch.Tensor | None = None,
+    source: str | None = None,
 ) -> list[ActTailConfig]:
     """Calibrate several configs of the same model (e.g. a sparsity sweep) from one dense pass.
 
-    ``windows`` (``[n, L]`` token ids) replaces reading ``data`` when given. With ``sequential=True``
-    each config gets its own layer-wise pass (its thresholds change the later inputs).
+    ``windows`` (``[n, L]`` token ids) replaces reading ``data`` when given; ``source`` then names where they came
+    from in ``config.calibration.data`` (default ``<token windows>``), so that a caller that already read the file
+    records it as if calibrate had. With ``sequential=True`` each config gets its own layer-wise pass (its thresholds
+    change the later inputs).
     """
     if not configs:
         raise ActTailError("no configs to calibrate")
@@ -255,7 +258,7 @@ def calibrate_many(
     if windows is None:
         windows = load_windows(tokenizer, path, sequence_length, samples=samples)
         source = str(path)
-    else:
+    elif source is None:
         source = "<token windows>"
     n, length = windows.shape
     tokens = n * length

@@ -213,6 +213,12 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
     with _stage("load model"):
         model, tokenizer = load_model(model_ref, dtype=o.dtype, device=o.device)
     sequence_length = check_context(o.sequence_length, getattr(model.config, "max_position_embeddings", None), model_ref)
+    from .data import EXPORT_CALIBRATION_FLAGS, load_windows
+
+    # the calibration windows, tokenized once for the 4-bit Hessians and the thresholds: a text too short for them
+    # fails here, before any quantization, analysis or search
+    windows = load_windows(tokenizer, calibration_path, sequence_length, samples=o.calibration_samples,
+                           flags=EXPORT_CALIBRATION_FLAGS)
     quantized = None
     if o.int4 is not None:  # before analysis and calibration: thresholds are calibrated on the deployed weights
         from .int4_rewrite import input_hessians, quantize_model
@@ -221,15 +227,12 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
         with _stage("4-bit quantization"):
             hessians = None
             if o.int4[1] in GPTQ_QUANTIZERS:  # GPTQ-style rounding: the dense model's inputs on the calibration text
-                from .data import EXPORT_CALIBRATION_FLAGS, load_windows
                 from .offload import input_device
 
-                windows = load_windows(tokenizer, calibration_path, sequence_length, samples=o.calibration_samples,
-                                       flags=EXPORT_CALIBRATION_FLAGS)
                 hessians = input_hessians(model, windows.to(input_device(model)), progress=o.progress)
             quantized = quantize_model(model, *o.int4, dtype=o.dtype, progress=o.progress, hessians=hessians)
             del hessians
-    config = _budgets(model, tokenizer, model_ref, o, calibration_path, sequence_length)
+    config = _budgets(model, tokenizer, model_ref, o, calibration_path, windows)
     config.versions = base.versions()
     base.build(model, tokenizer, tmp, config, o, quantized, library)
     config.save(tmp)  # the runtime loader checks the graph against this file
@@ -247,9 +250,9 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
     return config
 
 
-def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Path,
-             sequence_length: int) -> ActTailConfig:
-    """Alphas (when the allocation needs them) -> per-projection budgets -> calibrated thresholds / k."""
+def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Path, windows) -> ActTailConfig:
+    """Alphas (when the allocation needs them) -> per-projection budgets -> thresholds / k calibrated on ``windows``
+    (the export's calibration windows of ``calibration_path``)."""
     import torch
 
     from . import allocation as alloc
@@ -264,12 +267,7 @@ def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Pa
                                  method="gram" if o.device == "cuda" else "svd")
     trajectories = None
     if alloc.needs_search(o.allocation, [o.sparsity], o.mode):
-        from .data import EXPORT_CALIBRATION_FLAGS, load_windows
         from .greedy import search_for
-
-        # the calibration below reads these windows: a text too short for them fails here, before the search
-        load_windows(tokenizer, calibration_path, sequence_length, samples=o.calibration_samples,
-                     flags=EXPORT_CALIBRATION_FLAGS)
 
         with _stage("greedy allocation search"), torch.no_grad():
             trajectories = search_for(model, tokenizer, o.allocation, [o.sparsity], o.mode, calibration_path, fits=fits,
@@ -283,8 +281,7 @@ def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Pa
     config.architecture = type(model).__name__
     config.weights, (config.block_size, config.quantizer) = ("int4", o.int4) if o.int4 else (o.dtype, (None, None))
     with _stage("calibration"), torch.no_grad():
-        calibrate(model, tokenizer, config, data=calibration_path, samples=o.calibration_samples,
-                  sequence_length=sequence_length, progress=o.progress)
+        calibrate(model, tokenizer, config, windows=windows, source=str(calibration_path), progress=o.progress)
     return config
 
 

@@ -135,6 +135,23 @@ def test_calibrate_reads_file_and_groups(tiny, wikitext_valid):
             assert len(ts) == 1
 
 
+def test_calibrate_windows_with_source_equals_reading_the_file(tiny, wikitext_valid):
+    """Windows read by the caller (the exporter reads them once for its own checks) calibrate exactly as the file read
+    by calibrate, and ``source`` records the file as calibrate would have."""
+    from acttail_export.data import load_windows
+
+    model, tok = tiny
+    by_file = calibrate(model, tok, hand_config(model, 0.5, "threshold"), data=wikitext_valid, samples=2, sequence_length=32,
+                        progress=False)
+    windows = load_windows(tok, wikitext_valid, 32, samples=2)
+    by_windows = calibrate(model, tok, hand_config(model, 0.5, "threshold"), windows=windows, source=str(wikitext_valid),
+                           progress=False)
+    assert by_windows.calibration == by_file.calibration
+    assert [p.threshold for p in by_windows.projections] == [p.threshold for p in by_file.projections]
+    unnamed = calibrate(model, tok, hand_config(model, 0.5, "threshold"), windows=windows, progress=False)
+    assert unnamed.calibration.data == "<token windows>"
+
+
 def test_calibrate_errors(tiny, tmp_path):
     model, tok = tiny
     short = tmp_path / "short.txt"

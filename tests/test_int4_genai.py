@@ -167,8 +167,8 @@ def test_folder_runs_like_the_sparse_reference_of_the_dequantized_model(exports,
 
 
 def test_default_quantizer_needs_the_calibration_windows(tiny_llama_dir, tmp_path):
-    """The default quantizer's Hessians read the export's calibration windows: a text too short for them fails in
-    the 4-bit stage with the calibration flags' one-line error (the thresholds would need the same windows), and
+    """The default quantizer's Hessians read the export's calibration windows (tokenized once, for the thresholds
+    too): a text too short for them fails before the 4-bit stage with the calibration flags' one-line error, and
     nothing is left behind."""
     from acttail_export.errors import ActTailError
     from acttail_export.exporter import export
