@@ -385,6 +385,57 @@ __device__ __forceinline__ void StreamRowsStaged(const GemvArgs& a, const Pool<1
   flush();
 }
 
+/// End (exclusive) of the pooled rows of the quant block ending before row rend that start at i: the rows are sorted,
+/// so they are a prefix of [i, e1), found by ballots over 32 pooled rows at a time.
+template <int WARPS>
+__device__ __forceinline__ int BlockEnd(const Pool<1, WARPS>& pool, int i, int e1, int rend, int lane) {
+  int j = i;
+  for (;;) {
+    const int r = j + lane;
+    const unsigned in = __ballot_sync(0xffffffffu, r < e1 && pool.row[r] < rend);
+    j += __popc(in);
+    if (in != 0xffffffffu) return j;
+  }
+}
+
+/// The first n (at most U are read) of the pooled rows whose byte offsets start at off, under predicates (zeros past n).
+template <int CPL, int U>
+__device__ __forceinline__ void LoadBatch(RowBits<CPL> (&raw)[U], const uint8_t* qb, const unsigned* off, int n) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int w = 0; w < RowBits<CPL>::kWords; ++w) raw[u].w[w] = 0u;
+    if (u < n) LoadRow<CPL>(raw[u], qb + off[u], 0, 0, true);
+  }
+}
+
+/// One batch of the one-row loops: the first n (<= U) rows of raw with their kept values v into the quant block's
+/// sums (accq[c] += v q 16^j, sv += v), in row order.
+template <int CPL, int U>
+__device__ __forceinline__ void AccumulateBatch(const RowBits<CPL> (&raw)[U], const float* v, int n, float (&accq)[CPL], float& sv) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (u < n) {  // warp-uniform
+      sv += v[u];
+      float qf[CPL];
+      Unpack<CPL>(raw[u], qf);
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) accq[c] = fmaf(v[u], qf[c], accq[c]);
+    }
+  }
+}
+
+/// The end of a quant block in the one-row loops: racc[c] += s[c] 16^-(c % 4) accq[c] + o[c] sv.
+template <typename T, int CPL>
+__device__ __forceinline__ void FlushOne(const ColBits<T, CPL>& s, const ColBits<T, CPL>& o, const float (&accq)[CPL], float sv,
+                                         float* racc) {
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) {
+    const float sc = ColValue<T, CPL>(s, c) * NibbleScale(c), off = ColValue<T, CPL>(o, c);
+    racc[c] = fmaf(sc, accq[c], fmaf(off, sv, racc[c]));
+  }
+}
+
 /// One warp, one row of X, vector layout (`fast`): StreamRows' row loop with its per-row work cut to the arithmetic.
 /// Every pooled row is kept (one row of X), so there is no kept-bit test; the end of a quant block's rows is found
 /// by ballots over 32 pooled rows at a time instead of a scan; a lane whose columns lie outside the member reads
@@ -413,14 +464,8 @@ __device__ __forceinline__ void StreamRowsOne(const GemvArgs& a, const Pool<1, W
   }
   int i = e0;
   while (i < e1) {  // warp-uniform
-    const int b = pool.row[i] >> blog2, rend = (b + 1) << blog2;
-    int j = i;
-    for (;;) {  // sorted rows: the rows of block b are a prefix of [i, e1)
-      const int r = j + lane;
-      const unsigned in = __ballot_sync(0xffffffffu, r < e1 && pool.row[r] < rend);
-      j += __popc(in);
-      if (in != 0xffffffffu) break;
-    }
+    const int b = pool.row[i] >> blog2;
+    const int j = BlockEnd<WARPS>(pool, i, e1, (b + 1) << blog2, lane);
     ColBits<T, CPL> s, o;
     if (active) {
       LoadCols<T, CPL>(s, scales + (int64_t)b * a.N, col0, a.N, true);
@@ -431,56 +476,11 @@ __device__ __forceinline__ void StreamRowsOne(const GemvArgs& a, const Pool<1, W
     for (int c = 0; c < CPL; ++c) accq[c] = 0.0f;
     for (int ii = i; ii < j; ii += U) {
       RowBits<CPL> raw[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-#pragma unroll
-        for (int w = 0; w < RowBits<CPL>::kWords; ++w) raw[u].w[w] = 0u;
-        if (ii + u < j) LoadRow<CPL>(raw[u], qb + pool.off[ii + u], 0, 0, true);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (ii + u < j) {  // warp-uniform
-          const float v = pool.v[0][ii + u];
-          sv += v;
-          float qf[CPL];
-          Unpack<CPL>(raw[u], qf);
-#pragma unroll
-          for (int c = 0; c < CPL; ++c) accq[c] = fmaf(v, qf[c], accq[c]);
-        }
-      }
+      LoadBatch<CPL, U>(raw, qb, pool.off + ii, j - ii);
+      AccumulateBatch<CPL, U>(raw, pool.v[0] + ii, j - ii, accq, sv);
     }
-    if (active) {
-#pragma unroll
-      for (int c = 0; c < CPL; ++c) {
-        const float sc = ColValue<T, CPL>(s, c) * NibbleScale(c), off = ColValue<T, CPL>(o, c);
-        racc[c] = fmaf(sc, accq[c], fmaf(off, sv, racc[c]));
-      }
-    }
+    if (active) FlushOne<T, CPL>(s, o, accq, sv, racc);
     i = j;
-  }
-}
-
-/// End (exclusive) of the pooled rows of the quant block ending before row rend that start at i: the rows are sorted,
-/// so they are a prefix of [i, e1), found by ballots over 32 pooled rows at a time.
-template <int WARPS>
-__device__ __forceinline__ int BlockEnd(const Pool<1, WARPS>& pool, int i, int e1, int rend, int lane) {
-  int j = i;
-  for (;;) {
-    const int r = j + lane;
-    const unsigned in = __ballot_sync(0xffffffffu, r < e1 && pool.row[r] < rend);
-    j += __popc(in);
-    if (in != 0xffffffffu) return j;
-  }
-}
-
-/// The first n (< = U) of the pooled rows whose byte offsets start at off, under predicates (zeros past n).
-template <int CPL, int U>
-__device__ __forceinline__ void LoadBatch(RowBits<CPL> (&raw)[U], const uint8_t* qb, const unsigned* off, int n) {
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-#pragma unroll
-    for (int w = 0; w < RowBits<CPL>::kWords; ++w) raw[u].w[w] = 0u;
-    if (u < n) LoadRow<CPL>(raw[u], qb + off[u], 0, 0, true);
   }
 }
 
@@ -526,26 +526,9 @@ __device__ __forceinline__ void StreamRowsPipe(const GemvArgs& a, const Pool<1, 
     }
     RowBits<CPL> nxt[U];
     LoadBatch<CPL, U>(nxt, qb, pool.off + ni, more ? min(U, nj - ni) : 0);
-    // this batch
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (u < n) {  // warp-uniform
-        const float v = pool.v[0][i + u];
-        sv += v;
-        float qf[CPL];
-        Unpack<CPL>(cur[u], qf);
-#pragma unroll
-        for (int c = 0; c < CPL; ++c) accq[c] = fmaf(v, qf[c], accq[c]);
-      }
-    }
+    AccumulateBatch<CPL, U>(cur, pool.v[0] + i, n, accq, sv);  // this batch
     if (block_done) {
-      if (active) {
-#pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          const float sc = ColValue<T, CPL>(s, c) * NibbleScale(c), off = ColValue<T, CPL>(o, c);
-          racc[c] = fmaf(sc, accq[c], fmaf(off, sv, racc[c]));
-        }
-      }
+      if (active) FlushOne<T, CPL>(s, o, accq, sv, racc);
 #pragma unroll
       for (int c = 0; c < CPL; ++c) accq[c] = 0.0f;
       sv = 0.0f;
