@@ -18,7 +18,8 @@ candidate reruns down_proj alone); top-k masks compare with the k-th largest |x|
 sorted once per tensor (ties at the k-th entry take ``mask_topk``'s own choice), and on CPU the sequences are
 split into one shard per torch thread, each evaluated in a thread of its own. Every candidate's error is that of
 a full-block forward with the ``sparsify`` masks under the same rules (bit for bit with MKL on x86: the ops are
-the same and act on each token, attention on each sequence, on its own; tests/test_greedy.py).
+the same and act on each token, attention on each sequence, on its own; tests/test_greedy.py). ``DELTA_LIMIT`` (off by
+default) updates a product whose rule rises on an unchanged input from the entries the rule drops instead.
 Memory: one block's activations (a few per candidate) at a time. Trajectories are cached on disk
 (``modeling.cache_root()/greedy``, keyed by the model's weights and the search settings), written after
 every block, so an interrupted search resumes at the first unfinished block and a higher level extends the
@@ -55,6 +56,14 @@ DEFAULT_SEQUENCE_LENGTH = 128
 CACHE_VERSION = 1
 #: ``acttail-greedy``: the HT-SR mapping that sets each block's target (block-level alpha means; docs/allocation.md).
 COMBINED_MAPPING = "block-abs"
+#: Off by default (0): every product in full, so that every candidate's error is that of a full-block forward bit
+#: for bit. Above 0 (a measurement switch, ``benchmarks/greedy_time.py --delta-limit``; part of the cache key then): on
+#: CPU (float32) a projection whose rule rises on an input it already ran on is updated from the entries the rule
+#: drops (:meth:`_Input.delta`) instead of recomputed, for the projections whose step drops at most this fraction of
+#: their input's entries (``step · P_block / P_i``: on SmolLM2 4 % for gate / up / down, 11 % for q / o, 32 % for
+#: k / v). The errors then differ from the full products' in float rounding, which can flip a near-tie between two
+#: candidates (docs/allocation.md section 6c).
+DELTA_LIMIT = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,14 +125,41 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 class _Input:
     """A projection input of one state of the block, with what its masks need: |x| and, for top-k, |x| sorted per
-    token (once, on the first top-k mask; rules only rise, so later masks of this input reuse it)."""
+    token (once, on the first top-k mask; rules only rise, so later masks of this input reuse it), and per projection
+    the last product computed on it (``outputs``: kind -> (rule, output)), from which a sparser rule's product is
+    updated (:meth:`delta`)."""
 
-    __slots__ = ("x", "abs", "sorted")
+    __slots__ = ("x", "abs", "sorted", "outputs")
 
     def __init__(self, x: torch.Tensor):
         self.x = x
         self.abs: torch.Tensor | None = None
         self.sorted: torch.Tensor | None = None
+        self.outputs: dict[str, tuple] = {}
+
+    def _sort(self) -> torch.Tensor:
+        """|x| sorted per token (ascending), computed once."""
+        if self.sorted is None:
+            d = self.x.shape[-1]
+            if self.abs is None:
+                self.abs = self.x.abs()
+            flat = self.abs.reshape(-1, d)
+            if flat.device.type == "cpu" and flat.dtype == torch.float32:
+                # numpy's vectorized sort is several times faster than torch.sort; |x| >= 0, so its float32 bits sort
+                # as int32 in the same order (a little faster still)
+                self.sorted = flat.clone()
+                self.sorted.numpy().view(np.int32).sort(axis=-1)
+            else:
+                self.sorted = torch.sort(flat, dim=-1).values
+        return self.sorted
+
+    def _tied(self, k: int) -> torch.Tensor | None:
+        """Per token, whether its k-th and (k+1)-th largest |x| tie (None for k outside (0, d): no tie to break)."""
+        d = self.x.shape[-1]
+        if k <= 0 or k >= d:
+            return None
+        sorted_ = self._sort()
+        return sorted_[:, d - k - 1] == sorted_[:, d - k]
 
     def mask(self, rule, mode: str, out: torch.Tensor) -> torch.Tensor:
         """The input under ``rule`` (top-k ``k`` or threshold; None = unmasked), bit for bit what the ``sparsify``
@@ -140,22 +176,78 @@ class _Input:
         # the k largest |x| of a token are those at or above its k-th largest whenever the k-th and (k+1)-th largest
         # differ (the top-k set is then unique); a token where they tie takes mask_topk's own choice
         d, k = x.shape[-1], rule
-        if self.sorted is None:
-            flat = self.abs.reshape(-1, d)
-            if flat.device.type == "cpu" and flat.dtype == torch.float32:
-                # numpy's vectorized sort is several times faster than torch.sort; |x| >= 0, so its float32 bits sort
-                # as int32 in the same order (a little faster still)
-                self.sorted = flat.clone()
-                self.sorted.numpy().view(np.int32).sort(axis=-1)
-            else:
-                self.sorted = torch.sort(flat, dim=-1).values
-        kth = self.sorted[:, d - k]
+        kth = self._sort()[:, d - k]
         out = torch.ge(self.abs, kth.view(*x.shape[:-1], 1), out=out).mul_(x)
-        tied = self.sorted[:, d - k - 1] == kth
+        tied = self._tied(k)
         if bool(tied.any()):
             rows = tied.nonzero().flatten()
             out.view(-1, d)[rows] = mask_topk(x.reshape(-1, d)[rows], k)
         return out
+
+    def _rows_masked(self, rows: torch.Tensor, rule, mode: str) -> torch.Tensor:
+        """The tokens ``rows`` (flat indices) under ``rule``, as :meth:`mask` gives them."""
+        x = self.x.reshape(-1, self.x.shape[-1])[rows]
+        return _Input(x).mask(rule, mode, torch.empty_like(x))
+
+    def delta(self, old, rule, mode: str, weight_t: torch.Tensor) -> torch.Tensor | None:
+        """``linear(x under rule) − linear(x under old)`` (no bias) for a ``rule`` at least as sparse as ``old``: the
+        product of ``weight_t`` (``weight.T``) with the entries the two masks differ in, a few per token (an
+        EmbeddingBag sum per token, each token on its own). None when ``rule`` is less sparse than ``old``. CPU float32
+        only (the masks' bits are compared as int32, as in :meth:`_sort`)."""
+        x, d = self.x, self.x.shape[-1]
+        if self.abs is None:
+            self.abs = x.abs()
+        magnitude = self.abs.reshape(-1, d).numpy().view(np.int32)  # |x| >= 0: its bits order as int32 like the floats
+        tied = None
+        if mode == "topk":
+            k_old = d if old is None else min(max(old, 0), d)
+            k_new = d if rule is None else min(max(rule, 0), d)
+            if k_new > k_old:
+                return None
+            if k_new == k_old:
+                return x.new_zeros(*x.shape[:-1], weight_t.shape[1])
+            # dropped: among the k_old largest |x| of a token but not the k_new largest, i.e. kth(k_old) <= |x| <
+            # kth(k_new), where neither rank ties (those tokens take mask_topk's choice: below)
+            sorted_ = None if k_old == d and k_new == 0 else self._sort().numpy().view(np.int32)
+            if k_old == d:
+                band = magnitude < sorted_[:, d - k_new : d - k_new + 1] if k_new > 0 else np.ones_like(magnitude, dtype=bool)
+            elif k_new == 0:
+                band = magnitude >= sorted_[:, d - k_old : d - k_old + 1]
+            else:  # lo <= m < hi as one unsigned comparison (0 <= lo <= hi)
+                lo, hi = sorted_[:, d - k_old : d - k_old + 1], sorted_[:, d - k_new : d - k_new + 1]
+                band = (magnitude - lo).view(np.uint32) < (hi - lo).view(np.uint32)
+            for k in (k_old, k_new):
+                t = self._tied(k)
+                if t is not None:
+                    tied = t if tied is None else tied | t
+            if tied is not None and bool(tied.any()):
+                tied = tied.nonzero().flatten()
+                band[tied.numpy()] = False
+            else:
+                tied = None
+        else:
+            if rule is None or (old is not None and rule < old):
+                return None
+            # dropped: old < |x| <= rule, compared as mask() does (float32 against the scalar)
+            flat_abs = self.abs.reshape(-1, d)
+            band = torch.le(flat_abs, rule)
+            if old is not None:
+                band &= torch.gt(flat_abs, old)
+            band = band.numpy()
+        flat = np.flatnonzero(band)
+        values = np.negative(x.reshape(-1).numpy()[flat])
+        if tied is not None:  # tokens with a tie at either rank: the difference of their two masks as mask() gives them
+            diff = self._rows_masked(tied, rule, mode) - self._rows_masked(tied, old, mode)
+            r, c = diff.nonzero(as_tuple=True)
+            flat = np.concatenate([flat, (tied[r] * d + c).numpy()])
+            values = np.concatenate([values, diff[r, c].numpy()])
+            order = np.argsort(flat, kind="stable")
+            flat, values = flat[order], values[order]
+        tokens = band.shape[0]
+        offsets = np.searchsorted(flat, np.arange(tokens, dtype=np.int64) * d)
+        out = torch.nn.functional.embedding_bag(torch.from_numpy(flat % d), weight_t, torch.from_numpy(offsets), mode="sum",
+                                                per_sample_weights=torch.from_numpy(values))
+        return out.view(*x.shape[:-1], weight_t.shape[1])
 
 
 def _batch_rows(value, rows: slice, batch: int):
@@ -197,12 +289,20 @@ class _Shard:
         def put(name, value):
             self.memo[(name, *(keys[i] for i in self._DEPENDS[name]))] = value
 
+        def seed(data: _Input, kind: str, output: torch.Tensor) -> None:  # a dense product, the base of its updates
+            if search.weight_t(kind) is not None:
+                data.outputs[kind] = (None, output)
+
         for kind in ("q_proj", "k_proj", "v_proj"):
             put(kind[0], view["outputs"][kind][rows])
+            seed(self.normed, kind, view["outputs"][kind][rows])
         attn = _Input(view["inputs"]["o_proj"][rows])
         put("attn", attn)
-        put("mid", (view["mid"][rows], _Input(view["inputs"]["gate_proj"][rows]), attn))
+        normed_mid = _Input(view["inputs"]["gate_proj"][rows])
+        put("mid", (view["mid"][rows], normed_mid, attn))
         gate, up = view["outputs"]["gate_proj"][rows], view["outputs"]["up_proj"][rows]
+        seed(normed_mid, "gate_proj", gate)
+        seed(normed_mid, "up_proj", up)
         put("gate", gate)
         put("up", up)
         put("act", (_Input(view["inputs"]["down_proj"][rows]), gate, up))
@@ -218,11 +318,23 @@ class _Shard:
         self.memo = {key: value for key, value in self.memo.items() if key in live}
 
     def _linear(self, kind: str, data: _Input, keys: tuple) -> torch.Tensor:
-        x = data.x
-        buffer = self._buffers.get(x.shape[-1])  # the masked input lives only until its projection has run
-        if buffer is None or buffer.shape != x.shape:
-            buffer = self._buffers[x.shape[-1]] = torch.empty_like(x)
-        return self.search.modules[kind](data.mask(keys[PROJECTION_KINDS.index(kind)], self.mode, buffer))
+        """The projection ``kind`` of ``data`` under its rule in ``keys``: updated from the product of a less sparse rule
+        on the same input when one was computed (the few entries the rule drops, :meth:`_Input.delta`), else in full."""
+        rule = keys[PROJECTION_KINDS.index(kind)]
+        weight_t = self.search.weight_t(kind)
+        base = data.outputs.get(kind) if weight_t is not None else None
+        delta = None if base is None else data.delta(base[0], rule, self.mode, weight_t)
+        if delta is not None:
+            out = base[1] + delta
+        else:
+            x = data.x
+            buffer = self._buffers.get(x.shape[-1])  # the masked input lives only until its projection has run
+            if buffer is None or buffer.shape != x.shape:
+                buffer = self._buffers[x.shape[-1]] = torch.empty_like(x)
+            out = self.search.modules[kind](data.mask(rule, self.mode, buffer))
+        if weight_t is not None:
+            data.outputs[kind] = (rule, out)
+        return out
 
     def _attention(self, keys: tuple) -> _Input:
         """o_proj's input: the attention module's own forward, its q / k / v projections replaced by the memoized
@@ -295,10 +407,26 @@ class BlockSearch:
         batch, threads = hidden.shape[0], torch.get_num_threads()
         shards = max(1, min(threads, batch)) if hidden.device.type == "cpu" else 1
         self._shard_threads = max(1, threads // shards)
+        fractions = settings.step * self.params.sum() / self.params  # of a projection's input a step drops
+        self._weights_t = {kind: self._weight_t(module) if fraction <= DELTA_LIMIT else None
+                           for (kind, module), fraction in zip(self.modules.items(), fractions)}
         bounds = np.linspace(0, batch, shards + 1).astype(int)
         self._shards = [_Shard(self, slice(int(a), int(b)), self._attn_kwargs) for a, b in zip(bounds[:-1], bounds[1:])]
         self._routed: dict[str, object] = {}
         self._route()
+
+    def _weight_t(self, module: torch.nn.Module) -> torch.Tensor | None:
+        """``weight.T`` of a projection (contiguous) for :meth:`_Input.delta`, or None where its products are always
+        computed in full: off the CPU, not float32, updates turned off (``DELTA_LIMIT`` 0), or a weight that is not a
+        plain parameter here (e.g. offloaded by accelerate's hooks)."""
+        weight = getattr(module, "weight", None)
+        usable = (DELTA_LIMIT > 0 and type(module) is torch.nn.Linear and isinstance(weight, torch.Tensor)
+                  and weight.device.type == "cpu" and weight.dtype == torch.float32 and self.hidden.device.type == "cpu"
+                  and self.hidden.dtype == torch.float32 and getattr(module, "_hf_hook", None) is None)
+        return weight.detach().t().contiguous() if usable else None
+
+    def weight_t(self, kind: str) -> torch.Tensor | None:
+        return self._weights_t[kind]
 
     def _route(self) -> None:
         """Let the attention module read the q / k / v outputs a shard sets in ``_LOCAL`` (and skip o_proj) while it
@@ -555,6 +683,8 @@ def search(
     if cache_dir is not False:  # the key hashes every weight (a second on a 135M model): only for the cache
         key = {"version": CACHE_VERSION, "settings": asdict(settings), "model": model_digest(model),
                "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
+        if DELTA_LIMIT > 0:  # updated products round differently: their trajectories are kept apart
+            key["delta_limit"] = DELTA_LIMIT
         path = _cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), key)
     cached = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     trajectories = {int(k): v for k, v in cached.get("trajectories", {}).items()}

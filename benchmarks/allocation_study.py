@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(default_model_path())
     windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
     settings = greedy.GreedySettings(mode="topk", step=args.step, samples=args.samples, sequence_length=args.search_length)
+    greedy.DELTA_LIMIT = args.delta_limit
     start = time.perf_counter()
     fits = analyze_model(model, progress=False)
     fit_seconds = time.perf_counter() - start
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> None:
     meta = {"model": "SmolLM2-135M-Instruct (GGUF, fp32)", "split": args.split, "tokens": int(windows.numel()),
             "sequence_length": 1024, "mode": "topk", "greedy_settings": vars(settings) if hasattr(settings, "__dict__") else str(settings),
             "spectral_fit_seconds": fit_seconds, "greedy_search_seconds": search_seconds, "threads": args.threads,
+            "delta_limit": args.delta_limit,
             "allocation_names": "acttail = config.DEFAULT_POLICY['topk'], htsr = the HT-SR allocation"}
     rows = _rows(args.output)
     done = {(r["method"], r["level"]) for r in rows}
@@ -165,6 +167,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2, help="greedy search windows")
     parser.add_argument("--search-length", type=int, default=64, help="greedy search window length")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--delta-limit", type=float, default=0.0,
+                        help="greedy.DELTA_LIMIT of the search (default 0: every product in full; docs/allocation.md 6c)")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of results files and exit")
     parser.add_argument("--prior", type=Path, help="with --table: uniform / htsr rows of an allocation_search.py file")

@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--allocation", default="teal-greedy", help="allocation whose search is timed (default: teal-greedy)")
     ap.add_argument("--mode", default="topk", choices=("topk", "threshold"))
+    ap.add_argument("--delta-limit", type=float, default=None,
+                    help="greedy.DELTA_LIMIT for this run (default: the module's, 0 = every product in full)")
     ap.add_argument("--output", type=Path, default=None, help="JSON row (printed either way)")
     args = ap.parse_args()
 
@@ -61,6 +63,8 @@ def main() -> None:
     from acttail_export.spectral import analyze_model
 
     torch.set_num_threads(args.threads)
+    if args.delta_limit is not None:
+        greedy.DELTA_LIMIT = args.delta_limit
     model, tokenizer = load_model(default_model_path())
     load_before, gflops_before = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
     fits, fit_seconds = None, 0.0
@@ -75,7 +79,7 @@ def main() -> None:
     load_after, gflops_after = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
     row = {"model": "SmolLM2-135M-Instruct", "allocation": args.allocation, "mode": args.mode, "level": args.level,
            "seconds": seconds, "spectral_fit_seconds": fit_seconds, "settings": asdict(greedy.GreedySettings(mode=args.mode)),
-           "threads": args.threads, "blocks": len(trajectories),
+           "threads": args.threads, "delta_limit": greedy.DELTA_LIMIT, "blocks": len(trajectories),
            "steps": sum(len(v) - 1 for v in trajectories.values()), "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "load_before": load_before, "load_after": load_after,
            "gemm_gflops_before": gflops_before, "gemm_gflops_after": gflops_after,

@@ -144,10 +144,77 @@ def test_memo_masks_are_the_sparsify_masks_bit_for_bit(d):
         assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), t
 
 
+@pytest.mark.parametrize("d, n", [(7, 5), (64, 3), (160, 7)])
+def test_delta_equals_the_full_product(d, n):
+    """``_Input.delta``: the product of a sparser rule as the product of the old one plus the entries the rule drops
+    equals the two full products' difference, for top-k (ties at either rank take ``mask_topk``'s choice, k = 0 / d /
+    None) and threshold rules; a less sparse rule is refused (None)."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 4, d, generator=g)
+    x[0, 0, : d // 2 + 1] = 0.5 * torch.sign(torch.randn(d // 2 + 1, generator=g))  # a tie across every boundary
+    x[0, 1] = 0.0
+    x[1, 2] = torch.randint(-2, 3, (d,), generator=g).float()  # few distinct magnitudes
+    weight = torch.randn(n, d, generator=g)
+    weight_t = weight.t().contiguous()
+
+    def product(rule, mode):
+        return torch.nn.functional.linear(greedy._Input(x).mask(rule, mode, torch.empty_like(x)), weight)
+
+    ks = [None, d, d - 1, d // 2 + 1, d // 2, d // 3, 1, 0]
+    for i, old in enumerate(ks):
+        for rule in ks[i:]:
+            data = greedy._Input(x)
+            data.mask(old, "topk", torch.empty_like(x))  # the sorted |x| of an input that already ran
+            got = product(old, "topk") + data.delta(old, rule, "topk", weight_t)
+            torch.testing.assert_close(got, product(rule, "topk"), rtol=1e-5, atol=1e-5, msg=f"k {old} -> {rule}")
+    assert greedy._Input(x).delta(d // 3, d // 2, "topk", weight_t) is None
+    ts = [None, 0.0, 0.3, 0.5, 1.0, 1.5]
+    for i, old in enumerate(ts):
+        for rule in ts[i + 1:]:
+            got = product(old, "threshold") + greedy._Input(x).delta(old, rule, "threshold", weight_t)
+            torch.testing.assert_close(got, product(rule, "threshold"), rtol=1e-5, atol=1e-5, msg=f"t {old} -> {rule}")
+    assert greedy._Input(x).delta(0.5, 0.3, "threshold", weight_t) is None
+    assert greedy._Input(x).delta(0.5, None, "threshold", weight_t) is None
+
+
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
-def test_shards_give_the_errors_of_the_whole_batch(tiny, mode):
+def test_delta_updates_choose_as_full_products(tiny, mode, monkeypatch):
+    """The search with every projection's product updated from the entries a step drops (``DELTA_LIMIT`` 1) makes the
+    choices of the search that computes every product in full (``DELTA_LIMIT`` 0), with the same errors to float
+    rounding; the updates were taken."""
+    model, windows = tiny
+    hidden, kwargs = greedy.block_inputs(model, windows)
+    runs, updates = [], []
+    original = greedy._Input.delta
+
+    def counted(self, *args):
+        out = original(self, *args)
+        updates[-1] += out is not None
+        return out
+
+    monkeypatch.setattr(greedy._Input, "delta", counted)
+    for limit in (0.0, 1.0):
+        monkeypatch.setattr(greedy, "DELTA_LIMIT", limit)
+        updates.append(0)
+        with torch.inference_mode():
+            search = greedy.BlockSearch(model.model.layers[1], hidden, kwargs, greedy.GreedySettings(mode=mode, **SETTINGS))
+            try:
+                runs.append([search.step() for _ in range(25)])
+            finally:
+                search.close()
+    assert updates[0] == 0 and updates[1] > 25
+    assert [chosen for chosen, _, _ in runs[0]] == [chosen for chosen, _, _ in runs[1]]
+    for (_, _, full), (_, _, updated) in zip(*runs):
+        assert updated == pytest.approx(full, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.0])
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_shards_give_the_errors_of_the_whole_batch(tiny, mode, limit, monkeypatch):
     """On CPU a block's sequences are split into one shard per torch thread, each evaluated in a thread of its own:
-    every candidate's error equals, bit for bit, that of a single-threaded search on the whole batch."""
+    every candidate's error equals, bit for bit, that of a single-threaded search on the whole batch (with the
+    products updated from the dropped entries too, ``DELTA_LIMIT`` 1: each token's sum on its own)."""
+    monkeypatch.setattr(greedy, "DELTA_LIMIT", limit)
     model, windows = tiny
     hidden, kwargs = greedy.block_inputs(model, windows)
     threads, runs = torch.get_num_threads(), []
@@ -195,6 +262,19 @@ def test_build_config_records_greedy_budgets(tiny):
         mean = sum(p.sparsity * p.parameters for p in projs) / sum(p.parameters for p in projs)
         assert mean == pytest.approx(0.6, abs=1e-12)
         assert all(p.k == topk_keep(p.sparsity, p.in_features) for p in projs)
+
+
+def test_updated_products_are_cached_apart(tiny, tmp_path, monkeypatch):
+    """A search with ``DELTA_LIMIT`` above 0 rounds differently from the full products: its trajectories get a cache
+    file of their own (the default's key is unchanged)."""
+    model, windows = tiny
+    settings = greedy.GreedySettings(**SETTINGS)
+    greedy.search(model, windows, 0.2, settings, cache_dir=tmp_path, progress=False)
+    monkeypatch.setattr(greedy, "DELTA_LIMIT", 1.0)
+    greedy.search(model, windows, 0.2, settings, cache_dir=tmp_path, progress=False)
+    keys = [json.loads(path.read_text())["key"] for path in tmp_path.glob("greedy-*.json")]
+    assert sorted(key.get("delta_limit", 0.0) for key in keys) == [0.0, 1.0]
+    assert sorted(len(key) for key in keys) == [4, 5]
 
 
 def test_cache_round_trip_and_resume(tiny, tmp_path, monkeypatch):
