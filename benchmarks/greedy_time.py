@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--allocation", default="teal-greedy", help="allocation whose search is timed (default: teal-greedy)")
     ap.add_argument("--mode", default="topk", choices=("topk", "threshold"))
+    ap.add_argument("--step", type=float, default=None,
+                    help="greedy step (default: the search's, greedy.DEFAULT_STEP)")
     ap.add_argument("--delta-limit", type=float, default=None,
                     help="greedy.DELTA_LIMIT for this run (default: the module's, 0 = every product in full)")
     ap.add_argument("--output", type=Path, default=None, help="JSON row (printed either way)")
@@ -72,13 +74,14 @@ def main() -> None:
         start = time.perf_counter()
         fits = analyze_model(model, progress=False)
         fit_seconds = round(time.perf_counter() - start, 1)
+    settings = greedy.GreedySettings(mode=args.mode, **({} if args.step is None else {"step": args.step}))
     start = time.perf_counter()
     trajectories = greedy.search_for(model, tokenizer, args.allocation, [args.level], args.mode, args.data, fits=fits,
-                                     settings=greedy.GreedySettings(mode=args.mode), cache_dir=False, progress=True)
+                                     settings=settings, cache_dir=False, progress=True)
     seconds = round(time.perf_counter() - start, 1)
     load_after, gflops_after = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
     row = {"model": "SmolLM2-135M-Instruct", "allocation": args.allocation, "mode": args.mode, "level": args.level,
-           "seconds": seconds, "spectral_fit_seconds": fit_seconds, "settings": asdict(greedy.GreedySettings(mode=args.mode)),
+           "seconds": seconds, "spectral_fit_seconds": fit_seconds, "settings": asdict(settings),
            "threads": args.threads, "delta_limit": greedy.DELTA_LIMIT, "blocks": len(trajectories),
            "steps": sum(len(v) - 1 for v in trajectories.values()), "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "load_before": load_before, "load_after": load_after,
