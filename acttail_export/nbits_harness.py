@@ -15,7 +15,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 BLOCK = 32
 VARIANT_FIELDS = ("cols_per_lane", "blocks_per_sm", "use_cublas", "stream_scratch", "prefetch", "stage", "kernel", "splits", "chunk_kb",
-                  "chunk_cols", "waves")
+                  "chunk_cols")
 
 
 class NBitsCall(ctypes.Structure):

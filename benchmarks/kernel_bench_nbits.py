@@ -332,13 +332,9 @@ _CLUSTER = [(c, b, 0, 0, 1, 0) for c, b in ((4, 2), (8, 2), (8, 3), (16, 1), (16
 _MMA = [(16, b, 0, 0, 2, 0) for b in (2, 3)]  # stream-K with the tensor-core row loop (kernel 2, float16, sm_80+)
 _ONE = [(16, 2, 0, 0, 3, 0), (16, 3, 0, 0, 3, 0), (32, 1, 0, 0, 3, 0)]  # stream-K with the one-row loop (kernel 3)
 _PIPE = [(16, 2, 0, 0, 4, 0), (16, 3, 0, 0, 4, 0), (32, 1, 0, 0, 4, 0)]  # the one-row loop software-pipelined (kernel 4)
-# the one-row loops with the split-K sums added in a thread-block cluster (kernel 6, sm_90+): splits 0 = about blocks per
-# SM x SMs blocks, every cluster resident at once; else forced (1..16)
-_CRED = [(16, b, 0, 0, 6, sp) for b, sp in ((2, 0), (3, 0), (1, 0), (2, 8), (2, 16))]
-SWEEP_VARIANTS = {"cred": [(16, 3, 0, 0, 0, 0), (16, 2, 0, 0, 4, 0)] + _CRED,
-                  "stream-k": _STREAM_K, "cluster": [(16, 3, 0, 0, 0, 0)] + _CLUSTER, "mma": [(16, 3, 0, 0, 0, 0)] + _MMA,
+SWEEP_VARIANTS = {"stream-k": _STREAM_K, "cluster": [(16, 3, 0, 0, 0, 0)] + _CLUSTER, "mma": [(16, 3, 0, 0, 0, 0)] + _MMA,
                   "one": [(16, 3, 0, 0, 0, 0)] + _ONE, "pipe": [(16, 3, 0, 0, 0, 0), (16, 3, 0, 0, 3, 0)] + _PIPE,
-                  "all": _STREAM_K + _CLUSTER + _MMA + _ONE + _PIPE + _CRED}
+                  "all": _STREAM_K + _CLUSTER + _MMA + _ONE + _PIPE}
 
 
 def sweep(h: Harness, args) -> list[dict]:
@@ -359,21 +355,17 @@ def sweep(h: Harness, args) -> list[dict]:
             work = h.workspace(mk[0])
             for c in mk:
                 c.workspace = work.data_ptr()
-            waves_list = [int(w) for w in args.sweep_waves.split(",")]
-            for variant, waves in ((v, w) for v in SWEEP_VARIANTS[args.sweep_kernels] for w in waves_list):
+            for variant in SWEEP_VARIANTS[args.sweep_kernels]:
                 cpl, bps, pre, stage, kernel, splits = variant
-                if waves != 1 and kernel == 1:
-                    continue  # the cluster grid is one block per (split, tile)
-                v = (cpl, bps, -1, -1, pre, stage, kernel, splits, -1, -1, waves)
+                v = (cpl, bps, -1, -1, pre, stage, kernel, splits)
                 calls = [lambda c=c, v=v: h.run(c, v) for c in mk] * max(1, 48 // copies)
                 g_us, k_us, _ = time_graph(calls, args.reps)
-                name = {1: "cluster", 2: "mma", 3: "one", 4: "pipe", 6: "cred"}.get(kernel, "stream-k")
+                name = {1: "cluster", 2: "mma", 3: "one", 4: "pipe"}.get(kernel, "stream-k")
                 rows.append({"K": K, "N": N, "M": 1, "sparsity": s, "kernel": name, "cols_per_lane": cpl,
-                             "blocks_per_sm": bps, "splits": splits, "waves": waves, "prefetch": pre, "stage": stage, "graph_us": g_us,
-                             "kernel_us": k_us,
+                             "blocks_per_sm": bps, "splits": splits, "prefetch": pre, "stage": stage, "graph_us": g_us, "kernel_us": k_us,
                              "effective_tb_s": ref_bytes / k_us / 1e6})
-                logger.info("sweep %dx%d s=%.1f %s cpl=%d bps=%d splits=%d waves=%d prefetch=%d stage=%d: kernels %.2f us, graph %.2f us (%.2f TB/s)",
-                            K, N, s, rows[-1]["kernel"], cpl, bps, splits, waves, pre, stage, k_us, g_us, rows[-1]["effective_tb_s"])
+                logger.info("sweep %dx%d s=%.1f %s cpl=%d bps=%d splits=%d prefetch=%d stage=%d: kernels %.2f us, graph %.2f us (%.2f TB/s)",
+                            K, N, s, rows[-1]["kernel"], cpl, bps, splits, pre, stage, k_us, g_us, rows[-1]["effective_tb_s"])
         del ws
         torch.cuda.empty_cache()
     return rows
@@ -385,20 +377,19 @@ def markdown_tables(result: dict) -> str:
     out = [(f"GPU {env['gpu']}, driver {env.get('driver', '?')}, torch {env['torch']}, onnxruntime {env.get('onnxruntime', '-')}, "
             f"device copy {env['copy_tb_s']:.2f} TB/s (read + write)"), ""]
     if rows and "cols_per_lane" in rows[0]:
-        out += ["| K→N | sparsity | kernel | cols/lane | blocks/SM | splits | waves | L2 prefetch | staged | kernel µs | graph µs | effective TB/s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["| K→N | sparsity | kernel | cols/lane | blocks/SM | splits | L2 prefetch | staged | kernel µs | graph µs | effective TB/s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             out.append(f"| {r['K']}→{r['N']} | {r['sparsity']:.1f} | {r.get('kernel', 'stream-k')} | {r['cols_per_lane']} | {r['blocks_per_sm']} | "
-                       f"{r.get('splits', 0)} | {r.get('waves', 1)} | {r.get('prefetch', 0)} | "
+                       f"{r.get('splits', 0)} | {r.get('prefetch', 0)} | "
                        f"{r.get('stage', 0)} | {r['kernel_us']:.2f} | {r['graph_us']:.2f} | {r['effective_tb_s']:.2f} |")
         best: dict = {}
         for r in rows:
             key = (r["K"], r["N"])
             variant = (r.get("kernel", "stream-k"), r["cols_per_lane"], r["blocks_per_sm"], r.get("splits", 0), r.get("prefetch", 0),
-                       r.get("stage", 0), r.get("waves", 1))
+                       r.get("stage", 0))
             best.setdefault(key, {}).setdefault(variant, []).append(r["kernel_us"])
-        out += ["", "| K→N | best (kernel, cols/lane, blocks/SM, splits, prefetch, staged, waves) by the sum over the sparsities "
-                "| µs at 0 / 50 / 90 % |",
+        out += ["", "| K→N | best (kernel, cols/lane, blocks/SM, splits, prefetch, staged) by the sum over the sparsities | µs at 0 / 50 / 90 % |",
                 "|---|---|---|"]
         for key, variants in best.items():
             v, t = min(variants.items(), key=lambda kv: sum(kv[1]))
@@ -472,7 +463,6 @@ def main(argv=None) -> int:
     ap.add_argument("--floor", action="store_true", help="also time a plain streaming read of the op's bytes (decode)")
     ap.add_argument("--sweep", action="store_true", help="decode parameter sweep instead (writes nbits_sweep.json)")
     ap.add_argument("--sweep-sparsities", default="0,0.5,0.9", help="sparsities the sweep times (comma-separated)")
-    ap.add_argument("--sweep-waves", default="1", help="stream-K grid multipliers to sweep (comma list; 1 = one wave of resident blocks)")
     ap.add_argument("--sweep-kernels", choices=sorted(SWEEP_VARIANTS), default="all", help="which decode kernels the sweep times")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

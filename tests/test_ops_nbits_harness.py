@@ -227,56 +227,6 @@ def test_one_decode_members_scales_ramp_inf(variant):
     _check_members_scales_ramp_inf(_harness(), _one(variant), 13)
 
 
-# Several waves of blocks (the stream-K grid a multiple of the resident blocks, so that one block's reduction tail
-# overlaps another's rows): (cols_per_lane, blocks_per_sm, kernel, waves); kernel 0 = the stream-K row loop.
-WAVE_VARIANTS = [(16, 2, 4, 2), (16, 2, 4, 4), (16, 3, 3, 3), (16, 3, 0, 2)]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("variant", WAVE_VARIANTS)
-@pytest.mark.parametrize("K,N,B", [(4096, 11008, 32), (11008, 4096, 64), (4096, 4096, 32), (4100, 1056, 128), (40, 64, 32)])
-def test_decode_waves_match(variant, K, N, B):
-    """Grids of several waves: more blocks than the SMs hold at once, each with a shorter range (several contributors per
-    tile finishing at different times; K = 40: most blocks get no row), both modes, all / 40 % / 10 % of the rows kept."""
-    harness = _harness()
-    cpl, bps, kernel, waves = variant
-    for mode, keep in (("threshold", 1.0), ("topk", 0.4), ("threshold", 0.1)):
-        case = llm_case(np.random.default_rng(K + N + B + waves), 1, K, N, B, np.float16, mode, keep=keep)
-        assert_matches(harness.run_case(case, variant=(cpl, bps, -1, -1, -1, -1, kernel, 0, -1, -1, waves)), case)
-
-
-# The one-row loops with the split-K sums added in a thread-block cluster (kernel 6, sm_90+; kernels/gemv.cuh CRED):
-# (blocks_per_sm, splits); splits 0 = the op's choice, 1 = no split, 5 = ranges of unequal length, 16 = the non-portable
-# cluster size.
-CRED_VARIANTS = [(2, 0), (3, 0), (1, 1), (2, 5), (1, 16)]
-
-
-def _cred(variant) -> tuple[int, ...]:
-    bps, splits = variant
-    return (16, bps, -1, -1, -1, -1, 6, splits)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("variant", CRED_VARIANTS)
-@pytest.mark.parametrize("K,N,B", [(4096, 11008, 32), (11008, 4096, 64), (4096, 4096, 32), (4100, 1056, 128), (576, 1536, 16),
-                                   (40, 64, 32), (1000, 257, 16)])
-def test_cred_decode_matches(variant, K, N, B):
-    """The cluster reduction on LLM shapes and small / partial ones (K = 40: fewer rows than splits, so some blocks of a
-    cluster get no row; N = 257: the stream-K fallback), all rows but one kept, 40 % and 10 %, both modes and float types."""
-    harness = _harness()
-    for dtype in (np.float16, np.float32):
-        for mode, keep in (("threshold", 1.0), ("topk", 0.4), ("threshold", 0.1)):
-            case = llm_case(np.random.default_rng(K + N + B + 6), 1, K, N, B, dtype, mode, keep=keep)
-            assert_matches(harness.run_case(case, variant=_cred(variant)), case)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("variant", CRED_VARIANTS[:1] + CRED_VARIANTS[3:])
-def test_cred_decode_members_scales_ramp_inf(variant):
-    """The cluster reduction: members (inactive lanes past a member's end), scales, ramp, Inf / NaN scales in an unkept block."""
-    _check_members_scales_ramp_inf(_harness(), _cred(variant), 17)
-
-
 # Prefill in chunks of W (cuda.cu ChoosePrefillChunks): (chunk KiB, columns per chunk); -2 = all of W at once.
 # 1 KiB of 16 columns = 32 rows (float16) / 16 -> 32 rows (float32): many row chunks summed in float32; 1000 columns
 # round up to 1008 (a last chunk of 16 columns at N = 1024); 64 KiB x 256 columns: row and column chunks.

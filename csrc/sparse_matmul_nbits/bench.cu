@@ -55,7 +55,6 @@ struct NBitsVariant {
   int splits;          // <= 0: the op's choice; cluster GEMV: blocks per tile
   int chunk_kb;        // prefill: -1 / 0: the op's choice, -2: all of W at once, > 0: chunks of W of at most this many KiB
   int chunk_cols;      // prefill: <= 0: the op's choice, > 0: columns per chunk
-  int waves;           // <= 0: the op's choice; stream-K decode: grid = waves x the resident blocks
 };
 
 /// The op's plan with a variant's fields applied (null: the op's own plan).
@@ -73,7 +72,6 @@ acttail::nbits::CudaPlan VariantPlan(const acttail::nbits::Problem& p, bool half
   if (variant->chunk_kb == -2) plan.prefill_chunk_bytes = -1;
   if (variant->chunk_kb > 0) plan.prefill_chunk_bytes = (int64_t)variant->chunk_kb * 1024;
   if (variant->chunk_cols > 0) plan.prefill_chunk_cols = variant->chunk_cols;
-  if (variant->waves > 0) plan.decode.waves = variant->waves;
   return plan;
 }
 

@@ -14,7 +14,6 @@
 #include <library_types.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -239,8 +238,7 @@ cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t ma
   auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA, ONE, PIPE>;
   static const int occupancy = Occupancy(kernel, kSmem);  // also raises the kernel's dynamic shared memory limit
   if (occupancy == 0) return cudaErrorInvalidConfiguration;
-  const int64_t waves = FULL ? 1 : std::max(1, args.waves);
-  int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy) * waves, max_blocks));
+  int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
   if (!FULL) {
     // A multiple of the tile count keeps every block's range inside one tile (a block spanning two tiles runs two
     // latency chains back to back, which sets the time at high sparsity); used when within 10 % of the target.
@@ -356,54 +354,6 @@ std::string RunClusterDecode(const Problem& p, const DecodeConfig& cfg, cuda::Ge
   return err == cudaSuccess ? "" : std::string("cluster GEMV kernel: ") + cudaGetErrorString(err);
 }
 
-/// The one-row loops with the cluster reduction (plan kernel 6; kernels/gemv.cuh CRED): S blocks per tile form one
-/// thread-block cluster and add their sums in distributed shared memory. S: about SMs x blocks_per_sm blocks in all, at
-/// least 32 rows per block, at most 16 (the non-portable cluster size; 8 where the device refuses it), lowered until
-/// every cluster is resident at once (a second wave of clusters costs a whole block's latency chain again).
-template <typename T, bool PIPE>
-cudaError_t LaunchCred(const cuda::GemvArgs& args, int blocks_per_sm, int forced, cudaStream_t stream) {
-  auto kernel = cuda::NBitsGemvKernel<T, 1, 16, kWarps, RowsInFlight(1), false, 2, false, false, true, PIPE, true>;
-  static const bool nonportable = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
-  static const int occupancy = Occupancy(kernel, 0);
-  static std::atomic<int> resident[kMaxSplits + 1];  // clusters of each size resident at once (0: not asked yet)
-  if (!nonportable) cudaGetLastError();
-  const int limit = std::max(1, std::min({nonportable ? kMaxSplits : 8, args.K / 32}));
-  cudaLaunchConfig_t cfg = {};
-  cfg.blockDim = dim3(kWarps * 32, 1, 1);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeClusterDimension;
-  at[0].val.clusterDim.y = 1;
-  at[0].val.clusterDim.z = 1;
-  cfg.attrs = at;
-  cfg.numAttrs = 1;
-  auto set = [&](int splits) {
-    cfg.gridDim = dim3((unsigned)(splits * args.tiles), 1, 1);
-    at[0].val.clusterDim.x = (unsigned)splits;
-  };
-  int splits = forced;
-  if (splits <= 0) {
-    const int64_t target = (int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy);
-    splits = (int)std::max<int64_t>(1, std::min<int64_t>(limit, (target + args.tiles / 2) / std::max(1, args.tiles)));
-    for (; splits > 1; --splits) {
-      int n = resident[splits].load(std::memory_order_relaxed);
-      if (n == 0) {
-        set(splits);
-        if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
-          cudaGetLastError();
-          n = -1;
-        }
-        resident[splits].store(n == 0 ? -1 : n, std::memory_order_relaxed);
-      }
-      if (n >= args.tiles) break;
-    }
-  }
-  set(splits);
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args);
-  return err != cudaSuccess ? err : cudaGetLastError();
-}
-
 /// Members sharing one selection (topk: same k and the same scale row) select once per row.
 int SelectGroups(const Problem& p, const CudaArgs& c) {
   if (p.spans.count() == 1 || p.scale_rows > 1) return p.spans.count();
@@ -495,7 +445,6 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   if (plan.decode.stage >= 0) cfg.stage = plan.decode.stage;
   if (plan.decode.kernel >= 0) cfg.kernel = plan.decode.kernel;
   if (plan.decode.splits > 0) cfg.splits = plan.decode.splits;
-  if (plan.decode.waves > 0) cfg.waves = plan.decode.waves;
   // most rows kept: the one-row loop, software-pipelined in float16 (kernel 4; its float32 instance spills: kernel 3)
   if (cfg.kernel < 0 && ExpectedDensity(p, c) >= kOneRowMinDensity) cfg.kernel = half ? 4 : 3;
   // one row, B >= 32 (a group of 32 rows inside one quant block), the vector layout, clusters on the device
@@ -506,23 +455,7 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   // the one-row loop (StreamRowsOne): one row, the vector layout, 32-bit row offsets in Q
   // (kernel 4: the same loop software-pipelined, StreamRowsPipe)
   g.one = (cfg.kernel == 3 || cfg.kernel == 4) && p.M == 1 && g.fast && (int64_t)p.K * g.rowbytes <= (int64_t)UINT32_MAX;
-  // the one-row loops with the cluster reduction (kernel 6; pipelined in float16): 16 columns per lane, no scratch
-  if (cfg.kernel == 6 && p.M == 1 && g.fast && (int64_t)p.K * g.rowbytes <= (int64_t)UINT32_MAX && ClusterLaunchable()) {
-    g.one = 1;
-    g.pipe = half ? 1 : 0;
-    Tiles(p.spans, 16, &g);
-    g.units = (long long)g.tiles * p.K;
-    const int bps = std::max(1, cfg.blocks_per_sm);
-    cudaError_t e;
-    if constexpr (std::is_same<T, __half>::value) {
-      e = LaunchCred<T, true>(g, bps, cfg.splits, stream);
-    } else {
-      e = LaunchCred<T, false>(g, bps, cfg.splits, stream);  // the pipelined float32 instance spills
-    }
-    return e == cudaSuccess ? "" : std::string("decode GEMV kernel (cluster reduction): ") + cudaGetErrorString(e);
-  }
   g.pipe = g.one && cfg.kernel == 4;
-  g.waves = std::max(1, cfg.waves);
   g.prefetch = cfg.prefetch > 0;
   g.stage = p.M == 1 && cfg.stage > 0 && g.fast && !mma && !g.one;  // the staged kernel needs 16-byte row pieces
   KernelShape s = DecodeShape(p.M, half, mma ? 16 : cfg.cols_per_lane);

@@ -58,10 +58,8 @@ struct DecodeConfig {
   int stage = -1;         // one row of X: 1 = stage each warp's rows in shared memory (cp.async), 0 = register loads; -1: choose
   int kernel = -1;        // one row of X: 1 = the cluster GEMV (sm_90+, gemv_cluster.cuh), 0 = stream-K, 2 = stream-K with the
                           // tensor-core row loop (float16, sm_80+), 3 = stream-K with the one-row loop (StreamRowsOne),
-                          // 4 = the one-row loop software-pipelined (StreamRowsPipe), 6 = the one-row loops with the split-K
-                          // sums added in a thread-block cluster (sm_90+; splits = blocks per cluster); -1: choose
+                          // 4 = the one-row loop software-pipelined (StreamRowsPipe); -1: choose
   int splits = 0;         // cluster GEMV: blocks per tile (the cluster size, 1..16); 0: choose
-  int waves = 0;          // stream-K grid = waves x SMs x blocks_per_sm (several blocks per resident slot); 0: choose (1)
 };
 
 /// Expected kept fraction from which one-row decode calls take the one-row loop (kernel 3) when the table does not

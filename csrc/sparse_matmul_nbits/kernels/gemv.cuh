@@ -23,13 +23,7 @@
 // and zeroes its columns and counter again. FULL mode (prefill fallback): blocks loop over (tile, group of
 // MR rows) with all K rows and write Y directly; with run_if it runs only when *run_if != 0 and the last
 // block resets *run_if.
-// Cluster reduction (CRED, one row of X, sm_90+; plan kernel 6): the grid is tiles x S blocks, the S blocks of a tile
-// one thread-block cluster, each with the range [r K / S, (r + 1) K / S) of its tile's rows; at the end rank r adds
-// slice r of the tile's columns over the S blocks' sums in distributed shared memory (rank order: deterministic) and
-// writes Y. No float32 atomics, no arrival counter, no read-back, no scratch.
 #pragma once
-
-#include <cooperative_groups.h>
 
 #include <type_traits>
 
@@ -67,7 +61,6 @@ struct GemvArgs {
   int swiglu;            // 1: x is [M, 2K] = [gate | up], the input silu(gate) * up (common/activation.h)
   int one;               // 1: the one-row loop (StreamRowsOne; plan kernel 3: one row of X, vector layout, K * rowbytes < 2^32)
   int pipe;              // with one: the software-pipelined one-row loop (StreamRowsPipe; plan kernel 4)
-  int waves;             // host (launch): split mode grid = waves x the resident blocks (<= 1: one wave)
 };
 
 // ---- tensor-core rows (MMA kernels: float16, one row of X, 16 columns per virtual lane, the vector layout) -------
@@ -728,10 +721,9 @@ __device__ __forceinline__ void StreamRowsMma(const GemvArgs& a, const Pool<1, W
 /// magnitude ~1300 Σ|v|, i.e. ~1e-4 |s| Σ|v| (the tolerance of the tests: 2e-3 of Σ|v| (|s| q + |o|)).
 /// Rows [k0, k1) of tile t for rows [m0, m0 + Mb) of X: accumulate, reduce over the block's warps, then add
 /// to the scratch (split mode) or write Y (FULL).
-template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE, bool MMA = false, bool ONE = false, bool PIPE = false,
-          bool CRED = false>
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE, bool MMA = false, bool ONE = false, bool PIPE = false>
 __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool, float* red, uint8_t* stage, unsigned* s_last, int t, int k0,
-                                        int k1, int m0, int Mb, float* redm = nullptr, float* part = nullptr) {
+                                        int k1, int m0, int Mb, float* redm = nullptr) {
   constexpr int TN = 32 * CPL, RPL = PoolRowsPerLane<MR>(), CH = WARPS * 32 * RPL;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const TileSpan sp = SpanOfTile<CPL>(a, t, lane);
@@ -745,7 +737,6 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
     for (int c = 0; c < CPL; ++c) acc[m][c] = 0.0f;
   static_assert(!MMA || (std::is_same<T, __half>::value && MR == 1 && CPL == 16 && WARPS == 8 && !FULL && !STAGE), "MMA kernel shape");
   static_assert(!ONE || (MR == 1 && !FULL && !STAGE && !MMA), "ONE: the one-row vector-layout kernel");
-  static_assert(!CRED || (ONE && MR == 1), "CRED: the one-row loops with the cluster reduction");
   // ONE: the lane's column sums accumulate in its row of the reduction buffer (free since the last segment's barrier)
   float* racc = red + (warp * 32 + lane) * (CPL + 1);
   if constexpr (ONE) {
@@ -839,12 +830,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
     __syncthreads();
     for (int i = tid; i < TN; i += WARPS * 32) {
       const int l = i / CPL, c = i % CPL, col = (lg_first + l) * CPL + c;
-      if constexpr (CRED) {
-        float s = 0.0f;
-#pragma unroll
-        for (int q = 0; q < WARPS; ++q) s += red[(q * 32 + l) * (CPL + 1) + c];
-        part[i] = col >= lo && col < hi ? s : 0.0f;
-      } else if (col >= lo && col < hi) {
+      if (col >= lo && col < hi) {
         float s = 0.0f;
         if constexpr (MMA) {
           s = redm[l * (CPL + 1) + c] + redm[(32 + l) * (CPL + 1) + c];  // warps w and w + 4 (the two row halves)
@@ -861,25 +847,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
     }
     __syncthreads();
   }
-  if constexpr (CRED) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every block's part is written
-    const int splits = (int)cluster.num_blocks(), rank = (int)cluster.block_rank();
-    for (int i = rank * TN / splits + tid; i < (rank + 1) * TN / splits; i += WARPS * 32) {
-      const int col = (lg_first + i / CPL) * CPL + i % CPL;
-      if (col >= lo && col < hi) {
-        float s = 0.0f;
-        for (int r = 0; r < splits; ++r) s += cluster.map_shared_rank(part, r)[i];
-        y[col] = Traits<T>::FromFloat(s);
-      }
-    }
-    cluster.sync();  // no block leaves while another still reads its part
-#else
-    __trap();  // launched only on sm_90+ (ClusterLaunchable)
-#endif
-  } else if constexpr (!FULL) {
+  if constexpr (!FULL) {
     // The barrier above orders every thread's atomicAdds before thread 0's arrival, whose release makes
     // them visible with it (cumulativity); its acquire orders the last block's reads after all arrivals.
     if (tid == 0) {
@@ -905,7 +873,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
 }
 
 template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB, bool STAGE = false, bool MMA = false, bool ONE = false,
-          bool PIPE = false, bool CRED = false>
+          bool PIPE = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvArgs a) {
   static_assert(!STAGE || (MR == 1 && !FULL && StageBytes<CPL, WARPS>() >= WARPS * 32 * (CPL + 1) * 4), "stage buffer");
   __shared__ Pool<MR, WARPS> pool;
@@ -930,16 +898,6 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvAr
         *a.done = 0u;
       }
     }
-  } else if constexpr (CRED) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    __shared__ float part[32 * CPL];  // the block's column sums, read by the cluster
-    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    const int splits = (int)cluster.num_blocks(), rank = (int)cluster.block_rank(), t = (int)blockIdx.x / splits;
-    const int k0 = (int)((long long)rank * a.K / splits), k1 = (int)((long long)(rank + 1) * a.K / splits);
-    Segment<T, MR, CPL, WARPS, U, false, false, false, ONE, PIPE, true>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M, redm_static, part);
-#else
-    __trap();  // launched only on sm_90+ (ClusterLaunchable)
-#endif
   } else {
     const long long units = a.units, grid = gridDim.x;
     long long u = blockIdx.x * units / grid;
