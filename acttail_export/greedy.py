@@ -3,7 +3,8 @@
 Per decoder block, on dense calibration activations (the block's input from the dense model):
 start with sparsity 0 for q, k, v, o, gate, up, down; at every step try raising each projection's
 sparsity by ``step · P_block / P_i`` (so each candidate raises the block's parameter-weighted sparsity by
-the same ``step``; budgets capped at ``s_max``) and keep the one whose block output is closest to the
+the same ``step``; budgets capped at ``s_max``; with ``GreedySettings.max_increment`` set, no projection rises by more
+than that in one step, so a capped candidate raises the block by less) and keep the one whose block output is closest to the
 dense block output (mean over tokens of the L2 distance over the hidden dimension). The search runs once
 from 0 up to the highest level asked for; every level on the way is recorded, so the budgets for any
 target in that range are read off one trajectory: the last recorded state below the target, with the
@@ -75,6 +76,32 @@ class GreedySettings:
     s_max: float = 0.99
     samples: int = DEFAULT_SAMPLES
     sequence_length: int = DEFAULT_SEQUENCE_LENGTH
+    #: Opt-in cap on one step's sparsity increase of a projection (None, the default: no cap, ``step · P_block / P_i``
+    #: for every projection). With a cap, projection i's candidate is ``min(s_i + min(step · P_block / P_i,
+    #: max_increment), s_max)``: a coarse ``step`` for the large projections with the small ones (SmolLM2's k / v, 1/32
+    #: of a block each) kept at a finer increment (docs/allocation.md section 6c). In the cache key only when set.
+    max_increment: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_increment is not None:
+            value = self.max_increment
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ActTailError(f"greedy search: max_increment must be a number in (0, 1] or None, not {value!r}")
+
+    def increments(self, params: np.ndarray) -> np.ndarray:
+        """One step's sparsity increase per projection (``params``: parameter counts of the block's projections)."""
+        steps = self.step * params.sum() / params
+        if self.max_increment is not None:
+            steps = np.minimum(steps, self.max_increment)
+        return steps
+
+    def key(self) -> dict:
+        """The settings as a cache key: ``max_increment`` only when set, so that uncapped searches keep the key (and
+        the cached trajectories) they had before the cap existed."""
+        out = asdict(self)
+        if out["max_increment"] is None:
+            del out["max_increment"]
+        return out
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -407,7 +434,7 @@ class BlockSearch:
         batch, threads = hidden.shape[0], torch.get_num_threads()
         shards = max(1, min(threads, batch)) if hidden.device.type == "cpu" else 1
         self._shard_threads = max(1, threads // shards)
-        fractions = settings.step * self.params.sum() / self.params  # of a projection's input a step drops
+        fractions = settings.increments(self.params)  # of a projection's input a step drops
         self._weights_t = {kind: self._weight_t(module) if fraction <= DELTA_LIMIT else None
                            for (kind, module), fraction in zip(self.modules.items(), fractions)}
         bounds = np.linspace(0, batch, shards + 1).astype(int)
@@ -555,7 +582,7 @@ class BlockSearch:
 
     def candidates(self) -> list[tuple[int, float]]:
         """(projection index, raised sparsity) for every projection not at s_max."""
-        steps = self.settings.step * self.params.sum() / self.params
+        steps = self.settings.increments(self.params)
         out = []
         for i, s in enumerate(self.sparsity):
             if s < self.settings.s_max - 1e-12:
@@ -609,7 +636,11 @@ class BlockSearch:
 
 
 def budgets_at(trajectory: list[list[float]], params: np.ndarray, target: float) -> np.ndarray:
-    """Budgets of the trajectory at block level ``target`` exactly (the crossing step's projection interpolated)."""
+    """Budgets of the trajectory at block level ``target`` exactly (the crossing step's projection interpolated).
+
+    A step raises one projection only, by however much (a full ``step · P_block / P_i``, one capped at
+    ``max_increment`` or at ``s_max``): the crossing step's projection is set so that the block's weighted sparsity is
+    the target, which lies between its budgets of the two rows."""
     rows = np.asarray(trajectory, dtype=np.float64)
     levels = rows @ params / params.sum()
     if target > levels[-1] + 1e-9:
@@ -681,7 +712,7 @@ def search(
         raise ActTailError(f"greedy search: level {max(wanted)} is above s_max {settings.s_max}")
     path = key = None
     if cache_dir is not False:  # the key hashes every weight (a second on a 135M model): only for the cache
-        key = {"version": CACHE_VERSION, "settings": asdict(settings), "model": model_digest(model),
+        key = {"version": CACHE_VERSION, "settings": settings.key(), "model": model_digest(model),
                "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
         if DELTA_LIMIT > 0:  # updated products round differently: their trajectories are kept apart
             key["delta_limit"] = DELTA_LIMIT

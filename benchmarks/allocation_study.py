@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(default_model_path())
     windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
-    settings = greedy.GreedySettings(mode="topk", step=args.step, samples=args.samples, sequence_length=args.search_length)
+    settings = greedy.GreedySettings(mode="topk", step=args.step, samples=args.samples, sequence_length=args.search_length,
+                                     max_increment=args.max_increment)
     greedy.DELTA_LIMIT = args.delta_limit
     start = time.perf_counter()
     fits = analyze_model(model, progress=False)
@@ -127,7 +128,8 @@ def table(paths: list[Path], prior: Path | None = None) -> None:
     for path in paths:  # greedy rows are labelled with the search step and calibration windows of their file
         content = json.loads(path.read_text())
         g = content["meta"]["greedy_settings"]
-        label = f"step {g['step']:g}, {g['samples']} × {g['sequence_length']} tokens"
+        cap = f", increment ≤ {g['max_increment']:g}" if g.get("max_increment") is not None else ""
+        label = f"step {g['step']:g}{cap}, {g['samples']} × {g['sequence_length']} tokens"
         legacy = "allocation_names" not in content["meta"]  # its acttail rows are the HT-SR allocation
         for r in content["results"]:
             method = "htsr" if legacy and r["method"] == "acttail" else r["method"]
@@ -164,6 +166,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["uniform", "htsr", "teal-greedy", "acttail-greedy", "acttail"])
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     parser.add_argument("--step", type=float, default=0.05, help="greedy step (block weighted sparsity per step)")
+    parser.add_argument("--max-increment", type=float, default=None,
+                        help="greedy GreedySettings.max_increment: cap on one step's increase of a projection (default: none)")
     parser.add_argument("--samples", type=int, default=2, help="greedy search windows")
     parser.add_argument("--search-length", type=int, default=64, help="greedy search window length")
     parser.add_argument("--threads", type=int, default=2)

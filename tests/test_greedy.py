@@ -336,3 +336,92 @@ def test_search_text_too_short(tiny_llama_dir, tmp_path, capsys):
     assert err[-1].endswith("pass a longer --calibration-data, or an allocation without the search (htsr, uniform)")
     assert int(err[-1].split("holds ")[1].split(":")[0]) < 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
+
+
+def _params(layer) -> np.ndarray:
+    return np.array([getattr(getattr(layer, PROJECTION_PARENT[k]), k).weight.numel() for k in PROJECTION_KINDS], float)
+
+
+def test_max_increment_is_validated():
+    assert greedy.GreedySettings().max_increment is None
+    assert greedy.GreedySettings(max_increment=1.0).max_increment == 1.0
+    assert greedy.GreedySettings(max_increment=0.32).max_increment == 0.32
+    for bad in (0.0, -0.1, 1.5, float("nan"), True, "0.3"):
+        with pytest.raises(greedy.ActTailError, match="max_increment"):
+            greedy.GreedySettings(max_increment=bad)
+
+
+def test_max_increment_none_keeps_the_candidates_and_a_cap_limits_the_small_projections(tiny):
+    """Without a cap (the default) the candidates are ``min(s_max, s + step · P_block / P_i)`` bit for bit, before and
+    after a few steps; with a cap below k / v's increment (0.42 on the tiny model at step 0.02) and above q's (0.21),
+    k / v rise by the cap and every other projection by its full increment."""
+    model, windows = tiny
+    layer = model.model.layers[0]
+    hidden, kwargs = greedy.block_inputs(model, windows)
+    params = _params(layer)
+    full = SETTINGS["step"] * params.sum() / params
+    small = [PROJECTION_KINDS.index("k_proj"), PROJECTION_KINDS.index("v_proj")]
+    assert full[small].min() > 0.3 > np.delete(full, small).max()
+    with torch.inference_mode():
+        for cap in (None, 0.3):
+            search = greedy.BlockSearch(layer, hidden, kwargs, greedy.GreedySettings(**SETTINGS, max_increment=cap))
+            try:
+                for _ in range(4):
+                    got = search.candidates()
+                    if cap is None:  # the pre-cap formula, bit for bit
+                        assert got == [(i, min(0.99, s + full[i])) for i, s in enumerate(search.sparsity)]
+                    else:
+                        for i, value in got:
+                            rise = value - search.sparsity[i]
+                            want = 0.3 if i in small else full[i]
+                            assert rise == pytest.approx(min(want, 0.99 - search.sparsity[i]), abs=1e-12)
+                    search.step()
+            finally:
+                search.close()
+
+
+def test_max_increment_above_every_increment_gives_the_same_trajectories(tiny):
+    """A cap no projection's increment reaches changes nothing (0.42 is the largest at step 0.02 on the tiny model)."""
+    model, windows = tiny
+    plain = greedy.search(model, windows, 0.4, greedy.GreedySettings(**SETTINGS), cache_dir=False, progress=False)
+    capped = greedy.search(model, windows, 0.4, greedy.GreedySettings(**SETTINGS, max_increment=0.5), cache_dir=False,
+                           progress=False)
+    assert capped == plain
+
+
+def test_max_increment_is_in_the_cache_key_only_when_set(tiny, tmp_path):
+    model, windows = tiny
+    greedy.search(model, windows, 0.2, greedy.GreedySettings(**SETTINGS), cache_dir=tmp_path, progress=False)
+    greedy.search(model, windows, 0.2, greedy.GreedySettings(**SETTINGS, max_increment=0.3), cache_dir=tmp_path,
+                  progress=False)
+    keys = [json.loads(path.read_text())["key"]["settings"] for path in sorted(tmp_path.glob("greedy-*.json"))]
+    assert len(keys) == 2
+    assert sorted(key.get("max_increment", 0.0) for key in keys) == [0.0, 0.3]
+    uncapped = next(key for key in keys if "max_increment" not in key)
+    assert sorted(uncapped) == ["mode", "s_max", "samples", "sequence_length", "step"]  # the key of before the cap
+
+
+def test_budgets_at_reach_the_target_exactly_with_a_cap(tiny):
+    """Capped steps raise the block by less than ``step``: the interpolation of the crossing step still lands on the
+    target, between the two rows' budgets."""
+    model, windows = tiny
+    settings = greedy.GreedySettings(**SETTINGS, max_increment=0.3)
+    trajectories = greedy.search(model, windows, 0.7, settings, cache_dir=False, progress=False)
+    capped_steps = 0
+    for index, layer in enumerate(model.model.layers):
+        params = _params(layer)
+        rows = np.asarray(trajectories[index])
+        rises = np.diff(rows, axis=0)
+        assert np.all(rises >= 0) and np.all((rises > 0).sum(axis=1) == 1)  # one projection a step
+        assert rises.max() <= 0.3 + 1e-12
+        capped_steps += int(np.isclose(rises.max(axis=1), 0.3).sum())
+        levels = rows @ params / params.sum()
+        for target in (0.0, 0.1, 0.333, 0.5, 0.7, *((levels[1:-1] + levels[2:]) / 2)):
+            if target > levels[-1]:
+                continue
+            b = greedy.budgets_at(trajectories[index], params, target)
+            assert float(b @ params / params.sum()) == pytest.approx(target, abs=1e-12)
+            j = int(np.searchsorted(levels, target - 1e-12))
+            if j > 0:
+                assert np.all(b >= rows[j - 1] - 1e-12) and np.all(b <= rows[j] + 1e-12)
+    assert capped_steps > 0  # the cap was hit (k / v steps)
