@@ -328,8 +328,33 @@ def _child_perplexity(spec: dict) -> dict:
             "seconds": time.perf_counter() - t, "provider": spec["provider"], "graph": spec["filename"]}
 
 
+#: CUDA kernels of the projections in a CUPTI profile, by whose op launched them (substrings of the demangled names).
+#: Ours: every kernel in the acttail namespace (csrc/sparse_matmul*/, csrc/common/cuda/: SplitKGemv, MaskedGemm,
+#: NBitsGemv, NBitsClusterGemv, PrefillPrep, StoreChunk, TopKSelect, MaskRows, SwiGlu, ScratchIsZero), plus the names
+#: themselves in case a profiler shortens them. ONNX Runtime's MatMulNBits (CUDA EP): its 4-bit GEMV
+#: (MatMulFloatInt4Kernel), the dequantize + GEMM path of prefill, and the fpA_intB weight-only kernels of newer
+#: releases. Everything else (attention, norms, rotary, elementwise, lm_head of a float graph, sampling, copies) is
+#: "other"; the full kernel list is recorded so that the classification can be checked.
+ACTTAIL_KERNELS = ("acttail::", "SplitKGemvKernel", "SparseGemv", "MaskedGemm", "NBitsGemvKernel", "NBitsClusterGemvKernel",
+                   "PrefillPrepKernel", "StoreChunkKernel", "TopKSelect", "MaskRows", "SwiGluKernel", "ScratchIsZeroKernel",
+                   "FlagNonFiniteKernel")
+MATMUL_NBITS_KERNELS = ("MatMulFloatInt4", "MatMul4Bits", "MatMulNBits", "matmul_nbits", "Dequantize", "fpA_intB",
+                        "weight_only", "weightOnly")
+
+
+def kernel_class(name: str) -> str:
+    """"acttail" (our ops' kernels), "matmul_nbits" (ONNX Runtime's MatMulNBits) or "other"."""
+    if any(x in name for x in ACTTAIL_KERNELS):
+        return "acttail"
+    if any(x in name for x in MATMUL_NBITS_KERNELS):
+        return "matmul_nbits"
+    return "other"
+
+
 def _child_cupti(spec: dict) -> dict:
-    """GPU kernel time per decode token (CUPTI through torch.profiler, which sees ORT's kernels), genai runtime, no CUDA graph."""
+    """GPU kernel time per decode token (CUPTI through torch.profiler, which sees ORT's kernels), genai runtime, no CUDA
+    graph; split into the projections' kernels (:func:`kernel_class`) and the rest, with the kernel sequence of the last
+    decode step."""
     import onnxruntime_genai as og
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -364,9 +389,35 @@ def _child_cupti(spec: dict) -> dict:
     kernels.sort(key=lambda k: -k[1])
     total = sum(k[1] for k in kernels)
     sparse = sum(k[1] for k in kernels if any(x in k[0] for x in ("SplitKGemv", "SparseGemv", "MaskedGemm", "TopKSelect")))
-    return {"wall_ms_per_token": wall, "gpu_kernel_ms_per_token": total, "kernels_per_token": sum(k[2] for k in kernels),
-            "sparse_op_kernel_ms_per_token": sparse, "graph": spec["filename"],
-            "top_kernels": [{"name": k[0][:120], "ms_per_token": k[1], "calls_per_token": k[2]} for k in kernels[:12]]}
+    by_class: dict[str, dict[str, float]] = {}
+    for name, ms, calls in kernels:
+        c = by_class.setdefault(kernel_class(name), {"ms_per_token": 0.0, "calls_per_token": 0.0})
+        c["ms_per_token"] += ms
+        c["calls_per_token"] += calls
+    proj = [by_class.get(c, {"ms_per_token": 0.0, "calls_per_token": 0.0}) for c in ("acttail", "matmul_nbits")]
+    out = {"wall_ms_per_token": wall, "gpu_kernel_ms_per_token": total, "kernels_per_token": sum(k[2] for k in kernels),
+           "sparse_op_kernel_ms_per_token": sparse,
+           "projection_kernel_ms_per_token": sum(c["ms_per_token"] for c in proj),
+           "projection_calls_per_token": sum(c["calls_per_token"] for c in proj),
+           "other_kernel_ms_per_token": by_class.get("other", {}).get("ms_per_token", 0.0),
+           "by_class": by_class, "graph": spec["filename"], "steps": steps,
+           "top_kernels": [{"name": k[0][:160], "class": kernel_class(k[0]), "ms_per_token": k[1], "calls_per_token": k[2]}
+                           for k in kernels[:60]]}
+    # the kernels of the last decode step in launch order (each step launches the same sequence): which projection
+    # call costs what, e.g. the lm_head of a graph that quantizes it too
+    try:
+        from torch.autograd import DeviceType
+
+        evs = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0),
+                     key=lambda e: e.time_range.start)
+        per_step = len(evs) // steps
+        if per_step and len(evs) % steps == 0:
+            out["last_step"] = [[e.name[:100], kernel_class(e.name), round(e.time_range.elapsed_us(), 2)] for e in evs[-per_step:]]
+        else:
+            out["last_step_note"] = f"{len(evs)} kernel events over {steps} steps: no equal split"
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        out["last_step_note"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
 
 
 def child_main(spec: dict) -> None:
@@ -681,6 +732,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-swiglu-fold", action="store_true", help="fused variants keep the builder's Split / Sigmoid / Mul / "
                     "Mul in front of the down op instead of activation=\"swiglu\" (an A/B of the fold; --pack only: an "
                     "unpacked base has nothing to fold)")
+    ap.add_argument("--cupti", action="store_true", help="CUDA: after timing genai-dense (its last graph mode), genai-int4 and "
+                    "each acttail-export folder, a CUPTI split of the same graph (genai, no CUDA graph, 32 decode steps): GPU "
+                    "kernel ms per token, the projections' kernels (MatMulNBits / our ops) and the rest, stored as the row's "
+                    "\"cupti\"")
     ap.add_argument("--profile", action="store_true", help="ORT profiling placement check of the fused graph at the highest sparsity")
     ap.add_argument("--deadline", type=float, default=0, help="skip the remaining configurations after this many seconds (0: none)")
     ap.add_argument("--child-timeout", type=float, default=240)
@@ -857,6 +912,8 @@ def run_benchmark(args) -> int:
             if out_of_time():
                 break
             r = run_child(dict(common, kind="genai", dir=str(genai_dir), filename="model.onnx", cuda_graph=cg), args.child_timeout)
+            if args.cupti and provider == "cuda" and cg == graph_modes[-1]:
+                r["cupti"] = cupti_run(common, genai_dir, "model.onnx", args.child_timeout)
             results.add("genai-dense", "dense" + packed_tag + (" +cuda-graph" if cg else ""), 0.0, r, cuda_graph=cg)
             if cg and "error" in r:
                 best_graph = False
@@ -870,6 +927,8 @@ def run_benchmark(args) -> int:
             if not (int4_dir / "model.onnx").is_file():
                 genai_base.build_base(hf_dir, int4_dir, dtype="int4", execution_provider=provider, fuse_qkv=True, fuse_gate_up=True)
             r = run_child(dict(common, kind="genai", dir=str(int4_dir), filename="model.onnx", cuda_graph=best_graph), args.child_timeout)
+            if args.cupti and provider == "cuda":
+                r["cupti"] = cupti_run(common, int4_dir, "model.onnx", args.child_timeout)
             if ppl is not None:
                 results.data.setdefault("perplexity", {})["genai-int4"] = ppl(int4_dir, "model.onnx", fused=False)
         except Exception as exc:  # noqa: BLE001
@@ -985,6 +1044,18 @@ def perplexity_runner(args, tokenizer, work: Path, common: dict):
     return run
 
 
+def cupti_run(common: dict, folder: Path, graph: str, timeout: float) -> dict:
+    """``--cupti``: the CUPTI split (:func:`_child_cupti`) of one genai graph, in its own child."""
+    r = run_child(dict(common, kind="cupti", dir=str(folder), filename=graph), timeout)
+    if "error" not in r:
+        print(f"cupti {folder.name}/{graph}: wall {r['wall_ms_per_token']:.3f} ms, GPU kernels {r['gpu_kernel_ms_per_token']:.3f} ms "
+              f"({r['kernels_per_token']:.0f}/token), projections {r['projection_kernel_ms_per_token']:.3f} ms "
+              f"({r['projection_calls_per_token']:.0f} calls), other {r['other_kernel_ms_per_token']:.3f} ms", flush=True)
+    else:
+        print(f"cupti {folder.name}/{graph}: {r['error'][:300]}", flush=True)
+    return r
+
+
 def export_folders(args, model_ref: str, calibration: Path, work: Path, common: dict, results: Results,
                    cuda_graph: bool, ppl=None, out_of_time=lambda margin=0.0: False) -> float:
     """``acttail-export``: time the exporter's own folders (one per allocation and sparsity); returns the seconds spent.
@@ -1031,6 +1102,8 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
                                         f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}"
                                         + (f" --weights int4 --block-size 32 --quantizer {args.export_quantizer}" if int4 else ""))
             r = run_child(dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph), args.child_timeout)
+            if args.cupti and common["provider"] == "cuda":
+                r["cupti"] = cupti_run(common, folder, "model.onnx", args.child_timeout)
             if ppl is not None:
                 extra["perplexity"] = ppl(folder, "model.onnx", fused=True)
             results.add("acttail-export", label + (" +cuda-graph" if cuda_graph else ""), s, r, cuda_graph=cuda_graph, **extra)
@@ -1236,6 +1309,21 @@ def tables(data: dict) -> str:
             lines.append(f"CUPTI ({graph}, genai, no CUDA graph): wall {c['wall_ms_per_token']:.3f} ms/token, GPU kernels "
                          f"{c['gpu_kernel_ms_per_token']:.3f} ms/token in {c['kernels_per_token']:.0f} kernels, SparseMatMul kernels "
                          f"{c['sparse_op_kernel_ms_per_token']:.3f} ms")
+    cupti_rows = [r for r in runs if isinstance(r.get("cupti"), dict)]
+    if cupti_rows:
+        lines += ["", "CUPTI, same graph on the genai runtime without CUDA graph (GPU kernel time per decode token):", "",
+                  "| configuration | timed decode ms | CUPTI wall ms | GPU kernels ms | kernels / token | projection kernels ms "
+                  "| projection calls / token | other kernels ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in cupti_rows:
+            c = r["cupti"]
+            if "error" in c:
+                lines.append(f"| {r['backend']} {r['variant']} | {r['decode_ms_median']:.3f} | failed: {c['error'][:100].replace('|', '/')} "
+                             "| | | | | |")
+                continue
+            lines.append(f"| {r['backend']} {r['variant']} | {r['decode_ms_median']:.3f} | {c['wall_ms_per_token']:.3f} | "
+                         f"{c['gpu_kernel_ms_per_token']:.3f} | {c['kernels_per_token']:.0f} | "
+                         f"{c.get('projection_kernel_ms_per_token', float('nan')):.3f} | {c.get('projection_calls_per_token', float('nan')):.0f} | "
+                         f"{c.get('other_kernel_ms_per_token', float('nan')):.3f} |")
     if "placement_check" in data:
         pc = data["placement_check"]
         lines += ["", f"placement ({pc.get('graph')}): projection node events by provider {pc.get('projection_events_by_provider')}, "

@@ -120,6 +120,23 @@ def test_exporter_rows_compare_with_genai_fp16_dense_and_int4(tmp_path):
     assert int4_row.endswith("| 2.00 / 2.00 | 2.00× | 1.00 / 1.00 |")
 
 
+
+def test_table_prints_the_cupti_split(tmp_path):
+    """--cupti rows (genai-int4, the exporter's folders) get a line each in the CUPTI table: timed decode, CUPTI wall, GPU
+    kernel time, kernels per token, the projections' kernels and the rest."""
+    cupti = {"wall_ms_per_token": 9.5, "gpu_kernel_ms_per_token": 2.25, "kernels_per_token": 700.0,
+             "sparse_op_kernel_ms_per_token": 0.0, "projection_kernel_ms_per_token": 1.5, "projection_calls_per_token": 129.0,
+             "other_kernel_ms_per_token": 0.75}
+    data = {"model": {"name": "m", "layers": 2, "dtype": "fp16"}, "settings": {"prompt_length": 8, "decode_tokens": 4},
+            "machine": {"gpu": "X"},
+            "runs": [{"backend": "genai-int4", "variant": "dense int4", "sparsity": 0.0, **_stats(5, [2.5] * 3), "cupti": cupti},
+                     {"backend": "acttail-export", "variant": "export acttail threshold 80% int4", "sparsity": 0.8,
+                      "allocation": "acttail", **_stats(5, [2.0] * 3), "cupti": {"error": "boom"}}]}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    text = _bench("--table", str(tmp_path / "r.json")).stdout
+    assert "| genai-int4 dense int4 | 2.500 | 9.500 | 2.250 | 700 | 1.500 | 129 | 0.750 |" in text
+    assert "| acttail-export export acttail threshold 80% int4 | 2.000 | failed: boom" in text
+
 def _builder_works():
     from tests.test_optimize import _builder_works as works
 
