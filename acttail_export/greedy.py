@@ -65,6 +65,7 @@ COMBINED_MAPPING = "block-abs"
 #: k / v). The errors then differ from the full products' in float rounding, which can flip a near-tie between two
 #: candidates (docs/allocation.md section 6c).
 DELTA_LIMIT = 0.0
+RANKS = ("error", "error_per_rise")
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,15 @@ class GreedySettings:
     #: max_increment), s_max)``: a coarse ``step`` for the large projections with the small ones (SmolLM2's k / v, 1/32
     #: of a block each) kept at a finer increment (docs/allocation.md section 6c). In the cache key only when set.
     max_increment: float | None = None
+    #: How a step ranks its candidates: ``"error"`` (TEAL's rule, the default: the smallest block error) or
+    #: ``"error_per_rise"`` (the smallest rise of the block error per unit of the block level the candidate adds; the
+    #: same choice where every candidate adds the same level, i.e. without a cap binding). In the cache key only when
+    #: not the default.
+    rank: str = "error"
 
     def __post_init__(self) -> None:
+        if self.rank not in RANKS:
+            raise ActTailError(f"greedy search: rank must be one of {', '.join(RANKS)}, not {self.rank!r}")
         if self.max_increment is not None:
             value = self.max_increment
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -101,6 +109,8 @@ class GreedySettings:
         out = asdict(self)
         if out["max_increment"] is None:
             del out["max_increment"]
+        if out["rank"] == "error":
+            del out["rank"]
         return out
 
 
@@ -425,6 +435,7 @@ class BlockSearch:
         self.params = np.array([m.in_features * m.out_features for m in self.modules.values()], dtype=np.float64)
         self.rules = {kind: _Rule() for kind in PROJECTION_KINDS}
         self.sparsity = np.zeros(len(PROJECTION_KINDS))
+        self._error: float | None = 0.0  # block error of the current rules (None: not known yet)
         self._sorted: dict[str, torch.Tensor] = {}
         self._view: dict | None = None
         self._shards: list[_Shard] = []
@@ -599,15 +610,30 @@ class BlockSearch:
             self.set_sparsity(i, old)
         return out
 
+    def current_error(self) -> float:
+        """The block error of the rules as set (0 while every projection is dense)."""
+        if not np.any(self.sparsity > 0):
+            return 0.0
+        return float(self._distances([self._keys()])[0].mean())
+
     def step(self) -> tuple[int, float, list[float]]:
         """One greedy step: (chosen index, its error, every candidate's error in PROJECTION_KINDS order, inf if skipped)."""
         errors = [float("inf")] * len(PROJECTION_KINDS)
         candidates = self._candidate_keys()
         for (i, _), distances in zip(candidates, self._distances([keys for _, keys in candidates])):
             errors[i] = float(distances.mean())
-        best = int(np.argmin(errors))
+        scores = errors
+        if self.settings.rank == "error_per_rise":
+            if self._error is None:
+                self._error = self.current_error()
+            raised = dict(self.candidates())
+            total = self.params.sum()
+            scores = [e if not np.isfinite(e) else (e - self._error) / ((raised[i] - self.sparsity[i]) * self.params[i] / total)
+                      for i, e in enumerate(errors)]
+        best = int(np.argmin(scores))
         if not np.isfinite(errors[best]):
             raise ActTailError("greedy search: every projection is at s_max; lower the level")
+        self._error = errors[best]
         self.sparsity[best] = dict(self.candidates())[best]
         self.set_sparsity(best, self.sparsity[best])
         self._view = None
@@ -620,18 +646,24 @@ class BlockSearch:
             shard.evict(live)
         return best, errors[best], errors
 
-    def run(self, trajectory: list[list[float]], max_level: float) -> list[list[float]]:
-        """Extend ``trajectory`` (rows of 7 budgets, starting at zeros) until its level reaches ``max_level``."""
+    def run(self, trajectory: list[list[float]], max_level: float, errors: list[float] | None = None) -> list[list[float]]:
+        """Extend ``trajectory`` (rows of 7 budgets, starting at zeros) until its level reaches ``max_level``;
+        ``errors`` (one per row, the block error of that state: 0 for the dense first row) is extended alongside."""
         if not trajectory:
             trajectory = [[0.0] * len(PROJECTION_KINDS)]
+        if errors is not None and not errors:
+            errors.append(0.0)
         self.sparsity = np.array(trajectory[-1], dtype=np.float64)
         for i, value in enumerate(self.sparsity):
             self.set_sparsity(i, value)
         self._view = None
+        self._error = errors[-1] if errors else None
         with torch.inference_mode():
             while self.level() < max_level - 1e-12:
-                self.step()
+                _, error, _ = self.step()
                 trajectory.append(self.sparsity.tolist())
+                if errors is not None:
+                    errors.append(error)
         return trajectory
 
 
@@ -651,6 +683,55 @@ def budgets_at(trajectory: list[list[float]], params: np.ndarray, target: float)
     out = rows[j - 1].copy()
     changed = int(np.argmax(np.abs(rows[j] - rows[j - 1])))
     out[changed] += (target - levels[j - 1]) * params.sum() / params[changed]
+    return out
+
+
+def waterfill_targets(levels: list[np.ndarray], errors: list[np.ndarray], weights: np.ndarray, target: float,
+                      max_level: float | None = None) -> np.ndarray:
+    """Block levels whose weighted mean is ``target``, spent where the recorded block errors rise least.
+
+    The cross-block analogue of the in-block search, on its recorded curves: ``levels[b]`` / ``errors[b]`` are block
+    b's trajectory (its level and block error at every row, from the dense row on), ``weights`` the blocks' parameter
+    counts. All blocks start dense; each move advances the block whose next recorded row costs the least error per unit
+    of the weighted mean level, until that mean reaches ``target`` (the last move is cut at the target, as
+    :func:`budgets_at` cuts a step): on convex curves the smallest total error at the target. ``max_level``: no block
+    goes above it. Pure maths: numbers in, per-block levels out."""
+    import heapq
+
+    weights = np.asarray(weights, dtype=np.float64)
+    share = weights / weights.sum()
+    curves = [(np.asarray(lv, dtype=np.float64), np.asarray(er, dtype=np.float64)) for lv, er in zip(levels, errors)]
+    if len(curves) != len(share):
+        raise ActTailError(f"waterfill: {len(curves)} curves for {len(share)} blocks")
+    cap = np.inf if max_level is None else max_level + 1e-12
+    pos = [0] * len(curves)
+    heap: list[tuple[float, int]] = []
+
+    def push(b: int) -> None:
+        lv, er = curves[b]
+        j = pos[b] + 1
+        if j < len(lv) and lv[j] <= cap:
+            heapq.heappush(heap, ((er[j] - er[j - 1]) / max((lv[j] - lv[j - 1]) * share[b], 1e-12), b))
+
+    for b in range(len(curves)):
+        push(b)
+    mean = 0.0
+    out = np.zeros(len(curves))
+    while mean < target - 1e-12:
+        if not heap:
+            raise ActTailError(f"waterfill: the recorded trajectories reach a mean level of {mean:.4f} < target "
+                               f"{target:.4f}: search to a higher level")
+        _, b = heapq.heappop(heap)
+        lv = curves[b][0]
+        rise = (lv[pos[b] + 1] - lv[pos[b]]) * share[b]
+        if mean + rise >= target - 1e-12:
+            out[b] = lv[pos[b]] + (target - mean) / share[b]
+            mean = target
+            break
+        pos[b] += 1
+        out[b] = lv[pos[b]]
+        mean += rise
+        push(b)
     return out
 
 
@@ -720,6 +801,10 @@ def search(
     cached = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     trajectories = {int(k): v for k, v in cached.get("trajectories", {}).items()}
     seconds = {int(k): v for k, v in cached.get("seconds", {}).items()}
+    # per block, the error of every trajectory row and the mean norm of the dense output (caches written before they
+    # were recorded lack them: a block's errors are kept only while they cover its whole trajectory)
+    errors = {int(k): v for k, v in cached.get("errors", {}).items()}
+    scales = {int(k): v for k, v in cached.get("scales", {}).items()}
     hidden, kwargs = block_inputs(model, windows)
     bar = tqdm(range(len(layers)), desc="greedy allocation", unit="block", disable=not progress)
     for index in bar:
@@ -728,18 +813,27 @@ def search(
             try:
                 rows = trajectories.get(index, [])
                 reached = block.level(np.asarray(rows[-1])) if rows else 0.0
+                scales[index] = float(block.target.double().norm(dim=-1).mean())
                 if reached < wanted[index] - 1e-12:
                     start = time.perf_counter()
-                    trajectories[index] = block.run(rows, wanted[index])
+                    errs = errors.get(index, []) if rows else []
+                    errs = errs if len(errs) == len(rows) else None
+                    trajectories[index] = block.run(rows, wanted[index], errs)
+                    if errs is None:
+                        errors.pop(index, None)
+                    else:
+                        errors[index] = errs
                     seconds[index] = seconds.get(index, 0.0) + time.perf_counter() - start
                     if path is not None:
-                        _write_atomic(path, {"key": key, "trajectories": trajectories, "seconds": seconds})
+                        _write_atomic(path, {"key": key, "trajectories": trajectories, "seconds": seconds,
+                                             "errors": errors, "scales": scales})
                 hidden = block.target  # the next block reads the dense output
             finally:
                 block.close()
     if path is not None:
         logger.info("greedy trajectories cached in %s", path)
     search.seconds = sum(seconds.values())  # search time of these trajectories, cached blocks included
+    search.errors, search.scales = errors, scales  # per block: each row's block error; the dense output's mean norm
     return trajectories
 
 

@@ -60,7 +60,35 @@ def _config(model, method: str, level: float, fits, trajectories):
     allocation, _, mapping = method.partition(":")
     if allocation == "dense":
         return None
+    if allocation == "waterfill":
+        return _waterfill_config(model, level, mapping, fits, trajectories)
     return build_config(model, level, allocation, "topk", mapping=mapping or None, fits=fits, trajectories=trajectories)
+
+
+def _waterfill_config(model, level: float, spec: str, fits, trajectories):
+    """``waterfill:<abs|rel>[:<headroom>]``: block levels from the search's own error curves
+    (:func:`greedy.waterfill_targets`; ``rel``: each block's errors over its dense output's mean norm), no block above
+    ``level + headroom``; inside each block the search's budgets at its level."""
+    import dataclasses
+
+    from acttail_export.config import PROJECTION_KINDS, PROJECTION_PARENT, topk_keep
+
+    weighting, _, headroom = spec.partition(":")
+    layers = model.model.layers
+    params = [np.array([getattr(getattr(layer, PROJECTION_PARENT[k]), k).weight.numel() for k in PROJECTION_KINDS],
+                       dtype=np.float64) for layer in layers]
+    curves_l = [np.asarray(trajectories[b]) @ params[b] / params[b].sum() for b in range(len(layers))]
+    scale = {"abs": lambda b: 1.0, "rel": lambda b: 1.0 / greedy.search.scales[b]}[weighting]
+    curves_e = [np.asarray(greedy.search.errors[b]) * scale(b) for b in range(len(layers))]
+    targets = greedy.waterfill_targets(curves_l, curves_e, np.array([p.sum() for p in params]), level,
+                                       max_level=level + float(headroom or 0.2))
+    by_name = greedy.greedy_budgets(model, trajectories, list(targets))
+    config = build_config(model, level, "teal-greedy", "topk", fits=fits, trajectories=trajectories)
+    config.projections = [dataclasses.replace(p, sparsity=by_name[p.name], k=topk_keep(by_name[p.name], p.in_features))
+                          for p in config.projections]
+    config.allocation_method = f"waterfill:{spec}"
+    logger.info("waterfill %s at %.2f: block levels %s", spec, level, np.round(targets, 3).tolist())
+    return config
 
 
 def run(args: argparse.Namespace) -> None:
@@ -68,16 +96,17 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(default_model_path())
     windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
     settings = greedy.GreedySettings(mode="topk", step=args.step, samples=args.samples, sequence_length=args.search_length,
-                                     max_increment=args.max_increment)
+                                     max_increment=args.max_increment, rank=args.rank)
     greedy.DELTA_LIMIT = args.delta_limit
     start = time.perf_counter()
     fits = analyze_model(model, progress=False)
     fit_seconds = time.perf_counter() - start
     trajectories, search_seconds = None, None
-    greedy_methods = [m for m in args.methods if needs_search(m.partition(":")[0], args.levels, "topk")]
+    greedy_methods = [m for m in args.methods if m.startswith("waterfill") or needs_search(m.partition(":")[0], args.levels, "topk")]
     if greedy_methods:
         levels = np.max([greedy_levels(model, m.partition(":")[0], args.levels, "topk", mapping=m.partition(":")[2] or None, fits=fits)
-                         for m in greedy_methods], axis=0)
+                         for m in greedy_methods if not m.startswith("waterfill")] + [[args.search_level] * len(model.model.layers)],
+                        axis=0)
         calib = load_windows(tokenizer, args.calibration, settings.sequence_length, samples=settings.samples)
         trajectories = greedy.search(model, calib, [float(v) for v in levels], settings)
         search_seconds = greedy.search.seconds
@@ -129,6 +158,7 @@ def table(paths: list[Path], prior: Path | None = None) -> None:
         content = json.loads(path.read_text())
         g = content["meta"]["greedy_settings"]
         cap = f", increment ≤ {g['max_increment']:g}" if g.get("max_increment") is not None else ""
+        cap += ", ranked by error per rise" if g.get("rank", "error") != "error" else ""
         label = f"step {g['step']:g}{cap}, {g['samples']} × {g['sequence_length']} tokens"
         legacy = "allocation_names" not in content["meta"]  # its acttail rows are the HT-SR allocation
         for r in content["results"]:
@@ -165,9 +195,14 @@ def main() -> None:
     parser.add_argument("--levels", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--methods", nargs="+", default=["uniform", "htsr", "teal-greedy", "acttail-greedy", "acttail"])
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
+    parser.add_argument("--search-level", type=float, default=0.0,
+                        help="search every block at least to this level (waterfill:<abs|rel>[:<headroom>] methods need "
+                             "level + headroom)")
     parser.add_argument("--step", type=float, default=0.05, help="greedy step (block weighted sparsity per step)")
     parser.add_argument("--max-increment", type=float, default=None,
                         help="greedy GreedySettings.max_increment: cap on one step's increase of a projection (default: none)")
+    parser.add_argument("--rank", choices=greedy.RANKS, default="error",
+                        help="greedy GreedySettings.rank: how a step ranks its candidates (default: error, TEAL's rule)")
     parser.add_argument("--samples", type=int, default=2, help="greedy search windows")
     parser.add_argument("--search-length", type=int, default=64, help="greedy search window length")
     parser.add_argument("--threads", type=int, default=2)

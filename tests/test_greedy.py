@@ -290,7 +290,7 @@ def test_cache_round_trip_and_resume(tiny, tmp_path, monkeypatch):
     path.write_text(json.dumps(payload))
     runs = []
     original = greedy.BlockSearch.run
-    monkeypatch.setattr(greedy.BlockSearch, "run", lambda self, rows, level: runs.append(len(rows)) or original(self, rows, level))
+    monkeypatch.setattr(greedy.BlockSearch, "run", lambda self, rows, *a: runs.append(len(rows)) or original(self, rows, *a))
     assert greedy.search(model, windows, 0.3, settings, cache_dir=tmp_path, progress=False) == low
     assert runs == [0]
     # a higher level extends the cached trajectories and equals a search from scratch
@@ -298,6 +298,12 @@ def test_cache_round_trip_and_resume(tiny, tmp_path, monkeypatch):
     extended = greedy.search(model, windows, 0.5, settings, cache_dir=tmp_path, progress=False)
     assert runs == [len(low[0]), len(low[1])]
     assert extended == fresh
+    # the block errors of every row survive the cache and its extension: those of a search from scratch
+    greedy.search(model, windows, 0.5, settings, cache_dir=False, progress=False)
+    fresh_errors = greedy.search.errors
+    greedy.search(model, windows, 0.5, settings, cache_dir=tmp_path, progress=False)
+    assert greedy.search.errors == fresh_errors
+    assert json.loads(path.read_text())["errors"] == {str(k): v for k, v in fresh_errors.items()}
     # other settings: another key, another file
     greedy.search(model, windows, 0.1, greedy.GreedySettings(**{**SETTINGS, "step": 0.05}), cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("greedy-*.json"))) == 2
@@ -425,3 +431,130 @@ def test_budgets_at_reach_the_target_exactly_with_a_cap(tiny):
             if j > 0:
                 assert np.all(b >= rows[j - 1] - 1e-12) and np.all(b <= rows[j] + 1e-12)
     assert capped_steps > 0  # the cap was hit (k / v steps)
+
+
+def test_search_records_each_rows_block_error_and_the_dense_norm(tiny):
+    """``search.errors[b][j]``: the block error of trajectory row j (0 for the dense row), against a full forward of an
+    untouched copy of the block with the reference masks; ``search.scales[b]``: the dense output's mean token norm."""
+    model, windows = tiny
+    trajectories = greedy.search(model, windows, 0.4, greedy.GreedySettings(**SETTINGS), cache_dir=False, progress=False)
+    errors, scales = greedy.search.errors, greedy.search.scales
+    hidden, kwargs = greedy.block_inputs(model, windows)
+    with torch.inference_mode():
+        for index, layer in enumerate(model.model.layers):
+            rows = trajectories[index]
+            assert len(errors[index]) == len(rows) and errors[index][0] == 0.0
+            reference = copy.deepcopy(layer)
+            target = reference(hidden, **kwargs)
+            target = target[0] if isinstance(target, tuple) else target
+            assert scales[index] == pytest.approx(float(target.double().norm(dim=-1).mean()), rel=1e-6)
+            dense = _dense_inputs(reference, hidden, kwargs)
+            for j in (1, len(rows) // 2, len(rows) - 1):
+                want = _reference_error(reference, hidden, kwargs, rows[j], "topk", dense, target)
+                # the same float32 ops in another grouping (see the brute-force test above)
+                assert errors[index][j] == pytest.approx(want, rel=1e-5, abs=1e-7)
+            hidden = target
+
+
+def _interp_cost(levels, errors, out) -> float:
+    return float(sum(np.interp(o, lv, er) for o, lv, er in zip(out, levels, errors)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_waterfill_targets_are_optimal_on_convex_curves_against_brute_force(seed):
+    """On convex curves (each step costs more per unit of level than the one before), moving the block with the
+    cheapest next step is optimal: no choice of rows (with one block between two of its rows, as the LP optimum of
+    piecewise-linear convex costs has) reaches the target at a smaller total error."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    blocks, rows = 3, 5
+    levels = [np.concatenate([[0.0], np.cumsum(rng.uniform(0.05, 0.25, rows - 1))]) for _ in range(blocks)]
+    errors = [np.concatenate([[0.0], np.cumsum(np.sort(rng.uniform(0.1, 2.0, rows - 1)) * np.diff(lv))]) for lv in levels]
+    weights = rng.uniform(1.0, 3.0, blocks)
+    share = weights / weights.sum()
+    top = float(sum(s * lv[-1] for s, lv in zip(share, levels)))
+    for target in (0.3 * top, 0.55 * top, 0.9 * top):
+        out = greedy.waterfill_targets(levels, errors, weights, target)
+        assert float(out @ share) == pytest.approx(target, abs=1e-12)
+        assert all(0 <= o <= lv[-1] + 1e-12 for o, lv in zip(out, levels))
+        best = np.inf
+        for pos in itertools.product(range(rows), repeat=blocks):
+            base = sum(share[b] * levels[b][p] for b, p in enumerate(pos))
+            for f in range(blocks):
+                p = pos[f]
+                if p + 1 >= rows:
+                    continue
+                t = (target - base) / (share[f] * (levels[f][p + 1] - levels[f][p]))
+                if 0 <= t <= 1:
+                    trial = [levels[b][q] for b, q in enumerate(pos)]
+                    trial[f] = levels[f][p] + t * (levels[f][p + 1] - levels[f][p])
+                    best = min(best, _interp_cost(levels, errors, trial))
+        assert _interp_cost(levels, errors, out) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_waterfill_targets_cap_and_errors():
+    from acttail_export.errors import ActTailError
+
+    levels = [np.array([0.0, 0.2, 0.4, 0.6]), np.array([0.0, 0.2, 0.4, 0.6])]
+    cheap, dear = np.array([0.0, 0.1, 0.2, 0.3]), np.array([0.0, 1.0, 2.0, 3.0])
+    # without a cap the cheap block goes first, to its last row, then the dear one
+    out = greedy.waterfill_targets(levels, [cheap, dear], np.array([1.0, 1.0]), 0.4)
+    assert out.tolist() == pytest.approx([0.6, 0.2])
+    # a cap stops the cheap block at the last row not above it
+    out = greedy.waterfill_targets(levels, [cheap, dear], np.array([1.0, 1.0]), 0.4, max_level=0.45)
+    assert out.tolist() == pytest.approx([0.4, 0.4])
+    with pytest.raises(ActTailError, match="search to a higher level"):
+        greedy.waterfill_targets(levels, [cheap, dear], np.array([1.0, 1.0]), 0.5, max_level=0.45)
+    with pytest.raises(ActTailError, match="2 curves for 3 blocks"):
+        greedy.waterfill_targets(levels, [cheap, dear], np.array([1.0, 1.0, 1.0]), 0.2)
+
+
+def test_rank_is_validated_and_in_the_cache_key_only_when_not_the_default():
+    from acttail_export.errors import ActTailError
+
+    with pytest.raises(ActTailError, match="rank must be one of error, error_per_rise"):
+        greedy.GreedySettings(rank="smallest")
+    assert "rank" not in greedy.GreedySettings().key()
+    assert greedy.GreedySettings(rank="error_per_rise").key()["rank"] == "error_per_rise"
+
+
+def test_rank_error_per_rise_picks_the_smallest_rise_per_level(tiny):
+    """With a binding cap the candidates add different levels: each step takes the smallest (error − the current
+    error) / (the level the candidate adds), from every candidate's error as the step computed it."""
+    model, windows = tiny
+    hidden, kwargs = greedy.block_inputs(model, windows)
+    settings = greedy.GreedySettings(**SETTINGS, max_increment=0.05, rank="error_per_rise")
+    with torch.inference_mode():
+        search = greedy.BlockSearch(model.model.layers[0], hidden, kwargs, settings)
+        try:
+            current, chosen_kinds = 0.0, set()
+            for _ in range(12):
+                before = search.sparsity.copy()
+                raised = dict(search.candidates())
+                rises = {i: (v - before[i]) * search.params[i] / search.params.sum() for i, v in raised.items()}
+                assert len({round(r, 12) for r in rises.values()}) > 1  # the cap binds: the rises differ
+                chosen, err, errors = search.step()
+                scores = {i: (errors[i] - current) / rises[i] for i in raised}
+                assert chosen == min(scores, key=scores.get)
+                assert search.current_error() == pytest.approx(err, rel=1e-6, abs=1e-9)
+                current = err
+                chosen_kinds.add(chosen)
+        finally:
+            search.close()
+        assert len(chosen_kinds) >= 2
+
+
+def test_rank_error_per_rise_without_a_binding_cap_is_teals_rule(tiny):
+    """While every candidate adds the same level (no cap; no candidate clipped at s_max), the same steps."""
+    model, windows = tiny
+    settings = greedy.GreedySettings(**SETTINGS)
+    plain = greedy.search(model, windows, 0.3, settings, cache_dir=False, progress=False)
+    per_rise = greedy.search(model, windows, 0.3, greedy.GreedySettings(**SETTINGS, rank="error_per_rise"),
+                             cache_dir=False, progress=False)
+    for index, layer in enumerate(model.model.layers):
+        rows = np.asarray(plain[index])
+        unclipped = np.all(rows + settings.increments(_params(layer)) <= settings.s_max, axis=1)
+        same = int(np.argmin(unclipped)) if not unclipped.all() else len(rows)  # rows whose step had equal rises
+        assert same >= 3
+        assert per_rise[index][:same + 1] == plain[index][:same + 1]
