@@ -225,7 +225,7 @@ def kept_bytes(x, thr: float, K: int, N: int, block: int) -> int:
 # --------------------------------------------------------------------------------------------
 # the benchmark
 # --------------------------------------------------------------------------------------------
-def bench_shape(h: Harness, K: int, N: int, M: int, args, library: str | None, rng) -> list[dict]:
+def bench_shape(h: Harness, K: int, N: int, M: int, args, library: str | None, rng, others: dict | None = None) -> list[dict]:
     import torch
 
     ref_bytes = K * N // 2 + 4 * N * ((K + BLOCK - 1) // BLOCK)
@@ -254,7 +254,7 @@ def bench_shape(h: Harness, K: int, N: int, M: int, args, library: str | None, r
         logger.info("%dx%d M=%d ORT MatMulNBits: kernels %.2f us (%.2f TB/s), wall %.1f us/node, err %.1e; %s", K, N, M, k_us,
                     rows[-1]["tb_s"], wall, err, ", ".join(f"{n[:40]} {t:.2f}" for n, t in per.items()))
         del sess
-    for s in SPARSITIES:
+    for s in [float(v) for v in args.sparsities.split(",")] if args.sparsities else SPARSITIES:
         thr = float(torch.quantile(x.float().abs().flatten()[: 2**24], s)) if s > 0 else 0.0
         k = K - int(s * K)
         for mode in args.modes.split(","):
@@ -282,6 +282,21 @@ def bench_shape(h: Harness, K: int, N: int, M: int, args, library: str | None, r
             logger.info("%dx%d M=%d %s s=%.1f: graph %.2f us, kernels %.2f us (effective %.2f TB/s, actual %.2f), err %.1e; %s", K, N, M,
                         mode, s, g_us, k_us, row["effective_tb_s"], row["actual_tb_s"], err,
                         ", ".join(f"{n[:30]} {t:.2f}" for n, t in per.items()))
+            for label, hb in (others or {}).items():  # the same calls through other builds of the harness (--base-harness)
+                bwork = hb.workspace(mk[0])
+                for c in mk:
+                    c.workspace = bwork.data_ptr()
+                hb.run(mk[0])
+                berr = float((y.float() - want).abs().max() / want.abs().max().clamp_min(1e-6))
+                calls = [lambda c=c: hb.run(c) for c in mk] * reps
+                bg, bk, bper = time_graph(calls, args.reps)
+                rows.append(base | {"method": f"nbits_graph_{mode}_{label}", "sparsity": s, "graph_us": bg, "kernel_us": bk, "kernels_us": bper,
+                                    "max_rel_err": berr})
+                logger.info("   harness %s: graph %.2f us, kernels %.2f us, err %.1e; %s", label, bg, bk, berr,
+                            ", ".join(f"{n[:30]} {t:.2f}" for n, t in bper.items()))
+                for c in mk:
+                    c.workspace = work.data_ptr()
+                del bwork
             for kb in ([int(v) for v in args.prefill_chunks.split(",") if v] if M > 8 and s in (0.0, 0.5) else []):
                 variant = (0, 0, 1, -1, -1, -1, -1, 0, kb, 0)  # cuBLAS prefill, W in chunks of kb KiB (-2: all of W at once)
                 vwork = h.workspace(mk[0], variant)
@@ -413,7 +428,7 @@ def markdown_tables(result: dict) -> str:
                         cells.append("–")
                         continue
                     vs = f", {mnb['kernel_us'] / r['kernel_us']:.2f}×" if mnb else ""
-                    cells.append(f"{r['kernel_us']:.2f}{vs} ({r['effective_tb_s']:.2f})")
+                    cells.append(f"{r['kernel_us']:.2f}{vs}" + (f" ({r['effective_tb_s']:.2f})" if "effective_tb_s" in r else ""))
                 out.append(f"| {K}→{N} | {cub['kernel_us']:.2f} | " + (f"{mnb['kernel_us']:.2f} ({mnb['tb_s']:.2f})" if mnb else "–") +
                            f" | {mode} | " + " | ".join(cells) + " |")
         chunks = [r for r in rows if r["M"] == M and r["method"].endswith("_chunk")]
@@ -460,6 +475,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ort-sparsities", default="0,0.5,0.9", help="sparsities at which the op is also timed through ORT")
     ap.add_argument("--prefill-chunks", default="", help="prefill rows (M > 8) at 0 / 50 %%: also time the cuBLAS path with W "
                     "dequantized in chunks of these KiB (comma-separated; -2 = all of W at once, the op's choice otherwise)")
+    ap.add_argument("--sparsities", default="", help="comma-separated sparsities to time (default: 0,0.5,0.7,0.8,0.9)")
+    ap.add_argument("--base-harness", default=None, help="other builds of libacttail_bench.so (e.g. of an earlier commit), "
+                    "comma-separated LABEL=PATH: their rows (nbits_graph_<mode>_<LABEL>) are timed on the same weights in the same process")
     ap.add_argument("--floor", action="store_true", help="also time a plain streaming read of the op's bytes (decode)")
     ap.add_argument("--sweep", action="store_true", help="decode parameter sweep instead (writes nbits_sweep.json)")
     ap.add_argument("--sweep-sparsities", default="0,0.5,0.9", help="sparsities the sweep times (comma-separated)")
@@ -477,6 +495,7 @@ def main(argv=None) -> int:
         print("kernel_bench_nbits: needs a CUDA device", file=sys.stderr)
         return 2
     h = Harness(args.harness)
+    others = {lp.split("=", 1)[0]: Harness(lp.split("=", 1)[1]) for lp in args.base_harness.split(",")} if args.base_harness else {}
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(), "block": BLOCK,
            "l2_bytes_assumed": L2_BYTES, "copy_tb_s": round(copy_bandwidth(), 3)}
     env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
@@ -503,7 +522,7 @@ def main(argv=None) -> int:
     rows = []
     for M in (int(m) for m in args.rows.split(",")):
         for K, N in shapes:
-            rows += bench_shape(h, K, N, M, args, library if not args.no_ort else None, rng)
+            rows += bench_shape(h, K, N, M, args, library if not args.no_ort else None, rng, others)
             (out / "kernel_bench_nbits.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")  # partial results survive
     result = {"env": env, "rows": rows}
     (out / "kernel_bench_nbits.json").write_text(json.dumps(result, indent=1) + "\n")
