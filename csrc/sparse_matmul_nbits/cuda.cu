@@ -6,10 +6,10 @@
 //    that every launch leaves zero; kernel parameters per shape (ChooseDecode); one row with an expected kept
 //    fraction >= kOneRowMinDensity (top-k's k, or the density attribute): the one-row loop (float16: its
 //    software-pipelined form, StreamRowsPipe).
-//  * prefill (M > 8): PrefillPrepKernel (mask X into the workspace, dequantize W into the workspace, flag
-//    Inf/NaN in W; optionally chunk by chunk), cuBLAS GEMM per member column slice (libcublas opened at run
-//    time), then the exact kernel (FULL mode), which returns at once unless the flag is set. Without cuBLAS:
-//    the exact kernel.
+//  * prefill (M > 8): PrefillPrepKernel (mask X into the workspace, dequantize W transposed into the workspace,
+//    flag Inf/NaN in W; optionally chunk by chunk), cuBLAS GEMM per member column slice with W as op T (both
+//    operands K-major; libcublas opened at run time), then the exact kernel (FULL mode), which returns at once
+//    unless the flag is set. Without cuBLAS: the exact kernel.
 #include <dlfcn.h>
 #include <library_types.h>
 
@@ -91,7 +91,7 @@ size_t ScratchBytes(int64_t M, int64_t N, int64_t tiles) { return kAlign + Up((s
 
 // ---- cuBLAS, opened at run time (ONNX Runtime's CUDA EP has loaded it already) --------------------
 using cublasHandle_t = void*;
-constexpr int kCublasOpN = 0, kCublasCompute32F = 68, kCublasGemmDefault = -1;
+constexpr int kCublasOpN = 0, kCublasOpT = 1, kCublasCompute32F = 68, kCublasGemmDefault = -1;
 constexpr int kCublasSoMajor = CUDART_VERSION / 1000;
 
 struct CublasApi {
@@ -150,12 +150,13 @@ cublasHandle_t CublasHandle(cudaStream_t stream) {
   return h;
 }
 
-/// C[M, n] (ld ldc, type ct) = xm [M, K] (ld ldx) @ W[K, n] (ld ldw) + beta * C; A / B of type ab, float32 accumulation.
-std::string Gemm(cublasHandle_t h, cudaDataType ab, const void* xm, int64_t ldx, const void* w, int64_t ldw, void* c, cudaDataType ct,
+/// C[M, n] (ld ldc, type ct) = xm [M, K] (ld ldx) @ W[K, n] + beta * C, W given transposed (wt [n, K], ld ldw: both
+/// operands K-major); A / B of type ab, float32 accumulation.
+std::string Gemm(cublasHandle_t h, cudaDataType ab, const void* xm, int64_t ldx, const void* wt, int64_t ldw, void* c, cudaDataType ct,
                  int64_t ldc, int64_t M, int64_t K, int64_t n, float beta) {
   const float alpha = 1.0f;
   std::lock_guard<std::mutex> lock(CublasMutex());
-  const int st = Cublas().gemm_ex(h, kCublasOpN, kCublasOpN, (int)n, (int)M, (int)K, &alpha, w, ab, (int)ldw, xm, ab, (int)ldx, &beta, c, ct,
+  const int st = Cublas().gemm_ex(h, kCublasOpT, kCublasOpN, (int)n, (int)M, (int)K, &alpha, wt, ab, (int)ldw, xm, ab, (int)ldx, &beta, c, ct,
                                   (int)ldc, kCublasCompute32F, kCublasGemmDefault);
   return st == 0 ? "" : "cublasGemmEx failed with status " + std::to_string(st);
 }
@@ -513,9 +514,9 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   pa.scales = c.scales;
   pa.offsets = c.offsets;
   pa.w = w;
-  pa.ldw = (int)ch.cols;
+  pa.ldw = (int)ch.rows;  // W transposed: [cols, rows] per chunk
   pa.flag = reinterpret_cast<unsigned*>(scratch);
-  pa.fast_w = p.N % 16 == 0 && ch.cols % 16 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
+  pa.fast_w = p.N % 8 == 0 && ch.rows % 8 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
   pa.fast_x = p.K % 8 == 0 && aligned(c.x) && aligned(xm);
   const int64_t mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
   const int64_t mask_blocks = std::max<int64_t>(1, std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8));
@@ -532,10 +533,10 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
       pa.k1 = (int)k1;
       pa.n0 = (int)n0;
       pa.n1 = (int)n1;
-      const int64_t dq_items = (k1 - k0 + cuda::kDqRows - 1) / cuda::kDqRows * ((n1 - n0 + 15) / 16);
-      pa.dq_blocks = (int)std::min<int64_t>((dq_items + 255) / 256, (int64_t)CurrentSms() * 16);
+      const int64_t dq_items = cuda::DequantItems((int)k0, (int)k1, (int)n0, (int)n1, pa.fast_w != 0);  // tiles, or elements
+      pa.dq_blocks = (int)std::min<int64_t>(pa.fast_w ? dq_items : (dq_items + 255) / 256, (int64_t)CurrentSms() * 16);
       const int64_t blocks = pa.dq_blocks + (first ? mask_blocks : 0);  // mask(X) with the first chunk
-      cuda::PrefillPrepKernel<T><<<(unsigned)blocks, 256, 0, stream>>>(pa);
+      cuda::PrefillPrepKernel<T><<<(unsigned)blocks, cuda::kPrepThreads, 0, stream>>>(pa);
       err = cudaGetLastError();
       if (err != cudaSuccess) return std::string("prefill mask / dequantize kernel: ") + cudaGetErrorString(err);
       first = false;
@@ -544,9 +545,9 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
         const int64_t c1 = std::min<int64_t>(n1, groups == 1 ? p.N : p.spans.end[(size_t)gi]);
         if (c0 >= c1) continue;
         const char* a = xm + (size_t)(gi * p.M * p.K + k0) * e;
-        const char* b = w + (size_t)(c0 - n0) * e;
+        const char* b = w + (size_t)((c0 - n0) * ch.rows) * e;
         void* out = to_acc ? static_cast<void*>(acc + (c0 - n0)) : static_cast<void*>(static_cast<char*>(c.y) + (size_t)c0 * e);
-        const std::string gemm = Gemm(handle, ab, a, p.K, b, ch.cols, out, to_acc ? CUDA_R_32F : ab, to_acc ? ch.cols : p.N, p.M, k1 - k0,
+        const std::string gemm = Gemm(handle, ab, a, p.K, b, ch.rows, out, to_acc ? CUDA_R_32F : ab, to_acc ? ch.cols : p.N, p.M, k1 - k0,
                                       c1 - c0, k0 == 0 ? 0.0f : 1.0f);
         if (!gemm.empty()) return "prefill GEMM: " + gemm;
       }
