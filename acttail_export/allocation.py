@@ -1,8 +1,8 @@
 """Per-projection sparsity budgets: from HT-SR alphas (``htsr``), uniform, or TEAL's greedy search.
 
 ``acttail`` (the default) is a method per target level and mode (``config.DEFAULT_POLICY``, resolved by
-``config.resolve_allocation``): ``teal-greedy`` up to 65 %, then in top-k mode ``acttail-greedy`` up to 85 % and
-``htsr`` above, in threshold mode ``acttail-greedy`` above.
+``config.resolve_allocation``): ``teal-greedy`` up to 65 %, then in top-k mode ``waterfill-greedy`` up to 75 %,
+``acttail-greedy`` up to 85 % and ``htsr`` above, in threshold mode ``acttail-greedy`` above.
 
 A mapping ``<score>[-rev][-kept|-abs]`` turns the alphas into scores z_i in [0, 1] (higher z, more
 sparsity; ``-rev``: 1 − z) and the scores into budgets whose parameter-weighted mean is the target s
@@ -308,15 +308,17 @@ def uniform(params: np.ndarray, target: float) -> np.ndarray:
 
 
 def _greedy_budgets(model, projections, budgets, params, layers, trajectories, allocation: str,
-                    target: float) -> np.ndarray:
-    """Greedy budgets with each block's target = the parameter-weighted mean of ``budgets`` in that block."""
-    from .greedy import greedy_budgets
+                    target: float, waterfill: bool = False) -> np.ndarray:
+    """Greedy budgets with each block's target = the parameter-weighted mean of ``budgets`` in that block
+    (``waterfill``: the block levels of :func:`greedy.waterfill_levels` instead)."""
+    from .greedy import greedy_budgets, waterfill_levels
 
     if trajectories is None:
         raise ActTailError(f"allocation {allocation!r} at {target:g} runs the greedy search (calibration text): pass "
                            "trajectories=greedy.search_for(model, tokenizer, allocation, [target], mode, data), or use "
                            "allocation='htsr' for budgets from the alphas alone")
-    by_name = greedy_budgets(model, trajectories, block_targets(budgets, params, layers))
+    targets = waterfill_levels(model, trajectories, target) if waterfill else block_targets(budgets, params, layers)
+    by_name = greedy_budgets(model, trajectories, targets)
     return np.array([by_name[name] for name, *_ in projections])
 
 
@@ -345,6 +347,11 @@ def greedy_levels(model, allocation: str, sparsities: Sequence[float], mode: str
     for s in sparsities:
         method = resolve_allocation(allocation, s, mode)
         if method not in GREEDY_ALLOCATIONS:
+            continue
+        if method == "waterfill-greedy":  # every block may go up to the target plus the headroom
+            from .greedy import WATERFILL_HEADROOM
+
+            levels = [max(a, min(s + WATERFILL_HEADROOM, s_max)) for a in levels]
             continue
         config = build_config(model, s, "uniform" if method == "teal-greedy" else "htsr", epsilon=epsilon,
                               mapping=mapping if mapping else _combined_mapping() if method == "acttail-greedy" else None,
@@ -415,7 +422,8 @@ def build_config(
     else:
         budgets = uniform(params, target_sparsity)
     if method in GREEDY_ALLOCATIONS:
-        budgets = _greedy_budgets(model, projections, budgets, params, layers, trajectories, allocation, target_sparsity)
+        budgets = _greedy_budgets(model, projections, budgets, params, layers, trajectories, allocation, target_sparsity,
+                                  waterfill=method == "waterfill-greedy")
     for (name, layer, kind, module), s, i in zip(projections, budgets, range(len(projections))):
         config.projections.append(ProjectionConfig(
             name=name, layer=layer, kind=kind, in_features=module.in_features, out_features=module.out_features,

@@ -66,6 +66,9 @@ COMBINED_MAPPING = "block-abs"
 #: candidates (docs/allocation.md section 6c).
 DELTA_LIMIT = 0.0
 RANKS = ("error", "error_per_rise")
+#: ``waterfill-greedy``: every block is searched to ``target + WATERFILL_HEADROOM`` and no block goes above it
+#: (docs/allocation.md section 6d: chosen on validation at 70 %).
+WATERFILL_HEADROOM = 0.1
 
 
 @dataclass(frozen=True)
@@ -801,8 +804,8 @@ def search(
     cached = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     trajectories = {int(k): v for k, v in cached.get("trajectories", {}).items()}
     seconds = {int(k): v for k, v in cached.get("seconds", {}).items()}
-    # per block, the error of every trajectory row and the mean norm of the dense output (caches written before they
-    # were recorded lack them: a block's errors are kept only while they cover its whole trajectory)
+    # per block, the error of every trajectory row and the mean norm of the dense output (a block cached before they
+    # were recorded is searched again)
     errors = {int(k): v for k, v in cached.get("errors", {}).items()}
     scales = {int(k): v for k, v in cached.get("scales", {}).items()}
     hidden, kwargs = block_inputs(model, windows)
@@ -812,17 +815,17 @@ def search(
             block = BlockSearch(layers[index], hidden, kwargs, settings)
             try:
                 rows = trajectories.get(index, [])
+                errs = errors.get(index, []) if rows else []
+                if len(errs) != len(rows) or (rows and index not in scales):
+                    # a block cached before its errors were recorded: searched again (the same rows, with errors)
+                    rows, errs = [], []
+                    seconds.pop(index, None)
                 reached = block.level(np.asarray(rows[-1])) if rows else 0.0
                 scales[index] = float(block.target.double().norm(dim=-1).mean())
                 if reached < wanted[index] - 1e-12:
                     start = time.perf_counter()
-                    errs = errors.get(index, []) if rows else []
-                    errs = errs if len(errs) == len(rows) else None
                     trajectories[index] = block.run(rows, wanted[index], errs)
-                    if errs is None:
-                        errors.pop(index, None)
-                    else:
-                        errors[index] = errs
+                    errors[index] = errs
                     seconds[index] = seconds.get(index, 0.0) + time.perf_counter() - start
                     if path is not None:
                         _write_atomic(path, {"key": key, "trajectories": trajectories, "seconds": seconds,
@@ -834,7 +837,36 @@ def search(
         logger.info("greedy trajectories cached in %s", path)
     search.seconds = sum(seconds.values())  # search time of these trajectories, cached blocks included
     search.errors, search.scales = errors, scales  # per block: each row's block error; the dense output's mean norm
-    return trajectories
+    return Trajectories(trajectories, errors=errors, scales=scales)
+
+
+class Trajectories(dict):
+    """The search's result: block index -> rows of 7 budgets, plus per block ``errors`` (the block error of every row)
+    and ``scales`` (the dense block output's mean token norm), which :func:`waterfill_levels` reads."""
+
+    def __init__(self, rows: dict, errors: dict | None = None, scales: dict | None = None):
+        super().__init__(rows)
+        self.errors, self.scales = dict(errors or {}), dict(scales or {})
+
+
+def waterfill_levels(model: torch.nn.Module, trajectories: dict, target: float,
+                     headroom: float = WATERFILL_HEADROOM, weighting: str = "rel") -> list[float]:
+    """Block levels of ``waterfill-greedy`` at ``target``: :func:`waterfill_targets` on each block's recorded errors
+    relative to its dense output's mean norm (``rel``, docs/allocation.md section 6d; ``abs``: the errors as recorded,
+    measured only), no block above ``target + headroom``."""
+    errors, scales = getattr(trajectories, "errors", {}), getattr(trajectories, "scales", {})
+    levels, curves, weights = [], [], []
+    for index, layer in enumerate(model.model.layers):
+        params = np.array([getattr(getattr(layer, PROJECTION_PARENT[k]), k).weight.numel() for k in PROJECTION_KINDS],
+                          dtype=np.float64)
+        rows = trajectories[index]
+        if len(errors.get(index, [])) != len(rows) or index not in scales:
+            raise ActTailError(f"waterfill-greedy: block {index} of the trajectories has no recorded block errors: pass "
+                               "the result of greedy.search / greedy.search_for")
+        levels.append(np.asarray(rows, dtype=np.float64) @ params / params.sum())
+        curves.append(np.asarray(errors[index], dtype=np.float64) / (scales[index] if weighting == "rel" else 1.0))
+        weights.append(params.sum())
+    return [float(v) for v in waterfill_targets(levels, curves, np.array(weights), target, max_level=target + headroom)]
 
 
 def greedy_budgets(model: torch.nn.Module, trajectories: dict[int, list[list[float]]], targets: list[float]) -> dict[str, float]:

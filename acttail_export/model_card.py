@@ -76,6 +76,8 @@ def _allocation_line(config: ActTailConfig) -> str:
         shape = " (TEAL's block-wise greedy search on the calibration text)"
     elif method == "acttail-greedy":
         shape = f" (HT-SR block targets{shape}, TEAL's greedy search inside each block)"
+    elif method == "waterfill-greedy":
+        shape = " (block levels water-filled on the greedy search's block errors, its budgets inside each block)"
     name = f"`{config.allocation}`" + (f" = `{method}`" if method and method != config.allocation else "")
     return f"- allocation {name}{shape}, mode `{config.mode}`, kernel `{config.kernel}`"
 

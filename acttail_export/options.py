@@ -20,7 +20,7 @@ from .errors import ActTailError
 
 logger = logging.getLogger(__name__)
 
-Allocation = Literal["acttail", "htsr", "uniform", "teal-greedy", "acttail-greedy"]
+Allocation = Literal["acttail", "htsr", "uniform", "teal-greedy", "acttail-greedy", "waterfill-greedy"]
 Mode = Literal["topk", "threshold"]
 Kernel = Literal["mask", "fused"]
 DType = Literal["fp32", "fp16"]

@@ -67,22 +67,15 @@ def _config(model, method: str, level: float, fits, trajectories):
 
 def _waterfill_config(model, level: float, spec: str, fits, trajectories):
     """``waterfill:<abs|rel>[:<headroom>]``: block levels from the search's own error curves
-    (:func:`greedy.waterfill_targets`; ``rel``: each block's errors over its dense output's mean norm), no block above
-    ``level + headroom``; inside each block the search's budgets at its level."""
+    (:func:`greedy.waterfill_levels`; ``rel`` is the method ``waterfill-greedy``), no block above ``level + headroom``
+    (default 0.2, section 6d's study); inside each block the search's budgets at its level."""
     import dataclasses
 
-    from acttail_export.config import PROJECTION_KINDS, PROJECTION_PARENT, topk_keep
+    from acttail_export.config import topk_keep
 
     weighting, _, headroom = spec.partition(":")
-    layers = model.model.layers
-    params = [np.array([getattr(getattr(layer, PROJECTION_PARENT[k]), k).weight.numel() for k in PROJECTION_KINDS],
-                       dtype=np.float64) for layer in layers]
-    curves_l = [np.asarray(trajectories[b]) @ params[b] / params[b].sum() for b in range(len(layers))]
-    scale = {"abs": lambda b: 1.0, "rel": lambda b: 1.0 / greedy.search.scales[b]}[weighting]
-    curves_e = [np.asarray(greedy.search.errors[b]) * scale(b) for b in range(len(layers))]
-    targets = greedy.waterfill_targets(curves_l, curves_e, np.array([p.sum() for p in params]), level,
-                                       max_level=level + float(headroom or 0.2))
-    by_name = greedy.greedy_budgets(model, trajectories, list(targets))
+    targets = greedy.waterfill_levels(model, trajectories, level, float(headroom or 0.2), weighting)
+    by_name = greedy.greedy_budgets(model, trajectories, targets)
     config = build_config(model, level, "teal-greedy", "topk", fits=fits, trajectories=trajectories)
     config.projections = [dataclasses.replace(p, sparsity=by_name[p.name], k=topk_keep(by_name[p.name], p.in_features))
                           for p in config.projections]

@@ -558,3 +558,50 @@ def test_rank_error_per_rise_without_a_binding_cap_is_teals_rule(tiny):
         same = int(np.argmin(unclipped)) if not unclipped.all() else len(rows)  # rows whose step had equal rises
         assert same >= 3
         assert per_rise[index][:same + 1] == plain[index][:same + 1]
+
+
+def test_waterfill_greedy_config_is_the_waterfill_of_the_recorded_curves(tiny, tmp_path):
+    """``waterfill-greedy`` at a target: the search reaches target + headroom in every block; the block levels are
+    :func:`greedy.waterfill_targets` on each block's errors over its dense output's norm (weighted mean = target, none
+    above target + headroom); inside each block the search's budgets at that level; recorded and round-tripped."""
+    from acttail_export.allocation import build_config, greedy_levels
+    from acttail_export.config import ActTailConfig
+    from acttail_export.errors import ActTailError
+
+    model, windows = tiny
+    target = 0.5
+    levels = greedy_levels(model, "waterfill-greedy", [target], "topk")
+    assert levels == [pytest.approx(target + greedy.WATERFILL_HEADROOM)] * len(model.model.layers)
+    trajectories = greedy.search(model, windows, levels, greedy.GreedySettings(**SETTINGS), cache_dir=False, progress=False)
+    config = build_config(model, target, "waterfill-greedy", trajectories=trajectories)
+    assert config.allocation_method == "waterfill-greedy" and config.weighted_sparsity() == pytest.approx(target, abs=1e-9)
+    params = [_params(layer) for layer in model.model.layers]
+    curves = [np.asarray(trajectories[b]) @ p / p.sum() for b, p in enumerate(params)]
+    rel = [np.asarray(trajectories.errors[b]) / trajectories.scales[b] for b in range(len(params))]
+    want = greedy.waterfill_targets(curves, rel, np.array([p.sum() for p in params]), target,
+                                    max_level=target + greedy.WATERFILL_HEADROOM)
+    assert len(set(np.round(want, 6))) > 1  # the blocks get different levels
+    for b, p in enumerate(params):
+        budgets = np.array([q.sparsity for q in config.projections if q.layer == b])
+        assert budgets == pytest.approx(greedy.budgets_at(trajectories[b], p, want[b]), abs=1e-12)
+        assert float(budgets @ p / p.sum()) <= target + greedy.WATERFILL_HEADROOM + 1e-9
+    assert ActTailConfig.load(config.save(tmp_path)).to_dict() == config.to_dict()
+    with pytest.raises(ActTailError, match="no recorded block errors: pass the result of greedy.search"):
+        build_config(model, target, "waterfill-greedy", trajectories=dict(trajectories))
+
+
+def test_a_cache_without_errors_is_searched_again(tiny, tmp_path, monkeypatch):
+    """A cache written before the errors were recorded: every block is searched again, to the same rows, with errors."""
+    model, windows = tiny
+    settings = greedy.GreedySettings(**SETTINGS)
+    first = greedy.search(model, windows, 0.3, settings, cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("greedy-*.json")
+    payload = json.loads(path.read_text())
+    del payload["errors"], payload["scales"]
+    path.write_text(json.dumps(payload))
+    runs = []
+    original = greedy.BlockSearch.run
+    monkeypatch.setattr(greedy.BlockSearch, "run", lambda self, rows, *a: runs.append(len(rows)) or original(self, rows, *a))
+    again = greedy.search(model, windows, 0.3, settings, cache_dir=tmp_path, progress=False)
+    assert runs == [0] * len(model.model.layers)
+    assert again == first and again.errors == first.errors and again.scales == first.scales
