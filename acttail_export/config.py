@@ -46,12 +46,13 @@ ALPHA_ALLOCATIONS = ("htsr", "acttail-greedy")
 MODES = ("topk", "threshold")
 #: ``--allocation acttail``, per ``--mode``: (highest target, method) in increasing order — the method with the lowest
 #: perplexity at each level on WikiText-2 validation (SmolLM2-135M; docs/allocation.md section 6c). Top-k (40-90 %,
-#: ``study_valid_*_defaults.json``): TEAL's greedy search up to 65 %, the combination up to 85 %, HT-SR above; from
-#: 65 to 75 % the water-filled block levels (section 6d, ``study_valid_waterfill.json``: 147.4 vs 167.4 at 70 %).
+#: ``study_valid_*_defaults.json``): TEAL's greedy search up to 65 %, HT-SR above 85 %; from 65 to 85 % the
+#: water-filled block levels (section 6d, ``study_valid_waterfill*.json``: 147.4 vs 167.4 for the combination at 70 %,
+#: 695.3 vs 1200.4 at 80 %).
 #: Threshold (50 / 70 / 80 / 90 %, ``threshold_valid.json``): TEAL's greedy search up to 65 %, the combination above
 #: (at 90 % it beats HT-SR, 13645 vs 239024). A dense target (0) needs no allocation.
 DEFAULT_POLICY: dict[str, tuple[tuple[float, str], ...]] = {
-    "topk": ((0.65, "teal-greedy"), (0.75, "waterfill-greedy"), (0.85, "acttail-greedy"), (1.0, "htsr")),
+    "topk": ((0.65, "teal-greedy"), (0.85, "waterfill-greedy"), (1.0, "htsr")),
     "threshold": ((0.65, "teal-greedy"), (1.0, "acttail-greedy")),
 }
 KERNELS = ("mask", "fused")

@@ -360,10 +360,10 @@ def test_default_policy_resolves_every_level():
             for name in ALLOCATIONS[1:]:
                 assert resolve_allocation(name, float(s), mode) == name
     levels = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    # the measured choices (docs/allocation.md sections 6c, 6d), top-k: greedy 40-60 %, water-filled block levels 70 %,
-    # combination 80 %, HT-SR 90 %
-    assert [resolve_allocation("acttail", s, "topk") for s in levels] == ["teal-greedy"] * 3 + [
-        "waterfill-greedy", "acttail-greedy", "htsr"]
+    # the measured choices (docs/allocation.md sections 6c, 6d), top-k: greedy 40-60 %, water-filled block levels
+    # 70-80 %, HT-SR 90 %
+    assert [resolve_allocation("acttail", s, "topk") for s in levels] == ["teal-greedy"] * 3 + ["waterfill-greedy"] * 2 + [
+        "htsr"]
     # threshold (threshold_valid.json): greedy up to 65 %, the combination above (90 % included)
     assert [resolve_allocation("acttail", s, "threshold") for s in levels] == ["teal-greedy"] * 3 + ["acttail-greedy"] * 3
     with pytest.raises(TypeError):

@@ -103,7 +103,7 @@ def test_default_allocation_is_the_policy_method(tiny, tiny_llama_dir, wikitext_
 
     levels = [0.5, 0.7, 0.8, 0.9]
     assert [resolve_allocation("acttail", s, mode) for s in levels] == {
-        "topk": ["teal-greedy", "waterfill-greedy", "acttail-greedy", "htsr"],
+        "topk": ["teal-greedy", "waterfill-greedy", "waterfill-greedy", "htsr"],
         "threshold": ["teal-greedy", "acttail-greedy", "acttail-greedy", "acttail-greedy"]}[mode]
     assert {resolve_allocation("acttail", s, mode) for s in levels} == {method for _, method in DEFAULT_POLICY[mode]}
     methods = sorted({resolve_allocation("acttail", s, mode) for s in levels})

@@ -111,9 +111,9 @@ CLI_AND_API = [
       "--calibration-samples", "8", "--sequence-length", "128", "--no-validate", "--overwrite"],
      dict(allocation="htsr", epsilon=0.2, mapping="group-max-rev-abs", calibration_data="text.txt", calibration_samples=8,
           sequence_length=128, validate=False, overwrite=True)),
-    # the default's levels that read alphas take --epsilon / --mapping: the combination (80 %), HT-SR (90 %, top-k),
-    # the combination (90 %, threshold mode)
-    (["--sparsity", "0.8", "--epsilon", "0.2"], dict(sparsity=0.8, epsilon=0.2)),
+    # the default's levels that read alphas take --epsilon / --mapping: HT-SR (90 %, top-k), the combination (70 % and
+    # 90 %, threshold mode)
+    (["--sparsity", "0.7", "--mode", "threshold", "--epsilon", "0.2"], dict(sparsity=0.7, mode="threshold", epsilon=0.2)),
     (["--sparsity", "0.9", "--mapping", "group-max-rev-abs"], dict(sparsity=0.9, mapping="group-max-rev-abs")),
     (["--sparsity", "0.9", "--mode", "threshold", "--epsilon", "0.2"], dict(sparsity=0.9, mode="threshold", epsilon=0.2)),
     (["--allocation", "teal-greedy", "--sparsity", "0.4"], dict(allocation="teal-greedy", sparsity=0.4)),
