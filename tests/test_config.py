@@ -159,6 +159,13 @@ def test_default_method_per_mode_round_trips_and_shows_in_the_card(tmp_path):
         assert loaded == config and json.loads((tmp_path / mode / CONFIG_NAME).read_text())["allocation_method"] == method
         (line,) = [line for line in render_model_card(loaded).splitlines() if line.startswith("- allocation")]
         assert line.startswith(f"- allocation `acttail` = `{method}`") and f"mode `{mode}`" in line
+    # at 80 % in top-k mode: the water-filled block levels (docs/allocation.md section 6d), no alphas recorded
+    config = ActTailConfig(target_sparsity=0.8, allocation="acttail", mode="topk",
+                           allocation_method=resolve_allocation("acttail", 0.8, "topk"), model="m")
+    assert ActTailConfig.load(config.save(tmp_path)).allocation_method == "waterfill-greedy"
+    (line,) = [line for line in render_model_card(config).splitlines() if line.startswith("- allocation")]
+    assert line == ("- allocation `acttail` = `waterfill-greedy` (block levels water-filled on the greedy search's block "
+                    "errors, its budgets inside each block), mode `topk`, kernel `mask`")
 
 
 def test_model_card_says_why_the_perplexity_is_missing():
