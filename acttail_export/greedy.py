@@ -625,11 +625,10 @@ class BlockSearch:
         candidates = self._candidate_keys()
         for (i, _), distances in zip(candidates, self._distances([keys for _, keys in candidates])):
             errors[i] = float(distances.mean())
-        scores = errors
+        scores, raised = errors, dict(self.candidates())
         if self.settings.rank == "error_per_rise":
             if self._error is None:
                 self._error = self.current_error()
-            raised = dict(self.candidates())
             total = self.params.sum()
             scores = [e if not np.isfinite(e) else (e - self._error) / ((raised[i] - self.sparsity[i]) * self.params[i] / total)
                       for i, e in enumerate(errors)]
@@ -637,7 +636,7 @@ class BlockSearch:
         if not np.isfinite(errors[best]):
             raise ActTailError("greedy search: every projection is at s_max; lower the level")
         self._error = errors[best]
-        self.sparsity[best] = dict(self.candidates())[best]
+        self.sparsity[best] = raised[best]
         self.set_sparsity(best, self.sparsity[best])
         self._view = None
         # drop the memo entries that neither the new state nor its candidates read (rules only rise: they do not
@@ -816,7 +815,7 @@ def search(
             try:
                 rows = trajectories.get(index, [])
                 errs = errors.get(index, []) if rows else []
-                if len(errs) != len(rows) or (rows and index not in scales):
+                if len(errs) != len(rows):
                     # a block cached before its errors were recorded: searched again (the same rows, with errors)
                     rows, errs = [], []
                     seconds.pop(index, None)
@@ -836,8 +835,13 @@ def search(
     if path is not None:
         logger.info("greedy trajectories cached in %s", path)
     search.seconds = sum(seconds.values())  # search time of these trajectories, cached blocks included
-    search.errors, search.scales = errors, scales  # per block: each row's block error; the dense output's mean norm
     return Trajectories(trajectories, errors=errors, scales=scales)
+
+
+def _block_params(layer: torch.nn.Module) -> np.ndarray:
+    """Parameter counts of a block's projections, in PROJECTION_KINDS order."""
+    return np.array([getattr(getattr(layer, PROJECTION_PARENT[k]), k).weight.numel() for k in PROJECTION_KINDS],
+                    dtype=np.float64)
 
 
 class Trajectories(dict):
@@ -857,8 +861,7 @@ def waterfill_levels(model: torch.nn.Module, trajectories: dict, target: float,
     errors, scales = getattr(trajectories, "errors", {}), getattr(trajectories, "scales", {})
     levels, curves, weights = [], [], []
     for index, layer in enumerate(model.model.layers):
-        params = np.array([getattr(getattr(layer, PROJECTION_PARENT[k]), k).weight.numel() for k in PROJECTION_KINDS],
-                          dtype=np.float64)
+        params = _block_params(layer)
         rows = trajectories[index]
         if len(errors.get(index, [])) != len(rows) or index not in scales:
             raise ActTailError(f"waterfill-greedy: block {index} of the trajectories has no recorded block errors: pass "
@@ -875,7 +878,7 @@ def greedy_budgets(model: torch.nn.Module, trajectories: dict[int, list[list[flo
 
     out = {}
     for index, layer in enumerate(model.model.layers):
-        params = np.array([getattr(getattr(layer, PROJECTION_PARENT[k]), k).weight.numel() for k in PROJECTION_KINDS], dtype=np.float64)
+        params = _block_params(layer)
         row = budgets_at(trajectories[index], params, targets[index])
         out.update({projection_name(index, kind): float(v) for kind, v in zip(PROJECTION_KINDS, row)})
     return out

@@ -299,10 +299,8 @@ def test_cache_round_trip_and_resume(tiny, tmp_path, monkeypatch):
     assert runs == [len(low[0]), len(low[1])]
     assert extended == fresh
     # the block errors of every row survive the cache and its extension: those of a search from scratch
-    greedy.search(model, windows, 0.5, settings, cache_dir=False, progress=False)
-    fresh_errors = greedy.search.errors
-    greedy.search(model, windows, 0.5, settings, cache_dir=tmp_path, progress=False)
-    assert greedy.search.errors == fresh_errors
+    fresh_errors = greedy.search(model, windows, 0.5, settings, cache_dir=False, progress=False).errors
+    assert greedy.search(model, windows, 0.5, settings, cache_dir=tmp_path, progress=False).errors == fresh_errors
     assert json.loads(path.read_text())["errors"] == {str(k): v for k, v in fresh_errors.items()}
     # other settings: another key, another file
     greedy.search(model, windows, 0.1, greedy.GreedySettings(**{**SETTINGS, "step": 0.05}), cache_dir=tmp_path, progress=False)
@@ -434,11 +432,12 @@ def test_budgets_at_reach_the_target_exactly_with_a_cap(tiny):
 
 
 def test_search_records_each_rows_block_error_and_the_dense_norm(tiny):
-    """``search.errors[b][j]``: the block error of trajectory row j (0 for the dense row), against a full forward of an
-    untouched copy of the block with the reference masks; ``search.scales[b]``: the dense output's mean token norm."""
+    """``errors[b][j]`` of the search's result: the block error of trajectory row j (0 for the dense row), against a full
+    forward of an untouched copy of the block with the reference masks; ``scales[b]``: the dense output's mean token
+    norm."""
     model, windows = tiny
     trajectories = greedy.search(model, windows, 0.4, greedy.GreedySettings(**SETTINGS), cache_dir=False, progress=False)
-    errors, scales = greedy.search.errors, greedy.search.scales
+    errors, scales = trajectories.errors, trajectories.scales
     hidden, kwargs = greedy.block_inputs(model, windows)
     with torch.inference_mode():
         for index, layer in enumerate(model.model.layers):
