@@ -51,14 +51,16 @@ def perplexity_windows(
     mode: str | None = None,
     progress: bool = True,
     batch_size: int | None = None,
+    scores: str = "abs",
 ) -> dict[str, Any]:
-    """Perplexity on token windows ``[n, L]``; sparsified with ``config`` when given."""
+    """Perplexity on token windows ``[n, L]``; sparsified with ``config`` when given (``scores``: the ranking of
+    :func:`acttail_export.sparsify.apply_sparsity`)."""
     n, length = windows.shape
     if length < 2:
         raise ActTailError(f"sequence length must be at least 2 to predict a token, got {length}")
     batch_size = batch_size or max(1, DEFAULT_BATCH_TOKENS // length)
     device = input_device(model)
-    hooks = apply_sparsity(model, config, mode) if config is not None else None
+    hooks = apply_sparsity(model, config, mode, scores=scores) if config is not None else None
     total, count = 0.0, 0
     try:
         with torch.inference_mode():

@@ -14,6 +14,8 @@ owning a column segment of the output):
   ranks with zero. ``t`` of a row is then its largest dropped score (0 when nothing is dropped).
 * kept values are ``x_i * f_i`` with the ramp factor ``f_i = min(1, (s_i - t) / (ramp * t))`` (``f = 1`` when
   ``ramp == 0`` or ``t == 0``): continuous in ``x`` for ``ramp > 0``, with the same zero set as the hard mask.
+  Soft thresholding (``soft=True``, measurement only: no kernel implements it) uses ``f_i = (s_i - t) / s_i``
+  instead, i.e. ``sign(x_i) (|x_i| - t)`` for ``|x|`` scores: 1-Lipschitz in ``x``, same zero set.
 * ``Y[:, member columns] = sum over kept i with x_i != 0 of x_i f_i W[i, member columns]``: dropped channels and
   zero inputs are skipped, so Inf/NaN in their weight rows never reach ``Y``. Kernels accumulate in float32.
 
@@ -100,19 +102,28 @@ class Member:
     scale: np.ndarray | None = None
 
 
+def soft_factor(s: np.ndarray, t: np.ndarray | float) -> np.ndarray:
+    """Soft-thresholding factor ``(s - t) / s`` (0 where ``s <= t``), float64: ``x * f = sign(x) (|x| - t)``."""
+    s = s.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = (s - np.asarray(t, dtype=np.float64)) / s
+    return np.where(s > t, f, 0.0)
+
+
 def member_values(x: np.ndarray, mode: str, member: Member, ramp: float = 0.0,
-                  compare_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """(masked values ``x * f`` in float64, keep-mask) of ``x`` [..., K] for one member."""
+                  compare_dtype=np.float32, soft: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(masked values ``x * f`` in float64, keep-mask) of ``x`` [..., K] for one member; ``soft``: soft thresholding
+    (:func:`soft_factor`) instead of the ramp."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     s = scores(x, member.scale)
     if mode == "threshold":
         keep = threshold_keep(x, member.threshold, member.scale, compare_dtype)
         t = np.float64(np.float32(member.threshold))
-        f = ramp_factor(s, t, ramp)
     else:
         keep, t_rows = topk_keep(x, member.k, member.scale)
-        f = ramp_factor(s, t_rows[..., None], ramp)
+        t = t_rows[..., None]
+    f = soft_factor(s, t) if soft else ramp_factor(s, t, ramp)
     keep = keep & (x != 0)  # zero entries contribute nothing and are skipped, not multiplied
     values = np.where(keep, x.astype(np.float64) * f, 0.0)
     return values, keep
@@ -262,8 +273,10 @@ def torch_ramp(s, t, ramp: float):
     return torch.where(width > 0, f, torch.ones_like(f))
 
 
-def torch_mask(x, mode: str, threshold: float | None = None, k: int | None = None, scale=None, ramp: float = 0.0):
-    """``x`` with the rule applied (new tensor, ``x``'s dtype): the PyTorch reference of one projection."""
+def torch_mask(x, mode: str, threshold: float | None = None, k: int | None = None, scale=None, ramp: float = 0.0,
+               soft: bool = False):
+    """``x`` with the rule applied (new tensor, ``x``'s dtype): the PyTorch reference of one projection; ``soft``: soft
+    thresholding (kept values ``x (s - t) / s``) instead of the ramp."""
     import torch
 
     s = torch_scores(x, scale)
@@ -276,6 +289,8 @@ def torch_mask(x, mode: str, threshold: float | None = None, k: int | None = Non
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if soft:
+        return torch.where(keep, x * ((s - t) / torch.where(keep, s, torch.ones_like(s))).to(x.dtype), zero)
     if ramp == 0:
         return torch.where(keep, x, zero)  # not x * keep: a dropped Inf/NaN must give 0, not NaN
     return torch.where(keep, x * torch_ramp(s, t, ramp).to(x.dtype), zero)

@@ -9,7 +9,11 @@ Two masking rules, per projection ``i`` with budget ``s_i`` and input width ``d`
 
 Optional ``ramp`` (δ > 0): kept entries are scaled by ``min(1, (|x| - t) / (δ t))`` (``t`` the threshold, or
 per token the largest dropped |x| in top-k mode), a mask continuous in ``x`` with the same zero set
-(:func:`acttail_export.reference.torch_mask`). ``ramp=0`` (default) is the hard mask.
+(:func:`acttail_export.reference.torch_mask`). ``ramp=0`` (default) is the hard mask. ``soft=True`` applies soft
+thresholding instead (kept ``x`` shrunk to ``sign(x) (|x| - t)``; measurement only, no kernel implements it).
+
+``scores="wina"`` (top-k only) ranks entries by the weight-informed score ``|x_i| * ||W[:, i]||`` (the norm of the
+weight column ``x_i`` multiplies) instead of ``|x_i|``.
 
 Projections that read the same tensor (q/k/v, gate/up) are hooked separately, so each applies its own
 budget. The hooks count the zeroed input entries over all tokens seen, which gives the achieved
@@ -28,6 +32,9 @@ from .errors import ActTailError
 from .reference import torch_mask
 
 logger = logging.getLogger(__name__)
+
+#: ranking scores of the hooks: |x| (the project's rule) or weight-informed |x| * ||W[:, i]|| (top-k only)
+SCORES = ("abs", "wina")
 
 
 def mask_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,6 +81,8 @@ class _Rule:
     k: int
     threshold: float | None
     ramp: float = 0.0
+    soft: bool = False
+    scale: torch.Tensor | None = None
     zeroed: torch.Tensor | int = 0
     total: int = 0
 
@@ -82,15 +91,19 @@ class _Rule:
         d = x.shape[-1]
         rows = x.numel() // d
         self.total += x.numel()
+        plain = self.ramp == 0 and not self.soft and self.scale is None
         if self.mode == "topk":
             self.zeroed = self.zeroed + rows * (d - self.k)
-            y = mask_topk(x, self.k) if self.ramp == 0 or self.k >= d else torch_mask(x, "topk", k=self.k, ramp=self.ramp)
+            if plain or self.k >= d:
+                y = mask_topk(x, self.k)
+            else:
+                y = torch_mask(x, "topk", k=self.k, scale=self.scale, ramp=self.ramp, soft=self.soft)
         elif self.threshold is None:  # threshold mode, sparsity 0, not calibrated: identity
             y = x
         else:
             keep = x.abs() > self.threshold
             self.zeroed = self.zeroed + (keep.numel() - torch.count_nonzero(keep))
-            y = x * keep if self.ramp == 0 else torch_mask(x, "threshold", threshold=self.threshold, ramp=self.ramp)
+            y = x * keep if plain else torch_mask(x, "threshold", threshold=self.threshold, ramp=self.ramp, soft=self.soft)
         return (y, *args[1:])
 
     def effective(self) -> float | None:
@@ -102,9 +115,16 @@ class _Rule:
 class SparsityHooks:
     """Handles of the installed hooks; use as a context manager or call :meth:`remove`."""
 
-    def __init__(self, model: torch.nn.Module, config: ActTailConfig, mode: str, ramp: float = 0.0):
+    def __init__(self, model: torch.nn.Module, config: ActTailConfig, mode: str, ramp: float = 0.0, soft: bool = False,
+                 scores: str = "abs"):
         if not ramp >= 0:
             raise ActTailError(f"ramp must be >= 0 (0: hard mask), got {ramp}")
+        if soft and ramp:
+            raise ActTailError("choose one value rule: a ramp or soft thresholding, not both")
+        if scores not in SCORES:
+            raise ActTailError(f"scores must be one of {', '.join(SCORES)}; got {scores!r}")
+        if scores == "wina" and mode != "topk":
+            raise ActTailError("weight-informed scores are measured in top-k mode only: the thresholds are calibrated on |x|")
         self.config = config
         self.mode = mode
         self.ramp = float(ramp)
@@ -114,14 +134,16 @@ class SparsityHooks:
         for proj in config.projections:
             module = projection_module(model, proj)
             if mode == "topk":
-                rule = _Rule(proj, mode, proj.keep_k(), None, self.ramp)
+                # the norm of the weight column x_i multiplies, float32
+                scale = module.weight.detach().float().norm(dim=0) if scores == "wina" else None
+                rule = _Rule(proj, mode, proj.keep_k(), None, self.ramp, soft, scale)
             else:
                 if proj.threshold is None and proj.sparsity > 0:
                     raise ActTailError(
                         f"{proj.name} has no threshold: run calibration (acttail_export.calibration.calibrate) "
                         "before threshold mode, or use --mode topk"
                     )
-                rule = _Rule(proj, mode, proj.in_features, proj.threshold, self.ramp)
+                rule = _Rule(proj, mode, proj.in_features, proj.threshold, self.ramp, soft)
             self._rules[proj.name] = rule
             modules.append((module, rule))
         # register only once every projection is validated, so a bad config leaves the model untouched
@@ -175,14 +197,16 @@ class SparsityHooks:
         return config
 
 
-def apply_sparsity(model: torch.nn.Module, config: ActTailConfig, mode: str | None = None, ramp: float = 0.0) -> SparsityHooks:
+def apply_sparsity(model: torch.nn.Module, config: ActTailConfig, mode: str | None = None, ramp: float = 0.0,
+                   soft: bool = False, scores: str = "abs") -> SparsityHooks:
     """Install one forward pre-hook per projection of ``config`` on ``model``; ``mode`` defaults to ``config.mode``.
 
-    ``ramp`` > 0 applies the continuous ramp mask (same zero set); 0 is the hard mask.
+    ``ramp`` > 0 applies the continuous ramp mask (same zero set); 0 is the hard mask; ``soft`` soft thresholding;
+    ``scores`` "wina" the weight-informed ranking (top-k).
     """
     mode = mode or config.mode
     if mode not in MODES:
         raise ActTailError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if not config.projections:
         raise ActTailError("the sparsity config has no projections: build it with allocation.build_config first")
-    return SparsityHooks(model, config, mode, ramp)
+    return SparsityHooks(model, config, mode, ramp, soft, scores)

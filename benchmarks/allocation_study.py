@@ -19,7 +19,8 @@ command; finished rows are skipped)::
         --prior docs/results/allocation_confirm_test_16k.json
 
 ``acttail-greedy:<mapping>`` sets the HT-SR mapping of the block targets (default greedy.COMBINED_MAPPING; any
-mapping of ``acttail_export._research_mappings.ALL_MAPPINGS``).
+mapping of ``acttail_export._research_mappings.ALL_MAPPINGS``). A method ending in ``@wina`` evaluates the same budgets
+with weight-informed scores (keep x_i by ``|x_i| * ||W[:, i]||``, :func:`acttail_export.sparsify.apply_sparsity`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _save(path: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def _config(model, method: str, level: float, fits, trajectories):
-    allocation, _, mapping = method.partition(":")
+    allocation, _, mapping = method.partition("@")[0].partition(":")
     if allocation == "dense":
         return None
     if allocation == "waterfill":
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
     fits = analyze_model(model, progress=False)
     fit_seconds = time.perf_counter() - start
     trajectories, search_seconds = None, None
-    greedy_methods = [m for m in args.methods if m.startswith("waterfill") or needs_search(m.partition(":")[0], args.levels, "topk")]
+    methods = [m.partition("@")[0] for m in args.methods]
+    greedy_methods = [m for m in methods if m.startswith("waterfill") or needs_search(m.partition(":")[0], args.levels, "topk")]
     if greedy_methods:
         levels = np.max([greedy_levels(model, m.partition(":")[0], args.levels, "topk", mapping=m.partition(":")[2] or None, fits=fits)
                          for m in greedy_methods if not m.startswith("waterfill")] + [[args.search_level] * len(model.model.layers)],
@@ -118,7 +120,8 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         config = _config(model, method, level, fits, trajectories)
         alloc_seconds = time.perf_counter() - start
-        result = perplexity_windows(model, windows, config, "topk", progress=False)
+        result = perplexity_windows(model, windows, config, "topk", progress=False,
+                                    scores="wina" if method.endswith("@wina") else "abs")
         row = {"method": method, "level": level, "split": args.split, "perplexity": result["perplexity"],
                "effective_sparsity": result["effective_sparsity"], "tokens": result["tokens"],
                "allocation_seconds": alloc_seconds, "eval_seconds": time.perf_counter() - start - alloc_seconds}

@@ -6,7 +6,8 @@ embedding output scaled by ``1 + eps``. Agreement is the fraction of positions w
 both runs (per window; mean and min over windows). Perplexity comes from the unperturbed run. The default
 ActTail allocation (``build_config``) is used; threshold mode is calibrated on the first
 ``--calibration-samples`` windows of 512 of ``--data`` and evaluated on the next ``--windows`` windows
-(disjoint text). ``--scores wina`` keeps x_i by ``|x_i| * ||W[:, i]||`` (top-k only). Rows are appended to
+(disjoint text). ``--scores wina`` keeps x_i by ``|x_i| * ||W[:, i]||`` (top-k only); ``--soft`` adds soft
+thresholding (kept x shrunk to ``sign(x) (|x| - t)``, 1-Lipschitz, same zero set) in each mode. Rows are appended to
 ``--output`` as they finish (re-running skips finished rows)::
 
     nice -n 15 .venv/bin/python benchmarks/stability_study.py --data DATA/wiki.valid.raw \\
@@ -34,35 +35,11 @@ from acttail_export.allocation import build_config  # noqa: E402
 from acttail_export.calibration import calibrate_many  # noqa: E402
 from acttail_export.data import load_windows  # noqa: E402
 from acttail_export.modeling import default_model_path, load_model  # noqa: E402
-from acttail_export.reference import torch_mask  # noqa: E402
-from acttail_export.sparsify import apply_sparsity, projection_module  # noqa: E402
+from acttail_export.sparsify import apply_sparsity  # noqa: E402
 from acttail_export.spectral import analyze_model  # noqa: E402
 
 logger = logging.getLogger("stability_study")
 SEQUENCE_LENGTH = 512
-
-
-class WinaHooks:
-    """Top-k hooks keeping x_i by the weight-informed score ``|x_i| * ||W[:, i]||`` (benchmark-only rule)."""
-
-    def __init__(self, model, config, ramp: float):
-        self.handles = []
-        for proj in config.projections:
-            module = projection_module(model, proj)
-            scale = module.weight.detach().float().norm(dim=0)  # norm of the weight column x_i multiplies
-            self.handles.append(module.register_forward_pre_hook(self._hook(proj.keep_k(), scale, ramp)))
-
-    @staticmethod
-    def _hook(k: int, scale: torch.Tensor, ramp: float):
-        def hook(module, args):
-            if k >= args[0].shape[-1]:
-                return None
-            return (torch_mask(args[0], "topk", k=k, scale=scale, ramp=ramp), *args[1:])
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def _run(model, windows: torch.Tensor, eps: float) -> tuple[list[torch.Tensor], list[torch.Tensor], float, int]:
@@ -86,14 +63,14 @@ def _run(model, windows: torch.Tensor, eps: float) -> tuple[list[torch.Tensor], 
     return tops, hiddens, total, count
 
 
-def evaluate(model, windows, config, mode: str, ramp: float, scores: str, eps: float) -> dict:
+def evaluate(model, windows, config, mode: str, ramp: float, scores: str, eps: float, soft: bool = False) -> dict:
     """One row: agreement (mean, min, per window), final-hidden-state divergence, perplexity, effective sparsity."""
     hooks = None
     if config is not None:
-        hooks = WinaHooks(model, config, ramp) if scores == "wina" else apply_sparsity(model, config, mode, ramp=ramp)
+        hooks = apply_sparsity(model, config, mode, ramp=ramp, soft=soft, scores=scores)
     try:
         base, h_base, total, count = _run(model, windows, 0.0)
-        effective = hooks.weighted_effective_sparsity() if hasattr(hooks, "weighted_effective_sparsity") else None
+        effective = hooks.weighted_effective_sparsity() if hooks is not None else None
         pert, h_pert, _, _ = _run(model, windows, eps)
     finally:
         if hooks is not None:
@@ -112,15 +89,17 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _key(r: dict) -> tuple:
-    return (r["mode"], r["level"], r["ramp"], r["scores"])
+    return (r["mode"], r["level"], r["ramp"], r["scores"], r.get("soft", False))
 
 
 def _jobs(args) -> list[tuple]:
-    jobs = [("dense", 0.0, 0.0, "abs")] if args.dense else []
+    jobs = [("dense", 0.0, 0.0, "abs", False)] if args.dense else []
     for level in args.levels:
-        jobs += [(mode, level, ramp, "abs") for ramp in args.ramps for mode in args.modes]  # pairs of modes first
+        jobs += [(mode, level, ramp, "abs", False) for ramp in args.ramps for mode in args.modes]  # pairs of modes first
         if "wina" in args.scores:
-            jobs += [("topk", level, ramp, "wina") for ramp in args.wina_ramps]
+            jobs += [("topk", level, ramp, "wina", False) for ramp in args.wina_ramps]
+        if args.soft:
+            jobs += [(mode, level, 0.0, "abs", True) for mode in args.modes]
     return jobs
 
 
@@ -151,29 +130,31 @@ def run(args: argparse.Namespace) -> None:
             "sequence_length": SEQUENCE_LENGTH, "eval_windows": int(windows.shape[0]),
             "eval_first_token": n_cal * SEQUENCE_LENGTH, "calibration_windows": n_cal, "eps": args.eps,
             "threads": args.threads, "setup_seconds": time.perf_counter() - start}
-    for mode, level, ramp, scores in tqdm(jobs, desc="stability", unit="row"):
+    for mode, level, ramp, scores, soft in tqdm(jobs, desc="stability", unit="row"):
         start = time.perf_counter()
         config = None if mode == "dense" else configs[(mode, level)]
-        row = {"mode": mode, "level": level, "ramp": ramp, "scores": scores,
-               **evaluate(model, windows, config, mode, ramp, scores, args.eps), "seconds": time.perf_counter() - start}
+        row = {"mode": mode, "level": level, "ramp": ramp, "scores": scores, "soft": soft,
+               **evaluate(model, windows, config, mode, ramp, scores, args.eps, soft), "seconds": time.perf_counter() - start}
         rows.append(row)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-        logger.info("%s %.2f ramp %g %s: agreement %.4f (min %.4f), perplexity %.3f (%.0f s)", mode, level, ramp,
-                    scores, row["agreement_mean"], row["agreement_min"], row["perplexity"], row["seconds"])
+        logger.info("%s %.2f ramp %g %s soft %s: agreement %.4f (min %.4f), perplexity %.3f (%.0f s)", mode, level, ramp,
+                    scores, soft, row["agreement_mean"], row["agreement_min"], row["perplexity"], row["seconds"])
 
 
 def table(paths: list[Path]) -> None:
     """Markdown table; Δppl is relative to the hard mask (ramp 0, |x| scores) of the same mode and level."""
     rows = [r for p in paths for r in _rows(p)]
-    hard = {(r["mode"], r["level"]): r["perplexity"] for r in rows if r["ramp"] == 0 and r["scores"] == "abs"}
-    print("| mode | sparsity | scores | ramp δ | agreement mean | agreement min | hidden divergence (median) | perplexity | Δppl vs hard |")
+    hard = {(r["mode"], r["level"]): r["perplexity"] for r in rows
+            if r["ramp"] == 0 and r["scores"] == "abs" and not r.get("soft")}
+    print("| mode | sparsity | scores | value rule | agreement mean | agreement min | hidden divergence (median) | perplexity | Δppl vs hard |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["mode"] != "dense", r["level"], r["mode"], r["scores"], r["ramp"])):
+    for r in sorted(rows, key=lambda r: (r["mode"] != "dense", r["level"], r["mode"], r["scores"], r.get("soft", False), r["ramp"])):
         ref = hard.get((r["mode"], r["level"]))
         div = f"{r['hidden_divergence_median']:.1e}" if "hidden_divergence_median" in r else ""
         delta = "" if ref is None or r["mode"] == "dense" else f"{r['perplexity'] / ref - 1:+.2%}"
-        print(f"| {r['mode']} | {r['level']:.0%} | {r['scores']} | {r['ramp']:g} | {r['agreement_mean']:.2%} | "
+        rule = "soft threshold" if r.get("soft") else f"ramp δ {r['ramp']:g}" if r["ramp"] else "hard"
+        print(f"| {r['mode']} | {r['level']:.0%} | {r['scores']} | {rule} | {r['agreement_mean']:.2%} | "
               f"{r['agreement_min']:.2%} | {div} | {r['perplexity']:.3f} | {delta} |")
 
 
@@ -185,6 +166,7 @@ def main() -> None:
     parser.add_argument("--ramps", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5])
     parser.add_argument("--scores", nargs="+", choices=("abs", "wina"), default=["abs"])
     parser.add_argument("--wina-ramps", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--soft", action="store_true", help="also soft thresholding (sign(x) (|x| - t)) in each mode")
     parser.add_argument("--dense", action="store_true", help="also measure the dense model")
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens")
     parser.add_argument("--calibration-samples", type=int, default=64, help="threshold calibration windows of 512")

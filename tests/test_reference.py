@@ -43,6 +43,32 @@ def test_torch_mask_equals_numpy(mode, ramp):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)  # float32 vs float64 ramp arithmetic
 
 
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_soft_threshold_torch_equals_numpy_and_shrinks_by_t(mode):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 7, 33)).astype(np.float32)
+    member = ref.Member(threshold=0.7, k=11)
+    want, keep = ref.member_values(x, mode, member, soft=True)
+    hard, _ = ref.member_values(x, mode, member)
+    got = ref.torch_mask(torch.from_numpy(x), mode, threshold=0.7, k=11, soft=True)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)  # float32 vs float64: (s - t) / s, x * f
+    # independent check: sign(x) (|x| - t) on kept entries, t the threshold or per row the largest dropped |x|
+    if mode == "threshold":
+        t = np.float64(np.float32(0.7))
+    else:
+        t = np.sort(np.abs(x.astype(np.float64)), axis=-1)[..., -12:-11]
+    np.testing.assert_allclose(want, np.where(keep, np.sign(x) * (np.abs(x) - t), 0.0), rtol=1e-12, atol=1e-12)
+    assert np.array_equal(want != 0, hard != 0)  # same zero set as the hard mask (no ties in random data)
+
+
+def test_soft_threshold_is_one_lipschitz():
+    x = np.linspace(-2, 2, 4001, dtype=np.float32)[None]
+    values, _ = ref.member_values(x, "threshold", ref.Member(threshold=1.0), soft=True)
+    slope = np.abs(np.diff(values[0])) / np.diff(x[0].astype(np.float64))
+    assert slope.max() <= 1.0 + 1e-5  # never steeper than the identity: no gain at |x| = t
+    assert values[0][-1] == pytest.approx(1.0, abs=1e-6)  # 2 - t
+
+
 def test_ramp_is_continuous_and_keeps_the_zero_set():
     x = np.linspace(-2, 2, 4001, dtype=np.float32)[None]
     hard, keep_hard = ref.member_values(x, "threshold", ref.Member(threshold=1.0))

@@ -155,6 +155,63 @@ def test_ramp_hooks_match_reference_member_values(tiny, ids, mode, ramp):
     assert ramped > 0  # the ramp scaled some kept entries (else the test would not tell ramp from hard mask)
 
 
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_soft_hooks_match_reference_member_values(tiny, ids, mode):
+    """apply_sparsity(soft=True) feeds each projection reference.member_values(x, mode, member, soft=True)."""
+    budgets = random_budgets(tiny, seed=6)
+    config = hand_config(tiny, budgets, mode)
+    rng = np.random.default_rng(7)
+    for p in config.projections:
+        p.threshold = float(rng.uniform(0.0, 0.05)) if mode == "threshold" else None
+    rec = Recorder(tiny, budgets)
+    try:
+        with torch.inference_mode(), apply_sparsity(tiny, config, soft=True):
+            tiny(ids)
+    finally:
+        rec.remove()
+    for p in config.projections:
+        raw = rec.raw[p.name].numpy()
+        member = Member(threshold=p.threshold) if mode == "threshold" else Member(k=topk_keep(p.sparsity, p.in_features))
+        values, _ = member_values(raw, mode, member, soft=True)
+        # float32 hook vs float64 reference: (s - t), the division and x * f each round once; entries just above t
+        # shrink to a few ulp of x, hence the absolute term (x ~ 1e-2 .. 1 here)
+        np.testing.assert_allclose(rec.masked[p.name].numpy(), values, rtol=1e-5, atol=1e-7)
+        assert np.abs(rec.masked[p.name].numpy()).max() < np.abs(raw).max()  # every kept entry shrank
+
+
+def test_wina_hooks_rank_by_weight_column_norms(tiny, ids):
+    """scores="wina": each projection keeps its k largest |x_i| * ||W[:, i]|| (reference.member_values with the scale)."""
+    budgets = random_budgets(tiny, seed=8)
+    config = hand_config(tiny, budgets)
+    rec = Recorder(tiny, budgets)
+    try:
+        with torch.inference_mode(), apply_sparsity(tiny, config, scores="wina") as hooks:
+            tiny(ids)
+            eff = hooks.effective_sparsity()
+    finally:
+        rec.remove()
+    differs = 0
+    for p in config.projections:
+        raw = rec.raw[p.name].numpy()
+        # the scale as the hook computes it (float32 norm): a scale rounded otherwise could reorder a near tie
+        scale = tiny.get_submodule(p.name).weight.detach().float().norm(dim=0).numpy()
+        k = topk_keep(p.sparsity, p.in_features)
+        values, keep = member_values(raw, "topk", Member(k=k, scale=scale))
+        np.testing.assert_array_equal(rec.masked[p.name].numpy(), values.astype(np.float32))  # kept values unchanged
+        assert eff[p.name] == pytest.approx(1.0 - k / p.in_features, abs=1e-12)
+        differs += int((keep != np_topk_mask(raw, k)).any())
+    assert differs > 0  # the weighted ranking chose other entries than |x| somewhere
+
+
+def test_bad_value_rules_are_refused(tiny):
+    with pytest.raises(ActTailError, match="not both"):
+        apply_sparsity(tiny, hand_config(tiny, 0.5), ramp=0.1, soft=True)
+    with pytest.raises(ActTailError, match="scores must be one of"):
+        apply_sparsity(tiny, hand_config(tiny, 0.5), scores="norm")
+    with pytest.raises(ActTailError, match="top-k mode only"):
+        apply_sparsity(tiny, hand_config(tiny, 0.5, "threshold"), mode="threshold", scores="wina")
+
+
 def test_negative_ramp_is_refused(tiny):
     with pytest.raises(ActTailError, match="ramp"):
         apply_sparsity(tiny, hand_config(tiny, 0.5), ramp=-0.1)
