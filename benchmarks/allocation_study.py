@@ -88,7 +88,8 @@ def _waterfill_config(model, level: float, spec: str, fits, trajectories):
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(default_model_path())
-    windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
+    skip = args.skip_tokens // 1024  # windows of 1024 left out at the start (e.g. the search's own text)
+    windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens + skip * 1024)[skip:]
     settings = greedy.GreedySettings(mode="topk", step=args.step, samples=args.samples, sequence_length=args.search_length,
                                      max_increment=args.max_increment, rank=args.rank)
     greedy.DELTA_LIMIT = args.delta_limit
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> None:
         trajectories = greedy.search(model, calib, [float(v) for v in levels], settings)
         search_seconds = greedy.search.seconds
     meta = {"model": "SmolLM2-135M-Instruct (GGUF, fp32)", "split": args.split, "tokens": int(windows.numel()),
+            "first_token": skip * 1024,
             "sequence_length": 1024, "mode": "topk", "greedy_settings": vars(settings) if hasattr(settings, "__dict__") else str(settings),
             "spectral_fit_seconds": fit_seconds, "greedy_search_seconds": search_seconds, "threads": args.threads,
             "delta_limit": args.delta_limit,
@@ -188,6 +190,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("valid", "test"), default="valid")
     parser.add_argument("--calibration", type=Path, help="greedy search text (validation split)")
     parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--skip-tokens", type=int, default=0,
+                        help="evaluate from this token on (whole windows of 1024), e.g. past the search's own text")
     parser.add_argument("--levels", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--methods", nargs="+", default=["uniform", "htsr", "teal-greedy", "acttail-greedy", "acttail"])
     parser.add_argument("--dense", action="store_true", help="also evaluate the dense model")
