@@ -2,7 +2,7 @@
 
 ``acttail`` (the default) is a method per target level and mode (``config.DEFAULT_POLICY``, resolved by
 ``config.resolve_allocation``): ``teal-greedy`` up to 65 %, then in top-k mode ``waterfill-greedy`` up to 85 % and
-``htsr`` above, in threshold mode ``acttail-greedy`` above.
+``htsr`` above; in threshold mode ``htsr`` up to 45 %, ``teal-greedy`` up to 65 %, ``acttail-greedy`` above.
 
 A mapping ``<score>[-rev][-kept|-abs]`` turns the alphas into scores z_i in [0, 1] (higher z, more
 sparsity; ``-rev``: 1 − z) and the scores into budgets whose parameter-weighted mean is the target s

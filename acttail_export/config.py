@@ -49,11 +49,12 @@ MODES = ("topk", "threshold")
 #: ``study_valid_*_defaults.json``): TEAL's greedy search up to 65 %, HT-SR above 85 %; from 65 to 85 % the
 #: water-filled block levels (section 6d, ``study_valid_waterfill*.json``: 147.4 vs 167.4 for the combination at 70 %,
 #: 695.3 vs 1200.4 at 80 %).
-#: Threshold (50 / 70 / 80 / 90 %, ``threshold_valid.json``): TEAL's greedy search up to 65 %, the combination above
+#: Threshold (40-90 %, ``threshold_valid.json``, ``threshold_valid_40_60.json``): HT-SR up to 45 % (at 40 % 21.22 vs
+#: 21.55 for the greedy search, at a higher effective sparsity), TEAL's greedy search up to 65 %, the combination above
 #: (at 90 % it beats HT-SR, 13645 vs 239024). A dense target (0) needs no allocation.
 DEFAULT_POLICY: dict[str, tuple[tuple[float, str], ...]] = {
     "topk": ((0.65, "teal-greedy"), (0.85, "waterfill-greedy"), (1.0, "htsr")),
-    "threshold": ((0.65, "teal-greedy"), (1.0, "acttail-greedy")),
+    "threshold": ((0.45, "htsr"), (0.65, "teal-greedy"), (1.0, "acttail-greedy")),
 }
 KERNELS = ("mask", "fused")
 #: projection weights of the graph: the float dtype of the export, or 4-bit blocks (:mod:`acttail_export.quantize`)

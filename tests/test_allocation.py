@@ -364,8 +364,9 @@ def test_default_policy_resolves_every_level():
     # 70-80 %, HT-SR 90 %
     assert [resolve_allocation("acttail", s, "topk") for s in levels] == ["teal-greedy"] * 3 + ["waterfill-greedy"] * 2 + [
         "htsr"]
-    # threshold (threshold_valid.json): greedy up to 65 %, the combination above (90 % included)
-    assert [resolve_allocation("acttail", s, "threshold") for s in levels] == ["teal-greedy"] * 3 + ["acttail-greedy"] * 3
+    # threshold (threshold_valid*.json): HT-SR at 40 %, greedy 50-60 %, the combination above (90 % included)
+    assert [resolve_allocation("acttail", s, "threshold") for s in levels] == ["htsr"] + ["teal-greedy"] * 2 + [
+        "acttail-greedy"] * 3
     with pytest.raises(TypeError):
         resolve_allocation("acttail", 0.5)  # the mode is required
     with pytest.raises(ActTailError, match="^mode must be one of topk, threshold; got 'dense'$"):

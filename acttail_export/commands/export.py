@@ -34,9 +34,10 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_base: str = "g
     sparsity.add_argument("--sparsity", default="0.5", help="target parameter-weighted activation sparsity in [0, 1) (default 0.5)")
     sparsity.add_argument("--allocation", choices=ALLOCATIONS, default="acttail",
                           help="per-projection budgets: acttail (the default: the best method per level and mode on "
-                               "validation, TEAL's greedy search up to 65 %%, then HT-SR block targets with it, up to 85 %% "
-                               "in top-k mode with HT-SR alphas above; docs/allocation.md), htsr (from the HT-SR alphas), "
-                               "teal-greedy, acttail-greedy, uniform")
+                               "validation; top-k: TEAL's greedy search up to 65 %%, water-filled block levels up to 85 %%, "
+                               "HT-SR above; threshold: HT-SR up to 45 %%, the greedy search up to 65 %%, HT-SR block "
+                               "targets with it above; docs/allocation.md), htsr (from the HT-SR alphas), teal-greedy, "
+                               "acttail-greedy, waterfill-greedy, uniform")
     sparsity.add_argument("--mode", choices=("topk", "threshold"), default="topk",
                           help="keep the k largest |x| per token (topk) or |x| above a calibrated threshold")
     sparsity.add_argument("--kernel", choices=("mask", "fused"), default="mask",
