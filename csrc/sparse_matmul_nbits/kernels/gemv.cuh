@@ -272,7 +272,10 @@ struct Pool {
   unsigned off[MR == 1 ? kRows : 1];  // one row of X (the ONE loop): the row's byte offset in Q, row * rowbytes
   unsigned char km[kRows];
   float v[MR][kRows];
-  int cnt[PoolRowsPerLane<MR>() * WARPS];
+  // 16-byte aligned: the per-chunk sum of the counts is then read as whole LDS.128 words of cnt alone (unaligned,
+  // ptxas widened it to a word starting at v's last entry, which compute-sanitizer's racecheck reported as a
+  // write-after-read hazard against that entry's store in the same interval: harmless, the value was discarded)
+  alignas(16) int cnt[PoolRowsPerLane<MR>() * WARPS];
 };
 
 __device__ __forceinline__ void PrefetchL2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
