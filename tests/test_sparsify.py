@@ -125,71 +125,52 @@ def test_hooked_projections_match_reference(tiny, ids, mode):
     assert not torch.equal(rec.masked[q], rec.masked[k])
 
 
+def hooked_run(model, ids, config, budgets, **options):
+    """(Recorder of every projection's raw / masked input, effective sparsity) of one forward under apply_sparsity."""
+    rec = Recorder(model, budgets)
+    try:
+        with torch.inference_mode(), apply_sparsity(model, config, **options) as hooks:
+            model(ids)
+            eff = hooks.effective_sparsity()
+    finally:
+        rec.remove()
+    return rec, eff
+
+
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
-@pytest.mark.parametrize("ramp", [0.1, 0.5])
-def test_ramp_hooks_match_reference_member_values(tiny, ids, mode, ramp):
-    """apply_sparsity(ramp=δ) feeds each projection reference.member_values(x, mode, member, δ)."""
+@pytest.mark.parametrize("ramp, soft", [(0.1, False), (0.5, False), (0.0, True)])
+def test_value_rule_hooks_match_reference_member_values(tiny, ids, mode, ramp, soft):
+    """apply_sparsity(ramp=δ) / (soft=True) feeds each projection reference.member_values(x, mode, member, δ, soft)."""
     budgets = random_budgets(tiny, seed=3)
     config = hand_config(tiny, budgets, mode)
     rng = np.random.default_rng(4)
     for p in config.projections:
         p.threshold = float(rng.uniform(0.0, 0.05)) if mode == "threshold" else None
-    rec = Recorder(tiny, budgets)
-    try:
-        with torch.inference_mode(), apply_sparsity(tiny, config, ramp=ramp) as hooks:
-            tiny(ids)
-            eff = hooks.effective_sparsity()
-    finally:
-        rec.remove()
-    ramped = 0
+    rec, eff = hooked_run(tiny, ids, config, budgets, ramp=ramp, soft=soft)
+    changed = 0
     for p in config.projections:
         raw = rec.raw[p.name].numpy()
         member = Member(threshold=p.threshold) if mode == "threshold" else Member(k=topk_keep(p.sparsity, p.in_features))
-        values, keep = member_values(raw, mode, member, ramp)
+        values, keep = member_values(raw, mode, member, ramp, soft=soft)
         got = rec.masked[p.name].numpy()
-        # float32 hook vs float64 reference: (s - t), δ t, the division and x * f each round once (~4 ulp of x)
-        np.testing.assert_allclose(got, values, rtol=1e-6, atol=0)
-        np.testing.assert_array_equal(got != 0, values != 0)  # same zero set as the reference
-        assert eff[p.name] == pytest.approx(1.0 - keep.mean(), abs=1e-12)  # counts the zero set, not the ramp
-        ramped += int(((values != 0) & (values != raw)).sum())
-    assert ramped > 0  # the ramp scaled some kept entries (else the test would not tell ramp from hard mask)
-
-
-@pytest.mark.parametrize("mode", ["topk", "threshold"])
-def test_soft_hooks_match_reference_member_values(tiny, ids, mode):
-    """apply_sparsity(soft=True) feeds each projection reference.member_values(x, mode, member, soft=True)."""
-    budgets = random_budgets(tiny, seed=6)
-    config = hand_config(tiny, budgets, mode)
-    rng = np.random.default_rng(7)
-    for p in config.projections:
-        p.threshold = float(rng.uniform(0.0, 0.05)) if mode == "threshold" else None
-    rec = Recorder(tiny, budgets)
-    try:
-        with torch.inference_mode(), apply_sparsity(tiny, config, soft=True):
-            tiny(ids)
-    finally:
-        rec.remove()
-    for p in config.projections:
-        raw = rec.raw[p.name].numpy()
-        member = Member(threshold=p.threshold) if mode == "threshold" else Member(k=topk_keep(p.sparsity, p.in_features))
-        values, _ = member_values(raw, mode, member, soft=True)
-        # float32 hook vs float64 reference: (s - t), the division and x * f each round once; entries just above t
-        # shrink to a few ulp of x, hence the absolute term (x ~ 1e-2 .. 1 here)
-        np.testing.assert_allclose(rec.masked[p.name].numpy(), values, rtol=1e-5, atol=1e-7)
-        assert np.abs(rec.masked[p.name].numpy()).max() < np.abs(raw).max()  # every kept entry shrank
+        if soft:
+            # float32 hook vs float64 reference: (s - t), the division and x * f each round once; entries just above t
+            # shrink to a few ulp of x, hence the absolute term (x ~ 1e-2 .. 1 here)
+            np.testing.assert_allclose(got, values, rtol=1e-5, atol=1e-7)
+        else:
+            # float32 hook vs float64 reference: (s - t), δ t, the division and x * f each round once (~4 ulp of x)
+            np.testing.assert_allclose(got, values, rtol=1e-6, atol=0)
+            np.testing.assert_array_equal(got != 0, values != 0)  # same zero set as the reference
+        assert eff[p.name] == pytest.approx(1.0 - keep.mean(), abs=1e-12)  # counts the zero set, not the value rule
+        changed += int(((values != 0) & (values != raw)).sum())
+    assert changed > 0  # the rule scaled some kept entries (else the test would not tell it from the hard mask)
 
 
 def test_wina_hooks_rank_by_weight_column_norms(tiny, ids):
     """scores="wina": each projection keeps its k largest |x_i| * ||W[:, i]|| (reference.member_values with the scale)."""
     budgets = random_budgets(tiny, seed=8)
     config = hand_config(tiny, budgets)
-    rec = Recorder(tiny, budgets)
-    try:
-        with torch.inference_mode(), apply_sparsity(tiny, config, scores="wina") as hooks:
-            tiny(ids)
-            eff = hooks.effective_sparsity()
-    finally:
-        rec.remove()
+    rec, eff = hooked_run(tiny, ids, config, budgets, scores="wina")
     differs = 0
     for p in config.projections:
         raw = rec.raw[p.name].numpy()
