@@ -79,7 +79,8 @@ def main(argv=None) -> int:
                 config = ActTailConfig.load(out)
                 rows = agreement(create_session(out), model, config, windows)
             mean = float(np.mean([r["top1_agreement"] for r in rows]))
-            results.append({"mode": mode, "sparsity": s, "allocation": config.allocation, "windows": len(rows), "window_tokens": 512,
+            results.append({"mode": mode, "sparsity": s, "allocation": config.allocation,
+                            "allocation_method": config.allocation_method, "windows": len(rows), "window_tokens": 512,
                             "top1_agreement_mean": mean, "top1_agreement_min": min(r["top1_agreement"] for r in rows), "per_window": rows,
                             "seconds": round(time.perf_counter() - start, 1)})
             logger.info("%s %.0f %%: ORT vs PyTorch top-1 agreement %.3f (min %.3f), first differences %s", mode, 100 * s, mean,
