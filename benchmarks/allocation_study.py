@@ -57,8 +57,14 @@ def _save(path: Path, meta: dict, rows: list[dict]) -> None:
     path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
 
 
-def _config(model, method: str, level: float, fits, trajectories):
-    allocation, _, mapping = method.partition("@")[0].partition(":")
+def _split_scores(method: str) -> tuple[str, str]:
+    """(allocation spec, ranking scores) of a method name: ``teal-greedy@wina`` -> ("teal-greedy", "wina")."""
+    spec, _, scores = method.partition("@")
+    return spec, scores or "abs"
+
+
+def _config(model, spec: str, level: float, fits, trajectories):
+    allocation, _, mapping = spec.partition(":")
     if allocation == "dense":
         return None
     if allocation == "waterfill":
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
     fits = analyze_model(model, progress=False)
     fit_seconds = time.perf_counter() - start
     trajectories, search_seconds = None, None
-    methods = [m.partition("@")[0] for m in args.methods]
+    methods = [_split_scores(m)[0] for m in args.methods]
     greedy_methods = [m for m in methods if m.startswith("waterfill") or needs_search(m.partition(":")[0], args.levels, "topk")]
     if greedy_methods:
         levels = np.max([greedy_levels(model, m.partition(":")[0], args.levels, "topk", mapping=m.partition(":")[2] or None, fits=fits)
@@ -120,10 +126,10 @@ def run(args: argparse.Namespace) -> None:
         if (method, level) in done:
             continue
         start = time.perf_counter()
-        config = _config(model, method, level, fits, trajectories)
+        spec, scores = _split_scores(method)
+        config = _config(model, spec, level, fits, trajectories)
         alloc_seconds = time.perf_counter() - start
-        result = perplexity_windows(model, windows, config, "topk", progress=False,
-                                    scores="wina" if method.endswith("@wina") else "abs")
+        result = perplexity_windows(model, windows, config, "topk", progress=False, scores=scores)
         row = {"method": method, "level": level, "split": args.split, "perplexity": result["perplexity"],
                "effective_sparsity": result["effective_sparsity"], "tokens": result["tokens"],
                "allocation_seconds": alloc_seconds, "eval_seconds": time.perf_counter() - start - alloc_seconds}
