@@ -90,10 +90,19 @@ class GreedySettings:
     #: same choice where every candidate adds the same level, i.e. without a cap binding). In the cache key only when
     #: not the default.
     rank: str = "error"
+    #: Lazy evaluation (Minoux's lazy greedy; opt-in, False by default): a step re-evaluates candidates in the order of
+    #: the error rise each had when last evaluated, and takes the first whose fresh rise is still the smallest, fresh or
+    #: last known, of all; the others keep their old rises. The same choice as evaluating every candidate wherever a
+    #: projection's rise never falls while the others rise (the block error supermodular in the budgets), otherwise
+    #: possibly another; fewer products per step (docs/allocation.md section 6i). Only with ``rank="error"``. In the
+    #: cache key only when set.
+    lazy: bool = False
 
     def __post_init__(self) -> None:
         if self.rank not in RANKS:
             raise ActTailError(f"greedy search: rank must be one of {', '.join(RANKS)}, not {self.rank!r}")
+        if self.lazy and self.rank != "error":
+            raise ActTailError("greedy search: lazy evaluation ranks by the error only (rank=\"error\")")
         if self.max_increment is not None:
             value = self.max_increment
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -114,6 +123,8 @@ class GreedySettings:
             del out["max_increment"]
         if out["rank"] == "error":
             del out["rank"]
+        if not out["lazy"]:
+            del out["lazy"]
         return out
 
 
@@ -439,6 +450,7 @@ class BlockSearch:
         self.rules = {kind: _Rule() for kind in PROJECTION_KINDS}
         self.sparsity = np.zeros(len(PROJECTION_KINDS))
         self._error: float | None = 0.0  # block error of the current rules (None: not known yet)
+        self._rises: dict[int, float] = {}  # lazy evaluation: each projection's error rise when last evaluated
         self._sorted: dict[str, torch.Tensor] = {}
         self._view: dict | None = None
         self._shards: list[_Shard] = []
@@ -619,12 +631,41 @@ class BlockSearch:
             return 0.0
         return float(self._distances([self._keys()])[0].mean())
 
-    def step(self) -> tuple[int, float, list[float]]:
-        """One greedy step: (chosen index, its error, every candidate's error in PROJECTION_KINDS order, inf if skipped)."""
+    def _lazy_errors(self, candidates: list[tuple[int, tuple]]) -> list[float]:
+        """:attr:`GreedySettings.lazy`: the errors of the candidates a lazy step evaluates (inf for the others, whose
+        last known rise is not below the chosen one's fresh rise); the chosen candidate has the smallest error of
+        the returned list, ties to the lowest index as in a full step."""
         errors = [float("inf")] * len(PROJECTION_KINDS)
+        keys = dict(candidates)
+        missing = [i for i in keys if i not in self._rises]
+        if self._error is None:
+            self._error = self.current_error()
+        if missing:  # the first step (or a projection not evaluated yet): every candidate, as a full step
+            for i, distances in zip(keys, self._distances(list(keys.values()))):
+                errors[i] = float(distances.mean())
+                self._rises[i] = errors[i] - self._error
+            return errors
+        fresh: set[int] = set()
+        while True:
+            i = min(keys, key=lambda j: (self._rises[j], j))
+            if i in fresh:
+                break
+            errors[i] = float(self._distances([keys[i]])[0].mean())
+            self._rises[i] = errors[i] - self._error
+            fresh.add(i)
+        # every other fresh candidate has a larger error, or the same error and a higher index: np.argmin picks i
+        return errors
+
+    def step(self) -> tuple[int, float, list[float]]:
+        """One greedy step: (chosen index, its error, every candidate's error in PROJECTION_KINDS order, inf if skipped
+        or, with lazy evaluation, not evaluated)."""
         candidates = self._candidate_keys()
-        for (i, _), distances in zip(candidates, self._distances([keys for _, keys in candidates])):
-            errors[i] = float(distances.mean())
+        if self.settings.lazy:
+            errors = self._lazy_errors(candidates)
+        else:
+            errors = [float("inf")] * len(PROJECTION_KINDS)
+            for (i, _), distances in zip(candidates, self._distances([keys for _, keys in candidates])):
+                errors[i] = float(distances.mean())
         scores, raised = errors, dict(self.candidates())
         if self.settings.rank == "error_per_rise":
             if self._error is None:
@@ -648,9 +689,12 @@ class BlockSearch:
             shard.evict(live)
         return best, errors[best], errors
 
-    def run(self, trajectory: list[list[float]], max_level: float, errors: list[float] | None = None) -> list[list[float]]:
+    def run(self, trajectory: list[list[float]], max_level: float, errors: list[float] | None = None,
+            rises: dict[int, float] | None = None) -> list[list[float]]:
         """Extend ``trajectory`` (rows of 7 budgets, starting at zeros) until its level reaches ``max_level``;
-        ``errors`` (one per row, the block error of that state: 0 for the dense first row) is extended alongside."""
+        ``errors`` (one per row, the block error of that state: 0 for the dense first row) is extended alongside.
+        ``rises`` (lazy evaluation): the projections' last known error rises at the trajectory's end, read and updated
+        in place, so that extending a trajectory makes the choices of one search run to the higher level."""
         if not trajectory:
             trajectory = [[0.0] * len(PROJECTION_KINDS)]
         if errors is not None and not errors:
@@ -660,6 +704,8 @@ class BlockSearch:
             self.set_sparsity(i, value)
         self._view = None
         self._error = errors[-1] if errors else None
+        if rises is not None:
+            self._rises = rises
         with torch.inference_mode():
             while self.level() < max_level - 1e-12:
                 _, error, _ = self.step()
@@ -807,6 +853,8 @@ def search(
     # were recorded is searched again)
     errors = {int(k): v for k, v in cached.get("errors", {}).items()}
     scales = {int(k): v for k, v in cached.get("scales", {}).items()}
+    # lazy evaluation: per block, the projections' last known error rises at the trajectory's end
+    rises = {int(k): {int(i): r for i, r in v.items()} for k, v in cached.get("rises", {}).items()}
     hidden, kwargs = block_inputs(model, windows)
     bar = tqdm(range(len(layers)), desc="greedy allocation", unit="block", disable=not progress)
     for index in bar:
@@ -815,20 +863,23 @@ def search(
             try:
                 rows = trajectories.get(index, [])
                 errs = errors.get(index, []) if rows else []
-                if len(errs) != len(rows):
+                if len(errs) != len(rows) or (settings.lazy and rows and index not in rises):
                     # a block cached before its errors were recorded: searched again (the same rows, with errors)
                     rows, errs = [], []
                     seconds.pop(index, None)
+                    rises.pop(index, None)
                 reached = block.level(np.asarray(rows[-1])) if rows else 0.0
                 scales[index] = float(block.target.double().norm(dim=-1).mean())
                 if reached < wanted[index] - 1e-12:
                     start = time.perf_counter()
-                    trajectories[index] = block.run(rows, wanted[index], errs)
+                    trajectories[index] = block.run(rows, wanted[index], errs,
+                                                    rises.setdefault(index, {}) if settings.lazy else None)
                     errors[index] = errs
                     seconds[index] = seconds.get(index, 0.0) + time.perf_counter() - start
                     if path is not None:
-                        _write_atomic(path, {"key": key, "trajectories": trajectories, "seconds": seconds,
-                                             "errors": errors, "scales": scales})
+                        payload = {"key": key, "trajectories": trajectories, "seconds": seconds, "errors": errors,
+                                   "scales": scales}
+                        _write_atomic(path, payload | ({"rises": rises} if settings.lazy else {}))
                 hidden = block.target  # the next block reads the dense output
             finally:
                 block.close()
