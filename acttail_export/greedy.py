@@ -97,12 +97,17 @@ class GreedySettings:
     #: possibly another; fewer products per step (docs/allocation.md section 6i). Only with ``rank="error"``. In the
     #: cache key only when set.
     lazy: bool = False
+    #: With ``lazy``: every ``refresh``-th step of a block (counted from the dense row) evaluates every candidate, which
+    #: renews every last known rise; 0 (the default): only the first. In the cache key only with ``lazy``.
+    refresh: int = 0
 
     def __post_init__(self) -> None:
         if self.rank not in RANKS:
             raise ActTailError(f"greedy search: rank must be one of {', '.join(RANKS)}, not {self.rank!r}")
         if self.lazy and self.rank != "error":
             raise ActTailError("greedy search: lazy evaluation ranks by the error only (rank=\"error\")")
+        if isinstance(self.refresh, bool) or not isinstance(self.refresh, int) or self.refresh < 0:
+            raise ActTailError(f"greedy search: refresh must be an integer >= 0 (0: never), not {self.refresh!r}")
         if self.max_increment is not None:
             value = self.max_increment
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -124,7 +129,7 @@ class GreedySettings:
         if out["rank"] == "error":
             del out["rank"]
         if not out["lazy"]:
-            del out["lazy"]
+            del out["lazy"], out["refresh"]
         return out
 
 
@@ -451,6 +456,7 @@ class BlockSearch:
         self.sparsity = np.zeros(len(PROJECTION_KINDS))
         self._error: float | None = 0.0  # block error of the current rules (None: not known yet)
         self._rises: dict[int, float] = {}  # lazy evaluation: each projection's error rise when last evaluated
+        self._steps = 0  # steps from the dense row to the current state
         self._sorted: dict[str, torch.Tensor] = {}
         self._view: dict | None = None
         self._shards: list[_Shard] = []
@@ -638,9 +644,11 @@ class BlockSearch:
         errors = [float("inf")] * len(PROJECTION_KINDS)
         keys = dict(candidates)
         missing = [i for i in keys if i not in self._rises]
+        refresh = self.settings.refresh
         if self._error is None:
             self._error = self.current_error()
-        if missing:  # the first step (or a projection not evaluated yet): every candidate, as a full step
+        if missing or (refresh and self._steps % refresh == 0):
+            # the first step, a projection not evaluated yet, or a refresh: every candidate, as a full step
             for i, distances in zip(keys, self._distances(list(keys.values()))):
                 errors[i] = float(distances.mean())
                 self._rises[i] = errors[i] - self._error
@@ -677,6 +685,7 @@ class BlockSearch:
         if not np.isfinite(errors[best]):
             raise ActTailError("greedy search: every projection is at s_max; lower the level")
         self._error = errors[best]
+        self._steps += 1
         self.sparsity[best] = raised[best]
         self.set_sparsity(best, self.sparsity[best])
         self._view = None
@@ -700,6 +709,7 @@ class BlockSearch:
         if errors is not None and not errors:
             errors.append(0.0)
         self.sparsity = np.array(trajectory[-1], dtype=np.float64)
+        self._steps = len(trajectory) - 1
         for i, value in enumerate(self.sparsity):
             self.set_sparsity(i, value)
         self._view = None

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> None:
     skip = args.skip_tokens // 1024  # windows of 1024 left out at the start (e.g. the search's own text)
     windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens + skip * 1024)[skip:]
     settings = greedy.GreedySettings(mode="topk", step=args.step, samples=args.samples, sequence_length=args.search_length,
-                                     max_increment=args.max_increment, rank=args.rank, lazy=args.lazy)
+                                     max_increment=args.max_increment, rank=args.rank, lazy=args.lazy,
+                                     refresh=args.refresh)
     greedy.DELTA_LIMIT = args.delta_limit
     start = time.perf_counter()
     fits = analyze_model(model, progress=False)
@@ -209,6 +210,8 @@ def main() -> None:
                         help="greedy GreedySettings.max_increment: cap on one step's increase of a projection (default: none)")
     parser.add_argument("--lazy", action="store_true",
                     help="GreedySettings.lazy: lazy evaluation of the candidates (default: every candidate every step)")
+    parser.add_argument("--refresh", type=int, default=0,
+                    help="GreedySettings.refresh: with --lazy, every n-th step evaluates every candidate (default 0: never)")
     parser.add_argument("--rank", choices=greedy.RANKS, default="error",
                         help="greedy GreedySettings.rank: how a step ranks its candidates (default: error, TEAL's rule)")
     parser.add_argument("--samples", type=int, default=2, help="greedy search windows")

@@ -56,6 +56,8 @@ def main() -> None:
                     help="GreedySettings.max_increment: cap on one step's increase of a projection (default: none)")
     ap.add_argument("--lazy", action="store_true",
                     help="GreedySettings.lazy: lazy evaluation of the candidates (default: every candidate every step)")
+    ap.add_argument("--refresh", type=int, default=0,
+                    help="GreedySettings.refresh: with --lazy, every n-th step evaluates every candidate (default 0: never)")
     ap.add_argument("--rank", choices=("error", "error_per_rise"), default="error",
                     help="GreedySettings.rank: how a step ranks its candidates (default: error, TEAL's rule)")
     ap.add_argument("--delta-limit", type=float, default=None,
@@ -81,7 +83,8 @@ def main() -> None:
         fits = analyze_model(model, progress=False)
         fit_seconds = round(time.perf_counter() - start, 1)
     settings = greedy.GreedySettings(mode=args.mode, **({} if args.step is None else {"step": args.step}),
-                                     max_increment=args.max_increment, rank=args.rank, lazy=args.lazy)
+                                     max_increment=args.max_increment, rank=args.rank, lazy=args.lazy,
+                                     refresh=args.refresh)
     start = time.perf_counter()
     trajectories = greedy.search_for(model, tokenizer, args.allocation, [args.level], args.mode, args.data, fits=fits,
                                      settings=settings, cache_dir=False, progress=True)

@@ -604,3 +604,113 @@ def test_a_cache_without_errors_is_searched_again(tiny, tmp_path, monkeypatch):
     again = greedy.search(model, windows, 0.3, settings, cache_dir=tmp_path, progress=False)
     assert runs == [0] * len(model.model.layers)
     assert again == first and again.errors == first.errors and again.scales == first.scales
+
+
+def test_lazy_is_validated_and_in_the_cache_key_only_when_set():
+    from acttail_export.errors import ActTailError
+
+    with pytest.raises(ActTailError, match="lazy evaluation ranks by the error only"):
+        greedy.GreedySettings(lazy=True, rank="error_per_rise")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ActTailError, match="refresh must be an integer >= 0"):
+            greedy.GreedySettings(lazy=True, refresh=bad)
+    assert "lazy" not in greedy.GreedySettings().key() and "refresh" not in greedy.GreedySettings().key()
+    assert greedy.GreedySettings(lazy=True).key()["lazy"] is True
+    assert greedy.GreedySettings(lazy=True, refresh=3).key()["refresh"] == 3
+
+
+@pytest.mark.parametrize("mode, refresh", [("topk", 0), ("threshold", 0), ("topk", 3)])
+def test_lazy_step_against_brute_force(tiny, mode, refresh):
+    """Each lazy step takes a candidate whose fresh rise is the smallest of all rises known after the step (fresh, or
+    the last known for a candidate it did not evaluate; ties to the lowest index); every error it computes is a full
+    layer forward's; where no candidate it left unevaluated has a true rise below its last known one, the choice is the
+    full step's. With ``refresh`` n, every n-th step evaluates every candidate."""
+    model, windows = tiny
+    hidden, kwargs = greedy.block_inputs(model, windows)
+    with torch.inference_mode():
+        reference = copy.deepcopy(model.model.layers[0])
+        dense = _dense_inputs(reference, hidden, kwargs)
+        search = greedy.BlockSearch(model.model.layers[0], hidden, kwargs,
+                                    greedy.GreedySettings(mode=mode, lazy=True, refresh=refresh, **SETTINGS))
+        current, skipped = 0.0, 0
+        try:
+            for step in range(16):
+                before, stale = search.sparsity.copy(), dict(search._rises)
+                brute = {}
+                for i, value in search.candidates():
+                    trial = before.copy()
+                    trial[i] = value
+                    brute[i] = _reference_error(reference, hidden, kwargs, trial, mode, dense, search.target)
+                chosen, err, errors = search.step()
+                evaluated = {i for i in brute if np.isfinite(errors[i])}
+                if step == 0 or (refresh and step % refresh == 0):
+                    assert evaluated == set(brute)
+                skipped += len(brute) - len(evaluated)
+                assert chosen in evaluated
+                for i in evaluated:
+                    assert errors[i] == pytest.approx(brute[i], rel=1e-5, abs=1e-7), PROJECTION_KINDS[i]
+                known = {i: errors[i] - current if i in evaluated else stale[i] for i in brute}
+                assert min(known, key=lambda i: (known[i], i)) == chosen
+                if all(brute[i] - current >= stale[i] - 1e-6 for i in brute if i not in evaluated):
+                    assert chosen == min(brute, key=lambda i: (brute[i], i))
+                current = err
+        finally:
+            search.close()
+    assert skipped > 0  # the laziness happened: some steps left candidates unevaluated
+
+
+def test_lazy_equals_the_full_step_where_rises_never_fall(tiny):
+    """On a block error whose rises never fall as other projections rise (here: a separable convex cost of the seven
+    rules, put in place of the block forward), the lazy search makes every choice of the full one, with fewer
+    evaluations."""
+    model, windows = tiny
+    hidden, kwargs = greedy.block_inputs(model, windows)
+    weights = np.random.default_rng(3).uniform(0.5, 2.0, len(PROJECTION_KINDS))
+
+    def cost(keys, layer):
+        dims = [getattr(getattr(layer, PROJECTION_PARENT[k]), k).in_features for k in PROJECTION_KINDS]
+        dropped = [0 if k is None else d - k for k, d in zip(keys, dims)]
+        return float(sum(w * (x / d) ** 2 for w, x, d in zip(weights, dropped, dims)))
+
+    runs = {}
+    with torch.inference_mode():
+        for lazy in (False, True):
+            search = greedy.BlockSearch(model.model.layers[0], hidden, kwargs,
+                                        greedy.GreedySettings(lazy=lazy, **SETTINGS))
+            calls = []
+
+            def distances(candidates, layer=model.model.layers[0], calls=calls):
+                calls.append(len(candidates))
+                return [torch.full((4,), cost(keys, layer), dtype=torch.float64) for keys in candidates]
+
+            search._distances = distances
+            try:
+                runs[lazy] = ([search.step()[0] for _ in range(40)], sum(calls))
+            finally:
+                search.close()
+    assert runs[True][0] == runs[False][0]
+    assert len(set(runs[False][0])) >= 4
+    assert runs[True][1] < runs[False][1] / 2
+
+
+@pytest.mark.parametrize("refresh", [0, 3])
+def test_lazy_resume_and_extension_equal_one_run(tiny, tmp_path, refresh):
+    """The last known rises are cached with the trajectories (and the refresh steps counted from the dense row):
+    extending a lazy search (or reading it back) gives the trajectories and errors of one lazy run to the higher
+    level."""
+    model, windows = tiny
+    settings = greedy.GreedySettings(lazy=True, refresh=refresh, **SETTINGS)
+    fresh = greedy.search(model, windows, 0.5, settings, cache_dir=False, progress=False)
+    greedy.search(model, windows, 0.3, settings, cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("greedy-*.json")
+    payload = json.loads(path.read_text())
+    assert payload["key"]["settings"]["lazy"] is True
+    assert set(payload["rises"]) == {str(i) for i in range(len(model.model.layers))}
+    extended = greedy.search(model, windows, 0.5, settings, cache_dir=tmp_path, progress=False)
+    assert extended == fresh and extended.errors == fresh.errors
+    assert greedy.search(model, windows, 0.5, settings, cache_dir=tmp_path, progress=False) == fresh
+    # a lazy cache entry without its rises (written by hand, or truncated) is searched again, not extended blind
+    payload = json.loads(path.read_text())
+    del payload["rises"]["1"]
+    path.write_text(json.dumps(payload))
+    assert greedy.search(model, windows, 0.5, settings, cache_dir=tmp_path, progress=False) == fresh
