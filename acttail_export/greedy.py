@@ -21,6 +21,7 @@ split into one shard per torch thread, each evaluated in a thread of its own. Ev
 a full-block forward with the ``sparsify`` masks under the same rules (bit for bit with MKL on x86: the ops are
 the same and act on each token, attention on each sequence, on its own; tests/test_greedy.py). ``DELTA_LIMIT`` (off by
 default) updates a product whose rule rises on an unchanged input from the entries the rule drops instead.
+``GreedySettings.lazy`` (opt-in) evaluates candidates lazily (Minoux), with every ``refresh``-th step in full.
 Memory: one block's activations (a few per candidate) at a time. Trajectories are cached on disk
 (``modeling.cache_root()/greedy``, keyed by the model's weights and the search settings), written after
 every block, so an interrupted search resumes at the first unfinished block and a higher level extends the
@@ -874,7 +875,8 @@ def search(
                 rows = trajectories.get(index, [])
                 errs = errors.get(index, []) if rows else []
                 if len(errs) != len(rows) or (settings.lazy and rows and index not in rises):
-                    # a block cached before its errors were recorded: searched again (the same rows, with errors)
+                    # a block cached before its errors were recorded (the same rows, with errors), or a lazy search's
+                    # block without its last known rises: searched again
                     rows, errs = [], []
                     seconds.pop(index, None)
                     rises.pop(index, None)
