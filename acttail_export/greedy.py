@@ -642,7 +642,6 @@ class BlockSearch:
         """:attr:`GreedySettings.lazy`: the errors of the candidates a lazy step evaluates (inf for the others, whose
         last known rise is not below the chosen one's fresh rise); the chosen candidate has the smallest error of
         the returned list, ties to the lowest index as in a full step."""
-        errors = [float("inf")] * len(PROJECTION_KINDS)
         keys = dict(candidates)
         missing = [i for i in keys if i not in self._rises]
         refresh = self.settings.refresh
@@ -650,10 +649,10 @@ class BlockSearch:
             self._error = self.current_error()
         if missing or (refresh and self._steps % refresh == 0):
             # the first step, a projection not evaluated yet, or a refresh: every candidate, as a full step
-            for i, distances in zip(keys, self._distances(list(keys.values()))):
-                errors[i] = float(distances.mean())
-                self._rises[i] = errors[i] - self._error
+            errors = self._full_errors(candidates)
+            self._rises.update({i: errors[i] - self._error for i in keys})
             return errors
+        errors = [float("inf")] * len(PROJECTION_KINDS)
         fresh: set[int] = set()
         while True:
             i = min(keys, key=lambda j: (self._rises[j], j))
@@ -665,16 +664,18 @@ class BlockSearch:
         # every other fresh candidate has a larger error, or the same error and a higher index: np.argmin picks i
         return errors
 
+    def _full_errors(self, candidates: list[tuple[int, tuple]]) -> list[float]:
+        """Every candidate's error (PROJECTION_KINDS order; inf for a projection at s_max)."""
+        errors = [float("inf")] * len(PROJECTION_KINDS)
+        for (i, _), distances in zip(candidates, self._distances([keys for _, keys in candidates])):
+            errors[i] = float(distances.mean())
+        return errors
+
     def step(self) -> tuple[int, float, list[float]]:
         """One greedy step: (chosen index, its error, every candidate's error in PROJECTION_KINDS order, inf if skipped
         or, with lazy evaluation, not evaluated)."""
         candidates = self._candidate_keys()
-        if self.settings.lazy:
-            errors = self._lazy_errors(candidates)
-        else:
-            errors = [float("inf")] * len(PROJECTION_KINDS)
-            for (i, _), distances in zip(candidates, self._distances([keys for _, keys in candidates])):
-                errors[i] = float(distances.mean())
+        errors = self._lazy_errors(candidates) if self.settings.lazy else self._full_errors(candidates)
         scores, raised = errors, dict(self.candidates())
         if self.settings.rank == "error_per_rise":
             if self._error is None:

@@ -76,18 +76,24 @@ def _waterfill_config(model, level: float, spec: str, fits, trajectories):
     """``waterfill:<abs|rel>[:<headroom>]``: block levels from the search's own error curves
     (:func:`greedy.waterfill_levels`; ``rel`` is the method ``waterfill-greedy``), no block above ``level + headroom``
     (default 0.2, section 6d's study); inside each block the search's budgets at its level."""
+    weighting, _, headroom = spec.partition(":")
+    targets = greedy.waterfill_levels(model, trajectories, level, float(headroom or 0.2), weighting)
+    config = config_at_block_levels(model, level, targets, trajectories, fits)
+    config.allocation_method = f"waterfill:{spec}"
+    logger.info("waterfill %s at %.2f: block levels %s", spec, level, np.round(targets, 3).tolist())
+    return config
+
+
+def config_at_block_levels(model, level: float, targets: list[float], trajectories, fits=None):
+    """Top-k config at ``level`` with block ``l`` at level ``targets[l]``, the search's budgets inside each block."""
     import dataclasses
 
     from acttail_export.config import topk_keep
 
-    weighting, _, headroom = spec.partition(":")
-    targets = greedy.waterfill_levels(model, trajectories, level, float(headroom or 0.2), weighting)
     by_name = greedy.greedy_budgets(model, trajectories, targets)
     config = build_config(model, level, "teal-greedy", "topk", fits=fits, trajectories=trajectories)
     config.projections = [dataclasses.replace(p, sparsity=by_name[p.name], k=topk_keep(by_name[p.name], p.in_features))
                           for p in config.projections]
-    config.allocation_method = f"waterfill:{spec}"
-    logger.info("waterfill %s at %.2f: block levels %s", spec, level, np.round(targets, 3).tolist())
     return config
 
 
@@ -209,9 +215,9 @@ def main() -> None:
     parser.add_argument("--max-increment", type=float, default=None,
                         help="greedy GreedySettings.max_increment: cap on one step's increase of a projection (default: none)")
     parser.add_argument("--lazy", action="store_true",
-                    help="GreedySettings.lazy: lazy evaluation of the candidates (default: every candidate every step)")
+                        help="GreedySettings.lazy: lazy evaluation of the candidates (default: every candidate every step)")
     parser.add_argument("--refresh", type=int, default=0,
-                    help="GreedySettings.refresh: with --lazy, every n-th step evaluates every candidate (default 0: never)")
+                        help="GreedySettings.refresh: with --lazy, every n-th step evaluates every candidate (default 0: never)")
     parser.add_argument("--rank", choices=greedy.RANKS, default="error",
                         help="greedy GreedySettings.rank: how a step ranks its candidates (default: error, TEAL's rule)")
     parser.add_argument("--samples", type=int, default=2, help="greedy search windows")

@@ -24,28 +24,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from allocation_study import config_at_block_levels  # noqa: E402  (benchmarks/, the script's folder)
+
 from acttail_export import greedy  # noqa: E402
-from acttail_export.allocation import build_config  # noqa: E402
-from acttail_export.config import topk_keep  # noqa: E402
 from acttail_export.data import load_windows  # noqa: E402
 from acttail_export.evaluation import perplexity_windows  # noqa: E402
 from acttail_export.modeling import default_model_path, load_model  # noqa: E402
 from acttail_export.sparsify import apply_sparsity  # noqa: E402
-
-
-def config_at(model, trajectories, levels, target):
-    import dataclasses
-
-    by_name = greedy.greedy_budgets(model, trajectories, levels)
-    config = build_config(model, target, "teal-greedy", "topk", trajectories=trajectories)
-    config.projections = [dataclasses.replace(p, sparsity=by_name[p.name], k=topk_keep(by_name[p.name], p.in_features))
-                          for p in config.projections]
-    return config
-
-
-def logprobs(model, ids):
-    with torch.inference_mode():
-        return F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
 
 
 class Objective:
@@ -54,13 +39,12 @@ class Objective:
 
     def __init__(self, model, ids):
         self.model = model
-        self.hidden0, self.kwargs = greedy.block_inputs(model, ids)
+        hidden, self.kwargs = greedy.block_inputs(model, ids)
         self.layers = model.model.layers
         with torch.inference_mode():
-            states = self._run(self.hidden0, 0)
-        self.dense_lp = self._logprobs(states[-1])
+            self.dense_lp = self._logprobs(self._run(hidden, 0)[-1])
         self.p = self.dense_lp.exp()
-        self.states = None
+        self.states = [hidden]  # entering each block under the accepted levels (the first is rule-free)
 
     def _run(self, hidden, start):
         out = [hidden]
@@ -75,20 +59,19 @@ class Objective:
             return F.log_softmax(logits, dim=-1)
 
     def __call__(self, config, start=0):
+        """(KL under ``config``, the trial's states from block ``start`` on: for :meth:`accept`)."""
         hooks = apply_sparsity(self.model, config, "topk")
         try:
             with torch.inference_mode():
-                base = self.hidden0 if start == 0 or self.states is None else self.states[start]
-                tail = self._run(base, start if self.states is not None else 0)
+                tail = self._run(self.states[start], start)
         finally:
             hooks.remove()
         lp = self._logprobs(tail[-1])
-        value = float((self.p * (self.dense_lp - lp)).sum(-1).mean())
-        return value, (start if self.states is not None else 0, tail)
+        return float((self.p * (self.dense_lp - lp)).sum(-1).mean()), (start, tail)
 
     def accept(self, trial):
         start, tail = trial
-        self.states = (self.states[:start] if self.states is not None else []) + tail
+        self.states = self.states[:start] + tail
 
 
 def main() -> None:
@@ -115,7 +98,7 @@ def main() -> None:
     levels = np.full(n, args.level)
     cap = args.level + args.headroom
     t0 = time.perf_counter()
-    best, state = objective(config_at(model, traj, levels.tolist(), args.level))
+    best, state = objective(config_at_block_levels(model, args.level, levels.tolist(), traj))
     objective.accept(state)
     print(f"start kl {best:.5f} ({time.perf_counter() - t0:.1f} s per eval)", flush=True)
     rng = np.random.default_rng(args.seed)
@@ -128,7 +111,7 @@ def main() -> None:
         trial = levels.copy()
         trial[i] += d
         trial[j] -= d
-        value, state = objective(config_at(model, traj, trial.tolist(), args.level), start=int(min(i, j)))
+        value, state = objective(config_at_block_levels(model, args.level, trial.tolist(), traj), start=int(min(i, j)))
         if value < best:
             best, levels = value, trial
             objective.accept(state)
@@ -137,8 +120,8 @@ def main() -> None:
             print(f"eval {e}: kl {best:.5f} levels {np.round(levels, 2).tolist()}", flush=True)
     seconds = time.perf_counter() - t0
     windows = load_windows(tok, args.data, 1024, max_tokens=args.heldout + 4096)[4:]
-    ppl = perplexity_windows(model, windows, config_at(model, traj, levels.tolist(), args.level), "topk", progress=False)
-    base = perplexity_windows(model, windows, config_at(model, traj, [args.level] * n, args.level), "topk", progress=False)
+    ppl, base = (perplexity_windows(model, windows, config_at_block_levels(model, args.level, v, traj), "topk",
+                                    progress=False) for v in (levels.tolist(), [args.level] * n))
     out = {"args": vars(args) | {"output": str(args.output)}, "levels": levels.tolist(), "kl": history,
            "search_seconds": seconds, "heldout_ppl": ppl["perplexity"], "teal_heldout_ppl": base["perplexity"]}
     print(json.dumps({k: out[k] for k in ("heldout_ppl", "teal_heldout_ppl", "search_seconds")}))
