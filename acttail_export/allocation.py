@@ -307,16 +307,20 @@ def uniform(params: np.ndarray, target: float) -> np.ndarray:
     return np.full(np.asarray(params).size, check_sparsity(target, "target sparsity"))
 
 
-def _greedy_budgets(model, projections, budgets, params, layers, trajectories, allocation: str,
-                    target: float, waterfill: bool = False) -> np.ndarray:
-    """Greedy budgets with each block's target = the parameter-weighted mean of ``budgets`` in that block
-    (``waterfill``: the block levels of :func:`greedy.waterfill_levels` instead)."""
+def _greedy_budgets(model, projections, budgets, params, layers, trajectories, allocation: str, method: str,
+                    target: float) -> np.ndarray:
+    """Greedy budgets of ``method`` (``allocation`` resolved at ``target``) with each block's target = the
+    parameter-weighted mean of ``budgets`` in that block (``waterfill-greedy``: the block levels of
+    :func:`greedy.waterfill_levels` instead)."""
     from .greedy import greedy_budgets, waterfill_levels
 
     if trajectories is None:
         raise ActTailError(f"allocation {allocation!r} at {target:g} runs the greedy search (calibration text): pass "
                            "trajectories=greedy.search_for(model, tokenizer, allocation, [target], mode, data), or use "
                            "allocation='htsr' for budgets from the alphas alone")
+    if hasattr(trajectories, "for_method"):  # search_for's result: the search this method runs
+        trajectories = trajectories.for_method(method)
+    waterfill = method == "waterfill-greedy"
     targets = waterfill_levels(model, trajectories, target) if waterfill else block_targets(budgets, params, layers)
     by_name = greedy_budgets(model, trajectories, targets)
     return np.array([by_name[name] for name, *_ in projections])
@@ -422,8 +426,8 @@ def build_config(
     else:
         budgets = uniform(params, target_sparsity)
     if method in GREEDY_ALLOCATIONS:
-        budgets = _greedy_budgets(model, projections, budgets, params, layers, trajectories, allocation, target_sparsity,
-                                  waterfill=method == "waterfill-greedy")
+        budgets = _greedy_budgets(model, projections, budgets, params, layers, trajectories, allocation, method,
+                                  target_sparsity)
     for (name, layer, kind, module), s, i in zip(projections, budgets, range(len(projections))):
         config.projections.append(ProjectionConfig(
             name=name, layer=layer, kind=kind, in_features=module.in_features, out_features=module.out_features,

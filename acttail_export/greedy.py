@@ -19,9 +19,10 @@ candidate reruns down_proj alone); top-k masks compare with the k-th largest |x|
 sorted once per tensor (ties at the k-th entry take ``mask_topk``'s own choice), and on CPU the sequences are
 split into one shard per torch thread, each evaluated in a thread of its own. Every candidate's error is that of
 a full-block forward with the ``sparsify`` masks under the same rules (bit for bit with MKL on x86: the ops are
-the same and act on each token, attention on each sequence, on its own; tests/test_greedy.py). ``DELTA_LIMIT`` (off by
-default) updates a product whose rule rises on an unchanged input from the entries the rule drops instead.
-``GreedySettings.lazy`` (opt-in) evaluates candidates lazily (Minoux), with every ``refresh``-th step in full.
+the same and act on each token, attention on each sequence, on its own; tests/test_greedy.py).
+``GreedySettings.delta_limit`` updates a product whose rule rises on an unchanged input from the entries the rule drops
+instead, and ``GreedySettings.lazy`` evaluates candidates lazily (Minoux), with every ``refresh``-th step in full: off in
+TEAL's search, on in the one the default runs at 65-85 % (:func:`default_settings`, docs/allocation.md section 6k).
 Memory: one block's activations (a few per candidate) at a time. Trajectories are cached on disk
 (``modeling.cache_root()/greedy``, keyed by the model's weights and the search settings), written after
 every block, so an interrupted search resumes at the first unfinished block and a higher level extends the
@@ -58,14 +59,6 @@ DEFAULT_SEQUENCE_LENGTH = 128
 CACHE_VERSION = 1
 #: ``acttail-greedy``: the HT-SR mapping that sets each block's target (block-level alpha means; docs/allocation.md).
 COMBINED_MAPPING = "block-abs"
-#: Off by default (0): every product in full, so that every candidate's error is that of a full-block forward bit
-#: for bit. Above 0 (a measurement switch, ``benchmarks/greedy_time.py --delta-limit``; part of the cache key then): on
-#: CPU (float32) a projection whose rule rises on an input it already ran on is updated from the entries the rule
-#: drops (:meth:`_Input.delta`) instead of recomputed, for the projections whose step drops at most this fraction of
-#: their input's entries (``step · P_block / P_i``: on SmolLM2 4 % for gate / up / down, 11 % for q / o, 32 % for
-#: k / v). The errors then differ from the full products' in float rounding, which can flip a near-tie between two
-#: candidates (docs/allocation.md section 6c).
-DELTA_LIMIT = 0.0
 RANKS = ("error", "error_per_rise")
 #: ``waterfill-greedy``: every block is searched to ``target + WATERFILL_HEADROOM`` and no block goes above it
 #: (docs/allocation.md section 6d: chosen on validation at 70 %).
@@ -101,6 +94,13 @@ class GreedySettings:
     #: With ``lazy``: every ``refresh``-th step of a block (counted from the dense row) evaluates every candidate, which
     #: renews every last known rise; 0 (the default): only the first. In the cache key only with ``lazy``.
     refresh: int = 0
+    #: 0 (the default): every product in full, so that every candidate's error is that of a full-block forward bit for
+    #: bit. Above 0, on CPU (float32), a projection whose rule rises on an input it already ran on is updated from the
+    #: entries the rule drops (:meth:`_Input.delta`) instead of recomputed, for the projections whose step drops at most
+    #: this fraction of their input's entries (``step · P_block / P_i``: on SmolLM2 4 % for gate / up / down, 11 % for
+    #: q / o, 32 % for k / v). The errors then differ from the full products' in float rounding, which can flip a
+    #: near-tie between two candidates (docs/allocation.md section 6c). In the cache key only when above 0.
+    delta_limit: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rank not in RANKS:
@@ -109,6 +109,9 @@ class GreedySettings:
             raise ActTailError("greedy search: lazy evaluation ranks by the error only (rank=\"error\")")
         if isinstance(self.refresh, bool) or not isinstance(self.refresh, int) or self.refresh < 0:
             raise ActTailError(f"greedy search: refresh must be an integer >= 0 (0: never), not {self.refresh!r}")
+        value = self.delta_limit
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ActTailError(f"greedy search: delta_limit must be a number in [0, 1] (0: every product in full), not {value!r}")
         if self.max_increment is not None:
             value = self.max_increment
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -131,7 +134,23 @@ class GreedySettings:
             del out["rank"]
         if not out["lazy"]:
             del out["lazy"], out["refresh"]
+        if not out["delta_limit"]:
+            del out["delta_limit"]
         return out
+
+
+#: The search behind ``waterfill-greedy`` in top-k mode (the default's 65-85 %, ``config.DEFAULT_POLICY``): lazy with
+#: every third step in full, the products of the projections whose step drops at most 20 % of their input updated
+#: (docs/allocation.md section 6k: within 0.3 % / 7.6 % below the full search at 70 / 80 % on validation, 241.6 s
+#: against 464.6 s at 80 % on the 2-core CPU). TEAL's own search (``teal-greedy``, the default's 40-65 %) and threshold
+#: mode keep every candidate and every product in full.
+FAST_SEARCH = {"lazy": True, "refresh": 3, "delta_limit": 0.2}
+
+
+def default_settings(method: str, mode: str) -> GreedySettings:
+    """The search settings an allocation ``method`` (``config.ALLOCATION_METHODS``) runs with in ``mode`` when none are
+    given."""
+    return GreedySettings(mode=mode, **(FAST_SEARCH if (method, mode) == ("waterfill-greedy", "topk") else {}))
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -468,7 +487,7 @@ class BlockSearch:
         shards = max(1, min(threads, batch)) if hidden.device.type == "cpu" else 1
         self._shard_threads = max(1, threads // shards)
         fractions = settings.increments(self.params)  # of a projection's input a step drops
-        self._weights_t = {kind: self._weight_t(module) if fraction <= DELTA_LIMIT else None
+        self._weights_t = {kind: self._weight_t(module) if fraction <= settings.delta_limit else None
                            for (kind, module), fraction in zip(self.modules.items(), fractions)}
         bounds = np.linspace(0, batch, shards + 1).astype(int)
         self._shards = [_Shard(self, slice(int(a), int(b)), self._attn_kwargs) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -477,10 +496,10 @@ class BlockSearch:
 
     def _weight_t(self, module: torch.nn.Module) -> torch.Tensor | None:
         """``weight.T`` of a projection (contiguous) for :meth:`_Input.delta`, or None where its products are always
-        computed in full: off the CPU, not float32, updates turned off (``DELTA_LIMIT`` 0), or a weight that is not a
+        computed in full: off the CPU, not float32, updates turned off (``delta_limit`` 0), or a weight that is not a
         plain parameter here (e.g. offloaded by accelerate's hooks)."""
         weight = getattr(module, "weight", None)
-        usable = (DELTA_LIMIT > 0 and type(module) is torch.nn.Linear and isinstance(weight, torch.Tensor)
+        usable = (self.settings.delta_limit > 0 and type(module) is torch.nn.Linear and isinstance(weight, torch.Tensor)
                   and weight.device.type == "cpu" and weight.dtype == torch.float32 and self.hidden.device.type == "cpu"
                   and self.hidden.dtype == torch.float32 and getattr(module, "_hf_hook", None) is None)
         return weight.detach().t().contiguous() if usable else None
@@ -855,8 +874,6 @@ def search(
     if cache_dir is not False:  # the key hashes every weight (a second on a 135M model): only for the cache
         key = {"version": CACHE_VERSION, "settings": settings.key(), "model": model_digest(model),
                "windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()}
-        if DELTA_LIMIT > 0:  # updated products round differently: their trajectories are kept apart
-            key["delta_limit"] = DELTA_LIMIT
         path = _cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), key)
     cached = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     trajectories = {int(k): v for k, v in cached.get("trajectories", {}).items()}
@@ -915,6 +932,12 @@ class Trajectories(dict):
     def __init__(self, rows: dict, errors: dict | None = None, scales: dict | None = None):
         super().__init__(rows)
         self.errors, self.scales = dict(errors or {}), dict(scales or {})
+        #: allocation method -> the trajectories of the search it runs, where :func:`search_for` ran several
+        self.methods: dict[str, Trajectories] = {}
+
+    def for_method(self, method: str) -> "Trajectories":
+        """The trajectories of the search ``method`` runs (these, unless :func:`search_for` ran another one for it)."""
+        return self.methods.get(method, self)
 
 
 def waterfill_levels(model: torch.nn.Module, trajectories: dict, target: float,
@@ -951,23 +974,45 @@ def greedy_budgets(model: torch.nn.Module, trajectories: dict[int, list[list[flo
 def search_for(model, tokenizer, allocation: str, sparsities: list[float], mode: str, data: str | Path | None,
                fits: dict | None = None, epsilon: float | None = None, mapping: str | None = None,
                settings: GreedySettings | None = None, cache_dir: str | Path | None = None,
-               progress: bool = True) -> dict[int, list[list[float]]]:
-    """Run (or read from the cache) the greedy search that ``allocation`` needs at ``sparsities`` on ``data``."""
-    from .allocation import greedy_levels
+               progress: bool = True) -> Trajectories:
+    """Run (or read from the cache) the greedy search that ``allocation`` needs at ``sparsities`` on ``data``.
+
+    With ``settings`` one search serves every target; without, each target's method runs its own
+    :func:`default_settings`, one search per distinct setting (e.g. ``acttail`` at 50 % and 80 %: TEAL's full search
+    and the fast one), and the result answers for every method (:meth:`Trajectories.for_method`)."""
+    from .allocation import greedy_levels, resolve_allocation
+    from .config import GREEDY_ALLOCATIONS
     from .data import DEFAULT_CALIBRATION_DATA, EXPORT_CALIBRATION_FLAGS, read_text, token_windows
     from .offload import input_device
 
-    settings = settings or GreedySettings(mode=mode)
+    groups: dict[GreedySettings, tuple[list[float], set[str]]] = {}
+    for target in sparsities:
+        method = resolve_allocation(allocation, target, mode)
+        if method in GREEDY_ALLOCATIONS:
+            targets, methods = groups.setdefault(settings or default_settings(method, mode), ([], set()))
+            targets.append(target)
+            methods.add(method)
+    if not groups:  # no target reads the search: one search to level 0, as the levels say
+        groups[settings or GreedySettings(mode=mode)] = (list(sparsities), set())
     path = Path(data) if data is not None else DEFAULT_CALIBRATION_DATA
-    length, samples = settings.sequence_length, settings.samples
     text = read_text(path, EXPORT_CALIBRATION_FLAGS)
-    try:  # as many windows as the text holds, then one message that names the search's needs
-        windows = token_windows(tokenizer, text, length, max_tokens=samples * length)
-    except ActTailError:
-        windows = None
-    if windows is None or len(windows) < samples:
-        raise ActTailError(f"the greedy allocation search of --allocation {allocation} reads {samples} windows of {length} "
-                           f"tokens of the calibration text, and {path.name} holds {0 if windows is None else len(windows)}"
-                           ": pass a longer --calibration-data, or an allocation without the search (htsr, uniform)")
-    levels = greedy_levels(model, allocation, sparsities, mode, epsilon=epsilon, mapping=mapping, s_max=settings.s_max, fits=fits)
-    return search(model, windows.to(input_device(model)), levels, settings, cache_dir=cache_dir, progress=progress)
+    results = []
+    for chosen, (targets, methods) in groups.items():
+        length, samples = chosen.sequence_length, chosen.samples
+        try:  # as many windows as the text holds, then one message that names the search's needs
+            windows = token_windows(tokenizer, text, length, max_tokens=samples * length)
+        except ActTailError:
+            windows = None
+        if windows is None or len(windows) < samples:
+            raise ActTailError(f"the greedy allocation search of --allocation {allocation} reads {samples} windows of "
+                               f"{length} tokens of the calibration text, and {path.name} holds "
+                               f"{0 if windows is None else len(windows)}: pass a longer --calibration-data, or an "
+                               "allocation without the search (htsr, uniform)")
+        levels = greedy_levels(model, allocation, targets, mode, epsilon=epsilon, mapping=mapping, s_max=chosen.s_max,
+                               fits=fits)
+        results.append((search(model, windows.to(input_device(model)), levels, chosen, cache_dir=cache_dir,
+                               progress=progress), methods))
+    out = results[-1][0]
+    if len(results) > 1:
+        out.methods = {method: trajectories for trajectories, methods in results for method in methods}
+    return out

@@ -104,8 +104,7 @@ def run(args: argparse.Namespace) -> None:
     windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens + skip * 1024)[skip:]
     settings = greedy.GreedySettings(mode="topk", step=args.step, samples=args.samples, sequence_length=args.search_length,
                                      max_increment=args.max_increment, rank=args.rank, lazy=args.lazy,
-                                     refresh=args.refresh)
-    greedy.DELTA_LIMIT = args.delta_limit
+                                     refresh=args.refresh, delta_limit=args.delta_limit)
     start = time.perf_counter()
     fits = analyze_model(model, progress=False)
     fit_seconds = time.perf_counter() - start
@@ -224,7 +223,7 @@ def main() -> None:
     parser.add_argument("--search-length", type=int, default=64, help="greedy search window length")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--delta-limit", type=float, default=0.0,
-                        help="greedy.DELTA_LIMIT of the search (default 0: every product in full; docs/allocation.md 6c)")
+                        help="GreedySettings.delta_limit of the search (default 0: every product in full; docs/allocation.md 6c)")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of results files and exit")
     parser.add_argument("--prior", type=Path, help="with --table: uniform / htsr rows of an allocation_search.py file")

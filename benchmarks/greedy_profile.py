@@ -1,5 +1,5 @@
 """Where the greedy allocation search (``acttail_export.greedy``) spends its time on one block of SmolLM2-135M, and what
-``greedy.DELTA_LIMIT`` changes there (docs/allocation.md, section 6c)::
+``GreedySettings.delta_limit`` changes there (docs/allocation.md, section 6c)::
 
     python benchmarks/greedy_profile.py --data PATH/wikitext-2/wiki.valid.raw --allocation acttail --level 0.8 \\
         --block 10 --output docs/results/allocation/greedy_profile_block10_80.json
@@ -10,7 +10,7 @@ The block is searched to the level ``--allocation`` gives it at ``--level`` (the
 no cache, at ``--threads`` torch threads (default 1: one shard, so that cProfile sees every call). The row records the
 wall time, the seconds of the main callees (float32 products, the masks' sorts, the updates' EmbeddingBag sums), and per
 step the products computed in full and updated from the dropped entries, per projection. ``--compare LIMIT`` runs the
-block twice, every product in full and with ``DELTA_LIMIT`` LIMIT, and records the first step whose choice differs,
+block twice, every product in full and with ``delta_limit`` LIMIT, and records the first step whose choice differs,
 with every candidate's error in both runs (none: the same trajectory).
 """
 
@@ -34,7 +34,6 @@ def run_block(model, tokenizer, args, block: int, level: float, limit: float, pr
     from acttail_export import greedy
     from acttail_export.data import EXPORT_CALIBRATION_FLAGS, read_text, token_windows
 
-    greedy.DELTA_LIMIT = limit
     windows = token_windows(tokenizer, read_text(args.data, EXPORT_CALIBRATION_FLAGS), greedy.DEFAULT_SEQUENCE_LENGTH,
                             max_tokens=greedy.DEFAULT_SAMPLES * greedy.DEFAULT_SEQUENCE_LENGTH)
     levels = [0.0] * len(model.model.layers)
@@ -59,8 +58,8 @@ def run_block(model, tokenizer, args, block: int, level: float, limit: float, pr
         if profiler:
             profiler.enable()
         with torch.inference_mode():
-            trajectories = greedy.search(model, windows, levels, greedy.GreedySettings(mode=args.mode), cache_dir=False,
-                                         progress=False)
+            trajectories = greedy.search(model, windows, levels, greedy.GreedySettings(mode=args.mode, delta_limit=limit),
+                                         cache_dir=False, progress=False)
         if profiler:
             profiler.disable()
         seconds = time.perf_counter() - start
@@ -87,9 +86,9 @@ def main() -> None:
     ap.add_argument("--mode", default="topk", choices=("topk", "threshold"))
     ap.add_argument("--block", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: one shard, all calls profiled)")
-    ap.add_argument("--delta-limit", type=float, default=0.0, help="greedy.DELTA_LIMIT of the profiled run (default 0)")
+    ap.add_argument("--delta-limit", type=float, default=0.0, help="GreedySettings.delta_limit of the profiled run (default 0)")
     ap.add_argument("--compare", type=float, default=None, metavar="LIMIT",
-                    help="run the block in full and with DELTA_LIMIT LIMIT; record the first step that chooses otherwise")
+                    help="run the block in full and with delta_limit LIMIT; record the first step that chooses otherwise")
     ap.add_argument("--output", type=Path, default=None, help="JSON row (printed either way, without the step records)")
     args = ap.parse_args()
 

@@ -1,12 +1,14 @@
-"""Wall time of the greedy allocation search (``acttail_export.greedy``) at its default settings on SmolLM2-135M,
-no cache (docs/allocation.md, sections 6a and 6c): ``teal-greedy`` searches every block to ``--level``; another
-``--allocation`` (e.g. ``acttail``, the default, which in top-k mode is the combination at 70-85 %) searches each block to the
-level it needs there, after the spectral fits when it reads alphas (timed apart)::
+"""Wall time of the greedy allocation search (``acttail_export.greedy``) on SmolLM2-135M, no cache (docs/allocation.md,
+sections 6a, 6c, 6i, 6k): with the settings the flags give (none: every candidate and every product in full, TEAL's
+search), or with ``--search-defaults`` the ones the allocation's method runs by default (``greedy.default_settings``:
+the fast search for the default's ``waterfill-greedy`` at 65-85 % in top-k mode). ``teal-greedy`` searches every block
+to ``--level``; another ``--allocation`` (e.g. ``acttail``, the default) searches each block to the level it needs
+there, after the spectral fits when it reads alphas (timed apart)::
 
     python benchmarks/greedy_time.py --data PATH/wikitext-2/wiki.valid.raw --level 0.5 \
         --output docs/results/allocation/greedy_time_smollm2_cpu.json
     python benchmarks/greedy_time.py --data PATH/wikitext-2/wiki.valid.raw --allocation acttail --level 0.8 \
-        --output docs/results/allocation/greedy_time_smollm2_cpu_default_80.json
+        --search-defaults --output docs/results/allocation/greedy_time_smollm2_cpu_default_80_search_defaults.json
 
 The row records the load averages (1, 5, 15 min) before and after the search and, before and after, the float32
 GEMM speed of the machine at the same threads (GFLOPS of a block's down_proj shape): on a shared machine the
@@ -60,21 +62,26 @@ def main() -> None:
                     help="GreedySettings.refresh: with --lazy, every n-th step evaluates every candidate (default 0: never)")
     ap.add_argument("--rank", choices=("error", "error_per_rise"), default="error",
                     help="GreedySettings.rank: how a step ranks its candidates (default: error, TEAL's rule)")
-    ap.add_argument("--delta-limit", type=float, default=None,
-                    help="greedy.DELTA_LIMIT for this run (default: the module's, 0 = every product in full)")
+    ap.add_argument("--delta-limit", type=float, default=0.0,
+                    help="GreedySettings.delta_limit (default 0: every product in full; docs/allocation.md 6c)")
+    ap.add_argument("--search-defaults", action="store_true",
+                    help="time the search the allocation runs without settings (greedy.default_settings of its method at "
+                         "--level); the search flags above must then be left out")
     ap.add_argument("--output", type=Path, default=None, help="JSON row (printed either way)")
     args = ap.parse_args()
+    flags = ("step", "max_increment", "lazy", "refresh", "rank", "delta_limit")
+    if args.search_defaults and any(getattr(args, f) != ap.get_default(f) for f in flags):
+        ap.error("--search-defaults times the default search: leave out --step, --max-increment, --lazy, --refresh, "
+                 "--rank and --delta-limit")
 
     import torch
 
     from acttail_export import greedy
-    from acttail_export.allocation import needs_alphas
+    from acttail_export.allocation import needs_alphas, resolve_allocation
     from acttail_export.modeling import default_model_path, load_model
     from acttail_export.spectral import analyze_model
 
     torch.set_num_threads(args.threads)
-    if args.delta_limit is not None:
-        greedy.DELTA_LIMIT = args.delta_limit
     model, tokenizer = load_model(default_model_path())
     load_before, gflops_before = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
     fits, fit_seconds = None, 0.0
@@ -82,17 +89,20 @@ def main() -> None:
         start = time.perf_counter()
         fits = analyze_model(model, progress=False)
         fit_seconds = round(time.perf_counter() - start, 1)
-    settings = greedy.GreedySettings(mode=args.mode, **({} if args.step is None else {"step": args.step}),
-                                     max_increment=args.max_increment, rank=args.rank, lazy=args.lazy,
-                                     refresh=args.refresh)
+    if args.search_defaults:
+        settings = greedy.default_settings(resolve_allocation(args.allocation, args.level, args.mode), args.mode)
+    else:
+        settings = greedy.GreedySettings(mode=args.mode, **({} if args.step is None else {"step": args.step}),
+                                         max_increment=args.max_increment, rank=args.rank, lazy=args.lazy,
+                                         refresh=args.refresh, delta_limit=args.delta_limit)
     start = time.perf_counter()
     trajectories = greedy.search_for(model, tokenizer, args.allocation, [args.level], args.mode, args.data, fits=fits,
-                                     settings=settings, cache_dir=False, progress=True)
+                                     settings=None if args.search_defaults else settings, cache_dir=False, progress=True)
     seconds = round(time.perf_counter() - start, 1)
     load_after, gflops_after = [round(v, 2) for v in os.getloadavg()], gemm_gflops()
     row = {"model": "SmolLM2-135M-Instruct", "allocation": args.allocation, "mode": args.mode, "level": args.level,
            "seconds": seconds, "spectral_fit_seconds": fit_seconds, "settings": asdict(settings),
-           "threads": args.threads, "delta_limit": greedy.DELTA_LIMIT, "blocks": len(trajectories),
+           "threads": args.threads, "delta_limit": settings.delta_limit, "blocks": len(trajectories),
            "steps": sum(len(v) - 1 for v in trajectories.values()), "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "load_before": load_before, "load_after": load_after,
            "gemm_gflops_before": gflops_before, "gemm_gflops_after": gflops_after,

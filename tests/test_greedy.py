@@ -179,8 +179,8 @@ def test_delta_equals_the_full_product(d, n):
 
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
 def test_delta_updates_choose_as_full_products(tiny, mode, monkeypatch):
-    """The search with every projection's product updated from the entries a step drops (``DELTA_LIMIT`` 1) makes the
-    choices of the search that computes every product in full (``DELTA_LIMIT`` 0), with the same errors to float
+    """The search with every projection's product updated from the entries a step drops (``delta_limit`` 1) makes the
+    choices of the search that computes every product in full (``delta_limit`` 0), with the same errors to float
     rounding; the updates were taken."""
     model, windows = tiny
     hidden, kwargs = greedy.block_inputs(model, windows)
@@ -194,10 +194,10 @@ def test_delta_updates_choose_as_full_products(tiny, mode, monkeypatch):
 
     monkeypatch.setattr(greedy._Input, "delta", counted)
     for limit in (0.0, 1.0):
-        monkeypatch.setattr(greedy, "DELTA_LIMIT", limit)
         updates.append(0)
         with torch.inference_mode():
-            search = greedy.BlockSearch(model.model.layers[1], hidden, kwargs, greedy.GreedySettings(mode=mode, **SETTINGS))
+            search = greedy.BlockSearch(model.model.layers[1], hidden, kwargs,
+                                        greedy.GreedySettings(mode=mode, delta_limit=limit, **SETTINGS))
             try:
                 runs.append([search.step() for _ in range(25)])
             finally:
@@ -210,11 +210,10 @@ def test_delta_updates_choose_as_full_products(tiny, mode, monkeypatch):
 
 @pytest.mark.parametrize("limit", [0.0, 1.0])
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
-def test_shards_give_the_errors_of_the_whole_batch(tiny, mode, limit, monkeypatch):
+def test_shards_give_the_errors_of_the_whole_batch(tiny, mode, limit):
     """On CPU a block's sequences are split into one shard per torch thread, each evaluated in a thread of its own:
     every candidate's error equals, bit for bit, that of a single-threaded search on the whole batch (with the
-    products updated from the dropped entries too, ``DELTA_LIMIT`` 1: each token's sum on its own)."""
-    monkeypatch.setattr(greedy, "DELTA_LIMIT", limit)
+    products updated from the dropped entries too, ``delta_limit`` 1: each token's sum on its own)."""
     model, windows = tiny
     hidden, kwargs = greedy.block_inputs(model, windows)
     threads, runs = torch.get_num_threads(), []
@@ -222,7 +221,8 @@ def test_shards_give_the_errors_of_the_whole_batch(tiny, mode, limit, monkeypatc
         torch.set_num_threads(n)
         try:
             with torch.inference_mode():
-                search = greedy.BlockSearch(model.model.layers[0], hidden, kwargs, greedy.GreedySettings(mode=mode, **SETTINGS))
+                search = greedy.BlockSearch(model.model.layers[0], hidden, kwargs,
+                                            greedy.GreedySettings(mode=mode, delta_limit=limit, **SETTINGS))
                 try:
                     assert len(search._shards) == n
                     runs.append([search.step() for _ in range(15)])
@@ -264,17 +264,21 @@ def test_build_config_records_greedy_budgets(tiny):
         assert all(p.k == topk_keep(p.sparsity, p.in_features) for p in projs)
 
 
-def test_updated_products_are_cached_apart(tiny, tmp_path, monkeypatch):
-    """A search with ``DELTA_LIMIT`` above 0 rounds differently from the full products: its trajectories get a cache
-    file of their own (the default's key is unchanged)."""
+def test_updated_products_are_cached_apart(tiny, tmp_path):
+    """A search with ``delta_limit`` above 0 rounds differently from the full products: its trajectories get a cache
+    file of their own (the full search's key is the one it had before the setting existed)."""
     model, windows = tiny
-    settings = greedy.GreedySettings(**SETTINGS)
-    greedy.search(model, windows, 0.2, settings, cache_dir=tmp_path, progress=False)
-    monkeypatch.setattr(greedy, "DELTA_LIMIT", 1.0)
-    greedy.search(model, windows, 0.2, settings, cache_dir=tmp_path, progress=False)
+    greedy.search(model, windows, 0.2, greedy.GreedySettings(**SETTINGS), cache_dir=tmp_path, progress=False)
+    greedy.search(model, windows, 0.2, greedy.GreedySettings(delta_limit=1.0, **SETTINGS), cache_dir=tmp_path,
+                  progress=False)
     keys = [json.loads(path.read_text())["key"] for path in tmp_path.glob("greedy-*.json")]
-    assert sorted(key.get("delta_limit", 0.0) for key in keys) == [0.0, 1.0]
-    assert sorted(len(key) for key in keys) == [4, 5]
+    assert sorted(key["settings"].get("delta_limit", 0.0) for key in keys) == [0.0, 1.0]
+    assert all(len(key) == 4 for key in keys)
+    assert "delta_limit" not in greedy.GreedySettings().key()
+    assert greedy.GreedySettings(delta_limit=0.2).key()["delta_limit"] == 0.2
+    for bad in (-0.1, 1.5, True, "0.2", None):
+        with pytest.raises(greedy.ActTailError, match="^greedy search: delta_limit must be a number in \\[0, 1\\]"):
+            greedy.GreedySettings(delta_limit=bad)
 
 
 def test_cache_round_trip_and_resume(tiny, tmp_path, monkeypatch):
@@ -714,3 +718,46 @@ def test_lazy_resume_and_extension_equal_one_run(tiny, tmp_path, refresh):
     del payload["rises"]["1"]
     path.write_text(json.dumps(payload))
     assert greedy.search(model, windows, 0.5, settings, cache_dir=tmp_path, progress=False) == fresh
+
+
+def test_default_settings_per_method_and_mode():
+    """The fast search (lazy, refresh 3, updated products) only behind ``waterfill-greedy`` in top-k mode, where it was
+    measured (docs/allocation.md 6k); every other method and threshold mode search in full."""
+    fast = greedy.default_settings("waterfill-greedy", "topk")
+    assert (fast.mode, fast.lazy, fast.refresh, fast.delta_limit) == ("topk", True, 3, 0.2)
+    assert fast.key() == {**greedy.GreedySettings().key(), "lazy": True, "refresh": 3, "delta_limit": 0.2}
+    for method, mode in [("teal-greedy", "topk"), ("acttail-greedy", "topk"), ("teal-greedy", "threshold"),
+                         ("acttail-greedy", "threshold"), ("waterfill-greedy", "threshold")]:
+        assert greedy.default_settings(method, mode) == greedy.GreedySettings(mode=mode)
+
+
+def test_search_for_runs_each_methods_own_search(tiny, tiny_llama_dir, wikitext_valid):
+    """``acttail`` at 50 % (TEAL's search) and 80 % (``waterfill-greedy`` on the fast search) in one call: two
+    searches, each equal to ``greedy.search`` with that method's default settings on the same windows, and
+    ``build_config`` reads each level's budgets off its own method's search; one target: one search."""
+    from acttail_export.allocation import build_config, greedy_levels
+    from acttail_export.data import EXPORT_CALIBRATION_FLAGS, read_text, token_windows
+    from acttail_export.modeling import load_model
+
+    model, _ = tiny
+    _, tokenizer = load_model(str(tiny_llama_dir))
+    windows = token_windows(tokenizer, read_text(wikitext_valid, EXPORT_CALIBRATION_FLAGS), greedy.DEFAULT_SEQUENCE_LENGTH,
+                            max_tokens=greedy.DEFAULT_SAMPLES * greedy.DEFAULT_SEQUENCE_LENGTH)
+    expected = {s: greedy.search(model, windows, greedy_levels(model, "acttail", [s], "topk"),
+                                 greedy.default_settings(method, "topk"), cache_dir=False, progress=False)
+                for s, method in ((0.5, "teal-greedy"), (0.8, "waterfill-greedy"))}
+    both = greedy.search_for(model, tokenizer, "acttail", [0.5, 0.8], "topk", wikitext_valid, cache_dir=False,
+                             progress=False)
+    assert dict(both.for_method("teal-greedy")) == dict(expected[0.5])
+    assert dict(both.for_method("waterfill-greedy")) == dict(expected[0.8])
+    for s, method in ((0.5, "teal-greedy"), (0.8, "waterfill-greedy")):
+        default = build_config(model, s, "acttail", "topk", trajectories=both)
+        reference = build_config(model, s, method, "topk", trajectories=expected[s])
+        assert default.allocation_method == method
+        assert [p.sparsity for p in default.projections] == [p.sparsity for p in reference.projections]
+    one = greedy.search_for(model, tokenizer, "acttail", [0.8], "topk", wikitext_valid, cache_dir=False, progress=False)
+    assert not one.methods and dict(one) == dict(expected[0.8])
+    # the fast search is not the full one on this model: the two runs to 90 % choose differently somewhere
+    full = greedy.search(model, windows, greedy_levels(model, "acttail", [0.8], "topk"), greedy.GreedySettings(),
+                         cache_dir=False, progress=False)
+    assert dict(full) != dict(expected[0.8])
