@@ -721,13 +721,17 @@ def test_lazy_resume_and_extension_equal_one_run(tiny, tmp_path, refresh):
 
 
 def test_default_settings_per_method_and_mode():
-    """The fast search (lazy, refresh 3, updated products) only behind ``waterfill-greedy`` in top-k mode, where it was
-    measured (docs/allocation.md 6k); every other method and threshold mode search in full."""
+    """In top-k mode, where they were measured (docs/allocation.md 6k): the fast search (lazy, refresh 3, updated
+    products) behind ``waterfill-greedy``, TEAL's search with updated products behind ``teal-greedy``; every other
+    method and threshold mode search in full."""
     fast = greedy.default_settings("waterfill-greedy", "topk")
     assert (fast.mode, fast.lazy, fast.refresh, fast.delta_limit) == ("topk", True, 3, 0.2)
     assert fast.key() == {**greedy.GreedySettings().key(), "lazy": True, "refresh": 3, "delta_limit": 0.2}
-    for method, mode in [("teal-greedy", "topk"), ("acttail-greedy", "topk"), ("teal-greedy", "threshold"),
-                         ("acttail-greedy", "threshold"), ("waterfill-greedy", "threshold")]:
+    teal = greedy.default_settings("teal-greedy", "topk")
+    assert (teal.mode, teal.lazy, teal.delta_limit) == ("topk", False, 0.2)
+    assert teal.key() == {**greedy.GreedySettings().key(), "delta_limit": 0.2}
+    for method, mode in [("acttail-greedy", "topk"), ("teal-greedy", "threshold"), ("acttail-greedy", "threshold"),
+                         ("waterfill-greedy", "threshold")]:
         assert greedy.default_settings(method, mode) == greedy.GreedySettings(mode=mode)
 
 
