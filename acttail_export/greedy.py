@@ -984,8 +984,8 @@ def search_for(model, tokenizer, allocation: str, sparsities: list[float], mode:
     """Run (or read from the cache) the greedy search that ``allocation`` needs at ``sparsities`` on ``data``.
 
     With ``settings`` one search serves every target; without, each target's method runs its own
-    :func:`default_settings`, one search per distinct setting (e.g. ``acttail`` at 50 % and 80 %: TEAL's full search
-    and the fast one), and the result answers for every method (:meth:`Trajectories.for_method`)."""
+    :func:`default_settings`, one search per distinct setting (e.g. ``acttail`` at 50 % and 80 % in top-k mode: TEAL's
+    search and the lazy one), and the result answers for every method (:meth:`Trajectories.for_method`)."""
     from .allocation import greedy_levels, resolve_allocation
     from .config import GREEDY_ALLOCATIONS
     from .data import DEFAULT_CALIBRATION_DATA, EXPORT_CALIBRATION_FLAGS, read_text, token_windows
