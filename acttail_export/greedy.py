@@ -17,9 +17,10 @@ Every tensor of a block is memoized under the rules of the projections upstream 
 only what no candidate of this step or the step before has computed (after a down step, for instance, every
 candidate reruns down_proj alone); top-k masks compare with the k-th largest |x| of each token, read off |x|
 sorted once per tensor (ties at the k-th entry take ``mask_topk``'s own choice), and on CPU the sequences are
-split into one shard per torch thread, each evaluated in a thread of its own. Every candidate's error is that of
-a full-block forward with the ``sparsify`` masks under the same rules (bit for bit with MKL on x86: the ops are
-the same and act on each token, attention on each sequence, on its own; tests/test_greedy.py).
+split into one shard per torch thread, each evaluated in a thread of its own. With every product in full
+(``delta_limit`` 0) every candidate's error is that of a full-block forward with the ``sparsify`` masks under the
+same rules (bit for bit with MKL on x86: the ops are the same and act on each token, attention on each sequence, on
+its own; tests/test_greedy.py).
 ``GreedySettings.delta_limit`` updates a product whose rule rises on an unchanged input from the entries the rule drops
 instead, and ``GreedySettings.lazy`` evaluates candidates lazily (Minoux), with every ``refresh``-th step in full: in
 top-k mode the default's searches update products, and the one it runs at 65-85 % is lazy too (:func:`default_settings`,
