@@ -30,20 +30,19 @@ from acttail_export.modeling import default_model_path, load_model
 
 
 def next_norm_objective(model) -> None:
-    """Make the search's per-token distance that of the next block's normalized input (patches ``_Shard.output``)."""
+    """Make the search's per-token distance that of the next block's normalized input (wraps ``_Shard.output``: the
+    block output as the search computes and memoizes it, the distance taken after the next norm)."""
     layers = model.model.layers
     post = {id(layer): (layers[i + 1].input_layernorm if i + 1 < len(layers) else model.model.norm)
             for i, layer in enumerate(layers)}
+    original = greedy._Shard.output
 
     def output(self, keys):
         norm = post[id(self.search.layer)]
         if not hasattr(self, "normed_target"):
             self.normed_target = norm(self.target)
-
-        def compute():
-            out = self.mid(keys)[0] + self._linear("down_proj", self.act(keys)[0], keys)
-            return out, (norm(out) - self.normed_target).double().norm(dim=-1)
-        return self._memoized("out", keys, compute)
+        out = original(self, keys)[0]
+        return out, (norm(out) - self.normed_target).double().norm(dim=-1)
 
     greedy._Shard.output = output
 
