@@ -728,6 +728,11 @@ def main(argv=None) -> int:
                     help="WikiText-2 split of --export-perplexity (default valid: a comparison, not a released number)")
     ap.add_argument("--export-margin", type=float, default=0.0,
                     help="acttail-export: start no export with fewer seconds than this left before --deadline")
+    ap.add_argument("--ab-env", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="acttail-export: time each folder again with these environment variables set in the child (an "
+                         "A/B of the same folder in the same call, e.g. ACTTAIL_WEIGHT_CHECK=0), alternating with "
+                         "plain runs --ab-repeats times")
+    ap.add_argument("--ab-repeats", type=int, default=1, help="with --ab-env: A/B pairs after the first plain run")
     ap.add_argument("--keep-exports", action="store_true", help="acttail-export: keep each folder (default: deleted after "
                     "its run, a 7B folder is 13 GB)")
     ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both", help="genai runs with / without CUDA graphs")
@@ -762,6 +767,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--ppl-length", type=int, default=1024)
     args = ap.parse_args(argv)
+    if any("=" not in v or not v.split("=", 1)[0] for v in args.ab_env):
+        ap.error("--ab-env takes NAME=VALUE pairs, e.g. --ab-env ACTTAIL_WEIGHT_CHECK=0")
     if args.child:
         child_main(json.loads(args.child))
         return 0
@@ -1121,6 +1128,14 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
             if ppl is not None:
                 extra["perplexity"] = ppl(folder, "model.onnx", fused=True)
             results.add("acttail-export", label + (" +cuda-graph" if cuda_graph else ""), s, r, cuda_graph=cuda_graph, **extra)
+            if args.ab_env:  # the same folder with the variables set, alternating with plain runs
+                env = dict(os.environ, **dict(v.split("=", 1) for v in args.ab_env))
+                spec = dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph)
+                for rep in range(args.ab_repeats):
+                    for tag, child_env in ((" ".join(args.ab_env), env), ("plain", None)):
+                        r = run_child(spec, args.child_timeout, env=child_env)
+                        results.add("acttail-export", f"{label}{' +cuda-graph' if cuda_graph else ''} [{tag} #{rep + 1}]", s, r,
+                                    cuda_graph=cuda_graph, ab=tag, **extra)
             if not args.keep_exports:
                 shutil.rmtree(folder, ignore_errors=True)
     return time.perf_counter() - start

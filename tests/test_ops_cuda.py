@@ -262,3 +262,63 @@ def test_prefill_fp16_accumulates_in_fp32_cuda(prefill_path):
     x[:, :4097] = 1
     y = run_op(CUDA, x, np.ones((4104, 8), np.float16), "threshold", threshold=0.0)
     assert (y == 4096.0).all()
+
+
+# W as a constant input (an initializer): checked for Inf/NaN once, when the kernel is created -----------------------
+def _constant_w_session(w: np.ndarray, mode: str, k: int | None):
+    """One SparseMatMul node whose W is an initializer (exported models hold their weights so)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(make_model(w.dtype.type, mode, k, threshold_input=mode == "threshold"))
+    kept = [i for i in model.graph.input if i.name != "W"]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.graph.initializer.append(numpy_helper.from_array(w, "W"))
+    return make_session(model.SerializeToString(), CUDA)
+
+
+def _cuda_kernels(run) -> list[str]:
+    """Names of the CUDA kernels `run()` launches (CUPTI through torch.profiler, ONNX Runtime's included)."""
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return [ev.name for ev in prof.events()]
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("weights", ["finite", "nonfinite", "finite-check-off"])
+def test_prefill_constant_w_guard(mode, weights, monkeypatch):
+    """A constant W without Inf/NaN lets the cuBLAS prefill skip its guard (the Inf/NaN scan of Y and the exact kernel
+    it arms); with Inf/NaN rows, or with the check turned off (ACTTAIL_WEIGHT_CHECK=0, read when the kernel is
+    created), the guard runs as for a W fed at run time. Every variant matches the reference."""
+    monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
+    if weights == "finite-check-off":
+        monkeypatch.setenv("ACTTAIL_WEIGHT_CHECK", "0")
+    else:
+        monkeypatch.delenv("ACTTAIL_WEIGHT_CHECK", raising=False)
+    rng = np.random.default_rng(len(weights) + len(mode))
+    m, K, N = 64, 512, 264
+    x = rng.standard_normal((m, K)).astype(np.float16)
+    x[:, 3], x[:, 7] = 0.01, 0.0  # never kept
+    w = rng.standard_normal((K, N)).astype(np.float16)
+    if weights == "nonfinite":
+        w[3, ::2], w[3, 1::2], w[7] = np.inf, np.nan, -np.inf
+    threshold, k = (0.1, None) if mode == "threshold" else (None, K // 2)
+    sess = _constant_w_session(w, mode, k)
+    feeds = {"X": x} | ({"t": np.asarray(threshold, np.float32)} if mode == "threshold" else {})
+    out = []
+    names = _cuda_kernels(lambda: out.append(sess.run(None, feeds)[0]))
+    assert np.isfinite(out[0]).all()
+    assert_matches(out[0], x, w, mode, threshold, k)
+    guarded = weights != "finite"
+    assert any("FlagNonFiniteKernel" in n for n in names) == guarded, names
+    assert any("MaskedGemmKernel" in n for n in names) == guarded, names
+    if weights == "nonfinite":  # a row keeping channel 3: non-finite in that row only, through the guard
+        x[5, 3] = 2.0
+        y = sess.run(None, feeds)[0]
+        assert not np.isfinite(y[5]).all() and np.isfinite(np.delete(y, 5, axis=0)).all()
+        assert_matches(y, x, w, mode, threshold, k)

@@ -238,3 +238,56 @@ def test_errors_cuda():
     case = llm_case(rng, 2, 20, 6, 16, np.float16, "threshold")
     with pytest.raises(Exception, match=r"scales must be \[2, 6\]"):
         cached_session(CUDA, case.key()).run(None, case.feeds() | {"scales": case.scales[:1]})
+
+
+# Q / scales / offsets as constant inputs (initializers): the dequantized W checked for Inf/NaN once, at creation ------
+def _constant_weights_session(case: Case):
+    """One SparseMatMulNBits node whose Q, scales and offsets are initializers (exported models hold them so)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(make_model(case.x.dtype.type, case.K, case.N, case.block, case.mode, ks=case.ks,
+                                             thresholds=case.mode == "threshold"))
+    constants = {"Q": case.packed(), "scales": case.scales, "offsets": case.offsets}
+    kept = [i for i in model.graph.input if i.name not in constants]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in constants.items())
+    return make_session(model.SerializeToString(), CUDA)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("weights", ["finite", "nan-scale", "overflow", "finite-check-off"])
+def test_prefill_constant_weights_guard(mode, weights, monkeypatch):
+    """Constant scales / offsets whose dequantized W has no Inf/NaN let the cuBLAS prefill leave out the exact kernel
+    its Inf/NaN flag arms. A NaN scale, or a finite scale whose s * 15 + o overflows float16 (W rounds to Inf in the
+    prefill's float16 W, not in the reference), or the check turned off (ACTTAIL_WEIGHT_CHECK=0) keep it; every
+    variant matches the reference (blocks holding the bad values are never kept)."""
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
+    if weights == "finite-check-off":
+        monkeypatch.setenv("ACTTAIL_WEIGHT_CHECK", "0")
+    else:
+        monkeypatch.delenv("ACTTAIL_WEIGHT_CHECK", raising=False)
+    rng = np.random.default_rng(len(weights) + len(mode))
+    m, K, N, B = 48, 256, 96, 32
+    x = rng.standard_normal((m, K)).astype(np.float16)
+    x[:, 32:64] = 0.0  # block 1 is never kept
+    q, scales, offsets = random_weights(rng, K, N, B, np.float16)
+    if weights == "nan-scale":
+        scales[1, 5] = np.nan
+    elif weights == "overflow":
+        q[32:64, 7], scales[1, 7], offsets[1, 7] = 15, 5000.0, 0.0  # 75000 > 65504
+    case = Case(x, q, scales, offsets, B, mode, None, [100] if mode == "topk" else None,
+                np.array(0.3, np.float32) if mode == "threshold" else None)
+    sess = _constant_weights_session(case)
+    feeds = {k: v for k, v in case.feeds().items() if k not in ("Q", "scales", "offsets")}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        y = sess.run(None, feeds)[0]
+        torch.cuda.synchronize()
+    names = [ev.name for ev in prof.events()]
+    assert np.isfinite(y).all()
+    assert_matches(y, case)
+    assert any("NBitsGemvKernel" in n for n in names) == (weights != "finite"), names

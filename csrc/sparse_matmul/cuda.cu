@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "common/cuda/activation.cuh"
+#include "common/cuda/flag_check.cuh"
 #include "common/cuda/mask_rows.cuh"
 #include "common/cuda/topk_select.cuh"
 #include "sparse_matmul/cuda.h"
@@ -243,7 +244,9 @@ std::string Prefill(const CudaArgs& a, const CudaPlan& plan, const Layout& l, co
       err = Err("prefill mask kernel", cuda::LaunchMaskRows<T>(x, xm, a.M, a.K, dm, g, flag, stream));
       if (err.empty()) err = CublasGemm(handle, std::is_same<T, __half>::value, xm, w + l.begin[g], y + l.begin[g], a.M, a.K, l.end[g] - l.begin[g], a.N);
     }
-    if (err.empty()) err = Err("prefill Inf/NaN scan", cuda::LaunchFlagNonFinite<T>(y, a.M * a.N, flag, stream));
+    if (!err.empty()) return err;
+    if (plan.w_finite) return "";  // masked x times a finite W: cuBLAS' Y is the exact one (up to summation order)
+    err = Err("prefill Inf/NaN scan", cuda::LaunchFlagNonFinite<T>(y, a.M * a.N, flag, stream));
     if (!err.empty()) return err;
     nonfinite = flag;
   }
@@ -326,6 +329,24 @@ CudaPlan DefaultPlan(bool half, const CudaArgs& a) {
   plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
   if (half && a.M == 1) plan.gemv = LookupGemvConfig(CurrentSms(), a.K, a.N);
   return plan;
+}
+
+std::string NonFiniteWeights(bool half, const void* w, int64_t count, bool* nonfinite) {
+  *nonfinite = true;
+  if (count <= 0) {
+    *nonfinite = false;
+    return "";
+  }
+  return cuda::RunFlagCheck(
+      w,
+      [&](unsigned* flag, cudaStream_t stream) {
+        const int64_t words = count * (half ? 2 : 4) / 16 + 1;
+        const unsigned blocks = (unsigned)std::max<int64_t>(1, std::min<int64_t>((words + 255) / 256, (int64_t)CurrentSms() * 8));
+        if (half) cuda::FlagNonFiniteKernel<__half><<<blocks, 256, 0, stream>>>(static_cast<const __half*>(w), count, flag);
+        else cuda::FlagNonFiniteKernel<float><<<blocks, 256, 0, stream>>>(static_cast<const float*>(w), count, flag);
+        return cudaGetLastError();
+      },
+      nonfinite);
 }
 
 std::string SparseMatMulCuda(bool half, const CudaArgs& args, const CudaPlan& plan) {

@@ -45,6 +45,8 @@ struct CudaPlan {
   GemvConfig gemv;
   bool use_cublas = true;       // prefill: mask into the workspace + cuBLAS when libcublas loads
   bool stream_scratch = true;   // decode: the per-stream self-cleaning scratch (false: per-call, memset)
+  bool w_finite = false;        // W known to hold no Inf/NaN (NonFiniteWeights when the kernel was created): the cuBLAS
+                                // prefill skips the Inf/NaN scan of Y and the exact kernel that scan arms
 };
 
 /// Device scratch needed for this call.
@@ -52,6 +54,10 @@ size_t CudaWorkspaceBytes(const CudaArgs& args);
 
 /// The op's plan for this call: GEMV parameters from the per-shape table, cuBLAS unless ACTTAIL_CUBLAS=0.
 CudaPlan DefaultPlan(bool half, const CudaArgs& args);
+
+/// One-time check (synchronous, on a private stream; for kernel creation): *nonfinite = W ([count] elements of float16
+/// or float32, device memory) holds an Inf or NaN. Returns "" or the CUDA error text.
+std::string NonFiniteWeights(bool half, const void* w, int64_t count, bool* nonfinite);
 
 /// Enqueue the kernels on args.stream without synchronizing; returns "" or the error text.
 std::string SparseMatMulCuda(bool half, const CudaArgs& args, const CudaPlan& plan);

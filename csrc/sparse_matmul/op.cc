@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/attributes.h"
+#include "common/constant_input.h"
 #include "common/status.h"
 #include "sparse_matmul/op.h"
 #ifdef ACTTAIL_WITH_CUDA
@@ -70,6 +71,7 @@ void OrtParallel(void* ctx, void (*fn)(void*, size_t), size_t total, void* data)
 template <typename T>
 struct CpuKernel {
   MaskAttributes attrs;
+  void Init(const OrtKernelInfo* /*info*/) {}
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(kSparseMatMul, [&] {
       Ort::KernelContext ctx(context);
@@ -118,6 +120,15 @@ struct Scratch {
 template <typename T>
 struct CudaKernel {
   MaskAttributes attrs;
+  bool w_finite = false;  // W is a constant input without Inf/NaN, checked once here (CudaPlan::w_finite)
+  void Init(const OrtKernelInfo* info) {
+    const DeviceConstant w = ConstantDeviceInput(info, 1);
+    if (w.data == nullptr) return;
+    bool nonfinite = true;
+    const std::string err = NonFiniteWeights(std::is_same<T, Ort::Float16_t>::value, w.data, w.count, &nonfinite);
+    if (!err.empty()) throw std::runtime_error(attrs.Where() + "CUDA error: " + err);
+    w_finite = !nonfinite;
+  }
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(kSparseMatMul, [&] {
       Ort::KernelContext ctx(context);
@@ -146,7 +157,9 @@ struct CudaKernel {
       const bool half = std::is_same<T, Ort::Float16_t>::value;
       Scratch scratch(ctx, b.x, CudaWorkspaceBytes(args));
       args.workspace = scratch.ptr;
-      const std::string err = SparseMatMulCuda(half, args, DefaultPlan(half, args));
+      CudaPlan plan = DefaultPlan(half, args);
+      plan.w_finite = w_finite;
+      const std::string err = SparseMatMulCuda(half, args, plan);
       if (!err.empty()) throw std::runtime_error(attrs.Where() + "CUDA error: " + err);
     });
   }
@@ -160,6 +173,7 @@ struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp<T, Kernel, kCuda>, Kern
     return Guard(kSparseMatMul, [&] {
       auto k = std::make_unique<Kernel<T>>();
       k->attrs = ParseMaskAttributes(info, kSparseMatMul, kThresholdInput);
+      k->Init(info);
       *kernel = k.release();
     });
   }

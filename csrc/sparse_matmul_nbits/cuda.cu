@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/cuda/flag_check.cuh"
 #include "common/cuda/topk_select.cuh"
 #include "sparse_matmul_nbits/kernels/gemv.cuh"
 #include "sparse_matmul_nbits/kernels/gemv_cluster.cuh"
@@ -561,6 +562,7 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
       if (err != cudaSuccess) return std::string("prefill store kernel: ") + cudaGetErrorString(err);
     }
   }
+  if (plan.w_finite) return "";  // no Inf/NaN in the dequantized W: the flag stays 0, the exact kernel would return at once
   g.run_if = reinterpret_cast<unsigned*>(scratch);
   g.done = reinterpret_cast<unsigned*>(scratch) + 1;
   err = LaunchGemv<T, 8, 4, true>(g, 1, items, stream);  // usually returns at once: one block per SM is the cheapest launch
@@ -620,6 +622,21 @@ std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
   return p.M <= 8 ? RunDecode<T>(p, c, plan, g, ws) : RunPrefill<T>(p, c, plan, g, ws);
 }
 
+/// *flag = 1 when fl_T(s * q + o) is Inf or NaN for some q in [0, 15] of some of the n (scale, offset) pairs: s
+/// non-finite, or one of the extremes q = 0, 15 (fmaf(s, q, o) is monotone in q) rounds to Inf / NaN in T.
+template <typename T>
+__global__ void __launch_bounds__(256) FlagNonFiniteDequantizedKernel(const T* __restrict__ scales, const T* __restrict__ offsets,
+                                                                      int64_t n, unsigned* __restrict__ flag) {
+  bool bad = false;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const float s = cuda::Traits<T>::ToFloat(scales[i]), o = cuda::Traits<T>::ToFloat(offsets[i]);
+    const float lo = cuda::Traits<T>::ToFloat(cuda::Traits<T>::FromFloat(o));
+    const float hi = cuda::Traits<T>::ToFloat(cuda::Traits<T>::FromFloat(fmaf(s, 15.0f, o)));
+    bad |= !isfinite(s) || !isfinite(lo) || !isfinite(hi);
+  }
+  if (bad) atomicOr(flag, 1u);
+}
+
 }  // namespace
 
 size_t CudaWorkspaceBytes(const Problem& p, const CudaArgs& args, const CudaPlan& plan, bool half) {
@@ -636,6 +653,27 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the exact kernel for prefill (read per call, for tests)
   plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
   return plan;
+}
+
+std::string NonFiniteDequantized(bool half, const void* scales, const void* offsets, int64_t count, bool* nonfinite) {
+  *nonfinite = true;
+  if (count <= 0) {
+    *nonfinite = false;
+    return "";
+  }
+  return cuda::RunFlagCheck(
+      scales,
+      [&](unsigned* flag, cudaStream_t stream) {
+        const unsigned blocks = (unsigned)std::max<int64_t>(1, std::min<int64_t>((count + 255) / 256, (int64_t)CurrentSms() * 8));
+        if (half)
+          FlagNonFiniteDequantizedKernel<__half><<<blocks, 256, 0, stream>>>(static_cast<const __half*>(scales),
+                                                                             static_cast<const __half*>(offsets), count, flag);
+        else
+          FlagNonFiniteDequantizedKernel<float><<<blocks, 256, 0, stream>>>(static_cast<const float*>(scales),
+                                                                            static_cast<const float*>(offsets), count, flag);
+        return cudaGetLastError();
+      },
+      nonfinite);
 }
 
 std::string CudaRun(bool half, const Problem& p, const CudaArgs& args, const CudaPlan& plan) {

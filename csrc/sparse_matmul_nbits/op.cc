@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/attributes.h"
+#include "common/constant_input.h"
 #include "common/status.h"
 #include "sparse_matmul_nbits/op.h"
 
@@ -156,6 +157,7 @@ void OrtParallel(void* ctx, void (*fn)(void*, size_t), size_t total, void* data)
 template <typename T>
 struct CpuKernel {
   NBitsAttributes attrs;
+  void Init(const OrtKernelInfo* /*info*/) {}
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(kOpName, [&] {
       Ort::KernelContext ctx(context);
@@ -192,6 +194,16 @@ struct Workspace {
 template <typename T>
 struct CudaKernel {
   NBitsAttributes attrs;
+  bool w_finite = false;  // scales and offsets are constant inputs whose dequantized W has no Inf/NaN (CudaPlan::w_finite)
+  void Init(const OrtKernelInfo* info) {
+    const DeviceConstant scales = ConstantDeviceInput(info, 2), offsets = ConstantDeviceInput(info, 3);
+    if (scales.data == nullptr || offsets.data == nullptr || scales.count != offsets.count) return;
+    bool nonfinite = true;
+    const std::string err =
+        NonFiniteDequantized(std::is_same<T, Ort::Float16_t>::value, scales.data, offsets.data, scales.count, &nonfinite);
+    if (!err.empty()) throw std::runtime_error(attrs.mask.Where() + "CUDA error: " + err);
+    w_finite = !nonfinite;
+  }
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(kOpName, [&] {
       Ort::KernelContext ctx(context);
@@ -210,7 +222,8 @@ struct CudaKernel {
       args.ramp = attrs.mask.ramp;
       args.swiglu = attrs.mask.activation == Activation::kSwiGlu;
       args.ks = attrs.mask.ks;
-      const CudaPlan plan = DefaultPlan(b.p, half);
+      CudaPlan plan = DefaultPlan(b.p, half);
+      plan.w_finite = w_finite;
       Workspace ws(ctx, b.x, CudaWorkspaceBytes(b.p, args, plan, half));
       args.workspace = ws.ptr;
       const std::string err = CudaRun(half, b.p, args, plan);
@@ -226,6 +239,7 @@ struct NBitsOp : Ort::CustomOpBase<NBitsOp<T, Kernel, kCuda>, Kernel<T>, true> {
     return Guard(kOpName, [&] {
       auto k = std::make_unique<Kernel<T>>();
       k->attrs = ParseAttributes(info);
+      k->Init(info);
       *kernel = k.release();
     });
   }

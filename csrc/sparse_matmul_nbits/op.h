@@ -92,6 +92,9 @@ struct CudaPlan {
   // prefill_chunk_cols columns (0: 4096) when W is larger
   int64_t prefill_chunk_bytes = 0;
   int64_t prefill_chunk_cols = 0;
+  // the dequantized W known to hold no Inf/NaN (NonFiniteDequantized when the kernel was created): the cuBLAS prefill
+  // does not launch the exact kernel its Inf/NaN flag arms
+  bool w_finite = false;
 };
 
 /// Device workspace of one call under `plan` (the prefill's chunk of W depends on it).
@@ -99,6 +102,10 @@ size_t CudaWorkspaceBytes(const Problem& p, const CudaArgs& args, const CudaPlan
 /// The op's plan: decode parameters from the per-shape table, cuBLAS unless ACTTAIL_CUBLAS=0, all of W dequantized at
 /// once for prefill.
 CudaPlan DefaultPlan(const Problem& p, bool half);
+/// One-time check (synchronous, on a private stream; for kernel creation): *nonfinite = some fl_T(s * q + o), q in
+/// [0, 15], of the [count] scales / offsets (device memory) is Inf or NaN — the extremes q = 0 and 15 decide, fmaf being
+/// monotone in q. Returns "" or the CUDA error text.
+std::string NonFiniteDequantized(bool half, const void* scales, const void* offsets, int64_t count, bool* nonfinite);
 /// Enqueue on args.stream without synchronizing; returns "" or the CUDA / cuBLAS error text.
 std::string CudaRun(bool half, const Problem& p, const CudaArgs& args, const CudaPlan& plan);
 
