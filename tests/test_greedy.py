@@ -721,17 +721,19 @@ def test_lazy_resume_and_extension_equal_one_run(tiny, tmp_path, refresh):
 
 
 def test_default_settings_per_method_and_mode():
-    """In top-k mode, where they were measured (docs/allocation.md 6k): the fast search (lazy, refresh 3, updated
-    products) behind ``waterfill-greedy``, TEAL's search with updated products behind ``teal-greedy``; every other
-    method and threshold mode search in full."""
+    """Where they were measured (docs/allocation.md 6k, 6m): the fast search (lazy, refresh 3, updated products) behind
+    ``waterfill-greedy`` in top-k mode, TEAL's search with updated products behind ``teal-greedy`` in both modes; every
+    other method, and ``waterfill-greedy`` in threshold mode, search in full."""
     fast = greedy.default_settings("waterfill-greedy", "topk")
     assert (fast.mode, fast.lazy, fast.refresh, fast.delta_limit) == ("topk", True, 3, 0.2)
     assert fast.key() == {**greedy.GreedySettings().key(), "lazy": True, "refresh": 3, "delta_limit": 0.2}
     teal = greedy.default_settings("teal-greedy", "topk")
     assert (teal.mode, teal.lazy, teal.delta_limit) == ("topk", False, 0.2)
     assert teal.key() == {**greedy.GreedySettings().key(), "delta_limit": 0.2}
-    for method, mode in [("acttail-greedy", "topk"), ("teal-greedy", "threshold"), ("acttail-greedy", "threshold"),
-                         ("waterfill-greedy", "threshold")]:
+    teal_threshold = greedy.default_settings("teal-greedy", "threshold")  # TEAL's rule, products updated (section 6m)
+    assert (teal_threshold.mode, teal_threshold.lazy, teal_threshold.delta_limit) == ("threshold", False, 0.2)
+    for method, mode in [("acttail-greedy", "topk"), ("acttail-greedy", "threshold"), ("waterfill-greedy", "threshold"),
+                         ("htsr", "threshold"), ("uniform", "topk")]:
         assert greedy.default_settings(method, mode) == greedy.GreedySettings(mode=mode)
 
 
