@@ -97,6 +97,27 @@ def make_session(model: bytes, provider: str = CPU, profile: bool = False, threa
     return ort.InferenceSession(model, options, providers=[provider])
 
 
+def set_prefill_guard_env(monkeypatch, weight_check: bool) -> None:
+    """The cuBLAS prefill path, with the creation-time check of constant weights on or off (ACTTAIL_WEIGHT_CHECK=0)."""
+    monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
+    if weight_check:
+        monkeypatch.delenv("ACTTAIL_WEIGHT_CHECK", raising=False)
+    else:
+        monkeypatch.setenv("ACTTAIL_WEIGHT_CHECK", "0")
+
+
+def cuda_kernel_names(run) -> list[str]:
+    """Names of the CUDA kernels `run()` launches (CUPTI through torch.profiler, ONNX Runtime's included; a
+    compute-sanitizer run records none)."""
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return [ev.name for ev in prof.events()]
+
+
 @functools.lru_cache(maxsize=256)
 def cached_session(provider: str, dtype_name: str, mode: str, k: int | None, ks=None, segments=None, ramp: float = 0.0,
                    scale_input: bool = False) -> ort.InferenceSession:

@@ -21,10 +21,12 @@ from test_ops import (
     assert_matches,
     cached_session,
     cases,
+    cuda_kernel_names,
     make_model,
     make_session,
     run_case,
     run_op,
+    set_prefill_guard_env,
 )
 
 from acttail_export import ops
@@ -278,28 +280,13 @@ def _constant_w_session(w: np.ndarray, mode: str, k: int | None):
     return make_session(model.SerializeToString(), CUDA)
 
 
-def _cuda_kernels(run) -> list[str]:
-    """Names of the CUDA kernels `run()` launches (CUPTI through torch.profiler, ONNX Runtime's included)."""
-    torch = pytest.importorskip("torch")
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    return [ev.name for ev in prof.events()]
-
-
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 @pytest.mark.parametrize("weights", ["finite", "nonfinite", "finite-check-off"])
 def test_prefill_constant_w_guard(mode, weights, monkeypatch):
     """A constant W without Inf/NaN lets the cuBLAS prefill skip its guard (the Inf/NaN scan of Y and the exact kernel
     it arms); with Inf/NaN rows, or with the check turned off (ACTTAIL_WEIGHT_CHECK=0, read when the kernel is
     created), the guard runs as for a W fed at run time. Every variant matches the reference."""
-    monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
-    if weights == "finite-check-off":
-        monkeypatch.setenv("ACTTAIL_WEIGHT_CHECK", "0")
-    else:
-        monkeypatch.delenv("ACTTAIL_WEIGHT_CHECK", raising=False)
+    set_prefill_guard_env(monkeypatch, weight_check=weights != "finite-check-off")
     rng = np.random.default_rng(len(weights) + len(mode))
     m, K, N = 64, 512, 264
     x = rng.standard_normal((m, K)).astype(np.float16)
@@ -311,7 +298,7 @@ def test_prefill_constant_w_guard(mode, weights, monkeypatch):
     sess = _constant_w_session(w, mode, k)
     feeds = {"X": x} | ({"t": np.asarray(threshold, np.float32)} if mode == "threshold" else {})
     out = []
-    names = _cuda_kernels(lambda: out.append(sess.run(None, feeds)[0]))
+    names = cuda_kernel_names(lambda: out.append(sess.run(None, feeds)[0]))
     assert np.isfinite(out[0]).all()
     assert_matches(out[0], x, w, mode, threshold, k)
     guarded = weights != "finite"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from test_ops import cuda_kernel_names, set_prefill_guard_env
 from test_ops_nbits import (
     CPU_SETTINGS,
     Case,
@@ -263,14 +264,7 @@ def test_prefill_constant_weights_guard(mode, weights, monkeypatch):
     its Inf/NaN flag arms. A NaN scale, or a finite scale whose s * 15 + o overflows float16 (W rounds to Inf in the
     prefill's float16 W, not in the reference), or the check turned off (ACTTAIL_WEIGHT_CHECK=0) keep it; every
     variant matches the reference (blocks holding the bad values are never kept)."""
-    torch = pytest.importorskip("torch")
-    from torch.profiler import ProfilerActivity, profile
-
-    monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
-    if weights == "finite-check-off":
-        monkeypatch.setenv("ACTTAIL_WEIGHT_CHECK", "0")
-    else:
-        monkeypatch.delenv("ACTTAIL_WEIGHT_CHECK", raising=False)
+    set_prefill_guard_env(monkeypatch, weight_check=weights != "finite-check-off")
     rng = np.random.default_rng(len(weights) + len(mode))
     m, K, N, B = 48, 256, 96, 32
     x = rng.standard_normal((m, K)).astype(np.float16)
@@ -284,10 +278,9 @@ def test_prefill_constant_weights_guard(mode, weights, monkeypatch):
                 np.array(0.3, np.float32) if mode == "threshold" else None)
     sess = _constant_weights_session(case)
     feeds = {k: v for k, v in case.feeds().items() if k not in ("Q", "scales", "offsets")}
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        y = sess.run(None, feeds)[0]
-        torch.cuda.synchronize()
-    names = [ev.name for ev in prof.events()]
+    out = []
+    names = cuda_kernel_names(lambda: out.append(sess.run(None, feeds)[0]))
+    y = out[0]
     assert np.isfinite(y).all()
     assert_matches(y, case)
     assert any("NBitsGemvKernel" in n for n in names) == (weights != "finite"), names
