@@ -142,6 +142,8 @@ def machine_info() -> dict:
             info[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             info[mod] = None
+    # the op library's switches (e.g. ACTTAIL_WEIGHT_CHECK=0): a run's environment is part of what it measured
+    info["acttail_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("ACTTAIL_")}
     return info
 
 
@@ -769,6 +771,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if any("=" not in v or not v.split("=", 1)[0] for v in args.ab_env):
         ap.error("--ab-env takes NAME=VALUE pairs, e.g. --ab-env ACTTAIL_WEIGHT_CHECK=0")
+    if args.ab_repeats < 1:
+        ap.error(f"--ab-repeats must be at least 1, got {args.ab_repeats}")
     if args.child:
         child_main(json.loads(args.child))
         return 0

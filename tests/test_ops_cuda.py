@@ -302,6 +302,7 @@ def test_prefill_constant_w_guard(mode, weights, monkeypatch):
     assert np.isfinite(out[0]).all()
     assert_matches(out[0], x, w, mode, threshold, k)
     guarded = weights != "finite"
+    assert any("MaskRows" in n for n in names), names  # the profiler saw the prefill (none under a sanitizer)
     assert any("FlagNonFiniteKernel" in n for n in names) == guarded, names
     assert any("MaskedGemmKernel" in n for n in names) == guarded, names
     if weights == "nonfinite":  # a row keeping channel 3: non-finite in that row only, through the guard

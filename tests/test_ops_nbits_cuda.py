@@ -283,4 +283,5 @@ def test_prefill_constant_weights_guard(mode, weights, monkeypatch):
     y = out[0]
     assert np.isfinite(y).all()
     assert_matches(y, case)
+    assert any("PrefillPrepKernel" in n for n in names), names  # the profiler saw the prefill (none under a sanitizer)
     assert any("NBitsGemvKernel" in n for n in names) == (weights != "finite"), names

@@ -340,11 +340,8 @@ std::string NonFiniteWeights(bool half, const void* w, int64_t count, bool* nonf
   return cuda::RunFlagCheck(
       w,
       [&](unsigned* flag, cudaStream_t stream) {
-        const int64_t words = count * (half ? 2 : 4) / 16 + 1;
-        const unsigned blocks = (unsigned)std::max<int64_t>(1, std::min<int64_t>((words + 255) / 256, (int64_t)CurrentSms() * 8));
-        if (half) cuda::FlagNonFiniteKernel<__half><<<blocks, 256, 0, stream>>>(static_cast<const __half*>(w), count, flag);
-        else cuda::FlagNonFiniteKernel<float><<<blocks, 256, 0, stream>>>(static_cast<const float*>(w), count, flag);
-        return cudaGetLastError();
+        return half ? cuda::LaunchFlagNonFinite<__half>(static_cast<const __half*>(w), count, flag, stream)
+                    : cuda::LaunchFlagNonFinite<float>(static_cast<const float*>(w), count, flag, stream);
       },
       nonfinite);
 }
