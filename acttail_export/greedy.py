@@ -157,9 +157,8 @@ TEAL_SEARCH = {"delta_limit": 0.2}
 def default_settings(method: str, mode: str) -> GreedySettings:
     """The search settings an allocation ``method`` (``config.ALLOCATION_METHODS``) runs with in ``mode`` when none are
     given."""
-    if method == "teal-greedy":
-        return GreedySettings(mode=mode, **TEAL_SEARCH)
-    return GreedySettings(mode=mode, **(FAST_SEARCH if method == "waterfill-greedy" and mode == "topk" else {}))
+    chosen = TEAL_SEARCH if method == "teal-greedy" else FAST_SEARCH if (method, mode) == ("waterfill-greedy", "topk") else {}
+    return GreedySettings(mode=mode, **chosen)
 
 
 def model_digest(model: torch.nn.Module) -> str:

@@ -1126,20 +1126,20 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
                          export_command=f"acttail-export export --model MODEL --sparsity {s} --allocation {allocation} "
                                         f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}"
                                         + (f" --weights int4 --block-size 32 --quantizer {args.export_quantizer}" if int4 else ""))
-            r = run_child(dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph), args.child_timeout)
+            spec = dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph)
+            variant = label + (" +cuda-graph" if cuda_graph else "")
+            r = run_child(spec, args.child_timeout)
             if args.cupti and common["provider"] == "cuda":
                 r["cupti"] = cupti_run(common, folder, "model.onnx", args.child_timeout)
             if ppl is not None:
                 extra["perplexity"] = ppl(folder, "model.onnx", fused=True)
-            results.add("acttail-export", label + (" +cuda-graph" if cuda_graph else ""), s, r, cuda_graph=cuda_graph, **extra)
+            results.add("acttail-export", variant, s, r, cuda_graph=cuda_graph, **extra)
             if args.ab_env:  # the same folder with the variables set, alternating with plain runs
                 env = dict(os.environ, **dict(v.split("=", 1) for v in args.ab_env))
-                spec = dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph)
                 for rep in range(args.ab_repeats):
                     for tag, child_env in ((" ".join(args.ab_env), env), ("plain", None)):
                         r = run_child(spec, args.child_timeout, env=child_env)
-                        results.add("acttail-export", f"{label}{' +cuda-graph' if cuda_graph else ''} [{tag} #{rep + 1}]", s, r,
-                                    cuda_graph=cuda_graph, ab=tag, **extra)
+                        results.add("acttail-export", f"{variant} [{tag} #{rep + 1}]", s, r, cuda_graph=cuda_graph, ab=tag, **extra)
             if not args.keep_exports:
                 shutil.rmtree(folder, ignore_errors=True)
     return time.perf_counter() - start

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from acttail_export import ops
 from acttail_export import reference as ref
@@ -106,16 +107,27 @@ def set_prefill_guard_env(monkeypatch, weight_check: bool) -> None:
         monkeypatch.setenv("ACTTAIL_WEIGHT_CHECK", "0")
 
 
-def cuda_kernel_names(run) -> list[str]:
-    """Names of the CUDA kernels `run()` launches (CUPTI through torch.profiler, ONNX Runtime's included; a
-    compute-sanitizer run records none)."""
+def with_initializers(model: bytes, constants: dict[str, np.ndarray]) -> bytes:
+    """`model` with the graph inputs named in `constants` turned into initializers (constant inputs, as exported
+    models hold their weights)."""
+    proto = onnx.load_from_string(model)
+    kept = [i for i in proto.graph.input if i.name not in constants]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    proto.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in constants.items())
+    return proto.SerializeToString()
+
+
+def run_profiled(run):
+    """(`run()`, the names of the CUDA kernels it launched): CUPTI through torch.profiler, ONNX Runtime's kernels
+    included; a compute-sanitizer run records none."""
     torch = pytest.importorskip("torch")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
+        value = run()
         torch.cuda.synchronize()
-    return [ev.name for ev in prof.events()]
+    return value, [ev.name for ev in prof.events()]
 
 
 @functools.lru_cache(maxsize=256)

@@ -21,12 +21,13 @@ from test_ops import (
     assert_matches,
     cached_session,
     cases,
-    cuda_kernel_names,
     make_model,
     make_session,
     run_case,
     run_op,
+    run_profiled,
     set_prefill_guard_env,
+    with_initializers,
 )
 
 from acttail_export import ops
@@ -267,19 +268,6 @@ def test_prefill_fp16_accumulates_in_fp32_cuda(prefill_path):
 
 
 # W as a constant input (an initializer): checked for Inf/NaN once, when the kernel is created -----------------------
-def _constant_w_session(w: np.ndarray, mode: str, k: int | None):
-    """One SparseMatMul node whose W is an initializer (exported models hold their weights so)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load_from_string(make_model(w.dtype.type, mode, k, threshold_input=mode == "threshold"))
-    kept = [i for i in model.graph.input if i.name != "W"]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
-    model.graph.initializer.append(numpy_helper.from_array(w, "W"))
-    return make_session(model.SerializeToString(), CUDA)
-
-
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 @pytest.mark.parametrize("weights", ["finite", "nonfinite", "finite-check-off"])
 def test_prefill_constant_w_guard(mode, weights, monkeypatch):
@@ -295,12 +283,12 @@ def test_prefill_constant_w_guard(mode, weights, monkeypatch):
     if weights == "nonfinite":
         w[3, ::2], w[3, 1::2], w[7] = np.inf, np.nan, -np.inf
     threshold, k = (0.1, None) if mode == "threshold" else (None, K // 2)
-    sess = _constant_w_session(w, mode, k)
+    model = make_model(w.dtype.type, mode, k, threshold_input=mode == "threshold")
+    sess = make_session(with_initializers(model, {"W": w}), CUDA)
     feeds = {"X": x} | ({"t": np.asarray(threshold, np.float32)} if mode == "threshold" else {})
-    out = []
-    names = cuda_kernel_names(lambda: out.append(sess.run(None, feeds)[0]))
-    assert np.isfinite(out[0]).all()
-    assert_matches(out[0], x, w, mode, threshold, k)
+    y, names = run_profiled(lambda: sess.run(None, feeds)[0])
+    assert np.isfinite(y).all()
+    assert_matches(y, x, w, mode, threshold, k)
     guarded = weights != "finite"
     assert any("MaskRows" in n for n in names), names  # the profiler saw the prefill (none under a sanitizer)
     assert any("FlagNonFiniteKernel" in n for n in names) == guarded, names

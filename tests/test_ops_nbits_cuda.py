@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from test_ops import cuda_kernel_names, set_prefill_guard_env
+from test_ops import run_profiled, set_prefill_guard_env, with_initializers
 from test_ops_nbits import (
     CPU_SETTINGS,
     Case,
@@ -242,21 +242,6 @@ def test_errors_cuda():
 
 
 # Q / scales / offsets as constant inputs (initializers): the dequantized W checked for Inf/NaN once, at creation ------
-def _constant_weights_session(case: Case):
-    """One SparseMatMulNBits node whose Q, scales and offsets are initializers (exported models hold them so)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load_from_string(make_model(case.x.dtype.type, case.K, case.N, case.block, case.mode, ks=case.ks,
-                                             thresholds=case.mode == "threshold"))
-    constants = {"Q": case.packed(), "scales": case.scales, "offsets": case.offsets}
-    kept = [i for i in model.graph.input if i.name not in constants]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
-    model.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in constants.items())
-    return make_session(model.SerializeToString(), CUDA)
-
-
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 @pytest.mark.parametrize("weights", ["finite", "nan-scale", "overflow", "finite-check-off"])
 def test_prefill_constant_weights_guard(mode, weights, monkeypatch):
@@ -276,11 +261,11 @@ def test_prefill_constant_weights_guard(mode, weights, monkeypatch):
         q[32:64, 7], scales[1, 7], offsets[1, 7] = 15, 5000.0, 0.0  # 75000 > 65504
     case = Case(x, q, scales, offsets, B, mode, None, [100] if mode == "topk" else None,
                 np.array(0.3, np.float32) if mode == "threshold" else None)
-    sess = _constant_weights_session(case)
-    feeds = {k: v for k, v in case.feeds().items() if k not in ("Q", "scales", "offsets")}
-    out = []
-    names = cuda_kernel_names(lambda: out.append(sess.run(None, feeds)[0]))
-    y = out[0]
+    constants = {"Q": case.packed(), "scales": case.scales, "offsets": case.offsets}
+    model = make_model(case.x.dtype.type, case.K, case.N, case.block, case.mode, ks=case.ks, thresholds=case.mode == "threshold")
+    sess = make_session(with_initializers(model, constants), CUDA)
+    feeds = {k: v for k, v in case.feeds().items() if k not in constants}
+    y, names = run_profiled(lambda: sess.run(None, feeds)[0])
     assert np.isfinite(y).all()
     assert_matches(y, case)
     assert any("PrefillPrepKernel" in n for n in names), names  # the profiler saw the prefill (none under a sanitizer)
