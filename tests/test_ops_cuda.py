@@ -259,6 +259,27 @@ def test_prefill_packed_members_skip_nonfinite_rows(mode, widths, prefill_path):
     assert_close(y, c)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("widths", [(256, 256, 256), (1024, 1024), (512, 128, 128)])  # equal widths: one batched GEMM
+@pytest.mark.parametrize("fuse", [True, False])
+def test_prefill_members_one_mask_pass(dtype, mode, widths, fuse, monkeypatch):
+    """cuBLAS prefill of packed members: with ACTTAIL_PREFILL_FUSE=1 (read per call) every member's mask in one pass over
+    X (one MaskGroups launch) and, for equally wide members, one strided-batched GEMM; unset (the default): a mask pass
+    and a GEMM per member. Both match the reference, with [G, K] scales and a ramp."""
+    monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
+    if fuse:
+        monkeypatch.setenv("ACTTAIL_PREFILL_FUSE", "1")
+    else:
+        monkeypatch.delenv("ACTTAIL_PREFILL_FUSE", raising=False)
+    c = _packed_case(np.random.default_rng(len(widths) + widths[-1]), dtype, mode, 40, 1032, widths, 0.5, 2)
+    y, names = run_profiled(lambda: run_case(CUDA, c))
+    assert_close(y, c)
+    masks = [n for n in names if "MaskGroups" in n or "MaskRows" in n]
+    assert len(masks) == (1 if fuse else len(widths)), names
+    assert all(("MaskGroups" in n) == fuse for n in masks), names
+
+
 def test_prefill_fp16_accumulates_in_fp32_cuda(prefill_path):
     """Both GEMM paths: 4097 ones (K = 4104, the rest zero) give 4096 after one final rounding."""
     x = np.zeros((16, 4104), np.float16)
@@ -290,7 +311,7 @@ def test_prefill_constant_w_guard(mode, weights, monkeypatch):
     assert np.isfinite(y).all()
     assert_matches(y, x, w, mode, threshold, k)
     guarded = weights != "finite"
-    assert any("MaskRows" in n for n in names), names  # the profiler saw the prefill (none under a sanitizer)
+    assert any("MaskRows" in n or "MaskGroups" in n for n in names), names  # the profiler saw the prefill (none under a sanitizer)
     assert any("FlagNonFiniteKernel" in n for n in names) == guarded, names
     assert any("MaskedGemmKernel" in n for n in names) == guarded, names
     if weights == "nonfinite":  # a row keeping channel 3: non-finite in that row only, through the guard

@@ -173,3 +173,64 @@ def test_wrong_last_dimension_is_an_ort_error_on_cuda():
     x, w = np.zeros((1, 65), np.float16), np.zeros((32, 8), np.float16)
     with pytest.raises(Exception, match=r"with activation=\"swiglu\" the last dimension of X must be 2\*K=64"):
         sess.run(None, {"X": x, "W": w, "t": np.array(0.5, np.float32)})
+
+
+# --------------------------------------------------------------------------------------------
+# Prefill of a constant, finite W in threshold mode: silu(gate) * up computed in the mask pass
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(params=["fused", "apart"])
+def prefill_fuse(request, monkeypatch):
+    """The cuBLAS prefill with the creation-time weight check; "fused": ACTTAIL_PREFILL_FUSE=1 (read per call), "apart":
+    unset (the default), the activation kernel before the mask pass."""
+    test_ops.set_prefill_guard_env(monkeypatch, weight_check=True)
+    if request.param == "fused":
+        monkeypatch.setenv("ACTTAIL_PREFILL_FUSE", "1")
+    else:
+        monkeypatch.delenv("ACTTAIL_PREFILL_FUSE", raising=False)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("members", [1, 2])
+def test_sparse_matmul_swiglu_prefill_in_mask_pass(dtype, members, prefill_fuse):
+    """W an initializer (constant, checked finite), threshold mode, 40 rows: the mask pass reads [gate | up] itself
+    (no SwiGluKernel launched; ACTTAIL_PREFILL_FUSE=1) and the result is the reference's on silu(gate) * up, as with
+    the activation kernel apart (the default). Members with their own thresholds and a ramp: every member's mask in that pass."""
+    rng = np.random.default_rng(31 + members)
+    K, widths = 1536, (576,) if members == 1 else (320, 256)
+    xg = _gated(rng, 40, K, dtype)
+    xg[:, 3], xg[:, K + 7] = np.nan, np.inf  # NaN never kept; silu(g) * Inf: Inf where kept
+    xa = ref.swiglu(xg)
+    w = (rng.standard_normal((K, sum(widths))) * 0.05).astype(dtype)
+    finite = np.where(np.isfinite(xa), xa, 0)
+    t = np.array([_gap_threshold(finite, q, dtype) for q in (0.4, 0.6)[:members]], np.float32)
+    segments = tuple(np.cumsum(widths).tolist()) if members > 1 else None
+    c = test_ops.Case(xa, w, "threshold", threshold=t if members > 1 else t[0], segments=segments, ramp=0.5 if members > 1 else 0.0)
+    model = test_ops.make_model(dtype, "threshold", None, threshold_input=True, segments=segments, ramp=c.ramp or None)
+    sess = test_ops.make_session(test_ops.with_initializers(_with_activation(model), {"W": w}), CUDA)
+    y, names = test_ops.run_profiled(lambda: sess.run(None, {"X": xg, "t": np.asarray(c.threshold, np.float32)})[0])
+    test_ops.assert_close(y, c)
+    assert any("MaskGroups" in n or "MaskRows" in n for n in names), names  # the profiler saw the prefill
+    assert any("SwiGluKernel" in n for n in names) == (prefill_fuse == "apart"), names
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("K,N,block", [(1536, 576, 32), (300, 136, 16)])
+def test_nbits_swiglu_prefill_in_mask_pass(dtype, K, N, block, prefill_fuse):
+    """Q / scales / offsets as initializers (the dequantized W checked finite), threshold mode, 40 rows: the prefill's
+    mask items read [gate | up] themselves (no SwiGluKernel; K = 300: the element-wise items), matching the reference
+    on silu(gate) * up, as with the activation kernel apart."""
+    rng = np.random.default_rng(K + N + block)
+    xg = _gated(rng, 40, K, dtype)
+    xg[:, 5] = -np.inf  # silu(-Inf) = NaN: never kept
+    xa = ref.swiglu(xg)
+    q, scales, offsets = test_ops_nbits.random_weights(rng, K, N, block, dtype)
+    thr = np.asarray(_gap_threshold(np.where(np.isfinite(xa), xa, 0), 0.35, dtype))
+    case = test_ops_nbits.Case(xa, q, scales, offsets, block, "threshold", thresholds=thr)
+    constants = {"Q": case.packed(), "scales": case.scales, "offsets": case.offsets}
+    model = test_ops_nbits.make_model(dtype, K, N, block, "threshold", thresholds=True, extra={"activation": "swiglu"})
+    sess = test_ops_nbits.make_session(test_ops.with_initializers(model, constants), CUDA)
+    y, names = test_ops.run_profiled(lambda: sess.run(None, {"X": xg, "thresholds": thr})[0])
+    test_ops_nbits.assert_matches(y, case)
+    assert any("PrefillPrepKernel" in n for n in names), names  # the profiler saw the prefill
+    assert any("SwiGluKernel" in n for n in names) == (prefill_fuse == "apart"), names

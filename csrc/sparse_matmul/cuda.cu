@@ -94,10 +94,19 @@ using CublasGemmExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cub
                                           cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
 static_assert(sizeof(static_cast<CublasGemmExFn>(&cublasGemmEx)) > 0, "the cuBLAS header declares cublasGemmEx so");
 
+// cublasGemmStridedBatchedEx with a cublasComputeType_t, likewise
+using CublasGemmBatchedFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                                               const void*, cudaDataType, int, long long, const void*, cudaDataType, int, long long,
+                                               const void*, void*, cudaDataType, int, long long, int, cublasComputeType_t,
+                                               cublasGemmAlgo_t);
+static_assert(sizeof(static_cast<CublasGemmBatchedFn>(&cublasGemmStridedBatchedEx)) > 0,
+              "the cuBLAS header declares cublasGemmStridedBatchedEx so");
+
 struct CublasApi {
   decltype(&cublasCreate_v2) create = nullptr;
   decltype(&cublasSetStream_v2) set_stream = nullptr;
   CublasGemmExFn gemm_ex = nullptr;
+  CublasGemmBatchedFn gemm_batched = nullptr;  // optional: without it the members' GEMMs run one by one
   bool ok = false;
 };
 
@@ -109,6 +118,7 @@ const CublasApi& Cublas() {
     a.create = reinterpret_cast<decltype(&cublasCreate_v2)>(dlsym(lib, "cublasCreate_v2"));
     a.set_stream = reinterpret_cast<decltype(&cublasSetStream_v2)>(dlsym(lib, "cublasSetStream_v2"));
     a.gemm_ex = reinterpret_cast<CublasGemmExFn>(dlsym(lib, "cublasGemmEx"));
+    a.gemm_batched = reinterpret_cast<CublasGemmBatchedFn>(dlsym(lib, "cublasGemmStridedBatchedEx"));
     a.ok = a.create != nullptr && a.set_stream != nullptr && a.gemm_ex != nullptr;
     return a;
   }();
@@ -157,6 +167,19 @@ std::string CublasGemm(cublasHandle_t h, bool half, const void* xm, const void* 
   const cublasStatus_t st = Cublas().gemm_ex(h, CUBLAS_OP_N, CUBLAS_OP_N, (int)n, (int)M, (int)K, &alpha, w, t, (int)ld, xm, t, (int)K,
                                              &beta, y, t, (int)ld, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   return st == CUBLAS_STATUS_SUCCESS ? "" : "cublasGemmEx failed with status " + std::to_string((int)st);
+}
+
+/// Enqueue Y[:, g n : (g + 1) n] = Xm_g[M, K] W[:, g n : (g + 1) n] for g < batch in one call (the members' masked copies of
+/// X at a stride of M * K, their equal column slices of W and Y side by side, row stride ld). Returns "" or the error.
+std::string CublasGemmBatched(cublasHandle_t h, bool half, const void* xm, const void* w, void* y, int64_t M, int64_t K, int64_t n,
+                              int64_t ld, int batch) {
+  const float alpha = 1.0f, beta = 0.0f;
+  const cudaDataType t = half ? CUDA_R_16F : CUDA_R_32F;
+  std::lock_guard<std::mutex> lock(CublasMutex());
+  const cublasStatus_t st = Cublas().gemm_batched(h, CUBLAS_OP_N, CUBLAS_OP_N, (int)n, (int)M, (int)K, &alpha, w, t, (int)ld, (long long)n, xm, t,
+                                                  (int)K, (long long)(M * K), &beta, y, t, (int)ld, (long long)n, batch, CUBLAS_COMPUTE_32F,
+                                                  CUBLAS_GEMM_DEFAULT);
+  return st == CUBLAS_STATUS_SUCCESS ? "" : "cublasGemmStridedBatchedEx failed with status " + std::to_string((int)st);
 }
 
 // ---- members: how the G members map onto launches -----------------------------------------------
@@ -217,9 +240,25 @@ cudaError_t Decode(const CudaArgs& a, const CudaPlan& plan, const Layout& l, con
 }
 
 // ---- prefill ------------------------------------------------------------------------------------
-/// Bytes of the prefill workspace: the masked copy of X ([M, K], at most float32; one member at a time,
-/// reused in stream order) and the "Y is not finite" flag.
-size_t PrefillBytes(int64_t M, int64_t K) { return (size_t)((M * K * 4 + 255) / 256 * 256) + cuda::kTcFlagBytes; }
+/// Masked copies of X the prefill keeps at once: one per member for the one-pass mask (plan.fuse_prefill, at most
+/// cuda::kMaxMaskGroups members), else one, reused in stream order.
+int MaskCopies(const CudaPlan& plan, const Layout& l) { return plan.fuse_prefill && l.G <= cuda::kMaxMaskGroups ? l.G : 1; }
+
+/// Bytes of the prefill workspace: the masked copies of X ([M, K] each, at most float32) and the "Y is not finite" flag.
+size_t PrefillBytes(int64_t M, int64_t K, int copies) { return (size_t)((copies * M * K * 4 + 255) / 256 * 256) + cuda::kTcFlagBytes; }
+
+/// The one-pass prefill mask (cuda::LaunchMaskGroups, and with equal member widths one batched GEMM) applies.
+bool FusedPrefill(bool half, const CudaArgs& a, const CudaPlan& plan, const Layout& l, const void* workspace) {
+  const void* x = a.x;
+  return plan.fuse_prefill && (half ? cuda::MaskGroupsEligible<__half>(x, workspace, a.K, l.G) : cuda::MaskGroupsEligible<float>(x, workspace, a.K, l.G));
+}
+
+/// With activation "swiglu" in threshold mode, the one-pass mask computes silu(gate) * up itself (no activation kernel,
+/// no [M, K] copy of it) where nothing else reads x: the cuBLAS prefill of a W checked finite (no exact kernel after it).
+bool SwiGluInMask(bool half, const CudaArgs& a, const CudaPlan& plan, const Layout& l, const void* workspace) {
+  return a.swiglu && a.M > 8 && a.K > 0 && a.mode == Mode::kThreshold && plan.w_finite && plan.use_cublas &&
+         FusedPrefill(half, a, plan, l, workspace);
+}
 
 std::string Err(const char* what, cudaError_t err) { return err == cudaSuccess ? "" : std::string(what) + ": " + cudaGetErrorString(err); }
 
@@ -238,11 +277,24 @@ std::string Prefill(const CudaArgs& a, const CudaPlan& plan, const Layout& l, co
   cublasHandle_t handle = plan.use_cublas && a.K > 0 ? CublasHandle(stream) : nullptr;
   std::string err;
   if (handle != nullptr) {
+    constexpr bool half = std::is_same<T, __half>::value;
     T* xm = reinterpret_cast<T*>(scratch);
-    unsigned* flag = reinterpret_cast<unsigned*>(scratch + PrefillBytes(a.M, a.K) - cuda::kTcFlagBytes);
-    for (int g = 0; g < l.G && err.empty(); ++g) {
-      err = Err("prefill mask kernel", cuda::LaunchMaskRows<T>(x, xm, a.M, a.K, dm, g, flag, stream));
-      if (err.empty()) err = CublasGemm(handle, std::is_same<T, __half>::value, xm, w + l.begin[g], y + l.begin[g], a.M, a.K, l.end[g] - l.begin[g], a.N);
+    unsigned* flag = reinterpret_cast<unsigned*>(scratch + PrefillBytes(a.M, a.K, MaskCopies(plan, l)) - cuda::kTcFlagBytes);
+    if (a.swiglu || FusedPrefill(half, a, plan, l, xm)) {
+      // one pass over X for every member's mask (x = silu(gate) * up computed in it with a.swiglu: SwiGluInMask), then
+      // one batched GEMM when the members are equally wide, else a GEMM per member
+      err = Err("prefill mask kernel", cuda::LaunchMaskGroups<T>(x, xm, a.M, a.K, dm, l.G, a.swiglu, flag, stream));
+      bool equal = l.G > 1 && Cublas().gemm_batched != nullptr;
+      for (int g = 1; g < l.G; ++g) equal = equal && l.end[g] - l.begin[g] == l.end[0] - l.begin[0] && l.begin[g] == l.end[g - 1];
+      if (err.empty() && equal)
+        err = CublasGemmBatched(handle, half, xm, w + l.begin[0], y + l.begin[0], a.M, a.K, l.end[0] - l.begin[0], a.N, l.G);
+      for (int g = 0; g < l.G && err.empty() && !equal; ++g)
+        err = CublasGemm(handle, half, xm + g * a.M * a.K, w + l.begin[g], y + l.begin[g], a.M, a.K, l.end[g] - l.begin[g], a.N);
+    } else {
+      for (int g = 0; g < l.G && err.empty(); ++g) {
+        err = Err("prefill mask kernel", cuda::LaunchMaskRows<T>(x, xm, a.M, a.K, dm, g, flag, stream));
+        if (err.empty()) err = CublasGemm(handle, half, xm, w + l.begin[g], y + l.begin[g], a.M, a.K, l.end[g] - l.begin[g], a.N);
+      }
     }
     if (!err.empty()) return err;
     if (plan.w_finite) return "";  // masked x times a finite W: cuBLAS' Y is the exact one (up to summation order)
@@ -283,7 +335,12 @@ std::string Run(const CudaArgs& args, const CudaPlan& plan) {
   const Layout l = MakeLayout(args);
   char* scratch = static_cast<char*>(args.workspace);
   CudaArgs a = args;
-  if (a.swiglu && !InlineActivation(a)) {  // x := silu(gate) * up, [M, K] in the workspace
+  constexpr bool half = std::is_same<T, __half>::value;
+  // the prefill's mask pass reads [gate | up] itself when it is the only reader of x (it then starts the workspace; a
+  // handle of this stream, once created, stays, so Prefill takes the cuBLAS path)
+  const bool act_in_mask = SwiGluInMask(half, a, plan, l, scratch) && CublasHandle(stream) != nullptr;
+  if (a.swiglu && !InlineActivation(a) && !act_in_mask) {
+    // x := silu(gate) * up, [M, K] in the workspace
     T* act = reinterpret_cast<T*>(scratch);
     const std::string err = Err("activation kernel", cuda::LaunchSwiGlu<T>(static_cast<const T*>(a.x), act, a.M, a.K, stream));
     if (!err.empty()) return err;
@@ -305,7 +362,7 @@ std::string Run(const CudaArgs& args, const CudaPlan& plan) {
     sel = out;
     scratch += SelectBytes(a, l);
   }
-  const cuda::DeviceMask dm = MakeMask(std::is_same<T, __half>::value, a, l, sel);
+  const cuda::DeviceMask dm = MakeMask(half, a, l, sel);
   if (a.M <= 8) {
     const cudaError_t err = Decode<T>(a, plan, l, dm, scratch, stream);
     if (err == cudaErrorInvalidValue) return "sparse GEMV: this GemvConfig is not compiled for this type and row count";
@@ -316,17 +373,20 @@ std::string Run(const CudaArgs& args, const CudaPlan& plan) {
 
 }  // namespace
 
-size_t CudaWorkspaceBytes(const CudaArgs& a) {
+size_t CudaWorkspaceBytes(const CudaArgs& a, const CudaPlan& plan) {
   const Layout l = MakeLayout(a);
   // decode: room for the split-K scratch in case the per-stream one cannot be used (during capture);
-  // prefill: the masked copy of X for cuBLAS and a flag (the tensor-core path uses the first kTcFlagBytes as its flag)
-  return ActivationBytes(a) + SelectBytes(a, l) + (a.M >= 1 && a.M <= 8 ? SplitScratchBytes(a.M, a.N, l.G) : 0) + (a.M > 8 ? PrefillBytes(a.M, a.K) : 0);
+  // prefill: the masked copies of X for cuBLAS and a flag (the tensor-core path uses the first kTcFlagBytes as its flag)
+  return ActivationBytes(a) + SelectBytes(a, l) + (a.M >= 1 && a.M <= 8 ? SplitScratchBytes(a.M, a.N, l.G) : 0) + (a.M > 8 ? PrefillBytes(a.M, a.K, MaskCopies(plan, l)) : 0);
 }
 
 CudaPlan DefaultPlan(bool half, const CudaArgs& a) {
   CudaPlan plan;
   const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the op's own GEMM kernels (read per call, for tests)
   plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
+  // "1": the fused prefill (opt-in until it is measured on a GPU, docs/kernels.md; read per call, for A/B runs and tests)
+  const char* fuse = std::getenv("ACTTAIL_PREFILL_FUSE");
+  plan.fuse_prefill = fuse != nullptr && fuse[0] == '1' && fuse[1] == '\0';
   if (half && a.M == 1) plan.gemv = LookupGemvConfig(CurrentSms(), a.K, a.N);
   return plan;
 }

@@ -45,12 +45,15 @@ struct CudaPlan {
   GemvConfig gemv;
   bool use_cublas = true;       // prefill: mask into the workspace + cuBLAS when libcublas loads
   bool stream_scratch = true;   // decode: the per-stream self-cleaning scratch (false: per-call, memset)
+  bool fuse_prefill = false;    // cuBLAS prefill: every member's mask in one pass over X, one batched GEMM for equally wide
+                                // members, SwiGLU inside the mask pass (threshold mode, w_finite); false: a mask pass and a
+                                // GEMM per member, the activation kernel apart (DefaultPlan: ACTTAIL_PREFILL_FUSE=1 turns it on)
   bool w_finite = false;        // W known to hold no Inf/NaN (NonFiniteWeights when the kernel was created): the cuBLAS
                                 // prefill skips the Inf/NaN scan of Y and the exact kernel that scan arms
 };
 
-/// Device scratch needed for this call.
-size_t CudaWorkspaceBytes(const CudaArgs& args);
+/// Device scratch needed for this call under `plan`.
+size_t CudaWorkspaceBytes(const CudaArgs& args, const CudaPlan& plan);
 
 /// The op's plan for this call: GEMV parameters from the per-shape table, cuBLAS unless ACTTAIL_CUBLAS=0.
 CudaPlan DefaultPlan(bool half, const CudaArgs& args);

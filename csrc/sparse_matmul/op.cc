@@ -154,10 +154,10 @@ struct CudaKernel {
         args.k[g] = attrs.mode == Mode::kTopK ? attrs.ks[g] : 0;
       }
       const bool half = std::is_same<T, Ort::Float16_t>::value;
-      Scratch scratch(ctx, b.x, CudaWorkspaceBytes(args));
-      args.workspace = scratch.ptr;
       CudaPlan plan = DefaultPlan(half, args);
       plan.w_finite = w_finite;
+      Scratch scratch(ctx, b.x, CudaWorkspaceBytes(args, plan));
+      args.workspace = scratch.ptr;
       const std::string err = SparseMatMulCuda(half, args, plan);
       if (!err.empty()) throw std::runtime_error(attrs.Where() + "CUDA error: " + err);
     });

@@ -519,6 +519,7 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   pa.flag = reinterpret_cast<unsigned*>(scratch);
   pa.fast_w = p.N % 8 == 0 && ch.rows % 8 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
   pa.fast_x = p.K % 8 == 0 && aligned(c.x) && aligned(xm);
+  pa.swiglu = c.swiglu ? 1 : 0;  // only here with a W checked finite (Run): the exact kernel, which reads x, is not launched
   const int64_t mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
   const int64_t mask_blocks = std::max<int64_t>(1, std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8));
   const cudaDataType ab = half ? CUDA_R_16F : CUDA_R_32F;
@@ -582,7 +583,11 @@ std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
   const bool half = std::is_same<T, __half>::value;
   char* ws = static_cast<char*>(args.workspace);
   CudaArgs c = args;
-  if (c.swiglu && !InlineActivation(p, c)) {  // x := silu(gate) * up, [M, K] in the workspace
+  // the prefill's mask pass reads [gate | up] itself where nothing else reads x: threshold mode, cuBLAS (a handle of this
+  // stream, once created, stays), and no exact kernel after it (a W checked finite)
+  const bool act_in_mask = c.swiglu && p.M > 8 && c.mode == Mode::kThreshold && plan.w_finite && plan.use_cublas && plan.fuse_prefill &&
+                           CublasHandle(stream) != nullptr;
+  if (c.swiglu && !InlineActivation(p, c) && !act_in_mask) {  // x := silu(gate) * up, [M, K] in the workspace
     T* act = reinterpret_cast<T*>(ws);
     err = ::acttail::cuda::LaunchSwiGlu<T>(static_cast<const T*>(c.x), act, p.M, p.K, stream);
     if (err != cudaSuccess) return std::string("activation kernel: ") + cudaGetErrorString(err);
@@ -652,6 +657,9 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   plan.decode = ChooseDecode(p, half);
   const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the exact kernel for prefill (read per call, for tests)
   plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
+  // "1": the fused prefill (opt-in until it is measured on a GPU, docs/kernels.md; read per call, for A/B runs and tests)
+  const char* fuse = std::getenv("ACTTAIL_PREFILL_FUSE");
+  plan.fuse_prefill = fuse != nullptr && fuse[0] == '1' && fuse[1] == '\0';
   return plan;
 }
 

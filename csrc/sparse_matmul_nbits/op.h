@@ -95,6 +95,10 @@ struct CudaPlan {
   // the dequantized W known to hold no Inf/NaN (NonFiniteDequantized when the kernel was created): the cuBLAS prefill
   // does not launch the exact kernel its Inf/NaN flag arms
   bool w_finite = false;
+  // prefill with cuBLAS in threshold mode with w_finite: the mask pass computes the SwiGLU input from [gate | up] itself
+  // (no activation kernel, no [M, K] copy of it); false: the activation kernel first (DefaultPlan: ACTTAIL_PREFILL_FUSE=1
+  // turns it on)
+  bool fuse_prefill = false;
 };
 
 /// Device workspace of one call under `plan` (the prefill's chunk of W depends on it).

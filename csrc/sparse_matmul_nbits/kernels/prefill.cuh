@@ -7,11 +7,13 @@
 //    transposed reads are conflict-free), warp w = 8 columns, lane l = 8 rows of one quant block (their scales /
 //    offsets read once); otherwise one element per thread. Any Inf/NaN produced sets *flag, which arms the exact
 //    row-skipping kernel after the GEMM (a masked x times an Inf/NaN weight would otherwise turn into NaN in cuBLAS);
-//  * the other blocks: xm[group, m, k] = kept value v (rounded to T) or 0, 8 channels per item when K % 8 == 0.
+//  * the other blocks: xm[group, m, k] = kept value v (rounded to T) or 0, 8 channels per item when K % 8 == 0; with
+//    `swiglu` the value masked is silu(gate) * up of X [M, 2K], computed here (no activation kernel before).
 #pragma once
 
 #include <type_traits>
 
+#include "common/activation.h"
 #include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
@@ -35,6 +37,7 @@ struct PrepArgs {
   int dq_blocks;
   int fast_w;  // N, n0, ldw multiples of 8 and 16-byte aligned pointers: the tiled path
   int fast_x;  // K % 8 == 0 and 16-byte aligned x / xm
+  int swiglu;  // x is [M, 2K] = [gate | up]: the masked input is silu(gate) * up, computed here (rounded to T as SwiGluAt)
 };
 
 template <typename T>
@@ -246,24 +249,31 @@ __device__ void MaskItem(const PrepArgs& a, int64_t item, int per) {
   const int64_t rem = e0 % MK;
   const int m = (int)(rem / a.K), k0 = (int)(rem % a.K);
   const Rule rule = LoadRule(a.dm, m, a.M, gr);
-  const T* xr = static_cast<const T*>(a.x) + (int64_t)m * a.K + k0;
+  const T* xr = static_cast<const T*>(a.x) + (int64_t)m * a.K * (a.swiglu ? 2 : 1) + k0;
   T* out = static_cast<T*>(a.xm) + e0;
   if (per == 8) {
     constexpr int kVec = 16 / sizeof(T);
 #pragma unroll
     for (int v = 0; v < 8 / kVec; ++v) {
-      union {
+      union Vec {
         uint4 u;
         T e[kVec];
       } in, res;
       in.u = __ldcs(reinterpret_cast<const uint4*>(xr) + v);
+      if (a.swiglu) {
+        Vec up;
+        up.u = __ldcs(reinterpret_cast<const uint4*>(xr + a.K) + v);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) in.e[e] = Traits<T>::FromFloat(SwiGlu(Traits<T>::ToFloat(in.e[e]), Traits<T>::ToFloat(up.e[e])));
+      }
 #pragma unroll
       for (int e = 0; e < kVec; ++e) res.e[e] = MaskOne<T>(in.e[e], k0 + v * kVec + e, rule, a.dm);
       reinterpret_cast<uint4*>(out)[v] = res.u;
     }
     return;
   }
-  *out = MaskOne<T>(*xr, k0, rule, a.dm);
+  const T raw = a.swiglu ? Traits<T>::FromFloat(SwiGlu(Traits<T>::ToFloat(xr[0]), Traits<T>::ToFloat(xr[a.K]))) : *xr;
+  *out = MaskOne<T>(raw, k0, rule, a.dm);
 }
 
 template <typename T>
