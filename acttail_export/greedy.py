@@ -23,8 +23,8 @@ same rules (bit for bit with MKL on x86: the ops are the same and act on each to
 its own; tests/test_greedy.py).
 ``GreedySettings.delta_limit`` updates a product whose rule rises on an unchanged input from the entries the rule drops
 instead, and ``GreedySettings.lazy`` evaluates candidates lazily (Minoux), with every ``refresh``-th step in full: in
-top-k mode the default's searches update products, and the one it runs at 65-85 % is lazy too; in threshold mode TEAL's
-search updates products (:func:`default_settings`, docs/allocation.md sections 6k, 6m).
+top-k mode the default's searches update products, and the one it runs at 65-85 % is lazy too; in threshold mode both of
+its searches update products (:func:`default_settings`, docs/allocation.md sections 6k, 6m, 6n).
 Memory: one block's activations (a few per candidate) at a time. Trajectories are cached on disk
 (``modeling.cache_root()/greedy``, keyed by the model's weights and the search settings), written after
 every block, so an interrupted search resumes at the first unfinished block and a higher level extends the
@@ -146,19 +146,22 @@ class GreedySettings:
 #: (docs/allocation.md section 6k: within 0.3 % / 7.6 % below the full search at 70 / 80 % on validation, 241.6 s
 #: against 464.6 s at 80 % on the 2-core CPU).
 FAST_SEARCH = {"lazy": True, "refresh": 3, "delta_limit": 0.2}
-#: TEAL's search (``teal-greedy``, the default's 40-65 % in top-k mode, 50-65 % in threshold mode) in both modes: every
-#: candidate of every step evaluated (TEAL's rule), the same products updated (errors that differ from the full
-#: products' in float rounding only; section 6k: the default's top-k validation rows at 40-60 % unchanged, 257.0 s to
-#: 60 %; section 6m: its threshold rows at 50 / 60 % unchanged, 187.4 s to 60 %). The other methods keep every product
-#: in full in threshold mode (the combination's fast search failed there, section 6m).
+#: TEAL's search (``teal-greedy``, the default's 40-65 % in top-k mode, 50-65 % in threshold mode) in both modes, and the
+#: combination's (``acttail-greedy``, the threshold default's 70-90 %) in threshold mode: every candidate of every step
+#: evaluated (TEAL's rule), the same products updated (errors that differ from the full products' in float rounding
+#: only; section 6k: the default's top-k validation rows at 40-60 % unchanged, 257.0 s to 60 %; section 6m: its threshold
+#: rows at 50 / 60 % unchanged, 187.4 s to 60 %; section 6n: the combination's threshold rows at 70-90 % unchanged, 244.0 s
+#: at 80 % against 399.5 s in full). The combination's lazy search failed in threshold mode (section 6m).
 TEAL_SEARCH = {"delta_limit": 0.2}
+#: Per mode, the search settings of the methods that do not search in full by default (measured where they were adopted).
+_DEFAULT_SEARCH = {"topk": {"teal-greedy": TEAL_SEARCH, "waterfill-greedy": FAST_SEARCH},
+                   "threshold": {"teal-greedy": TEAL_SEARCH, "acttail-greedy": TEAL_SEARCH}}
 
 
 def default_settings(method: str, mode: str) -> GreedySettings:
     """The search settings an allocation ``method`` (``config.ALLOCATION_METHODS``) runs with in ``mode`` when none are
     given."""
-    chosen = TEAL_SEARCH if method == "teal-greedy" else FAST_SEARCH if (method, mode) == ("waterfill-greedy", "topk") else {}
-    return GreedySettings(mode=mode, **chosen)
+    return GreedySettings(mode=mode, **_DEFAULT_SEARCH.get(mode, {}).get(method, {}))
 
 
 def model_digest(model: torch.nn.Module) -> str:

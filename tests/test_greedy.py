@@ -721,9 +721,10 @@ def test_lazy_resume_and_extension_equal_one_run(tiny, tmp_path, refresh):
 
 
 def test_default_settings_per_method_and_mode():
-    """Where they were measured (docs/allocation.md 6k, 6m): the fast search (lazy, refresh 3, updated products) behind
-    ``waterfill-greedy`` in top-k mode, TEAL's search with updated products behind ``teal-greedy`` in both modes; every
-    other method, and ``waterfill-greedy`` in threshold mode, search in full."""
+    """Where they were measured (docs/allocation.md 6k, 6m, 6n): the fast search (lazy, refresh 3, updated products)
+    behind ``waterfill-greedy`` in top-k mode, TEAL's search with updated products behind ``teal-greedy`` in both modes
+    and ``acttail-greedy`` in threshold mode; every other method, ``acttail-greedy`` in top-k mode and
+    ``waterfill-greedy`` in threshold mode search in full."""
     fast = greedy.default_settings("waterfill-greedy", "topk")
     assert (fast.mode, fast.lazy, fast.refresh, fast.delta_limit) == ("topk", True, 3, 0.2)
     assert fast.key() == {**greedy.GreedySettings().key(), "lazy": True, "refresh": 3, "delta_limit": 0.2}
@@ -732,8 +733,10 @@ def test_default_settings_per_method_and_mode():
     assert teal.key() == {**greedy.GreedySettings().key(), "delta_limit": 0.2}
     teal_threshold = greedy.default_settings("teal-greedy", "threshold")  # TEAL's rule, products updated (section 6m)
     assert (teal_threshold.mode, teal_threshold.lazy, teal_threshold.delta_limit) == ("threshold", False, 0.2)
-    for method, mode in [("acttail-greedy", "topk"), ("acttail-greedy", "threshold"), ("waterfill-greedy", "threshold"),
-                         ("htsr", "threshold"), ("uniform", "topk")]:
+    # the combination in threshold mode: the same settings, so that search_for runs one search for both (section 6n)
+    assert greedy.default_settings("acttail-greedy", "threshold") == teal_threshold
+    for method, mode in [("acttail-greedy", "topk"), ("waterfill-greedy", "threshold"), ("htsr", "threshold"),
+                         ("uniform", "topk")]:
         assert greedy.default_settings(method, mode) == greedy.GreedySettings(mode=mode)
 
 
@@ -767,3 +770,33 @@ def test_search_for_runs_each_methods_own_search(tiny, tiny_llama_dir, wikitext_
     full = greedy.search(model, windows, greedy_levels(model, "acttail", [0.8], "topk"), greedy.GreedySettings(),
                          cache_dir=False, progress=False)
     assert dict(full) != dict(expected[0.8])
+
+
+def test_search_for_threshold_one_search_serves_both_methods(tiny, tiny_llama_dir, wikitext_valid):
+    """Threshold mode: TEAL's search (``acttail`` at 50 %) and the combination's (80 %) have the same settings (section
+    6n), so ``search_for`` runs one search, every block to the higher of the two methods' levels; a greedy trajectory
+    does not depend on how far it goes, so each method's budgets equal those of its own search."""
+    from acttail_export.allocation import build_config, greedy_levels
+    from acttail_export.data import EXPORT_CALIBRATION_FLAGS, read_text, token_windows
+    from acttail_export.modeling import load_model
+
+    model, _ = tiny
+    _, tokenizer = load_model(str(tiny_llama_dir))
+    windows = token_windows(tokenizer, read_text(wikitext_valid, EXPORT_CALIBRATION_FLAGS), greedy.DEFAULT_SEQUENCE_LENGTH,
+                            max_tokens=greedy.DEFAULT_SAMPLES * greedy.DEFAULT_SEQUENCE_LENGTH)
+    pairs = ((0.5, "teal-greedy"), (0.8, "acttail-greedy"))
+    expected = {s: greedy.search(model, windows, greedy_levels(model, "acttail", [s], "threshold"),
+                                 greedy.default_settings(method, "threshold"), cache_dir=False, progress=False)
+                for s, method in pairs}
+    both = greedy.search_for(model, tokenizer, "acttail", [0.5, 0.8], "threshold", wikitext_valid, cache_dir=False,
+                             progress=False)
+    assert not both.methods  # one search
+    levels = [np.asarray(rows[-1]) @ greedy._block_params(layer) / greedy._block_params(layer).sum()
+              for rows, layer in zip(both.values(), model.model.layers)]
+    needed = np.maximum(greedy_levels(model, "acttail", [0.5], "threshold"), greedy_levels(model, "acttail", [0.8], "threshold"))
+    assert np.all(np.asarray(levels) >= needed - 1e-9)
+    for s, method in pairs:
+        default = build_config(model, s, "acttail", "threshold", trajectories=both)
+        reference = build_config(model, s, method, "threshold", trajectories=expected[s])
+        assert default.allocation_method == method
+        assert [p.sparsity for p in default.projections] == [p.sparsity for p in reference.projections]
