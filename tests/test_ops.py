@@ -98,13 +98,18 @@ def make_session(model: bytes, provider: str = CPU, profile: bool = False, threa
     return ort.InferenceSession(model, options, providers=[provider])
 
 
+def set_env(monkeypatch, name: str, value: str | None) -> None:
+    """Set the environment variable `name` to `value` for the test, or remove it (None)."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 def set_prefill_guard_env(monkeypatch, weight_check: bool) -> None:
     """The cuBLAS prefill path, with the creation-time check of constant weights on or off (ACTTAIL_WEIGHT_CHECK=0)."""
-    monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
-    if weight_check:
-        monkeypatch.delenv("ACTTAIL_WEIGHT_CHECK", raising=False)
-    else:
-        monkeypatch.setenv("ACTTAIL_WEIGHT_CHECK", "0")
+    set_env(monkeypatch, "ACTTAIL_CUBLAS", None)
+    set_env(monkeypatch, "ACTTAIL_WEIGHT_CHECK", None if weight_check else "0")
 
 
 def with_initializers(model: bytes, constants: dict[str, np.ndarray]) -> bytes:

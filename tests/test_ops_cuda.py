@@ -26,6 +26,7 @@ from test_ops import (
     run_case,
     run_op,
     run_profiled,
+    set_env,
     set_prefill_guard_env,
     with_initializers,
 )
@@ -267,12 +268,9 @@ def test_prefill_members_one_mask_pass(dtype, mode, widths, fuse, monkeypatch):
     """cuBLAS prefill of packed members: with ACTTAIL_PREFILL_FUSE=1 (read per call) every member's mask in one pass over
     X (one MaskGroups launch) and, for equally wide members, one strided-batched GEMM; unset (the default): a mask pass
     and a GEMM per member. Both match the reference, with [G, K] scales and a ramp."""
-    monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
-    if fuse:
-        monkeypatch.setenv("ACTTAIL_PREFILL_FUSE", "1")
-    else:
-        monkeypatch.delenv("ACTTAIL_PREFILL_FUSE", raising=False)
-    c = _packed_case(np.random.default_rng(len(widths) + widths[-1]), dtype, mode, 40, 1032, widths, 0.5, 2)
+    set_env(monkeypatch, "ACTTAIL_CUBLAS", None)
+    set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1" if fuse else None)
+    c = _packed_case(np.random.default_rng(len(widths) + widths[-1]), dtype, mode, 40, 1032, widths, 0.5, len(widths))
     y, names = run_profiled(lambda: run_case(CUDA, c))
     assert_close(y, c)
     masks = [n for n in names if "MaskGroups" in n or "MaskRows" in n]

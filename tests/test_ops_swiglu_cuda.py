@@ -183,10 +183,7 @@ def prefill_fuse(request, monkeypatch):
     """The cuBLAS prefill with the creation-time weight check; "fused": ACTTAIL_PREFILL_FUSE=1 (read per call), "apart":
     unset (the default), the activation kernel before the mask pass."""
     test_ops.set_prefill_guard_env(monkeypatch, weight_check=True)
-    if request.param == "fused":
-        monkeypatch.setenv("ACTTAIL_PREFILL_FUSE", "1")
-    else:
-        monkeypatch.delenv("ACTTAIL_PREFILL_FUSE", raising=False)
+    test_ops.set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1" if request.param == "fused" else None)
     return request.param
 
 
