@@ -278,6 +278,18 @@ def test_prefill_members_one_mask_pass(dtype, mode, widths, fuse, monkeypatch):
     assert all(("MaskGroups" in n) == fuse for n in masks), names
 
 
+@pytest.mark.parametrize("K,widths", [(1030, (256, 256)), (1032, (64, 64, 64, 64, 64))])
+def test_prefill_one_mask_pass_falls_back(K, widths, monkeypatch):
+    """ACTTAIL_PREFILL_FUSE=1 where the one-pass mask does not apply: K not a multiple of the vector width, or more than
+    four members: a mask pass and a GEMM per member, as without it; the result is the reference's."""
+    set_env(monkeypatch, "ACTTAIL_CUBLAS", None)
+    set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1")
+    c = _packed_case(np.random.default_rng(K + len(widths)), np.float16, "threshold", 40, K, widths, 0.0, None)
+    y, names = run_profiled(lambda: run_case(CUDA, c))
+    assert_close(y, c)
+    assert sum("MaskRows" in n for n in names) == len(widths) and not any("MaskGroups" in n for n in names), names
+
+
 def test_prefill_fp16_accumulates_in_fp32_cuda(prefill_path):
     """Both GEMM paths: 4097 ones (K = 4104, the rest zero) give 4096 after one final rounding."""
     x = np.zeros((16, 4104), np.float16)

@@ -188,13 +188,14 @@ def prefill_fuse(request, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("members", [1, 2])
-def test_sparse_matmul_swiglu_prefill_in_mask_pass(dtype, members, prefill_fuse):
+@pytest.mark.parametrize("widths", [(576,), (320, 256), (288, 288)])  # (288, 288): equal widths, one batched GEMM
+def test_sparse_matmul_swiglu_prefill_in_mask_pass(dtype, widths, prefill_fuse):
     """W an initializer (constant, checked finite), threshold mode, 40 rows: the mask pass reads [gate | up] itself
     (no SwiGluKernel launched; ACTTAIL_PREFILL_FUSE=1) and the result is the reference's on silu(gate) * up, as with
     the activation kernel apart (the default). Members with their own thresholds and a ramp: every member's mask in that pass."""
-    rng = np.random.default_rng(31 + members)
-    K, widths = 1536, (576,) if members == 1 else (320, 256)
+    members = len(widths)
+    rng = np.random.default_rng(31 + sum(widths))
+    K = 1536
     xg = _gated(rng, 40, K, dtype)
     xg[:, 3], xg[:, K + 7] = np.nan, np.inf  # NaN never kept; silu(g) * Inf: Inf where kept
     xa = ref.swiglu(xg)
@@ -209,6 +210,31 @@ def test_sparse_matmul_swiglu_prefill_in_mask_pass(dtype, members, prefill_fuse)
     test_ops.assert_close(y, c)
     assert any("MaskGroups" in n or "MaskRows" in n for n in names), names  # the profiler saw the prefill
     assert any("SwiGluKernel" in n for n in names) == (prefill_fuse == "apart"), names
+
+
+@pytest.mark.parametrize("case", ["weight-check-off", "topk"])
+def test_sparse_matmul_swiglu_prefill_keeps_activation_kernel(case, monkeypatch):
+    """ACTTAIL_PREFILL_FUSE=1 where something after the mask pass reads x: a W not checked (ACTTAIL_WEIGHT_CHECK=0: the
+    exact kernel may run) or top-k mode (the selection reads x first): the activation kernel still writes
+    silu(gate) * up, and the result is the reference's."""
+    test_ops.set_prefill_guard_env(monkeypatch, weight_check=case != "weight-check-off")
+    test_ops.set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1")
+    rng = np.random.default_rng(41 + len(case))
+    K, N = 1536, 576
+    mode = "topk" if case == "topk" else "threshold"
+    xg = _gated(rng, 40, K, np.float16, permuted=mode == "topk")
+    xa = ref.swiglu(xg)
+    w = (rng.standard_normal((K, N)) * 0.05).astype(np.float16)
+    if mode == "threshold":
+        c = test_ops.Case(xa, w, mode, threshold=_gap_threshold(xa, 0.4, np.float16))
+    else:
+        c = test_ops.Case(xa, w, mode, k=_gap_k(xa, 0.4, np.float16))
+    model = test_ops.make_model(np.float16, mode, c.k, threshold_input=mode == "threshold")
+    sess = test_ops.make_session(test_ops.with_initializers(_with_activation(model), {"W": w}), CUDA)
+    feeds = {"X": xg} | ({"t": np.asarray(c.threshold, np.float32)} if mode == "threshold" else {})
+    y, names = test_ops.run_profiled(lambda: sess.run(None, feeds)[0])
+    test_ops.assert_close(y, c)
+    assert any("SwiGluKernel" in n for n in names), names
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

@@ -72,7 +72,9 @@ acttail::CudaArgs ToArgs(const BenchCall& c) {
 /// Device workspace the op would allocate for this call (bytes).
 extern "C" __attribute__((visibility("default"))) long long acttail_bench_workspace_bytes(const BenchCall* call) {
   const acttail::CudaArgs a = ToArgs(*call);
-  return (long long)acttail::CudaWorkspaceBytes(a, acttail::DefaultPlan(call->half != 0, a));
+  acttail::CudaPlan plan = acttail::DefaultPlan(call->half != 0, a);
+  plan.fuse_prefill = true;  // the larger workspace, whatever ACTTAIL_PREFILL_FUSE says when the call runs
+  return (long long)acttail::CudaWorkspaceBytes(a, plan);
 }
 
 /// The op's CUDA path. `variant`: 0 = the op's own plan (per-shape table, cuBLAS); 1 = per-call scratch zeroed

@@ -1,7 +1,7 @@
 // Host launchers of SparseMatMul's CUDA kernels (kernels/*.cuh, common/cuda/*.cuh): split-K decode GEMV for M <= 8
 // rows (one launch for every member, parameters from the per-shape table gemv_table.h); for more rows (prefill)
 // per member the mask applied into the workspace and a cuBLAS GEMM into its column slice (cuBLAS loaded at run
-// time), else the masked tiled GEMM kernels; in topk mode preceded by the top-k selection kernel (one block per
+// time; opt-in, every member's mask in one pass and one batched GEMM), else the masked tiled GEMM kernels; in topk mode preceded by the top-k selection kernel (one block per
 // row and member). Everything is enqueued on the caller's stream; no host synchronization, every launch checked.
 #include <cublas_api.h>  // types and prototypes only: libcublas is opened at run time (dlopen), not linked
 #include <dlfcn.h>
@@ -242,7 +242,9 @@ cudaError_t Decode(const CudaArgs& a, const CudaPlan& plan, const Layout& l, con
 // ---- prefill ------------------------------------------------------------------------------------
 /// Masked copies of X the prefill keeps at once: one per member for the one-pass mask (plan.fuse_prefill, at most
 /// cuda::kMaxMaskGroups members), else one, reused in stream order.
-int MaskCopies(const CudaPlan& plan, const Layout& l) { return plan.fuse_prefill && l.G <= cuda::kMaxMaskGroups ? l.G : 1; }
+int MaskCopies(const CudaPlan& plan, const Layout& l) {
+  return plan.fuse_prefill && plan.use_cublas && l.G <= cuda::kMaxMaskGroups ? l.G : 1;
+}
 
 /// Bytes of the prefill workspace: the masked copies of X ([M, K] each, at most float32) and the "Y is not finite" flag.
 size_t PrefillBytes(int64_t M, int64_t K, int copies) { return (size_t)((copies * M * K * 4 + 255) / 256 * 256) + cuda::kTcFlagBytes; }
@@ -262,20 +264,23 @@ bool SwiGluInMask(bool half, const CudaArgs& a, const CudaPlan& plan, const Layo
 
 std::string Err(const char* what, cudaError_t err) { return err == cudaSuccess ? "" : std::string(what) + ": " + cudaGetErrorString(err); }
 
-/// Prefill GEMM. First choice, per member: X masked into the workspace, a cuBLAS GEMM (tensor cores) into
-/// its column slice; then the exact kernel guarded by a scan of Y for Inf/NaN (common/cuda/mask_rows.cuh).
-/// Otherwise, float16 with aligned operands: the tensor-core kernel, then the exact kernel guarded by its
-/// "W has Inf/NaN" flag. Otherwise (float32, unaligned pointers, K or N not a multiple of 8): the exact
-/// kernel alone.
+/// Prefill GEMM. First choice (`handle`: cuBLAS of this stream, or null): X masked into the workspace and a cuBLAS GEMM
+/// (tensor cores) into each member's column slice — per member a mask pass and a GEMM, or with plan.fuse_prefill
+/// (FusedPrefill) every member's mask in one pass and one strided-batched GEMM for equally wide members, where
+/// a.swiglu (SwiGluInMask) makes that pass compute silu(gate) * up; then, unless W was checked finite, the exact
+/// kernel guarded by a scan of Y for Inf/NaN (common/cuda/mask_rows.cuh). Otherwise, float16 with aligned operands:
+/// the tensor-core kernel, then the exact kernel guarded by its "W has Inf/NaN" flag. Otherwise (float32, unaligned
+/// pointers, K or N not a multiple of 8): the exact kernel alone.
 template <typename T>
-std::string Prefill(const CudaArgs& a, const CudaPlan& plan, const Layout& l, const cuda::DeviceMask& dm, char* scratch, cudaStream_t stream) {
+std::string Prefill(const CudaArgs& a, const CudaPlan& plan, const Layout& l, const cuda::DeviceMask& dm, char* scratch,
+                    cublasHandle_t handle, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.w);
   T* y = static_cast<T*>(a.y);
   if ((a.M + cuda::kBM - 1) / cuda::kBM > 65535) return "too many rows for the GEMM grid (M > 4194240)";
   unsigned* nonfinite = nullptr;
-  cublasHandle_t handle = plan.use_cublas && a.K > 0 ? CublasHandle(stream) : nullptr;
   std::string err;
+  if (a.swiglu && handle == nullptr) return "internal error: the SwiGLU input left to a prefill without cuBLAS";
   if (handle != nullptr) {
     constexpr bool half = std::is_same<T, __half>::value;
     T* xm = reinterpret_cast<T*>(scratch);
@@ -336,9 +341,10 @@ std::string Run(const CudaArgs& args, const CudaPlan& plan) {
   char* scratch = static_cast<char*>(args.workspace);
   CudaArgs a = args;
   constexpr bool half = std::is_same<T, __half>::value;
-  // the prefill's mask pass reads [gate | up] itself when it is the only reader of x (it then starts the workspace; a
-  // handle of this stream, once created, stays, so Prefill takes the cuBLAS path)
-  const bool act_in_mask = SwiGluInMask(half, a, plan, l, scratch) && CublasHandle(stream) != nullptr;
+  // the prefill's cuBLAS handle (null: the op's own kernels), and whether its mask pass reads [gate | up] itself, where it
+  // is the only reader of x (it then starts the workspace)
+  const cublasHandle_t handle = a.M > 8 && plan.use_cublas && a.K > 0 ? CublasHandle(stream) : nullptr;
+  const bool act_in_mask = handle != nullptr && SwiGluInMask(half, a, plan, l, scratch);
   if (a.swiglu && !InlineActivation(a) && !act_in_mask) {
     // x := silu(gate) * up, [M, K] in the workspace
     T* act = reinterpret_cast<T*>(scratch);
@@ -368,7 +374,7 @@ std::string Run(const CudaArgs& args, const CudaPlan& plan) {
     if (err == cudaErrorInvalidValue) return "sparse GEMV: this GemvConfig is not compiled for this type and row count";
     return Err("sparse GEMV kernel", err);
   }
-  return Prefill<T>(a, plan, l, dm, scratch, stream);
+  return Prefill<T>(a, plan, l, dm, scratch, handle, stream);
 }
 
 }  // namespace

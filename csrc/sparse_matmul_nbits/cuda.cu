@@ -519,7 +519,7 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   pa.flag = reinterpret_cast<unsigned*>(scratch);
   pa.fast_w = p.N % 8 == 0 && ch.rows % 8 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets) && aligned(w);
   pa.fast_x = p.K % 8 == 0 && aligned(c.x) && aligned(xm);
-  pa.swiglu = c.swiglu ? 1 : 0;  // only here with a W checked finite (Run): the exact kernel, which reads x, is not launched
+  pa.swiglu = c.swiglu ? 1 : 0;  // x still [gate | up] (Run's act_in_mask): the mask items compute the input themselves
   const int64_t mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
   const int64_t mask_blocks = std::max<int64_t>(1, std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8));
   const cudaDataType ab = half ? CUDA_R_16F : CUDA_R_32F;
@@ -583,8 +583,9 @@ std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
   const bool half = std::is_same<T, __half>::value;
   char* ws = static_cast<char*>(args.workspace);
   CudaArgs c = args;
-  // the prefill's mask pass reads [gate | up] itself where nothing else reads x: threshold mode, cuBLAS (a handle of this
-  // stream, once created, stays), and no exact kernel after it (a W checked finite)
+  // the prefill's mask pass reads [gate | up] itself: threshold mode (top-k's selection reads x first), cuBLAS, a W
+  // checked finite (so that the exact kernel, which reads [gate | up] through SwiGluAt as the decode loop does, is not
+  // launched: that prefill path of it is not tested with the activation)
   const bool act_in_mask = c.swiglu && p.M > 8 && c.mode == Mode::kThreshold && plan.w_finite && plan.use_cublas && plan.fuse_prefill &&
                            CublasHandle(stream) != nullptr;
   if (c.swiglu && !InlineActivation(p, c) && !act_in_mask) {  // x := silu(gate) * up, [M, K] in the workspace

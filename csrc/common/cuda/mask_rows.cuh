@@ -125,6 +125,7 @@ template <typename T>
 cudaError_t LaunchMaskGroups(const T* x, T* xm, int64_t M, int64_t K, const DeviceMask& dm, int groups, bool swiglu, unsigned* flag,
                              cudaStream_t stream) {
   constexpr int V = Traits<T>::kVec;
+  if (!MaskGroupsEligible<T>(x, xm, K, groups)) return cudaErrorInvalidValue;  // the caller checks it first
   const dim3 grid((unsigned)std::min<int64_t>(std::max<int64_t>((K / V + 255) / 256, 1), 64), (unsigned)std::min<int64_t>(M, 65535));
   if (swiglu) MaskGroupsVecKernel<T, true><<<grid, 256, 0, stream>>>(x, xm, M, (int)K, dm, groups, flag);
   else MaskGroupsVecKernel<T, false><<<grid, 256, 0, stream>>>(x, xm, M, (int)K, dm, groups, flag);
