@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from test_ops import run_profiled, set_prefill_guard_env, with_initializers
+from test_ops import run_profiled, set_env, set_prefill_guard_env, with_initializers
 from test_ops_nbits import (
     CPU_SETTINGS,
     Case,
@@ -72,6 +72,27 @@ def test_packed_members_cuda(dtype, m):
                  Case(x, q, scales, offsets, 32, "topk", segments, [100, 400, 900], None, None, ramp=0.5),
                  Case(x, q, scales, offsets, 32, "topk", segments, [300, 300, 300], None, scale[0])):
         assert_matches(run_case(case, CUDA), case)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("segments", [[512, 1024, 1536], [1024, 1280, 1536]])  # equal widths: one batched GEMM
+@pytest.mark.parametrize("fuse", [True, False])
+def test_prefill_members_batched_gemm(dtype, mode, segments, fuse, monkeypatch):
+    """cuBLAS prefill of members with their own rules: with ACTTAIL_PREFILL_FUSE=1 (read per call) equally wide
+    adjacent members share one strided-batched GEMM over W dequantized once, else (and unset, the default) a GEMM per
+    member; both match the reference."""
+    set_env(monkeypatch, "ACTTAIL_CUBLAS", None)
+    set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1" if fuse else None)
+    rng = np.random.default_rng(segments[0] + len(mode))
+    K, N, B = 1024, segments[-1], 32
+    x = rng.standard_normal((40, K)).astype(dtype)
+    q, scales, offsets = random_weights(rng, K, N, B, dtype)
+    if mode == "threshold":
+        case = Case(x, q, scales, offsets, B, mode, segments, None, np.array([0.3, 0.9, 1.5], np.float32))
+    else:
+        case = Case(x, q, scales, offsets, B, mode, segments, [100, 400, 900], None, None, ramp=0.5)
+    assert_matches(run_case(case, CUDA), case)
 
 
 @pytest.fixture(params=["cublas", "exact"])

@@ -100,9 +100,14 @@ struct CublasApi {
   using SetStreamFn = int (*)(cublasHandle_t, cudaStream_t);
   using GemmExFn = int (*)(cublasHandle_t, int, int, int, int, int, const void*, const void*, cudaDataType, int, const void*, cudaDataType,
                            int, const void*, void*, cudaDataType, int, int, int);
+  // cublasGemmStridedBatchedEx: as GemmEx with a long long stride after each of A, B, C and the batch count before the
+  // compute type
+  using GemmBatchedFn = int (*)(cublasHandle_t, int, int, int, int, int, const void*, const void*, cudaDataType, int, long long, const void*,
+                                cudaDataType, int, long long, const void*, void*, cudaDataType, int, long long, int, int, int);
   CreateFn create = nullptr;
   SetStreamFn set_stream = nullptr;
   GemmExFn gemm_ex = nullptr;
+  GemmBatchedFn gemm_batched = nullptr;  // optional: without it the members' GEMMs run one by one
   bool ok = false;
 };
 
@@ -114,6 +119,7 @@ const CublasApi& Cublas() {
     a.create = reinterpret_cast<CublasApi::CreateFn>(dlsym(lib, "cublasCreate_v2"));
     a.set_stream = reinterpret_cast<CublasApi::SetStreamFn>(dlsym(lib, "cublasSetStream_v2"));
     a.gemm_ex = reinterpret_cast<CublasApi::GemmExFn>(dlsym(lib, "cublasGemmEx"));
+    a.gemm_batched = reinterpret_cast<CublasApi::GemmBatchedFn>(dlsym(lib, "cublasGemmStridedBatchedEx"));
     a.ok = a.create != nullptr && a.set_stream != nullptr && a.gemm_ex != nullptr;
     return a;
   }();
@@ -160,6 +166,18 @@ std::string Gemm(cublasHandle_t h, cudaDataType ab, const void* xm, int64_t ldx,
   const int st = Cublas().gemm_ex(h, kCublasOpT, kCublasOpN, (int)n, (int)M, (int)K, &alpha, wt, ab, (int)ldw, xm, ab, (int)ldx, &beta, c, ct,
                                   (int)ldc, kCublasCompute32F, kCublasGemmDefault);
   return st == 0 ? "" : "cublasGemmEx failed with status " + std::to_string(st);
+}
+
+/// Gemm for `batch` members at once: member g's masked X at xm + g * sx, its columns of W at wt + g * sw (transposed,
+/// ld ldw), its output at c + g * n (ld ldc), all n columns wide; beta 0.
+std::string GemmBatched(cublasHandle_t h, cudaDataType ab, const void* xm, int64_t ldx, int64_t sx, const void* wt, int64_t ldw, int64_t sw,
+                        void* c, cudaDataType ct, int64_t ldc, int64_t M, int64_t K, int64_t n, int batch) {
+  const float alpha = 1.0f, beta = 0.0f;
+  std::lock_guard<std::mutex> lock(CublasMutex());
+  const int st = Cublas().gemm_batched(h, kCublasOpT, kCublasOpN, (int)n, (int)M, (int)K, &alpha, wt, ab, (int)ldw, (long long)sw, xm, ab,
+                                       (int)ldx, (long long)sx, &beta, c, ct, (int)ldc, (long long)n, batch, kCublasCompute32F,
+                                       kCublasGemmDefault);
+  return st == 0 ? "" : "cublasGemmStridedBatchedEx failed with status " + std::to_string(st);
 }
 
 // ---- kernel configuration -------------------------------------------------------------------------
@@ -523,6 +541,13 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   const int64_t mask_items = groups * p.M * p.K / (pa.fast_x ? 8 : 1);
   const int64_t mask_blocks = std::max<int64_t>(1, std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8));
   const cudaDataType ab = half ? CUDA_R_16F : CUDA_R_32F;
+  // plan.fuse_prefill: one strided-batched GEMM for a mask group per member, equally wide and adjacent, W in one chunk
+  bool batched = plan.fuse_prefill && groups > 1 && groups == p.spans.count() && ch.rows >= p.K && ch.cols >= p.N &&
+                 Cublas().gemm_batched != nullptr;
+  for (int gi = 1; gi < p.spans.count() && batched; ++gi)
+    batched = p.spans.end[(size_t)gi] - p.spans.begin[(size_t)gi] == p.spans.end[0] - p.spans.begin[0] &&
+              p.spans.begin[(size_t)gi] == p.spans.end[(size_t)gi - 1];
+  batched = batched && p.spans.begin[0] == 0;
   // Column chunks, row chunks inside (one chunk = all of W unless the plan sets a budget): the chunk buffer is rewritten
   // in place. Meant to keep the float16 W in L2 between the dequantization and the GEMM; measured slower than one
   // chunk on the H200 (docs/kernels.md), so the op's plan does not chunk.
@@ -542,6 +567,12 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
       err = cudaGetLastError();
       if (err != cudaSuccess) return std::string("prefill mask / dequantize kernel: ") + cudaGetErrorString(err);
       first = false;
+      if (batched) {  // every member's columns in one chunk, equally wide: one strided-batched GEMM
+        const int64_t n = p.spans.end[0] - p.spans.begin[0];
+        const std::string gemm = GemmBatched(handle, ab, xm, p.K, p.M * p.K, w, ch.rows, n * ch.rows, c.y, ab, p.N, p.M, p.K, n, groups);
+        if (!gemm.empty()) return "prefill GEMM: " + gemm;
+        continue;
+      }
       for (int gi = 0; gi < (groups == 1 ? 1 : p.spans.count()); ++gi) {
         const int64_t c0 = std::max<int64_t>(n0, groups == 1 ? 0 : p.spans.begin[(size_t)gi]);
         const int64_t c1 = std::min<int64_t>(n1, groups == 1 ? p.N : p.spans.end[(size_t)gi]);
