@@ -192,10 +192,7 @@ def test_make_session_on_cuda_keeps_provider():
 @pytest.fixture(params=["cublas", "own-kernels"])
 def prefill_path(request, monkeypatch):
     """Runs a prefill test on both GEMM paths (the op reads ACTTAIL_CUBLAS at every call)."""
-    if request.param == "own-kernels":
-        monkeypatch.setenv("ACTTAIL_CUBLAS", "0")
-    else:
-        monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
+    set_env(monkeypatch, "ACTTAIL_CUBLAS", "0" if request.param == "own-kernels" else None)
     return request.param
 
 

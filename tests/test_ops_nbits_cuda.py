@@ -98,10 +98,7 @@ def test_prefill_members_batched_gemm(dtype, mode, segments, fuse, monkeypatch):
 @pytest.fixture(params=["cublas", "exact"])
 def prefill_path(request, monkeypatch):
     """Runs a prefill test on both paths (the op reads ACTTAIL_CUBLAS at every call)."""
-    if request.param == "exact":
-        monkeypatch.setenv("ACTTAIL_CUBLAS", "0")
-    else:
-        monkeypatch.delenv("ACTTAIL_CUBLAS", raising=False)
+    set_env(monkeypatch, "ACTTAIL_CUBLAS", "0" if request.param == "exact" else None)
     return request.param
 
 

@@ -3,8 +3,8 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 
+#include "common/env.h"
 #include "common/ort.h"
 
 namespace acttail {
@@ -19,8 +19,7 @@ struct DeviceConstant {
 /// input), in CPU memory, an ONNX Runtime that does not hand constant inputs to custom kernels, or the checks turned off
 /// by ACTTAIL_WEIGHT_CHECK=0 (read when the kernel is created: the A/B switch of the benchmarks and tests).
 inline DeviceConstant ConstantDeviceInput(const OrtKernelInfo* info, size_t index) {
-  const char* env = std::getenv("ACTTAIL_WEIGHT_CHECK");
-  if (env != nullptr && env[0] == '0' && env[1] == '\0') return {};
+  if (EnvIs("ACTTAIL_WEIGHT_CHECK", "0")) return {};
   try {
     int is_constant = 0;
     Ort::ConstValue value = Ort::ConstKernelInfo(info).GetTensorConstantInput(index, &is_constant);

@@ -71,4 +71,11 @@ struct MemberSpans {
   int count() const { return (int)end.size(); }
 };
 
+/// The G members' column spans [begin[g], end[g]) are equally wide and adjacent (one strided-batched GEMM covers them).
+inline bool EqualAdjacentMembers(const int64_t* begin, const int64_t* end, int G) {
+  for (int g = 1; g < G; ++g)
+    if (end[g] - begin[g] != end[0] - begin[0] || begin[g] != end[g - 1]) return false;
+  return true;
+}
+
 }  // namespace acttail

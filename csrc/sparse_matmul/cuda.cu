@@ -7,7 +7,6 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -15,6 +14,7 @@
 #include <utility>
 
 #include "common/cuda/activation.cuh"
+#include "common/env.h"
 #include "common/cuda/flag_check.cuh"
 #include "common/cuda/mask_rows.cuh"
 #include "common/cuda/topk_select.cuh"
@@ -289,8 +289,7 @@ std::string Prefill(const CudaArgs& a, const CudaPlan& plan, const Layout& l, co
       // one pass over X for every member's mask (x = silu(gate) * up computed in it with a.swiglu: SwiGluInMask), then
       // one batched GEMM when the members are equally wide, else a GEMM per member
       err = Err("prefill mask kernel", cuda::LaunchMaskGroups<T>(x, xm, a.M, a.K, dm, l.G, a.swiglu, flag, stream));
-      bool equal = l.G > 1 && Cublas().gemm_batched != nullptr;
-      for (int g = 1; g < l.G; ++g) equal = equal && l.end[g] - l.begin[g] == l.end[0] - l.begin[0] && l.begin[g] == l.end[g - 1];
+      const bool equal = l.G > 1 && Cublas().gemm_batched != nullptr && EqualAdjacentMembers(l.begin, l.end, l.G);
       if (err.empty() && equal)
         err = CublasGemmBatched(handle, half, xm, w + l.begin[0], y + l.begin[0], a.M, a.K, l.end[0] - l.begin[0], a.N, l.G);
       for (int g = 0; g < l.G && err.empty() && !equal; ++g)
@@ -388,11 +387,9 @@ size_t CudaWorkspaceBytes(const CudaArgs& a, const CudaPlan& plan) {
 
 CudaPlan DefaultPlan(bool half, const CudaArgs& a) {
   CudaPlan plan;
-  const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the op's own GEMM kernels (read per call, for tests)
-  plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
-  // "1": the fused prefill (opt-in until it is measured on a GPU, docs/kernels.md; read per call, for A/B runs and tests)
-  const char* fuse = std::getenv("ACTTAIL_PREFILL_FUSE");
-  plan.fuse_prefill = fuse != nullptr && fuse[0] == '1' && fuse[1] == '\0';
+  plan.use_cublas = !EnvIs("ACTTAIL_CUBLAS", "0");  // the op's own GEMM kernels (read per call, for tests)
+  // the fused prefill (opt-in until it is measured on a GPU, docs/kernels.md; read per call, for A/B runs and tests)
+  plan.fuse_prefill = EnvIs("ACTTAIL_PREFILL_FUSE", "1");
   if (half && a.M == 1) plan.gemv = LookupGemvConfig(CurrentSms(), a.K, a.N);
   return plan;
 }

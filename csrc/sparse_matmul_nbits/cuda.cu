@@ -14,7 +14,6 @@
 #include <library_types.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -22,6 +21,7 @@
 #include <utility>
 
 #include "common/cuda/flag_check.cuh"
+#include "common/env.h"
 #include "common/cuda/topk_select.cuh"
 #include "sparse_matmul_nbits/kernels/gemv.cuh"
 #include "sparse_matmul_nbits/kernels/gemv_cluster.cuh"
@@ -542,12 +542,9 @@ std::string RunPrefill(const Problem& p, const CudaArgs& c, const CudaPlan& plan
   const int64_t mask_blocks = std::max<int64_t>(1, std::min<int64_t>((mask_items + 255) / 256, (int64_t)CurrentSms() * 8));
   const cudaDataType ab = half ? CUDA_R_16F : CUDA_R_32F;
   // plan.fuse_prefill: one strided-batched GEMM for a mask group per member, equally wide and adjacent, W in one chunk
-  bool batched = plan.fuse_prefill && groups > 1 && groups == p.spans.count() && ch.rows >= p.K && ch.cols >= p.N &&
-                 Cublas().gemm_batched != nullptr;
-  for (int gi = 1; gi < p.spans.count() && batched; ++gi)
-    batched = p.spans.end[(size_t)gi] - p.spans.begin[(size_t)gi] == p.spans.end[0] - p.spans.begin[0] &&
-              p.spans.begin[(size_t)gi] == p.spans.end[(size_t)gi - 1];
-  batched = batched && p.spans.begin[0] == 0;
+  const bool batched = plan.fuse_prefill && groups > 1 && groups == p.spans.count() && ch.rows >= p.K && ch.cols >= p.N &&
+                       Cublas().gemm_batched != nullptr && p.spans.begin[0] == 0 &&
+                       EqualAdjacentMembers(p.spans.begin.data(), p.spans.end.data(), groups);
   // Column chunks, row chunks inside (one chunk = all of W unless the plan sets a budget): the chunk buffer is rewritten
   // in place. Meant to keep the float16 W in L2 between the dequantization and the GEMM; measured slower than one
   // chunk on the H200 (docs/kernels.md), so the op's plan does not chunk.
@@ -687,11 +684,9 @@ size_t CudaWorkspaceBytes(const Problem& p, const CudaArgs& args, const CudaPlan
 CudaPlan DefaultPlan(const Problem& p, bool half) {
   CudaPlan plan;
   plan.decode = ChooseDecode(p, half);
-  const char* env = std::getenv("ACTTAIL_CUBLAS");  // "0": the exact kernel for prefill (read per call, for tests)
-  plan.use_cublas = !(env != nullptr && env[0] == '0' && env[1] == '\0');
-  // "1": the fused prefill (opt-in until it is measured on a GPU, docs/kernels.md; read per call, for A/B runs and tests)
-  const char* fuse = std::getenv("ACTTAIL_PREFILL_FUSE");
-  plan.fuse_prefill = fuse != nullptr && fuse[0] == '1' && fuse[1] == '\0';
+  plan.use_cublas = !EnvIs("ACTTAIL_CUBLAS", "0");  // the exact kernel for prefill (read per call, for tests)
+  // the fused prefill (opt-in until it is measured on a GPU, docs/kernels.md; read per call, for A/B runs and tests)
+  plan.fuse_prefill = EnvIs("ACTTAIL_PREFILL_FUSE", "1");
   return plan;
 }
 

@@ -95,9 +95,9 @@ struct CudaPlan {
   // the dequantized W known to hold no Inf/NaN (NonFiniteDequantized when the kernel was created): the cuBLAS prefill
   // does not launch the exact kernel its Inf/NaN flag arms
   bool w_finite = false;
-  // prefill with cuBLAS in threshold mode with w_finite: the mask pass computes the SwiGLU input from [gate | up] itself
-  // (no activation kernel, no [M, K] copy of it); false: the activation kernel first (DefaultPlan: ACTTAIL_PREFILL_FUSE=1
-  // turns it on)
+  // prefill with cuBLAS: one strided-batched GEMM for equally wide adjacent members and, in threshold mode with w_finite,
+  // the SwiGLU input computed from [gate | up] by the mask pass itself (no activation kernel, no [M, K] copy of it);
+  // false: a GEMM per member, the activation kernel first (DefaultPlan: ACTTAIL_PREFILL_FUSE=1 turns it on)
   bool fuse_prefill = false;
 };
 

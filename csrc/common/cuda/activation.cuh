@@ -13,11 +13,17 @@
 namespace acttail {
 namespace cuda {
 
+/// silu(gate) * up rounded to T: the op's input where X holds [gate | up].
+template <typename T>
+__device__ __forceinline__ T SwiGluOf(T gate, T up) {
+  return Traits<T>::FromFloat(SwiGlu(Traits<T>::ToFloat(gate), Traits<T>::ToFloat(up)));
+}
+
 /// silu(gate) * up of element (m, c), rounded to T, from X [M, 2K].
 template <typename T>
 __device__ __forceinline__ T SwiGluAt(const T* __restrict__ x, int64_t m, int c, int K) {
   const T* row = x + m * 2 * (int64_t)K;
-  return Traits<T>::FromFloat(SwiGlu(Traits<T>::ToFloat(row[c]), Traits<T>::ToFloat(row[K + c])));
+  return SwiGluOf<T>(row[c], row[K + c]);
 }
 
 template <typename T>

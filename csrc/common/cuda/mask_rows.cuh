@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common/activation.h"
+#include "common/cuda/activation.cuh"
 #include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(256) MaskRowsVecKernel(const T* __restrict__ x
 /// The prefill's one pass over X for every member: xm[g] = mask_g(x) ([groups, M, K], group g at g * M * K) on 16-byte
 /// vectors (x, xm 16-byte aligned, K a multiple of the vector width), so that X is read once however many members
 /// have their own rule. With kSwiGlu, X is [M, 2K] = [gate | up] and x = silu(gate) * up is computed here, rounded to T
-/// exactly as SwiGluAt (common/cuda/activation.cuh) rounds it: the same xm as the activation kernel followed by
+/// by SwiGluOf, as the activation kernel (common/cuda/activation.cuh) rounds it: the same xm as the activation kernel followed by
 /// MaskRowsVecKernel, in one pass. Also zeroes *flag.
 template <typename T, bool kSwiGlu>
 __global__ void __launch_bounds__(256) MaskGroupsVecKernel(const T* __restrict__ x, T* __restrict__ xm, int64_t M, int K, DeviceMask dm,
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(256) MaskGroupsVecKernel(const T* __restrict__
         Vec up;
         up.u = __ldcs(xr + kv + c);
 #pragma unroll
-        for (int i = 0; i < V; ++i) in.e[i] = Traits<T>::FromFloat(SwiGlu(Traits<T>::ToFloat(in.e[i]), Traits<T>::ToFloat(up.e[i])));
+        for (int i = 0; i < V; ++i) in.e[i] = SwiGluOf<T>(in.e[i], up.e[i]);
       }
 #pragma unroll
       for (int g = 0; g < kMaxMaskGroups; ++g) {

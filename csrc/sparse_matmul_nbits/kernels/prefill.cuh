@@ -8,12 +8,12 @@
 //    offsets read once); otherwise one element per thread. Any Inf/NaN produced sets *flag, which arms the exact
 //    row-skipping kernel after the GEMM (a masked x times an Inf/NaN weight would otherwise turn into NaN in cuBLAS);
 //  * the other blocks: xm[group, m, k] = kept value v (rounded to T) or 0, 8 channels per item when K % 8 == 0; with
-//    `swiglu` the value masked is silu(gate) * up of X [M, 2K], computed here (no activation kernel before).
+//    `swiglu` the value masked is silu(gate) * up of X [M, 2K] (SwiGluOf), computed here (no activation kernel before).
 #pragma once
 
 #include <type_traits>
 
-#include "common/activation.h"
+#include "common/cuda/activation.cuh"
 #include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
@@ -264,7 +264,7 @@ __device__ void MaskItem(const PrepArgs& a, int64_t item, int per) {
         Vec up;
         up.u = __ldcs(reinterpret_cast<const uint4*>(xr + a.K) + v);
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) in.e[e] = Traits<T>::FromFloat(SwiGlu(Traits<T>::ToFloat(in.e[e]), Traits<T>::ToFloat(up.e[e])));
+        for (int e = 0; e < kVec; ++e) in.e[e] = SwiGluOf<T>(in.e[e], up.e[e]);
       }
 #pragma unroll
       for (int e = 0; e < kVec; ++e) res.e[e] = MaskOne<T>(in.e[e], k0 + v * kVec + e, rule, a.dm);
@@ -272,7 +272,7 @@ __device__ void MaskItem(const PrepArgs& a, int64_t item, int per) {
     }
     return;
   }
-  const T raw = a.swiglu ? Traits<T>::FromFloat(SwiGlu(Traits<T>::ToFloat(xr[0]), Traits<T>::ToFloat(xr[a.K]))) : *xr;
+  const T raw = a.swiglu ? SwiGluOf<T>(xr[0], xr[a.K]) : *xr;
   *out = MaskOne<T>(raw, k0, rule, a.dm);
 }
 

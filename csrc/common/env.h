@@ -1,0 +1,15 @@
+// The op library's run-time switches (ACTTAIL_CUBLAS, ACTTAIL_PREFILL_FUSE, ACTTAIL_WEIGHT_CHECK; docs/kernels.md).
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+namespace acttail {
+
+/// The environment variable `name` is set to exactly `value`.
+inline bool EnvIs(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+
+}  // namespace acttail
