@@ -1,0 +1,101 @@
+"""Probe (docs/allocation.md section 6o): a rank-r part of every weight computed dense, the rest masked, at equal reads.
+
+``y = (W − W_r)(x ⊙ m) + W_r x``, ``W_r`` the top-``r`` SVD of ``W`` (R-Sparse's split). The masked product keeps the
+project's rule and op; the low-rank part reads ``r (K + N)`` weights more, so each projection's sparsity is raised until
+``(1 − s) K N + r (K + N) = (1 − level) K N``: every rank reads as many weights as uniform ``level`` does. Perplexity
+on the first ``--max-tokens`` validation tokens, windows of 1024, top-k::
+
+    nice -n 5 .venv/bin/python benchmarks/lowrank_probe.py --data DATA/wiki.valid.raw --level 0.4 --ranks 8 16 32 \
+        --output docs/results/allocation/lowrank_probe_valid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from acttail_export.allocation import build_config
+from acttail_export.config import topk_keep
+from acttail_export.data import load_windows
+from acttail_export.evaluation import perplexity_windows
+from acttail_export.sparsify import projection_module
+
+
+def equal_reads_config(config, rank: int):
+    """``config`` with every projection's sparsity raised by ``rank (K + N) / (K N)`` (capped below 1)."""
+    projections = []
+    for p in config.projections:
+        s = min(0.99, p.sparsity + rank * (p.in_features + p.out_features) / p.parameters)
+        projections.append(dataclasses.replace(p, sparsity=s, k=topk_keep(s, p.in_features)))
+    return dataclasses.replace(config, projections=projections)
+
+
+def split_low_rank(model, config, rank: int):
+    """Replace each W by W − W_r and add W_r x (x before the mask) to the output; returns an undo function."""
+    saved, handles = {}, []
+    for p in config.projections:
+        module = projection_module(model, p)
+        w = module.weight.detach().double()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        a = (u[:, :rank] * s[:rank]).float()
+        b = vh[:rank].float()
+        saved[p.name] = module.weight.detach().clone()
+        with torch.no_grad():
+            module.weight.copy_((w - a.double() @ b.double()).float())
+        inputs: dict[str, torch.Tensor] = {}
+        # registered before the masks (perplexity_windows installs them later): sees the unmasked x
+        handles.append(module.register_forward_pre_hook(lambda m, args, inputs=inputs: inputs.__setitem__("x", args[0])))
+        handles.append(module.register_forward_hook(
+            lambda m, args, y, inputs=inputs, a=a, b=b: y + (inputs.pop("x") @ b.T) @ a.T))
+
+    def undo():
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for p in config.projections:
+                projection_module(model, p).weight.copy_(saved[p.name])
+
+    return undo
+
+
+def main() -> None:
+    from acttail_export.modeling import default_model_path, load_model
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, type=Path, help="WikiText-2 wiki.valid.raw")
+    ap.add_argument("--level", type=float, default=0.4)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(default_model_path())
+    windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
+    base = build_config(model, args.level, "uniform", "topk")
+    total = sum(p.parameters for p in base.projections)
+    rows = []
+    for rank in [0, *args.ranks]:
+        config = equal_reads_config(base, rank) if rank else base
+        undo = split_low_rank(model, config, rank) if rank else (lambda: None)
+        try:
+            ppl = perplexity_windows(model, windows, config, "topk", progress=False)["perplexity"]
+        finally:
+            undo()
+        masked = sum(p.sparsity * p.parameters for p in config.projections) / total
+        reads = sum((1 - p.sparsity) * p.parameters + rank * (p.in_features + p.out_features)
+                    for p in config.projections) / total
+        rows.append({"rank": rank, "level": args.level, "mask_sparsity": round(masked, 4),
+                     "weight_reads": round(reads, 4), "perplexity": ppl})
+        print(f"rank {rank:3d}: masked {masked:.3f}, reads {reads:.3f} of dense, perplexity {ppl:.3f}", flush=True)
+    out = {"tokens": int(windows.numel()), "rows": rows}
+    if args.output:
+        args.output.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
