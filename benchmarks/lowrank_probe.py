@@ -11,16 +11,13 @@ on the first ``--max-tokens`` validation tokens, windows of 1024, top-k::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-from pathlib import Path
 
 import torch
+from probe_common import load_probe, probe_parser, write_output  # benchmarks/, the script's folder
 
 from acttail_export.allocation import build_config
 from acttail_export.config import topk_keep
-from acttail_export.data import load_windows
 from acttail_export.evaluation import perplexity_windows
 from acttail_export.sparsify import projection_module
 
@@ -63,19 +60,11 @@ def split_low_rank(model, config, rank: int):
 
 
 def main() -> None:
-    from acttail_export.modeling import default_model_path, load_model
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, type=Path, help="WikiText-2 wiki.valid.raw")
+    ap = probe_parser(__doc__)
     ap.add_argument("--level", type=float, default=0.4)
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--max-tokens", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--output", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(default_model_path())
-    windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
+    model, _, windows, _ = load_probe(args)
     base = build_config(model, args.level, "uniform", "topk")
     total = sum(p.parameters for p in base.projections)
     rows = []
@@ -92,9 +81,7 @@ def main() -> None:
         rows.append({"rank": rank, "level": args.level, "mask_sparsity": round(masked, 4),
                      "weight_reads": round(reads, 4), "perplexity": ppl})
         print(f"rank {rank:3d}: masked {masked:.3f}, reads {reads:.3f} of dense, perplexity {ppl:.3f}", flush=True)
-    out = {"tokens": int(windows.numel()), "rows": rows}
-    if args.output:
-        args.output.write_text(json.dumps(out, indent=1) + "\n")
+    write_output(args, {"tokens": int(windows.numel()), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,14 +16,10 @@ is measured on ``--calibration-windows`` windows of 512 tokens after them::
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
+from probe_common import load_probe, probe_parser, write_output  # benchmarks/, the script's folder
 
 from acttail_export.allocation import build_config
-from acttail_export.data import load_windows
 from acttail_export.evaluation import perplexity_windows
 from acttail_export.sparsify import apply_sparsity, mask_topk, projection_module
 
@@ -78,23 +74,13 @@ def power_scores(model, config, power: float):
 
 
 def main() -> None:
-    from acttail_export.modeling import default_model_path, load_model
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, type=Path, help="WikiText-2 wiki.valid.raw")
+    ap = probe_parser(__doc__)
     ap.add_argument("--levels", type=float, nargs="+", default=[0.4])
     ap.add_argument("--powers", type=float, nargs="*", default=[0.25, 0.5])
     ap.add_argument("--allocation", default="uniform", choices=("uniform", "htsr"))
-    ap.add_argument("--max-tokens", type=int, default=8192)
-    ap.add_argument("--calibration-windows", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--output", type=Path)
+    ap.add_argument("--calibration-windows", type=int, default=8, help="bias text: windows of 512 after the evaluation's")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(default_model_path())
-    windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
-    skip = args.max_tokens // 512
-    calib = load_windows(tokenizer, args.data, 512, max_tokens=(skip + args.calibration_windows) * 512)[skip:]
+    model, _, windows, calib = load_probe(args, args.calibration_windows)
     rows = []
 
     def record(rule, level, ppl):
@@ -126,9 +112,7 @@ def main() -> None:
                 for h in scale_handles:
                     h.remove()
             record(f"power {power:g}", level, ppl)
-    out = {"tokens": int(windows.numel()), "calibration_tokens": int(calib.numel()), "rows": rows}
-    if args.output:
-        args.output.write_text(json.dumps(out, indent=1) + "\n")
+    write_output(args, {"tokens": int(windows.numel()), "calibration_tokens": int(calib.numel()), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -21,18 +21,14 @@ Perplexity on the first ``--max-tokens`` validation tokens (windows of 1024, top
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import time
-from pathlib import Path
 
 import torch
+from probe_common import load_probe, probe_parser, write_output  # benchmarks/, the script's folder
 
 from acttail_export.allocation import build_config
-from acttail_export.data import load_windows
 from acttail_export.evaluation import perplexity_windows
-from acttail_export.modeling import default_model_path, load_model
 
 VARIANTS = ("original", "fold", "pca", "pca-scaled")
 
@@ -98,21 +94,13 @@ def rotate(model, q: torch.Tensor, scaled: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, type=Path, help="WikiText-2 wiki.valid.raw (PCA text and evaluation)")
+    ap = probe_parser(__doc__)
     ap.add_argument("--levels", type=float, nargs="+", default=[0.4])
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--allocation", default="uniform", choices=("uniform", "htsr"))
-    ap.add_argument("--max-tokens", type=int, default=8192)
-    ap.add_argument("--calibration-windows", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--output", type=Path)
+    ap.add_argument("--calibration-windows", type=int, default=8, help="PCA text: windows of 512 after the evaluation's")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(default_model_path())
-    windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
-    skip = args.max_tokens // 512
-    calib = load_windows(tokenizer, args.data, 512, max_tokens=(skip + args.calibration_windows) * 512)[skip:]
+    model, _, windows, calib = load_probe(args, args.calibration_windows)
     start = time.perf_counter()
     cov = residual_covariance(model, calib)
     eigvals, eigvecs = torch.linalg.eigh(cov)
@@ -134,9 +122,7 @@ def main() -> None:
             rows.append({"variant": variant, "level": level, "allocation": args.allocation, "perplexity": ppl,
                          "dense_perplexity": dense_v})
             print(f"{variant:10s} {level:.2f}: perplexity {ppl:.3f} (dense {dense_v:.3f})", flush=True)
-    out = {"tokens": int(windows.numel()), "pca_tokens": int(calib.numel()), "dense": dense, "rows": rows}
-    if args.output:
-        args.output.write_text(json.dumps(out, indent=1) + "\n")
+    write_output(args, {"tokens": int(windows.numel()), "pca_tokens": int(calib.numel()), "dense": dense, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""What the validation probes of docs/allocation.md section 6o share: their common flags, SmolLM2, the evaluation
+windows (the first ``--max-tokens`` tokens, windows of 1024) and calibration windows of 512 tokens taken after them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with ``--data``, ``--max-tokens``, ``--threads`` and ``--output``; the probe adds its own flags."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--data", required=True, type=Path, help="WikiText-2 wiki.valid.raw")
+    ap.add_argument("--max-tokens", type=int, default=8192, help="evaluation tokens (windows of 1024)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output", type=Path)
+    return ap
+
+
+def load_probe(args: argparse.Namespace, calibration_windows: int = 0):
+    """(model, tokenizer, evaluation windows, calibration windows of 512 tokens after them; None when not asked for)."""
+    import torch
+
+    from acttail_export.data import load_windows
+    from acttail_export.modeling import default_model_path, load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(default_model_path())
+    windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
+    calib = None
+    if calibration_windows:
+        skip = args.max_tokens // 512
+        calib = load_windows(tokenizer, args.data, 512, max_tokens=(skip + calibration_windows) * 512)[skip:]
+    return model, tokenizer, windows, calib
+
+
+def write_output(args: argparse.Namespace, out: dict) -> None:
+    if args.output:
+        args.output.write_text(json.dumps(out, indent=1) + "\n")
