@@ -17,8 +17,17 @@ from .errors import ActTailError
 SUBCOMMANDS = ("analyze", "evaluate", "export", "generate")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (a bad choice, a missing argument, an unknown flag) as one line and exit code 2, like every
+    other user error, instead of the usage block first; subcommand parsers inherit it (``add_subparsers``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        root = self.prog.split()[0]
+        self.exit(2, f"{root}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="acttail-export", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="acttail-export", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:

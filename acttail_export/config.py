@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +97,9 @@ def check_sparsity(value: float, what: str = "sparsity") -> float:
     return _check_unit_interval(value, what)
 
 
-def check_epsilon(value: float) -> float:
-    """Validate the allocation spread epsilon in [0, 1)."""
-    return _check_unit_interval(value, "epsilon")
+def check_epsilon(value: float, what: str = "epsilon") -> float:
+    """Validate the allocation spread epsilon in [0, 1) (``what``: its name in the error, e.g. the flag)."""
+    return _check_unit_interval(value, what)
 
 
 def _check_type(value, types: tuple[type, ...], what: str, optional: bool = False, minimum: int | None = None) -> None:
@@ -282,6 +282,10 @@ class ActTailConfig:
         unknown = set(data) - known
         if unknown:
             raise ActTailError(f"unknown keys in {CONFIG_NAME}: {', '.join(sorted(unknown))}")
+        required = [name for name, f in cls.__dataclass_fields__.items()
+                    if f.default is MISSING and f.default_factory is MISSING and name not in data]
+        if required:
+            raise ActTailError(f"invalid {CONFIG_NAME}: missing {', '.join(required)}; re-run the export")
         try:
             return cls(**data)
         except (TypeError, ValueError, AttributeError) as exc:  # wrong keys or shapes inside a hand-edited file

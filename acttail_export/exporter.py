@@ -172,10 +172,13 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     base = get_base(o.base)
     base.check(o)  # last: the genai base imports its model builder in a subprocess (seconds)
 
-    if Path(model_ref).is_dir():  # last of the cheap checks; a GGUF or Hub model is checked right after loading
+    # last of the cheap checks: a folder's config.json or a GGUF's metadata; a Hub model is checked right after loading
+    if Path(model_ref).is_dir() or model_ref.lower().endswith(".gguf"):
+        from .modeling import gguf_context_length
         from .runtime import max_positions
 
-        length = check_context(o.sequence_length, max_positions(model_ref), model_ref)
+        limit = max_positions(model_ref) if Path(model_ref).is_dir() else gguf_context_length(model_ref)
+        length = check_context(o.sequence_length, limit, model_ref)
         o = dataclasses.replace(o, sequence_length=length)
     clean_stale_temp(output_dir)
     previous = _sigterm_as_interrupt()

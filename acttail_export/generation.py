@@ -106,7 +106,8 @@ def check_folder(export_dir: str | Path) -> Path:
     if not export_dir.is_dir():
         raise ActTailError(f"export folder {export_dir} does not exist: run `acttail-export export --model MODEL {export_dir}` first")
     if not (export_dir / CONFIG_NAME).is_file() or not ((export_dir / ONNX_NAME).is_file() or (export_dir / GENAI_CONFIG).is_file()):
-        raise ActTailError(f"{export_dir} is not an acttail-export output folder (no {CONFIG_NAME} and {ONNX_NAME}): "
+        missing = CONFIG_NAME if not (export_dir / CONFIG_NAME).is_file() else f"{ONNX_NAME} or {GENAI_CONFIG}"
+        raise ActTailError(f"{export_dir} is not an acttail-export output folder (no {missing}): "
                            "pass the folder written by `acttail-export export`")
     return export_dir
 

@@ -101,6 +101,19 @@ def read_gguf_info(path: str | Path) -> GGUFTokenizerInfo:
     )
 
 
+def gguf_context_length(path: str | Path) -> int | None:
+    """``<architecture>.context_length`` of a GGUF file's metadata (what becomes ``max_position_embeddings``), None when
+    absent or the file is not readable (loading it reports that)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        value = _gguf_field(reader, f"{_gguf_field(reader, 'general.architecture')}.context_length")
+    except Exception:  # noqa: BLE001 - gguf raises ValueError / struct errors on foreign files; the load names them
+        return None
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 def fix_gguf_tokenizer(tokenizer: "PreTrainedTokenizerBase", info: GGUFTokenizerInfo) -> "PreTrainedTokenizerBase":
     """Set special tokens and ``add_bos_token`` / ``add_eos_token`` from the GGUF metadata."""
     for attr in ("bos", "eos", "pad", "unk"):

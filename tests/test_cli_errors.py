@@ -152,6 +152,20 @@ def test_sparsity_above_the_acttail_limit_fails_before_loading(tmp_path, capsys,
     _no_leftovers(out)
 
 
+def test_gguf_context_read_before_loading(tmp_path, capsys, smollm2, wikitext_valid, monkeypatch):
+    """A GGUF model's context comes from its metadata, so a window longer than it fails before the 10-20 s load."""
+    from acttail_export.modeling import default_model_path, gguf_context_length
+
+    context = smollm2[0].config.max_position_embeddings  # what transformers makes of the same file
+    assert gguf_context_length(default_model_path()) == context
+    _no_model_load(monkeypatch)
+    out = tmp_path / "out"
+    _check(*run_inprocess(capsys, "--model", "smollm2", "--calibration-data", str(wikitext_valid), "--sequence-length",
+                          str(context + 1), str(out)),
+           f"--sequence-length {context + 1} exceeds the context", f"use --sequence-length {context} or less")
+    _no_leftovers(out)
+
+
 # --- calibration data ---------------------------------------------------------------------------
 def test_calibration_file_empty(tmp_path, capsys, tiny_llama_dir):
     (tmp_path / "empty.txt").write_text("  \n")

@@ -62,6 +62,9 @@ def test_invalid_projection_and_files(tmp_path):
         ActTailConfig.from_dict(bad)
     with pytest.raises(ActTailError, match="unknown keys"):
         ActTailConfig.from_dict(_config().to_dict() | {"surprise": 1})
+    partial = {k: v for k, v in _config().to_dict().items() if k != "target_sparsity"}
+    with pytest.raises(ActTailError, match=r"^invalid acttail_config.json: missing target_sparsity; re-run"):
+        ActTailConfig.from_dict(partial)  # the fields' names, not the dataclass constructor's TypeError
     with pytest.raises(ActTailError, match="not found"):
         ActTailConfig.load(tmp_path)
     (tmp_path / CONFIG_NAME).write_text("{not json")

@@ -177,6 +177,10 @@ def test_bad_arguments(args, needle, sparse_export, capsys):
 def test_missing_folder_and_not_an_export(tmp_path, sharp_dir, capsys):
     assert "does not exist" in _bad(capsys, "--model", str(tmp_path / "nope"), "--prompt", "hi")
     assert "is not an acttail-export output folder" in _bad(capsys, "--model", str(sharp_dir), "--prompt", "hi")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "acttail_config.json").write_text("{}")
+    assert "(no model.onnx or genai_config.json)" in _bad(capsys, "--model", str(config_only), "--prompt", "hi")
 
 
 def test_truncated_graph(sparse_export, tmp_path, capsys):

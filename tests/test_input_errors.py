@@ -134,3 +134,29 @@ def test_evaluate_sequence_length_above_the_context(tiny_llama_dir, wikitext_tes
 def test_evaluate_window_of_one_token(flag, tiny_llama_dir, wikitext_test, capsys):
     check_one_line(*run_cli(capsys, "evaluate", "--model", str(tiny_llama_dir), "--data", str(wikitext_test),
                             flag, "1", "--no-progress"), f"{flag} must be at least 2")
+
+
+# --- argparse's own errors and flag combinations ------------------------------------------------
+@pytest.mark.parametrize("argv, needles", [
+    (["export", "--model", "m", "--mode", "topp", "out"], ["argument --mode: invalid choice: 'topp'", "acttail-export export --help"]),
+    (["export", "--model", "m"], ["required: OUTPUT_DIR", "acttail-export export --help"]),
+    (["export", "--model", "m", "--foo", "out"], ["unrecognized arguments: --foo"]),
+    (["analyze", "--allocation", "bogus"], ["argument --allocation: invalid choice"]),
+    ([], ["required: command", "acttail-export --help"]),
+    (["convert"], ["invalid choice: 'convert'"]),
+])
+def test_argparse_errors_are_one_line(argv, needles, capsys):
+    """argparse reports these itself (before any command runs): one line, exit 2, no usage block."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    check_one_line(exit_.value.code, capsys.readouterr().err, *needles)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--allocation", "uniform", "--epsilon", "0.1"], "--epsilon/--mapping only apply to the allocations from HT-SR alphas"),
+    (["--epsilon", "abc"], "--epsilon must be a number, got 'abc'"),
+    (["--epsilon", "2"], "--epsilon must be in [0, 1), got 2.0"),
+])
+def test_analyze_epsilon_checked_before_loading(flags, needle, tiny_llama_dir, capsys, monkeypatch):
+    monkeypatch.setattr("acttail_export.modeling.load_model", _no_load)
+    check_one_line(*run_cli(capsys, "analyze", "--model", str(tiny_llama_dir), *flags), needle)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, MODES, PROJECTION_KINDS, check_epsilon, check_sparsity, resolve_allocation
 from ..errors import ActTailError
+from ._values import finite_float
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +112,12 @@ def run(args: argparse.Namespace) -> None:
     if method in GREEDY_ALLOCATIONS:
         raise ActTailError(f"--allocation {args.allocation} at {sparsity:g} in {args.mode} mode is {method}, a greedy search on "
                            "calibration text: run `acttail-export evaluate` or `export` for its budgets, or use --allocation htsr here")
-    epsilon = None if args.epsilon is None else check_epsilon(args.epsilon)
+    epsilon = None if args.epsilon is None else check_epsilon(finite_float(args.epsilon, "--epsilon"), "--epsilon")
     from ..allocation import check_mapping
+    from ..options import check_allocation_shape
 
     mapping = None if args.mapping is None else check_mapping(args.mapping, "--mapping")
+    check_allocation_shape(args.allocation, sparsity, args.mode, epsilon, mapping)
     json_path = _output_path(args.json, "--json")
     plot_path = _output_path(args.plot, "--plot", ".png")
     if args.device is not None:

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
         calibration_length = _window_length(args.calibration_sequence_length, "--calibration-sequence-length")
         if "threshold" in modes and any(s > 0 for s in sparsities):
             read_text(calibration_data, EVALUATE_CALIBRATION_FLAGS)
-        epsilon = None if args.epsilon is None else check_epsilon(finite_float(args.epsilon, "--epsilon"))
+        epsilon = None if args.epsilon is None else check_epsilon(finite_float(args.epsilon, "--epsilon"), "--epsilon")
         if args.mapping is not None:
             from ..allocation import check_mapping
 

@@ -84,7 +84,7 @@ def _number(value: str, what: str, cast):
     try:
         return cast(value)
     except (TypeError, ValueError):
-        raise ActTailError(f"--{what} must be a {'number' if cast is float else 'integer'}, got {value!r}") from None
+        raise ActTailError(f"--{what} must be {'a number' if cast is float else 'an integer'}, got {value!r}") from None
 
 
 def export_options(args: argparse.Namespace) -> ExportOptions:
