@@ -95,7 +95,7 @@ def test_acttail_config_that_is_not_a_utf8_json_object(content, needle, tmp_path
 
 # --- devices ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device, needle", [
-    ("bogus", "--device must be cpu or cuda; got 'bogus'"),
+    ("bogus", "--device must be cpu, cuda or cuda:N; got 'bogus'"),  # analyze takes cuda:N too, so it names it
     ("cuda:x", "--device must be cpu, cuda or cuda:N; got 'cuda:x'"),
     ("gpu:0", "--device must be cpu, cuda or cuda:N"),
 ])

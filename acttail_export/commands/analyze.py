@@ -68,7 +68,7 @@ def _check_device(device: str) -> None:
     from ..onnx_export import check_device
 
     kind, colon, index = device.partition(":")
-    if not colon:
+    if not colon and device in ("cpu", "cuda"):
         check_device(device)
         return
     if kind != "cuda" or not index.isdigit():
