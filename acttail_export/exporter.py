@@ -179,7 +179,8 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
 
         limit = max_positions(model_ref) if Path(model_ref).is_dir() else gguf_context_length(model_ref)
         length = check_context(o.sequence_length, limit, model_ref)
-        o = dataclasses.replace(o, sequence_length=length)
+        if limit is not None or o.sequence_length is not None:  # unknown here: the loaded config shortens the default
+            o = dataclasses.replace(o, sequence_length=length)
     clean_stale_temp(output_dir)
     previous = _sigterm_as_interrupt()
     created, tmp = [], None

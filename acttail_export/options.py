@@ -47,9 +47,10 @@ def _integer(value: Any, flag: str, minimum: int, what: str) -> None:
         raise ActTailError(f"{flag} must be {what}, got {value!r}")
 
 
-def check_allocation_shape(allocation: str, sparsity: float, mode: str, epsilon: float | None, mapping: str | None) -> None:
+def check_allocation_shape(allocation: str, sparsity: float, mode: str, epsilon: float | None, mapping: str | None,
+                           alternatives: str = "htsr or acttail-greedy") -> None:
     """--epsilon / --mapping shape HT-SR budgets: an ActTailError when ``allocation`` reads no alphas at ``sparsity`` in
-    ``mode``."""
+    ``mode`` (``alternatives``: the allocations the command takes that read them, named in the fix)."""
     if epsilon is None and mapping is None:
         return
     method = resolve_allocation(allocation, sparsity, mode)
@@ -57,10 +58,9 @@ def check_allocation_shape(allocation: str, sparsity: float, mode: str, epsilon:
         return
     if allocation == "acttail":
         raise ActTailError(f"--epsilon/--mapping shape HT-SR budgets; --allocation acttail at {sparsity:g} in {mode} mode is {method} "
-                           "(docs/allocation.md), which reads no alphas: drop them, or use --allocation htsr or "
-                           "acttail-greedy")
+                           f"(docs/allocation.md), which reads no alphas: drop them, or use --allocation {alternatives}")
     raise ActTailError("--epsilon/--mapping only apply to the allocations from HT-SR alphas: drop them or use "
-                       "--allocation htsr or acttail-greedy")
+                       f"--allocation {alternatives}")
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 * ``bias``: add the expected contribution of the dropped entries back, ``b = W E[x ⊙ (1 − m)]`` per projection
   (``m`` the mask; the expectation on calibration text, measured with every projection sparsified). A constant output
   bias per projection: free at run time.
-* ``power P``: rank by ``|x_i| · ||W[:, i]||^P`` (``P = 1`` is WINA's score, section 6f). For the five projections
-  that read an RMSNorm and for ``down_proj`` (whose input scales with ``up_proj``'s rows) such a per-channel scale folds
-  into the weights, so the kernels would rank plain ``|x|`` of the transformed model.
+* ``power P``: rank by ``|x_i| · ||W[:, i]||^P`` (``P = 1`` is WINA's score, section 6f), on all seven projections. For
+  the five that read an RMSNorm and for ``down_proj`` (whose input scales with ``up_proj``'s rows) such a per-channel
+  scale folds into the weights, so the kernels would rank plain ``|x|`` of the transformed model (``o_proj``'s would
+  have to be equal across the query heads sharing a value head).
 
 Uniform top-k budgets (or ``--allocation htsr``), first ``--max-tokens`` validation tokens in windows of 1024; the bias
 is measured on ``--calibration-windows`` windows of 512 tokens after them::
@@ -32,7 +33,7 @@ def dropped_bias(model, config, windows: torch.Tensor) -> dict[str, torch.Tensor
     for proj in config.projections:
         module = projection_module(model, proj)
 
-        def hook(module, args, name=proj.name, k=proj.k):
+        def hook(module, args, name=proj.name, k=proj.keep_k()):
             x = args[0].double().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + (x - mask_topk(x, k)).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]

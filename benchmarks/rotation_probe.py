@@ -79,6 +79,7 @@ def rotate(model, q: torch.Tensor, scaled: bool):
             norm.weight.copy_(g_new.to(norm.weight.dtype))
 
         def write(lin):
+            assert lin.bias is None, "a write with a bias would need it rotated too"
             lin.weight.copy_((q.T @ lin.weight.double()).to(lin.weight.dtype))
 
         for layer in m.model.layers:

@@ -153,10 +153,15 @@ def test_argparse_errors_are_one_line(argv, needles, capsys):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--allocation", "uniform", "--epsilon", "0.1"], "--epsilon/--mapping only apply to the allocations from HT-SR alphas"),
+    (["--allocation", "uniform", "--epsilon", "0.1"], "from HT-SR alphas: drop them or use --allocation htsr"),
     (["--epsilon", "abc"], "--epsilon must be a number, got 'abc'"),
     (["--epsilon", "2"], "--epsilon must be in [0, 1), got 2.0"),
 ])
 def test_analyze_epsilon_checked_before_loading(flags, needle, tiny_llama_dir, capsys, monkeypatch):
-    monkeypatch.setattr("acttail_export.modeling.load_model", _no_load)
-    check_one_line(*run_cli(capsys, "analyze", "--model", str(tiny_llama_dir), *flags), needle)
+    monkeypatch.setattr("acttail_export.modeling.load_model", _no_load_before_flags)
+    line = check_one_line(*run_cli(capsys, "analyze", "--model", str(tiny_llama_dir), *flags), needle)
+    assert "acttail-greedy" not in line  # analyze refuses the greedy allocations: the fix must not name one
+
+
+def _no_load_before_flags(*args, **kwargs):
+    raise AssertionError("--epsilon must be checked before the model is loaded")

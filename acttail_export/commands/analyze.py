@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     from ..options import check_allocation_shape
 
     mapping = None if args.mapping is None else check_mapping(args.mapping, "--mapping")
-    check_allocation_shape(args.allocation, sparsity, args.mode, epsilon, mapping)
+    check_allocation_shape(args.allocation, sparsity, args.mode, epsilon, mapping, alternatives="htsr")  # no greedy here
     json_path = _output_path(args.json, "--json")
     plot_path = _output_path(args.plot, "--plot", ".png")
     if args.device is not None:
