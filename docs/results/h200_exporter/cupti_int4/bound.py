@@ -8,7 +8,9 @@ call), needed = genai_int4_ms / target - (our ms - our projection kernel ms), ag
 grid's tail, ~2 µs):
   * kept 4-bit rows only: (1 - s) x K*N/2 bytes per projection (no scales read);
   * this op's layout: kept rows of Q plus every block's float16 scale and offset (4 bytes per 32 weights of a column;
-    at s <= 0.9 almost every 32-row block keeps a row, so every block's scales are read).
+    at s <= 0.9 almost every 32-row block keeps a row, so every block's scales are read);
+  * blocks along N (docs/quantization.md, "Scales that travel with their row"; not built): kept rows of Q plus their
+    own float16 scale and offset per B outputs, (1 - s) x (K*N/2 + K*N/B*4) bytes, for B = 64 and 128.
 s is the folder's target (parameter-weighted) sparsity. ms are timed decode medians with CUDA graph (the row's
 decode_ms_median); projection kernel ms from the row's CUPTI split (no CUDA graph).
 """
@@ -104,7 +106,9 @@ def main() -> None:
                   f"at most {g['decode_ms_median'] / rest:.2f}x with free projections")
             print(f"   target {target}x: {g['decode_ms_median']:.3f} / {target} - {rest:.3f} = needed projections {needed:.3f} ms "
                   f"= {needed / calls * 1e3:.2f} us per call ({proj / needed:.2f}x faster than now)")
-            for label, nbytes in (("kept 4-bit rows only", (1 - s) * q_bytes), ("kept rows + all scales/offsets", (1 - s) * q_bytes + scale_bytes)):
+            floors = [("kept 4-bit rows only", (1 - s) * q_bytes), ("kept rows + all scales/offsets", (1 - s) * q_bytes + scale_bytes)]
+            floors += [(f"blocks along N, B={b}: kept rows + their own scales", (1 - s) * (q_bytes + params / b * 4)) for b in (64, 128)]
+            for label, nbytes in floors:
                 lo, hi = (nbytes / (bw * 1e12) * 1e3 for bw in reversed(BANDWIDTH_TB_S))
                 fixed = calls * FIXED_US / 1e3
                 best = [g["decode_ms_median"] / (rest + fixed + t) for t in (lo, hi)]
