@@ -12,9 +12,10 @@ on the first ``--max-tokens`` validation tokens, windows of 1024, top-k::
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager, nullcontext
 
 import torch
-from probe_common import load_probe, probe_parser, write_output  # benchmarks/, the script's folder
+from probe_common import load_probe, probe_parser, replaced_weights, write_output  # benchmarks/, the script's folder
 
 from acttail_export.allocation import build_config
 from acttail_export.config import topk_keep
@@ -31,32 +32,29 @@ def equal_reads_config(config, rank: int):
     return dataclasses.replace(config, projections=projections)
 
 
+@contextmanager
 def split_low_rank(model, config, rank: int):
-    """Replace each W by W − W_r and add W_r x (x before the mask) to the output; returns an undo function."""
-    saved, handles = {}, []
+    """Inside the block each W is W − W_r and W_r x (x before the mask) is added to the output."""
+    residual, handles = {}, []
     for p in config.projections:
         module = projection_module(model, p)
         w = module.weight.detach().double()
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         a = (u[:, :rank] * s[:rank]).float()
         b = vh[:rank].float()
-        saved[p.name] = module.weight.detach().clone()
-        with torch.no_grad():
-            module.weight.copy_((w - a.double() @ b.double()).float())
+        residual[p.name] = (w - a.double() @ b.double()).float()
         inputs: dict[str, torch.Tensor] = {}
         # registered before the masks (perplexity_windows installs them later): sees the unmasked x
         handles.append(module.register_forward_pre_hook(lambda m, args, inputs=inputs: inputs.__setitem__("x", args[0])))
         handles.append(module.register_forward_hook(
             lambda m, args, y, inputs=inputs, a=a, b=b: y + (inputs.pop("x") @ b.T) @ a.T))
 
-    def undo():
+    try:
+        with replaced_weights(model, residual):
+            yield
+    finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for p in config.projections:
-                projection_module(model, p).weight.copy_(saved[p.name])
-
-    return undo
 
 
 def main() -> None:
@@ -70,11 +68,8 @@ def main() -> None:
     rows = []
     for rank in [0, *args.ranks]:
         config = equal_reads_config(base, rank) if rank else base
-        undo = split_low_rank(model, config, rank) if rank else (lambda: None)
-        try:
+        with split_low_rank(model, config, rank) if rank else nullcontext():
             ppl = perplexity_windows(model, windows, config, "topk", progress=False)["perplexity"]
-        finally:
-            undo()
         masked = sum(p.sparsity * p.parameters for p in config.projections) / total
         reads = sum((1 - p.sparsity) * p.parameters + rank * (p.in_features + p.out_features)
                     for p in config.projections) / total

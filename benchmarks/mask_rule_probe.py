@@ -18,7 +18,7 @@ is measured on ``--calibration-windows`` windows of 512 tokens after them::
 from __future__ import annotations
 
 import torch
-from probe_common import load_probe, probe_parser, write_output  # benchmarks/, the script's folder
+from probe_common import load_probe, probe_parser, replaced_weights, write_output  # benchmarks/, the script's folder
 
 from acttail_export.allocation import build_config
 from acttail_export.evaluation import perplexity_windows
@@ -98,18 +98,14 @@ def main() -> None:
         for power in args.powers:
             scale_handles = power_scores(model, config, power)
             # the pre-hooks multiply x by s before the mask; W's columns divided by s undo it: W' x' = W (x ⊙ m)
-            originals = {}
-            with torch.no_grad():
-                for proj in config.projections:
-                    module = projection_module(model, proj)
-                    originals[proj.name] = module.weight.detach().clone()
-                    module.weight.div_(module.weight.norm(dim=0).pow(power))
+            scaled = {}
+            for proj in config.projections:
+                w = projection_module(model, proj).weight.detach()
+                scaled[proj.name] = w / w.norm(dim=0).pow(power)
             try:
-                ppl = perplexity_windows(model, windows, config, "topk", progress=False)["perplexity"]
+                with replaced_weights(model, scaled):
+                    ppl = perplexity_windows(model, windows, config, "topk", progress=False)["perplexity"]
             finally:
-                with torch.no_grad():
-                    for proj in config.projections:
-                        projection_module(model, proj).weight.copy_(originals[proj.name])
                 for h in scale_handles:
                     h.remove()
             record(f"power {power:g}", level, ppl)

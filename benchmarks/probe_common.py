@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -38,3 +39,22 @@ def load_probe(args: argparse.Namespace, calibration_windows: int = 0):
 def write_output(args: argparse.Namespace, out: dict) -> None:
     if args.output:
         args.output.write_text(json.dumps(out, indent=1) + "\n")
+
+
+@contextmanager
+def replaced_weights(model, weights: dict):
+    """Inside the block, the projections named in ``weights`` (``{name: tensor}``, names as ``model.get_submodule``
+    takes them) hold those weights; their own weights come back afterwards, also on an error."""
+    import torch
+
+    modules = {name: model.get_submodule(name) for name in weights}
+    saved = {name: module.weight.detach().clone() for name, module in modules.items()}
+    with torch.no_grad():
+        for name, w in weights.items():
+            modules[name].weight.copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                modules[name].weight.copy_(w)

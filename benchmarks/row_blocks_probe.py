@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 import torch
-from probe_common import load_probe, probe_parser, write_output  # benchmarks/, the script's folder
+from probe_common import load_probe, probe_parser, replaced_weights, write_output  # benchmarks/, the script's folder
 
 from acttail_export.allocation import build_config
 from acttail_export.evaluation import perplexity_windows
@@ -43,8 +43,6 @@ def main() -> None:
     ap.add_argument("--levels", type=float, nargs="*", default=[0.5])
     args = ap.parse_args()
     model, _, windows, _ = load_probe(args)
-    originals = {name: module.weight.detach().clone() for name, _, _, module in iter_projections(model)}
-    modules = {name: module for name, _, _, module in iter_projections(model)}
     configs = {level: build_config(model, level, "uniform", "topk") for level in args.levels}
     rows = []
 
@@ -62,16 +60,9 @@ def main() -> None:
                 start = time.perf_counter()
                 weights = quantized_weights(model, axis, block, quantizer)
                 seconds = time.perf_counter() - start
-                with torch.no_grad():
-                    for name, w in weights.items():
-                        modules[name].weight.copy_(w)
-                try:
+                with replaced_weights(model, weights):
                     measure({"weights": "int4", "quantizer": quantizer, "block": block, "axis": axis,
                              "quantize_seconds": round(seconds, 1)})
-                finally:
-                    with torch.no_grad():
-                        for name, w in originals.items():
-                            modules[name].weight.copy_(w)
     write_output(args, {"tokens": int(windows.numel()), "rows": rows})
 
 

@@ -115,7 +115,7 @@ def test_analyze_cuda_without_a_gpu(device, tiny_llama_dir, capsys, monkeypatch)
 
 
 def _no_load(*args, **kwargs):
-    raise AssertionError("the device must be checked before the model is loaded")
+    raise AssertionError("the model was loaded before the bad flag (--device, --epsilon) was refused")
 
 
 # --- sequence lengths ---------------------------------------------------------------------------
@@ -158,10 +158,6 @@ def test_argparse_errors_are_one_line(argv, needles, capsys):
     (["--epsilon", "2"], "--epsilon must be in [0, 1), got 2.0"),
 ])
 def test_analyze_epsilon_checked_before_loading(flags, needle, tiny_llama_dir, capsys, monkeypatch):
-    monkeypatch.setattr("acttail_export.modeling.load_model", _no_load_before_flags)
+    monkeypatch.setattr("acttail_export.modeling.load_model", _no_load)
     line = check_one_line(*run_cli(capsys, "analyze", "--model", str(tiny_llama_dir), *flags), needle)
     assert "acttail-greedy" not in line  # analyze refuses the greedy allocations: the fix must not name one
-
-
-def _no_load_before_flags(*args, **kwargs):
-    raise AssertionError("--epsilon must be checked before the model is loaded")

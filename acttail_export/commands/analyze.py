@@ -12,9 +12,9 @@ import logging
 import math
 from pathlib import Path
 
-from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, MODES, PROJECTION_KINDS, check_epsilon, check_sparsity, resolve_allocation
+from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, MODES, PROJECTION_KINDS, check_sparsity, resolve_allocation
 from ..errors import ActTailError
-from ._values import finite_float
+from ._values import epsilon_flag
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
     if method in GREEDY_ALLOCATIONS:
         raise ActTailError(f"--allocation {args.allocation} at {sparsity:g} in {args.mode} mode is {method}, a greedy search on "
                            "calibration text: run `acttail-export evaluate` or `export` for its budgets, or use --allocation htsr here")
-    epsilon = None if args.epsilon is None else check_epsilon(finite_float(args.epsilon, "--epsilon"), "--epsilon")
+    epsilon = epsilon_flag(args.epsilon)
     from ..allocation import check_mapping
     from ..options import check_allocation_shape
 

@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..config import ALLOCATIONS, CONFIG_NAME, MODES, check_epsilon, check_sparsity
+from ..config import ALLOCATIONS, CONFIG_NAME, MODES, check_sparsity
 from ..errors import ActTailError
-from ._values import finite_float
+from ._values import epsilon_flag
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
         calibration_length = _window_length(args.calibration_sequence_length, "--calibration-sequence-length")
         if "threshold" in modes and any(s > 0 for s in sparsities):
             read_text(calibration_data, EVALUATE_CALIBRATION_FLAGS)
-        epsilon = None if args.epsilon is None else check_epsilon(finite_float(args.epsilon, "--epsilon"), "--epsilon")
+        epsilon = epsilon_flag(args.epsilon)
         if args.mapping is not None:
             from ..allocation import check_mapping
 
