@@ -262,11 +262,11 @@ def test_prefill_packed_members_skip_nonfinite_rows(mode, widths, prefill_path):
 @pytest.mark.parametrize("widths", [(256, 256, 256), (1024, 1024), (512, 128, 128)])  # equal widths: one batched GEMM
 @pytest.mark.parametrize("fuse", [True, False])
 def test_prefill_members_one_mask_pass(dtype, mode, widths, fuse, monkeypatch):
-    """cuBLAS prefill of packed members: with ACTTAIL_PREFILL_FUSE=1 (read per call) every member's mask in one pass over
-    X (one MaskGroups launch) and, for equally wide members, one strided-batched GEMM; unset (the default): a mask pass
-    and a GEMM per member. Both match the reference, with [G, K] scales and a ramp."""
+    """cuBLAS prefill of packed members: unset (the default) or ACTTAIL_PREFILL_FUSE=1 (read per call), every member's
+    mask in one pass over X (one MaskGroups launch) and, for equally wide members, one strided-batched GEMM; with
+    ACTTAIL_PREFILL_FUSE=0, a mask pass and a GEMM per member. Both match the reference, with [G, K] scales and a ramp."""
     set_env(monkeypatch, "ACTTAIL_CUBLAS", None)
-    set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1" if fuse else None)
+    set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", None if fuse else "0")
     c = _packed_case(np.random.default_rng(len(widths) + widths[-1]), dtype, mode, 40, 1032, widths, 0.5, len(widths))
     y, names = run_profiled(lambda: run_case(CUDA, c))
     assert_close(y, c)
@@ -277,10 +277,10 @@ def test_prefill_members_one_mask_pass(dtype, mode, widths, fuse, monkeypatch):
 
 @pytest.mark.parametrize("K,widths", [(1030, (256, 256)), (1032, (64, 64, 64, 64, 64))])
 def test_prefill_one_mask_pass_falls_back(K, widths, monkeypatch):
-    """ACTTAIL_PREFILL_FUSE=1 where the one-pass mask does not apply: K not a multiple of the vector width, or more than
+    """The fused prefill (the default) where the one-pass mask does not apply: K not a multiple of the vector width, or more than
     four members: a mask pass and a GEMM per member, as without it; the result is the reference's."""
     set_env(monkeypatch, "ACTTAIL_CUBLAS", None)
-    set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1")
+    set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", None)
     c = _packed_case(np.random.default_rng(K + len(widths)), np.float16, "threshold", 40, K, widths, 0.0, None)
     y, names = run_profiled(lambda: run_case(CUDA, c))
     assert_close(y, c)

@@ -79,11 +79,11 @@ def test_packed_members_cuda(dtype, m):
 @pytest.mark.parametrize("segments", [[512, 1024, 1536], [1024, 1280, 1536]])  # equal widths: one batched GEMM
 @pytest.mark.parametrize("fuse", [True, False])
 def test_prefill_members_batched_gemm(dtype, mode, segments, fuse, monkeypatch):
-    """cuBLAS prefill of members with their own rules: with ACTTAIL_PREFILL_FUSE=1 (read per call) equally wide
-    adjacent members share one strided-batched GEMM over W dequantized once, else (and unset, the default) a GEMM per
-    member; both match the reference."""
+    """cuBLAS prefill of members with their own rules: unset (the default) or ACTTAIL_PREFILL_FUSE=1 (read per call),
+    equally wide adjacent members share one strided-batched GEMM over W dequantized once; with ACTTAIL_PREFILL_FUSE=0 a
+    GEMM per member; both match the reference."""
     set_env(monkeypatch, "ACTTAIL_CUBLAS", None)
-    set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1" if fuse else None)
+    set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", None if fuse else "0")
     rng = np.random.default_rng(segments[0] + len(mode))
     K, N, B = 1024, segments[-1], 32
     x = rng.standard_normal((40, K)).astype(dtype)

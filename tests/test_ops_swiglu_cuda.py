@@ -180,10 +180,10 @@ def test_wrong_last_dimension_is_an_ort_error_on_cuda():
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(params=["fused", "apart"])
 def prefill_fuse(request, monkeypatch):
-    """The cuBLAS prefill with the creation-time weight check; "fused": ACTTAIL_PREFILL_FUSE=1 (read per call), "apart":
-    unset (the default), the activation kernel before the mask pass."""
+    """The cuBLAS prefill with the creation-time weight check; "fused": ACTTAIL_PREFILL_FUSE unset (the default; read per
+    call), "apart": ACTTAIL_PREFILL_FUSE=0, the activation kernel before the mask pass."""
     test_ops.set_prefill_guard_env(monkeypatch, weight_check=True)
-    test_ops.set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1" if request.param == "fused" else None)
+    test_ops.set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", None if request.param == "fused" else "0")
     return request.param
 
 
@@ -191,8 +191,8 @@ def prefill_fuse(request, monkeypatch):
 @pytest.mark.parametrize("widths", [(576,), (320, 256), (288, 288)])  # (288, 288): equal widths, one batched GEMM
 def test_sparse_matmul_swiglu_prefill_in_mask_pass(dtype, widths, prefill_fuse):
     """W an initializer (constant, checked finite), threshold mode, 40 rows: the mask pass reads [gate | up] itself
-    (no SwiGluKernel launched; ACTTAIL_PREFILL_FUSE=1) and the result is the reference's on silu(gate) * up, as with
-    the activation kernel apart (the default). Members with their own thresholds and a ramp: every member's mask in that pass."""
+    (no SwiGluKernel launched; the default) and the result is the reference's on silu(gate) * up, as with the
+    activation kernel apart (ACTTAIL_PREFILL_FUSE=0). Members with their own thresholds and a ramp: every member's mask in that pass."""
     members = len(widths)
     rng = np.random.default_rng(31 + sum(widths))
     K = 1536
@@ -214,11 +214,11 @@ def test_sparse_matmul_swiglu_prefill_in_mask_pass(dtype, widths, prefill_fuse):
 
 @pytest.mark.parametrize("case", ["weight-check-off", "topk"])
 def test_sparse_matmul_swiglu_prefill_keeps_activation_kernel(case, monkeypatch):
-    """ACTTAIL_PREFILL_FUSE=1 where something after the mask pass reads x: a W not checked (ACTTAIL_WEIGHT_CHECK=0: the
+    """The fused prefill (the default) where something after the mask pass reads x: a W not checked (ACTTAIL_WEIGHT_CHECK=0: the
     exact kernel may run) or top-k mode (the selection reads x first): the activation kernel still writes
     silu(gate) * up, and the result is the reference's."""
     test_ops.set_prefill_guard_env(monkeypatch, weight_check=case != "weight-check-off")
-    test_ops.set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", "1")
+    test_ops.set_env(monkeypatch, "ACTTAIL_PREFILL_FUSE", None)
     rng = np.random.default_rng(41 + len(case))
     K, N = 1536, 576
     mode = "topk" if case == "topk" else "threshold"

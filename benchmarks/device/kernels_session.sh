@@ -14,8 +14,9 @@
 #   sanitize      compute-sanitizer memcheck + racecheck on small harness checks of both ops
 #   nbits-sanitize  the SparseMatMulNBits half of sanitize only
 #   prefill-fuse  the prefill tests of both ops (by name, and those reaching the prefill through the prefill_path
-#                 fixture: *matches_reference, *never_reach*, *accumulates*) with ACTTAIL_PREFILL_FUSE unset and =1 (CASES random cases), then
-#                 memcheck + racecheck on the fused-prefill tests (not in the default list: run it by name)
+#                 fixture: *matches_reference, *never_reach*, *accumulates*) with ACTTAIL_PREFILL_FUSE=0 (two-pass) and unset
+#                 (the one-pass default) (CASES random cases), then memcheck + racecheck on the fused-prefill tests (not in
+#                 the default list: run it by name)
 set -o pipefail
 R=${OUT:-runs/device}; mkdir -p "$R"; H=build/ops/libacttail_bench.so
 BUDGET=${BUDGET:-540}; CASES=${CASES:-200}; t0=$(date +%s)
@@ -62,13 +63,13 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
     prefill-fuse)
       PF="tests/test_ops_cuda.py tests/test_ops_swiglu_cuda.py tests/test_ops_nbits_cuda.py"
       K="prefill or matches_reference or never_reach or accumulates"
-      for fuse in unset 1; do
+      for fuse in 0 unset; do
         [ "$(left)" -gt 20 ] || { echo "ACTTAIL_PREFILL_FUSE=$fuse skipped: budget spent"; continue; }
-        if [ $fuse = 1 ]; then export ACTTAIL_PREFILL_FUSE=1; else unset ACTTAIL_PREFILL_FUSE; fi
+        if [ $fuse = 0 ]; then export ACTTAIL_PREFILL_FUSE=0; else unset ACTTAIL_PREFILL_FUSE; fi
         ACTTAIL_CUDA_CASES=$CASES timeout "$(lim 150)" python3 -m pytest -q --maxfail=20 -p no:cacheprovider $PF -k "$K" \
           2>&1 | grep -v "$F" > "$R/prefill_fuse_$fuse.log"; echo "ACTTAIL_PREFILL_FUSE=$fuse: $(tail -1 "$R/prefill_fuse_$fuse.log")"
       done
-      for tool in memcheck racecheck; do  # ACTTAIL_PREFILL_FUSE is still 1 here; the fused tests set it themselves too
+      for tool in memcheck racecheck; do  # ACTTAIL_PREFILL_FUSE is unset here (fused); the tests set it themselves too
         [ "$(left)" -gt 20 ] || { echo "prefill $tool skipped: budget spent"; continue; }
         ACTTAIL_CUDA_CASES=15 timeout "$(lim 120)" compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
           python3 -m pytest -q -p no:cacheprovider $PF -k "mask_pass or batched_gemm or falls_back" > "$R/prefill_$tool.log" 2>&1

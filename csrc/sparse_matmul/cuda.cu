@@ -388,8 +388,9 @@ size_t CudaWorkspaceBytes(const CudaArgs& a, const CudaPlan& plan) {
 CudaPlan DefaultPlan(bool half, const CudaArgs& a) {
   CudaPlan plan;
   plan.use_cublas = !EnvIs("ACTTAIL_CUBLAS", "0");  // the op's own GEMM kernels (read per call, for tests)
-  // the fused prefill (opt-in until it is measured on a GPU, docs/kernels.md; read per call, for A/B runs and tests)
-  plan.fuse_prefill = EnvIs("ACTTAIL_PREFILL_FUSE", "1");
+  // the fused prefill, the default since measured on the H200 (docs/kernels.md); ACTTAIL_PREFILL_FUSE=0 turns it off
+  // (read per call, for A/B runs and tests)
+  plan.fuse_prefill = !EnvIs("ACTTAIL_PREFILL_FUSE", "0");
   if (half && a.M == 1) plan.gemv = LookupGemvConfig(CurrentSms(), a.K, a.N);
   return plan;
 }

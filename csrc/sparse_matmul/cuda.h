@@ -47,7 +47,7 @@ struct CudaPlan {
   bool stream_scratch = true;   // decode: the per-stream self-cleaning scratch (false: per-call, memset)
   bool fuse_prefill = false;    // cuBLAS prefill: every member's mask in one pass over X, one batched GEMM for equally wide
                                 // members, SwiGLU inside the mask pass (threshold mode, w_finite); false: a mask pass and a
-                                // GEMM per member, the activation kernel apart (DefaultPlan: ACTTAIL_PREFILL_FUSE=1 turns it on)
+                                // GEMM per member, the activation kernel apart (DefaultPlan: on unless ACTTAIL_PREFILL_FUSE=0)
   bool w_finite = false;        // W known to hold no Inf/NaN (NonFiniteWeights when the kernel was created): the cuBLAS
                                 // prefill skips the Inf/NaN scan of Y and the exact kernel that scan arms
 };

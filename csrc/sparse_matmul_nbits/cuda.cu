@@ -685,8 +685,9 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   CudaPlan plan;
   plan.decode = ChooseDecode(p, half);
   plan.use_cublas = !EnvIs("ACTTAIL_CUBLAS", "0");  // the exact kernel for prefill (read per call, for tests)
-  // the fused prefill (opt-in until it is measured on a GPU, docs/kernels.md; read per call, for A/B runs and tests)
-  plan.fuse_prefill = EnvIs("ACTTAIL_PREFILL_FUSE", "1");
+  // the fused prefill, the default since measured on the H200 (docs/kernels.md); ACTTAIL_PREFILL_FUSE=0 turns it off
+  // (read per call, for A/B runs and tests)
+  plan.fuse_prefill = !EnvIs("ACTTAIL_PREFILL_FUSE", "0");
   return plan;
 }
 

@@ -97,7 +97,7 @@ struct CudaPlan {
   bool w_finite = false;
   // prefill with cuBLAS: one strided-batched GEMM for equally wide adjacent members and, in threshold mode with w_finite,
   // the SwiGLU input computed from [gate | up] by the mask pass itself (no activation kernel, no [M, K] copy of it);
-  // false: a GEMM per member, the activation kernel first (DefaultPlan: ACTTAIL_PREFILL_FUSE=1 turns it on)
+  // false: a GEMM per member, the activation kernel first (DefaultPlan: on unless ACTTAIL_PREFILL_FUSE=0)
   bool fuse_prefill = false;
 };
 
