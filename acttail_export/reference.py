@@ -224,8 +224,15 @@ def pack_nibbles(q: np.ndarray) -> np.ndarray:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
 
 
-def dequantize_blocks(q: np.ndarray, scales: np.ndarray, offsets: np.ndarray, block_size: int) -> np.ndarray:
-    """``W[k, n] = scales[k // B, n] * q[k, n] + offsets[k // B, n]`` in float64 (q unpacked, [K, N])."""
+def dequantize_blocks(q: np.ndarray, scales: np.ndarray, offsets: np.ndarray, block_size: int, axis: str = "K") -> np.ndarray:
+    """``W[k, n] = scales[k // B, n] * q[k, n] + offsets[k // B, n]`` in float64 (q unpacked, [K, N]); with
+    ``axis="N"`` (blocks along the output dimension, scales / offsets ``[K, ceil(N / B)]``, the harness' prototype
+    layout of docs/quantization.md) ``W[k, n] = scales[k, n // B] * q[k, n] + offsets[k, n // B]``."""
+    if axis == "N":
+        cols = np.arange(q.shape[1]) // block_size
+        return scales.astype(np.float64)[:, cols] * q.astype(np.float64) + offsets.astype(np.float64)[:, cols]
+    if axis != "K":
+        raise ValueError(f"axis must be 'K' or 'N', got {axis!r}")
     rows = np.arange(q.shape[0]) // block_size
     return scales.astype(np.float64)[rows] * q.astype(np.float64) + offsets.astype(np.float64)[rows]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ops_nbits import Case, assert_matches, llm_case, random_weights
+from test_ops_nbits import TOL, Case, assert_matches, llm_case, random_weights
 
 
 def test_call_keeps_its_tensors_alive():
@@ -292,3 +292,73 @@ def test_decode_density_dispatch(mode, keep, density, one):
     assert names, "no decode kernel ran"
     flags = {tuple(f.strip() for f in re.search(r"NBitsGemvKernel<(.*?)>\(", n).group(1).split(",")[-2:]) for n in names}
     assert flags == {("true", "true") if one else ("false", "false")}, names  # (ONE, PIPE)
+
+
+# Blocks along N (docs/quantization.md, "Scales that travel with their row"): the harness' prototype decode GEMV --------
+def _nblocks_case(rng, K: int, N: int, B: int, sparsity: float):
+    """x float16 [K] with a threshold at the sparsity's quantile of |x| (NaN and a zero never kept), q / scales / offsets
+    with blocks along N ([K, N/B] pairs) and an Inf scale in a row that is never kept; the float64 reference."""
+    from acttail_export import reference as ref
+
+    x = rng.standard_normal(K).astype(np.float16)
+    x[3], x[5] = np.nan, 0.0
+    finite = np.abs(x[np.isfinite(x)].astype(np.float32))
+    t = float(np.quantile(finite, sparsity)) if sparsity > 0 else 0.0
+    q, s_t, o_t = random_weights(rng, N, K, B, np.float16)  # the K-blocks generator on the transposed problem
+    q, scales, offsets = q.T.copy(), s_t.T.copy(), o_t.T.copy()  # [K, N], [K, N/B]
+    x[7] = 0.0
+    scales[7, 0] = np.inf  # row 7 is never kept (x = 0): its Inf must not reach Y
+    keep = np.isfinite(x) & (np.abs(x.astype(np.float32)) > np.float32(t)) & (x != 0)
+    w = ref.dequantize_blocks(q, scales, offsets, B, axis="N")
+    v = np.where(keep, x.astype(np.float64), 0.0)
+    wk = w[keep]
+    y = v[keep] @ wk
+    qk = q[keep].astype(np.float64)
+    cols = np.arange(N) // B
+    bound = np.abs(v[keep]) @ (np.abs(scales[keep][:, cols].astype(np.float64)) * qk + np.abs(offsets[keep][:, cols].astype(np.float64)))
+    return x, t, ref.pack_nibbles(q), np.stack([scales, offsets], -1), y, bound
+
+
+def test_dequantize_blocks_along_n():
+    """The reference's blocks along N: W[k, n] = s[k, n // B] q[k, n] + o[k, n // B] element by element (K, N not
+    multiples of B), the transpose of blocks along K on the transposed problem; an unknown axis is refused."""
+    from acttail_export import reference as ref
+
+    rng = np.random.default_rng(5)
+    K, N, B = 7, 40, 16
+    q = rng.integers(0, 16, (K, N)).astype(np.uint8)
+    s, o = rng.standard_normal((K, 3)).astype(np.float16), rng.standard_normal((K, 3)).astype(np.float16)
+    w = ref.dequantize_blocks(q, s, o, B, axis="N")
+    want = np.array([[float(s[k, n // B]) * int(q[k, n]) + float(o[k, n // B]) for n in range(N)] for k in range(K)])
+    np.testing.assert_array_equal(w, want)
+    np.testing.assert_array_equal(w, ref.dequantize_blocks(q.T, s.T, o.T, B).T)
+    with pytest.raises(ValueError, match="axis must be"):
+        ref.dequantize_blocks(q, s, o, B, axis="M")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cpl", [16, 32])
+@pytest.mark.parametrize("K,N,B", [(4096, 4096, 64), (4096, 11008, 32), (11008, 4096, 128), (4096, 14336, 64), (576, 1536, 32),
+                                   (100, 64, 32)])
+def test_nblocks_decode_matches(cpl, K, N, B):
+    """The prototype GEMV for blocks along N against the float64 reference at 0-95 % sparsity, with a forced grid
+    (splits 1 and 7) besides its own, NaN / zero in x, an Inf scale in a row never kept; each call leaves the scratch and
+    counters zero (the next call, a new x, still matches). Tolerance: float32 accumulation of Σ|v|(|s|q + |o|) as in
+    test_ops_nbits (TOL float16 covers the float16 rounding of Y)."""
+    import torch
+
+    harness = _harness()
+    rng = np.random.default_rng(K + N + B + cpl)
+    scratch = torch.zeros(N, dtype=torch.float32, device="cuda")
+    counters = torch.zeros((N + 511) // 512, dtype=torch.int32, device="cuda")
+    for sparsity, splits in [(0.0, 0), (0.5, 0), (0.8, 1), (0.95, 7), (0.8, 0)]:
+        x, t, packed, pairs, ref_y, bound = _nblocks_case(rng, K, N, B, sparsity)
+        y = torch.full((N,), float("nan"), dtype=torch.float16, device="cuda")
+        harness.run_nblocks(torch.from_numpy(x).cuda(), t, torch.from_numpy(packed).cuda(), torch.from_numpy(pairs).cuda(), y, scratch,
+                            counters, block=B, cols_per_lane=cpl, splits=splits)
+        torch.cuda.synchronize()
+        got = y.cpu().numpy().astype(np.float64)
+        tol = TOL[np.float16] * (bound + np.abs(ref_y)) + 1e-7
+        err = np.abs(got - ref_y)
+        assert np.isfinite(got).all() and (err <= tol).all(), (sparsity, splits, float(err.max()), int(np.argmax(err - tol)))
+        assert not scratch.any() and not counters.any(), "the call left its scratch or counters non-zero"

@@ -17,6 +17,8 @@
 #                 fixture: *matches_reference, *never_reach*, *accumulates*) with ACTTAIL_PREFILL_FUSE=0 (two-pass) and unset
 #                 (the one-pass default) (CASES random cases), then memcheck + racecheck on the fused-prefill tests (not in
 #                 the default list: run it by name)
+#   nblocks       the blocks-along-N prototype GEMV: its harness tests, then benchmarks/nblocks_bench.py (against the op's
+#                 decode on blocks along K and cuBLAS fp16; not in the default list: run it by name)
 set -o pipefail
 R=${OUT:-runs/device}; mkdir -p "$R"; H=build/ops/libacttail_bench.so
 BUDGET=${BUDGET:-540}; CASES=${CASES:-200}; t0=$(date +%s)
@@ -76,6 +78,12 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
         echo "prefill $tool: exit $? ($(grep -c -E '^========= (Invalid|Race|Error)' "$R/prefill_$tool.log") reports)"
       done
       unset ACTTAIL_PREFILL_FUSE ;;
+    nblocks)
+      ACTTAIL_BENCH_LIB=$H timeout "$(lim 90)" python3 -m pytest -q -p no:cacheprovider tests/test_ops_nbits_harness.py \
+        -k "nblocks or along_n" 2>&1 | grep -v "$F" > "$R/nblocks_pytest.log"; tail -3 "$R/nblocks_pytest.log"
+      timeout "$(lim 270)" python3 benchmarks/nblocks_bench.py --harness "$H" --out "$R/nblocks" --sparsities 0,0.5,0.8,0.9 \
+        --shapes 4096x11008,11008x4096,4096x4096,4096x14336,14336x4096 > "$R/nblocks_bench.log" 2>&1
+      tail -30 "$R/nblocks_bench.log" ;;
     *) echo "unknown step $s" ;;
   esac
 done
