@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace acttail {
 namespace nbits {
@@ -26,26 +27,9 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRows = 1536;  // rows per block (pool in shared memory)
 
+/// The CPL / 2 code bytes of a lane's columns in one row: one 16-byte (CPL 32) or 8-byte (CPL 16) load.
 template <int CPL>
-struct Codes;
-template <>
-struct Codes<32> {
-  using T = uint4;
-  __device__ static void Words(const T& c, uint32_t* w) {
-    w[0] = c.x;
-    w[1] = c.y;
-    w[2] = c.z;
-    w[3] = c.w;
-  }
-};
-template <>
-struct Codes<16> {
-  using T = uint2;
-  __device__ static void Words(const T& c, uint32_t* w) {
-    w[0] = c.x;
-    w[1] = c.y;
-  }
-};
+using Codes = typename std::conditional<CPL == 32, uint4, uint2>::type;
 
 /// acc[8 * i + c] += a_j * q (j = c mod 4): the nibble masked in place is the float 2^23 + q * 16^j, minus 2^23
 /// exactly q * 16^j; the 16^-j is in a_j.
@@ -68,6 +52,7 @@ __global__ void __launch_bounds__(kThreads) NBlocksGemvKernel(const __half* __re
                                                              float* __restrict__ scratch, unsigned* __restrict__ counters,
                                                              __half* __restrict__ y) {
   using C = Codes<CPL>;
+  static_assert(sizeof(C) * 2 == CPL, "a lane loads CPL / 2 bytes");
   constexpr int kWords = CPL / 8;
   constexpr int kTile = 32 * CPL;
   __shared__ int pool_k[kMaxRows];
@@ -120,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) NBlocksGemvKernel(const __half* __re
     const uint8_t* qcol = q + col / 2;
     const __half2* pcol = pairs + col / B;
     for (int i = warp; i < n; i += kWarps * U) {
-      typename C::T codes[U];
+      C codes[U];
       __half2 sp[U];
       float v[U];
 #pragma unroll
@@ -129,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) NBlocksGemvKernel(const __half* __re
         const bool ok = r < n;
         const int k = ok ? pool_k[r] : pool_k[i];
         v[u] = ok ? pool_v[r] : 0.0f;  // a short batch reloads row i (in bounds); see the break below
-        codes[u] = __ldcs(reinterpret_cast<const typename C::T*>(qcol + (size_t)k * row_bytes));
+        codes[u] = __ldcs(reinterpret_cast<const C*>(qcol + (size_t)k * row_bytes));
         sp[u] = __ldcs(pcol + (size_t)k * nb);
       }
 #pragma unroll
@@ -139,8 +124,7 @@ __global__ void __launch_bounds__(kThreads) NBlocksGemvKernel(const __half* __re
         const float av = v[u] * so.x;
         bsum = fmaf(v[u], so.y, bsum);
         const float a[4] = {av, av * 0.0625f, av * 0.00390625f, av * 0.000244140625f};
-        uint32_t w[kWords];
-        C::Words(codes[u], w);
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(&codes[u]);  // registers: no memory access
 #pragma unroll
         for (int i8 = 0; i8 < kWords; ++i8) AddWord(w[i8], a, acc + 8 * i8);
       }
