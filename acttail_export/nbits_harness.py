@@ -48,7 +48,7 @@ class Harness:
         nblocks = getattr(self.lib, "acttail_nblocks_bench_run", None)
         if nblocks is not None:
             nblocks.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [
-                ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_char_p, ctypes.c_int]
+                ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_char_p, ctypes.c_int]
             nblocks.restype = ctypes.c_int
         self.nblocks = nblocks
         floor = getattr(self.lib, "acttail_bench_read_floor", None)
@@ -135,15 +135,16 @@ class Harness:
             raise RuntimeError(self.err.value.decode())
 
     def run_nblocks(self, x, threshold: float, q, pairs, y, scratch, counters, *, block: int, cols_per_lane: int = 32,
-                    splits: int = 0) -> None:
+                    unroll: int = 4, splits: int = 0) -> None:
         """The blocks-along-N prototype decode GEMV (csrc/sparse_matmul_nbits/kernels/gemv_nblocks.cuh) on torch CUDA tensors:
         x float16 [K], q uint8 [K, N/2], pairs float16 [K, ceil(N/B), 2] (scale, offset), y float16 [N]; scratch float32
-        [N] and counters int32 [ceil(N/512)] zero before the first call (every call leaves them zero)."""
+        [N] and counters int32 [ceil(N/512)] zero before the first call (every call leaves them zero); unroll: pooled rows
+        a warp loads before using them (4 or 8)."""
         import torch
 
         if self.nblocks is None:
             raise RuntimeError("this harness has no acttail_nblocks_bench_run (rebuild it from the current csrc/)")
         K, N = x.shape[-1], y.shape[-1]
-        if self.nblocks(x.data_ptr(), float(threshold), q.data_ptr(), pairs.data_ptr(), K, N, block, cols_per_lane, splits,
+        if self.nblocks(x.data_ptr(), float(threshold), q.data_ptr(), pairs.data_ptr(), K, N, block, cols_per_lane, unroll, splits,
                         scratch.data_ptr(), counters.data_ptr(), y.data_ptr(), torch.cuda.current_stream().cuda_stream, self.err, 512):
             raise RuntimeError(self.err.value.decode())

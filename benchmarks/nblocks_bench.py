@@ -109,19 +109,21 @@ def bench_shape(h: Harness, K: int, N: int, args, gen) -> list[dict]:
             want = xm @ wn
             read = kept * (N // 2 + 4 * ((N + B - 1) // B))
             xv = x.reshape(-1)
-            for cpl in args.cols_per_lane:
+            for cpl, unroll in args.variants:
                 if N % cpl or B % cpl:
                     continue
-                h.run_nblocks(xv, thr, nws[0][0], nws[0][1], y.reshape(-1), scratch, counters, block=B, cols_per_lane=cpl)
+                h.run_nblocks(xv, thr, nws[0][0], nws[0][1], y.reshape(-1), scratch, counters, block=B, cols_per_lane=cpl, unroll=unroll)
                 torch.cuda.synchronize()
                 err = float((y.float() - want).abs().max() / want.abs().max().clamp_min(1e-6))
-                calls = [lambda w=w, cpl=cpl: h.run_nblocks(xv, thr, w[0], w[1], y.reshape(-1), scratch, counters, block=B, cols_per_lane=cpl)
+                calls = [lambda w=w, cpl=cpl, unroll=unroll: h.run_nblocks(xv, thr, w[0], w[1], y.reshape(-1), scratch, counters, block=B,
+                                                                           cols_per_lane=cpl, unroll=unroll)
                          for w in nws] * max(1, 48 // ncopies)
                 g_us, k_us, _ = time_graph(calls, args.reps)
-                rows.append(base | {"method": f"nblocks_cpl{cpl}", "B": B, "sparsity": s, "graph_us": g_us, "kernel_us": k_us, "max_rel_err": err,
+                rows.append(base | {"method": f"nblocks_cpl{cpl}_u{unroll}", "B": B, "sparsity": s, "graph_us": g_us, "kernel_us": k_us,
+                                    "max_rel_err": err,
                                     "bytes": nbytes, "read_bytes": read, "effective_tb_s": nbytes / k_us / 1e6, "actual_tb_s": read / k_us / 1e6})
-                logger.info("%dx%d s=%.1f N-blocks %d cpl %d: kernels %.2f us (effective %.2f, actual %.2f TB/s), err %.1e", K, N, s, B, cpl,
-                            k_us, rows[-1]["effective_tb_s"], rows[-1]["actual_tb_s"], err)
+                logger.info("%dx%d s=%.1f N-blocks %d cpl %d unroll %d: kernels %.2f us (effective %.2f, actual %.2f TB/s), err %.1e", K, N, s, B,
+                            cpl, unroll, k_us, rows[-1]["effective_tb_s"], rows[-1]["actual_tb_s"], err)
         del nws, wn
         torch.cuda.empty_cache()
     return rows
@@ -131,7 +133,7 @@ def markdown_table(result: dict) -> str:
     """Per shape and sparsity: cuBLAS fp16, the op on K-blocks, the best N-block variant per block size (kernel us)."""
     rows = result["rows"]
     blocks = sorted({r["B"] for r in rows if r["method"].startswith("nblocks")})
-    head = "| K→N | sparsity | cuBLAS fp16 µs | op, K-blocks 32 µs | " + " | ".join(f"N-blocks {b} µs (best cpl; actual TB/s)" for b in blocks)
+    head = "| K→N | sparsity | cuBLAS fp16 µs | op, K-blocks 32 µs | " + " | ".join(f"N-blocks {b} µs (best variant; actual TB/s)" for b in blocks)
     head += " | best N-block vs op |"
     out = [head, "|" + "---|" * (5 + len(blocks))]
     for K, N in dict.fromkeys((r["K"], r["N"]) for r in rows):
@@ -146,7 +148,7 @@ def markdown_table(result: dict) -> str:
                     continue
                 r = min(cand, key=lambda r: r["kernel_us"])
                 best = min(best, r["kernel_us"])
-                cells.append(f"{r['kernel_us']:.2f} ({r['method'][-2:]}; {r['actual_tb_s']:.2f})")
+                cells.append(f"{r['kernel_us']:.2f} ({r['method'].removeprefix('nblocks_')}; {r['actual_tb_s']:.2f})")
             ratio = f"{op['kernel_us'] / best:.2f}×" if op and best < math.inf else "–"
             op_cell = f"{op['kernel_us']:.2f}" if op else "–"
             out.append(f"| {K}→{N} | {s:.0%} | {dense['kernel_us']:.2f} | {op_cell} | " + " | ".join(cells) + f" | {ratio} |")
@@ -161,7 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     p.add_argument("--sparsities", type=lambda v: [float(s) for s in v.split(",")], default=list(SPARSITIES))
     p.add_argument("--blocks", type=lambda v: [int(b) for b in v.split(",")], default=[64, 128])
-    p.add_argument("--cols-per-lane", type=lambda v: [int(c) for c in v.split(",")], default=[16, 32])
+    p.add_argument("--variants", type=lambda v: [tuple(int(a) for a in c.split("x")) for c in v.split(",")],
+                   default=[(16, 4), (32, 4), (16, 8), (32, 8)], help="columns per lane x unroll, e.g. 16x4,32x8")
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -337,10 +337,10 @@ def test_dequantize_blocks_along_n():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("cpl", [16, 32])
+@pytest.mark.parametrize("cpl,unroll", [(16, 4), (32, 4), (16, 8), (32, 8)])
 @pytest.mark.parametrize("K,N,B", [(4096, 4096, 64), (4096, 11008, 32), (11008, 4096, 128), (4096, 14336, 64), (576, 1536, 32),
                                    (100, 64, 32)])
-def test_nblocks_decode_matches(cpl, K, N, B):
+def test_nblocks_decode_matches(cpl, unroll, K, N, B):
     """The prototype GEMV for blocks along N against the float64 reference at 0-95 % sparsity, with a forced grid
     (splits 1 and 7) besides its own, NaN / zero in x, an Inf scale in a row never kept; each call leaves the scratch and
     counters zero (the next call, a new x, still matches). Tolerance: float32 accumulation of Σ|v|(|s|q + |o|) as in
@@ -348,14 +348,14 @@ def test_nblocks_decode_matches(cpl, K, N, B):
     import torch
 
     harness = _harness()
-    rng = np.random.default_rng(K + N + B + cpl)
+    rng = np.random.default_rng(K + N + B + cpl + unroll)
     scratch = torch.zeros(N, dtype=torch.float32, device="cuda")
     counters = torch.zeros((N + 511) // 512, dtype=torch.int32, device="cuda")
     for sparsity, splits in [(0.0, 0), (0.5, 0), (0.8, 1), (0.95, 7), (0.8, 0)]:
         x, t, packed, pairs, ref_y, bound = _nblocks_case(rng, K, N, B, sparsity)
         y = torch.full((N,), float("nan"), dtype=torch.float16, device="cuda")
         harness.run_nblocks(torch.from_numpy(x).cuda(), t, torch.from_numpy(packed).cuda(), torch.from_numpy(pairs).cuda(), y, scratch,
-                            counters, block=B, cols_per_lane=cpl, splits=splits)
+                            counters, block=B, cols_per_lane=cpl, unroll=unroll, splits=splits)
         torch.cuda.synchronize()
         got = y.cpu().numpy().astype(np.float64)
         tol = TOL[np.float16] * (bound + np.abs(ref_y)) + 1e-7

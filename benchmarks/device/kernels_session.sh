@@ -81,7 +81,7 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
     nblocks)
       ACTTAIL_BENCH_LIB=$H timeout "$(lim 90)" python3 -m pytest -q -p no:cacheprovider tests/test_ops_nbits_harness.py \
         -k "nblocks or along_n" 2>&1 | grep -v "$F" > "$R/nblocks_pytest.log"; tail -3 "$R/nblocks_pytest.log"
-      timeout "$(lim 270)" python3 benchmarks/nblocks_bench.py --harness "$H" --out "$R/nblocks" --sparsities 0,0.5,0.8,0.9 \
+      timeout "$(lim 270)" python3 benchmarks/nblocks_bench.py --harness "$H" --out "$R/nblocks" --sparsities 0,0.5,0.8,0.9 --blocks 64 \
         --shapes 4096x11008,11008x4096,4096x4096,4096x14336,14336x4096 > "$R/nblocks_bench.log" 2>&1
       tail -30 "$R/nblocks_bench.log" ;;
     *) echo "unknown step $s" ;;

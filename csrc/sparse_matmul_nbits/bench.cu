@@ -128,17 +128,18 @@ extern "C" __attribute__((visibility("default"))) int acttail_nbits_bench_run(co
 
 /// The blocks-along-N prototype decode GEMV (kernels/gemv_nblocks.cuh): one float16 row x [K], threshold t, Q uint8
 /// [K, N/2], pairs half2 [K, ceil(N/B)], y float16 [N]. scratch: float32 [N], counters: uint32 [ceil(N / (32 * 16))],
-/// both zero before the first call and left zero by every call. cols_per_lane 16 or 32; splits <= 0: about two blocks
-/// per SM. Returns 0, or 1 with the message in err.
+/// both zero before the first call and left zero by every call. cols_per_lane 16 or 32; unroll 4 or 8 (pooled rows
+/// whose loads a warp issues before using them); splits <= 0: about two blocks per SM. Returns 0, or 1 with the
+/// message in err.
 extern "C" __attribute__((visibility("default"))) int acttail_nblocks_bench_run(const void* x, float threshold, const void* q,
                                                                                const void* pairs, long long K, long long N,
-                                                                               long long B, int cols_per_lane, int splits,
+                                                                               long long B, int cols_per_lane, int unroll, int splits,
                                                                                void* scratch, void* counters, void* y,
                                                                                void* stream, char* err, int err_len) {
   namespace nb = acttail::nbits::nblocks;
   const int cpl = cols_per_lane;
-  if ((cpl != 16 && cpl != 32) || N <= 0 || K <= 0 || N % cpl != 0 || B % cpl != 0 || K > (1LL << 30) || N > (1LL << 30))
-    return Report("nblocks: needs cols_per_lane 16 or 32 dividing N and B, K and N in 1..2^30", err, err_len);
+  if ((cpl != 16 && cpl != 32) || (unroll != 4 && unroll != 8) || N <= 0 || K <= 0 || N % cpl != 0 || B % cpl != 0 || K > (1LL << 30) || N > (1LL << 30))
+    return Report("nblocks: needs cols_per_lane 16 or 32 dividing N and B, unroll 4 or 8, K and N in 1..2^30", err, err_len);
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
@@ -155,10 +156,9 @@ extern "C" __attribute__((visibility("default"))) int acttail_nblocks_bench_run(
   auto* sp = static_cast<float*>(scratch);
   auto* cp = static_cast<unsigned*>(counters);
   auto* yp = static_cast<__half*>(y);
-  if (cpl == 32)
-    nb::NBlocksGemvKernel<32, 4><<<grid, nb::kThreads, 0, st>>>(xp, threshold, qp, pp, (int)K, (int)N, (int)B, (int)rows, sp, cp, yp);
-  else
-    nb::NBlocksGemvKernel<16, 4><<<grid, nb::kThreads, 0, st>>>(xp, threshold, qp, pp, (int)K, (int)N, (int)B, (int)rows, sp, cp, yp);
+  auto kernel = cpl == 32 ? (unroll == 8 ? nb::NBlocksGemvKernel<32, 8> : nb::NBlocksGemvKernel<32, 4>)
+                          : (unroll == 8 ? nb::NBlocksGemvKernel<16, 8> : nb::NBlocksGemvKernel<16, 4>);
+  kernel<<<grid, nb::kThreads, 0, st>>>(xp, threshold, qp, pp, (int)K, (int)N, (int)B, (int)rows, sp, cp, yp);
   const cudaError_t e = cudaGetLastError();
   return Report(e == cudaSuccess ? std::string() : std::string("nblocks: CUDA error: ") + cudaGetErrorString(e), err, err_len);
 }
