@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ops_nbits import TOL, Case, assert_matches, llm_case, random_weights
+from test_ops_nbits import Case, assert_matches, llm_case, random_weights
 
 
 def test_call_keeps_its_tensors_alive():
@@ -309,13 +309,9 @@ def _nblocks_case(rng, K: int, N: int, B: int, sparsity: float):
     x[7] = 0.0
     scales[7, 0] = np.inf  # row 7 is never kept (x = 0): its Inf must not reach Y
     keep = np.isfinite(x) & (np.abs(x.astype(np.float32)) > np.float32(t)) & (x != 0)
-    w = ref.dequantize_blocks(q, scales, offsets, B, axis="N")
-    v = np.where(keep, x.astype(np.float64), 0.0)
-    wk = w[keep]
-    y = v[keep] @ wk
-    qk = q[keep].astype(np.float64)
-    cols = np.arange(N) // B
-    bound = np.abs(v[keep]) @ (np.abs(scales[keep][:, cols].astype(np.float64)) * qk + np.abs(offsets[keep][:, cols].astype(np.float64)))
+    v = x[keep].astype(np.float64)
+    y = v @ ref.dequantize_blocks(q[keep], scales[keep], offsets[keep], B, axis="N")  # kept rows only: the others add 0
+    bound = np.abs(v) @ ref.dequantize_blocks(q[keep], np.abs(scales[keep]), np.abs(offsets[keep]), B, axis="N")
     return x, t, ref.pack_nibbles(q), np.stack([scales, offsets], -1), y, bound
 
 
@@ -338,13 +334,15 @@ def test_dequantize_blocks_along_n():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("cpl,unroll", [(16, 4), (32, 4), (16, 8), (32, 8)])
-@pytest.mark.parametrize("K,N,B", [(4096, 4096, 64), (4096, 11008, 32), (11008, 4096, 128), (4096, 14336, 64), (576, 1536, 32),
-                                   (100, 64, 32)])
+@pytest.mark.parametrize("K,N,B", [(4096, 11008, 32), (11008, 4096, 128), (4096, 4096, 64), (576, 1536, 32), (100, 64, 32)])
 def test_nblocks_decode_matches(cpl, unroll, K, N, B):
     """The prototype GEMV for blocks along N against the float64 reference at 0-95 % sparsity, with a forced grid
     (splits 1 and 7) besides its own, NaN / zero in x, an Inf scale in a row never kept; each call leaves the scratch and
-    counters zero (the next call, a new x, still matches). Tolerance: float32 accumulation of Σ|v|(|s|q + |o|) as in
-    test_ops_nbits (TOL float16 covers the float16 rounding of Y)."""
+    counters zero (the next call, a new x, still matches). Tolerance: Y's float16 rounding (2^-11 of |y|) plus 2e-5 of
+    Σ|v|(|s|q + |o|) for the float32 sums in the kernel's order (~sqrt(n) 2^-24 typically, 6e-6 at n = 11008; a numpy
+    emulation of its float32 products, summed row by row, stays within 2e-8). Unlike test_ops_nbits' TOL (2e-3 of that sum, for the prefill's
+    float16 W), it fails when a single kept row is lost (one row is >= 1/11008 = 9e-5 of the sum here; checked on the
+    CPU with that emulation)."""
     import torch
 
     harness = _harness()
@@ -358,7 +356,7 @@ def test_nblocks_decode_matches(cpl, unroll, K, N, B):
                             counters, block=B, cols_per_lane=cpl, unroll=unroll, splits=splits)
         torch.cuda.synchronize()
         got = y.cpu().numpy().astype(np.float64)
-        tol = TOL[np.float16] * (bound + np.abs(ref_y)) + 1e-7
+        tol = 2.0**-11 * np.abs(ref_y) + 2e-5 * bound + 1e-7
         err = np.abs(got - ref_y)
         assert np.isfinite(got).all() and (err <= tol).all(), (sparsity, splits, float(err.max()), int(np.argmax(err - tol)))
         assert not scratch.any() and not counters.any(), "the call left its scratch or counters non-zero"
