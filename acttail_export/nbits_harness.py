@@ -145,6 +145,14 @@ class Harness:
         if self.nblocks is None:
             raise RuntimeError("this harness has no acttail_nblocks_bench_run (rebuild it from the current csrc/)")
         K, N = x.shape[-1], y.shape[-1]
+        nb = (N + block - 1) // block
+        want = {"x": (x, torch.float16, K), "y": (y, torch.float16, N), "q": (q, torch.uint8, K * (N // 2)),
+                "pairs": (pairs, torch.float16, K * nb * 2), "scratch": (scratch, torch.float32, N),
+                "counters": (counters, torch.int32, (N + 511) // 512)}
+        for name, (t, dtype, numel) in want.items():
+            exact = name not in ("scratch", "counters")  # these two may be larger (one buffer for several shapes)
+            if t.dtype != dtype or not t.is_cuda or not t.is_contiguous() or t.numel() < numel or (exact and t.numel() != numel):
+                raise ValueError(f"run_nblocks: {name} must be a contiguous CUDA {dtype} tensor of {numel} elements, got {t.dtype} {tuple(t.shape)}")
         if self.nblocks(x.data_ptr(), float(threshold), q.data_ptr(), pairs.data_ptr(), K, N, block, cols_per_lane, unroll, splits,
                         scratch.data_ptr(), counters.data_ptr(), y.data_ptr(), torch.cuda.current_stream().cuda_stream, self.err, 512):
             raise RuntimeError(self.err.value.decode())

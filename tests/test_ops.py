@@ -36,7 +36,8 @@ FP16_MAX = 65504.0
 # path, of each masked value).
 TOL = {np.float32: 1e-5, np.float16: 2e-3}
 # The CPU kernels keep W and the kept values exact in float32 (exact_w=True): only the float32 sums (1e-5 of the bound
-# sum) and, in float16, Y's rounding (2^-11 of |y|). Every CPU test passes with it (every SIMD path included); TOL's
+# sum) and, in float16, Y's rounding (2^-11 of |y|; in float32 the |y| term stays TOL's). Every CPU test passes with it
+# (every SIMD path included); TOL's
 # float16 2e-3 of the bound sum is for the cuBLAS prefill's float16 values and would let a lost kept row pass at K in
 # the thousands (test_exact_tolerance_catches_a_lost_row).
 EXACT_TOL, ROUNDING = 1e-5, {np.float32: 1e-5, np.float16: 2.0**-11}

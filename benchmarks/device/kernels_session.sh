@@ -69,7 +69,7 @@ for s in ${*:-nbits-test nbits-check dense-test dense-check nbits-decode dense-s
         [ "$(left)" -gt 20 ] || { echo "ACTTAIL_PREFILL_FUSE=$fuse skipped: budget spent"; continue; }
         if [ $fuse = 0 ]; then export ACTTAIL_PREFILL_FUSE=0; else unset ACTTAIL_PREFILL_FUSE; fi
         ACTTAIL_CUDA_CASES=$CASES timeout "$(lim 150)" python3 -m pytest -q --maxfail=20 -p no:cacheprovider $PF -k "$K" \
-          2>&1 | grep -v "$F" > "$R/prefill_fuse_$fuse.log"; echo "ACTTAIL_PREFILL_FUSE=$fuse: $(tail -1 "$R/prefill_fuse_$fuse.log")"
+          2>&1 | grep -v "$F" > "$R/prefill_env_$fuse.log"; echo "ACTTAIL_PREFILL_FUSE=$fuse: $(tail -1 "$R/prefill_env_$fuse.log")"
       done
       for tool in memcheck racecheck; do  # ACTTAIL_PREFILL_FUSE is unset here (fused); the tests set it themselves too
         [ "$(left)" -gt 20 ] || { echo "prefill $tool skipped: budget spent"; continue; }

@@ -1,7 +1,7 @@
 // Host launchers of SparseMatMul's CUDA kernels (kernels/*.cuh, common/cuda/*.cuh): split-K decode GEMV for M <= 8
 // rows (one launch for every member, parameters from the per-shape table gemv_table.h); for more rows (prefill)
 // per member the mask applied into the workspace and a cuBLAS GEMM into its column slice (cuBLAS loaded at run
-// time; opt-in, every member's mask in one pass and one batched GEMM), else the masked tiled GEMM kernels; in topk mode preceded by the top-k selection kernel (one block per
+// time; by default every member's mask in one pass and one batched GEMM, ACTTAIL_PREFILL_FUSE=0: per member), else the masked tiled GEMM kernels; in topk mode preceded by the top-k selection kernel (one block per
 // row and member). Everything is enqueued on the caller's stream; no host synchronization, every launch checked.
 #include <cublas_api.h>  // types and prototypes only: libcublas is opened at run time (dlopen), not linked
 #include <dlfcn.h>

@@ -4,6 +4,7 @@
 // compute-sanitizer. The variant switches (forced decode parameters, per-call scratch, no cuBLAS) live here.
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstring>
 #include <string>
 
@@ -138,11 +139,18 @@ extern "C" __attribute__((visibility("default"))) int acttail_nblocks_bench_run(
                                                                                void* stream, char* err, int err_len) {
   namespace nb = acttail::nbits::nblocks;
   const int cpl = cols_per_lane;
-  if ((cpl != 16 && cpl != 32) || (unroll != 4 && unroll != 8) || N <= 0 || K <= 0 || N % cpl != 0 || B % cpl != 0 || K > (1LL << 30) || N > (1LL << 30))
-    return Report("nblocks: needs cols_per_lane 16 or 32 dividing N and B, unroll 4 or 8, K and N in 1..2^30", err, err_len);
+  if ((cpl != 16 && cpl != 32) || (unroll != 4 && unroll != 8) || N <= 0 || K <= 0 || B <= 0 || N % cpl != 0 || B % cpl != 0 ||
+      K > (1LL << 30) || N > (1LL << 30))
+    return Report("nblocks: needs cols_per_lane 16 or 32 dividing N and B (B > 0), unroll 4 or 8, K and N in 1..2^30", err, err_len);
+  // the vector loads: a lane's CPL / 2 code bytes (rows of N / 2 bytes keep the alignment of Q), a 4-byte pair
+  if (reinterpret_cast<uintptr_t>(q) % (cpl / 2) != 0 || reinterpret_cast<uintptr_t>(pairs) % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(x) % 2 != 0 || reinterpret_cast<uintptr_t>(y) % 2 != 0)
+    return Report("nblocks: Q must be aligned to cols_per_lane / 2 bytes, the pairs to 4, x and y to 2", err, err_len);
   int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess || sms <= 0)
+    return Report(std::string("nblocks: CUDA error: ") + (e != cudaSuccess ? cudaGetErrorString(e) : "no multiprocessors"), err, err_len);
   const long long tiles = (N + 32LL * cpl - 1) / (32LL * cpl);
   long long s = splits > 0 ? splits : (2LL * sms + tiles - 1) / tiles;
   long long rows = (K + s - 1) / s;
@@ -159,6 +167,6 @@ extern "C" __attribute__((visibility("default"))) int acttail_nblocks_bench_run(
   auto kernel = cpl == 32 ? (unroll == 8 ? nb::NBlocksGemvKernel<32, 8> : nb::NBlocksGemvKernel<32, 4>)
                           : (unroll == 8 ? nb::NBlocksGemvKernel<16, 8> : nb::NBlocksGemvKernel<16, 4>);
   kernel<<<grid, nb::kThreads, 0, st>>>(xp, threshold, qp, pp, (int)K, (int)N, (int)B, (int)rows, sp, cp, yp);
-  const cudaError_t e = cudaGetLastError();
+  e = cudaGetLastError();
   return Report(e == cudaSuccess ? std::string() : std::string("nblocks: CUDA error: ") + cudaGetErrorString(e), err, err_len);
 }
