@@ -332,6 +332,31 @@ def test_dequantize_blocks_along_n():
         ref.dequantize_blocks(q, s, o, B, axis="M")
 
 
+def _nblocks_tol(ref_y: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """The prototype test's tolerance (reason in test_nblocks_decode_matches)."""
+    return 2.0**-11 * np.abs(ref_y) + 2e-5 * bound + 1e-7
+
+
+@pytest.mark.parametrize("K,N,B", [(4096, 11008, 32), (11008, 4096, 128)])
+def test_nblocks_tolerance_catches_a_lost_row(K, N, B):
+    """Positive control of test_nblocks_decode_matches' tolerance, on the CPU: a float32 emulation of the prototype's
+    arithmetic (a = v·s, b = v·o per kept row, float16 Y) passes it, and the same without one kept row fails it."""
+    from acttail_export import reference as ref
+
+    rng = np.random.default_rng(K + N)
+    x, t, packed, pairs, ref_y, bound = _nblocks_case(rng, K, N, B, 0.5)
+    q = ref.unpack_nibbles(packed, N).astype(np.float32)
+    kept = np.flatnonzero(np.isfinite(x) & (np.abs(x.astype(np.float32)) > np.float32(t)) & (x != 0))
+    cols = np.arange(N) // B
+    s, o = pairs[..., 0].astype(np.float32)[:, cols], pairs[..., 1].astype(np.float32)[:, cols]
+    rows = x[kept].astype(np.float32)[:, None] * s[kept] * q[kept] + x[kept].astype(np.float32)[:, None] * o[kept]
+    full = rows.sum(0, dtype=np.float32).astype(np.float16).astype(np.float64)
+    lost = (rows.sum(0, dtype=np.float32) - rows[len(kept) // 2]).astype(np.float16).astype(np.float64)
+    tol = _nblocks_tol(ref_y, bound)
+    assert (np.abs(full - ref_y) <= tol).all()
+    assert (np.abs(lost - ref_y) > tol).any()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cpl,unroll", [(16, 4), (32, 4), (16, 8), (32, 8)])
 @pytest.mark.parametrize("K,N,B", [(4096, 11008, 32), (11008, 4096, 128), (4096, 4096, 64), (576, 1536, 32), (100, 64, 32)])
@@ -342,7 +367,7 @@ def test_nblocks_decode_matches(cpl, unroll, K, N, B):
     Σ|v|(|s|q + |o|) for the float32 sums in the kernel's order (~sqrt(n) 2^-24 typically, 6e-6 at n = 11008; a numpy
     emulation of its float32 products, summed row by row, stays within 2e-8). Unlike test_ops_nbits' TOL (2e-3 of that
     sum, for the prefill's float16 W), it fails when a kept row of typical |v| is lost (on average 1/n of the sum, n <=
-    11008 kept rows here: >= 9e-5; checked on the CPU with that emulation for a row in the middle of each case)."""
+    11008 kept rows here: >= 9e-5; test_nblocks_tolerance_catches_a_lost_row checks it on the CPU)."""
     import torch
 
     harness = _harness()
@@ -356,7 +381,7 @@ def test_nblocks_decode_matches(cpl, unroll, K, N, B):
                             counters, block=B, cols_per_lane=cpl, unroll=unroll, splits=splits)
         torch.cuda.synchronize()
         got = y.cpu().numpy().astype(np.float64)
-        tol = 2.0**-11 * np.abs(ref_y) + 2e-5 * bound + 1e-7
+        tol = _nblocks_tol(ref_y, bound)
         err = np.abs(got - ref_y)
         assert np.isfinite(got).all() and (err <= tol).all(), (sparsity, splits, float(err.max()), int(np.argmax(err - tol)))
         assert not scratch.any() and not counters.any(), "the call left its scratch or counters non-zero"
