@@ -297,7 +297,8 @@ def test_decode_density_dispatch(mode, keep, density, one):
 # Blocks along N (docs/quantization.md, "Scales that travel with their row"): the harness' prototype decode GEMV --------
 def _nblocks_case(rng, K: int, N: int, B: int, sparsity: float):
     """x float16 [K] with a threshold at the sparsity's quantile of |x| (NaN and a zero never kept), q / scales / offsets
-    with blocks along N ([K, N/B] pairs) and an Inf scale in a row that is never kept; the float64 reference."""
+    with blocks along N ([K, N/B] pairs) and an Inf scale in a row that is never kept; the float64 reference and the
+    kept rows."""
     from acttail_export import reference as ref
 
     x = rng.standard_normal(K).astype(np.float16)
@@ -312,7 +313,7 @@ def _nblocks_case(rng, K: int, N: int, B: int, sparsity: float):
     v = x[keep].astype(np.float64)
     y = v @ ref.dequantize_blocks(q[keep], scales[keep], offsets[keep], B, axis="N")  # kept rows only: the others add 0
     bound = np.abs(v) @ ref.dequantize_blocks(q[keep], np.abs(scales[keep]), np.abs(offsets[keep]), B, axis="N")
-    return x, t, ref.pack_nibbles(q), np.stack([scales, offsets], -1), y, bound
+    return x, t, ref.pack_nibbles(q), np.stack([scales, offsets], -1), y, bound, np.flatnonzero(keep)
 
 
 def test_dequantize_blocks_along_n():
@@ -344,9 +345,8 @@ def test_nblocks_tolerance_catches_a_lost_row(K, N, B):
     from acttail_export import reference as ref
 
     rng = np.random.default_rng(K + N)
-    x, t, packed, pairs, ref_y, bound = _nblocks_case(rng, K, N, B, 0.5)
+    x, t, packed, pairs, ref_y, bound, kept = _nblocks_case(rng, K, N, B, 0.5)
     q = ref.unpack_nibbles(packed, N).astype(np.float32)
-    kept = np.flatnonzero(np.isfinite(x) & (np.abs(x.astype(np.float32)) > np.float32(t)) & (x != 0))
     cols = np.arange(N) // B
     s, o = pairs[..., 0].astype(np.float32)[:, cols], pairs[..., 1].astype(np.float32)[:, cols]
     rows = x[kept].astype(np.float32)[:, None] * s[kept] * q[kept] + x[kept].astype(np.float32)[:, None] * o[kept]
@@ -375,7 +375,7 @@ def test_nblocks_decode_matches(cpl, unroll, K, N, B):
     scratch = torch.zeros(N, dtype=torch.float32, device="cuda")
     counters = torch.zeros((N + 511) // 512, dtype=torch.int32, device="cuda")
     for sparsity, splits in [(0.0, 0), (0.5, 0), (0.8, 1), (0.95, 7), (0.8, 0)]:
-        x, t, packed, pairs, ref_y, bound = _nblocks_case(rng, K, N, B, sparsity)
+        x, t, packed, pairs, ref_y, bound, _ = _nblocks_case(rng, K, N, B, sparsity)
         y = torch.full((N,), float("nan"), dtype=torch.float16, device="cuda")
         harness.run_nblocks(torch.from_numpy(x).cuda(), t, torch.from_numpy(packed).cuda(), torch.from_numpy(pairs).cuda(), y, scratch,
                             counters, block=B, cols_per_lane=cpl, unroll=unroll, splits=splits)
