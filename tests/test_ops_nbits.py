@@ -344,6 +344,16 @@ def test_multithreaded_paths(dtype, mode, m, K, N, block):
     assert_matches(run_case(case), case, exact_w=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("segments", [[77, 207, 302], [64, 160, 302], [2, 302]])
+def test_one_row_tiles_at_any_member_start(dtype, segments):
+    """One row of X on AVX2 takes 64- and 32-column register tiles from a member's first column when it is even (a byte
+    of Q) and column-by-column code otherwise and for the last columns: members starting at odd and even columns,
+    widths that are and are not multiples of 32."""
+    case = llm_case(np.random.default_rng(sum(segments)), 1, 300, segments[-1], 32, dtype, "threshold", segments=segments)
+    assert_matches(run_case(case), case, exact_w=True)
+
+
 def check_paths(seed: int = 0) -> int:
     """Decode split-K, row blocks, members, both dtypes and modes on 2 threads; returns the number of cases."""
     rng = np.random.default_rng(seed)

@@ -5,7 +5,12 @@
 //     kept row of Q is unpacked once into floats and added into each row's block sum
 //     accq[m] += v * q (and sv[m] += v); at the end of the block acc[m] += s * accq[m] + o * sv[m],
 //     only for rows that kept a channel of that block. Decode (M <= 8) splits K into up to 16 parts
-//     (partial sums added at the end) so that all threads stream Q.
+//     (partial sums added at the end) so that all threads stream Q. One row of X on AVX2 (decode) takes
+//     AccumulateOneRowAvx2 instead: per quant block the kept rows are listed once, and each 64-column tile of
+//     the kept rows of Q is unpacked and accumulated in registers (eight 8-float accumulators), then flushed
+//     with the block's scales and offsets; the same sums in the same order over k.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -144,11 +149,121 @@ template <typename T>
 __attribute__((target("avx2,fma"))) void AccumulateAvx2(Job<T>& j, size_t task) { AccumulateImpl(j, task); }
 template <typename T>
 void AccumulateScalar(Job<T>& j, size_t task) { AccumulateImpl(j, task); }
+
+/// Eight scales / offsets of one block as floats.
+template <typename T>
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 LoadFloats8(const T* src) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(src);
+  } else {
+    alignas(32) float f[8];
+    for (int i = 0; i < 8; ++i) f[i] = ToFloat(src[i]);
+    return _mm256_load_ps(f);
+  }
+}
+
+/// Columns [2 byte, 2 byte + 16 kGroups) of the block's n kept rows of Q, times their x, summed over the rows in order.
+/// Group g (8 bytes of a row) widens to 8 int32 lanes; its low nibbles (even columns) sum into a[2g], its high
+/// nibbles (odd columns) into a[2g + 1], so that a kept row costs one widening load per 16 columns and no shuffle.
+template <int kGroups>
+__attribute__((target("avx2,fma"), always_inline)) inline void TileSums(const uint8_t* const* rows, const float* xs, int64_t n,
+                                                                         int64_t byte, __m256* a) {
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int t = 0; t < 2 * kGroups; ++t) a[t] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 xv = _mm256_set1_ps(xs[i]);
+    for (int g = 0; g < kGroups; ++g) {
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[i] + byte + 8 * g)));
+      a[2 * g] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), a[2 * g]);
+      a[2 * g + 1] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), a[2 * g + 1]);
+    }
+  }
+}
+
+/// acc[c] += s[c] * aq[c] + o[c] * sv over the tile's 16 kGroups columns, aq as TileSums leaves it (even / odd columns
+/// of each group in two vectors; interleaved back here, once per block).
+template <typename T, int kGroups>
+__attribute__((target("avx2,fma"), always_inline)) inline void FlushTile(const __m256* aq, const T* sc, const T* of, __m256 sv,
+                                                                          float* acc) {
+  for (int g = 0; g < kGroups; ++g) {
+    const __m256 lo = _mm256_unpacklo_ps(aq[2 * g], aq[2 * g + 1]), hi = _mm256_unpackhi_ps(aq[2 * g], aq[2 * g + 1]);
+    const __m256 cols[2] = {_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)};
+    for (int h = 0; h < 2; ++h) {
+      const int64_t c = 16 * g + 8 * h;
+      const __m256 v = _mm256_fmadd_ps(LoadFloats8(sc + c), cols[h], _mm256_loadu_ps(acc + c));
+      _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(LoadFloats8(of + c), sv, v));
+    }
+  }
+}
+
+/// Task (split, chunk) of one row of X (decode) on AVX2: the sums of AccumulateImpl, in the same order over k, with
+/// each 64- (then 32-) column tile of the block's kept rows of Q unpacked and accumulated in registers.
+template <typename T>
+__attribute__((target("avx2,fma"))) void AccumulateOneRowAvx2(Job<T>& j, size_t task) {
+  const Problem& p = *j.p;
+  const int64_t K = p.K, N = p.N, B = p.B, rb = (N + 1) / 2;
+  const int64_t nc = (int64_t)j.chunks.size(), split = (int64_t)task / nc;
+  const auto& ch = j.chunks[(size_t)(task % nc)];
+  const int64_t c0 = ch.c0, w = ch.c1 - ch.c0;
+  const int64_t b0 = p.blocks * split / j.splits, b1 = p.blocks * (split + 1) / j.splits;
+  // tiles read whole bytes of a row of Q: only where the chunk starts on a byte (an even column)
+  const int64_t wide_end = (c0 & 1) ? 0 : w / 64 * 64, tiles_end = (c0 & 1) ? 0 : w / 32 * 32;
+  thread_local std::vector<float> acc, kept_v;
+  thread_local std::vector<const uint8_t*> kept_row;
+  acc.assign((size_t)w, 0.0f);
+  kept_v.resize((size_t)B);
+  kept_row.resize((size_t)B);
+  const float* vals = j.v.data() + j.MemberGroup(ch.g) * K;
+  for (int64_t b = b0; b < b1; ++b) {
+    int64_t n = 0;
+    float sv = 0.0f;
+    for (int64_t k = b * B; k < std::min(K, (b + 1) * B); ++k) {
+      if (!IsKept(vals[k])) continue;
+      kept_v[(size_t)n] = vals[k];
+      kept_row[(size_t)n] = j.q + k * rb;
+      sv += vals[k];
+      ++n;
+    }
+    if (n == 0) continue;  // rows, scales and offsets of a block nobody keeps are never read
+    const T* sc = j.scales + b * N + c0;
+    const T* of = j.offsets + b * N + c0;
+    const __m256 svv = _mm256_set1_ps(sv);
+    __m256 aq[8];
+    int64_t c = 0;
+    for (; c < wide_end; c += 64) {  // eight accumulators: even and odd columns of four groups of 16
+      TileSums<4>(kept_row.data(), kept_v.data(), n, (c0 + c) >> 1, aq);
+      FlushTile<T, 4>(aq, sc + c, of + c, svv, acc.data() + c);
+    }
+    for (; c < tiles_end; c += 32) {
+      TileSums<2>(kept_row.data(), kept_v.data(), n, (c0 + c) >> 1, aq);
+      FlushTile<T, 2>(aq, sc + c, of + c, svv, acc.data() + c);
+    }
+    for (; c < w; ++c) {  // the last columns of the chunk, one at a time
+      const int64_t col = c0 + c;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        const uint8_t packed = kept_row[(size_t)i][col >> 1];
+        sum += kept_v[(size_t)i] * (float)((col & 1) ? packed >> 4 : packed & 15);
+      }
+      acc[(size_t)c] += ToFloat(sc[c]) * sum + ToFloat(of[c]) * sv;
+    }
+  }
+  if (j.splits > 1) {
+    std::copy(acc.begin(), acc.end(), j.partial.data() + split * N + c0);
+  } else {
+    for (int64_t c = 0; c < w; ++c) FromFloat(acc[(size_t)c], j.y + c0 + c);
+  }
+}
+
 template <typename T>
 void AccumulateTask(void* data, size_t task) {
   auto& j = *static_cast<Job<T>*>(data);
   if (CpuIsa() >= Isa::kAvx2) {
-    AccumulateAvx2(j, task);
+    if (j.p->M == 1) {
+      AccumulateOneRowAvx2(j, task);
+    } else {
+      AccumulateAvx2(j, task);
+    }
   } else {
     AccumulateScalar(j, task);
   }
