@@ -377,6 +377,13 @@ def test_every_simd_variant_matches_reference(isa):
     assert proc.stdout.strip() == "12"
 
 
+def test_per_row_path_matches_reference(monkeypatch):
+    """ACTTAIL_CPU_ROW_TILES=0 (read per call) sends one row of X to the per-row path that more rows take; it stays
+    exact too (it is the A/B baseline of docs/benchmarks.md's CPU 4-bit rows)."""
+    monkeypatch.setenv("ACTTAIL_CPU_ROW_TILES", "0")
+    assert check_paths(seed=1) == 12
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_packed_members_keep_their_own_rule(dtype):
     """Three members (q/k/v-like), thresholds [G] and per-member score scales [G, K]; also ks per member, ramp."""

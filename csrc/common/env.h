@@ -1,4 +1,5 @@
-// The op library's run-time switches (ACTTAIL_CUBLAS, ACTTAIL_PREFILL_FUSE, ACTTAIL_WEIGHT_CHECK; docs/kernels.md).
+// The op library's run-time switches (ACTTAIL_CUBLAS, ACTTAIL_PREFILL_FUSE, ACTTAIL_WEIGHT_CHECK, ACTTAIL_CPU_ROW_TILES;
+// docs/kernels.md).
 #pragma once
 
 #include <cstdlib>

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/env.h"
 #include "common/float16.h"
 #include "sparse_matmul_nbits/op.h"
 
@@ -52,6 +53,7 @@ struct Job {
   };
   std::vector<Chunk> chunks;
   int64_t splits = 1, row_blocks = 1;
+  bool row_tiles = true;  // one row of X on AVX2: AccumulateOneRowAvx2 (ACTTAIL_CPU_ROW_TILES=0: the per-row path)
   std::vector<float> partial;  // [splits, M, N] when splits > 1
 
   int MemberGroup(int g) const { return groups == 1 ? 0 : g; }
@@ -259,7 +261,7 @@ template <typename T>
 void AccumulateTask(void* data, size_t task) {
   auto& j = *static_cast<Job<T>*>(data);
   if (CpuIsa() >= Isa::kAvx2) {
-    if (j.p->M == 1) {
+    if (j.p->M == 1 && j.row_tiles) {
       AccumulateOneRowAvx2(j, task);
     } else {
       AccumulateAvx2(j, task);
@@ -301,6 +303,7 @@ void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, 
   bool uniform = true;
   for (const MemberRule& r : rules) uniform &= r.SameMask(rules[0]);
   j.groups = uniform ? 1 : (int)rules.size();
+  j.row_tiles = !EnvIs("ACTTAIL_CPU_ROW_TILES", "0");  // read per call, for A/B runs and tests
   const bool par = parallel != nullptr && p.M * std::max<int64_t>(p.K, 1) * p.N >= (1 << 16);
   const auto run = [&](void (*fn)(void*, size_t), size_t tasks) {
     if (par && tasks > 1) {
