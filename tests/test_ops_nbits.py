@@ -345,11 +345,11 @@ def test_multithreaded_paths(dtype, mode, m, K, N, block):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("segments", [[77, 207, 302], [64, 160, 302], [2, 302]])
+@pytest.mark.parametrize("segments", [[77, 207, 302], [64, 160, 302], [2, 302], [1, 1301]])
 def test_one_row_tiles_at_any_member_start(dtype, segments):
     """One row of X on AVX2 takes 64- and 32-column register tiles from a member's first column when it is even (a byte
-    of Q) and column-by-column code otherwise and for the last columns: members starting at odd and even columns,
-    widths that are and are not multiples of 32."""
+    of Q; an odd first column alone before them) and column-by-column code for the last columns: members starting at
+    odd and even columns, widths that are and are not multiples of 32, one wider than a 1024-column chunk."""
     case = llm_case(np.random.default_rng(sum(segments)), 1, 300, segments[-1], 32, dtype, "threshold", segments=segments)
     assert_matches(run_case(case), case, exact_w=True)
 

@@ -8,7 +8,7 @@
 //     (partial sums added at the end) so that all threads stream Q. One row of X on AVX2 (decode) takes
 //     AccumulateOneRowAvx2 instead: per quant block the kept rows are listed once, and each 64-column tile of
 //     the kept rows of Q is unpacked and accumulated in registers (eight 8-float accumulators), then flushed
-//     with the block's scales and offsets; the same sums in the same order over k.
+//     with the block's scales and offsets; the same sums over k in the same order (the flush may round differently).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -198,8 +198,10 @@ __attribute__((target("avx2,fma"), always_inline)) inline void FlushTile(const _
   }
 }
 
-/// Task (split, chunk) of one row of X (decode) on AVX2: the sums of AccumulateImpl, in the same order over k, with
-/// each 64- (then 32-) column tile of the block's kept rows of Q unpacked and accumulated in registers.
+/// Task (split, chunk) of one row of X (decode) on AVX2: the sums of AccumulateImpl over k in the same order, with
+/// each 64- (then 32-) column tile of the block's kept rows of Q unpacked and accumulated in registers; a first odd
+/// column and the last columns one at a time. The flush with the block's scale and offset rounds as two FMAs, so Y may
+/// differ from the per-row path in the last bit.
 template <typename T>
 __attribute__((target("avx2,fma"))) void AccumulateOneRowAvx2(Job<T>& j, size_t task) {
   const Problem& p = *j.p;
@@ -208,8 +210,9 @@ __attribute__((target("avx2,fma"))) void AccumulateOneRowAvx2(Job<T>& j, size_t 
   const auto& ch = j.chunks[(size_t)(task % nc)];
   const int64_t c0 = ch.c0, w = ch.c1 - ch.c0;
   const int64_t b0 = p.blocks * split / j.splits, b1 = p.blocks * (split + 1) / j.splits;
-  // tiles read whole bytes of a row of Q: only where the chunk starts on a byte (an even column)
-  const int64_t wide_end = (c0 & 1) ? 0 : w / 64 * 64, tiles_end = (c0 & 1) ? 0 : w / 32 * 32;
+  // tiles read whole bytes of a row of Q: a chunk starting at an odd column takes its first column alone
+  const int64_t first = std::min<int64_t>(c0 & 1, w);
+  const int64_t wide_end = first + (w - first) / 64 * 64, tiles_end = first + (w - first) / 32 * 32;
   thread_local std::vector<float> acc, kept_v;
   thread_local std::vector<const uint8_t*> kept_row;
   acc.assign((size_t)w, 0.0f);
@@ -230,8 +233,18 @@ __attribute__((target("avx2,fma"))) void AccumulateOneRowAvx2(Job<T>& j, size_t 
     const T* sc = j.scales + b * N + c0;
     const T* of = j.offsets + b * N + c0;
     const __m256 svv = _mm256_set1_ps(sv);
+    const auto column = [&](int64_t c) {  // one column of the chunk
+      const int64_t col = c0 + c;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        const uint8_t packed = kept_row[(size_t)i][col >> 1];
+        sum += kept_v[(size_t)i] * (float)((col & 1) ? packed >> 4 : packed & 15);
+      }
+      acc[(size_t)c] += ToFloat(sc[c]) * sum + ToFloat(of[c]) * sv;
+    };
     __m256 aq[8];
     int64_t c = 0;
+    for (; c < first; ++c) column(c);
     for (; c < wide_end; c += 64) {  // eight accumulators: even and odd columns of four groups of 16
       TileSums<4>(kept_row.data(), kept_v.data(), n, (c0 + c) >> 1, aq);
       FlushTile<T, 4>(aq, sc + c, of + c, svv, acc.data() + c);
@@ -240,15 +253,7 @@ __attribute__((target("avx2,fma"))) void AccumulateOneRowAvx2(Job<T>& j, size_t 
       TileSums<2>(kept_row.data(), kept_v.data(), n, (c0 + c) >> 1, aq);
       FlushTile<T, 2>(aq, sc + c, of + c, svv, acc.data() + c);
     }
-    for (; c < w; ++c) {  // the last columns of the chunk, one at a time
-      const int64_t col = c0 + c;
-      float sum = 0.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        const uint8_t packed = kept_row[(size_t)i][col >> 1];
-        sum += kept_v[(size_t)i] * (float)((col & 1) ? packed >> 4 : packed & 15);
-      }
-      acc[(size_t)c] += ToFloat(sc[c]) * sum + ToFloat(of[c]) * sv;
-    }
+    for (; c < w; ++c) column(c);  // the last columns of the chunk
   }
   if (j.splits > 1) {
     std::copy(acc.begin(), acc.end(), j.partial.data() + split * N + c0);
