@@ -21,4 +21,11 @@ std::string CheckCpuIsaEnv();
 /// Names of the ISA paths compiled into the library, best first (libacttail_ops.json's cpu_isa).
 const char* IsaName(Isa isa);
 
+// A hot loop `name##Impl` (always_inline) compiled for AVX2+FMA and for baseline x86-64, `name` picking one by CpuIsa()
+// (GCC's target_clones("arch=haswell") would only match Haswell CPUs, not later ones).
+#define ACTTAIL_SIMD_VARIANTS(name, params, args)                                      \
+  __attribute__((target("avx2,fma"))) void name##Avx2 params { name##Impl args; }      \
+  void name##Base params { name##Impl args; }                                          \
+  inline void name params { CpuIsa() >= Isa::kAvx2 ? name##Avx2 args : name##Base args; }
+
 }  // namespace acttail

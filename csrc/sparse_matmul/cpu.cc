@@ -19,6 +19,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/float16.h"
+#include "common/panel_gemm_cpu.h"
 #include "common/status.h"
 #include "sparse_matmul/op.h"
 
@@ -50,14 +51,9 @@ inline float ToFloat(uint16_t v) { return HalfToFloat(v); }
 inline void FromFloat(float v, float* out) { *out = v; }
 inline void FromFloat(float v, uint16_t* out) { *out = FloatToHalf(v); }
 
-// SIMD dispatch: each hot loop is compiled for AVX2+FMA and for baseline x86-64 (the prefill GEMM also for
-// AVX-512) and picked at run time by CpuIsa() (common/cpu_isa.h; GCC's target_clones("arch=haswell") would only
-// match Haswell CPUs, not later ones).
+// SIMD dispatch: each hot loop is compiled for AVX2+FMA and for baseline x86-64 (ACTTAIL_SIMD_VARIANTS,
+// common/cpu_isa.h; the prefill GEMM, common/panel_gemm_cpu.cc, also for AVX-512) and picked at run time by CpuIsa().
 bool HasAvx2Fma() { return CpuIsa() >= Isa::kAvx2; }
-#define ACTTAIL_SIMD_VARIANTS(name, params, args)                                      \
-  __attribute__((target("avx2,fma"))) void name##Avx2 params { name##Impl args; }      \
-  void name##Base params { name##Impl args; }                                          \
-  inline void name params { HasAvx2Fma() ? name##Avx2 args : name##Base args; }
 
 // acc[0:n] += a * w[0:n]
 __attribute__((always_inline)) inline void AxpyImpl(float* __restrict acc, float a, const float* __restrict w, int64_t n) {
@@ -245,57 +241,7 @@ void AccumulateTask(void* data, size_t task) {
 constexpr int64_t kDenseRows = 256;  // rows per task (one packed W panel serves all of them)
 constexpr int64_t kDenseCols = 128;  // columns per task
 constexpr int64_t kDenseDepth = 256;  // K slice packed at a time (8 strips x 256 x 16 floats = 128 KB)
-constexpr int64_t kStrip = 16;       // columns per micro tile
-
-// acc[r][0:16] (row stride ld) += sum_k a_r[k] * panel[k][0:16], r = 0..3 (register-blocked)
-__attribute__((always_inline)) inline void MicroTileImpl(const float* __restrict a0, const float* __restrict a1,
-                                                         const float* __restrict a2, const float* __restrict a3,
-                                                         const float* __restrict panel, int64_t depth, float* __restrict acc,
-                                                         int64_t ld) {
-  float t[4][kStrip];
-  for (int c = 0; c < kStrip; ++c) { t[0][c] = acc[c]; t[1][c] = acc[ld + c]; t[2][c] = acc[2 * ld + c]; t[3][c] = acc[3 * ld + c]; }
-  for (int64_t k = 0; k < depth; ++k) {
-    const float* wr = panel + k * kStrip;
-    const float x0 = a0[k], x1 = a1[k], x2 = a2[k], x3 = a3[k];
-    for (int c = 0; c < kStrip; ++c) {
-      t[0][c] += x0 * wr[c];
-      t[1][c] += x1 * wr[c];
-      t[2][c] += x2 * wr[c];
-      t[3][c] += x3 * wr[c];
-    }
-  }
-  for (int c = 0; c < kStrip; ++c) { acc[c] = t[0][c]; acc[ld + c] = t[1][c]; acc[2 * ld + c] = t[2][c]; acc[3 * ld + c] = t[3][c]; }
-}
-ACTTAIL_SIMD_VARIANTS(MicroTile,
-                      (const float* a0, const float* a1, const float* a2, const float* a3, const float* panel, int64_t depth,
-                       float* acc, int64_t ld),
-                      (a0, a1, a2, a3, panel, depth, acc, ld))
-
-// acc[r][0:16*S] (row stride ld) += sum_k a_r[k] * panels[s][k][0:16], r < 8, s < S (S = 1 or 2): 8 x 32
-// outputs in 16 zmm registers, 2 panel loads and 8 broadcasts per 16 FMAs (AVX-512; MLAS-class throughput).
-template <int S>
-__attribute__((target("avx512f"))) void MicroTile8Avx512(const float* const* a, const float* p0, const float* p1,
-                                                          int64_t depth, float* acc, int64_t ld) {
-  __m512 t[8][S];
-  for (int r = 0; r < 8; ++r) {
-    t[r][0] = _mm512_loadu_ps(acc + r * ld);
-    if constexpr (S == 2) t[r][1] = _mm512_loadu_ps(acc + r * ld + 16);
-  }
-  for (int64_t k = 0; k < depth; ++k) {
-    const __m512 w0 = _mm512_loadu_ps(p0 + k * kStrip);
-    __m512 w1;
-    if constexpr (S == 2) w1 = _mm512_loadu_ps(p1 + k * kStrip);
-    for (int r = 0; r < 8; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r][k]);
-      t[r][0] = _mm512_fmadd_ps(x, w0, t[r][0]);
-      if constexpr (S == 2) t[r][1] = _mm512_fmadd_ps(x, w1, t[r][1]);
-    }
-  }
-  for (int r = 0; r < 8; ++r) {
-    _mm512_storeu_ps(acc + r * ld, t[r][0]);
-    if constexpr (S == 2) _mm512_storeu_ps(acc + r * ld + 16, t[r][1]);
-  }
-}
+constexpr int64_t kStrip = kPanelStrip;  // columns per micro tile
 
 inline bool Finite(float v) { uint32_t b; std::memcpy(&b, &v, 4); return (b & 0x7f800000u) != 0x7f800000u; }
 
@@ -322,29 +268,9 @@ void DenseTask(void* data, size_t task) {
         for (int64_t c = n; c < kStrip; ++c) dst[k * kStrip + c] = 0.0f;
       }
     }
-    if (CpuIsa() == Isa::kAvx512) {
-      for (int64_t r = 0; r < rows; r += 8) {
-        const float* a[8];
-        for (int q = 0; q < 8; ++q) a[q] = (r + q < rows ? j.xm + (r0 + r + q) * K : zeros.data()) + kb;
-        for (int64_t st = 0; st < strips; st += 2) {
-          const float* p0 = panel.data() + st * depth * kStrip;
-          float* out = acc.data() + r * kDenseCols + st * kStrip;
-          if (st + 1 < strips) {
-            MicroTile8Avx512<2>(a, p0, p0 + depth * kStrip, depth, out, kDenseCols);
-          } else {
-            MicroTile8Avx512<1>(a, p0, nullptr, depth, out, kDenseCols);
-          }
-        }
-      }
-      continue;
-    }
-    for (int64_t r = 0; r < rows; r += 4) {
-      const float* a[4];
-      for (int q = 0; q < 4; ++q) a[q] = (r + q < rows ? j.xm + (r0 + r + q) * K : zeros.data()) + kb;
-      for (int64_t st = 0; st < strips; ++st)
-        MicroTile(a[0], a[1], a[2], a[3], panel.data() + st * depth * kStrip, depth, acc.data() + r * kDenseCols + st * kStrip,
-                  kDenseCols);
-    }
+    const float* a[kDenseRows];
+    for (int64_t r = 0; r < rows; ++r) a[r] = j.xm + (r0 + r) * K + kb;
+    PanelGemm(a, rows, panel.data(), strips, depth, zeros.data(), acc.data(), kDenseCols);
   }
   bool finite = true;
   for (int64_t r = 0; r < rows; ++r) {
