@@ -384,6 +384,13 @@ def test_per_row_path_matches_reference(monkeypatch):
     assert check_paths(seed=1) == 12
 
 
+def test_exact_prefill_path_matches_reference(monkeypatch):
+    """ACTTAIL_CPU_DENSE_PREFILL=0 (read per call) keeps calls of 16 rows or more on the exact row-block path, which the
+    dense prefill would otherwise take whenever enough entries are kept."""
+    monkeypatch.setenv("ACTTAIL_CPU_DENSE_PREFILL", "0")
+    assert check_paths(seed=2) == 12
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_packed_members_keep_their_own_rule(dtype):
     """Three members (q/k/v-like), thresholds [G] and per-member score scales [G, K]; also ks per member, ramp."""
@@ -404,9 +411,10 @@ def test_packed_members_keep_their_own_rule(dtype):
 
 
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
-@pytest.mark.parametrize("m", [1, 3, 12])
+@pytest.mark.parametrize("m", [1, 3, 12, 40])
 def test_skipped_blocks_never_reach_y(mode, m):
-    """Inf/NaN scales and offsets of a block whose channels no row keeps (zeros there) never reach Y, nor do its rows."""
+    """Inf/NaN scales and offsets of a block whose channels no row keeps (zeros there) never reach Y, nor do its rows
+    (at 40 rows through the dense prefill, whose non-finite result sends the call to the exact path)."""
     rng = np.random.default_rng(m)
     K, N, B = 96, 40, 16
     x = rng.standard_normal((m, K)).astype(np.float32)
@@ -466,9 +474,11 @@ def test_zero_sizes():
         assert y.shape == (3, 6) and not y.any()
 
 
-def test_kept_inf_in_x_makes_its_row_nonfinite():
+@pytest.mark.parametrize("m", [4, 40])
+def test_kept_inf_in_x_makes_its_row_nonfinite(m):
+    """Only the row that keeps an Inf is non-finite (at 40 rows the dense prefill's result is, and the exact path reruns)."""
     rng = np.random.default_rng(4)
-    case = llm_case(rng, 4, 64, 24, 16, np.float32, "threshold", keep=0.5)
+    case = llm_case(rng, m, 64, 24, 16, np.float32, "threshold", keep=0.5)
     case.x[2, 5] = np.inf
     y = run_case(case)
     assert not np.isfinite(y[2]).any() and np.isfinite(np.delete(y, 2, axis=0)).all()

@@ -21,6 +21,7 @@
 #include "common/cpu_isa.h"
 #include "common/env.h"
 #include "common/float16.h"
+#include "common/panel_gemm_cpu.h"
 #include "sparse_matmul_nbits/op.h"
 
 namespace acttail {
@@ -52,6 +53,8 @@ struct Job {
     int64_t c0, c1;
   };
   std::vector<Chunk> chunks;
+  std::vector<Chunk> dense_chunks;  // prefill dense path: kDenseCols-wide chunks of each member
+  uint8_t* nonfinite = nullptr;     // per dense task: 1 when its result is not finite
   int64_t splits = 1, row_blocks = 1;
   bool row_tiles = true;  // one row of X on AVX2: AccumulateOneRowAvx2 (ACTTAIL_CPU_ROW_TILES=0: the per-row path)
   std::vector<float> partial;  // [splits, M, N] when splits > 1
@@ -291,6 +294,82 @@ void ReduceTask(void* data, size_t task) {
   }
 }
 
+// ---- prefill: a dense GEMM of the masked X with W dequantized into packed panels ---------------------
+// As in the dense op's prefill (sparse_matmul/cpu.cc): with a finite dequantized W a masked (zero) x adds exactly 0, so
+// the masked product is a dense GEMM of the masked X; an Inf/NaN scale, offset or product makes its whole result
+// non-finite, and a task whose result is not finite sends the call to the exact path (which never reads what no row
+// keeps). W is dequantized as s q + o in float32, once per K slice and column chunk for up to 256 rows of X.
+constexpr int64_t kDenseRows = 256;   // rows per task (one packed panel serves all of them)
+constexpr int64_t kDenseCols = 128;   // columns per task
+constexpr int64_t kDenseDepth = 256;  // K slice dequantized and packed at a time (128 KB of floats)
+
+inline bool Finite(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return (b & 0x7f800000u) != 0x7f800000u;
+}
+
+template <typename T>
+void DenseTask(void* data, size_t task) {
+  auto& j = *static_cast<Job<T>*>(data);
+  const Problem& p = *j.p;
+  const int64_t K = p.K, N = p.N, M = p.M, B = p.B, rb = (N + 1) / 2;
+  const int64_t row_tiles = (M + kDenseRows - 1) / kDenseRows;
+  const auto& ch = j.dense_chunks[(size_t)task / (size_t)row_tiles];
+  const int64_t r0 = ((int64_t)task % row_tiles) * kDenseRows, rows = std::min(kDenseRows, M - r0);
+  const int64_t width = ch.c1 - ch.c0, strips = (width + kPanelStrip - 1) / kPanelStrip;
+  thread_local std::vector<float> acc, panel, zeros;
+  acc.assign((size_t)(kDenseRows * kDenseCols), 0.0f);
+  panel.resize((size_t)(kDenseCols * kDenseDepth));
+  zeros.assign((size_t)kDenseDepth, 0.0f);
+  const float* vals = j.v.data() + (j.MemberGroup(ch.g) * M + r0) * K;
+  const float* a[kDenseRows];
+  for (int64_t kb = 0; kb < K; kb += kDenseDepth) {
+    const int64_t depth = std::min(kDenseDepth, K - kb);
+    for (int64_t st = 0; st < strips; ++st) {  // W[kb:kb+depth, strip] = s q + o as [strip][k][16], zero padded
+      float* dst = panel.data() + st * depth * kPanelStrip;
+      const int64_t cs = ch.c0 + st * kPanelStrip, n = std::min(kPanelStrip, ch.c1 - cs);
+      for (int64_t k = 0; k < depth; ++k) {
+        const int64_t kk = kb + k, b = kk / B;
+        const uint8_t* row = j.q + kk * rb;
+        const T* sc = j.scales + b * N + cs;
+        const T* of = j.offsets + b * N + cs;
+        float* d = dst + k * kPanelStrip;
+        for (int64_t c = 0; c < n; ++c) {
+          const int64_t col = cs + c;
+          const uint8_t packed = row[col >> 1];
+          d[c] = ToFloat(sc[c]) * (float)((col & 1) ? packed >> 4 : packed & 15) + ToFloat(of[c]);
+        }
+        for (int64_t c = n; c < kPanelStrip; ++c) d[c] = 0.0f;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) a[r] = vals + r * K + kb;
+    PanelGemm(a, rows, panel.data(), strips, depth, zeros.data(), acc.data(), kDenseCols);
+  }
+  bool finite = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* yr = j.y + (r0 + r) * N + ch.c0;
+    const float* ar = acc.data() + r * kDenseCols;
+    for (int64_t c = 0; c < width; ++c) {
+      finite &= Finite(ar[c]);
+      FromFloat(ar[c], yr + c);
+    }
+  }
+  j.nonfinite[task] = finite ? 0 : 1;
+}
+
+/// Whether a call of many rows takes the dense path: at least 16 rows and more than 1/8 of the masked entries kept
+/// (crossover measured on SmolLM2's shapes, 128 rows, with the AVX-512 and the AVX2 tile: between 85 and 90 % masked,
+/// benchmarks/nbits_cpu_ab.py); ACTTAIL_CPU_DENSE_PREFILL=0: never (read per call).
+template <typename T>
+bool UseDense(const Job<T>& j) {
+  const Problem& p = *j.p;
+  if (p.M < 16 || p.K == 0 || EnvIs("ACTTAIL_CPU_DENSE_PREFILL", "0")) return false;
+  int64_t kept = 0;
+  for (float v : j.v) kept += IsKept(v) ? 1 : 0;
+  return kept * 8 > (int64_t)j.v.size();
+}
+
 }  // namespace
 
 template <typename T>
@@ -320,6 +399,17 @@ void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, 
   j.v.assign((size_t)(j.groups * p.M * p.K), 0.0f);
   if (p.K > 0) run(&SelectTask<T>, (size_t)(j.groups * p.M));
   const bool decode = p.M <= kRowBlock;
+  if (!decode && UseDense(j)) {
+    for (int g = 0; g < p.spans.count(); ++g)
+      for (int64_t c = p.spans.begin[g]; c < p.spans.end[g]; c += kDenseCols)
+        j.dense_chunks.push_back({g, c, std::min(p.spans.end[g], c + kDenseCols)});
+    const size_t tasks = j.dense_chunks.size() * (size_t)((p.M + kDenseRows - 1) / kDenseRows);
+    std::vector<uint8_t> nonfinite(tasks, 0);
+    j.nonfinite = nonfinite.data();
+    run(&DenseTask<T>, tasks);
+    j.nonfinite = nullptr;
+    if (std::find(nonfinite.begin(), nonfinite.end(), 1) == nonfinite.end()) return;  // finite: exact
+  }
   const int64_t width = decode ? 1024 : 256;  // columns per task (accumulators stay in L1 / L2)
   for (int g = 0; g < p.spans.count(); ++g)
     for (int64_t c = p.spans.begin[g]; c < p.spans.end[g]; c += width) j.chunks.push_back({g, c, std::min(p.spans.end[g], c + width)});
