@@ -1,4 +1,4 @@
-// CPU kernel of com.acttail::SparseMatMulNBits (reference quality, multithreaded on ONNX Runtime's pool).
+// CPU kernel of com.acttail::SparseMatMulNBits (multithreaded on ONNX Runtime's pool).
 //  1. Per rule group (one when every member has the same rule, else one per member) and row: the masked row
 //     (common/mask.h MaskRowCpu: kept values x * f, -0.0f for a kept 0, +0.0f for dropped channels).
 //  2. Tasks (split of the quant blocks, member column chunk, block of 8 rows): for each quant block, every
@@ -9,6 +9,8 @@
 //     AccumulateOneRowAvx2 instead: per quant block the kept rows are listed once, and each 64-column tile of
 //     the kept rows of Q is unpacked and accumulated in registers (eight 8-float accumulators), then flushed
 //     with the block's scales and offsets; the same sums over k in the same order (the flush may round differently).
+//  Many rows (16 or more, over 1/8 of the entries kept) take DenseTask first: W dequantized into packed panels, the
+//  dense op's panel GEMM on the masked X; a non-finite result reruns the call on step 2 (which reads only kept data).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -359,8 +361,8 @@ void DenseTask(void* data, size_t task) {
 }
 
 /// Whether a call of many rows takes the dense path: at least 16 rows and more than 1/8 of the masked entries kept
-/// (crossover measured on SmolLM2's shapes, 128 rows, with the AVX-512 and the AVX2 tile: between 85 and 90 % masked,
-/// benchmarks/nbits_cpu_ab.py); ACTTAIL_CPU_DENSE_PREFILL=0: never (read per call).
+/// (on SmolLM2's shapes at 128 rows the dense path wins at 85 % masked with the AVX-512 and the AVX2 tile, and lost at
+/// 90 % with the AVX-512 one; benchmarks/nbits_cpu_ab.py); ACTTAIL_CPU_DENSE_PREFILL=0: never (read per call).
 template <typename T>
 bool UseDense(const Job<T>& j) {
   const Problem& p = *j.p;
