@@ -337,9 +337,10 @@ def test_exact_tolerance_catches_a_lost_row(dtype, K):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
 @pytest.mark.parametrize("m,K,N,block", [(1, 2048, 1000, 32), (1, 1536, 576, 64), (3, 700, 2100, 128), (8, 300, 517, 16),
-                                         (40, 301, 517, 32), (130, 200, 136, 64)])
+                                         (40, 301, 517, 32), (130, 200, 136, 64), (300, 70, 40, 16)])
 def test_multithreaded_paths(dtype, mode, m, K, N, block):
-    """Decode split-K (M <= 8: up to 16 K-parts, partial sums added) and the row-block path, on 2 threads."""
+    """Decode split-K (M <= 8: up to 16 K-parts, partial sums added) and the row-block path, on 2 threads; 40 rows and
+    more through the dense prefill (300: two tiles of rows)."""
     case = llm_case(np.random.default_rng(m * 7 + K), m, K, N, block, dtype, mode)
     assert_matches(run_case(case), case, exact_w=True)
 

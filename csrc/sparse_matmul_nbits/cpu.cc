@@ -361,8 +361,8 @@ void DenseTask(void* data, size_t task) {
 }
 
 /// Whether a call of many rows takes the dense path: at least 16 rows and more than 1/8 of the masked entries kept
-/// (on SmolLM2's shapes at 128 rows the dense path wins at 85 % masked with the AVX-512 and the AVX2 tile, and lost at
-/// 90 % with the AVX-512 one; benchmarks/nbits_cpu_ab.py); ACTTAIL_CPU_DENSE_PREFILL=0: never (read per call).
+/// (on SmolLM2's shapes at 128 rows the dense path still wins at 85 % masked with the AVX-512 and the AVX2 tile;
+/// benchmarks/nbits_cpu_ab.py); ACTTAIL_CPU_DENSE_PREFILL=0: never (read per call).
 template <typename T>
 bool UseDense(const Job<T>& j) {
   const Problem& p = *j.p;
