@@ -150,6 +150,13 @@ def machine_info() -> dict:
 # ----------------------------------------------------------------------------------------------
 # ONNX Runtime children (run in a subprocess; import no torch)
 # ----------------------------------------------------------------------------------------------
+def _threads_overlay(spec: dict) -> dict | None:
+    """genai's session options with ``--threads`` intra-op threads, or None (onnxruntime-genai's default)."""
+    if not spec.get("threads"):
+        return None
+    return {"model": {"decoder": {"session_options": {"intra_op_num_threads": int(spec["threads"])}}}}
+
+
 def _child_genai(spec: dict) -> dict:
     import onnxruntime_genai as og
 
@@ -158,7 +165,7 @@ def _child_genai(spec: dict) -> dict:
     prompt = np.load(spec["prompt"]).astype(np.int32).reshape(1, -1)
     n, warm = spec["decode_tokens"], spec["warmup_tokens"]
     t0 = time.perf_counter()
-    model = og.Model(genai_config(spec["dir"], spec["filename"], spec["provider"], spec["cuda_graph"]))
+    model = og.Model(genai_config(spec["dir"], spec["filename"], spec["provider"], spec["cuda_graph"], _threads_overlay(spec)))
     load_s = time.perf_counter() - t0
     max_length = prompt.shape[1] + warm + n + 2
 
@@ -379,7 +386,7 @@ def _child_cupti(spec: dict) -> dict:
 
     prompt = np.load(spec["prompt"]).astype(np.int32).reshape(1, -1)
     steps = spec.get("steps", 32)
-    model = og.Model(genai_config(spec["dir"], spec["filename"], spec["provider"], False))
+    model = og.Model(genai_config(spec["dir"], spec["filename"], spec["provider"], False, _threads_overlay(spec)))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=prompt.shape[1] + steps + 16, do_sample=False)
     gen = og.Generator(model, params)
@@ -738,6 +745,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-exports", action="store_true", help="acttail-export: keep each folder (default: deleted after "
                     "its run, a 7B folder is 13 GB)")
     ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both", help="genai runs with / without CUDA graphs")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="genai backends: intra-op threads of every folder's session (0: onnxruntime-genai's default, "
+                         "which ran one thread on the 2-core development machine)")
     ap.add_argument("--prompt-length", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--warmup-tokens", type=int, default=4, help="decode steps dropped before the measured ones")
@@ -876,7 +886,7 @@ def run_benchmark(args) -> int:
             torch.cuda.empty_cache()
     np.save(work / "prompt.npy", prompt.cpu().numpy())
     common = {"prompt": str(work / "prompt.npy"), "decode_tokens": n, "warmup_tokens": warm, "provider": provider,
-              "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim}
+              "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim, "threads": args.threads}
 
     # --- exports: optimum (as the exporter writes it) and the genai-builder base -----------------------
     want_optimum = {"ort-optimum", "ort-optimum-fused"} & set(args.backends)
