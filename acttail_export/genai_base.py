@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 GENAI_CONFIG = "genai_config.json"
 BASE_ONNX = "model.onnx"
 LIBRARY_FILE = LIBRARY_NAME  # the name every export carries the op library under
+INTRA_OP_THREADS = "intra_op_num_threads"  # genai session option finalize() sets to 0 (ONNX Runtime chooses)
 PRECISIONS = ("fp16", "fp32", "bf16", "int4")  # int4: the builder's own MatMulNBits model (a baseline, not rewritten)
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 
@@ -370,8 +371,12 @@ def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = Non
     data = json.loads(cfg_path.read_text())
     decoder = data["model"]["decoder"]
     decoder["filename"] = filename
+    options = decoder.setdefault("session_options", {})
     if (kernel or config.kernel) == "fused":  # the graph write_variant just wrote uses the custom op
-        decoder.setdefault("session_options", {})["custom_ops_library"] = LIBRARY_FILE
+        options["custom_ops_library"] = LIBRARY_FILE
+    # onnxruntime-genai runs one intra-op thread when this is unset; 0 lets ONNX Runtime take one per physical core
+    # (SmolLM2 int4 at 50 % on a 2-core CPU: 17.9 -> 11.7 ms per token, docs/quantization.md). A user's value stays.
+    options.setdefault(INTRA_OP_THREADS, 0)
     cfg_path.write_text(json.dumps(data, indent=4) + "\n")
     config.kernel = kernel or config.kernel
     config.mode = mode or config.mode

@@ -151,8 +151,8 @@ def machine_info() -> dict:
 # ONNX Runtime children (run in a subprocess; import no torch)
 # ----------------------------------------------------------------------------------------------
 def _threads_overlay(spec: dict) -> dict | None:
-    """genai's session options with ``--threads`` intra-op threads, or None (onnxruntime-genai's default)."""
-    if not spec.get("threads"):
+    """Session options giving every genai folder ``--threads`` intra-op threads alike (None: each folder's own)."""
+    if spec.get("threads") is None:
         return None
     return {"model": {"decoder": {"session_options": {"intra_op_num_threads": int(spec["threads"])}}}}
 
@@ -745,9 +745,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-exports", action="store_true", help="acttail-export: keep each folder (default: deleted after "
                     "its run, a 7B folder is 13 GB)")
     ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both", help="genai runs with / without CUDA graphs")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="genai backends: intra-op threads of every folder's session (0: onnxruntime-genai's default, "
-                         "which ran one thread on the 2-core development machine)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="genai backends: intra-op threads of every folder's session alike (default 1: onnxruntime-genai's "
+                         "own default, as in every run recorded before this flag; 0: ONNX Runtime's choice, one per core)")
     ap.add_argument("--prompt-length", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--warmup-tokens", type=int, default=4, help="decode steps dropped before the measured ones")

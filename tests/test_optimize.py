@@ -577,6 +577,7 @@ def test_cli_genai_folder_contents(cli_genai_export):
     decoder = json.loads((out / gbase.GENAI_CONFIG).read_text())["model"]["decoder"]
     assert decoder["filename"] == "model.onnx"
     assert decoder.get("session_options", {}).get("custom_ops_library") == (gbase.LIBRARY_FILE if kernel == "fused" else None)
+    assert decoder["session_options"][gbase.INTRA_OP_THREADS] == 0  # ONNX Runtime's choice, not genai's one thread
     config = ActTailConfig.load(out)
     assert (config.kernel, config.mode, config.target_sparsity) == (kernel, mode, sparsity)
     graph = gbase.load_graph(out)
