@@ -375,7 +375,7 @@ def finalize(base_dir: str | Path, config: ActTailConfig, mode: str | None = Non
     if (kernel or config.kernel) == "fused":  # the graph write_variant just wrote uses the custom op
         options["custom_ops_library"] = LIBRARY_FILE
     # onnxruntime-genai runs one intra-op thread when this is unset; 0 lets ONNX Runtime take one per physical core
-    # (SmolLM2 int4 at 50 % on a 2-core CPU: 17.9 -> 11.7 ms per token, docs/quantization.md). A user's value stays.
+    # (SmolLM2 int4 at 50 % on a 2-core CPU: 18.4-19.3 -> 11.8-12.2 ms per token, docs/quantization.md); a user's value stays.
     options.setdefault(INTRA_OP_THREADS, 0)
     cfg_path.write_text(json.dumps(data, indent=4) + "\n")
     config.kernel = kernel or config.kernel
