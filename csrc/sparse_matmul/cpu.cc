@@ -243,7 +243,6 @@ constexpr int64_t kDenseCols = 128;  // columns per task
 constexpr int64_t kDenseDepth = 256;  // K slice packed at a time (8 strips x 256 x 16 floats = 128 KB)
 constexpr int64_t kStrip = kPanelStrip;  // columns per micro tile
 
-inline bool Finite(float v) { uint32_t b; std::memcpy(&b, &v, 4); return (b & 0x7f800000u) != 0x7f800000u; }
 
 template <typename T>
 void DenseTask(void* data, size_t task) {
@@ -272,16 +271,7 @@ void DenseTask(void* data, size_t task) {
     for (int64_t r = 0; r < rows; ++r) a[r] = j.xm + (r0 + r) * K + kb;
     PanelGemm(a, rows, panel.data(), strips, depth, zeros.data(), acc.data(), kDenseCols);
   }
-  bool finite = true;
-  for (int64_t r = 0; r < rows; ++r) {
-    T* yr = j.y + (r0 + r) * ld + c0;
-    const float* ar = acc.data() + r * kDenseCols;
-    for (int64_t c = 0; c < width; ++c) {
-      finite &= Finite(ar[c]);
-      FromFloat(ar[c], yr + c);
-    }
-  }
-  j.nonfinite[task] = finite ? 0 : 1;
+  j.nonfinite[task] = StoreFinite(acc.data(), kDenseCols, rows, width, j.y + r0 * ld + c0, ld) ? 0 : 1;
 }
 
 template <typename T>

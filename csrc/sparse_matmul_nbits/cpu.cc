@@ -305,11 +305,6 @@ constexpr int64_t kDenseRows = 256;   // rows per task (one packed panel serves 
 constexpr int64_t kDenseCols = 128;   // columns per task
 constexpr int64_t kDenseDepth = 256;  // K slice dequantized and packed at a time (128 KB of floats)
 
-inline bool Finite(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, 4);
-  return (b & 0x7f800000u) != 0x7f800000u;
-}
 
 template <typename T>
 void DenseTask(void* data, size_t task) {
@@ -348,16 +343,7 @@ void DenseTask(void* data, size_t task) {
     for (int64_t r = 0; r < rows; ++r) a[r] = vals + r * K + kb;
     PanelGemm(a, rows, panel.data(), strips, depth, zeros.data(), acc.data(), kDenseCols);
   }
-  bool finite = true;
-  for (int64_t r = 0; r < rows; ++r) {
-    T* yr = j.y + (r0 + r) * N + ch.c0;
-    const float* ar = acc.data() + r * kDenseCols;
-    for (int64_t c = 0; c < width; ++c) {
-      finite &= Finite(ar[c]);
-      FromFloat(ar[c], yr + c);
-    }
-  }
-  j.nonfinite[task] = finite ? 0 : 1;
+  j.nonfinite[task] = StoreFinite(acc.data(), kDenseCols, rows, width, j.y + r0 * N + ch.c0, N) ? 0 : 1;
 }
 
 /// Whether a call of many rows takes the dense path: at least 16 rows and more than 1/8 of the masked entries kept
