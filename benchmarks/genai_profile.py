@@ -5,7 +5,7 @@ random ``--prompt-length``-token prompt and ``--decode-tokens`` greedy steps wit
 and prints the kernel time per op type for the prompt (the first run) and per decode step (the mean over the rest). The
 profiler adds its own cost, so the totals read a little above an unprofiled run::
 
-    python benchmarks/genai_profile.py FOLDER --output docs/results/int4/smollm2_cpu_int4_profile.json
+    python benchmarks/genai_profile.py FOLDER --threads 1 --output docs/results/int4/smollm2_cpu_int4_profile_threads1.json
     python benchmarks/genai_profile.py FOLDER --threads 2 --output docs/results/int4/smollm2_cpu_int4_profile_threads2.json
 """
 
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 
-def profile(folder: Path, prompt_length: int, decode_tokens: int, work: Path, threads: int = 0) -> Path:
+def profile(folder: Path, prompt_length: int, decode_tokens: int, work: Path, threads: int | None = None) -> Path:
     """Run the folder once with the profiler on; the profile's path (the config is restored also on an error)."""
     import numpy as np
     import onnxruntime_genai as og
@@ -31,7 +31,7 @@ def profile(folder: Path, prompt_length: int, decode_tokens: int, work: Path, th
         data = json.loads(config.read_text())
         options = data["model"]["decoder"].setdefault("session_options", {})
         options["enable_profiling"] = str(work / "ort_profile")
-        if threads:
+        if threads is not None:
             options["intra_op_num_threads"] = threads
         config.write_text(json.dumps(data, indent=2))
         model = og.Model(str(folder))
@@ -71,7 +71,8 @@ def main() -> None:
     ap.add_argument("folder", type=Path, help="an exported (or builder) genai folder")
     ap.add_argument("--prompt-length", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime-genai's default)")
+    ap.add_argument("--threads", type=int, help="intra-op threads (0: ONNX Runtime's choice; unset: the folder's own "
+                    "setting, and onnxruntime-genai runs one thread when the folder has none)")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
     if not (args.folder / "genai_config.json").is_file():
