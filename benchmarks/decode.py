@@ -747,7 +747,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-graph", choices=("on", "off", "both"), default="both", help="genai runs with / without CUDA graphs")
     ap.add_argument("--threads", type=int, default=1,
                     help="genai backends: intra-op threads of every folder's session alike (default 1: onnxruntime-genai's "
-                         "own default, as in every run recorded before this flag; 0: ONNX Runtime's choice, one per core)")
+                         "own default, as in every run recorded before this flag; 0: ONNX Runtime's choice, one per core); "
+                         "plain ONNX Runtime sessions (ort-optimum, perplexity, profiles) keep ONNX Runtime's choice")
     ap.add_argument("--prompt-length", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--warmup-tokens", type=int, default=4, help="decode steps dropped before the measured ones")
@@ -845,7 +846,8 @@ def run_benchmark(args) -> int:
                   "vocab_size": cfg.vocab_size, "parameters": sum(p.numel() for p in model.parameters()), "dtype": args.dtype},
         "settings": {"prompt_length": args.prompt_length, "decode_tokens": args.decode_tokens, "warmup_tokens": args.warmup_tokens,
                      "batch": 1, "mode": "threshold", "allocation": "uniform", "calibration_windows": args.calibration_windows,
-                     "device": device, "genai_packed": bool(args.pack), "swiglu_fold": not args.no_swiglu_fold},
+                     "device": device, "genai_packed": bool(args.pack), "swiglu_fold": not args.no_swiglu_fold,
+                     "genai_intra_op_threads": args.threads},
         "timings_s": {},
     }
     results = Results(Path(args.output) if args.output else None, header)
