@@ -72,6 +72,12 @@ void SelectTask(void* data, size_t task) {
   MaskRowCpu<T>(j.x + m * K, K, (*j.rules)[(size_t)rg], j.v.data() + (rg * M + m) * K);
 }
 
+/// Column col of one row of Q (low nibble: even column, high nibble: odd column) as a float.
+inline float Nibble(const uint8_t* row, int64_t col) {
+  const uint8_t packed = row[col >> 1];
+  return (float)((col & 1) ? packed >> 4 : packed & 15);
+}
+
 /// Unpack columns [c0, c0 + w) of one row of Q into floats.
 __attribute__((always_inline)) inline void UnpackRow(const uint8_t* row, int64_t c0, int64_t w, float* out) {
   int64_t j = 0;
@@ -241,10 +247,7 @@ __attribute__((target("avx2,fma"))) void AccumulateOneRowAvx2(Job<T>& j, size_t 
     const auto column = [&](int64_t c) {  // one column of the chunk
       const int64_t col = c0 + c;
       float sum = 0.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        const uint8_t packed = kept_row[(size_t)i][col >> 1];
-        sum += kept_v[(size_t)i] * (float)((col & 1) ? packed >> 4 : packed & 15);
-      }
+      for (int64_t i = 0; i < n; ++i) sum += kept_v[(size_t)i] * Nibble(kept_row[(size_t)i], col);
       acc[(size_t)c] += ToFloat(sc[c]) * sum + ToFloat(of[c]) * sv;
     };
     __m256 aq[8];
@@ -305,7 +308,6 @@ constexpr int64_t kDenseRows = 256;   // rows per task (one packed panel serves 
 constexpr int64_t kDenseCols = 128;   // columns per task
 constexpr int64_t kDenseDepth = 256;  // K slice dequantized and packed at a time (128 KB of floats)
 
-
 template <typename T>
 void DenseTask(void* data, size_t task) {
   auto& j = *static_cast<Job<T>*>(data);
@@ -318,7 +320,7 @@ void DenseTask(void* data, size_t task) {
   thread_local std::vector<float> acc, panel, zeros;
   acc.assign((size_t)(kDenseRows * kDenseCols), 0.0f);
   panel.resize((size_t)(kDenseCols * kDenseDepth));
-  zeros.assign((size_t)kDenseDepth, 0.0f);
+  if (zeros.size() < (size_t)kDenseDepth) zeros.assign((size_t)kDenseDepth, 0.0f);  // never written: zero once per thread
   const float* vals = j.v.data() + (j.MemberGroup(ch.g) * M + r0) * K;
   const float* a[kDenseRows];
   for (int64_t kb = 0; kb < K; kb += kDenseDepth) {
@@ -332,11 +334,7 @@ void DenseTask(void* data, size_t task) {
         const T* sc = j.scales + b * N + cs;
         const T* of = j.offsets + b * N + cs;
         float* d = dst + k * kPanelStrip;
-        for (int64_t c = 0; c < n; ++c) {
-          const int64_t col = cs + c;
-          const uint8_t packed = row[col >> 1];
-          d[c] = ToFloat(sc[c]) * (float)((col & 1) ? packed >> 4 : packed & 15) + ToFloat(of[c]);
-        }
+        for (int64_t c = 0; c < n; ++c) d[c] = ToFloat(sc[c]) * Nibble(row, cs + c) + ToFloat(of[c]);
         for (int64_t c = n; c < kPanelStrip; ++c) d[c] = 0.0f;
       }
     }
