@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
+from test_ops import log_spread
 
 from acttail_export import ops
 from acttail_export import reference as ref
@@ -197,6 +198,8 @@ def assert_matches(y: np.ndarray, case: Case, exact_w: bool = False) -> None:
     assert np.array_equal(np.isfinite(yf)[regular], finite_want[regular]), (
         f"Inf/NaN placement differs at {np.argwhere(np.isfinite(yf) != finite_want)[:5].tolist()}")
     fin = regular & finite_want
+    if exact_w:
+        log_spread(err, ref_y, bound, dtype, fin, 1e-7)
     bad = fin & ~(err <= tol)
     assert not bad.any(), f"max error {err[bad].max():.3g} over tolerance {tol[bad].min():.3g} at {np.argwhere(bad)[:5].tolist()}"
 
