@@ -358,6 +358,16 @@ def test_one_row_tiles_at_any_member_start(dtype, segments):
     assert_matches(run_case(case), case, exact_w=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("segments", [[77, 207, 302], [64, 160, 302], [1, 300]])
+def test_dense_prefill_strips_at_any_member_start(dtype, segments):
+    """40 rows take the dense prefill, whose panels are dequantized 16 columns at a time: strips of a member starting
+    at an even column in vectors (8 bytes of Q), at an odd one or shorter than 16 column by column."""
+    case = llm_case(np.random.default_rng(sum(segments) + 1), 40, 300, segments[-1], 32, dtype, "threshold", keep=0.6,
+                    segments=segments)
+    assert_matches(run_case(case), case, exact_w=True)
+
+
 def check_paths(seed: int = 0) -> int:
     """Decode split-K, row blocks, members, both dtypes and modes on 2 threads; returns the number of cases."""
     rng = np.random.default_rng(seed)

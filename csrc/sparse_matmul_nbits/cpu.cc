@@ -308,6 +308,32 @@ constexpr int64_t kDenseRows = 256;   // rows per task (one packed panel serves 
 constexpr int64_t kDenseCols = 128;   // columns per task
 constexpr int64_t kDenseDepth = 256;  // K slice dequantized and packed at a time (128 KB of floats)
 
+/// Row kk of the panel strip at columns [cs, cs + n): d[c] = s q + o (a multiply and an add: the same roundings on every
+/// ISA path), zero past n.
+template <typename T>
+inline void DequantRowScalar(const uint8_t* row, const T* sc, const T* of, int64_t cs, int64_t n, float* d) {
+  for (int64_t c = 0; c < n; ++c) d[c] = ToFloat(sc[c]) * Nibble(row, cs + c) + ToFloat(of[c]);
+  for (int64_t c = n; c < kPanelStrip; ++c) d[c] = 0.0f;
+}
+
+/// DequantRowScalar for a whole strip starting at an even column (its 16 codes are 8 bytes of the row) in two vectors:
+/// each byte widens to a lane, its low nibble (even column) and high nibble (odd column) are interleaved back as
+/// FlushTile does; other strips take the scalar code. Bit-identical to it.
+template <typename T>
+__attribute__((target("avx2,fma"))) void DequantRowAvx2(const uint8_t* row, const T* sc, const T* of, int64_t cs, int64_t n, float* d) {
+  if (n != kPanelStrip || (cs & 1) != 0) {
+    DequantRowScalar(row, sc, of, cs, n, d);
+    return;
+  }
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (cs >> 1))));
+  const __m256 even = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+  const __m256 odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+  const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+  const __m256 q[2] = {_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)};
+  for (int h = 0; h < 2; ++h)
+    _mm256_storeu_ps(d + 8 * h, _mm256_add_ps(_mm256_mul_ps(LoadFloats8(sc + 8 * h), q[h]), LoadFloats8(of + 8 * h)));
+}
+
 template <typename T>
 void DenseTask(void* data, size_t task) {
   auto& j = *static_cast<Job<T>*>(data);
@@ -323,6 +349,7 @@ void DenseTask(void* data, size_t task) {
   if (zeros.size() < (size_t)kDenseDepth) zeros.assign((size_t)kDenseDepth, 0.0f);  // never written: zero once per thread
   const float* vals = j.v.data() + (j.MemberGroup(ch.g) * M + r0) * K;
   const float* a[kDenseRows];
+  const bool avx2 = CpuIsa() >= Isa::kAvx2;
   for (int64_t kb = 0; kb < K; kb += kDenseDepth) {
     const int64_t depth = std::min(kDenseDepth, K - kb);
     for (int64_t st = 0; st < strips; ++st) {  // W[kb:kb+depth, strip] = s q + o as [strip][k][16], zero padded
@@ -334,8 +361,11 @@ void DenseTask(void* data, size_t task) {
         const T* sc = j.scales + b * N + cs;
         const T* of = j.offsets + b * N + cs;
         float* d = dst + k * kPanelStrip;
-        for (int64_t c = 0; c < n; ++c) d[c] = ToFloat(sc[c]) * Nibble(row, cs + c) + ToFloat(of[c]);
-        for (int64_t c = n; c < kPanelStrip; ++c) d[c] = 0.0f;
+        if (avx2) {
+          DequantRowAvx2(row, sc, of, cs, n, d);
+        } else {
+          DequantRowScalar(row, sc, of, cs, n, d);
+        }
       }
     }
     for (int64_t r = 0; r < rows; ++r) a[r] = vals + r * K + kb;
