@@ -309,9 +309,9 @@ constexpr int64_t kDenseCols = 128;   // columns per task
 constexpr int64_t kDenseDepth = 256;  // K slice dequantized and packed at a time (128 KB of floats)
 
 /// Row kk of the panel strip at columns [cs, cs + n): d[c] = s q + o (a multiply and an add: the same roundings on every
-/// ISA path), zero past n.
+/// ISA path; never inlined into the AVX2 caller, where the compiler could contract them into an FMA), zero past n.
 template <typename T>
-inline void DequantRowScalar(const uint8_t* row, const T* sc, const T* of, int64_t cs, int64_t n, float* d) {
+__attribute__((noinline)) void DequantRowScalar(const uint8_t* row, const T* sc, const T* of, int64_t cs, int64_t n, float* d) {
   for (int64_t c = 0; c < n; ++c) d[c] = ToFloat(sc[c]) * Nibble(row, cs + c) + ToFloat(of[c]);
   for (int64_t c = n; c < kPanelStrip; ++c) d[c] = 0.0f;
 }
