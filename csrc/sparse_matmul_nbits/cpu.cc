@@ -330,8 +330,11 @@ __attribute__((target("avx2,fma"))) void DequantRowAvx2(const uint8_t* row, cons
   const __m256 odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
   const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
   const __m256 q[2] = {_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)};
-  for (int h = 0; h < 2; ++h)
-    _mm256_storeu_ps(d + 8 * h, _mm256_add_ps(_mm256_mul_ps(LoadFloats8(sc + 8 * h), q[h]), LoadFloats8(of + 8 * h)));
+  for (int h = 0; h < 2; ++h) {
+    __m256 product = _mm256_mul_ps(LoadFloats8(sc + 8 * h), q[h]);
+    asm("" : "+x"(product));  // a rounded product: GCC would otherwise contract the multiply and the add into an FMA
+    _mm256_storeu_ps(d + 8 * h, _mm256_add_ps(product, LoadFloats8(of + 8 * h)));
+  }
 }
 
 template <typename T>
