@@ -38,7 +38,7 @@ TOL = {np.float32: 1e-5, np.float16: 2e-3}
 # The CPU kernels keep W and the kept values exact in float32 (exact_w=True): only the float32 sums (1e-5 of the bound
 # sum) and, in float16, Y's rounding (2^-11 of |y|; in float32 the |y| term stays TOL's). Every CPU test passes with it
 # (every SIMD path included). Measured spread (ACTTAIL_TOL_SPREAD, log_spread below: the error beyond Y's rounding as a
-# fraction of the bound sum), over the 679 exact_w comparisons of this file, the ACTTAIL_CPU_ISA=avx2 (the path of
+# fraction of the bound sum), over the 681 exact_w comparisons of this file, the ACTTAIL_CPU_ISA=avx2 (the path of
 # AVX2-only CPUs) and scalar subprocesses included: at most 2.9e-7 in float32 (float32 x times float32 w is rounded
 # once per product; the dense prefill's fallback test) and 3.6e-8 in float16, so 1e-5 leaves a factor of 35. TOL's
 # float16 2e-3 of the bound sum is for the cuBLAS prefill's float16 values and would let a lost kept row pass at K in

@@ -36,7 +36,7 @@ TOL = {np.float32: 2e-5, np.float16: 2e-3}
 # Paths that keep W and the kept values exact in float32 (the CPU kernel; exact_w=True): only the float32 sums (2e-5 of
 # the same scale) and, in float16, Y's rounding (2^-11 of |y|; float32 stays TOL). Every CPU test passes with it on AVX-512, AVX2 and scalar
 # paths (ACTTAIL_CPU_ISA subprocesses below); measured (ACTTAIL_TOL_SPREAD, test_ops.log_spread), the error beyond Y's
-# rounding is at most 9.7e-8 of the term sum in float32 and 1.5e-8 in float16 over the 631 exact comparisons of this
+# rounding is at most 9.7e-8 of the term sum in float32 and 1.5e-8 in float16 over the 641 exact comparisons of this
 # file, ACTTAIL_CPU_ISA unset / avx2 / scalar (the margin is 200x), and unlike TOL it fails when one kept row is lost
 # (test_exact_tolerance_catches_a_lost_row).
 EXACT_TOL, ROUNDING = 2e-5, {np.float32: 2e-5, np.float16: 2.0**-11}
