@@ -44,6 +44,9 @@ TOL = {np.float32: 1e-5, np.float16: 2e-3}
 # float16 2e-3 of the bound sum is for the cuBLAS prefill's float16 values and would let a lost kept row pass at K in
 # the thousands (test_exact_tolerance_catches_a_lost_row).
 EXACT_TOL, ROUNDING = 1e-5, {np.float32: 1e-5, np.float16: 2.0**-11}
+# Calls of at most this many rows take the CUDA ops' decode GEMV (float32 sums of exact products: the exact tolerance
+# holds there); more rows take the prefill paths (csrc/*/cuda.cu)
+CUDA_DECODE_ROWS = 8
 
 
 def log_spread(err: np.ndarray, want: np.ndarray, bound_sum: np.ndarray, dtype, where: np.ndarray, floor: float) -> None:

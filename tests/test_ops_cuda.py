@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from test_ops import (
     CPU_SETTINGS,
+    CUDA_DECODE_ROWS,
     Case,
     cached_session,
     cases,
@@ -44,7 +45,7 @@ def assert_close(y: np.ndarray, c: Case) -> None:
     path keeps W and the kept values exact and sums in float32: the decode GEMV (at most 8 rows). The prefill paths
     (cuBLAS and the op's own GEMM) write the masked values to a workspace in T, rounding ramp and scale products, and
     keep the loose one."""
-    ops_assert_close(y, c, exact_w=int(np.prod(c.x.shape[:-1])) <= 8)
+    ops_assert_close(y, c, exact_w=int(np.prod(c.x.shape[:-1])) <= CUDA_DECODE_ROWS)
 
 
 def assert_matches(y: np.ndarray, x: np.ndarray, w: np.ndarray, mode: str, threshold=None, k=None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from test_ops import run_profiled, set_env, set_prefill_guard_env, with_initializers
+from test_ops import CUDA_DECODE_ROWS, run_profiled, set_env, set_prefill_guard_env, with_initializers
 from test_ops_nbits import (
     CPU_SETTINGS,
     Case,
@@ -44,7 +44,7 @@ def assert_matches(y: np.ndarray, case: Case) -> None:
     CUDA path keeps W and the sums in float32: the decode GEMV (at most 8 rows) and the exact kernel (ACTTAIL_CUBLAS=0,
     read at the call). The cuBLAS prefill multiplies W dequantized to T (float16: rounded) and keeps the loose one."""
     rows = int(np.prod(case.x.shape[:-1]))
-    nbits_assert_matches(y, case, exact_w=rows <= 8 or os.environ.get("ACTTAIL_CUBLAS") == "0")
+    nbits_assert_matches(y, case, exact_w=rows <= CUDA_DECODE_ROWS or os.environ.get("ACTTAIL_CUBLAS") == "0")
 
 
 @settings(CPU_SETTINGS, max_examples=N_CASES)

@@ -243,7 +243,6 @@ constexpr int64_t kDenseCols = 128;  // columns per task
 constexpr int64_t kDenseDepth = 256;  // K slice packed at a time (8 strips x 256 x 16 floats = 128 KB)
 constexpr int64_t kStrip = kPanelStrip;  // columns per micro tile
 
-
 template <typename T>
 void DenseTask(void* data, size_t task) {
   auto& j = *static_cast<Job<T>*>(data);
