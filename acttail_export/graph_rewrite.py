@@ -273,6 +273,11 @@ def _fused_members(b: _Builder, node: onnx.NodeProto, members: list[ProjectionCo
     return helper.make_node(CUSTOM_OP, inputs, list(node.output), name=node.name, domain=CUSTOM_DOMAIN, **attrs)
 
 
+#: name suffix of the ``Slice`` that gives an unpacked member its columns of the packed weight (the 4-bit rewrite
+#: replaces it by the member's own weight, :func:`acttail_export.int4_rewrite.rewrite_int4`)
+UNPACKED_SLICE = "/acttail_Slice"
+
+
 def _unpacked_members(b: _Builder, node: onnx.NodeProto, members: list[ProjectionConfig], elem_type: int, mode: str,
                       spec: ArchSpec) -> list[onnx.NodeProto]:
     """Mask kernel, members with different masks: one MatMul per member, named as an unpacked projection, on a
@@ -284,7 +289,7 @@ def _unpacked_members(b: _Builder, node: onnx.NodeProto, members: list[Projectio
         cols = [b.const(f"{name}/acttail_{what}", np.array([v], dtype=np.int64))
                 for what, v in (("start", start), ("stop", start + m.out_features), ("axis", 1))]
         weight = f"{name}/acttail_weight"
-        nodes.append(helper.make_node("Slice", [node.input[1], *cols], [weight], name=f"{name}/acttail_Slice"))
+        nodes.append(helper.make_node("Slice", [node.input[1], *cols], [weight], name=f"{name}{UNPACKED_SLICE}"))
         x = node.input[0]
         if not _is_identity(m, mode):
             mask, x = _mask_nodes(b, m, x, elem_type, mode)

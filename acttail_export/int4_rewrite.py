@@ -201,7 +201,7 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
     """Replace every projection of an ActTail-rewritten ``graph`` by its 4-bit op (in place); returns the count."""
     from onnx import helper
 
-    from .graph_rewrite import CUSTOM_DOMAIN, CUSTOM_OP, CUSTOM_OPSET, find_projections
+    from .graph_rewrite import CUSTOM_DOMAIN, CUSTOM_OP, CUSTOM_OPSET, UNPACKED_SLICE, find_projections
 
     found = find_projections(graph, config.spec)
     members: dict[str, list[str]] = {}
@@ -210,17 +210,25 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
         members.setdefault(node.name, []).append(name)
         nodes[node.name] = node
     inits = {i.name: i for i in graph.graph.initializer}
+    # the mask kernel's unpacked members (graph_rewrite._unpacked_members) read a Slice of the packed weight
+    slices = {n.output[0]: n for n in graph.graph.node if n.op_type == "Slice" and n.name.endswith(UNPACKED_SLICE)}
     by_name = config.by_name()
     replaced: dict[str, onnx.NodeProto] = {}
+    dropped: set[str] = set()  # Slice nodes whose member now carries its own 4-bit weight
     new_inits: list[onnx.TensorProto] = []
     for node_name, names in members.items():
         node = nodes[node_name]
         if node.op_type not in ("MatMul", CUSTOM_OP):
             raise ActTailError(f"{node_name} is a {node.op_type}: the graph was already quantized; start from the base export")
         qw = concat_columns([weights[n] for n in names])
-        w = inits.get(node.input[1])
-        if w is None or list(w.dims) != [qw.K, qw.N]:
-            raise ActTailError(f"{node_name}: weight {node.input[1]!r} is not a [{qw.K}, {qw.N}] initializer")
+        sliced = slices.get(node.input[1])
+        if sliced is not None and node.op_type == "MatMul" and _slice_shape(sliced, inits) == [qw.K, qw.N]:
+            dropped.add(sliced.name)
+            w = inits[sliced.input[0]]
+        else:
+            w = inits.get(node.input[1])
+            if w is None or list(w.dims) != [qw.K, qw.N]:
+                raise ActTailError(f"{node_name}: weight {node.input[1]!r} is not a [{qw.K}, {qw.N}] initializer")
         np_dtype = helper.tensor_dtype_to_np_dtype(w.data_type)
         fused = node.op_type == CUSTOM_OP
         if fused:
@@ -230,12 +238,13 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
             tensors, new = _ort_node(node, qw, np_dtype)
         new_inits.extend(tensors)
         replaced[node_name] = new
-    used = {i for n in graph.graph.node if n.name not in replaced for i in n.input}
-    old = {nodes[n].input[1] for n in replaced} - used
+    gone = [n for n in graph.graph.node if n.name in dropped]
+    used = {i for n in graph.graph.node if n.name not in replaced and n.name not in dropped for i in n.input}
+    old = ({nodes[n].input[1] for n in replaced} | {i for n in gone for i in n.input}) & set(inits) - used
     kept = [i for i in graph.graph.initializer if i.name not in old]
     del graph.graph.initializer[:]
     graph.graph.initializer.extend(kept + new_inits)
-    new_nodes = [replaced.get(n.name, n) for n in graph.graph.node]
+    new_nodes = [replaced.get(n.name, n) for n in graph.graph.node if n.name not in dropped]
     del graph.graph.node[:]
     graph.graph.node.extend(new_nodes)
     domains = {o.domain for o in graph.opset_import}
@@ -243,6 +252,19 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
         graph.opset_import.append(helper.make_opsetid(domain, CUSTOM_OPSET if domain == CUSTOM_DOMAIN else 1))
     logger.info("4-bit weights: %d projection MatMuls rewritten, %d float weights removed", len(replaced), len(old))
     return len(replaced)
+
+
+def _slice_shape(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[int] | None:
+    """[K, columns] of an unpacked member's ``Slice(W, start, stop, axes=1)`` of a packed initializer; None if not."""
+    from onnx import numpy_helper
+
+    if len(node.input) != 4 or any(i not in inits for i in node.input):
+        return None
+    start, stop, axis = (int(numpy_helper.to_array(inits[i]).reshape(-1)[0]) for i in node.input[1:])
+    dims = list(inits[node.input[0]].dims)
+    if axis != 1 or len(dims) != 2 or not 0 <= start < stop <= dims[1]:
+        return None
+    return [dims[0], stop - start]
 
 
 def expected_density(members: list, widths: list[int]) -> float:

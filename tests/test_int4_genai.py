@@ -29,6 +29,9 @@ CASES = {  # name: export arguments
     "fused-gptq": dict(kernel="fused", mode="topk", sparsity=0.5, block_size=64, quantizer="gptq-mse"),
     # no block size / quantizer: the defaults, block 32 and gptq-mse-act (Hessians of the calibration windows)
     "mask-default": dict(kernel="mask", mode="topk", sparsity=0.5, allocation="uniform"),
+    # the default allocation gives q/k/v and gate/up members their own budgets: the mask kernel unpacks them into one
+    # MatMul per member on a Slice of the packed weight, which the 4-bit rewrite replaces by the member's own weight
+    "mask-acttail": dict(kernel="mask", mode="topk", sparsity=0.5, block_size=32, quantizer="rtn"),
 }
 
 
@@ -94,7 +97,18 @@ def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports,
     sparse = kw["kernel"] == "fused" and kw["sparsity"] > 0
     assert {n.op_type for n in found.values()} == ({"SparseMatMulNBits"} if sparse else {"MatMulNBits"})
     assert {n.op_type for n in found.values()} <= set(NBITS_OPS)
-    assert len({n.name for n in found.values()}) < len(found)  # q/k/v and gate/up stay packed
+    if name == "mask-acttail":  # a group whose members have different k: one MatMulNBits per member, the others packed
+        ks: dict[tuple, set] = {}
+        for p in config.projections:
+            layer, kind = p.name.rsplit(".", 1)
+            group = next((g for g, kinds in config.spec.packed.items() if kind in kinds), kind)
+            ks.setdefault((layer, group), set()).add(p.keep_k())
+        unpacked = sum(len(config.spec.packed[g]) for (_, g), k in ks.items() if len(k) > 1)
+        assert unpacked > 0
+        assert len({n.name for n in found.values()}) == len(ks) - sum(len(k) > 1 for k in ks.values()) + unpacked
+        assert not [n for n in graph.graph.node if n.op_type == "Slice" and "acttail" in n.name]
+    else:
+        assert len({n.name for n in found.values()}) < len(found)  # q/k/v and gate/up stay packed
     # the fused 4-bit down ops read the packed gate|up output and apply SwiGLU themselves (the mask kernel keeps the
     # builder's Sigmoid / Mul / Mul in front of MatMulNBits)
     downs = [n for name, n in found.items() if name.endswith("down_proj")]
@@ -142,7 +156,7 @@ def test_int4_folder_is_smaller_than_the_float_export(exports, tiny_llama_dir, t
     assert size(float_folder) - size(exports("dense")) >= 0.75 * projection_bytes * 0.99
 
 
-@pytest.mark.parametrize("name", ["fused-threshold", "mask-topk"])
+@pytest.mark.parametrize("name", ["fused-threshold", "mask-topk", "mask-acttail"])
 def test_folder_runs_like_the_sparse_reference_of_the_dequantized_model(exports, name, tiny_llama_dir):
     """Prompt logits of a plain ONNX Runtime session within 1e-4 of PyTorch (dequantized weights, the exported
     masks), and greedy tokens of ``og.Model(folder)`` equal to PyTorch's (tiny model: no boundary ties)."""
