@@ -206,6 +206,9 @@ class ActTailConfig:
     weights: str | None = None
     block_size: int | None = None
     quantizer: str | None = None
+    #: the lm_head's weights: "int8" (an 8-bit MatMulNBits, :mod:`acttail_export.lm_head`; int4 exports only) or "float"
+    #: (None in configs written before ``--lm-head`` existed: float)
+    lm_head: str | None = None
     #: the method behind ``allocation`` at this target and mode (:func:`resolve_allocation`); None in configs written before ``acttail``
     #: became a per-level choice, where ``acttail`` meant ``htsr``
     allocation_method: str | None = None
@@ -244,6 +247,12 @@ class ActTailConfig:
     def _check_weights(self) -> None:
         if self.weights is not None:
             _check_choice(self.weights, WEIGHTS, "weights")
+        if self.lm_head is not None:
+            from .lm_head import LM_HEADS
+
+            _check_choice(self.lm_head, LM_HEADS, "lm_head")
+            if self.lm_head == "int8" and self.weights != "int4":
+                raise ActTailError(f"lm_head=int8 only applies to weights=int4, got weights={self.weights!r}")
         if self.weights != "int4":
             if self.block_size is not None or self.quantizer is not None:
                 raise ActTailError(f"block_size / quantizer only apply to weights=int4, got weights={self.weights!r}")

@@ -284,6 +284,7 @@ def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Pa
     config.model = str(model_ref)
     config.architecture = type(model).__name__
     config.weights, (config.block_size, config.quantizer) = ("int4", o.int4) if o.int4 else (o.dtype, (None, None))
+    config.lm_head = o.head
     with _stage("calibration"), torch.no_grad():
         calibrate(model, tokenizer, config, windows=windows, source=str(calibration_path), progress=o.progress)
     return config
@@ -298,7 +299,11 @@ def _validate(model, tokenizer, tmp: Path, config: ActTailConfig, o: ExportOptio
     context = getattr(model.config, "max_position_embeddings", None) or VALIDATION_LENGTH
     windows = load_windows(tokenizer, text_source, min(VALIDATION_LENGTH, context), samples=VALIDATION_WINDOWS)
     with _stage("validation"):
-        report = validate_export(model, tmp, config, windows, o.dtype)
+        from .lm_head import emulated_head, head_of_folder
+
+        # an 8-bit lm_head: PyTorch computes what the node computes on the export's device
+        with emulated_head(model, head_of_folder(tmp), int8_activations=o.device == "cpu"):
+            report = validate_export(model, tmp, config, windows, o.dtype)
         if int4:
             from .int4_rewrite import check_int4_export
 

@@ -256,7 +256,8 @@ def rewrite_graph(graph: onnx.ModelProto, config: ActTailConfig, mode: str | Non
 
 
 def _save_int4(graph: onnx.ModelProto, base_dir: Path, filename: str, config: ActTailConfig, quantized: dict) -> Path:
-    """The 4-bit ops into a rewritten builder graph, saved with only the weights it still uses.
+    """The 4-bit ops (and with ``config.lm_head == "int8"`` the 8-bit lm_head) into a rewritten builder graph, saved
+    with only the weights it still uses.
 
     The graph is edited without its weights; then the weights it still references are read from the builder's
     ``model.onnx.data`` and the graph is saved in a staging folder (one file, or ``<name>_data`` over 2 GB) that is
@@ -271,6 +272,10 @@ def _save_int4(graph: onnx.ModelProto, base_dir: Path, filename: str, config: Ac
 
     rewrite_int4(graph, config, quantized)
     load_external_data_for_model(graph, str(base_dir))
+    if config.lm_head == "int8":
+        from .lm_head import rewrite_lm_head
+
+        rewrite_lm_head(graph)
     staging = Path(tempfile.mkdtemp(prefix=".int4-", dir=base_dir))
     try:
         save_onnx(graph, staging / filename)

@@ -306,10 +306,11 @@ def _ort_node(node: onnx.NodeProto, qw: QuantizedWeight, np_dtype) -> tuple[list
     return tensors, new
 
 
-def rewrite_onnx_int4(source: Path, target: Path, edit) -> Path:
+def rewrite_onnx_int4(source: Path, target: Path, edit, loaded=None) -> Path:
     """:func:`acttail_export.onnx_export.rewrite_onnx` for edits that drop weights: the graph is edited without its
     weights, then only the weights it still uses are read and saved anew, so the removed float projection weights
-    are never loaded and leave no bytes behind in an external data file."""
+    are never loaded and leave no bytes behind in an external data file. ``loaded``: a further edit that reads
+    weights (the 8-bit lm_head), run once they are loaded."""
     from onnx.external_data_helper import load_external_data_for_model
 
     from .onnx_export import load_onnx, save_onnx
@@ -318,6 +319,8 @@ def rewrite_onnx_int4(source: Path, target: Path, edit) -> Path:
     graph = load_onnx(source, load_external_data=False)
     edit(graph)
     load_external_data_for_model(graph, str(source.parent))
+    if loaded is not None:
+        loaded(graph)
     return save_onnx(graph, target)
 
 

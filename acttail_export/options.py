@@ -30,6 +30,7 @@ Device = Literal["cpu", "cuda"]
 #: the ``optimum`` extra)
 Base = str
 Weights = Literal["fp32", "fp16", "int4"]
+LmHead = Literal["float", "int8"]
 Quantizer = Literal["rtn", "mse", "gptq", "gptq-mse", "gptq-act", "gptq-mse-act"]
 
 MODES, KERNELS, DTYPES, DEVICES = (get_args(t) for t in (Mode, Kernel, DType, Device))
@@ -93,6 +94,7 @@ class ExportOptions:
     weights: Weights | None = None  # None: the --dtype
     block_size: int | None = None  # int4 only (default 32)
     quantizer: Quantizer | None = None  # int4 only (default gptq-mse-act)
+    lm_head: LmHead | None = None  # None: int8 for --weights int4 on the CPU, else float (see :attr:`head`)
 
     def __post_init__(self) -> None:
         # frozen: the numbers and the path are normalized here, once
@@ -134,6 +136,8 @@ class ExportOptions:
 
         weights = self.dtype if self.weights is None else self.weights
         _choice(weights, get_args(Weights), "--weights")
+        if self.lm_head is not None:
+            _choice(self.lm_head, get_args(LmHead), "--lm-head")
         if weights != "int4":
             if weights != self.dtype:
                 raise ActTailError(f"--weights {weights} needs --dtype {weights} (float weights have the graph's "
@@ -141,6 +145,9 @@ class ExportOptions:
             if self.block_size is not None or self.quantizer is not None:
                 raise ActTailError("--block-size/--quantizer only apply to --weights int4: add --weights int4 or "
                                    "drop them")
+            if self.lm_head == "int8":
+                raise ActTailError("--lm-head int8 only applies to --weights int4 (float exports keep a float lm_head): "
+                                   "add --weights int4 or drop --lm-head")
             return
         if not get_base(self.base).supports_int4:
             from .bases import BASES
@@ -153,6 +160,14 @@ class ExportOptions:
             raise ActTailError(f"--block-size must be one of {choices}; got {self.block_size!r}")
         if self.quantizer is not None:
             _choice(self.quantizer, WEIGHT_QUANTIZERS, "--quantizer")
+
+    @property
+    def head(self) -> str:
+        """The lm_head's weights: ``--lm-head``, else ``int8`` for ``--weights int4`` on the CPU (where it is a quarter of
+        a decode step, docs/quantization.md) and ``float`` otherwise (the 8-bit node is not measured on a GPU)."""
+        if self.lm_head is not None:
+            return self.lm_head
+        return "int8" if self.weights == "int4" and self.device == "cpu" else "float"
 
     @property
     def int4(self) -> tuple[int, str] | None:

@@ -38,6 +38,7 @@ On CPU (``--device cpu --dtype fp32``, tiny models) the same code paths run for 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -731,6 +732,9 @@ def main(argv=None) -> int:
     # mse (data-free) by default: the exporter's default (gptq-mse-act) adds a Hessian pass over the calibration windows
     # to every 4-bit export; the weights' values do not change the timings
     ap.add_argument("--export-quantizer", choices=WEIGHT_QUANTIZERS, default="mse", help="acttail-export --weights int4: quantizer")
+    ap.add_argument("--export-lm-head", nargs="*", default=[], choices=("float", "int8"),
+                    help="acttail-export --weights int4: one folder per lm_head (--lm-head; default: the exporter's, "
+                         "int8 on --device cpu)")
     ap.add_argument("--export-perplexity", action="store_true",
                     help="perplexity of every acttail-export folder, genai-int4 and genai-dense on --ppl-split (pretrained models)")
     ap.add_argument("--ppl-split", choices=("valid", "test"), default="valid",
@@ -1111,49 +1115,53 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
     from acttail_export.int4_rewrite import NBITS_OP
 
     start = time.perf_counter()
-    for allocation in args.export_allocation:
-        for s in args.export_sparsity:
-            int4 = args.export_weights == "int4"
-            folder = work / f"export-{allocation}-{args.export_mode}-{int(round(s * 100))}{'-int4' if int4 else ''}"
-            label = f"export {allocation} {args.export_mode} {s:.0%}{' int4' if int4 else ''}"
-            extra = dict(mode=args.export_mode, allocation=allocation, weights=args.export_weights)
-            if out_of_time(args.export_margin):
-                print(f"deadline: {label} not started", flush=True)
-                continue
-            t = time.perf_counter()
-            try:
-                export(model_ref, folder, sparsity=s, allocation=allocation, mode=args.export_mode, kernel="fused", base="genai",
-                       dtype=args.dtype, device=args.device, calibration_data=str(calibration),
-                       calibration_samples=args.calibration_windows, sequence_length=args.prompt_length,
-                       validate=args.export_validate, eval_tokens=0, overwrite=True, progress=False,
-                       **({"weights": "int4", "block_size": 32, "quantizer": args.export_quantizer} if int4 else {}))
-            except Exception as exc:  # noqa: BLE001
-                results.add("acttail-export", label, s, {"error": f"export: {type(exc).__name__}: {str(exc)[:1500]}"}, **extra)
-                continue
-            config = ActTailConfig.load(folder)
-            graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-            extra.update(export_s=time.perf_counter() - t,
-                         sparse_ops=sum(n.op_type in (CUSTOM_OP, NBITS_OP) for n in graph.graph.node),
-                         budgets=[min(p.sparsity for p in config.projections), max(p.sparsity for p in config.projections)],
-                         export_command=f"acttail-export export --model MODEL --sparsity {s} --allocation {allocation} "
-                                        f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}"
-                                        + (f" --weights int4 --block-size 32 --quantizer {args.export_quantizer}" if int4 else ""))
-            spec = dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph)
-            variant = label + (" +cuda-graph" if cuda_graph else "")
-            r = run_child(spec, args.child_timeout)
-            if args.cupti and common["provider"] == "cuda":
-                r["cupti"] = cupti_run(common, folder, "model.onnx", args.child_timeout)
-            if ppl is not None:
-                extra["perplexity"] = ppl(folder, "model.onnx", fused=True)
-            results.add("acttail-export", variant, s, r, cuda_graph=cuda_graph, **extra)
-            if args.ab_env:  # the same folder with the variables set, alternating with plain runs
-                env = dict(os.environ, **dict(v.split("=", 1) for v in args.ab_env))
-                for rep in range(args.ab_repeats):
-                    for tag, child_env in ((" ".join(args.ab_env), env), ("plain", None)):
-                        r = run_child(spec, args.child_timeout, env=child_env)
-                        results.add("acttail-export", f"{variant} [{tag} #{rep + 1}]", s, r, cuda_graph=cuda_graph, ab=tag, **extra)
-            if not args.keep_exports:
-                shutil.rmtree(folder, ignore_errors=True)
+    int4 = args.export_weights == "int4"
+    for allocation, s, head in itertools.product(args.export_allocation, args.export_sparsity,
+                                                 (args.export_lm_head or [None]) if int4 else [None]):
+        suffix = f"{'-int4' if int4 else ''}{f'-head-{head}' if head else ''}"
+        folder = work / f"export-{allocation}-{args.export_mode}-{int(round(s * 100))}{suffix}"
+        label = f"export {allocation} {args.export_mode} {s:.0%}{' int4' if int4 else ''}{f' lm_head {head}' if head else ''}"
+        extra = dict(mode=args.export_mode, allocation=allocation, weights=args.export_weights)
+        if out_of_time(args.export_margin):
+            print(f"deadline: {label} not started", flush=True)
+            continue
+        t = time.perf_counter()
+        try:
+            export(model_ref, folder, sparsity=s, allocation=allocation, mode=args.export_mode, kernel="fused", base="genai",
+                   dtype=args.dtype, device=args.device, calibration_data=str(calibration),
+                   calibration_samples=args.calibration_windows, sequence_length=args.prompt_length,
+                   validate=args.export_validate, eval_tokens=0, overwrite=True, progress=False,
+                   **({"weights": "int4", "block_size": 32, "quantizer": args.export_quantizer, "lm_head": head}
+                      if int4 else {}))
+        except Exception as exc:  # noqa: BLE001
+            results.add("acttail-export", label, s, {"error": f"export: {type(exc).__name__}: {str(exc)[:1500]}"}, **extra)
+            continue
+        config = ActTailConfig.load(folder)
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        extra.update(export_s=time.perf_counter() - t,
+                     sparse_ops=sum(n.op_type in (CUSTOM_OP, NBITS_OP) for n in graph.graph.node),
+                     budgets=[min(p.sparsity for p in config.projections), max(p.sparsity for p in config.projections)],
+                     export_command=f"acttail-export export --model MODEL --sparsity {s} --allocation {allocation} "
+                                    f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}"
+                                    + (f" --weights int4 --block-size 32 --quantizer {args.export_quantizer}"
+                                       f" --lm-head {config.lm_head}" if int4 else ""))
+        extra["lm_head"] = config.lm_head
+        spec = dict(common, kind="genai", dir=str(folder), filename="model.onnx", cuda_graph=cuda_graph)
+        variant = label + (" +cuda-graph" if cuda_graph else "")
+        r = run_child(spec, args.child_timeout)
+        if args.cupti and common["provider"] == "cuda":
+            r["cupti"] = cupti_run(common, folder, "model.onnx", args.child_timeout)
+        if ppl is not None:
+            extra["perplexity"] = ppl(folder, "model.onnx", fused=True)
+        results.add("acttail-export", variant, s, r, cuda_graph=cuda_graph, **extra)
+        if args.ab_env:  # the same folder with the variables set, alternating with plain runs
+            env = dict(os.environ, **dict(v.split("=", 1) for v in args.ab_env))
+            for rep in range(args.ab_repeats):
+                for tag, child_env in ((" ".join(args.ab_env), env), ("plain", None)):
+                    r = run_child(spec, args.child_timeout, env=child_env)
+                    results.add("acttail-export", f"{variant} [{tag} #{rep + 1}]", s, r, cuda_graph=cuda_graph, ab=tag, **extra)
+        if not args.keep_exports:
+            shutil.rmtree(folder, ignore_errors=True)
     return time.perf_counter() - start
 
 

@@ -1,10 +1,12 @@
-"""What a 4-bit lm_head would give SmolLM2 on the CPU: its time as ORT nodes and its cost in perplexity (validation).
+"""What a 4-bit or 8-bit lm_head gives SmolLM2 on the CPU: its time as ORT nodes and its cost in perplexity (validation).
 
 Time: SmolLM2's lm_head shape (576 → 49152, one row) as a float32 ``MatMul`` and as ``com.microsoft::MatMulNBits``
 (4 bits, blocks of 32, symmetric codes; accuracy level 0 and 4, the latter with int8 activations as the builder's
-``-p int4`` model runs it), median of ``--calls`` calls each on ``--threads`` threads. Quality: perplexity of the dense
-model on the first ``--max-tokens`` validation tokens (windows of 1024) with the lm_head replaced by its dequantized
-4-bit weights (``quantize_tensor``, blocks of 32 along the input dimension, each ``--quantizers``)::
+``-p int4`` model runs it; and 8 bits at accuracy level 4, the exporter's ``--lm-head int8``,
+:mod:`acttail_export.lm_head`), median of ``--calls`` calls each on ``--threads`` threads. Quality: perplexity of the
+dense model on the first ``--max-tokens`` validation tokens (windows of 1024) with the lm_head replaced by its
+dequantized 4-bit weights (``quantize_tensor``, blocks of 32 along the input dimension, each ``--quantizers``), and by
+the 8-bit head with the int8 activations of its CPU kernel (``lm_head.emulated_head``)::
 
     python benchmarks/lm_head_probe.py --data DATA/wiki.valid.raw --output docs/results/int4/lm_head_probe.json
 """
@@ -41,6 +43,24 @@ def node_model(K: int, N: int, kind: str, rng) -> bytes:
         opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(helper.make_graph([node], "lm_head", [x], [y], initializer=inits), opset_imports=opsets)
     model.ir_version = 8
+    return model.SerializeToString()
+
+
+def int8_node_model(K: int, N: int, rng) -> bytes:
+    """The exporter's 8-bit lm_head node (``lm_head.rewrite_lm_head`` of a float32 ``MatMul`` writing ``logits``)."""
+    from onnx import TensorProto, helper
+
+    from acttail_export.lm_head import rewrite_lm_head
+
+    f32 = TensorProto.FLOAT
+    w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["logits"], name="/lm_head/MatMul")], "lm_head",
+                              [helper.make_tensor_value_info("X", f32, [1, K])],
+                              [helper.make_tensor_value_info("logits", f32, [1, N])],
+                              initializer=[helper.make_tensor("W", f32, w.shape, w.tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    rewrite_lm_head(model)
     return model.SerializeToString()
 
 
@@ -84,6 +104,7 @@ def main() -> None:
     N, K = head.weight.shape
     timing = {kind: time_node(node_model(K, N, kind, rng), K, args.threads, args.calls, rng)
               for kind in ("float32", "int4 accuracy 0", "int4 accuracy 4")}
+    timing["int8 accuracy 4"] = time_node(int8_node_model(K, N, rng), K, args.threads, args.calls, rng)
     for kind, ms in timing.items():
         print(f"lm_head {K} -> {N} as {kind}: {ms:.2f} ms per call", flush=True)
     windows = load_windows(tokenizer, args.data, 1024, max_tokens=args.max_tokens)
@@ -103,10 +124,17 @@ def main() -> None:
             model.set_output_embeddings(head)
         quality[quantizer] = ppl
         print(f"lm_head 4-bit ({quantizer}, block 32): perplexity {ppl:.3f} ({100 * (ppl / dense - 1):+.2f} %)", flush=True)
+    from acttail_export.lm_head import emulated_head, quantize_head
+
+    with emulated_head(model, quantize_head(original.T.contiguous().numpy())):
+        int8 = perplexity_windows(model, windows, progress=False)["perplexity"]
+    print(f"lm_head 8-bit (rtn, block 32, int8 activations): perplexity {int8:.3f} ({100 * (int8 / dense - 1):+.2f} %)",
+          flush=True)
     if args.output:
         args.output.write_text(json.dumps({"threads": args.threads, "calls": args.calls, "shape": [K, N], "ms": timing,
                                            "tokens": int(windows.numel()), "dense_perplexity": dense,
-                                           "lm_head_4bit_perplexity": quality}, indent=1) + "\n")
+                                           "lm_head_4bit_perplexity": quality, "lm_head_8bit_perplexity": int8},
+                                          indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -53,11 +53,12 @@ CASES = {  # name: (model fixture, export arguments)
     "mistral-fused-threshold": ("tiny_mistral_dir", dict(kernel="fused", mode="threshold", sparsity=0.5, block_size=64,
                                                          quantizer="rtn", allocation="uniform")),
     "llama-mask-threshold": ("tiny_llama_dir", dict(kernel="mask", mode="threshold", sparsity=0.5, block_size=128, quantizer="mse",
-                                                    allocation="htsr")),
+                                                    allocation="htsr", lm_head="float")),
     "mistral-mask-topk": ("tiny_mistral_dir", dict(kernel="mask", mode="topk", sparsity=0.6, block_size=32, quantizer="rtn",
                                                    allocation="htsr")),
     "llama-dense": ("tiny_llama_dir", dict(kernel="mask", mode="topk", sparsity=0.0, block_size=64, quantizer="mse")),
 }
+# every case but one has the CPU default's 8-bit lm_head (acttail_export.lm_head); llama-mask-threshold keeps it float
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +158,23 @@ def test_dense_int4_logits_match_dequantized_pytorch(exports):
     import torch
 
     from acttail_export.int4_rewrite import quantize_model
+    from acttail_export.lm_head import emulated_head, head_of_folder, quantize_head
     from acttail_export.modeling import load_model
 
     folder, model_dir = exports("llama-dense")
     model, _ = load_model(str(model_dir))
     quantize_model(model, 64, "mse")
+    head = head_of_folder(folder)  # the 8-bit lm_head: the codes of the model's weight, PyTorch emulates its int8 path
+    assert ActTailConfig.load(folder).lm_head == "int8" and head is not None
+    weight = model.get_output_embeddings().weight.detach().numpy().T
+    np.testing.assert_array_equal(head.B, quantize_head(weight).B)
     ids = np.random.default_rng(2).integers(0, 49152, (2, 40))
-    with torch.no_grad():
+    with torch.no_grad(), emulated_head(model, head):
         want = model(torch.from_numpy(ids)).logits.double().numpy()
     session = create_session(folder)
     got = session.run(["logits"], decoder_feeds(session, ids))[0]
-    # measured ~2e-7 of max |logit| (float32 summation order, ORT vs PyTorch); a wrong code or block is ~1e-2
+    # measured ~2e-7 of max |logit| (float32 summation order, ORT vs PyTorch); a wrong code or block is ~1e-2, and
+    # PyTorch without the int8 activations of the 8-bit lm_head ~1e-3
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
@@ -210,6 +217,8 @@ def test_config_round_trip_and_old_configs(exports):
     (["--block-size", "64"], "only apply to --weights int4"),
     (["--quantizer", "rtn"], "only apply to --weights int4"),
     (["--weights", "fp16"], "needs --dtype fp16"),
+    (["--lm-head", "int8"], "--lm-head int8 only applies to --weights int4"),
+    (["--weights", "int4", "--lm-head", "fp8"], "--lm-head must be one of float, int8"),
 ])
 def test_bad_flags_exit_2_one_line(capsys, tmp_path, tiny_llama_dir, args, needle):
     out = tmp_path / "out"

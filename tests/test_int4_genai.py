@@ -26,7 +26,7 @@ CASES = {  # name: export arguments
     "fused-threshold": dict(kernel="fused", mode="threshold", sparsity=0.5, block_size=32, quantizer="mse"),
     "mask-topk": dict(kernel="mask", mode="topk", sparsity=0.5, block_size=64, quantizer="rtn", allocation="uniform"),
     "dense": dict(kernel="mask", mode="topk", sparsity=0.0, block_size=32, quantizer="rtn", allocation="uniform"),
-    "fused-gptq": dict(kernel="fused", mode="topk", sparsity=0.5, block_size=64, quantizer="gptq-mse"),
+    "fused-gptq": dict(kernel="fused", mode="topk", sparsity=0.5, block_size=64, quantizer="gptq-mse", lm_head="float"),
     # no block size / quantizer: the defaults, block 32 and gptq-mse-act (Hessians of the calibration windows)
     "mask-default": dict(kernel="mask", mode="topk", sparsity=0.5, allocation="uniform"),
     # the default allocation gives q/k/v and gate/up members their own budgets: the mask kernel unpacks them into one
@@ -92,6 +92,20 @@ def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports,
     assert (config.weights, config.block_size, config.quantizer) == ("int4", *_int4(kw))
     assert not (folder / "model.onnx.data").exists()  # the builder's float weights are not shipped
     graph = onnx.load(str(folder / "model.onnx"))
+    # the lm_head: 8-bit blocks of 32 (the CPU default of int4 exports), its codes those of the model's weight
+    head = next(n for n in graph.graph.node if "logits" in n.output)
+    assert config.lm_head == kw.get("lm_head", "int8")
+    if config.lm_head == "int8":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
+        assert (head.op_type, attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == ("MatMulNBits", 8, 32, 4)
+        from transformers import AutoModelForCausalLM
+
+        from acttail_export.lm_head import head_of_folder, quantize_head
+
+        weight = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).get_output_embeddings().weight.detach().numpy()
+        np.testing.assert_array_equal(head_of_folder(folder).B, quantize_head(weight.T).B)
+    else:
+        assert head.op_type == "MatMul"
     found = find_projections(graph, config.spec)
     assert len(found) == len(config.projections)
     sparse = kw["kernel"] == "fused" and kw["sparsity"] > 0
@@ -142,6 +156,8 @@ def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports,
 
 
 def test_int4_folder_is_smaller_than_the_float_export(exports, tiny_llama_dir, tmp_path, wikitext_valid):
+    from transformers import AutoConfig
+
     from acttail_export.exporter import export
 
     float_folder = export(str(tiny_llama_dir), tmp_path / "fp32", calibration_data=str(wikitext_valid),
@@ -152,18 +168,25 @@ def test_int4_folder_is_smaller_than_the_float_export(exports, tiny_llama_dir, t
     def size(folder):
         return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
-    # 4 bits + an fp32 scale and offset per 32 weights = 6 bits per weight: at least 3/4 of the fp32 bytes go
-    assert size(float_folder) - size(exports("dense")) >= 0.75 * projection_bytes * 0.99
+    # 4 bits + an fp32 scale and offset per 32 weights = 6 bits per weight: at least 3/4 of the fp32 bytes go; the
+    # tiny model's lm_head is tied to its embeddings, so its float weight stays (the embeddings read it) and the 8-bit
+    # head comes on top: 8 bits + an fp32 scale per 32 weights
+    assert ActTailConfig.load(exports("dense")).lm_head == "int8"
+    head = AutoConfig.from_pretrained(tiny_llama_dir)
+    assert head.tie_word_embeddings
+    head_bytes = head.vocab_size * head.hidden_size * (1 + 4 / 32)
+    assert size(float_folder) - size(exports("dense")) >= 0.75 * projection_bytes * 0.99 - head_bytes
 
 
 @pytest.mark.parametrize("name", ["fused-threshold", "mask-topk", "mask-acttail"])
 def test_folder_runs_like_the_sparse_reference_of_the_dequantized_model(exports, name, tiny_llama_dir):
     """Prompt logits of a plain ONNX Runtime session within 1e-4 of PyTorch (dequantized weights, the exported
-    masks), and greedy tokens of ``og.Model(folder)`` equal to PyTorch's (tiny model: no boundary ties)."""
+    masks, the 8-bit lm_head's arithmetic), and greedy tokens of ``og.Model(folder)`` equal to PyTorch's (tiny model: no boundary ties)."""
     from transformers import AutoModelForCausalLM
 
     from acttail_export.generation import OrtDecoder
     from acttail_export.int4_rewrite import quantize_model
+    from acttail_export.lm_head import emulated_head, head_of_folder
     from acttail_export.sparsify import apply_sparsity
 
     folder, kw = exports(name), CASES[name]
@@ -171,7 +194,7 @@ def test_folder_runs_like_the_sparse_reference_of_the_dequantized_model(exports,
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     quantize_model(model, *_int4(kw))
     prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode(), apply_sparsity(model, config, kw["mode"]):
+    with torch.inference_mode(), apply_sparsity(model, config, kw["mode"]), emulated_head(model, head_of_folder(folder)):
         want = model(prompt).logits[0].numpy()
         ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
                              pad_token_id=model.config.eos_token_id)[0, prompt.shape[1]:].tolist()

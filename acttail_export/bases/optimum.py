@@ -81,4 +81,14 @@ class OptimumBase(ExportBase):
         from ..int4_rewrite import rewrite_int4, rewrite_onnx_int4
 
         return rewrite_onnx_int4(base, target, lambda graph: (rewrite(graph, config, mode=mode, kernel=kernel),
-                                                              rewrite_int4(graph, config, quantized)))
+                                                              rewrite_int4(graph, config, quantized)),
+                                 loaded=_lm_head_edit(config))
+
+
+def _lm_head_edit(config: ActTailConfig):
+    """The 8-bit lm_head edit of ``config.lm_head == "int8"`` (on the graph with its weights loaded), else None."""
+    if config.lm_head != "int8":
+        return None
+    from ..lm_head import rewrite_lm_head
+
+    return rewrite_lm_head

@@ -69,6 +69,9 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_base: str = "g
                           "data-free), or GPTQ-style rounding with either rule, its errors spread by the input Hessian of "
                           "the calibration text (gptq, gptq-mse; in act-order with static groups: gptq-act, "
                           "gptq-mse-act, the default)")
+    run.add_argument("--lm-head", default=None, metavar="{float,int8}",
+                     help="int4: the lm_head as float or 8-bit MatMulNBits with int8 activations (default: int8 for "
+                          "--device cpu, float for cuda)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for analysis, calibration and tracing")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     run.add_argument("--no-validate", action="store_true",
@@ -103,7 +106,7 @@ def export_options(args: argparse.Namespace) -> ExportOptions:
                          calibration_samples=samples, sequence_length=length, dtype=args.dtype, device=args.device,
                          overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private, token=args.token,
                          validate=not args.no_validate, progress=sys.stderr.isatty(), base=args.base,
-                         weights=args.weights, block_size=block_size, quantizer=args.quantizer)
+                         weights=args.weights, block_size=block_size, quantizer=args.quantizer, lm_head=args.lm_head)
 
 
 def run(args: argparse.Namespace) -> None:
