@@ -223,6 +223,15 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
     # fails here, before any quantization, analysis or search
     windows = load_windows(tokenizer, calibration_path, sequence_length, samples=o.calibration_samples,
                            flags=EXPORT_CALIBRATION_FLAGS)
+    # the texts the later stages read, checked now: the greedy search's windows, the validation's
+    from .allocation import needs_search
+
+    if needs_search(o.allocation, [o.sparsity], o.mode):
+        from .greedy import search_windows
+
+        search_windows(tokenizer, o.allocation, [o.sparsity], o.mode, calibration_path)
+    if o.validate:
+        _validation_windows(model, tokenizer, calibration_path, eval_data)
     quantized = None
     if o.int4 is not None:  # before analysis and calibration: thresholds are calibrated on the deployed weights
         from .int4_rewrite import input_hessians, quantize_model
@@ -290,14 +299,28 @@ def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Pa
     return config
 
 
+def _validation_windows(model, tokenizer, calibration_path: Path, eval_data: Path):
+    """The validation's windows: ``VALIDATION_WINDOWS`` of ``VALIDATION_LENGTH`` tokens of WikiText-2's test split, or
+    of the calibration text where that file is absent; a text too short fails with what the validation needs."""
+    from .data import load_windows
+
+    fallback = not Path(eval_data).is_file()
+    text_source = calibration_path if fallback else eval_data
+    context = getattr(model.config, "max_position_embeddings", None) or VALIDATION_LENGTH
+    length = min(VALIDATION_LENGTH, context)
+    try:
+        return load_windows(tokenizer, text_source, length, samples=VALIDATION_WINDOWS)
+    except ActTailError:
+        where = f"the calibration text {text_source} ({eval_data} was not found)" if fallback else str(text_source)
+        raise ActTailError(f"the export's validation reads {VALIDATION_WINDOWS} windows of {length} tokens of {where}, "
+                           "which is shorter: pass a longer --calibration-data, or --no-validate") from None
+
+
 def _validate(model, tokenizer, tmp: Path, config: ActTailConfig, o: ExportOptions, calibration_path: Path,
               eval_data: Path, base: ExportBase, int4: bool) -> None:
     """Export validation (:func:`validate_export`) and the export-time perplexity, recorded in ``config``."""
-    from .data import load_windows
 
-    text_source = eval_data if Path(eval_data).is_file() else calibration_path
-    context = getattr(model.config, "max_position_embeddings", None) or VALIDATION_LENGTH
-    windows = load_windows(tokenizer, text_source, min(VALIDATION_LENGTH, context), samples=VALIDATION_WINDOWS)
+    windows = _validation_windows(model, tokenizer, calibration_path, eval_data)
     with _stage("validation"):
         from .lm_head import emulated_head, head_of_folder
 

@@ -982,19 +982,14 @@ def greedy_budgets(model: torch.nn.Module, trajectories: dict[int, list[list[flo
     return out
 
 
-def search_for(model, tokenizer, allocation: str, sparsities: list[float], mode: str, data: str | Path | None,
-               fits: dict | None = None, epsilon: float | None = None, mapping: str | None = None,
-               settings: GreedySettings | None = None, cache_dir: str | Path | None = None,
-               progress: bool = True) -> Trajectories:
-    """Run (or read from the cache) the greedy search that ``allocation`` needs at ``sparsities`` on ``data``.
-
-    With ``settings`` one search serves every target; without, each target's method runs its own
-    :func:`default_settings`, one search per distinct setting (e.g. ``acttail`` at 50 % and 80 % in top-k mode: TEAL's
-    search and the lazy one), and the result answers for every method (:meth:`Trajectories.for_method`)."""
-    from .allocation import greedy_levels, resolve_allocation
+def search_windows(tokenizer, allocation: str, sparsities: list[float], mode: str, data: str | Path | None,
+                   settings: GreedySettings | None = None) -> list[tuple[GreedySettings, list[float], set[str], torch.Tensor]]:
+    """The searches that ``allocation`` needs at ``sparsities`` (one per distinct setting, see :func:`search_for`), each
+    with its token windows of ``data``: [(settings, targets, methods, windows)]. A text too short for one of them
+    raises the one-line ActTailError that names the search's needs (the exporter calls this before its long stages)."""
+    from .allocation import resolve_allocation
     from .config import GREEDY_ALLOCATIONS
     from .data import DEFAULT_CALIBRATION_DATA, EXPORT_CALIBRATION_FLAGS, read_text, token_windows
-    from .offload import input_device
 
     groups: dict[GreedySettings, tuple[list[float], set[str]]] = {}
     for target in sparsities:
@@ -1007,7 +1002,7 @@ def search_for(model, tokenizer, allocation: str, sparsities: list[float], mode:
         groups[settings or GreedySettings(mode=mode)] = (list(sparsities), set())
     path = Path(data) if data is not None else DEFAULT_CALIBRATION_DATA
     text = read_text(path, EXPORT_CALIBRATION_FLAGS)
-    results = []
+    out = []
     for chosen, (targets, methods) in groups.items():
         length, samples = chosen.sequence_length, chosen.samples
         try:  # as many windows as the text holds, then one message that names the search's needs
@@ -1019,6 +1014,24 @@ def search_for(model, tokenizer, allocation: str, sparsities: list[float], mode:
                                f"{length} tokens of the calibration text, and {path.name} holds "
                                f"{0 if windows is None else len(windows)}: pass a longer --calibration-data, or an "
                                "allocation without the search (htsr, uniform)")
+        out.append((chosen, targets, methods, windows))
+    return out
+
+
+def search_for(model, tokenizer, allocation: str, sparsities: list[float], mode: str, data: str | Path | None,
+               fits: dict | None = None, epsilon: float | None = None, mapping: str | None = None,
+               settings: GreedySettings | None = None, cache_dir: str | Path | None = None,
+               progress: bool = True) -> Trajectories:
+    """Run (or read from the cache) the greedy search that ``allocation`` needs at ``sparsities`` on ``data``.
+
+    With ``settings`` one search serves every target; without, each target's method runs its own
+    :func:`default_settings`, one search per distinct setting (e.g. ``acttail`` at 50 % and 80 % in top-k mode: TEAL's
+    search and the lazy one), and the result answers for every method (:meth:`Trajectories.for_method`)."""
+    from .allocation import greedy_levels
+    from .offload import input_device
+
+    results = []
+    for chosen, targets, methods, windows in search_windows(tokenizer, allocation, sparsities, mode, data, settings):
         levels = greedy_levels(model, allocation, targets, mode, epsilon=epsilon, mapping=mapping, s_max=chosen.s_max,
                                fits=fits)
         results.append((search(model, windows.to(input_device(model)), levels, chosen, cache_dir=cache_dir,

@@ -111,7 +111,9 @@ class ExportOptions:
         _integer(self.calibration_samples, "--calibration-samples", 1, "a positive integer")
         if self.sequence_length is not None:
             _integer(self.sequence_length, "--sequence-length", 2, "an integer >= 2")
-        _integer(self.eval_tokens, "eval_tokens", 0, "an integer >= 0 (0 skips the export-time perplexity)")
+        _integer(self.eval_tokens, "eval_tokens", 0, "0 (no export-time perplexity) or an integer >= 2")
+        if self.eval_tokens == 1:  # a window of one token predicts nothing
+            raise ActTailError("eval_tokens must be 0 (no export-time perplexity) or an integer >= 2, got 1")
         self._check_allocation()
         if (self.private or self.token) and not self.push_to_hub:
             raise ActTailError("--private/--token only apply with --push-to-hub REPO_ID: add it or drop them")

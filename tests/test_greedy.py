@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -328,16 +329,21 @@ def test_export_with_teal_greedy_and_fused_kernel(tiny_llama_dir, tmp_path, monk
     assert list((tmp_path / "cache" / "greedy").glob("greedy-*.json"))
 
 
-def test_search_text_too_short(tiny_llama_dir, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--weights", "int4"], ["--mode", "threshold", "--sparsity", "0.9"]])
+def test_search_text_too_short(tiny_llama_dir, tmp_path, capsys, caplog, extra):
     """The default at 50 % searches on 8 windows of 128 calibration tokens: a text with fewer is one line naming the
-    search's needs and the fix (the export's own windows fit), exit 2, nothing written."""
+    search's needs and the fix (the export's own windows fit), exit 2, nothing written — before the long stages (the
+    4-bit quantization, the spectral analysis), not after them."""
     from acttail_export.cli import main
 
     text = tmp_path / "short.txt"
     text.write_text(" ".join(f"Sentence {i} of a short text." for i in range(60)))  # a few hundred tokens
     out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="acttail_export")
     assert main(["export", "--model", str(tiny_llama_dir), "--calibration-data", str(text), "--calibration-samples",
-                 "2", "--sequence-length", "32", str(out)]) == 2
+                 "2", "--sequence-length", "32", *extra, str(out)]) == 2
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage ")]
+    assert len(stages) == 1 and stages[0].startswith("stage load model"), stages
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
     assert err[-1].startswith("acttail-export: error: the greedy allocation search of --allocation acttail reads 8 "
                               "windows of 128 tokens of the calibration text, and short.txt holds ")

@@ -161,3 +161,28 @@ def test_analyze_epsilon_checked_before_loading(flags, needle, tiny_llama_dir, c
     monkeypatch.setattr("acttail_export.modeling.load_model", _no_load)
     line = check_one_line(*run_cli(capsys, "analyze", "--model", str(tiny_llama_dir), *flags), needle)
     assert "acttail-greedy" not in line  # analyze refuses the greedy allocations: the fix must not name one
+
+
+def test_validation_text_too_short_fails_before_the_build(tiny_llama_dir, tmp_path, capsys, caplog, monkeypatch):
+    """Without WikiText-2's test split the export's validation reads the calibration text: one long enough for the
+    calibration windows (2 x 32 tokens) but not for the validation's (2 x 64) fails before any stage after loading,
+    with a message that names what the validation reads and the two ways out; ``--no-validate`` exports."""
+    import logging
+
+    from acttail_export import data
+
+    monkeypatch.setattr(data, "DEFAULT_EVAL_DATA", tmp_path / "absent" / "wiki.test.raw")
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"word{i % 7} and" for i in range(30)))  # 90 tokens: 2 x 32 fit, 2 x 64 do not
+    caplog.set_level(logging.INFO, logger="acttail_export")
+    argv = ["export", "--model", str(tiny_llama_dir), "--allocation", "uniform", "--calibration-data", str(text),
+            "--calibration-samples", "2", "--sequence-length", "32"]
+    assert main([*argv, str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert err[-1].startswith("acttail-export: error: the export's validation reads 2 windows of 64 tokens of the "
+                              f"calibration text {text} (")
+    assert err[-1].endswith("which is shorter: pass a longer --calibration-data, or --no-validate")
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage ")]
+    assert [s.split(":")[0] for s in stages] == ["stage load model"]
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".acttail-" in p.name]
+    assert main([*argv, "--no-validate", str(tmp_path / "out")]) == 0

@@ -12,7 +12,8 @@ import pytest
 
 from acttail_export import config
 from acttail_export.errors import ActTailError
-from acttail_export.options import Allocation, ExportOptions, Kernel, Mode, Weights
+from acttail_export.lm_head import LM_HEADS
+from acttail_export.options import Allocation, ExportOptions, Kernel, LmHead, Mode, Weights
 
 # (keyword arguments, needle naming the flag and the fix, the same mistake as CLI flags or None when argparse
 # refuses it first or the API spelling has no flag)
@@ -33,7 +34,8 @@ INVALID = [
     (dict(calibration_samples=True), "--calibration-samples must be a positive integer", None),
     (dict(calibration_samples=2.5), "--calibration-samples must be a positive integer", None),
     (dict(sequence_length=1), "--sequence-length must be an integer >= 2, got 1", ["--sequence-length", "1"]),
-    (dict(eval_tokens=-1), "eval_tokens must be an integer >= 0", None),
+    (dict(eval_tokens=-1), "eval_tokens must be 0 (no export-time perplexity) or an integer >= 2", None),
+    (dict(eval_tokens=1), "eval_tokens must be 0 (no export-time perplexity) or an integer >= 2, got 1", None),
     (dict(mapping="no-such-mapping"), "--mapping must be one of", ["--mapping", "no-such-mapping"]),
     (dict(allocation="uniform", epsilon=0.1), "only apply to the allocations from HT-SR alphas: drop them or use "
      "--allocation htsr or acttail-greedy", ["--allocation", "uniform", "--epsilon", "0.1"]),
@@ -120,6 +122,7 @@ CLI_AND_API = [
     (["--weights", "int4", "--block-size", "64", "--quantizer", "rtn"],
      dict(weights="int4", block_size=64, quantizer="rtn")),
     (["--weights", "int4"], dict(weights="int4")),  # block size and quantizer: the defaults (options.int4)
+    (["--weights", "int4", "--lm-head", "float"], dict(weights="int4", lm_head="float")),
     (["--weights", "fp16", "--dtype", "fp16", "--device", "cuda"], dict(weights="fp16", dtype="fp16", device="cuda")),
     (["--push-to-hub", "me/tiny", "--private", "--token", "hf_x"],
      dict(push_to_hub="me/tiny", private=True, token="hf_x")),
@@ -163,6 +166,7 @@ def test_literal_types_match_the_config_choices():
     assert set(get_args(Kernel)) == set(config.KERNELS)
     assert set(get_args(Weights)) == set(config.WEIGHTS)
     assert set(get_args(Allocation)) == set(config.ALLOCATIONS)
+    assert set(get_args(LmHead)) == set(LM_HEADS)
 
 
 def test_export_with_options_equals_export_with_kwargs(tiny_llama_dir, wikitext_valid, tmp_path, monkeypatch):
