@@ -125,11 +125,12 @@ def rewrite_lm_head(graph: onnx.ModelProto) -> Int8Head:
 
     node = find_lm_head(graph)
     inits = {i.name: i for i in graph.graph.initializer}
-    init = inits.get(node.input[1])
-    if init is None or len(init.dims) != 2:
-        raise ActTailError(f"--lm-head int8: {node.name}'s weight {node.input[1]!r} is not a 2-D initializer")
-    weight = numpy_helper.to_array(init)
+    weight = _weight_of(graph, node.input[1], inits)
+    if weight is None:
+        raise ActTailError(f"--lm-head int8: {node.name}'s weight {node.input[1]!r} is neither a 2-D initializer nor "
+                           "its Transpose")
     head = quantize_head(weight)
+    old = {node.input[1], *_sources(node.input[1], graph)}  # dropped below unless another node reads them
     base = f"/acttail_int8{node.name}"
     tensors = [numpy_helper.from_array(head.B, f"{base}/B"),
                numpy_helper.from_array(head.scales.reshape(-1).astype(weight.dtype), f"{base}/scales")]
@@ -137,17 +138,42 @@ def rewrite_lm_head(graph: onnx.ModelProto) -> Int8Head:
                            domain=ORT_DOMAIN, K=head.K, N=head.N, bits=8, block_size=BLOCK,
                            accuracy_level=ACCURACY_LEVEL)
     nodes = [new if n is node else n for n in graph.graph.node]
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.graph.output}
+    if node.input[1] not in used:  # the Transpose that fed only the old head goes too (optimum's graph of a tied head)
+        nodes = [n for n in nodes if not (n.op_type == "Transpose" and node.input[1] in n.output)]
+        used = {i for n in nodes for i in n.input} | {o.name for o in graph.graph.output}
     del graph.graph.node[:]
     graph.graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    kept = [i for i in graph.graph.initializer if i.name != init.name or i.name in used]
+    kept = [i for i in graph.graph.initializer if i.name in used or i.name not in old]
     del graph.graph.initializer[:]
     graph.graph.initializer.extend(kept + tensors)
     if ORT_DOMAIN not in {o.domain for o in graph.opset_import}:
         graph.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
     logger.info("lm_head: 8-bit MatMulNBits (%d -> %d, blocks of %d, accuracy level %d)%s", head.K, head.N, BLOCK,
-                ACCURACY_LEVEL, "" if init.name not in used else "; its float weight stays for the tied embeddings")
+                ACCURACY_LEVEL, "; its float weight stays for the tied embeddings" if old & used else "")
     return head
+
+
+def _sources(name: str, graph: onnx.ModelProto) -> list[str]:
+    """The initializer a Transpose named ``name`` reads, as a list (empty when ``name`` is no Transpose output)."""
+    producer = next((n for n in graph.graph.node if name in n.output and n.op_type == "Transpose"), None)
+    return [producer.input[0]] if producer is not None else []
+
+
+def _weight_of(graph: onnx.ModelProto, name: str, inits: dict) -> np.ndarray | None:
+    """[K, N] float array of the head's weight input: a 2-D initializer, or a 2-D Transpose of one."""
+    from onnx import helper, numpy_helper
+
+    if name in inits:
+        return numpy_helper.to_array(inits[name]) if len(inits[name].dims) == 2 else None
+    producer = next((n for n in graph.graph.node if name in n.output), None)
+    if producer is None or producer.op_type != "Transpose" or producer.input[0] not in inits:
+        return None
+    perm = {a.name: helper.get_attribute_value(a) for a in producer.attribute}.get("perm", [1, 0])
+    source = inits[producer.input[0]]
+    if len(source.dims) != 2 or list(perm) != [1, 0]:
+        return None
+    return numpy_helper.to_array(source).T
 
 
 def head_of_folder(folder: str | Path, filename: str = "model.onnx") -> Int8Head | None:

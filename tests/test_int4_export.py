@@ -195,12 +195,12 @@ def test_folder_shrinks_by_the_projection_bytes(exports, tiny_llama_dir, tmp_pat
 def test_config_round_trip_and_old_configs(exports):
     folder, _ = exports("llama-fused-topk")
     raw = json.loads((folder / CONFIG_NAME).read_text())
-    assert (raw["weights"], raw["block_size"], raw["quantizer"]) == ("int4", 32, "mse")
+    assert (raw["weights"], raw["block_size"], raw["quantizer"], raw["lm_head"]) == ("int4", 32, "mse", "int8")
     assert ActTailConfig.from_dict(raw).to_dict() == raw
-    for key in ("weights", "block_size", "quantizer"):  # written before 4-bit weights existed
+    for key in ("weights", "block_size", "quantizer", "lm_head"):  # written before 4-bit weights existed
         raw.pop(key)
     old = ActTailConfig.from_dict(raw)
-    assert (old.weights, old.block_size, old.quantizer) == (None, None, None)
+    assert (old.weights, old.block_size, old.quantizer, old.lm_head) == (None, None, None, None)
     from acttail_export.errors import ActTailError
 
     with pytest.raises(ActTailError, match="block_size"):

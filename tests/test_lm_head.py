@@ -127,6 +127,32 @@ def test_rewritten_node_runs_like_the_reference(K, N, tied):
     assert np.linalg.norm(got - exact) <= 0.05 * np.linalg.norm(exact)
 
 
+def test_head_read_through_a_transpose_of_the_embeddings():
+    """optimum's graph of a tied head: logits = hidden @ Transpose(E), E [N, K] also read by the embedding Gather. The
+    8-bit node quantizes E^T; the Transpose goes, E stays."""
+    E = _weight(64, 48).T.copy()  # [N, K]
+    nodes = [helper.make_node("Transpose", ["E"], ["E_t"], name="/lm_head/Transpose", perm=[1, 0]),
+             helper.make_node("MatMul", ["hidden", "E_t"], ["logits"], name="/lm_head/MatMul"),
+             helper.make_node("Gather", ["E", "ids"], ["embeds"], name="/model/embed_tokens/Gather")]
+    f32 = onnx.TensorProto.FLOAT
+    graph = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("hidden", f32, [1, None, 64]),
+                     helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("logits", f32, [1, None, 48]),
+         helper.make_tensor_value_info("embeds", f32, [1, None, 64])], [numpy_helper.from_array(E, "E")]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    head = rewrite_lm_head(graph)
+    onnx.checker.check_model(graph)
+    np.testing.assert_array_equal(head.B, quantize_head(E.T).B)
+    assert [n.op_type for n in graph.graph.node] == ["MatMulNBits", "Gather"]
+    assert [i.name for i in graph.graph.initializer][0] == "E"
+    x = np.random.default_rng(3).standard_normal((1, 3, 64)).astype(np.float32)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"hidden": x, "ids": np.array([[1, 2, 3]])})[0]
+    want = fake_quantize_activations(torch.from_numpy(x)).double().numpy() @ head.dequantize()
+    assert np.abs(got - want).max() <= 1e-5 * (np.abs(x) @ np.abs(E.T)).max()
+
+
 def test_emulated_head_matches_the_node_and_restores_the_tied_head():
     from transformers import LlamaConfig, LlamaForCausalLM
 
