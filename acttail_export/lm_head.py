@@ -5,8 +5,8 @@ a quarter of the step at two threads, docs/quantization.md), and a 4-bit one cos
 weight ``W`` [K, N] is quantized to symmetric 8-bit codes in blocks of :data:`BLOCK` along K, round to nearest
 (``s = max |w| / 127`` per block, ``q = round(w / s)`` in −127..127; SmolLM2's tied embeddings are 8-bit blocks of 32
 in its GGUF, so this reproduces them exactly), and the node runs at accuracy level 4: ONNX Runtime's CPU kernel
-quantizes the activation to int8 in the same blocks and sums integer products, the one fast 8-bit path of its CPU
-kernel (levels 0–3 take a dequantizing fallback, 30–40× slower than float32 there). The CUDA kernel ignores the level.
+quantizes the activation to int8 in the same blocks and sums integer products, the fast 8-bit path of its CPU
+kernel. The CUDA kernel ignores the level.
 
 Pure numbers here (:func:`quantize_head`, :func:`fake_quantize_activations`); :func:`rewrite_lm_head` edits a graph,
 :func:`emulated_head` gives the PyTorch reference the same arithmetic for the export's validation.
