@@ -159,6 +159,9 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
 
     # ---- 1. cheap checks: every bad input fails here, before minutes of work --------------------
     o = ExportOptions.validated(options, **kwargs)  # values and combinations
+    if o.head == "int8" and o.device == "cuda":
+        logger.warning("--lm-head int8 with --device cuda: ONNX Runtime's CUDA kernel for the 8-bit lm_head is not "
+                       "measured by this project (docs/quantization.md); --lm-head float is the CUDA default")
     library = check_kernel(o.kernel)
     check_device(o.device)
     calibration_path = o.calibration_data if o.calibration_data is not None else DEFAULT_CALIBRATION_DATA
@@ -293,7 +296,7 @@ def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Pa
     config.model = str(model_ref)
     config.architecture = type(model).__name__
     config.weights, (config.block_size, config.quantizer) = ("int4", o.int4) if o.int4 else (o.dtype, (None, None))
-    config.lm_head = o.head
+    config.lm_head = o.head if o.int4 else None  # float exports: no key value (what older releases read)
     with _stage("calibration"), torch.no_grad():
         calibrate(model, tokenizer, config, windows=windows, source=str(calibration_path), progress=o.progress)
     return config
@@ -302,30 +305,33 @@ def _budgets(model, tokenizer, model_ref, o: ExportOptions, calibration_path: Pa
 def _validation_windows(model, tokenizer, calibration_path: Path, eval_data: Path):
     """The validation's windows: ``VALIDATION_WINDOWS`` of ``VALIDATION_LENGTH`` tokens of WikiText-2's test split, or
     of the calibration text where that file is absent; a text too short fails with what the validation needs."""
-    from .data import load_windows
+    from .data import read_text, token_windows
 
     fallback = not Path(eval_data).is_file()
     text_source = calibration_path if fallback else eval_data
     context = getattr(model.config, "max_position_embeddings", None) or VALIDATION_LENGTH
     length = min(VALIDATION_LENGTH, context)
+    text = read_text(text_source)  # an unreadable file fails with its own message
     try:
-        return load_windows(tokenizer, text_source, length, samples=VALIDATION_WINDOWS)
+        return token_windows(tokenizer, text, length, samples=VALIDATION_WINDOWS)
     except ActTailError:
-        where = f"the calibration text {text_source} ({eval_data} was not found)" if fallback else str(text_source)
+        if fallback:
+            where, fix = f"the calibration text {text_source} ({eval_data} was not found)", "pass a longer --calibration-data, or --no-validate"
+        else:
+            where, fix = str(text_source), "restore that file (WikiText-2's test split), or pass --no-validate"
         raise ActTailError(f"the export's validation reads {VALIDATION_WINDOWS} windows of {length} tokens of {where}, "
-                           "which is shorter: pass a longer --calibration-data, or --no-validate") from None
+                           f"which is shorter: {fix}") from None
 
 
 def _validate(model, tokenizer, tmp: Path, config: ActTailConfig, o: ExportOptions, calibration_path: Path,
               eval_data: Path, base: ExportBase, int4: bool) -> None:
     """Export validation (:func:`validate_export`) and the export-time perplexity, recorded in ``config``."""
-
     windows = _validation_windows(model, tokenizer, calibration_path, eval_data)
     with _stage("validation"):
         from .lm_head import emulated_head, head_of_folder
 
-        # an 8-bit lm_head: PyTorch computes what the node computes on the export's device
-        with emulated_head(model, head_of_folder(tmp), int8_activations=o.device == "cpu"):
+        # an 8-bit lm_head: PyTorch computes what the node computes on ONNX Runtime's CPU, where validation runs
+        with emulated_head(model, head_of_folder(tmp) if config.lm_head == "int8" else None):
             report = validate_export(model, tmp, config, windows, o.dtype)
         if int4:
             from .int4_rewrite import check_int4_export

@@ -240,7 +240,7 @@ def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[st
         replaced[node_name] = new
     gone = [n for n in graph.graph.node if n.name in dropped]
     used = {i for n in graph.graph.node if n.name not in replaced and n.name not in dropped for i in n.input}
-    old = ({nodes[n].input[1] for n in replaced} | {i for n in gone for i in n.input}) & set(inits) - used
+    old = (({nodes[n].input[1] for n in replaced} | {i for n in gone for i in n.input}) & set(inits)) - used
     kept = [i for i in graph.graph.initializer if i.name not in old]
     del graph.graph.initializer[:]
     graph.graph.initializer.extend(kept + new_inits)

@@ -53,7 +53,8 @@ class Int8Head:
 
 
 def quantize_head(w: np.ndarray) -> Int8Head:
-    """Symmetric 8-bit blocks of :data:`BLOCK` along K of a finite float weight ``w`` [K, N] (round to nearest)."""
+    """Symmetric 8-bit blocks of :data:`BLOCK` along K of a finite float weight ``w`` [K, N] (round to nearest); the
+    scales of a float16 ``w`` are float16 values (the graph stores them in its dtype)."""
     w = np.asarray(w)
     if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating) or not np.isfinite(w).all():
         raise ActTailError(f"lm_head weight must be a finite 2-D float array [K, N], got {w.dtype} {w.shape}")
@@ -62,7 +63,8 @@ def quantize_head(w: np.ndarray) -> Int8Head:
     wb = np.zeros((blocks * BLOCK, N), np.float64)
     wb[:K] = w
     wb = wb.reshape(blocks, BLOCK, N)
-    scales = (np.abs(wb).max(axis=1) / 127).astype(np.float32)  # [blocks, N]; the stored value decides the codes
+    # [blocks, N], rounded to what the graph stores (float16 scales in float16 graphs): the stored value decides the codes
+    scales = (np.abs(wb).max(axis=1) / 127).astype(np.float16 if w.dtype == np.float16 else np.float32).astype(np.float32)
     safe = np.where(scales == 0, 1.0, scales.astype(np.float64))
     codes = np.clip(np.rint(wb / safe[:, None, :]), -127, 127) + ZERO_POINT
     return Int8Head(np.ascontiguousarray(codes.astype(np.uint8).transpose(2, 0, 1)), np.ascontiguousarray(scales.T), K, N)

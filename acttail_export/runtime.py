@@ -74,6 +74,10 @@ def check_export_dir(export_dir: str | Path) -> tuple[ActTailConfig, bool]:
     if fused != (config.kernel == "fused" and any(not _is_identity(p, config.mode) for p in config.projections)):
         raise ActTailError(f"{CONFIG_NAME} says kernel={config.kernel} but the graph {'uses' if fused else 'lacks'} the "
                            f"{CUSTOM_DOMAIN} op: the files come from different exports, re-run the export")
+    head = next((n.op_type for n in graph.graph.node if "logits" in n.output), None)
+    if head is not None and (head == "MatMulNBits") != (config.lm_head == "int8"):
+        raise ActTailError(f"{CONFIG_NAME} says lm_head={config.lm_head or 'float'} but the graph's lm_head is a {head}: "
+                           "the files come from different exports, re-run the export")
     return config, fused
 
 

@@ -788,6 +788,8 @@ def main(argv=None) -> int:
         ap.error("--ab-env takes NAME=VALUE pairs, e.g. --ab-env ACTTAIL_WEIGHT_CHECK=0")
     if args.ab_repeats < 1:
         ap.error(f"--ab-repeats must be at least 1, got {args.ab_repeats}")
+    if args.export_lm_head and args.export_weights != "int4":
+        ap.error("--export-lm-head applies to --export-weights int4 (float exports keep a float lm_head)")
     if args.child:
         child_main(json.loads(args.child))
         return 0

@@ -141,8 +141,10 @@ def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports,
         density = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "density")
         assert density == pytest.approx(sum(kept) / sum(p.out_features for p in ps), abs=1e-4), node.name
     tensors = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
-    shapes = {(p.in_features, p.out_features) for p in config.projections}
-    assert not [n for n, a in tensors.items() if a.dtype == np.float32 and a.ndim == 2 and a.shape in shapes]
+    # no float weight left (packed or a member's) but the tied embeddings (the float lm_head's weight, which the
+    # embeddings read) and the rotary caches; the 4-bit ops' scales and offsets are float too
+    floats = [n for n, a in tensors.items() if a.dtype == np.float32 and a.ndim == 2 and not n.startswith("/acttail_int")]
+    assert sorted(floats) == ["cos_cache", "lm_head.MatMul.weight", "sin_cache"], floats
     # each member's columns of the node dequantize to the quantized original weight (same blocks along K; GPTQ:
     # with the Hessians of the same calibration windows)
     expected = _expected_weights(tiny_llama_dir, kw, wikitext_valid)
@@ -218,3 +220,23 @@ def test_default_quantizer_needs_the_calibration_windows(tiny_llama_dir, tmp_pat
         export(str(tiny_llama_dir), out, weights="int4", calibration_data=str(short),
                **{**FAST, **CASES["mask-default"]})
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize(("name", "claim", "graph_head"), [("fused-threshold", "float", "MatMulNBits"),
+                                                          ("fused-gptq", "int8", "MatMul")])
+def test_lm_head_config_that_disagrees_with_the_graph(exports, name, claim, graph_head, tmp_path):
+    """acttail_config.json's lm_head must be the graph's (the runtime's load check, one line)."""
+    import json
+    import shutil
+
+    from acttail_export.errors import ActTailError
+    from acttail_export.runtime import check_export_dir
+
+    folder = tmp_path / "copy"
+    shutil.copytree(exports(name), folder)
+    check_export_dir(folder)
+    raw = json.loads((folder / "acttail_config.json").read_text())
+    (folder / "acttail_config.json").write_text(json.dumps({**raw, "lm_head": claim}))
+    with pytest.raises(ActTailError, match=rf"^acttail_config.json says lm_head={claim} but the graph's lm_head is a "
+                                           rf"{graph_head}: the files come from different exports, re-run the export$"):
+        check_export_dir(folder)
