@@ -82,6 +82,16 @@ def _allocation_line(config: ActTailConfig) -> str:
     return f"- allocation {name}{shape}, mode `{config.mode}`, kernel `{config.kernel}`"
 
 
+def _weights_line(config: ActTailConfig) -> str:
+    """The graph's weights: float (the export's dtype), or the 4-bit projections and the lm_head they come with."""
+    if config.weights != "int4":
+        return f"- weights: {config.weights or 'float'} (as exported)"
+    head = ("8-bit `MatMulNBits` (symmetric blocks of 32, int8 activations on the CPU)" if config.lm_head == "int8"
+            else "float")
+    return (f"- weights: projections 4-bit (blocks of {config.block_size} along the input dimension, quantizer "
+            f"`{config.quantizer}`), lm_head {head}")
+
+
 def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_kernels: bool | None = None,
                       swiglu_ops: int = 0) -> str:
     """Markdown model card for ``config`` (pure: no files read).
@@ -105,6 +115,7 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_ke
         "",
         f"- target sparsity **{config.target_sparsity:.2f}**, effective sparsity **{eff}** (parameter-weighted, on validation text)",
         _allocation_line(config),
+        _weights_line(config),
         f"- calibration: {config.calibration.samples} × {config.calibration.sequence_length} tokens of `{Path(config.calibration.data or '?').name}`",
     ]
     ppl = config.perplexity
@@ -134,7 +145,8 @@ def render_model_card(config: ActTailConfig, repo_id: str | None = None, cuda_ke
         "```",
     ]
     if config.kernel == "fused":
-        lines += ["", f"The graph uses the custom op `com.acttail::SparseMatMul`; `{LIBRARY_NAME}` ({_library_note(cuda_kernels)}) "
+        op = "SparseMatMulNBits" if config.weights == "int4" else "SparseMatMul"
+        lines += ["", f"The graph uses the custom op `com.acttail::{op}`; `{LIBRARY_NAME}` ({_library_note(cuda_kernels)}) "
                   "is included and registered by `load_model`."]
     if swiglu_ops:
         lines += ["", f"{swiglu_ops} down projection ops read the packed gate|up projection's output and apply SwiGLU "

@@ -235,3 +235,21 @@ def test_library_detection_on_the_built_op_library():
     except ActTailError:
         pytest.skip("op library not built (make ops)")
     assert library_has_cuda_kernels(path) in (True, False)  # a real ELF: always a definite answer
+
+
+@pytest.mark.parametrize(("fields", "want"), [
+    (dict(), "- weights: float (as exported)"),
+    (dict(weights="fp16"), "- weights: fp16 (as exported)"),
+    (dict(weights="int4", block_size=64, quantizer="rtn", lm_head="float"),
+     "- weights: projections 4-bit (blocks of 64 along the input dimension, quantizer `rtn`), lm_head float"),
+    (dict(weights="int4", block_size=32, quantizer="gptq-mse-act", lm_head="int8"),
+     "- weights: projections 4-bit (blocks of 32 along the input dimension, quantizer `gptq-mse-act`), lm_head 8-bit "
+     "`MatMulNBits` (symmetric blocks of 32, int8 activations on the CPU)"),
+])
+def test_model_card_names_the_weights(fields, want):
+    from acttail_export.model_card import render_model_card
+
+    card = render_model_card(ActTailConfig(target_sparsity=0.5, kernel="fused", model="m", **fields))
+    assert [line for line in card.splitlines() if line.startswith("- weights")] == [want]
+    op = "SparseMatMulNBits" if fields.get("weights") == "int4" else "SparseMatMul"
+    assert f"custom op `com.acttail::{op}`;" in card
