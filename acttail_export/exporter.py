@@ -233,8 +233,7 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
         from .greedy import search_windows
 
         search_windows(tokenizer, o.allocation, [o.sparsity], o.mode, calibration_path)
-    if o.validate:
-        _validation_windows(model, tokenizer, calibration_path, eval_data)
+    validation = _validation_windows(model, tokenizer, calibration_path, eval_data) if o.validate else None
     quantized = None
     if o.int4 is not None:  # before analysis and calibration: thresholds are calibrated on the deployed weights
         from .int4_rewrite import input_hessians, quantize_model
@@ -253,7 +252,7 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
     base.build(model, tokenizer, tmp, config, o, quantized, library)
     config.save(tmp)  # the runtime loader checks the graph against this file
     if o.validate:
-        _validate(model, tokenizer, tmp, config, o, calibration_path, eval_data, base, quantized is not None)
+        _validate(model, tmp, config, o, validation, eval_data, base, quantized is not None)
     if config.effective_sparsity is None and o.mode == "topk":  # exact without measuring: k per token
         for p in config.projections:
             p.effective_sparsity = 1.0 - p.keep_k() / p.in_features
@@ -323,10 +322,10 @@ def _validation_windows(model, tokenizer, calibration_path: Path, eval_data: Pat
                            f"which is shorter: {fix}") from None
 
 
-def _validate(model, tokenizer, tmp: Path, config: ActTailConfig, o: ExportOptions, calibration_path: Path,
-              eval_data: Path, base: ExportBase, int4: bool) -> None:
-    """Export validation (:func:`validate_export`) and the export-time perplexity, recorded in ``config``."""
-    windows = _validation_windows(model, tokenizer, calibration_path, eval_data)
+def _validate(model, tmp: Path, config: ActTailConfig, o: ExportOptions, windows, eval_data: Path, base: ExportBase,
+              int4: bool) -> None:
+    """Export validation (:func:`validate_export`) on ``windows`` (:func:`_validation_windows`) and the export-time
+    perplexity, recorded in ``config``."""
     with _stage("validation"):
         from .lm_head import emulated_head, head_of_folder
 

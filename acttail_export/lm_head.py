@@ -84,10 +84,10 @@ def fake_quantize_activations(x):
 
 
 @contextlib.contextmanager
-def emulated_head(model, head: Int8Head | None, int8_activations: bool = True):
-    """The PyTorch ``model`` with its lm_head computing what the exported node computes (dequantized 8-bit weights;
-    int8-rounded activations as on ONNX Runtime's CPU, not on CUDA, whose kernel ignores the accuracy level) inside
-    the block; the original (possibly tied) head is put back after. ``None``: as is."""
+def emulated_head(model, head: Int8Head | None):
+    """The PyTorch ``model`` with its lm_head computing what the exported node computes on ONNX Runtime's CPU
+    (dequantized 8-bit weights, int8-rounded activations; the CUDA kernel ignores the accuracy level) inside the block;
+    the original (possibly tied) head is put back after. ``None``: as is."""
     import torch
 
     if head is None:
@@ -97,20 +97,23 @@ def emulated_head(model, head: Int8Head | None, int8_activations: bool = True):
     replacement = torch.nn.Linear(head.K, head.N, bias=False, device=original.weight.device, dtype=original.weight.dtype)
     with torch.no_grad():
         replacement.weight.copy_(torch.from_numpy(head.dequantize().T.copy()))
-    handle = replacement.register_forward_pre_hook(
-        lambda module, args: (fake_quantize_activations(args[0]), *args[1:])) if int8_activations else None
+    handle = replacement.register_forward_pre_hook(lambda module, args: (fake_quantize_activations(args[0]), *args[1:]))
     model.set_output_embeddings(replacement)
     try:
         yield model
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
         model.set_output_embeddings(original)
+
+
+def logits_node(graph: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The node that writes the graph's ``logits`` output (the lm_head on both bases), None if there is none."""
+    return next((n for n in graph.graph.node if LOGITS in n.output), None)
 
 
 def find_lm_head(graph: onnx.ModelProto) -> onnx.NodeProto:
     """The float ``MatMul`` that writes the graph's ``logits`` output (both bases)."""
-    node = next((n for n in graph.graph.node if LOGITS in n.output), None)
+    node = logits_node(graph)
     if node is None or node.op_type != "MatMul":
         found = "no node" if node is None else f"a {node.op_type}"
         raise ActTailError(f"--lm-head int8: the graph's {LOGITS!r} output comes from {found}, not a float MatMul; "
@@ -127,12 +130,11 @@ def rewrite_lm_head(graph: onnx.ModelProto) -> Int8Head:
 
     node = find_lm_head(graph)
     inits = {i.name: i for i in graph.graph.initializer}
-    weight = _weight_of(graph, node.input[1], inits)
+    weight, old = _weight_of(graph, node.input[1], inits)  # old: dropped below unless another node reads them
     if weight is None:
         raise ActTailError(f"--lm-head int8: {node.name}'s weight {node.input[1]!r} is neither a 2-D initializer nor "
                            "its Transpose")
     head = quantize_head(weight)
-    old = {node.input[1], *_sources(node.input[1], graph)}  # dropped below unless another node reads them
     base = f"/acttail_int8{node.name}"
     tensors = [numpy_helper.from_array(head.B, f"{base}/B"),
                numpy_helper.from_array(head.scales.reshape(-1).astype(weight.dtype), f"{base}/scales")]
@@ -140,10 +142,9 @@ def rewrite_lm_head(graph: onnx.ModelProto) -> Int8Head:
                            domain=ORT_DOMAIN, K=head.K, N=head.N, bits=8, block_size=BLOCK,
                            accuracy_level=ACCURACY_LEVEL)
     nodes = [new if n is node else n for n in graph.graph.node]
-    used = {i for n in nodes for i in n.input} | {o.name for o in graph.graph.output}
-    if node.input[1] not in used:  # the Transpose that fed only the old head goes too (optimum's graph of a tied head)
+    if not any(node.input[1] in n.input for n in nodes):  # a Transpose that fed only the old head goes too (optimum)
         nodes = [n for n in nodes if not (n.op_type == "Transpose" and node.input[1] in n.output)]
-        used = {i for n in nodes for i in n.input} | {o.name for o in graph.graph.output}
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.graph.output}
     del graph.graph.node[:]
     graph.graph.node.extend(nodes)
     kept = [i for i in graph.graph.initializer if i.name in used or i.name not in old]
@@ -156,26 +157,21 @@ def rewrite_lm_head(graph: onnx.ModelProto) -> Int8Head:
     return head
 
 
-def _sources(name: str, graph: onnx.ModelProto) -> list[str]:
-    """The initializer a Transpose named ``name`` reads, as a list (empty when ``name`` is no Transpose output)."""
-    producer = next((n for n in graph.graph.node if name in n.output and n.op_type == "Transpose"), None)
-    return [producer.input[0]] if producer is not None else []
-
-
-def _weight_of(graph: onnx.ModelProto, name: str, inits: dict) -> np.ndarray | None:
-    """[K, N] float array of the head's weight input: a 2-D initializer, or a 2-D Transpose of one."""
+def _weight_of(graph: onnx.ModelProto, name: str, inits: dict) -> tuple[np.ndarray | None, set[str]]:
+    """([K, N] float array, the names it comes from) of the head's weight input: a 2-D initializer, or a 2-D Transpose
+    of one (its output and the initializer); (None, {name}) otherwise."""
     from onnx import helper, numpy_helper
 
     if name in inits:
-        return numpy_helper.to_array(inits[name]) if len(inits[name].dims) == 2 else None
+        return (numpy_helper.to_array(inits[name]) if len(inits[name].dims) == 2 else None), {name}
     producer = next((n for n in graph.graph.node if name in n.output), None)
     if producer is None or producer.op_type != "Transpose" or producer.input[0] not in inits:
-        return None
+        return None, {name}
     perm = {a.name: helper.get_attribute_value(a) for a in producer.attribute}.get("perm", [1, 0])
     source = inits[producer.input[0]]
     if len(source.dims) != 2 or list(perm) != [1, 0]:
-        return None
-    return numpy_helper.to_array(source).T
+        return None, {name}
+    return numpy_helper.to_array(source).T, {name, source.name}
 
 
 def head_of_folder(folder: str | Path, filename: str = "model.onnx") -> Int8Head | None:
@@ -184,9 +180,11 @@ def head_of_folder(folder: str | Path, filename: str = "model.onnx") -> Int8Head
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
+    from .int4_rewrite import ORT_OP
+
     graph = onnx.load(str(Path(folder) / filename), load_external_data=False)
-    node = next((n for n in graph.graph.node if LOGITS in n.output), None)
-    if node is None or node.op_type != "MatMulNBits":
+    node = logits_node(graph)
+    if node is None or node.op_type != ORT_OP:
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     inits = {i.name: i for i in graph.graph.initializer}

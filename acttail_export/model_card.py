@@ -86,8 +86,10 @@ def _weights_line(config: ActTailConfig) -> str:
     """The graph's weights: float (the export's dtype), or the 4-bit projections and the lm_head they come with."""
     if config.weights != "int4":
         return f"- weights: {config.weights or 'float'} (as exported)"
-    head = ("8-bit `MatMulNBits` (symmetric blocks of 32, int8 activations on the CPU)" if config.lm_head == "int8"
-            else "float")
+    from .lm_head import BLOCK
+
+    head = (f"8-bit `MatMulNBits` (symmetric blocks of {BLOCK}, int8 activations on the CPU)"
+            if config.lm_head == "int8" else "float")
     return (f"- weights: projections 4-bit (blocks of {config.block_size} along the input dimension, quantizer "
             f"`{config.quantizer}`), lm_head {head}")
 

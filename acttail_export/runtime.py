@@ -43,6 +43,8 @@ def check_export_dir(export_dir: str | Path) -> tuple[ActTailConfig, bool]:
     from onnx.external_data_helper import uses_external_data
 
     from .graph_rewrite import CUSTOM_DOMAIN, _is_identity, check_against_config
+    from .int4_rewrite import ORT_OP
+    from .lm_head import logits_node
 
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
@@ -74,10 +76,10 @@ def check_export_dir(export_dir: str | Path) -> tuple[ActTailConfig, bool]:
     if fused != (config.kernel == "fused" and any(not _is_identity(p, config.mode) for p in config.projections)):
         raise ActTailError(f"{CONFIG_NAME} says kernel={config.kernel} but the graph {'uses' if fused else 'lacks'} the "
                            f"{CUSTOM_DOMAIN} op: the files come from different exports, re-run the export")
-    head = next((n.op_type for n in graph.graph.node if "logits" in n.output), None)
-    if head is not None and (head == "MatMulNBits") != (config.lm_head == "int8"):
-        raise ActTailError(f"{CONFIG_NAME} says lm_head={config.lm_head or 'float'} but the graph's lm_head is a {head}: "
-                           "the files come from different exports, re-run the export")
+    head = logits_node(graph)
+    if head is not None and (head.op_type == ORT_OP) != (config.lm_head == "int8"):
+        raise ActTailError(f"{CONFIG_NAME} says lm_head={config.lm_head or 'float'} but the graph's lm_head is a "
+                           f"{head.op_type}: the files come from different exports, re-run the export")
     return config, fused
 
 
