@@ -162,6 +162,10 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     if o.head == "int8" and o.device == "cuda":
         logger.warning("--lm-head int8 with --device cuda: ONNX Runtime's CUDA kernel for the 8-bit lm_head is not "
                        "measured by this project (docs/quantization.md); --lm-head float is the CUDA default")
+    if o.kernel == "mask" and o.int4 is not None and o.device == "cpu":
+        logger.warning("--kernel mask with --weights int4: ONNX Runtime's CPU MatMulNBits dequantizes weights with float "
+                       "zero points on every call (about 10x the decode time of --kernel fused, the int4 default; "
+                       "docs/quantization.md)")
     library = check_kernel(o.kernel)
     check_device(o.device)
     calibration_path = o.calibration_data if o.calibration_data is not None else DEFAULT_CALIBRATION_DATA
@@ -245,7 +249,7 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
                 from .offload import input_device
 
                 hessians = input_hessians(model, windows.to(input_device(model)), progress=o.progress)
-            quantized = quantize_model(model, *o.int4, dtype=o.dtype, progress=o.progress, hessians=hessians)
+            quantized = quantize_model(model, *o.int4, dtype=o.scale_dtype, progress=o.progress, hessians=hessians)
             del hessians
     config = _budgets(model, tokenizer, model_ref, o, calibration_path, windows)
     config.versions = base.versions()

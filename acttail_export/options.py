@@ -64,6 +64,13 @@ def check_allocation_shape(allocation: str, sparsity: float, mode: str, epsilon:
                        f"--allocation {alternatives}")
 
 
+def default_kernel(weights: str | None) -> str:
+    """``--kernel`` when not given: ``fused`` for ``--weights int4``, whose ``--kernel mask`` graph multiplies by ONNX
+    Runtime's ``MatMulNBits`` with float zero points, which its CPU kernel dequantizes on every call (SmolLM2 at 50 %:
+    about 100 ms per decode step against 10 ms fused, docs/quantization.md); ``mask`` (standard ONNX ops) otherwise."""
+    return "fused" if weights == "int4" else "mask"
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """What to export and how; ``ExportOptions(**kwargs)`` raises a one-line ActTailError on a bad value.
@@ -75,7 +82,7 @@ class ExportOptions:
     sparsity: float = 0.5
     allocation: Allocation = "acttail"
     mode: Mode = "topk"
-    kernel: Kernel = "mask"
+    kernel: Kernel | None = None  # None: fused for --weights int4, else mask (see :func:`default_kernel`)
     epsilon: float | None = None
     mapping: str | None = None
     calibration_data: Path | None = None
@@ -97,7 +104,9 @@ class ExportOptions:
     lm_head: LmHead | None = None  # None: int8 for --weights int4 on the CPU, else float (see :attr:`head`)
 
     def __post_init__(self) -> None:
-        # frozen: the numbers and the path are normalized here, once
+        # frozen: the numbers, the path and the kernel's default are normalized here, once
+        if self.kernel is None:
+            object.__setattr__(self, "kernel", default_kernel(self.weights))
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, "--sparsity"))
         if self.epsilon is not None:
             object.__setattr__(self, "epsilon", check_sparsity(self.epsilon, "--epsilon"))
@@ -170,6 +179,16 @@ class ExportOptions:
         if self.lm_head is not None:
             return self.lm_head
         return "int8" if self.weights == "int4" and self.device == "cpu" else "float"
+
+    @property
+    def scale_dtype(self) -> str:
+        """The dtype of the 4-bit scales and offsets: fp16 in fp16 graphs and in the fused op of fp32 graphs on the CPU
+        (a quarter of the bytes a decode step streams at 50 %: float32 scales and offsets weigh as much as the kept
+        4-bit rows, docs/quantization.md; SmolLM2's GGUF stores them in float16 too), else fp32 (the CUDA kernels read
+        the graph's dtype)."""
+        if self.dtype == "fp16" or (self.kernel == "fused" and self.device == "cpu"):
+            return "fp16"
+        return "fp32"
 
     @property
     def int4(self) -> tuple[int, str] | None:

@@ -732,6 +732,8 @@ def main(argv=None) -> int:
     # mse (data-free) by default: the exporter's default (gptq-mse-act) adds a Hessian pass over the calibration windows
     # to every 4-bit export; the weights' values do not change the timings
     ap.add_argument("--export-quantizer", choices=WEIGHT_QUANTIZERS, default="mse", help="acttail-export --weights int4: quantizer")
+    ap.add_argument("--export-kernel", nargs="+", default=["fused"], choices=("fused", "mask"),
+                    help="acttail-export: one folder per kernel (--kernel; default fused)")
     ap.add_argument("--export-lm-head", nargs="*", default=[], choices=("float", "int8"),
                     help="acttail-export --weights int4: one folder per lm_head (--lm-head; default: the exporter's, "
                          "int8 on --device cpu)")
@@ -1103,7 +1105,8 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
                    cuda_graph: bool, ppl=None, out_of_time=lambda margin=0.0: False) -> float:
     """``acttail-export``: time the exporter's own folders (one per allocation and sparsity); returns the seconds spent.
 
-    Each folder is what ``acttail-export export --model MODEL --sparsity S --allocation A --kernel fused`` writes on the
+    Each folder is what ``acttail-export export --model MODEL --sparsity S --allocation A --kernel K`` (``--export-kernel``,
+    default fused) writes on the
     default base (packed builder graph, calibrated thresholds), run as ``og.Model(folder)``; it is deleted after its
     run unless ``--keep-exports``. No export starts with less than ``--export-margin`` seconds left before ``--deadline``.
     """
@@ -1118,18 +1121,19 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
 
     start = time.perf_counter()
     int4 = args.export_weights == "int4"
-    for allocation, s, head in itertools.product(args.export_allocation, args.export_sparsity,
-                                                 (args.export_lm_head or [None]) if int4 else [None]):
-        suffix = f"{'-int4' if int4 else ''}{f'-head-{head}' if head else ''}"
+    for allocation, s, head, kernel in itertools.product(args.export_allocation, args.export_sparsity,
+                                                         (args.export_lm_head or [None]) if int4 else [None], args.export_kernel):
+        suffix = f"{'-int4' if int4 else ''}{f'-head-{head}' if head else ''}{'-mask' if kernel == 'mask' else ''}"
         folder = work / f"export-{allocation}-{args.export_mode}-{int(round(s * 100))}{suffix}"
-        label = f"export {allocation} {args.export_mode} {s:.0%}{' int4' if int4 else ''}{f' lm_head {head}' if head else ''}"
-        extra = dict(mode=args.export_mode, allocation=allocation, weights=args.export_weights)
+        label = (f"export {allocation} {args.export_mode} {s:.0%}{' int4' if int4 else ''}{f' lm_head {head}' if head else ''}"
+                 f"{' mask kernel' if kernel == 'mask' else ''}")
+        extra = dict(mode=args.export_mode, allocation=allocation, weights=args.export_weights, kernel=kernel)
         if out_of_time(args.export_margin):
             print(f"deadline: {label} not started", flush=True)
             continue
         t = time.perf_counter()
         try:
-            export(model_ref, folder, sparsity=s, allocation=allocation, mode=args.export_mode, kernel="fused", base="genai",
+            export(model_ref, folder, sparsity=s, allocation=allocation, mode=args.export_mode, kernel=kernel, base="genai",
                    dtype=args.dtype, device=args.device, calibration_data=str(calibration),
                    calibration_samples=args.calibration_windows, sequence_length=args.prompt_length,
                    validate=args.export_validate, eval_tokens=0, overwrite=True, progress=False,
@@ -1144,7 +1148,7 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
                      sparse_ops=sum(n.op_type in (CUSTOM_OP, NBITS_OP) for n in graph.graph.node),
                      budgets=[min(p.sparsity for p in config.projections), max(p.sparsity for p in config.projections)],
                      export_command=f"acttail-export export --model MODEL --sparsity {s} --allocation {allocation} "
-                                    f"--mode {args.export_mode} --kernel fused --dtype {args.dtype} --device {args.device}"
+                                    f"--mode {args.export_mode} --kernel {kernel} --dtype {args.dtype} --device {args.device}"
                                     + (f" --weights int4 --block-size 32 --quantizer {args.export_quantizer}"
                                        f" --lm-head {config.lm_head}" if int4 else ""))
         extra["lm_head"] = config.lm_head
@@ -1154,7 +1158,7 @@ def export_folders(args, model_ref: str, calibration: Path, work: Path, common: 
         if args.cupti and common["provider"] == "cuda":
             r["cupti"] = cupti_run(common, folder, "model.onnx", args.child_timeout)
         if ppl is not None:
-            extra["perplexity"] = ppl(folder, "model.onnx", fused=True)
+            extra["perplexity"] = ppl(folder, "model.onnx", fused=kernel == "fused")
         results.add("acttail-export", variant, s, r, cuda_graph=cuda_graph, **extra)
         if args.ab_env:  # the same folder with the variables set, alternating with plain runs
             env = dict(os.environ, **dict(v.split("=", 1) for v in args.ab_env))

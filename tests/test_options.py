@@ -122,6 +122,7 @@ CLI_AND_API = [
     (["--weights", "int4", "--block-size", "64", "--quantizer", "rtn"],
      dict(weights="int4", block_size=64, quantizer="rtn")),
     (["--weights", "int4"], dict(weights="int4")),  # block size and quantizer: the defaults (options.int4)
+    (["--weights", "int4", "--kernel", "mask"], dict(weights="int4", kernel="mask")),
     (["--weights", "int4", "--lm-head", "float"], dict(weights="int4", lm_head="float")),
     (["--weights", "fp16", "--dtype", "fp16", "--device", "cuda"], dict(weights="fp16", dtype="fp16", device="cuda")),
     (["--push-to-hub", "me/tiny", "--private", "--token", "hf_x"],
@@ -192,3 +193,30 @@ def test_export_with_options_equals_export_with_kwargs(tiny_llama_dir, wikitext_
     with pytest.raises(ActTailError, match="--mode must be one of"):
         exporter.export(str(tiny_llama_dir), tmp_path / "d", options, mode="median")
     assert not (tmp_path / "d").exists() and len(seen) == 3
+
+
+def test_kernel_default_follows_the_weights():
+    """No --kernel: mask (standard ONNX ops) for float weights, fused for --weights int4, whose mask graph would use ONNX
+    Runtime's MatMulNBits with float zero points (dequantized on every CPU call); an explicit --kernel stays."""
+    assert ExportOptions().kernel == "mask" and ExportOptions(weights="fp32").kernel == "mask"
+    assert ExportOptions(weights="int4").kernel == "fused"
+    assert ExportOptions(weights="int4", kernel="mask").kernel == "mask"
+    assert ExportOptions(kernel="fused").kernel == "fused"
+    assert _cli_options(["--weights", "int4"]).kernel == "fused" and _cli_options([]).kernel == "mask"
+    resolved = ExportOptions(weights="int4", progress=False)
+    assert ExportOptions(**resolved.to_kwargs()) == resolved  # the resolved kernel round-trips
+
+
+@pytest.mark.parametrize("device, kernel, warned", [("cpu", "mask", True), ("cpu", None, False)])
+def test_mask_kernel_with_int4_on_the_cpu_warns(tmp_path, caplog, device, kernel, warned):
+    """An explicit --kernel mask --weights int4 on the CPU is logged as the slow graph it is, before anything loads."""
+    import logging
+
+    from acttail_export import exporter
+
+    caplog.set_level(logging.WARNING, logger="acttail_export")
+    with pytest.raises(ActTailError):  # no such model: fails after the option checks
+        exporter.export(str(tmp_path / "missing"), tmp_path / "out", weights="int4", kernel=kernel, device=device,
+                        calibration_data=tmp_path / "missing.txt", progress=False)
+    assert ("--kernel mask with --weights int4" in caplog.text) == warned
+    assert not (tmp_path / "out").exists()

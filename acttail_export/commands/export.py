@@ -40,8 +40,9 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_base: str = "g
                                "acttail-greedy, waterfill-greedy, uniform")
     sparsity.add_argument("--mode", choices=("topk", "threshold"), default="topk",
                           help="keep the k largest |x| per token (topk) or |x| above a calibrated threshold")
-    sparsity.add_argument("--kernel", choices=("mask", "fused"), default="mask",
-                          help="standard ONNX masking ops (mask) or the com.acttail::SparseMatMul custom op (fused; needs `make ops`)")
+    sparsity.add_argument("--kernel", choices=("mask", "fused"), default=None,
+                          help="standard ONNX masking ops (mask; the default for float weights) or the com.acttail custom ops "
+                               "(fused; the default for --weights int4; the library ships in the wheel, `make ops` in a checkout)")
     sparsity.add_argument("--epsilon", default=None, help="allocation spread in [0, 1) (default: the allocation's)")
     sparsity.add_argument("--mapping", default=None,
                           help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: the allocation's)")
