@@ -249,7 +249,7 @@ def _build(model_ref, tmp: Path, o: ExportOptions, calibration_path: Path, libra
                 from .offload import input_device
 
                 hessians = input_hessians(model, windows.to(input_device(model)), progress=o.progress)
-            quantized = quantize_model(model, *o.int4, dtype=o.scale_dtype, progress=o.progress, hessians=hessians)
+            quantized = quantize_model(model, *o.int4, dtype=o.dtype, progress=o.progress, hessians=hessians)
             del hessians
     config = _budgets(model, tokenizer, model_ref, o, calibration_path, windows)
     config.versions = base.versions()

@@ -76,8 +76,7 @@ def quantize_model(model, block_size: int, quantizer: str, dtype: str = "fp32", 
                    hessians: dict | None = None, **gptq) -> dict[str, QuantizedWeight]:
     """Quantize every projection of ``model`` in place (weights := dequantized values); returns the 4-bit weights.
 
-    With ``dtype="fp16"`` scales and offsets are rounded to float16 first (what an fp16 graph stores, and the 4-bit op
-    of a CPU fp32 graph: :attr:`acttail_export.options.ExportOptions.scale_dtype`).
+    With ``dtype="fp16"`` scales and offsets are rounded to float16 first (what the fp16 graph stores).
     ``hessians`` (:func:`input_hessians`): needed by the GPTQ-style quantizers (``gptq``, ``gptq-mse``,
     ``gptq-act``, ``gptq-mse-act``); ``gptq``: further keyword arguments of
     :func:`acttail_export.quantize.quantize_gptq` (``damp``, ``refit``; ``params`` and ``order`` follow the name).
@@ -111,7 +110,7 @@ def _quantize_projection(module, block_size: int, quantizer: str, dtype: str, he
         scales, offsets = scales.half().float(), offsets.half().float()
     with torch.no_grad():
         weight.copy_(dequantize_tensor(codes, scales, offsets, block_size).T.to(weight.dtype))
-    return QuantizedWeight.from_tensors(codes, scales, offsets, block_size, quantizer, scale_dtype=dtype)
+    return QuantizedWeight.from_tensors(codes, scales, offsets, block_size, quantizer)
 
 
 class _StopForward(Exception):
@@ -193,12 +192,9 @@ def concat_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
     from .reference import pack_nibbles
 
     first = parts[0]
-    if len({p.scale_dtype for p in parts}) > 1:
-        raise ValueError("the members of a packed MatMul have scales of different dtypes")
     q = np.concatenate([p.codes() for p in parts], axis=1)
     return QuantizedWeight(pack_nibbles(q), np.concatenate([p.scales for p in parts], 1),
-                           np.concatenate([p.offsets for p in parts], 1), first.K, q.shape[1], first.block_size, first.quantizer,
-                           first.scale_dtype)
+                           np.concatenate([p.offsets for p in parts], 1), first.K, q.shape[1], first.block_size, first.quantizer)
 
 
 def rewrite_int4(graph: onnx.ModelProto, config: ActTailConfig, weights: dict[str, QuantizedWeight]) -> int:
@@ -281,14 +277,11 @@ def expected_density(members: list, widths: list[int]) -> float:
 
 def _nbits_node(node: onnx.NodeProto, qw: QuantizedWeight, np_dtype, density: float) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
     """``SparseMatMul(x, W[, t, ...])`` -> ``SparseMatMulNBits(x, Q, scales, offsets[, t, ...])``, same attributes, plus
-    ``density`` (:func:`expected_density`). Scales and offsets are float16 when the quantizer rounded them so
-    (``qw.scale_dtype``; the op's CPU kernel reads them beside a float32 X), else the graph's dtype."""
+    ``density`` (:func:`expected_density`)."""
     from onnx import helper, numpy_helper
 
     from .graph_rewrite import CUSTOM_DOMAIN
 
-    if qw.scale_dtype == "fp16":
-        np_dtype = np.float16
     base = f"/acttail_int4{node.name}"
     tensors = [numpy_helper.from_array(qw.packed, f"{base}/Q"),
                numpy_helper.from_array(qw.scales.astype(np_dtype), f"{base}/scales"),

@@ -181,16 +181,6 @@ class ExportOptions:
         return "int8" if self.weights == "int4" and self.device == "cpu" else "float"
 
     @property
-    def scale_dtype(self) -> str:
-        """The dtype of the 4-bit scales and offsets: fp16 in fp16 graphs and in the fused op of fp32 graphs on the CPU
-        (a quarter of the bytes a decode step streams at 50 %: float32 scales and offsets weigh as much as the kept
-        4-bit rows, docs/quantization.md; SmolLM2's GGUF stores them in float16 too), else fp32 (the CUDA kernels read
-        the graph's dtype)."""
-        if self.dtype == "fp16" or (self.kernel == "fused" and self.device == "cpu"):
-            return "fp16"
-        return "fp32"
-
-    @property
     def int4(self) -> tuple[int, str] | None:
         """(block size, quantizer) of the 4-bit projections, defaults filled in; None for float weights."""
         if self.weights != "int4":

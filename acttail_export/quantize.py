@@ -61,16 +61,13 @@ class QuantizedWeight:
     N: int
     block_size: int
     quantizer: str
-    #: "fp16": the scales and offsets are float16 values (held in float32 here), which the 4-bit op stores as float16
-    #: also in a float32 graph; "fp32": float32 values
-    scale_dtype: str = "fp32"
 
     @classmethod
-    def from_tensors(cls, codes, scales, offsets, block_size: int, quantizer: str, scale_dtype: str = "fp32") -> QuantizedWeight:
+    def from_tensors(cls, codes, scales, offsets, block_size: int, quantizer: str) -> QuantizedWeight:
         """From :func:`quantize_tensor`'s (codes [K, N], scales, offsets) torch tensors."""
         K, N = codes.shape
         packed = ref.pack_nibbles(codes.cpu().numpy()) if K else np.zeros((0, (N + 1) // 2), np.uint8)
-        return cls(packed, scales.float().cpu().numpy(), offsets.float().cpu().numpy(), K, N, block_size, quantizer, scale_dtype)
+        return cls(packed, scales.float().cpu().numpy(), offsets.float().cpu().numpy(), K, N, block_size, quantizer)
 
     def codes(self) -> np.ndarray:
         """Unpacked codes uint8 [K, N]."""

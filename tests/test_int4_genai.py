@@ -5,8 +5,6 @@ ops replace every projection, the float projection weights leave the folder, eac
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx
 import pytest
@@ -60,31 +58,16 @@ def _expected_weights(model_dir, kw: dict, text) -> dict[str, np.ndarray]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     spec_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     block, quantizer = _int4(kw)
-    half = _scale_dtype(kw) == "fp16"
-
-    def rounded(qw: QuantizedWeight) -> np.ndarray:  # the fused op's float16 scales and offsets (options.scale_dtype)
-        if half:
-            qw = dataclasses.replace(qw, scales=qw.scales.astype(np.float16).astype(np.float32),
-                                     offsets=qw.offsets.astype(np.float16).astype(np.float32))
-        return qw.dequantize_f32()
-
     if quantizer not in GPTQ_QUANTIZERS:
-        return {n: rounded(quantize(dict(model.named_modules())[n].weight.detach().numpy().T, block, quantizer))
+        return {n: quantize(dict(model.named_modules())[n].weight.detach().numpy().T, block, quantizer).dequantize_f32()
                 for n in spec_names}
     windows = load_windows(AutoTokenizer.from_pretrained(model_dir), text, FAST["sequence_length"],
                            samples=FAST["calibration_samples"])
     hessians = input_hessians(model, windows)
     modules = dict(model.named_modules())
-    return {n: rounded(QuantizedWeight.from_tensors(*quantize_gptq(modules[n].weight.detach().T, hessians[n], block,
-                                                                   **gptq_options(quantizer)), block, quantizer))
+    return {n: QuantizedWeight.from_tensors(*quantize_gptq(modules[n].weight.detach().T, hessians[n], block,
+                                                           **gptq_options(quantizer)), block, quantizer).dequantize_f32()
             for n in spec_names}
-
-
-def _scale_dtype(kw: dict) -> str:
-    """The dtype of a case's 4-bit scales and offsets: float16 in the fused op of these CPU float32 exports."""
-    from acttail_export.options import ExportOptions
-
-    return ExportOptions(weights="int4", kernel=kw.get("kernel")).scale_dtype
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +145,6 @@ def test_every_projection_is_a_4bit_op_with_the_models_quantized_weight(exports,
     # embeddings read) and the rotary caches; the 4-bit ops' scales and offsets are float too
     floats = [n for n, a in tensors.items() if a.dtype == np.float32 and a.ndim == 2 and not n.startswith("/acttail_int")]
     assert sorted(floats) == ["cos_cache", "lm_head.MatMul.weight", "sin_cache"], floats
-    # the fused op's scales and offsets are float16 beside the float32 X (options.scale_dtype); MatMulNBits' are float32
-    for node in {n.name: n for n in found.values()}.values():
-        want = np.float16 if node.op_type == "SparseMatMulNBits" else np.float32
-        assert {tensors[i].dtype for i in node.input[2:4]} == {np.dtype(want)}, node.name
     # each member's columns of the node dequantize to the quantized original weight (same blocks along K; GPTQ:
     # with the Hessians of the same calibration windows)
     expected = _expected_weights(tiny_llama_dir, kw, wikitext_valid)
@@ -191,8 +170,7 @@ def test_int4_folder_is_smaller_than_the_float_export(exports, tiny_llama_dir, t
     def size(folder):
         return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
-    # 4 bits + an fp32 scale and offset per 32 weights = 6 bits per weight (the mask kernel's MatMulNBits): at least 3/4
-    # of the fp32 bytes go; the
+    # 4 bits + an fp32 scale and offset per 32 weights = 6 bits per weight: at least 3/4 of the fp32 bytes go; the
     # tiny model's lm_head is tied to its embeddings, so its float weight stays (the embeddings read it) and the 8-bit
     # head comes on top: 8 bits + an fp32 scale per 32 weights
     assert ActTailConfig.load(exports("dense")).lm_head == "int8"
@@ -216,7 +194,7 @@ def test_folder_runs_like_the_sparse_reference_of_the_dequantized_model(exports,
     folder, kw = exports(name), CASES[name]
     config = ActTailConfig.load(folder)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    quantize_model(model, *_int4(kw), dtype=_scale_dtype(kw))
+    quantize_model(model, *_int4(kw))
     prompt = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode(), apply_sparsity(model, config, kw["mode"]), emulated_head(model, head_of_folder(folder)):
         want = model(prompt).logits[0].numpy()

@@ -51,7 +51,7 @@ def assert_matches(y: np.ndarray, case: Case) -> None:
 
 
 @settings(CPU_SETTINGS, max_examples=N_CASES)
-@given(cases(mixed_scales=False))  # the CUDA kernels have no float16-scales instance for float32 X
+@given(cases())
 def test_random_cases_match_reference_cuda(case):
     assert_matches(run_case(case, CUDA), case)
 

@@ -19,7 +19,7 @@ Isa CpuIsa() {
   static const Isa isa = [] {
     __builtin_cpu_init();
     Isa best = Isa::kScalar;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
     if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f")) best = Isa::kAvx512;
     const char* cap = std::getenv("ACTTAIL_CPU_ISA");
     Isa want = best;

@@ -37,14 +37,14 @@ inline void FromFloat(float v, uint16_t* out) { *out = FloatToHalf(v); }
 
 constexpr int64_t kRowBlock = 8;
 
-template <typename T, typename S>
+template <typename T>
 struct Job {
   const Problem* p;
   const std::vector<MemberRule>* rules;
   const T* x;
   const uint8_t* q;
-  const S* scales;   // S: T, or float16 bits beside float32 X
-  const S* offsets;
+  const T* scales;
+  const T* offsets;
   T* y;
   int groups;            // rule groups: 1 (every member has the same rule) or G
   std::vector<float> v;  // [groups, M, K] masked rows (IsKept: kept, a kept 0 is -0.0f)
@@ -64,9 +64,9 @@ struct Job {
 };
 
 /// Rule group rg, row m: the masked row (group rg applies member rg's rule; group 0 is every member's).
-template <typename T, typename S>
+template <typename T>
 void SelectTask(void* data, size_t task) {
-  auto& j = *static_cast<Job<T, S>*>(data);
+  auto& j = *static_cast<Job<T>*>(data);
   const int64_t K = j.p->K, M = j.p->M, rg = (int64_t)task / M, m = (int64_t)task % M;
   MaskRowCpu<T>(j.x + m * K, K, (*j.rules)[(size_t)rg], j.v.data() + (rg * M + m) * K);
 }
@@ -95,8 +95,8 @@ __attribute__((always_inline)) inline void UnpackRow(const uint8_t* row, int64_t
 
 /// Task (split, chunk, row block): the block-factored accumulation over the split's quant blocks. Compiled for
 /// AVX2+FMA and for baseline x86-64 (AccumulateTask picks by common/cpu_isa.h), like the dense op's hot loops.
-template <typename T, typename S>
-__attribute__((always_inline)) inline void AccumulateImpl(Job<T, S>& j, size_t task) {
+template <typename T>
+__attribute__((always_inline)) inline void AccumulateImpl(Job<T>& j, size_t task) {
   const Problem& p = *j.p;
   const int64_t K = p.K, N = p.N, M = p.M, B = p.B, rb = (N + 1) / 2;
   const int64_t nc = (int64_t)j.chunks.size();
@@ -157,18 +157,20 @@ __attribute__((always_inline)) inline void AccumulateImpl(Job<T, S>& j, size_t t
   }
 }
 
-template <typename T, typename S>
-__attribute__((target("avx2,fma"))) void AccumulateAvx2(Job<T, S>& j, size_t task) { AccumulateImpl(j, task); }
-template <typename T, typename S>
-void AccumulateScalar(Job<T, S>& j, size_t task) { AccumulateImpl(j, task); }
-
-/// Eight scales / offsets of one block as floats (float16 widened by F16C, exact; Isa::kAvx2 implies F16C).
 template <typename T>
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 LoadFloats8(const T* src) {
+__attribute__((target("avx2,fma"))) void AccumulateAvx2(Job<T>& j, size_t task) { AccumulateImpl(j, task); }
+template <typename T>
+void AccumulateScalar(Job<T>& j, size_t task) { AccumulateImpl(j, task); }
+
+/// Eight scales / offsets of one block as floats.
+template <typename T>
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 LoadFloats8(const T* src) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm256_loadu_ps(src);
   } else {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    alignas(32) float f[8];
+    for (int i = 0; i < 8; ++i) f[i] = ToFloat(src[i]);
+    return _mm256_load_ps(f);
   }
 }
 
@@ -193,7 +195,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void TileSums(const ui
 /// acc[c] += s[c] * aq[c] + o[c] * sv over the tile's 16 kGroups columns, aq as TileSums leaves it (even / odd columns
 /// of each group in two vectors; interleaved back here, once per block).
 template <typename T, int kGroups>
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline void FlushTile(const __m256* aq, const T* sc, const T* of, __m256 sv,
+__attribute__((target("avx2,fma"), always_inline)) inline void FlushTile(const __m256* aq, const T* sc, const T* of, __m256 sv,
                                                                           float* acc) {
   for (int g = 0; g < kGroups; ++g) {
     const __m256 lo = _mm256_unpacklo_ps(aq[2 * g], aq[2 * g + 1]), hi = _mm256_unpackhi_ps(aq[2 * g], aq[2 * g + 1]);
@@ -210,8 +212,8 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void FlushTile(co
 /// each 64- (then 32-) column tile of the block's kept rows of Q unpacked and accumulated in registers; a first odd
 /// column and the last columns one at a time. The flush with the block's scale and offset rounds as two FMAs, so Y may
 /// differ from the per-row path in the last bit.
-template <typename T, typename S>
-__attribute__((target("avx2,fma,f16c"))) void AccumulateOneRowAvx2(Job<T, S>& j, size_t task) {
+template <typename T>
+__attribute__((target("avx2,fma"))) void AccumulateOneRowAvx2(Job<T>& j, size_t task) {
   const Problem& p = *j.p;
   const int64_t K = p.K, N = p.N, B = p.B, rb = (N + 1) / 2;
   const int64_t nc = (int64_t)j.chunks.size(), split = (int64_t)task / nc;
@@ -238,26 +240,25 @@ __attribute__((target("avx2,fma,f16c"))) void AccumulateOneRowAvx2(Job<T, S>& j,
       ++n;
     }
     if (n == 0) continue;  // rows, scales and offsets of a block nobody keeps are never read
-    const S* sc = j.scales + b * N + c0;
-    const S* of = j.offsets + b * N + c0;
+    const T* sc = j.scales + b * N + c0;
+    const T* of = j.offsets + b * N + c0;
     const __m256 svv = _mm256_set1_ps(sv);
     const auto column = [&](int64_t c) {  // one column of the chunk
       const int64_t col = c0 + c;
       float sum = 0.0f;
       for (int64_t i = 0; i < n; ++i) sum += kept_v[(size_t)i] * Nibble(kept_row[(size_t)i], col);
-      // the tiles' two FMAs (FlushTile), spelled out: the same rounding for float and float16 scales
-      acc[(size_t)c] = std::fma(ToFloat(of[c]), sv, std::fma(ToFloat(sc[c]), sum, acc[(size_t)c]));
+      acc[(size_t)c] += ToFloat(sc[c]) * sum + ToFloat(of[c]) * sv;
     };
     __m256 aq[8];
     int64_t c = 0;
     for (; c < first; ++c) column(c);
     for (; c < wide_end; c += 64) {  // eight accumulators: even and odd columns of four groups of 16
       TileSums<4>(kept_row.data(), kept_v.data(), n, (c0 + c) >> 1, aq);
-      FlushTile<S, 4>(aq, sc + c, of + c, svv, acc.data() + c);
+      FlushTile<T, 4>(aq, sc + c, of + c, svv, acc.data() + c);
     }
     for (; c < tiles_end; c += 32) {
       TileSums<2>(kept_row.data(), kept_v.data(), n, (c0 + c) >> 1, aq);
-      FlushTile<S, 2>(aq, sc + c, of + c, svv, acc.data() + c);
+      FlushTile<T, 2>(aq, sc + c, of + c, svv, acc.data() + c);
     }
     for (; c < w; ++c) column(c);  // the last columns of the chunk
   }
@@ -268,9 +269,9 @@ __attribute__((target("avx2,fma,f16c"))) void AccumulateOneRowAvx2(Job<T, S>& j,
   }
 }
 
-template <typename T, typename S>
+template <typename T>
 void AccumulateTask(void* data, size_t task) {
-  auto& j = *static_cast<Job<T, S>*>(data);
+  auto& j = *static_cast<Job<T>*>(data);
   if (CpuIsa() >= Isa::kAvx2) {
     if (j.p->M == 1 && j.row_tiles) {
       AccumulateOneRowAvx2(j, task);
@@ -283,9 +284,9 @@ void AccumulateTask(void* data, size_t task) {
 }
 
 /// Task (chunk): y = sum of the splits' partial sums (decode).
-template <typename T, typename S>
+template <typename T>
 void ReduceTask(void* data, size_t task) {
-  auto& j = *static_cast<Job<T, S>*>(data);
+  auto& j = *static_cast<Job<T>*>(data);
   const int64_t M = j.p->M, N = j.p->N;
   const auto& ch = j.chunks[task];
   for (int64_t m = 0; m < M; ++m) {
@@ -318,7 +319,7 @@ __attribute__((noinline)) void DequantRowScalar(const uint8_t* row, const T* sc,
 /// each byte widens to a lane, its low nibble (even column) and high nibble (odd column) are interleaved back as
 /// FlushTile does; other strips take the scalar code. Bit-identical to it.
 template <typename T>
-__attribute__((target("avx2,fma,f16c"))) void DequantRowAvx2(const uint8_t* row, const T* sc, const T* of, int64_t cs, int64_t n, float* d) {
+__attribute__((target("avx2,fma"))) void DequantRowAvx2(const uint8_t* row, const T* sc, const T* of, int64_t cs, int64_t n, float* d) {
   if (n != kPanelStrip || (cs & 1) != 0) {
     DequantRowScalar(row, sc, of, cs, n, d);
     return;
@@ -335,9 +336,9 @@ __attribute__((target("avx2,fma,f16c"))) void DequantRowAvx2(const uint8_t* row,
   }
 }
 
-template <typename T, typename S>
+template <typename T>
 void DenseTask(void* data, size_t task) {
-  auto& j = *static_cast<Job<T, S>*>(data);
+  auto& j = *static_cast<Job<T>*>(data);
   const Problem& p = *j.p;
   const int64_t K = p.K, N = p.N, M = p.M, B = p.B, rb = (N + 1) / 2;
   const int64_t row_tiles = (M + kDenseRows - 1) / kDenseRows;
@@ -359,8 +360,8 @@ void DenseTask(void* data, size_t task) {
       for (int64_t k = 0; k < depth; ++k) {
         const int64_t kk = kb + k, b = kk / B;
         const uint8_t* row = j.q + kk * rb;
-        const S* sc = j.scales + b * N + cs;
-        const S* of = j.offsets + b * N + cs;
+        const T* sc = j.scales + b * N + cs;
+        const T* of = j.offsets + b * N + cs;
         float* d = dst + k * kPanelStrip;
         if (avx2) {
           DequantRowAvx2(row, sc, of, cs, n, d);
@@ -378,8 +379,8 @@ void DenseTask(void* data, size_t task) {
 /// Whether a call of many rows takes the dense path: at least 16 rows and more than 1/8 of the masked entries kept
 /// (on SmolLM2's shapes at 128 rows the dense path still wins at 85 % masked with the AVX-512 and the AVX2 tile;
 /// benchmarks/nbits_cpu_ab.py); ACTTAIL_CPU_DENSE_PREFILL=0: never (read per call).
-template <typename T, typename S>
-bool UseDense(const Job<T, S>& j) {
+template <typename T>
+bool UseDense(const Job<T>& j) {
   const Problem& p = *j.p;
   if (p.M < 16 || p.K == 0 || EnvIs("ACTTAIL_CPU_DENSE_PREFILL", "0")) return false;
   int64_t kept = 0;
@@ -389,11 +390,11 @@ bool UseDense(const Job<T, S>& j) {
 
 }  // namespace
 
-template <typename T, typename S>
-void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, const uint8_t* q, const S* scales, const S* offsets,
+template <typename T>
+void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, const uint8_t* q, const T* scales, const T* offsets,
             T* y, ParallelFn parallel, void* parallel_ctx) {
   if (p.M == 0 || p.N == 0) return;
-  Job<T, S> j;
+  Job<T> j;
   j.p = &p;
   j.rules = &rules;
   j.x = x;
@@ -414,7 +415,7 @@ void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, 
     }
   };
   j.v.assign((size_t)(j.groups * p.M * p.K), 0.0f);
-  if (p.K > 0) run(&SelectTask<T, S>, (size_t)(j.groups * p.M));
+  if (p.K > 0) run(&SelectTask<T>, (size_t)(j.groups * p.M));
   const bool decode = p.M <= kRowBlock;
   if (!decode && UseDense(j)) {
     for (int g = 0; g < p.spans.count(); ++g)
@@ -423,7 +424,7 @@ void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, 
     const size_t tasks = j.dense_chunks.size() * (size_t)((p.M + kDenseRows - 1) / kDenseRows);
     std::vector<uint8_t> nonfinite(tasks, 0);
     j.nonfinite = nonfinite.data();
-    run(&DenseTask<T, S>, tasks);
+    run(&DenseTask<T>, tasks);
     j.nonfinite = nullptr;
     if (std::find(nonfinite.begin(), nonfinite.end(), 1) == nonfinite.end()) return;  // finite: exact
   }
@@ -436,16 +437,14 @@ void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, 
     j.splits = std::max<int64_t>(1, std::min<int64_t>({16, p.blocks, bytes / (per_split * (int64_t)j.chunks.size())}));
   }
   if (j.splits > 1) j.partial.assign((size_t)(j.splits * p.M * p.N), 0.0f);
-  run(&AccumulateTask<T, S>, (size_t)(j.splits * (int64_t)j.chunks.size() * j.row_blocks));
-  if (j.splits > 1) run(&ReduceTask<T, S>, j.chunks.size());
+  run(&AccumulateTask<T>, (size_t)(j.splits * (int64_t)j.chunks.size() * j.row_blocks));
+  if (j.splits > 1) run(&ReduceTask<T>, j.chunks.size());
 }
 
-template void CpuRun<float, float>(const Problem&, const std::vector<MemberRule>&, const float*, const uint8_t*, const float*,
-                                   const float*, float*, ParallelFn, void*);
-template void CpuRun<float, uint16_t>(const Problem&, const std::vector<MemberRule>&, const float*, const uint8_t*, const uint16_t*,
-                                      const uint16_t*, float*, ParallelFn, void*);
-template void CpuRun<uint16_t, uint16_t>(const Problem&, const std::vector<MemberRule>&, const uint16_t*, const uint8_t*, const uint16_t*,
-                                         const uint16_t*, uint16_t*, ParallelFn, void*);
+template void CpuRun<float>(const Problem&, const std::vector<MemberRule>&, const float*, const uint8_t*, const float*, const float*,
+                            float*, ParallelFn, void*);
+template void CpuRun<uint16_t>(const Problem&, const std::vector<MemberRule>&, const uint16_t*, const uint8_t*, const uint16_t*,
+                               const uint16_t*, uint16_t*, ParallelFn, void*);
 
 }  // namespace nbits
 }  // namespace acttail

@@ -154,8 +154,7 @@ void OrtParallel(void* ctx, void (*fn)(void*, size_t), size_t total, void* data)
   static_cast<Ort::KernelContext*>(ctx)->ParallelFor(fn, total, 0, data);
 }
 
-/// T: X and Y; S: scales and offsets (T, or float16 beside float32 X).
-template <typename T, typename S = T>
+template <typename T>
 struct CpuKernel {
   NBitsAttributes attrs;
   void Init(const OrtKernelInfo* /*info*/) {}
@@ -163,13 +162,12 @@ struct CpuKernel {
     return Guard(kOpName, [&] {
       Ort::KernelContext ctx(context);
       Bound b = Bind(ctx, attrs);
-      using X = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
-      using W = typename std::conditional<std::is_same<S, float>::value, float, uint16_t>::type;
-      std::vector<X> activated;  // with activation "swiglu": silu(gate) * up [M, K]
-      const X* x = ActivatedRowsCpu<X>(attrs.mask.activation, static_cast<const X*>(b.x.GetTensorRawData()), b.p.M, b.p.K, activated);
-      CpuRun<X, W>(b.p, Rules(attrs, b), x, b.q.GetTensorData<uint8_t>(),
-                   static_cast<const W*>(b.scales.GetTensorRawData()), static_cast<const W*>(b.offsets.GetTensorRawData()),
-                   static_cast<X*>(b.y.GetTensorMutableRawData()), &OrtParallel, &ctx);
+      using S = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
+      std::vector<S> activated;  // with activation "swiglu": silu(gate) * up [M, K]
+      const S* x = ActivatedRowsCpu<S>(attrs.mask.activation, static_cast<const S*>(b.x.GetTensorRawData()), b.p.M, b.p.K, activated);
+      CpuRun<S>(b.p, Rules(attrs, b), x, b.q.GetTensorData<uint8_t>(),
+                static_cast<const S*>(b.scales.GetTensorRawData()), static_cast<const S*>(b.offsets.GetTensorRawData()),
+                static_cast<S*>(b.y.GetTensorMutableRawData()), &OrtParallel, &ctx);
     });
   }
 };
@@ -234,12 +232,11 @@ struct CudaKernel {
 };
 #endif
 
-/// One registration: X / Y of type T, scales / offsets of type S, on the CPU or the CUDA EP.
-template <typename T, typename S, typename Kernel, bool kCuda>
-struct NBitsOp : Ort::CustomOpBase<NBitsOp<T, S, Kernel, kCuda>, Kernel, true> {
+template <typename T, template <typename> class Kernel, bool kCuda>
+struct NBitsOp : Ort::CustomOpBase<NBitsOp<T, Kernel, kCuda>, Kernel<T>, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
     return Guard(kOpName, [&] {
-      auto k = std::make_unique<Kernel>();
+      auto k = std::make_unique<Kernel<T>>();
       k->attrs = ParseAttributes(info);
       k->Init(info);
       *kernel = k.release();
@@ -249,9 +246,7 @@ struct NBitsOp : Ort::CustomOpBase<NBitsOp<T, S, Kernel, kCuda>, Kernel, true> {
   const char* GetExecutionProviderType() const { return kCuda ? "CUDAExecutionProvider" : "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 6; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-    if (i >= kThresholdInput) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    return i == 0 ? ElementType<T>() : ElementType<S>();
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : i >= kThresholdInput ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ElementType<T>();
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= kThresholdInput ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
@@ -265,17 +260,13 @@ struct NBitsOp : Ort::CustomOpBase<NBitsOp<T, S, Kernel, kCuda>, Kernel, true> {
 
 void AppendSparseMatMulNBitsOps(std::vector<const OrtCustomOp*>& ops) {
   // one instance of each kernel, never destroyed: sessions may outlive static destruction
-  using nbits::CpuKernel;
-  using F16 = Ort::Float16_t;
-  static const auto* cpu_f32 = new nbits::NBitsOp<float, float, CpuKernel<float>, false>();
-  static const auto* cpu_f32_s16 = new nbits::NBitsOp<float, F16, CpuKernel<float, F16>, false>();  // float16 scales / offsets
-  static const auto* cpu_f16 = new nbits::NBitsOp<F16, F16, CpuKernel<F16>, false>();
+  static const auto* cpu_f32 = new nbits::NBitsOp<float, nbits::CpuKernel, false>();
+  static const auto* cpu_f16 = new nbits::NBitsOp<Ort::Float16_t, nbits::CpuKernel, false>();
   ops.push_back(cpu_f32);
-  ops.push_back(cpu_f32_s16);
   ops.push_back(cpu_f16);
 #ifdef ACTTAIL_WITH_CUDA
-  static const auto* cuda_f32 = new nbits::NBitsOp<float, float, nbits::CudaKernel<float>, true>();
-  static const auto* cuda_f16 = new nbits::NBitsOp<F16, F16, nbits::CudaKernel<F16>, true>();
+  static const auto* cuda_f32 = new nbits::NBitsOp<float, nbits::CudaKernel, true>();
+  static const auto* cuda_f16 = new nbits::NBitsOp<Ort::Float16_t, nbits::CudaKernel, true>();
   ops.push_back(cuda_f32);
   ops.push_back(cuda_f16);
 #endif

@@ -44,10 +44,9 @@ struct Problem {
 // ---- CPU ----------------------------------------------------------------------------------------
 using ParallelFn = void (*)(void* ctx, void (*fn)(void*, size_t), size_t total, void* data);
 
-/// T = float or uint16_t (IEEE half bits); S (scales and offsets) = T, or uint16_t beside float X; rules[g] applies to
-/// the columns of member g.
-template <typename T, typename S>
-void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, const uint8_t* q, const S* scales, const S* offsets,
+/// T = float or uint16_t (IEEE half bits); rules[g] applies to the columns of member g.
+template <typename T>
+void CpuRun(const Problem& p, const std::vector<MemberRule>& rules, const T* x, const uint8_t* q, const T* scales, const T* offsets,
             T* y, ParallelFn parallel, void* parallel_ctx);
 
 // ---- CUDA (cuda.cu; builds with ACTTAIL_WITH_CUDA) ------------------------------------------------
