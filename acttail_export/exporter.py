@@ -78,16 +78,24 @@ def _model_path(model: str | Path | None) -> str | Path | None:
     return None if model is None or str(model).strip() == "" else expand_model_alias(model)
 
 
-def check_kernel(kernel: str) -> str | None:
+def check_kernel(kernel: str, int4: bool = False) -> str | None:
     """The op library path for ``kernel="fused"`` (ActTailError naming ``make ops`` if absent), None for ``mask``.
 
-    ``kernel`` is one of :data:`acttail_export.options.KERNELS` (checked by :class:`ExportOptions`).
+    ``kernel`` is one of :data:`acttail_export.options.KERNELS` (checked by :class:`ExportOptions`); ``int4``: the
+    4-bit export, whose default is the fused kernel (the error then names ``--kernel mask`` as the way without the
+    library).
     """
     if kernel == "mask":
         return None
     from .ops import get_library_path
 
-    return get_library_path()
+    try:
+        return get_library_path()
+    except ActTailError as exc:
+        if not int4:
+            raise
+        raise ActTailError(f"{exc}; --weights int4 takes the fused kernel by default: pass --kernel mask for standard "
+                           "ops without the library (its MatMulNBits decode is about 10x slower on the CPU)") from None
 
 
 def check_context(sequence_length: int | None, limit, where) -> int:
@@ -162,11 +170,12 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     if o.head == "int8" and o.device == "cuda":
         logger.warning("--lm-head int8 with --device cuda: ONNX Runtime's CUDA kernel for the 8-bit lm_head is not "
                        "measured by this project (docs/quantization.md); --lm-head float is the CUDA default")
-    if o.kernel == "mask" and o.int4 is not None and o.device == "cpu":
-        logger.warning("--kernel mask with --weights int4: ONNX Runtime's CPU MatMulNBits dequantizes weights with float "
-                       "zero points on every call (about 10x the decode time of --kernel fused, the int4 default; "
-                       "docs/quantization.md)")
-    library = check_kernel(o.kernel)
+    if o.int4 is not None and o.device == "cpu" and (o.kernel == "mask" or o.sparsity == 0):
+        what = "--kernel mask" if o.sparsity > 0 else "--sparsity 0"
+        logger.warning("%s with --weights int4: the projections become ONNX Runtime's MatMulNBits with float zero "
+                       "points, which its CPU kernel dequantizes on every call (SmolLM2 at 50 %%: about 10x the decode "
+                       "time of --kernel fused, the int4 default; docs/quantization.md)", what)
+    library = check_kernel(o.kernel, o.int4 is not None)
     check_device(o.device)
     calibration_path = o.calibration_data if o.calibration_data is not None else DEFAULT_CALIBRATION_DATA
     # before the not-empty check, which would suggest --overwrite (and so deleting the model)

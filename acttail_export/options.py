@@ -66,8 +66,9 @@ def check_allocation_shape(allocation: str, sparsity: float, mode: str, epsilon:
 
 def default_kernel(weights: str | None) -> str:
     """``--kernel`` when not given: ``fused`` for ``--weights int4``, whose ``--kernel mask`` graph multiplies by ONNX
-    Runtime's ``MatMulNBits`` with float zero points, which its CPU kernel dequantizes on every call (SmolLM2 at 50 %:
-    about 100 ms per decode step against 10 ms fused, docs/quantization.md); ``mask`` (standard ONNX ops) otherwise."""
+    Runtime's ``MatMulNBits`` with float zero points, which its CPU kernel dequantizes on every call (SmolLM2 at 50 %,
+    2 threads: 91 ms per decode step against 10.6 ms fused, docs/quantization.md); ``mask`` (standard ONNX ops)
+    otherwise."""
     return "fused" if weights == "int4" else "mask"
 
 
@@ -202,4 +203,6 @@ class ExportOptions:
         if not isinstance(options, cls):
             raise TypeError(f"options must be an ExportOptions, got {type(options).__name__}: pass the settings as "
                             "keyword arguments (sparsity=..., mode=...)")
+        if "weights" in kwargs and "kernel" not in kwargs and options.kernel == default_kernel(options.weights):
+            kwargs = {**kwargs, "kernel": None}  # a kernel that was the weights' default follows the new weights
         return dataclasses.replace(options, **kwargs) if kwargs else options

@@ -265,6 +265,10 @@ def test_fused_kernel_without_op_library(tmp_path, capsys, tiny_llama_dir, monke
     out = tmp_path / "out"
     _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--kernel", "fused", str(out)), "not built", "make ops")
     _no_leftovers(out)
+    # --weights int4 takes the fused kernel by default: the line also names the way without the library
+    _check(*run_inprocess(capsys, "--model", str(tiny_llama_dir), "--weights", "int4", str(out)), "not built",
+           "pass --kernel mask")
+    _no_leftovers(out)
 
 
 def test_hub_push_without_token(tmp_path, tiny_llama_dir):

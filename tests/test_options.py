@@ -205,18 +205,33 @@ def test_kernel_default_follows_the_weights():
     assert _cli_options(["--weights", "int4"]).kernel == "fused" and _cli_options([]).kernel == "mask"
     resolved = ExportOptions(weights="int4", progress=False)
     assert ExportOptions(**resolved.to_kwargs()) == resolved  # the resolved kernel round-trips
+    # replacing the weights of validated options: a kernel that was the old weights' default follows the new ones,
+    # a kernel that was asked for stays
+    assert ExportOptions.validated(ExportOptions(), weights="int4").kernel == "fused"
+    assert ExportOptions.validated(ExportOptions(weights="int4"), weights="fp32").kernel == "mask"
+    assert ExportOptions.validated(ExportOptions(kernel="fused"), weights="int4").kernel == "fused"
+    assert ExportOptions.validated(ExportOptions(weights="int4", kernel="mask"), weights="int4").kernel == "mask"
+    assert ExportOptions.validated(ExportOptions(), weights="int4", kernel="mask").kernel == "mask"
 
 
-@pytest.mark.parametrize("device, kernel, warned", [("cpu", "mask", True), ("cpu", None, False)])
-def test_mask_kernel_with_int4_on_the_cpu_warns(tmp_path, caplog, device, kernel, warned):
-    """An explicit --kernel mask --weights int4 on the CPU is logged as the slow graph it is, before anything loads."""
+@pytest.mark.parametrize("kwargs, warned", [
+    (dict(weights="int4", kernel="mask"), "--kernel mask with --weights int4"),
+    (dict(weights="int4", sparsity=0.0), "--sparsity 0 with --weights int4"),  # every projection a MatMulNBits
+    (dict(weights="int4"), None),  # the fused default
+    (dict(kernel="mask"), None),  # float weights: no MatMulNBits
+    (dict(weights="int4", kernel="mask", device="cuda", dtype="fp16"), None),  # ORT's CUDA kernel has no such cost
+])
+def test_matmulnbits_on_the_cpu_warns(tmp_path, caplog, kwargs, warned):
+    """A CPU int4 export whose projections become MatMulNBits with float zero points (--kernel mask, or sparsity 0) is
+    logged as the slow graph it is, before anything loads."""
     import logging
 
     from acttail_export import exporter
 
     caplog.set_level(logging.WARNING, logger="acttail_export")
-    with pytest.raises(ActTailError):  # no such model: fails after the option checks
-        exporter.export(str(tmp_path / "missing"), tmp_path / "out", weights="int4", kernel=kernel, device=device,
-                        calibration_data=tmp_path / "missing.txt", progress=False)
-    assert ("--kernel mask with --weights int4" in caplog.text) == warned
+    with pytest.raises(ActTailError):  # no such model (or no CUDA device): fails after the option checks
+        exporter.export(str(tmp_path / "missing"), tmp_path / "out", calibration_data=tmp_path / "missing.txt",
+                        progress=False, **kwargs)
+    found = "with --weights int4: the projections become" in caplog.text
+    assert found == (warned is not None) and (warned is None or warned in caplog.text)
     assert not (tmp_path / "out").exists()
