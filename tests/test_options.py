@@ -219,7 +219,7 @@ def test_kernel_default_follows_the_weights():
     (dict(weights="int4", sparsity=0.0), "--sparsity 0 with --weights int4"),  # every projection a MatMulNBits
     (dict(weights="int4"), None),  # the fused default
     (dict(kernel="mask"), None),  # float weights: no MatMulNBits
-    (dict(weights="int4", kernel="mask", device="cuda", dtype="fp16"), None),  # ORT's CUDA kernel has no such cost
+    (dict(weights="int4", kernel="mask", device="cuda", dtype="fp16"), None),  # the warning is about ORT's CPU kernel
 ])
 def test_matmulnbits_on_the_cpu_warns(tmp_path, caplog, kwargs, warned):
     """A CPU int4 export whose projections become MatMulNBits with float zero points (--kernel mask, or sparsity 0) is
