@@ -202,18 +202,23 @@ def test_cuda_graph_decoder_matches_eager_on_gpu(tmp_path):
 
 @pytest.mark.skipif("not _builder_works()", reason="onnxruntime-genai builder not importable")
 def test_benchmark_times_the_exporters_own_folders(tmp_path):
-    """acttail-export backend: export() writes the folder (packed genai base, fused op, its own calibration) for each
-    allocation; HT-SR gives the projections different budgets, uniform one; the folder is removed after its run.
+    """acttail-export backend: export() writes the folder (packed genai base, fused op or --export-kernel mask, its own
+    calibration) for each allocation and kernel; HT-SR gives the projections different budgets, uniform one; the folder
+    is removed after its run.
     (htsr: the default at 50 % searches on 8 windows of 128 calibration tokens, more than this run's text holds.)"""
     data = _run(tmp_path, "x", "--sparsity", "0", "--topk-sparsity", "--backends", "genai-dense", "acttail-export",
-                "--export-sparsity", "0.5", "--export-allocation", "htsr", "uniform")
+                "--export-sparsity", "0.5", "--export-allocation", "htsr", "uniform", "--export-kernel", "fused", "mask")
     runs = {r["variant"]: r for r in data["runs"] if r["backend"] == "acttail-export"}
-    assert set(runs) == {"export htsr threshold 50%", "export uniform threshold 50%"}
+    assert set(runs) == {"export htsr threshold 50%", "export uniform threshold 50%",
+                         "export htsr threshold 50% mask kernel", "export uniform threshold 50% mask kernel"}
     layers = 2
     for r in runs.values():
-        assert r["sparse_ops"] == 4 * layers  # q/k/v packed, o, gate/up packed, down: one SparseMatMul each
+        mask = r["kernel"] == "mask"
+        # fused: q/k/v packed, o, gate/up packed, down, one SparseMatMul each; mask: standard ops only
+        assert r["sparse_ops"] == (0 if mask else 4 * layers) and mask == r["variant"].endswith("mask kernel")
         assert len(r["tokens"]) == 11 and r["tokens_per_s"] > 0 and r["export_s"] > 0
         assert "--allocation " + r["allocation"] in r["export_command"]
+        assert "--kernel " + r["kernel"] in r["export_command"]
     low, high = runs["export htsr threshold 50%"]["budgets"]
     assert low < 0.5 < high  # HT-SR budgets differ per projection around the target
     assert runs["export uniform threshold 50%"]["budgets"] == [0.5, 0.5]
