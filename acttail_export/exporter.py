@@ -170,12 +170,13 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     if o.head == "int8" and o.device == "cuda":
         logger.warning("--lm-head int8 with --device cuda: ONNX Runtime's CUDA kernel for the 8-bit lm_head is not "
                        "measured by this project (docs/quantization.md); --lm-head float is the CUDA default")
-    if o.int4 is not None and o.device == "cpu" and (o.kernel == "mask" or o.sparsity == 0):
+    int4 = o.weights == "int4"
+    if int4 and o.device == "cpu" and (o.kernel == "mask" or o.sparsity == 0):
         what, cost = (("--kernel mask", "SmolLM2 at 50 %: about 10x the decode time of --kernel fused, the int4 default")
                       if o.sparsity > 0 else ("--sparsity 0", "either kernel: nothing is sparse to fuse"))
         logger.warning("%s with --weights int4: the projections become ONNX Runtime's MatMulNBits with float zero "
                        "points, which its CPU kernel dequantizes on every call (%s; docs/quantization.md)", what, cost)
-    library = check_kernel(o.kernel, o.int4 is not None)
+    library = check_kernel(o.kernel, int4)
     check_device(o.device)
     calibration_path = o.calibration_data if o.calibration_data is not None else DEFAULT_CALIBRATION_DATA
     # before the not-empty check, which would suggest --overwrite (and so deleting the model)
