@@ -28,9 +28,11 @@ Correctness of every harness path against numpy: tests/test_ops_nbits_harness.py
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -347,7 +349,9 @@ _CLUSTER = [(c, b, 0, 0, 1, 0) for c, b in ((4, 2), (8, 2), (8, 3), (16, 1), (16
 _MMA = [(16, b, 0, 0, 2, 0) for b in (2, 3)]  # stream-K with the tensor-core row loop (kernel 2, float16, sm_80+)
 _ONE = [(16, 2, 0, 0, 3, 0), (16, 3, 0, 0, 3, 0), (32, 1, 0, 0, 3, 0)]  # stream-K with the one-row loop (kernel 3)
 _PIPE = [(16, 2, 0, 0, 4, 0), (16, 3, 0, 0, 4, 0), (32, 1, 0, 0, 4, 0)]  # the one-row loop software-pipelined (kernel 4)
-SWEEP_VARIANTS = {"stream-k": _STREAM_K, "cluster": [(16, 3, 0, 0, 0, 0)] + _CLUSTER, "mma": [(16, 3, 0, 0, 0, 0)] + _MMA,
+# early prefetch before the wait on the previous kernel (prefetch 2: scales, 3: scales and rows), shipped loops
+_EARLY = [(16, 3, p, 0, k, 0) for k in (0, 4) for p in (0, 2, 3)]
+SWEEP_VARIANTS = {"early": _EARLY, "stream-k": _STREAM_K, "cluster": [(16, 3, 0, 0, 0, 0)] + _CLUSTER, "mma": [(16, 3, 0, 0, 0, 0)] + _MMA,
                   "one": [(16, 3, 0, 0, 0, 0)] + _ONE, "pipe": [(16, 3, 0, 0, 0, 0), (16, 3, 0, 0, 3, 0)] + _PIPE,
                   "all": _STREAM_K + _CLUSTER + _MMA + _ONE + _PIPE}
 
@@ -370,17 +374,19 @@ def sweep(h: Harness, args) -> list[dict]:
             work = h.workspace(mk[0])
             for c in mk:
                 c.workspace = work.data_ptr()
-            for variant in SWEEP_VARIANTS[args.sweep_kernels]:
+            for variant, pdl in itertools.product(SWEEP_VARIANTS[args.sweep_kernels], args.sweep_pdl.split(",")):
                 cpl, bps, pre, stage, kernel, splits = variant
                 v = (cpl, bps, -1, -1, pre, stage, kernel, splits)
                 calls = [lambda c=c, v=v: h.run(c, v) for c in mk] * max(1, 48 // copies)
+                os.environ["ACTTAIL_PDL"] = pdl  # read when the calls are captured
                 g_us, k_us, _ = time_graph(calls, args.reps)
                 name = {1: "cluster", 2: "mma", 3: "one", 4: "pipe"}.get(kernel, "stream-k")
                 rows.append({"K": K, "N": N, "M": 1, "sparsity": s, "kernel": name, "cols_per_lane": cpl,
-                             "blocks_per_sm": bps, "splits": splits, "prefetch": pre, "stage": stage, "graph_us": g_us, "kernel_us": k_us,
-                             "effective_tb_s": ref_bytes / k_us / 1e6})
-                logger.info("sweep %dx%d s=%.1f %s cpl=%d bps=%d splits=%d prefetch=%d stage=%d: kernels %.2f us, graph %.2f us (%.2f TB/s)",
-                            K, N, s, rows[-1]["kernel"], cpl, bps, splits, pre, stage, k_us, g_us, rows[-1]["effective_tb_s"])
+                             "blocks_per_sm": bps, "splits": splits, "prefetch": pre, "stage": stage, "pdl": int(pdl), "graph_us": g_us,
+                             "kernel_us": k_us, "effective_tb_s": ref_bytes / k_us / 1e6})
+                logger.info("sweep %dx%d s=%.1f %s cpl=%d bps=%d splits=%d prefetch=%d stage=%d pdl=%s: kernels %.2f us, graph %.2f us (%.2f TB/s)",
+                            K, N, s, rows[-1]["kernel"], cpl, bps, splits, pre, stage, pdl, k_us, g_us, rows[-1]["effective_tb_s"])
+        os.environ.pop("ACTTAIL_PDL", None)
         del ws
         torch.cuda.empty_cache()
     return rows
@@ -482,6 +488,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="decode parameter sweep instead (writes nbits_sweep.json)")
     ap.add_argument("--sweep-sparsities", default="0,0.5,0.9", help="sparsities the sweep times (comma-separated)")
     ap.add_argument("--sweep-kernels", choices=sorted(SWEEP_VARIANTS), default="all", help="which decode kernels the sweep times")
+    ap.add_argument("--sweep-pdl", default="1", help="ACTTAIL_PDL values the sweep times each variant with (comma-separated: 1, 0 or both)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.table:

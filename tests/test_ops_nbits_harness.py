@@ -294,6 +294,72 @@ def test_decode_density_dispatch(mode, keep, density, one):
     assert flags == {("true", "true") if one else ("false", "false")}, names  # (ONE, PIPE)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode,density", [("threshold", 0.5), ("threshold", -1.0), ("topk", -1.0)])
+@pytest.mark.parametrize("prefetch,pdl", [(3, "1"), (2, "1"), (0, "0")])
+def test_dependent_launch_chain(mode, density, prefetch, pdl, monkeypatch):
+    """The decode GEMV launched as a programmatic dependent (sm_90+; ACTTAIL_PDL, on by default) with its early L2
+    prefetch (variant prefetch 2: scales, 3: scales and rows; 0: neither, plain launch): a copy kernel writes X, call A
+    reads it (K -> N), call B reads A's Y (N -> K), all captured in one CUDA graph and replayed with new data in X.
+    A kernel that read its X (or the shared per-stream scratch) before the previous kernel had finished would read the
+    last replay's values: each link must match the reference of this replay's inputs. Density 0.5 (and top-k at half
+    of K) takes the pipelined one-row loop, threshold mode without density the stream-K loop."""
+    import torch
+
+    harness = _harness()
+    monkeypatch.setenv("ACTTAIL_PDL", pdl)  # read when the calls are captured
+    rng = np.random.default_rng(5)
+    K, N = 4096, 11008
+    qa, sa, oa = random_weights(rng, K, N, 32, np.float16)
+    qb, sb, ob = random_weights(rng, N, K, 32, np.float16)
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+    src = dev(rng.standard_normal((1, K)).astype(np.float16))
+    x, y1, y2 = torch.empty_like(src), torch.empty((1, N), dtype=torch.float16, device="cuda"), torch.empty_like(src)
+    # thresholds at about half of |x| and |y1| (y1 ~ 16 for these weights); top-k keeps half of each input
+    ta, tb = dev(np.array([0.67], np.float32)), dev(np.array([11.0], np.float32))
+    kw = {"topk": mode == "topk", "density": density}
+    ca = harness.call(x, dev(ref_pack(qa)), dev(sa), dev(oa), y1, thresholds=None if kw["topk"] else ta, ks=(K // 2,), **kw)
+    cb = harness.call(y1, dev(ref_pack(qb)), dev(sb), dev(ob), y2, thresholds=None if kw["topk"] else tb, ks=(N // 2,), **kw)
+    variant = (0, 0, -1, -1, prefetch)
+    for c in (ca, cb):
+        ws = harness.workspace(c, variant)
+        c.workspace = ws.data_ptr()
+        c._keep += (ws,)
+
+    def chain():
+        x.copy_(src)
+        harness.run(ca, variant)
+        harness.run(cb, variant)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain()  # the per-stream scratch exists before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        chain()
+    for replay in range(3):
+        src.copy_(dev(rng.standard_normal((1, K)).astype(np.float16) * (1 + replay)))
+        graph.replay()
+        torch.cuda.synchronize()
+        xs, y1s, y2s = (t.cpu().numpy() for t in (src, y1, y2))
+        for xin, (q, sc, of), t, y in ((xs, (qa, sa, oa), 0.67, y1s), (y1s, (qb, sb, ob), 11.0, y2s)):
+            kk = q.shape[0]
+            case = (Case(xin, q, sc, of, 32, "topk", ks=[kk // 2]) if kw["topk"]
+                    else Case(xin, q, sc, of, 32, "threshold", thresholds=np.array(t, np.float32)))
+            assert_matches(y, case)
+
+
+def ref_pack(q):
+    from acttail_export import reference as ref
+
+    return ref.pack_nibbles(q)
+
+
 # Blocks along N (docs/quantization.md, "Scales that travel with their row"): the harness' prototype decode GEMV --------
 def _nblocks_case(rng, K: int, N: int, B: int, sparsity: float):
     """x float16 [K] with a threshold at the sparsity's quantile of |x| (NaN and a zero never kept), q / scales / offsets

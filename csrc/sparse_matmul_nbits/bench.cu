@@ -51,7 +51,7 @@ struct NBitsVariant {
   int blocks_per_sm;   // 0: the op's choice
   int use_cublas;      // -1: the op's choice (cuBLAS unless ACTTAIL_CUBLAS=0), 0 / 1: force
   int stream_scratch;  // -1: the op's choice (per-stream scratch), 0: per-call scratch zeroed with a memset
-  int prefetch;        // -1: the op's choice, 0 / 1: force the L2 prefetch of each warp's rows
+  int prefetch;        // -1: the op's choice; 0: none; 1: the L2 prefetch of each warp's rows; 2 / 3: early prefetch 1 / 2
   int stage;           // -1: the op's choice, 0 / 1: force the shared-memory staging of rows (one row of X)
   int kernel;          // -1: the op's choice, 0: stream-K GEMV, 1: cluster GEMV (one row of X, sm_90+), 2: stream-K with tensor cores, 3: stream-K with the one-row loop, 4: the one-row loop software-pipelined
   int splits;          // <= 0: the op's choice; cluster GEMV: blocks per tile
@@ -67,7 +67,12 @@ acttail::nbits::CudaPlan VariantPlan(const acttail::nbits::Problem& p, bool half
   if (variant->blocks_per_sm != 0) plan.decode.blocks_per_sm = variant->blocks_per_sm;
   if (variant->use_cublas >= 0) plan.use_cublas = variant->use_cublas != 0;
   if (variant->stream_scratch >= 0) plan.stream_scratch = variant->stream_scratch != 0;
-  if (variant->prefetch >= 0) plan.decode.prefetch = variant->prefetch;
+  // prefetch 0 / 1: no early prefetch, the per-warp one off / on; 2 / 3: no per-warp prefetch, the early one (before the
+  // wait on the previous kernel) of the scales / of the scales and rows
+  if (variant->prefetch >= 0) {
+    plan.decode.prefetch = variant->prefetch == 1 ? 1 : 0;
+    plan.decode.early = variant->prefetch >= 2 ? variant->prefetch - 1 : 0;
+  }
   if (variant->stage >= 0) plan.decode.stage = variant->stage;
   if (variant->kernel >= 0) plan.decode.kernel = variant->kernel;
   if (variant->splits > 0) plan.decode.splits = variant->splits;

@@ -265,8 +265,8 @@ cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t ma
     const int64_t aligned = grid / args.tiles * args.tiles;
     if (aligned >= args.tiles && aligned * 10 >= grid * 9) grid = aligned;
   }
-  kernel<<<(unsigned)grid, kWarps * 32, kSmem, stream>>>(args);
-  return cudaGetLastError();
+  // split mode as a programmatic dependent (args.early: what it prefetches before the wait); FULL mode plain
+  return cuda::LaunchDependent(!FULL && args.pdl, kernel, dim3((unsigned)grid), dim3(kWarps * 32), kSmem, stream, args);
 }
 
 /// What the current device offers, read once per device: compute capability major and thread-block cluster launch
@@ -465,6 +465,8 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   if (plan.decode.stage >= 0) cfg.stage = plan.decode.stage;
   if (plan.decode.kernel >= 0) cfg.kernel = plan.decode.kernel;
   if (plan.decode.splits > 0) cfg.splits = plan.decode.splits;
+  if (plan.decode.early >= 0) cfg.early = plan.decode.early;
+  if (plan.decode.pdl >= 0) cfg.pdl = plan.decode.pdl;
   // most rows kept: the one-row loop, software-pipelined in float16 (kernel 4; its float32 instance spills: kernel 3)
   if (cfg.kernel < 0 && ExpectedDensity(p, c) >= kOneRowMinDensity) cfg.kernel = half ? 4 : 3;
   // one row, B >= 32 (a group of 32 rows inside one quant block), the vector layout, clusters on the device
@@ -477,6 +479,8 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   g.one = (cfg.kernel == 3 || cfg.kernel == 4) && p.M == 1 && g.fast && (int64_t)p.K * g.rowbytes <= (int64_t)UINT32_MAX;
   g.pipe = g.one && cfg.kernel == 4;
   g.prefetch = cfg.prefetch > 0;
+  g.early = std::max(0, std::min(2, cfg.early));
+  g.pdl = cfg.pdl > 0 && CurrentCaps().major >= 9;
   g.stage = p.M == 1 && cfg.stage > 0 && g.fast && !mma && !g.one;  // the staged kernel needs 16-byte row pieces
   KernelShape s = DecodeShape(p.M, half, mma ? 16 : cfg.cols_per_lane);
   s.mma = mma;
@@ -688,6 +692,10 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   // the fused prefill, the default since measured on the H200 (docs/kernels.md); ACTTAIL_PREFILL_FUSE=0 turns it off
   // (read per call, for A/B runs and tests)
   plan.fuse_prefill = !EnvIs("ACTTAIL_PREFILL_FUSE", "0");
+  // the decode GEMV as a programmatic dependent launch, and what it prefetches before its wait (read per call, for
+  // A/B runs and tests: ACTTAIL_PDL=0, ACTTAIL_EARLY_PREFETCH=0 / 1 / 2)
+  plan.decode.pdl = cuda::DependentLaunchWanted() ? 1 : 0;
+  plan.decode.early = EnvIs("ACTTAIL_EARLY_PREFETCH", "0") ? 0 : EnvIs("ACTTAIL_EARLY_PREFETCH", "2") ? 2 : kEarlyPrefetch;
   return plan;
 }
 

@@ -60,11 +60,18 @@ struct DecodeConfig {
                           // tensor-core row loop (float16, sm_80+), 3 = stream-K with the one-row loop (StreamRowsOne),
                           // 4 = the one-row loop software-pipelined (StreamRowsPipe); -1: choose
   int splits = 0;         // cluster GEMV: blocks per tile (the cluster size, 1..16); 0: choose
+  // stream-K GEMV, before it waits for the previous kernel (programmatic dependent launch): 1 = prefetch the scales /
+  // offsets of the block's range into L2, 2 = those and its rows of Q, 0 = nothing; -1: choose (ACTTAIL_EARLY_PREFETCH)
+  int early = -1;
+  int pdl = -1;  // stream-K GEMV: 1 = programmatic dependent launch (sm_90+), 0 = a plain launch; -1: choose (ACTTAIL_PDL)
 };
 
 /// Expected kept fraction from which one-row decode calls take the one-row loop (kernel 3) when the table does not
 /// choose: it is faster with most rows kept and slower with few (docs/kernels.md).
 constexpr float kOneRowMinDensity = 0.35f;
+/// What the stream-K decode GEMV prefetches into L2 before it waits for the previous kernel (DecodeConfig::early) when
+/// ACTTAIL_EARLY_PREFETCH does not say.
+constexpr int kEarlyPrefetch = 1;
 
 struct CudaArgs {
   const void* x = nullptr;

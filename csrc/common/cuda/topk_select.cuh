@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "common/cuda/dependent_launch.cuh"
 #include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
@@ -83,6 +84,7 @@ __device__ __forceinline__ bool SelectTrivial(int k, int K, uint2* out) {
 template <typename T, bool kHalfKeys>
 __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __restrict__ x, SelectParams p, uint2* __restrict__ sel) {
   __shared__ SelectShared sh;
+  GridLaunchDependents();  // a GEMV launched as a dependent may start its weight prefetch during the selection
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int g = blockIdx.y, K = p.K;
   const T* xr = x + (int64_t)blockIdx.x * K;
@@ -146,6 +148,7 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __re
 template <typename T, bool kHalfKeys>
 __global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* __restrict__ x, SelectParams p, uint2* __restrict__ sel) {
   __shared__ SelectShared sh;
+  GridLaunchDependents();  // a GEMV launched as a dependent may start its weight prefetch during the selection
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int g = blockIdx.y, K = p.K;
   const T* xr = x + (int64_t)blockIdx.x * K;

@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "common/cuda/activation.cuh"
+#include "common/cuda/dependent_launch.cuh"
 #include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
@@ -61,6 +62,9 @@ struct GemvArgs {
   int swiglu;            // 1: x is [M, 2K] = [gate | up], the input silu(gate) * up (common/activation.h)
   int one;               // 1: the one-row loop (StreamRowsOne; plan kernel 3: one row of X, vector layout, K * rowbytes < 2^32)
   int pipe;              // with one: the software-pipelined one-row loop (StreamRowsPipe; plan kernel 4)
+  int early;             // split mode, before the wait on the previous kernel: 1 = prefetch the range's scales /
+                         // offsets into L2, 2 = those and the range's rows of Q (every row, kept or not), 0 = nothing
+  int pdl;               // host: split mode launched as a programmatic dependent (sm_90+)
 };
 
 // ---- tensor-core rows (MMA kernels: float16, one row of X, 16 columns per virtual lane, the vector layout) -------
@@ -875,6 +879,42 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   }
 }
 
+/// Prefetches into L2, in 128-byte lines, the constant data of the stream-K range [u, u1): the scales and offsets of
+/// its quant blocks over each tile's columns and (early == 2) its rows of Q. Reads no activation, writes nothing.
+template <typename T, int CPL, int WARPS>
+__device__ __forceinline__ void EarlyPrefetch(const GemvArgs& a, long long u, const long long u1) {
+  constexpr int kLine = 128;
+  const int tid = threadIdx.x;
+  while (u < u1) {
+    const int t = (int)(u / a.K), k0 = (int)(u % a.K);
+    const int k1 = (int)min((long long)a.K, k0 + (u1 - u));
+    const TileSpan sp = SpanOfTile<CPL>(a, t, 0);
+    const int c0 = max(sp.lg_first * CPL, sp.lo), c1 = min((sp.lg_first + 32) * CPL, sp.hi);  // the tile's columns
+    if (c0 < c1) {
+      const int b0 = k0 >> a.blog2, b1 = ((k1 - 1) >> a.blog2) + 1;
+      const char* s0 = reinterpret_cast<const char*>(static_cast<const T*>(a.scales) + c0);
+      const char* o0 = reinterpret_cast<const char*>(static_cast<const T*>(a.offsets) + c0);
+      const long long sb = (long long)(c1 - c0) * (long long)sizeof(T), srow = (long long)a.N * (long long)sizeof(T);
+      const int slines = (int)((sb + kLine - 1) / kLine) + 1;  // + 1: a start inside a line
+      for (int i = tid; i < (b1 - b0) * slines; i += WARPS * 32) {
+        const int b = b0 + i / slines, l = i % slines;
+        if ((long long)l * kLine < sb + kLine - 1) {
+          PrefetchL2(s0 + b * srow + min((long long)l * kLine, sb - 1));
+          PrefetchL2(o0 + b * srow + min((long long)l * kLine, sb - 1));
+        }
+      }
+      if (a.early >= 2) {
+        const int qb0 = c0 / 2, qbytes = (c1 + 1) / 2 - qb0, qlines = (qbytes + kLine - 1) / kLine + 1;
+        for (int i = tid; i < (k1 - k0) * qlines; i += WARPS * 32) {
+          const int r = k0 + i / qlines, l = i % qlines;
+          if (l * kLine < qbytes + kLine - 1) PrefetchL2(a.q + (long long)r * a.rowbytes + qb0 + min(l * kLine, qbytes - 1));
+        }
+      }
+    }
+    u += k1 - k0;
+  }
+}
+
 template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB, bool STAGE = false, bool MMA = false, bool ONE = false,
           bool PIPE = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvArgs a) {
@@ -905,6 +945,13 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvAr
     const long long units = a.units, grid = gridDim.x;
     long long u = blockIdx.x * units / grid;
     const long long u1 = (blockIdx.x + 1) * units / grid;
+    // Launched as a programmatic dependent (sm_90+), the block may start while the previous kernel still runs: only
+    // the constant weights are touched before the wait; X, the scratch and Y after it.
+    // The next kernel, when launched as a dependent (the down projection after gate|up), may start its own prefetch on
+    // the SMs this grid's blocks leave as they finish.
+    GridLaunchDependents();
+    if (a.early > 0) EarlyPrefetch<T, CPL, WARPS>(a, u, u1);
+    GridDependencyWait();
     while (u < u1) {
       const int t = (int)(u / a.K), k0 = (int)(u % a.K);
       const int k1 = (int)min((long long)a.K, k0 + (u1 - u));

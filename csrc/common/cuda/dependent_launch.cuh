@@ -1,0 +1,60 @@
+// Programmatic dependent launch (sm_90+): a kernel launched with LaunchDependent may start its blocks before the
+// previous kernel on the stream has finished; it must touch nothing that kernel writes or reads (activations, scratch,
+// outputs) before GridDependencyWait(). A previous kernel of this library lets it start early with
+// GridLaunchDependents(); any other kernel (ONNX Runtime's) lets it start when its blocks have exited. ACTTAIL_PDL=0
+// turns it off (read per call).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <utility>
+
+#include "common/env.h"
+
+namespace acttail {
+namespace cuda {
+
+/// Waits until the kernels this one depends on have finished and their writes are visible (griddepcontrol.wait; returns
+/// at once when the kernel was not launched as a programmatic dependent, and compiles to nothing before sm_90).
+__device__ __forceinline__ void GridDependencyWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/// Lets a kernel launched after this one as a programmatic dependent start its blocks now (griddepcontrol.launch_dependents;
+/// nothing before sm_90). Its reads of this kernel's results still wait for the whole grid (GridDependencyWait).
+__device__ __forceinline__ void GridLaunchDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/// Programmatic dependent launch is asked for: on unless ACTTAIL_PDL=0.
+inline bool DependentLaunchWanted() { return !EnvIs("ACTTAIL_PDL", "0"); }
+
+/// Launches kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent of the stream's previous work
+/// when `dependent` (the device must be sm_90+: the caller checks); when the driver refuses that launch, a plain one.
+template <typename... KArgs, typename... Args>
+cudaError_t LaunchDependent(bool dependent, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                            Args&&... args) {
+  if (dependent) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...) == cudaSuccess) return cudaGetLastError();
+    cudaGetLastError();  // not supported here (driver, capture): the plain launch below
+  }
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace acttail
