@@ -1,5 +1,5 @@
-// The op library's run-time switches (ACTTAIL_CUBLAS, ACTTAIL_PREFILL_FUSE, ACTTAIL_WEIGHT_CHECK, ACTTAIL_CPU_ROW_TILES,
-// ACTTAIL_CPU_DENSE_PREFILL; docs/kernels.md).
+// The op library's run-time switches (ACTTAIL_CUBLAS, ACTTAIL_PREFILL_FUSE, ACTTAIL_WEIGHT_CHECK, ACTTAIL_PDL,
+// ACTTAIL_EARLY_PREFETCH, ACTTAIL_CPU_ROW_TILES, ACTTAIL_CPU_DENSE_PREFILL; docs/kernels.md).
 #pragma once
 
 #include <cstdlib>

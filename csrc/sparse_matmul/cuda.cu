@@ -391,6 +391,7 @@ CudaPlan DefaultPlan(bool half, const CudaArgs& a) {
   // the fused prefill, the default since measured on the H200 (docs/kernels.md); ACTTAIL_PREFILL_FUSE=0 turns it off
   // (read per call, for A/B runs and tests)
   plan.fuse_prefill = !EnvIs("ACTTAIL_PREFILL_FUSE", "0");
+  plan.pdl = cuda::DependentLaunchWanted();  // read per call, for A/B runs and tests
   if (half && a.M == 1) plan.gemv = LookupGemvConfig(CurrentSms(), a.K, a.N);
   return plan;
 }

@@ -50,6 +50,7 @@ struct CudaPlan {
                                 // GEMM per member, the activation kernel apart (DefaultPlan: on unless ACTTAIL_PREFILL_FUSE=0)
   bool w_finite = false;        // W known to hold no Inf/NaN (NonFiniteWeights when the kernel was created): the cuBLAS
                                 // prefill skips the Inf/NaN scan of Y and the exact kernel that scan arms
+  bool pdl = false;             // decode GEMV as a programmatic dependent launch on sm_90+ (DefaultPlan: on unless ACTTAIL_PDL=0)
 };
 
 /// Device scratch needed for this call under `plan`.

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "common/cuda/dependent_launch.cuh"
 #include "sparse_matmul/kernels/splitk_gemv.cuh"
 #include "sparse_matmul/launch.h"
 
@@ -12,7 +13,8 @@ namespace detail {
 
 // ---- decode GEMV launch -------------------------------------------------------------------------
 template <typename T, int MR, int WARPS, int SEG, int U, bool BAL>
-cudaError_t LaunchSplitK(const CudaArgs& a, const Layout& l, const cuda::DeviceMask& dm, int chunks, void* scratch, cudaStream_t stream) {
+cudaError_t LaunchSplitK(const CudaArgs& a, const Layout& l, const cuda::DeviceMask& dm, int chunks, void* scratch, bool dependent,
+                         cudaStream_t stream) {
   constexpr int V = cuda::Traits<T>::kVec, TN = 32 * SEG * V;
   cuda::GemvTiles tiles;
   tiles.G = l.G;
@@ -31,10 +33,10 @@ cudaError_t LaunchSplitK(const CudaArgs& a, const Layout& l, const cuda::DeviceM
   if (splits > 65535) return cudaErrorInvalidConfiguration;
   unsigned* arrived = static_cast<unsigned*>(scratch);
   float* acc = reinterpret_cast<float*>(static_cast<char*>(scratch) + CounterBytes(a.N, l.G));
-  cuda::SplitKGemvKernel<T, MR, WARPS, SEG, U, BAL><<<dim3((unsigned)total, (unsigned)splits), WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, dm, tiles, chunks, aligned,
-      a.swiglu, acc, arrived);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = cuda::LaunchDependent(dependent, cuda::SplitKGemvKernel<T, MR, WARPS, SEG, U, BAL>, dim3((unsigned)total, (unsigned)splits),
+                                          dim3(WARPS * 32), 0, stream, static_cast<const T*>(a.x), static_cast<const T*>(a.w),
+                                          static_cast<T*>(a.y), (int)a.M, (int)a.K, (int)a.N, dm, tiles, chunks, aligned, (bool)a.swiglu, acc,
+                                          arrived);
 #ifndef NDEBUG
   if (err == cudaSuccess) {  // the invariant of splitk_gemv.cuh: every launch leaves its scratch zero
     const int64_t words = SplitScratchBytes(a.M, a.N, l.G) / 4;
@@ -49,12 +51,12 @@ cudaError_t LaunchSplitK(const CudaArgs& a, const Layout& l, const cuda::DeviceM
 /// default (8 warps, 1 segment, 4 rows in flight) for the rest.
 template <typename T, int MR>
 cudaError_t DispatchGemv(const GemvConfig& c, bool pooled, const CudaArgs& a, const Layout& l, const cuda::DeviceMask& dm, void* scratch,
-                         cudaStream_t stream) {
+                         bool dependent, cudaStream_t stream) {
   const int chunks = pooled ? 1 : c.chunks;
 #define ACTTAIL_GEMV(W, S, U)                                                                                  \
   if (c.warps == W && c.seg == S && c.unroll == U)                                                             \
-    return pooled ? LaunchSplitK<T, MR, W, S, U, true>(a, l, dm, chunks, scratch, stream)                     \
-                  : LaunchSplitK<T, MR, W, S, U, false>(a, l, dm, chunks, scratch, stream);
+    return pooled ? LaunchSplitK<T, MR, W, S, U, true>(a, l, dm, chunks, scratch, dependent, stream)          \
+                  : LaunchSplitK<T, MR, W, S, U, false>(a, l, dm, chunks, scratch, dependent, stream);
   if constexpr (std::is_same<T, __half>::value && MR == 1) {
     ACTTAIL_GEMV(4, 1, 4) ACTTAIL_GEMV(4, 1, 8) ACTTAIL_GEMV(4, 2, 4) ACTTAIL_GEMV(4, 2, 8)
     ACTTAIL_GEMV(8, 1, 8) ACTTAIL_GEMV(8, 2, 4) ACTTAIL_GEMV(8, 2, 8)
@@ -82,7 +84,8 @@ cudaError_t LaunchDecode(const CudaArgs& a, const CudaPlan& plan, const Layout& 
   const int64_t tn = 32 * c.seg * cuda::Traits<T>::kVec, per_block = (int64_t)c.warps * 32 * std::max(1, c.chunks);
   const int64_t blocks = ((a.N + tn - 1) / tn + l.G - 1) * std::max<int64_t>(1, (a.K + per_block - 1) / per_block);
   const bool pooled = c.pooled == 1 || (c.pooled == -1 && blocks < 3 * (int64_t)CurrentSms());
-  return DispatchGemv<T, MR>(c, pooled, a, l, dm, scratch, stream);
+  // as a programmatic dependent (sm_90+): its blocks start while the previous kernel drains and wait before reading X
+  return DispatchGemv<T, MR>(c, pooled, a, l, dm, scratch, plan.pdl && cuda::DependentLaunchSupported(), stream);
 }
 
 }  // namespace detail

@@ -33,6 +33,25 @@ __device__ __forceinline__ void GridLaunchDependents() {
 /// Programmatic dependent launch is asked for: on unless ACTTAIL_PDL=0.
 inline bool DependentLaunchWanted() { return !EnvIs("ACTTAIL_PDL", "0"); }
 
+/// The current device runs programmatic dependent launches (compute capability 9.0+; read once per device).
+inline bool DependentLaunchSupported() {
+  static int cache[64] = {};  // 0: not read yet, 1: no, 2: yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();
+    return false;
+  }
+  if (cache[dev] == 0) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    cache[dev] = major >= 9 ? 2 : 1;
+  }
+  return cache[dev] == 2;
+}
+
 /// Launches kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent of the stream's previous work
 /// when `dependent` (the device must be sm_90+: the caller checks); when the driver refuses that launch, a plain one.
 template <typename... KArgs, typename... Args>

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "common/cuda/activation.cuh"
+#include "common/cuda/dependent_launch.cuh"
 #include "common/cuda/mask_rule.cuh"
 
 namespace acttail {
@@ -123,6 +124,9 @@ __global__ void __launch_bounds__(WARPS * 32) SplitKGemvKernel(const T* __restri
   while (g + 1 < tiles.G && tile >= tiles.tile_start[g + 1]) ++g;
   const int col0 = tiles.begin[g] + (tile - tiles.tile_start[g]) * TN, col_end = tiles.end[g];
   const int colbase = col0 + lane * V;  // first column of this lane's vector 0
+  // launched as a programmatic dependent (sm_90+): X, the rule (top-k's selection), the scratch and Y only after the wait
+  GridLaunchDependents();
+  GridDependencyWait();
   Rule rules[MR];
 #pragma unroll
   for (int m = 0; m < MR; ++m) rules[m] = LoadRule(dm, m, M, g);
