@@ -146,3 +146,56 @@ def test_cuda_graph_replay_packed_members():
         bound["X"].update_inplace(x)
         sess.run_with_iobinding(binding)
         assert_close(ys.numpy(), Case(x, w, "threshold", t, segments=segments, ramp=0.25, scale=scale))
+
+
+@pytest.mark.parametrize("pdl", ["1", "0"])
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_chained_nodes_in_a_cuda_graph(mode, pdl, monkeypatch):
+    """Two nodes, the second reading the first's Y (K -> N -> K), captured in one CUDA graph and replayed with new X.
+    On sm_90+ each decode GEMV is a programmatic dependent launch (ACTTAIL_PDL, on by default) whose blocks may start
+    while the previous kernel runs: one that read its X, its top-k selection or the per-stream scratch before the
+    previous kernel finished would see the last replay's values. Each link is checked against the reference of this
+    replay's inputs; ACTTAIL_PDL=0 (plain launches) is the control."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    monkeypatch.setenv("ACTTAIL_PDL", pdl)  # read when the graph is captured
+    K, N = 4096, 11008
+    f16 = TensorProto.FLOAT16
+    attrs = [{"mode": "threshold"}, {"mode": "threshold"}] if mode == "threshold" else [{"mode": "topk", "k": K // 2}, {"mode": "topk", "k": N // 2}]
+    t_in = [["t1"], ["t2"]] if mode == "threshold" else [[], []]
+    nodes = [helper.make_node(ops.OP_TYPE, ["X", "W1"] + t_in[0], ["Y1"], domain=ops.DOMAIN, name="a", **attrs[0]),
+             helper.make_node(ops.OP_TYPE, ["Y1", "W2"] + t_in[1], ["Y2"], domain=ops.DOMAIN, name="b", **attrs[1])]
+    inputs = [helper.make_tensor_value_info("X", f16, [1, K]), helper.make_tensor_value_info("W1", f16, [K, N]),
+              helper.make_tensor_value_info("W2", f16, [N, K])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in t_in[0] + t_in[1]]
+    graph = helper.make_graph(nodes, "chain", inputs, [helper.make_tensor_value_info("Y1", f16, [1, N]),
+                                                       helper.make_tensor_value_info("Y2", f16, [1, K])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), ops.session_options(), providers=[(CUDA, {"enable_cuda_graph": "1"})])
+    rng = np.random.default_rng(13)
+    w1, w2 = (rng.standard_normal((K, N)) * 0.05).astype(np.float16), (rng.standard_normal((N, K)) * 0.05).astype(np.float16)
+    t1, t2 = 0.67, 1.5  # about half of |x| and of |y1| (y1 ~ 2.3 for these weights)
+    values = {"X": rng.standard_normal((1, K)).astype(np.float16), "W1": w1, "W2": w2}
+    if mode == "threshold":
+        values |= {"t1": np.array(t1, np.float32), "t2": np.array(t2, np.float32)}
+    bound = {name: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for name, v in values.items()}
+    out = {"Y1": ort.OrtValue.ortvalue_from_shape_and_type([1, N], np.float16, "cuda", 0),
+           "Y2": ort.OrtValue.ortvalue_from_shape_and_type([1, K], np.float16, "cuda", 0)}
+    binding = sess.io_binding()
+    for name, v in bound.items():
+        binding.bind_ortvalue_input(name, v)
+    for name, v in out.items():
+        binding.bind_ortvalue_output(name, v)
+    for step in range(4):
+        x = (rng.standard_normal((1, K)) * (1 + step)).astype(np.float16)
+        bound["X"].update_inplace(x)
+        sess.run_with_iobinding(binding)
+        y1, y2 = out["Y1"].numpy(), out["Y2"].numpy()
+        if mode == "threshold":
+            assert_matches(y1, x, w1, mode, t1, None)
+            assert_matches(y2, y1, w2, mode, t2, None)
+        else:
+            assert_matches(y1, x, w1, mode, None, K // 2)
+            assert_matches(y2, y1, w2, mode, None, N // 2)
