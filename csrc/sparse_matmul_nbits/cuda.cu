@@ -695,7 +695,9 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   // the decode GEMV as a programmatic dependent launch, and what it prefetches before its wait (read per call, for
   // A/B runs and tests: ACTTAIL_PDL=0, ACTTAIL_EARLY_PREFETCH=0 / 1 / 2)
   plan.decode.pdl = cuda::DependentLaunchWanted() ? 1 : 0;
-  plan.decode.early = EnvIs("ACTTAIL_EARLY_PREFETCH", "0") ? 0 : EnvIs("ACTTAIL_EARLY_PREFETCH", "2") ? 2 : kEarlyPrefetch;
+  plan.decode.early = kEarlyPrefetch;
+  for (const char* v : {"0", "1", "2"})
+    if (EnvIs("ACTTAIL_EARLY_PREFETCH", v)) plan.decode.early = v[0] - '0';
   return plan;
 }
 

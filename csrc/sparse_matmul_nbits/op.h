@@ -70,8 +70,9 @@ struct DecodeConfig {
 /// choose: it is faster with most rows kept and slower with few (docs/kernels.md).
 constexpr float kOneRowMinDensity = 0.35f;
 /// What the stream-K decode GEMV prefetches into L2 before it waits for the previous kernel (DecodeConfig::early) when
-/// ACTTAIL_EARLY_PREFETCH does not say.
-constexpr int kEarlyPrefetch = 1;
+/// ACTTAIL_EARLY_PREFETCH does not say: nothing (scales, or scales and rows, measured 1-14 % slower per call on the H200
+/// than the dependent launch alone; docs/kernels.md).
+constexpr int kEarlyPrefetch = 0;
 
 struct CudaArgs {
   const void* x = nullptr;
