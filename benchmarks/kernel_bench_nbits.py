@@ -362,6 +362,7 @@ def sweep(h: Harness, args) -> list[dict]:
 
     rng = np.random.default_rng(1)
     rows = []
+    pdl_before = os.environ.get("ACTTAIL_PDL")
     for K, N in SHAPES:
         ref_bytes = K * N // 2 + 4 * N * ((K + BLOCK - 1) // BLOCK)
         copies = max(3, math.ceil(3 * L2_BYTES / ref_bytes))
@@ -386,9 +387,12 @@ def sweep(h: Harness, args) -> list[dict]:
                              "kernel_us": k_us, "effective_tb_s": ref_bytes / k_us / 1e6})
                 logger.info("sweep %dx%d s=%.1f %s cpl=%d bps=%d splits=%d prefetch=%d stage=%d pdl=%s: kernels %.2f us, graph %.2f us (%.2f TB/s)",
                             K, N, s, rows[-1]["kernel"], cpl, bps, splits, pre, stage, pdl, k_us, g_us, rows[-1]["effective_tb_s"])
-        os.environ.pop("ACTTAIL_PDL", None)
         del ws
         torch.cuda.empty_cache()
+    if pdl_before is None:
+        os.environ.pop("ACTTAIL_PDL", None)
+    else:
+        os.environ["ACTTAIL_PDL"] = pdl_before
     return rows
 
 
@@ -412,7 +416,7 @@ def markdown_tables(result: dict) -> str:
         for r in rows:
             key = (r["K"], r["N"])
             variant = (r.get("kernel", "stream-k"), r["cols_per_lane"], r["blocks_per_sm"], r.get("splits", 0), r.get("prefetch", 0),
-                       r.get("stage", 0)) + ((r["pdl"],) if pdl else ())
+                       r.get("stage", 0)) + ((r.get("pdl", "-"),) if pdl else ())
             best.setdefault(key, {}).setdefault(variant, []).append(r[metric])
         names = "kernel, cols/lane, blocks/SM, splits, prefetch, staged" + (", PDL" if pdl else "")
         levels = " / ".join(f"{int(round(s * 100))}" for s in dict.fromkeys(r["sparsity"] for r in rows))

@@ -153,9 +153,10 @@ def test_cuda_graph_replay_packed_members():
 def test_chained_nodes_in_a_cuda_graph(mode, pdl, monkeypatch):
     """Two nodes, the second reading the first's Y (K -> N -> K), captured in one CUDA graph and replayed with new X.
     On sm_90+ each decode GEMV is a programmatic dependent launch (ACTTAIL_PDL, on by default) whose blocks may start
-    while the previous kernel runs: one that read its X, its top-k selection or the per-stream scratch before the
-    previous kernel finished would see the last replay's values. Each link is checked against the reference of this
-    replay's inputs; ACTTAIL_PDL=0 (plain launches) is the control."""
+    while the previous kernel runs: the second node's GEMV (and its top-k selection) reading Y1, its selection or the
+    per-stream scratch before the first node's kernels finished would see the last replay's values (the first node's X
+    is copied in before the replay). Each link is checked against the reference of this replay's inputs;
+    ACTTAIL_PDL=0 (plain launches) is the control."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -176,7 +177,7 @@ def test_chained_nodes_in_a_cuda_graph(mode, pdl, monkeypatch):
     sess = ort.InferenceSession(model.SerializeToString(), ops.session_options(), providers=[(CUDA, {"enable_cuda_graph": "1"})])
     rng = np.random.default_rng(13)
     w1, w2 = (rng.standard_normal((K, N)) * 0.05).astype(np.float16), (rng.standard_normal((N, K)) * 0.05).astype(np.float16)
-    t1, t2 = 0.67, 1.5  # about half of |x| and of |y1| (y1 ~ 2.3 for these weights)
+    t1, t2 = 0.67, 1.5  # about half of |x| and of |y1| at the first replay (y1 ~ 2.3 for these weights)
     values = {"X": rng.standard_normal((1, K)).astype(np.float16), "W1": w1, "W2": w2}
     if mode == "threshold":
         values |= {"t1": np.array(t1, np.float32), "t2": np.array(t2, np.float32)}

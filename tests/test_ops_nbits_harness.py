@@ -296,14 +296,15 @@ def test_decode_density_dispatch(mode, keep, density, one):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode,density", [("threshold", 0.5), ("threshold", -1.0), ("topk", -1.0)])
-@pytest.mark.parametrize("prefetch,pdl", [(3, "1"), (2, "1"), (0, "0")])
+@pytest.mark.parametrize("prefetch,pdl", [(0, "1"), (3, "1"), (2, "1"), (0, "0")])
 def test_dependent_launch_chain(mode, density, prefetch, pdl, monkeypatch):
     """The decode GEMV launched as a programmatic dependent (sm_90+; ACTTAIL_PDL, on by default) with its early L2
-    prefetch (variant prefetch 2: scales, 3: scales and rows; 0: neither, plain launch): a copy kernel writes X, call A
-    reads it (K -> N), call B reads A's Y (N -> K), all captured in one CUDA graph and replayed with new data in X.
-    A kernel that read its X (or the shared per-stream scratch) before the previous kernel had finished would read the
-    last replay's values: each link must match the reference of this replay's inputs. Density 0.5 (and top-k at half
-    of K) takes the pipelined one-row loop, threshold mode without density the stream-K loop."""
+    prefetch (variant prefetch 2: scales, 3: scales and rows; 0: neither, the default), and plainly (ACTTAIL_PDL=0): a
+    copy kernel writes X, call A reads it (K -> N), call B reads A's Y (N -> K), all captured in one CUDA graph and
+    replayed with new data in X. A kernel that read its X (or the shared per-stream scratch) before the previous kernel
+    had finished would read the last replay's values: each link must match the reference of this replay's inputs (a
+    race shows only when it happens; the inputs change by a factor per replay so that it would be far off). Density 0.5
+    (and top-k at half of K) takes the pipelined one-row loop, threshold mode without density the stream-K loop."""
     import torch
 
     harness = _harness()
@@ -318,7 +319,7 @@ def test_dependent_launch_chain(mode, density, prefetch, pdl, monkeypatch):
 
     src = dev(rng.standard_normal((1, K)).astype(np.float16))
     x, y1, y2 = torch.empty_like(src), torch.empty((1, N), dtype=torch.float16, device="cuda"), torch.empty_like(src)
-    # thresholds at about half of |x| and |y1| (y1 ~ 16 for these weights); top-k keeps half of each input
+    # thresholds at about half of |x| and |y1| at the first replay (y1 ~ 16 for these weights); top-k keeps half of each input
     ta, tb = dev(np.array([0.67], np.float32)), dev(np.array([11.0], np.float32))
     kw = {"topk": mode == "topk", "density": density}
     ca = harness.call(x, dev(ref_pack(qa)), dev(sa), dev(oa), y1, thresholds=None if kw["topk"] else ta, ks=(K // 2,), **kw)

@@ -85,7 +85,7 @@ cudaError_t LaunchDecode(const CudaArgs& a, const CudaPlan& plan, const Layout& 
   const int64_t blocks = ((a.N + tn - 1) / tn + l.G - 1) * std::max<int64_t>(1, (a.K + per_block - 1) / per_block);
   const bool pooled = c.pooled == 1 || (c.pooled == -1 && blocks < 3 * (int64_t)CurrentSms());
   // as a programmatic dependent (sm_90+): its blocks start while the previous kernel drains and wait before reading X
-  return DispatchGemv<T, MR>(c, pooled, a, l, dm, scratch, plan.pdl && cuda::DependentLaunchSupported(), stream);
+  return DispatchGemv<T, MR>(c, pooled, a, l, dm, scratch, plan.pdl, stream);
 }
 
 }  // namespace detail

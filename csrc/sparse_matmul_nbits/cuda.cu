@@ -480,7 +480,7 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   g.pipe = g.one && cfg.kernel == 4;
   g.prefetch = cfg.prefetch > 0;
   g.early = std::max(0, std::min(2, cfg.early));
-  g.pdl = cfg.pdl > 0 && cuda::DependentLaunchSupported();
+  g.pdl = cfg.pdl > 0;  // LaunchDependent checks the device and the compiled kernel
   g.stage = p.M == 1 && cfg.stage > 0 && g.fast && !mma && !g.one;  // the staged kernel needs 16-byte row pieces
   KernelShape s = DecodeShape(p.M, half, mma ? 16 : cfg.cols_per_lane);
   s.mma = mma;

@@ -70,8 +70,8 @@ struct DecodeConfig {
 /// choose: it is faster with most rows kept and slower with few (docs/kernels.md).
 constexpr float kOneRowMinDensity = 0.35f;
 /// What the stream-K decode GEMV prefetches into L2 before it waits for the previous kernel (DecodeConfig::early) when
-/// ACTTAIL_EARLY_PREFETCH does not say: nothing (scales, or scales and rows, measured 1-14 % slower per call on the H200
-/// than the dependent launch alone; docs/kernels.md).
+/// ACTTAIL_EARLY_PREFETCH does not say: nothing (per call on the H200, against the dependent launch alone, the scales
+/// measured -1 % to +9 %, scales and rows +1 % to +12 %; docs/kernels.md).
 constexpr int kEarlyPrefetch = 0;
 
 struct CudaArgs {

@@ -7,6 +7,9 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #include "common/env.h"
@@ -35,29 +38,53 @@ inline bool DependentLaunchWanted() { return !EnvIs("ACTTAIL_PDL", "0"); }
 
 /// The current device runs programmatic dependent launches (compute capability 9.0+; read once per device).
 inline bool DependentLaunchSupported() {
-  static int cache[64] = {};  // 0: not read yet, 1: no, 2: yes
+  static std::atomic<int> cache[64] = {};  // 0: not read yet, 1: no, 2: yes
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
     cudaGetLastError();
     return false;
   }
-  if (cache[dev] == 0) {
+  int state = cache[dev].load(std::memory_order_relaxed);
+  if (state == 0) {
     int major = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
-    cache[dev] = major >= 9 ? 2 : 1;
+    state = major >= 9 ? 2 : 1;
+    cache[dev].store(state, std::memory_order_relaxed);
   }
-  return cache[dev] == 2;
+  return state == 2;
 }
 
-/// Launches kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent of the stream's previous work
-/// when `dependent` (the device must be sm_90+: the caller checks); when the driver refuses that launch, a plain one.
+/// The code the device runs for `kernel` was compiled for sm_90+ (its PTX version), so that GridDependencyWait() is in
+/// it: a library built without sm_90 and JIT-compiled from older PTX on a newer GPU has no wait and must launch plainly.
+/// Read once per kernel, outside stream capture (ONNX Runtime runs a graph before capturing it); false until then.
+inline bool CompiledWithGridDependency(const void* kernel, cudaStream_t stream) {
+  static std::mutex mu;
+  static std::map<const void*, bool> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(kernel);
+  if (it != cache.end()) return it->second;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
+    cudaGetLastError();
+    return false;
+  }
+  cudaFuncAttributes attr = {};
+  const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess;
+  if (!ok) cudaGetLastError();
+  return cache[kernel] = ok && attr.ptxVersion >= 90;
+}
+
+/// Launches kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the stream's previous work
+/// when `dependent`, the device is sm_90+ and the kernel was compiled with its wait; when the driver refuses that
+/// launch, a plain one (outside stream capture: a refused launch during capture invalidates the capture, and the plain
+/// launch's error is then returned).
 template <typename... KArgs, typename... Args>
 cudaError_t LaunchDependent(bool dependent, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                             Args&&... args) {
-  if (dependent) {
+  if (dependent && DependentLaunchSupported() && CompiledWithGridDependency(reinterpret_cast<const void*>(kernel), stream)) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
@@ -69,7 +96,7 @@ cudaError_t LaunchDependent(bool dependent, void (*kernel)(KArgs...), dim3 grid,
     cfg.attrs = at;
     cfg.numAttrs = 1;
     if (cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...) == cudaSuccess) return cudaGetLastError();
-    cudaGetLastError();  // not supported here (driver, capture): the plain launch below
+    cudaGetLastError();
   }
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();

@@ -68,19 +68,6 @@ __device__ __forceinline__ void SelectBin(SelectShared& sh, int lane, uint32_t p
   }
 }
 
-/// One histogram count per active lane. kAgg: the lanes of a warp with the same bin add once (match_any, sm_70+), so a
-/// few crowded bins (the exponent byte of float16 magnitudes) do not serialize 32 shared-memory atomics per warp.
-/// Every lane of the warp must call it (inactive ones with act = false).
-template <bool kAgg>
-__device__ __forceinline__ void HistAdd(unsigned* hist, bool act, unsigned bin, int lane) {
-  if constexpr (kAgg) {
-    const unsigned peers = __match_any_sync(0xffffffffu, act ? bin : 256u + (unsigned)lane);
-    if (act && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
-  } else {
-    if (act) atomicAdd(&hist[bin], 1u);
-  }
-}
-
 /// (k, K) cases decided without a select; true when sel was written.
 __device__ __forceinline__ bool SelectTrivial(int k, int K, uint2* out) {
   if (k <= 0) {
@@ -94,7 +81,7 @@ __device__ __forceinline__ bool SelectTrivial(int k, int K, uint2* out) {
   return false;
 }
 
-template <typename T, bool kHalfKeys, bool kAgg>
+template <typename T, bool kHalfKeys>
 __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __restrict__ x, SelectParams p, uint2* __restrict__ sel) {
   __shared__ SelectShared sh;
   // a dependent launched after it (the GEMV) may start now; x and sel only after the previous kernel has finished
@@ -112,10 +99,9 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __re
   for (int shift = kKeyBits - 8; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0;
     __syncthreads();
-    for (int base = 0; base < K; base += blockDim.x) {  // the same trip count in every lane (HistAdd)
-      const int i = base + tid;
-      const uint32_t key = i < K ? ElementKey<T>(xr[i], i, scale, kHalfKeys) : 0u;
-      HistAdd<kAgg>(sh.hist, i < K && (key & mask) == prefix, (key >> shift) & 255u, lane);
+    for (int i = tid; i < K; i += blockDim.x) {
+      const uint32_t key = ElementKey<T>(xr[i], i, scale, kHalfKeys);
+      if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
     if (warp == 0) SelectBin(sh, lane, prefix, remaining, shift);
@@ -161,7 +147,7 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __re
 /// Same result as TopKSelectKernel for K <= kSelectThreads * kSelectSeg, with the row read once: thread t
 /// keeps the keys of channels [t*seg, (t+1)*seg) in registers, the radix passes histogram them from
 /// registers, and one block scan over the per-thread tie counts finds the tie cut.
-template <typename T, bool kHalfKeys, bool kAgg>
+template <typename T, bool kHalfKeys>
 __global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* __restrict__ x, SelectParams p, uint2* __restrict__ sel) {
   __shared__ SelectShared sh;
   // a dependent launched after it (the GEMV) may start now; x and sel only after the previous kernel has finished
@@ -190,7 +176,8 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* _
     for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0;
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < kSelectSeg; ++j) HistAdd<kAgg>(sh.hist, ((valid >> j) & 1u) && (keys[j] & mask) == prefix, (keys[j] >> shift) & 255u, lane);
+    for (int j = 0; j < kSelectSeg; ++j)
+      if (((valid >> j) & 1u) && (keys[j] & mask) == prefix) atomicAdd(&sh.hist[(keys[j] >> shift) & 255u], 1u);
     __syncthreads();
     if (warp == 0) SelectBin(sh, lane, prefix, remaining, shift);
     __syncthreads();
@@ -234,23 +221,18 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* _
   }
 }
 
-template <typename T, bool kHalfKeys, bool kAgg>
-inline cudaError_t LaunchTopKSelectAgg(const T* x, int64_t M, const SelectParams& p, uint2* sel, cudaStream_t stream) {
-  const dim3 grid((unsigned)M, (unsigned)p.members);
-  // as a programmatic dependent of the previous kernel on sm_90+ (ACTTAIL_PDL; common/cuda/dependent_launch.cuh)
-  const bool dependent = DependentLaunchWanted() && DependentLaunchSupported();
-  // Register-resident selection only where it measured faster on H200 (docs/kernels.md: 6.1 vs 6.7-9.2 us
-  // at K = 11008, but 5.7 vs 3.9-4.6 us at K = 4096).
-  if (p.K > kSelectRegMinK && p.K <= (int64_t)kSelectThreads * kSelectSeg)
-    return LaunchDependent(dependent, TopKSelectRegKernel<T, kHalfKeys, kAgg>, grid, dim3(kSelectThreads), 0, stream, x, p, sel);
-  return LaunchDependent(dependent, TopKSelectKernel<T, kHalfKeys, kAgg>, grid, dim3(kSelectThreads), 0, stream, x, p, sel);
-}
-
-/// The histogram counts aggregated per warp (HistAdd) unless ACTTAIL_SELECT_AGG=0 (read per call).
 template <typename T, bool kHalfKeys>
 inline cudaError_t LaunchTopKSelectKeys(const T* x, int64_t M, const SelectParams& p, uint2* sel, cudaStream_t stream) {
-  return EnvIs("ACTTAIL_SELECT_AGG", "0") ? LaunchTopKSelectAgg<T, kHalfKeys, false>(x, M, p, sel, stream)
-                                          : LaunchTopKSelectAgg<T, kHalfKeys, true>(x, M, p, sel, stream);
+  const dim3 grid((unsigned)M, (unsigned)p.members);
+  // Register-resident selection only where it measured faster on H200 (docs/kernels.md: 6.1 vs 6.7-9.2 us
+  // at K = 11008, but 5.7 vs 3.9-4.6 us at K = 4096). Both as programmatic dependents of the previous kernel on sm_90+
+  // (ACTTAIL_PDL; common/cuda/dependent_launch.cuh).
+  if (p.K > kSelectRegMinK && p.K <= (int64_t)kSelectThreads * kSelectSeg) {
+    auto kernel = TopKSelectRegKernel<T, kHalfKeys>;
+    return LaunchDependent(DependentLaunchWanted(), kernel, grid, dim3(kSelectThreads), 0, stream, x, p, sel);
+  }
+  auto kernel = TopKSelectKernel<T, kHalfKeys>;
+  return LaunchDependent(DependentLaunchWanted(), kernel, grid, dim3(kSelectThreads), 0, stream, x, p, sel);
 }
 
 /// Enqueue the top-k selection of every row of x [M, K] and member (writes sel[M * p.members]).
