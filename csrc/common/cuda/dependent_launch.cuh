@@ -59,12 +59,18 @@ inline bool DependentLaunchSupported() {
 
 /// The code the device runs for `kernel` was compiled for sm_90+ (its PTX version), so that GridDependencyWait() is in
 /// it: a library built without sm_90 and JIT-compiled from older PTX on a newer GPU has no wait and must launch plainly.
-/// Read once per kernel, outside stream capture (ONNX Runtime runs a graph before capturing it); false until then.
+/// Read once per device and kernel, outside stream capture (ONNX Runtime runs a graph before capturing it); false until
+/// then.
 inline bool CompiledWithGridDependency(const void* kernel, cudaStream_t stream) {
   static std::mutex mu;
-  static std::map<const void*, bool> cache;
+  static std::map<std::pair<int, const void*>, bool> cache;  // per device: each may run other code of the kernel
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
   std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(kernel);
+  auto it = cache.find({dev, kernel});
   if (it != cache.end()) return it->second;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
@@ -74,7 +80,7 @@ inline bool CompiledWithGridDependency(const void* kernel, cudaStream_t stream) 
   cudaFuncAttributes attr = {};
   const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess;
   if (!ok) cudaGetLastError();
-  return cache[kernel] = ok && attr.ptxVersion >= 90;
+  return cache[{dev, kernel}] = ok && attr.ptxVersion >= 90;
 }
 
 /// Launches kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the stream's previous work
