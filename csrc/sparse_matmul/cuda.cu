@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "common/cuda/activation.cuh"
+#include "common/cuda/stream_capture.h"
 #include "common/env.h"
 #include "common/cuda/flag_check.cuh"
 #include "common/cuda/mask_rows.cuh"
@@ -54,8 +55,7 @@ void* StreamScratch(cudaStream_t stream, size_t bytes) {
   std::lock_guard<std::mutex> lock(mu);
   auto& entry = cache[{dev, stream}];
   if (entry.second >= bytes) return entry.first;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) return nullptr;
+  if (::acttail::cuda::StreamCapturing(stream)) return nullptr;
   const size_t want = std::max({bytes, 2 * entry.second, (size_t)1 << 20});
   void* p = nullptr;
   if (cudaMallocAsync(&p, want, stream) != cudaSuccess) {
@@ -144,11 +144,7 @@ cublasHandle_t CublasHandle(cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(CublasMutex());
   auto it = handles.find({dev, stream});
   if (it != handles.end()) return it->second;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
-    cudaGetLastError();
-    return nullptr;
-  }
+  if (::acttail::cuda::StreamCapturing(stream)) return nullptr;
   cublasHandle_t h = nullptr;
   if (api.create(&h) != CUBLAS_STATUS_SUCCESS) return nullptr;
   if (api.set_stream(h, stream) != CUBLAS_STATUS_SUCCESS) return nullptr;  // (the handle leaks: a rare failure, not worth a destroy symbol)

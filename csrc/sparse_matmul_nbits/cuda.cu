@@ -21,6 +21,7 @@
 #include <utility>
 
 #include "common/cuda/flag_check.cuh"
+#include "common/cuda/stream_capture.h"
 #include "common/env.h"
 #include "common/cuda/topk_select.cuh"
 #include "sparse_matmul_nbits/kernels/gemv.cuh"
@@ -67,11 +68,7 @@ void* StreamScratch(cudaStream_t stream, size_t bytes) {
   std::lock_guard<std::mutex> lock(mu);
   auto& entry = cache[{dev, stream}];
   if (entry.second >= bytes) return entry.first;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
-    cudaGetLastError();
-    return nullptr;
-  }
+  if (::acttail::cuda::StreamCapturing(stream)) return nullptr;
   const size_t want = std::max({bytes, 2 * entry.second, (size_t)1 << 20});
   void* p = nullptr;
   if (cudaMallocAsync(&p, want, stream) != cudaSuccess) {
@@ -145,11 +142,7 @@ cublasHandle_t CublasHandle(cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(CublasMutex());
   auto it = handles.find({dev, stream});
   if (it != handles.end()) return it->second;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
-    cudaGetLastError();
-    return nullptr;
-  }
+  if (::acttail::cuda::StreamCapturing(stream)) return nullptr;
   cublasHandle_t h = nullptr;
   if (api.create(&h) != 0) return nullptr;
   if (api.set_stream(h, stream) != 0) return nullptr;

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <utility>
 
+#include "common/cuda/stream_capture.h"
 #include "common/env.h"
 
 namespace acttail {
@@ -72,11 +73,7 @@ inline bool CompiledWithGridDependency(const void* kernel, cudaStream_t stream) 
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find({dev, kernel});
   if (it != cache.end()) return it->second;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone) {
-    cudaGetLastError();
-    return false;
-  }
+  if (StreamCapturing(stream)) return false;
   cudaFuncAttributes attr = {};
   const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess;
   if (!ok) cudaGetLastError();
