@@ -15,7 +15,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 BLOCK = 32
 VARIANT_FIELDS = ("cols_per_lane", "blocks_per_sm", "use_cublas", "stream_scratch", "prefetch", "stage", "kernel", "splits", "chunk_kb",
-                  "chunk_cols")
+                  "chunk_cols", "fused_select")
 
 
 class NBitsCall(ctypes.Structure):
@@ -26,7 +26,8 @@ class NBitsCall(ctypes.Structure):
                 ("scale", ctypes.c_void_p), ("scale_rows", ctypes.c_longlong), ("y", ctypes.c_void_p), ("workspace", ctypes.c_void_p),
                 ("stream", ctypes.c_void_p), ("M", ctypes.c_longlong), ("K", ctypes.c_longlong), ("N", ctypes.c_longlong),
                 ("B", ctypes.c_longlong), ("topk", ctypes.c_int), ("ramp", ctypes.c_float), ("G", ctypes.c_int),
-                ("ends", ctypes.POINTER(ctypes.c_longlong)), ("ks", ctypes.POINTER(ctypes.c_longlong)), ("density", ctypes.c_float)]
+                ("ends", ctypes.POINTER(ctypes.c_longlong)), ("ks", ctypes.POINTER(ctypes.c_longlong)), ("density", ctypes.c_float),
+                ("swiglu", ctypes.c_int)]
 
 
 class NBitsVariant(ctypes.Structure):
@@ -59,9 +60,10 @@ class Harness:
 
     @staticmethod
     def call(x, q, scales, offsets, y, *, thresholds=None, scale=None, workspace=None, topk: bool, ks=(0,), ends=None,
-             ramp: float = 0.0, block: int = BLOCK, density: float = -1.0) -> NBitsCall:
+             ramp: float = 0.0, block: int = BLOCK, density: float = -1.0, swiglu: bool = False) -> NBitsCall:
         """An NBitsCall for torch tensors (x [M, K], q [K, ceil(N/2)] uint8, scales / offsets [ceil(K/B), N], y [M, N]);
-        density: the node's attribute (the expected kept fraction, threshold mode; < 0: not given)."""
+        density: the node's attribute (the expected kept fraction, threshold mode; < 0: not given); swiglu: x is
+        [M, 2K] = [gate | up] and the input silu(gate) * up (the op's activation "swiglu")."""
         import torch
 
         G = len(ends) if ends else 1
@@ -73,8 +75,8 @@ class Harness:
         c.scale = scale.data_ptr() if scale is not None else None
         c.scale_rows = (1 if scale.dim() == 1 else scale.shape[0]) if scale is not None else 0
         c.workspace = workspace.data_ptr() if workspace is not None else None
-        c.M, c.K, c.N, c.B = x.shape[0], x.shape[1], y.shape[1], block
-        c.topk, c.ramp, c.G, c.density = int(topk), float(ramp), G, float(density)
+        c.M, c.K, c.N, c.B = x.shape[0], x.shape[1] // (2 if swiglu else 1), y.shape[1], block
+        c.topk, c.ramp, c.G, c.density, c.swiglu = int(topk), float(ramp), G, float(density), int(swiglu)
         ends_arr = (ctypes.c_longlong * G)(*(ends or [y.shape[1]]))
         ks_arr = (ctypes.c_longlong * G)(*(list(ks) * G if len(ks) == 1 else ks))
         c.ends, c.ks = ends_arr, ks_arr

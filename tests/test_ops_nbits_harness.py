@@ -290,8 +290,10 @@ def test_decode_density_dispatch(mode, keep, density, one):
     assert_matches(y, case)
     names = [ev.name for ev in prof.events() if "NBitsGemvKernel" in ev.name]
     assert names, "no decode kernel ran"
-    flags = {tuple(f.strip() for f in re.search(r"NBitsGemvKernel<(.*?)>\(", n).group(1).split(",")[-2:]) for n in names}
-    assert flags == {("true", "true") if one else ("false", "false")}, names  # (ONE, PIPE)
+    # the last three template flags: ONE, PIPE, SELF (the selection inside the GEMV: top-k, one float16 row)
+    flags = {tuple(f.strip() for f in re.search(r"NBitsGemvKernel<(.*?)>\(", n).group(1).split(",")[-3:]) for n in names}
+    self_flag = "true" if mode == "topk" else "false"
+    assert flags == {("true", "true", self_flag) if one else ("false", "false", self_flag)}, names
 
 
 @pytest.mark.cuda
@@ -353,6 +355,91 @@ def test_dependent_launch_chain(mode, density, prefetch, pdl, monkeypatch):
             case = (Case(xin, q, sc, of, 32, "topk", ks=[kk // 2]) if kw["topk"]
                     else Case(xin, q, sc, of, 32, "threshold", thresholds=np.array(t, np.float32)))
             assert_matches(y, case)
+
+
+# The top-k selection inside the GEMV blocks (plan self_select, variant field fused_select; BlockSelectHalf in
+# csrc/common/cuda/topk_select.cuh): one float16 row, no score scale, the stream-K (0) and one-row (3, 4) loops.
+def _fused(kernel: int, fused: int) -> tuple[int, ...]:
+    return (16, 0, -1, -1, -1, -1, kernel, 0, -1, -1, fused)
+
+
+def _select_input(rng, n: int, kind: str) -> np.ndarray:
+    """One float16 row of n values: normal, few distinct magnitudes (long runs of the cut key), mostly zeros (fewer
+    positive keys than k), a few Inf / NaN, or float16 subnormals."""
+    x = rng.standard_normal(n).astype(np.float32)
+    if kind == "ties":
+        x = np.round(x * 4) / 4
+    elif kind == "zeros":
+        x[rng.random(n) < 0.7] = 0.0
+    elif kind == "nonfinite":
+        x[rng.integers(0, n, 5)] = [np.inf, -np.inf, np.nan, np.nan, -np.inf]
+    elif kind == "tiny":
+        x *= 1e-6
+    return x.astype(np.float16)[None, :]
+
+
+def _run_select_case(harness, x, q, scales, offsets, ks, ends, swiglu: bool, variant, profile: bool = False):
+    import torch
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+    N = scales.shape[1]
+    y = torch.empty((1, N), dtype=torch.float16, device="cuda")
+    c = harness.call(dev(x), dev(ref_pack(q)), dev(scales), dev(offsets), y, topk=True, ks=ks, ends=ends, swiglu=swiglu)
+    ws = harness.workspace(c, variant)
+    c.workspace = ws.data_ptr()
+    c._keep += (ws,)
+    names = []
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            harness.run(c, variant)
+            torch.cuda.synchronize()
+        names = [ev.name for ev in prof.events()]
+    else:
+        harness.run(c, variant)
+    torch.cuda.synchronize()
+    return y.cpu().numpy(), names
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", [0, 3, 4])
+def test_fused_selection_matches_selection_kernel(kernel):
+    """The GEMV blocks' own selection gives Y bit for bit equal to the selection kernel's (the same rule, then the same
+    operations in the same order), and matches the reference: 70 random cases per decode loop over K from 40 to
+    14336 (the in-block limit; thread segments ending inside a vector and past K), k in {0, 1, K/3, K/2, K - 1, K,
+    random}, one to three members with their own k or one shared, ties, zeros, Inf / NaN and subnormals in x, and the
+    SwiGLU input ([gate | up], computed inline). The first case of each loop checks from the kernel names that the
+    fused path ran without a selection kernel and the other one with it."""
+    harness = _harness()
+    rng = np.random.default_rng(100 + kernel)
+    shapes = [(40, 64), (576, 1536), (1000, 257), (4096, 1024), (4100, 1056), (11008, 512), (14336, 512), (8191, 96)]
+    for i in range(70):
+        K, N = shapes[i % len(shapes)]
+        swiglu = bool(rng.integers(2))
+        kind = ("normal", "ties", "zeros", "nonfinite", "tiny")[int(rng.integers(5))]
+        cuts = sorted({int(v) for v in rng.integers(1, N, int(rng.integers(0, 3)))})
+        ends = cuts + [N] if cuts else None
+        G = len(ends) if ends else 1
+        ks = [int(rng.choice([0, 1, K // 3, K // 2, K - 1, K, int(rng.integers(0, K + 1))])) for _ in range(G)]
+        if rng.random() < 0.3:
+            ks = [ks[0]] * G  # one selection shared by the members
+        x = _select_input(rng, 2 * K if swiglu else K, kind)
+        q, scales, offsets = random_weights(rng, K, N, 32, np.float16)
+        check = i == 0
+        y_fused, names_fused = _run_select_case(harness, x, q, scales, offsets, ks, ends, swiglu, _fused(kernel, 1), check)
+        y_kernel, names_kernel = _run_select_case(harness, x, q, scales, offsets, ks, ends, swiglu, _fused(kernel, 0), check)
+        if check:
+            gemv = [n for n in names_fused if "NBitsGemvKernel" in n]
+            assert gemv and all(n.split(">(")[0].endswith("true") for n in gemv), names_fused
+            assert not any("TopKSelect" in n for n in names_fused), names_fused
+            assert any("TopKSelect" in n for n in names_kernel), names_kernel
+        np.testing.assert_array_equal(y_fused, y_kernel, err_msg=f"case {i}: K={K} N={N} ks={ks} ends={ends} {kind} swiglu={swiglu}")
+        if not swiglu:
+            assert_matches(y_fused, Case(x, q, scales, offsets, 32, "topk", ends, ks))
 
 
 def ref_pack(q):

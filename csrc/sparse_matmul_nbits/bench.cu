@@ -43,6 +43,7 @@ struct NBitsCall {
   const long long* ends;  // G cumulative column ends (null: one member)
   const long long* ks;    // G values (topk)
   float density;          // threshold mode: the attribute density (< 0: not given)
+  int swiglu;             // 1: x is [M, 2K] = [gate | up], the input silu(gate) * up (the op's activation "swiglu")
 };
 
 /// The variant of one call: 0 = the op's plan; otherwise the given fields override it.
@@ -57,6 +58,7 @@ struct NBitsVariant {
   int splits;          // <= 0: the op's choice; cluster GEMV: blocks per tile
   int chunk_kb;        // prefill: -1 / 0: the op's choice, -2: all of W at once, > 0: chunks of W of at most this many KiB
   int chunk_cols;      // prefill: <= 0: the op's choice, > 0: columns per chunk
+  int fused_select;    // top-k decode: -1: the op's choice (ACTTAIL_FUSED_SELECT), 0: the selection kernel first, 1: in the GEMV blocks
 };
 
 /// The op's plan with a variant's fields applied (null: the op's own plan).
@@ -79,6 +81,7 @@ acttail::nbits::CudaPlan VariantPlan(const acttail::nbits::Problem& p, bool half
   if (variant->chunk_kb == -2) plan.prefill_chunk_bytes = -1;
   if (variant->chunk_kb > 0) plan.prefill_chunk_bytes = (int64_t)variant->chunk_kb * 1024;
   if (variant->chunk_cols > 0) plan.prefill_chunk_cols = variant->chunk_cols;
+  if (variant->fused_select >= 0) plan.self_select = variant->fused_select != 0;
   return plan;
 }
 
@@ -110,6 +113,7 @@ void ToProblem(const NBitsCall& c, acttail::nbits::Problem& p, acttail::nbits::C
   a.stream = c.stream;
   a.mode = c.topk ? acttail::Mode::kTopK : acttail::Mode::kThreshold;
   a.ramp = c.ramp;
+  a.swiglu = c.swiglu != 0;
 }
 
 }  // namespace

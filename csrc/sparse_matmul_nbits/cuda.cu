@@ -243,12 +243,12 @@ int Occupancy(K kernel, int smem) {
   return std::max(1, n);
 }
 
-template <typename T, int MR, int CPL, bool FULL, bool STAGE = false, bool MMA = false, bool ONE = false, bool PIPE = false>
+template <typename T, int MR, int CPL, bool FULL, bool STAGE = false, bool MMA = false, bool ONE = false, bool PIPE = false, bool SELF = false>
 cudaError_t LaunchGemv(const cuda::GemvArgs& args, int blocks_per_sm, int64_t max_blocks, cudaStream_t stream) {
   constexpr int kMinBlocks = CPL == 32 ? 1 : 2;
   constexpr int kSmem = STAGE ? cuda::StageBytes<CPL, kWarps>() : 0;
   // STAGE: fallback with fewer registers
-  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA, ONE, PIPE>;
+  auto kernel = cuda::NBitsGemvKernel<T, MR, CPL, kWarps, STAGE ? 4 : RowsInFlight(MR), FULL, kMinBlocks, STAGE, MMA, ONE, PIPE, SELF>;
   static const int occupancy = Occupancy(kernel, kSmem);  // also raises the kernel's dynamic shared memory limit
   if (occupancy == 0) return cudaErrorInvalidConfiguration;
   int64_t grid = std::max<int64_t>(1, std::min<int64_t>((int64_t)CurrentSms() * std::min(blocks_per_sm, occupancy), max_blocks));
@@ -296,6 +296,16 @@ bool MmaLaunchable() { return CurrentCaps().major >= 8; }
 template <typename T>
 cudaError_t DispatchDecode(const KernelShape& s, const cuda::GemvArgs& args, int bps, int64_t max_blocks, cudaStream_t stream) {
   constexpr bool kHalf = std::is_same<T, __half>::value;
+  if (args.self_select) {  // SelfSelect() admits exactly these: one float16 row, 16 columns per lane, no staging / MMA
+    if constexpr (kHalf) {
+      if (s.mr == 1 && s.cpl == 16 && !s.mma && !args.stage) {
+        if (args.one && args.pipe) return LaunchGemv<T, 1, 16, false, false, false, true, true, true>(args, bps, max_blocks, stream);
+        if (args.one) return LaunchGemv<T, 1, 16, false, false, false, true, false, true>(args, bps, max_blocks, stream);
+        return LaunchGemv<T, 1, 16, false, false, false, false, false, true>(args, bps, max_blocks, stream);
+      }
+    }
+    return cudaErrorInvalidConfiguration;
+  }
   if (s.mr == 1) {
     if constexpr (kHalf) {
       if (s.mma) return LaunchGemv<T, 1, 16, false, false, true>(args, bps, max_blocks, stream);
@@ -447,10 +457,8 @@ float ExpectedDensity(const Problem& p, const CudaArgs& c) {
 }
 
 /// The stream-K decode GEMV (M <= 8).
-template <typename T>
-std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan, cuda::GemvArgs& g, char* ws) {
-  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
-  const bool half = std::is_same<T, __half>::value;
+/// The decode parameters of a call: the per-shape table, the plan's overrides, then the density dispatch.
+DecodeConfig ResolvedDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan, bool half) {
   DecodeConfig cfg = ChooseDecode(p, half);
   if (plan.decode.cols_per_lane != 0) cfg.cols_per_lane = plan.decode.cols_per_lane;
   if (plan.decode.blocks_per_sm != 0) cfg.blocks_per_sm = plan.decode.blocks_per_sm;
@@ -462,6 +470,24 @@ std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan,
   if (plan.decode.pdl >= 0) cfg.pdl = plan.decode.pdl;
   // most rows kept: the one-row loop, software-pipelined in float16 (kernel 4; its float32 instance spills: kernel 3)
   if (cfg.kernel < 0 && ExpectedDensity(p, c) >= kOneRowMinDensity) cfg.kernel = half ? 4 : 3;
+  return cfg;
+}
+
+/// Top-k decode with the selection inside the GEMV (plan.self_select): one float16 row, no score scale, K within
+/// BlockSelectHalf's registers, and a decode kernel with a SELF instance (stream-K or one-row loops, 16 columns per
+/// lane, register loads); otherwise the selection kernel runs first.
+bool SelfSelect(const Problem& p, const CudaArgs& c, const CudaPlan& plan, bool half) {
+  if (!plan.self_select || !half || c.mode != Mode::kTopK || p.M != 1 || c.scale != nullptr) return false;
+  if (p.K > (int64_t)kWarps * 32 * cuda::kBlockSelectPerThread) return false;
+  const DecodeConfig cfg = ResolvedDecode(p, c, plan, half);
+  return cfg.kernel != 1 && cfg.kernel != 2 && cfg.cols_per_lane != 32 && cfg.stage <= 0;
+}
+
+template <typename T>
+std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan, cuda::GemvArgs& g, char* ws) {
+  cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
+  const bool half = std::is_same<T, __half>::value;
+  const DecodeConfig cfg = ResolvedDecode(p, c, plan, half);
   // one row, B >= 32 (a group of 32 rows inside one quant block), the vector layout, clusters on the device
   // (not with an inline activation: the cluster kernel reads x as the op's input)
   if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && !g.swiglu && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
@@ -613,7 +639,9 @@ std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
   // launched: that prefill path of it is not tested with the activation)
   const bool act_in_mask = c.swiglu && p.M > 8 && c.mode == Mode::kThreshold && plan.w_finite && plan.use_cublas && plan.fuse_prefill &&
                            CublasHandle(stream) != nullptr;
-  if (c.swiglu && !InlineActivation(p, c) && !act_in_mask) {  // x := silu(gate) * up, [M, K] in the workspace
+  // top-k decode with the selection in the GEMV blocks, which also compute a SwiGLU input inline
+  const bool self_select = SelfSelect(p, c, plan, half);
+  if (c.swiglu && !InlineActivation(p, c) && !act_in_mask && !self_select) {  // x := silu(gate) * up, [M, K] in the workspace
     T* act = reinterpret_cast<T*>(ws);
     err = ::acttail::cuda::LaunchSwiGlu<T>(static_cast<const T*>(c.x), act, p.M, p.K, stream);
     if (err != cudaSuccess) return std::string("activation kernel: ") + cudaGetErrorString(err);
@@ -622,7 +650,7 @@ std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
     ws += ActivationBytes(p, args, half);
   }
   const uint2* sel = nullptr;
-  if (c.mode == Mode::kTopK) {
+  if (c.mode == Mode::kTopK && !self_select) {
     SelectParams s;
     s.K = (int)p.K;
     s.members = SelectGroups(p, c);
@@ -650,6 +678,9 @@ std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   g.fast = p.N % 32 == 0 && aligned(c.q) && aligned(c.scales) && aligned(c.offsets);
   g.swiglu = c.swiglu ? 1 : 0;
+  g.self_select = self_select ? 1 : 0;
+  if (self_select)
+    for (int i = 0; i < g.dm.sel_members; ++i) g.sel_k[i] = (int)c.ks[(size_t)i];
   return p.M <= 8 ? RunDecode<T>(p, c, plan, g, ws) : RunPrefill<T>(p, c, plan, g, ws);
 }
 
@@ -689,6 +720,8 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   // A/B runs and tests: ACTTAIL_PDL=0, ACTTAIL_EARLY_PREFETCH=0 / 1 / 2)
   plan.decode.pdl = cuda::DependentLaunchWanted() ? 1 : 0;
   plan.decode.early = kEarlyPrefetch;
+  // top-k decode: the selection inside the GEMV blocks (read per call, for A/B runs and tests: ACTTAIL_FUSED_SELECT=0)
+  plan.self_select = !EnvIs("ACTTAIL_FUSED_SELECT", "0");
   for (const char* v : {"0", "1", "2"})
     if (EnvIs("ACTTAIL_EARLY_PREFETCH", v)) plan.decode.early = v[0] - '0';
   return plan;

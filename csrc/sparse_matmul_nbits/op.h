@@ -107,6 +107,10 @@ struct CudaPlan {
   // the SwiGLU input computed from [gate | up] by the mask pass itself (no activation kernel, no [M, K] copy of it);
   // false: a GEMM per member, the activation kernel first (DefaultPlan: on unless ACTTAIL_PREFILL_FUSE=0)
   bool fuse_prefill = false;
+  // decode of one float16 row in top-k mode without a score scale: every GEMV block computes the selection itself
+  // (BlockSelectHalf) instead of a selection kernel before it, and a SwiGLU input is computed inline
+  // (DefaultPlan: on unless ACTTAIL_FUSED_SELECT=0)
+  bool self_select = false;
 };
 
 /// Device workspace of one call under `plan` (the prefill's chunk of W depends on it).

@@ -67,19 +67,23 @@ __device__ __forceinline__ float KeyScore(uint32_t key, bool half_keys) {
   return half_keys ? __half2float(__ushort_as_half((unsigned short)key)) : __uint_as_float(key);
 }
 
+/// Top-k rule of member g from its selection s = (cut key, last kept tie index).
+__device__ __forceinline__ Rule TopKRule(const DeviceMask& dm, uint2 s, int g) {
+  Rule r;
+  r.scale = dm.scale != nullptr ? dm.scale + g * dm.scale_stride : nullptr;
+  r.cut = s.x;
+  r.tie = (int32_t)s.y;
+  r.t = dm.ramp != 0.0f && s.x != 0xffffffffu ? KeyScore(s.x, dm.half_keys) : 0.0f;
+  return r;
+}
+
 /// Rule of row m (of M) and member g; rows past M keep nothing.
 __device__ __forceinline__ Rule LoadRule(const DeviceMask& dm, int64_t m, int64_t M, int g) {
   Rule r{0xffffffffu, -1, __int_as_float(0x7f800000), nullptr};
   if (m >= M) return r;
+  if (dm.topk) return TopKRule(dm, dm.sel[m * dm.sel_members + (dm.sel_members == 1 ? 0 : g)], g);
   r.scale = dm.scale != nullptr ? dm.scale + g * dm.scale_stride : nullptr;
-  if (dm.topk) {
-    const uint2 s = dm.sel[m * dm.sel_members + (dm.sel_members == 1 ? 0 : g)];
-    r.cut = s.x;
-    r.tie = (int32_t)s.y;
-    r.t = dm.ramp != 0.0f && s.x != 0xffffffffu ? KeyScore(s.x, dm.half_keys) : 0.0f;
-  } else {
-    r.t = dm.thr[g * dm.thr_stride];
-  }
+  r.t = dm.thr[g * dm.thr_stride];
   return r;
 }
 

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "common/cuda/activation.cuh"
 #include "common/cuda/dependent_launch.cuh"
 #include "common/cuda/mask_rule.cuh"
 
@@ -40,12 +41,14 @@ struct SelectShared {
   int tie;
 };
 
-/// One radix pass' bin search by warp 0: lane owns bins 255-8*lane .. 248-8*lane (descending).
-__device__ __forceinline__ void SelectBin(SelectShared& sh, int lane, uint32_t prefix, int remaining, int shift) {
+/// One radix pass' bin search by warp 0 over hist[256]: lane owns bins 255-8*lane .. 248-8*lane (descending); the lane
+/// holding the bin of rank `remaining` writes *out_prefix and *out_remaining.
+__device__ __forceinline__ void SelectBinOf(const unsigned* hist, int lane, uint32_t prefix, int remaining, int shift, uint32_t* out_prefix,
+                                            int* out_remaining) {
   unsigned c[8], s = 0;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    c[j] = sh.hist[255 - 8 * lane - j];
+    c[j] = hist[255 - 8 * lane - j];
     s += c[j];
   }
   unsigned incl = s;
@@ -59,13 +62,16 @@ __device__ __forceinline__ void SelectBin(SelectShared& sh, int lane, uint32_t p
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       if (cum + c[j] >= (unsigned)remaining) {
-        sh.prefix = prefix | ((uint32_t)(255 - 8 * lane - j) << shift);
-        sh.remaining = remaining - (int)cum;
+        *out_prefix = prefix | ((uint32_t)(255 - 8 * lane - j) << shift);
+        *out_remaining = remaining - (int)cum;
         break;
       }
       cum += c[j];
     }
   }
+}
+__device__ __forceinline__ void SelectBin(SelectShared& sh, int lane, uint32_t prefix, int remaining, int shift) {
+  SelectBinOf(sh.hist, lane, prefix, remaining, shift, &sh.prefix, &sh.remaining);
 }
 
 /// (k, K) cases decided without a select; true when sel was written.
@@ -219,6 +225,140 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* _
       if (((valid >> j) & 1u) && keys[j] == prefix && ++before == target) *out = make_uint2(prefix, (uint32_t)(lo + j));
     }
   }
+}
+
+// ---- the selection inside a decode GEMV block (one float16 row, no scale) ------------------------------------------
+
+/// Most keys one thread of BlockSelectHalf holds: K <= threads * kBlockSelectPerThread (14336 with 256 threads).
+constexpr int kBlockSelectPerThread = 56;
+
+/// Shared state of BlockSelectHalf.
+struct BlockSelectShared {
+  unsigned hist[2][256];
+  uint32_t prefix[2];
+  int remaining[2];
+  int warp[32];
+  uint2 result;
+};
+
+/// Key j of a thread's keys, two per word (j a constant after unrolling, so kw stays in registers).
+template <int W>
+__device__ __forceinline__ uint32_t KeyAt(const uint32_t (&kw)[W], int j) {
+  return (kw[j / 2] >> (16 * (j % 2))) & 0xffffu;
+}
+
+/// Float16 magnitude key of the op's input value at channel c of a row: x[c], or silu(x[c]) * x[K + c] rounded to
+/// float16 (SwiGluOf: what the GEMV computes from [gate | up]).
+__device__ __forceinline__ uint32_t InputKey(const __half* __restrict__ xr, int c, int K, bool swiglu) {
+  return HalfKey(swiglu ? SwiGluOf<__half>(xr[c], xr[K + c]) : xr[c]);
+}
+
+/// TopKSelectKernel's result (float16 magnitude keys: the same cut key and last kept tie) for one row of K channels
+/// and k, computed by the NT threads of one block: every thread calls it and gets the result. It starts with a barrier
+/// (the caller's earlier reads of shared memory are done) and ends after one (every thread has read what it wrote
+/// into sh), so the caller may write shared memory right after. Thread t holds the keys of
+/// channels [t S, t S + S), S = ceil(K / NT) rounded up to 8 (<= KPT: the caller checks K <= NT KPT), two per
+/// register; the row is read once (16-byte loads where aligned). Two radix passes (high byte, low byte) histogram the
+/// registers, then one block scan of the per-thread counts of the cut key finds the tie cut in channel order (the
+/// threads' channels are contiguous and ascending).
+template <int NT, int KPT>
+__device__ __forceinline__ uint2 BlockSelectHalf(const __half* __restrict__ xr, int K, int k, bool swiglu, BlockSelectShared& sh) {
+  static_assert(KPT % 8 == 0 && NT % 32 == 0 && NT <= 1024, "block select shape");
+  constexpr int kWarpsNT = NT / 32;
+  __syncthreads();  // the caller's earlier reads of shared state are done
+  if (k <= 0) return make_uint2(0xffffffffu, 0xffffffffu);
+  if (k >= K) return make_uint2(0u, 0xffffffffu);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int S = ((K + NT - 1) / NT + 7) & ~7;
+  const int lo = tid * S, nv = max(0, min(S, K - lo));  // this thread's channels [lo, lo + nv)
+  const bool vec = (reinterpret_cast<uintptr_t>(xr) & 15u) == 0 && (!swiglu || K % 8 == 0);
+  for (int i = tid; i < 512; i += NT) (&sh.hist[0][0])[i] = 0u;
+  uint32_t kw[KPT / 2];
+#pragma unroll
+  for (int j = 0; j < KPT; j += 8) {
+    uint32_t e[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+    if (j < nv) {  // the branch over whole groups of 8 is uniform except at the row's end
+      const int c = lo + j;
+      if (vec && j + 8 <= nv) {
+        const uint4 a = __ldg(reinterpret_cast<const uint4*>(xr + c));
+        const uint32_t aw[4] = {a.x, a.y, a.z, a.w};
+        if (swiglu) {
+          const uint4 b = __ldg(reinterpret_cast<const uint4*>(xr + K + c));
+          const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const __half g = __ushort_as_half((unsigned short)(aw[i / 2] >> (16 * (i % 2))));
+            const __half u = __ushort_as_half((unsigned short)(bw[i / 2] >> (16 * (i % 2))));
+            e[i] = HalfKey(SwiGluOf<__half>(g, u));
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) e[i] = HalfKey(__ushort_as_half((unsigned short)(aw[i / 2] >> (16 * (i % 2)))));
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (j + i < nv) e[i] = InputKey(xr, c + i, K, swiglu);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) kw[j / 2 + i] = e[2 * i] | (e[2 * i + 1] << 16);
+  }
+  __syncthreads();  // histograms zeroed
+  // pass 1: the high byte
+#pragma unroll
+  for (int j = 0; j < KPT; ++j)
+    if (j < nv) atomicAdd(&sh.hist[0][KeyAt(kw, j) >> 8], 1u);
+  __syncthreads();
+  if (warp == 0) SelectBinOf(sh.hist[0], lane, 0u, k + 1, 8, &sh.prefix[0], &sh.remaining[0]);
+  __syncthreads();
+  const uint32_t hi = sh.prefix[0] >> 8;
+  const int rem = sh.remaining[0];
+  // pass 2: the low byte among the keys with that high byte
+#pragma unroll
+  for (int j = 0; j < KPT; ++j)
+    if (j < nv && (KeyAt(kw, j) >> 8) == hi) atomicAdd(&sh.hist[1][KeyAt(kw, j) & 255u], 1u);
+  __syncthreads();
+  if (warp == 0) SelectBinOf(sh.hist[1], lane, hi << 8, rem, 0, &sh.prefix[1], &sh.remaining[1]);
+  __syncthreads();
+  const uint32_t cut = sh.prefix[1];
+  const int target = sh.remaining[1] - 1;  // the first target channels with the cut key are kept (key 0 never)
+  if (cut == 0 || target == 0) {
+    __syncthreads();  // every thread has read prefix / remaining
+    return make_uint2(cut, 0xffffffffu);
+  }
+  int cnt = 0;
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) cnt += (j < nv && KeyAt(kw, j) == cut) ? 1 : 0;
+  int incl = cnt;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += n;
+  }
+  if (lane == 31) sh.warp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int v = lane < kWarpsNT ? sh.warp[lane] : 0;
+    int wincl = v;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, wincl, off);
+      if (lane >= off) wincl += n;
+    }
+    if (lane < kWarpsNT) sh.warp[lane] = wincl - v;
+  }
+  __syncthreads();
+  int before = sh.warp[warp] + incl - cnt;  // ties in the channels of lower threads
+  if (before < target && target <= before + cnt) {
+#pragma unroll
+    for (int j = 0; j < KPT; ++j)
+      if (j < nv && KeyAt(kw, j) == cut && ++before == target) sh.result = make_uint2(cut, (uint32_t)(lo + j));
+  }
+  __syncthreads();
+  const uint2 r = sh.result;
+  __syncthreads();  // every thread has read the result
+  return r;
 }
 
 template <typename T, bool kHalfKeys>

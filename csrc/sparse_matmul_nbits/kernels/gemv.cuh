@@ -30,6 +30,7 @@
 #include "common/cuda/activation.cuh"
 #include "common/cuda/dependent_launch.cuh"
 #include "common/cuda/mask_rule.cuh"
+#include "common/cuda/topk_select.cuh"
 
 namespace acttail {
 namespace nbits {
@@ -65,7 +66,18 @@ struct GemvArgs {
   int early;             // split mode, before the wait on the previous kernel: 1 = prefetch the range's scales /
                          // offsets into L2, 2 = those and the range's rows of Q (every row, kept or not), 0 = nothing
   int pdl;               // host: split mode launched as a programmatic dependent (sm_90+)
+  int self_select;       // host: top-k with the selection computed by every block (SELF kernels: one float16 row, no scale)
+  int sel_k[kMaxMembers];  // SELF: k of each selection group (dm.sel_members groups)
 };
+
+/// Shared state of a SELF kernel: the block's own top-k selections (BlockSelectHalf), one per selection group.
+struct SelfSelectState {
+  BlockSelectShared sh;
+  uint2 sel[kMaxMembers];  // the selection of group g' (DeviceMask::sel_members groups), as the selection kernel writes it
+  int group;               // the group whose selection the last segment computed (-1: none yet)
+};
+/// At a fixed shared address (no pointer held in registers by the row loops); allocated only in the kernels that use it.
+static __shared__ SelfSelectState self_select_state;
 
 // ---- tensor-core rows (MMA kernels: float16, one row of X, 16 columns per virtual lane, the vector layout) -------
 // Warp w takes the columns of virtual lanes [8 (w % 4), 8 (w % 4) + 8) of the tile (128 columns) and half (w / 4) of the
@@ -728,7 +740,8 @@ __device__ __forceinline__ void StreamRowsMma(const GemvArgs& a, const Pool<1, W
 /// magnitude ~1300 Σ|v|, i.e. ~1e-4 |s| Σ|v| (the tolerance of the tests: 2e-3 of Σ|v| (|s| q + |o|)).
 /// Rows [k0, k1) of tile t for rows [m0, m0 + Mb) of X: accumulate, reduce over the block's warps, then add
 /// to the scratch (split mode) or write Y (FULL).
-template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE, bool MMA = false, bool ONE = false, bool PIPE = false>
+template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, bool STAGE, bool MMA = false, bool ONE = false, bool PIPE = false,
+          bool SELF = false>
 __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool, float* red, uint8_t* stage, unsigned* s_last, int t, int k0,
                                         int k1, int m0, int Mb, float* redm = nullptr) {
   constexpr int TN = 32 * CPL, RPL = PoolRowsPerLane<MR>(), CH = WARPS * 32 * RPL;
@@ -744,6 +757,7 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
     for (int c = 0; c < CPL; ++c) acc[m][c] = 0.0f;
   static_assert(!MMA || (std::is_same<T, __half>::value && MR == 1 && CPL == 16 && WARPS == 8 && !FULL && !STAGE), "MMA kernel shape");
   static_assert(!ONE || (MR == 1 && !FULL && !STAGE && !MMA), "ONE: the one-row vector-layout kernel");
+  static_assert(!SELF || (std::is_same<T, __half>::value && MR == 1 && !FULL && !STAGE && !MMA), "SELF: one float16 row, split mode");
   // ONE: the lane's column sums accumulate in its row of the reduction buffer (free since the last segment's barrier)
   float* racc = red + (warp * 32 + lane) * (CPL + 1);
   if constexpr (ONE) {
@@ -768,7 +782,9 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
         if (r < k1 && m < Mb) {
           // the rule is re-read per chunk (cached loads) rather than held in registers while rows stream
           const T raw = a.swiglu ? SwiGluAt<T>(x, m, r, a.K) : x[(int64_t)m * a.K + r];
-          v[j][m] = MaskedValue<T>(raw, r, LoadRule(a.dm, m0 + m, a.M, g), a.dm);
+          // SELF: the block's own selection of the segment's group (SelectForSegment; one row, m0 + m = 0)
+          const Rule rule = SELF ? TopKRule(a.dm, self_select_state.sel[a.dm.sel_members == 1 ? 0 : g], g) : LoadRule(a.dm, m0 + m, a.M, g);
+          v[j][m] = MaskedValue<T>(raw, r, rule, a.dm);
           if (IsKeptValue(v[j][m])) km[j] |= 1u << m;
         }
       }
@@ -879,6 +895,23 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   }
 }
 
+/// SELF kernels, before segment t: the top-k selection of the tile's selection group into ss->sel, unless the block's
+/// previous segment had the same group (ss->group is written only between barriers: block-uniform). Called from the
+/// kernel's loop rather than from Segment, so that the keys' registers are not live together with the segment's.
+template <int WARPS, int CPL>
+__device__ __forceinline__ void SelectForSegment(const GemvArgs& a, int t) {
+  SelfSelectState& ss = self_select_state;
+  const int gs = a.dm.sel_members == 1 ? 0 : SpanOfTile<CPL>(a, t, 0).g;
+  if (ss.group == gs) return;
+  const uint2 r = BlockSelectHalf<WARPS * 32, kBlockSelectPerThread>(static_cast<const __half*>(a.x), a.K, Pick(a.sel_k, gs), a.swiglu != 0,
+                                                                     ss.sh);
+  if (threadIdx.x == 0) {
+    ss.sel[gs] = r;
+    ss.group = gs;  // every thread read ss.group before the call's barriers
+  }
+  __syncthreads();
+}
+
 /// Prefetches into L2, in 128-byte lines, the constant data of the stream-K range [u, u1): the scales and offsets of
 /// its quant blocks over each tile's columns and (early == 2) its rows of Q. Reads no activation, writes nothing.
 template <typename T, int CPL, int WARPS>
@@ -916,7 +949,7 @@ __device__ __forceinline__ void EarlyPrefetch(const GemvArgs& a, long long u, co
 }
 
 template <typename T, int MR, int CPL, int WARPS, int U, bool FULL, int MINB, bool STAGE = false, bool MMA = false, bool ONE = false,
-          bool PIPE = false>
+          bool PIPE = false, bool SELF = false>
 __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvArgs a) {
   static_assert(!STAGE || (MR == 1 && !FULL && StageBytes<CPL, WARPS>() >= WARPS * 32 * (CPL + 1) * 4), "stage buffer");
   __shared__ Pool<MR, WARPS> pool;
@@ -952,10 +985,15 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) NBitsGemvKernel(const GemvAr
     GridLaunchDependents();
     if (a.early > 0) EarlyPrefetch<T, CPL, WARPS>(a, u, u1);
     GridDependencyWait();
+    if constexpr (SELF) {
+      if (threadIdx.x == 0) self_select_state.group = -1;
+      __syncthreads();  // every thread reads it before its first segment
+    }
     while (u < u1) {
       const int t = (int)(u / a.K), k0 = (int)(u % a.K);
       const int k1 = (int)min((long long)a.K, k0 + (u1 - u));
-      Segment<T, MR, CPL, WARPS, U, false, STAGE, MMA, ONE, PIPE>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M, redm_static);
+      if constexpr (SELF) SelectForSegment<WARPS, CPL>(a, t);
+      Segment<T, MR, CPL, WARPS, U, false, STAGE, MMA, ONE, PIPE, SELF>(a, pool, red, stage, &s_last, t, k0, k1, 0, a.M, redm_static);
       u += k1 - k0;
     }
   }

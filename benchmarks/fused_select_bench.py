@@ -1,0 +1,91 @@
+"""Top-k decode of SparseMatMulNBits with the selection inside the GEMV blocks (plan self_select, the default) against the
+selection kernel before the GEMV (ACTTAIL_FUSED_SELECT=0), on the CUDA machine: CUDA-graph time per call of one float16
+row through the LLaMA-2-7B decode projections as the default genai base packs them (q|k|v and gate|up with a budget per
+member, down with the SwiGLU folded in), weights rotated over copies larger than L2. Both variants must give the same
+Y bit for bit.
+
+    python3 benchmarks/fused_select_bench.py --harness build/ops/libacttail_bench.so --out OUT/fused_select.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import time_graph  # noqa: E402
+
+from acttail_export.nbits_harness import Harness  # noqa: E402
+
+# (name, K, member widths, kept fraction per member relative to --keep, SwiGLU input)
+SHAPES = [("qkv", 4096, (4096, 4096, 4096), (1.1, 0.9, 1.0), False), ("o", 4096, (4096,), (1.0,), False),
+          ("gate_up", 4096, (11008, 11008), (1.05, 0.95), False), ("down", 11008, (4096,), (1.0,), True)]
+
+
+def variant(fused: int) -> tuple[int, ...]:
+    """The op's own decode choice, with the selection inside the GEMV (1) or the selection kernel first (0)."""
+    return (0, 0, -1, -1, -1, -1, -1, 0, -1, -1, fused)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--harness", required=True, help="libacttail_bench.so (ACTTAIL_BENCH=1 bash scripts/build_ops.sh)")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--keep", type=float, default=0.5, help="kept fraction of the input channels (k = keep * K per member)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of the two variants")
+    args = ap.parse_args()
+    import torch
+
+    h = Harness(args.harness)
+    rows = []
+    for name, K, widths, rel, swiglu in SHAPES:
+        N = sum(widths)
+        ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+        ks = [min(K, int(round(args.keep * r * K))) for r in rel]
+        gen = torch.Generator(device="cuda").manual_seed(K + N)
+        copies = max(2, -(-3 * 50 * 2**20 // (K * N // 2)))  # weights of all copies > 3x a 50 MB L2
+        ws = [(torch.randint(0, 256, (K, N // 2), dtype=torch.uint8, device="cuda", generator=gen),
+               torch.rand(K // 32, N, device="cuda", generator=gen).half() * 0.02,
+               torch.rand(K // 32, N, device="cuda", generator=gen).half() * -0.1) for _ in range(copies)]
+        xs = [torch.randn(1, 2 * K if swiglu else K, device="cuda", dtype=torch.float16, generator=gen) for _ in range(max(8, copies))]
+        calls = {}
+        outs = {}
+        for fused in (1, 0):
+            cs, ys = [], []
+            for i, x in enumerate(xs):
+                q, s, o = ws[i % copies]
+                y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+                c = h.call(x, q, s, o, y, topk=True, ks=ks, ends=ends, swiglu=swiglu)
+                buf = h.workspace(c, variant(fused))
+                c.workspace = buf.data_ptr()
+                c._keep += (buf,)
+                cs.append(c)
+                ys.append(y)
+            for c in cs:
+                h.run(c, variant(fused))
+            torch.cuda.synchronize()
+            outs[fused] = torch.cat(ys).cpu()
+            calls[fused] = [partial(h.run, c, variant(fused)) for c in cs] * max(1, 48 // len(cs))
+        same = torch.equal(outs[1].view(torch.int16), outs[0].view(torch.int16))
+        print(f"{name} K={K} N={N} ks={ks} swiglu={swiglu}: Y identical across variants: {same}", flush=True)
+        if not same:
+            raise SystemExit(f"{name}: the variants' outputs differ")
+        for r in range(args.rounds):
+            for fused in (1, 0):
+                g_us, k_us = time_graph(calls[fused], args.reps)
+                rows.append({"shape": name, "K": K, "N": N, "ks": ks, "swiglu": swiglu, "fused": fused, "round": r,
+                             "graph_us": g_us, "kernel_us": k_us})
+                print(f"{name} fused={fused} round {r}: graph {g_us:.2f} us per call, kernels {k_us:.2f} us", flush=True)
+    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "env": env, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
