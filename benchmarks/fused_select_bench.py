@@ -1,5 +1,5 @@
-"""Top-k decode of SparseMatMulNBits with the selection inside the GEMV blocks (plan self_select, the default) against the
-selection kernel before the GEMV (ACTTAIL_FUSED_SELECT=0), on the CUDA machine: CUDA-graph time per call of one float16
+"""Top-k decode of SparseMatMulNBits with the selection inside the GEMV blocks (plan self_select; ACTTAIL_FUSED_SELECT=1
+in the op) against the selection kernel before the GEMV (the op's default), on the CUDA machine: CUDA-graph time per call of one float16
 row through the LLaMA-2-7B decode projections as the default genai base packs them (q|k|v and gate|up with a budget per
 member, down with the SwiGLU folded in), weights rotated over copies larger than L2. Both variants must give the same
 Y bit for bit.

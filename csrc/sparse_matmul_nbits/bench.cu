@@ -58,7 +58,7 @@ struct NBitsVariant {
   int splits;          // <= 0: the op's choice; cluster GEMV: blocks per tile
   int chunk_kb;        // prefill: -1 / 0: the op's choice, -2: all of W at once, > 0: chunks of W of at most this many KiB
   int chunk_cols;      // prefill: <= 0: the op's choice, > 0: columns per chunk
-  int fused_select;    // top-k decode: -1: the op's choice (ACTTAIL_FUSED_SELECT), 0: the selection kernel first, 1: in the GEMV blocks
+  int fused_select;    // top-k decode: -1: the op's choice (ACTTAIL_FUSED_SELECT=1: in the GEMV blocks), 0: the selection kernel first, 1: in the GEMV blocks
 };
 
 /// The op's plan with a variant's fields applied (null: the op's own plan).
