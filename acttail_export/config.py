@@ -56,11 +56,26 @@ DEFAULT_POLICY: dict[str, tuple[tuple[float, str], ...]] = {
     "topk": ((0.65, "teal-greedy"), (0.85, "waterfill-greedy"), (1.0, "htsr")),
     "threshold": ((0.45, "htsr"), (0.65, "teal-greedy"), (1.0, "acttail-greedy")),
 }
+#: ``--mode`` when not given, by target sparsity: (highest target, mode) in increasing order — the mode whose default
+#: allocation has the lower perplexity at the level on WikiText-2 validation (SmolLM2-135M, first 8192 tokens, windows of
+#: 1024; docs/allocation.md section 6q): threshold 21.22 / 26.50 / 45.74 against top-k 22.15 / 27.71 / 48.14 at
+#: 40 / 50 / 60 % (at an effective sparsity of 0.405 / 0.499 / 0.615), top-k 147.9 / 642.6 / 8856 against threshold
+#: 218.2 / 2159 / 13645 at 70 / 80 / 90 %; the bound halfway between 60 and 70 %. A dense target keeps top-k (k = d: no
+#: thresholds to calibrate).
+DEFAULT_MODE_POLICY: tuple[tuple[float, str], ...] = ((0.0, "topk"), (0.65, "threshold"), (1.0, "topk"))
 KERNELS = ("mask", "fused")
 #: projection weights of the graph: the float dtype of the export, or 4-bit blocks (:mod:`acttail_export.quantize`)
 WEIGHTS = ("fp32", "fp16", "int4")
 #: The highest per-projection budget the acttail allocation gives (a target above it cannot be met).
 DEFAULT_S_MAX = 0.99
+
+
+def default_mode(target: float) -> str:
+    """``--mode`` when not given: :data:`DEFAULT_MODE_POLICY` at ``target`` sparsity."""
+    for bound, mode in DEFAULT_MODE_POLICY:
+        if target <= bound:
+            return mode
+    return DEFAULT_MODE_POLICY[-1][1]
 
 
 def resolve_allocation(allocation: str, target: float, mode: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .bases import get_base
-from .config import ALLOCATIONS, ALPHA_ALLOCATIONS, DEFAULT_S_MAX, check_sparsity, resolve_allocation
+from .config import ALLOCATIONS, ALPHA_ALLOCATIONS, DEFAULT_S_MAX, check_sparsity, default_mode, resolve_allocation
 from .errors import ActTailError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class ExportOptions:
 
     sparsity: float = 0.5
     allocation: Allocation = "acttail"
-    mode: Mode = "topk"
+    mode: Mode | None = None  # None: by the target (threshold up to 65 %, topk above; see config.default_mode)
     kernel: Kernel | None = None  # None: fused for --weights int4, else mask (see :func:`default_kernel`)
     epsilon: float | None = None
     mapping: str | None = None
@@ -109,6 +109,8 @@ class ExportOptions:
         if self.kernel is None:
             object.__setattr__(self, "kernel", default_kernel(self.weights))
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, "--sparsity"))
+        if self.mode is None:
+            object.__setattr__(self, "mode", default_mode(self.sparsity))
         if self.epsilon is not None:
             object.__setattr__(self, "epsilon", check_sparsity(self.epsilon, "--epsilon"))
         if self.calibration_data is not None:
@@ -205,4 +207,6 @@ class ExportOptions:
                             "keyword arguments (sparsity=..., mode=...)")
         if "weights" in kwargs and "kernel" not in kwargs and options.kernel == default_kernel(options.weights):
             kwargs = {**kwargs, "kernel": None}  # a kernel that was the weights' default follows the new weights
+        if "sparsity" in kwargs and "mode" not in kwargs and options.mode == default_mode(options.sparsity):
+            kwargs = {**kwargs, "mode": None}  # a mode that was the target's default follows the new target
         return dataclasses.replace(options, **kwargs) if kwargs else options

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# SmolLM2-135M at 50 % ActTail with `make demo`'s settings for its generation export (top-k, fused kernel when the
-# op library is built, 16 calibration windows, no validation), then `acttail-export generate` on the CPU.
+# SmolLM2-135M at 50 % ActTail with `make demo`'s settings for its generation export (the default mode, threshold at
+# 50 %; fused kernel, 16 calibration windows, no validation), then `acttail-export generate` on the CPU.
 #
 #   bash benchmarks/generate_smollm2.sh [WORK_DIR] > docs/results/generate/smollm2_50_cpu.txt 2>&1
 #

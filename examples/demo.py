@@ -29,7 +29,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/smollm2-acttail-80", help="export folder (overwritten)")
     parser.add_argument("--sparsity", type=float, default=0.8)
-    parser.add_argument("--mode", choices=("topk", "threshold"), default="topk")
+    parser.add_argument("--mode", choices=("topk", "threshold"), default=None,
+                        help="the exports' --mode (default: the export's, by the target: topk at 80 %%, threshold at 50 %%)")
     parser.add_argument("--kernel", choices=("auto", "mask", "fused"), default="auto")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="WikiText-2 test tokens for the perplexity table")
     parser.add_argument("--sequence-length", type=int, default=1024)
@@ -64,7 +65,8 @@ def main() -> int:
     t0 = time.perf_counter()
     out = export(model_path, args.output, sparsity=args.sparsity, allocation="acttail", mode=args.mode,
                  kernel=kernel, overwrite=True)
-    print(f"\nexported {args.output} ({kernel} kernel, {args.mode} mode) in {time.perf_counter() - t0:.0f} s")
+    mode = ActTailConfig.load(out).mode
+    print(f"\nexported {args.output} ({kernel} kernel, {mode} mode) in {time.perf_counter() - t0:.0f} s")
 
     model, tokenizer = load_model(model_path)
     fits = spectral.analyze_model(model)
@@ -81,7 +83,7 @@ def main() -> int:
     ort_result = perplexity_onnx(out, DEFAULT_EVAL_DATA, args.sequence_length, args.eval_tokens)
     # ONNX Runtime does not count zeros; the export records its sparsity (exact in top-k mode)
     ort_result["effective_sparsity"] = ActTailConfig.load(out).effective_sparsity or 0.0
-    rows.append((f"export: acttail {args.sparsity:.0%} {args.mode} (ONNX Runtime, {kernel})", ort_result))
+    rows.append((f"export: acttail {args.sparsity:.0%} {mode} (ONNX Runtime, {kernel})", ort_result))
 
     print(f"\nWikiText-2 test perplexity, first {args.eval_tokens} tokens, windows of {args.sequence_length}")
     print(f"| {'configuration':<48} | perplexity | effective sparsity |")
@@ -95,13 +97,14 @@ def main() -> int:
 
 def generate_both(model_path: str, out_80: Path, args: argparse.Namespace, kernel: str) -> None:
     """Greedy ONNX Runtime generation from the 80% export and from a quick 50% export, with tokens/s."""
+    from acttail_export.config import ActTailConfig
     from acttail_export.exporter import export
     from acttail_export.generation import generate
 
     t0 = time.perf_counter()
     out_50 = export(model_path, args.output_50, sparsity=0.5, allocation="acttail", mode=args.mode, kernel=kernel,
                     calibration_samples=16, validate=False, overwrite=True)
-    print(f"\nexported {args.output_50} ({kernel} kernel, {args.mode} mode, 16 calibration windows, not validated) "
+    print(f"\nexported {args.output_50} ({kernel} kernel, {ActTailConfig.load(out_50).mode} mode, 16 calibration windows, not validated) "
           f"in {time.perf_counter() - t0:.0f} s")
     print(f"\nONNX Runtime generation (greedy, CPU, KV cache, chat template): {args.prompt!r} ->")
     for folder in (out_50, out_80):

@@ -415,7 +415,7 @@ def test_analyze_refuses_a_greedy_level_of_the_default(tiny_llama_dir, tmp_path,
     assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "acttail", "--sparsity", "0.5",
                  "--json", str(tmp_path / "a.json"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--allocation acttail at 0.5 in topk mode is teal-greedy" in err[0] and "--allocation htsr" in err[0]
+    assert len(err) == 1 and "--allocation acttail at 0.5 in threshold mode is teal-greedy" in err[0] and "--allocation htsr" in err[0]
     assert list(tmp_path.iterdir()) == []
     # at 90 % the default is HT-SR in top-k mode (analyzed here), the combination in threshold mode (refused)
     assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "acttail", "--sparsity", "0.9", "--mode", "threshold",
@@ -431,6 +431,11 @@ def test_analyze_refuses_a_greedy_level_of_the_default(tiny_llama_dir, tmp_path,
                  "--json", str(tmp_path / "b.json"), "--no-progress"]) == 0
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["mode"] == "threshold" and all(row["k"] is None for row in data["projections"])
+    # no --mode: the export's default for the target (threshold at 40 %, where the default is HT-SR alone)
+    assert main(["analyze", "--model", str(tiny_llama_dir), "--allocation", "acttail", "--sparsity", "0.4",
+                 "--json", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert (data["allocation_method"], data["mode"]) == ("htsr", "threshold")
 
 
 # --- analyze command ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ INVALID = [
      ["--allocation", "teal-greedy", "--epsilon", "0.1"]),
     # the default at 50 % is TEAL's greedy search in both modes (config.DEFAULT_POLICY): the message names what it
     # resolved to, and in which mode
-    (dict(epsilon=0.2), "--allocation acttail at 0.5 in topk mode is teal-greedy (docs/allocation.md), which reads no "
+    (dict(epsilon=0.2), "--allocation acttail at 0.5 in threshold mode is teal-greedy (docs/allocation.md), which reads no "
      "alphas: drop them, or use --allocation htsr or acttail-greedy", ["--epsilon", "0.2"]),
     (dict(epsilon=0.2, mode="threshold", sparsity=0.6), "--allocation acttail at 0.6 in threshold mode is teal-greedy",
      ["--epsilon", "0.2", "--mode", "threshold", "--sparsity", "0.6"]),
@@ -212,6 +212,26 @@ def test_kernel_default_follows_the_weights():
     assert ExportOptions.validated(ExportOptions(kernel="fused"), weights="int4").kernel == "fused"
     assert ExportOptions.validated(ExportOptions(weights="int4", kernel="mask"), weights="int4").kernel == "mask"
     assert ExportOptions.validated(ExportOptions(), weights="int4", kernel="mask").kernel == "mask"
+
+
+def test_mode_default_follows_the_target():
+    """No --mode: threshold up to 65 % (lower validation perplexity at 40-60 %, and no selection kernel on a GPU), top-k
+    above it and for a dense target (config.DEFAULT_MODE_POLICY); an explicit --mode stays."""
+    assert [config.default_mode(s) for s in (0.0, 0.01, 0.4, 0.5, 0.65, 0.66, 0.7, 0.9, 0.99)] == [
+        "topk", "threshold", "threshold", "threshold", "threshold", "topk", "topk", "topk", "topk"]
+    assert ExportOptions().mode == "threshold" and ExportOptions(sparsity=0.8).mode == "topk"
+    assert ExportOptions(sparsity=0.0).mode == "topk" and ExportOptions(sparsity=0.4).mode == "threshold"
+    assert ExportOptions(mode="topk").mode == "topk" and ExportOptions(sparsity=0.8, mode="threshold").mode == "threshold"
+    assert _cli_options([]).mode == "threshold" and _cli_options(["--sparsity", "0.8"]).mode == "topk"
+    assert _cli_options(["--mode", "topk"]).mode == "topk"
+    resolved = ExportOptions(sparsity=0.8, progress=False)
+    assert ExportOptions(**resolved.to_kwargs()) == resolved  # the resolved mode round-trips
+    # replacing the target of validated options: a mode that was the old target's default follows the new one, a mode
+    # that differs from it stays
+    assert ExportOptions.validated(ExportOptions(), sparsity=0.8).mode == "topk"
+    assert ExportOptions.validated(ExportOptions(sparsity=0.8), sparsity=0.5).mode == "threshold"
+    assert ExportOptions.validated(ExportOptions(mode="topk"), sparsity=0.6).mode == "topk"
+    assert ExportOptions.validated(ExportOptions(), sparsity=0.8, mode="threshold").mode == "threshold"
 
 
 @pytest.mark.parametrize("kwargs, warned", [

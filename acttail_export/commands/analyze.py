@@ -12,7 +12,7 @@ import logging
 import math
 from pathlib import Path
 
-from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, MODES, PROJECTION_KINDS, check_sparsity, resolve_allocation
+from ..config import ALLOCATIONS, GREEDY_ALLOCATIONS, MODES, PROJECTION_KINDS, check_sparsity, default_mode, resolve_allocation
 from ..errors import ActTailError
 from ._values import epsilon_flag
 
@@ -36,9 +36,9 @@ def register(subparsers) -> None:
                         help="budget allocation (default: htsr, the budgets of the alphas; acttail, the export default, "
                              "is a greedy search below 85 %% in top-k mode and at every level in threshold mode, and the "
                              "greedy allocations need calibration text: use export or evaluate for those)")
-    budget.add_argument("--mode", default="topk", choices=MODES,
+    budget.add_argument("--mode", default=None, choices=MODES,
                         help="activation sparsity mode: k per projection in top-k mode, and the method --allocation "
-                             "acttail resolves to (default: topk)")
+                             "acttail resolves to (default: the export's, by the target: threshold up to 65 %%, topk above)")
     budget.add_argument("--epsilon", default=None, help="ActTail spread epsilon in [0, 1) (default: allocation.DEFAULT_EPSILON)")
     budget.add_argument("--mapping", default=None,
                         help=f"alpha-to-budget mapping: {', '.join(MAPPINGS)} (default: {DEFAULT_MAPPING})")
@@ -108,6 +108,8 @@ def plot_heatmaps(rows: list[dict], path: Path, title: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     sparsity = check_sparsity(args.sparsity, "--sparsity")
+    if args.mode is None:
+        args.mode = default_mode(sparsity)
     method = resolve_allocation(args.allocation, sparsity, args.mode)
     if method in GREEDY_ALLOCATIONS:
         raise ActTailError(f"--allocation {args.allocation} at {sparsity:g} in {args.mode} mode is {method}, a greedy search on "

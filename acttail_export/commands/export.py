@@ -38,8 +38,10 @@ def add_export_arguments(parser: argparse.ArgumentParser, default_base: str = "g
                                "HT-SR above; threshold: HT-SR up to 45 %%, the greedy search up to 65 %%, HT-SR block "
                                "targets with it above; docs/allocation.md), htsr (from the HT-SR alphas), teal-greedy, "
                                "acttail-greedy, waterfill-greedy, uniform")
-    sparsity.add_argument("--mode", choices=("topk", "threshold"), default="topk",
-                          help="keep the k largest |x| per token (topk) or |x| above a calibrated threshold")
+    sparsity.add_argument("--mode", choices=("topk", "threshold"), default=None,
+                          help="keep the k largest |x| per token (topk) or |x| above a threshold calibrated on the "
+                               "calibration text (default: threshold up to 65 %% sparsity, topk above: the lower "
+                               "validation perplexity at the level, and on a GPU threshold decodes faster; docs/export.md)")
     sparsity.add_argument("--kernel", choices=("mask", "fused"), default=None,
                           help="standard ONNX masking ops (mask; the default for float weights) or the com.acttail custom ops "
                                "(fused; the default for --weights int4; the library ships in the wheel, `make ops` in a checkout)")
