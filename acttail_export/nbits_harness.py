@@ -52,6 +52,13 @@ class Harness:
                 ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_char_p, ctypes.c_int]
             nblocks.restype = ctypes.c_int
         self.nblocks = nblocks
+        for name, args in (("acttail_bench_block_select", [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 3 + [ctypes.c_int, ctypes.c_longlong]),
+                           ("acttail_bench_topk_select", [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 3),
+                           ("acttail_bench_swiglu", [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 2)):
+            fn = getattr(self.lib, name, None)
+            if fn is not None:
+                fn.argtypes = args + [ctypes.c_char_p, ctypes.c_int]
+                fn.restype = ctypes.c_int
         floor = getattr(self.lib, "acttail_bench_read_floor", None)
         if floor is not None:
             floor.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
@@ -128,6 +135,42 @@ class Harness:
         self.run(c, variant)
         torch.cuda.synchronize()
         return y.cpu().numpy().reshape(case.x.shape[:-1] + (case.N,))
+
+    def _entry(self, name: str):
+        fn = getattr(self.lib, name, None)
+        if fn is None:
+            raise RuntimeError(f"this harness has no {name} (rebuild it from the current csrc/)")
+        return fn
+
+    def swiglu(self, x):
+        """silu(gate) * up of float16 x [M, 2K] by the op's activation kernel (what its top-k paths select on): [M, K]."""
+        import torch
+
+        M, K = x.shape[0], x.shape[1] // 2
+        out = torch.empty((M, K), dtype=torch.float16, device=x.device)
+        if self._entry("acttail_bench_swiglu")(x.data_ptr(), out.data_ptr(), torch.cuda.current_stream().cuda_stream, M, K, self.err, 512):
+            raise RuntimeError(self.err.value.decode())
+        return out
+
+    def select(self, x, k: int, *, swiglu: bool = False, in_block: bool = False) -> np.ndarray:
+        """(cut key, last kept tie index) of each row of float16 x [M, K] (rows contiguous; [M, 2K] = [gate | up] with
+        swiglu), uint32 [M, 2]: the selection kernel (after the activation kernel with swiglu), or the decode GEMV's
+        in-block selection (in_block)."""
+        import torch
+
+        M, K = x.shape[0], x.shape[1] // (2 if swiglu else 1)
+        sel = torch.zeros((M, 2), dtype=torch.int32, device=x.device)
+        stream = torch.cuda.current_stream().cuda_stream
+        if in_block:
+            rc = self._entry("acttail_bench_block_select")(x.data_ptr(), sel.data_ptr(), stream, M, K, k, int(swiglu), x.stride(0),
+                                                           self.err, 512)
+        else:
+            src = self.swiglu(x) if swiglu else x
+            rc = self._entry("acttail_bench_topk_select")(1, src.data_ptr(), sel.data_ptr(), stream, M, K, k, self.err, 512)
+        if rc:
+            raise RuntimeError(self.err.value.decode())
+        torch.cuda.synchronize()
+        return sel.cpu().numpy().view(np.uint32)
 
     def read_floor(self, buf, nbytes: int, sink, blocks: int) -> None:
         """A plain streaming read of nbytes of buf by `blocks` blocks (the copy floor of the op's bytes)."""

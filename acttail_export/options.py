@@ -103,6 +103,8 @@ class ExportOptions:
     block_size: int | None = None  # int4 only (default 32)
     quantizer: Quantizer | None = None  # int4 only (default gptq-mse-act)
     lm_head: LmHead | None = None  # None: int8 for --weights int4 on the CPU, else float (see :attr:`head`)
+    # the mode was filled in from the target (none given): a new target in :meth:`validated` moves it too
+    _mode_defaulted: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # frozen: the numbers, the path and the kernel's default are normalized here, once
@@ -111,6 +113,7 @@ class ExportOptions:
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, "--sparsity"))
         if self.mode is None:
             object.__setattr__(self, "mode", default_mode(self.sparsity))
+            object.__setattr__(self, "_mode_defaulted", True)
         if self.epsilon is not None:
             object.__setattr__(self, "epsilon", check_sparsity(self.epsilon, "--epsilon"))
         if self.calibration_data is not None:
@@ -195,7 +198,7 @@ class ExportOptions:
 
     def to_kwargs(self) -> dict[str, Any]:
         """:func:`~acttail_export.exporter.export`'s keyword arguments (``ExportOptions(**o.to_kwargs()) == o``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     @classmethod
     def validated(cls, options: ExportOptions | None = None, **kwargs: Any) -> ExportOptions:
@@ -207,6 +210,6 @@ class ExportOptions:
                             "keyword arguments (sparsity=..., mode=...)")
         if "weights" in kwargs and "kernel" not in kwargs and options.kernel == default_kernel(options.weights):
             kwargs = {**kwargs, "kernel": None}  # a kernel that was the weights' default follows the new weights
-        if "sparsity" in kwargs and "mode" not in kwargs and options.mode == default_mode(options.sparsity):
-            kwargs = {**kwargs, "mode": None}  # a mode that was the target's default follows the new target
+        if "sparsity" in kwargs and "mode" not in kwargs and options._mode_defaulted:
+            kwargs = {**kwargs, "mode": None}  # a mode filled in from the old target follows the new one
         return dataclasses.replace(options, **kwargs) if kwargs else options

@@ -1,8 +1,10 @@
 """Top-k decode of SparseMatMulNBits with the selection inside the GEMV blocks (plan self_select; ACTTAIL_FUSED_SELECT=1
 in the op) against the selection kernel before the GEMV (the op's default), on the CUDA machine: CUDA-graph time per call of one float16
 row through the LLaMA-2-7B decode projections as the default genai base packs them (q|k|v and gate|up with a budget per
-member, down with the SwiGLU folded in), weights rotated over copies larger than L2. Both variants must give the same
-Y bit for bit.
+member, down with the SwiGLU folded in), weights rotated over copies larger than L2. The fused variant must run without
+a selection or SwiGLU kernel (kernel names); the outputs of both are printed as their largest difference relative to
+max |Y| (the stream-K blocks add float32 partial sums in a varying order, so not bit for bit; correctness is
+tests/test_ops_nbits_harness.py's).
 
     python3 benchmarks/fused_select_bench.py --harness build/ops/libacttail_bench.so --out OUT/fused_select.json
 """
@@ -40,6 +42,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the two variants")
     args = ap.parse_args()
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     h = Harness(args.harness)
     rows = []
@@ -66,15 +69,19 @@ def main() -> int:
                 c._keep += (buf,)
                 cs.append(c)
                 ys.append(y)
-            for c in cs:
-                h.run(c, variant(fused))
-            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for c in cs:
+                    h.run(c, variant(fused))
+                torch.cuda.synchronize()
+            names = {ev.name for ev in prof.events()}
+            selects = any("TopKSelect" in n or "SwiGluKernel" in n for n in names)
+            if selects == bool(fused):
+                raise SystemExit(f"{name}: fused={fused} ran {'a' if selects else 'no'} selection kernel: {sorted(names)}")
             outs[fused] = torch.cat(ys).cpu()
             calls[fused] = [partial(h.run, c, variant(fused)) for c in cs] * max(1, 48 // len(cs))
-        same = torch.equal(outs[1].view(torch.int16), outs[0].view(torch.int16))
-        print(f"{name} K={K} N={N} ks={ks} swiglu={swiglu}: Y identical across variants: {same}", flush=True)
-        if not same:
-            raise SystemExit(f"{name}: the variants' outputs differ")
+        a, b = outs[1].float(), outs[0].float()
+        rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+        print(f"{name} K={K} N={N} ks={ks} swiglu={swiglu}: largest |Y fused - Y kernel| / max |Y| = {rel:.2e}", flush=True)
         for r in range(args.rounds):
             for fused in (1, 0):
                 g_us, k_us = time_graph(calls[fused], args.reps)

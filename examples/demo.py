@@ -71,7 +71,9 @@ def main() -> int:
     model, tokenizer = load_model(model_path)
     fits = spectral.analyze_model(model)
     trajectories = None
-    if allocation.needs_search("acttail", [args.sparsity], "topk"):  # the export's search, read back from the cache
+    # the PyTorch rows compare allocations in top-k mode (the paper's); their search is the export's own, read back from
+    # the cache, when the export ran in top-k mode (the default above 65 %)
+    if allocation.needs_search("acttail", [args.sparsity], "topk"):
         trajectories = search_for(model, tokenizer, "acttail", [args.sparsity], "topk", None, fits=fits)
     rows = [("dense (PyTorch)", perplexity(model, tokenizer, DEFAULT_EVAL_DATA, args.sequence_length, args.eval_tokens))]
     for name in ("uniform", "htsr", "acttail"):

@@ -377,6 +377,38 @@ def _select_input(rng, n: int, kind: str) -> np.ndarray:
     return x.astype(np.float16)[None, :]
 
 
+SELECT_KINDS = ("normal", "ties", "zeros", "nonfinite", "tiny")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_block_select_matches_selection_kernel(swiglu):
+    """BlockSelectHalf, the decode GEMV's in-block selection, returns the selection kernel's (cut key, last kept tie
+    index) exactly, row by row: K from 1 to 14336 (its limit; thread ranges ending inside a group of 8 and past K), k
+    in {0, 1, K/3, K/2, K - 1, K, random}, normal rows, long runs of one magnitude, mostly zeros, Inf / NaN, subnormals,
+    rows 16-byte aligned (vector loads) and not (element loads), and the SwiGLU input ([gate | up]; the selection
+    kernel then reads the activation kernel's output). 8 rows per launch."""
+    import torch
+
+    harness = _harness()
+    rng = np.random.default_rng(7 + int(swiglu))
+    rows = 0
+    for K in (1, 7, 8, 40, 255, 256, 257, 576, 1000, 2048, 4096, 4100, 8191, 11008, 14335, 14336):
+        n = 2 * K if swiglu else K
+        for kind in SELECT_KINDS:
+            x = torch.from_numpy(np.concatenate([_select_input(rng, n, kind) for _ in range(8)])).cuda()
+            for k in sorted({0, 1, K // 3, K // 2, max(0, K - 1), K, int(rng.integers(0, K + 1))}):
+                for offset in (0, 1):  # 1: the rows start 2 bytes past a 16-byte boundary
+                    buf = torch.zeros(8 * n + 8, dtype=torch.float16, device="cuda")
+                    xt = buf[offset:offset + 8 * n].view(8, n)
+                    xt.copy_(x)
+                    got = harness.select(xt, k, swiglu=swiglu, in_block=True)
+                    want = harness.select(xt, k, swiglu=swiglu)
+                    np.testing.assert_array_equal(got, want, err_msg=f"K={K} k={k} {kind} offset={offset}")
+                    rows += 8
+    assert rows > 9000
+
+
 def _run_select_case(harness, x, q, scales, offsets, ks, ends, swiglu: bool, variant, profile: bool = False):
     import torch
 
@@ -406,20 +438,23 @@ def _run_select_case(harness, x, q, scales, offsets, ks, ends, swiglu: bool, var
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", [0, 3, 4])
-def test_fused_selection_matches_selection_kernel(kernel):
-    """The GEMV blocks' own selection gives Y bit for bit equal to the selection kernel's (the same rule, then the same
-    operations in the same order), and matches the reference: 70 random cases per decode loop over K from 40 to
-    14336 (the in-block limit; thread segments ending inside a vector and past K), k in {0, 1, K/3, K/2, K - 1, K,
-    random}, one to three members with their own k or one shared, ties, zeros, Inf / NaN and subnormals in x, and the
-    SwiGLU input ([gate | up], computed inline). The first case of each loop checks from the kernel names that the
-    fused path ran without a selection kernel and the other one with it."""
+def test_fused_selection_decode_matches(kernel):
+    """The decode GEMV with its blocks' own selection (fused_select 1) and with the selection kernel first (0) both match
+    the reference: 70 random cases per decode loop over K from 40 to 14336, k in {0, 1, K/3, K/2, K - 1, K, random},
+    one to three members with their own k or one shared, ties, zeros, Inf / NaN and subnormals in x, and the SwiGLU
+    input ([gate | up], computed inline by the fused path; its reference input is the op's activation kernel's output,
+    the values both paths select on). Y is compared with the reference's tolerance, not bit for bit: the stream-K blocks
+    add their float32 partial sums with atomics in an order that varies between runs. The first case checks from the
+    kernel names that the fused path ran without a selection kernel and the other one with it."""
+    import torch
+
     harness = _harness()
     rng = np.random.default_rng(100 + kernel)
     shapes = [(40, 64), (576, 1536), (1000, 257), (4096, 1024), (4100, 1056), (11008, 512), (14336, 512), (8191, 96)]
     for i in range(70):
         K, N = shapes[i % len(shapes)]
         swiglu = bool(rng.integers(2))
-        kind = ("normal", "ties", "zeros", "nonfinite", "tiny")[int(rng.integers(5))]
+        kind = SELECT_KINDS[int(rng.integers(len(SELECT_KINDS)))]
         cuts = sorted({int(v) for v in rng.integers(1, N, int(rng.integers(0, 3)))})
         ends = cuts + [N] if cuts else None
         G = len(ends) if ends else 1
@@ -434,11 +469,12 @@ def test_fused_selection_matches_selection_kernel(kernel):
         if check:
             gemv = [n for n in names_fused if "NBitsGemvKernel" in n]
             assert gemv and all(n.split(">(")[0].endswith("true") for n in gemv), names_fused
-            assert not any("TopKSelect" in n for n in names_fused), names_fused
+            assert not any("TopKSelect" in n or "SwiGluKernel" in n for n in names_fused), names_fused
             assert any("TopKSelect" in n for n in names_kernel), names_kernel
-        np.testing.assert_array_equal(y_fused, y_kernel, err_msg=f"case {i}: K={K} N={N} ks={ks} ends={ends} {kind} swiglu={swiglu}")
-        if not swiglu:
-            assert_matches(y_fused, Case(x, q, scales, offsets, 32, "topk", ends, ks))
+        act = harness.swiglu(torch.from_numpy(x).cuda()).cpu().numpy() if swiglu else x
+        case = Case(act, q, scales, offsets, 32, "topk", ends, ks)
+        assert_matches(y_fused, case)
+        assert_matches(y_kernel, case)
 
 
 def ref_pack(q):

@@ -143,7 +143,7 @@ def test_round_trip_options_to_export_kwargs():
                             calibration_samples=4, sequence_length=64, push_to_hub="me/x", token="hf_x", weights="int4",
                             quantizer="rtn", eval_tokens=0, progress=False)
     kwargs = options.to_kwargs()
-    assert set(kwargs) == {f.name for f in dataclasses.fields(ExportOptions)}
+    assert set(kwargs) == {f.name for f in dataclasses.fields(ExportOptions) if f.init}
     assert ExportOptions(**kwargs) == options
     assert ExportOptions.validated(None, **kwargs) == options and ExportOptions.validated(options) is options
     # normalized once: the number and the path as given by a caller that passed strings
@@ -226,12 +226,14 @@ def test_mode_default_follows_the_target():
     assert _cli_options(["--mode", "topk"]).mode == "topk"
     resolved = ExportOptions(sparsity=0.8, progress=False)
     assert ExportOptions(**resolved.to_kwargs()) == resolved  # the resolved mode round-trips
-    # replacing the target of validated options: a mode that was the old target's default follows the new one, a mode
-    # that differs from it stays
+    # replacing the target of validated options: a mode filled in from the old target follows the new one, a mode that
+    # was asked for stays (also when it equals the old target's default)
     assert ExportOptions.validated(ExportOptions(), sparsity=0.8).mode == "topk"
     assert ExportOptions.validated(ExportOptions(sparsity=0.8), sparsity=0.5).mode == "threshold"
     assert ExportOptions.validated(ExportOptions(mode="topk"), sparsity=0.6).mode == "topk"
+    assert ExportOptions.validated(ExportOptions(mode="threshold"), sparsity=0.8).mode == "threshold"
     assert ExportOptions.validated(ExportOptions(), sparsity=0.8, mode="threshold").mode == "threshold"
+    assert ExportOptions.validated(ExportOptions(), overwrite=True).mode == "threshold"  # same target: unchanged
 
 
 @pytest.mark.parametrize("kwargs, warned", [

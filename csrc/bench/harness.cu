@@ -105,6 +105,38 @@ extern "C" __attribute__((visibility("default"))) int acttail_bench_topk_select(
 }
 
 namespace {
+/// One block of 256 threads per row of x: the decode GEMV's in-block selection (BlockSelectHalf, as its SELF kernels
+/// call it) of each row into sel[row]; with swiglu x is [M, 2K] = [gate | up].
+__global__ void __launch_bounds__(256) BlockSelectKernel(const __half* __restrict__ x, int K, int k, int swiglu, int64_t row_stride,
+                                                         uint2* __restrict__ sel) {
+  __shared__ acttail::cuda::BlockSelectShared sh;
+  const uint2 r = acttail::cuda::BlockSelectHalf<256, acttail::cuda::kBlockSelectPerThread>(x + blockIdx.x * row_stride, K, k, swiglu != 0, sh);
+  if (threadIdx.x == 0) sel[blockIdx.x] = r;
+}
+}  // namespace
+
+/// The in-block selection alone (float16 rows of K channels, row_stride elements apart), to check it against the selection
+/// kernel (acttail_bench_topk_select) exactly.
+extern "C" __attribute__((visibility("default"))) int acttail_bench_block_select(const void* x, void* sel, void* stream, long long M,
+                                                                                long long K, long long k, int swiglu,
+                                                                                long long row_stride, char* err, int err_len) {
+  if (K < 1 || K > 256LL * acttail::cuda::kBlockSelectPerThread) return Report("K outside the in-block selection's range", err, err_len);
+  if (M < 1 || M > 65535) return Report("M must be in [1, 65535]", err, err_len);
+  BlockSelectKernel<<<(unsigned)M, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const __half*>(x), (int)K, (int)k, swiglu,
+                                                                                  (int64_t)row_stride, static_cast<uint2*>(sel));
+  const cudaError_t e = cudaGetLastError();
+  return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
+}
+
+/// The activation kernel of the op's top-k paths: out [M, K] = silu(gate) * up of float16 x [M, 2K].
+extern "C" __attribute__((visibility("default"))) int acttail_bench_swiglu(const void* x, void* out, void* stream, long long M, long long K,
+                                                                          char* err, int err_len) {
+  const cudaError_t e = acttail::cuda::LaunchSwiGlu<__half>(static_cast<const __half*>(x), static_cast<__half*>(out), M, K,
+                                                            static_cast<cudaStream_t>(stream));
+  return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
+}
+
+namespace {
 /// Streams `n` 16-byte words (evict-first loads, 8 in flight per thread) and folds them into one word
 /// per block, so nothing is optimized away: the floor for reading that many bytes once.
 __global__ void __launch_bounds__(512) ReadFloorKernel(const uint4* __restrict__ p, long long n, unsigned* __restrict__ sink) {
