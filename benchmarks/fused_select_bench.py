@@ -12,14 +12,13 @@ tests/test_ops_nbits_harness.py's).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import time_graph  # noqa: E402
+from kernel_bench import time_graph, write_rows  # noqa: E402
 
 from acttail_export.nbits_harness import Harness  # noqa: E402
 
@@ -88,9 +87,7 @@ def main() -> int:
                 rows.append({"shape": name, "K": K, "N": N, "ks": ks, "swiglu": swiglu, "fused": fused, "round": r,
                              "graph_us": g_us, "kernel_us": k_us})
                 print(f"{name} fused={fused} round {r}: graph {g_us:.2f} us per call, kernels {k_us:.2f} us", flush=True)
-    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "env": env, "rows": rows}, indent=1) + "\n")
+    write_rows(args.out, rows)
     return 0
 
 

@@ -96,6 +96,15 @@ def _graph(calls, warmup: int = 2):
     return g
 
 
+def write_rows(out: str, rows: list) -> None:
+    """A harness benchmark's JSON: its command line, the GPU and torch version, and its rows."""
+    import torch
+
+    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"command": " ".join(sys.argv), "env": env, "rows": rows}, indent=1) + "\n")
+
+
 def time_graph(calls, reps: int = 20) -> tuple[float, float]:
     """(graph_us, kernel_us) per call for a list of launch callables captured in one CUDA graph."""
     import torch

@@ -9,14 +9,13 @@ kernel: the graph µs per call is the measure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import Harness, time_graph  # noqa: E402
+from kernel_bench import Harness, time_graph, write_rows  # noqa: E402
 
 
 def main() -> int:
@@ -57,9 +56,7 @@ def main() -> int:
         os.environ.pop("ACTTAIL_PDL", None)
     else:
         os.environ["ACTTAIL_PDL"] = pdl_before
-    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "env": env, "rows": rows}, indent=1) + "\n")
+    write_rows(args.out, rows)
     return 0
 
 

@@ -87,6 +87,31 @@ __device__ __forceinline__ bool SelectTrivial(int k, int K, uint2* out) {
   return false;
 }
 
+/// Exclusive prefix sum, in thread order, of each thread's count over the block (nwarps warps; warp_sums: 32 shared ints).
+/// Every thread calls it; two barriers inside, so warp_sums must not be rewritten before the next barrier.
+__device__ __forceinline__ int BlockExclusiveCount(int cnt, int lane, int warp, int nwarps, int* warp_sums) {
+  int incl = cnt;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += n;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int v = lane < nwarps ? warp_sums[lane] : 0;
+    int wincl = v;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, wincl, off);
+      if (lane >= off) wincl += n;
+    }
+    if (lane < nwarps) warp_sums[lane] = wincl - v;
+  }
+  __syncthreads();
+  return warp_sums[warp] + incl - cnt;
+}
+
 template <typename T, bool kHalfKeys>
 __global__ void __launch_bounds__(kSelectThreads) TopKSelectKernel(const T* __restrict__ x, SelectParams p, uint2* __restrict__ sel) {
   __shared__ SelectShared sh;
@@ -199,26 +224,7 @@ __global__ void __launch_bounds__(kSelectThreads) TopKSelectRegKernel(const T* _
   int cnt = 0;
 #pragma unroll
   for (int j = 0; j < kSelectSeg; ++j) cnt += ((valid >> j) & 1u) && keys[j] == prefix;
-  int incl = cnt;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int n = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += n;
-  }
-  if (lane == 31) sh.warp[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int v = lane < nwarps ? sh.warp[lane] : 0;
-    int wincl = v;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int n = __shfl_up_sync(0xffffffffu, wincl, off);
-      if (lane >= off) wincl += n;
-    }
-    if (lane < nwarps) sh.warp[lane] = wincl - v;
-  }
-  __syncthreads();
-  int before = sh.warp[warp] + incl - cnt;  // ties in the segments of lower threads
+  int before = BlockExclusiveCount(cnt, lane, warp, nwarps, sh.warp);  // ties in the segments of lower threads
   if (before < target && target <= before + cnt) {
 #pragma unroll
     for (int j = 0; j < kSelectSeg; ++j) {
@@ -330,26 +336,7 @@ __device__ __forceinline__ uint2 BlockSelectHalf(const __half* __restrict__ xr, 
   int cnt = 0;
 #pragma unroll
   for (int j = 0; j < KPT; ++j) cnt += (j < nv && KeyAt(kw, j) == cut) ? 1 : 0;
-  int incl = cnt;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int n = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += n;
-  }
-  if (lane == 31) sh.warp[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int v = lane < kWarpsNT ? sh.warp[lane] : 0;
-    int wincl = v;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int n = __shfl_up_sync(0xffffffffu, wincl, off);
-      if (lane >= off) wincl += n;
-    }
-    if (lane < kWarpsNT) sh.warp[lane] = wincl - v;
-  }
-  __syncthreads();
-  int before = sh.warp[warp] + incl - cnt;  // ties in the channels of lower threads
+  int before = BlockExclusiveCount(cnt, lane, warp, kWarpsNT, sh.warp);  // ties in the channels of lower threads
   if (before < target && target <= before + cnt) {
 #pragma unroll
     for (int j = 0; j < KPT; ++j)
