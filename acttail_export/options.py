@@ -107,7 +107,7 @@ class ExportOptions:
     _mode_defaulted: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # frozen: the numbers, the path and the kernel's default are normalized here, once
+        # frozen: the numbers, the path and the kernel's and mode's defaults are normalized here, once
         if self.kernel is None:
             object.__setattr__(self, "kernel", default_kernel(self.weights))
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, "--sparsity"))
