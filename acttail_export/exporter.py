@@ -167,6 +167,9 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
 
     # ---- 1. cheap checks: every bad input fails here, before minutes of work --------------------
     o = ExportOptions.validated(options, **kwargs)  # values and combinations
+    if o.mode_from_target:
+        logger.info("--mode %s: the default at sparsity %g (threshold up to 0.65, topk above: docs/allocation.md section 6q)",
+                    o.mode, o.sparsity)
     if o.head == "int8" and o.device == "cuda":
         logger.warning("--lm-head int8 with --device cuda: ONNX Runtime's CUDA kernel for the 8-bit lm_head is not "
                        "measured by this project (docs/quantization.md); --lm-head float is the CUDA default")

@@ -196,6 +196,11 @@ class ExportOptions:
         return (int(DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size),
                 DEFAULT_QUANTIZER if self.quantizer is None else self.quantizer)
 
+    @property
+    def mode_from_target(self) -> bool:
+        """True when no mode was given and the target chose it (:func:`~acttail_export.config.default_mode`)."""
+        return self._mode_defaulted
+
     def to_kwargs(self) -> dict[str, Any]:
         """:func:`~acttail_export.exporter.export`'s keyword arguments (``ExportOptions(**o.to_kwargs()) == o``)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -210,6 +215,6 @@ class ExportOptions:
                             "keyword arguments (sparsity=..., mode=...)")
         if "weights" in kwargs and "kernel" not in kwargs and options.kernel == default_kernel(options.weights):
             kwargs = {**kwargs, "kernel": None}  # a kernel that was the weights' default follows the new weights
-        if "sparsity" in kwargs and "mode" not in kwargs and options._mode_defaulted:
+        if "sparsity" in kwargs and "mode" not in kwargs and options.mode_from_target:
             kwargs = {**kwargs, "mode": None}  # a mode filled in from the old target follows the new one
         return dataclasses.replace(options, **kwargs) if kwargs else options

@@ -195,6 +195,26 @@ def test_export_with_options_equals_export_with_kwargs(tiny_llama_dir, wikitext_
     assert not (tmp_path / "d").exists() and len(seen) == 3
 
 
+def test_export_logs_a_mode_chosen_by_the_target(tiny_llama_dir, wikitext_valid, tmp_path, monkeypatch, caplog):
+    """A mode the target chose is named in the log (the default changed from top-k at every level); an explicit one is not."""
+    import logging
+
+    from acttail_export import exporter
+    from acttail_export.config import ActTailConfig
+
+    def build(model_ref, tmp, options, *args, **kwargs):
+        (tmp / "model.onnx").write_bytes(b"stub")
+        return ActTailConfig(target_sparsity=options.sparsity)
+
+    monkeypatch.setattr(exporter, "_build", build)
+    settings = dict(calibration_data=wikitext_valid, calibration_samples=2, sequence_length=32, validate=False, progress=False)
+    with caplog.at_level(logging.INFO, logger="acttail_export.exporter"):
+        exporter.export(str(tiny_llama_dir), tmp_path / "a", sparsity=0.5, **settings)
+        exporter.export(str(tiny_llama_dir), tmp_path / "b", sparsity=0.5, mode="topk", **settings)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--mode ")]
+    assert lines == ["--mode threshold: the default at sparsity 0.5 (threshold up to 0.65, topk above: docs/allocation.md section 6q)"]
+
+
 def test_kernel_default_follows_the_weights():
     """No --kernel: mask (standard ONNX ops) for float weights, fused for --weights int4, whose mask graph would use ONNX
     Runtime's MatMulNBits with float zero points (dequantized on every CPU call); an explicit --kernel stays."""
@@ -220,6 +240,7 @@ def test_mode_default_follows_the_target():
     assert [config.default_mode(s) for s in (0.0, 0.01, 0.4, 0.5, 0.65, 0.66, 0.7, 0.9, 0.99)] == [
         "topk", "threshold", "threshold", "threshold", "threshold", "topk", "topk", "topk", "topk"]
     assert ExportOptions().mode == "threshold" and ExportOptions(sparsity=0.8).mode == "topk"
+    assert ExportOptions().mode_from_target and not ExportOptions(mode="threshold").mode_from_target
     assert ExportOptions(sparsity=0.0).mode == "topk" and ExportOptions(sparsity=0.4).mode == "threshold"
     assert ExportOptions(mode="topk").mode == "topk" and ExportOptions(sparsity=0.8, mode="threshold").mode == "threshold"
     assert _cli_options([]).mode == "threshold" and _cli_options(["--sparsity", "0.8"]).mode == "topk"
