@@ -78,6 +78,14 @@ def default_mode(target: float) -> str:
     return DEFAULT_MODE_POLICY[-1][1]
 
 
+def mode_policy_text() -> str:
+    """:data:`DEFAULT_MODE_POLICY` in words, e.g. ``topk at 0, threshold up to 0.65, topk above``."""
+    parts = []
+    for i, (bound, mode) in enumerate(DEFAULT_MODE_POLICY):
+        parts.append(f"{mode} above" if i == len(DEFAULT_MODE_POLICY) - 1 else f"{mode} at 0" if bound == 0 else f"{mode} up to {bound:g}")
+    return ", ".join(parts)
+
+
 def resolve_allocation(allocation: str, target: float, mode: str) -> str:
     """The method ``allocation`` uses at ``target`` sparsity in ``mode`` (``acttail``: ``DEFAULT_POLICY[mode]``; a dense
     target: ``uniform``). ``mode`` is required: the default's method depends on it."""

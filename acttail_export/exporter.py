@@ -10,7 +10,6 @@ was. Temporary folders of killed runs (their PID is gone) are removed at the nex
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -168,8 +167,10 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
     # ---- 1. cheap checks: every bad input fails here, before minutes of work --------------------
     o = ExportOptions.validated(options, **kwargs)  # values and combinations
     if o.mode_from_target:
-        logger.info("--mode %s: the default at sparsity %g (threshold up to 0.65, topk above: docs/allocation.md section 6q)",
-                    o.mode, o.sparsity)
+        from .config import mode_policy_text
+
+        logger.info("--mode %s: the default at sparsity %g (%s: docs/allocation.md section 6q)", o.mode, o.sparsity,
+                    mode_policy_text())
     if o.head == "int8" and o.device == "cuda":
         logger.warning("--lm-head int8 with --device cuda: ONNX Runtime's CUDA kernel for the 8-bit lm_head is not "
                        "measured by this project (docs/quantization.md); --lm-head float is the CUDA default")
@@ -200,7 +201,7 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
         limit = max_positions(model_ref) if Path(model_ref).is_dir() else gguf_context_length(model_ref)
         length = check_context(o.sequence_length, limit, model_ref)
         if limit is not None or o.sequence_length is not None:  # unknown here: the loaded config shortens the default
-            o = dataclasses.replace(o, sequence_length=length)
+            o = ExportOptions.validated(o, sequence_length=length)
     clean_stale_temp(output_dir)
     previous = _sigterm_as_interrupt()
     created, tmp = [], None

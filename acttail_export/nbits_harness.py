@@ -146,6 +146,8 @@ class Harness:
         """silu(gate) * up of float16 x [M, 2K] by the op's activation kernel (what its top-k paths select on): [M, K]."""
         import torch
 
+        if x.dtype != torch.float16 or x.dim() != 2 or not x.is_contiguous() or x.shape[1] % 2:
+            raise ValueError(f"swiglu: x must be a contiguous float16 [M, 2K] tensor, got {x.dtype} {tuple(x.shape)}")
         M, K = x.shape[0], x.shape[1] // 2
         out = torch.empty((M, K), dtype=torch.float16, device=x.device)
         if self._entry("acttail_bench_swiglu")(x.data_ptr(), out.data_ptr(), torch.cuda.current_stream().cuda_stream, M, K, self.err, 512):
@@ -158,6 +160,8 @@ class Harness:
         in-block selection (in_block)."""
         import torch
 
+        if x.dtype != torch.float16 or x.dim() != 2 or not x.is_contiguous():
+            raise ValueError(f"select: x must be a contiguous float16 [M, K] tensor, got {x.dtype} {tuple(x.shape)}")
         M, K = x.shape[0], x.shape[1] // (2 if swiglu else 1)
         sel = torch.zeros((M, 2), dtype=torch.int32, device=x.device)
         stream = torch.cuda.current_stream().cuda_stream

@@ -202,8 +202,12 @@ class ExportOptions:
         return self._mode_defaulted
 
     def to_kwargs(self) -> dict[str, Any]:
-        """:func:`~acttail_export.exporter.export`'s keyword arguments (``ExportOptions(**o.to_kwargs()) == o``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """:func:`~acttail_export.exporter.export`'s keyword arguments (``ExportOptions(**o.to_kwargs()) == o``; a mode the
+        target chose is None, so that it stays the target's)."""
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        if self.mode_from_target:
+            kwargs["mode"] = None
+        return kwargs
 
     @classmethod
     def validated(cls, options: ExportOptions | None = None, **kwargs: Any) -> ExportOptions:
@@ -215,6 +219,6 @@ class ExportOptions:
                             "keyword arguments (sparsity=..., mode=...)")
         if "weights" in kwargs and "kernel" not in kwargs and options.kernel == default_kernel(options.weights):
             kwargs = {**kwargs, "kernel": None}  # a kernel that was the weights' default follows the new weights
-        if "sparsity" in kwargs and "mode" not in kwargs and options.mode_from_target:
-            kwargs = {**kwargs, "mode": None}  # a mode filled in from the old target follows the new one
+        if kwargs and "mode" not in kwargs and options.mode_from_target:
+            kwargs = {**kwargs, "mode": None}  # a mode filled in from the target stays so (and follows a new target)
         return dataclasses.replace(options, **kwargs) if kwargs else options

@@ -212,7 +212,8 @@ def test_export_logs_a_mode_chosen_by_the_target(tiny_llama_dir, wikitext_valid,
         exporter.export(str(tiny_llama_dir), tmp_path / "a", sparsity=0.5, **settings)
         exporter.export(str(tiny_llama_dir), tmp_path / "b", sparsity=0.5, mode="topk", **settings)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--mode ")]
-    assert lines == ["--mode threshold: the default at sparsity 0.5 (threshold up to 0.65, topk above: docs/allocation.md section 6q)"]
+    assert lines == ["--mode threshold: the default at sparsity 0.5 (topk at 0, threshold up to 0.65, topk above: "
+                     "docs/allocation.md section 6q)"]
 
 
 def test_kernel_default_follows_the_weights():
@@ -255,6 +256,12 @@ def test_mode_default_follows_the_target():
     assert ExportOptions.validated(ExportOptions(mode="threshold"), sparsity=0.8).mode == "threshold"
     assert ExportOptions.validated(ExportOptions(), sparsity=0.8, mode="threshold").mode == "threshold"
     assert ExportOptions.validated(ExportOptions(), overwrite=True).mode == "threshold"  # same target: unchanged
+    # the origin survives other replacements and the keyword round trip
+    kept = ExportOptions.validated(ExportOptions(), calibration_samples=8)
+    assert kept.mode_from_target and ExportOptions.validated(kept, sparsity=0.8).mode == "topk"
+    again = ExportOptions(**ExportOptions().to_kwargs())
+    assert again.mode_from_target and again.to_kwargs()["mode"] is None
+    assert ExportOptions(mode="threshold").to_kwargs()["mode"] == "threshold"
 
 
 @pytest.mark.parametrize("kwargs, warned", [
