@@ -166,11 +166,6 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
 
     # ---- 1. cheap checks: every bad input fails here, before minutes of work --------------------
     o = ExportOptions.validated(options, **kwargs)  # values and combinations
-    if o.mode_from_target:
-        from .config import mode_policy_text
-
-        logger.info("--mode %s: the default at sparsity %g (%s: docs/allocation.md section 6q)", o.mode, o.sparsity,
-                    mode_policy_text())
     if o.head == "int8" and o.device == "cuda":
         logger.warning("--lm-head int8 with --device cuda: ONNX Runtime's CUDA kernel for the 8-bit lm_head is not "
                        "measured by this project (docs/quantization.md); --lm-head float is the CUDA default")
@@ -202,6 +197,11 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
         length = check_context(o.sequence_length, limit, model_ref)
         if limit is not None or o.sequence_length is not None:  # unknown here: the loaded config shortens the default
             o = ExportOptions.validated(o, sequence_length=length)
+    if o.mode_from_target:  # after the checks: a bad input still gets its one line alone
+        from .config import mode_policy_text
+
+        logger.info("--mode %s: the default at sparsity %g (%s: docs/allocation.md section 6q)", o.mode, o.sparsity,
+                    mode_policy_text())
     clean_stale_temp(output_dir)
     previous = _sigterm_as_interrupt()
     created, tmp = [], None
