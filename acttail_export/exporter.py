@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .bases import ExportBase, get_base, library_versions  # noqa: F401  (library_versions: old import path)
-from .config import ActTailConfig
+from .config import ActTailConfig, mode_policy_text
 from .errors import ActTailError
 from .modeling import expand_model_alias, resolve_model
 from .options import ExportOptions
@@ -198,8 +198,6 @@ def export(model: str | Path, output_dir: str | Path, options: ExportOptions | N
         if limit is not None or o.sequence_length is not None:  # unknown here: the loaded config shortens the default
             o = ExportOptions.validated(o, sequence_length=length)
     if o.mode_from_target:  # after the checks: a bad input still gets its one line alone
-        from .config import mode_policy_text
-
         logger.info("--mode %s: the default at sparsity %g (%s: docs/allocation.md section 6q)", o.mode, o.sparsity,
                     mode_policy_text())
     clean_stale_temp(output_dir)

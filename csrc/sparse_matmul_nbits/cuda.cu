@@ -474,20 +474,18 @@ DecodeConfig ResolvedDecode(const Problem& p, const CudaArgs& c, const CudaPlan&
 }
 
 /// Top-k decode with the selection inside the GEMV (plan.self_select): one float16 row, no score scale, K within
-/// BlockSelectHalf's registers, and a decode kernel with a SELF instance (stream-K or one-row loops, 16 columns per
-/// lane, register loads); otherwise the selection kernel runs first.
-bool SelfSelect(const Problem& p, const CudaArgs& c, const CudaPlan& plan, bool half) {
+/// BlockSelectHalf's registers, and a decode config (cfg: ResolvedDecode) with a SELF instance (stream-K or one-row
+/// loops, 16 columns per lane, register loads); otherwise the selection kernel runs first.
+bool SelfSelect(const Problem& p, const CudaArgs& c, const CudaPlan& plan, const DecodeConfig& cfg, bool half) {
   if (!plan.self_select || !half || c.mode != Mode::kTopK || p.M != 1 || c.scale != nullptr) return false;
   if (p.K > (int64_t)kWarps * 32 * cuda::kBlockSelectPerThread) return false;
-  const DecodeConfig cfg = ResolvedDecode(p, c, plan, half);
   return cfg.kernel != 1 && cfg.kernel != 2 && cfg.cols_per_lane != 32 && cfg.stage <= 0;
 }
 
 template <typename T>
-std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan, cuda::GemvArgs& g, char* ws) {
+std::string RunDecode(const Problem& p, const CudaArgs& c, const CudaPlan& plan, const DecodeConfig& cfg, cuda::GemvArgs& g, char* ws) {
   cudaStream_t stream = static_cast<cudaStream_t>(c.stream);
   const bool half = std::is_same<T, __half>::value;
-  const DecodeConfig cfg = ResolvedDecode(p, c, plan, half);
   // one row, B >= 32 (a group of 32 rows inside one quant block), the vector layout, clusters on the device
   // (not with an inline activation: the cluster kernel reads x as the op's input)
   if (cfg.kernel == 1 && p.M == 1 && p.B >= cuda::kGroupRows && g.fast && !g.swiglu && ClusterLaunchable()) return RunClusterDecode<T>(p, cfg, g, stream);
@@ -640,7 +638,8 @@ std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
   const bool act_in_mask = c.swiglu && p.M > 8 && c.mode == Mode::kThreshold && plan.w_finite && plan.use_cublas && plan.fuse_prefill &&
                            CublasHandle(stream) != nullptr;
   // top-k decode with the selection in the GEMV blocks, which also compute a SwiGLU input inline
-  const bool self_select = SelfSelect(p, c, plan, half);
+  const DecodeConfig cfg = p.M <= 8 ? ResolvedDecode(p, c, plan, half) : DecodeConfig{};  // decode only
+  const bool self_select = SelfSelect(p, c, plan, cfg, half);
   if (c.swiglu && !InlineActivation(p, c) && !act_in_mask && !self_select) {  // x := silu(gate) * up, [M, K] in the workspace
     T* act = reinterpret_cast<T*>(ws);
     err = ::acttail::cuda::LaunchSwiGlu<T>(static_cast<const T*>(c.x), act, p.M, p.K, stream);
@@ -681,7 +680,7 @@ std::string Run(const Problem& p, const CudaArgs& args, const CudaPlan& plan) {
   g.self_select = self_select ? 1 : 0;
   if (self_select)
     for (int i = 0; i < g.dm.sel_members; ++i) g.sel_k[i] = (int)c.ks[(size_t)i];
-  return p.M <= 8 ? RunDecode<T>(p, c, plan, g, ws) : RunPrefill<T>(p, c, plan, g, ws);
+  return p.M <= 8 ? RunDecode<T>(p, c, plan, cfg, g, ws) : RunPrefill<T>(p, c, plan, g, ws);
 }
 
 /// *flag = 1 when fl_T(s * q + o) is Inf or NaN for some q in [0, 15] of some of the n (scale, offset) pairs: s

@@ -895,8 +895,8 @@ __device__ __forceinline__ void Segment(const GemvArgs& a, Pool<MR, WARPS>& pool
   }
 }
 
-/// SELF kernels, before segment t: the top-k selection of the tile's selection group into ss->sel, unless the block's
-/// previous segment had the same group (ss->group is written only between barriers: block-uniform). Called from the
+/// SELF kernels, before segment t: the top-k selection of the tile's selection group into self_select_state.sel, unless
+/// the block's previous segment had the same group (its `group` is written only between barriers: block-uniform). Called from the
 /// kernel's loop rather than from Segment, so that the keys' registers are not live together with the segment's.
 template <int WARPS, int CPL>
 __device__ __forceinline__ void SelectForSegment(const GemvArgs& a, int t) {
