@@ -7,11 +7,14 @@ max |Y| (the stream-K blocks add float32 partial sums in a varying order, so not
 tests/test_ops_nbits_harness.py's).
 
     python3 benchmarks/fused_select_bench.py --harness build/ops/libacttail_bench.so --out OUT/fused_select.json
+    python3 benchmarks/fused_select_bench.py --table OUT/fused_select*.json    # the markdown table of recorded runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -32,14 +35,36 @@ def variant(fused: int) -> tuple[int, ...]:
     return (0, 0, -1, -1, -1, -1, -1, 0, -1, -1, fused)
 
 
+def table(results: list[dict]) -> str:
+    """Markdown table of recorded runs: per shape and kept fraction, the median CUDA-graph time per call of the selection
+    kernel first (the op's default) and of the selection inside the GEMV blocks, and their ratio."""
+    lines = ["| shape | K -> N | kept (k / K) | selection kernel first, us | selection in the GEMV blocks, us | fused / kernel |",
+             "|---|---|---:|---:|---:|---:|"]
+    for result in results:
+        shapes = dict.fromkeys(r["shape"] for r in result["rows"])
+        for name in shapes:
+            rows = [r for r in result["rows"] if r["shape"] == name]
+            us = {f: statistics.median(r["graph_us"] for r in rows if r["fused"] == f) for f in (0, 1)}
+            r0 = rows[0]
+            keep = sum(r0["ks"]) / (r0["K"] * len(r0["ks"]))
+            lines.append(f"| {name} | {r0['K']} -> {r0['N']} | {keep:.2f} | {us[0]:.2f} | {us[1]:.2f} | {us[1] / us[0]:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--harness", required=True, help="libacttail_bench.so (ACTTAIL_BENCH=1 bash scripts/build_ops.sh)")
-    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the markdown table of recorded runs and exit")
+    ap.add_argument("--harness", help="libacttail_bench.so (ACTTAIL_BENCH=1 bash scripts/build_ops.sh)")
+    ap.add_argument("--out", help="JSON file to write")
     ap.add_argument("--keep", type=float, default=0.5, help="kept fraction of the input channels (k = keep * K per member)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the two variants")
     args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(Path(f).read_text()) for f in args.table]))
+        return 0
+    if not args.harness or not args.out:
+        ap.error("--harness and --out are required (or --table JSON...)")
     import torch
     from torch.profiler import ProfilerActivity, profile
 

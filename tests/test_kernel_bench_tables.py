@@ -42,3 +42,20 @@ def test_rows_without_pdl_rank_by_kernel_time(tmp_path):
     assert "kernel µs at 0 / 90 %" in text
     best = [line for line in text.splitlines() if line.startswith("| 64→32 | ('pipe'")]
     assert best == ["| 64→32 | ('pipe', 16, 3, 0, 1, 0) | 9.00 / 9.00 |"], best
+
+
+def test_fused_select_table_medians_and_ratio(tmp_path):
+    """benchmarks/fused_select_bench.py --table: per shape the median graph time of each variant over the rounds, the
+    kept fraction averaged over the members, and fused / kernel."""
+    def row(name, fused, us, ks):
+        return {"shape": name, "K": 100, "N": 64, "ks": ks, "swiglu": False, "fused": fused, "round": 0, "graph_us": us,
+                "kernel_us": us}
+
+    rows = [row("qkv", 1, us, [60, 40]) for us in (12.0, 13.0, 30.0)] + [row("qkv", 0, us, [60, 40]) for us in (10.0, 9.0, 10.5)]
+    path = tmp_path / "fused.json"
+    path.write_text(json.dumps({"command": "-", "env": ENV, "rows": rows}))
+    bench = str(ROOT / "benchmarks" / "fused_select_bench.py")
+    out = subprocess.run([sys.executable, bench, "--table", str(path)], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "| qkv | 100 -> 64 | 0.50 | 10.00 | 13.00 | 1.30x |" in out.stdout.splitlines(), out.stdout
+    bad = subprocess.run([sys.executable, bench, "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--harness and --out are required" in bad.stderr
