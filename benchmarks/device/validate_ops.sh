@@ -35,8 +35,10 @@ if [ "$STAGE" = all ] || [ "$STAGE" = sanitizer ]; then
   SEL="random_cases or packed or semantics or masked or fp16 or reuse or errors or boundary or prefill"
   ACTTAIL_CUDA_CASES=15 timeout 150 compute-sanitizer --tool memcheck --target-processes all python3 -m pytest -q \
     -p no:cacheprovider tests/test_ops_cuda.py -k "$SEL" 2>&1 | grep -v "$F" | tail -5 > "$R/memcheck_tests.log"; tail -1 "$R/memcheck_tests.log"
+  timeout 60 compute-sanitizer --tool memcheck python3 benchmarks/device/fused_select_check.py 2>&1 | grep -v "$F" | tail -3 > "$R/memcheck_fused_select.log"; tail -1 "$R/memcheck_fused_select.log"
   step "racecheck"
   timeout 70 compute-sanitizer --tool racecheck python3 benchmarks/prefill_check.py --small --harness "$H" 2>&1 | grep -v "$F" | tail -4 > "$R/racecheck_prefill.log"; tail -1 "$R/racecheck_prefill.log"
   timeout 70 compute-sanitizer --tool racecheck python3 scripts/check_cuda_kernels.py "$H" --cases 24 --max-m 8 --seed 4 2>&1 | tail -3 > "$R/racecheck_decode.log"; tail -1 "$R/racecheck_decode.log"
+  timeout 60 compute-sanitizer --tool racecheck python3 benchmarks/device/fused_select_check.py 2>&1 | grep -v "$F" | tail -3 > "$R/racecheck_fused_select.log"; tail -1 "$R/racecheck_fused_select.log"
 fi
 step "done"
