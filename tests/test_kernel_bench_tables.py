@@ -1,6 +1,7 @@
 """benchmarks/kernel_bench_nbits.py --table on a sweep with and without programmatic dependent launch (--sweep-pdl): the
 table ranks variants by the CUDA-graph time per call when the rows carry a PDL flag (a dependent launch's CUPTI kernel
-time includes its wait on the previous kernel), by the CUPTI kernel time otherwise. Synthetic rows, no GPU."""
+time includes its wait on the previous kernel), by the CUPTI kernel time otherwise; and benchmarks/fused_select_bench.py
+--table. Synthetic rows, no GPU."""
 
 from __future__ import annotations
 

@@ -719,7 +719,7 @@ CudaPlan DefaultPlan(const Problem& p, bool half) {
   // A/B runs and tests: ACTTAIL_PDL=0, ACTTAIL_EARLY_PREFETCH=0 / 1 / 2)
   plan.decode.pdl = cuda::DependentLaunchWanted() ? 1 : 0;
   plan.decode.early = kEarlyPrefetch;
-  // top-k decode: the selection inside the GEMV blocks, off: measured 1.2-1.4x slower per call than the selection
+  // top-k decode: the selection inside the GEMV blocks, off: measured 1.17-1.44x slower per call than the selection
   // kernel first (docs/kernels.md; read per call, for A/B runs and tests: ACTTAIL_FUSED_SELECT=1)
   plan.self_select = EnvIs("ACTTAIL_FUSED_SELECT", "1");
   for (const char* v : {"0", "1", "2"})

@@ -109,7 +109,7 @@ struct CudaPlan {
   bool fuse_prefill = false;
   // decode of one float16 row in top-k mode without a score scale: every GEMV block computes the selection itself
   // (BlockSelectHalf) instead of a selection kernel before it, and a SwiGLU input is computed inline
-  // (DefaultPlan: off unless ACTTAIL_FUSED_SELECT=1; measured 1.2-1.4x slower, docs/kernels.md)
+  // (DefaultPlan: off unless ACTTAIL_FUSED_SELECT=1; measured 1.17-1.44x slower, docs/kernels.md)
   bool self_select = false;
 };
 
