@@ -64,6 +64,12 @@ class Harness:
             floor.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
             floor.restype = ctypes.c_int
         self.floor = floor
+        floor_launch = getattr(self.lib, "acttail_bench_read_floor_launch", None)
+        if floor_launch is not None:
+            floor_launch.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                     ctypes.c_char_p, ctypes.c_int]
+            floor_launch.restype = ctypes.c_int
+        self.floor_launch = floor_launch
 
     @staticmethod
     def call(x, q, scales, offsets, y, *, thresholds=None, scale=None, workspace=None, topk: bool, ks=(0,), ends=None,
@@ -181,6 +187,16 @@ class Harness:
         import torch
 
         if self.floor(buf.data_ptr(), nbytes // 16 * 16, sink.data_ptr(), blocks, torch.cuda.current_stream().cuda_stream, self.err, 512):
+            raise RuntimeError(self.err.value.decode())
+
+    def read_floor_launch(self, buf, nbytes: int, sink, blocks: int, mode: int) -> None:
+        """read_floor launched plainly (mode 0) or as a programmatic dependent waiting before (1) or after (2) its reads."""
+        import torch
+
+        if self.floor_launch is None:
+            raise RuntimeError("this harness build has no acttail_bench_read_floor_launch")
+        if self.floor_launch(buf.data_ptr(), nbytes // 16 * 16, sink.data_ptr(), blocks, mode, torch.cuda.current_stream().cuda_stream,
+                             self.err, 512):
             raise RuntimeError(self.err.value.decode())
 
     def run_nblocks(self, x, threshold: float, q, pairs, y, scratch, counters, *, block: int, cols_per_lane: int = 32,

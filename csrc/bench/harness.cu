@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 
+#include "common/cuda/dependent_launch.cuh"
 #include "common/cuda/topk_select.cuh"
 #include "sparse_matmul/cuda.h"
 
@@ -158,6 +159,32 @@ __global__ void __launch_bounds__(512) ReadFloorKernel(const uint4* __restrict__
   if ((threadIdx.x & 31) == 0) atomicXor(sink + blockIdx.x % 64, acc);
 }
 
+/// ReadFloorKernel launched as a programmatic dependent (kWait 1: griddepcontrol.wait before the reads, as a GEMV must
+/// wait before it reads X; kWait 2: the reads first, the wait before the sink's write, as a kernel that fetched constant
+/// weights ahead of its input could). Either lets the next floor start at once (launch_dependents).
+template <int kWait>
+__global__ void __launch_bounds__(512) ReadFloorDependentKernel(const uint4* __restrict__ p, long long n, unsigned* __restrict__ sink) {
+  if (kWait == 1) acttail::cuda::GridDependencyWait();
+  acttail::cuda::GridLaunchDependents();
+  unsigned acc = 0;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  for (; i + 7 * stride < n; i += 8 * stride) {
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = __ldcs(p + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n; i += stride) {
+    const uint4 v = __ldcs(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (kWait == 2) acttail::cuda::GridDependencyWait();
+  acc = __reduce_xor_sync(0xffffffffu, acc);
+  if ((threadIdx.x & 31) == 0) atomicXor(sink + blockIdx.x % 64, acc);
+}
+
 /// The decode GEMV's access pattern without its arithmetic: the (tile, row) units of `tiles` column tiles over K rows cut
 /// into gridDim.x contiguous ranges as the stream-K grid does, warp w of a block streaming the w-th eighth of its range,
 /// 8 rows in flight per lane, one 256-byte piece per unit (8 bytes per lane). Piece (t, k) lies at t * tile_stride +
@@ -192,6 +219,27 @@ extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor(c
   ReadFloorKernel<<<blocks, 512, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(p), bytes / 16,
                                                                           static_cast<unsigned*>(sink));
   const cudaError_t e = cudaGetLastError();
+  return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
+}
+
+/// The same read as acttail_bench_read_floor, launched plainly (mode 0) or as a programmatic dependent that waits before
+/// (1) or after (2) its reads (benchmarks/device/decode_floor_graph.py); where the device or the build has no dependent
+/// launch, plainly.
+extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor_launch(const void* p, long long bytes, void* sink, int blocks,
+                                                                                     int mode, void* stream, char* err, int err_len) {
+  if (mode < 0 || mode > 2) return Report("mode must be 0 (plain), 1 (dependent, wait first) or 2 (dependent, read first)", err, err_len);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const uint4* q = static_cast<const uint4*>(p);
+  unsigned* k = static_cast<unsigned*>(sink);
+  cudaError_t e;
+  if (mode == 0) {
+    ReadFloorKernel<<<blocks, 512, 0, s>>>(q, bytes / 16, k);
+    e = cudaGetLastError();
+  } else if (mode == 1) {
+    e = acttail::cuda::LaunchDependent(true, ReadFloorDependentKernel<1>, dim3(blocks), dim3(512), 0, s, q, bytes / 16, k);
+  } else {
+    e = acttail::cuda::LaunchDependent(true, ReadFloorDependentKernel<2>, dim3(blocks), dim3(512), 0, s, q, bytes / 16, k);
+  }
   return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
 }
 
