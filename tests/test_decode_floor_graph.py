@@ -53,14 +53,14 @@ def test_mistral_members_and_swiglu():
 def test_table_and_usage_errors(tmp_path):
     rows = [{"method": "op", "sparsity": 0.5, "launch": "dependent", "graph_us_per_call": 10.0, "kernel_us_per_call": 9.0,
              "ms_per_token": 1.28},
-            {"method": "floor_kept_rows", "sparsity": 0.5, "launch": "plain", "blocks_per_sm": 2, "bytes_per_token": 1.6e9, "graph_us_per_call": 5.0,
-             "kernel_us_per_call": 4.5, "ms_per_token": 0.64, "tb_s": 2.5}]
+            {"method": "floor_kept_rows", "sparsity": 0.5, "launch": "plain", "blocks_per_sm": 2, "bytes_per_token": 1.6e9, "graph_us_per_call": 20.0,
+             "kernel_us_per_call": 18.0, "ms_per_token": 0.64, "tb_s": 2.5, "calls_per_token": 32}]
     path = tmp_path / "floor.json"
     path.write_text(json.dumps({"model": "llama2-7b", "device": "test", "sms": 132, "layers": 32, "calls_per_token": 128,
                                 "copy_tb_s": 3.0, "rows": rows}))
     out = subprocess.run([sys.executable, str(SCRIPT), "--table", str(path)], capture_output=True, text=True, check=True).stdout
-    assert "| 0.50 | op | dependent |  |  | 1.280 | 10.00 | 9.00 |  |" in out
-    assert "| 0.50 | floor_kept_rows | plain | 2 | 1.600 | 0.640 | 5.00 | 4.50 | 2.50 |" in out
+    assert "| 0.50 | op | dependent | 128 |  |  | 1.280 | 10.00 | 9.00 |  |" in out
+    assert "| 0.50 | floor_kept_rows | plain | 32 | 2 | 1.600 | 0.640 | 20.00 | 18.00 | 2.50 |" in out
     for argv in ([], ["--table", str(tmp_path / "missing.json")]):
         r = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr

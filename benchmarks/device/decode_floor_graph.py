@@ -21,7 +21,9 @@ captured back to back in one CUDA graph, per token:
   the best case of a kernel that fetched its weights before its input was ready).
 
 ``floor_op_layout_2layers`` / ``floor_kept_rows_2layers``: the same 128 plain reads rotated over the first two layers'
-weights (253 MB, over 3x the L2, so still from DRAM), to show what the 4 GB footprint itself costs.
+weights (253 MB, over 3x the L2, so still from DRAM), to show what the 4 GB footprint itself costs;
+``floor_*_per_layer`` / ``floor_*_per_token``: the same bytes read in 32 calls (one per layer) or in one call (the
+weights lie one call after another in one allocation), to show what the 128 launches cost.
 The reads are contiguous and carry no arithmetic: a ``floor_*`` row estimates what a kernel reading those bytes in 128
 calls costs at best on this GPU. CUDA-event time of graph replays per call (``graph_us``) and CUPTI kernel time per call
 (``kernel_us``); ms per token = 128 x graph_us. Run on the CUDA machine after ``source benchmarks/device/env.sh``::
@@ -86,11 +88,15 @@ def measure(args) -> dict:
     sms = props.multi_processor_count
     layer = projections(args.model)
     calls = []  # per call: dict with its tensors
+    sizes = [K * math.ceil(N / 2) + 4 * math.ceil(K / BLOCK) * N for _, K, N, _, _ in layer] * LAYERS
+    big = torch.empty(sum(sizes) + 16 * len(sizes), dtype=torch.uint8, device="cuda")  # every call's weights, one after another
+    offset = 0
     for _ in range(LAYERS):
         for name, K, N, ends, swiglu in layer:
             nb = math.ceil(K / BLOCK)
             qbytes = K * math.ceil(N / 2)
-            buf = torch.empty(qbytes + 4 * nb * N, dtype=torch.uint8, device="cuda")
+            buf = big[offset:offset + qbytes + 4 * nb * N]
+            offset += (qbytes + 4 * nb * N + 15) // 16 * 16
             buf[:qbytes].random_(0, 256)
             scales = buf[qbytes:qbytes + 2 * nb * N].view(torch.float16).view(nb, N)
             offsets = buf[qbytes + 2 * nb * N:].view(torch.float16).view(nb, N)
@@ -106,8 +112,8 @@ def measure(args) -> dict:
            "layers": LAYERS, "calls_per_token": len(calls), "weight_bytes": total, "copy_tb_s": copy_bandwidth(), "rows": []}
     sink = torch.zeros(64, dtype=torch.int32, device="cuda")
 
-    def record(row: dict, g_us: float, k_us: float) -> None:
-        row |= {"graph_us_per_call": g_us, "kernel_us_per_call": k_us, "ms_per_token": g_us * len(calls) / 1e3}
+    def record(row: dict, g_us: float, k_us: float, per_token: int = len(calls)) -> None:
+        row |= {"graph_us_per_call": g_us, "kernel_us_per_call": k_us, "ms_per_token": g_us * per_token / 1e3, "calls_per_token": per_token}
         if "bytes_per_token" in row:
             row["tb_s"] = row["bytes_per_token"] / (row["ms_per_token"] * 1e-3) / 1e12
         out["rows"].append(row)
@@ -171,18 +177,32 @@ def measure(args) -> dict:
                 best = min(tries, key=lambda b: tries[b][0])
                 record({"method": f"floor_{kind}_2layers", "sparsity": s, "launch": "plain", "bytes_per_token": sum(nbytes),
                         "blocks_per_sm": best, "tries_us": {str(b): t for b, t in tries.items()}}, *tries[best])
+                # fewer launches for the same bytes: one read per layer (32 calls), one per token (1 call)
+                for label, n_calls in (("layer", LAYERS), ("token", 1)):
+                    group = len(calls) // n_calls
+                    spans = [(calls[i * group]["buf"], sum(nbytes[i * group:(i + 1) * group])) for i in range(n_calls)]
+                    tries = {}
+                    for per_sm in args.blocks_per_sm:
+                        # a span starts at its first call's weights and runs on through the next calls' (one allocation)
+                        fl = [lambda b=b, n=n, g=per_sm * sms: h.read_floor_launch(b, n, sink, g, 0) for b, n in spans] * (1 if n_calls > 1 else 8)
+                        tries[per_sm] = time_graph(fl, args.reps)[:2]
+                    best = min(tries, key=lambda b: tries[b][0])
+                    record({"method": f"floor_{kind}_per_{label}", "sparsity": s, "launch": "plain", "bytes_per_token": sum(nbytes),
+                            "blocks_per_sm": best, "tries_us": {str(b): t for b, t in tries.items()}}, *tries[best], per_token=n_calls)
+
     return out
 
 
 def table(result: dict) -> str:
     lines = [f"{result['model']}, {result['layers']} layers x {result['calls_per_token'] // result['layers']} projections, "
              f"{result['device']} ({result['sms']} SMs), copy {result['copy_tb_s']:.2f} TB/s (read + write)", "",
-             "| sparsity | method | launch | blocks / SM | GB per token | ms per token (graph) | µs per call | kernel µs per call | TB/s |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| sparsity | method | launch | calls / token | blocks / SM | GB per token | ms per token (graph) | µs per call | kernel µs per call "
+             "| TB/s |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         gb = f"{r['bytes_per_token'] / 1e9:.3f}" if "bytes_per_token" in r else ""
         tb = f"{r['tb_s']:.2f}" if "tb_s" in r else ""
-        lines.append(f"| {r['sparsity']:.2f} | {r['method']} | {r.get('launch', '')} | {r.get('blocks_per_sm', '')} | {gb} | "
+        calls = r.get("calls_per_token", result["calls_per_token"])
+        lines.append(f"| {r['sparsity']:.2f} | {r['method']} | {r.get('launch', '')} | {calls} | {r.get('blocks_per_sm', '')} | {gb} | "
                      f"{r['ms_per_token']:.3f} | "
                      f"{r['graph_us_per_call']:.2f} | {r['kernel_us_per_call']:.2f} | {tb} |")
     return "\n".join(lines)
