@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from probe_common import load_probe, probe_parser, write_output  # benchmarks/, the script's folder
+from probe_common import load_probe, probe_parser, run_windows, write_output  # benchmarks/, the script's folder
 
 from acttail_export.allocation import build_config
 from acttail_export.evaluation import perplexity_windows
@@ -91,13 +91,7 @@ def channel_means(model, config, windows: torch.Tensor) -> dict[str, torch.Tenso
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         handles.append(projection_module(model, proj).register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for w in windows:
-                model(w[None])
-    finally:
-        for h in handles:
-            h.remove()
+    run_windows(model, windows, handles)
     return {name: sums[name] / counts[name] for name in sums}
 
 

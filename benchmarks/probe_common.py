@@ -58,3 +58,17 @@ def replaced_weights(model, weights: dict):
         with torch.no_grad():
             for name, w in saved.items():
                 modules[name].weight.copy_(w)
+
+
+def run_windows(model, windows, handles: list) -> None:
+    """Run the model over each window (no grad) with forward hooks in place, and remove the hooks afterwards, also on an
+    error (the hooks record what a probe measures)."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                model(w[None])
+    finally:
+        for h in handles:
+            h.remove()

@@ -25,7 +25,7 @@ import copy
 import time
 
 import torch
-from probe_common import load_probe, probe_parser, write_output  # benchmarks/, the script's folder
+from probe_common import load_probe, probe_parser, run_windows, write_output  # benchmarks/, the script's folder
 
 from acttail_export.allocation import build_config
 from acttail_export.evaluation import perplexity_windows
@@ -50,13 +50,7 @@ def residual_covariance(model, windows: torch.Tensor) -> torch.Tensor:
         acc["n"] += n.shape[0]
 
     handles = [m.register_forward_pre_hook(hook) for m in norms]
-    try:
-        with torch.inference_mode():
-            for w in windows:
-                model(w[None])
-    finally:
-        for h in handles:
-            h.remove()
+    run_windows(model, windows, handles)
     return acc["c"] / acc["n"]
 
 

@@ -139,33 +139,14 @@ extern "C" __attribute__((visibility("default"))) int acttail_bench_swiglu(const
 
 namespace {
 /// Streams `n` 16-byte words (evict-first loads, 8 in flight per thread) and folds them into one word
-/// per block, so nothing is optimized away: the floor for reading that many bytes once.
-__global__ void __launch_bounds__(512) ReadFloorKernel(const uint4* __restrict__ p, long long n, unsigned* __restrict__ sink) {
-  unsigned acc = 0;
-  const long long stride = (long long)gridDim.x * blockDim.x;
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  for (; i + 7 * stride < n; i += 8 * stride) {
-    uint4 v[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) v[u] = __ldcs(p + i + u * stride);
-#pragma unroll
-    for (int u = 0; u < 8; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  for (; i < n; i += stride) {
-    const uint4 v = __ldcs(p + i);
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  acc = __reduce_xor_sync(0xffffffffu, acc);
-  if ((threadIdx.x & 31) == 0) atomicXor(sink + blockIdx.x % 64, acc);
-}
-
-/// ReadFloorKernel launched as a programmatic dependent (kWait 1: griddepcontrol.wait before the reads, as a GEMV must
-/// wait before it reads X; kWait 2: the reads first, the wait before the sink's write, as a kernel that fetched constant
-/// weights ahead of its input could). Either lets the next floor start at once (launch_dependents).
+/// per block, so nothing is optimized away: the floor for reading that many bytes once. kWait 0: a plain launch;
+/// launched as a programmatic dependent, kWait 1 waits (griddepcontrol.wait) before the reads, as a GEMV must wait
+/// before it reads X, and kWait 2 after them, before the sink's write, as a kernel that fetched constant weights ahead
+/// of its input could; either lets the next floor start at once (launch_dependents).
 template <int kWait>
-__global__ void __launch_bounds__(512) ReadFloorDependentKernel(const uint4* __restrict__ p, long long n, unsigned* __restrict__ sink) {
+__global__ void __launch_bounds__(512) ReadFloorKernel(const uint4* __restrict__ p, long long n, unsigned* __restrict__ sink) {
   if (kWait == 1) acttail::cuda::GridDependencyWait();
-  acttail::cuda::GridLaunchDependents();
+  if (kWait != 0) acttail::cuda::GridLaunchDependents();
   unsigned acc = 0;
   const long long stride = (long long)gridDim.x * blockDim.x;
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -216,7 +197,7 @@ __global__ void __launch_bounds__(256) TiledFloorKernel(const uint8_t* __restric
 /// Read `bytes` (multiple of 16) from `p` once: the bandwidth floor the GEMV kernels are compared with.
 extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor(const void* p, long long bytes, void* sink, int blocks,
                                                                               void* stream, char* err, int err_len) {
-  ReadFloorKernel<<<blocks, 512, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(p), bytes / 16,
+  ReadFloorKernel<0><<<blocks, 512, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(p), bytes / 16,
                                                                           static_cast<unsigned*>(sink));
   const cudaError_t e = cudaGetLastError();
   return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
@@ -233,12 +214,12 @@ extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor_l
   unsigned* k = static_cast<unsigned*>(sink);
   cudaError_t e;
   if (mode == 0) {
-    ReadFloorKernel<<<blocks, 512, 0, s>>>(q, bytes / 16, k);
+    ReadFloorKernel<0><<<blocks, 512, 0, s>>>(q, bytes / 16, k);
     e = cudaGetLastError();
   } else if (mode == 1) {
-    e = acttail::cuda::LaunchDependent(true, ReadFloorDependentKernel<1>, dim3(blocks), dim3(512), 0, s, q, bytes / 16, k);
+    e = acttail::cuda::LaunchDependent(true, ReadFloorKernel<1>, dim3(blocks), dim3(512), 0, s, q, bytes / 16, k);
   } else {
-    e = acttail::cuda::LaunchDependent(true, ReadFloorDependentKernel<2>, dim3(blocks), dim3(512), 0, s, q, bytes / 16, k);
+    e = acttail::cuda::LaunchDependent(true, ReadFloorKernel<2>, dim3(blocks), dim3(512), 0, s, q, bytes / 16, k);
   }
   return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
 }
