@@ -194,18 +194,9 @@ __global__ void __launch_bounds__(256) TiledFloorKernel(const uint8_t* __restric
 }
 }  // namespace
 
-/// Read `bytes` (multiple of 16) from `p` once: the bandwidth floor the GEMV kernels are compared with.
-extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor(const void* p, long long bytes, void* sink, int blocks,
-                                                                              void* stream, char* err, int err_len) {
-  ReadFloorKernel<0><<<blocks, 512, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(p), bytes / 16,
-                                                                          static_cast<unsigned*>(sink));
-  const cudaError_t e = cudaGetLastError();
-  return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
-}
-
-/// The same read as acttail_bench_read_floor, launched plainly (mode 0) or as a programmatic dependent that waits before
-/// (1) or after (2) its reads (benchmarks/device/decode_floor_graph.py); where the device or the build has no dependent
-/// launch, plainly.
+/// Read `bytes` (multiple of 16) from `p` once, the bandwidth floor the GEMV kernels are compared with: launched plainly
+/// (mode 0) or as a programmatic dependent that waits before (1) or after (2) its reads
+/// (benchmarks/device/decode_floor_graph.py); where the device or the build has no dependent launch, plainly.
 extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor_launch(const void* p, long long bytes, void* sink, int blocks,
                                                                                      int mode, void* stream, char* err, int err_len) {
   if (mode < 0 || mode > 2) return Report("mode must be 0 (plain), 1 (dependent, wait first) or 2 (dependent, read first)", err, err_len);
@@ -222,6 +213,12 @@ extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor_l
     e = acttail::cuda::LaunchDependent(true, ReadFloorKernel<2>, dim3(blocks), dim3(512), 0, s, q, bytes / 16, k);
   }
   return Report(e == cudaSuccess ? "" : cudaGetErrorString(e), err, err_len);
+}
+
+/// The plain read (acttail_bench_read_floor_launch, mode 0).
+extern "C" __attribute__((visibility("default"))) int acttail_bench_read_floor(const void* p, long long bytes, void* sink, int blocks,
+                                                                              void* stream, char* err, int err_len) {
+  return acttail_bench_read_floor_launch(p, bytes, sink, blocks, 0, stream, err, err_len);
 }
 
 /// The decode GEMV's reads alone (TiledFloorKernel) for the layout experiment of docs/kernels.md.
