@@ -120,6 +120,16 @@ def copy_bandwidth() -> float:
 # --------------------------------------------------------------------------------------------
 # weights and sessions
 # --------------------------------------------------------------------------------------------
+def dequantized(q_packed, scales, offsets, N: int, block: int = BLOCK):
+    """float32 W [K, N] = s q + o of the op's layout on the device (q_packed [K, ceil(N/2)], scales / offsets [ceil(K/B), N])."""
+    import torch
+
+    K = q_packed.shape[0]
+    rows = torch.arange(K, device=q_packed.device) // block
+    q = torch.stack([q_packed & 15, q_packed >> 4], dim=-1).reshape(K, -1)[:, :N].float()
+    return scales.float()[rows] * q + offsets.float()[rows]
+
+
 class Weights:
     """One random 4-bit weight in both layouts: ours (q [K, N/2], scales / offsets [K/B, N]) and MatMulNBits'
     (B [N, K/32, 16], scales [N * K/32], packed uint8 zero points), on the device (torch) and on the host."""
@@ -149,12 +159,7 @@ class Weights:
 
     def dense(self):
         """The dequantized float16 W [K, N] on the device."""
-        import torch
-
-        rows = torch.arange(self.K, device="cuda") // self.block
-        qd = self.dev["q_packed"]
-        q = torch.stack([qd & 15, qd >> 4], dim=-1).reshape(self.K, -1)[:, : self.N].float()
-        return (self.dev["scales"].float()[rows] * q + self.dev["offsets"].float()[rows]).half()
+        return dequantized(self.dev["q_packed"], self.dev["scales"], self.dev["offsets"], self.N, self.block).half()
 
 
 def ort_session(kind: str, ws: list[Weights], M: int, library: str, thresholds: list[float] | None = None, k: int | None = None,

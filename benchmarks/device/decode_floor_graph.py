@@ -78,7 +78,7 @@ def floor_bytes(kind: str, K: int, N: int, s: float) -> int:
 
 def measure(args) -> dict:
     import torch
-    from kernel_bench_nbits import copy_bandwidth, time_graph
+    from kernel_bench_nbits import copy_bandwidth, dequantized, time_graph
 
     from acttail_export.nbits_harness import Harness
 
@@ -122,6 +122,17 @@ def measure(args) -> dict:
         if args.output:
             Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
 
+    def floor(method: str, s: float, launch: str, spans: list, token_bytes: int, per_token: int = len(calls)) -> None:
+        """Reads of (buffer, bytes) spans, launched as `launch` says, in one graph on each grid of --blocks-per-sm; the fastest is the floor."""
+        mode = LAUNCHES[launch]
+        tries = {}  # blocks per SM -> (graph us, kernel us)
+        for per_sm in args.blocks_per_sm:
+            fl = [lambda b=b, n=n, g=per_sm * sms: h.read_floor_launch(b, n, sink, g, mode) for b, n in spans]
+            tries[per_sm] = time_graph(fl, args.reps)[:2]
+        best = min(tries, key=lambda b: tries[b][0])
+        record({"method": method, "sparsity": s, "launch": launch, "bytes_per_token": token_bytes, "blocks_per_sm": best,
+                "tries_us": {str(b): t for b, t in tries.items()}}, *tries[best], per_token=per_token)
+
     for s in args.sparsities:
         # the op: thresholds at the quantile s of each member's |input| (for down, of silu(gate) * up)
         op_calls, check = [], None
@@ -143,12 +154,8 @@ def measure(args) -> dict:
         call, c, xin, thr = check  # the first call against a float32 reference
         h.run(call)
         torch.cuda.synchronize()
-        rows = torch.arange(c["K"], device="cuda") // BLOCK
-        qd = c["q"]
-        q = torch.stack([qd & 15, qd >> 4], dim=-1).reshape(c["K"], -1)[:, : c["N"]].float()
-        w = c["scales"].float()[rows] * q + c["offsets"].float()[rows]
         xm = torch.where(xin.abs() > thr, xin, 0.0)
-        want = xm @ w
+        want = xm @ dequantized(c["q"], c["scales"], c["offsets"], c["N"], BLOCK)
         err = float((c["y"].float() - want).abs().max() / want.abs().max())
         if not err < 1e-2:  # float16 output of a float32 sum: ~1e-3; anything larger is a broken call, not a timing
             raise RuntimeError(f"op check failed at sparsity {s}: max relative error {err:.3g}")
@@ -160,35 +167,17 @@ def measure(args) -> dict:
         os.environ.pop("ACTTAIL_PDL", None)
         for kind in FLOORS + (("matmulnbits",) if s == 0 else ()):
             nbytes = [floor_bytes(kind, c["K"], c["N"], s) for c in calls]
+            spans = [(c["buf"], n) for c, n in zip(calls, nbytes)]
             for launch in args.launches:
-                mode = LAUNCHES[launch]
-                tries = {}  # blocks per SM -> (graph us, kernel us): the fastest grid is the floor
-                for per_sm in args.blocks_per_sm:
-                    fl = [lambda c=c, n=n, b=per_sm * sms: h.read_floor_launch(c["buf"], n, sink, b, mode) for c, n in zip(calls, nbytes)]
-                    tries[per_sm] = time_graph(fl, args.reps)[:2]
-                best = min(tries, key=lambda b: tries[b][0])
-                record({"method": f"floor_{kind}", "sparsity": s, "launch": launch, "bytes_per_token": sum(nbytes), "blocks_per_sm": best,
-                        "tries_us": {str(b): t for b, t in tries.items()}}, *tries[best])
+                floor(f"floor_{kind}", s, launch, spans, sum(nbytes))
             if kind in ("op_layout", "kept_rows"):  # the same calls over two layers' weights (253 MB, > 3x L2): the footprint's share
-                tries = {}
-                for per_sm in args.blocks_per_sm:
-                    fl = [lambda c=calls[i % 8], n=n, b=per_sm * sms: h.read_floor_launch(c["buf"], n, sink, b, 0) for i, n in enumerate(nbytes)]
-                    tries[per_sm] = time_graph(fl, args.reps)[:2]
-                best = min(tries, key=lambda b: tries[b][0])
-                record({"method": f"floor_{kind}_2layers", "sparsity": s, "launch": "plain", "bytes_per_token": sum(nbytes),
-                        "blocks_per_sm": best, "tries_us": {str(b): t for b, t in tries.items()}}, *tries[best])
-                # fewer launches for the same bytes: one read per layer (32 calls), one per token (1 call)
+                floor(f"floor_{kind}_2layers", s, "plain", [(calls[i % 8]["buf"], n) for i, n in enumerate(nbytes)], sum(nbytes))
+                # fewer launches for the same bytes: one read per layer (32 calls), one per token (1 call); a span starts at
+                # its first call's weights and runs on through the next calls' (one allocation)
                 for label, n_calls in (("layer", LAYERS), ("token", 1)):
                     group = len(calls) // n_calls
                     spans = [(calls[i * group]["buf"], sum(nbytes[i * group:(i + 1) * group])) for i in range(n_calls)]
-                    tries = {}
-                    for per_sm in args.blocks_per_sm:
-                        # a span starts at its first call's weights and runs on through the next calls' (one allocation)
-                        fl = [lambda b=b, n=n, g=per_sm * sms: h.read_floor_launch(b, n, sink, g, 0) for b, n in spans] * (1 if n_calls > 1 else 8)
-                        tries[per_sm] = time_graph(fl, args.reps)[:2]
-                    best = min(tries, key=lambda b: tries[b][0])
-                    record({"method": f"floor_{kind}_per_{label}", "sparsity": s, "launch": "plain", "bytes_per_token": sum(nbytes),
-                            "blocks_per_sm": best, "tries_us": {str(b): t for b, t in tries.items()}}, *tries[best], per_token=n_calls)
+                    floor(f"floor_{kind}_per_{label}", s, "plain", spans * (1 if n_calls > 1 else 8), sum(nbytes), per_token=n_calls)
 
     return out
 
